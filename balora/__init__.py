@@ -1,0 +1,28 @@
+"""balora: Balanced LoRA for PEFT models.
+
+Balance LoRA factor pairs onto B^T B = A A^T without changing dW (BaLoRA, arXiv 2605.31484),
+measure per-layer imbalance, spectra and conditioning, and compare training runs.
+"""
+
+from balora.balance import BalanceError, BalanceSummary, balance_
+from balora.callbacks import BalanceCallback, balance_after_step
+from balora.imbalance import factor_stats, imbalance, rel_imbalance, singular_values
+from balora.projection import balanced_factors
+from balora.report import REPORT_COLUMNS, layer_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BalanceCallback",
+    "BalanceError",
+    "BalanceSummary",
+    "REPORT_COLUMNS",
+    "balance_",
+    "balance_after_step",
+    "balanced_factors",
+    "factor_stats",
+    "imbalance",
+    "layer_report",
+    "rel_imbalance",
+    "singular_values",
+]

@@ -1,0 +1,123 @@
+"""Walk a live PEFT model and hand out its LoRA factor pairs.
+
+Layers are found by type (`isinstance(module, LoraLayer)`), never by parameter names,
+so any adapter name, any number of adapters and any target naming scheme work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from balora.pairs import FactorPair
+
+# The product B @ A is dW for these variants (DoRA rescales W0 + dW by a norm of it;
+# aLoRA gates when the adapter is active). Other variants change what B and A mean.
+_PRODUCT_VARIANTS = ("Dora", "ALora")
+_PEFT_PREFIX = "base_model.model."
+
+
+def module_display_name(name: str) -> str:
+    """PEFT module path without PeftModel's wrapper prefix, matching saved adapter keys."""
+    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+
+
+def _lora_layer_types():
+    from peft.tuners.lora import LoraLayer
+
+    try:
+        from peft.tuners.adalora import AdaLoraLayer
+    except ImportError:  # older or trimmed PEFT
+        AdaLoraLayer = ()
+    return LoraLayer, AdaLoraLayer
+
+
+def _check_not_sharded(name: str, param: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """Refuse to balance a shard as if it were the whole factor (FSDP, ZeRO-3, DTensor)."""
+    if getattr(param, "ds_id", None) is not None or type(param).__name__ == "DTensor":
+        raise RuntimeError(
+            f"{name}: LoRA factor is sharded (DeepSpeed ZeRO-3 or DTensor); balora balances whole factors only. "
+            "Gather the adapter parameters first (e.g. train with ZeRO-2 or FSDP with use_orig_params and "
+            "summon_full_params) or balance after training."
+        )
+    if tuple(param.shape) != expected:
+        raise RuntimeError(
+            f"{name}: LoRA factor has shape {tuple(param.shape)} but the layer expects {expected}; "
+            "it is probably a flattened or sharded parameter (FSDP). Balance outside the sharded wrapper."
+        )
+
+
+def _conv_kind(base: nn.Module) -> str:
+    return {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}.get(type(base), "conv")
+
+
+def iter_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[FactorPair]:
+    """Every LoRA pair in `model` (all adapters when `adapter` is None), as 2-D views.
+
+    `pair.write(A, B)` copies new factors into the parameters in their own dtype.
+    Pairs balora cannot treat (AdaLoRA, grouped conv, other LoRA variants) come with
+    `skip_reason` set instead of being dropped, so reports can say why.
+    """
+    LoraLayer, AdaLoraLayer = _lora_layer_types()
+    pairs: list[FactorPair] = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        module = module_display_name(name)
+        names = list(layer.lora_A.keys()) + list(layer.lora_embedding_A.keys())
+        for adp in names:
+            if adapter is not None and adp != adapter:
+                continue
+            pair = _pair_for(layer, module, adp)
+            if AdaLoraLayer and isinstance(layer, AdaLoraLayer):
+                pair.skip_reason = "AdaLoRA layer (dW = B diag(E) A): balancing B, A alone would change dW"
+            variant = getattr(layer, "lora_variant", {}).get(adp)
+            if variant is not None and not type(variant).__name__.startswith(_PRODUCT_VARIANTS):
+                pair.skip_reason = f"LoRA variant {type(variant).__name__} is not a plain B @ A product"
+            pairs.append(pair)
+    return pairs
+
+
+def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
+    scaling = float(layer.scaling[adp])
+    dora = bool(getattr(layer, "use_dora", {}).get(adp, False))
+    label = f"{module}[{adp}]"
+    if adp in layer.lora_embedding_A:
+        A_p, B_p = layer.lora_embedding_A[adp], layer.lora_embedding_B[adp]  # (r, num_emb), (emb_dim, r)
+        _check_not_sharded(label, A_p, (layer.r[adp], A_p.shape[1]))
+        return FactorPair(module, adp, "embedding", A_p.detach(), B_p.detach(), scaling, dora,
+                          write=_writer(A_p, B_p))
+
+    lora_A, lora_B = layer.lora_A[adp], layer.lora_B[adp]
+    A_p, B_p = lora_A.weight, lora_B.weight
+    if isinstance(lora_A, nn.Linear):
+        base = layer.get_base_layer()
+        kind = "hf_conv1d" if type(base).__name__ == "Conv1D" else "linear"
+        _check_not_sharded(label, A_p, (lora_A.out_features, lora_A.in_features))
+        _check_not_sharded(label, B_p, (lora_B.out_features, lora_B.in_features))
+        return FactorPair(module, adp, kind, A_p.detach(), B_p.detach(), scaling, dora, write=_writer(A_p, B_p))
+
+    if isinstance(lora_A, nn.modules.conv._ConvNd):
+        kind = _conv_kind(layer.get_base_layer())
+        # A (r, in, *k) -> (r, in * prod(k)); B (out, r, 1, ..) -> (out, r): dW = B A reshaped.
+        A2 = A_p.detach().reshape(A_p.shape[0], -1)
+        B2 = B_p.detach().reshape(B_p.shape[0], -1)
+        pair = FactorPair(module, adp, kind, A2, B2, scaling, dora, write=_writer(A_p, B_p))
+        if lora_B.groups > 1:
+            pair.skip_reason = f"grouped conv (groups={lora_B.groups}): dW is not B @ A"
+        return pair
+
+    placeholder = torch.zeros(1, 1)
+    return FactorPair(module, adp, "linear", placeholder, placeholder, scaling, dora,
+                      skip_reason=f"unsupported LoRA module type {type(lora_A).__name__}")
+
+
+def _writer(A_p: torch.Tensor, B_p: torch.Tensor):
+    """Copy 2-D factors back into the parameters, reshaped and cast to their dtype."""
+
+    def write(A: torch.Tensor, B: torch.Tensor) -> None:
+        with torch.no_grad():
+            A_p.copy_(A.reshape(A_p.shape).to(A_p.dtype))
+            B_p.copy_(B.reshape(B_p.shape).to(B_p.dtype))
+
+    return write

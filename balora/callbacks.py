@@ -1,0 +1,103 @@
+"""Balancing and diagnostics inside training loops: a transformers callback and an optimizer hook."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from balora.balance import BalanceSummary, balance_
+from balora.report import layer_report, summarize
+
+
+class BalanceCallback(TrainerCallback):
+    """Balance every LoRA pair right after each optimizer step, and log diagnostics.
+
+        trainer = Trainer(model=peft_model, ..., callbacks=[BalanceCallback()])
+
+    every: balance every `every` optimizer steps.
+    start_step: first optimizer step (1-based) after which balancing happens.
+    method: "nearest" (default; keeps Adam's moments pointing the same way) or "svd" (the paper's).
+    balance: False to only log diagnostics (plain LoRA with balora's measurements).
+    log_layers: also log per-layer rel_imbalance as balora/rel_imbalance/<module>.
+    Diagnostics are added to the Trainer's logs on every logging step, so `report_to`
+    integrations (TensorBoard, W&B) show them when this callback runs before them:
+    use `BalanceCallback(...).attach(trainer)` to put it first.
+    """
+
+    def __init__(
+        self,
+        every: int = 1,
+        start_step: int = 1,
+        method: str = "nearest",
+        adapter: str | None = None,
+        *,
+        balance: bool = True,
+        on_rank_deficient: str = "skip",
+        on_nonfinite: str = "raise",
+        log_diagnostics: bool = True,
+        log_layers: bool = False,
+    ):
+        if every < 1:
+            raise ValueError(f"BalanceCallback: every must be >= 1, got {every}")
+        self.every, self.start_step, self.method, self.adapter = every, start_step, method, adapter
+        self.balance, self.on_rank_deficient, self.on_nonfinite = balance, on_rank_deficient, on_nonfinite
+        self.log_diagnostics, self.log_layers = log_diagnostics, log_layers
+        self.balance_seconds = 0.0  # total time spent balancing, for the logs
+        self.last_summary: BalanceSummary | None = None
+
+    def attach(self, trainer) -> "BalanceCallback":
+        """Register this callback ahead of the Trainer's reporting integrations."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        step = state.global_step + 1  # global_step is incremented after this event
+        if not self.balance or model is None or step < self.start_step or (step - self.start_step) % self.every:
+            return
+        self.last_summary = balance_(
+            model,
+            self.adapter,
+            self.method,
+            on_rank_deficient=self.on_rank_deficient,
+            on_nonfinite=self.on_nonfinite,
+            check=False,
+        )
+        self.balance_seconds += self.last_summary.seconds
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if not self.log_diagnostics or logs is None or model is None:
+            return
+        report = layer_report(model, self.adapter)
+        extra = summarize(report)
+        extra["balora/balance_seconds"] = self.balance_seconds
+        if self.log_layers:
+            for module, adapter, value in zip(report["module"], report["adapter"], report["rel_imbalance"]):
+                extra[f"balora/rel_imbalance/{module}[{adapter}]"] = float(value)
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+
+def balance_after_step(
+    optimizer: torch.optim.Optimizer, model: nn.Module, method: str = "nearest", every: int = 1, **kwargs
+):
+    """Hand-written loops: balance `model` after every `every`-th `optimizer.step()`.
+
+        handle = balora.balance_after_step(optimizer, model)   # one line, before the loop
+        ...
+        handle.remove()                                        # to stop balancing
+
+    Keyword arguments go to balance_ (adapter, on_rank_deficient, on_nonfinite).
+    """
+    kwargs.setdefault("check", False)
+    count = {"steps": 0}
+
+    def hook(opt, args, kw):
+        count["steps"] += 1
+        if count["steps"] % every == 0:
+            balance_(model, method=method, **kwargs)
+
+    return optimizer.register_step_post_hook(hook)

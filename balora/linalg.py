@@ -1,0 +1,61 @@
+"""Batched thin QR for tall-skinny factors, the one decomposition everything else needs.
+
+LoRA factors are tall and skinny: `B` is (out, r) and `A^T` is (in, r) with r << in, out.
+Householder QR (`torch.linalg.qr`) on such matrices is dominated by BLAS-2 panel work and
+on CPU costs about as much as an AdamW step over the same parameters. CholeskyQR2 does the
+same job with two Gram matrices and two triangular solves, all BLAS-3, and is as accurate
+as Householder while cond(X) stays below about eps^-1/2 (~3e3 in fp32). Entries that are
+worse conditioned, rank-deficient or wider than tall fall back to Householder.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# CholeskyQR2 is backward stable for cond(X) < ~eps^-1/2; stay well inside that.
+_CHOLQR_MAX_COND = 1e3
+
+
+def thin_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a batch of matrices.
+
+    X: (..., n, r). Returns Q (..., n, k), R (..., k, r) with k = min(n, r), X = Q R,
+    Q with orthonormal columns. Computed in X's dtype; callers pass fp32 or fp64.
+    """
+    n, r = X.shape[-2], X.shape[-1]
+    if n < r or X.numel() == 0:
+        return torch.linalg.qr(X, mode="reduced")
+
+    batch_shape = X.shape[:-2]
+    Xf = X.reshape(-1, n, r)
+    Q, R, ok = _cholesky_qr2(Xf)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero(as_tuple=True)[0]
+        Qh, Rh = torch.linalg.qr(Xf[bad], mode="reduced")
+        Q = Q.index_copy(0, bad, Qh)
+        R = R.index_copy(0, bad, Rh)
+    return Q.reshape(*batch_shape, n, r), R.reshape(*batch_shape, r, r)
+
+
+def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CholeskyQR2 on (G, n, r). Returns Q, R and a (G,) mask of entries it got right."""
+    R1, info1 = torch.linalg.cholesky_ex(X.mT @ X, upper=True)  # (G, r, r)
+    diag = R1.diagonal(dim1=-2, dim2=-1).abs()  # (G, r)
+    # diag(R) spans at least 1/cond(X) of its largest entry: a cheap lower bound on cond.
+    well_conditioned = (info1 == 0) & (diag.amin(-1) * _CHOLQR_MAX_COND > diag.amax(-1))
+    R1 = torch.where(well_conditioned[:, None, None], R1, torch.eye(R1.shape[-1], dtype=R1.dtype, device=R1.device))
+    Q1 = torch.linalg.solve_triangular(R1, X, upper=True, left=False)  # (G, n, r)
+    R2, info2 = torch.linalg.cholesky_ex(Q1.mT @ Q1, upper=True)
+    ok = well_conditioned & (info2 == 0)
+    R2 = torch.where(ok[:, None, None], R2, torch.eye(R2.shape[-1], dtype=R2.dtype, device=R2.device))
+    Q = torch.linalg.solve_triangular(R2, Q1, upper=True, left=False)
+    R = R2 @ R1
+    ok = ok & torch.isfinite(Q).flatten(1).all(-1) & torch.isfinite(R).flatten(1).all(-1)
+    return Q, R, ok
+
+
+def polar_orthogonal(M: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor U V^T of M (..., r, r): the orthogonal matrix closest to M,
+    and the maximiser of <O, M> over orthogonal O (orthogonal Procrustes)."""
+    U, _, Vh = torch.linalg.svd(M)
+    return U @ Vh

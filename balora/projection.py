@@ -1,0 +1,100 @@
+"""The BaLoRA projection: replace (A, B) by a balanced pair with the same product. Pure maths.
+
+Balanced means B^T B = A A^T. With thin QR B = Q_B R_B, A^T = Q_A R_A and the SVD
+U S V^T of the r x r core R_B R_A^T, the balanced pairs with product B A are
+
+    B' = Q_B U S^{1/2} O,    A' = O^T S^{1/2} V^T Q_A^T,    O any orthogonal r x r.
+
+Two gauges (choices of O):
+  "svd"      O = I, the paper's choice. Its gauge (order, signs and rotations of the r
+             directions) is whatever the SVD returns and can jump between steps.
+  "nearest"  the balanced pair closest to the current (A, B) in Frobenius norm:
+             O = polar(S^{1/2} (U^T R_B + V^T R_A)), the orthogonal Procrustes solution
+             of min ||B' O - B||^2 + ||O^T A' - A||^2. The gauge then moves continuously,
+             so Adam's per-coordinate moments keep referring to the same directions.
+
+Everything is batched over a leading group dim G (modules of one shape): two thin QRs,
+one r x r SVD (two for "nearest") and two (n, r) @ (r, r) products per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from balora.imbalance import RANK_RTOL
+from balora.linalg import polar_orthogonal, thin_qr
+
+METHODS = ("nearest", "svd")
+
+
+@dataclass
+class Projection:
+    """Balanced factors for G pairs, with what a caller needs to decide whether to use them."""
+
+    A: torch.Tensor  # (G, r, in) balanced, in the compute dtype
+    B: torch.Tensor  # (G, out, r)
+    S: torch.Tensor  # (G, r) singular values of the unscaled product B A, descending
+    rank: torch.Tensor  # (G,) numerical rank of B A
+    zero: torch.Tensor  # (G,) bool: B A == 0 (PEFT init); projecting would kill training
+    finite: torch.Tensor  # (G,) bool: inputs and outputs all finite
+
+
+def balanced_factors(
+    A: torch.Tensor, B: torch.Tensor, method: str = "nearest", rank_rtol: float = RANK_RTOL
+) -> Projection:
+    """Balanced pairs with the same products. A (G, r, in), B (G, out, r), r <= min(in, out).
+
+    Computes in fp32 at least (bf16/fp16 upcast: QR and SVD need it); the caller casts back.
+    Pairs whose product is zero or non-finite come back unchanged and flagged.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown balancing method {method!r}; use one of {', '.join(METHODS)}")
+    r, n_in, n_out = A.shape[-2], A.shape[-1], B.shape[-2]
+    if r > min(n_in, n_out):
+        raise ValueError(f"rank r={r} exceeds min(in={n_in}, out={n_out}): the product is rank-deficient by shape")
+    dtype = torch.promote_types(A.dtype, torch.float32)
+    A0, B0 = A.to(dtype), B.to(dtype)
+
+    finite_in = torch.isfinite(A0).flatten(1).all(-1) & torch.isfinite(B0).flatten(1).all(-1)
+    # Zero out non-finite pairs so one bad module cannot poison the batched decompositions.
+    A_safe = torch.where(finite_in[:, None, None], A0, torch.zeros_like(A0))
+    B_safe = torch.where(finite_in[:, None, None], B0, torch.zeros_like(B0))
+
+    Q_B, R_B = thin_qr(B_safe)  # (G, out, r), (G, r, r)
+    Q_A, R_A = thin_qr(A_safe.mT)  # (G, in, r), (G, r, r)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.mT)  # core (G, r, r)
+    sqrt_S = S.sqrt()
+    left = U * sqrt_S[:, None, :]  # (G, r, r): B' = Q_B @ left
+    right = sqrt_S[:, :, None] * Vh  # (G, r, r): A' = right @ Q_A^T
+    if method == "nearest":
+        # B'^T B = S^1/2 U^T R_B and A' A^T = S^1/2 V^T R_A: the Procrustes target is r x r.
+        O = polar_orthogonal(left.mT @ R_B + right @ R_A)
+        left, right = left @ O, O.mT @ right
+    B_new = Q_B @ left
+    A_new = right @ Q_A.mT
+
+    zero = S[:, 0] == 0
+    rank = (S > rank_rtol * S[:, :1]).sum(-1)
+    keep = zero | ~finite_in
+    A_new = torch.where(keep[:, None, None], A0, A_new)
+    B_new = torch.where(keep[:, None, None], B0, B_new)
+    finite = finite_in & torch.isfinite(A_new).flatten(1).all(-1) & torch.isfinite(B_new).flatten(1).all(-1)
+    return Projection(A=A_new, B=B_new, S=S, rank=rank, zero=zero, finite=finite)
+
+
+def product_rel_error(A0: torch.Tensor, B0: torch.Tensor, A1: torch.Tensor, B1: torch.Tensor) -> torch.Tensor:
+    """||B1 A1 - B0 A0||_F / ||B0 A0||_F for G pairs, (G,), without forming either product.
+
+    Uses ||X Y||^2 = tr((X^T X)(Y Y^T)) and <B1 A1, B0 A0> = tr((B1^T B0)(A0 A1^T)), all r x r,
+    accumulated in float64 so the subtraction does not cancel the answer away. 0/0 -> 0.
+    """
+    A0, B0, A1, B1 = (t.to(torch.float64) for t in (A0, B0, A1, B1))
+
+    def inner(Bx, Ax, By, Ay):
+        return ((Bx.mT @ By) * (Ay @ Ax.mT).mT).sum((-2, -1))
+
+    old = inner(B0, A0, B0, A0)
+    err2 = (inner(B1, A1, B1, A1) + old - 2 * inner(B1, A1, B0, A0)).clamp_min(0)
+    return torch.where(old > 0, (err2 / old.clamp_min(1e-300)).sqrt(), err2.sqrt())
