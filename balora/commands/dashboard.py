@@ -1,10 +1,67 @@
-"""Placeholder until the subcommand lands; `balora dashboard` says so instead of failing obscurely."""
+"""`balora dashboard`: start the Streamlit dashboard (the same as `streamlit run dashboard/app.py`).
+
+Binds to 127.0.0.1 unless --host says otherwise: the dashboard reads adapter files from this
+machine's disk and launches training jobs, so exposing it is a deliberate choice.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from balora.errors import InputError
+
+
+def app_path() -> Path:
+    """dashboard/app.py, found through the installed `dashboard` package (editable or not)."""
+    try:
+        import dashboard
+    except ImportError:
+        raise InputError("the dashboard package is not installed; reinstall balora (pip install -e .)") from None
+    path = Path(dashboard.__file__).resolve().parent / "app.py"
+    if not path.is_file():
+        raise InputError(f"{path} is missing; reinstall balora")
+    return path
 
 
 def add_parser(sub):
-    p = sub.add_parser("dashboard", help="(not available yet)")
+    p = sub.add_parser("dashboard", help="start the Streamlit dashboard (Compare, Inspect, Launch, Learn)")
+    p.add_argument("--runs", default=None, help="runs folder to show and to launch into (default: $BALORA_RUNS, else sample_runs/)")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--print-command", action="store_true", help="print the streamlit command instead of running it")
     p.set_defaults(run=run)
 
 
-def run(args):
-    raise NotImplementedError("this subcommand is not implemented yet")
+def build_command(args) -> list[str]:
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port {args.port}: choose a port between 1 and 65535")
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(app_path()),
+        "--server.address", args.host,
+        "--server.port", str(args.port),
+        "--server.headless", "true",
+        # The project's .streamlit/config.toml is only read from the current folder; repeat the
+        # settings that matter so `balora dashboard` behaves the same from anywhere.
+        "--server.maxUploadSize", "100",
+        "--browser.gatherUsageStats", "false",
+    ]
+    if args.runs is not None:
+        runs = Path(args.runs).expanduser().resolve()
+        if runs.exists() and not runs.is_dir():
+            raise InputError(f"--runs {args.runs}: not a folder")
+        cmd += ["--", "--runs", str(runs)]
+    return cmd
+
+
+def run(args) -> int:
+    cmd = build_command(args)
+    if args.print_command:
+        print(" ".join(cmd))
+        return 0
+    print(f"balora dashboard: serving on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130

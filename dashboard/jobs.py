@@ -1,0 +1,199 @@
+"""Launch jobs: one `balora compare` subprocess at a time, writing only under the runs folder.
+
+Pure Python (no st.*): the Launch page asks the process-wide manager to start, poll and
+cancel. The job's output is kept in memory (last lines) rather than in a log file, so the
+only thing a job writes is its run directory; progress comes from that run's status.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dashboard import settings
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class JobError(ValueError):
+    """A launch the manager refuses, with a message for the user."""
+
+
+@dataclass
+class LaunchSpec:
+    """What the Launch form asks for; everything else takes the task's defaults."""
+
+    task: str = "synthetic"
+    arms: list[str] = field(default_factory=lambda: ["lora", "balora"])
+    seeds: int = 2
+    steps: int = 200
+    optimizer: str | None = None  # None: the task's default
+    lrs: list[float] = field(default_factory=list)  # empty: the task's default
+    alphas: list[float] = field(default_factory=list)  # empty: the task's default
+    name: str = ""
+
+
+def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:
+    """Every reason to refuse `spec` (empty when it may run). Bounds keep a job to minutes."""
+    errors = []
+    if spec.task not in settings.LAUNCH_TASKS:
+        errors.append(f"task must be one of {', '.join(settings.LAUNCH_TASKS)}")
+    if not spec.arms:
+        errors.append("choose at least one arm")
+    max_steps = settings.LAUNCH_MAX_STEPS.get(spec.task, 0)
+    if not 1 <= spec.steps <= max_steps:
+        errors.append(f"steps must be between 1 and {max_steps} for the {spec.task} task")
+    if not 1 <= spec.seeds <= settings.LAUNCH_MAX_SEEDS:
+        errors.append(f"seeds must be between 1 and {settings.LAUNCH_MAX_SEEDS}")
+    for label, values in (("learning rates", spec.lrs), ("alphas", spec.alphas)):
+        if len(values) > settings.LAUNCH_MAX_GRID:
+            errors.append(f"at most {settings.LAUNCH_MAX_GRID} {label}")
+        if any(not (v > 0) for v in values):
+            errors.append(f"{label} must be positive")
+    if not NAME_RE.match(spec.name or ""):
+        errors.append("run name: letters, digits, '.', '_' or '-' only, starting with a letter or digit (at most 64)")
+    elif (runs_dir / spec.name).exists():
+        errors.append(f"a run named {spec.name!r} already exists in {runs_dir}")
+    return errors
+
+
+def build_command(spec: LaunchSpec, out: Path) -> list[str]:
+    """The `balora compare` command line for `spec`, writing the run to `out`."""
+    cmd = [sys.executable, "-m", "balora.cli", "compare", "--task", spec.task, "--arms", ",".join(spec.arms),
+           "--seeds", str(spec.seeds), "--steps", str(spec.steps), "--out", str(out)]
+    if spec.optimizer:
+        cmd += ["--optimizer", spec.optimizer]
+    if spec.lrs:
+        cmd += ["--lr", ",".join(f"{v:g}" for v in spec.lrs)]
+    if spec.alphas:
+        cmd += ["--alpha", ",".join(f"{v:g}" for v in spec.alphas)]
+    return cmd
+
+
+def read_status(run_dir: Path) -> dict:
+    """The run's status.json, or {} while it does not exist yet or is mid-rewrite."""
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass
+class Job:
+    spec: LaunchSpec
+    run_dir: Path
+    command: list[str]
+    proc: subprocess.Popen
+    started: float
+    output: deque = field(default_factory=lambda: deque(maxlen=200))
+    cancelled: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def progress(self) -> tuple[int, int] | None:
+        p = read_status(self.run_dir).get("progress") or {}
+        if p.get("total"):
+            return int(p.get("done", 0)), int(p["total"])
+        return None
+
+    def state(self) -> str:
+        """starting | running | completed | cancelled | failed."""
+        rc = self.returncode
+        if rc is None:
+            return "running" if read_status(self.run_dir) else "starting"
+        if self.cancelled:
+            return "cancelled"
+        return "completed" if rc == 0 else "failed"
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(list(self.output)[-n:])
+
+
+class JobManager:
+    """Runs at most one job; remembers the last one so the page can show how it ended."""
+
+    def __init__(self, runs_dir: Path):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.job: Job | None = None
+        self._lock = threading.Lock()
+
+    def start(self, spec: LaunchSpec) -> Job:
+        with self._lock:
+            busy = any_running()
+            if busy is not None:
+                raise JobError(f"a job is already running ({busy.spec.name}); wait for it or cancel it")
+            errors = validate(spec, self.runs_dir)
+            if errors:
+                raise JobError("; ".join(errors))
+            run_dir = (self.runs_dir / spec.name).resolve()
+            if not run_dir.is_relative_to(self.runs_dir):  # NAME_RE already forbids this; belt and braces
+                raise JobError(f"run name {spec.name!r} leaves the runs folder")
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            cmd = build_command(spec, run_dir)
+            proc = subprocess.Popen(
+                cmd, cwd=self.runs_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                text=True, bufsize=1,
+            )
+            job = Job(spec, run_dir, cmd, proc, time.time())
+            threading.Thread(target=_pump, args=(proc, job.output), daemon=True).start()
+            self.job = job
+            return job
+
+    def cancel(self) -> None:
+        """Stop the running job with SIGTERM, so the runner records the run as interrupted."""
+        with self._lock:
+            if self.job is not None and self.job.running:
+                self.job.cancelled = True
+                self.job.proc.terminate()
+
+    def wait(self, timeout: float) -> int | None:
+        """Block until the current job ends (tests); returns its exit code or None on timeout."""
+        if self.job is None:
+            return None
+        try:
+            return self.job.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+def _pump(proc: subprocess.Popen, sink: deque) -> None:
+    # Drain the pipe continuously: a child blocked on a full pipe would stall the job.
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sink.append(line.rstrip("\n"))
+    proc.stdout.close()
+
+
+_MANAGERS: dict[Path, JobManager] = {}
+_MANAGERS_LOCK = threading.Lock()
+
+
+def get_manager(runs_dir: Path) -> JobManager:
+    """The process-wide manager for `runs_dir`: every browser session sees the same job."""
+    key = Path(runs_dir).resolve()
+    with _MANAGERS_LOCK:
+        if key not in _MANAGERS:
+            _MANAGERS[key] = JobManager(key)
+        return _MANAGERS[key]
+
+
+def any_running() -> Job | None:
+    """The job running in this process, whatever its runs folder: one job at a time overall."""
+    with _MANAGERS_LOCK:
+        for m in _MANAGERS.values():
+            if m.job is not None and m.job.running:
+                return m.job
+    return None

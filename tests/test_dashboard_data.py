@@ -1,0 +1,342 @@
+"""dashboard.data: loaders over the run store and the pure frame shaping behind each figure.
+
+`write_run` writes small runs with the store's own RunWriter (so the files are exactly what
+`balora compare` writes); the page and browser tests import it from here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from balora.report import REPORT_COLUMNS
+from balora.store import RunWriter, load_run
+from dashboard import data, jobs, settings
+
+MODULES = ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj"]
+# Per arm: how fast the loss falls, and the relative imbalance it keeps.
+ARM_RATE = {"lora": 0.05, "balora": 0.10, "balora-svd": 0.08}
+ARM_IMBALANCE = {"lora": 0.9, "balora": 1e-6, "balora-svd": 1e-6}
+
+
+def _rows(arms, seeds, lrs, alphas, steps, r=4):
+    steps_rows, layer_rows, spec_rows, summary_rows = [], [], [], []
+    for arm in arms:
+        for seed in seeds:
+            for lr in lrs:
+                for alpha in alphas:
+                    key = {"arm": arm, "seed": seed, "lr": lr, "alpha": alpha}
+                    # Cell quality depends on lr x alpha so each arm has a unique best cell.
+                    rate = ARM_RATE[arm] * (1 + np.log10(lr / min(lrs)) if len(lrs) > 1 else 1) * (alpha / max(alphas)) ** 0.3
+                    t = 0.0
+                    losses = []
+                    for s in range(1, steps + 1):
+                        loss = 1.0 * np.exp(-rate * s) + 0.01 * (1 + seed)
+                        t += 0.01 * (1.2 if arm != "lora" else 1.0)
+                        losses.append(loss)
+                        steps_rows.append({**key, "step": s, "loss": loss, "eval_loss": loss * 1.1 if s % 5 == 0 else np.nan,
+                                           "excess_loss": loss - 0.01, "time_s": t, "step_time_s": 0.01, "balance_time_s": 0.0,
+                                           "diag_time_s": 0.0, "eval_time_s": 0.0})
+                    for s in [0, *range(5, steps + 1, 5)]:
+                        for i, m in enumerate(MODULES):
+                            rel = ARM_IMBALANCE[arm] * (1 + 0.1 * i) / (1 + 0.01 * s)
+                            row = {c: None for c in REPORT_COLUMNS if c not in ("sigma", "sigma_A", "sigma_B")}
+                            row.update(key, step=s, module=m, adapter="default", kind="linear", out_features=16, in_features=16,
+                                       r=r, scaling=2.0, dora=False, dtype="float32", norm_A=1.0, norm_B=0.5 + s / 100,
+                                       imbalance=rel * 2, rel_imbalance=min(rel, 1.0), cond_A=3.0 + i, cond_B=5.0 + s / 10,
+                                       cond_dW=10.0 + s, eff_rank=3.0, rank=r, sigma_max=1 + s / 10, status="ok")
+                            layer_rows.append(row)
+                            for which, scale in (("dW", 1.0), ("A", 0.7), ("B", 0.5)):
+                                for j in range(r):
+                                    spec_rows.append({**key, "step": s, "module": m, "adapter": "default", "which": which,
+                                                      "index": j, "value": scale * (1 + s / 10) / (j + 1)})
+                    target = 0.2
+                    hit = next((k + 1 for k, v in enumerate(losses) if v <= target), None)
+                    summary_rows.append({**key, "status": "completed", "reason": "", "steps_done": steps,
+                                         "final_loss": losses[-1], "min_loss": min(losses), "best_loss": min(losses),
+                                         "final_excess_loss": losses[-1] - 0.01, "final_eval_loss": losses[-1] * 1.1,
+                                         "final_rel_imbalance_max": ARM_IMBALANCE[arm], "target_loss": target, "target_on": "loss",
+                                         "steps_to_target": hit or np.nan, "seconds_to_target": (hit or np.nan) * 0.01,
+                                         "total_seconds": t, "balance_seconds": 0.0, "diag_seconds": 0.0,
+                                         "speedup_steps": np.nan, "speedup_seconds": np.nan})
+    return steps_rows, layer_rows, spec_rows, summary_rows
+
+
+def write_run(path: Path, *, arms=("lora", "balora"), seeds=(0, 1), lrs=(1e-3,), alphas=(16.0,), steps=20,
+              status: str | None = "completed", task: str = "synthetic") -> Path:
+    """A small run written by balora's RunWriter. status None leaves it running (this process
+    is its writer and it was just updated, so load_run does not call it stale)."""
+    config = {"task": task, "arms": list(arms), "seeds": list(seeds), "steps": steps, "lrs": list(lrs),
+              "alphas": list(alphas), "rank": 4, "command": f"balora compare --task {task} --out {path}"}
+    w = RunWriter(path, config, {"python": "3"})
+    st_rows, ly_rows, sp_rows, su_rows = _rows(arms, seeds, lrs, alphas, steps)
+    w.append("steps", st_rows)
+    w.append("layers", ly_rows)
+    w.append("spectra", sp_rows)
+    n = len(arms) * len(seeds) * len(lrs) * len(alphas)
+    if status is None:
+        w.heartbeat({"done": n // 2, "total": n}, force=True)
+        return path
+    w.append("summary", su_rows)
+    w.heartbeat({"done": n, "total": n}, force=True)
+    w.finish(status, None if status == "completed" else "stopped by the test")
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    return load_run(write_run(tmp_path_factory.mktemp("runs") / "grid", lrs=(1e-3, 1e-2), alphas=(8.0, 32.0), steps=30))
+
+
+def _by_series(run):
+    return {t: data.combine({"r": getattr(run, t)}) for t in ("steps", "summary", "layers", "spectra")}
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_runs_dir_precedence(tmp_path):
+    env = {settings.ENV_VAR: str(tmp_path / "from-env")}
+    assert settings.runs_dir(["--runs", str(tmp_path / "a")], env) == (tmp_path / "a").resolve()
+    assert settings.runs_dir([f"--runs={tmp_path / 'b'}"], env) == (tmp_path / "b").resolve()
+    assert settings.runs_dir(["-q", "tests/x.py"], env) == (tmp_path / "from-env").resolve()
+    assert settings.runs_dir([], {}) == settings.DEFAULT_RUNS
+    assert settings.runs_dir(["--runs"], {}) == settings.DEFAULT_RUNS  # no value: ignored, not a crash
+
+
+# --------------------------------------------------------------------------- run loading and status
+
+
+def test_load_run_is_cached_until_files_change(tmp_path, monkeypatch):
+    import balora.store
+
+    calls = []
+    real = balora.store.load_run
+    monkeypatch.setattr(balora.store, "load_run", lambda p: calls.append(p) or real(p))
+    path = write_run(tmp_path / "live", status=None)
+    first = data.load_run(path)
+    assert first.status == "running" and len(data.load_run(path).steps) == len(first.steps)
+    assert len(calls) == 1  # same files: served from the cache
+    # A writer renames a new part file into place: the next call re-reads the run.
+    extra = first.steps[first.steps["step"] == first.steps["step"].max()].assign(step=first.steps["step"].max() + 1)
+    extra.to_parquet(path / "steps" / "part-00009.parquet", index=False)
+    again = data.load_run(path)
+    assert len(calls) == 2 and len(again.steps) == len(first.steps) + 4  # 2 arms x 2 seeds
+
+
+def test_list_runs_sees_new_runs(tmp_path):
+    write_run(tmp_path / "one")
+    assert data.list_runs(tmp_path)["name"].tolist() == ["one"]
+    write_run(tmp_path / "nested" / "two", status="interrupted")
+    df = data.list_runs(tmp_path)
+    assert sorted(df["name"]) == ["one", "two"]
+    assert dict(zip(df["name"], df["status"]))["two"] == "interrupted"
+
+
+def test_run_state_marks_progress_stale_and_interrupted():
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    recent = (now - timedelta(seconds=7)).isoformat()
+    s = data.run_state("running", {"updated": recent, "progress": {"done": 2, "total": 8}, "stale": False}, now=now)
+    assert (s.label, s.live) == ("in progress", True) and "2/8 cells" in s.text and "7 s ago" in s.text
+    s = data.run_state("running", {"updated": recent, "stale": True, "stale_reason": "the writing process (pid 4) is gone"}, now=now)
+    assert (s.label, s.kind, s.live) == ("stalled", "warning", False) and "pid 4" in s.text
+    s = data.run_state("interrupted", {"progress": {"done": 3, "total": 4}, "message": "SIGTERM"})
+    assert s.label == "interrupted" and "3/4" in s.text and "SIGTERM" in s.text
+    assert data.run_state("failed", {"message": "CUDA OOM"}).kind == "error"
+    assert data.run_state("completed", {}).kind == "success"
+
+
+# --------------------------------------------------------------------------- shaping
+
+
+def test_combine_labels_series_by_run_only_when_several(grid_run):
+    one = data.combine({"a": grid_run.steps})
+    assert set(one["series"]) == {"lora", "balora"}
+    two = data.combine({"a": grid_run.steps, "b": grid_run.steps})
+    assert set(two["series"]) == {"a: lora", "a: balora", "b: lora", "b: balora"}
+    assert len(two) == 2 * len(grid_run.steps)
+    empty = data.combine({"a": grid_run.steps.iloc[0:0]})
+    assert empty.empty and {"run", "series", "arm"} <= set(empty.columns)
+
+
+def test_seed_curves_median_and_spread(grid_run):
+    t = _by_series(grid_run)
+    cell = data.select_cell(t["steps"], 1e-2, 32.0)
+    curves = data.seed_curves(cell, metric="loss")
+    raw = cell[(cell["arm"] == "lora") & (cell["step"] == 10)]["loss"]
+    row = curves[(curves["series"] == "lora") & (curves["step"] == 10)].iloc[0]
+    assert row["median"] == pytest.approx(raw.median()) and row["lo"] == pytest.approx(raw.min()) and row["hi"] == pytest.approx(raw.max())
+    assert row["n_seeds"] == 2
+    iqr = data.seed_curves(cell, metric="loss", band="interquartile")
+    assert iqr["hi"].le(curves["hi"] + 1e-15).all()
+    timed = data.seed_curves(cell, x="time_s", metric="loss")
+    assert "time_s" in timed and timed["time_s"].is_monotonic_increasing is not None and len(timed) == len(curves)
+    # eval_loss only every 5 steps: NaNs are dropped, not drawn as zeros.
+    assert len(data.seed_curves(cell, metric="eval_loss")) == len(curves) // 5
+    assert list(data.seed_curves(cell.iloc[0:0]).columns) == ["series", "step", "median", "lo", "hi", "n_seeds"]
+
+
+def test_best_cells_pick_lowest_median_final_loss(grid_run):
+    t = _by_series(grid_run)
+    best = data.best_cells(t["summary"], t["steps"])
+    med = t["summary"].groupby(["series", "lr", "alpha"])["final_loss"].median()
+    for _, row in best.iterrows():
+        assert row["final_loss"] == pytest.approx(med[row["series"]].min())
+        assert med[(row["series"], row["lr"], row["alpha"])] == pytest.approx(med[row["series"]].min())
+    # A run still being written has no summary yet: fall back to the latest losses.
+    from_steps = data.best_cells(t["summary"].iloc[0:0], t["steps"])
+    assert set(from_steps["series"]) == {"lora", "balora"}
+    sel = data.select_cells(t["steps"], best)
+    assert sel.groupby("series")[["lr", "alpha"]].nunique().max().max() == 1
+
+
+def test_grid_cells_median_and_diverged_as_nan(grid_run):
+    t = _by_series(grid_run)
+    summary = t["summary"].copy()
+    diverged = (summary["arm"] == "lora") & (summary["lr"] == 1e-2) & (summary["alpha"] == 32.0)
+    summary.loc[diverged, "final_loss"] = np.inf
+    grid = data.grid_cells(summary, value="final_loss")
+    assert len(grid) == 2 * 2 * 2
+    bad = grid[(grid["series"] == "lora") & (grid["lr"] == 1e-2) & (grid["alpha"] == 32.0)]["final_loss"]
+    assert bad.isna().all()
+    good = grid[(grid["series"] == "balora") & (grid["lr"] == 1e-3) & (grid["alpha"] == 8.0)]["final_loss"].iloc[0]
+    raw = t["summary"][(t["summary"]["arm"] == "balora") & (t["summary"]["lr"] == 1e-3) & (t["summary"]["alpha"] == 8.0)]["final_loss"]
+    assert good == pytest.approx(raw.median())
+
+
+def test_speedups_match_an_independent_count(grid_run):
+    t = _by_series(grid_run)
+    cell = data.select_cell(t["steps"], 1e-3, 32.0)
+    target = 0.3
+    speed = data.speedups(cell, target, reference="lora").set_index("series")
+    for arm in ("lora", "balora"):
+        firsts = []
+        for seed in (0, 1):
+            c = cell[(cell["arm"] == arm) & (cell["seed"] == seed)].sort_values("step")
+            firsts.append(c.loc[c["loss"] <= target, "step"].iloc[0])
+        assert speed.loc[arm, "steps_median"] == pytest.approx(np.median(firsts))
+    # balora's loss falls twice as fast in the fixture: it needs about half the steps.
+    assert speed.loc["balora", "speedup_steps"] > 1.5 and speed.loc["lora", "speedup_steps"] == pytest.approx(1.0)
+    never = data.speedups(cell, 1e-9)
+    assert never["reached"].eq(0).all() and never["steps_median"].isna().all()
+
+
+def test_layer_and_spectra_selection(grid_run):
+    t = _by_series(grid_run)
+    cell = data.select_cell(t["layers"], 1e-3, 8.0)
+    heat = data.layer_steps(cell, ["rel_imbalance"])
+    assert set(heat["module"]) == set(MODULES)
+    one = data.layer_steps(cell, ["rel_imbalance"], modules=[MODULES[1]])
+    assert set(one["module"]) == {MODULES[1]}
+    spec = data.select_cell(t["spectra"], 1e-3, 8.0)
+    steps = data.spectra_steps(spec, MODULES[0])
+    assert steps == [0, 5, 10, 15, 20, 25, 30]
+    at = data.spectra_at(spec, MODULES[0], 10)
+    assert set(at["which"]) == {"dW", "A", "B"} and at["index"].max() == 3
+    assert at[(at["which"] == "dW") & (at["index"] == 0)]["value"].iloc[0] == pytest.approx(2.0)
+    evo = data.spectra_over_steps(spec, MODULES[0], "B")
+    assert len(evo) == 2 * len(steps) * 4
+    med = data.median_over_layers(cell, ["cond_A"])
+    assert med["cond_A"].iloc[0] == pytest.approx(4.0)  # cond_A is 3, 4, 5 over the three layers
+
+
+# --------------------------------------------------------------------------- inspect helpers
+
+
+def test_save_upload_safetensors_zip_and_refusals(tmp_path):
+    p = data.save_upload("../../evil/lora.safetensors", b"x", tmp_path)
+    assert p == tmp_path / "lora.safetensors" and p.read_bytes() == b"x"  # the client's path is dropped
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("adapter/adapter_config.json", json.dumps({"r": 4}))
+        zf.writestr("adapter/adapter_model.safetensors", b"y")
+    out = data.save_upload("adapter.zip", buf.getvalue(), tmp_path)
+    assert out.name == "adapter" and (out / "adapter_config.json").is_file()
+    evil = io.BytesIO()
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../outside.txt", b"z")
+    with pytest.raises(data.UploadError, match="outside"):
+        data.save_upload("evil.zip", evil.getvalue(), tmp_path)
+    assert not (tmp_path / "outside.txt").exists()
+    with pytest.raises(data.UploadError, match="expands"):
+        data.save_upload("adapter.zip", buf.getvalue(), tmp_path, max_unzipped_mb=1e-6)
+    with pytest.raises(data.UploadError, match=".safetensors"):
+        data.save_upload("notes.txt", b"hi", tmp_path)
+    with pytest.raises(data.UploadError, match="not a valid zip"):
+        data.save_upload("broken.zip", b"PK-nope", tmp_path)
+
+
+def _report(rel, sigma):
+    rows = []
+    for m, r_, s in zip(MODULES, rel, sigma):
+        row = {c: None for c in REPORT_COLUMNS}
+        row.update(module=m, adapter="default", rel_imbalance=r_, sigma=s, sigma_A=[1.0, 0.5], sigma_B=[2.0, 0.1], sigma_max=s[0])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_balance_comparison_and_report_helpers():
+    before = _report([0.9, 0.5, 1.0], [[2.0, 1.0], [1.0, 0.5], [3.0, 0.0]])
+    after = _report([1e-7, 1e-7, 1e-7], [[2.0, 1.0 + 1e-7], [1.0, 0.5], [3.0, 0.0]])
+    cmp_ = data.balance_comparison(before, after).set_index("module")
+    assert cmp_.loc[MODULES[0], "max_rel_change_sigma_dW"] == pytest.approx(0.5e-7)
+    assert cmp_.loc[MODULES[0], "rel_imbalance_before"] == 0.9 and cmp_.loc[MODULES[0], "rel_imbalance_after"] == 1e-7
+    long = data.report_spectra(before.assign(checkpoint="ckpt"), MODULES[0])
+    assert len(long) == 6 and set(long["which"]) == {"dW", "A", "B"}
+    table = data.report_table(before)
+    assert table.loc[0, "sigma"] == "2 1"
+    inspect_frame = pd.concat([before.assign(checkpoint="checkpoint-20", step=20), before.assign(checkpoint="checkpoint-10", step=10)])
+    ck = data.checkpoints(inspect_frame)
+    assert ck["checkpoint"].tolist() == ["checkpoint-10", "checkpoint-20"] and ck["layers"].tolist() == [3, 3]
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def test_launch_validation_bounds(tmp_path):
+    (tmp_path / "taken").mkdir()
+    ok = jobs.LaunchSpec(task="synthetic", arms=["lora"], seeds=1, steps=10, name="fine-run_1")
+    assert jobs.validate(ok, tmp_path) == []
+    bad = jobs.LaunchSpec(task="vision", arms=[], seeds=99, steps=10**6, lrs=[1e-3] * 9, alphas=[-1.0], name="../etc")
+    errors = " | ".join(jobs.validate(bad, tmp_path))
+    for needle in ("task must be", "at least one arm", "steps must be", "seeds must be", "at most", "positive", "run name"):
+        assert needle in errors
+    assert "already exists" in " ".join(jobs.validate(jobs.LaunchSpec(name="taken"), tmp_path))
+    cmd = jobs.build_command(jobs.LaunchSpec(arms=["lora", "balora"], lrs=[1e-3, 1e-2], name="x"), tmp_path / "x")
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "x") and cmd[cmd.index("--lr") + 1] == "0.001,0.01"
+
+
+def test_job_manager_runs_one_job_at_a_time(tmp_path, monkeypatch):
+    # A stand-in for `balora compare` that writes a status.json and waits: the manager's
+    # bookkeeping (one job, progress, cancel) does not depend on what the child computes.
+    script = (
+        "import json, sys, time, pathlib; out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir();"
+        "(out / 'status.json').write_text(json.dumps({'status': 'running', 'progress': {'done': 1, 'total': 4}}));"
+        "print('started', flush=True); time.sleep(30)"
+    )
+    monkeypatch.setattr(jobs, "build_command", lambda spec, out: [jobs.sys.executable, "-c", script, "--out", str(out)])
+    m = jobs.JobManager(tmp_path)
+    monkeypatch.setitem(jobs._MANAGERS, tmp_path.resolve(), m)
+    job = m.start(jobs.LaunchSpec(arms=["lora"], seeds=1, steps=5, name="a"))
+    try:
+        with pytest.raises(jobs.JobError, match="already running"):
+            m.start(jobs.LaunchSpec(arms=["lora"], seeds=1, steps=5, name="b"))
+        for _ in range(100):
+            if job.progress():
+                break
+            import time
+
+            time.sleep(0.05)
+        assert job.progress() == (1, 4) and job.state() == "running"
+        assert job.run_dir == (tmp_path / "a").resolve()
+    finally:
+        m.cancel()
+    assert m.wait(10) is not None and job.state() == "cancelled"
+    assert not (tmp_path / "b").exists()
