@@ -9,6 +9,7 @@ from balora.callbacks import BalanceCallback, balance_after_step
 from balora.imbalance import factor_stats, imbalance, rel_imbalance, singular_values
 from balora.projection import balanced_factors
 from balora.report import REPORT_COLUMNS, layer_report
+from balora.inspect import INSPECT_COLUMNS, balance_file, inspect
 
 __version__ = "0.1.0"
 
@@ -16,12 +17,15 @@ __all__ = [
     "BalanceCallback",
     "BalanceError",
     "BalanceSummary",
+    "INSPECT_COLUMNS",
     "REPORT_COLUMNS",
     "balance_",
     "balance_after_step",
+    "balance_file",
     "balanced_factors",
     "factor_stats",
     "imbalance",
+    "inspect",
     "layer_report",
     "rel_imbalance",
     "singular_values",

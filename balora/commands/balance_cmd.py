@@ -1,10 +1,73 @@
-"""Placeholder until the subcommand lands; `balora balance_cmd` says so instead of failing obscurely."""
+"""`balora balance IN OUT`: a balanced copy of an adapter on disk, in its own format, dW unchanged."""
+
+from __future__ import annotations
+
+import math
+
+from balora.balance import RANK_DEFICIENT_POLICIES
+from balora.projection import METHODS
+
+_SHOWN_ROWS = 20  # the per-module table lists the most imbalanced pairs first
 
 
 def add_parser(sub):
-    p = sub.add_parser("balance", help="(not available yet)")
+    p = sub.add_parser(
+        "balance",
+        help="write a balanced copy of a LoRA adapter (same dW, B^T B = A A^T)",
+        description="Balance every LoRA pair of the adapter at IN onto B^T B = A A^T without changing "
+        "dW = s B A, and write the result to OUT in the input's format (PEFT folder, kohya or bare "
+        ".safetensors, .bin): same keys, dtypes, config and metadata. Nothing is written unless the "
+        "whole copy checks out. For a Trainer output folder, balance one checkpoint-N folder.",
+    )
+    p.add_argument("input", metavar="IN", help="PEFT adapter folder, kohya .safetensors or .safetensors/.bin with PEFT keys")
+    p.add_argument("output", metavar="OUT", help="where to write the balanced copy (not inside IN)")
+    p.add_argument("--method", choices=METHODS, default="nearest",
+                   help="nearest: the balanced pair closest to the stored one (default); svd: the paper's gauge")
+    p.add_argument("--on-rank-deficient", choices=[p for p in RANK_DEFICIENT_POLICIES if p != "raise"], default="skip",
+                   help="pairs whose product has rank < r: skip (copy unchanged, default) or balance anyway")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=run)
 
 
-def run(args):
-    raise NotImplementedError("this subcommand is not implemented yet")
+def run(args) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from balora.inspect import balance_file
+
+    summary = balance_file(args.input, args.output, method=args.method,
+                           on_rank_deficient=args.on_rank_deficient, force=args.force)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(escape(str(summary)))
+    changes = summary.changes
+    if len(changes):
+        console.print(_changes_table(changes))
+    return 0
+
+
+def _num(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def _changes_table(changes):
+    from rich.table import Table
+    from rich.text import Text
+
+    multi_source = changes["source"].nunique() > 1
+    shown = changes.sort_values("rel_imbalance_before", ascending=False, kind="stable", na_position="last")
+    title = "what changed" + (f" (the {_SHOWN_ROWS} most imbalanced of {len(changes)} pairs)"
+                              if len(changes) > _SHOWN_ROWS else "")
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for name in (["source"] if multi_source else []) + ["module", "adapter", "action", "rel_imb before",
+                                                         "rel_imb after", "dW rel change"]:
+        t.add_column(name, justify="right" if name.startswith(("rel", "dW")) else "left", overflow="fold")
+    for row in shown.head(_SHOWN_ROWS).itertuples(index=False):
+        action = row.action if row.action == "balanced" else f"unchanged: {row.reason}"
+        cells = ([row.source] if multi_source else []) + [
+            row.module, row.adapter, action, _num(row.rel_imbalance_before), _num(row.rel_imbalance_after),
+            _num(row.dW_rel_change),
+        ]
+        t.add_row(*(Text(c) for c in cells))
+    return t

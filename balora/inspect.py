@@ -1,0 +1,312 @@
+"""Adapters on disk, without their base model: per-layer report (`inspect`) and a balanced copy (`balance_file`).
+
+The numbers are balora.report's (`pair_rows`) and the balancing is balora.balance's
+(`balance_pairs`); this module only feeds them factor pairs read by balora.adapters.files,
+a bounded chunk at a time, and checks the written copy before it is moved into place.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from balora.adapters.files import (
+    AdapterSource,
+    PairEntry,
+    TensorFile,
+    copy_tree,
+    iter_pair_chunks,
+    read_adapters,
+    staged_output,
+    write_weights,
+)
+from balora.balance import BalanceError, balance_pairs
+from balora.errors import InputError
+from balora.imbalance import rel_imbalance
+from balora.projection import METHODS, product_rel_error
+from balora.report import REPORT_COLUMNS, pair_rows, to_frame
+
+# Where each row comes from, then the layer report columns.
+INSPECT_COLUMNS: dict[str, str] = {
+    "source": "string",  # the weights file
+    "checkpoint": "string",  # "checkpoint-N" in a Trainer output folder, else ""
+    "step": "Int64",  # N of checkpoint-N; <NA> outside a Trainer folder
+    **REPORT_COLUMNS,
+}
+
+CHANGE_COLUMNS: dict[str, str] = {
+    "source": "string",
+    "module": "string",
+    "adapter": "string",
+    "action": "string",  # "balanced" or "unchanged"
+    "reason": "string",  # why a pair was left unchanged, else ""
+    "rel_imbalance_before": "float64",
+    "rel_imbalance_after": "float64",
+    "dW_rel_change": "float64",  # ||B'A' - BA||_F / ||BA||_F of the written factors (float64)
+}
+
+
+def inspect(path, adapter: str | None = None) -> pd.DataFrame:
+    """Per-layer report of the adapter(s) at `path`, read from files alone.
+
+    path: a PEFT adapter folder (several adapters in its tree are all read), a Trainer output
+        folder (every checkpoint-N, ordered by N), a kohya LoRA .safetensors, or a .safetensors/.bin
+        with PEFT key names (scaling then unknown: NaN, and sigma is of the unscaled B A).
+    Returns INSPECT_COLUMNS: source, checkpoint, step, then balora.REPORT_COLUMNS with the same
+    numbers balora.layer_report gives for the live model. Pairs that cannot be measured (grouped
+    conv, other LoRA variants, NaN/Inf values) keep a row whose `status` says why.
+    `df.attrs["sources"]` describes each file read (format, notes, safetensors metadata such as ss_*).
+    """
+    sources = read_adapters(path, adapter)
+    rows: list[dict] = []
+    for src in sources:
+        src_rows = []
+        with torch.no_grad():
+            for chunk in iter_pair_chunks(src):
+                src_rows += pair_rows(chunk)
+        src_rows += [_skipped_row(e) for e in src.entries if e.skip_reason is not None]
+        order = {(e.module, e.adapter): i for i, e in enumerate(src.entries)}
+        src_rows.sort(key=lambda row: order[(row["module"], row["adapter"])])
+        for row in src_rows:
+            row.update(source=str(src.weights), checkpoint=src.checkpoint, step=src.step)
+        rows += src_rows
+    df = to_frame(rows, INSPECT_COLUMNS)
+    df.attrs["sources"] = [src.describe() for src in sources]
+    return df
+
+
+def _skipped_row(e: PairEntry) -> dict:
+    nan = float("nan")
+    row = {c: nan for c, dtype in REPORT_COLUMNS.items() if dtype == "float64"}
+    row.update(
+        module=e.module, adapter=e.adapter, kind=e.kind, out_features=e.out_features, in_features=e.in_features,
+        r=e.r, scaling=nan if e.scaling is None else e.scaling, dora=e.dora,
+        dtype=str(e.dtype).removeprefix("torch."), rank=0, sigma=[], sigma_A=[], sigma_B=[],
+        status=f"skipped: {e.skip_reason}",
+    )
+    return row
+
+
+@dataclass
+class FileBalanceSummary:
+    """What `balance_file` wrote."""
+
+    src: str
+    dst: str
+    format: str  # "peft", "kohya" or "bare"
+    method: str
+    balanced: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # "module[adapter]" -> why it was copied unchanged
+    rank_deficient: dict[str, int] = field(default_factory=dict)
+    max_rel_error: float = float("nan")  # max dW_rel_change over balanced pairs, measured on the written file
+    max_rel_imbalance_before: float = float("nan")
+    max_rel_imbalance_after: float = float("nan")
+    files: list[str] = field(default_factory=list)  # weights files written
+    notes: list[str] = field(default_factory=list)
+    changes: pd.DataFrame = field(default_factory=lambda: to_frame([], CHANGE_COLUMNS))  # CHANGE_COLUMNS
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        text = (
+            f"wrote {self.dst} ({self.format}, method {self.method}): balanced {self.balanced} LoRA pair(s), "
+            f"{len(self.skipped)} unchanged, in {self.seconds:.2f} s"
+        )
+        if self.balanced:
+            text += (
+                f"\n  max rel_imbalance {self.max_rel_imbalance_before:.3g} -> {self.max_rel_imbalance_after:.2e}, "
+                f"max relative change of dW {self.max_rel_error:.2e}"
+            )
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.skipped.items():
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            which = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            text += f"\n  unchanged: {which}: {why}"
+        for note in self.notes:
+            text += f"\n  note: {note}"
+        return text
+
+
+def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "skip", *,
+                 force: bool = False) -> FileBalanceSummary:
+    """Write a balanced copy of the adapter at `src` to `dst`, in the input's own format.
+
+    Same keys, dtypes, shapes, config and metadata; every dW = s B A is unchanged (the
+    written file is re-read and checked: relative change <= 1e-5 in fp32, a few ulps of the
+    factors' dtype in bf16/fp16). Everything is built in a temporary folder next to `dst`
+    and moved into place only when the whole result checks out, so on any error nothing is
+    written. A PEFT folder is copied whole (config, README, tokenizer files verbatim) with its
+    weights balanced. Refuses a Trainer output folder (balance one checkpoint-N), an existing
+    dst unless force, and a dst inside src.
+
+    method: "nearest" (the balanced pair closest to the stored one) or "svd" (the paper's gauge).
+    on_rank_deficient: "skip" (copy such pairs unchanged), "balance" or "raise".
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if method not in METHODS:
+        raise InputError(f"unknown balancing method {method!r}; use one of {', '.join(METHODS)}")
+    sources = read_adapters(src)
+    if any(s.reader == "trainer" for s in sources):
+        last = next(s for s in reversed(sources) if s.checkpoint.startswith("checkpoint-"))
+        raise InputError(
+            f"{src}: a Trainer output folder with {len({s.checkpoint for s in sources})} checkpoint(s); balance one "
+            f"checkpoint at a time, e.g. balora balance {src / last.checkpoint} OUT"
+        )
+    _check_destination(src, dst, force)
+
+    summary = FileBalanceSummary(str(src), str(dst), sources[0].format, method)
+    changes: list[dict] = []
+    with staged_output(dst, force) as staged:
+        if src.is_dir():
+            copy_tree(src, staged, skip={s.weights for s in sources})
+        for s in sources:
+            out_path = staged / s.weights.relative_to(src) if src.is_dir() else staged
+            changes += _balance_source(s, out_path, method, on_rank_deficient, summary)
+            summary.files.append(str(dst / s.weights.relative_to(src)) if src.is_dir() else str(dst))
+            summary.notes += [n for n in s.notes if "also present" in n]
+            if src.is_dir() and (s.weights.parent / "optimizer.pt").is_file():
+                summary.notes.append(
+                    f"{s.weights.parent / 'optimizer.pt'} copied unchanged: its moments refer to the unbalanced factors"
+                )
+    summary.changes = to_frame(changes, CHANGE_COLUMNS)
+    done = summary.changes[summary.changes["action"] == "balanced"]
+    if len(done):
+        summary.max_rel_error = float(done["dW_rel_change"].max())
+        summary.max_rel_imbalance_before = float(done["rel_imbalance_before"].max())
+        summary.max_rel_imbalance_after = float(done["rel_imbalance_after"].max())
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise InputError(f"{dst}: is inside the input {src}; write the balanced copy somewhere else")
+    if d in s.parents:
+        raise InputError(f"{dst}: contains the input {src}; replacing it would delete the input")
+    if not d.parent.is_dir():
+        raise InputError(f"{dst}: its folder {dst.parent} does not exist")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise InputError(f"{dst}: already exists; pass --force to replace it")
+        if dst.is_dir() != src.is_dir():
+            want = "folder" if src.is_dir() else "file"
+            raise InputError(f"{dst}: exists but is not a {want} like {src}; remove it or choose another name")
+
+
+def _tolerance(dtype: torch.dtype, r: int) -> float:
+    """Largest relative change of dW accepted: 1e-5 in fp32/fp64; in half precision, rounding
+    the balanced factors alone can move s B A by up to ~eps * sqrt(r) (both factors, r terms)."""
+    if torch.finfo(dtype).bits >= 32:
+        return 1e-5
+    return 1e-5 + torch.finfo(dtype).eps * math.sqrt(r)
+
+
+def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_deficient: str,
+                    summary: FileBalanceSummary) -> list[dict]:
+    """Balance every pair of one weights file, write it to out_path in the same format and
+    check the written file against the original. Returns one change row per pair."""
+    tensors = s.tensors.get(s.tensors.keys())  # every key is written back, so all are needed
+    todo = [e for e in s.entries if e.skip_reason is None]
+    rows: dict[str, dict] = {}
+    nonfinite: list[str] = []
+    for chunk in iter_pair_chunks(s, todo, tensors=tensors):
+        A = torch.stack([p.A for p in chunk]).float()  # (G, r, in)
+        B = torch.stack([p.B for p in chunk]).float()  # (G, out, r)
+        finite = torch.isfinite(A).flatten(1).all(-1) & torch.isfinite(B).flatten(1).all(-1)
+        nonfinite += [p.name for p, ok in zip(chunk, finite.tolist()) if not ok]
+        before = rel_imbalance(torch.nan_to_num(A), torch.nan_to_num(B)).tolist()
+        try:
+            new, part = balance_pairs(chunk, method, on_rank_deficient, on_nonfinite="skip", check=False)
+        except BalanceError as e:
+            raise InputError(f"{s.weights}: {e}") from e
+        summary.skipped.update(part.skipped)
+        summary.rank_deficient.update(part.rank_deficient)
+        for i, p in enumerate(chunk):
+            e = p.extra["entry"]
+            rows[e.name] = _change_row(s, e, before[i], i in new, part.skipped.get(p.name, ""))
+            if i in new:
+                A_new, B_new = new[i]
+                # clone: views into one batch share storage, which safetensors refuses to save
+                tensors[e.key_A] = A_new.reshape(e.shape_A).clone()
+                tensors[e.key_B] = B_new.reshape(e.shape_B).clone()
+                # DoRA's magnitude vector is kept as is: it normalises W0 + dW, and dW is unchanged.
+    if nonfinite:
+        shown = ", ".join(nonfinite[:5]) + (f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else "")
+        raise InputError(f"{s.weights}: non-finite values (NaN/Inf) in {shown}; nothing was written")
+    for e in s.entries:
+        if e.skip_reason is not None:
+            summary.skipped[e.name] = e.skip_reason
+            rows[e.name] = _change_row(s, e, float("nan"), False, e.skip_reason)
+
+    write_weights(s.tensors, out_path, tensors)
+    del tensors
+    _verify(s, out_path, [e for e in todo if rows[e.name]["action"] == "balanced"], rows)
+    summary.balanced += sum(r["action"] == "balanced" for r in rows.values())
+    return [rows[e.name] for e in s.entries]
+
+
+def _change_row(s: AdapterSource, e: PairEntry, before: float, balanced: bool, reason: str) -> dict:
+    return {
+        "source": str(s.weights), "module": e.module, "adapter": e.adapter,
+        "action": "balanced" if balanced else "unchanged", "reason": "" if balanced else reason,
+        "rel_imbalance_before": before, "rel_imbalance_after": float("nan") if balanced else before,
+        "dW_rel_change": float("nan") if balanced else 0.0,
+    }
+
+
+def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: dict[str, dict]) -> None:
+    """Re-read the written file: same keys, shapes, dtypes and metadata; unchanged tensors
+    bit-identical; every balanced dW within tolerance. Raises (nothing is moved) otherwise."""
+    written = TensorFile(out_path)
+    where = f"balanced copy of {s.weights}"
+    if written.shapes != s.tensors.shapes or written.dtypes != s.tensors.dtypes:
+        raise BalanceError(f"{where}: keys, shapes or dtypes differ from the input; nothing was written")
+    if (written.metadata or {}) != (s.tensors.metadata or {}):
+        raise BalanceError(f"{where}: safetensors metadata differs from the input; nothing was written")
+
+    changed = {k for e in balanced for k in (e.key_A, e.key_B)}
+    for keys in _key_batches(s.tensors, [k for k in s.tensors.keys() if k not in changed]):
+        old, new = s.tensors.get(keys), written.get(keys)
+        for k in keys:
+            if not torch.equal(_raw_bytes(old[k]), _raw_bytes(new[k])):
+                raise BalanceError(f"{where}: {k} should be copied unchanged but differs; nothing was written")
+
+    bad = []
+    for old_chunk, new_chunk in zip(iter_pair_chunks(s, balanced), iter_pair_chunks(s, balanced, tensors=written)):
+        A0 = torch.stack([p.A for p in old_chunk])  # (G, r, in)
+        B0 = torch.stack([p.B for p in old_chunk])  # (G, out, r)
+        A1 = torch.stack([p.A for p in new_chunk])
+        B1 = torch.stack([p.B for p in new_chunk])
+        err = product_rel_error(A0, B0, A1, B1).tolist()
+        after = rel_imbalance(A1.float(), B1.float()).tolist()
+        for p, e_, a in zip(old_chunk, err, after):
+            e = p.extra["entry"]
+            rows[e.name].update(dW_rel_change=e_, rel_imbalance_after=a)
+            if not e_ <= _tolerance(e.dtype, e.r):
+                bad.append(f"{e.name} (relative change {e_:.2e})")
+    if bad:
+        raise BalanceError(f"{where}: dW would change in {', '.join(bad[:5])}; nothing was written")
+
+
+def _key_batches(tf: TensorFile, keys: list[str], max_bytes: int = 64 * 2**20):
+    batch, size = [], 0
+    for k in keys:
+        batch.append(k)
+        size += tf.nbytes(k)
+        if size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, so NaN payloads compare equal to themselves."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
