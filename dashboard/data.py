@@ -486,53 +486,22 @@ def report_table(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def balance_comparison(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
-    """Per layer: relative imbalance before/after and the largest relative change of any
-    singular value of dW (about 1e-7 in float32 when dW is unchanged, as it must be)."""
-    cols = ["module", "adapter", "rel_imbalance_before", "rel_imbalance_after", "sigma_max_before", "max_rel_change_sigma_dW"]
-    if before.empty or after.empty:
-        return pd.DataFrame(columns=cols)
-    b = before[["module", "adapter", "rel_imbalance", "sigma", "sigma_max"]]
-    a = after[["module", "adapter", "rel_imbalance", "sigma"]]
-    m = b.merge(a, on=["module", "adapter"], suffixes=("_before", "_after"))
-    rows = []
-    for _, r in m.iterrows():
-        sb, sa = np.asarray(r["sigma_before"], dtype=float), np.asarray(r["sigma_after"], dtype=float)
-        scale = sb.max() if sb.size and sb.max() > 0 else 1.0
-        change = float(np.abs(sb - sa).max() / scale) if sb.shape == sa.shape and sb.size else float("nan")
-        rows.append(
-            {
-                "module": r["module"], "adapter": r["adapter"],
-                "rel_imbalance_before": r["rel_imbalance_before"], "rel_imbalance_after": r["rel_imbalance_after"],
-                "sigma_max_before": r["sigma_max"], "max_rel_change_sigma_dW": change,
-            }
-        )
-    return pd.DataFrame(rows, columns=cols)
+def balance_source(inspected: pd.DataFrame, root: Path, checkpoint: str | None) -> Path:
+    """What to balance: the inspected path, or one checkpoint-N of a Trainer output folder
+    (balora.balance_file balances one checkpoint at a time)."""
+    if checkpoint and checkpoint.startswith("checkpoint-") and (root / checkpoint).is_dir():
+        return root / checkpoint
+    return root
 
 
 @dataclass
 class Balanced:
-    """A balanced copy of an adapter, ready to download."""
+    """A balanced copy of an adapter, ready to download, and balora's summary of it."""
 
     data: bytes
     file_name: str
     mime: str
-    summary: dict
-    after: pd.DataFrame
-
-
-def _summary_dict(summary) -> dict:
-    if summary is None:
-        return {}
-    if isinstance(summary, dict):
-        return summary
-    if hasattr(summary, "to_dict"):
-        return summary.to_dict()
-    if hasattr(summary, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(summary)
-    return {"summary": str(summary)}
+    summary: object  # balora.inspect.FileBalanceSummary: .changes has dW_rel_change per layer
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -545,15 +514,14 @@ def _balance(src: str, version: tuple, method: str) -> Balanced:
         srcp = Path(src)
         dst = Path(tmp) / (f"{srcp.stem}-balanced{srcp.suffix}" if srcp.is_file() else f"{srcp.name}-balanced")
         summary = balora.balance_file(srcp, dst, method=method)
-        after = balora.inspect(dst)
         if dst.is_file():
-            return Balanced(dst.read_bytes(), dst.name, "application/octet-stream", _summary_dict(summary), after)
+            return Balanced(dst.read_bytes(), dst.name, "application/octet-stream", summary)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for p in sorted(dst.rglob("*")):
                 if p.is_file():
                     zf.write(p, Path(dst.name) / p.relative_to(dst))
-        return Balanced(buf.getvalue(), f"{dst.name}.zip", "application/zip", _summary_dict(summary), after)
+        return Balanced(buf.getvalue(), f"{dst.name}.zip", "application/zip", summary)
 
 
 def balance(src: str | Path, method: str) -> Balanced:
@@ -562,4 +530,6 @@ def balance(src: str | Path, method: str) -> Balanced:
 
 
 def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete a temporary folder the dashboard made (uploads); never anything else."""
+    if Path(path).name.startswith(("balora-upload-", "balora-balance-")):
+        shutil.rmtree(path, ignore_errors=True)

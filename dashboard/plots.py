@@ -479,15 +479,36 @@ def across_checkpoints(df: pd.DataFrame, *, value: str = "rel_imbalance", log_y:
     return fig
 
 
-def balance_check(check: pd.DataFrame) -> go.Figure:
-    """Relative imbalance per layer before and after balancing (from data.balance_comparison)."""
-    title = "Relative imbalance before and after balancing"
-    x_title = VALUE_LABELS["rel_imbalance"]
-    if check.empty:
-        return empty_figure(title, x_title, "layer")
-    fig = go.Figure()
-    fig.add_trace(go.Bar(x=check["rel_imbalance_before"], y=check["module"], orientation="h", name="before", marker_color="#d62728"))
-    fig.add_trace(go.Bar(x=check["rel_imbalance_after"], y=check["module"], orientation="h", name="after", marker_color="#2ca02c"))
-    fig.update_layout(title=_title(title, "dW is unchanged: see the table"), xaxis_title=x_title, yaxis_title="layer", barmode="group",
-                      height=max(320, 120 + 30 * len(check)), yaxis=dict(autorange="reversed"))
+def balance_check(changes: pd.DataFrame, *, tolerance: float = 1e-5) -> go.Figure:
+    """Per layer: relative imbalance before and after balancing, and the relative change of
+    dW measured on the written file (balora.balance_file's `changes` table).
+
+    `changes`: module, adapter, action, rel_imbalance_before, rel_imbalance_after, dW_rel_change.
+    """
+    title = "Balancing: imbalance removed, dW unchanged"
+    if changes.empty:
+        return empty_figure(title, VALUE_LABELS["rel_imbalance"], "layer", "no layers were balanced")
+    label = changes["module"].astype(str)
+    if changes["adapter"].nunique() > 1:
+        label = label + " [" + changes["adapter"].astype(str) + "]"
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.05,
+                        subplot_titles=["relative imbalance", "relative change of dW, ‖ΔdW‖_F / ‖dW‖_F"])
+    fig.add_trace(go.Bar(x=changes["rel_imbalance_before"], y=label, orientation="h", name="before", marker_color="#d62728"), row=1, col=1)
+    fig.add_trace(go.Bar(x=changes["rel_imbalance_after"], y=label, orientation="h", name="after", marker_color="#2ca02c"), row=1, col=1)
+    # Unchanged layers have an exact 0, which a log axis cannot show: draw them at the axis floor.
+    change = changes["dW_rel_change"].astype(float)
+    pos = change[change > 0]
+    floor = float(pos.min()) / 10 if len(pos) else 1e-12
+    fig.add_trace(
+        go.Scatter(x=change.clip(lower=floor), y=label, mode="markers", name="dW change (float32 rounding)",
+                   marker=dict(color="#1f77b4", size=9), customdata=change, hovertemplate="%{y}: %{customdata:.2e}<extra></extra>"),
+        row=1, col=2,
+    )
+    fig.add_vline(x=tolerance, line_dash="dash", line_color="grey", row=1, col=2,
+                  annotation_text=f"tolerance {tolerance:g}", annotation_position="top left")
+    fig.update_xaxes(title_text=VALUE_LABELS["rel_imbalance"], row=1, col=1)
+    fig.update_xaxes(title_text="relative change of dW (ratio, log scale)", type="log", row=1, col=2)
+    fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
+    fig.update_layout(title=_title(title, "checked by re-reading the written file"), barmode="group",
+                      height=max(340, 140 + 34 * len(changes)), legend=dict(orientation="h", y=-0.2))
     return fig
