@@ -1,0 +1,217 @@
+"""Shared fixtures: random factor pairs, tiny models built from code or configs (never downloaded),
+PEFT reference quantities (its own get_delta_weight) and bit-exact snapshots.
+
+Every model here is small enough that building it takes milliseconds; fixtures return
+factories so each test can choose sizes and seeds and gets fresh, unshared weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+# PEFT and transformers warn about tiny configs (vocab without bos/eos tokens, fan_in_fan_out
+# being switched on for GPT-2's Conv1D); the tests check behaviour, not these messages.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\..*")
+
+
+def _randn(shape, gen, dtype=torch.float64):
+    return torch.randn(*shape, generator=gen, dtype=dtype)
+
+
+@pytest.fixture
+def make_factors():
+    """make_factors(batch, r, n_in, n_out, dtype=fp32, seed=0, b_scale=0.1) -> A (*batch, r, n_in),
+    B (*batch, n_out, r), drawn in float64 then cast. B is scaled down so that pairs start
+    clearly imbalanced, as after PEFT init and a few steps."""
+
+    def make(batch=(3,), r=4, n_in=12, n_out=10, *, dtype=torch.float32, seed=0, b_scale=0.1):
+        batch = (batch,) if isinstance(batch, int) else tuple(batch)
+        g = torch.Generator().manual_seed(seed)
+        A = _randn((*batch, r, n_in), g)
+        B = _randn((*batch, n_out, r), g) * b_scale
+        return A.to(dtype), B.to(dtype)
+
+    return make
+
+
+@pytest.fixture
+def make_conditioned():
+    """make_conditioned(n, r, cond, dtype, seed) -> X (n, r) with singular values spaced
+    geometrically from 1 down to 1/cond, built in float64 from random orthogonal factors."""
+
+    def make(n, r, cond, dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        U, _ = torch.linalg.qr(_randn((n, r), g))
+        V, _ = torch.linalg.qr(_randn((r, r), g))
+        s = torch.logspace(0, -float(np.log10(cond)), r, dtype=torch.float64)
+        return ((U * s) @ V.T).to(dtype)
+
+    return make
+
+
+class TinyNet(nn.Module):
+    """One layer of every kind PEFT LoRA supports besides transformers' Conv1D:
+    Embedding, Linear, Conv1d (k=3), Conv2d (3x3) and Conv2d (1x1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 12)
+        self.lin = nn.Linear(12, 10)
+        self.conv1d = nn.Conv1d(3, 8, kernel_size=3, padding=1)
+        self.conv2d = nn.Conv2d(3, 8, kernel_size=3, padding=1)
+        self.conv1x1 = nn.Conv2d(8, 6, kernel_size=1)
+
+    def forward(self, ids, x1, x2):
+        h = self.lin(self.emb(ids))  # (N, L, 10)
+        c1 = self.conv1d(x1)  # (N, 8, L)
+        c2 = self.conv1x1(torch.relu(self.conv2d(x2)))  # (N, 6, H, W)
+        return torch.cat([h.flatten(1), c1.flatten(1), c2.flatten(1)], dim=1)  # (N, features)
+
+
+TINY_NET_TARGETS = ["emb", "lin", "conv1d", "conv2d", "conv1x1"]
+
+
+@pytest.fixture
+def make_tiny_net():
+    """make_tiny_net(seed=0) -> a fresh TinyNet with seeded weights."""
+
+    def make(seed=0):
+        torch.manual_seed(seed)
+        return TinyNet()
+
+    return make
+
+
+@pytest.fixture
+def tiny_net_inputs():
+    """A fixed batch for TinyNet: (ids (4, 5), x1 (4, 3, 5), x2 (4, 3, 6, 6))."""
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(0, 20, (4, 5), generator=g)
+    return ids, torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 6, 6, generator=g)
+
+
+@pytest.fixture
+def make_gpt2():
+    """make_gpt2(n_layer=1, n_embd=32, seed=0) -> GPT2LMHeadModel from a config (transformers
+    Conv1D layers, i.e. PEFT's fan_in_fan_out path). Vocabulary 64, context 16."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def make(n_layer=1, n_embd=32, seed=0):
+        torch.manual_seed(seed)
+        cfg = GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=2, vocab_size=64, n_positions=16,
+                         bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(cfg)
+
+    return make
+
+
+@pytest.fixture
+def make_llama():
+    """make_llama(n_layer=1, hidden=32, seed=0) -> LlamaForCausalLM from a config (nn.Linear
+    layers, grouped-query attention). Vocabulary 64, context 16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(n_layer=1, hidden=32, seed=0):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layer,
+                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64, max_position_embeddings=16,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        return LlamaForCausalLM(cfg)
+
+    return make
+
+
+@pytest.fixture
+def lm_batch():
+    """Token ids (4, 12) over a vocabulary of 64, with a learnable pattern (counting mod 64)."""
+    g = torch.Generator().manual_seed(7)
+    start = torch.randint(0, 64, (4, 1), generator=g)
+    return (start + torch.arange(12)) % 64
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@pytest.fixture
+def peft_deltas():
+    """peft_deltas(model) -> {(module name, adapter): PEFT's own get_delta_weight, float64 copy}.
+    The reference for "dW unchanged": computed by PEFT, not by balora."""
+
+    def deltas(model):
+        out = {}
+        with torch.no_grad():
+            for name, layer in _lora_layers(model):
+                for adapter in list(layer.lora_A.keys()) + list(layer.lora_embedding_A.keys()):
+                    out[(name, adapter)] = layer.get_delta_weight(adapter).detach().double().clone()
+        return out
+
+    return deltas
+
+
+@pytest.fixture
+def assert_deltas_close():
+    """assert_deltas_close(before, after, rtol): same keys, ||after - before|| <= rtol ||before|| each."""
+
+    def check(before, after, rtol=1e-5):
+        assert before.keys() == after.keys()
+        for key in before:
+            ref = before[key]
+            err = (after[key] - ref).norm().item()
+            assert err <= rtol * ref.norm().item(), f"{key}: dW changed by {err:.3e} (|dW| = {ref.norm().item():.3e})"
+
+    return check
+
+
+@pytest.fixture
+def snapshot():
+    """snapshot(model) -> {name: cloned tensor} of the whole state dict, for bit-exact comparison."""
+
+    def take(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    return take
+
+
+@pytest.fixture
+def assert_bit_identical():
+    """assert_bit_identical(a, b): two snapshots hold exactly the same bits (NaN == NaN)."""
+
+    def bits(t):
+        return t.contiguous().reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+
+    def check(a, b):
+        assert a.keys() == b.keys()
+        changed = [k for k in a if not torch.equal(bits(a[k]), bits(b[k]))]
+        assert not changed, f"tensors changed: {changed}"
+
+    return check
+
+
+@pytest.fixture
+def lora_factors():
+    """lora_factors(model) -> {(module name, adapter): (A, B) float64 numpy}, read straight from
+    the parameters (conv A flattened to (r, in*k*k), B to (out, r)): an independent path to
+    the factors, not through balora's walker."""
+
+    def read(model):
+        out = {}
+        for name, layer in _lora_layers(model):
+            for adapter in layer.lora_A.keys():
+                A = layer.lora_A[adapter].weight.detach().double()
+                B = layer.lora_B[adapter].weight.detach().double()
+                out[(name, adapter)] = (A.reshape(A.shape[0], -1).numpy(), B.reshape(B.shape[0], -1).numpy())
+            for adapter in layer.lora_embedding_A.keys():
+                A = layer.lora_embedding_A[adapter].detach().double()
+                B = layer.lora_embedding_B[adapter].detach().double()
+                out[(name, adapter)] = (A.numpy(), B.numpy())
+        return out
+
+    return read
