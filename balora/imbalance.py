@@ -66,8 +66,9 @@ def singular_values(A: torch.Tensor, B: torch.Tensor, scaling=1.0):
     _, R_A, _, R_B, core = product_core(A, B)
     sigma_A = _pad_to(torch.linalg.svdvals(R_A), r)
     sigma_B = _pad_to(torch.linalg.svdvals(R_B), r)
-    s = torch.as_tensor(scaling, dtype=core.dtype, device=core.device).reshape(-1, 1).abs()
-    sigma = _pad_to(torch.linalg.svdvals(core), r) * s
+    s = torch.as_tensor(scaling, dtype=core.dtype, device=core.device).abs()
+    # One s per pair over the batch dims (or one float for all), broadcast along the r values.
+    sigma = _pad_to(torch.linalg.svdvals(core), r) * s[..., None]
     return sigma_A, sigma_B, sigma
 
 
