@@ -195,30 +195,34 @@ def grid_shape(summary: pd.DataFrame, steps: pd.DataFrame) -> tuple[list[float],
     return sorted(src["lr"].dropna().unique().tolist()), sorted(src["alpha"].dropna().unique().tolist())
 
 
-def best_cells(summary: pd.DataFrame, steps: pd.DataFrame, *, value: str = "final_loss", by: str = "series") -> pd.DataFrame:
-    """Per series, the (lr, alpha) cell with the lowest median `value` across seeds.
+def best_cells(summary: pd.DataFrame, steps: pd.DataFrame, *, by: str = "series") -> pd.DataFrame:
+    """Per series, its best (lr, alpha) cell.
 
-    Uses the run summary when it has the series (finished cells); for a run still being
-    written, falls back to the latest recorded training loss of each cell.
+    Finished cells: balora.runner.arm_summary's choice (lowest median over seeds of the run's
+    headline metric, diverged seeds counting as +inf), run by run. A series with no finished
+    cell yet (a run still being written) falls back to the lowest median latest training loss.
+    Columns: by, lr, alpha, source ("summary" | "latest loss").
     """
-    cols = [by, "lr", "alpha", value]
+    from balora.runner import arm_summary
+
+    cols = [by, "lr", "alpha", "source"]
     rows = []
-    series = list(dict.fromkeys(list(summary[by]) if by in summary else []) | dict.fromkeys(list(steps[by]) if by in steps else []))
-    for label in series:
-        s = summary[summary[by] == label] if by in summary else summary.iloc[0:0]
-        s = s[np.isfinite(s[value].astype(float))] if value in s else s.iloc[0:0]
-        if not s.empty:
-            med = s.groupby(["lr", "alpha"])[value].median()
-        else:
-            st_ = steps[steps[by] == label].dropna(subset=["loss"])
-            if st_.empty:
-                continue
-            last = st_.sort_values("step").groupby(["lr", "alpha", "seed"])["loss"].last()
+    done = set()
+    if not summary.empty:
+        for run_name, g in summary.groupby("run", sort=False) if "run" in summary else [(None, summary)]:
+            label_of = dict(zip(g["arm"].astype(str), g[by]))
+            for _, r in arm_summary(g).iterrows():
+                if pd.notna(r.get("best_lr")) and str(r["arm"]) in label_of:
+                    rows.append({by: label_of[str(r["arm"])], "lr": r["best_lr"], "alpha": r["best_alpha"], "source": "summary"})
+                    done.add(label_of[str(r["arm"])])
+    if not steps.empty:
+        for label, g in steps[~steps[by].isin(done)].groupby(by, sort=False):
+            g = g.dropna(subset=["loss"])
+            last = g.sort_values("step").groupby(["lr", "alpha", "seed"])["loss"].last()
             med = last[np.isfinite(last)].groupby(level=["lr", "alpha"]).median()
-            if med.empty:
-                continue
-        lr, alpha = med.idxmin()
-        rows.append({by: label, "lr": lr, "alpha": alpha, value: float(med.min())})
+            if not med.empty:
+                lr, alpha = med.idxmin()
+                rows.append({by: label, "lr": lr, "alpha": alpha, "source": "latest loss"})
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -278,16 +282,18 @@ def metric_range(steps: pd.DataFrame, metric: str = "loss") -> tuple[float, floa
 
 
 def grid_cells(summary: pd.DataFrame, *, value: str = "final_loss", by: str = "series") -> pd.DataFrame:
-    """Median of `value` across seeds per (series, lr, alpha). Cells where no seed finished
-    with a finite value (diverged, failed) are NaN, so the heatmap can say so."""
-    cols = [by, "lr", "alpha", value, "n_seeds"]
+    """Median of `value` across seeds per (series, lr, alpha). A cell where no seed ended with
+    a finite value is NaN and its `status` says why (e.g. "diverged"), for the heatmap."""
+    cols = [by, "lr", "alpha", value, "n_seeds", "status"]
     if summary.empty or value not in summary:
         return pd.DataFrame(columns=cols)
     data = summary.copy()
     data[value] = data[value].astype(float).where(np.isfinite(data[value].astype(float)))
     g = data.groupby([by, "lr", "alpha"], sort=False)
-    out = pd.DataFrame({value: g[value].median(), "n_seeds": g["seed"].nunique()}).reset_index()
-    return out[cols]
+    out = pd.DataFrame({value: g[value].median(), "n_seeds": g["seed"].nunique()})
+    statuses = data["status"].astype(str) if "status" in data else pd.Series("", index=data.index)
+    out["status"] = statuses.groupby([data[by], data["lr"], data["alpha"]], sort=False).agg(lambda s: "/".join(sorted(set(s) - {"completed"})) or "completed")
+    return out.reset_index()[cols]
 
 
 def speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: str = "series", reference: str = "lora") -> pd.DataFrame:

@@ -170,7 +170,8 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     """Per arm, `value` over learning rate x alpha, each arm's best cell starred (the paper's
     sensitivity figures). One colour scale for all arms so they compare by colour.
 
-    `grid` (from data.grid_cells): by, lr, alpha, `value` (median over seeds; NaN = diverged).
+    `grid` (from data.grid_cells): by, lr, alpha, `value` (median over seeds; NaN when no seed
+    ended finite), optional `status` (why a cell has no value, e.g. "diverged").
     """
     name = METRIC_NAMES.get(value, value)
     title = f"{name.capitalize()} over learning rate × alpha"
@@ -189,11 +190,14 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[str(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.04)
     unit = f" ({loss_unit})" if loss_unit else ""
     for col, label in enumerate(labels, start=1):
-        g = grid[grid[by] == label].set_index(["alpha", "lr"])[value]
+        sub = grid[grid[by] == label]
         z = np.full((len(alphas), len(lrs)), np.nan)
-        for (a, lr), v in g.items():
-            z[alphas.index(a), lrs.index(lr)] = v
-        text = [["diverged" if not np.isfinite(v) and (a, lr) in g.index else ("" if not np.isfinite(v) else f"{v:.3g}") for lr, v in zip(lrs, row)] for a, row in zip(alphas, z)]
+        # Cells absent from the frame have not finished (blank); present but NaN: say why.
+        text = [["" for _ in lrs] for _ in alphas]
+        for _, row in sub.iterrows():
+            i, j = alphas.index(row["alpha"]), lrs.index(row["lr"])
+            z[i, j] = row[value]
+            text[i][j] = f"{row[value]:.3g}" if np.isfinite(row[value]) else str(row.get("status") or "no value")
         fig.add_trace(
             go.Heatmap(
                 x=xs, y=ys, z=np.log10(np.where(z > 0, z, np.nan)) if use_log else z, zmin=zmin, zmax=zmax,
@@ -320,7 +324,7 @@ def layer_lines(lines: pd.DataFrame, *, value: str = "rel_imbalance", by: str = 
     y_title = VALUE_LABELS.get(value, value)
     title = f"{y_title.split(' (')[0].capitalize()} of chosen layers"
     if lines.empty or lines[value].notna().sum() == 0:
-        return empty_figure(title, "optimizer step", y_title, "choose at least one layer")
+        return empty_figure(title, "optimizer step", y_title, "no layer chosen: pick at least one")
     colors = arm_colors(lines[by])
     dashes = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
     modules = list(dict.fromkeys(lines["module"]))

@@ -183,18 +183,26 @@ def test_seed_curves_median_and_spread(grid_run):
     assert list(data.seed_curves(cell.iloc[0:0]).columns) == ["series", "step", "median", "lo", "hi", "n_seeds"]
 
 
-def test_best_cells_pick_lowest_median_final_loss(grid_run):
+def test_best_cells_follow_arm_summary_then_latest_loss(grid_run):
+    from balora.runner import arm_summary
+
     t = _by_series(grid_run)
-    best = data.best_cells(t["summary"], t["steps"])
-    med = t["summary"].groupby(["series", "lr", "alpha"])["final_loss"].median()
-    for _, row in best.iterrows():
-        assert row["final_loss"] == pytest.approx(med[row["series"]].min())
-        assert med[(row["series"], row["lr"], row["alpha"])] == pytest.approx(med[row["series"]].min())
+    best = data.best_cells(t["summary"], t["steps"]).set_index("series")
+    ref = arm_summary(grid_run.summary).set_index("arm")
+    for arm in ("lora", "balora"):
+        assert (best.loc[arm, "lr"], best.loc[arm, "alpha"]) == (ref.loc[arm, "best_lr"], ref.loc[arm, "best_alpha"])
+        assert best.loc[arm, "source"] == "summary"
+    # The fixture's loss falls fastest at the largest lr and alpha.
+    assert (best.loc["lora", "lr"], best.loc["lora", "alpha"]) == (1e-2, 32.0)
     # A run still being written has no summary yet: fall back to the latest losses.
-    from_steps = data.best_cells(t["summary"].iloc[0:0], t["steps"])
-    assert set(from_steps["series"]) == {"lora", "balora"}
-    sel = data.select_cells(t["steps"], best)
+    from_steps = data.best_cells(t["summary"].iloc[0:0], t["steps"]).set_index("series")
+    assert set(from_steps.index) == {"lora", "balora"} and set(from_steps["source"]) == {"latest loss"}
+    assert (from_steps.loc["lora", "lr"], from_steps.loc["lora", "alpha"]) == (1e-2, 32.0)
+    sel = data.select_cells(t["steps"], best.reset_index())
     assert sel.groupby("series")[["lr", "alpha"]].nunique().max().max() == 1
+    # Two runs: each series gets its own run's best cell.
+    two = data.combine({"a": grid_run.summary, "b": grid_run.summary})
+    assert len(data.best_cells(two, two.iloc[0:0])) == 4
 
 
 def test_grid_cells_median_and_diverged_as_nan(grid_run):
@@ -202,10 +210,13 @@ def test_grid_cells_median_and_diverged_as_nan(grid_run):
     summary = t["summary"].copy()
     diverged = (summary["arm"] == "lora") & (summary["lr"] == 1e-2) & (summary["alpha"] == 32.0)
     summary.loc[diverged, "final_loss"] = np.inf
+    summary.loc[diverged, "status"] = "diverged"
     grid = data.grid_cells(summary, value="final_loss")
     assert len(grid) == 2 * 2 * 2
     bad = grid[(grid["series"] == "lora") & (grid["lr"] == 1e-2) & (grid["alpha"] == 32.0)]["final_loss"]
     assert bad.isna().all()
+    assert grid[(grid["series"] == "lora") & (grid["lr"] == 1e-2) & (grid["alpha"] == 32.0)]["status"].iloc[0] == "diverged"
+    assert set(grid["status"]) == {"completed", "diverged"}
     good = grid[(grid["series"] == "balora") & (grid["lr"] == 1e-3) & (grid["alpha"] == 8.0)]["final_loss"].iloc[0]
     raw = t["summary"][(t["summary"]["arm"] == "balora") & (t["summary"]["lr"] == 1e-3) & (t["summary"]["alpha"] == 8.0)]["final_loss"]
     assert good == pytest.approx(raw.median())

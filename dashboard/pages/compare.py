@@ -105,7 +105,7 @@ if is_grid:
     cell_options = ["best"] + [(lr, a) for lr in lrs for a in alphas]
     cell = c3.selectbox(
         "Learning rate × alpha cell shown in the curves", cell_options, key="compare_cell",
-        format_func=lambda c: "each arm's best cell (lowest final loss)" if c == "best" else f"lr {c[0]:g}, alpha {c[1]:g}",
+        format_func=lambda c: "each arm's own best cell (lowest median final loss)" if c == "best" else f"lr {c[0]:g}, alpha {c[1]:g}",
     )
     cells = best if cell == "best" else best.assign(lr=cell[0], alpha=cell[1])
 else:

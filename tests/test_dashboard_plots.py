@@ -1,0 +1,220 @@
+"""dashboard.plots: every figure has a title and labelled axes, draws what its frame holds,
+and says "no data" (still titled and labelled) for an empty frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from dashboard import plots
+
+
+def _axis_titles(fig: go.Figure) -> list[str]:
+    out = []
+    for name in dir(fig.layout):
+        if name.startswith(("xaxis", "yaxis")):
+            ax = getattr(fig.layout, name)
+            if ax is not None and ax.title is not None and ax.title.text:
+                out.append(ax.title.text)
+    return out
+
+
+def assert_labelled(fig: go.Figure, *needles: str) -> None:
+    """A title, an x and a y axis title, each containing what the caller expects somewhere."""
+    assert fig.layout.title.text, "figure has no title"
+    xs = [getattr(fig.layout, n).title.text for n in dir(fig.layout) if n.startswith("xaxis") and getattr(fig.layout, n).title.text]
+    ys = [getattr(fig.layout, n).title.text for n in dir(fig.layout) if n.startswith("yaxis") and getattr(fig.layout, n).title.text]
+    assert xs and ys, f"missing axis titles: x={xs} y={ys}"
+    text = " ".join([fig.layout.title.text, *xs, *ys])
+    for n in needles:
+        assert n in text, f"{n!r} not in {text!r}"
+
+
+def _curves(series=("lora", "balora"), steps=10, n_seeds=3):
+    rows = []
+    for k, s in enumerate(series):
+        for step in range(1, steps + 1):
+            m = np.exp(-0.1 * (k + 1) * step)
+            rows.append({"series": s, "step": step, "time_s": 0.1 * step, "median": m, "lo": m * 0.9, "hi": m * 1.1, "n_seeds": n_seeds})
+    return pd.DataFrame(rows)
+
+
+def test_loss_curves_median_line_and_spread_band():
+    fig = plots.loss_curves(_curves(), x="step", metric="loss", loss_unit="squared error")
+    assert_labelled(fig, "optimizer step", "training loss (squared error)")
+    lines = [t for t in fig.data if t.mode == "lines" and t.showlegend is not False]
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert [t.name for t in lines] == ["lora", "balora"] and len(bands) == 2
+    assert np.allclose(lines[1].y, np.exp(-0.2 * np.arange(1, 11)))
+    # The band is the polygon hi forward then lo backward.
+    assert np.allclose(bands[0].y[:10], lines[0].y * 1.1) and np.allclose(bands[0].y[10:], (lines[0].y * 0.9)[::-1])
+    assert fig.layout.yaxis.type == "log"
+    assert lines[0].line.color == plots.ARM_COLORS["lora"]
+    lin = plots.loss_curves(_curves(n_seeds=1), x="time_s", metric="eval_loss", log_y=False)
+    assert_labelled(lin, "wall-clock time (s)", "evaluation loss")
+    assert lin.layout.yaxis.type == "linear" and not [t for t in lin.data if t.fill == "toself"]  # one seed: no band
+
+
+def test_grid_heatmaps_star_each_arms_best_cell():
+    rows = []
+    for s, best in (("lora", (1e-3, 8.0)), ("balora", (1e-2, 32.0))):
+        for lr in (1e-3, 1e-2):
+            for a in (8.0, 32.0):
+                rows.append({"series": s, "lr": lr, "alpha": a, "final_loss": 0.1 if (lr, a) == best else 1.0})
+    grid = pd.DataFrame(rows)
+    grid.loc[(grid["series"] == "lora") & (grid["lr"] == 1e-2) & (grid["alpha"] == 32.0), "final_loss"] = np.nan  # diverged
+    fig = plots.grid_heatmaps(grid, value="final_loss")
+    assert_labelled(fig, "learning rate", "lora_alpha")
+    heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    stars = [t for t in fig.data if isinstance(t, go.Scatter)]
+    assert len(heat) == 2 and len(stars) == 2
+    assert (stars[0].x[0], stars[0].y[0]) == ("1e-3", "8") and (stars[1].x[0], stars[1].y[0]) == ("1e-2", "32")
+    assert heat[0].zmin == heat[1].zmin and heat[0].zmax == heat[1].zmax  # one colour scale for all arms
+    assert heat[0].text[1][1] == "no value" and heat[0].text[0][0] == "0.1"  # values printed, NaN says so
+    unfinished = plots.grid_heatmaps(grid.drop(index=grid.index[-1]).assign(status="diverged"))
+    texts = [t for t in unfinished.data if isinstance(t, go.Heatmap)]
+    assert texts[0].text[1][1] == "diverged" and texts[1].text[1][1] == ""  # absent cell: blank
+    assert sum(t.showscale for t in heat) == 1
+
+
+def test_speedup_bars_annotate_ratio_and_unreached():
+    speed = pd.DataFrame(
+        [
+            {"series": "lora", "steps_median": 40.0, "steps_min": 35.0, "steps_max": 45.0, "seconds_median": 4.0, "seconds_min": 3.5, "seconds_max": 4.5, "reached": 3, "n_seeds": 3, "speedup_steps": 1.0, "speedup_seconds": 1.0},
+            {"series": "balora", "steps_median": 20.0, "steps_min": 18.0, "steps_max": 22.0, "seconds_median": 2.5, "seconds_min": 2.0, "seconds_max": 3.0, "reached": 2, "n_seeds": 3, "speedup_steps": 2.0, "speedup_seconds": 1.6},
+            {"series": "balora-svd", "steps_median": np.nan, "steps_min": np.nan, "steps_max": np.nan, "seconds_median": np.nan, "seconds_min": np.nan, "seconds_max": np.nan, "reached": 0, "n_seeds": 3, "speedup_steps": np.nan, "speedup_seconds": np.nan},
+        ]
+    )
+    fig = plots.speedup_bars(speed, target=0.25, loss_unit="nats/token")
+    assert_labelled(fig, "0.25 nats/token", "optimizer steps", "seconds (wall clock)")
+    steps_bar, secs_bar = fig.data
+    assert list(steps_bar.y) == [40.0, 20.0, 0.0]
+    assert steps_bar.text[1] == "×2.00 vs lora (2/3 seeds)" and steps_bar.text[2] == "not reached"
+    assert secs_bar.text[1].startswith("×1.60")
+    assert list(steps_bar.error_y.array) == [5.0, 2.0, 0.0]
+
+
+def _layers(series=("lora", "balora"), modules=("m.0", "m.1"), steps=(0, 5, 10)):
+    rows = []
+    for s in series:
+        for m in modules:
+            for st in steps:
+                rows.append({"series": s, "module": m, "step": st, "rel_imbalance": (1.0 if s == "lora" else 1e-6) / (1 + st), "imbalance": 0.0 if s == "balora" else 1.0, "cond_dW": 10.0 + st, "cond_A": 2.0, "cond_B": np.inf if st == 5 else 3.0})
+    return pd.DataFrame(rows)
+
+
+def test_imbalance_heatmaps_log_colour_and_lines():
+    heat = plots.imbalance_heatmaps(_layers())
+    assert_labelled(heat, "optimizer step", "layer")
+    h = [t for t in heat.data if isinstance(t, go.Heatmap)]
+    assert len(h) == 2 and list(h[0].y) == ["m.0", "m.1"]
+    assert np.allclose(np.asarray(h[0].z, dtype=float)[0], np.log10([1.0, 1 / 6, 1 / 11]))
+    assert np.allclose(np.asarray(h[0].customdata, dtype=float)[0], [1.0, 1 / 6, 1 / 11])  # hover shows real values
+    # Tick labels are real values at powers of ten, not log10 exponents.
+    assert "1e-06" in h[1].colorbar.ticktext or "1e-07" in h[1].colorbar.ticktext
+    # Exact zeros (a perfectly balanced layer) are floored, not -inf.
+    z = plots.imbalance_heatmaps(_layers(), value="imbalance")
+    assert np.isfinite(np.asarray(z.data[1].z, dtype=float)).all()
+    lines = plots.layer_lines(_layers(modules=("m.0", "m.1")), value="rel_imbalance")
+    assert_labelled(lines, "optimizer step", "relative imbalance")
+    assert len(lines.data) == 4 and {t.line.dash for t in lines.data} == {"solid", "dash"}
+
+
+def _spectra(series=("lora", "balora"), r=3):
+    rows = []
+    for s in series:
+        for w in ("dW", "A", "B"):
+            for step in (0, 10):
+                for i in range(r):
+                    rows.append({"series": s, "which": w, "step": step, "index": i, "value": (1 + step) / (i + 1)})
+    return pd.DataFrame(rows)
+
+
+def test_singular_values_and_evolution():
+    sv = _spectra()
+    at = plots.singular_values(sv[sv["step"] == 10].drop(columns="step"), title="Singular values of m.0 at step 10")
+    assert_labelled(at, "m.0 at step 10", "index i (1 = largest)", "singular value")
+    assert len(at.data) == 6 and [a.text for a in at.layout.annotations][:3] == [plots.WHICH_TITLES[w] for w in ("dW", "B", "A")]
+    assert list(at.data[0].x) == [1, 2, 3] and np.allclose(at.data[0].y, [11, 5.5, 11 / 3])
+    evo = plots.spectrum_evolution(sv[sv["which"] == "dW"].drop(columns="which"), which="dW")
+    assert_labelled(evo, "optimizer step", "singular value")
+    assert len(evo.data) == 2 * 3 and {t.name for t in evo.data} == {"σ1", "σ2", "σ3"}
+
+
+def test_condition_lines_show_infinite_as_gaps():
+    fig = plots.condition_lines(_layers().groupby(["series", "step"], as_index=False)[["cond_dW", "cond_A", "cond_B"]].max())
+    assert_labelled(fig, "optimizer step", "condition number")
+    cond_b = [t for t in fig.data if t.xaxis == "x2"]
+    assert len(fig.data) == 6 and np.isnan(np.asarray(cond_b[0].y, dtype=float)[1])
+
+
+def _report():
+    return pd.DataFrame(
+        {
+            "module": ["q", "v", "o"], "adapter": ["default"] * 3, "checkpoint": ["checkpoint-10"] * 3, "step": [10, 10, 10],
+            "rel_imbalance": [0.9, 0.1, 0.5], "imbalance": [1.0, 0.2, 0.4], "cond_dW": [3.0, np.inf, 5.0],
+            "cond_A": [2.0, 2.0, 2.0], "cond_B": [4.0, 1.0, 8.0],
+        }
+    )
+
+
+def test_inspect_figures():
+    bars = plots.layer_bars(_report(), value="rel_imbalance")
+    assert_labelled(bars, "relative imbalance", "layer")
+    assert list(bars.data[0].y) == ["q", "v", "o"] and list(bars.data[0].x) == [0.9, 0.1, 0.5]
+    cond = plots.conditioning_by_layer(_report())
+    assert_labelled(cond, "condition number", "layer")
+    assert len(cond.data) == 3 and np.isnan(np.asarray(cond.data[0].x, dtype=float)[1])
+    two = pd.concat([_report(), _report().assign(checkpoint="checkpoint-20", step=20, rel_imbalance=[0.5, 0.05, 0.2])])
+    ck = plots.across_checkpoints(two, value="rel_imbalance")
+    assert_labelled(ck, "training step of the checkpoint", "relative imbalance")
+    q = next(t for t in ck.data if t.name == "q")
+    assert list(q.x) == [10, 20] and list(q.y) == [0.9, 0.5]
+    changes = pd.DataFrame({"module": ["q", "v"], "adapter": ["default"] * 2, "action": ["balanced", "unchanged"],
+                            "rel_imbalance_before": [0.9, 0.1], "rel_imbalance_after": [1e-7, 0.1], "dW_rel_change": [2e-7, 0.0]})
+    bal = plots.balance_check(changes)
+    assert_labelled(bal, "relative imbalance", "relative change of dW", "layer")
+    marker = next(t for t in bal.data if isinstance(t, go.Scatter))
+    assert marker.x[0] == 2e-7 and marker.x[1] == pytest.approx(2e-8)  # the exact 0 drawn at the floor
+
+
+def test_final_loss_by_arm_one_box_per_arm():
+    cells = pd.DataFrame({"series": ["lora", "lora", "balora", "balora"], "seed": [0, 1, 0, 1], "final_loss": [0.3, 0.35, 0.2, np.nan]})
+    fig = plots.final_loss_by_arm(cells, loss_unit="nats/token")
+    assert_labelled(fig, "arm", "final training loss (nats/token)")
+    assert [t.name for t in fig.data] == ["lora", "balora"] and len(fig.data[1].y) == 1
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda e: plots.loss_curves(e),
+        lambda e: plots.final_loss_by_arm(e),
+        lambda e: plots.grid_heatmaps(e.assign(lr=[], alpha=[], final_loss=[])),
+        lambda e: plots.speedup_bars(e, target=0.1),
+        lambda e: plots.imbalance_heatmaps(e.assign(module=[], step=[], rel_imbalance=[])),
+        lambda e: plots.layer_lines(e.assign(module=[], step=[], rel_imbalance=[])),
+        lambda e: plots.singular_values(e),
+        lambda e: plots.spectrum_evolution(e),
+        lambda e: plots.condition_lines(e),
+        lambda e: plots.layer_bars(e),
+        lambda e: plots.conditioning_by_layer(e),
+        lambda e: plots.across_checkpoints(e),
+        lambda e: plots.balance_check(e),
+    ],
+)
+def test_empty_frames_give_a_labelled_no_data_figure(build):
+    fig = build(pd.DataFrame({"series": []}))
+    assert_labelled(fig)
+    assert not fig.data and fig.layout.annotations and "no" in fig.layout.annotations[0].text
+
+
+def test_arm_colours_known_arms_and_several_runs():
+    assert plots.arm_colors(["lora", "balora-svd", "mystery"]) == {
+        "lora": plots.ARM_COLORS["lora"], "balora-svd": plots.ARM_COLORS["balora-svd"],
+        "mystery": plots.arm_colors(["mystery"])["mystery"],
+    }
+    many = plots.arm_colors(["a: lora", "b: lora"])
+    assert many["a: lora"] != many["b: lora"]  # two runs of one arm must not share a colour
