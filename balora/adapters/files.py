@@ -541,15 +541,17 @@ def read_adapters(path, adapter: str | None = None) -> list[AdapterSource]:
 
 
 def iter_pair_chunks(source: AdapterSource, entries: list[PairEntry] | None = None,
-                     max_bytes: int = CHUNK_BYTES, tensors=None) -> Iterator[list[FactorPair]]:
+                     max_bytes: int | None = None, tensors=None) -> Iterator[list[FactorPair]]:
     """FactorPairs for `entries` (default: every pair of the source that can be treated),
     a chunk of equal-shape pairs at a time, so one batched call measures each chunk and at
-    most ~max_bytes of fp32 factors are in memory. `pair.extra["entry"]` is its PairEntry.
+    most ~max_bytes (default CHUNK_BYTES) of fp32 factors are in memory. `pair.extra["entry"]`
+    is its PairEntry.
 
     tensors: read the factors from this {key: tensor} dict or TensorFile instead of the
     source's own file (the chunks depend only on `entries`, so two files line up).
     """
     entries = [e for e in source.entries if e.skip_reason is None] if entries is None else entries
+    max_bytes = CHUNK_BYTES if max_bytes is None else max_bytes
     if tensors is None:
         tensors = source.tensors
     get = tensors.get if isinstance(tensors, TensorFile) else (lambda keys: {k: tensors[k] for k in keys})
