@@ -81,6 +81,11 @@ def empty_figure(title: str, x_title: str, y_title: str, message: str = "no data
     return fig
 
 
+def _cap(text: str) -> str:
+    """Upper-case the first letter only (str.capitalize would turn "dW" into "dw")."""
+    return text[:1].upper() + text[1:]
+
+
 def _title(text: str, subtitle: str | None = None) -> dict:
     return {"text": text, "subtitle": {"text": subtitle}} if subtitle else {"text": text}
 
@@ -105,7 +110,7 @@ def loss_curves(
     name = METRIC_NAMES.get(metric, metric)
     y_title = f"{name} ({loss_unit})" if loss_unit else name
     x_title = X_LABELS.get(x, x)
-    title = f"{name.capitalize()} against {x_title.split(' (')[0]}"
+    title = f"{_cap(name)} against {x_title.split(' (')[0]}"
     if curves.empty:
         return empty_figure(title, x_title, y_title, f"no {name} recorded for this selection")
     colors = arm_colors(curves[by])
@@ -140,7 +145,7 @@ def final_loss_by_arm(cells: pd.DataFrame, *, value: str = "final_loss", by: str
     """
     name = METRIC_NAMES.get(value, value)
     y_title = f"{name} ({loss_unit})" if loss_unit else name
-    title = f"{name.capitalize()} per arm"
+    title = f"{_cap(name)} per arm"
     data = cells.dropna(subset=[value]) if value in cells else cells.iloc[0:0]
     if data.empty:
         return empty_figure(title, "arm", y_title, "no finished cells in this selection")
@@ -174,7 +179,7 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     ended finite), optional `status` (why a cell has no value, e.g. "diverged").
     """
     name = METRIC_NAMES.get(value, value)
-    title = f"{name.capitalize()} over learning rate × alpha"
+    title = f"{_cap(name)} over learning rate × alpha"
     if grid.empty or grid[value].notna().sum() == 0:
         return empty_figure(title, "learning rate", "lora_alpha", "no grid cells finished yet")
     labels = list(dict.fromkeys(grid[by]))
@@ -285,7 +290,7 @@ def imbalance_heatmaps(heat: pd.DataFrame, *, value: str = "rel_imbalance", by: 
     `heat` (from data.layer_steps): by, module, step, `value`.
     """
     label_txt = VALUE_LABELS.get(value, value)
-    title = f"{label_txt.split(' (')[0].capitalize()} of every layer during training"
+    title = f"{_cap(label_txt.split(' (')[0])} of every layer during training"
     if heat.empty or heat[value].notna().sum() == 0:
         return empty_figure(title, "optimizer step", "layer", "no layer diagnostics recorded for this selection")
     labels = list(dict.fromkeys(heat[by]))
@@ -322,7 +327,7 @@ def layer_lines(lines: pd.DataFrame, *, value: str = "rel_imbalance", by: str = 
     `lines` (from data.layer_steps filtered to the chosen modules): by, module, step, `value`.
     """
     y_title = VALUE_LABELS.get(value, value)
-    title = f"{y_title.split(' (')[0].capitalize()} of chosen layers"
+    title = f"{_cap(y_title.split(' (')[0])} of chosen layers"
     if lines.empty or lines[value].notna().sum() == 0:
         return empty_figure(title, "optimizer step", y_title, "no layer chosen: pick at least one")
     colors = arm_colors(lines[by])
@@ -429,7 +434,7 @@ def condition_lines(cond: pd.DataFrame, *, by: str = "series") -> go.Figure:
 def layer_bars(report: pd.DataFrame, *, value: str = "rel_imbalance", log_x: bool = False) -> go.Figure:
     """One horizontal bar per layer (one checkpoint's layer report)."""
     x_title = VALUE_LABELS.get(value, value)
-    title = f"{x_title.split(' (')[0].capitalize()} by layer"
+    title = f"{_cap(x_title.split(' (')[0])} by layer"
     data = report.dropna(subset=[value]) if value in report else report.iloc[0:0]
     if data.empty:
         return empty_figure(title, x_title, "layer", "no layers with finite values")
@@ -469,7 +474,7 @@ def across_checkpoints(df: pd.DataFrame, *, value: str = "rel_imbalance", log_y:
     `df`: the inspect frame (step, module, adapter, `value`), several checkpoints.
     """
     y_title = VALUE_LABELS.get(value, value)
-    title = f"{y_title.split(' (')[0].capitalize()} across checkpoints"
+    title = f"{_cap(y_title.split(' (')[0])} across checkpoints"
     data = df.dropna(subset=["step"]) if "step" in df else df.iloc[0:0]
     if data.empty:
         return empty_figure(title, "training step of the checkpoint", y_title, "no numbered checkpoints")

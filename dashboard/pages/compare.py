@@ -14,6 +14,12 @@ KIND = {"success": st.success, "info": st.info, "warning": st.warning, "error": 
 
 st.title("Compare runs")
 
+if not RUNS_DIR.is_dir():
+    st.info(
+        f"No runs folder at `{RUNS_DIR}` yet. Start a run on the **Launch** page (it creates the folder), "
+        "or restart the dashboard with `-- --runs DIR` pointing at your runs."
+    )
+    st.stop()
 try:
     runs_df = data.list_runs(RUNS_DIR)
 except Exception as e:  # an unreadable runs folder is a message, not a traceback

@@ -1,0 +1,299 @@
+"""Every dashboard page under streamlit's AppTest: no exception, the key elements present,
+and widgets that change what is shown. Runs and adapters are written into tmp folders."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from streamlit.testing.v1 import AppTest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dashboard_data import write_run  # noqa: E402
+
+from dashboard import jobs, settings  # noqa: E402
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+TIMEOUT = 120  # generous: the first run imports torch and balora on a shared 2-core machine
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    write_run(root / "grid", arms=("lora", "balora", "balora-svd"), lrs=(1e-3, 1e-2), alphas=(8.0, 32.0), steps=20)
+    write_run(root / "single", steps=20)
+    write_run(root / "stopped", status="interrupted", steps=10)
+    write_run(root / "live", status=None, steps=10)
+    return root
+
+
+@pytest.fixture
+def app(runs_root, monkeypatch):
+    monkeypatch.setenv(settings.ENV_VAR, str(runs_root))
+    return AppTest.from_file(APP, default_timeout=TIMEOUT)
+
+
+def charts(at) -> list[dict]:
+    return [json.loads(e.proto.spec) for e in at.get("plotly_chart")]
+
+
+def arr(v) -> list:
+    """A trace array from a figure's JSON: plotly 6+ sends numeric arrays as base64 "bdata"."""
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).reshape(v.get("shape", -1)).tolist()
+    return list(v)
+
+
+def titles(at) -> list[str]:
+    return [c["layout"]["title"]["text"] for c in charts(at)]
+
+
+def texts(elements) -> str:
+    return " ".join(str(e.value) for e in elements)
+
+
+def no_exception(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+# ------------------------------------------------------------------------------------- app
+
+
+def test_app_opens_on_compare_with_the_runs_folder(app, runs_root):
+    at = app.run()
+    no_exception(at)
+    assert at.title[0].value == "Compare runs"
+    assert str(runs_root) in texts(at.sidebar.caption)
+    # Opens on a run and draws its loss curves straight away.
+    assert at.multiselect(key="compare_runs").value and titles(at)[0].startswith("Training loss against")
+
+
+def test_app_runs_without_a_page_file(tmp_path, runs_root, monkeypatch):
+    # A copy of the app whose Learn page (written by someone else) is missing must still run.
+    monkeypatch.setenv(settings.ENV_VAR, str(runs_root))
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "app.py").write_text(Path(APP).read_text())
+    for page in ("compare.py", "inspect.py", "launch.py"):
+        (tmp_path / "pages" / page).write_text((Path(APP).parent / "pages" / page).read_text())
+    at = AppTest.from_file(str(tmp_path / "app.py"), default_timeout=TIMEOUT).run()
+    no_exception(at)
+    assert at.title[0].value == "Compare runs"
+    with pytest.raises(ValueError):
+        at.switch_page("pages/learn.py")
+
+
+# ------------------------------------------------------------------------------------- compare
+
+
+def test_compare_sections_draw_and_widgets_change_them(app):
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["grid"]).run()
+    no_exception(at)
+    assert "completed" in texts(at.success)
+    loss = charts(at)[0]
+    assert loss["layout"]["yaxis"]["type"] == "log" and loss["layout"]["xaxis"]["title"]["text"] == "optimizer step"
+    assert {t["name"] for t in loss["data"] if t.get("mode") == "lines"} == {"lora", "balora", "balora-svd"}
+
+    at.toggle(key="loss_log").set_value(False).run()
+    assert charts(at)[0]["layout"]["yaxis"]["type"] == "linear"
+    at.radio(key="loss_x").set_value("time_s").run()
+    assert charts(at)[0]["layout"]["xaxis"]["title"]["text"] == "wall-clock time (s)"
+    at.multiselect(key="compare_arms").set_value(["lora"]).run()
+    assert {t["name"] for t in charts(at)[0]["data"] if t.get("mode") == "lines"} == {"lora"}
+    at.multiselect(key="compare_arms").set_value(["lora", "balora", "balora-svd"]).run()
+    before = [arr(t["y"]) for t in charts(at)[0]["data"] if t.get("name") == "lora"]
+    at.selectbox(key="compare_cell").set_value((1e-3, 8.0)).run()
+    after = [arr(t["y"]) for t in charts(at)[0]["data"] if t.get("name") == "lora"]
+    assert before != after  # another lr x alpha cell, other curves
+
+    at.segmented_control(key="compare_section").set_value("Grid").run()
+    no_exception(at)
+    grid = charts(at)[0]
+    assert [t["type"] for t in grid["data"]].count("heatmap") == 3 and titles(at)[0].startswith("Final training loss over")
+    stars = [t for t in grid["data"] if t["type"] == "scatter"]
+    assert len(stars) == 3  # each arm's best cell marked
+
+    at.segmented_control(key="compare_section").set_value("Speed-up").run()
+    no_exception(at)
+    assert titles(at)[0].startswith("Time to reach a loss of")
+    first = arr(charts(at)[0]["data"][0]["y"])
+    at.number_input(key="speed_target").set_value(0.5).run()
+    assert arr(charts(at)[0]["data"][0]["y"]) != first and "0.5" in titles(at)[0]
+
+    at.segmented_control(key="compare_section").set_value("Imbalance").run()
+    no_exception(at)
+    assert [t.startswith(x) for t, x in zip(titles(at), ("Relative imbalance of every layer", "Relative imbalance of chosen layers"))] == [True, True]
+    n_lines = len(charts(at)[1]["data"])
+    at.multiselect(key="imb_layers").set_value(["layers.0.q_proj"]).run()
+    assert len(charts(at)[1]["data"]) < n_lines
+
+    at.segmented_control(key="compare_section").set_value("Spectra").run()
+    no_exception(at)
+    assert titles(at)[0].startswith("Singular values of layers.0.q_proj at step 20")
+    at.select_slider(key="spec_step").set_value(5).run()
+    assert titles(at)[0].endswith("at step 5")
+    at.radio(key="spec_which").set_value("A").run()
+    assert "lora_A" in titles(at)[1]
+    assert titles(at)[2] == "Condition numbers during training"
+
+
+def test_compare_marks_running_and_interrupted_runs(app):
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["live", "stopped"]).run()
+    no_exception(at)
+    assert "in progress" in texts(at.info) and "refreshes on its own" in texts(at.info)
+    assert "interrupted" in texts(at.warning)
+    # Two runs: series are labelled by run.
+    names = {t["name"] for t in charts(at)[0]["data"] if t.get("mode") == "lines"}
+    assert names == {"live: lora", "live: balora", "stopped: lora", "stopped: balora"}
+
+
+def test_compare_empty_and_missing_runs_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    no_exception(at)
+    assert "No runs in" in texts(at.info)
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path / "nope"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    no_exception(at)
+    assert "No runs folder" in texts(at.info) and "nope" in texts(at.info)
+
+
+# ------------------------------------------------------------------------------------- inspect
+
+
+def _write_adapter(folder: Path, seed: int, r: int = 4) -> Path:
+    """A PEFT adapter folder (config + safetensors with PEFT key names), B not zero."""
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (n_in, n_out) in {"0": (16, 16), "2": (16, 8)}.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, n_in, generator=g)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = 0.1 * seed * torch.randn(n_out, r, generator=g)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["0", "2"]}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    peft = _write_adapter(root / "peft", 1)
+    for step in (10, 20):
+        _write_adapter(root / "trainer" / f"checkpoint-{step}", step // 10)
+    return {"peft": peft, "trainer": root / "trainer"}
+
+
+def test_inspect_path_table_figures_and_balance(app, adapters):
+    at = app.run()
+    at.switch_page("pages/inspect.py").run()
+    no_exception(at)
+    assert "Enter the path" in texts(at.info)
+    at.text_input(key="insp_path").set_value("/no/such/adapter").run()
+    assert "no such file or folder" in texts(at.error)
+    at.text_input(key="insp_path").set_value(str(adapters["peft"] / "adapter_config.json")).run()
+    no_exception(at)
+    assert at.error and "adapter_config.json" in texts(at.error)  # a clear message, not a traceback
+
+    at.text_input(key="insp_path").set_value(str(adapters["peft"])).run()
+    no_exception(at)
+    assert at.metric[0].value == "2" and len(at.dataframe) == 1
+    assert titles(at)[:2] == ["Relative imbalance by layer", "Condition numbers by layer"]
+    assert at.download_button(key="insp_csv")
+    at.selectbox(key="insp_value").set_value("sigma_max").run()
+    assert titles(at)[0] == "Largest singular value of dW by layer"
+    at.selectbox(key="insp_layer").set_value("2").run()
+    assert titles(at)[2] == "Singular values of 2"
+
+    at.button(key="insp_balance").click().run()
+    no_exception(at)
+    assert "Balanced 2 LoRA pair(s)" in texts(at.success)
+    change = float(at.metric[-1].value)
+    assert change < 1e-5  # dW unchanged, as measured on the written copy
+    assert at.download_button(key="insp_download")
+    assert titles(at)[-1] == "Balancing: imbalance removed, dW unchanged"
+    assert not list(adapters["peft"].parent.glob("*balanced*"))  # nothing written next to the input
+
+
+def test_inspect_trainer_folder_across_checkpoints(app, adapters):
+    at = app.run()
+    at.switch_page("pages/inspect.py").run()
+    at.text_input(key="insp_path").set_value(str(adapters["trainer"])).run()
+    no_exception(at)
+    assert titles(at)[0] == "Relative imbalance across checkpoints"
+    ck = charts(at)[0]
+    assert ck["data"] and all(arr(t["x"]) == [10, 20] for t in ck["data"])
+    first = at.metric[1].value
+    at.selectbox(key="insp_ck").set_value("checkpoint-10").run()
+    assert at.metric[1].value != first  # the per-layer views follow the chosen checkpoint
+
+
+def test_inspect_upload_and_bad_uploads(app, adapters):
+    at = app.run()
+    at.switch_page("pages/inspect.py").run()
+    at.radio(key="insp_source").set_value("An uploaded file").run()
+    no_exception(at)
+    up = at.file_uploader(key="insp_upload")
+    assert set(up.allowed_type) >= {".safetensors", ".zip"} or set(up.allowed_type) >= {"safetensors", "zip"}
+    data = (adapters["peft"] / "adapter_model.safetensors").read_bytes()
+    up.set_value(("weights.safetensors", data, "application/octet-stream")).run()
+    no_exception(at)
+    assert at.metric[0].value == "2"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in adapters["peft"].iterdir():
+            zf.write(p, f"peft/{p.name}")
+    at.file_uploader(key="insp_upload").set_value(("adapter.zip", buf.getvalue(), "application/zip")).run()
+    no_exception(at)
+    assert at.metric[0].value == "2" and not at.error
+    at.file_uploader(key="insp_upload").set_value(("adapter.zip", b"not a zip", "application/zip")).run()
+    no_exception(at)
+    assert "not a valid zip" in texts(at.error)
+
+
+# ------------------------------------------------------------------------------------- launch
+
+
+def test_launch_form_validation_and_a_job_to_compare(app, runs_root, monkeypatch):
+    # The job is a stand-in that writes a real run with the store's RunWriter: the page's
+    # job handling is under test here; `balora compare` itself is tested with the runner.
+    helper = Path(__file__).resolve().parent
+    script = (
+        f"import sys; sys.path.insert(0, {str(helper)!r}); sys.path.insert(0, {str(helper.parent)!r});"
+        "from test_dashboard_data import write_run; import pathlib;"
+        "write_run(pathlib.Path(sys.argv[sys.argv.index('--out') + 1]), steps=5)"
+    )
+    monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
+    at = app.run()
+    at.switch_page("pages/launch.py").run()
+    no_exception(at)
+    assert at.title[0].value == "Launch a comparison" and str(runs_root) in texts(at.caption)
+    at.multiselect[0].set_value([])
+    at.button[0].click().run()  # the form's Start
+    assert "choose at least one arm" in texts(at.error)
+
+    at.multiselect[0].set_value(["lora", "balora"])
+    at.text_input(key="launch_name").set_value("from-launch")
+    at.button[0].click().run()
+    no_exception(at)
+    manager = jobs.get_manager(runs_root)
+    assert manager.job is not None and manager.job.spec.name == "from-launch"
+    assert manager.wait(TIMEOUT) == 0
+    at.run()
+    assert "finished" in texts(at.success)
+    at.button(key="launch_open").click().run()
+    no_exception(at)
+    assert at.title[0].value == "Compare runs" and at.multiselect(key="compare_runs").value == ["from-launch"]
+    assert (runs_root / "from-launch" / "status.json").is_file()
