@@ -77,6 +77,12 @@ TINY_NET_TARGETS = ["emb", "lin", "conv1d", "conv2d", "conv1x1"]
 
 
 @pytest.fixture
+def tiny_net_targets():
+    """PEFT target_modules naming every layer of TinyNet."""
+    return list(TINY_NET_TARGETS)
+
+
+@pytest.fixture
 def make_tiny_net():
     """make_tiny_net(seed=0) -> a fresh TinyNet with seeded weights."""
 

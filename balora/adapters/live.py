@@ -88,16 +88,24 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
         return FactorPair(module, adp, "embedding", A_p.detach(), B_p.detach(), scaling, dora,
                           write=_writer(A_p, B_p))
 
+    # AdaLoRA stores bare nn.Parameters here, not modules: only read .weight once the type is known.
     lora_A, lora_B = layer.lora_A[adp], layer.lora_B[adp]
-    A_p, B_p = lora_A.weight, lora_B.weight
     if isinstance(lora_A, nn.Linear):
+        A_p, B_p = lora_A.weight, lora_B.weight
         base = layer.get_base_layer()
         kind = "hf_conv1d" if type(base).__name__ == "Conv1D" else "linear"
         _check_not_sharded(label, A_p, (lora_A.out_features, lora_A.in_features))
         _check_not_sharded(label, B_p, (lora_B.out_features, lora_B.in_features))
-        return FactorPair(module, adp, kind, A_p.detach(), B_p.detach(), scaling, dora, write=_writer(A_p, B_p))
+        pair = FactorPair(module, adp, kind, A_p.detach(), B_p.detach(), scaling, dora, write=_writer(A_p, B_p))
+        experts = getattr(layer, "num_experts", 1)
+        if experts > 1:
+            # PEFT's ParamWrapper (target_parameters on stacked MoE experts): A holds E blocks of r rows
+            # and dW_e = B_e A_e per expert; balancing the joint B @ A would mix the experts.
+            pair.skip_reason = f"LoRA on {experts} stacked experts: each expert's dW is its own block, not B @ A"
+        return pair
 
     if isinstance(lora_A, nn.modules.conv._ConvNd):
+        A_p, B_p = lora_A.weight, lora_B.weight
         kind = _conv_kind(layer.get_base_layer())
         # A (r, in, *k) -> (r, in * prod(k)); B (out, r, 1, ..) -> (out, r): dW = B A reshaped.
         A2 = A_p.detach().reshape(A_p.shape[0], -1)

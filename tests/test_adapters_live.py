@@ -1,0 +1,175 @@
+"""balora.adapters.live: the pairs it finds in a PEFT model are PEFT's own dW (get_delta_weight),
+for every layer kind, with the right names, kinds, scalings and flags, and `write` puts factors back."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from torch import nn
+
+from balora import balance_
+from balora.adapters.live import iter_lora_pairs
+
+
+def _pair_delta(pair):
+    """s B A in the layout of PEFT's get_delta_weight for that kind."""
+    d = pair.scaling * pair.B.double() @ pair.A.double()  # (out, in)
+    if pair.kind in ("hf_conv1d", "embedding"):
+        return d.T  # PEFT stores these transposed: Conv1D weight (in, out), embedding dW (num_emb, dim)
+    return d
+
+
+def _check_pairs_are_peft_deltas(model, pairs, peft_deltas):
+    ref = peft_deltas(model)
+    by_name = {(p.module, p.adapter): p for p in pairs}
+    assert len(by_name) == len(ref)
+    for (name, adapter), dW in ref.items():
+        pair = by_name[(name.removeprefix("base_model.model."), adapter)]
+        got = _pair_delta(pair).reshape(dW.shape)
+        torch.testing.assert_close(got, dW, rtol=1e-6, atol=1e-6 * dW.abs().max().item())
+
+
+def test_every_kind_of_tiny_net(make_tiny_net, tiny_net_targets, peft_deltas):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, lora_alpha=6, target_modules=tiny_net_targets,
+                                                       init_lora_weights=False))
+    pairs = iter_lora_pairs(model)
+    got = {p.module: (p.kind, tuple(p.A.shape), tuple(p.B.shape)) for p in pairs}
+    assert got == {
+        "emb": ("embedding", (2, 20), (12, 2)),
+        "lin": ("linear", (2, 12), (10, 2)),
+        "conv1d": ("conv1d", (2, 3 * 3), (8, 2)),
+        "conv2d": ("conv2d", (2, 3 * 3 * 3), (8, 2)),
+        "conv1x1": ("conv2d", (2, 8), (6, 2)),
+    }
+    for p in pairs:
+        assert p.adapter == "default" and p.scaling == 3.0 and not p.dora and p.skip_reason is None
+        assert p.r == 2 and p.name == f"{p.module}[default]"
+    _check_pairs_are_peft_deltas(model, pairs, peft_deltas)
+
+
+def test_gpt2_conv1d_fan_in_fan_out(make_gpt2, peft_deltas):
+    model = get_peft_model(make_gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                   fan_in_fan_out=True, init_lora_weights=False))
+    pairs = iter_lora_pairs(model)
+    assert {p.kind for p in pairs} == {"hf_conv1d"}
+    shapes = {p.module: (p.in_features, p.out_features) for p in pairs}
+    assert shapes["transformer.h.0.attn.c_attn"] == (32, 96)
+    assert shapes["transformer.h.0.mlp.c_proj"] == (128, 32)
+    _check_pairs_are_peft_deltas(model, pairs, peft_deltas)
+
+
+def test_dora_rslora_and_patterns(make_tiny_net):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["lin", "conv2d", "emb"], use_rslora=True, use_dora=True,
+                     rank_pattern={"conv2d": 2}, alpha_pattern={"emb": 3}, init_lora_weights=False)
+    pairs = {p.module: p for p in iter_lora_pairs(get_peft_model(make_tiny_net(), cfg))}
+    assert all(p.dora for p in pairs.values())
+    assert pairs["lin"].scaling == pytest.approx(8 / math.sqrt(4))
+    assert pairs["conv2d"].r == 2 and pairs["conv2d"].scaling == pytest.approx(8 / math.sqrt(2))
+    assert pairs["emb"].scaling == pytest.approx(3 / math.sqrt(4))
+
+
+def test_adapter_filter_and_names(make_tiny_net):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=["lin", "emb"]), adapter_name="first")
+    model.add_adapter("x", LoraConfig(r=3, target_modules=["lin"]))
+    everything = {(p.module, p.adapter) for p in iter_lora_pairs(model)}
+    assert everything == {("lin", "first"), ("emb", "first"), ("lin", "x")}
+    assert {(p.module, p.adapter, p.r) for p in iter_lora_pairs(model, "x")} == {("lin", "x", 3)}
+    assert iter_lora_pairs(model, "nope") == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_puts_factors_back_in_place(dtype, make_tiny_net, tiny_net_targets):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets,
+                                                       init_lora_weights=False)).to(dtype)
+    params_before = {n: p for n, p in model.named_parameters()}
+    for p in iter_lora_pairs(model):
+        p.write(torch.full(p.A.shape, 2.0), torch.full(p.B.shape, -3.0))  # fp32 in, cast on the way
+    for name, param in model.named_parameters():
+        assert param is params_before[name], "write must copy into the parameter, not replace it"
+        assert param.dtype == dtype
+        if "lora_A" in name or "lora_embedding_A" in name:
+            assert torch.all(param == 2.0), name
+        elif "lora_B" in name or "lora_embedding_B" in name:
+            assert torch.all(param == -3.0), name
+    # The pairs read afterwards see the written values (they are views of the parameters).
+    assert all(torch.all(p.A == 2.0) for p in iter_lora_pairs(model))
+
+
+def test_adalora_is_listed_with_a_reason_and_left_alone(make_gpt2, snapshot, assert_bit_identical):
+    model = get_peft_model(make_gpt2(), AdaLoraConfig(r=4, target_modules=["c_attn"], total_step=10,
+                                                      init_lora_weights=False))
+    pairs = iter_lora_pairs(model)
+    assert [p.module for p in pairs] == ["transformer.h.0.attn.c_attn"]
+    assert "AdaLoRA" in pairs[0].skip_reason
+    before = snapshot(model)
+    summary = balance_(model)
+    assert summary.balanced == 0 and "AdaLoRA" in summary.skipped["transformer.h.0.attn.c_attn[default]"]
+    assert_bit_identical(before, snapshot(model))
+
+
+class _Experts(nn.Module):
+    """A stacked-experts weight (E, in, out), the shape PEFT's target_parameters is made for."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 8, 6))
+
+    def forward(self, x):
+        return torch.einsum("eio,bi->beo", self.weight, x)
+
+
+class _MoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = _Experts()
+
+    def forward(self, x):
+        return self.experts(x)
+
+
+def test_stacked_experts_are_not_balanced_as_one_product(snapshot, assert_bit_identical):
+    torch.manual_seed(0)
+    model = get_peft_model(_MoE(), LoraConfig(r=2, target_parameters=["experts.weight"], target_modules=[],
+                                              init_lora_weights=False))
+    pairs = iter_lora_pairs(model)
+    assert len(pairs) == 1 and "experts" in pairs[0].skip_reason
+    before = snapshot(model)
+    summary = balance_(model)
+    assert summary.balanced == 0 and len(summary.skipped) == 1
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_grouped_conv_is_skipped():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, groups=2)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    model = get_peft_model(Grouped(), LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False))
+    (pair,) = iter_lora_pairs(model)
+    assert pair.kind == "conv2d" and "grouped conv" in pair.skip_reason
+
+
+def test_unknown_variant_is_skipped(make_tiny_net):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    layer = model.base_model.model.lin
+
+    class SomeOtherVariant:  # a LoRA variant whose dW is not B @ A
+        pass
+
+    layer.lora_variant["default"] = SomeOtherVariant()
+    (pair,) = iter_lora_pairs(model)
+    assert "SomeOtherVariant" in pair.skip_reason
+
+
+def test_sharded_factor_is_refused_by_name(make_tiny_net):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    model.base_model.model.lin.lora_A["default"].weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partition
+    with pytest.raises(RuntimeError, match=r"lin\[default\].*sharded"):
+        iter_lora_pairs(model)
