@@ -244,9 +244,12 @@ def conservation_path(
                 p = balanced_factors(A[None], B[None], method="nearest")  # zero products come back unchanged
                 A.copy_(p.A[0])
                 B.copy_(p.B[0])
-    pad = steps + 1 - len(losses)  # a diverged run stops early: pad with nan so every curve has steps + 1 points
-    as_arr = lambda xs: np.array(xs + [np.nan] * pad)  # noqa: E731
-    return FactorPath(as_arr(losses), as_arr(imbs), as_arr(rels), A.detach(), B.detach())
+    return FactorPath(_padded(losses, steps), _padded(imbs, steps), _padded(rels, steps), A.detach(), B.detach())
+
+
+def _padded(values: list, steps: int) -> np.ndarray:
+    """(steps + 1,) array; a diverged run stops early and is padded with nan so every curve has the same length."""
+    return np.array(values + [np.nan] * (steps + 1 - len(values)))
 
 
 def gd_imbalance_change(A: torch.Tensor, B: torch.Tensor, Y: torch.Tensor, lr: float) -> torch.Tensor:

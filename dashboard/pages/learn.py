@@ -111,7 +111,7 @@ start = c1.radio(
     "start", teaching.STARTS, index=1, key="cons_start",
     format_func={"balanced": "balanced", "unbalanced": "unbalanced (large A, small B)", "peft": "PEFT init (B = 0)"}.get,
 )
-lr_gd = c2.select_slider("learning rate, gradient descent", [0.01, 0.02, 0.05, 0.1], value=0.05, key="cons_lr_gd")
+lr_gd = c2.select_slider("learning rate, gradient descent", [0.01, 0.02, 0.05, 0.1, 0.2, 0.3], value=0.05, key="cons_lr_gd")
 lr_adam = c3.select_slider("learning rate, Adam", [0.003, 0.01, 0.02, 0.05, 0.1], value=0.02, key="cons_lr_adam")
 cons = {
     opt: conservation_path(opt, start, lr_adam if opt == "adam" else lr_gd)
