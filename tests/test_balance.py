@@ -1,0 +1,343 @@
+"""balance_ on live PEFT models. References are PEFT's own: get_delta_weight per layer and adapter,
+merge_and_unload weights and model outputs before vs after; balance is measured by numpy on the
+parameters. Then the pitfalls: zero init, rank-deficient products, half precision, NaN/Inf,
+failing decompositions, and a transformers LM trained with AdamW."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import balora.balance
+from balora import BalanceError, balance_, layer_report
+from balora.adapters.live import iter_lora_pairs
+from balora.balance import balance_pairs
+
+METHODS = ("nearest", "svd")
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc", "wte"]
+
+
+def _np_rel_imbalance(A, B):
+    BtB, AAt = B.T @ B, A @ A.T
+    return np.linalg.norm(BtB - AAt) / (np.linalg.norm(BtB) + np.linalg.norm(AAt))
+
+
+def _merged(model):
+    """PEFT's merged weights of a copy of the model (the model itself keeps its adapters)."""
+    with torch.no_grad():
+        merged = copy.deepcopy(model).merge_and_unload()
+    return {k: v.detach().double().clone() for k, v in merged.state_dict().items()}
+
+
+def _assert_close_rel(before, after, rtol, what):
+    for key in before:
+        err = (after[key] - before[key]).norm().item()
+        assert err <= rtol * before[key].norm().item(), f"{what} {key} changed by {err:.2e}"
+
+
+def _tiny_net_model(make_tiny_net, targets, variant):
+    cfg = dict(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    if variant == "dora":
+        cfg["use_dora"] = True
+    elif variant == "rslora_patterns":
+        cfg.update(r=3, use_rslora=True, rank_pattern={"conv2d": 2, "lin": 1}, alpha_pattern={"emb": 7})
+    return get_peft_model(make_tiny_net(), LoraConfig(**cfg))
+
+
+@pytest.fixture
+def build(make_tiny_net, tiny_net_targets, tiny_net_inputs, make_gpt2, lm_batch):
+    """build(variant) -> (model in eval mode, a function returning its output on a fixed batch)."""
+
+    def make(variant):
+        if variant == "gpt2":
+            model = get_peft_model(make_gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=GPT2_TARGETS,
+                                                           init_lora_weights=False))
+            run = lambda: model(lm_batch).logits  # noqa: E731
+        else:
+            model = _tiny_net_model(make_tiny_net, tiny_net_targets, variant)
+            run = lambda: model(*tiny_net_inputs)  # noqa: E731
+        model.eval()  # dropout off: outputs must be comparable
+        return model, run
+
+    return make
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("variant", ["plain", "dora", "rslora_patterns", "gpt2"])
+def test_balance_keeps_every_peft_quantity(variant, method, build, peft_deltas, assert_deltas_close, lora_factors):
+    model, run = build(variant)
+    with torch.no_grad():
+        out_before = run().double()
+    deltas_before, merged_before = peft_deltas(model), _merged(model)
+    before_factors = lora_factors(model)
+    assert min(_np_rel_imbalance(A, B) for A, B in before_factors.values()) > 0.05, "test needs imbalanced inputs"
+
+    summary = balance_(model, method=method)
+
+    assert summary.balanced == len(before_factors) and not summary.skipped and not summary.rank_deficient
+    assert summary.max_rel_error < 1e-5 and summary.max_rel_imbalance < 1e-5
+    assert_deltas_close(deltas_before, peft_deltas(model), rtol=1e-5)
+    _assert_close_rel(merged_before, _merged(model), 1e-5, "merged weight")
+    with torch.no_grad():
+        out_after = run().double()
+    assert (out_after - out_before).norm() <= 1e-5 * out_before.norm()
+    for key, (A, B) in lora_factors(model).items():
+        assert _np_rel_imbalance(A, B) < 1e-5, key
+        assert np.abs(A - before_factors[key][0]).max() > 1e-3, f"{key} was not changed at all"
+    report = layer_report(model)
+    assert len(report) == len(before_factors) and float(report["rel_imbalance"].max()) < 1e-5
+
+
+def test_two_adapters(make_tiny_net, tiny_net_targets, peft_deltas, assert_deltas_close, lora_factors, snapshot):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False),
+                           adapter_name="first")
+    model.add_adapter("x", LoraConfig(r=3, lora_alpha=5, target_modules=["lin", "conv2d"], init_lora_weights=False))
+    deltas = peft_deltas(model)
+
+    # adapter="x": only x moves; "first" stays bit-identical.
+    before = snapshot(model)
+    summary = balance_(model, adapter="x")
+    assert summary.balanced == 2
+    after = snapshot(model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".x." in k or k.endswith(".x") for k in changed), changed
+    for key, (A, B) in lora_factors(model).items():
+        assert (_np_rel_imbalance(A, B) < 1e-5) == (key[1] == "x"), key
+
+    # adapter=None: both.
+    summary = balance_(model)
+    assert summary.balanced == 5 + 2
+    assert all(_np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+    assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
+    with pytest.raises(ValueError, match="no LoRA layers with adapter 'nope'"):
+        balance_(model, adapter="nope")
+
+
+def _loss(model, inputs, target):
+    return (model(*inputs) - target).square().mean()
+
+
+def test_peft_default_init_is_left_alone_and_training_starts(make_tiny_net, tiny_net_targets, tiny_net_inputs,
+                                                             snapshot, assert_bit_identical, lora_factors):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, lora_alpha=4, target_modules=tiny_net_targets))
+    before = snapshot(model)
+    summary = balance_(model)
+    assert summary.balanced == 0 and len(summary.skipped) == 5
+    assert all("zero product" in why for why in summary.skipped.values())
+    assert_bit_identical(before, snapshot(model))
+
+    # A reachable target: the same base net with a random (nonzero) adapter of the same rank.
+    teacher = get_peft_model(make_tiny_net(), LoraConfig(r=2, lora_alpha=4, target_modules=tiny_net_targets,
+                                                         init_lora_weights=False))
+    with torch.no_grad():
+        target = teacher(*tiny_net_inputs)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for step in range(6):
+        loss = (model(*tiny_net_inputs) - target).square().mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        summary = balance_(model)
+        # Adam's first step from B = 0 can leave a product of rank < r (skipped by default);
+        # after that every pair has a full-rank product and is balanced.
+        assert all("rank-deficient" in why for why in summary.skipped.values()), summary
+        if step > 0:
+            assert summary.balanced == 5, summary
+            assert all(_np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _make_rank_deficient(model, module="lin"):
+    """Overwrite one layer's B with a rank-1 matrix: rank(B A) = 1 < r."""
+    layer = dict(model.named_modules())[f"base_model.model.{module}"]
+    B = layer.lora_B["default"].weight
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        B.copy_(torch.randn(B.shape[0], 1, generator=g) @ torch.randn(1, B.shape[1], generator=g))
+    return f"{module}[default]"
+
+
+@pytest.fixture
+def four_rank_model(make_tiny_net, tiny_net_targets):
+    return get_peft_model(make_tiny_net(), LoraConfig(r=3, target_modules=tiny_net_targets, init_lora_weights=False))
+
+
+def test_rank_deficient_skip(four_rank_model, snapshot, assert_bit_identical, lora_factors):
+    model = four_rank_model
+    name = _make_rank_deficient(model)
+    before = snapshot(model)
+    summary = balance_(model)  # default policy: skip
+    assert summary.rank_deficient == {name: 1}
+    assert "rank-deficient" in summary.skipped[name] and "2 dead direction" in summary.skipped[name]
+    assert summary.balanced == 4
+    after = snapshot(model)
+    lin_keys = [k for k in before if ".lin.lora_" in k]
+    assert lin_keys
+    assert_bit_identical({k: before[k] for k in lin_keys}, {k: after[k] for k in lin_keys})
+    for key, (A, B) in lora_factors(model).items():
+        assert (_np_rel_imbalance(A, B) < 1e-5) == (key[0] != "base_model.model.lin"), key
+
+
+def test_rank_deficient_balance(four_rank_model, peft_deltas, assert_deltas_close, lora_factors):
+    model = four_rank_model
+    name = _make_rank_deficient(model)
+    deltas = peft_deltas(model)
+    summary = balance_(model, on_rank_deficient="balance")
+    assert summary.rank_deficient == {name: 1} and name not in summary.skipped and summary.balanced == 5
+    assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
+    assert all(_np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+
+
+def test_rank_deficient_raise(four_rank_model, snapshot, assert_bit_identical):
+    model = four_rank_model
+    _make_rank_deficient(model)
+    before = snapshot(model)
+    with pytest.raises(BalanceError, match=r"lin\[default\] \(rank 1 < r=3\)"):
+        balance_(model, on_rank_deficient="raise")
+    assert_bit_identical(before, snapshot(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_adapters_are_balanced(dtype, make_tiny_net, tiny_net_targets, peft_deltas, lora_factors):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets,
+                                                       init_lora_weights=False)).to(dtype)
+    # The reference: the same factors in fp32, balanced, then rounded to the adapter dtype.
+    ref_model = copy.deepcopy(model).float()
+    balance_(ref_model)
+    deltas = peft_deltas(model)
+    summary = balance_(model)
+    assert summary.balanced == 5 and not summary.skipped, "half precision must be balanced, never skipped"
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    assert summary.max_rel_error < 8 * unit_roundoff
+    ref = dict(ref_model.named_parameters())
+    for name, param in model.named_parameters():
+        assert param.dtype == dtype
+        if "lora_" in name:
+            assert torch.equal(param, ref[name].to(dtype)), f"{name}: not fp32 balancing rounded to {dtype}"
+    after = peft_deltas(model)
+    for key, dW in deltas.items():
+        assert (after[key] - dW).norm() <= 8 * unit_roundoff * dW.norm(), key
+    for key, (A, B) in lora_factors(model).items():
+        assert _np_rel_imbalance(A, B) < 8 * unit_roundoff, key
+
+
+def _poison(model, module="conv2d", value=float("nan")):
+    layer = dict(model.named_modules())[f"base_model.model.{module}"]
+    with torch.no_grad():
+        layer.lora_A["default"].weight[0, 0, 0, 0] = value
+    return f"{module}[default]"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_raises_and_writes_nothing(value, make_tiny_net, tiny_net_targets, snapshot, assert_bit_identical):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    name = _poison(model, value=value)
+    before = snapshot(model)
+    with pytest.raises(BalanceError, match=re.escape(name) + ".*on_nonfinite='skip'"):
+        balance_(model)
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_nonfinite_skip_only_that_module(make_tiny_net, tiny_net_targets, snapshot, assert_bit_identical, lora_factors):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    name = _poison(model)
+    before = snapshot(model)
+    summary = balance_(model, on_nonfinite="skip")
+    assert summary.balanced == 4 and set(summary.skipped) == {name} and "non-finite" in summary.skipped[name]
+    after = snapshot(model)
+    conv_keys = [k for k in before if ".conv2d.lora_" in k]
+    assert_bit_identical({k: before[k] for k in conv_keys}, {k: after[k] for k in conv_keys})
+    for key, (A, B) in lora_factors(model).items():
+        if key[0] != "base_model.model.conv2d":
+            assert _np_rel_imbalance(A, B) < 1e-5, key
+
+
+def test_failed_decomposition_names_the_module(make_tiny_net, tiny_net_targets, snapshot, assert_bit_identical,
+                                               monkeypatch):
+    # Two layers of one shape, so they share a batched call and the culprit must be singled out.
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    model.add_adapter("twin", LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    marker = 1234.5
+    with torch.no_grad():
+        model.base_model.model.lin.lora_A["twin"].weight[0, 0] = marker
+    real = balora.balance.balanced_factors
+
+    def flaky(A, B, method="nearest", *args, **kwargs):
+        if bool((A[:, 0, 0] == marker).any()):
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(A, B, method, *args, **kwargs)
+
+    monkeypatch.setattr(balora.balance, "balanced_factors", flaky)
+    before = snapshot(model)
+    with pytest.raises(BalanceError, match=r"lin\[twin\]: the balancing decomposition failed"):
+        balance_(model)
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_failing_svd_gives_balance_error(make_tiny_net, tiny_net_targets, snapshot, assert_bit_identical,
+                                         monkeypatch):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+
+    def broken_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", broken_svd)
+    before = snapshot(model)
+    with pytest.raises(BalanceError, match=r"lin\[default\]"):
+        balance_(model)
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_balance_pairs_policies_are_validated():
+    for kwargs in ({"method": "qr"}, {"on_rank_deficient": "ignore"}, {"on_nonfinite": "zero"}):
+        with pytest.raises(ValueError):
+            balance_pairs([], **kwargs)
+    out, summary = balance_pairs([])
+    assert out == {} and summary.balanced == 0
+
+
+def test_r_larger_than_layer_is_skipped(make_tiny_net, snapshot, assert_bit_identical):
+    # conv1x1 has 8 -> 6 channels: r = 7 cannot give a rank-7 product.
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=7, target_modules=["conv1x1"], init_lora_weights=False))
+    before = snapshot(model)
+    summary = balance_(model)
+    assert "r=7 exceeds" in summary.skipped["conv1x1[default]"]
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_llama_trained_with_adamw_then_balanced(make_llama, peft_deltas, assert_deltas_close):
+    """The realistic case: a transformers LM, LoRA on every linear layer and the embedding,
+    PEFT's default init, a few AdamW steps without balancing, then one balance_."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
+    model = get_peft_model(make_llama(n_layer=1), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 64, (4, 12), generator=g)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    report = layer_report(model)
+    assert len(report) == 7 + 2
+    assert float(report["rel_imbalance"].min()) > 0.1, "Adam from B = 0 leaves the layers imbalanced"
+    deltas = peft_deltas(model)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+
+    summary = balance_(model)
+
+    assert summary.balanced == len(report) and not summary.skipped, summary
+    report = layer_report(model)
+    assert float(report["rel_imbalance"].max()) < 1e-4
+    assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits.double() - logits).norm() <= 1e-5 * logits.norm()
