@@ -264,7 +264,7 @@ def _change_row(s: AdapterSource, e: PairEntry, before: float, balanced: bool, r
 def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: dict[str, dict]) -> None:
     """Re-read the written file: same keys, shapes, dtypes and metadata; unchanged tensors
     bit-identical; every balanced dW within tolerance. Raises (nothing is moved) otherwise."""
-    written = TensorFile(out_path)
+    written = TensorFile(out_path, format=s.tensors.format)
     where = f"balanced copy of {s.weights}"
     if written.shapes != s.tensors.shapes or written.dtypes != s.tensors.dtypes:
         raise BalanceError(f"{where}: keys, shapes or dtypes differ from the input; nothing was written")

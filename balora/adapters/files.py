@@ -68,9 +68,10 @@ class TensorFile:
     .bin/.pt: torch.load(weights_only=True, mmap=True), so storages stay on disk until used.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, format: str | None = None):
         self.path = Path(path)
-        self.format = "safetensors" if self.path.suffix == ".safetensors" else "torch"
+        # By suffix, unless the caller knows better (a copy written under the user's chosen name).
+        self.format = format or ("safetensors" if self.path.suffix == ".safetensors" else "torch")
         self.metadata: dict[str, str] | None = None
         self._state: dict[str, torch.Tensor] | None = None
         if self.format == "safetensors":
@@ -104,12 +105,16 @@ class TensorFile:
                     raise
                 state = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy non-zip format
         except Exception as e:  # a corrupted pickle can raise almost anything (KeyError, EOFError, ...)
-            if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            m = re.search(r"WeightsUnpickler error: (Unsupported global: GLOBAL \S+)", str(e))
+            if isinstance(e, pickle.UnpicklingError) and m:
                 raise InputError(
-                    f"{self.path}: torch.load(weights_only=True) refused it: the pickle holds Python objects, not only "
-                    "tensors; balora never unpickles arbitrary code (convert it to .safetensors in a session you trust)"
+                    f"{self.path}: torch.load(weights_only=True) refused it ({m.group(1)}): the pickle holds Python "
+                    "objects, not only tensors; balora never unpickles arbitrary code (convert it to .safetensors "
+                    "in a session you trust)"
                 ) from e
-            raise InputError(f"{self.path}: not a readable PyTorch weights file ({_one_line(e)})") from e
+            detail = re.search(r"WeightsUnpickler error: (.*?)(?:Check the documentation|$)", " ".join(str(e).split()))
+            why = detail.group(1).strip() if detail else _one_line(e)
+            raise InputError(f"{self.path}: not a readable PyTorch weights file ({why})") from e
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
             raise InputError(f"{self.path}: expected a flat dict of tensor names to tensors, got {type(state).__name__}")
         self._state = state

@@ -1,0 +1,186 @@
+"""`balora inspect` and `balora balance` as a user runs them: formats, flags, exit codes, messages."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import balora
+from balora.cli import main
+from test_files import (
+    KOHYA_METADATA,
+    live_scalings,
+    make_llama,
+    peft_file_factors,
+    reference_stats,
+    token_batch,
+    train_llama_adapter,
+    write_kohya,
+)
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "adapter"
+    return out, train_llama_adapter(out, steps=3)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A folder laid out like Trainer output: checkpoint-2 and checkpoint-4 of one LoRA run."""
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path_factory.mktemp("cli") / "run"
+    model = get_peft_model(make_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = token_batch()
+    for step in range(1, 5):
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 2 == 0:
+            model.save_pretrained(run / f"checkpoint-{step}")
+    return run
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_json_matches_float64_per_module(trained, capsys):
+    folder, model = trained
+    rc, out, err = run_cli(capsys, "inspect", folder, "--format", "json")
+    assert rc == 0 and err == ""
+    records = json.loads(out)
+    scalings = live_scalings(model)
+    assert {(r["module"], r["adapter"]) for r in records} == set(scalings)
+    factors = {"default": peft_file_factors(folder / "adapter_model.safetensors"),
+               "dora": peft_file_factors(folder / "dora" / "adapter_model.safetensors")}
+    for rec in records:
+        assert {"module", "imbalance", "rel_imbalance", "sigma", "checkpoint", "step"} <= rec.keys()
+        assert rec["checkpoint"] == "" and rec["step"] is None
+        A, B = factors[rec["adapter"]][rec["module"]]
+        ref = reference_stats(A, B, scalings[(rec["module"], rec["adapter"])])
+        where = f"{rec['module']}[{rec['adapter']}]"
+        for key in ("imbalance", "rel_imbalance", "norm_A", "norm_B", "cond_A", "cond_B", "cond_dW", "eff_rank"):
+            assert rec[key] == pytest.approx(ref[key], rel=2e-4), f"{where} {key}"
+        np.testing.assert_allclose(rec["sigma"], ref["sigma"], rtol=2e-4, atol=1e-9, err_msg=where)
+        assert len(rec["sigma"]) == rec["r"]
+
+
+def test_csv_round_trips_the_dataframe(trained, capsys):
+    folder, _ = trained
+    rc, out, _ = run_cli(capsys, "inspect", folder, "--format", "csv")
+    assert rc == 0
+    parsed = pd.read_csv(io.StringIO(out), keep_default_na=False, na_values=[""])
+    df = balora.inspect(folder)
+    assert list(parsed.columns) == list(balora.INSPECT_COLUMNS)
+    assert list(parsed["module"]) == list(df["module"])
+    np.testing.assert_allclose(parsed["rel_imbalance"], df["rel_imbalance"], rtol=1e-12)
+    for got, want in zip(parsed["sigma"], df["sigma"]):
+        np.testing.assert_allclose(json.loads(got), want, rtol=1e-12)
+
+
+def test_table_sort_top_and_adapter(trained, capsys):
+    folder, _ = trained
+    rc, out, _ = run_cli(capsys, "inspect", folder, "--top", "2", "--adapter", "dora")
+    assert rc == 0
+    assert "top 2 sigma(dW)" in out and "model.layers.1.self_attn.v_proj" in out
+    assert "gate_proj" not in out  # the dora adapter only targets q and v
+    assert "4 module(s): rel_imbalance mean" in out
+
+    rc, out, _ = run_cli(capsys, "inspect", folder, "--format", "json", "--sort", "rel_imbalance")
+    values = [r["rel_imbalance"] for r in json.loads(out)]
+    assert rc == 0 and values == sorted(values, reverse=True)
+
+    rc, _, err = run_cli(capsys, "inspect", folder, "--sort", "sigma")
+    assert rc == 2 and err.count("\n") == 1 and "--sort: cannot sort by 'sigma'" in err
+
+
+def test_checkpoint_folder_records_and_trend_table(checkpoints, capsys):
+    rc, out, _ = run_cli(capsys, "inspect", checkpoints, "--format", "json")
+    records = json.loads(out)
+    assert rc == 0
+    assert [(r["checkpoint"], r["step"]) for r in records] == [("checkpoint-2", 2)] * 4 + [("checkpoint-4", 4)] * 4
+    for rec in records:
+        A, B = peft_file_factors(checkpoints / rec["checkpoint"] / "adapter_model.safetensors")[rec["module"]]
+        assert rec["rel_imbalance"] == pytest.approx(reference_stats(A, B, 2.0)["rel_imbalance"], rel=2e-4)
+    rc, out, _ = run_cli(capsys, "inspect", checkpoints)
+    assert rc == 0 and "Trainer output folder: 2 checkpoint(s), steps 2..4" in out
+    assert "over training" in out and "layers at checkpoint-4" in out
+
+
+def test_kohya_metadata_shown(tmp_path, capsys):
+    path = write_kohya(tmp_path / "sd_lora.safetensors")
+    rc, out, _ = run_cli(capsys, "inspect", path)
+    assert rc == 0
+    for key in ("ss_network_dim = 4", "ss_base_model_version = sd_v1", "ss_output_name = tiny"):
+        assert key in out
+    long = KOHYA_METADATA["ss_tag_frequency"]
+    assert f"({len(long)} chars)" in out and long not in out  # long values are shortened
+    assert "1 module(s) without alpha" in out
+
+
+def test_balance_command(trained, tmp_path, capsys):
+    folder, _ = trained
+    out_dir = tmp_path / "balanced"
+    rc, out, err = run_cli(capsys, "balance", folder, out_dir, "--method", "svd")
+    n = len(balora.inspect(folder))
+    assert rc == 0 and err == ""
+    assert f"balanced {n} LoRA pair(s)" in out and "what changed" in out
+    assert (balora.inspect(out_dir)["rel_imbalance"] < 1e-4).all()
+    before = load_file(str(out_dir / "adapter_model.safetensors"))
+
+    rc, _, err = run_cli(capsys, "balance", folder, out_dir)
+    assert rc == 2 and err.count("\n") == 1 and f"{out_dir}: already exists; pass --force" in err
+    rc, _, _ = run_cli(capsys, "balance", folder, out_dir, "--force", "--on-rank-deficient", "balance")
+    assert rc == 0
+    after = load_file(str(out_dir / "adapter_model.safetensors"))
+    # nearest gauge replaced the svd one: same products, different factors
+    changed = [k for k in before if "lora_A" in k and not torch.allclose(before[k], after[k])]
+    assert changed
+
+
+def test_errors_one_line_exit_2_debug_shows_traceback(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    # A real process once: the exit code and stderr a shell sees.
+    bad = subprocess.run([sys.executable, "-m", "balora.cli", "inspect", str(missing)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"balora inspect: error: {missing}: no such file or directory"]
+    rc, _, err = run_cli(capsys, "--debug", "inspect", missing)
+    assert rc == 2 and "Traceback" in err and "InputError" in err
+
+
+def test_json_has_no_nan_or_inf(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 16, generator=g)
+    B = torch.randn(16, 4, generator=g)
+    B[:, 3] = 0  # rank 3 < r: cond_dW = inf
+    save_file({"m.lora_A.weight": A, "m.lora_B.weight": B,
+               "n.lora_A.weight": A.clone(), "n.lora_B.weight": torch.full_like(B, math.inf)}, str(tmp_path / "x.safetensors"))
+    rc, out, _ = run_cli(capsys, "inspect", tmp_path / "x.safetensors", "--format", "json")
+    assert rc == 0
+
+    def strict(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    recs = {r["module"]: r for r in json.loads(out, parse_constant=strict)}
+    assert recs["m"]["cond_dW"] is None and recs["m"]["rank"] == 3 and recs["m"]["scaling"] is None
+    assert recs["n"]["status"].startswith("non-finite") and recs["n"]["imbalance"] is None
