@@ -1,10 +1,143 @@
-"""Placeholder until the subcommand lands; `balora compare` says so instead of failing obscurely."""
+"""`balora compare`: train arms side by side on a task and write a run directory."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+
+from balora.runner import CompareConfig, parse_set
+
+DEFAULT = "the task's"
 
 
 def add_parser(sub):
-    p = sub.add_parser("compare", help="(not available yet)")
+    p = sub.add_parser(
+        "compare",
+        help="train LoRA arms (lora, balora, ...) side by side on a task and record a run",
+        description="Train every (arm, seed, lr, alpha) cell of a task from the same initial adapter weights and "
+        "data order, and write losses, per-layer diagnostics and spectra to a run directory "
+        "(read it with balora.load_run or the dashboard). Options left out take the task's defaults.",
+    )
+    p.add_argument("--task", default="synthetic", help="synthetic | lm | encoder (default: synthetic)")
+    p.add_argument("--arms", help=f"comma list, e.g. lora,balora,balora-svd,loraplus,riemannian (default: {DEFAULT})")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per cell (default: {DEFAULT})")
+    p.add_argument("--seeds", help="a count (3 means seeds 0,1,2) or a comma list (0,4,7)")
+    p.add_argument("--optimizer", help="adam | adamw | sgd | sign (sign descent)")
+    p.add_argument("--lr", help="learning rate, or a comma list for a grid (1e-3,1e-2)")
+    p.add_argument("--alpha", help="LoRA alpha, or a comma list for a grid (default: the task's, often = rank)")
+    p.add_argument("--rank", type=int, help="LoRA r")
+    p.add_argument("--weight-decay", type=float, help="weight decay shared by all arms (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--threads", type=int, help="torch CPU threads during the run (default: the task's)")
+    p.add_argument("--dtype", help="float32 | bfloat16 (float64 where the task allows)")
+    p.add_argument("--eval-every", type=int, help="eval loss every N steps, 0 never (tasks with an eval set)")
+    p.add_argument("--layers-every", type=int, help="per-layer report every N steps, 0 never")
+    p.add_argument("--spectra-every", type=int, help="singular values of dW, A, B every N steps, 0 never")
+    p.add_argument("--target-loss", type=float, help="loss threshold for steps/seconds-to-target (default: the task's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="task or arm option, repeatable: --set model=gpt2 --set loraplus_lr_ratio=4")
+    p.add_argument("--out", help="run directory (default: runs/<task>-<timestamp>)")
+    p.add_argument("--force", action="store_true", help="replace an existing run directory at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary table")
+    p.add_argument("--list", action="store_true", help="list tasks, arms and optimizers, then exit")
     p.set_defaults(run=run)
 
 
-def run(args):
-    raise NotImplementedError("this subcommand is not implemented yet")
+def config_from_args(args) -> CompareConfig:
+    return CompareConfig(
+        task=args.task, arms=args.arms, steps=args.steps, seeds=args.seeds, optimizer=args.optimizer, lr=args.lr,
+        alpha=args.alpha, rank=args.rank, weight_decay=args.weight_decay, device=args.device, threads=args.threads,
+        dtype=args.dtype, eval_every=args.eval_every, layers_every=args.layers_every,
+        spectra_every=args.spectra_every, target_loss=args.target_loss, options=parse_set(args.set),
+        out=args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}", force=args.force, quiet=args.quiet,
+        command=invoked_command(),
+    )
+
+
+def invoked_command() -> str | None:
+    """The command line of this process when it is a `balora compare` call, else None (reconstructed later)."""
+    argv0 = sys.argv[0].replace(os.sep, "/")
+    if "compare" not in sys.argv[1:]:
+        return None
+    if os.path.basename(argv0) == "balora":
+        prog = ["balora"]
+    elif argv0.endswith("balora/cli.py"):
+        prog = ["python", "-m", "balora.cli"]
+    elif argv0.endswith("balora/__main__.py"):
+        prog = ["python", "-m", "balora"]
+    else:
+        return None
+    return shlex.join(prog + sys.argv[1:])
+
+
+def run(args) -> int:
+    from balora.runner import run_compare
+    from balora.store import load_run
+
+    if args.list:
+        return _list()
+    cfg = config_from_args(args)
+    try:
+        path = run_compare(cfg)
+    except KeyboardInterrupt:
+        if os.path.isfile(os.path.join(cfg.out, "status.json")):
+            print(f"balora compare: partial run left in {cfg.out} (marked interrupted; balora.load_run reads it)",
+                  file=sys.stderr)
+        raise
+    result = load_run(path)
+    if not args.quiet:
+        print_summary(result)
+    print(f"run written to {path} ({result.status})")
+    return 0
+
+
+def print_summary(run) -> None:
+    """Each arm at its own best grid cell, in a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from balora.runner import arm_summary
+
+    s = arm_summary(run.summary)
+    metric = s["metric"].iloc[0] if len(s) else "final_loss"
+    table = Table(title=f"{run.config.get('task')}, {run.config.get('optimizer')}, "
+                        f"{len(run.config.get('seeds', []))} seed(s)",
+                  caption=f"best/worst: median {metric} over seeds at the arm's best/worst (lr, alpha) cell; "
+                          "<=2x: share of cells within 2x of the best; to target: median steps at the best cell; "
+                          "vs lora: median speed-up in steps to target, each arm at its best cell")
+    for col in ("arm", "ok", "div", "lr", "alpha", "best", "worst", "<=2x", "to target", "vs lora"):
+        table.add_column(col, justify="left" if col == "arm" else "right", no_wrap=True)
+    for r in s.itertuples(index=False):
+        table.add_row(r.arm, f"{r.completed}/{r.cells}", str(r.diverged), _g(r.best_lr), _g(r.best_alpha),
+                      _g(r.best), _g(r.worst), _g(r.within_2x), _g(r.steps_to_target), _g(r.speedup_vs_lora))
+    console = Console()
+    if not console.is_terminal:  # piped or logged: rich would assume 80 columns and cut the numbers
+        console = Console(width=120)
+    console.print(table)
+    skipped = run.summary[run.summary["status"] == "skipped"]
+    for arm, reason in skipped.drop_duplicates("arm")[["arm", "reason"]].itertuples(index=False):
+        print(f"skipped {arm}: {reason}")
+
+
+def _g(x) -> str:
+    try:
+        return "-" if x != x else f"{x:.4g}"
+    except TypeError:
+        return str(x)
+
+
+def _list() -> int:
+    from balora.arms import ARMS
+    from balora.optim import OPTIMIZERS
+    from balora.tasks import TASKS, available_tasks
+
+    present = available_tasks()
+    print("tasks:      " + ", ".join(n + ("" if n in present else " (not installed)") for n in TASKS))
+    print("arms:")
+    for arm in ARMS.values():
+        why = arm.unavailable()
+        print(f"  {arm.name:<11} {arm.help}" + (f" [unavailable: {why}]" if why else ""))
+    print("optimizers: " + ", ".join(OPTIMIZERS))
+    return 0

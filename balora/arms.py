@@ -1,0 +1,115 @@
+"""Arms of a comparison: how the LoRA factors are optimized. A new arm is one function plus one entry.
+
+Every arm gets the same model (same initial adapter weights), the same data order and the
+same optimizer name, learning rate and weight decay; an arm only decides how the optimizer
+is built from them and whether (and in which gauge) the factors are balanced after each step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+from torch.optim import Optimizer
+
+from balora.errors import InputError
+from balora.optim import make_optimizer, optimizer_class
+
+# (model, optimizer name, lr, options) -> optimizer. `options` holds weight_decay and the arm's own keys.
+OptimizerFactory = Callable[[nn.Module, str, float, dict], Optimizer]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    help: str
+    make_optimizer: OptimizerFactory
+    balance: str | None = None  # gauge passed to balance_pairs after every step ("nearest" | "svd"); None: no balancing
+    defaults: dict[str, Any] = field(default_factory=dict)  # the arm's own options (overridable: --set KEY=VALUE)
+    unavailable: Callable[[], str | None] = lambda: None  # why the arm cannot run in this environment, or None
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _plain(model: nn.Module, optimizer: str, lr: float, options: dict) -> Optimizer:
+    return make_optimizer(optimizer, trainable_parameters(model), lr, weight_decay=options["weight_decay"])
+
+
+def _loraplus(model: nn.Module, optimizer: str, lr: float, options: dict) -> Optimizer:
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model,
+        optimizer_class(optimizer),
+        lr=lr,
+        loraplus_lr_ratio=options["loraplus_lr_ratio"],
+        loraplus_weight_decay=options["weight_decay"],
+        # PEFT's default for embedding adapters is a fixed 1e-6; use the arm's lr instead so the only
+        # difference from plain LoRA is the B learning-rate ratio.
+        loraplus_lr_embedding=lr,
+    )
+
+
+def _riemannian(model: nn.Module, optimizer: str, lr: float, options: dict) -> Optimizer:
+    from peft.optimizers import create_riemannian_optimizer
+
+    return create_riemannian_optimizer(
+        model, optimizer_class(optimizer), lr=lr, reg=options["riemannian_reg"], weight_decay=options["weight_decay"]
+    )
+
+
+def _riemannian_missing() -> str | None:
+    import peft
+    import peft.optimizers
+
+    if hasattr(peft.optimizers, "create_riemannian_optimizer"):
+        return None
+    return (
+        f"the installed PEFT {peft.__version__} has no peft.optimizers.create_riemannian_optimizer; "
+        "upgrade peft to run the riemannian arm"
+    )
+
+
+ARMS: dict[str, Arm] = {
+    "lora": Arm("lora", "plain LoRA: the optimizer on A and B, nothing else", _plain),
+    "balora": Arm("balora", "LoRA balanced after every step, nearest gauge (keeps Adam's moments aligned)",
+                  _plain, balance="nearest"),
+    "balora-svd": Arm("balora-svd", "LoRA balanced after every step, the paper's SVD gauge", _plain, balance="svd"),
+    "loraplus": Arm("loraplus", "LoRA+ (PEFT's create_loraplus_optimizer): lr of B = ratio x lr of A", _loraplus,
+                    defaults={"loraplus_lr_ratio": 16.0}),  # 2^4, the LoRA+ paper's and PEFT docs' example
+    "riemannian": Arm("riemannian", "PEFT's Riemannian-preconditioned optimizer (r x r preconditioners)",
+                      _riemannian, defaults={"riemannian_reg": 1e-2},  # PEFT's default damping
+                      unavailable=_riemannian_missing),
+}
+
+
+def get_arm(name: str) -> Arm:
+    try:
+        return ARMS[name]
+    except KeyError:
+        raise InputError(f"--arms: unknown arm {name!r}; available: {', '.join(ARMS)}") from None
+
+
+def parse_arms(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """"lora,balora" or ["lora", "balora"] -> validated, de-duplicated names in the order given."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    names = [n for n in names if n]
+    if not names:
+        raise InputError(f"--arms: no arm given; available: {', '.join(ARMS)}")
+    for n in names:
+        get_arm(n)
+    if len(set(names)) != len(names):
+        raise InputError(f"--arms: {','.join(names)} names an arm twice; list each arm once")
+    return names
+
+
+def arm_options(names: list[str], overrides: dict[str, Any], weight_decay: float) -> dict[str, Any]:
+    """The options every named arm reads: weight_decay plus each arm's defaults, overridden by `overrides`."""
+    options: dict[str, Any] = {"weight_decay": float(weight_decay)}
+    for n in names:
+        for key, default in ARMS[n].defaults.items():
+            options[key] = type(default)(overrides.get(key, default))
+    return options

@@ -1,0 +1,643 @@
+"""Side-by-side comparison of arms on a task: every (seed, alpha, lr, arm) cell trained and written to a run.
+
+    setup    resolve the options against the task's defaults, open the run directory
+    train    for seed, alpha: build the problem once, snapshot the adapter weights;
+             for lr, arm: restore the snapshot, train one cell, record it
+    cleanup  summary rows with speed-ups over lora, status completed / interrupted / failed
+
+All arms of one (seed, alpha) share the initial adapter weights and the data order; all arms
+share the optimizer, lr, alpha and weight decay; only what defines an arm differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shlex
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from balora.adapters.live import iter_lora_pairs
+from balora.arms import ARMS, Arm, arm_options, get_arm, parse_arms
+from balora.balance import BalanceError, balance_pairs
+from balora.errors import InputError
+from balora.optim import optimizer_class
+from balora.pairs import FactorPair
+from balora.report import pair_rows
+from balora.store import RunWriter, environment_info, load_run, now_iso
+from balora.tasks import Problem, TaskSpec, get_task
+
+# Options every task's defaults may set; any other key in TaskSpec.defaults is task-specific.
+COMPARE_KEYS = ("arms", "steps", "seeds", "optimizer", "lr", "alpha", "rank", "eval_every", "layers_every",
+                "spectra_every", "target_loss", "weight_decay", "dtype", "threads")
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+@dataclass
+class CompareConfig:
+    """What the user asked for. None means "the task's default" (TaskSpec.defaults)."""
+
+    task: str = "synthetic"  # a name in balora.tasks.TASKS
+    arms: str | list[str] | None = None  # "lora,balora" or a list; None: the task's default arms
+    steps: int | None = None  # optimizer steps per cell
+    seeds: int | str | list[int] | None = None  # a count n (seeds 0..n-1), "0,4,7", or a list
+    optimizer: str | None = None  # adam | adamw | sgd | sign
+    lr: float | str | list[float] | None = None  # one value or a grid ("1e-3,1e-2")
+    alpha: float | str | list[float] | None = None  # LoRA alpha, one value or a grid; task default None: = rank
+    rank: int | None = None  # LoRA r
+    weight_decay: float | None = None  # shared by all arms; 0 unless the task says otherwise
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads during the run; None: the task's default (None there: torch's)
+    dtype: str | None = None  # float32 | bfloat16 (| float64 where the task allows)
+    eval_every: int | None = None  # eval loss every N steps (0: never)
+    layers_every: int | None = None  # per-layer report every N steps (0: never)
+    spectra_every: int | None = None  # singular values of dW, A, B every N steps (0: never)
+    target_loss: float | None = None  # threshold for steps/seconds-to-target; None: the task's per-problem default
+    options: dict[str, Any] = field(default_factory=dict)  # task keys and arm options (--set KEY=VALUE)
+    out: str | None = None  # run directory; None: runs/<task>-<timestamp>
+    force: bool = False  # replace an existing run directory at `out`
+    quiet: bool = False  # no progress bar
+    command: str | None = None  # the command line that made the run (None: reconstructed)
+
+
+@dataclass
+class RunConfig:
+    """The resolved, concrete configuration: saved as config.json beside the run."""
+
+    task: str
+    arms: list[str]
+    steps: int
+    seeds: list[int]
+    optimizer: str
+    lrs: list[float]
+    alphas: list[float]
+    rank: int
+    weight_decay: float
+    device: str
+    threads: int | None
+    dtype: str
+    eval_every: int
+    layers_every: int
+    spectra_every: int
+    target_loss: float | None
+    task_options: dict[str, Any]
+    arm_options: dict[str, Any]
+    n_cells: int
+    out: str
+    command: str = ""
+    command_reconstructed: str = ""
+    created: str = ""
+    problem: dict[str, Any] = field(default_factory=dict)  # Problem.info of the first build
+
+
+# ---------------------------------------------------------------- parsing (shared with the CLI)
+
+
+def parse_seeds(spec: int | str | list[int], flag: str = "--seeds") -> list[int]:
+    """3 or "3" -> [0, 1, 2]; "0,4,7" or [0, 4, 7] -> [0, 4, 7]; "5," -> [5]."""
+    if isinstance(spec, bool):
+        raise InputError(f"{flag}: expected a count or a comma list of seeds, got {spec!r}")
+    if isinstance(spec, int):
+        seeds = list(range(spec)) if spec > 0 else []
+    elif isinstance(spec, str) and "," not in spec:
+        seeds = parse_seeds(_to_int(spec, flag), flag)
+    else:
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        seeds = [_to_int(s, flag) for s in items if str(s).strip() != ""]
+    if not seeds:
+        raise InputError(f"{flag} {spec}: give a positive count (3 means seeds 0,1,2) or a comma list (0,4,7)")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise InputError(f"{flag} {spec}: seeds must be distinct non-negative integers")
+    return seeds
+
+
+def _to_int(text: Any, flag: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise InputError(f"{flag}: {text!r} is not an integer") from None
+
+
+def parse_floats(spec: float | str | list[float], flag: str) -> list[float]:
+    """0.01, "1e-3,1e-2" or [1e-3, 1e-2] -> a list of distinct positive floats."""
+    items = spec.split(",") if isinstance(spec, str) else (list(spec) if isinstance(spec, (list, tuple)) else [spec])
+    values = []
+    for s in items:
+        if str(s).strip() == "":
+            continue
+        try:
+            v = float(s)
+        except (TypeError, ValueError):
+            raise InputError(f"{flag}: {s!r} is not a number; give one value or a comma list such as 1e-3,1e-2") from None
+        if not math.isfinite(v) or v <= 0:
+            raise InputError(f"{flag}: {s!r} must be a positive finite number")
+        values.append(v)
+    if not values:
+        raise InputError(f"{flag}: no value given")
+    if len(set(values)) != len(values):
+        raise InputError(f"{flag} {spec}: a value is listed twice")
+    return values
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: int, float, true/false, none, or the string itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """["model=gpt2", "depth=2"] -> {"model": "gpt2", "depth": 2}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {item}: expected KEY=VALUE, e.g. --set depth=2")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+# ---------------------------------------------------------------- resolving against the task
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _positive_int(value: Any, flag: str, minimum: int = 1) -> int:
+    v = _to_int(value, flag)
+    if v < minimum:
+        raise InputError(f"{flag} {value}: must be an integer >= {minimum}")
+    return v
+
+
+def resolve(cfg: CompareConfig) -> tuple[RunConfig, TaskSpec]:
+    """Fill every None from the task's defaults and validate; InputErrors name the flag."""
+    task = get_task(cfg.task)
+    d = task.defaults
+
+    def pick(name: str, fallback: Any = None) -> Any:
+        value = getattr(cfg, name)
+        return value if value is not None else d.get(name, fallback)
+
+    arms = parse_arms(pick("arms", "lora,balora"))
+    optimizer = str(pick("optimizer", "adam"))
+    optimizer_class(optimizer)
+    lr = pick("lr")
+    if isinstance(lr, dict):  # the task's default lr per optimizer
+        if optimizer not in lr:
+            raise InputError(f"--lr: task {task.name!r} has no default lr for --optimizer {optimizer}; pass --lr")
+        lr = lr[optimizer]
+    if lr is None:
+        raise InputError(f"--lr: task {task.name!r} has no default learning rate; pass --lr")
+    rank = _positive_int(pick("rank", 8), "--rank")
+    alpha = pick("alpha")
+    dtype = str(pick("dtype", "float32"))
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    target = pick("target_loss")
+
+    task_keys = {k: v for k, v in d.items() if k not in COMPARE_KEYS}
+    arm_keys = {k for a in ARMS.values() for k in a.defaults}
+    unknown = sorted(set(cfg.options) - set(task_keys) - arm_keys)
+    if unknown:
+        known = sorted(set(task_keys) | arm_keys)
+        raise InputError(f"--set {unknown[0]}: unknown option for task {task.name!r}; known: {', '.join(known)}")
+    device = resolve_device(cfg.device)
+
+    run = RunConfig(
+        task=task.name,
+        arms=arms,
+        steps=_positive_int(pick("steps", 100), "--steps"),
+        seeds=parse_seeds(pick("seeds", 1)),
+        optimizer=optimizer,
+        lrs=parse_floats(lr, "--lr"),
+        alphas=parse_floats(alpha if alpha is not None else rank, "--alpha"),
+        rank=rank,
+        weight_decay=float(pick("weight_decay", 0.0)),
+        device=str(device),
+        threads=None if pick("threads") is None else _positive_int(pick("threads"), "--threads"),
+        dtype=dtype,
+        eval_every=_positive_int(pick("eval_every", 0), "--eval-every", 0),
+        layers_every=_positive_int(pick("layers_every", 10), "--layers-every", 0),
+        spectra_every=_positive_int(pick("spectra_every", 10), "--spectra-every", 0),
+        target_loss=None if target is None else float(target),
+        task_options={**task_keys, **{k: v for k, v in cfg.options.items() if k in task_keys}},
+        arm_options=arm_options(arms, cfg.options, float(pick("weight_decay", 0.0))),
+        n_cells=0,
+        out=cfg.out or f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        created=now_iso(),
+    )
+    run.n_cells = len(run.arms) * len(run.seeds) * len(run.lrs) * len(run.alphas)
+    run.command_reconstructed = command_line(run)
+    run.command = cfg.command or run.command_reconstructed
+    return run, task
+
+
+def command_line(run: RunConfig) -> str:
+    """An equivalent `balora compare` command with every option explicit."""
+    def nums(xs):
+        return ",".join(repr(float(x)) for x in xs)
+
+    args = ["balora", "compare", "--task", run.task, "--arms", ",".join(run.arms), "--steps", str(run.steps),
+            "--seeds", ",".join(map(str, run.seeds)), "--optimizer", run.optimizer, "--lr", nums(run.lrs),
+            "--alpha", nums(run.alphas), "--rank", str(run.rank), "--weight-decay", repr(run.weight_decay),
+            "--device", run.device, *(["--threads", str(run.threads)] if run.threads else []), "--dtype", run.dtype, "--eval-every", str(run.eval_every),
+            "--layers-every", str(run.layers_every), "--spectra-every", str(run.spectra_every)]
+    if run.target_loss is not None:
+        args += ["--target-loss", repr(run.target_loss)]
+    for key, value in {**run.task_options, **{k: v for k, v in run.arm_options.items() if k != "weight_decay"}}.items():
+        args += ["--set", f"{key}={value}"]
+    args += ["--out", run.out]
+    return shlex.join(args)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so the run is marked interrupted like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's intra-op thread count set to n for the block, then restored (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_compare(cfg: CompareConfig) -> Path:
+    """Train every cell and write the run; returns its directory. Ctrl-C leaves a loadable 'interrupted' run."""
+    run, task = resolve(cfg)
+    with _torch_threads(run.threads):
+        return _run_with_writer(run, task, cfg)
+
+
+def _run_with_writer(run: RunConfig, task: TaskSpec, cfg: CompareConfig) -> Path:
+    from tqdm.auto import tqdm
+
+    device = torch.device(run.device)
+    writer = RunWriter(run.out, asdict(run), environment_info(run.device), force=cfg.force)
+
+    bar = tqdm(total=run.n_cells * run.steps, unit="step", disable=cfg.quiet, dynamic_ncols=True, leave=True)
+    where = {"cell": "before the first cell"}
+    done = {"done": 0, "total": run.n_cells, "steps_done": 0, "steps_total": run.n_cells * run.steps}
+    writer.heartbeat(done, force=True)
+    try:
+        with writer, _sigterm_as_interrupt():
+            try:
+                _run_all(run, task, device, writer, bar, where, done)
+            except KeyboardInterrupt as e:
+                writer.finish("interrupted", f"{e or 'interrupted (Ctrl-C / SIGINT)'} during {where['cell']}")
+                raise
+            except Exception as e:
+                writer.finish("failed", f"{type(e).__name__}: {e} (during {where['cell']})")
+                raise
+    finally:
+        bar.close()
+    return writer.path
+
+
+def _run_all(run: RunConfig, task: TaskSpec, device: torch.device, writer: RunWriter, bar, where: dict,
+             done: dict) -> None:
+    arms = [get_arm(a) for a in run.arms]
+    build_cfg = {**task.defaults, **{k: getattr(run, k) for k in ("steps", "optimizer", "rank", "dtype",
+                                                                 "eval_every", "layers_every", "spectra_every")},
+                 "seeds": run.seeds, "lr": run.lrs, "alpha": run.alphas, "device": run.device,
+                 **run.task_options}
+    for seed in run.seeds:
+        for alpha in run.alphas:
+            where["cell"] = f"building task {run.task} (seed={seed}, alpha={alpha:g})"
+            problem = task.build(dict(build_cfg, alpha=alpha), seed, alpha, device)
+            if not writer.config.get("problem"):
+                writer.update_config(problem=problem.info)
+            snapshot = _trainable_state(problem.model)
+            for lr in run.lrs:
+                group: list[dict] = []
+                try:
+                    for arm in arms:
+                        key = {"arm": arm.name, "seed": seed, "lr": lr, "alpha": alpha}
+                        where["cell"] = f"arm={arm.name} seed={seed} lr={lr:g} alpha={alpha:g}"
+                        bar.set_description(f"{arm.name} s={seed} lr={lr:g} a={alpha:g}")
+                        _cell(problem, arm, run, key, snapshot, writer, bar, device, group)
+                        done["done"] += 1
+                        done["steps_done"] = bar.n
+                        writer.heartbeat(done, force=True)
+                finally:  # also on Ctrl-C: the cells that ended keep their summary rows
+                    writer.append("summary", with_speedups(group))
+
+
+def _cell(problem: Problem, arm: Arm, run: RunConfig, key: dict, snapshot: dict, writer: RunWriter, bar,
+          device: torch.device, group: list[dict]) -> None:
+    reason = arm.unavailable()
+    if reason is not None:
+        bar.update(run.steps)
+        group.append({**key, "status": "skipped", "reason": reason, "steps_done": 0})
+        return
+    _restore(problem.model, snapshot)
+    train_cell(problem, arm, run, key, writer, bar, device, group)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in snapshot.items():
+            params[name].copy_(value)
+            params[name].grad = None
+
+
+def with_speedups(rows: list[dict]) -> list[dict]:
+    """speedup_* = lora's steps/seconds to target / the cell's, within one (seed, lr, alpha) group."""
+    lora = next((r for r in rows if r["arm"] == "lora"), None)
+    for r in rows:
+        for what in ("steps", "seconds"):
+            mine = r.get(f"{what}_to_target", math.nan)
+            ref = lora.get(f"{what}_to_target", math.nan) if lora else math.nan
+            ok = all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in (mine, ref))
+            r[f"speedup_{what}"] = ref / mine if ok else math.nan
+    return rows
+
+
+# ---------------------------------------------------------------- one cell
+
+FLUSH_S = 10.0  # write buffered rows as a part file at least this often, so a crash loses little
+
+
+class _CellLog:
+    """Buffers one cell's rows and appends them to the run as part files."""
+
+    def __init__(self, writer: RunWriter, key: dict):
+        self.writer, self.key = writer, key
+        self.steps: list[dict] = []
+        self.layers: list[dict] = []
+        self.spectra: list[dict] = []
+        self.last_flush = time.monotonic()
+        self.last_rel_imbalance_max = math.nan
+
+    def diagnostics(self, pairs: list[FactorPair], step: int, layers: bool, spectra: bool) -> None:
+        """The layer report's rows for `pairs` now -> layers rows and/or spectra rows (dW includes the scaling).
+
+        Rows stay dicts until the flush: one DataFrame per part instead of one per report.
+        """
+        with torch.no_grad():
+            rows = pair_rows(pairs)
+        self.last_rel_imbalance_max = max((r["rel_imbalance"] for r in rows), default=math.nan)
+        for row in rows:
+            if layers:
+                self.layers.append({**self.key, "step": step,
+                                    **{k: v for k, v in row.items() if k not in ("sigma", "sigma_A", "sigma_B")}})
+            if spectra:
+                for which, values in (("dW", row["sigma"]), ("A", row["sigma_A"]), ("B", row["sigma_B"])):
+                    self.spectra.extend({**self.key, "step": step, "module": row["module"], "adapter": row["adapter"],
+                                         "which": which, "index": i, "value": float(v)} for i, v in enumerate(values))
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self.last_flush >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        for table in ("steps", "layers", "spectra"):
+            self.writer.append(table, getattr(self, table))
+        self.steps, self.layers, self.spectra = [], [], []
+        self.last_flush = time.monotonic()
+        self.writer.heartbeat()
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _endless(problem: Problem, task: str):
+    """problem.batches(), called again whenever it runs out (one more epoch, same order)."""
+    while True:
+        empty = True
+        for batch in problem.batches():
+            empty = False
+            yield batch
+        if empty:
+            raise InputError(f"task {task!r}: its data yields no batches; check the task's data options (--set ...)")
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def train_cell(problem: Problem, arm: Arm, run: RunConfig, key: dict, writer: RunWriter, bar,
+               device: torch.device, group: list[dict]) -> None:
+    """Train one (arm, seed, lr, alpha) cell from the current weights; append its summary row to `group`.
+
+    A non-finite loss or factors that cannot be balanced stop the cell as "diverged"; Ctrl-C and other
+    errors record the cell as "interrupted" / "failed" and propagate.
+    """
+    model = problem.model
+    model.train()
+    optimizer = arm.make_optimizer(model, run.optimizer, key["lr"], run.arm_options)
+    # Views of the parameters: the optimizer updates them in place and balancing writes through them.
+    pairs = [p for p in iter_lora_pairs(model) if p.skip_reason is None]
+    log = _CellLog(writer, key)
+    best = problem.best_loss
+    target = run.target_loss if run.target_loss is not None else problem.target_loss
+    target_on = "eval_loss" if problem.eval_loss is not None and run.eval_every > 0 else "loss"
+    total = {"train": 0.0, "balance": 0.0, "diag": 0.0}
+    hit: dict[str, float] = {}
+    losses: list[float] = []
+    status, reason, final_eval = "interrupted", None, math.nan
+
+    t = time.perf_counter()
+    if run.layers_every or run.spectra_every:
+        log.diagnostics(pairs, 0, run.layers_every > 0, run.spectra_every > 0)
+    total["diag"] += time.perf_counter() - t
+    data = _endless(problem, run.task)
+    step = counted = 0
+    try:
+        for step in range(1, run.steps + 1):
+            batch = next(data)
+            t0 = _clock(device)
+            loss = problem.loss(model, batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                log.steps.append({**key, "step": step, "loss": value, "time_s": total["train"] + total["balance"]})
+                status, reason = "diverged", f"non-finite loss ({value}) at step {step}"
+                losses.append(value)
+                break
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t1 = _clock(device)
+            if arm.balance:
+                new, _ = balance_pairs(pairs, arm.balance, on_rank_deficient="skip", on_nonfinite="raise", check=False)
+                for i, (A, B) in new.items():
+                    pairs[i].write(A, B)
+            t2 = _clock(device)
+            layers_due, spectra_due = _due(step, run.layers_every, run.steps), _due(step, run.spectra_every, run.steps)
+            if layers_due or spectra_due:
+                log.diagnostics(pairs, step, layers_due, spectra_due)
+            t3 = _clock(device)
+            eval_value = math.nan
+            if target_on == "eval_loss" and _due(step, run.eval_every, run.steps):
+                model.eval()
+                with torch.no_grad():
+                    eval_value = final_eval = float(problem.eval_loss(model))
+                model.train()
+            t4 = _clock(device)
+
+            total["train"] += t1 - t0
+            total["balance"] += t2 - t1
+            total["diag"] += t3 - t2
+            losses.append(value)
+            time_s = total["train"] + total["balance"]
+            log.steps.append({**key, "step": step, "loss": value, "eval_loss": eval_value,
+                              "excess_loss": value - best if best is not None else math.nan, "time_s": time_s,
+                              "step_time_s": t1 - t0, "balance_time_s": t2 - t1, "diag_time_s": t3 - t2,
+                              "eval_time_s": t4 - t3})
+            reached = value if target_on == "loss" else eval_value
+            if target is not None and "steps" not in hit and reached <= target:
+                hit.update(steps=step, seconds=time_s)
+            bar.update(1)
+            counted += 1
+            log.maybe_flush()
+        else:
+            status = "completed"
+    except BalanceError as e:
+        status, reason = "diverged", f"balancing failed at step {step}: {e}"
+    except KeyboardInterrupt:
+        reason = f"interrupted at step {step}"
+        raise
+    except Exception as e:
+        status, reason = "failed", f"{type(e).__name__}: {e} (step {step})"
+        raise
+    finally:
+        bar.update(run.steps - counted)  # a cell that stopped early still moves the bar to its end
+        log.flush()
+        finite = [v for v in losses if math.isfinite(v)]
+        group.append({
+            **key, "status": status, "reason": reason, "steps_done": len(finite),
+            "final_loss": finite[-1] if finite else math.nan,
+            "min_loss": min(finite) if finite else math.nan,
+            "best_loss": best if best is not None else math.nan,
+            "final_excess_loss": finite[-1] - best if finite and best is not None else math.nan,
+            "final_eval_loss": final_eval, "final_rel_imbalance_max": log.last_rel_imbalance_max,
+            "target_loss": target if target is not None else math.nan, "target_on": target_on,
+            "steps_to_target": hit.get("steps", math.nan), "seconds_to_target": hit.get("seconds", math.nan),
+            "total_seconds": total["train"] + total["balance"], "balance_seconds": total["balance"],
+            "diag_seconds": total["diag"],
+        })
+
+
+# ---------------------------------------------------------------- the Python API
+
+
+def compare(task: str = "synthetic", arms: str | list[str] | None = None, steps: int | None = None,
+            seeds: int | str | list[int] | None = None, optimizer: str | None = None,
+            lr: float | str | list[float] | None = None, alpha: float | str | list[float] | None = None,
+            rank: int | None = None, device: str = "auto", out: str | Path | None = None, quiet: bool = False,
+            *, dtype: str | None = None, eval_every: int | None = None, layers_every: int | None = None,
+            spectra_every: int | None = None, target_loss: float | None = None, weight_decay: float | None = None,
+            force: bool = False, **task_options: Any):
+    """Run a comparison and return the loaded run (balora.store.Run). Same options as `balora compare`.
+
+        run = balora.compare("synthetic", arms="lora,balora", seeds=3, optimizer="sgd", lr=[0.05, 0.1])
+        run.summary.groupby("arm").final_excess_loss.median()
+
+    None takes the task's default; task-specific keys (e.g. depth=2, model="gpt2") go in **task_options.
+    """
+    cfg = CompareConfig(task=task, arms=arms, steps=steps, seeds=seeds, optimizer=optimizer, lr=lr, alpha=alpha,
+                        rank=rank, weight_decay=weight_decay, device=device, dtype=dtype, eval_every=eval_every,
+                        layers_every=layers_every, spectra_every=spectra_every, target_loss=target_loss,
+                        options=task_options, out=None if out is None else str(out), force=force, quiet=quiet)
+    return load_run(run_compare(cfg))
+
+
+# ---------------------------------------------------------------- reading a comparison
+
+
+def arm_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm, each at its own best (lr, alpha) cell, plus how flat its grid is.
+
+    metric: final_excess_loss when known, else final_eval_loss when known, else final_loss; a cell's
+    value is the median over seeds, diverged seeds counting as +inf. Columns: arm, cells, completed,
+    diverged, best_lr, best_alpha, metric, best, worst (median metric at the best/worst grid cell),
+    within_2x (fraction of grid cells whose median is within 2x of the best), steps_to_target (median
+    at the best cell), speedup_vs_lora (median over seeds of lora-at-its-best / arm-at-its-best steps).
+    """
+    cols = ["arm", "cells", "completed", "diverged", "best_lr", "best_alpha", "metric", "best", "worst",
+            "within_2x", "steps_to_target", "speedup_vs_lora"]
+    if summary.empty:
+        return pd.DataFrame(columns=cols)
+    metric = next((m for m in ("final_excess_loss", "final_eval_loss", "final_loss")
+                   if summary[m].notna().any()), "final_loss")
+    s = summary.copy()
+    s["value"] = s[metric].where(s["status"] == "completed", math.inf).astype(float)
+    rows, best_cells = [], {}
+    for arm, g in s.groupby("arm", sort=False):
+        grid = g.groupby(["lr", "alpha"])["value"].median()
+        ran = g[g["status"] != "skipped"]
+        if ran.empty:
+            rows.append({"arm": arm, "cells": len(g), "completed": 0, "diverged": 0, "metric": metric})
+            continue
+        (blr, balpha), best = grid.idxmin(), float(grid.min())
+        best_cells[arm] = g[(g["lr"] == blr) & (g["alpha"] == balpha)].set_index("seed")
+        finite_best = best if math.isfinite(best) and best > 0 else math.nan
+        rows.append({
+            "arm": arm, "cells": len(g), "completed": int((g["status"] == "completed").sum()),
+            "diverged": int((g["status"] == "diverged").sum()), "best_lr": blr, "best_alpha": balpha,
+            "metric": metric, "best": best, "worst": float(grid.max()),
+            "within_2x": float((grid <= 2 * finite_best).mean()) if finite_best == finite_best else math.nan,
+            "steps_to_target": float(best_cells[arm]["steps_to_target"].median()),
+        })
+    for row in rows:
+        if "lora" in best_cells and row["arm"] in best_cells:
+            ratio = best_cells["lora"]["steps_to_target"] / best_cells[row["arm"]]["steps_to_target"]
+            row["speedup_vs_lora"] = float(ratio.median())
+    return pd.DataFrame(rows, columns=cols)
