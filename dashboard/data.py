@@ -348,7 +348,8 @@ def layer_steps(layers: pd.DataFrame, values: list[str], *, by: str = "series", 
     data = layers if modules is None else layers[layers["module"].astype(str).isin(modules)]
     data = data.assign(module=data["module"].astype(str))
     out = data.groupby([by, "module", "step"], sort=False)[values].median().reset_index()
-    return out[cols].sort_values([by, "module", "step"], kind="stable").reset_index(drop=True)
+    # Series keep the order they come in (lora first, as the run lists its arms).
+    return out[cols].sort_values(["module", "step"], kind="stable").reset_index(drop=True)
 
 
 def median_over_layers(layers: pd.DataFrame, values: list[str], *, by: str = "series") -> pd.DataFrame:

@@ -316,6 +316,7 @@ def imbalance_heatmaps(heat: pd.DataFrame, *, value: str = "rel_imbalance", by: 
             row=1, col=col,
         )
         fig.update_xaxes(title_text="optimizer step", row=1, col=col)
+    fig.update_yaxes(type="category")  # module names such as "0" must stay labels, not numbers
     fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_layout(title=_title(title, f"colour: {label_txt}, log scale; median over seeds"), height=max(360, 160 + 22 * len(modules)))
     return fig
@@ -346,7 +347,7 @@ def layer_lines(lines: pd.DataFrame, *, value: str = "rel_imbalance", by: str = 
     return fig
 
 
-def singular_values(sv: pd.DataFrame, *, by: str = "series", title: str = "Singular values", log_y: bool = True) -> go.Figure:
+def singular_values(sv: pd.DataFrame, *, by: str = "series", title: str = "Singular values", log_y: bool = True, legend: str = "arm") -> go.Figure:
     """Singular values of dW, A and B side by side, index on x (1 = largest).
 
     `sv`: by, which ("dW"|"A"|"B"), index (0-based), value.
@@ -369,7 +370,7 @@ def singular_values(sv: pd.DataFrame, *, by: str = "series", title: str = "Singu
         fig.update_xaxes(title_text="index i (1 = largest)", dtick=1 if sv["index"].max() < 16 else None, row=1, col=col)
         fig.update_yaxes(type="log" if log_y else "linear", row=1, col=col)
     fig.update_yaxes(title_text=SIGMA_LABEL, row=1, col=1)
-    fig.update_layout(title=_title(title, "balanced factors have equal spectra for A and B"), height=400, legend_title_text="arm")
+    fig.update_layout(title=_title(title, "balanced factors have equal spectra for A and B"), height=400, legend_title_text=legend)
     return fig
 
 
@@ -396,7 +397,8 @@ def spectrum_evolution(sv: pd.DataFrame, *, which: str = "dW", by: str = "series
                 row=1, col=col,
             )
         fig.update_xaxes(title_text="optimizer step", row=1, col=col)
-    fig.update_yaxes(title_text=SIGMA_LABEL, type="log" if log_y else "linear")
+    fig.update_yaxes(type="log" if log_y else "linear")
+    fig.update_yaxes(title_text=SIGMA_LABEL, row=1, col=1)
     fig.update_layout(title=_title(title, "σ1 is the largest; median over seeds"), height=400, legend_title_text="index")
     return fig
 
@@ -443,7 +445,7 @@ def layer_bars(report: pd.DataFrame, *, value: str = "rel_imbalance", log_x: boo
         label = label + " [" + data["adapter"].astype(str) + "]"
     vals = data[value].replace([np.inf, -np.inf], np.nan)
     fig = go.Figure(go.Bar(x=vals, y=label, orientation="h", marker_color="#1f77b4", hovertemplate="%{y}: %{x:.4g}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="layer", height=max(320, 120 + 18 * len(data)), yaxis=dict(autorange="reversed"))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="layer", height=max(320, 120 + 18 * len(data)), yaxis=dict(autorange="reversed", type="category"))
     fig.update_xaxes(type="log" if log_x else "linear")
     return fig
 
@@ -462,7 +464,7 @@ def conditioning_by_layer(report: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Bar(x=report[c].replace([np.inf, -np.inf], np.nan), y=label, orientation="h", name=f"cond({c.split('_')[1]})", marker_color=color))
     fig.update_layout(
         title=_title(title, "missing bar = rank-deficient (infinite) or zero update"), xaxis_title=x_title, yaxis_title="layer",
-        barmode="group", height=max(320, 120 + 30 * len(report)), yaxis=dict(autorange="reversed"), legend_title_text="matrix",
+        barmode="group", height=max(320, 120 + 30 * len(report)), yaxis=dict(autorange="reversed", type="category"), legend_title_text="matrix",
     )
     fig.update_xaxes(type="log")
     return fig
@@ -517,7 +519,7 @@ def balance_check(changes: pd.DataFrame, *, tolerance: float = 1e-5) -> go.Figur
                   annotation_text=f"tolerance {tolerance:g}", annotation_position="top left")
     fig.update_xaxes(title_text=VALUE_LABELS["rel_imbalance"], row=1, col=1)
     fig.update_xaxes(title_text="relative change of dW (ratio, log scale)", type="log", row=1, col=2)
-    fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
+    fig.update_yaxes(title_text="layer", autorange="reversed", type="category", row=1, col=1)
     fig.update_layout(title=_title(title, "checked by re-reading the written file"), barmode="group",
                       height=max(340, 140 + 34 * len(changes)), legend=dict(orientation="h", y=-0.2))
     return fig

@@ -164,6 +164,10 @@ def test_inspect_figures():
     bars = plots.layer_bars(_report(), value="rel_imbalance")
     assert_labelled(bars, "relative imbalance", "layer")
     assert list(bars.data[0].y) == ["q", "v", "o"] and list(bars.data[0].x) == [0.9, 0.1, 0.5]
+    # nn.Sequential children are named "0", "1": they must stay labels on a category axis.
+    numeric = _report().assign(module=["0", "1", "2"])
+    assert plots.layer_bars(numeric).layout.yaxis.type == "category"
+    assert plots.conditioning_by_layer(numeric).layout.yaxis.type == "category"
     cond = plots.conditioning_by_layer(_report())
     assert_labelled(cond, "condition number", "layer")
     assert len(cond.data) == 3 and np.isnan(np.asarray(cond.data[0].x, dtype=float)[1])

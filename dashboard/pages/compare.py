@@ -99,7 +99,7 @@ unit = data.loss_unit(next(iter(runs.values())).config) if len(tasks) == 1 else 
 
 arms_all = list(dict.fromkeys(list(summary["arm"].astype(str)) + list(steps["arm"].astype(str))))
 seeds_all = sorted(set(steps["seed"].tolist()) | set(summary["seed"].tolist()))
-c1, c2, c3 = st.columns([2, 2, 3])
+c1, c2, c3 = st.columns([3, 2, 3])
 arms = c1.multiselect("Arms", arms_all, default=arms_all, key="compare_arms")
 seeds = c2.multiselect("Seeds", seeds_all, default=seeds_all, key="compare_seeds")
 steps, summary, layers, spectra = (data.filter_arms_seeds(df, arms, seeds) for df in (steps, summary, layers, spectra))

@@ -111,7 +111,7 @@ modules = ok["module"].astype(str).drop_duplicates().tolist()
 if modules:
     layer = st.selectbox("Layer for the spectra", modules, key="insp_layer")
     sv = data.report_spectra(ok, layer)
-    st.plotly_chart(plots.singular_values(sv, by="checkpoint", title=f"Singular values of {layer}" + (f" ({chosen})" if chosen else "")), key="fig_insp_sv")
+    st.plotly_chart(plots.singular_values(sv, by="checkpoint", legend="checkpoint", title=f"Singular values of {layer}" + (f" ({chosen})" if chosen else "")), key="fig_insp_sv")
 
 with st.expander("Files read"):
     st.json(df.attrs.get("sources", []), expanded=False)

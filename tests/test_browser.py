@@ -1,0 +1,194 @@
+"""The dashboard served for real and driven by headless Chromium (Debian's package, no browser
+download): every page loads, its plotly charts draw with titles and labelled axes, and no
+Streamlit exception box appears. Screenshots go to artifacts/screenshots/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dashboard_data import write_run  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "dashboard" / "app.py"
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = ROOT / "artifacts" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+START_TIMEOUT_S = 90
+CHART_TIMEOUT_MS = 90_000
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does) to run the browser test",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+# Reads every drawn plotly chart's title and axis titles from the page itself.
+CHART_LABELS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => {
+  const L = gd._fullLayout || gd.layout || {};
+  const axes = Object.keys(L).filter(k => /^[xy]axis\\d*$/.test(k));
+  // Streamlit's theme wraps titles in <b> tags: compare the text only.
+  const title = t => ((t && (typeof t === 'string' ? t : t.text)) || '').replace(/<[^>]+>/g, '');
+  return {title: title(L.title),
+          x: axes.filter(k => k[0] === 'x').map(k => title(L[k].title)).filter(Boolean),
+          y: axes.filter(k => k[0] === 'y').map(k => title(L[k].title)).filter(Boolean)};
+})"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_runs(folder: Path) -> bool:
+    return folder.is_dir() and any((p / "config.json").is_file() for p in folder.iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The committed sample runs when there are any (what a new user sees), else a small grid run."""
+    sample = ROOT / "sample_runs"
+    if _has_runs(sample):
+        return sample
+    root = tmp_path_factory.mktemp("runs")
+    write_run(root / "grid", arms=("lora", "balora", "balora-svd"), lrs=(1e-3, 1e-2), alphas=(8.0, 32.0), steps=20)
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    from test_dashboard_pages import _write_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    for step in (10, 20):
+        _write_adapter(root / "trainer" / f"checkpoint-{step}", step // 10)
+    return root / "trainer"
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port), "--server.address", "127.0.0.1",
+           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--runs", str(runs)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("BALORA_RUNS", None)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    log = open(SHOTS.parent / "streamlit-server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"streamlit exited with {proc.returncode}; see {log.name}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"streamlit did not answer {url}/_stcore/health within {START_TIMEOUT_S} s; see {log.name}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 2600})
+            yield pg
+        finally:
+            browser.close()
+
+
+def _wait_for(page, title_part: str, or_text: str | None = None) -> None:
+    """Wait until a chart whose title contains `title_part` is drawn (or `or_text` is shown):
+    after a click the previous section's charts are still on the page for a moment."""
+    js = """([part, text]) => Array.from(document.querySelectorAll('.js-plotly-plot')).some(gd => {
+        const t = (gd._fullLayout || {}).title; return t && (t.text || '').includes(part);
+      }) || (text !== null && document.body.innerText.includes(text))"""
+    page.wait_for_function(js, arg=[title_part, or_text], timeout=CHART_TIMEOUT_MS)
+
+
+def _settle(page) -> None:
+    """Wait until Streamlit has finished the rerun: no "running" widget, no element left
+    over from the previous run (Streamlit marks those data-stale until it replaces them)."""
+    page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=CHART_TIMEOUT_MS)
+    page.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]')", timeout=CHART_TIMEOUT_MS)
+    page.wait_for_timeout(300)
+
+
+def _check(page, name: str, *, charts: bool = True) -> list[dict]:
+    """No exception box; charts drawn and labelled; a full-page screenshot saved."""
+    if charts:
+        page.wait_for_selector(".main-svg", timeout=CHART_TIMEOUT_MS)
+    _settle(page)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    exceptions = page.locator('[data-testid="stException"]')
+    assert exceptions.count() == 0, f"{name}: Streamlit exception: {exceptions.first.inner_text()[:500]}"
+    labels = page.evaluate(CHART_LABELS_JS)
+    if charts:
+        assert labels, f"{name}: no plotly chart drawn"
+    for c in labels:
+        assert c["title"] and c["x"] and c["y"], f"{name}: a chart without a title or axis titles: {json.dumps(c)}"
+    return labels
+
+
+def test_every_page_in_a_real_browser(server, page, adapter):
+    # Compare opens by default, on the first run, with its loss curves.
+    page.goto(server + "/", wait_until="domcontentloaded")
+    labels = _check(page, "compare-loss")
+    assert any(c["title"].startswith("Training loss against") or "loss against" in c["title"] for c in labels)
+    expected = {"Grid": "learning rate × alpha", "Speed-up": "Time to reach", "Imbalance": "of every layer during training",
+                "Spectra": "Singular values of"}
+    for section, title_part in expected.items():
+        page.locator('[data-testid="stButtonGroup"] button', has_text=section).first.click()
+        single = "trained a single learning rate" if section == "Grid" else None
+        _wait_for(page, title_part, single)
+        _check(page, f"compare-{section.lower()}", charts=not (single and page.get_by_text(single).count()))
+
+    # Inspect: type a Trainer output folder, press Enter: across-checkpoint and per-layer charts.
+    page.goto(server + "/inspect", wait_until="domcontentloaded")
+    box = page.get_by_label("Path", exact=True)
+    box.fill(str(adapter))
+    box.press("Enter")
+    _wait_for(page, "across checkpoints")
+    labels = _check(page, "inspect")
+    assert {"Relative imbalance across checkpoints", "Condition numbers by layer"} <= {c["title"] for c in labels}
+    page.locator('[data-testid="stButton"] button', has_text="Balance").first.click()
+    _wait_for(page, "Balancing: imbalance removed")
+    page.locator(".js-plotly-plot").last.scroll_into_view_if_needed()
+    _check(page, "inspect-balanced")
+
+    page.goto(server + "/launch", wait_until="domcontentloaded")
+    page.wait_for_selector('[data-testid="stFormSubmitButton"]', timeout=CHART_TIMEOUT_MS)
+    _check(page, "launch", charts=False)
+
+    if (APP.parent / "pages" / "learn.py").is_file():
+        page.goto(server + "/learn", wait_until="domcontentloaded")
+        _check(page, "learn")
