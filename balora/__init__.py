@@ -10,10 +10,19 @@ from balora.imbalance import factor_stats, imbalance, rel_imbalance, singular_va
 from balora.projection import balanced_factors
 from balora.report import REPORT_COLUMNS, layer_report
 from balora.inspect import INSPECT_COLUMNS, balance_file, inspect
+from balora.recorder import RunRecorder
+from balora.runner import arm_summary, compare
+from balora.store import Run, list_runs, load_run
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Run",
+    "RunRecorder",
+    "arm_summary",
+    "compare",
+    "list_runs",
+    "load_run",
     "BalanceCallback",
     "BalanceError",
     "BalanceSummary",

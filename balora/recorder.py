@@ -1,0 +1,207 @@
+"""RunRecorder: write a user's own transformers Trainer run into the run-store format.
+
+    trainer = Trainer(model=peft_model, args=args, ..., callbacks=[RunRecorder("runs/my-run")])
+
+The run then loads with balora.load_run and shows up in the dashboard next to `balora compare`
+runs: one cell (arm, seed, lr, alpha), the Trainer's logged losses as steps rows, and the
+layer report and spectra every `layers_every` / `spectra_every` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from balora.adapters.live import iter_lora_pairs
+from balora.report import pair_rows
+from balora.store import RunWriter, environment_info
+
+
+class RunRecorder(TrainerCallback):
+    """Record a Trainer run as a balora run directory.
+
+    out_dir: the run directory (refused if it exists and is not empty, unless force=True and it is a run).
+    arm: the arm name the run is shown under ("trainer"; e.g. "balora" when you also use BalanceCallback).
+    layers_every / spectra_every: per-layer report / singular values every N optimizer steps (0: never;
+        spectra_every None: same as layers_every). Also recorded before the first and after the last step.
+    seed: the cell's seed (default: TrainingArguments.seed).
+    target_loss: threshold for steps/seconds-to-target in the summary (default: none).
+    balance_callback: the BalanceCallback of the same Trainer, to record the time spent balancing.
+    config: extra keys saved in config.json (e.g. {"model": "gpt2", "data": "train.txt"}).
+    """
+
+    def __init__(self, out_dir: str | Path, arm: str = "trainer", *, layers_every: int = 50,
+                 spectra_every: int | None = None, seed: int | None = None, target_loss: float | None = None,
+                 adapter: str | None = None, balance_callback=None, config: dict[str, Any] | None = None,
+                 force: bool = False):
+        if layers_every < 0 or (spectra_every is not None and spectra_every < 0):
+            raise ValueError("RunRecorder: layers_every and spectra_every must be >= 0")
+        self.out_dir, self.arm, self.force = Path(out_dir), arm, force
+        self.layers_every = layers_every
+        self.spectra_every = layers_every if spectra_every is None else spectra_every
+        self.seed, self.target_loss, self.adapter = seed, target_loss, adapter
+        self.balance_callback, self.extra_config = balance_callback, dict(config or {})
+        self.writer: RunWriter | None = None
+        self._rows: dict[int, dict] = {}  # step -> steps row, written once the Trainer has moved past the step
+        self._train_s = self._diag_s = 0.0
+        self._step_t0 = 0.0
+        self._step_s: dict[int, float] = {}  # step -> its wall-clock (without this callback's diagnostics)
+        self._time_at: dict[int, float] = {}  # step -> cumulative training wall-clock after it
+        self._losses: list[tuple[int, float, float]] = []  # (step, loss, time_s)
+        self._eval: list[tuple[int, float, float]] = []
+        self._last_rel = math.nan
+
+    # -------------------------------------------------------------- Trainer events
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        lora = _lora_config(model, self.adapter)
+        self.key = {"arm": self.arm, "seed": int(args.seed if self.seed is None else self.seed),
+                    "lr": float(args.learning_rate), "alpha": float(lora.get("lora_alpha", math.nan))}
+        device = str(getattr(args, "device", "cpu"))
+        config = {
+            "task": "trainer", "source": "RunRecorder", "arms": [self.arm], "seeds": [self.key["seed"]],
+            "steps": int(state.max_steps), "optimizer": str(getattr(args, "optim", "")), "lrs": [self.key["lr"]],
+            "alphas": [self.key["alpha"]], "rank": lora.get("r"), "weight_decay": float(args.weight_decay),
+            "device": device, "layers_every": self.layers_every, "spectra_every": self.spectra_every,
+            "eval_every": int(args.eval_steps or args.logging_steps or 0) if args.eval_strategy != "no" else 0,
+            "target_loss": self.target_loss, "n_cells": 1, "lora": lora,
+            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
+            **self.extra_config,
+        }
+        self.writer = RunWriter(self.out_dir, config, environment_info(device), force=self.force,
+                                flag="RunRecorder(out_dir)")
+        self.writer.heartbeat({"done": 0, "total": 1, "steps_done": 0, "steps_total": int(state.max_steps)})
+        atexit.register(self._at_exit)
+        if model is not None:
+            self._diagnostics(model, 0, self.layers_every > 0, self.spectra_every > 0)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        self._step_s[step] = time.perf_counter() - self._step_t0
+        self._train_s += self._step_s[step]
+        self._time_at[step] = self._train_s
+        layers, spectra = _due(step, self.layers_every), _due(step, self.spectra_every)
+        if model is not None and self.writer is not None and (layers or spectra):
+            self._diagnostics(model, step, layers, spectra)
+        if self.writer is not None:
+            self.writer.heartbeat({"steps_done": step})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or self.writer is None:
+            return
+        step = state.global_step
+        if "loss" in logs:
+            self._row(step)["loss"] = float(logs["loss"])
+            self._losses.append((step, float(logs["loss"]), self._train_s))
+        if "eval_loss" in logs:
+            self._row(step)["eval_loss"] = float(logs["eval_loss"])
+            self._eval.append((step, float(logs["eval_loss"]), self._train_s))
+        self._flush(before=step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.writer is None or self.writer.finished:
+            return
+        if model is not None:  # the last step, unless on_step_end already recorded it
+            step = state.global_step
+            self._diagnostics(model, step, layers=self.layers_every > 0 and not _due(step, self.layers_every),
+                              spectra=self.spectra_every > 0 and not _due(step, self.spectra_every))
+        self.close("completed")
+
+    # -------------------------------------------------------------- writing
+
+    def close(self, status: str = "completed", message: str | None = None) -> None:
+        """Write what is buffered, the summary row, and mark the run (called by on_train_end)."""
+        if self.writer is None or self.writer.finished:
+            return
+        self._flush(before=None)
+        self.writer.append("summary", [self._summary(status)])
+        self.writer.heartbeat({"done": 1}, force=True)
+        self.writer.finish(status, message)
+        atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        self.close("interrupted", "the process ended before training finished (crash or Ctrl-C)")
+
+    def _row(self, step: int) -> dict:
+        return self._rows.setdefault(step, {**self.key, "step": step})
+
+    def _flush(self, before: int | None) -> None:
+        steps = sorted(s for s in self._rows if before is None or s < before)
+        rows = []
+        for s in steps:
+            row = self._rows.pop(s)
+            row.update(time_s=self._time_at.get(s, self._train_s), step_time_s=self._step_s.get(s, math.nan),
+                       balance_time_s=math.nan, diag_time_s=math.nan, eval_time_s=math.nan)
+            rows.append(row)
+        self.writer.append("steps", rows)
+
+    def _diagnostics(self, model, step: int, layers: bool = True, spectra: bool = True) -> None:
+        """Layer report rows of the model now -> layers and/or spectra rows (dW includes the scaling)."""
+        t = time.perf_counter()
+        pairs = [p for p in iter_lora_pairs(model, self.adapter) if p.skip_reason is None]
+        with torch.no_grad():
+            rows = pair_rows(pairs)
+        self._last_rel = max((r["rel_imbalance"] for r in rows), default=math.nan)
+        layer_rows, spectra_rows = [], []
+        for r in rows:
+            if layers:
+                layer_rows.append({**self.key, "step": step,
+                                   **{k: v for k, v in r.items() if k not in ("sigma", "sigma_A", "sigma_B")}})
+            if spectra:
+                for which, values in (("dW", r["sigma"]), ("A", r["sigma_A"]), ("B", r["sigma_B"])):
+                    spectra_rows.extend({**self.key, "step": step, "module": r["module"], "adapter": r["adapter"],
+                                         "which": which, "index": i, "value": float(v)} for i, v in enumerate(values))
+        self.writer.append("layers", layer_rows)
+        self.writer.append("spectra", spectra_rows)
+        self._diag_s += time.perf_counter() - t
+
+    def _summary(self, status: str) -> dict:
+        losses = [v for _, v, _ in self._losses if math.isfinite(v)]
+        nonfinite = [s for s, v, _ in self._losses if not math.isfinite(v)]
+        reason = None
+        if nonfinite and status == "completed":
+            status, reason = "diverged", f"non-finite logged loss at step {nonfinite[0]}"
+        on_eval = bool(self._eval)
+        series = self._eval if on_eval else self._losses
+        hit = next(((s, t) for s, v, t in series if self.target_loss is not None and v <= self.target_loss), None)
+        balance_s = float(self.balance_callback.balance_seconds) if self.balance_callback is not None else math.nan
+        return {
+            **self.key, "status": status, "reason": reason, "steps_done": max(self._step_s, default=0),
+            "final_loss": losses[-1] if losses else math.nan, "min_loss": min(losses) if losses else math.nan,
+            "best_loss": math.nan, "final_excess_loss": math.nan,
+            "final_eval_loss": self._eval[-1][1] if self._eval else math.nan,
+            "final_rel_imbalance_max": self._last_rel,
+            "target_loss": math.nan if self.target_loss is None else self.target_loss,
+            "target_on": "eval_loss" if on_eval else "loss",
+            "steps_to_target": hit[0] if hit else math.nan, "seconds_to_target": hit[1] if hit else math.nan,
+            "total_seconds": self._train_s, "balance_seconds": balance_s, "diag_seconds": self._diag_s,
+            "speedup_steps": math.nan, "speedup_seconds": math.nan,
+        }
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _lora_config(model, adapter: str | None) -> dict:
+    """r, lora_alpha, target modules... of the PEFT adapter, as plain JSON values ({} if not a PEFT model)."""
+    configs = getattr(model, "peft_config", None) or {}
+    cfg = configs.get(adapter or "default") or next(iter(configs.values()), None)
+    if cfg is None:
+        return {}
+    out = {}
+    for key in ("r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "target_modules", "init_lora_weights"):
+        value = getattr(cfg, key, None)
+        out[key] = sorted(value) if isinstance(value, set) else value
+    return out

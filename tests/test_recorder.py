@@ -1,0 +1,94 @@
+"""RunRecorder: a tiny Trainer run is written in the run-store format and load_run reads it back."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+
+from balora import BalanceCallback  # noqa: E402
+from balora.recorder import RunRecorder  # noqa: E402
+from balora.store import load_run  # noqa: E402
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int, vocab: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _train(tmp_path, out, callbacks_for, max_steps=6):
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=4,
+        learning_rate=5e-2, logging_steps=2, eval_strategy="steps", eval_steps=3, report_to=[],
+        save_strategy="no", use_cpu=True, seed=3, disable_tqdm=True,
+    )
+    callbacks = callbacks_for(out)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(24, 8, 32, 0),
+                      eval_dataset=TokenData(8, 8, 32, 1), callbacks=callbacks)
+    trainer.train()
+    return trainer, callbacks
+
+
+def test_trainer_run_is_recorded(tmp_path):
+    out = tmp_path / "run"
+    trainer, _ = _train(tmp_path, out, lambda o: [RunRecorder(o, layers_every=2, spectra_every=3)])
+    run = load_run(out)
+    assert run.status == "completed" and not run.warnings
+    assert run.config["source"] == "RunRecorder" and run.config["lrs"] == [5e-2] and run.config["alphas"] == [4.0]
+
+    history = trainer.state.log_history
+    logged = {h["step"]: h["loss"] for h in history if "loss" in h}
+    evals = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    steps = run.steps.set_index("step")
+    assert set(steps.index) == set(logged) | set(evals)  # one row per logged step, train and eval merged
+    for step, loss in logged.items():
+        assert steps.loc[step, "loss"] == pytest.approx(loss)
+    for step, loss in evals.items():
+        assert steps.loc[step, "eval_loss"] == pytest.approx(loss)
+    assert (run.steps["arm"] == "trainer").all() and (run.steps["seed"] == 3).all()
+    assert run.steps["time_s"].is_monotonic_increasing
+
+    # layers: before training, every 2 steps, and the last step; 2 LoRA modules each time
+    assert sorted(run.layers["step"].unique()) == [0, 2, 4, 6]
+    assert (run.layers.groupby("step").size() == 2).all()
+    init = run.layers[run.layers["step"] == 0]
+    assert (init["rel_imbalance"] == 1.0).all()  # PEFT's B = 0 init
+    assert sorted(run.spectra["step"].unique()) == [0, 3, 6]
+    assert set(run.spectra["which"]) == {"dW", "A", "B"}
+    assert len(run.spectra[(run.spectra["step"] == 3) & (run.spectra["which"] == "dW")]) == 2 * 2  # 2 modules x r
+
+    (summary,) = run.summary.to_dict("records")
+    assert summary["status"] == "completed" and summary["steps_done"] == 6
+    assert summary["final_loss"] == pytest.approx(logged[max(logged)])
+    assert summary["final_eval_loss"] == pytest.approx(evals[max(evals)])
+    last = run.layers[run.layers["step"] == 6]["rel_imbalance"].max()
+    assert summary["final_rel_imbalance_max"] == pytest.approx(last)
+
+
+def test_recorder_with_balancing_shows_balanced_layers(tmp_path):
+    out = tmp_path / "run"
+
+    def callbacks(o):
+        balance = BalanceCallback(log_diagnostics=False)
+        return [balance, RunRecorder(o, arm="balora", layers_every=3, balance_callback=balance)]
+
+    _train(tmp_path, out, callbacks)
+    run = load_run(out)
+    final = run.layers[run.layers["step"] == 6]
+    assert final["rel_imbalance"].max() < 1e-4
+    assert run.summary.loc[0, "arm"] == "balora"
+    assert run.summary.loc[0, "balance_seconds"] > 0
+    assert math.isnan(run.summary.loc[0, "speedup_steps"])
