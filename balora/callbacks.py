@@ -92,6 +92,8 @@ def balance_after_step(
 
     Keyword arguments go to balance_ (adapter, on_rank_deficient, on_nonfinite).
     """
+    if every < 1:
+        raise ValueError(f"balance_after_step: every must be >= 1, got {every}")
     kwargs.setdefault("check", False)
     count = {"steps": 0}
 

@@ -7,16 +7,11 @@ factories so each test can choose sizes and seeds and gets fresh, unshared weigh
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-
-# PEFT and transformers warn about tiny configs (vocab without bos/eos tokens, fan_in_fan_out
-# being switched on for GPT-2's Conv1D); the tests check behaviour, not these messages.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\..*")
 
 # The models here are a few thousand parameters: intra-op threads only add synchronisation, and
 # on a shared 2-core CI runner under load they made balance_ on TinyNet ~10x slower (0.3 s vs 0.03 s).

@@ -99,8 +99,8 @@ def test_write_puts_factors_back_in_place(dtype, make_tiny_net, tiny_net_targets
 
 
 def test_adalora_is_listed_with_a_reason_and_left_alone(make_gpt2, snapshot, assert_bit_identical):
-    model = get_peft_model(make_gpt2(), AdaLoraConfig(r=4, target_modules=["c_attn"], total_step=10,
-                                                      init_lora_weights=False))
+    model = get_peft_model(make_gpt2(), AdaLoraConfig(init_r=4, target_r=2, target_modules=["c_attn"], total_step=10,
+                                                      fan_in_fan_out=True, init_lora_weights=False))
     pairs = iter_lora_pairs(model)
     assert [p.module for p in pairs] == ["transformer.h.0.attn.c_attn"]
     assert "AdaLoRA" in pairs[0].skip_reason
@@ -142,6 +142,7 @@ def test_stacked_experts_are_not_balanced_as_one_product(snapshot, assert_bit_id
     assert_bit_identical(before, snapshot(model))
 
 
+@pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1")
 def test_grouped_conv_is_skipped():
     class Grouped(nn.Module):
         def __init__(self):
@@ -173,3 +174,17 @@ def test_sharded_factor_is_refused_by_name(make_tiny_net):
     model.base_model.model.lin.lora_A["default"].weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partition
     with pytest.raises(RuntimeError, match=r"lin\[default\].*sharded"):
         iter_lora_pairs(model)
+
+
+def test_conv_subclass_kind():
+    class MyConv(nn.Conv2d):  # e.g. diffusers' LoRACompatibleConv: PEFT wraps it as a Conv2d
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = MyConv(3, 5, 3)
+
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False))
+    (pair,) = iter_lora_pairs(model)
+    assert pair.kind == "conv2d" and pair.skip_reason is None

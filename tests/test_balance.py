@@ -56,7 +56,7 @@ def build(make_tiny_net, tiny_net_targets, tiny_net_inputs, make_gpt2, lm_batch)
     def make(variant):
         if variant == "gpt2":
             model = get_peft_model(make_gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=GPT2_TARGETS,
-                                                           init_lora_weights=False))
+                                                           fan_in_fan_out=True, init_lora_weights=False))
             run = lambda: model(lm_batch).logits  # noqa: E731
         else:
             model = _tiny_net_model(make_tiny_net, tiny_net_targets, variant)

@@ -93,7 +93,8 @@ def test_tiny_net_report_vs_numpy(variant, make_tiny_net, tiny_net_targets, lora
 
 
 def test_gpt2_report(make_gpt2, lora_factors):
-    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc", "wte"], init_lora_weights=False)
+    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True,
+                     init_lora_weights=False)
     model = get_peft_model(make_gpt2(n_layer=2), cfg)
     report = layer_report(model)
     assert report["module"].tolist() == ["transformer.wte"] + [
@@ -143,6 +144,7 @@ def test_nonfinite_row_does_not_spoil_its_batch(make_tiny_net, lora_factors):
         assert good[col] == pytest.approx(ref[col], rel=1e-6), col
 
 
+@pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1")
 def test_adapter_filter_and_skipped_pairs(make_tiny_net):
     class WithGrouped(nn.Module):
         def __init__(self):
@@ -160,7 +162,7 @@ def test_adapter_filter_and_skipped_pairs(make_tiny_net):
 
 def test_summarize_matches_pandas(make_gpt2):
     model = get_peft_model(make_gpt2(n_layer=2), LoraConfig(r=4, target_modules=["c_attn", "c_proj"],
-                                                           init_lora_weights=False))
+                                                           fan_in_fan_out=True, init_lora_weights=False))
     report = layer_report(model)
     s = summarize(report)
     assert s == {

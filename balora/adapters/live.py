@@ -48,7 +48,11 @@ def _check_not_sharded(name: str, param: torch.Tensor, expected: tuple[int, ...]
 
 
 def _conv_kind(base: nn.Module) -> str:
-    return {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}.get(type(base), "conv")
+    # isinstance, not type(): PEFT wraps subclasses of nn.Conv2d (e.g. diffusers' convs) as Conv2d too.
+    for cls, kind in ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d")):
+        if isinstance(base, cls):
+            return kind
+    return "conv"
 
 
 def iter_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[FactorPair]:

@@ -1,0 +1,169 @@
+"""BalanceCallback inside a real transformers Trainer.train() and balance_after_step in a hand-written
+loop: after every optimizer step every layer is balanced and PEFT's dW is what the optimizer made it;
+diagnostics reach the Trainer's logs; balance=False and handle.remove() really stop balancing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from balora import BalanceCallback, balance_after_step, layer_report
+
+TARGETS = ["c_attn", "c_proj", "c_fc", "wte"]
+DIAGNOSTIC_KEYS = {"balora/rel_imbalance_mean", "balora/rel_imbalance_max", "balora/imbalance_max",
+                   "balora/cond_dW_median", "balora/eff_rank_mean", "balora/sigma_max", "balora/balance_seconds"}
+
+
+@pytest.fixture
+def lora_gpt2(make_gpt2):
+    """Tiny GPT-2 with LoRA on every layer kind it has; random (nonzero) init so that every
+    product has full rank from the first step and "balanced after every step" is exact."""
+
+    def make(seed=0):
+        model = make_gpt2(seed=seed)
+        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, fan_in_fan_out=True,
+                                                init_lora_weights=False))
+
+    return make
+
+
+@pytest.fixture
+def train_data(lm_batch):
+    return [{"input_ids": ids, "labels": ids} for ids in torch.cat([lm_batch, lm_batch.flip(1)])]  # 8 rows
+
+
+def _trainer(model, data, tmp_path, callbacks=(), steps=3):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to="none",
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, data_seed=0)
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+
+
+class _RecordAfterOptimizer(TrainerCallback):
+    """Registered before BalanceCallback: PEFT's dW right after optimizer.step(), before balancing."""
+
+    def __init__(self, peft_deltas):
+        self.peft_deltas, self.deltas = peft_deltas, None
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.deltas = self.peft_deltas(model)
+
+
+class _CheckAtStepEnd(TrainerCallback):
+    """Registered after BalanceCallback: at each step end, every layer balanced, dW as the optimizer left it."""
+
+    def __init__(self, recorder, peft_deltas, assert_deltas_close):
+        self.recorder, self.peft_deltas, self.assert_close = recorder, peft_deltas, assert_deltas_close
+        self.max_rel_imbalance = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        report = layer_report(model)
+        self.max_rel_imbalance.append(float(report["rel_imbalance"].max()))
+        self.assert_close(self.recorder.deltas, self.peft_deltas(model), rtol=1e-5)
+
+
+class _LogSpy(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B): what keys does it get?"""
+
+    def __init__(self):
+        self.keys = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.keys.append(set(logs))
+
+
+def test_trainer_balances_after_every_step(lora_gpt2, train_data, tmp_path, peft_deltas, assert_deltas_close):
+    model = lora_gpt2()
+    assert float(layer_report(model)["rel_imbalance"].min()) > 0.05
+    recorder = _RecordAfterOptimizer(peft_deltas)
+    checker = _CheckAtStepEnd(recorder, peft_deltas, assert_deltas_close)
+    balancer = BalanceCallback(log_layers=True)
+    trainer = _trainer(model, train_data, tmp_path, [recorder, balancer, checker])
+    trainer.train()
+
+    assert len(checker.max_rel_imbalance) == 3 and max(checker.max_rel_imbalance) < 1e-5
+    # wte, c_attn, c_fc and both c_proj (attention and MLP).
+    assert balancer.last_summary.balanced == 5 == len(layer_report(model)) and balancer.balance_seconds > 0
+    step_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in step_logs] == [1, 2, 3]
+    for h in step_logs:
+        assert DIAGNOSTIC_KEYS <= set(h), set(h)
+        assert h["balora/rel_imbalance_max"] < 1e-5
+        assert "balora/rel_imbalance/transformer.h.0.attn.c_attn[default]" in h
+        assert "balora/rel_imbalance/transformer.wte[default]" in h
+
+
+def test_attach_puts_it_first_so_integrations_see_diagnostics(lora_gpt2, train_data, tmp_path):
+    spy = _LogSpy()
+    trainer = _trainer(lora_gpt2(), train_data, tmp_path, [spy], steps=2)
+    cb = BalanceCallback().attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is cb
+    trainer.train()
+    assert len(spy.keys) >= 2 and all(DIAGNOSTIC_KEYS <= keys for keys in spy.keys[:2])
+
+
+def test_balance_false_only_logs(lora_gpt2, train_data, tmp_path):
+    plain = _trainer(lora_gpt2(), train_data, tmp_path / "plain", steps=2)
+    plain.train()
+    logging_only = BalanceCallback(balance=False)
+    logged = _trainer(lora_gpt2(), train_data, tmp_path / "logged", [logging_only], steps=2)
+    logged.train()
+    # Training is untouched: bit for bit the weights of a run without the callback.
+    for (name, p), (_, q) in zip(plain.model.named_parameters(), logged.model.named_parameters()):
+        assert torch.equal(p, q), name
+    step_logs = [h for h in logged.state.log_history if "loss" in h]
+    assert all(DIAGNOSTIC_KEYS <= set(h) for h in step_logs)
+    assert min(h["balora/rel_imbalance_max"] for h in step_logs) > 0.05
+    assert logging_only.last_summary is None and all(h["balora/balance_seconds"] == 0 for h in step_logs)
+
+
+def test_every_and_start_step(lora_gpt2):
+    """The step arithmetic, driven the way Trainer drives it (global_step not yet incremented)."""
+    model = lora_gpt2()
+    cb = BalanceCallback(every=2, start_step=3)
+    args, control = None, TrainerControl()
+    balanced_after = []
+    for global_step in range(8):
+        with torch.no_grad():  # an "optimizer step" that unbalances every pair
+            for name, p in model.named_parameters():
+                if "lora_A" in name or "lora_embedding_A" in name:
+                    p.mul_(1.5)
+        cb.on_optimizer_step(args, TrainerState(global_step=global_step), control, model=model)
+        balanced_after.append(float(layer_report(model)["rel_imbalance"].max()) < 1e-5)
+    # Optimizer steps 1..8: balanced after 3, 5, 7.
+    assert balanced_after == [False, False, True, False, True, False, True, False]
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        BalanceCallback(every=0)
+
+
+def test_balance_after_step_in_a_hand_written_loop(make_tiny_net, tiny_net_targets, tiny_net_inputs, peft_deltas,
+                                                    assert_deltas_close):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    recorded = {}
+    # Registered first, so it runs after optimizer.step() and before balora's hook.
+    opt.register_step_post_hook(lambda o, a, k: recorded.update(deltas=peft_deltas(model)))
+    handle = balance_after_step(opt, model)
+
+    def step():
+        loss = model(*tiny_net_inputs).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(layer_report(model)["rel_imbalance"].max())
+
+    for _ in range(3):
+        assert step() < 1e-5
+        assert_deltas_close(recorded["deltas"], peft_deltas(model), rtol=1e-5)
+    handle.remove()
+    after_removal = [step() for _ in range(3)]
+    assert after_removal[-1] > 1e-3, "Adam does not keep the balance: removed hook must mean drift"
+
+    # every=2: balanced after every second step only.
+    handle = balance_after_step(opt, model, every=2, method="svd")
+    assert [step() < 1e-5 for _ in range(4)] == [False, True, False, True]
+    handle.remove()
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        balance_after_step(opt, model, every=0)
