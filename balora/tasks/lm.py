@@ -1,0 +1,247 @@
+"""Causal-LM LoRA fine-tuning: any transformers model (hub id or local folder) on local text.
+
+Offline default (`--set model=toy --set data=toy`): a toy GPT-2 that balora pretrains once on
+generated addition text (see `toy_model`), fine-tuned with LoRA on subtraction text. It is a
+toy: it makes the comparison runnable on any machine in minutes, nothing more. Its eval loss
+has an exact floor (operand digits are random), so `excess_loss`-style targets are meaningful.
+
+Real models: `--set model=gpt2 --set data=train.txt` (or .jsonl with a "text" field, or a
+`datasets` name when that package is installed). The batch is a (B, T) tensor of token ids;
+the loss is the model's own mean next-token cross-entropy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from balora.errors import InputError
+from balora.tasks import Problem, TaskSpec
+from balora.tasks.text_data import TokenBlocks, read_texts, to_blocks
+from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
+from balora.tasks.toy_model import load_toy_model, toy_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attention qkv + both output projections + MLP in
+
+DEFAULTS = {
+    "arms": "lora,balora",
+    "steps": 200,  # with the toy default: ~1 min per arm on 2 CPU cores, the curve has flattened
+    "seeds": 1,  # a language model is slow enough that one seed is the default; pass --seeds for more
+    "optimizer": "adamw",
+    # Per optimizer, a step size at which LoRA on the toy model makes steady progress in 200 steps.
+    "lr": {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.3, "sign": 1e-3},
+    "alpha": 16,  # LoRA scaling s = alpha / r = 2
+    "rank": 8,
+    "weight_decay": 0.0,
+    "eval_every": 20,  # eval loss on the held-out blocks (64 blocks: ~0.1 s on the toy model)
+    "layers_every": 20,  # per-layer report: cheap next to a step (12 pairs of rank 8)
+    "spectra_every": 20,
+    # task keys (--set KEY=VALUE)
+    "model": "toy",  # "toy", a hub id (e.g. gpt2) or a local folder with a causal-LM model
+    "data": "toy",  # "toy" (generated subtraction text), a .txt / .jsonl file, or a `datasets` name
+    "text_field": "text",  # the .jsonl field / dataset column holding the text
+    "toy_size": "small",  # "small" (3 layers x 128) or "tiny" (for tests)
+    "pretrain_steps": None,  # None: the toy size's own pretraining length
+    "target_modules": None,  # "a,b": module names for LoRA; None: GPT-2 names for GPT-2 models, else PEFT's
+    "lora_dropout": 0.0,  # 0 so that arms differ only in what defines them
+    "batch_size": 16,  # blocks per step
+    "block_size": 128,  # tokens per block for file data (toy data: whole lines, the toy model's block)
+    "train_blocks": 2048,  # toy data: generated fine-tuning blocks (6 lines each)
+    "eval_blocks": 64,  # held-out blocks for the eval loss (file data: at most this many)
+    "eval_fraction": 0.1,  # file data: the tail of the token stream held out for eval
+    "target_fraction": 0.5,  # toy data: target eval loss = floor + fraction * (initial - floor)
+}
+
+
+def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
+    dtype = _dtype(cfg, device)
+    model, tokenizer, info = _load_model(cfg, dtype)
+    data, floor = _load_data(cfg, tokenizer, info)
+    lora_model = _add_lora(model, cfg, alpha, seed).to(device)
+    batch_size = min(int(cfg["batch_size"]), len(data.train))
+    eval_blocks = data.eval.to(device)
+
+    def loss(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:  # batch (B, T) token ids
+        return m(input_ids=batch, labels=batch).loss
+
+    def eval_loss(m: nn.Module) -> float:
+        return _mean_loss(m, eval_blocks, batch_size=64)
+
+    target = None
+    if floor is not None:
+        # B = 0 at init, so the LoRA model's eval loss is the base model's, for every seed and alpha.
+        lora_model.eval()
+        with torch.no_grad():
+            initial = eval_loss(lora_model)
+        lora_model.train()
+        target = floor + float(cfg["target_fraction"]) * (initial - floor)
+        info["initial_eval_loss"] = initial
+    info.update(
+        data=data.description,
+        batch_size=batch_size,
+        block_tokens=int(data.train.shape[1]),
+        loss_floor=floor,
+        trainable_params=sum(p.numel() for p in lora_model.parameters() if p.requires_grad),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return Problem(
+        model=lora_model,
+        batches=_batches(data.train, batch_size, seed, device),
+        loss=loss,
+        eval_loss=eval_loss,
+        best_loss=None,  # the floor holds for the eval loss, not for the noisy per-batch training loss
+        target_loss=target,
+        info=info,
+    )
+
+
+def _dtype(cfg: dict, device: torch.device) -> torch.dtype:
+    name = str(cfg.get("dtype") or "float32")
+    if name not in DTYPES:
+        raise InputError(f"--dtype {name}: the lm task supports {', '.join(DTYPES)}")
+    if name == "bfloat16" and device.type != "cuda":
+        raise InputError(f"--dtype bfloat16: the lm task uses bf16 only on CUDA (device is {device}); drop --dtype")
+    return DTYPES[name]
+
+
+def _load_model(cfg: dict, dtype: torch.dtype):
+    """(causal-LM model, tokenizer with .encode, info dict)."""
+    name = str(cfg["model"])
+    if name == "toy":
+        toy = toy_config(str(cfg["toy_size"]), pretrain_steps=cfg.get("pretrain_steps"))
+        model, tokenizer, toy_info = load_toy_model(toy, progress=sys.stderr.isatty())
+        info = {
+            "model": f"toy GPT-2 ({toy.n_layer} layers x {toy.n_embd}, pretrained by balora on addition text)",
+            "model_path": toy_info["path"],
+            "pretrain_loss": toy_info["final_train_loss"],
+            "pretrain_loss_floor": toy_info["loss_floor"],
+            "pretrain_seconds": toy_info["pretrain_seconds"],
+        }
+        return model.to(dtype), tokenizer, info
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.startswith((".", "/", "~")):  # a path, never a hub id: say so rather than ask the hub
+        local = Path(name).expanduser()
+        if not local.is_dir():
+            raise InputError(f"lm: model folder {local} not found; pass a folder written by save_pretrained or a hub id")
+        name = str(local)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as e:  # not found, no network, not a causal LM
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"lm: could not load model {name!r} ({first_line}); pass a local model folder "
+            "or a hub id reachable from this machine, or --set model=toy"
+        ) from e
+    tokenizer.model_max_length = sys.maxsize  # we cut blocks ourselves; silences the long-input warning
+    return model, _HFEncoder(tokenizer), {"model": name}
+
+
+class _HFEncoder:
+    """A transformers tokenizer seen through the same .encode(text) -> ids as CharTokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def separator(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return [eos] if eos is not None else self.encode("\n\n")
+
+
+def _load_data(cfg: dict, tokenizer, info: dict) -> tuple[TokenBlocks, float | None]:
+    """Train/eval blocks and, for toy data on the character tokenizer, the exact eval-loss floor."""
+    source = str(cfg["data"])
+    if source == "toy":
+        corpus = ArithmeticCorpus(op="-", digits=_toy_digits(cfg), seed=1)  # fixed: every seed sees the same text
+        if isinstance(tokenizer, CharTokenizer):
+            lines = _toy_lines_per_block(cfg)
+            blocks = TokenBlocks(
+                train=corpus.blocks(int(cfg["train_blocks"]), lines, "train"),
+                eval=corpus.blocks(int(cfg["eval_blocks"]), lines, "eval"),
+                description=(
+                    f"generated subtraction lines like {corpus.format_line(17, 42)!r}: "
+                    f"{cfg['train_blocks']} train + {cfg['eval_blocks']} held-out blocks of {lines} lines"
+                ),
+            )
+            return blocks, corpus.loss_floor(lines)
+        texts = [corpus.text(int(cfg["train_blocks"]) * 6)]
+        source = "generated subtraction text"
+    else:
+        texts = read_texts(source, str(cfg["text_field"]))
+    separator = getattr(tokenizer, "separator", tokenizer.encode("\n\n"))
+    blocks = to_blocks(texts, tokenizer.encode, int(cfg["block_size"]), float(cfg["eval_fraction"]),
+                       int(cfg["eval_blocks"]), separator, source)
+    return blocks, None
+
+
+def _toy_digits(cfg: dict) -> int:
+    return toy_config(str(cfg["toy_size"])).digits if str(cfg["model"]) == "toy" else 2
+
+
+def _toy_lines_per_block(cfg: dict) -> int:
+    """The toy model's own block length, so fine-tuning never exceeds its positions."""
+    return toy_config(str(cfg["toy_size"])).lines_per_block
+
+
+def _add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    elif targets is None and getattr(model.config, "model_type", None) == "gpt2":
+        targets = GPT2_TARGETS
+    lora = LoraConfig(
+        r=int(cfg["rank"]),
+        lora_alpha=alpha,
+        lora_dropout=float(cfg["lora_dropout"]),
+        target_modules=targets,
+        fan_in_fan_out=getattr(model.config, "model_type", None) == "gpt2",  # GPT-2 uses Conv1D (in, out)
+        task_type="CAUSAL_LM",
+    )
+    # The LoRA init (A random, B = 0) comes from the global RNG: seed it, and leave the caller's RNG as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as e:  # PEFT cannot guess targets for this architecture, or none matched
+            raise InputError(
+                f"lm: LoRA could not be added to {cfg['model']!r} ({str(e).splitlines()[0]}); "
+                "name the layers with --set target_modules=a,b"
+            ) from e
+
+
+def _batches(train: torch.Tensor, batch_size: int, seed: int, device: torch.device):
+    """A factory of endless batch iterators: reshuffled each epoch, the same sequence on every call."""
+
+    def batches():
+        gen = torch.Generator().manual_seed(int(seed))
+        for _ in itertools.count():
+            order = torch.randperm(len(train), generator=gen)
+            for i in range(0, len(order) - batch_size + 1, batch_size):  # drop the last partial batch
+                yield train[order[i : i + batch_size]].to(device)  # (B, T)
+
+    return batches
+
+
+def _mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss over all blocks (equal lengths, so a size-weighted mean of batch means)."""
+    total = 0.0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i : i + batch_size]  # (b, T)
+        total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
+    return total / len(blocks)
+
+
+TASK = TaskSpec(name="lm", build=build, defaults=DEFAULTS)

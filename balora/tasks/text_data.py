@@ -1,0 +1,121 @@
+"""Text for language-model tasks: a .txt / .jsonl file (or a `datasets` name) -> token blocks.
+
+Documents are tokenized, joined with a separator and cut into equal blocks; the last
+`eval_fraction` of the stream (whole blocks) is held out, so evaluation text never
+overlaps training text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from balora.errors import InputError
+
+SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass
+class TokenBlocks:
+    train: torch.Tensor  # (N_train, T) token ids
+    eval: torch.Tensor  # (N_eval, T) token ids, from the end of the stream
+    description: str  # for config.json: where the text came from and how much of it
+
+
+def read_texts(source: str, text_field: str = "text") -> list[str]:
+    """Documents of a .txt file (one), a .jsonl file (one per line) or a `datasets` name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix == ".txt":
+            texts = [path.read_text(encoding="utf-8", errors="replace")]
+        elif path.suffix == ".jsonl":
+            texts = _read_jsonl(path, text_field)
+        else:
+            raise InputError(f"lm: data file {path} has suffix {path.suffix!r}; use a .txt or .jsonl file")
+    elif path.suffix in SUFFIXES or path.exists():
+        raise InputError(f"lm: data file {path} not found (or not a file); pass an existing .txt or .jsonl file")
+    else:
+        texts = _read_dataset(source, text_field)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise InputError(f"lm: data {source} holds no text; give a file with some text in it")
+    return texts
+
+
+def to_blocks(
+    texts: Sequence[str],
+    encode: Callable[[str], list[int]],
+    block_size: int,
+    eval_fraction: float = 0.1,
+    max_eval_blocks: int = 64,
+    separator: Sequence[int] = (),
+    source: str = "",
+) -> TokenBlocks:
+    """Tokenize, join with `separator`, cut into (N, block_size) blocks, hold out the tail."""
+    if block_size < 2:
+        raise InputError(f"lm: block_size must be at least 2 tokens, got {block_size}")
+    if not 0 < eval_fraction < 1:
+        raise InputError(f"lm: eval_fraction must be between 0 and 1, got {eval_fraction}")
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        if i:
+            ids.extend(separator)
+        ids.extend(encode(text))
+    n_blocks = len(ids) // block_size
+    if n_blocks < 2:
+        raise InputError(
+            f"lm: data {source} has {len(ids)} tokens, fewer than 2 blocks of {block_size}; "
+            "give more text or lower --set block_size=..."
+        )
+    blocks = torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)  # (N, T)
+    n_eval = min(max(1, round(n_blocks * eval_fraction)), max_eval_blocks, n_blocks - 1)
+    n_train = n_blocks - n_eval
+    description = f"{source}: {len(texts)} document(s), {len(ids)} tokens, {n_train} train + {n_eval} eval blocks of {block_size}"
+    return TokenBlocks(train=blocks[:n_train], eval=blocks[n_blocks - n_eval :], description=description)
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"lm: {path} line {lineno} is not JSON ({e.msg}); each line must be one JSON object") from e
+            if not isinstance(record, dict) or text_field not in record:
+                raise InputError(
+                    f"lm: {path} line {lineno} has no {text_field!r} field; "
+                    "name the text field with --set text_field=..."
+                )
+            if not isinstance(record[text_field], str):
+                raise InputError(f"lm: {path} line {lineno}: field {text_field!r} is not a string")
+            texts.append(record[text_field])
+    return texts
+
+
+def _read_dataset(name: str, text_field: str) -> list[str]:
+    """`datasets.load_dataset(name)` ("name" or "name:config"), train split, when installed."""
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(
+            f"lm: data {name!r} is not a file, and the `datasets` package is not installed to load it by name; "
+            "pass a .txt or .jsonl file (or pip install datasets)"
+        ) from None
+    dataset, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(dataset, config or None, split="train")
+    except Exception as e:  # network, unknown name, missing config: all user-fixable
+        raise InputError(f"lm: could not load dataset {name!r} ({type(e).__name__}: {e})") from e
+    if text_field not in ds.column_names:
+        raise InputError(
+            f"lm: dataset {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
+            "use --set text_field=..."
+        )
+    return [t for t in ds[text_field] if isinstance(t, str)]

@@ -1,0 +1,286 @@
+"""The lm task: toy default, local text files, local transformers models, and every arm end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from balora.adapters.live import iter_lora_pairs
+from balora.balance import balance_
+from balora.errors import InputError
+from balora.imbalance import rel_imbalance
+from balora.tasks import get_task, lm
+from balora.tasks.text_data import read_texts, to_blocks
+from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
+from balora.tasks.toy_model import load_toy_model, toy_config
+
+CPU = torch.device("cpu")
+TINY = {"toy_size": "tiny", "pretrain_steps": 12}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("balora_cache")
+
+
+@pytest.fixture(autouse=True)
+def offline_cache_one_thread(cache_dir, monkeypatch):
+    # A private cache (no pre-existing toy model), and one thread: tiny models gain nothing
+    # from intra-op threads, and on a shared 2-core runner they lose a lot to contention.
+    monkeypatch.setenv("BALORA_CACHE", str(cache_dir))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cfg(**overrides) -> dict:
+    cfg = {**lm.DEFAULTS, "rank": 4, "dtype": "float32", **TINY,
+           "train_blocks": 64, "eval_blocks": 8, "batch_size": 4}
+    cfg.update(overrides)
+    return cfg
+
+
+def lora_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def manual_lm_loss(model, batch) -> float:
+    """Mean next-token cross-entropy, shifting by hand (independent of transformers' labels path)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch).logits  # (B, T, V)
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)))
+
+
+def test_registered_with_defaults_for_every_compare_option():
+    task = get_task("lm")
+    assert task is lm.TASK and task.name == "lm"
+    for key in ("steps", "seeds", "optimizer", "lr", "alpha", "rank", "eval_every", "layers_every", "spectra_every"):
+        assert key in task.defaults
+    assert task.defaults["model"] == "toy" and task.defaults["data"] == "toy"
+
+
+def test_toy_problem_has_lora_on_attention_and_mlp_only():
+    cfg = make_cfg()
+    problem = lm.build(cfg, seed=0, alpha=8.0, device=CPU)
+    trainable = [n for n, p in problem.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    pairs = iter_lora_pairs(problem.model)
+    n_layer = toy_config("tiny").n_layer
+    suffixes = sorted(p.module.split(".", 3)[-1] for p in pairs)
+    assert suffixes == sorted(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"] * n_layer)
+    for p in pairs:
+        assert p.kind == "hf_conv1d" and p.r == 4
+        assert p.scaling == pytest.approx(8.0 / 4)
+        assert torch.count_nonzero(p.B) == 0  # PEFT init: dW = 0
+    info = problem.info
+    lines = toy_config("tiny").lines_per_block
+    assert info["loss_floor"] == pytest.approx(ArithmeticCorpus(op="-").loss_floor(lines))
+    assert info["block_tokens"] == lines * ArithmeticCorpus().line_length
+    assert problem.best_loss is None  # a floor of the eval loss, not of the per-batch training loss
+
+
+def test_seed_fixes_adapter_init_and_data_order():
+    cfg = make_cfg()
+    a, b, c = (lm.build(cfg, seed=s, alpha=8.0, device=CPU) for s in (0, 0, 1))
+    sa, sb, sc = lora_state(a.model), lora_state(b.model), lora_state(c.model)
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert any(not torch.equal(sa[n], sc[n]) for n in sa if "lora_A" in n)
+
+    def first(problem, n=20):
+        it = problem.batches()
+        return [next(it) for _ in range(n)]  # 20 batches of 4 > 64 blocks: crosses an epoch
+
+    assert all(torch.equal(x, y) for x, y in zip(first(a), first(a)))  # same order on every call
+    assert all(torch.equal(x, y) for x, y in zip(first(a), first(b)))
+    assert any(not torch.equal(x, y) for x, y in zip(first(a), first(c)))
+
+
+def test_batches_are_correct_subtraction_blocks():
+    problem = lm.build(make_cfg(), seed=0, alpha=8.0, device=CPU)
+    batch = next(problem.batches())
+    assert batch.shape == (4, problem.info["block_tokens"]) and batch.dtype == torch.long
+    for row in batch:
+        for line in CharTokenizer().decode(row).splitlines():
+            left, answer = line.split("=")
+            a, b = left.split("-")
+            assert int(answer) == int(a) - int(b)
+
+
+def test_losses_match_the_base_model_at_init_and_target_sits_between_floor_and_initial():
+    cfg = make_cfg()
+    problem = lm.build(cfg, seed=0, alpha=8.0, device=CPU)
+    base, _, _ = load_toy_model(toy_config("tiny", pretrain_steps=12), progress=False)
+    batch = next(problem.batches())
+    problem.model.train()
+    assert float(problem.loss(problem.model, batch).detach()) == pytest.approx(manual_lm_loss(base, batch), rel=1e-5)
+
+    corpus = ArithmeticCorpus(op="-", digits=2, seed=1)
+    eval_blocks = corpus.blocks(8, toy_config("tiny").lines_per_block, "eval")
+    with torch.no_grad():
+        expected = manual_lm_loss(base, eval_blocks)
+        problem.model.eval()
+        got = problem.eval_loss(problem.model)
+    assert got == pytest.approx(expected, rel=1e-5)
+    floor = problem.info["loss_floor"]
+    assert problem.target_loss == pytest.approx(floor + 0.5 * (expected - floor), rel=1e-5)
+    assert floor < problem.target_loss < expected
+
+
+@pytest.mark.parametrize("method", [None, "nearest", "svd"])
+def test_minimal_training_loop_lowers_eval_loss(method):
+    problem = lm.build(make_cfg(), seed=0, alpha=8.0, device=CPU)
+    model = problem.model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.eval()
+    with torch.no_grad():
+        before = problem.eval_loss(model)
+    model.train()
+    data = problem.batches()
+    for _ in range(15):
+        loss = problem.loss(model, next(data))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if method:
+            balance_(model, method=method, check=False)
+    model.eval()
+    with torch.no_grad():
+        after = problem.eval_loss(model)
+    assert after < before - 0.02  # every gauge trains (svd with AdamW slowest, as DESIGN.md found)
+    if method:
+        for p in iter_lora_pairs(model):
+            assert float(rel_imbalance(p.A, p.B)) < 1e-4
+
+
+def test_compare_runs_every_arm_on_the_tiny_toy(tmp_path):
+    from balora.arms import ARMS
+    from balora.runner import compare
+
+    run = compare("lm", arms=",".join(ARMS), steps=4, eval_every=2, layers_every=2, spectra_every=4,
+                  out=tmp_path / "run", quiet=True, rank=4, train_blocks=32, eval_blocks=4, batch_size=4, **TINY)
+    summary = run.summary.set_index("arm")
+    assert set(summary.index) == set(ARMS)
+    for arm, row in summary.iterrows():
+        assert row["status"] in ("completed", "skipped"), (arm, row["reason"])
+    assert (summary["status"] == "completed").sum() >= 3  # lora, balora, balora-svd always run
+    steps = run.steps[run.steps.arm == "lora"].set_index("step")
+    assert list(steps.index) == [1, 2, 3, 4]
+    assert steps.loc[[2, 4], "eval_loss"].notna().all() and steps.loc[[1, 3], "eval_loss"].isna().all()
+    assert run.config["problem"]["loss_floor"] > 0 and run.config["task_options"]["toy_size"] == "tiny"
+    assert len(run.layers) and len(run.spectra)
+
+
+def test_text_file_data_is_split_into_train_head_and_eval_tail(tmp_path):
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(200))
+    path = tmp_path / "train.txt"
+    path.write_text(text)
+    problem = lm.build(make_cfg(data=str(path), block_size=32, eval_fraction=0.25), 0, 8.0, CPU)
+    tok = CharTokenizer()
+    n_blocks = len(text) // 32
+    n_eval = min(round(n_blocks * 0.25), 8)  # make_cfg caps eval at eval_blocks=8
+    assert problem.target_loss is None and problem.info["loss_floor"] is None
+    it = problem.batches()
+    seen = torch.cat([next(it) for _ in range(n_blocks // 4)])  # a whole epoch of the train blocks
+    assert seen.shape == (n_blocks // 4 * 4, 32)
+    train_text = text[: (n_blocks - n_eval) * 32]
+    for row in seen:
+        assert tok.decode(row) in train_text
+    assert "train.txt" in problem.info["data"] and f"{n_eval} eval blocks" in problem.info["data"]
+
+
+def test_jsonl_reads_the_named_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"doc {i}", "id": i}) for i in range(3)) + "\n\n")
+    assert read_texts(str(path), "body") == ["doc 0", "doc 1", "doc 2"]
+    with pytest.raises(InputError, match=r"docs.jsonl line 1 has no 'text' field.*text_field"):
+        read_texts(str(path))
+
+
+def test_to_blocks_joins_documents_and_caps_eval():
+    tok = CharTokenizer()
+    blocks = to_blocks(["abcd", "efgh"], tok.encode, block_size=3, eval_fraction=0.5, max_eval_blocks=1,
+                       separator=tok.encode("|"), source="x")
+    assert tok.decode(blocks.train.flatten()) == "abcd|e"  # 9 tokens -> 3 blocks, last one held out
+    assert tok.decode(blocks.eval.flatten()) == "fgh"
+
+
+@pytest.mark.parametrize("content,name,message", [
+    (None, "missing.txt", "not found"),
+    ("", "empty.txt", "holds no text"),
+    ("  \n\n", "blank.txt", "holds no text"),
+    ("some text", "data.csv", "use a .txt or .jsonl"),
+    ("{not json\n", "bad.jsonl", "line 1 is not JSON"),
+    ('{"text": 3}\n', "num.jsonl", "is not a string"),
+    ("short", "short.txt", "fewer than 2 blocks"),
+])
+def test_bad_data_is_an_input_error_naming_the_file(tmp_path, content, name, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=message) as e:
+        lm.build(make_cfg(data=str(path)), 0, 8.0, CPU)
+    assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_options_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="bfloat16"):
+        lm.build(make_cfg(dtype="bfloat16"), 0, 8.0, CPU)
+    with pytest.raises(InputError, match="toy_size"):
+        lm.build(make_cfg(toy_size="huge"), 0, 8.0, CPU)
+    with pytest.raises(InputError, match="model folder"):
+        lm.build(make_cfg(model=str(tmp_path / "no-such-model")), 0, 8.0, CPU)
+
+
+def _char_tokenizer_folder(path, text):
+    """A transformers fast tokenizer (character-level WordLevel) saved offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(["<unk>", "<eos>"] + sorted(set(text)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_local_transformers_model_folder(tmp_path, arch):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    text = "".join(f"{i} apples and {i + 1} pears\n" for i in range(120))
+    folder = tmp_path / arch
+    vocab = _char_tokenizer_folder(folder, text)
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model.save_pretrained(folder)
+    data = tmp_path / "fruit.txt"
+    data.write_text(text)
+
+    problem = lm.build(make_cfg(model=str(folder), data=str(data), block_size=32), 0, 8.0, CPU)
+    modules = {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)}
+    # GPT-2: balora's attention + MLP targets; other models: PEFT's defaults for the architecture.
+    assert modules == ({"c_attn", "c_proj", "c_fc"} if arch == "gpt2" else {"q_proj", "v_proj"})
+    batch = next(problem.batches())
+    assert batch.shape == (4, 32) and int(batch.max()) < vocab
+    loss = problem.loss(problem.model, batch)
+    assert math.isfinite(float(loss)) and loss.requires_grad
+    # Without a known floor the task sets no target; the eval loss still works.
+    assert problem.target_loss is None
+    problem.model.eval()
+    with torch.no_grad():
+        assert math.isfinite(problem.eval_loss(problem.model))
+
+
+def test_user_target_modules_are_used(tmp_path):
+    problem = lm.build(make_cfg(target_modules="c_fc"), 0, 8.0, CPU)
+    assert {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)} == {"c_fc"}
+    with pytest.raises(InputError, match="target_modules"):
+        lm.build(make_cfg(target_modules="no_such_layer"), 0, 8.0, CPU)
