@@ -67,7 +67,7 @@ def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:
 def build_command(spec: LaunchSpec, out: Path) -> list[str]:
     """The `balora compare` command line for `spec`, writing the run to `out`."""
     cmd = [sys.executable, "-m", "balora.cli", "compare", "--task", spec.task, "--arms", ",".join(spec.arms),
-           "--seeds", str(spec.seeds), "--steps", str(spec.steps), "--out", str(out)]
+           "--seeds", str(spec.seeds), "--steps", str(spec.steps), "--out", str(out), "--quiet"]
     if spec.optimizer:
         cmd += ["--optimizer", spec.optimizer]
     if spec.lrs:

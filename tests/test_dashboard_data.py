@@ -347,3 +347,32 @@ def test_job_manager_runs_one_job_at_a_time(tmp_path, monkeypatch):
         m.cancel()
     assert m.wait(10) is not None and job.state() == "cancelled"
     assert not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------- serving defaults
+
+
+def test_project_config_binds_localhost_and_caps_uploads():
+    import tomllib
+
+    cfg = tomllib.loads((settings.REPO_ROOT / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["address"] == "127.0.0.1" and cfg["server"]["headless"] is True
+    assert 0 < cfg["server"]["maxUploadSize"] <= 200 and settings.MAX_UPLOAD_MB <= cfg["server"]["maxUploadSize"]
+
+
+def test_balora_dashboard_command_line(tmp_path, capsys):
+    from balora.cli import main
+
+    assert main(["dashboard", "--print-command"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == settings.REPO_ROOT / "dashboard" / "app.py"
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and "--runs" not in cmd
+    assert main(["dashboard", "--print-command", "--runs", str(tmp_path), "--host", "0.0.0.0", "--port", "9000"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0" and cmd[cmd.index("--server.port") + 1] == "9000"
+    assert cmd[-3:] == ["--", "--runs", str(tmp_path)]
+    # What follows `--` is exactly what the app's settings read.
+    assert settings.runs_dir(cmd[cmd.index("--") + 1 :], {}) == tmp_path.resolve()
+    assert main(["dashboard", "--print-command", "--port", "0"]) == 2
+    (tmp_path / "file").write_text("x")
+    assert main(["dashboard", "--print-command", "--runs", str(tmp_path / "file")]) == 2

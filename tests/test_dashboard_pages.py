@@ -35,6 +35,15 @@ def runs_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def real_run(runs_root):
+    """A real `balora compare` run (in-process: a few seconds), 2 x 2 grid, 2 seeds."""
+    import balora.runner
+
+    return balora.runner.compare(task="synthetic", arms="lora,balora", steps=10, seeds=2, lr=[1e-2, 3e-2], alpha=[4, 8],
+                                 target_loss=18.0, out=runs_root / "real", quiet=True)
+
+
 @pytest.fixture
 def app(runs_root, monkeypatch):
     monkeypatch.setenv(settings.ENV_VAR, str(runs_root))
@@ -147,6 +156,27 @@ def test_compare_sections_draw_and_widgets_change_them(app):
     at.radio(key="spec_which").set_value("A").run()
     assert "lora_A" in titles(at)[1]
     assert titles(at)[2] == "Condition numbers during training"
+
+
+def test_compare_on_a_real_run_every_section(app, real_run):
+    from dashboard import data
+
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["real"]).run()
+    no_exception(at)
+    assert "completed" in texts(at.success) and titles(at)[0].startswith("Training loss against")
+    for section, first_title in (("Grid", "Final training loss over"), ("Speed-up", "Time to reach"),
+                                 ("Imbalance", "Relative imbalance of every layer"), ("Spectra", "Singular values of")):
+        at.segmented_control(key="compare_section").set_value(section).run()
+        no_exception(at)
+        assert titles(at) and titles(at)[0].startswith(first_title), (section, titles(at))
+    # The speed-up panel at the run's own target agrees with the runner's summary.
+    steps = data.combine({"real": real_run.steps})
+    summary = real_run.summary
+    for (lr, alpha), cell in summary.groupby(["lr", "alpha"]):
+        speed = data.speedups(data.select_cell(steps, lr, alpha), 18.0).set_index("series")
+        for arm, g in cell.groupby("arm"):
+            assert speed.loc[arm, "steps_median"] == pytest.approx(g["steps_to_target"].median(), nan_ok=True)
 
 
 def test_compare_marks_running_and_interrupted_runs(app):
@@ -275,6 +305,11 @@ def test_launch_form_validation_and_a_job_to_compare(app, runs_root, monkeypatch
         "from test_dashboard_data import write_run; import pathlib;"
         "write_run(pathlib.Path(sys.argv[sys.argv.index('--out') + 1]), steps=5)"
     )
+    real_cmd = jobs.build_command(jobs.LaunchSpec(arms=["lora", "balora"], lrs=[1e-3], alphas=[8.0], optimizer="sgd", name="x"), runs_root / "x")
+    from balora.cli import build_parser
+
+    args = build_parser().parse_args(real_cmd[3:])  # what Launch runs is a valid `balora compare` command line
+    assert (args.command, args.arms, args.lr, args.out) == ("compare", "lora,balora", "0.001", str(runs_root / "x"))
     monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
     at = app.run()
     at.switch_page("pages/launch.py").run()

@@ -49,8 +49,9 @@ def job_panel() -> None:
         prog = jobs.read_status(j.run_dir).get("progress") or {}
         done, total = int(prog.get("done") or 0), int(prog.get("total") or 0)
         sdone, stotal = int(prog.get("steps_done") or 0), int(prog.get("steps_total") or 0)
-        frac = sdone / stotal if stotal else (done / total if total else 0.0)
-        text = f"{name}: {done}/{total} cells" + (f", {sdone}/{stotal} steps" if stotal else "") if total else f"{name}: starting..."
+        # Cells are the unit the runner reports reliably; steps refine it when it records them.
+        frac = sdone / stotal if stotal and sdone else (done / total if total else 0.0)
+        text = f"{name}: {done}/{total} cells" + (f", {sdone}/{stotal} steps" if stotal and sdone else "") if total else f"{name}: starting..."
         st.progress(min(max(frac, 0.0), 1.0), text=text)
         if st.button("Cancel the job", key="launch_cancel"):
             manager.cancel()
