@@ -55,7 +55,7 @@ class FrozenStack(nn.Module):
 
     def __init__(self, weights: list[torch.Tensor]):
         super().__init__()
-        self.layers = nn.Sequential(*[nn.Linear(w.shape[1], w.shape[0], bias=False) for w in weights])
+        self.layers = nn.Sequential(*[nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype) for w in weights])
         with torch.no_grad():
             for layer, w in zip(self.layers, weights):
                 layer.weight.copy_(w)
@@ -115,7 +115,7 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     _check(cfg)
     rank, dtype = int(cfg["rank"]), DTYPES[cfg["dtype"]]
     W0s, T = problem_tensors(cfg, seed)
-    base = FrozenStack(W0s).to(dtype)
+    base = FrozenStack([W.to(dtype) for W in W0s])
     lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=[f"layers.{i}" for i in range(len(W0s))])
     # The LoRA init (A random, B = 0) is drawn from the global RNG: seed it, and leave the caller's RNG as it was.
     with torch.random.fork_rng(devices=[]):

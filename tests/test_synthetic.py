@@ -1,0 +1,165 @@
+"""The synthetic task, and the losses of stored runs against an independent float64 numpy re-implementation."""
+
+import numpy as np
+import pytest
+import torch
+
+from balora.runner import compare
+from balora.tasks import get_task
+from balora.tasks.synthetic import DEFAULTS, problem_tensors
+
+TINY = {"in_features": 7, "out_features": 6, "rank": 2}
+
+
+def cfg(**kw):
+    c = {**DEFAULTS, "dtype": "float64", **TINY}
+    c.update(kw)
+    return c
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: extra threads only add synchronisation (and are shared with other test processes)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def factors(model):
+    layer = model.base_model.model.layers[0]
+    return (layer.lora_A["default"].weight.detach().double().numpy().copy(),
+            layer.lora_B["default"].weight.detach().double().numpy().copy())
+
+
+def test_build_is_deterministic_and_trains_only_lora():
+    task = get_task("synthetic")
+    p1 = task.build(cfg(), 3, 2.0, torch.device("cpu"))
+    p2 = task.build(cfg(), 3, 2.0, torch.device("cpu"))
+    p3 = task.build(cfg(), 4, 2.0, torch.device("cpu"))
+    A1, B1 = factors(p1.model)
+    A2, _ = factors(p2.model)
+    A3, _ = factors(p3.model)
+    assert np.array_equal(A1, A2) and not np.allclose(A1, A3)
+    assert A1.shape == (2, 7) and B1.shape == (6, 2) and not B1.any()  # PEFT init: B = 0
+    trainable = [n for n, p in p1.model.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == sorted(n for n, _ in p1.model.named_parameters() if "lora_" in n)
+    W1, _ = problem_tensors(cfg(), 3)
+    W3, _ = problem_tensors(cfg(), 4)
+    assert not np.allclose(W1[0], W3[0])
+
+
+def test_initial_and_best_loss_match_numpy():
+    c = cfg()
+    problem = get_task("synthetic").build(c, 1, 2.0, torch.device("cpu"))
+    (W0,), T = problem_tensors(c, 1)
+    W0, T = W0.numpy(), T.numpy()
+    X = next(problem.batches())
+    assert problem.loss(problem.model, X).item() == pytest.approx(0.5 * np.sum((W0 - T) ** 2), rel=1e-12)
+
+    # Eckart-Young: the truncated SVD of T - W0 attains best_loss, and no random rank-r update beats it
+    U, S, Vt = np.linalg.svd(T - W0)
+    dW = (U[:, :2] * S[:2]) @ Vt[:2]
+    assert 0.5 * np.sum((W0 + dW - T) ** 2) == pytest.approx(problem.best_loss, rel=1e-10)
+    rng = np.random.default_rng(0)
+    Bs, As = U[:, :2] * np.sqrt(S[:2]), np.sqrt(S[:2])[:, None] * Vt[:2]
+    for _ in range(200):  # rank-2 candidates near the optimum
+        cand = (Bs + 0.05 * rng.standard_normal((6, 2))) @ (As + 0.05 * rng.standard_normal((2, 7)))
+        assert 0.5 * np.sum((W0 + cand - T) ** 2) >= problem.best_loss
+    assert problem.best_loss < problem.target_loss < 0.5 * np.sum((W0 - T) ** 2)
+
+
+def test_depth_two_reachable_target():
+    c = cfg(depth=2, target="reachable")
+    problem = get_task("synthetic").build(c, 0, 2.0, torch.device("cpu"))
+    (W1, W2), T = problem_tensors(c, 0)
+    assert problem.best_loss == 0.0
+    X = next(problem.batches())
+    expected = 0.5 * np.sum((W2.numpy() @ W1.numpy() - T.numpy()) ** 2)
+    assert problem.loss(problem.model, X).item() == pytest.approx(expected, rel=1e-12)
+    assert np.linalg.matrix_rank(T.numpy() - W2.numpy() @ W1.numpy()) > 2  # not a trivial target
+
+
+# ------------------------------------------------------------- independent re-implementation
+
+
+def np_loss_grads(W0, T, A, B, s):
+    R = W0 + s * B @ A - T  # (out, in)
+    return 0.5 * np.sum(R**2), s * B.T @ R, s * R @ A.T  # loss, dL/dA (r, in), dL/dB (out, r)
+
+
+def np_balanced(A, B, gauge):
+    """Balanced pair with product B A from numpy's full SVD (not the library's QR-core route)."""
+    r = A.shape[0]
+    U, S, Vt = np.linalg.svd(B @ A)
+    Bs, As = U[:, :r] * np.sqrt(S[:r]), np.sqrt(S[:r])[:, None] * Vt[:r]
+    if gauge == "svd":
+        return As, Bs
+    # nearest: the orthogonal O minimising ||Bs O - B||^2 + ||O^T As - A||^2 (Procrustes)
+    P, _, Qt = np.linalg.svd(Bs.T @ B + As @ A.T)
+    O = P @ Qt
+    return O.T @ As, Bs @ O
+
+
+def np_run(W0, T, A, B, s, optimizer, lr, steps, gauge=None):
+    losses = []
+    params = [A, B]
+    m = [np.zeros_like(A), np.zeros_like(B)]
+    v = [np.zeros_like(A), np.zeros_like(B)]
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for t in range(1, steps + 1):
+        loss, gA, gB = np_loss_grads(W0, T, params[0], params[1], s)
+        losses.append(loss)
+        new = []
+        for i, (p, g) in enumerate(zip(params, (gA, gB))):
+            if optimizer == "sgd":
+                new.append(p - lr * g)
+            elif optimizer == "sign":
+                new.append(p - lr * np.sign(g))
+            else:
+                m[i] = b1 * m[i] + (1 - b1) * g
+                v[i] = b2 * v[i] + (1 - b2) * g * g
+                mhat, vhat = m[i] / (1 - b1**t), v[i] / (1 - b2**t)
+                new.append(p - lr * mhat / (np.sqrt(vhat) + eps))
+        params = new
+        if gauge is not None and np.any(params[1]):
+            params = list(np_balanced(params[0], params[1], gauge))
+    return np.array(losses)
+
+
+@pytest.mark.parametrize(
+    "optimizer,lr,arms",
+    [("adam", 0.05, "lora,balora"), ("sgd", 0.2, "lora,balora,balora-svd"), ("sign", 0.01, "lora,balora")],
+)
+def test_stored_losses_match_independent_recomputation(tmp_path, optimizer, lr, arms):
+    steps, seeds, alpha = 25, [0, 5], 3.0
+    run = compare("synthetic", arms=arms, steps=steps, seeds=seeds, optimizer=optimizer, lr=lr, alpha=alpha,
+                  rank=2, device="cpu", out=tmp_path / "run", quiet=True, dtype="float64", layers_every=0,
+                  spectra_every=0, in_features=7, out_features=6)
+    assert run.status == "completed"
+    c = cfg()
+    gauges = {"lora": None, "balora": "nearest", "balora-svd": "svd"}
+    for seed in seeds:
+        (W0,), T = problem_tensors(c, seed)
+        A0, B0 = factors(get_task("synthetic").build(c, seed, alpha, torch.device("cpu")).model)
+        best = 0.5 * np.sum(np.linalg.svd(T.numpy() - W0.numpy(), compute_uv=False)[2:] ** 2)
+        for arm in arms.split(","):
+            expected = np_run(W0.numpy(), T.numpy(), A0, B0, alpha / 2, optimizer, lr, steps, gauges[arm])
+            got = run.steps[(run.steps["arm"] == arm) & (run.steps["seed"] == seed)].sort_values("step")
+            assert list(got["step"]) == list(range(1, steps + 1))
+            np.testing.assert_allclose(got["loss"].to_numpy(), expected, rtol=1e-7, err_msg=f"{arm} seed {seed}")
+            np.testing.assert_allclose(got["excess_loss"].to_numpy(), expected - best, rtol=1e-6, atol=1e-9)
+    # the comparison is not vacuous: balancing changed the trajectory
+    lora = run.steps[run.steps["arm"] == "lora"]["loss"].to_numpy()
+    bal = run.steps[run.steps["arm"] == "balora"]["loss"].to_numpy()
+    assert np.abs(lora - bal).max() > 1e-6
+
+
+def test_float32_run_tracks_float64_recomputation(tmp_path):
+    run = compare("synthetic", arms="lora", steps=40, seeds=1, optimizer="adam", lr=0.03, device="cpu",
+                  out=tmp_path / "run", quiet=True, layers_every=0, spectra_every=0)
+    c = {**DEFAULTS, "dtype": "float64", "rank": 4}
+    (W0,), T = problem_tensors(c, 0)
+    A0, B0 = factors(get_task("synthetic").build(c, 0, 4.0, torch.device("cpu")).model)
+    expected = np_run(W0.numpy(), T.numpy(), A0, B0, 1.0, "adam", 0.03, 40)
+    np.testing.assert_allclose(run.steps.sort_values("step")["loss"].to_numpy(), expected, rtol=1e-4)
