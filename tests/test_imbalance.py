@@ -93,6 +93,10 @@ def test_singular_values_vs_formed_product(dtype, r, n_in, n_out, make_factors):
             np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=RTOL[dtype] * want.max())
         if r > min(n_in, n_out):
             assert torch.all(s[g, min(n_in, n_out):] == 0), "missing directions must be exact zeros"
+    if r > min(n_in, n_out):
+        st = factor_stats(A, B, scaling)
+        assert torch.isinf(st.cond_dW).all() and torch.all(st.rank == min(n_in, n_out))
+        assert torch.all(st.eff_rank <= min(n_in, n_out) + 1e-4)
 
 
 def test_singular_values_scalar_and_batch_dims(make_factors):
