@@ -226,6 +226,18 @@ def best_cells(summary: pd.DataFrame, steps: pd.DataFrame, *, by: str = "series"
     return pd.DataFrame(rows, columns=cols)
 
 
+def arm_summaries(summary: pd.DataFrame) -> pd.DataFrame:
+    """balora.runner.arm_summary of each run (one row per arm at its own best cell), with `run`."""
+    from balora.runner import arm_summary
+
+    if summary.empty:
+        return pd.DataFrame()
+    groups = summary.groupby("run", sort=False) if "run" in summary else [("", summary)]
+    parts = [arm_summary(g).assign(run=name) for name, g in groups]
+    out = pd.concat(parts, ignore_index=True)
+    return out[["run", *[c for c in out.columns if c != "run"]]]
+
+
 def select_cells(df: pd.DataFrame, cells: pd.DataFrame, *, by: str = "series") -> pd.DataFrame:
     """Rows of `df` whose (series, lr, alpha) is one of `cells`."""
     if df.empty or cells.empty:

@@ -165,6 +165,8 @@ def test_compare_on_a_real_run_every_section(app, real_run):
     at.multiselect(key="compare_runs").set_value(["real"]).run()
     no_exception(at)
     assert "completed" in texts(at.success) and titles(at)[0].startswith("Training loss against")
+    per_arm = at.dataframe[0].value  # the per-arm summary comes first
+    assert set(per_arm["arm"]) == {"lora", "balora"} and {"best_lr", "best_alpha", "within_2x"} <= set(per_arm.columns)
     for section, first_title in (("Grid", "Final training loss over"), ("Speed-up", "Time to reach"),
                                  ("Imbalance", "Relative imbalance of every layer"), ("Spectra", "Singular values of")):
         at.segmented_control(key="compare_section").set_value(section).run()

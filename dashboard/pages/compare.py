@@ -92,8 +92,6 @@ if live:
 
 steps = data.combine({n: r.steps for n, r in runs.items()})
 summary = data.combine({n: r.summary for n, r in runs.items()})
-layers = data.combine({n: r.layers for n, r in runs.items()})
-spectra = data.combine({n: r.spectra for n, r in runs.items()})
 tasks = {str(r.config.get("task", "")) for r in runs.values()}
 unit = data.loss_unit(next(iter(runs.values())).config) if len(tasks) == 1 else ""
 
@@ -102,7 +100,7 @@ seeds_all = sorted(set(steps["seed"].tolist()) | set(summary["seed"].tolist()))
 c1, c2, c3 = st.columns([3, 2, 3])
 arms = c1.multiselect("Arms", arms_all, default=arms_all, key="compare_arms")
 seeds = c2.multiselect("Seeds", seeds_all, default=seeds_all, key="compare_seeds")
-steps, summary, layers, spectra = (data.filter_arms_seeds(df, arms, seeds) for df in (steps, summary, layers, spectra))
+steps, summary = (data.filter_arms_seeds(df, arms, seeds) for df in (steps, summary))
 
 lrs, alphas = data.grid_shape(summary, steps)
 is_grid = len(lrs) * len(alphas) > 1
@@ -125,8 +123,14 @@ if steps.empty and summary.empty:
 
 cell_steps = data.select_cells(steps, cells) if is_grid else steps
 cell_summary = data.select_cells(summary, cells) if is_grid else summary
-cell_layers = data.select_cells(layers, cells) if is_grid else layers
-cell_spectra = data.select_cells(spectra, cells) if is_grid else spectra
+
+
+def cell_table(table: str):
+    """The chosen runs' `table` for the chosen arms, seeds and cells (the two large per-layer
+    tables are only assembled by the sections that draw them)."""
+    df = data.filter_arms_seeds(data.combine({n: getattr(r, table) for n, r in runs.items()}), arms, seeds)
+    return data.select_cells(df, cells) if is_grid else df
+
 
 section = st.segmented_control("View", SECTIONS, default=SECTIONS[0], key="compare_section", persist_state="session") or SECTIONS[0]
 
@@ -141,6 +145,9 @@ if section == "Loss":
     st.plotly_chart(plots.loss_curves(curves, x=x, metric=metric, log_y=log_y, loss_unit=unit, band=band), key="fig_loss")
     if not cell_summary.empty:
         st.plotly_chart(plots.final_loss_by_arm(cell_summary, loss_unit=unit), key="fig_final")
+        st.markdown("**Each arm at its own best cell** (median over seeds; `within_2x`: share of the grid within 2× of the best)")
+        st.dataframe(data.arm_summaries(summary), hide_index=True, key="arm_summary")
+        st.markdown("**Cells shown above, one row per seed**")
         cols = [c for c in ("series", "seed", "lr", "alpha", "status", "final_loss", "best_loss", "final_eval_loss", "steps_to_target", "seconds_to_target", "speedup_steps", "speedup_seconds", "reason") if c in cell_summary]
         st.dataframe(cell_summary[cols], hide_index=True)
 
@@ -172,9 +179,12 @@ elif section == "Speed-up":
         reference = c.selectbox("Relative to", refs, index=refs.index("lora") if "lora" in refs else 0, key="speed_ref")
         speed = data.speedups(cell_steps, target, metric=metric, reference=reference)
         st.plotly_chart(plots.speedup_bars(speed, target=target, loss_unit=unit, reference=reference), key="fig_speed")
+        st.caption("Seconds are training wall-clock (optimizer step + balancing), without diagnostics or evaluation. "
+                   "An arm that never reaches the target in a seed is left out of that seed's medians.")
         st.dataframe(speed, hide_index=True)
 
 elif section == "Imbalance":
+    cell_layers = cell_table("layers")
     modules = data.layer_names(cell_layers)
     if not modules:
         st.info("No per-layer diagnostics recorded for this selection (runs record them every `diag_every` steps).")
@@ -186,6 +196,7 @@ elif section == "Imbalance":
         st.plotly_chart(plots.layer_lines(data.layer_steps(cell_layers, [value], modules=chosen), value=value), key="fig_imb_lines")
 
 elif section == "Spectra":
+    cell_layers, cell_spectra = cell_table("layers"), cell_table("spectra")
     modules = sorted(set(data.layer_names(cell_layers)) | set(cell_spectra["module"].astype(str)))
     if not modules:
         st.info("No spectra recorded for this selection.")
