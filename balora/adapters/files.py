@@ -38,9 +38,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT prefers the first
 TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 PEFT_PREFIX = "base_model.model."
-# Loaded factors per chunk, counted in fp32: bounds peak memory whatever the file size,
-# while still batching dozens of 7B-sized pairs per decomposition call.
-CHUNK_BYTES = 16 * 2**20
+# Loaded factors per chunk, counted in fp32. The maths keeps ~5 fp32 copies of a chunk alive
+# (upcast, QR factors), so this bounds inspect's extra memory to ~25 MiB whatever the file
+# size (7B-shaped r=16 fp16 adapter: 76 MiB file), while still batching 4-8 such pairs per
+# call; larger chunks were not faster on CPU (benchmarks/bench_inspect.py).
+CHUNK_BYTES = 4 * 2**20
 # PEFT nests non-default adapters one folder down; a little slack, but never crawl a disk.
 MAX_TREE_DEPTH = 3
 
