@@ -295,6 +295,26 @@ def _torch_threads(n: int | None):
 
 
 @contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C / SIGTERM wait until the block has run, so a cell's rows and summary are written together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signal.SIGTERM in pending:
+        raise Terminated("terminated (SIGTERM)")
+    if pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def _sigterm_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -368,7 +388,8 @@ def _run_all(run: RunConfig, task: TaskSpec, device: torch.device, writer: RunWr
                         done["steps_done"] = bar.n
                         writer.heartbeat(done, force=True)
                 finally:  # also on Ctrl-C: the cells that ended keep their summary rows
-                    writer.append("summary", with_speedups(group))
+                    with _signals_deferred():
+                        writer.append("summary", with_speedups(group))
 
 
 def _cell(problem: Problem, arm: Arm, run: RunConfig, key: dict, snapshot: dict, writer: RunWriter, bar,
@@ -379,7 +400,12 @@ def _cell(problem: Problem, arm: Arm, run: RunConfig, key: dict, snapshot: dict,
         group.append({**key, "status": "skipped", "reason": reason, "steps_done": 0})
         return
     _restore(problem.model, snapshot)
-    train_cell(problem, arm, run, key, writer, bar, device, group)
+    cell = _Cell(problem, arm, run, key, writer, device)
+    try:
+        cell.train(bar)
+    finally:  # the summary row exists also when the cell was interrupted or failed
+        if cell.summary is not None:
+            group.append(cell.summary)
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -441,9 +467,11 @@ class _CellLog:
 
     def maybe_flush(self) -> None:
         if time.monotonic() - self.last_flush >= FLUSH_S:
-            self.flush()
+            with _signals_deferred():
+                self.flush()
 
     def flush(self) -> None:
+        """Append the buffered rows (call with signals deferred: a half-done flush would write rows twice)."""
         for table in ("steps", "layers", "spectra"):
             self.writer.append(table, getattr(self, table))
         self.steps, self.layers, self.spectra = [], [], []
@@ -473,106 +501,127 @@ def _due(step: int, every: int, last: int) -> bool:
     return every > 0 and (step % every == 0 or step == last)
 
 
-def train_cell(problem: Problem, arm: Arm, run: RunConfig, key: dict, writer: RunWriter, bar,
-               device: torch.device, group: list[dict]) -> None:
-    """Train one (arm, seed, lr, alpha) cell from the current weights; append its summary row to `group`.
+class _Diverged(Exception):
+    """A cell stops here: the training blew up; the other cells go on."""
 
-    A non-finite loss or factors that cannot be balanced stop the cell as "diverged"; Ctrl-C and other
-    errors record the cell as "interrupted" / "failed" and propagate.
-    """
-    model = problem.model
-    model.train()
-    optimizer = arm.make_optimizer(model, run.optimizer, key["lr"], run.arm_options)
-    # Views of the parameters: the optimizer updates them in place and balancing writes through them.
-    pairs = [p for p in iter_lora_pairs(model) if p.skip_reason is None]
-    log = _CellLog(writer, key)
-    best = problem.best_loss
-    target = run.target_loss if run.target_loss is not None else problem.target_loss
-    target_on = "eval_loss" if problem.eval_loss is not None and run.eval_every > 0 else "loss"
-    total = {"train": 0.0, "balance": 0.0, "diag": 0.0}
-    hit: dict[str, float] = {}
-    losses: list[float] = []
-    status, reason, final_eval = "interrupted", None, math.nan
 
-    t = time.perf_counter()
-    if run.layers_every or run.spectra_every:
-        log.diagnostics(pairs, 0, run.layers_every > 0, run.spectra_every > 0)
-    total["diag"] += time.perf_counter() - t
-    data = _endless(problem, run.task)
-    step = counted = 0
-    try:
-        for step in range(1, run.steps + 1):
-            batch = next(data)
-            t0 = _clock(device)
-            loss = problem.loss(model, batch)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                log.steps.append({**key, "step": step, "loss": value, "time_s": total["train"] + total["balance"]})
-                status, reason = "diverged", f"non-finite loss ({value}) at step {step}"
-                losses.append(value)
-                break
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t1 = _clock(device)
-            if arm.balance:
-                new, _ = balance_pairs(pairs, arm.balance, on_rank_deficient="skip", on_nonfinite="raise", check=False)
-                for i, (A, B) in new.items():
-                    pairs[i].write(A, B)
+class _Cell:
+    """One (arm, seed, lr, alpha) cell: trains from the model's current weights, records rows and a summary."""
+
+    def __init__(self, problem: Problem, arm: Arm, run: RunConfig, key: dict, writer: RunWriter,
+                 device: torch.device):
+        self.problem, self.arm, self.run, self.key, self.device = problem, arm, run, key, device
+        self.model = problem.model
+        self.optimizer = arm.make_optimizer(self.model, run.optimizer, key["lr"], run.arm_options)
+        # Views of the parameters: the optimizer updates them in place and balancing writes through them.
+        self.pairs = [p for p in iter_lora_pairs(self.model) if p.skip_reason is None]
+        self.log = _CellLog(writer, key)
+        self.target = run.target_loss if run.target_loss is not None else problem.target_loss
+        self.target_on = "eval_loss" if problem.eval_loss is not None and run.eval_every > 0 else "loss"
+        self.total = {"train": 0.0, "balance": 0.0, "diag": 0.0}
+        self.hit: dict[str, float] = {}
+        self.losses: list[float] = []
+        self.final_eval = math.nan
+        self.status, self.reason = "interrupted", None
+        self.summary: dict | None = None  # set when train() ends, however it ends
+
+    def train(self, bar) -> None:
+        """Every step; a non-finite loss or unbalanceable factors stop the cell as "diverged".
+
+        Ctrl-C and other errors mark the cell "interrupted" / "failed" and propagate; the rows written so far
+        and the summary row (appended to self.summary) are kept either way.
+        """
+        run = self.run
+        self.model.train()
+        t = time.perf_counter()
+        if run.layers_every or run.spectra_every:
+            self.log.diagnostics(self.pairs, 0, run.layers_every > 0, run.spectra_every > 0)
+        self.total["diag"] += time.perf_counter() - t
+        data = _endless(self.problem, run.task)
+        step = shown = 0
+        try:
+            for step in range(1, run.steps + 1):
+                self._step(step, next(data))
+                bar.update(1)
+                shown += 1
+                self.log.maybe_flush()
+            self.status = "completed"
+        except _Diverged as e:
+            self.status, self.reason = "diverged", str(e)
+        except BalanceError as e:
+            self.status, self.reason = "diverged", f"balancing failed at step {step}: {e}"
+        except KeyboardInterrupt:
+            self.reason = f"interrupted at step {step}"
+            raise
+        except Exception as e:
+            self.status, self.reason = "failed", f"{type(e).__name__}: {e} (step {step})"
+            raise
+        finally:
+            bar.update(run.steps - shown)  # a cell that stopped early still moves the bar to its end
+            with _signals_deferred():
+                self.log.flush()
+                self.summary = self._summary()
+
+    def _step(self, step: int, batch: Any) -> None:
+        run, device, best = self.run, self.device, self.problem.best_loss
+        t0 = _clock(device)
+        loss = self.problem.loss(self.model, batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self.losses.append(value)
+            self.log.steps.append({**self.key, "step": step, "loss": value,
+                                   "time_s": self.total["train"] + self.total["balance"]})
+            raise _Diverged(f"non-finite loss ({value}) at step {step}")
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t1 = t2 = _clock(device)  # an arm without balancing spends exactly 0 s on it
+        if self.arm.balance:
+            new, _ = balance_pairs(self.pairs, self.arm.balance, on_rank_deficient="skip", on_nonfinite="raise",
+                                   check=False)
+            for i, (A, B) in new.items():
+                self.pairs[i].write(A, B)
             t2 = _clock(device)
-            layers_due, spectra_due = _due(step, run.layers_every, run.steps), _due(step, run.spectra_every, run.steps)
-            if layers_due or spectra_due:
-                log.diagnostics(pairs, step, layers_due, spectra_due)
-            t3 = _clock(device)
-            eval_value = math.nan
-            if target_on == "eval_loss" and _due(step, run.eval_every, run.steps):
-                model.eval()
-                with torch.no_grad():
-                    eval_value = final_eval = float(problem.eval_loss(model))
-                model.train()
-            t4 = _clock(device)
+        layers_due, spectra_due = _due(step, run.layers_every, run.steps), _due(step, run.spectra_every, run.steps)
+        if layers_due or spectra_due:
+            self.log.diagnostics(self.pairs, step, layers_due, spectra_due)
+        t3 = _clock(device)
+        eval_value = math.nan
+        if self.target_on == "eval_loss" and _due(step, run.eval_every, run.steps):
+            self.model.eval()
+            with torch.no_grad():
+                eval_value = self.final_eval = float(self.problem.eval_loss(self.model))
+            self.model.train()
+        t4 = _clock(device)
 
-            total["train"] += t1 - t0
-            total["balance"] += t2 - t1
-            total["diag"] += t3 - t2
-            losses.append(value)
-            time_s = total["train"] + total["balance"]
-            log.steps.append({**key, "step": step, "loss": value, "eval_loss": eval_value,
-                              "excess_loss": value - best if best is not None else math.nan, "time_s": time_s,
-                              "step_time_s": t1 - t0, "balance_time_s": t2 - t1, "diag_time_s": t3 - t2,
-                              "eval_time_s": t4 - t3})
-            reached = value if target_on == "loss" else eval_value
-            if target is not None and "steps" not in hit and reached <= target:
-                hit.update(steps=step, seconds=time_s)
-            bar.update(1)
-            counted += 1
-            log.maybe_flush()
-        else:
-            status = "completed"
-    except BalanceError as e:
-        status, reason = "diverged", f"balancing failed at step {step}: {e}"
-    except KeyboardInterrupt:
-        reason = f"interrupted at step {step}"
-        raise
-    except Exception as e:
-        status, reason = "failed", f"{type(e).__name__}: {e} (step {step})"
-        raise
-    finally:
-        bar.update(run.steps - counted)  # a cell that stopped early still moves the bar to its end
-        log.flush()
-        finite = [v for v in losses if math.isfinite(v)]
-        group.append({
-            **key, "status": status, "reason": reason, "steps_done": len(finite),
-            "final_loss": finite[-1] if finite else math.nan,
-            "min_loss": min(finite) if finite else math.nan,
-            "best_loss": best if best is not None else math.nan,
-            "final_excess_loss": finite[-1] - best if finite and best is not None else math.nan,
-            "final_eval_loss": final_eval, "final_rel_imbalance_max": log.last_rel_imbalance_max,
-            "target_loss": target if target is not None else math.nan, "target_on": target_on,
-            "steps_to_target": hit.get("steps", math.nan), "seconds_to_target": hit.get("seconds", math.nan),
-            "total_seconds": total["train"] + total["balance"], "balance_seconds": total["balance"],
-            "diag_seconds": total["diag"],
-        })
+        self.total["train"] += t1 - t0
+        self.total["balance"] += t2 - t1
+        self.total["diag"] += t3 - t2
+        self.losses.append(value)
+        time_s = self.total["train"] + self.total["balance"]
+        self.log.steps.append({**self.key, "step": step, "loss": value, "eval_loss": eval_value,
+                               "excess_loss": value - best if best is not None else math.nan, "time_s": time_s,
+                               "step_time_s": t1 - t0, "balance_time_s": t2 - t1, "diag_time_s": t3 - t2,
+                               "eval_time_s": t4 - t3})
+        reached = value if self.target_on == "loss" else eval_value
+        if self.target is not None and "steps" not in self.hit and reached <= self.target:
+            self.hit.update(steps=step, seconds=time_s)
+
+    def _summary(self) -> dict:
+        finite = [v for v in self.losses if math.isfinite(v)]
+        best, nan = self.problem.best_loss, math.nan
+        return {
+            **self.key, "status": self.status, "reason": self.reason, "steps_done": len(finite),
+            "final_loss": finite[-1] if finite else nan,
+            "min_loss": min(finite) if finite else nan,
+            "best_loss": best if best is not None else nan,
+            "final_excess_loss": finite[-1] - best if finite and best is not None else nan,
+            "final_eval_loss": self.final_eval, "final_rel_imbalance_max": self.log.last_rel_imbalance_max,
+            "target_loss": self.target if self.target is not None else nan, "target_on": self.target_on,
+            "steps_to_target": self.hit.get("steps", nan), "seconds_to_target": self.hit.get("seconds", nan),
+            "total_seconds": self.total["train"] + self.total["balance"], "balance_seconds": self.total["balance"],
+            "diag_seconds": self.total["diag"],
+        }
 
 
 # ---------------------------------------------------------------- the Python API

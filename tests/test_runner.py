@@ -1,0 +1,204 @@
+"""The runner: balancing shows in the layer reports, divergence stops one cell, runs survive Ctrl-C and kill -9."""
+
+import math
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from balora.errors import InputError
+from balora.runner import compare
+from balora.store import load_run
+from balora.tasks import TASKS, Problem, TaskSpec
+
+TINY = {"in_features": 6, "out_features": 5}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_balanced_arms_end_balanced_and_lora_keeps_its_imbalance(tmp_path):
+    run = compare("synthetic", arms="lora,balora,balora-svd", steps=12, seeds=2, optimizer="sgd", lr=0.01, rank=2,
+                  device="cpu", out=tmp_path / "run", quiet=True, layers_every=4, spectra_every=6, **TINY)
+    layers = run.layers
+    assert sorted(layers["step"].unique()) == [0, 4, 8, 12]
+    assert sorted(run.spectra["step"].unique()) == [0, 6, 12]
+    assert (layers[layers["step"] == 0]["rel_imbalance"] == 1.0).all()  # PEFT's B = 0 init, every arm
+    final = layers[layers["step"] == 12].groupby("arm")["rel_imbalance"].max()
+    assert final["balora"] < 1e-4 and final["balora-svd"] < 1e-4
+    assert final["lora"] > 0.5
+    # plain gradient descent conserves D = B^T B - A A^T up to O(lr^2) per step: ||D|| barely moves
+    lora = layers[layers["arm"] == "lora"].pivot_table(index="step", columns="seed", values="imbalance")
+    assert np.allclose(lora.loc[12], lora.loc[0], rtol=0.01)
+    assert (run.summary.set_index("arm")["final_rel_imbalance_max"].groupby(level=0).max() == final).all()
+    # spectra of dW at the last step agree with the layer report's sigma_max
+    top = run.spectra[(run.spectra["which"] == "dW") & (run.spectra["index"] == 0) & (run.spectra["step"] == 12)]
+    merged = top.merge(layers[layers["step"] == 12], on=["arm", "seed", "lr", "alpha", "module", "adapter"])
+    np.testing.assert_allclose(merged["value"], merged["sigma_max"])
+
+
+def test_timings_targets_and_speedups_are_consistent(tmp_path):
+    run = compare("synthetic", arms="lora,balora", steps=30, seeds=2, optimizer="adam", lr="0.03,0.1", alpha="2,4",
+                  rank=2, device="cpu", out=tmp_path / "run", quiet=True, layers_every=0, spectra_every=0, **TINY)
+    assert len(run.summary) == 2 * 2 * 2 * 2  # arms x seeds x lrs x alphas
+    assert run.config["n_cells"] == 16 and run.status_info["progress"]["done"] == 16
+    for key, cell in run.steps.groupby(["arm", "seed", "lr", "alpha"]):
+        cell = cell.sort_values("step")
+        assert list(cell["step"]) == list(range(1, 31))
+        np.testing.assert_allclose(cell["time_s"], np.cumsum(cell["step_time_s"] + cell["balance_time_s"]))
+        assert (cell["balance_time_s"] > 0).all() == (key[0] == "balora")
+        summary = run.summary.set_index(["arm", "seed", "lr", "alpha"]).loc[key]
+        reached = cell[cell["loss"] <= summary["target_loss"]]
+        if len(reached):
+            assert summary["steps_to_target"] == reached["step"].iloc[0]
+            assert summary["seconds_to_target"] == pytest.approx(reached["time_s"].iloc[0])
+        else:
+            assert math.isnan(summary["steps_to_target"])
+        assert summary["final_loss"] == cell["loss"].iloc[-1] and summary["min_loss"] == cell["loss"].min()
+    s = run.summary.set_index(["seed", "lr", "alpha", "arm"])
+    for (seed, lr, alpha), group in run.summary.groupby(["seed", "lr", "alpha"]):
+        lora_steps = s.loc[(seed, lr, alpha, "lora"), "steps_to_target"]
+        bal_steps = s.loc[(seed, lr, alpha, "balora"), "steps_to_target"]
+        expected = lora_steps / bal_steps if not (math.isnan(lora_steps) or math.isnan(bal_steps)) else math.nan
+        assert s.loc[(seed, lr, alpha, "balora"), "speedup_steps"] == pytest.approx(expected, nan_ok=True)
+    assert run.summary["target_loss"].notna().all()
+
+
+def test_divergence_stops_only_that_cell(tmp_path):
+    run = compare("synthetic", arms="lora,balora", steps=15, seeds=1, optimizer="sgd", lr="0.05,1e4", rank=2,
+                  device="cpu", out=tmp_path / "run", quiet=True, layers_every=5, spectra_every=0, **TINY)
+    assert run.status == "completed"
+    s = run.summary.set_index(["arm", "lr"])
+    for arm in ("lora", "balora"):
+        assert s.loc[(arm, 0.05), "status"] == "completed"
+        assert s.loc[(arm, 1e4), "status"] == "diverged"
+        assert s.loc[(arm, 1e4), "steps_done"] < 15
+    assert "non-finite loss" in s.loc[("lora", 1e4), "reason"]
+    lora_bad = run.steps[(run.steps["arm"] == "lora") & (run.steps["lr"] == 1e4)].sort_values("step")
+    assert not math.isfinite(lora_bad["loss"].iloc[-1]) and np.isfinite(lora_bad["loss"].iloc[:-1]).all()
+    good = run.steps[run.steps["lr"] == 0.05]
+    assert len(good) == 2 * 15 and np.isfinite(good["loss"]).all()
+
+
+# ------------------------------------------------------------- the task protocol with a task of our own
+
+
+def _fake_build(cfg, seed, alpha, device):
+    torch.manual_seed(seed)
+    base = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    model = get_peft_model(base, LoraConfig(r=cfg["rank"], lora_alpha=alpha, target_modules=["0"]))
+    g = torch.Generator().manual_seed(100 + seed)
+    X, Y = torch.randn(3, 8, 4, generator=g), torch.randn(3, 8, 3, generator=g)  # 3 batches: an epoch of 3 steps
+    calls = cfg["calls"]
+
+    def loss(m, batch):
+        if cfg["fail_at"] and len(calls) >= cfg["fail_at"]:
+            raise RuntimeError("task exploded")
+        calls.append(1)
+        x, y = batch
+        return ((m(x) - y) ** 2).mean()
+
+    return Problem(model=model, batches=lambda: iter(zip(X, Y)), loss=loss,
+                   eval_loss=lambda m: float(((m(X[0]) - Y[0]) ** 2).mean()), target_loss=1e9, info={"fake": True})
+
+
+@pytest.fixture
+def fake_task(monkeypatch):
+    module = types.ModuleType("balora_fake_task")
+    module.TASK = TaskSpec("fake", _fake_build, {"arms": "lora,balora", "steps": 7, "seeds": 1, "optimizer": "sgd",
+                                                 "lr": 0.1, "alpha": 2, "rank": 2, "eval_every": 3,
+                                                 "layers_every": 0, "spectra_every": 0, "fail_at": 0, "calls": []})
+    monkeypatch.setitem(sys.modules, "balora_fake_task", module)
+    monkeypatch.setitem(TASKS, "fake", "balora_fake_task")
+    return module
+
+
+def test_task_protocol_eval_epochs_and_defaults(tmp_path, fake_task):
+    run = compare("fake", out=tmp_path / "run", quiet=True, device="cpu", calls=[])
+    assert run.config["arms"] == ["lora", "balora"] and run.config["steps"] == 7 and run.config["alphas"] == [2.0]
+    assert run.config["problem"] == {"fake": True}
+    evaluated = run.steps[run.steps["eval_loss"].notna()]
+    assert sorted(evaluated["step"].unique()) == [3, 6, 7]  # every 3 steps and the last
+    assert (run.summary["target_on"] == "eval_loss").all() and (run.summary["steps_to_target"] == 3).all()
+    assert run.summary["final_eval_loss"].tolist() == evaluated[evaluated["step"] == 7]["eval_loss"].tolist()
+    assert (run.steps.groupby("arm").size() == 7).all()  # 3 batches per epoch: the data was restarted twice
+
+
+def test_an_error_in_a_cell_fails_the_run_and_keeps_what_was_done(tmp_path, fake_task):
+    with pytest.raises(RuntimeError, match="task exploded"):
+        compare("fake", out=tmp_path / "run", quiet=True, device="cpu", calls=[], fail_at=10)
+    run = load_run(tmp_path / "run")
+    assert run.status == "failed"
+    assert "task exploded" in run.status_info["message"] and "arm=balora" in run.status_info["message"]
+    s = run.summary.set_index("arm")
+    assert s.loc["lora", "status"] == "completed" and s.loc["balora", "status"] == "failed"
+    assert len(run.steps[run.steps["arm"] == "balora"]) == 3
+
+
+def test_bad_options_name_the_flag(tmp_path, fake_task):
+    with pytest.raises(InputError, match="--set nope"):
+        compare("fake", out=tmp_path / "a", quiet=True, nope=1)
+    with pytest.raises(InputError, match="--task: unknown task 'nope'.*synthetic"):
+        compare("nope", out=tmp_path / "b", quiet=True)
+    with pytest.raises(InputError, match="--lr"):
+        compare("fake", lr="0.1,-1", out=tmp_path / "c", quiet=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # nothing written for bad input
+
+
+# ------------------------------------------------------------- killed runs
+
+
+def _start(out):
+    cmd = [sys.executable, "-m", "balora.cli", "compare", "--arms", "lora,balora", "--steps", "300", "--seeds", "40",
+           "--layers-every", "1", "--spectra-every", "1", "--quiet", "--out", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_parts(proc, out, timeout=180):
+    t0 = time.monotonic()
+    while not list((out / "steps").glob("part-*.parquet")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < timeout, "no part file appeared"
+        time.sleep(0.05)
+
+
+def test_interrupted_and_killed_runs_load(tmp_path):
+    """SIGINT -> a loadable run marked interrupted; SIGKILL -> a loadable run still 'running', flagged stale."""
+    a, b = tmp_path / "sigint", tmp_path / "sigkill"
+    pa, pb = _start(a), _start(b)  # concurrently: each pays the import time once
+    try:
+        _wait_for_parts(pa, a)
+        pa.send_signal(signal.SIGINT)
+        _wait_for_parts(pb, b)
+        pb.kill()
+        _, err = pa.communicate(timeout=120)
+        pb.wait(timeout=60)
+    finally:
+        for p in (pa, pb):
+            if p.poll() is None:
+                p.kill()
+    assert pa.returncode == 130, err
+    assert "partial run left in" in err
+
+    run = load_run(a)
+    assert run.status == "interrupted" and not run.complete and not run.warnings
+    assert "during arm=" in run.status_info["message"]
+    assert 0 < len(run.steps) < 2 * 40 * 300
+    assert set(run.summary["status"]) <= {"completed", "interrupted"} and len(run.summary) < 80
+    assert run.config["command"].startswith("python -m balora.cli compare --arms lora,balora")
+    assert len(run.layers) > 0
+
+    killed = load_run(b)
+    assert killed.status == "running" and killed.stale and "gone" in killed.status_info["stale_reason"]
+    assert len(killed.steps) > 0 and not killed.warnings
