@@ -341,6 +341,10 @@ def _run_with_writer(run: RunConfig, task: TaskSpec, cfg: CompareConfig) -> Path
     from tqdm.auto import tqdm
 
     device = torch.device(run.device)
+    build = _builder(run, task, device)
+    # Built before anything is written: a bad task option (model path, size) leaves no run directory behind.
+    first = build(run.seeds[0], run.alphas[0])
+    run.problem = first.info
     writer = RunWriter(run.out, asdict(run), environment_info(run.device), force=cfg.force)
 
     bar = tqdm(total=run.n_cells * run.steps, unit="step", disable=cfg.quiet, dynamic_ncols=True, leave=True)
@@ -350,7 +354,7 @@ def _run_with_writer(run: RunConfig, task: TaskSpec, cfg: CompareConfig) -> Path
     try:
         with writer, _sigterm_as_interrupt():
             try:
-                _run_all(run, task, device, writer, bar, where, done)
+                _run_all(run, build, first, device, writer, bar, where, done)
             except KeyboardInterrupt as e:
                 writer.finish("interrupted", f"{e or 'interrupted (Ctrl-C / SIGINT)'} during {where['cell']}")
                 raise
@@ -362,19 +366,22 @@ def _run_with_writer(run: RunConfig, task: TaskSpec, cfg: CompareConfig) -> Path
     return writer.path
 
 
-def _run_all(run: RunConfig, task: TaskSpec, device: torch.device, writer: RunWriter, bar, where: dict,
+def _builder(run: RunConfig, task: TaskSpec, device: torch.device):
+    """(seed, alpha) -> task.build(cfg, seed, alpha, device), cfg = the task's defaults + the resolved options."""
+    cfg = {**task.defaults,
+           **{k: getattr(run, k) for k in ("steps", "optimizer", "rank", "dtype", "eval_every", "layers_every",
+                                           "spectra_every", "threads")},
+           "seeds": run.seeds, "lr": run.lrs, "device": run.device, **run.task_options}
+    return lambda seed, alpha: task.build(dict(cfg, alpha=alpha), seed, alpha, device)
+
+
+def _run_all(run: RunConfig, build, first: Problem, device: torch.device, writer: RunWriter, bar, where: dict,
              done: dict) -> None:
     arms = [get_arm(a) for a in run.arms]
-    build_cfg = {**task.defaults, **{k: getattr(run, k) for k in ("steps", "optimizer", "rank", "dtype",
-                                                                 "eval_every", "layers_every", "spectra_every")},
-                 "seeds": run.seeds, "lr": run.lrs, "alpha": run.alphas, "device": run.device,
-                 **run.task_options}
     for seed in run.seeds:
         for alpha in run.alphas:
             where["cell"] = f"building task {run.task} (seed={seed}, alpha={alpha:g})"
-            problem = task.build(dict(build_cfg, alpha=alpha), seed, alpha, device)
-            if not writer.config.get("problem"):
-                writer.update_config(problem=problem.info)
+            problem, first = (first, None) if first is not None else (build(seed, alpha), None)
             snapshot = _trainable_state(problem.model)
             for lr in run.lrs:
                 group: list[dict] = []

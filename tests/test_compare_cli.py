@@ -1,0 +1,131 @@
+"""`balora compare`: flag parsing, defaults, errors naming the flag, and the recorded command reproducing the run."""
+
+import shlex
+import sys
+
+import pytest
+import torch
+
+from balora.cli import build_parser, main
+from balora.commands.compare import config_from_args, invoked_command
+from balora.runner import parse_seeds, parse_set, resolve
+from balora.store import load_run
+
+TINY = ["--set", "in_features=6", "--set", "out_features=5", "--rank", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def resolved(*argv):
+    args = build_parser().parse_args(["compare", *argv])
+    return resolve(config_from_args(args))[0]
+
+
+def test_seeds_count_or_list():
+    assert resolved("--seeds", "3").seeds == [0, 1, 2]
+    assert resolved("--seeds", "0,4,7").seeds == [0, 4, 7]
+    assert resolved("--seeds", "5,").seeds == [5]
+    assert parse_seeds(2) == [0, 1] and parse_seeds([3, 1]) == [3, 1]
+
+
+def test_grids_and_task_defaults():
+    run = resolved("--lr", "1e-3,1e-2", "--alpha", "4,16", "--arms", "lora,balora-svd", "--optimizer", "sgd")
+    assert run.lrs == [1e-3, 1e-2] and run.alphas == [4.0, 16.0] and run.arms == ["lora", "balora-svd"]
+    assert run.n_cells == 2 * 8 * 2 * 2  # arms x default seeds x lrs x alphas
+    default = resolved()
+    assert (default.task, default.steps, default.seeds, default.optimizer) == ("synthetic", 100, list(range(8)), "adam")
+    assert default.arms == ["lora", "balora", "balora-svd"]
+    assert default.alphas == [float(default.rank)]  # alpha = rank: LoRA scaling 1
+    assert resolved("--optimizer", "sgd").lrs != default.lrs  # the task's lr depends on the optimizer
+    assert resolved("--rank", "2").alphas == [2.0]
+    opts = resolved("--set", "depth=2", "--set", "target=reachable", "--set", "loraplus_lr_ratio=4", "--arms",
+                    "loraplus")
+    assert opts.task_options["depth"] == 2 and opts.task_options["target"] == "reachable"
+    assert opts.arm_options == {"weight_decay": 0.0, "loraplus_lr_ratio": 4.0}
+
+
+def test_set_values_are_typed():
+    assert parse_set(["a=2", "b=0.5", "c=true", "d=none", "e=gpt2", "f=x=y"]) == {
+        "a": 2, "b": 0.5, "c": True, "d": None, "e": "gpt2", "f": "x=y"}
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--seeds", "0,x"], "--seeds"),
+    (["--seeds", "0"], "--seeds"),
+    (["--lr", "fast"], "--lr"),
+    (["--alpha", "4,4"], "--alpha"),
+    (["--steps", "0"], "--steps"),
+    (["--rank", "0"], "--rank"),
+    (["--arms", "lora,dora"], "--arms"),
+    (["--optimizer", "lion"], "--optimizer"),
+    (["--task", "nope"], "--task"),
+    (["--set", "nope=1"], "--set nope"),
+    (["--set", "depth"], "--set depth"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--rank", "30"], "--rank"),
+])
+def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
+    out = tmp_path / "run"
+    assert main(["compare", *argv, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("balora compare: error: ") and flag in err and "\n" not in err
+    assert not out.exists()  # nothing is written for bad input
+
+
+def test_cuda_refused_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["compare", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_run_summary_and_the_recorded_command_reproduces_it(tmp_path, capsys):
+    out = tmp_path / "first"
+    argv = ["compare", "--arms", "lora,balora", "--steps", "8", "--seeds", "0,3", "--lr", "0.01,0.05",
+            "--layers-every", "4", "--spectra-every", "0", *TINY, "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"run written to {out} (completed)" in captured.out
+    assert "balora" in captured.out and "vs lora" in captured.out  # the summary table
+    assert "step/s" in captured.err or "s/step" in captured.err  # the progress bar, with its rate and ETA
+    run = load_run(out)
+    assert run.config["command"] == run.config["command_reconstructed"]  # not launched as `balora`: rebuilt
+    assert len(run.summary) == 2 * 2 * 2 and len(run.spectra) == 0
+
+    again = tmp_path / "again"
+    cmd = shlex.split(run.config["command"])
+    assert cmd[:2] == ["balora", "compare"]
+    cmd[cmd.index("--out") + 1] = str(again)
+    assert main(cmd[1:] + ["--quiet"]) == 0
+    rerun = load_run(again)
+    cols = ["arm", "seed", "lr", "alpha", "step", "loss"]
+    key = ["arm", "seed", "lr", "step"]
+    assert rerun.steps[cols].sort_values(key).reset_index(drop=True).equals(
+        run.steps[cols].sort_values(key).reset_index(drop=True))
+
+    assert main(argv) == 2  # the directory is taken now
+    assert "--force" in capsys.readouterr().err
+    assert main(argv + ["--force", "--quiet", "--steps", "2"]) == 0
+    assert load_run(out).config["steps"] == 2
+
+
+def test_invoked_command(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/balora", "compare", "--seeds", "2", "--set", "model=my model"])
+    assert invoked_command() == "balora compare --seeds 2 --set 'model=my model'"
+    monkeypatch.setattr(sys, "argv", ["/src/balora/cli.py", "compare", "--quiet"])
+    assert invoked_command() == "python -m balora.cli compare --quiet"
+    monkeypatch.setattr(sys, "argv", ["pytest", "compare"])
+    assert invoked_command() is None
+
+
+def test_list(capsys):
+    assert main(["compare", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("synthetic", "lora", "balora-svd", "loraplus", "riemannian", "sign"):
+        assert name in out
