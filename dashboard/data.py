@@ -281,7 +281,8 @@ def seed_curves(steps: pd.DataFrame, *, x: str = "step", metric: str = "loss", b
     if x == "time_s":
         out["time_s"] = g["time_s"].median()
     out = out.reset_index()
-    return out[cols].sort_values([by, x], kind="stable").reset_index(drop=True)
+    # Sorted by x only (stable): series keep the run's arm order, so lora stays first in legends.
+    return out[cols].sort_values([x], kind="stable").reset_index(drop=True)
 
 
 def metric_range(steps: pd.DataFrame, metric: str = "loss") -> tuple[float, float] | None:

@@ -59,12 +59,15 @@ def _has_runs(folder: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """The committed sample runs when there are any (what a new user sees), else a small grid run."""
+    """The committed sample runs when there are any (what a new user sees; linked, never
+    written to), else a small grid run. The live-run check later adds a run of its own."""
+    root = tmp_path_factory.mktemp("runs")
     sample = ROOT / "sample_runs"
     if _has_runs(sample):
-        return sample
-    root = tmp_path_factory.mktemp("runs")
-    write_run(root / "grid", arms=("lora", "balora", "balora-svd"), lrs=(1e-3, 1e-2), alphas=(8.0, 32.0), steps=20)
+        for run in sorted(p for p in sample.iterdir() if (p / "config.json").is_file()):
+            (root / run.name).symlink_to(run, target_is_directory=True)
+    else:
+        write_run(root / "grid", arms=("lora", "balora", "balora-svd"), lrs=(1e-3, 1e-2), alphas=(8.0, 32.0), steps=20)
     return root
 
 
@@ -115,14 +118,23 @@ def server(runs):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser(server):
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            pg = browser.new_page(viewport={"width": 1400, "height": 2600})
-            yield pg
+            yield b
         finally:
-            browser.close()
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    # A fresh context is a fresh Streamlit session (default selections).
+    ctx = browser.new_context(viewport={"width": 1400, "height": 2600})
+    try:
+        yield ctx.new_page()
+    finally:
+        ctx.close()
 
 
 def _wait_for(page, title_part: str, or_text: str | None = None) -> None:
@@ -192,3 +204,32 @@ def test_every_page_in_a_real_browser(server, page, adapter):
     if (APP.parent / "pages" / "learn.py").is_file():
         page.goto(server + "/learn", wait_until="domcontentloaded")
         _check(page, "learn")
+
+
+MAX_STEP_JS = """() => Math.max(0, ...Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(
+    gd => (gd._fullData || []).filter(t => t.mode === 'lines').map(t => Math.max(...Array.from(t.x || [0])))))"""
+
+
+def test_a_run_being_written_refreshes_on_its_own(server, page, runs):
+    import pandas as pd
+
+    from balora.store import load_run, write_json_atomic
+
+    # "0-..." sorts first, so a fresh session opens on it. This process is its writer.
+    live = write_run(runs / "0-live", status=None, steps=10)
+    page.goto(server + "/", wait_until="domcontentloaded")
+    _wait_for(page, "Training loss against")
+    page.wait_for_selector("text=Still being written", timeout=CHART_TIMEOUT_MS)
+    assert page.evaluate(MAX_STEP_JS) == 10
+    run = load_run(live)
+    more = run.steps[run.steps["step"] > 5].assign(step=lambda d: d["step"] + 5)  # steps 11..15
+    tmp = live / "steps" / ".part-00099.parquet.tmp"
+    more.to_parquet(tmp, index=False)
+    tmp.rename(live / "steps" / "part-00099.parquet")
+    status = dict(run.status_info)
+    status.pop("stale", None), status.pop("stale_reason", None)
+    status["updated"] = pd.Timestamp.now(tz="UTC").isoformat()
+    write_json_atomic(live / "status.json", status)
+    # No reload: the page's own timer notices the new part file and redraws.
+    page.wait_for_function(f"() => ({MAX_STEP_JS})() >= 15", timeout=CHART_TIMEOUT_MS)
+    _check(page, "compare-live-run")

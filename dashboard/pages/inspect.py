@@ -20,6 +20,9 @@ st.caption(
 source = st.radio("Adapter", ["A path on this machine", "An uploaded file"], horizontal=True, key="insp_source")
 target: Path | None = None
 if source == "A path on this machine":
+    saved = st.session_state.pop("insp_saved", None)
+    if saved:  # the user moved on from an upload: delete its temporary copy now
+        data.remove_tree(Path(saved[1]))
     text = st.text_input(
         "Path", key="insp_path", placeholder="/path/to/adapter  or  /path/to/trainer-output  or  /path/to/lora.safetensors",
     ).strip()
