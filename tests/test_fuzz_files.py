@@ -135,7 +135,7 @@ def test_missing_pieces(tmp_path, capsys):
     empty_dir.mkdir()
     empty_file = tmp_path / "empty.safetensors"
     empty_file.write_bytes(b"")
-    expected = {no_config: "not a LoRA adapter", no_weights: "has adapter_config.json but no adapter_model",
+    expected = {no_config: "adapter_model.safetensors without adapter_config.json", no_weights: "has adapter_config.json but no adapter_model",
                 empty_dir: "not a LoRA adapter", empty_file: "not a valid safetensors file",
                 tmp_path / "missing": "no such file or directory"}
     for case, phrase in expected.items():

@@ -466,6 +466,13 @@ def read_peft_folder(path: Path) -> list[AdapterSource] | None:
             return [_peft_source(path.parent, "default", weights=path)]
         return None
     dirs = _adapter_dirs(path)
+    if not dirs:
+        orphans = [n for n in WEIGHT_NAMES if (path / n).is_file()]
+        if orphans:
+            raise InputError(
+                f"{path}: {orphans[0]} without {ADAPTER_CONFIG}, which gives r and lora_alpha; pass the weights "
+                f"file itself ({path / orphans[0]}) to read it with the scaling unknown"
+            )
     return [_peft_source(folder, adapter) for folder, adapter in dirs] or None
 
 
@@ -609,7 +616,10 @@ def staged_output(dst: Path, force: bool = False) -> Iterator[Path]:
     """Yield a path next to `dst` to build the output at; it replaces dst only if the block
     finishes without an exception. Otherwise nothing is left behind."""
     dst = Path(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".balora-tmp", dir=dst.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".balora-tmp", dir=dst.parent))
+    except OSError as e:
+        raise InputError(f"{dst}: cannot write next to it ({e.strerror or e})") from e
     try:
         staged = tmp / dst.name
         yield staged
