@@ -119,3 +119,31 @@ def _read_dataset(name: str, text_field: str) -> list[str]:
             "use --set text_field=..."
         )
     return [t for t in ds[text_field] if isinstance(t, str)]
+
+
+def read_pairs(path_text: str, fields: tuple[str, str]) -> list[tuple[str, str]]:
+    """(anchor, positive) string pairs from a .jsonl file with the two named fields."""
+    path = Path(path_text).expanduser()
+    if path.suffix != ".jsonl":
+        raise InputError(f"encoder: data file {path} must be a .jsonl file with {fields[0]!r} and {fields[1]!r} fields")
+    if not path.is_file():
+        raise InputError(f"encoder: data file {path} not found; pass an existing .jsonl file")
+    pairs = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"encoder: {path} line {lineno} is not JSON ({e.msg}); each line must be one JSON object") from e
+            missing = [k for k in fields if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+            if missing:
+                raise InputError(
+                    f"encoder: {path} line {lineno} has no text field {missing[0]!r}; "
+                    "name the fields with --set anchor_field=... --set positive_field=..."
+                )
+            pairs.append((record[fields[0]], record[fields[1]]))
+    if len(pairs) < 4:
+        raise InputError(f"encoder: {path} holds {len(pairs)} pair(s); give at least 4 (2 to train, 2 to evaluate)")
+    return pairs

@@ -94,3 +94,44 @@ class ArithmeticCorpus:
 
 # Independent random streams per split, so the held-out lines never repeat training order.
 _SPLITS = {"train": 0, "eval": 1}
+
+
+# ---------------------------------------------------------------- number words (encoder task)
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+         "sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """English words of 0 <= n < 10**6: 342 -> 'three hundred forty-two'."""
+    if not 0 <= n < 10**6:
+        raise ValueError(f"number_words: n must be in [0, 10**6), got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("-" + _ONES[n % 10] if n % 10 else "")
+    if n < 1000:
+        return _ONES[n // 100] + " hundred" + (" " + number_words(n % 100) if n % 100 else "")
+    return number_words(n // 1000) + " thousand" + (" " + number_words(n % 1000) if n % 1000 else "")
+
+
+@dataclass(frozen=True)
+class NumberPairs:
+    """(words, digits) pairs such as ('three hundred forty-two', '342') for 0 <= n < max_value.
+
+    The numbers are shuffled once and split, so held-out pairs are numbers never seen in
+    training, and no number occurs twice (in-batch negatives are never duplicates).
+    """
+
+    max_value: int = 10_000
+    eval_size: int = 128
+    seed: int = 0
+
+    def split(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(train pairs, eval pairs), the same on every machine."""
+        if not 0 < self.eval_size < self.max_value:
+            raise ValueError(f"NumberPairs: eval_size must be in (0, {self.max_value}), got {self.eval_size}")
+        order = np.random.default_rng(self.seed).permutation(self.max_value)
+        pairs = [(number_words(int(n)), str(int(n))) for n in order]
+        return pairs[self.eval_size :], pairs[: self.eval_size]

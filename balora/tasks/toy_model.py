@@ -46,9 +46,9 @@ class ToyModelConfig:
     n_head: int = 4
     digits: int = 2  # operand width of the addition corpus (see ArithmeticCorpus)
     lines_per_block: int = 6  # 6 lines of 10 characters = 60-token blocks
-    pretrain_steps: int = 800  # about a minute on 2 CPU cores; the model gets most of addition right
-    batch_size: int = 32  # blocks per step
-    lr: float = 3e-3  # AdamW peak; warmup then cosine decay to 10%
+    pretrain_steps: int = 600  # ~80 s of one CPU core; eval loss ~1.14 on addition (floor 0.90)
+    batch_size: int = 16  # blocks per step; more steps of smaller batches learned more per second
+    lr: float = 3e-3  # AdamW peak, warmup then cosine decay to 10%; 5e-3 learned less in 800 steps
     seed: int = 0  # weights init and corpus
 
     @property

