@@ -1,0 +1,259 @@
+"""Does balancing change how fast LoRA converges? Arms side by side, through balora.compare.
+
+    python benchmarks/bench_convergence.py --quick     # synthetic, 8 seeds, 3-point grids; lm 1 seed, 100 steps
+    python benchmarks/bench_convergence.py             # synthetic, 8 seeds, 5-point grids; lm 3 seeds, 200 steps
+    python benchmarks/bench_convergence.py --plots docs/img   # also write the PNG figures (needs matplotlib)
+
+1. Synthetic (the paper's problem: LoRA r=4 on a frozen random 20x20 layer, random target, PEFT's
+   B = 0 init, 100 full-batch steps), with torch Adam, SGD and sign descent (what the paper's
+   synthetic figure calls "Adam"). Arms lora, balora (nearest gauge), balora-svd (the paper's
+   gauge) and loraplus (PEFT's LoRA+, B's lr 16x A's), each over a learning-rate grid and 8+ seeds
+   (a seed is a new problem). Prints, per optimizer: every arm at its own best rate (median and
+   quartiles over seeds of the final excess loss over the best rank-4 loss, and of the steps to
+   remove 99% of the initial excess), then every arm across the whole grid.
+2. The offline language-model task (a toy GPT-2 pretrained on generated addition text, LoRA r=8,
+   fine-tuned with AdamW on subtraction text): eval loss against steps and against seconds.
+
+Every run is written to --out (one balora run directory per experiment: open them in the
+dashboard with `balora dashboard --runs OUT`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import balora
+from balora.runner import compare
+
+SYNTH_GRIDS = {  # around the task's defaults (adam 3e-2, sgd 0.3, sign 1e-2), factor ~3 apart
+    "adam": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+    "sgd": [0.01, 0.03, 0.1, 0.3, 1.0],
+    "sign": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+}
+SYNTH_ARMS = "lora,balora,balora-svd,loraplus"
+LM_ARMS = "lora,balora,balora-svd"
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _q(s: pd.Series, q: float) -> float:
+    return float(s.quantile(q)) if len(s) else math.nan
+
+
+def _fmt(x: float, digits: int = 3, inf: str = "never") -> str:
+    """inf reads as `inf`: "never" for steps (target not reached), "diverged" for losses."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return inf if x > 0 else "-inf"
+    return f"{x:.{digits}g}"
+
+
+def _values(summary: pd.DataFrame, column: str) -> pd.DataFrame:
+    """column per cell; diverged or failed cells count as +inf (worse than anything that finished)."""
+    s = summary.copy()
+    s["value"] = s[column].where(s["status"] == "completed", math.inf).astype(float)
+    return s
+
+
+def _steps(summary: pd.DataFrame) -> pd.Series:
+    """steps_to_target with 'never reached' (NaN) and diverged as +inf, so medians rank them last."""
+    return summary["steps_to_target"].where(summary["status"] == "completed", math.inf).fillna(math.inf).astype(float)
+
+
+def best_cells(summary: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
+    """Per arm, the rows (one per seed) of the lr with the smallest median metric."""
+    s = _values(summary, metric)
+    out = {}
+    for arm, g in s.groupby("arm", sort=False):
+        med = g.groupby("lr")["value"].median()
+        out[arm] = g[g["lr"] == med.idxmin()]
+    return out
+
+
+def print_best_table(summary: pd.DataFrame, metric: str, label: str) -> list[dict]:
+    """Every arm at its own best learning rate: median [q25, q75] over seeds."""
+    cells = best_cells(summary, metric)
+    lora_steps = _steps(cells["lora"]).set_axis(cells["lora"]["seed"]) if "lora" in cells else None
+    print(f"   {'arm':<12}{'best lr':>9}  {label + ' med [q25, q75]':<40}{'steps to target med [q25, q75]':<34}"
+          f"{'reached':>8}{'diverged':>9}{'speed-up vs lora':>17}")
+    rows = []
+    for arm, g in cells.items():
+        v = _values(g, metric)["value"]
+        st = _steps(g)
+        speed = math.nan
+        if lora_steps is not None:
+            ratio = (lora_steps / st.set_axis(g["seed"])).replace([math.inf, -math.inf], math.nan)
+            speed = float(ratio.median()) if ratio.notna().any() else math.nan
+        row = {"arm": arm, "best_lr": float(g["lr"].iloc[0]), "median": float(v.median()), "q25": _q(v, 0.25),
+               "q75": _q(v, 0.75), "steps_median": float(st.median()), "steps_q25": _q(st, 0.25),
+               "steps_q75": _q(st, 0.75), "reached": int(st.apply(math.isfinite).sum()), "seeds": len(g),
+               "diverged": int((g["status"] == "diverged").sum()), "speedup": speed}
+        rows.append(row)
+        metric_txt = (f"{_fmt(row['median'], inf='diverged')} [{_fmt(row['q25'], inf='diverged')}, "
+                      f"{_fmt(row['q75'], inf='diverged')}]")
+        steps_txt = f"{_fmt(row['steps_median'])} [{_fmt(row['steps_q25'])}, {_fmt(row['steps_q75'])}]"
+        print(f"   {arm:<12}{row['best_lr']:>9.3g}  {metric_txt:<40}{steps_txt:<34}"
+              f"{row['reached']:>4}/{row['seeds']:<3}{row['diverged']:>9}{_fmt(speed, 2):>17}")
+    return rows
+
+
+def print_grid_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Median metric over seeds for every arm and learning rate (inf: some seed diverged past the median)."""
+    s = _values(summary, metric)
+    grid = s.pivot_table(index="arm", columns="lr", values="value", aggfunc="median", sort=False)
+    print("   " + "arm / lr".ljust(12) + "".join(f"{lr:>12.3g}" for lr in grid.columns))
+    for arm, row in grid.iterrows():
+        print(f"   {arm:<12}" + "".join(f"{_fmt(x, inf='diverged'):>12}" for x in row))
+    return grid
+
+
+def run_synthetic(args, out: Path) -> dict[str, pd.DataFrame]:
+    runs = {}
+    for opt in args.optimizers.split(","):
+        grid = SYNTH_GRIDS[opt][1:4] if args.quick else SYNTH_GRIDS[opt]
+        t0 = time.perf_counter()
+        run = compare("synthetic", arms=SYNTH_ARMS, steps=100, seeds=args.seeds, optimizer=opt, lr=grid,
+                      out=out / f"synthetic-{opt}", force=True, quiet=True, layers_every=0, spectra_every=0)
+        took = time.perf_counter() - t0
+        runs[opt] = run
+        print(f"\n== synthetic, {opt}: r=4, 20x20, 100 steps, {args.seeds} seeds, lr grid {grid}; "
+              f"{len(run.summary)} cells in {took:.0f} s; {_load()} ==")
+        print(f"   run: {out / f'synthetic-{opt}'}")
+        print("   each arm at its own best lr (the lr with the smallest median final excess loss):")
+        print_best_table(run.summary, "final_excess_loss", "final excess loss")
+        print("   median final excess loss over seeds, every arm at every lr (inf: diverged):")
+        print_grid_table(run.summary, "final_excess_loss")
+    return runs
+
+
+def run_lm(args, out: Path):
+    steps = 100 if args.quick else args.lm_steps
+    seeds = 1 if args.quick else args.lm_seeds
+    t0 = time.perf_counter()
+    run = compare("lm", arms=LM_ARMS, steps=steps, seeds=seeds, optimizer="adamw", out=out / "lm", force=True,
+                  quiet=True, eval_every=10, layers_every=0, spectra_every=0)
+    took = time.perf_counter() - t0
+    s = run.summary
+    print(f"\n== lm (offline toy GPT-2, LoRA r=8, AdamW lr {s['lr'].iloc[0]:g}, alpha {s['alpha'].iloc[0]:g}), "
+          f"{steps} steps, {seeds} seed(s): {len(s)} cells in {took:.0f} s; {_load()} ==")
+    print(f"   run: {out / 'lm'}")
+    print(f"   {'arm':<12}{'final eval loss median [min, max]':<36}{'steps to target':>16}{'s to target':>12}"
+          f"{'total s':>9}{'balance s':>10}")
+    for arm, g in s.groupby("arm", sort=False):
+        ev = g["final_eval_loss"]
+        ev_txt = f"{_fmt(float(ev.median()), 4)} [{_fmt(float(ev.min()), 4)}, {_fmt(float(ev.max()), 4)}]"
+        print(f"   {arm:<12}{ev_txt:<36}{_fmt(float(_steps(g).median())):>16}"
+              f"{_fmt(float(g['seconds_to_target'].fillna(math.inf).median())):>12}"
+              f"{float(g['total_seconds'].median()):>9.1f}{float(g['balance_seconds'].median()):>10.2f}")
+    print(f"   target: eval loss {_fmt(float(s['target_loss'].iloc[0]), 4)} (the task's floor + half the initial excess)")
+    return run
+
+
+def plot_synthetic(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
+    for ax, (opt, run) in zip(axes[0], runs.items()):
+        cells = best_cells(run.summary, "final_excess_loss")
+        steps = run.steps
+        for arm, g in cells.items():
+            lr = float(g["lr"].iloc[0])
+            d = steps[(steps["arm"] == arm) & (steps["lr"] == lr)]
+            med = d.groupby("step")["excess_loss"].median()
+            lo = d.groupby("step")["excess_loss"].quantile(0.25)
+            hi = d.groupby("step")["excess_loss"].quantile(0.75)
+            line, = ax.plot(med.index, med.values, label=f"{arm} (lr {lr:g})")
+            ax.fill_between(med.index, lo.values, hi.values, alpha=0.15, color=line.get_color())
+        ax.set_yscale("log")
+        ax.set_title(f"synthetic, {opt}: each arm at its best lr")
+        ax.set_xlabel("step")
+        ax.set_ylabel("excess loss (median, quartile band)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lm(run, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = run.steps[run.steps["eval_loss"].notna()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, d in steps.groupby("arm", sort=False):
+        by_step = d.groupby("step")
+        line, = axes[0].plot(by_step["eval_loss"].median().index, by_step["eval_loss"].median().values, label=arm)
+        axes[0].fill_between(by_step["eval_loss"].min().index, by_step["eval_loss"].min().values,
+                             by_step["eval_loss"].max().values, alpha=0.15, color=line.get_color())
+        for _, s in d.groupby("seed"):
+            axes[1].plot(s["time_s"], s["eval_loss"], color=line.get_color(), alpha=0.7,
+                         label=arm if _ == d["seed"].min() else None)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("eval loss (median over seeds, min-max band)")
+    axes[1].set_xlabel("training seconds (step + balancing)")
+    axes[1].set_ylabel("eval loss (one line per seed)")
+    for ax in axes:
+        ax.set_title("offline lm task (toy GPT-2, AdamW)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3-point lr grids; lm: 1 seed, 100 steps")
+    ap.add_argument("--seeds", type=int, default=8, help="synthetic seeds (at least 8 for the published tables)")
+    ap.add_argument("--optimizers", default="adam,sgd,sign")
+    ap.add_argument("--lm-seeds", type=int, default=3)
+    ap.add_argument("--lm-steps", type=int, default=200)
+    ap.add_argument("--no-lm", action="store_true", help="skip the language-model task")
+    ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--out", default="bench_runs", help="folder for the balora run directories")
+    ap.add_argument("--plots", default=None, help="folder to write synthetic.png and lm.png into (needs matplotlib)")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    print(f"bench_convergence: python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, balora {balora.__version__}, "
+          f"{platform.machine()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M:%S')}; {_load()}")
+    runs, lm = {}, None
+    if not args.no_synthetic:
+        runs = run_synthetic(args, out)
+    if not args.no_lm:
+        lm = run_lm(args, out)
+    if args.plots:
+        folder = Path(args.plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            if runs:
+                plot_synthetic(runs, folder / "convergence_synthetic.png")
+            if lm is not None:
+                plot_lm(lm, folder / "convergence_lm.png")
+            print(f"\nplots written to {folder}/ (matplotlib)")
+        except ImportError:
+            print("\nplots skipped: matplotlib is not installed (pip install matplotlib)")
+    print(f"\ndone; {_load()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
