@@ -42,24 +42,36 @@ def thin_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CholeskyQR2 on (G, n, r). Returns Q, R and a (G,) mask of entries it got right."""
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
     R1, info1 = torch.linalg.cholesky_ex(X.mT @ X, upper=True)  # (G, r, r)
-    diag = R1.diagonal(dim1=-2, dim2=-1).abs()  # (G, r)
-    # diag(R) spans at least 1/cond(X) of its largest entry: a cheap lower bound on cond.
-    well_conditioned = (info1 == 0) & (diag.amin(-1) * _CHOLQR_MAX_COND > diag.amax(-1))
-    R1 = torch.where(well_conditioned[:, None, None], R1, torch.eye(R1.shape[-1], dtype=R1.dtype, device=R1.device))
-    Q1 = torch.linalg.solve_triangular(R1, X, upper=True, left=False)  # (G, n, r)
+    R1 = torch.where((info1 == 0)[:, None, None], R1, eye)
+    R1_inv = _triu_inverse(R1)
+    # ||R||_F ||R^-1||_F bounds cond_2(X) = cond_2(R) from above (within a factor r): a real
+    # estimate, unlike diag(R), which looks perfect for X = Q0 (I + t triu(1)) of any cond.
+    cond = torch.linalg.matrix_norm(R1) * torch.linalg.matrix_norm(R1_inv)
+    well_conditioned = (info1 == 0) & (cond <= _CHOLQR_MAX_COND)
+    Q1 = X @ R1_inv  # (G, n, r)
     G2 = Q1.mT @ Q1  # (G, r, r)
-    # diag(R1) only bounds cond(X) from below: X = Q0 (I + t * triu(1)) has a unit diagonal and
-    # any condition number, and then Q1 comes out far from orthogonal. Measure that directly.
-    eye = torch.eye(G2.shape[-1], dtype=G2.dtype, device=G2.device)
+    # Belt and braces: the second pass is only exact if Q1 is already nearly orthonormal.
     q1_close = torch.linalg.matrix_norm(G2 - eye) <= _CHOLQR_MAX_Q1_DEFECT
     R2, info2 = torch.linalg.cholesky_ex(G2, upper=True)
     ok = well_conditioned & q1_close & (info2 == 0)
-    R2 = torch.where(ok[:, None, None], R2, torch.eye(R2.shape[-1], dtype=R2.dtype, device=R2.device))
-    Q = torch.linalg.solve_triangular(R2, Q1, upper=True, left=False)
+    R2 = torch.where(ok[:, None, None], R2, eye)
+    Q = Q1 @ _triu_inverse(R2)
     R = R2 @ R1
     ok = ok & torch.isfinite(Q).flatten(1).all(-1) & torch.isfinite(R).flatten(1).all(-1)
     return Q, R, ok
+
+
+def _triu_inverse(R: torch.Tensor) -> torch.Tensor:
+    """Inverse of upper-triangular R (G, r, r).
+
+    X @ R^-1 as a plain matmul instead of solve_triangular(R, X, left=False): on CPU the
+    latter runs ~25x slower for tall X (G, n, r), and the guards above keep cond(R) <= 1e3,
+    where forming the r x r inverse loses nothing measurable in fp32.
+    """
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+    return torch.linalg.solve_triangular(R, eye, upper=True)
 
 
 def polar_orthogonal(M: torch.Tensor) -> torch.Tensor:
