@@ -11,16 +11,6 @@ import pytest
 from dashboard import plots
 
 
-def _axis_titles(fig: go.Figure) -> list[str]:
-    out = []
-    for name in dir(fig.layout):
-        if name.startswith(("xaxis", "yaxis")):
-            ax = getattr(fig.layout, name)
-            if ax is not None and ax.title is not None and ax.title.text:
-                out.append(ax.title.text)
-    return out
-
-
 def assert_labelled(fig: go.Figure, *needles: str) -> None:
     """A title, an x and a y axis title, each containing what the caller expects somewhere."""
     assert fig.layout.title.text, "figure has no title"
