@@ -40,6 +40,7 @@ DEFAULTS = {
     "alpha": 16,  # LoRA scaling s = alpha / r = 2
     "rank": 8,
     "weight_decay": 0.0,
+    "threads": 1,  # as for lm: on a busy machine waiting OpenMP threads cost far more than they give
     "eval_every": 20,
     "layers_every": 20,
     "spectra_every": 20,
