@@ -2,40 +2,57 @@
 
 Balance LoRA factor pairs onto B^T B = A A^T without changing dW (BaLoRA, arXiv 2605.31484),
 measure per-layer imbalance, spectra and conditioning, and compare training runs.
+
+The public names below are imported on first use, so `import balora` (and `balora inspect`)
+does not pay for importing transformers and PEFT until something needs them.
 """
 
-from balora.balance import BalanceError, BalanceSummary, balance_
-from balora.callbacks import BalanceCallback, balance_after_step
-from balora.imbalance import factor_stats, imbalance, rel_imbalance, singular_values
-from balora.projection import balanced_factors
-from balora.report import REPORT_COLUMNS, layer_report
-from balora.inspect import INSPECT_COLUMNS, balance_file, inspect
-from balora.recorder import RunRecorder
-from balora.runner import arm_summary, compare
-from balora.store import Run, list_runs, load_run
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Run",
-    "RunRecorder",
-    "arm_summary",
-    "compare",
-    "list_runs",
-    "load_run",
-    "BalanceCallback",
-    "BalanceError",
-    "BalanceSummary",
-    "INSPECT_COLUMNS",
-    "REPORT_COLUMNS",
-    "balance_",
-    "balance_after_step",
-    "balance_file",
-    "balanced_factors",
-    "factor_stats",
-    "imbalance",
-    "inspect",
-    "layer_report",
-    "rel_imbalance",
-    "singular_values",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    # core maths and balancing
+    "BalanceError": "balora.balance",
+    "BalanceSummary": "balora.balance",
+    "balance_": "balora.balance",
+    "balanced_factors": "balora.projection",
+    "factor_stats": "balora.imbalance",
+    "imbalance": "balora.imbalance",
+    "rel_imbalance": "balora.imbalance",
+    "singular_values": "balora.imbalance",
+    "REPORT_COLUMNS": "balora.report",
+    "layer_report": "balora.report",
+    # training loops
+    "BalanceCallback": "balora.callbacks",
+    "balance_after_step": "balora.callbacks",
+    "RunRecorder": "balora.recorder",
+    # adapter files
+    "INSPECT_COLUMNS": "balora.inspection",
+    "inspect": "balora.inspection",
+    "balance_file": "balora.inspection",
+    # comparisons and the run store
+    "compare": "balora.runner",
+    "arm_summary": "balora.runner",
+    "Run": "balora.store",
+    "list_runs": "balora.store",
+    "load_run": "balora.store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'balora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

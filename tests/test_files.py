@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import balora
 from balora.adapters import files
 from balora.errors import InputError
-from balora.inspect import balance_file
+from balora.inspection import balance_file
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -33,7 +33,7 @@ def run(args) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from balora.inspect import balance_file
+    from balora.inspection import balance_file
 
     summary = balance_file(args.input, args.output, method=args.method,
                            on_rank_deficient=args.on_rank_deficient, force=args.force)

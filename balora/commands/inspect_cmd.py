@@ -36,7 +36,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from balora.inspect import INSPECT_COLUMNS, inspect
+    from balora.inspection import INSPECT_COLUMNS, inspect
 
     if args.top < 0:
         raise InputError(f"--top must be >= 0, got {args.top}")
