@@ -8,12 +8,13 @@ import time
 import types
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from balora.errors import InputError
-from balora.runner import compare
+from balora.runner import arm_summary, compare
 from balora.store import load_run
 from balora.tasks import TASKS, Problem, TaskSpec
 
@@ -202,3 +203,27 @@ def test_interrupted_and_killed_runs_load(tmp_path):
     killed = load_run(b)
     assert killed.status == "running" and killed.stale and "gone" in killed.status_info["stale_reason"]
     assert len(killed.steps) > 0 and not killed.warnings
+
+
+def test_arm_summary_picks_each_arms_best_cell():
+    rows = []
+    # lora is best at lr 0.1 (excess 1.0 for every seed), balora at lr 0.01 (0.5); one diverged balora seed
+    for seed in range(3):
+        for lr, lora_excess, bal_excess in ((0.01, 4.0, 0.5), (0.1, 1.0, 3.0)):
+            rows.append({"arm": "lora", "seed": seed, "lr": lr, "alpha": 4.0, "status": "completed",
+                         "final_excess_loss": lora_excess, "steps_to_target": 40.0})
+            diverged = seed == 2 and lr == 0.1
+            rows.append({"arm": "balora", "seed": seed, "lr": lr, "alpha": 4.0,
+                         "status": "diverged" if diverged else "completed",
+                         "final_excess_loss": math.nan if diverged else bal_excess, "steps_to_target": 10.0 + seed})
+    summary = pd.DataFrame(rows).assign(final_eval_loss=math.nan, final_loss=1.0)
+    s = arm_summary(summary).set_index("arm")
+    assert s.loc["lora", "best_lr"] == 0.1 and s.loc["lora", "best"] == 1.0 and s.loc["lora", "worst"] == 4.0
+    assert s.loc["balora", "best_lr"] == 0.01 and s.loc["balora", "best"] == 0.5
+    assert s.loc["balora", "worst"] == 3.0  # median over seeds (3.0, 3.0, diverged = inf)
+    assert s.loc["balora", "diverged"] == 1 and s.loc["balora", "completed"] == 5
+    assert s.loc["lora", "within_2x"] == 0.5 and s.loc["balora", "within_5pct"] == 0.5
+    assert s.loc["balora", "steps_to_target"] == 11.0
+    assert s.loc["balora", "speedup_vs_lora"] == pytest.approx(np.median([40 / 10, 40 / 11, 40 / 12]))
+    assert (s["metric"] == "final_excess_loss").all()
+    assert list(arm_summary(summary.iloc[:0]).columns) == list(arm_summary(summary).columns)
