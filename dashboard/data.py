@@ -102,6 +102,17 @@ def load_run(path: str | Path):
     return _load_run(str(path), _version(Path(path)))
 
 
+def default_run(runs: pd.DataFrame) -> str | None:
+    """The run a page opens on: the largest completed run (most cells: grids, many seeds), so
+    every section has something to show; else the largest run of any status."""
+    if runs.empty:
+        return None
+    ranked = runs.assign(_done=runs["status"].astype(str) == "completed").sort_values(
+        ["_done", "n_cells", "name"], ascending=[False, False, True], kind="stable"
+    )
+    return str(ranked["name"].iloc[0])
+
+
 # ------------------------------------------------------------------------------ run status
 
 
@@ -330,7 +341,8 @@ def speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: st
     cells["speedup_steps"] = cells["ref_step"] / cells["step"]
     cells["speedup_seconds"] = cells["ref_time"] / cells["time_s"]
     rows = []
-    for label, g in cells.groupby(by, sort=False):
+    order = list(dict.fromkeys(steps[by]))  # the run's arm order, not the order targets were hit
+    for label, g in sorted(cells.groupby(by, sort=False), key=lambda kv: order.index(kv[0])):
         rows.append(
             {
                 by: label,

@@ -255,24 +255,28 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, by: str = "series", loss
     for col, key in enumerate(("steps", "seconds"), start=1):
         med = speed[f"{key}_median"].to_numpy(dtype=float)
         ratio = speed[f"speedup_{key}"].to_numpy(dtype=float)
-        text = []
+        # The verdict goes under each bar's name (readable, never squeezed by the error bars).
+        ticks = []
         for m, rt, reached, n, label in zip(med, ratio, speed["reached"], speed["n_seeds"], speed[by]):
+            lines = [f"<b>{label}</b>"]
             if not np.isfinite(m):
-                text.append("not reached")
+                lines.append("not reached")
             else:
-                part = "" if reached == n else f" ({reached}/{n} seeds)"
-                rel = "" if str(label).split(": ")[-1] == reference or not np.isfinite(rt) else f"×{rt:.2f} vs {reference}"
-                text.append((rel + part).strip() or f"{m:.4g}")
+                if str(label).split(": ")[-1] != reference and np.isfinite(rt):
+                    lines.append(f"×{rt:.2f} vs {reference}")
+                if reached != n:
+                    lines.append(f"{reached}/{n} seeds reached")
+            ticks.append("<br>".join(lines))
         fig.add_trace(
             go.Bar(
-                x=speed[by].astype(str), y=np.where(np.isfinite(med), med, 0.0),
+                x=ticks, y=np.where(np.isfinite(med), med, 0.0),
                 error_y=dict(
                     type="data", symmetric=False,
                     array=np.nan_to_num(speed[f"{key}_max"].to_numpy(dtype=float) - med),
                     arrayminus=np.nan_to_num(med - speed[f"{key}_min"].to_numpy(dtype=float)),
                 ),
-                marker_color=[colors[lab] for lab in speed[by]], text=text, textposition="outside", showlegend=False,
-                hovertemplate="%{x}: %{y:.4g}<extra></extra>", cliponaxis=False,
+                marker_color=[colors[lab] for lab in speed[by]], showlegend=False,
+                customdata=speed[by].astype(str), hovertemplate="%{customdata}: %{y:.4g}<extra></extra>",
             ),
             row=1, col=col,
         )
@@ -280,7 +284,7 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, by: str = "series", loss
     fig.update_yaxes(title_text="optimizer steps", row=1, col=1)
     fig.update_yaxes(title_text="seconds (wall clock)", row=1, col=2)
     sub = f"median over seeds (error bars: min–max); ×k = k times faster than {reference}, same seed and cell"
-    fig.update_layout(title=_title(title, sub), height=420, margin=dict(t=110))
+    fig.update_layout(title=_title(title, sub), height=460, margin=dict(t=110))
     return fig
 
 

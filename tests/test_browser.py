@@ -215,9 +215,9 @@ def test_a_run_being_written_refreshes_on_its_own(server, page, runs):
 
     from balora.store import load_run, write_json_atomic
 
-    # "0-..." sorts first, so a fresh session opens on it. This process is its writer.
-    live = write_run(runs / "0-live", status=None, steps=10)
-    page.goto(server + "/", wait_until="domcontentloaded")
+    # This process is its writer; ?run= opens the page on it.
+    live = write_run(runs / "live-run", status=None, steps=10)
+    page.goto(server + "/?run=live-run", wait_until="domcontentloaded")
     _wait_for(page, "Training loss against")
     page.wait_for_selector("text=Still being written", timeout=CHART_TIMEOUT_MS)
     assert page.evaluate(MAX_STEP_JS) == 10

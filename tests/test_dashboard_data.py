@@ -140,6 +140,14 @@ def test_list_runs_sees_new_runs(tmp_path):
     assert dict(zip(df["name"], df["status"]))["two"] == "interrupted"
 
 
+def test_default_run_is_the_largest_completed_one():
+    runs = pd.DataFrame({"name": ["a-small", "b-grid", "c-live", "d-failed"], "status": ["completed", "completed", "running", "failed"],
+                         "n_cells": [8, 36, 99, 99]})
+    assert data.default_run(runs) == "b-grid"
+    assert data.default_run(runs[runs["status"] != "completed"]) == "c-live"
+    assert data.default_run(runs.iloc[0:0]) is None
+
+
 def test_run_state_marks_progress_stale_and_interrupted():
     now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
     recent = (now - timedelta(seconds=7)).isoformat()
@@ -239,6 +247,7 @@ def test_speedups_match_an_independent_count(grid_run):
         assert speed.loc[arm, "steps_median"] == pytest.approx(np.median(firsts))
     # balora's loss falls twice as fast in the fixture: it needs about half the steps.
     assert speed.loc["balora", "speedup_steps"] > 1.5 and speed.loc["lora", "speedup_steps"] == pytest.approx(1.0)
+    assert list(speed.index) == ["lora", "balora"]  # the run's arm order, though balora reaches the target first
     never = data.speedups(cell, 1e-9)
     assert never["reached"].eq(0).all() and never["steps_median"].isna().all()
 

@@ -179,6 +179,19 @@ def test_compare_on_a_real_run_every_section(app, real_run):
             assert speed.loc[arm, "steps_median"] == pytest.approx(g["steps_to_target"].median(), nan_ok=True)
 
 
+def test_compare_opens_the_run_named_in_the_url(app):
+    at = app
+    at.query_params["run"] = "stopped"
+    at.run()
+    no_exception(at)
+    assert at.multiselect(key="compare_runs").value == ["stopped"]
+    at.multiselect(key="compare_runs").set_value(["single"]).run()
+    assert at.multiselect(key="compare_runs").value == ["single"]  # the URL does not undo a later choice
+    at.query_params["run"] = "nope"
+    at.run()
+    assert "No run named `nope`" in texts(at.warning)
+
+
 def test_compare_marks_running_and_interrupted_runs(app):
     at = app.run()
     at.multiselect(key="compare_runs").set_value(["live", "stopped"]).run()

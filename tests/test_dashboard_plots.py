@@ -81,8 +81,10 @@ def test_speedup_bars_annotate_ratio_and_unreached():
     assert_labelled(fig, "0.25 nats/token", "optimizer steps", "seconds (wall clock)")
     steps_bar, secs_bar = fig.data
     assert list(steps_bar.y) == [40.0, 20.0, 0.0]
-    assert steps_bar.text[1] == "×2.00 vs lora (2/3 seeds)" and steps_bar.text[2] == "not reached"
-    assert secs_bar.text[1].startswith("×1.60")
+    assert steps_bar.x[0] == "<b>lora</b>"
+    assert steps_bar.x[1] == "<b>balora</b><br>×2.00 vs lora<br>2/3 seeds reached"
+    assert steps_bar.x[2] == "<b>balora-svd</b><br>not reached"
+    assert "×1.60 vs lora" in secs_bar.x[1]
     assert list(steps_bar.error_y.array) == [5.0, 2.0, 0.0]
 
 

@@ -37,14 +37,21 @@ names = runs_df["name"].astype(str).tolist()
 paths = dict(zip(names, runs_df["path"].astype(str)))
 status_of = dict(zip(names, runs_df["status"].astype(str))) if "status" in runs_df else {}
 
-# A run just launched from the Launch page opens here selected.
+# A run just launched from the Launch page, or named in the URL (?run=NAME, a shareable
+# link; applied once per session so it does not undo later choices), opens here selected.
 focus = st.session_state.pop("compare_focus", None)
+url_run = st.query_params.get("run")
+if focus is None and url_run and st.session_state.get("compare_url_run") != url_run:
+    st.session_state["compare_url_run"] = focus = url_run
 if focus in names:
     st.session_state["compare_runs"] = [focus]
+elif focus:
+    st.warning(f"No run named `{focus}` in `{RUNS_DIR}`.")
+first = [data.default_run(runs_df)]
 if "compare_runs" not in st.session_state:
-    st.session_state["compare_runs"] = names[:1]
+    st.session_state["compare_runs"] = first
 else:
-    st.session_state["compare_runs"] = [n for n in st.session_state["compare_runs"] if n in names] or names[:1]
+    st.session_state["compare_runs"] = [n for n in st.session_state["compare_runs"] if n in names] or first
 
 selected = st.multiselect(
     "Runs", names, key="compare_runs", persist_state="session",
