@@ -49,7 +49,8 @@ def _load() -> str:
 
 
 def _q(s: pd.Series, q: float) -> float:
-    return float(s.quantile(q)) if len(s) else math.nan
+    # "nearest": interpolating between two infinities (never reached, diverged) gives NaN.
+    return float(s.quantile(q, interpolation="nearest")) if len(s) else math.nan
 
 
 def _fmt(x: float, digits: int = 3, inf: str = "never") -> str:
