@@ -1,6 +1,7 @@
 """Side-by-side comparison of arms on a task: every (seed, alpha, lr, arm) cell trained and written to a run.
 
-    setup    resolve the options against the task's defaults, open the run directory
+    setup    resolve the options against the task's defaults, build the first problem (so bad options
+             fail before anything is written), open the run directory
     train    for seed, alpha: build the problem once, snapshot the adapter weights;
              for lr, arm: restore the snapshot, train one cell, record it
     cleanup  summary rows with speed-ups over lora, status completed / interrupted / failed
@@ -135,7 +136,8 @@ def parse_floats(spec: float | str | list[float], flag: str) -> list[float]:
         try:
             v = float(s)
         except (TypeError, ValueError):
-            raise InputError(f"{flag}: {s!r} is not a number; give one value or a comma list such as 1e-3,1e-2") from None
+            raise InputError(f"{flag}: {s!r} is not a number; give one value or a comma list such as 1e-3,1e-2"
+                             ) from None
         if not math.isfinite(v) or v <= 0:
             raise InputError(f"{flag}: {s!r} must be a positive finite number")
         values.append(v)
@@ -265,7 +267,8 @@ def command_line(run: RunConfig) -> str:
     args = ["balora", "compare", "--task", run.task, "--arms", ",".join(run.arms), "--steps", str(run.steps),
             "--seeds", ",".join(map(str, run.seeds)), "--optimizer", run.optimizer, "--lr", nums(run.lrs),
             "--alpha", nums(run.alphas), "--rank", str(run.rank), "--weight-decay", repr(run.weight_decay),
-            "--device", run.device, *(["--threads", str(run.threads)] if run.threads else []), "--dtype", run.dtype, "--eval-every", str(run.eval_every),
+            "--device", run.device, *(["--threads", str(run.threads)] if run.threads else []),
+            "--dtype", run.dtype, "--eval-every", str(run.eval_every),
             "--layers-every", str(run.layers_every), "--spectra-every", str(run.spectra_every)]
     if run.target_loss is not None:
         args += ["--target-loss", repr(run.target_loss)]
