@@ -35,6 +35,7 @@ METRIC_NAMES = {
     "final_loss": "final training loss",
     "best_loss": "best training loss",
     "final_eval_loss": "final evaluation loss",
+    "final_excess_loss": "final excess loss over the best rank-r loss",
 }
 REL_IMBALANCE = "relative imbalance ‖BᵀB − AAᵀ‖_F / (‖BᵀB‖_F + ‖AAᵀ‖_F)"
 VALUE_LABELS = {
@@ -179,7 +180,7 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     ended finite), optional `status` (why a cell has no value, e.g. "diverged").
     """
     name = METRIC_NAMES.get(value, value)
-    title = f"{_cap(name)} over learning rate × alpha"
+    title = f"{_cap(name)} across learning rate × alpha"
     if grid.empty or grid[value].notna().sum() == 0:
         return empty_figure(title, "learning rate", "lora_alpha", "no grid cells finished yet")
     labels = list(dict.fromkeys(grid[by]))

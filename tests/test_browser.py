@@ -175,7 +175,7 @@ def test_every_page_in_a_real_browser(server, page, adapter):
     # Compare opens by default, on the first run, with its loss curves.
     page.goto(server + "/", wait_until="domcontentloaded")
     labels = _check(page, "compare-loss")
-    assert any(c["title"].startswith("Training loss against") or "loss against" in c["title"] for c in labels)
+    assert any(c["title"].endswith("loss against optimizer step") for c in labels)
     expected = {"Grid": "learning rate × alpha", "Speed-up": "Time to reach", "Imbalance": "of every layer during training",
                 "Spectra": "Singular values of"}
     for section, title_part in expected.items():
@@ -218,7 +218,7 @@ def test_a_run_being_written_refreshes_on_its_own(server, page, runs):
     # This process is its writer; ?run= opens the page on it.
     live = write_run(runs / "live-run", status=None, steps=10)
     page.goto(server + "/?run=live-run", wait_until="domcontentloaded")
-    _wait_for(page, "Training loss against")
+    _wait_for(page, "loss against optimizer step")
     page.wait_for_selector("text=Still being written", timeout=CHART_TIMEOUT_MS)
     assert page.evaluate(MAX_STEP_JS) == 10
     run = load_run(live)

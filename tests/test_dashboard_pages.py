@@ -84,7 +84,7 @@ def test_app_opens_on_compare_with_the_runs_folder(app, runs_root):
     assert at.title[0].value == "Compare runs"
     assert str(runs_root) in texts(at.sidebar.caption)
     # Opens on a run and draws its loss curves straight away.
-    assert at.multiselect(key="compare_runs").value and titles(at)[0].startswith("Training loss against")
+    assert at.multiselect(key="compare_runs").value and titles(at)[0].endswith("loss against optimizer step")
 
 
 def test_app_runs_without_a_page_file(tmp_path, runs_root, monkeypatch):
@@ -128,7 +128,7 @@ def test_compare_sections_draw_and_widgets_change_them(app):
     at.segmented_control(key="compare_section").set_value("Grid").run()
     no_exception(at)
     grid = charts(at)[0]
-    assert [t["type"] for t in grid["data"]].count("heatmap") == 3 and titles(at)[0].startswith("Final training loss over")
+    assert [t["type"] for t in grid["data"]].count("heatmap") == 3 and titles(at)[0].endswith("across learning rate × alpha")
     stars = [t for t in grid["data"] if t["type"] == "scatter"]
     assert len(stars) == 3  # each arm's best cell marked
 
@@ -162,10 +162,10 @@ def test_compare_on_a_real_run_every_section(app, real_run):
     at = app.run()
     at.multiselect(key="compare_runs").set_value(["real"]).run()
     no_exception(at)
-    assert "completed" in texts(at.success) and titles(at)[0].startswith("Training loss against")
+    assert "completed" in texts(at.success) and titles(at)[0] == "Excess loss over the best rank-r loss against optimizer step"
     per_arm = at.dataframe[0].value  # the per-arm summary comes first
     assert set(per_arm["arm"]) == {"lora", "balora"} and {"best_lr", "best_alpha", "within_2x"} <= set(per_arm.columns)
-    for section, first_title in (("Grid", "Final training loss over"), ("Speed-up", "Time to reach"),
+    for section, first_title in (("Grid", "Final excess loss over the best rank-r loss across"), ("Speed-up", "Time to reach"),
                                  ("Imbalance", "Relative imbalance of every layer"), ("Spectra", "Singular values of")):
         at.segmented_control(key="compare_section").set_value(section).run()
         no_exception(at)

@@ -142,7 +142,8 @@ def cell_table(table: str):
 section = st.segmented_control("View", SECTIONS, default=SECTIONS[0], key="compare_section", persist_state="session") or SECTIONS[0]
 
 if section == "Loss":
-    metrics = [m for m in ("loss", "eval_loss", "excess_loss") if m in steps and steps[m].notna().any()]
+    # Excess loss first where the task knows its floor (each seed has its own), as the runner ranks arms.
+    metrics = [m for m in ("excess_loss", "eval_loss", "loss") if m in steps and steps[m].notna().any()]
     a, b, c, d = st.columns(4)
     metric = a.selectbox("Metric", metrics or ["loss"], format_func=lambda m: plots.METRIC_NAMES[m], key="loss_metric")
     x = b.radio("Against", ["step", "time_s"], format_func=lambda v: plots.X_LABELS[v], key="loss_x", horizontal=True)
@@ -151,9 +152,11 @@ if section == "Loss":
     curves = data.seed_curves(cell_steps, x=x, metric=metric, band=band)
     st.plotly_chart(plots.loss_curves(curves, x=x, metric=metric, log_y=log_y, loss_unit=unit, band=band), key="fig_loss")
     if not cell_summary.empty:
-        st.plotly_chart(plots.final_loss_by_arm(cell_summary, loss_unit=unit), key="fig_final")
+        per_arm = data.arm_summaries(summary)
+        headline = str(per_arm["metric"].iloc[0]) if len(per_arm) and "metric" in per_arm else "final_loss"
+        st.plotly_chart(plots.final_loss_by_arm(cell_summary, value=headline, loss_unit=unit), key="fig_final")
         st.markdown("**Each arm at its own best cell** (median over seeds; `within_2x`: share of the grid within 2× of the best)")
-        st.dataframe(data.arm_summaries(summary), hide_index=True, key="arm_summary")
+        st.dataframe(per_arm, hide_index=True, key="arm_summary")
         st.markdown("**Cells shown above, one row per seed**")
         cols = [c for c in ("series", "seed", "lr", "alpha", "status", "final_loss", "best_loss", "final_eval_loss", "steps_to_target", "seconds_to_target", "speedup_steps", "speedup_seconds", "reason") if c in cell_summary]
         st.dataframe(cell_summary[cols], hide_index=True)
@@ -162,7 +165,7 @@ elif section == "Grid":
     if not is_grid:
         st.info("These runs trained a single learning rate and alpha. A grid run (e.g. `balora compare --lr 1e-4,1e-3,1e-2 --alpha 8,32,128`) shows each arm's sensitivity here.")
     else:
-        values = [v for v in ("final_loss", "best_loss", "final_eval_loss") if v in summary and summary[v].notna().any()]
+        values = [v for v in ("final_excess_loss", "final_eval_loss", "final_loss", "best_loss") if v in summary and summary[v].notna().any()]
         a, b = st.columns(2)
         value = a.selectbox("Value", values or ["final_loss"], format_func=lambda v: plots.METRIC_NAMES[v], key="grid_value")
         log_c = b.toggle("Log colour scale", value=True, key="grid_log")
@@ -171,7 +174,9 @@ elif section == "Grid":
         st.caption("Blank cells never finished; 'diverged' cells ended with a non-finite loss. Lower is better.")
 
 elif section == "Speed-up":
-    metrics = [m for m in ("loss", "eval_loss", "excess_loss") if m in cell_steps and cell_steps[m].notna().any()]
+    # The run's own target is on `target_on` (loss or eval_loss): offer that metric first.
+    target_on = str(cell_summary["target_on"].dropna().iloc[0]) if "target_on" in cell_summary and cell_summary["target_on"].notna().any() else "loss"
+    metrics = [m for m in dict.fromkeys((target_on, "loss", "eval_loss", "excess_loss")) if m in cell_steps and cell_steps[m].notna().any()]
     a, b, c = st.columns(3)
     metric = a.selectbox("Metric", metrics or ["loss"], format_func=lambda m: plots.METRIC_NAMES[m], key="speed_metric")
     rng = data.metric_range(cell_steps, metric)
@@ -179,7 +184,7 @@ elif section == "Speed-up":
         st.info("No finite values of this metric yet.")
     else:
         targets = cell_summary["target_loss"].dropna() if "target_loss" in cell_summary else []
-        default = float(targets.median()) if len(targets) and metric == "loss" else rng[0] + 0.25 * (rng[1] - rng[0])
+        default = float(targets.median()) if len(targets) and metric == target_on else rng[0] + 0.25 * (rng[1] - rng[0])
         default = min(max(default, rng[0]), rng[1])
         target = b.number_input(f"Target {plots.METRIC_NAMES[metric]}", min_value=rng[0], max_value=rng[1], value=default, format="%.4g", key="speed_target")
         refs = sorted(set(cell_steps["arm"].astype(str)))
