@@ -1,6 +1,7 @@
 """The runner: balancing shows in the layer reports, divergence stops one cell, runs survive Ctrl-C and kill -9."""
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -106,6 +107,8 @@ def _fake_build(cfg, seed, alpha, device):
     def loss(m, batch):
         if cfg["fail_at"] and len(calls) >= cfg["fail_at"]:
             raise RuntimeError("task exploded")
+        if cfg["sigterm_at"] and len(calls) == cfg["sigterm_at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
         calls.append(1)
         x, y = batch
         return ((m(x) - y) ** 2).mean()
@@ -119,7 +122,8 @@ def fake_task(monkeypatch):
     module = types.ModuleType("balora_fake_task")
     module.TASK = TaskSpec("fake", _fake_build, {"arms": "lora,balora", "steps": 7, "seeds": 1, "optimizer": "sgd",
                                                  "lr": 0.1, "alpha": 2, "rank": 2, "eval_every": 3,
-                                                 "layers_every": 0, "spectra_every": 0, "fail_at": 0, "calls": []})
+                                                 "layers_every": 0, "spectra_every": 0, "fail_at": 0, "sigterm_at": 0,
+                                                 "calls": []})
     monkeypatch.setitem(sys.modules, "balora_fake_task", module)
     monkeypatch.setitem(TASKS, "fake", "balora_fake_task")
     return module
@@ -145,6 +149,18 @@ def test_an_error_in_a_cell_fails_the_run_and_keeps_what_was_done(tmp_path, fake
     s = run.summary.set_index("arm")
     assert s.loc["lora", "status"] == "completed" and s.loc["balora", "status"] == "failed"
     assert len(run.steps[run.steps["arm"] == "balora"]) == 3
+
+
+def test_sigterm_marks_the_run_interrupted_and_restores_the_handler(tmp_path, fake_task):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        compare("fake", out=tmp_path / "run", quiet=True, device="cpu", calls=[], sigterm_at=9)
+    assert signal.getsignal(signal.SIGTERM) is before
+    run = load_run(tmp_path / "run")
+    assert run.status == "interrupted" and "terminated (SIGTERM) during arm=balora" in run.status_info["message"]
+    s = run.summary.set_index("arm")
+    assert s.loc["lora", "status"] == "completed" and s.loc["balora", "status"] == "interrupted"
+    assert s.loc["balora", "reason"].startswith("interrupted at step")
 
 
 def test_bad_options_name_the_flag(tmp_path, fake_task):
