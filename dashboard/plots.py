@@ -31,11 +31,16 @@ X_LABELS = {"step": "optimizer step", "time_s": "wall-clock time (s)"}
 METRIC_NAMES = {
     "loss": "training loss",
     "eval_loss": "evaluation loss",
-    "excess_loss": "excess loss over the best rank-r loss",
+    "excess_loss": "excess loss",
     "final_loss": "final training loss",
     "best_loss": "best training loss",
     "final_eval_loss": "final evaluation loss",
-    "final_excess_loss": "final excess loss over the best rank-r loss",
+    "final_excess_loss": "final excess loss",
+}
+# Said once in a subtitle, so axis titles stay short.
+METRIC_NOTES = {
+    "excess_loss": "; excess = loss − the best loss any rank-r update can reach",
+    "final_excess_loss": "; excess = loss − the best loss any rank-r update can reach",
 }
 REL_IMBALANCE = "relative imbalance ‖BᵀB − AAᵀ‖_F / (‖BᵀB‖_F + ‖AAᵀ‖_F)"
 VALUE_LABELS = {
@@ -133,7 +138,7 @@ def loss_curves(
         fig.add_trace(
             go.Scatter(x=g[x], y=g["median"], mode="lines", name=str(label), legendgroup=str(label), line=dict(color=c, width=2))
         )
-    sub = f"median over {n} seed{'s' if n > 1 else ''}" + (f"; shaded: {band} across seeds" if n > 1 else "")
+    sub = f"median over {n} seed{'s' if n > 1 else ''}" + (f"; shaded: {band} across seeds" if n > 1 else "") + METRIC_NOTES.get(metric, "")
     fig.update_layout(title=_title(title, sub), xaxis_title=x_title, yaxis_title=y_title, legend_title_text="arm", height=420)
     fig.update_yaxes(type="log" if log_y else "linear")
     return fig
@@ -159,7 +164,7 @@ def final_loss_by_arm(cells: pd.DataFrame, *, value: str = "final_loss", by: str
                 text=[f"seed {s}" for s in g["seed"]], hovertemplate="%{text}: %{y:.4g}<extra>%{x}</extra>",
             )
         )
-    fig.update_layout(title=_title(title, "each dot is one seed"), xaxis_title="arm", yaxis_title=y_title, showlegend=False, height=380)
+    fig.update_layout(title=_title(title, "each dot is one seed" + METRIC_NOTES.get(value, "")), xaxis_title="arm", yaxis_title=y_title, showlegend=False, height=380)
     fig.update_yaxes(type="log" if log_y else "linear")
     return fig
 
@@ -215,19 +220,16 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
             row=1, col=col,
         )
         if np.isfinite(z).any():
+            # The best cell: a star in its label and a white frame (a marker would hide the number).
             i, j = np.unravel_index(np.nanargmin(z), z.shape)
-            fig.add_trace(
-                go.Scatter(
-                    x=[xs[j]], y=[ys[i]], mode="markers", name="best cell", showlegend=col == 1,
-                    marker=dict(symbol="star", size=20, color="white", line=dict(color="black", width=1.5)),
-                    hovertemplate=f"best of {label}: lr {xs[j]}, alpha {ys[i]}, {z[i, j]:.4g}<extra></extra>",
-                ),
-                row=1, col=col,
-            )
+            text[i][j] = f"<b>★ {text[i][j]}</b>"
+            fig.data[-1].text = text
+            fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="white", width=4), row=1, col=col)
+            fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="black", width=1.5), row=1, col=col)
         fig.update_xaxes(title_text="learning rate", type="category", row=1, col=col)
     fig.update_yaxes(title_text="lora_alpha", type="category", row=1, col=1)
-    sub = "median over seeds; ★ = each arm's lowest" + ("; colour on a log scale" if use_log else "")
-    fig.update_layout(title=_title(title, sub), height=360 + 12 * len(alphas), legend=dict(orientation="h", y=-0.25))
+    sub = "median over seeds; ★ and frame: each arm's lowest" + ("; colour on a log scale" if use_log else "") + METRIC_NOTES.get(value, "")
+    fig.update_layout(title=_title(title, sub), height=360 + 12 * len(alphas))
     return fig
 
 

@@ -58,11 +58,14 @@ def test_grid_heatmaps_star_each_arms_best_cell():
     fig = plots.grid_heatmaps(grid, value="final_loss")
     assert_labelled(fig, "learning rate", "lora_alpha")
     heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
-    stars = [t for t in fig.data if isinstance(t, go.Scatter)]
-    assert len(heat) == 2 and len(stars) == 2
-    assert (stars[0].x[0], stars[0].y[0]) == ("1e-3", "8") and (stars[1].x[0], stars[1].y[0]) == ("1e-2", "32")
+    assert len(heat) == 2
+    # Each arm's best cell: starred label and a frame around (lr index, alpha index).
+    assert heat[0].text[0][0] == "<b>★ 0.1</b>" and heat[1].text[1][1] == "<b>★ 0.1</b>"
+    assert sum("★" in c for row in heat[0].text for c in row) == 1
+    frames = [(sh.xref, sh.x0, sh.y0) for sh in fig.layout.shapes]
+    assert ("x", -0.5, -0.5) in frames and ("x2", 0.5, 0.5) in frames
     assert heat[0].zmin == heat[1].zmin and heat[0].zmax == heat[1].zmax  # one colour scale for all arms
-    assert heat[0].text[1][1] == "no value" and heat[0].text[0][0] == "0.1"  # values printed, NaN says so
+    assert heat[0].text[1][1] == "no value" and heat[0].text[0][1] == "1"  # values printed, NaN says so
     unfinished = plots.grid_heatmaps(grid.drop(index=grid.index[-1]).assign(status="diverged"))
     texts = [t for t in unfinished.data if isinstance(t, go.Heatmap)]
     assert texts[0].text[1][1] == "diverged" and texts[1].text[1][1] == ""  # absent cell: blank

@@ -154,7 +154,7 @@ if section == "Loss":
     if not cell_summary.empty:
         per_arm = data.arm_summaries(summary)
         headline = str(per_arm["metric"].iloc[0]) if len(per_arm) and "metric" in per_arm else "final_loss"
-        st.plotly_chart(plots.final_loss_by_arm(cell_summary, value=headline, loss_unit=unit), key="fig_final")
+        st.plotly_chart(plots.final_loss_by_arm(cell_summary, value=headline, loss_unit=unit, log_y=log_y), key="fig_final")
         st.markdown("**Each arm at its own best cell** (median over seeds; `within_2x`: share of the grid within 2× of the best)")
         st.dataframe(per_arm, hide_index=True, key="arm_summary")
         st.markdown("**Cells shown above, one row per seed**")
