@@ -271,7 +271,7 @@ def test_local_transformers_model_folder(tmp_path, arch):
     batch = next(problem.batches())
     assert batch.shape == (4, 32) and int(batch.max()) < vocab
     loss = problem.loss(problem.model, batch)
-    assert math.isfinite(float(loss)) and loss.requires_grad
+    assert math.isfinite(float(loss.detach())) and loss.requires_grad
     # Without a known floor the task sets no target; the eval loss still works.
     assert problem.target_loss is None
     problem.model.eval()
