@@ -166,6 +166,10 @@ def final_loss_by_arm(cells: pd.DataFrame, *, value: str = "final_loss", by: str
         )
     fig.update_layout(title=_title(title, "each dot is one seed" + METRIC_NOTES.get(value, "")), xaxis_title="arm", yaxis_title=y_title, showlegend=False, height=380)
     fig.update_yaxes(type="log" if log_y else "linear")
+    pos = data[value].to_numpy(dtype=float)
+    pos = pos[np.isfinite(pos) & (pos > 0)]
+    if log_y and pos.size and np.log10(pos.max() / pos.min()) > 2:
+        fig.update_yaxes(dtick=1)  # one label per decade: 2x/5x labels crowd a short axis
     return fig
 
 
@@ -212,7 +216,7 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
         fig.add_trace(
             go.Heatmap(
                 x=xs, y=ys, z=np.log10(np.where(z > 0, z, np.nan)) if use_log else z, zmin=zmin, zmax=zmax,
-                colorscale="Viridis", reversescale=True, text=text, texttemplate="%{text}", customdata=z,
+                colorscale="Viridis", reversescale=True, text=text, texttemplate="%{text}", textfont=dict(size=12), customdata=z,
                 hovertemplate="lr %{x}, alpha %{y}: %{customdata:.4g}" + f"<extra>{label}</extra>",
                 showscale=col == len(labels),
                 colorbar=dict(title=dict(text=f"{name}{unit}", side="right"), **(_log_ticks(zmin, zmax) if use_log else {})),
@@ -227,7 +231,10 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
             fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="white", width=4), row=1, col=col)
             fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="black", width=1.5), row=1, col=col)
         fig.update_xaxes(title_text="learning rate", type="category", row=1, col=col)
-    fig.update_yaxes(title_text="lora_alpha", type="category", row=1, col=1)
+    # Fixed ranges: the frames must not stretch a panel's axes beyond its cells.
+    fig.update_xaxes(range=[-0.5, len(lrs) - 0.5])
+    fig.update_yaxes(type="category", range=[-0.5, len(alphas) - 0.5])
+    fig.update_yaxes(title_text="lora_alpha", row=1, col=1)
     sub = "median over seeds; ★ and frame: each arm's lowest" + ("; colour on a log scale" if use_log else "") + METRIC_NOTES.get(value, "")
     fig.update_layout(title=_title(title, sub), height=360 + 12 * len(alphas))
     return fig
@@ -242,7 +249,7 @@ def _log_ticks(lo: float, hi: float) -> dict:
     return {"tickvals": vals, "ticktext": [f"{10 ** v:.2g}" for v in vals]}
 
 
-def speedup_bars(speed: pd.DataFrame, *, target: float, by: str = "series", loss_unit: str = "", reference: str = "lora") -> go.Figure:
+def speedup_bars(speed: pd.DataFrame, *, target: float, metric: str = "loss", by: str = "series", loss_unit: str = "", reference: str = "lora") -> go.Figure:
     """Steps and seconds each arm needs to reach `target`, median over seeds, bars annotated
     with the speed-up relative to `reference` (above 1 = faster than it).
 
@@ -250,7 +257,8 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, by: str = "series", loss
     seconds_min, seconds_max, reached, n_seeds, speedup_steps, speedup_seconds.
     """
     unit = f" {loss_unit}" if loss_unit else ""
-    title = f"Time to reach a loss of {target:.4g}{unit}"
+    name = METRIC_NAMES.get(metric, metric)
+    title = f"Time to reach {'an' if name[:1] in 'aeiou' else 'a'} {name} of {target:.4g}{unit}"
     if speed.empty:
         return empty_figure(title, "arm", "optimizer steps", "no curves for this selection")
     fig = make_subplots(rows=1, cols=2, subplot_titles=["optimizer steps needed", "wall-clock seconds needed"], horizontal_spacing=0.12)

@@ -134,7 +134,7 @@ def test_compare_sections_draw_and_widgets_change_them(app):
 
     at.segmented_control(key="compare_section").set_value("Speed-up").run()
     no_exception(at)
-    assert titles(at)[0].startswith("Time to reach a loss of")
+    assert titles(at)[0].startswith("Time to reach a training loss of")
     first = arr(charts(at)[0]["data"][0]["y"])
     at.number_input(key="speed_target").set_value(0.5).run()
     assert arr(charts(at)[0]["data"][0]["y"]) != first and "0.5" in titles(at)[0]

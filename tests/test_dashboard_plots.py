@@ -80,8 +80,8 @@ def test_speedup_bars_annotate_ratio_and_unreached():
             {"series": "balora-svd", "steps_median": np.nan, "steps_min": np.nan, "steps_max": np.nan, "seconds_median": np.nan, "seconds_min": np.nan, "seconds_max": np.nan, "reached": 0, "n_seeds": 3, "speedup_steps": np.nan, "speedup_seconds": np.nan},
         ]
     )
-    fig = plots.speedup_bars(speed, target=0.25, loss_unit="nats/token")
-    assert_labelled(fig, "0.25 nats/token", "optimizer steps", "seconds (wall clock)")
+    fig = plots.speedup_bars(speed, target=0.25, metric="eval_loss", loss_unit="nats/token")
+    assert_labelled(fig, "Time to reach an evaluation loss of 0.25 nats/token", "optimizer steps", "seconds (wall clock)")
     steps_bar, secs_bar = fig.data
     assert list(steps_bar.y) == [40.0, 20.0, 0.0]
     assert steps_bar.x[0] == "<b>lora</b>"

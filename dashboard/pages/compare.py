@@ -190,7 +190,7 @@ elif section == "Speed-up":
         refs = sorted(set(cell_steps["arm"].astype(str)))
         reference = c.selectbox("Relative to", refs, index=refs.index("lora") if "lora" in refs else 0, key="speed_ref")
         speed = data.speedups(cell_steps, target, metric=metric, reference=reference)
-        st.plotly_chart(plots.speedup_bars(speed, target=target, loss_unit=unit, reference=reference), key="fig_speed")
+        st.plotly_chart(plots.speedup_bars(speed, target=target, metric=metric, loss_unit=unit, reference=reference), key="fig_speed")
         st.caption("Seconds are training wall-clock (optimizer step + balancing), without diagnostics or evaluation. "
                    "An arm that never reaches the target in a seed is left out of that seed's medians.")
         st.dataframe(speed, hide_index=True)
