@@ -177,18 +177,29 @@ def test_text_file_data_is_split_into_train_head_and_eval_tail(tmp_path):
     text = "".join(f"line {i}: the quick brown fox\n" for i in range(200))
     path = tmp_path / "train.txt"
     path.write_text(text)
-    problem = lm.build(make_cfg(data=str(path), block_size=32, eval_fraction=0.25), 0, 8.0, CPU)
+    problem = lm.build(make_cfg(data=str(path), block_size=16, eval_fraction=0.25), 0, 8.0, CPU)
     tok = CharTokenizer()
-    n_blocks = len(text) // 32
+    n_blocks = len(text) // 16
     n_eval = min(round(n_blocks * 0.25), 8)  # make_cfg caps eval at eval_blocks=8
     assert problem.target_loss is None and problem.info["loss_floor"] is None
     it = problem.batches()
     seen = torch.cat([next(it) for _ in range(n_blocks // 4)])  # a whole epoch of the train blocks
-    assert seen.shape == (n_blocks // 4 * 4, 32)
-    train_text = text[: (n_blocks - n_eval) * 32]
+    assert seen.shape == (n_blocks // 4 * 4, 16)
+    train_text = text[: (n_blocks - n_eval) * 16]
     for row in seen:
         assert tok.decode(row) in train_text
     assert "train.txt" in problem.info["data"] and f"{n_eval} eval blocks" in problem.info["data"]
+
+
+def test_blocks_never_exceed_the_model_positions(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text("abcdefghij" * 200)
+    problem = lm.build(make_cfg(data=str(path), block_size=10_000), 0, 8.0, CPU)
+    positions = problem.model.base_model.model.config.n_positions
+    batch = next(problem.batches())
+    assert batch.shape[1] == positions
+    problem.model.train()
+    assert math.isfinite(float(problem.loss(problem.model, batch).detach()))
 
 
 def test_jsonl_reads_the_named_field(tmp_path):

@@ -68,7 +68,7 @@ DEFAULTS = {
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     dtype = _dtype(cfg, device)
     model, tokenizer, info = _load_model(cfg, dtype)
-    data, floor = _load_data(cfg, tokenizer, info)
+    data, floor = _load_data(cfg, tokenizer, _max_positions(model))
     lora_model = _add_lora(model, cfg, alpha, seed).to(device)
     batch_size = min(int(cfg["batch_size"]), len(data.train))
     eval_blocks = data.eval.to(device)
@@ -165,8 +165,17 @@ class _HFEncoder:
         return [eos] if eos is not None else self.encode("\n\n")
 
 
-def _load_data(cfg: dict, tokenizer, info: dict) -> tuple[TokenBlocks, float | None]:
-    """Train/eval blocks and, for toy data on the character tokenizer, the exact eval-loss floor."""
+def _max_positions(model: nn.Module) -> int | None:
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def _load_data(cfg: dict, tokenizer, max_positions: int | None) -> tuple[TokenBlocks, float | None]:
+    """Train/eval blocks and, for toy data on the character tokenizer, the exact eval-loss floor.
+
+    Blocks longer than the model's positions are cut to fit (block_size=128 on the 60-position
+    toy model gives 60-token blocks) rather than failing inside the position embedding.
+    """
     source = str(cfg["data"])
     if source == "toy":
         corpus = ArithmeticCorpus(op="-", digits=_toy_digits(cfg), seed=1)  # fixed: every seed sees the same text
@@ -186,7 +195,8 @@ def _load_data(cfg: dict, tokenizer, info: dict) -> tuple[TokenBlocks, float | N
     else:
         texts = read_texts(source, str(cfg["text_field"]))
     separator = getattr(tokenizer, "separator", tokenizer.encode("\n\n"))
-    blocks = to_blocks(texts, tokenizer.encode, int(cfg["block_size"]), float(cfg["eval_fraction"]),
+    block_size = min(int(cfg["block_size"]), max_positions or int(cfg["block_size"]))
+    blocks = to_blocks(texts, tokenizer.encode, block_size, float(cfg["eval_fraction"]),
                        int(cfg["eval_blocks"]), separator, source)
     return blocks, None
 
