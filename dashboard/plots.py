@@ -532,9 +532,10 @@ def balance_check(changes: pd.DataFrame, *, tolerance: float = 1e-5) -> go.Figur
     )
     fig.add_vline(x=tolerance, line_dash="dash", line_color="grey", row=1, col=2,
                   annotation_text=f"tolerance {tolerance:g}", annotation_position="top left")
-    fig.update_xaxes(title_text=VALUE_LABELS["rel_imbalance"], row=1, col=1)
+    # Log scale: "after" (~1e-7, float32 rounding) must be visible next to "before" (~1).
+    fig.update_xaxes(title_text="relative imbalance (ratio, log scale)", type="log", row=1, col=1)
     fig.update_xaxes(title_text="relative change of dW (ratio, log scale)", type="log", row=1, col=2)
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category", row=1, col=1)
     fig.update_layout(title=_title(title, "checked by re-reading the written file"), barmode="group",
-                      height=max(340, 140 + 34 * len(changes)), legend=dict(orientation="h", y=-0.2))
+                      height=max(360, 160 + 34 * len(changes)))
     return fig

@@ -148,7 +148,7 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
         )
         c1, c2, c3 = st.columns(3)
         c1.metric("Layers balanced", s.balanced, help=f"{len(s.skipped)} left unchanged" if s.skipped else None)
-        c2.metric("Worst relative imbalance", f"{s.max_rel_imbalance_after:.2e}", delta=f"from {s.max_rel_imbalance_before:.3g}", delta_color="off")
+        c2.metric(f"Worst relative imbalance (before: {s.max_rel_imbalance_before:.3g})", f"{s.max_rel_imbalance_after:.2e}")
         c3.metric("Largest relative change of dW", f"{s.max_rel_error:.2e}", help="‖ΔdW‖_F / ‖dW‖_F, measured by re-reading the written file")
         st.plotly_chart(plots.balance_check(s.changes), key="fig_insp_balance")
         st.dataframe(s.changes, hide_index=True, key="insp_changes")
