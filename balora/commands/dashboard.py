@@ -14,15 +14,22 @@ from balora.errors import InputError
 
 
 def app_path() -> Path:
-    """dashboard/app.py, found through the installed `dashboard` package (editable or not)."""
+    """dashboard/app.py: through the installed `dashboard` package, else next to the balora
+    package (a source checkout, or an editable install made before dashboard/ existed)."""
+    candidates = []
     try:
         import dashboard
+
+        candidates.append(Path(dashboard.__file__).resolve().parent / "app.py")
     except ImportError:
-        raise InputError("the dashboard package is not installed; reinstall balora (pip install -e .)") from None
-    path = Path(dashboard.__file__).resolve().parent / "app.py"
-    if not path.is_file():
-        raise InputError(f"{path} is missing; reinstall balora")
-    return path
+        pass
+    import balora
+
+    candidates.append(Path(balora.__file__).resolve().parent.parent / "dashboard" / "app.py")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise InputError("dashboard/app.py not found; reinstall balora (pip install -e . from a checkout, or pip install balora)")
 
 
 def add_parser(sub):
