@@ -31,7 +31,7 @@ GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attention qkv + both output proje
 
 DEFAULTS = {
     "arms": "lora,balora",
-    "steps": 200,  # toy default: ~25 s per arm on an idle 2-core machine; the eval curve is still falling
+    "steps": 200,  # toy default: 40-55 s per arm on 2 busy CPU cores; the eval curve is still falling
     "seeds": 1,  # a language model is slow enough that one seed is the default; pass --seeds for more
     "optimizer": "adamw",
     # Per optimizer, a step size at which LoRA on the toy model makes steady progress in 200 steps

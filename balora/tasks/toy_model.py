@@ -46,7 +46,7 @@ class ToyModelConfig:
     n_head: int = 4
     digits: int = 2  # operand width of the addition corpus (see ArithmeticCorpus)
     lines_per_block: int = 6  # 6 lines of 10 characters = 60-token blocks
-    pretrain_steps: int = 600  # ~80 s of one CPU core; eval loss ~1.14 on addition (floor 0.90)
+    pretrain_steps: int = 600  # ~80 s CPU (140-200 s wall on 2 busy cores); addition eval loss ~1.14, floor 0.90
     batch_size: int = 16  # blocks per step; more steps of smaller batches learned more per second
     lr: float = 3e-3  # AdamW peak, warmup then cosine decay to 10%; 5e-3 learned less in 800 steps
     seed: int = 0  # weights init and corpus
