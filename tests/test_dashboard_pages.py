@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def titles(at) -> list[str]:
 
 def texts(elements) -> str:
     return " ".join(str(e.value) for e in elements)
+
+
+def start_button(at):
+    """The Launch form's Start button (other buttons come and go with the job panel)."""
+    return next(b for b in at.button if b.label == "Start")
 
 
 def no_exception(at) -> None:
@@ -328,12 +334,12 @@ def test_launch_form_validation_and_a_job_to_compare(app, runs_root, monkeypatch
     no_exception(at)
     assert at.title[0].value == "Launch a comparison" and str(runs_root) in texts(at.caption)
     at.multiselect[0].set_value([])
-    at.button[0].click().run()  # the form's Start
+    start_button(at).click().run()
     assert "choose at least one arm" in texts(at.error)
 
     at.multiselect[0].set_value(["lora", "balora"])
     at.text_input(key="launch_name").set_value("from-launch")
-    at.button[0].click().run()
+    start_button(at).click().run()
     no_exception(at)
     manager = jobs.get_manager(runs_root)
     assert manager.job is not None and manager.job.spec.name == "from-launch"
@@ -344,3 +350,36 @@ def test_launch_form_validation_and_a_job_to_compare(app, runs_root, monkeypatch
     no_exception(at)
     assert at.title[0].value == "Compare runs" and at.multiselect(key="compare_runs").value == ["from-launch"]
     assert (runs_root / "from-launch" / "status.json").is_file()
+
+
+def test_launch_shows_a_running_job_and_cancels_it(app, runs_root, monkeypatch):
+    # A stand-in job that reports progress in status.json the way the runner does, then waits.
+    script = (
+        "import json, pathlib, sys, time; out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir();"
+        "(out / 'status.json').write_text(json.dumps({'status': 'running', 'progress': {'done': 3, 'total': 12}}));"
+        "time.sleep(60)"
+    )
+    monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
+    at = app.run()
+    at.switch_page("pages/launch.py").run()
+    at.text_input(key="launch_name").set_value("slow-one")
+    start_button(at).click().run()
+    manager = jobs.get_manager(runs_root)
+    job = manager.job
+    try:
+        for _ in range(200):  # until the stand-in has written its status
+            if job.progress():
+                break
+            time.sleep(0.05)
+        at.run()
+        no_exception(at)
+        assert at.progress and "3/12 cells" in at.progress[0].proto.text and at.progress[0].proto.value == 25
+        assert start_button(at).disabled  # one job at a time
+        assert "A job is running (slow-one)" in texts(at.info)
+        at.button(key="launch_cancel").click().run()
+        no_exception(at)
+    finally:
+        manager.cancel()
+    assert manager.wait(30) is not None and job.state() == "cancelled"
+    at.run()
+    assert "cancelled" in texts(at.warning)
