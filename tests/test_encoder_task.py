@@ -130,7 +130,7 @@ def test_tiny_bert_problem_structure_and_initial_loss(tiny_bert):
     problem.model.eval()
     with torch.no_grad():
         assert float(problem.loss(problem.model, batch)) == pytest.approx(expected, rel=1e-4)
-    assert problem.target_loss == pytest.approx(0.5 * problem.info["initial_eval_loss"])
+    assert problem.target_loss == pytest.approx(0.25 * problem.info["initial_eval_loss"])
 
 
 def test_seed_fixes_init_and_data_order(tiny_bert):
