@@ -8,6 +8,7 @@ only thing a job writes is its run directory; progress comes from that run's sta
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -75,6 +76,15 @@ def build_command(spec: LaunchSpec, out: Path) -> list[str]:
     if spec.alphas:
         cmd += ["--alpha", ",".join(f"{v:g}" for v in spec.alphas)]
     return cmd
+
+
+def job_env(runs_dir: Path) -> dict[str, str]:
+    """The job's environment: the lm task caches its pretrained toy model in $BALORA_CACHE
+    (default ~/.cache/balora); unless the user chose a cache, keep it under the runs folder,
+    the only place a dashboard job writes."""
+    env = dict(os.environ)
+    env.setdefault("BALORA_CACHE", str(Path(runs_dir) / ".cache"))
+    return env
 
 
 def read_status(run_dir: Path) -> dict:
@@ -145,7 +155,7 @@ class JobManager:
             cmd = build_command(spec, run_dir)
             proc = subprocess.Popen(
                 cmd, cwd=self.runs_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                text=True, bufsize=1,
+                text=True, bufsize=1, env=job_env(self.runs_dir),
             )
             job = Job(spec, run_dir, cmd, proc, time.time())
             threading.Thread(target=_pump, args=(proc, job.output), daemon=True).start()

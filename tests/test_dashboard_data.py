@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import zipfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -339,8 +340,9 @@ def test_job_manager_runs_one_job_at_a_time(tmp_path, monkeypatch):
     script = (
         "import json, sys, time, pathlib; out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir();"
         "(out / 'status.json').write_text(json.dumps({'status': 'running', 'progress': {'done': 1, 'total': 4}}));"
-        "print('started', flush=True); time.sleep(30)"
+        "import os; print('cache', os.environ['BALORA_CACHE'], flush=True); time.sleep(30)"
     )
+    monkeypatch.delenv("BALORA_CACHE", raising=False)
     monkeypatch.setattr(jobs, "build_command", lambda spec, out: [jobs.sys.executable, "-c", script, "--out", str(out)])
     m = jobs.JobManager(tmp_path)
     monkeypatch.setitem(jobs._MANAGERS, tmp_path.resolve(), m)
@@ -351,11 +353,15 @@ def test_job_manager_runs_one_job_at_a_time(tmp_path, monkeypatch):
         for _ in range(100):
             if job.progress():
                 break
-            import time
-
             time.sleep(0.05)
         assert job.progress() == (1, 4) and job.state() == "running"
         assert job.run_dir == (tmp_path / "a").resolve()
+        for _ in range(100):
+            if job.output:
+                break
+            time.sleep(0.05)
+        # The lm task's model cache stays under the runs folder unless the user chose one.
+        assert job.tail() == f"cache {tmp_path.resolve() / '.cache'}"
     finally:
         m.cancel()
     assert m.wait(10) is not None and job.state() == "cancelled"

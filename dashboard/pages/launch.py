@@ -12,7 +12,8 @@ RUNS_DIR = settings.runs_dir()
 OPTIMIZERS = ["", "adam", "adamw", "sgd", "sign"]
 TASK_HELP = {
     "synthetic": "a frozen random linear layer with LoRA fitted to a random target: seconds per cell",
-    "lm": "a small GPT-2-style model pretrained here on generated text, LoRA fine-tuned on a new task: minutes, no download",
+    "lm": "a small GPT-2-style model pretrained here on generated text (once, about a minute or two, cached in "
+          "the runs folder's .cache unless $BALORA_CACHE is set), LoRA fine-tuned on a new task: minutes, no download",
 }
 
 
