@@ -102,6 +102,24 @@ def load_run(path: str | Path):
     return _load_run(str(path), _version(Path(path)))
 
 
+def run_labels(runs: pd.DataFrame, root: Path) -> list[str]:
+    """How each run is named on the page: its folder under `root` ("grid", "sweeps/grid"), so
+    two runs with the same folder name in different subfolders stay apart."""
+    out = []
+    for path in runs["path"].astype(str):
+        try:
+            out.append(Path(path).relative_to(root).as_posix())
+        except ValueError:
+            out.append(Path(path).name)
+    return out
+
+
+def status_labels(runs: pd.DataFrame) -> list[str]:
+    """list_runs' status, with a "running" run whose writer is gone shown as stalled."""
+    stale = runs["stale"] if "stale" in runs else pd.Series(False, index=runs.index)
+    return ["stalled" if st_ == "running" and bool(s) else str(st_) for st_, s in zip(runs["status"].astype(str), stale)]
+
+
 def default_run(runs: pd.DataFrame) -> str | None:
     """The run a page opens on: the largest completed run (most cells: grids, many seeds), so
     every section has something to show; else the largest run of any status."""

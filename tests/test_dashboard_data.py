@@ -149,6 +149,15 @@ def test_default_run_is_the_largest_completed_one():
     assert data.default_run(runs.iloc[0:0]) is None
 
 
+def test_run_labels_keep_nested_runs_apart_and_mark_stalled(tmp_path):
+    write_run(tmp_path / "a" / "grid")
+    write_run(tmp_path / "b" / "grid", status="interrupted")
+    runs = data.list_runs(tmp_path)
+    assert sorted(data.run_labels(runs, tmp_path)) == ["a/grid", "b/grid"]
+    fake = pd.DataFrame({"status": ["running", "running", "completed"], "stale": [True, False, False]})
+    assert data.status_labels(fake) == ["stalled", "running", "completed"]
+
+
 def test_run_state_marks_progress_stale_and_interrupted():
     now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
     recent = (now - timedelta(seconds=7)).isoformat()

@@ -207,6 +207,9 @@ def test_compare_marks_running_and_interrupted_runs(app):
     # Two runs: series are labelled by run.
     names = {t["name"] for t in charts(at)[0]["data"] if t.get("mode") == "lines"}
     assert names == {"live: lora", "live: balora", "stopped: lora", "stopped: balora"}
+    at.multiselect(key="compare_runs").set_value([]).run()
+    no_exception(at)
+    assert "Choose at least one run." in texts(at.info) and not charts(at)  # cleared stays cleared
 
 
 def test_compare_empty_and_missing_runs_folder(tmp_path, monkeypatch):

@@ -33,9 +33,9 @@ if runs_df.empty:
     )
     st.stop()
 
-names = runs_df["name"].astype(str).tolist()
+names = data.run_labels(runs_df, RUNS_DIR)
 paths = dict(zip(names, runs_df["path"].astype(str)))
-status_of = dict(zip(names, runs_df["status"].astype(str))) if "status" in runs_df else {}
+status_of = dict(zip(names, data.status_labels(runs_df)))
 
 # A run just launched from the Launch page, or named in the URL (?run=NAME, a shareable
 # link; applied once per session so it does not undo later choices), opens here selected.
@@ -47,11 +47,11 @@ if focus in names:
     st.session_state["compare_runs"] = [focus]
 elif focus:
     st.warning(f"No run named `{focus}` in `{RUNS_DIR}`.")
-first = [data.default_run(runs_df)]
+first = [names[list(runs_df["name"].astype(str)).index(data.default_run(runs_df))]]
 if "compare_runs" not in st.session_state:
     st.session_state["compare_runs"] = first
 else:
-    st.session_state["compare_runs"] = [n for n in st.session_state["compare_runs"] if n in names] or first
+    st.session_state["compare_runs"] = [n for n in st.session_state["compare_runs"] if n in names]
 
 selected = st.multiselect(
     "Runs", names, key="compare_runs", persist_state="session",
