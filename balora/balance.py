@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from balora.imbalance import rel_imbalance
-from balora.pairs import FactorPair, group_by_shape
+from balora.pairs import FactorPair, batch_groups, stack_padded
 from balora.projection import METHODS, balanced_factors, product_rel_error
 
 RANK_DEFICIENT_POLICIES = ("skip", "balance", "raise")
@@ -84,40 +84,44 @@ def balance_pairs(
             candidates.append(p)
     index = {id(p): i for i, p in enumerate(pairs)}
 
-    for idx in group_by_shape(candidates).values():
+    for idx in batch_groups(candidates):
         group = [candidates[j] for j in idx]
-        A = torch.stack([p.A for p in group])  # (G, r, in)
-        B = torch.stack([p.B for p in group])  # (G, out, r)
+        A, B = stack_padded(group)  # (G, r, in_max), (G, out_max, r); zero padding is exact
         proj = _project(group, A, B, method)
-        use = torch.ones(len(group), dtype=torch.bool)
+        # One host transfer per flag instead of one per pair: per-pair .item() calls were
+        # most of the cost of balancing small models every step.
+        finite, zero, rank = proj.finite.tolist(), proj.zero.tolist(), proj.rank.tolist()
+        use = []
         for g, p in enumerate(group):
-            if not bool(proj.finite[g]):
+            if not finite[g]:
                 nonfinite.append(p.name)
                 summary.skipped[p.name] = "non-finite values in A or B"
-                use[g] = False
-            elif bool(proj.zero[g]):
+            elif zero[g]:
                 summary.skipped[p.name] = "zero product B A (e.g. PEFT's B = 0 init): left as is so training can start"
-                use[g] = False
-            elif int(proj.rank[g]) < p.r:
-                summary.rank_deficient[p.name] = int(proj.rank[g])
+            elif rank[g] < p.r:
+                summary.rank_deficient[p.name] = rank[g]
                 if on_rank_deficient == "raise":
-                    deficient_errors.append(f"{p.name} (rank {int(proj.rank[g])} < r={p.r})")
-                if on_rank_deficient != "balance":
+                    deficient_errors.append(f"{p.name} (rank {rank[g]} < r={p.r})")
+                if on_rank_deficient == "balance":
+                    use.append(g)
+                else:
                     summary.skipped[p.name] = (
-                        f"rank-deficient product (rank {int(proj.rank[g])} < r={p.r}): balancing would leave "
-                        f"{p.r - int(proj.rank[g])} dead direction(s) whose gradients are zero forever"
+                        f"rank-deficient product (rank {rank[g]} < r={p.r}): balancing would leave "
+                        f"{p.r - rank[g]} dead direction(s) whose gradients are zero forever"
                     )
-                    use[g] = False
-        if not bool(use.any()):
+            else:
+                use.append(g)
+        if not use:
             continue
-        sel = use.nonzero(as_tuple=True)[0]
-        A_new = proj.A[sel].to(A.dtype)  # back to the factors' own dtype
-        B_new = proj.B[sel].to(B.dtype)
+        A_new = proj.A.to(A.dtype)  # back to the factors' own dtype
+        B_new = proj.B.to(B.dtype)
         if check:
-            errors.append(product_rel_error(A[sel], B[sel], A_new, B_new))
-            imbalances.append(rel_imbalance(A_new.float(), B_new.float()))
-        for k, g in enumerate(sel.tolist()):
-            out[index[id(group[g])]] = (A_new[k], B_new[k])
+            sel = torch.tensor(use, device=A.device)
+            errors.append(product_rel_error(A[sel], B[sel], A_new[sel], B_new[sel]))
+            imbalances.append(rel_imbalance(A_new[sel].float(), B_new[sel].float()))
+        for g in use:
+            p = group[g]
+            out[index[id(p)]] = (A_new[g, :, : p.in_features], B_new[g, : p.out_features, :])
 
     if nonfinite and on_nonfinite == "raise":
         raise BalanceError(

@@ -61,3 +61,47 @@ def group_by_shape(pairs: list[FactorPair]) -> dict[tuple, list[int]]:
         key = (tuple(p.A.shape), tuple(p.B.shape), p.A.dtype, p.B.dtype, p.A.device)
         groups.setdefault(key, []).append(i)
     return groups
+
+
+# Pad pairs of one rank to a common size when that at most doubles the work: balancing tiny
+# modules is dominated by per-call overhead, not arithmetic, so one padded call beats several.
+_MAX_PADDING_WASTE = 2.0
+
+
+def batch_groups(pairs: list[FactorPair]) -> list[list[int]]:
+    """Indices of pairs to balance in one batched call (see stack_padded).
+
+    Pairs of one rank, dtype and device go together, zero-padded to the largest in/out,
+    when padding costs at most _MAX_PADDING_WASTE x the unpadded work; otherwise pairs are
+    grouped by exact shape. Zero padding is exact: the padded rows of B and columns of A
+    stay zero through QR, SVD and the rotation.
+    """
+    by_rank: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pairs):
+        by_rank.setdefault((p.r, p.A.dtype, p.B.dtype, p.A.device), []).append(i)
+    batches = []
+    for idx in by_rank.values():
+        in_max = max(pairs[i].in_features for i in idx)
+        out_max = max(pairs[i].out_features for i in idx)
+        work = sum(pairs[i].in_features + pairs[i].out_features for i in idx)
+        if len(idx) * (in_max + out_max) <= _MAX_PADDING_WASTE * work:
+            batches.append(idx)
+        else:
+            sub = group_by_shape([pairs[i] for i in idx])
+            batches.extend([idx[j] for j in members] for members in sub.values())
+    return batches
+
+
+def stack_padded(pairs: list[FactorPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack pairs of one rank into A (G, r, in_max), B (G, out_max, r), zero-padded."""
+    if len({(p.A.shape, p.B.shape) for p in pairs}) == 1:
+        return torch.stack([p.A for p in pairs]), torch.stack([p.B for p in pairs])
+    r = pairs[0].r
+    in_max = max(p.in_features for p in pairs)
+    out_max = max(p.out_features for p in pairs)
+    A = pairs[0].A.new_zeros(len(pairs), r, in_max)
+    B = pairs[0].B.new_zeros(len(pairs), out_max, r)
+    for g, p in enumerate(pairs):
+        A[g, :, : p.in_features] = p.A
+        B[g, : p.out_features, :] = p.B
+    return A, B
