@@ -251,7 +251,9 @@ def check_equivalence(ad: Adapter) -> str:
             imb = max(imb, float(rel_imbalance(A1, B1)[0]))
         return f"max |dW'-dW|/|dW| {err:.1e}, max rel_imbalance {imb:.1e}"
 
-    lines = [f"paper loop: {worst([paper_projection(p.A, p.B) for p in pairs])}"]
+    # Cast back to the factors' dtype, as writing into the parameters does (bf16 rounding shows).
+    paper = [tuple(t.to(p.A.dtype) for t in paper_projection(p.A, p.B)) for p in pairs]
+    lines = [f"paper loop: {worst(paper)}"]
     for method in ("nearest", "svd"):
         new, _ = balance_pairs(pairs, method, check=False)
         lines.append(f"balora {method}: {worst([new[i] for i in range(len(pairs))])}")
