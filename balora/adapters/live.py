@@ -82,13 +82,19 @@ def iter_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[Factor
     return pairs
 
 
+def _conv_weight_shape(conv: nn.modules.conv._ConvNd) -> tuple[int, ...]:
+    return (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
+
+
 def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
     scaling = float(layer.scaling[adp])
     dora = bool(getattr(layer, "use_dora", {}).get(adp, False))
     label = f"{module}[{adp}]"
     if adp in layer.lora_embedding_A:
         A_p, B_p = layer.lora_embedding_A[adp], layer.lora_embedding_B[adp]  # (r, num_emb), (emb_dim, r)
-        _check_not_sharded(label, A_p, (layer.r[adp], A_p.shape[1]))
+        # Expected shapes from the layer, never from the parameters: a shard reports its own.
+        _check_not_sharded(label, A_p, (layer.r[adp], layer.in_features))
+        _check_not_sharded(label, B_p, (layer.out_features, layer.r[adp]))
         return FactorPair(module, adp, "embedding", A_p.detach(), B_p.detach(), scaling, dora,
                           write=_writer(A_p, B_p))
 
@@ -110,6 +116,8 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
 
     if isinstance(lora_A, nn.modules.conv._ConvNd):
         A_p, B_p = lora_A.weight, lora_B.weight
+        _check_not_sharded(label, A_p, _conv_weight_shape(lora_A))
+        _check_not_sharded(label, B_p, _conv_weight_shape(lora_B))
         kind = _conv_kind(layer.get_base_layer())
         # A (r, in, *k) -> (r, in * prod(k)); B (out, r, 1, ..) -> (out, r): dW = B A reshaped.
         A2 = A_p.detach().reshape(A_p.shape[0], -1)
