@@ -57,9 +57,12 @@ def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     R2, info2 = torch.linalg.cholesky_ex(G2, upper=True)
     ok = well_conditioned & q1_close & (info2 == 0)
     R2 = torch.where(ok[:, None, None], R2, eye)
-    Q = Q1 @ _triu_inverse(R2)
+    R2_inv = _triu_inverse(R2)
+    Q = Q1 @ R2_inv
     R = R2 @ R1
-    ok = ok & torch.isfinite(Q).flatten(1).all(-1) & torch.isfinite(R).flatten(1).all(-1)
+    # Q1 is finite when q1_close holds (a NaN fails the comparison), so Q is finite when the
+    # small R2^-1 is: no pass over the tall Q needed.
+    ok = ok & torch.isfinite(R2_inv).flatten(1).all(-1) & torch.isfinite(R).flatten(1).all(-1)
     return Q, R, ok
 
 
