@@ -32,9 +32,18 @@ def _lora_layer_types():
     return LoraLayer, AdaLoraLayer
 
 
+def _is_dtensor(param: torch.Tensor) -> bool:
+    """FSDP2 / tensor-parallel parameters are DTensors (a Parameter subclass may wrap one)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(param, DTensor)
+
+
 def _check_not_sharded(name: str, param: torch.Tensor, expected: tuple[int, ...]) -> None:
     """Refuse to balance a shard as if it were the whole factor (FSDP, ZeRO-3, DTensor)."""
-    if getattr(param, "ds_id", None) is not None or type(param).__name__ == "DTensor":
+    if getattr(param, "ds_id", None) is not None or _is_dtensor(param):
         raise RuntimeError(
             f"{name}: LoRA factor is sharded (DeepSpeed ZeRO-3 or DTensor); balora balances whole factors only. "
             "Gather the adapter parameters first (e.g. train with ZeRO-2 or FSDP with use_orig_params and "
