@@ -14,14 +14,6 @@ from balora.tasks.synthetic import DEFAULTS
 TINY = {"in_features": 6, "out_features": 5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_problem(seed=0, alpha=2.0):
     cfg = {**DEFAULTS, **TINY, "rank": 2, "dtype": "float64"}
     return get_task("synthetic").build(cfg, seed, alpha, torch.device("cpu"))

@@ -14,14 +14,6 @@ from balora.store import load_run
 TINY = ["--set", "in_features=6", "--set", "out_features=5", "--rank", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def resolved(*argv):
     args = build_parser().parse_args(["compare", *argv])
     return resolve(config_from_args(args))[0]

@@ -16,15 +16,6 @@ from balora.tasks.toy_corpus import NumberPairs, number_words
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads and lose a lot to contention on shared runners.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def parse_words(text: str) -> int:
     """Independent inverse of number_words (words -> int), for the test only."""
     units = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "

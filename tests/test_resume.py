@@ -15,16 +15,6 @@ VOCAB, SEQ = 64, 12
 STEPS, CHECKPOINT = 8, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP threads
-    per process made each Trainer step ~8x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class StopAt(TrainerCallback):
     """Simulate an interruption: stop training after `step` (the checkpoint is saved first)."""
 

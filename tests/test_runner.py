@@ -22,14 +22,6 @@ from balora.tasks import TASKS, Problem, TaskSpec
 TINY = {"in_features": 6, "out_features": 5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_balanced_arms_end_balanced_and_lora_keeps_its_imbalance(tmp_path):
     run = compare("synthetic", arms="lora,balora,balora-svd", steps=12, seeds=2, optimizer="sgd", lr=0.01, rank=2,
                   device="cpu", out=tmp_path / "run", quiet=True, layers_every=4, spectra_every=6, **TINY)

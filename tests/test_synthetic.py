@@ -17,15 +17,6 @@ def cfg(**kw):
     return c
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: extra threads only add synchronisation (and are shared with other test processes)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def factors(model):
     layer = model.base_model.model.layers[0]
     return (layer.lora_A["default"].weight.detach().double().numpy().copy(),
