@@ -28,20 +28,32 @@ def thin_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, r = X.shape[-2], X.shape[-1]
     if n < r or X.numel() == 0:
         return torch.linalg.qr(X, mode="reduced")
-
     batch_shape = X.shape[:-2]
-    Xf = X.reshape(-1, n, r)
-    Q, R, ok = _cholesky_qr2(Xf)
+    Q1, T, R = thin_qr_factored(X.reshape(-1, n, r))
+    return (Q1 @ T).reshape(*batch_shape, n, r), R.reshape(*batch_shape, r, r)
+
+
+def thin_qr_factored(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin QR with Q left as a product: X (G, n, r), n >= r -> Q1 (G, n, r), T (G, r, r),
+    R (G, r, r) with Q = Q1 @ T orthonormal and X = Q R.
+
+    Callers that only need Q @ M for a small M compute Q1 @ (T @ M): one pass over the tall
+    matrix instead of two. T = R2^-1 of CholeskyQR2's second pass is within a factor sqrt(3)
+    of orthogonal, so the reassociation costs no accuracy; T = I where Householder was used.
+    """
+    Q1, T, R, ok = _cholesky_qr2(X)
     if not bool(ok.all()):
         bad = (~ok).nonzero(as_tuple=True)[0]
-        Qh, Rh = torch.linalg.qr(Xf[bad], mode="reduced")
-        Q = Q.index_copy(0, bad, Qh)
+        Qh, Rh = torch.linalg.qr(X[bad], mode="reduced")
+        eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand(len(bad), -1, -1)
+        Q1 = Q1.index_copy(0, bad, Qh)
+        T = T.index_copy(0, bad, eye)
         R = R.index_copy(0, bad, Rh)
-    return Q.reshape(*batch_shape, n, r), R.reshape(*batch_shape, r, r)
+    return Q1, T, R
 
 
-def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CholeskyQR2 on (G, n, r). Returns Q, R and a (G,) mask of entries it got right."""
+def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CholeskyQR2 on (G, n, r). Returns Q1, T, R (Q = Q1 @ T) and a (G,) mask of entries it got right."""
     eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
     R1, info1 = torch.linalg.cholesky_ex(X.mT @ X, upper=True)  # (G, r, r)
     R1 = torch.where((info1 == 0)[:, None, None], R1, eye)
@@ -58,12 +70,11 @@ def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     ok = well_conditioned & q1_close & (info2 == 0)
     R2 = torch.where(ok[:, None, None], R2, eye)
     R2_inv = _triu_inverse(R2)
-    Q = Q1 @ R2_inv
     R = R2 @ R1
-    # Q1 is finite when q1_close holds (a NaN fails the comparison), so Q is finite when the
-    # small R2^-1 is: no pass over the tall Q needed.
+    # Q1 is finite when q1_close holds (a NaN fails the comparison), so Q = Q1 R2^-1 is finite
+    # when the small R2^-1 is: no pass over the tall Q needed.
     ok = ok & torch.isfinite(R2_inv).flatten(1).all(-1) & torch.isfinite(R).flatten(1).all(-1)
-    return Q, R, ok
+    return Q1, R2_inv, R, ok
 
 
 def _triu_inverse(R: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from balora.imbalance import RANK_RTOL
-from balora.linalg import polar_orthogonal, thin_qr
+from balora.linalg import polar_orthogonal, thin_qr_factored
 
 METHODS = ("nearest", "svd")
 
@@ -64,8 +64,9 @@ def balanced_factors(
     A_safe = A0 if all_ok else torch.where(finite_in[:, None, None], A0, torch.zeros_like(A0))
     B_safe = B0 if all_ok else torch.where(finite_in[:, None, None], B0, torch.zeros_like(B0))
 
-    Q_B, R_B = thin_qr(B_safe)  # (G, out, r), (G, r, r)
-    Q_A, R_A = thin_qr(A_safe.mT)  # (G, in, r), (G, r, r)
+    # Q_B = Q1_B @ T_B and Q_A = Q1_A @ T_A, never formed: see thin_qr_factored.
+    Q1_B, T_B, R_B = thin_qr_factored(B_safe)  # (G, out, r), (G, r, r), (G, r, r)
+    Q1_A, T_A, R_A = thin_qr_factored(A_safe.mT)  # (G, in, r), (G, r, r), (G, r, r)
     U, S, Vh = torch.linalg.svd(R_B @ R_A.mT)  # core (G, r, r)
     sqrt_S = S.sqrt()
     left = U * sqrt_S[:, None, :]  # (G, r, r): B' = Q_B @ left
@@ -74,8 +75,8 @@ def balanced_factors(
         # B'^T B = S^1/2 U^T R_B and A' A^T = S^1/2 V^T R_A: the Procrustes target is r x r.
         O = polar_orthogonal(left.mT @ R_B + right @ R_A)
         left, right = left @ O, O.mT @ right
-    B_new = Q_B @ left
-    A_new = right @ Q_A.mT
+    B_new = Q1_B @ (T_B @ left)  # (G, out, r)
+    A_new = (right @ T_A.mT) @ Q1_A.mT  # (G, r, in)
 
     zero = S[:, 0] == 0
     rank = (S > rank_rtol * S[:, :1]).sum(-1)
@@ -83,7 +84,7 @@ def balanced_factors(
     if bool(keep.any()):
         A_new = torch.where(keep[:, None, None], A0, A_new)
         B_new = torch.where(keep[:, None, None], B0, B_new)
-    # thin_qr returns finite Q for finite input, so checking the r x r factors is enough.
+    # thin_qr_factored gives finite Q1, T for finite input, so checking the r x r factors is enough.
     finite = finite_in & all_finite(left) & all_finite(right)
     return Projection(A=A_new, B=B_new, S=S, rank=rank, zero=zero, finite=finite)
 
