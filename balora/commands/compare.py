@@ -7,8 +7,6 @@ import shlex
 import sys
 import time
 
-from balora.runner import CompareConfig, parse_set
-
 DEFAULT = "the task's"
 
 
@@ -45,7 +43,11 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def config_from_args(args) -> CompareConfig:
+def config_from_args(args):
+    """argparse namespace -> balora.runner.CompareConfig (imported here: parsing `balora --help`
+    should not pay for importing the runner, PEFT and transformers)."""
+    from balora.runner import CompareConfig, parse_set
+
     return CompareConfig(
         task=args.task, arms=args.arms, steps=args.steps, seeds=args.seeds, optimizer=args.optimizer, lr=args.lr,
         alpha=args.alpha, rank=args.rank, weight_decay=args.weight_decay, device=args.device, threads=args.threads,
