@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from balora.runner import CompareConfig, parse_set, run_compare
+from balora.compare_config import CompareConfig, parse_set
+from balora.runner import run_compare
 from balora.store import load_run
 from balora.tasks import get_task
 

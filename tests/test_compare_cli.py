@@ -8,7 +8,7 @@ import torch
 
 from balora.cli import build_parser, main
 from balora.commands.compare import config_from_args, invoked_command
-from balora.runner import parse_seeds, parse_set, resolve
+from balora.compare_config import parse_seeds, parse_set, resolve
 from balora.store import load_run
 
 TINY = ["--set", "in_features=6", "--set", "out_features=5", "--rank", "2"]

@@ -44,9 +44,9 @@ def add_parser(sub):
 
 
 def config_from_args(args):
-    """argparse namespace -> balora.runner.CompareConfig (imported here: parsing `balora --help`
+    """argparse namespace -> balora.compare_config.CompareConfig (imported here: parsing `balora --help`
     should not pay for importing the runner, PEFT and transformers)."""
-    from balora.runner import CompareConfig, parse_set
+    from balora.compare_config import CompareConfig, parse_set
 
     return CompareConfig(
         task=args.task, arms=args.arms, steps=args.steps, seeds=args.seeds, optimizer=args.optimizer, lr=args.lr,

@@ -1,0 +1,261 @@
+"""Options of a comparison: the user's CompareConfig, parsed and resolved against a task's
+defaults into the RunConfig saved beside every run, and the equivalent command line."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from balora.arms import ARMS, arm_options, parse_arms
+from balora.errors import InputError
+from balora.optim import optimizer_class
+from balora.store import now_iso
+from balora.tasks import TaskSpec, get_task
+
+
+# Options every task's defaults may set; any other key in TaskSpec.defaults is task-specific.
+COMPARE_KEYS = ("arms", "steps", "seeds", "optimizer", "lr", "alpha", "rank", "eval_every", "layers_every",
+                "spectra_every", "target_loss", "weight_decay", "dtype", "threads")
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+@dataclass
+class CompareConfig:
+    """What the user asked for. None means "the task's default" (TaskSpec.defaults)."""
+
+    task: str = "synthetic"  # a name in balora.tasks.TASKS
+    arms: str | list[str] | None = None  # "lora,balora" or a list; None: the task's default arms
+    steps: int | None = None  # optimizer steps per cell
+    seeds: int | str | list[int] | None = None  # a count n (seeds 0..n-1), "0,4,7", or a list
+    optimizer: str | None = None  # adam | adamw | sgd | sign
+    lr: float | str | list[float] | None = None  # one value or a grid ("1e-3,1e-2")
+    alpha: float | str | list[float] | None = None  # LoRA alpha, one value or a grid; task default None: = rank
+    rank: int | None = None  # LoRA r
+    weight_decay: float | None = None  # shared by all arms; 0 unless the task says otherwise
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads during the run; None: the task's default (None there: torch's)
+    dtype: str | None = None  # float32 | bfloat16 (| float64 where the task allows)
+    eval_every: int | None = None  # eval loss every N steps (0: never)
+    layers_every: int | None = None  # per-layer report every N steps (0: never)
+    spectra_every: int | None = None  # singular values of dW, A, B every N steps (0: never)
+    target_loss: float | None = None  # threshold for steps/seconds-to-target; None: the task's per-problem default
+    options: dict[str, Any] = field(default_factory=dict)  # task keys and arm options (--set KEY=VALUE)
+    out: str | None = None  # run directory; None: runs/<task>-<timestamp>
+    force: bool = False  # replace an existing run directory at `out`
+    quiet: bool = False  # no progress bar
+    command: str | None = None  # the command line that made the run (None: reconstructed)
+
+
+@dataclass
+class RunConfig:
+    """The resolved, concrete configuration: saved as config.json beside the run."""
+
+    task: str
+    arms: list[str]
+    steps: int
+    seeds: list[int]
+    optimizer: str
+    lrs: list[float]
+    alphas: list[float]
+    rank: int
+    weight_decay: float
+    device: str
+    threads: int | None
+    dtype: str
+    eval_every: int
+    layers_every: int
+    spectra_every: int
+    target_loss: float | None
+    task_options: dict[str, Any]
+    arm_options: dict[str, Any]
+    n_cells: int
+    out: str
+    command: str = ""
+    command_reconstructed: str = ""
+    created: str = ""
+    problem: dict[str, Any] = field(default_factory=dict)  # Problem.info of the first build
+
+
+# ---------------------------------------------------------------- parsing (shared with the CLI)
+
+
+def parse_seeds(spec: int | str | list[int], flag: str = "--seeds") -> list[int]:
+    """3 or "3" -> [0, 1, 2]; "0,4,7" or [0, 4, 7] -> [0, 4, 7]; "5," -> [5]."""
+    if isinstance(spec, bool):
+        raise InputError(f"{flag}: expected a count or a comma list of seeds, got {spec!r}")
+    if isinstance(spec, int):
+        seeds = list(range(spec)) if spec > 0 else []
+    elif isinstance(spec, str) and "," not in spec:
+        seeds = parse_seeds(_to_int(spec, flag), flag)
+    else:
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        seeds = [_to_int(s, flag) for s in items if str(s).strip() != ""]
+    if not seeds:
+        raise InputError(f"{flag} {spec}: give a positive count (3 means seeds 0,1,2) or a comma list (0,4,7)")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise InputError(f"{flag} {spec}: seeds must be distinct non-negative integers")
+    return seeds
+
+
+def _to_int(text: Any, flag: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise InputError(f"{flag}: {text!r} is not an integer") from None
+
+
+def parse_floats(spec: float | str | list[float], flag: str) -> list[float]:
+    """0.01, "1e-3,1e-2" or [1e-3, 1e-2] -> a list of distinct positive floats."""
+    items = spec.split(",") if isinstance(spec, str) else (list(spec) if isinstance(spec, (list, tuple)) else [spec])
+    values = []
+    for s in items:
+        if str(s).strip() == "":
+            continue
+        try:
+            v = float(s)
+        except (TypeError, ValueError):
+            raise InputError(f"{flag}: {s!r} is not a number; give one value or a comma list such as 1e-3,1e-2"
+                             ) from None
+        if not math.isfinite(v) or v <= 0:
+            raise InputError(f"{flag}: {s!r} must be a positive finite number")
+        values.append(v)
+    if not values:
+        raise InputError(f"{flag}: no value given")
+    if len(set(values)) != len(values):
+        raise InputError(f"{flag} {spec}: a value is listed twice")
+    return values
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: int, float, true/false, none, or the string itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """["model=gpt2", "depth=2"] -> {"model": "gpt2", "depth": 2}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {item}: expected KEY=VALUE, e.g. --set depth=2")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+# ---------------------------------------------------------------- resolving against the task
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _positive_int(value: Any, flag: str, minimum: int = 1) -> int:
+    v = _to_int(value, flag)
+    if v < minimum:
+        raise InputError(f"{flag} {value}: must be an integer >= {minimum}")
+    return v
+
+
+def resolve(cfg: CompareConfig) -> tuple[RunConfig, TaskSpec]:
+    """Fill every None from the task's defaults and validate; InputErrors name the flag."""
+    task = get_task(cfg.task)
+    d = task.defaults
+
+    def pick(name: str, fallback: Any = None) -> Any:
+        value = getattr(cfg, name)
+        return value if value is not None else d.get(name, fallback)
+
+    arms = parse_arms(pick("arms", "lora,balora"))
+    optimizer = str(pick("optimizer", "adam"))
+    optimizer_class(optimizer)
+    lr = pick("lr")
+    if isinstance(lr, dict):  # the task's default lr per optimizer
+        if optimizer not in lr:
+            raise InputError(f"--lr: task {task.name!r} has no default lr for --optimizer {optimizer}; pass --lr")
+        lr = lr[optimizer]
+    if lr is None:
+        raise InputError(f"--lr: task {task.name!r} has no default learning rate; pass --lr")
+    rank = _positive_int(pick("rank", 8), "--rank")
+    alpha = pick("alpha")
+    dtype = str(pick("dtype", "float32"))
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    target = pick("target_loss")
+
+    task_keys = {k: v for k, v in d.items() if k not in COMPARE_KEYS}
+    arm_keys = {k for a in ARMS.values() for k in a.defaults}
+    unknown = sorted(set(cfg.options) - set(task_keys) - arm_keys)
+    if unknown:
+        known = sorted(set(task_keys) | arm_keys)
+        raise InputError(f"--set {unknown[0]}: unknown option for task {task.name!r}; known: {', '.join(known)}")
+    device = resolve_device(cfg.device)
+
+    run = RunConfig(
+        task=task.name,
+        arms=arms,
+        steps=_positive_int(pick("steps", 100), "--steps"),
+        seeds=parse_seeds(pick("seeds", 1)),
+        optimizer=optimizer,
+        lrs=parse_floats(lr, "--lr"),
+        alphas=parse_floats(alpha if alpha is not None else rank, "--alpha"),
+        rank=rank,
+        weight_decay=float(pick("weight_decay", 0.0)),
+        device=str(device),
+        threads=None if pick("threads") is None else _positive_int(pick("threads"), "--threads"),
+        dtype=dtype,
+        eval_every=_positive_int(pick("eval_every", 0), "--eval-every", 0),
+        layers_every=_positive_int(pick("layers_every", 10), "--layers-every", 0),
+        spectra_every=_positive_int(pick("spectra_every", 10), "--spectra-every", 0),
+        target_loss=None if target is None else float(target),
+        task_options={**task_keys, **{k: v for k, v in cfg.options.items() if k in task_keys}},
+        arm_options=arm_options(arms, cfg.options, float(pick("weight_decay", 0.0))),
+        n_cells=0,
+        out=cfg.out or f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        created=now_iso(),
+    )
+    run.n_cells = len(run.arms) * len(run.seeds) * len(run.lrs) * len(run.alphas)
+    run.command_reconstructed = command_line(run)
+    run.command = cfg.command or run.command_reconstructed
+    return run, task
+
+
+def command_line(run: RunConfig) -> str:
+    """An equivalent `balora compare` command with every option explicit."""
+    def nums(xs):
+        return ",".join(repr(float(x)) for x in xs)
+
+    args = ["balora", "compare", "--task", run.task, "--arms", ",".join(run.arms), "--steps", str(run.steps),
+            "--seeds", ",".join(map(str, run.seeds)), "--optimizer", run.optimizer, "--lr", nums(run.lrs),
+            "--alpha", nums(run.alphas), "--rank", str(run.rank), "--weight-decay", repr(run.weight_decay),
+            "--device", run.device, *(["--threads", str(run.threads)] if run.threads else []),
+            "--dtype", run.dtype, "--eval-every", str(run.eval_every),
+            "--layers-every", str(run.layers_every), "--spectra-every", str(run.spectra_every)]
+    if run.target_loss is not None:
+        args += ["--target-loss", repr(run.target_loss)]
+    for key, value in {**run.task_options, **{k: v for k, v in run.arm_options.items() if k != "weight_decay"}}.items():
+        args += ["--set", f"{key}={value}"]
+    args += ["--out", run.out]
+    return shlex.join(args)
