@@ -24,6 +24,7 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec
+from balora.tasks.lora_setup import add_lora
 from balora.tasks.text_data import read_pairs
 from balora.tasks.toy_corpus import NumberPairs
 
@@ -71,7 +72,8 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
             f"encoder: {len(train)} train / {len(held_out)} eval pairs for --set batch_size={batch_size}; "
             "give more pairs or a smaller batch_size"
         )
-    model = _add_lora(model, cfg, alpha, seed).to(device)
+    model = add_lora(model, cfg, alpha, seed, task="encoder", task_type="FEATURE_EXTRACTION",
+                   default_targets={"bert": BERT_TARGETS}).to(device)
     scale, max_length = float(cfg["scale"]), int(cfg["max_length"])
 
     def tokenize(pairs: list[tuple[str, str]]) -> dict:
@@ -186,27 +188,6 @@ def _load_pairs(cfg: dict):
     n_eval = min(eval_size, max(2, len(pairs) // 10))  # the tail, at most eval_size
     train, held_out = pairs[:-n_eval], pairs[-n_eval:]
     return train, held_out, {"data": f"{source}: {len(train)} train + {len(held_out)} eval pairs (the last ones)"}
-
-
-def _add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    elif targets is None and getattr(model.config, "model_type", None) == "bert":
-        targets = BERT_TARGETS
-    lora = LoraConfig(r=int(cfg["rank"]), lora_alpha=alpha, lora_dropout=float(cfg["lora_dropout"]),
-                      target_modules=targets, task_type="FEATURE_EXTRACTION")
-    with torch.random.fork_rng(devices=[]):  # seeded LoRA init; the caller's RNG is left as it was
-        torch.manual_seed(int(seed))
-        try:
-            return get_peft_model(model, lora)
-        except ValueError as e:
-            raise InputError(
-                f"encoder: LoRA could not be added to {cfg['model']!r} ({str(e).splitlines()[0]}); "
-                "name the layers with --set target_modules=a,b"
-            ) from e
 
 
 TASK = TaskSpec(name="encoder", build=build, defaults=DEFAULTS)

@@ -13,7 +13,6 @@ the loss is the model's own mean next-token cross-entropy.
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec
+from balora.tasks.lora_setup import add_lora
 from balora.tasks.text_data import TokenBlocks, read_texts, to_blocks
 from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
 from balora.tasks.toy_model import load_toy_model, toy_config
@@ -69,7 +69,8 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     dtype = _dtype(cfg, device)
     model, tokenizer, info = _load_model(cfg, dtype)
     data, floor = _load_data(cfg, tokenizer, _max_positions(model))
-    lora_model = _add_lora(model, cfg, alpha, seed).to(device)
+    lora_model = add_lora(model, cfg, alpha, seed, task="lm", task_type="CAUSAL_LM",
+                   default_targets={"gpt2": GPT2_TARGETS}).to(device)
     batch_size = min(int(cfg["batch_size"]), len(data.train))
     eval_blocks = data.eval.to(device)
 
@@ -208,34 +209,6 @@ def _toy_digits(cfg: dict) -> int:
 def _toy_lines_per_block(cfg: dict) -> int:
     """The toy model's own block length, so fine-tuning never exceeds its positions."""
     return toy_config(str(cfg["toy_size"])).lines_per_block
-
-
-def _add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    elif targets is None and getattr(model.config, "model_type", None) == "gpt2":
-        targets = GPT2_TARGETS
-    lora = LoraConfig(
-        r=int(cfg["rank"]),
-        lora_alpha=alpha,
-        lora_dropout=float(cfg["lora_dropout"]),
-        target_modules=targets,
-        fan_in_fan_out=getattr(model.config, "model_type", None) == "gpt2",  # GPT-2 uses Conv1D (in, out)
-        task_type="CAUSAL_LM",
-    )
-    # The LoRA init (A random, B = 0) comes from the global RNG: seed it, and leave the caller's RNG as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        try:
-            return get_peft_model(model, lora)
-        except ValueError as e:  # PEFT cannot guess targets for this architecture, or none matched
-            raise InputError(
-                f"lm: LoRA could not be added to {cfg['model']!r} ({str(e).splitlines()[0]}); "
-                "name the layers with --set target_modules=a,b"
-            ) from e
 
 
 def _batches(train: torch.Tensor, batch_size: int, seed: int, device: torch.device):

@@ -78,24 +78,30 @@ def to_blocks(
     return TokenBlocks(train=blocks[:n_train], eval=blocks[n_blocks - n_eval :], description=description)
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    texts = []
+def _jsonl_records(path: Path, task: str):
+    """(line number, parsed record) for each non-blank line of a .jsonl file; a line that is not
+    JSON is an InputError naming the file, the line and the task."""
     with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"lm: {path} line {lineno} is not JSON ({e.msg}); each line must be one JSON object") from e
-            if not isinstance(record, dict) or text_field not in record:
-                raise InputError(
-                    f"lm: {path} line {lineno} has no {text_field!r} field; "
-                    "name the text field with --set text_field=..."
-                )
-            if not isinstance(record[text_field], str):
-                raise InputError(f"lm: {path} line {lineno}: field {text_field!r} is not a string")
-            texts.append(record[text_field])
+                raise InputError(f"{task}: {path} line {lineno} is not JSON ({e.msg}); each line must be one JSON object") from e
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    texts = []
+    for lineno, record in _jsonl_records(path, "lm"):
+        if not isinstance(record, dict) or text_field not in record:
+            raise InputError(
+                f"lm: {path} line {lineno} has no {text_field!r} field; "
+                "name the text field with --set text_field=..."
+            )
+        if not isinstance(record[text_field], str):
+            raise InputError(f"lm: {path} line {lineno}: field {text_field!r} is not a string")
+        texts.append(record[text_field])
     return texts
 
 
@@ -129,21 +135,14 @@ def read_pairs(path_text: str, fields: tuple[str, str]) -> list[tuple[str, str]]
     if not path.is_file():
         raise InputError(f"encoder: data file {path} not found; pass an existing .jsonl file")
     pairs = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"encoder: {path} line {lineno} is not JSON ({e.msg}); each line must be one JSON object") from e
-            missing = [k for k in fields if not isinstance(record, dict) or not isinstance(record.get(k), str)]
-            if missing:
-                raise InputError(
-                    f"encoder: {path} line {lineno} has no text field {missing[0]!r}; "
-                    "name the fields with --set anchor_field=... --set positive_field=..."
-                )
-            pairs.append((record[fields[0]], record[fields[1]]))
+    for lineno, record in _jsonl_records(path, "encoder"):
+        missing = [k for k in fields if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+        if missing:
+            raise InputError(
+                f"encoder: {path} line {lineno} has no text field {missing[0]!r}; "
+                "name the fields with --set anchor_field=... --set positive_field=..."
+            )
+        pairs.append((record[fields[0]], record[fields[1]]))
     if len(pairs) < 4:
         raise InputError(f"encoder: {path} holds {len(pairs)} pair(s); give at least 4 (2 to train, 2 to evaluate)")
     return pairs

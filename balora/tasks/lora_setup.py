@@ -1,0 +1,43 @@
+"""Adding a seeded LoRA adapter to a task's model: shared by the lm and encoder tasks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from balora.errors import InputError
+
+
+def add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int, *, task: str, task_type: str,
+             default_targets: dict[str, list[str]]) -> nn.Module:
+    """PEFT LoRA on `model` with r = cfg["rank"], the given alpha and cfg["lora_dropout"].
+
+    Targets: cfg["target_modules"] (a list or "a,b"), else default_targets[model_type] when the
+    architecture is listed, else PEFT's own defaults. The LoRA init (A random, B = 0) comes from
+    the global RNG: it is seeded here and the caller's RNG is left as it was.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model_type = getattr(model.config, "model_type", None)
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    elif targets is None:
+        targets = default_targets.get(model_type)
+    lora = LoraConfig(
+        r=int(cfg["rank"]),
+        lora_alpha=alpha,
+        lora_dropout=float(cfg["lora_dropout"]),
+        target_modules=targets,
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2 uses transformers' Conv1D, weights (in, out)
+        task_type=task_type,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as e:  # PEFT cannot guess targets for this architecture, or none matched
+            raise InputError(
+                f"{task}: LoRA could not be added to {cfg['model']!r} ({str(e).splitlines()[0]}); "
+                "name the layers with --set target_modules=a,b"
+            ) from e
