@@ -93,3 +93,9 @@ def polar_orthogonal(M: torch.Tensor) -> torch.Tensor:
     and the maximiser of <O, M> over orthogonal O (orthogonal Procrustes)."""
     U, _, Vh = torch.linalg.svd(M)
     return U @ Vh
+
+
+def all_finite(X: torch.Tensor) -> torch.Tensor:
+    """(G,) True where X[g] has no NaN/Inf. One reduction pass (amax propagates NaN, and an
+    Inf survives abs) instead of isfinite's four elementwise passes over X."""
+    return torch.isfinite(X.abs().amax(dim=tuple(range(1, X.dim()))))

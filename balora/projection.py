@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from balora.imbalance import RANK_RTOL
-from balora.linalg import polar_orthogonal, thin_qr_factored
+from balora.linalg import all_finite, polar_orthogonal, thin_qr_factored
 
 METHODS = ("nearest", "svd")
 
@@ -87,12 +87,6 @@ def balanced_factors(
     # thin_qr_factored gives finite Q1, T for finite input, so checking the r x r factors is enough.
     finite = finite_in & all_finite(left) & all_finite(right)
     return Projection(A=A_new, B=B_new, S=S, rank=rank, zero=zero, finite=finite)
-
-
-def all_finite(X: torch.Tensor) -> torch.Tensor:
-    """(G,) True where X[g] has no NaN/Inf. One reduction pass (amax propagates NaN, and an
-    Inf survives abs) instead of isfinite's four elementwise passes over X."""
-    return torch.isfinite(X.abs().amax(dim=tuple(range(1, X.dim()))))
 
 
 def product_rel_error(A0: torch.Tensor, B0: torch.Tensor, A1: torch.Tensor, B1: torch.Tensor) -> torch.Tensor:

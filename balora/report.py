@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from balora.imbalance import factor_stats
+from balora.linalg import all_finite
 from balora.pairs import FactorPair, group_by_shape
 
 # Identifying columns first, then what a user sorts by, then the spectra (lists, descending).
@@ -50,10 +51,11 @@ def pair_rows(pairs: list[FactorPair]) -> list[dict]:
         group = [pairs[i] for i in idx]
         A = torch.stack([p.A for p in group])  # (G, r, in)
         B = torch.stack([p.B for p in group])  # (G, out, r)
-        finite = torch.isfinite(A).flatten(1).all(-1) & torch.isfinite(B).flatten(1).all(-1)  # (G,)
-        # A NaN in one module must not break the batched decompositions of the others.
-        A = torch.where(finite[:, None, None], A, torch.zeros_like(A))
-        B = torch.where(finite[:, None, None], B, torch.zeros_like(B))
+        finite = all_finite(A) & all_finite(B)  # (G,)
+        if not bool(finite.all()):
+            # A NaN in one module must not break the batched decompositions of the others.
+            A = torch.where(finite[:, None, None], A, torch.zeros_like(A))
+            B = torch.where(finite[:, None, None], B, torch.zeros_like(B))
         scaling = torch.tensor([1.0 if p.scaling is None else p.scaling for p in group], dtype=torch.float64)
         stats = factor_stats(A, B, scaling)
         for g, (i, p) in enumerate(zip(idx, group)):
