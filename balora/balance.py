@@ -72,7 +72,7 @@ def balance_pairs(
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     errors, imbalances, nonfinite, deficient_errors = [], [], [], []
 
-    candidates = []
+    candidates, positions = [], []  # positions[k]: index in `pairs` of candidates[k]
     for i, p in enumerate(pairs):
         if p.skip_reason:
             summary.skipped[p.name] = p.skip_reason
@@ -82,7 +82,7 @@ def balance_pairs(
             )
         else:
             candidates.append(p)
-    index = {id(p): i for i, p in enumerate(pairs)}
+            positions.append(i)
 
     for idx in batch_groups(candidates):
         group = [candidates[j] for j in idx]
@@ -121,7 +121,7 @@ def balance_pairs(
             imbalances.append(rel_imbalance(A_new[sel].float(), B_new[sel].float()))
         for g in use:
             p = group[g]
-            out[index[id(p)]] = (A_new[g, :, : p.in_features], B_new[g, : p.out_features, :])
+            out[positions[idx[g]]] = (A_new[g, :, : p.in_features], B_new[g, : p.out_features, :])
 
     if nonfinite and on_nonfinite == "raise":
         raise BalanceError(
