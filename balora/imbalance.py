@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from balora.linalg import thin_qr
+from balora.linalg import thin_r
 
 # Singular values below this fraction of the largest count as zero when reporting rank.
 RANK_RTOL = 1e-5
@@ -40,15 +40,15 @@ def rel_imbalance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def product_core(A: torch.Tensor, B: torch.Tensor):
-    """Thin QR of both factors and the small core of their product.
+    """The triangular factors of both factors' thin QR and the small core of their product.
 
     B = Q_B R_B, A^T = Q_A R_A, so B A = Q_B (R_B R_A^T) Q_A^T and the singular values
     of B A are those of the core R_B R_A^T (kB, kA), with kB = min(out, r), kA = min(in, r).
-    Returns (Q_A (G, in, kA), R_A (G, kA, r), Q_B (G, out, kB), R_B (G, kB, r), core).
+    Q_A, Q_B are never formed: the spectra need only R. Returns (R_A (G, kA, r), R_B (G, kB, r), core).
     """
-    Q_B, R_B = thin_qr(B)
-    Q_A, R_A = thin_qr(A.mT)
-    return Q_A, R_A, Q_B, R_B, R_B @ R_A.mT
+    R_B = thin_r(B)
+    R_A = thin_r(A.mT)
+    return R_A, R_B, R_B @ R_A.mT
 
 
 def _pad_to(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def singular_values(A: torch.Tensor, B: torch.Tensor, scaling=1.0):
     """Singular values (descending, each (G, r)) of A, of B and of dW = s B A,
     computed from the factors without forming dW: O((in + out) r^2) per pair."""
     r = A.shape[-2]
-    _, R_A, _, R_B, core = product_core(A, B)
+    R_A, R_B, core = product_core(A, B)
     sigma_A = _pad_to(torch.linalg.svdvals(R_A), r)
     sigma_B = _pad_to(torch.linalg.svdvals(R_B), r)
     s = torch.as_tensor(scaling, dtype=core.dtype, device=core.device).abs()

@@ -33,6 +33,15 @@ def thin_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (Q1 @ T).reshape(*batch_shape, n, r), R.reshape(*batch_shape, r, r)
 
 
+def thin_r(X: torch.Tensor) -> torch.Tensor:
+    """R (..., k, r) of the thin QR of X (..., n, r), k = min(n, r), without forming Q."""
+    n, r = X.shape[-2], X.shape[-1]
+    if n < r or X.numel() == 0:
+        return torch.linalg.qr(X, mode="r")[1]
+    _, _, R = thin_qr_factored(X.reshape(-1, n, r))
+    return R.reshape(*X.shape[:-2], r, r)
+
+
 def thin_qr_factored(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin QR with Q left as a product: X (G, n, r), n >= r -> Q1 (G, n, r), T (G, r, r),
     R (G, r, r) with Q = Q1 @ T orthonormal and X = Q R.
