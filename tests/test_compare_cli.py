@@ -59,6 +59,8 @@ def test_set_values_are_typed():
     (["--task", "nope"], "--task"),
     (["--set", "nope=1"], "--set nope"),
     (["--set", "depth"], "--set depth"),
+    (["--set", "init_scale=0"], "--set init_scale"),
+    (["--set", "init_scale=big"], "--set init_scale"),
     (["--dtype", "float16"], "--dtype"),
     (["--rank", "30"], "--rank"),
 ])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from balora.errors import InputError
 from balora.runner import compare
 from balora.tasks import get_task
 from balora.tasks.synthetic import DEFAULTS, problem_tensors
@@ -154,3 +155,67 @@ def test_float32_run_tracks_float64_recomputation(tmp_path):
     A0, B0 = factors(get_task("synthetic").build(c, 0, 4.0, torch.device("cpu")).model)
     expected = np_run(W0.numpy(), T.numpy(), A0, B0, 1.0, "adam", 0.03, 40)
     np.testing.assert_allclose(run.steps.sort_values("step")["loss"].to_numpy(), expected, rtol=1e-4)
+
+
+# ------------------------------------------------------------- init_scale
+
+
+def test_init_scale_multiplies_A_init_exactly_and_keeps_B_zero():
+    task = get_task("synthetic")
+    A1, B1 = factors(task.build(cfg(), 2, 2.0, torch.device("cpu")).model)
+    A10, B10 = factors(task.build(cfg(init_scale=10), 2, 2.0, torch.device("cpu")).model)
+    assert np.array_equal(A10, 10 * A1) and not B1.any() and not B10.any()
+    assert np.abs(A1).max() <= 1 / np.sqrt(7)  # PEFT's kaiming-uniform bound 1/sqrt(in), untouched at scale 1
+    An, _ = factors(task.build({k: v for k, v in cfg().items() if k != "init_scale"}, 2, 2.0,
+                               torch.device("cpu")).model)
+    assert np.array_equal(An, A1)  # a stored config from before the option: PEFT's init
+
+
+def test_init_scale_1_is_bit_identical_to_the_default(tmp_path):
+    kw = dict(arms="lora,balora", steps=15, seeds=[1], optimizer="sgd", lr=0.2, device="cpu", quiet=True,
+              layers_every=0, spectra_every=0)
+    default = compare("synthetic", out=tmp_path / "default", **kw).steps
+    one = compare("synthetic", out=tmp_path / "one", init_scale=1, **kw).steps
+    cols = ["arm", "step", "loss"]
+    assert default[cols].equals(one[cols])
+    ten = compare("synthetic", out=tmp_path / "ten", init_scale=10, **kw).steps  # same problem, larger A
+    first = {name: d[d["arm"] == "lora"].set_index("step")["loss"] for name, d in (("default", default), ("ten", ten))}
+    assert first["ten"][1] == first["default"][1] and first["ten"][2] != first["default"][2]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "big", float("inf"), float("nan")])
+def test_init_scale_must_be_positive(bad):
+    with pytest.raises(InputError, match="init_scale"):
+        get_task("synthetic").build(cfg(init_scale=bad), 0, 2.0, torch.device("cpu"))
+
+
+def test_sgd_conserves_the_large_initial_imbalance():
+    """Plain SGD on B A: D = B^T B - A A^T changes by lr^2 (gB^T gB - gA gA^T) per step (the first-order
+    terms cancel), so with B = 0 it stays -A0 A0^T up to O(lr^2): a large A init stays imbalanced."""
+    c = cfg(rank=2, init_scale=10, alpha=2.0)
+    problem = get_task("synthetic").build(c, 0, 2.0, torch.device("cpu"))  # s = alpha / r = 1
+    layer = problem.model.base_model.model.layers[0]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    A0 = A.detach().clone()
+    D0 = -A0 @ A0.T
+    lr = 1e-2  # lr * ||A0||^2 ~ 0.6: stable
+    opt = torch.optim.SGD([A, B], lr=lr)
+    X = next(problem.batches())
+    excess0 = problem.loss(problem.model, X).item() - problem.best_loss
+    bound = 0.0
+    for _ in range(100):
+        opt.zero_grad()
+        problem.loss(problem.model, X).backward()
+        gA, gB = A.grad.detach(), B.grad.detach()
+        D_before = B.detach().T @ B.detach() - A.detach() @ A.detach().T
+        step_change = lr**2 * (gB.T @ gB - gA @ gA.T)
+        opt.step()
+        D = B.detach().T @ B.detach() - A.detach() @ A.detach().T
+        torch.testing.assert_close(D - D_before, step_change, rtol=1e-6, atol=1e-10)  # the exact one-step law
+        bound += float(torch.linalg.matrix_norm(step_change))
+    assert float(torch.linalg.matrix_norm(B.detach())) > 0.2  # B grew from 0 ...
+    drift = float(torch.linalg.matrix_norm(D - D0))
+    assert drift <= bound + 1e-9 and drift < 1e-3 * float(torch.linalg.matrix_norm(D0))  # ... and D barely moved
+    # B fits fast within A0's row space while A hardly turns: plain LoRA trains, then stalls far from the optimum
+    excess = problem.loss(problem.model, X).item() - problem.best_loss
+    assert 0.5 * excess0 < excess < 0.8 * excess0

@@ -46,6 +46,10 @@ DEFAULTS = {
     "depth": 1,  # frozen linear layers in the stack, each with LoRA (hidden width = out_features)
     "target": "random",  # "random": full-rank random T; "reachable": T = prod(W0_i + rank-r perturbation)
     "std": 1.0,  # entries of W0 and T are N(0, std^2 / fan_in): 1 gives O(1) singular values
+    # Multiplies PEFT's A init; 1 = PEFT's default (kaiming-uniform, std 1/sqrt(3 in), B = 0). A large
+    # scale makes the (conserved, under gradient flow) imbalance B^T B - A A^T = -A0 A0^T large next to
+    # the target's singular values: the regime where balancing helps (docs/BENCHMARKS.md, section 2).
+    "init_scale": 1.0,
     "target_fraction": 0.01,  # target loss = best + fraction * (initial - best): 99% of the excess removed
 }
 
@@ -105,6 +109,9 @@ def _check(cfg: dict) -> None:
         raise InputError(f"--rank {cfg['rank']}: must be <= min(in_features, out_features) of the synthetic layer")
     if cfg["target"] not in TARGETS:
         raise InputError(f"--set target={cfg['target']}: use one of {', '.join(TARGETS)}")
+    scale = cfg.get("init_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise InputError(f"--set init_scale={scale}: must be a positive finite number (1 = PEFT's init)")
     if cfg["dtype"] not in DTYPES:
         raise InputError(f"--dtype {cfg['dtype']}: the synthetic task supports {', '.join(DTYPES)}")
 
@@ -121,6 +128,12 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = get_peft_model(base, lora)
+    scale = float(cfg.get("init_scale", 1.0))  # runs stored before the option existed have no key
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_A." in name:
+                    p.mul_(scale)
     model.to(device)
 
     X = torch.eye(T.shape[1], dtype=dtype, device=device)  # (in, in): the output on I is W^T
