@@ -1,16 +1,21 @@
 """Does balancing change how fast LoRA converges? Arms side by side, through balora.compare.
 
     python benchmarks/bench_convergence.py --quick     # synthetic, 8 seeds, 3-point grids; lm 1 seed, 100 steps
-    python benchmarks/bench_convergence.py             # synthetic, 8 seeds, 5-point grids; lm 3 seeds, 200 steps
+    python benchmarks/bench_convergence.py             # synthetic, 8 seeds, 5-6-point grids; lm 3 seeds, 200 steps
     python benchmarks/bench_convergence.py --plots docs/img   # also write the PNG figures (needs matplotlib)
+    python benchmarks/bench_convergence.py --no-lm --init-scales 1,3,10,30   # more initial scales of A
 
 1. Synthetic (the paper's problem: LoRA r=4 on a frozen random 20x20 layer, random target, PEFT's
    B = 0 init, 100 full-batch steps), with torch Adam, SGD and sign descent (what the paper's
-   synthetic figure calls "Adam"). Arms lora, balora (nearest gauge), balora-svd (the paper's
-   gauge) and loraplus (PEFT's LoRA+, B's lr 16x A's), each over a learning-rate grid and 8+ seeds
-   (a seed is a new problem). Prints, per optimizer: every arm at its own best rate (median and
+   synthetic figure calls "Adam"), once per initial scale of A (--init-scales, the task's
+   init_scale option: 1 is PEFT's Kaiming-uniform A, 10 multiplies it by 10; the default runs
+   both, because balancing helps little at 1 and a lot at 10). Arms lora, balora (nearest
+   gauge), balora-svd (the paper's gauge) and loraplus (PEFT's LoRA+, B's lr 16x A's), each over
+   one learning-rate grid per optimizer (the same for every scale) and 8+ seeds (a seed is a new
+   problem). Prints, per scale and optimizer: every arm at its own best rate (median and
    quartiles over seeds of the final excess loss over the best rank-4 loss, and of the steps to
-   remove 99% of the initial excess), then every arm across the whole grid.
+   remove 99% of the initial excess), then every arm across the whole grid; at the end one
+   overview table of every arm at its best rate, per optimizer and scale.
 2. The offline language-model task (a toy GPT-2 pretrained on generated addition text, LoRA r=8,
    fine-tuned with AdamW on subtraction text): eval loss against steps and against seconds.
 
@@ -35,11 +40,16 @@ import torch
 import balora
 from balora.runner import compare
 
-SYNTH_GRIDS = {  # around the task's defaults (adam 3e-2, sgd 0.3, sign 1e-2), factor ~3 apart
+# Around the task's defaults (adam 3e-2, sgd 0.3, sign 1e-2), factor ~3 apart. A large init_scale
+# lowers plain LoRA's stable SGD rate (the curvature across the valley is ~||A0||^2): SGD's grid
+# reaches down to 0.003 so that every arm's best rate is inside the grid at init_scale 1 and 10.
+SYNTH_GRIDS = {
     "adam": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
-    "sgd": [0.01, 0.03, 0.1, 0.3, 1.0],
+    "sgd": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
     "sign": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
 }
+# --quick: 3 points holding every arm's best rate of the full grids at init_scale 1 and 10.
+QUICK_GRIDS = {"adam": [1e-2, 3e-2, 1e-1], "sgd": [0.03, 0.1, 0.3], "sign": [3e-3, 1e-2, 3e-2]}
 SYNTH_ARMS = "lora,balora,balora-svd,loraplus"
 LM_ARMS = "lora,balora,balora-svd"
 
@@ -121,23 +131,64 @@ def print_grid_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
     return grid
 
 
-def run_synthetic(args, out: Path) -> dict[str, pd.DataFrame]:
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--init-scales {text}: expected a comma list of positive numbers, e.g. 1,10") from None
+    if not scales or any(not math.isfinite(x) or x <= 0 for x in scales) or len(set(scales)) != len(scales):
+        raise SystemExit(f"--init-scales {text}: expected distinct positive numbers, e.g. 1,10")
+    return scales
+
+
+def _scale_label(scale: float) -> str:
+    return "init_scale 1 (PEFT's init)" if scale == 1 else f"init_scale {scale:g} (A init {scale:g}x PEFT's)"
+
+
+def run_synthetic(args, out: Path) -> dict[tuple[float, str], object]:
+    """(init_scale, optimizer) -> the loaded run; prints the tables as it goes."""
     runs = {}
-    for opt in args.optimizers.split(","):
-        grid = SYNTH_GRIDS[opt][1:4] if args.quick else SYNTH_GRIDS[opt]
-        t0 = time.perf_counter()
-        run = compare("synthetic", arms=SYNTH_ARMS, steps=100, seeds=args.seeds, optimizer=opt, lr=grid,
-                      out=out / f"synthetic-{opt}", force=True, quiet=True, layers_every=0, spectra_every=0)
-        took = time.perf_counter() - t0
-        runs[opt] = run
-        print(f"\n== synthetic, {opt}: r=4, 20x20, 100 steps, {args.seeds} seeds, lr grid {grid}; "
-              f"{len(run.summary)} cells in {took:.0f} s; {_load()} ==")
-        print(f"   run: {out / f'synthetic-{opt}'}")
-        print("   each arm at its own best lr (the lr with the smallest median final excess loss):")
-        print_best_table(run.summary, "final_excess_loss", "final excess loss")
-        print("   median final excess loss over seeds, every arm at every lr (inf: diverged):")
-        print_grid_table(run.summary, "final_excess_loss")
+    for scale in parse_scales(args.init_scales):
+        for opt in args.optimizers.split(","):
+            grid = QUICK_GRIDS[opt] if args.quick else SYNTH_GRIDS[opt]
+            name = f"synthetic-init{scale:g}-{opt}"
+            t0 = time.perf_counter()
+            run = compare("synthetic", arms=SYNTH_ARMS, steps=100, seeds=args.seeds, optimizer=opt, lr=grid,
+                          out=out / name, force=True, quiet=True, layers_every=0, spectra_every=0,
+                          init_scale=scale)
+            took = time.perf_counter() - t0
+            runs[(scale, opt)] = run
+            print(f"\n== synthetic, {_scale_label(scale)}, {opt}: r=4, 20x20, 100 steps, {args.seeds} seeds, "
+                  f"lr grid {grid}; {len(run.summary)} cells in {took:.0f} s; {_load()} ==")
+            print(f"   run: {out / name}")
+            print("   each arm at its own best lr (the lr with the smallest median final excess loss):")
+            print_best_table(run.summary, "final_excess_loss", "final excess loss")
+            print("   median final excess loss over seeds, every arm at every lr (inf: diverged):")
+            print_grid_table(run.summary, "final_excess_loss")
+    if runs:
+        print_overview(runs)
     return runs
+
+
+def print_overview(runs: dict) -> None:
+    """One line per (optimizer, init_scale): each arm's median final excess loss at its own best lr."""
+    arms = list(dict.fromkeys(a for run in runs.values() for a in run.summary["arm"].unique()))
+    print("\n== synthetic overview: median final excess loss at each arm's own best lr (that lr) ==")
+    print(f"   {'optimizer':<10}{'init_scale':>11}" + "".join(f"{a:>20}" for a in arms))
+    for opt in dict.fromkeys(o for _, o in runs):
+        for (scale, o), run in runs.items():
+            if o != opt:
+                continue
+            cells = best_cells(run.summary, "final_excess_loss")
+            txt = []
+            for a in arms:
+                g = cells.get(a)
+                if g is None:
+                    txt.append("-")
+                    continue
+                med = float(_values(g, "final_excess_loss")["value"].median())
+                txt.append(f"{_fmt(med, 2, inf='diverged')} ({float(g['lr'].iloc[0]):g})")
+            print(f"   {opt:<10}{scale:>11g}" + "".join(f"{t:>20}" for t in txt))
 
 
 def run_lm(args, out: Path):
@@ -169,20 +220,29 @@ def plot_synthetic(runs: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
-    for ax, (opt, run) in zip(axes[0], runs.items()):
+    scales = list(dict.fromkeys(sc for sc, _ in runs))
+    opts = list(dict.fromkeys(o for _, o in runs))
+    fig, axes = plt.subplots(len(scales), len(opts), figsize=(5 * len(opts), 4 * len(scales)), squeeze=False)
+    for (scale, opt), run in runs.items():
+        ax = axes[scales.index(scale)][opts.index(opt)]
         cells = best_cells(run.summary, "final_excess_loss")
         steps = run.steps
+        start = 0.0
         for arm, g in cells.items():
             lr = float(g["lr"].iloc[0])
             d = steps[(steps["arm"] == arm) & (steps["lr"] == lr)]
             med = d.groupby("step")["excess_loss"].median()
             lo = d.groupby("step")["excess_loss"].quantile(0.25)
             hi = d.groupby("step")["excess_loss"].quantile(0.75)
-            line, = ax.plot(med.index, med.values, label=f"{arm} (lr {lr:g})")
+            n_div = int((g["status"] == "diverged").sum())
+            line, = ax.plot(med.index, med.values,
+                            label=f"{arm} (lr {lr:g})" + (f", {n_div}/{len(g)} diverged" if n_div else ""))
             ax.fill_between(med.index, lo.values, hi.values, alpha=0.15, color=line.get_color())
+            start = max(start, float(med.iloc[0]) if len(med) else 0.0)
         ax.set_yscale("log")
-        ax.set_title(f"synthetic, {opt}: each arm at its best lr")
+        if start > 0:  # a diverging arm would squash every other curve: keep the axis near the initial loss
+            ax.set_ylim(top=10 * start)
+        ax.set_title(f"synthetic, init_scale {scale:g}, {opt}: each arm at its best lr", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("excess loss (median, quartile band)")
         ax.legend(fontsize=8)
@@ -224,6 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="3-point lr grids; lm: 1 seed, 100 steps")
     ap.add_argument("--seeds", type=int, default=8, help="synthetic seeds (at least 8 for the published tables)")
     ap.add_argument("--optimizers", default="adam,sgd,sign")
+    ap.add_argument("--init-scales", default="1,10",
+                    help="synthetic task's init_scale values (multiplies PEFT's A init; 1 = PEFT's), comma list")
     ap.add_argument("--lm-seeds", type=int, default=3)
     ap.add_argument("--lm-steps", type=int, default=200)
     ap.add_argument("--no-lm", action="store_true", help="skip the language-model task")
