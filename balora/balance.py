@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Callable
 
 import torch
 from torch import nn
 
 from balora.imbalance import rel_imbalance
 from balora.pairs import FactorPair, batch_groups, stack_padded
-from balora.projection import METHODS, balanced_factors, product_rel_error
+from balora.linalg import matmul_unit_roundoff
+from balora.projection import GRAM_TOL, METHODS, balanced_factors, gram_transforms, product_rel_error
 
 RANK_DEFICIENT_POLICIES = ("skip", "balance", "raise")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -31,6 +34,7 @@ class BalanceSummary:
     max_rel_error: float = float("nan")  # max ||B'A' - BA|| / ||BA|| after casting back; nan if not checked
     max_rel_imbalance: float = float("nan")  # max rel_imbalance of the written pairs; nan if not checked
     seconds: float = 0.0
+    qr_path: int = 0  # pairs the fast Gram path could not do accurately, done by the QR path instead
 
     def __str__(self) -> str:
         parts = [f"balanced {self.balanced} LoRA pair(s) in {self.seconds * 1e3:.1f} ms"]
@@ -51,10 +55,12 @@ def balance_pairs(
     on_rank_deficient: str = "skip",
     on_nonfinite: str = "raise",
     check: bool = True,
-) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], BalanceSummary]:
+) -> tuple[Mapping[int, tuple[torch.Tensor, torch.Tensor]], BalanceSummary]:
     """Balanced factors for `pairs`, without writing them anywhere.
 
-    Returns ({index into pairs: (A', B') in each factor's own dtype}, summary). Pairs that
+    Returns ({index into pairs: (A', B') in each factor's own dtype}, summary); with
+    check=False the new factors are formed as the mapping is read (write each one as it
+    comes, then drop it: that is the fast way; reading a key twice computes it twice). Pairs that
     are left alone (zero product, rank-deficient under "skip", non-finite under "skip",
     unsupported) are absent from the dict and listed in summary.skipped with the reason.
     Raises BalanceError, naming the modules, before anything is returned when a policy
@@ -69,8 +75,7 @@ def balance_pairs(
 
     t0 = time.perf_counter()
     summary = BalanceSummary()
-    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    errors, imbalances, nonfinite, deficient_errors = [], [], [], []
+    nonfinite, deficient_errors = [], []
 
     candidates, positions = [], []  # positions[k]: index in `pairs` of candidates[k]
     for i, p in enumerate(pairs):
@@ -84,44 +89,34 @@ def balance_pairs(
             candidates.append(p)
             positions.append(i)
 
-    for idx in batch_groups(candidates):
-        group = [candidates[j] for j in idx]
-        A, B = stack_padded(group)  # (G, r, in_max), (G, out_max, r); zero padding is exact
-        proj = _project(group, A, B, method)
-        # One host transfer per flag instead of one per pair: per-pair .item() calls were
-        # most of the cost of balancing small models every step.
-        finite, zero, rank = proj.finite.tolist(), proj.zero.tolist(), proj.rank.tolist()
-        use = []
-        for g, p in enumerate(group):
-            if not finite[g]:
-                nonfinite.append(p.name)
-                summary.skipped[p.name] = "non-finite values in A or B"
-            elif zero[g]:
-                summary.skipped[p.name] = "zero product B A (e.g. PEFT's B = 0 init): left as is so training can start"
-            elif rank[g] < p.r:
-                summary.rank_deficient[p.name] = rank[g]
-                if on_rank_deficient == "raise":
-                    deficient_errors.append(f"{p.name} (rank {rank[g]} < r={p.r})")
-                if on_rank_deficient == "balance":
-                    use.append(g)
-                else:
-                    summary.skipped[p.name] = (
-                        f"rank-deficient product (rank {rank[g]} < r={p.r}): balancing would leave "
-                        f"{p.r - rank[g]} dead direction(s) whose gradients are zero forever"
-                    )
+    outcomes = _gram_outcomes(candidates, method)  # None where the Gram path was not accurate enough
+    redo = [k for k, o in enumerate(outcomes) if o is None]
+    summary.qr_path = len(redo)
+    for idx in batch_groups([candidates[k] for k in redo]):
+        ks = [redo[j] for j in idx]
+        for k, o in zip(ks, _qr_outcomes([candidates[k] for k in ks], method)):
+            outcomes[k] = o
+
+    used = []
+    for k, (p, o) in enumerate(zip(candidates, outcomes)):
+        if not o.finite:
+            nonfinite.append(p.name)
+            summary.skipped[p.name] = "non-finite values in A or B"
+        elif o.zero:
+            summary.skipped[p.name] = "zero product B A (e.g. PEFT's B = 0 init): left as is so training can start"
+        elif o.rank < p.r:
+            summary.rank_deficient[p.name] = o.rank
+            if on_rank_deficient == "raise":
+                deficient_errors.append(f"{p.name} (rank {o.rank} < r={p.r})")
+            if on_rank_deficient == "balance":
+                used.append(k)
             else:
-                use.append(g)
-        if not use:
-            continue
-        A_new = proj.A.to(A.dtype)  # back to the factors' own dtype
-        B_new = proj.B.to(B.dtype)
-        if check:
-            sel = torch.tensor(use, device=A.device)
-            errors.append(product_rel_error(A[sel], B[sel], A_new[sel], B_new[sel]))
-            imbalances.append(rel_imbalance(A_new[sel].float(), B_new[sel].float()))
-        for g in use:
-            p = group[g]
-            out[positions[idx[g]]] = (A_new[g, :, : p.in_features], B_new[g, : p.out_features, :])
+                summary.skipped[p.name] = (
+                    f"rank-deficient product (rank {o.rank} < r={p.r}): balancing would leave "
+                    f"{p.r - o.rank} dead direction(s) whose gradients are zero forever"
+                )
+        else:
+            used.append(k)
 
     if nonfinite and on_nonfinite == "raise":
         raise BalanceError(
@@ -133,12 +128,112 @@ def balance_pairs(
             f"rank-deficient LoRA products: {', '.join(deficient_errors)}; nothing was balanced. "
             "Pass on_rank_deficient='skip' to leave them alone or 'balance' to balance them anyway."
         )
-    summary.balanced = len(out)
-    if check and errors:
-        summary.max_rel_error = float(torch.cat(errors).max())
-        summary.max_rel_imbalance = float(torch.cat(imbalances).max())
+    summary.balanced = len(used)
+    if not check:
+        # Formed one at a time as the caller iterates: a caller that writes each pair as it
+        # comes never holds a second copy of the adapter (and stays in cache doing it).
+        out = _Lazy({positions[k]: outcomes[k].new_factors for k in used})
+    else:
+        out = {positions[k]: outcomes[k].new_factors() for k in used}
+        errors, imbalances = [], []
+        for k in used:
+            A0, B0 = candidates[k].A[None], candidates[k].B[None]
+            A1, B1 = (t[None] for t in out[positions[k]])
+            errors.append(product_rel_error(A0, B0, A1, B1))
+            imbalances.append(rel_imbalance(A1.float(), B1.float()))
+        if used:
+            summary.max_rel_error = float(torch.cat(errors).max())
+            summary.max_rel_imbalance = float(torch.cat(imbalances).max())
     summary.seconds = time.perf_counter() - t0
     return out, summary
+
+
+class _Lazy(Mapping):
+    """{index: (A', B')} whose values are computed on each access."""
+
+    def __init__(self, thunks: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]):
+        self._thunks = thunks
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._thunks[i]()
+
+    def __iter__(self):
+        return iter(self._thunks)
+
+    def __len__(self) -> int:
+        return len(self._thunks)
+
+
+@dataclass
+class _Outcome:
+    """What balancing one pair gave; the new factors are formed only if they will be used."""
+
+    finite: bool
+    zero: bool
+    rank: int
+    new_factors: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (A', B') in the factors' dtypes
+
+
+def _compute_dtype(p: FactorPair) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(p.A.dtype, p.B.dtype), torch.float32)
+
+
+def _gram_outcomes(pairs: list[FactorPair], method: str) -> list[_Outcome | None]:
+    """The Gram path (projection.gram_transforms) for every pair; None where it is not accurate.
+
+    One r x r Gram per factor, the r x r maths batched over all pairs of one rank, then one
+    (n, r) @ (r, r) product per factor, formed lazily: no stacking of the tall factors.
+    """
+    outcomes: list[_Outcome | None] = [None] * len(pairs)
+    by_key: dict[tuple, list[int]] = {}
+    for k, p in enumerate(pairs):
+        by_key.setdefault((p.r, _compute_dtype(p), p.A.device), []).append(k)
+    for (_, dtype, _), ks in by_key.items():
+        # Upcast once (a no-op for fp32 factors); the apply step below reuses it.
+        factors = [(pairs[k].A.to(dtype), pairs[k].B.to(dtype)) for k in ks]
+        G_A = torch.stack([A @ A.mT for A, _ in factors])  # (G, r, r)
+        G_B = torch.stack([B.mT @ B for _, B in factors])  # (G, r, r)
+        # Rounding the new factors to bf16/fp16 costs more than the Gram path's error.
+        tol = max(GRAM_TOL, 0.1 * max(torch.finfo(pairs[k].A.dtype).eps for k in ks))
+        try:
+            t = gram_transforms(G_A, G_B, method, matmul_unit_roundoff(dtype), tol)
+        except RuntimeError:  # a failed decomposition: the QR path redoes them and names the module
+            continue
+        accurate, zero = t.accurate.tolist(), t.zero.tolist()
+        X, Y = t.X.to(dtype), t.Y.to(dtype)
+        for g, k in enumerate(ks):
+            if zero[g]:
+                outcomes[k] = _Outcome(True, True, 0, _unreachable)
+            elif accurate[g]:
+                (A, B), p = factors[g], pairs[k]
+                outcomes[k] = _Outcome(True, False, p.r, _applier(Y[g], A, B, X[g], p.A.dtype, p.B.dtype))
+    return outcomes
+
+
+def _applier(Y, A, B, X, A_dtype, B_dtype):
+    return lambda: ((Y @ A).to(A_dtype), (B @ X).to(B_dtype))  # A' (r, in), B' (out, r)
+
+
+def _unreachable():
+    raise AssertionError("a zero product is never balanced")
+
+
+def _qr_outcomes(group: list[FactorPair], method: str) -> list[_Outcome]:
+    """The QR path (projection.balanced_factors) for pairs of one rank, batched and zero-padded."""
+    A, B = stack_padded(group)  # (G, r, in_max), (G, out_max, r); zero padding is exact
+    proj = _project(group, A, B, method)
+    # One host transfer per flag instead of one per pair: per-pair .item() calls were
+    # most of the cost of balancing small models every step.
+    finite, zero, rank = proj.finite.tolist(), proj.zero.tolist(), proj.rank.tolist()
+    A_new, B_new = proj.A.to(A.dtype), proj.B.to(B.dtype)  # back to the factors' own dtype
+    return [
+        _Outcome(finite[g], zero[g], rank[g], _slicer(A_new[g], B_new[g], p.in_features, p.out_features))
+        for g, p in enumerate(group)
+    ]
+
+
+def _slicer(A, B, n_in, n_out):
+    return lambda: (A[:, :n_in], B[:n_out, :])
 
 
 def _project(group: list[FactorPair], A: torch.Tensor, B: torch.Tensor, method: str):
@@ -179,7 +274,9 @@ def balance_(
     pairs = iter_lora_pairs(model, adapter)
     if adapter is not None and not pairs:
         raise ValueError(f"no LoRA layers with adapter {adapter!r} in {type(model).__name__}")
+    t0 = time.perf_counter()
     new, summary = balance_pairs(pairs, method, on_rank_deficient, on_nonfinite, check)
-    for i, (A, B) in new.items():
+    for i, (A, B) in new.items():  # formed here, one pair at a time, when check=False
         pairs[i].write(A, B)
+    summary.seconds = time.perf_counter() - t0  # with the writes, which balance_pairs cannot see
     return summary

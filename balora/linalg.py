@@ -66,7 +66,7 @@ def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
     R1, info1 = torch.linalg.cholesky_ex(X.mT @ X, upper=True)  # (G, r, r)
     R1 = torch.where((info1 == 0)[:, None, None], R1, eye)
-    R1_inv = _triu_inverse(R1)
+    R1_inv = triu_inverse(R1)
     # ||R||_F ||R^-1||_F bounds cond_2(X) = cond_2(R) from above (within a factor r): a real
     # estimate, unlike diag(R), which looks perfect for X = Q0 (I + t triu(1)) of any cond.
     cond = torch.linalg.matrix_norm(R1) * torch.linalg.matrix_norm(R1_inv)
@@ -78,7 +78,7 @@ def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     R2, info2 = torch.linalg.cholesky_ex(G2, upper=True)
     ok = well_conditioned & q1_close & (info2 == 0)
     R2 = torch.where(ok[:, None, None], R2, eye)
-    R2_inv = _triu_inverse(R2)
+    R2_inv = triu_inverse(R2)
     R = R2 @ R1
     # Q1 is finite when q1_close holds (a NaN fails the comparison), so Q = Q1 R2^-1 is finite
     # when the small R2^-1 is: no pass over the tall Q needed.
@@ -86,7 +86,7 @@ def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return Q1, R2_inv, R, ok
 
 
-def _triu_inverse(R: torch.Tensor) -> torch.Tensor:
+def triu_inverse(R: torch.Tensor) -> torch.Tensor:
     """Inverse of upper-triangular R (G, r, r).
 
     X @ R^-1 as a plain matmul instead of solve_triangular(R, X, left=False): on CPU the
@@ -102,6 +102,20 @@ def polar_orthogonal(M: torch.Tensor) -> torch.Tensor:
     and the maximiser of <O, M> over orthogonal O (orthogonal Procrustes)."""
     U, _, Vh = torch.linalg.svd(M)
     return U @ Vh
+
+
+def matmul_unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of a matmul in `dtype` as torch is set to run it: fp32 matmuls run in
+    TF32 or bf16 under torch.set_float32_matmul_precision("high" / "medium")."""
+    u = torch.finfo(dtype).eps / 2
+    if dtype == torch.float32:
+        precision = torch.get_float32_matmul_precision()
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        if precision == "medium":
+            u = max(u, torch.finfo(torch.bfloat16).eps / 2)
+        elif precision == "high" or tf32:
+            u = max(u, 2.0**-11)
+    return u
 
 
 def all_finite(X: torch.Tensor) -> torch.Tensor:

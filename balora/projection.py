@@ -15,6 +15,13 @@ Two gauges (choices of O):
 
 Everything is batched over a leading group dim G (modules of one shape): two thin QRs,
 one r x r SVD (two for "nearest") and two (n, r) @ (r, r) products per group.
+
+`gram_transforms` is the fast path for well-conditioned factors: from the r x r Gram
+matrices alone it returns X, Y with B' = B X, A' = Y A (R_B, R_A from Cholesky of
+B^T B and A A^T, so Q_B = B R_B^-1 and Q_A^T = R_A^-T A are never formed). That is one
+read of each factor for the Grams and one (n, r) @ (r, r) product to write, instead of
+CholeskyQR2's four passes; the price is accuracy eps * cond^2 instead of eps * cond, so
+each pair carries an error estimate and the caller falls back to `balanced_factors`.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from balora.imbalance import RANK_RTOL
-from balora.linalg import all_finite, polar_orthogonal, thin_qr_factored
+from balora.linalg import all_finite, polar_orthogonal, thin_qr_factored, triu_inverse
 
 METHODS = ("nearest", "svd")
 
@@ -87,6 +94,84 @@ def balanced_factors(
     # thin_qr_factored gives finite Q1, T for finite input, so checking the r x r factors is enough.
     finite = finite_in & all_finite(left) & all_finite(right)
     return Projection(A=A_new, B=B_new, S=S, rank=rank, zero=zero, finite=finite)
+
+
+@dataclass
+class Transforms:
+    """r x r maps from the Gram matrices: B' = B @ X, A' = Y @ A, for G pairs."""
+
+    X: torch.Tensor  # (G, r, r)
+    Y: torch.Tensor  # (G, r, r)
+    S: torch.Tensor  # (G, r) singular values of B A, descending
+    zero: torch.Tensor  # (G,) bool: a factor is exactly zero, so B A == 0
+    accurate: torch.Tensor  # (G,) bool: X, Y are usable (estimated balance error <= tol)
+
+
+# Accept the Gram path when its estimated relative balance error is below this (or below a
+# tenth of the factors' own rounding, for bf16/fp16). Measured errors were at most ~15x the
+# estimate (r = 4, where the BLAS accumulates the Gram least accurately), so this keeps the
+# usual test of "balanced", rel_imbalance < 1e-5 in fp32, with a margin.
+GRAM_TOL = 5e-7
+
+
+def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest", unit_roundoff: float | None = None,
+                    tol: float = GRAM_TOL) -> Transforms:
+    """Balancing maps from G_A = A A^T and G_B = B^T B (G, r, r), computed in float64.
+
+    Same formulas as `balanced_factors` with R from Cholesky of the Grams: the core
+    R_B R_A^T = U S V^T, B' = B R_B^-1 U S^{1/2} O, A' = O^T S^{1/2} V^T R_A^-T A.
+    unit_roundoff: of the matmul that formed the Grams (default: their dtype's).
+    A Gram rounded by E moves the balanced pair's Gram by Y E Y^T (resp. X^T E X), so
+    u (||Y Y^T|| ||G_A|| + ||X^T X|| ||G_B||) / (2 ||S||) estimates the rel_imbalance the
+    result will have (||.||_inf >= ||.||_2 for the r x r products, Frobenius for the rest);
+    pairs above `tol`, and singular or non-finite Grams, come back with accurate = False
+    for the QR path to redo.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown balancing method {method!r}; use one of {', '.join(METHODS)}")
+    u = torch.finfo(G_A.dtype).eps / 2 if unit_roundoff is None else unit_roundoff
+    G_A, G_B = G_A.to(torch.float64), G_B.to(torch.float64)
+    eye = torch.eye(G_A.shape[-1], dtype=torch.float64, device=G_A.device)
+    norm_A, norm_B = torch.linalg.matrix_norm(G_A), torch.linalg.matrix_norm(G_B)  # (G,); NaN if non-finite
+    zero = (norm_A == 0) | (norm_B == 0)
+    R_A, info_A = torch.linalg.cholesky_ex(G_A, upper=True)  # G_A = R_A^T R_A: A^T = Q_A R_A
+    R_B, info_B = torch.linalg.cholesky_ex(G_B, upper=True)  # G_B = R_B^T R_B: B = Q_B R_B
+    ok = (info_A == 0) & (info_B == 0) & torch.isfinite(norm_A) & torch.isfinite(norm_B)
+    # Singular or non-finite entries get identity factors so they cannot poison the batch.
+    R_A = torch.where(ok[:, None, None], R_A, eye)
+    R_B = torch.where(ok[:, None, None], R_B, eye)
+    core = R_B @ R_A.mT  # (G, r, r)
+    if method == "svd":  # the paper's gauge is whatever the SVD returns: keep the SVD
+        U, S, Vh = torch.linalg.svd(core)
+        sqrt_S = S.sqrt()
+        left = U * sqrt_S[:, None, :]  # (G, r, r): B' = Q_B @ left
+        right = sqrt_S[:, :, None] * Vh  # (G, r, r): A' = right @ Q_A^T
+        eig_cond = torch.zeros_like(norm_A)
+    else:
+        # The nearest pair does not depend on the SVD's gauge, so two r x r eighs (about a third
+        # of the cost of two batched SVDs on CPU) do: core^T core = V S^2 V^T gives
+        # left = core V S^-1/2, right = S^1/2 V^T, and polar(M) = M (M^T M)^-1/2.
+        # Both square a condition number; in float64 that is harmless until cond ~ 1e4,
+        # and the error estimate below says when it is not.
+        lam, V = torch.linalg.eigh(core.mT @ core)  # ascending
+        lam, V = lam.flip(-1).clamp_min(0), V.flip(-1)
+        S = lam.sqrt()
+        sqrt_S = S.sqrt()
+        left = (core @ V) / sqrt_S.clamp_min(torch.finfo(torch.float64).tiny)[:, None, :]
+        right = sqrt_S[:, :, None] * V.mT
+        M = left.mT @ R_B + right @ R_A  # Procrustes target, as in balanced_factors
+        mu, W = torch.linalg.eigh(M.mT @ M)
+        O = M @ (W / mu.clamp_min(torch.finfo(torch.float64).tiny).sqrt()[:, None, :]) @ W.mT
+        left, right = left @ O, O.mT @ right
+        eig_u = torch.finfo(torch.float64).eps / 2
+        eig_cond = eig_u * (lam[:, 0] / lam[:, -1] + mu[:, -1] / mu[:, 0])  # NaN/inf when singular
+    X = triu_inverse(R_B) @ left  # (G, r, r): Q_B = B R_B^-1
+    Y = right @ triu_inverse(R_A).mT  # (G, r, r): Q_A^T = R_A^-T A
+    gain_A = torch.linalg.matrix_norm(Y @ Y.mT, ord=float("inf"))
+    gain_B = torch.linalg.matrix_norm(X.mT @ X, ord=float("inf"))
+    est = u * (gain_A * norm_A + gain_B * norm_B) / (2 * torch.linalg.vector_norm(S, dim=-1)) + eig_cond
+    accurate = ok & ~zero & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN est fails <=
+    return Transforms(X=X, Y=Y, S=torch.where(zero[:, None], 0.0, S), zero=zero, accurate=accurate)
 
 
 def product_rel_error(A0: torch.Tensor, B0: torch.Tensor, A1: torch.Tensor, B1: torch.Tensor) -> torch.Tensor:

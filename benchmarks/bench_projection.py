@@ -15,9 +15,11 @@ order, it times:
                   implementation (on CPU that is the single-tensor for-loop; foreach and
                   fused are timed too, for reference)
   balora nearest  balora.balance.balance_pairs(check=False) + writing back, what
-  balora svd      BalanceCallback does after every step (both gauges)
-  maths only      balora.projection.balanced_factors on pre-stacked groups (no stacking,
-                  casting, validation or writing)
+  balora svd      BalanceCallback does after every step (both gauges). Well-conditioned
+                  pairs take the Gram path (r x r Grams, one product per factor); the
+                  header line says how many fell back to the QR path
+  QR path         balora.projection.balanced_factors (CholeskyQR2 + r x r SVDs) on
+                  pre-stacked groups, the fallback, maths only (no stacking or writing)
   paper loop      the paper's projection written the straightforward way: per module, an SVD
                   of each factor and one of the r x r core, in a Python loop (fp32 upcast)
 
@@ -155,12 +157,14 @@ def run_paper_loop(ad: Adapter) -> None:
             p.write(A_new, B_new)
 
 
-def run_balora(ad: Adapter, method: str) -> None:
+def run_balora(ad: Adapter, method: str) -> int:
+    """balance_pairs + writing back; returns how many pairs took the QR path."""
     new, summary = balance_pairs(ad.pairs, method, check=False)
     if summary.balanced != len(ad.pairs):  # every pair must really be projected for a fair timing
         raise RuntimeError(f"balora balanced only {summary.balanced} of {len(ad.pairs)} pairs: {summary}")
     for i, (A, B) in new.items():
         ad.pairs[i].write(A, B)
+    return summary.qr_path
 
 
 def stacked_groups(ad: Adapter) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -271,6 +275,9 @@ def bench_config(m: ModelShape, r: int, dtype: torch.dtype, device: str, reps: i
     print(f"\n== {m.name}, r={r}, {dname}, {device}: {n_mod} LoRA pairs, {ad.numel / 1e6:.2f}M adapter params "
           f"({ad.nbytes / 2**20:.0f} MiB); {_load()} ==")
     print("   " + check_equivalence(ad))
+    qr = {method: run_balora(ad, method) for method in ("nearest", "svd")}
+    print(f"   pairs on the QR path (the rest took the Gram path): nearest {qr['nearest']}, svd {qr['svd']} "
+          f"of {n_mod}")
     print(f"   adamw = torch.optim.AdamW with torch's defaults, which here run the {_adamw_default(ad.params)} implementation")
     dst = [torch.empty_like(p) for p in ad.params]
     opt_default = torch.optim.AdamW(ad.params, lr=1e-5)
@@ -286,7 +293,7 @@ def bench_config(m: ModelShape, r: int, dtype: torch.dtype, device: str, reps: i
     groups = stacked_groups(ad)
     fns["balora nearest"] = lambda: run_balora(ad, "nearest")
     fns["balora svd"] = lambda: run_balora(ad, "svd")
-    fns["maths only nearest"] = lambda: run_maths_only(groups, "nearest")
+    fns["QR path nearest"] = lambda: run_maths_only(groups, "nearest")
     if baseline:
         fns["paper loop"] = lambda: run_paper_loop(ad)
     times = time_interleaved(fns, reps, device)

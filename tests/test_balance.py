@@ -281,14 +281,16 @@ def test_failed_decomposition_names_the_module(make_tiny_net, tiny_net_targets, 
     assert_bit_identical(before, snapshot(model))
 
 
-def test_failing_svd_gives_balance_error(make_tiny_net, tiny_net_targets, snapshot, assert_bit_identical,
+def test_failing_decomposition_gives_balance_error(make_tiny_net, tiny_net_targets, snapshot, assert_bit_identical,
                                          monkeypatch):
     model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
 
-    def broken_svd(*args, **kwargs):
-        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("The algorithm failed to converge")
 
-    monkeypatch.setattr(torch.linalg, "svd", broken_svd)
+    # Every r x r decomposition either path uses (the Gram path's eigh, the QR path's SVD).
+    monkeypatch.setattr(torch.linalg, "svd", broken)
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
     before = snapshot(model)
     with pytest.raises(BalanceError, match=r"lin\[default\]"):
         balance_(model)

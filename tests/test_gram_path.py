@@ -1,0 +1,188 @@
+"""The Gram path (projection.gram_transforms, used first by balance_pairs): the same balanced
+pair as the QR path where it says it is accurate, a refusal where it would not be, and
+balance_pairs falling back to the QR path for exactly those pairs. Checked against float64
+numpy on the formed products."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import balora.balance
+from balora.balance import balance_pairs
+from balora.linalg import matmul_unit_roundoff
+from balora.pairs import FactorPair
+from balora.projection import GRAM_TOL, balanced_factors, gram_transforms
+
+METHODS = ("nearest", "svd")
+
+
+def _np_rel_imbalance(A, B):
+    A, B = A.double().numpy(), B.double().numpy()
+    BtB, AAt = B.T @ B, A @ A.T
+    return np.linalg.norm(BtB - AAt) / (np.linalg.norm(BtB) + np.linalg.norm(AAt))
+
+
+def _np_product_error(A0, B0, A1, B1):
+    P0 = B0.double().numpy() @ A0.double().numpy()
+    P1 = B1.double().numpy() @ A1.double().numpy()
+    return np.linalg.norm(P1 - P0) / np.linalg.norm(P0)
+
+
+def _factor(n, r, cond, gen):
+    """(n, r) float64 with singular values log-spaced from 1 down to 1/cond, random singular vectors."""
+    Q, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+    W, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
+    return (Q * torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)) @ W.mT
+
+
+def _grams(A, B):
+    return (A @ A.mT)[None], (B.mT @ B)[None]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_pair_as_the_qr_path(method):
+    """In float64 the Gram path and the QR path compute the same balanced pair."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.stack([_factor(40, 4, 5.0, gen).mT * 3 for _ in range(3)])  # (3, 4, 40)
+    B = torch.stack([_factor(30, 4, 20.0, gen) / 3 for _ in range(3)])  # (3, 30, 4)
+    t = gram_transforms(A @ A.mT, B.mT @ B, method)
+    assert t.accurate.all() and not t.zero.any()
+    qr = balanced_factors(A, B, method)
+    torch.testing.assert_close(t.Y @ A, qr.A, rtol=0, atol=1e-10)
+    torch.testing.assert_close(B @ t.X, qr.B, rtol=0, atol=1e-10)
+    torch.testing.assert_close(t.S, qr.S, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_accepted_pairs_are_balanced_in_fp32(method):
+    """Over factors of every conditioning from 1 to 1e4, ranks 1 to 32, scales 1e-2 to 1e2:
+    wherever the Gram path says it is accurate, the fp32 result is balanced to 1e-5 and keeps
+    the product; where it says not, the error estimate was above the tolerance."""
+    gen = torch.Generator().manual_seed(1)
+    accepted = refused = 0
+    for trial in range(60):
+        r = (1, 4, 8, 16, 32)[trial % 5]
+        c_A, c_B = 10 ** (4 * torch.rand(2, generator=gen, dtype=torch.float64)).numpy()
+        scale = float(10 ** (4 * torch.rand(1, generator=gen) - 2))
+        A = (_factor(300, r, c_A, gen).mT * scale).float()  # (r, 300)
+        B = (_factor(200, r, c_B, gen) / scale).float()  # (200, r)
+        t = gram_transforms(*_grams(A, B), method, matmul_unit_roundoff(torch.float32))
+        if not bool(t.accurate[0]):
+            refused += 1
+            continue
+        accepted += 1
+        A1, B1 = t.Y[0].float() @ A, B @ t.X[0].float()
+        assert _np_rel_imbalance(A1, B1) < 1e-5, (r, c_A, c_B, scale)
+        assert _np_product_error(A, B, A1, B1) < 1e-5, (r, c_A, c_B, scale)
+    assert accepted >= 10 and refused >= 10  # both branches were exercised
+
+
+def test_ill_conditioned_singular_zero_and_nonfinite_are_refused():
+    gen = torch.Generator().manual_seed(2)
+    A_ok = _factor(50, 4, 2.0, gen).mT.float()
+    B_ok = _factor(60, 4, 2.0, gen).float()
+    cases = {
+        "well conditioned": (A_ok, B_ok),
+        "cond 1e4": (_factor(50, 4, 1e4, gen).mT.float(), B_ok),
+        "rank-deficient B": (A_ok, torch.cat([B_ok[:, :3], B_ok[:, :1]], dim=1)),
+        "B = 0": (A_ok, torch.zeros_like(B_ok)),
+        "NaN in A": (A_ok.clone().index_put_((torch.tensor(0), torch.tensor(3)), torch.tensor(float("nan"))), B_ok),
+        "Inf in B": (A_ok, B_ok.clone().index_put_((torch.tensor(5), torch.tensor(1)), torch.tensor(float("inf")))),
+    }
+    G_A = torch.stack([A @ A.mT for A, _ in cases.values()])
+    G_B = torch.stack([B.mT @ B for _, B in cases.values()])
+    t = gram_transforms(G_A, G_B, "nearest", matmul_unit_roundoff(torch.float32))
+    got = dict(zip(cases, t.accurate.tolist()))
+    assert got == {name: name == "well conditioned" for name in cases}
+    assert t.zero.tolist() == [name == "B = 0" for name in cases]
+
+
+def test_tolerance_is_respected():
+    gen = torch.Generator().manual_seed(3)
+    A, B = _factor(80, 8, 30.0, gen).mT.float(), _factor(70, 8, 30.0, gen).float()
+    strict = gram_transforms(*_grams(A, B), "nearest", matmul_unit_roundoff(torch.float32), tol=1e-9)
+    loose = gram_transforms(*_grams(A, B), "nearest", matmul_unit_roundoff(torch.float32), tol=1e-2)
+    assert not bool(strict.accurate[0]) and bool(loose.accurate[0])
+
+
+def test_reduced_precision_matmuls_raise_the_unit_roundoff():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert matmul_unit_roundoff(torch.float32) == 2.0**-24
+        torch.set_float32_matmul_precision("medium")
+        assert matmul_unit_roundoff(torch.float32) == 2.0**-8
+        assert matmul_unit_roundoff(torch.float64) == 2.0**-53
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _pairs(specs, gen):
+    """FactorPairs from (r, n_in, n_out, cond) specs, fp32, imbalanced by a factor 10 in scale."""
+    out = []
+    for i, (r, n_in, n_out, cond) in enumerate(specs):
+        A = (_factor(n_in, r, cond, gen).mT * 10).float().contiguous()
+        B = (_factor(n_out, r, 2.0, gen) / 10).float().contiguous()
+        out.append(FactorPair(f"m{i}", "default", "linear", A, B, 1.0))
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_balance_pairs_falls_back_to_qr_exactly_where_refused(method, monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    specs = [(8, 64, 48, 2.0), (8, 64, 48, 3e3), (4, 30, 20, 1.5), (4, 30, 20, 5e3), (8, 100, 40, 4.0)]
+    pairs = _pairs(specs, gen)
+    redone = []
+    real = balora.balance._qr_outcomes
+
+    def spy(group, m):
+        redone.extend(p.module for p in group)
+        return real(group, m)
+
+    monkeypatch.setattr(balora.balance, "_qr_outcomes", spy)
+    new, summary = balance_pairs(pairs, method, check=True)
+    assert sorted(redone) == ["m1", "m3"]  # the two ill-conditioned ones
+    assert summary.balanced == len(pairs) and not summary.skipped
+    for i, p in enumerate(pairs):
+        A1, B1 = new[i]
+        assert A1.shape == p.A.shape and B1.shape == p.B.shape and A1.dtype == torch.float32
+        assert _np_rel_imbalance(A1, B1) < 1e-5, p.module
+        assert _np_product_error(p.A, p.B, A1, B1) < 1e-5, p.module
+    assert summary.max_rel_imbalance < 1e-5 and summary.max_rel_error < 1e-5
+
+
+def test_unchecked_results_are_formed_on_access():
+    gen = torch.Generator().manual_seed(5)
+    pairs = _pairs([(4, 30, 20, 2.0)] * 3, gen)
+    new, _ = balance_pairs(pairs, "nearest", check=False)
+    first, again = new[1], new[1]
+    assert first[0] is not again[0]  # formed again, not held
+    torch.testing.assert_close(first[0], again[0], rtol=0, atol=0)
+    assert sorted(new) == [0, 1, 2] and len(new) == 3
+
+
+def test_bf16_factors_use_a_tolerance_of_their_own_rounding():
+    """bf16 results are rounded to 8 bits anyway, so the Gram path accepts pairs an fp32 run
+    would redo, and the result is as balanced as rounding to bf16 allows."""
+    gen = torch.Generator().manual_seed(6)
+    A = (_factor(64, 8, 300.0, gen).mT * 4).to(torch.bfloat16)
+    B = (_factor(48, 8, 300.0, gen) / 4).to(torch.bfloat16)
+    t32 = gram_transforms(*_grams(A.float(), B.float()), "nearest", matmul_unit_roundoff(torch.float32))
+    assert not bool(t32.accurate[0])  # refused at the fp32 tolerance ...
+    pair = FactorPair("m", "default", "linear", A, B, 1.0)
+    calls = []
+    real = balora.balance._qr_outcomes
+    balora_qr = lambda group, m: calls.append(1) or real(group, m)  # noqa: E731
+    try:
+        balora.balance._qr_outcomes = balora_qr
+        new, _ = balance_pairs([pair], "nearest", check=False)
+    finally:
+        balora.balance._qr_outcomes = real
+    assert not calls  # ... accepted at bf16's
+    A1, B1 = new[0]
+    assert A1.dtype == torch.bfloat16 and _np_rel_imbalance(A1, B1) < 2e-2
+    assert GRAM_TOL < 0.1 * torch.finfo(torch.bfloat16).eps
