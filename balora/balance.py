@@ -190,7 +190,7 @@ def _gram_outcomes(pairs: list[FactorPair], method: str) -> list[_Outcome | None
         by_key.setdefault((p.r, _compute_dtype(p), p.A.device), []).append(k)
     for (_, dtype, _), ks in by_key.items():
         # Upcast once (a no-op for fp32 factors); the apply step below reuses it.
-        factors = [(pairs[k].A.to(dtype), pairs[k].B.to(dtype)) for k in ks]
+        factors = [(_as(pairs[k].A, dtype), _as(pairs[k].B, dtype)) for k in ks]
         G_A = torch.stack([A @ A.mT for A, _ in factors])  # (G, r, r)
         G_B = torch.stack([B.mT @ B for _, B in factors])  # (G, r, r)
         # Rounding the new factors to bf16/fp16 costs more than the Gram path's error.
@@ -210,8 +210,13 @@ def _gram_outcomes(pairs: list[FactorPair], method: str) -> list[_Outcome | None
     return outcomes
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Tensor.to costs microseconds even as a no-op; hundreds of pairs every step add up.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _applier(Y, A, B, X, A_dtype, B_dtype):
-    return lambda: ((Y @ A).to(A_dtype), (B @ X).to(B_dtype))  # A' (r, in), B' (out, r)
+    return lambda: (_as(Y @ A, A_dtype), _as(B @ X, B_dtype))  # A' (r, in), B' (out, r)
 
 
 def _unreachable():

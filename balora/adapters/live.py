@@ -142,11 +142,11 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
 
 
 def _writer(A_p: torch.Tensor, B_p: torch.Tensor):
-    """Copy 2-D factors back into the parameters, reshaped and cast to their dtype."""
+    """Copy 2-D factors back into the parameters, reshaped (copy_ casts to their dtype)."""
 
     def write(A: torch.Tensor, B: torch.Tensor) -> None:
         with torch.no_grad():
-            A_p.copy_(A.reshape(A_p.shape).to(A_p.dtype))
-            B_p.copy_(B.reshape(B_p.shape).to(B_p.dtype))
+            A_p.copy_(A.reshape(A_p.shape))
+            B_p.copy_(B.reshape(B_p.shape))
 
     return write
