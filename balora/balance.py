@@ -157,6 +157,9 @@ class _Lazy(Mapping):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._thunks[i]()
 
+    def __contains__(self, i: object) -> bool:  # Mapping's default would compute the value
+        return i in self._thunks
+
     def __iter__(self):
         return iter(self._thunks)
 

@@ -159,7 +159,12 @@ def test_unchecked_results_are_formed_on_access():
     gen = torch.Generator().manual_seed(5)
     pairs = _pairs([(4, 30, 20, 2.0)] * 3, gen)
     new, _ = balance_pairs(pairs, "nearest", check=False)
+    formed = []
+    for k, thunk in list(new._thunks.items()):
+        new._thunks[k] = lambda thunk=thunk, k=k: formed.append(k) or thunk()
+    assert 1 in new and 7 not in new and not formed  # membership forms nothing
     first, again = new[1], new[1]
+    assert formed == [1, 1]
     assert first[0] is not again[0]  # formed again, not held
     torch.testing.assert_close(first[0], again[0], rtol=0, atol=0)
     assert sorted(new) == [0, 1, 2] and len(new) == 3
