@@ -202,12 +202,10 @@ def _gram_outcomes(pairs: list[FactorPair], method: str) -> list[_Outcome | None
             t = gram_transforms(G_A, G_B, method, matmul_unit_roundoff(dtype), tol)
         except RuntimeError:  # a failed decomposition: the QR path redoes them and names the module
             continue
-        accurate, zero = t.accurate.tolist(), t.zero.tolist()
+        accurate = t.accurate.tolist()
         X, Y = t.X.to(dtype), t.Y.to(dtype)
         for g, k in enumerate(ks):
-            if zero[g]:
-                outcomes[k] = _Outcome(True, True, 0, _unreachable)
-            elif accurate[g]:
+            if accurate[g]:
                 (A, B), p = factors[g], pairs[k]
                 outcomes[k] = _Outcome(True, False, p.r, _applier(Y[g], A, B, X[g], p.A.dtype, p.B.dtype))
     return outcomes
@@ -220,10 +218,6 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _applier(Y, A, B, X, A_dtype, B_dtype):
     return lambda: (_as(Y @ A, A_dtype), _as(B @ X, B_dtype))  # A' (r, in), B' (out, r)
-
-
-def _unreachable():
-    raise AssertionError("a zero product is never balanced")
 
 
 def _qr_outcomes(group: list[FactorPair], method: str) -> list[_Outcome]:

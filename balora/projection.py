@@ -103,7 +103,6 @@ class Transforms:
     X: torch.Tensor  # (G, r, r)
     Y: torch.Tensor  # (G, r, r)
     S: torch.Tensor  # (G, r) singular values of B A, descending
-    zero: torch.Tensor  # (G,) bool: a factor is exactly zero, so B A == 0
     accurate: torch.Tensor  # (G,) bool: X, Y are usable (estimated balance error <= tol)
 
 
@@ -124,7 +123,7 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     A Gram rounded by E moves the balanced pair's Gram by Y E Y^T (resp. X^T E X), so
     u (||Y Y^T|| ||G_A|| + ||X^T X|| ||G_B||) / (2 ||S||) estimates the rel_imbalance the
     result will have (||.||_inf >= ||.||_2 for the r x r products, Frobenius for the rest);
-    pairs above `tol`, and singular or non-finite Grams, come back with accurate = False
+    pairs above `tol`, and zero, singular or non-finite Grams, come back with accurate = False
     for the QR path to redo.
     """
     if method not in METHODS:
@@ -132,8 +131,9 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     u = torch.finfo(G_A.dtype).eps / 2 if unit_roundoff is None else unit_roundoff
     G_A, G_B = G_A.to(torch.float64), G_B.to(torch.float64)
     eye = torch.eye(G_A.shape[-1], dtype=torch.float64, device=G_A.device)
-    norm_A, norm_B = torch.linalg.matrix_norm(G_A), torch.linalg.matrix_norm(G_B)  # (G,); NaN if non-finite
-    zero = (norm_A == 0) | (norm_B == 0)
+    # (G,); NaN if non-finite. A zero Gram may be a zero factor or an underflow: either way
+    # the QR path (which tells them apart) gets the pair.
+    norm_A, norm_B = torch.linalg.matrix_norm(G_A), torch.linalg.matrix_norm(G_B)
     R_A, info_A = torch.linalg.cholesky_ex(G_A, upper=True)  # G_A = R_A^T R_A: A^T = Q_A R_A
     R_B, info_B = torch.linalg.cholesky_ex(G_B, upper=True)  # G_B = R_B^T R_B: B = Q_B R_B
     ok = (info_A == 0) & (info_B == 0) & torch.isfinite(norm_A) & torch.isfinite(norm_B)
@@ -170,8 +170,8 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     gain_A = torch.linalg.matrix_norm(Y @ Y.mT, ord=float("inf"))
     gain_B = torch.linalg.matrix_norm(X.mT @ X, ord=float("inf"))
     est = u * (gain_A * norm_A + gain_B * norm_B) / (2 * torch.linalg.vector_norm(S, dim=-1)) + eig_cond
-    accurate = ok & ~zero & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN est fails <=
-    return Transforms(X=X, Y=Y, S=torch.where(zero[:, None], 0.0, S), zero=zero, accurate=accurate)
+    accurate = ok & (norm_A > 0) & (norm_B > 0) & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
+    return Transforms(X=X, Y=Y, S=S, accurate=accurate)
 
 
 def product_rel_error(A0: torch.Tensor, B0: torch.Tensor, A1: torch.Tensor, B1: torch.Tensor) -> torch.Tensor:
