@@ -58,9 +58,10 @@ def balance_pairs(
 ) -> tuple[Mapping[int, tuple[torch.Tensor, torch.Tensor]], BalanceSummary]:
     """Balanced factors for `pairs`, without writing them anywhere.
 
-    Returns ({index into pairs: (A', B') in each factor's own dtype}, summary); with
-    check=False the new factors are formed as the mapping is read (write each one as it
-    comes, then drop it: that is the fast way; reading a key twice computes it twice). Pairs that
+    Returns ({index into pairs: (A', B') in each factor's own dtype}, summary). With
+    check=False the new factors are formed from the current A, B as the mapping is read:
+    write each one as it comes and drop it (the fast way), and read the mapping before
+    anything else changes the factors; reading a key twice computes it twice. Pairs that
     are left alone (zero product, rank-deficient under "skip", non-finite under "skip",
     unsupported) are absent from the dict and listed in summary.skipped with the reason.
     Raises BalanceError, naming the modules, before anything is returned when a policy
