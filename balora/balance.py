@@ -272,11 +272,19 @@ def balance_(
     check: also measure the change of dW and the balance reached (costs a few r x r
         products per pair in float64; the training callback turns it off).
     """
-    from balora.adapters.live import iter_lora_pairs
+    from balora.adapters.live import model_pairs
 
-    pairs = iter_lora_pairs(model, adapter)
-    if adapter is not None and not pairs:
-        raise ValueError(f"no LoRA layers with adapter {adapter!r} in {type(model).__name__}")
+    return balance_and_write(model_pairs(model, adapter), method, on_rank_deficient, on_nonfinite, check)
+
+
+def balance_and_write(
+    pairs: list[FactorPair],
+    method: str = "nearest",
+    on_rank_deficient: str = "skip",
+    on_nonfinite: str = "raise",
+    check: bool = True,
+) -> BalanceSummary:
+    """balance_pairs, then each balanced pair written back through `pair.write` as it is formed."""
     t0 = time.perf_counter()
     new, summary = balance_pairs(pairs, method, on_rank_deficient, on_nonfinite, check)
     for i, (A, B) in new.items():  # formed here, one pair at a time, when check=False

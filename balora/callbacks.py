@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from balora.balance import BalanceSummary, balance_
+from balora.adapters.live import PairCache
+from balora.balance import BalanceSummary, balance_and_write
 from balora.report import layer_report, summarize
 
 
@@ -47,6 +48,7 @@ class BalanceCallback(TrainerCallback):
         self.log_diagnostics, self.log_layers = log_diagnostics, log_layers
         self.balance_seconds = 0.0  # total time spent balancing, for the logs
         self.last_summary: BalanceSummary | None = None
+        self._pairs = PairCache()  # the model is walked once, not after every step
 
     def attach(self, trainer) -> "BalanceCallback":
         """Register this callback ahead of the Trainer's reporting integrations."""
@@ -57,14 +59,10 @@ class BalanceCallback(TrainerCallback):
         step = state.global_step + 1  # global_step is incremented after this event
         if not self.balance or model is None or step < self.start_step or (step - self.start_step) % self.every:
             return
-        self.last_summary = balance_(
-            model,
-            self.adapter,
-            self.method,
-            on_rank_deficient=self.on_rank_deficient,
-            on_nonfinite=self.on_nonfinite,
-            check=False,
-        )
+        t0 = time.perf_counter()
+        pairs = self._pairs.get(model, self.adapter)
+        self.last_summary = balance_and_write(pairs, self.method, self.on_rank_deficient, self.on_nonfinite, check=False)
+        self.last_summary.seconds = time.perf_counter() - t0  # with the (usually cached) walk
         self.balance_seconds += self.last_summary.seconds
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
@@ -90,16 +88,21 @@ def balance_after_step(
         ...
         handle.remove()                                        # to stop balancing
 
-    Keyword arguments go to balance_ (adapter, on_rank_deficient, on_nonfinite).
+    Keyword arguments as for balance_ (adapter, on_rank_deficient, on_nonfinite, check).
     """
     if every < 1:
         raise ValueError(f"balance_after_step: every must be >= 1, got {every}")
-    kwargs.setdefault("check", False)
+    unknown = set(kwargs) - {"adapter", "on_rank_deficient", "on_nonfinite", "check"}
+    if unknown:
+        raise TypeError(f"balance_after_step: unknown option(s) {', '.join(sorted(unknown))}")
+    adapter = kwargs.pop("adapter", None)
+    policies = {"check": False, **kwargs}
+    cache = PairCache()  # the model is walked once, not after every step
     count = {"steps": 0}
 
     def hook(opt, args, kw):
         count["steps"] += 1
         if count["steps"] % every == 0:
-            balance_(model, method=method, **kwargs)
+            balance_and_write(cache.get(model, adapter), method, **policies)
 
     return optimizer.register_step_post_hook(hook)
