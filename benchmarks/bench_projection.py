@@ -344,7 +344,8 @@ def bench_diagnostics(m: ModelShape, r: int, device: str, reps: int, modules: tu
 
 def training_step_comparison(m: ModelShape, r: int, device: str, batch: int, seq: int, reps: int) -> None:
     """One forward/backward/AdamW step of a randomly initialised Llama of shape m with LoRA r on
-    TARGETS, against balora.balance_ on the same model (the whole callback path: walk + balance)."""
+    TARGETS, against what BalanceCallback does after each step (cached pairs, balance, write) and
+    against balance_ (which also walks the model)."""
     try:
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -371,9 +372,14 @@ def training_step_comparison(m: ModelShape, r: int, device: str, batch: int, seq
         opt.zero_grad(set_to_none=True)
 
     train_step()  # first step: B becomes nonzero, so balancing really projects
+    from balora.adapters.live import PairCache
+    from balora.balance import balance_and_write
+
+    cache = PairCache()  # what BalanceCallback does after every step: walked once, then cached
     fns = {"training step": train_step,
-           "balance_ nearest": lambda: balora.balance_(model, method="nearest", check=False),
-           "balance_ svd": lambda: balora.balance_(model, method="svd", check=False)}
+           "callback nearest": lambda: balance_and_write(cache.get(model), "nearest", check=False),
+           "callback svd": lambda: balance_and_write(cache.get(model), "svd", check=False),
+           "balance_ (+ walk)": lambda: balora.balance_(model, method="nearest", check=False)}
     times = time_interleaved(fns, reps, device)
     med = {n: _med(t) for n, t in times.items()}
     print(f"\n== training step, {m.name} (random init), LoRA r={r}, {str(dtype).removeprefix('torch.')}, {device}, "
