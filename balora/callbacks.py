@@ -55,6 +55,19 @@ class BalanceCallback(TrainerCallback):
         trainer.callback_handler.callbacks.insert(0, self)
         return self
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.balance and getattr(args, "deepspeed", None):
+            # Every ZeRO stage keeps the fp32 master weights inside the optimizer and copies them
+            # into the model after each step: balancing the model's parameters would be undone
+            # at the next step (ZeRO-3 also shards them). Refuse rather than pretend.
+            raise RuntimeError(
+                "BalanceCallback: DeepSpeed keeps its own copy of the weights in the optimizer, so balancing "
+                "the model's LoRA factors after a step would be overwritten at the next one; balora does not "
+                "support balancing under DeepSpeed. Train without DeepSpeed (DDP is supported), use "
+                "BalanceCallback(balance=False) for diagnostics only, or balance the adapter after training "
+                "with balora.balance_ / balora.balance_file."
+            )
+
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1  # global_step is incremented after this event
         if not self.balance or model is None or step < self.start_step or (step - self.start_step) % self.every:

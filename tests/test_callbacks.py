@@ -167,3 +167,15 @@ def test_balance_after_step_in_a_hand_written_loop(make_tiny_net, tiny_net_targe
     handle.remove()
     with pytest.raises(ValueError, match="every must be >= 1"):
         balance_after_step(opt, model, every=0)
+
+
+def test_deepspeed_is_refused_at_train_begin():
+    """Under DeepSpeed the optimizer's fp32 master weights overwrite the model's after each step:
+    balancing would silently do nothing, so the callback refuses before training starts."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(deepspeed="ds_config.json")
+    with pytest.raises(RuntimeError, match="DeepSpeed keeps its own copy"):
+        BalanceCallback().on_train_begin(args, TrainerState(), TrainerControl())
+    BalanceCallback(balance=False).on_train_begin(args, TrainerState(), TrainerControl())  # diagnostics only: fine
+    BalanceCallback().on_train_begin(SimpleNamespace(deepspeed=None), TrainerState(), TrainerControl())
