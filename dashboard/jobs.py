@@ -39,6 +39,7 @@ class LaunchSpec:
     lrs: list[float] = field(default_factory=list)  # empty: the task's default
     alphas: list[float] = field(default_factory=list)  # empty: the task's default
     name: str = ""
+    init_scale: float | None = None  # synthetic only: multiple of PEFT's A init (None: the task's 1)
 
 
 def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:
@@ -58,6 +59,11 @@ def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:
             errors.append(f"at most {settings.LAUNCH_MAX_GRID} {label}")
         if any(not (v > 0) for v in values):
             errors.append(f"{label} must be positive")
+    if spec.init_scale is not None:
+        if spec.task != "synthetic":
+            errors.append("the initial scale of A is an option of the synthetic task only")
+        elif not 0 < spec.init_scale <= settings.LAUNCH_MAX_INIT_SCALE:
+            errors.append(f"initial scale of A must be above 0 and at most {settings.LAUNCH_MAX_INIT_SCALE:g}")
     if not NAME_RE.match(spec.name or ""):
         errors.append("run name: letters, digits, '.', '_' or '-' only, starting with a letter or digit (at most 64)")
     elif (runs_dir / spec.name).exists():
@@ -75,6 +81,8 @@ def build_command(spec: LaunchSpec, out: Path) -> list[str]:
         cmd += ["--lr", ",".join(f"{v:g}" for v in spec.lrs)]
     if spec.alphas:
         cmd += ["--alpha", ",".join(f"{v:g}" for v in spec.alphas)]
+    if spec.init_scale is not None:
+        cmd += ["--set", f"init_scale={spec.init_scale:g}"]
     return cmd
 
 

@@ -26,6 +26,7 @@ LAUNCH_TASKS = ("synthetic", "lm")
 LAUNCH_MAX_STEPS = {"synthetic": 1000, "lm": 300}
 LAUNCH_MAX_SEEDS = 4
 LAUNCH_MAX_GRID = 4  # learning rates (and alphas) per launched grid
+LAUNCH_MAX_INIT_SCALE = 100.0  # synthetic task: multiple of PEFT's A init
 
 # How often a page showing a run in progress re-reads it.
 REFRESH_S = 5

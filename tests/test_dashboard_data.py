@@ -341,6 +341,13 @@ def test_launch_validation_bounds(tmp_path):
     assert "already exists" in " ".join(jobs.validate(jobs.LaunchSpec(name="taken"), tmp_path))
     cmd = jobs.build_command(jobs.LaunchSpec(arms=["lora", "balora"], lrs=[1e-3, 1e-2], name="x"), tmp_path / "x")
     assert cmd[cmd.index("--out") + 1] == str(tmp_path / "x") and cmd[cmd.index("--lr") + 1] == "0.001,0.01"
+    assert "--set" not in cmd  # the task's default init
+    cmd = jobs.build_command(jobs.LaunchSpec(init_scale=10.0, name="x"), tmp_path / "x")
+    assert cmd[cmd.index("--set") + 1] == "init_scale=10"
+    for spec, needle in ((jobs.LaunchSpec(task="lm", init_scale=10.0, name="y"), "synthetic task only"),
+                         (jobs.LaunchSpec(init_scale=0.0, name="y"), "above 0"),
+                         (jobs.LaunchSpec(init_scale=1e3, name="y"), "at most 100")):
+        assert needle in " ".join(jobs.validate(spec, tmp_path))
 
 
 def test_job_manager_runs_one_job_at_a_time(tmp_path, monkeypatch):

@@ -326,11 +326,14 @@ def test_launch_form_validation_and_a_job_to_compare(app, runs_root, monkeypatch
         "import shutil, sys, time; time.sleep(0.5);"
         f"shutil.copytree({str(runs_root / 'single')!r}, sys.argv[sys.argv.index('--out') + 1])"
     )
-    real_cmd = jobs.build_command(jobs.LaunchSpec(arms=["lora", "balora"], lrs=[1e-3], alphas=[8.0], optimizer="sgd", name="x"), runs_root / "x")
+    real_cmd = jobs.build_command(jobs.LaunchSpec(arms=["lora", "balora"], lrs=[1e-3], alphas=[8.0], optimizer="sgd", name="x",
+                                                  init_scale=10.0), runs_root / "x")
     from balora.cli import build_parser
+    from balora.compare_config import parse_set
 
     args = build_parser().parse_args(real_cmd[3:])  # what Launch runs is a valid `balora compare` command line
     assert (args.command, args.arms, args.lr, args.out) == ("compare", "lora,balora", "0.001", str(runs_root / "x"))
+    assert parse_set(args.set) == {"init_scale": 10.0}
     monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
     at = app.run()
     at.switch_page("pages/launch.py").run()
@@ -342,10 +345,12 @@ def test_launch_form_validation_and_a_job_to_compare(app, runs_root, monkeypatch
 
     at.multiselect[0].set_value(["lora", "balora"])
     at.text_input(key="launch_name").set_value("from-launch")
+    at.number_input(key="launch_init_scale").set_value(10.0)
     start_button(at).click().run()
     no_exception(at)
     manager = jobs.get_manager(runs_root)
     assert manager.job is not None and manager.job.spec.name == "from-launch"
+    assert manager.job.spec.init_scale == 10.0
     assert manager.wait(TIMEOUT) == 0
     at.run()
     assert "finished" in texts(at.success)

@@ -112,6 +112,14 @@ with st.form("launch_form"):
     e, f = st.columns(2)
     lrs = e.text_input("Learning rates (comma-separated, empty: task default)", placeholder="1e-3,1e-2", help=f"at most {settings.LAUNCH_MAX_GRID}")
     alphas = f.text_input("Alphas (comma-separated, empty: task default)", placeholder="8,32", help=f"at most {settings.LAUNCH_MAX_GRID}")
+    init_scale = None
+    if task == "synthetic":
+        init_scale = st.number_input(
+            "Initial scale of A", min_value=0.1, max_value=settings.LAUNCH_MAX_INIT_SCALE, value=1.0, step=1.0,
+            key="launch_init_scale",
+            help="Multiplies PEFT's initial lora_A (1 = PEFT's own init). Balancing helps most when A starts "
+                 "large next to the target (try 10): plain LoRA then stalls inside A's random row space.",
+        )
     name = st.text_input("Run name", key="launch_name", help=f"the run is written to {RUNS_DIR}/NAME")
     submitted = st.form_submit_button("Start", type="primary", disabled=busy is not None)
 if busy is not None:
@@ -119,7 +127,8 @@ if busy is not None:
 if submitted:
     try:
         spec = jobs.LaunchSpec(task=task, arms=chosen, seeds=int(seeds), steps=int(steps), optimizer=optimizer or None,
-                               lrs=_floats(lrs, "learning rates"), alphas=_floats(alphas, "alphas"), name=name.strip())
+                               lrs=_floats(lrs, "learning rates"), alphas=_floats(alphas, "alphas"), name=name.strip(),
+                               init_scale=None if init_scale in (None, 1.0) else float(init_scale))
         manager.start(spec)
     except jobs.JobError as err:
         st.error(str(err))
