@@ -26,7 +26,7 @@ import torch
 
 from balora.adapters.live import iter_lora_pairs
 from balora.arms import Arm, get_arm
-from balora.balance import BalanceError, balance_pairs
+from balora.balance import BalanceError, balance_and_write
 from balora.errors import InputError
 from balora.pairs import FactorPair
 from balora.report import pair_rows
@@ -343,10 +343,7 @@ class _Cell:
         self.optimizer.zero_grad(set_to_none=True)
         t1 = t2 = _clock(device)  # an arm without balancing spends exactly 0 s on it
         if self.arm.balance:
-            new, _ = balance_pairs(self.pairs, self.arm.balance, on_rank_deficient="skip", on_nonfinite="raise",
-                                   check=False)
-            for i, (A, B) in new.items():
-                self.pairs[i].write(A, B)
+            balance_and_write(self.pairs, self.arm.balance, on_rank_deficient="skip", on_nonfinite="raise", check=False)
             t2 = _clock(device)
         layers_due, spectra_due = _due(step, run.layers_every, run.steps), _due(step, run.spectra_every, run.steps)
         if layers_due or spectra_due:

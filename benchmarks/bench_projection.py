@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from balora.balance import balance_pairs
+from balora.balance import balance_and_write, balance_pairs
 from balora.pairs import FactorPair, group_by_shape
 from balora.projection import balanced_factors, product_rel_error
 from balora.imbalance import rel_imbalance
@@ -159,11 +159,9 @@ def run_paper_loop(ad: Adapter) -> None:
 
 def run_balora(ad: Adapter, method: str) -> int:
     """balance_pairs + writing back; returns how many pairs took the QR path."""
-    new, summary = balance_pairs(ad.pairs, method, check=False)
+    summary = balance_and_write(ad.pairs, method, check=False)
     if summary.balanced != len(ad.pairs):  # every pair must really be projected for a fair timing
         raise RuntimeError(f"balora balanced only {summary.balanced} of {len(ad.pairs)} pairs: {summary}")
-    for i, (A, B) in new.items():
-        ad.pairs[i].write(A, B)
     return summary.qr_path
 
 
@@ -373,7 +371,6 @@ def training_step_comparison(m: ModelShape, r: int, device: str, batch: int, seq
 
     train_step()  # first step: B becomes nonzero, so balancing really projects
     from balora.adapters.live import PairCache
-    from balora.balance import balance_and_write
 
     cache = PairCache()  # what BalanceCallback does after every step: walked once, then cached
     fns = {"training step": train_step,
