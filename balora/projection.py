@@ -74,10 +74,7 @@ def balanced_factors(
     # Q_B = Q1_B @ T_B and Q_A = Q1_A @ T_A, never formed: see thin_qr_factored.
     Q1_B, T_B, R_B = thin_qr_factored(B_safe)  # (G, out, r), (G, r, r), (G, r, r)
     Q1_A, T_A, R_A = thin_qr_factored(A_safe.mT)  # (G, in, r), (G, r, r), (G, r, r)
-    U, S, Vh = torch.linalg.svd(R_B @ R_A.mT)  # core (G, r, r)
-    sqrt_S = S.sqrt()
-    left = U * sqrt_S[:, None, :]  # (G, r, r): B' = Q_B @ left
-    right = sqrt_S[:, :, None] * Vh  # (G, r, r): A' = right @ Q_A^T
+    S, left, right = _svd_split(R_B @ R_A.mT)  # B' = Q_B @ left, A' = right @ Q_A^T
     if method == "nearest":
         # B'^T B = S^1/2 U^T R_B and A' A^T = S^1/2 V^T R_A: the Procrustes target is r x r.
         O = polar_orthogonal(left.mT @ R_B + right @ R_A)
@@ -94,6 +91,13 @@ def balanced_factors(
     # thin_qr_factored gives finite Q1, T for finite input, so checking the r x r factors is enough.
     finite = finite_in & all_finite(left) & all_finite(right)
     return Projection(A=A_new, B=B_new, S=S, rank=rank, zero=zero, finite=finite)
+
+
+def _svd_split(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """core (G, r, r) = U S V^T -> S (G, r), left = U S^1/2, right = S^1/2 V^T: the svd gauge's balanced split."""
+    U, S, Vh = torch.linalg.svd(core)
+    sqrt_S = S.sqrt()
+    return S, U * sqrt_S[:, None, :], sqrt_S[:, :, None] * Vh
 
 
 @dataclass
@@ -142,10 +146,7 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     R_B = torch.where(ok[:, None, None], R_B, eye)
     core = R_B @ R_A.mT  # (G, r, r)
     if method == "svd":  # the paper's gauge is whatever the SVD returns: keep the SVD
-        U, S, Vh = torch.linalg.svd(core)
-        sqrt_S = S.sqrt()
-        left = U * sqrt_S[:, None, :]  # (G, r, r): B' = Q_B @ left
-        right = sqrt_S[:, :, None] * Vh  # (G, r, r): A' = right @ Q_A^T
+        S, left, right = _svd_split(core)  # B' = Q_B @ left, A' = right @ Q_A^T
         eig_cond = torch.zeros_like(norm_A)
     else:
         # The nearest pair does not depend on the SVD's gauge, so two r x r eighs (about a third
