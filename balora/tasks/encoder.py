@@ -24,7 +24,7 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec
-from balora.tasks.model_setup import add_lora, model_dtype
+from balora.tasks.model_setup import add_lora, model_dtype, model_source
 from balora.tasks.text_data import read_pairs
 from balora.tasks.toy_corpus import NumberPairs
 
@@ -147,12 +147,7 @@ def _load_model(cfg: dict, dtype: torch.dtype):
     from transformers import AutoModel, AutoTokenizer
 
     name = str(cfg["model"])
-    source = str(packaged_model_path()) if name == PACKAGED_MODEL else name
-    if source.startswith((".", "/", "~")):
-        local = Path(source).expanduser()
-        if not local.is_dir():
-            raise InputError(f"encoder: model folder {local} not found; pass a folder written by save_pretrained")
-        source = str(local)
+    source = model_source(str(packaged_model_path()) if name == PACKAGED_MODEL else name, "encoder", hub=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         # The pooler is unused by mean pooling; leaving it out keeps LoRA off a layer with no gradient.

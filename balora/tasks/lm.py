@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import itertools
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec
-from balora.tasks.model_setup import add_lora, model_dtype
+from balora.tasks.model_setup import add_lora, model_dtype, model_source
 from balora.tasks.text_data import TokenBlocks, read_texts, to_blocks
 from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
 from balora.tasks.toy_model import load_toy_model, toy_config
@@ -123,11 +122,7 @@ def _load_model(cfg: dict, dtype: torch.dtype):
         return model.to(dtype), tokenizer, info
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name.startswith((".", "/", "~")):  # a path, never a hub id: say so rather than ask the hub
-        local = Path(name).expanduser()
-        if not local.is_dir():
-            raise InputError(f"lm: model folder {local} not found; pass a folder written by save_pretrained or a hub id")
-        name = str(local)
+    name = model_source(name, "lm", hub=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)

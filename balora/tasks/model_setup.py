@@ -3,6 +3,8 @@ seeded LoRA adapter."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -10,6 +12,19 @@ from balora.errors import InputError
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def model_source(name: str, task: str, *, hub: bool) -> str:
+    """A model name as from_pretrained should get it: a path (starting with . / ~) must be an
+    existing folder, said in one line rather than asked of the hub; anything else is returned
+    as is. hub: whether the task also accepts hub ids (named in the message)."""
+    if not name.startswith((".", "/", "~")):
+        return name
+    local = Path(name).expanduser()
+    if not local.is_dir():
+        raise InputError(f"{task}: model folder {local} not found; pass a folder written by save_pretrained"
+                         + (" or a hub id" if hub else ""))
+    return str(local)
 
 
 def model_dtype(cfg: dict, device: torch.device, task: str) -> torch.dtype:
