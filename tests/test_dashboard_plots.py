@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from dashboard import plots
+from balora.dashboard import plots
 
 
 def assert_labelled(fig: go.Figure, *needles: str) -> None:

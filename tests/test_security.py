@@ -128,7 +128,7 @@ def test_streamlit_config_binds_localhost_and_limits_uploads():
     assert server.get("address") in ("127.0.0.1", "localhost", "::1"), f"server.address is {server.get('address')!r}"
     size = server.get("maxUploadSize")
     assert isinstance(size, int) and 0 < size <= 1024, f"server.maxUploadSize must be a small number of MB, got {size!r}"
-    settings = pytest.importorskip("dashboard.settings")
+    settings = pytest.importorskip("balora.dashboard.settings")
     assert settings.MAX_UPLOAD_MB <= size, "the per-widget cap must not exceed Streamlit's own"
 
 
@@ -166,7 +166,7 @@ def _files(root: Path) -> set[Path]:
 
 
 def test_upload_name_cannot_escape_its_folder(upload_dirs):
-    data = pytest.importorskip("dashboard.data")
+    data = pytest.importorskip("balora.dashboard.data")
     dest, outside = upload_dirs
     out = data.save_upload("../outside/evil.safetensors", b"x", dest)
     assert out.resolve().parent == dest.resolve() and not _files(outside)
@@ -176,7 +176,7 @@ def test_upload_name_cannot_escape_its_folder(upload_dirs):
 
 @pytest.mark.parametrize("member", ["../outside/evil.txt", "../../evil.txt", "a/../../outside/evil.txt"])
 def test_zip_members_cannot_escape_its_folder(upload_dirs, member):
-    data = pytest.importorskip("dashboard.data")
+    data = pytest.importorskip("balora.dashboard.data")
     dest, outside = upload_dirs
     with pytest.raises(data.UploadError, match="outside"):
         data.save_upload("adapter.zip", _zip({"adapter/adapter_config.json": b"{}", member: b"x"}), dest)
@@ -184,7 +184,7 @@ def test_zip_members_cannot_escape_its_folder(upload_dirs, member):
 
 
 def test_zip_expansion_is_capped(upload_dirs):
-    data = pytest.importorskip("dashboard.data")
+    data = pytest.importorskip("balora.dashboard.data")
     dest, _ = upload_dirs
     bomb = _zip({"adapter/weights.bin": b"\0" * (3 * 2**20)})  # compresses to a few KB
     assert len(bomb) < 2**20
@@ -194,7 +194,7 @@ def test_zip_expansion_is_capped(upload_dirs):
 
 
 def test_upload_of_other_types_refused(upload_dirs):
-    data = pytest.importorskip("dashboard.data")
+    data = pytest.importorskip("balora.dashboard.data")
     dest, _ = upload_dirs
     for name in ("model.pt", "model.bin", "model.pkl", "noext"):
         with pytest.raises(data.UploadError):
@@ -203,7 +203,7 @@ def test_upload_of_other_types_refused(upload_dirs):
 
 
 def test_remove_tree_only_removes_dashboard_temporaries(tmp_path):
-    data = pytest.importorskip("dashboard.data")
+    data = pytest.importorskip("balora.dashboard.data")
     keep = tmp_path / "runs"
     (keep / "r1").mkdir(parents=True)
     (keep / "r1" / "status.json").write_text("{}")
@@ -231,11 +231,11 @@ PATH_WRITERS = {"to_csv", "to_json", "to_pickle", "savefig", "write_image", "wri
 # Every function of dashboard/ that writes, and why that is allowed. A new write site fails the
 # test below until it is reviewed and listed here.
 DASHBOARD_WRITE_SITES = {
-    "dashboard/data.py:save_upload": "writes the upload under the temporary folder it is given; name and zip members checked",
-    "dashboard/data.py:_balance": "balanced copy built in a TemporaryDirectory deleted before returning",
-    "dashboard/data.py:remove_tree": "deletes only folders named balora-upload-* / balora-balance-*",
-    "dashboard/jobs.py:JobManager.start": "creates the runs folder; the job's run dir is checked to lie inside it",
-    "dashboard/pages/inspect.py:<module>": "mkdtemp(prefix='balora-upload-') for an upload, removed by remove_tree",
+    "balora/dashboard/data.py:save_upload": "writes the upload under the temporary folder it is given; name and zip members checked",
+    "balora/dashboard/data.py:_balance": "balanced copy built in a TemporaryDirectory deleted before returning",
+    "balora/dashboard/data.py:remove_tree": "deletes only folders named balora-upload-* / balora-balance-*",
+    "balora/dashboard/jobs.py:JobManager.start": "creates the runs folder; the job's run dir is checked to lie inside it",
+    "balora/dashboard/pages/inspect.py:<module>": "mkdtemp(prefix='balora-upload-') for an upload, removed by remove_tree",
 }
 
 
@@ -268,10 +268,10 @@ def _write_sites(path: Path, root: Path = ROOT) -> dict[str, list[str]]:
 
 
 def test_dashboard_writes_only_where_reviewed():
-    if not (ROOT / "dashboard").is_dir():
+    if not (ROOT / "balora" / "dashboard").is_dir():
         pytest.skip("no dashboard yet")
     sites: dict[str, list[str]] = {}
-    for path in sorted((ROOT / "dashboard").rglob("*.py")):
+    for path in sorted((ROOT / "balora" / "dashboard").rglob("*.py")):
         sites.update(_write_sites(path))
     new = {k: v for k, v in sites.items() if k not in DASHBOARD_WRITE_SITES}
     assert not new, (

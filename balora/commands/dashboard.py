@@ -13,23 +13,12 @@ from pathlib import Path
 from balora.errors import InputError
 
 
+
 def app_path() -> Path:
-    """dashboard/app.py: through the installed `dashboard` package, else next to the balora
-    package (a source checkout, or an editable install made before dashboard/ existed)."""
-    candidates = []
-    try:
-        import dashboard
+    """The packaged app's main script (balora/dashboard/app.py): works from any install."""
+    from balora.dashboard import app
 
-        candidates.append(Path(dashboard.__file__).resolve().parent / "app.py")
-    except ImportError:
-        pass
-    import balora
-
-    candidates.append(Path(balora.__file__).resolve().parent.parent / "dashboard" / "app.py")
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise InputError("dashboard/app.py not found; reinstall balora (pip install -e . from a checkout, or pip install balora)")
+    return Path(app.__file__).resolve()
 
 
 def add_parser(sub):

@@ -6,7 +6,8 @@ from datetime import datetime
 
 import streamlit as st
 
-from dashboard import jobs, settings
+from balora.dashboard import jobs, settings
+from balora.dashboard.app import page_path
 
 RUNS_DIR = settings.runs_dir()
 OPTIMIZERS = ["", "adam", "adamw", "sgd", "sign"]
@@ -62,7 +63,7 @@ def job_panel() -> None:
         st.success(f"Run **{name}** finished.")
         if st.button("Open it in Compare", type="primary", key="launch_open"):
             st.session_state["compare_focus"] = name
-            st.switch_page("pages/compare.py")
+            st.switch_page(page_path("compare.py"))
     elif state == "cancelled":
         st.warning(f"Run **{name}** was cancelled; what it wrote is kept and marked interrupted.")
     else:

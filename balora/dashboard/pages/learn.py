@@ -4,20 +4,11 @@ Every figure is computed live from the widgets; results are cached per input so 
 slider recomputes only its own section.
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import streamlit as st
 
 from balora import teaching
-
-# Under app.py the dashboard folder is already on sys.path; run alone (AppTest on this file,
-# `streamlit run dashboard/pages/learn.py`) only pages/ is, so add its parent once.
-_DASHBOARD_DIR = str(Path(__file__).resolve().parents[1])
-if _DASHBOARD_DIR not in sys.path:
-    sys.path.insert(0, _DASHBOARD_DIR)
-import learn_plots  # noqa: E402
+from balora.dashboard import learn_plots
 
 Y_SCALAR = 1.0
 GRID_LIM = 3.5

@@ -6,7 +6,7 @@ import json
 
 import streamlit as st
 
-from dashboard import data, plots, settings
+from balora.dashboard import data, plots, settings
 
 RUNS_DIR = settings.runs_dir()
 SECTIONS = ["Loss", "Grid", "Speed-up", "Imbalance", "Spectra"]

@@ -11,7 +11,8 @@ import argparse
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# balora/dashboard/settings.py -> the checkout's root (sample_runs/ lives there).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUNS = REPO_ROOT / "sample_runs"
 ENV_VAR = "BALORA_RUNS"
 

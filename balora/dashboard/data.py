@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import settings
+from balora.dashboard import settings
 
 CELL = ["arm", "seed", "lr", "alpha"]
 TABLES = ("steps", "layers", "spectra", "summary")

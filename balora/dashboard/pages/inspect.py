@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from balora.errors import InputError
-from dashboard import data, plots, settings
+from balora.dashboard import data, plots, settings
 
 st.title("Inspect an adapter")
 st.caption(
