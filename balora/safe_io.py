@@ -1,0 +1,150 @@
+"""Safe reads of small files from folders balora did not write (adapter folders, run folders).
+
+Every read here refuses, with a one-line :class:`~balora.errors.InputError`, what could hang the
+process or exhaust its memory: FIFOs, sockets and devices (also behind a symlink), and files larger
+than a cap. A FIFO is never opened (opening one blocks until a writer appears), so the check is a
+``stat`` before the open plus an ``fstat`` of the opened descriptor (the path could be swapped in
+between), and the read stops at ``max_bytes + 1`` bytes whatever the file claims its size is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from balora.errors import InputError
+
+# A PEFT adapter_config.json is a few KB; a run's status.json or config.json a few hundred bytes.
+# Anything in the megabytes is not such a file, and reading it whole only costs memory.
+CONFIG_MAX_BYTES = 4 * 1024 * 1024
+
+
+def describe_kind(mode: int) -> str:
+    """A short name for what a ``st_mode`` describes, for messages ("a FIFO", "a directory")."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "not a regular file"
+
+
+def regular_file_size(path: str | os.PathLike, what: str = "file") -> int:
+    """Size in bytes of ``path`` after checking that it is (or links to) a regular file."""
+    try:
+        st = os.stat(path)  # follows symlinks: a link to /dev/zero is judged by its target
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist.") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(
+            f"{what} {path} is {describe_kind(st.st_mode)}, not a regular file; balora reads only "
+            "regular files (replace it with the real file)."
+        )
+    return st.st_size
+
+
+def read_bytes_capped(path: str | os.PathLike, max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of the regular file ``path``, refusing special files and files over ``max_bytes``."""
+    size = regular_file_size(path, what)
+    if size > max_bytes:
+        raise _too_big(path, size, max_bytes, what)
+    # O_NONBLOCK: if the path was swapped for a FIFO after the stat, open() still returns at once.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}.") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(
+                f"{what} {path} is {describe_kind(st.st_mode)}, not a regular file; balora reads "
+                "only regular files."
+            )
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}.") from None
+    finally:
+        os.close(fd)
+    if total > max_bytes:  # the file grew after the stat
+        raise _too_big(path, total, max_bytes, what)
+    return b"".join(chunks)
+
+
+def read_text_capped(
+    path: str | os.PathLike, max_bytes: int = CONFIG_MAX_BYTES, what: str = "file"
+) -> str:
+    """The UTF-8 text of the regular file ``path`` (at most ``max_bytes``), or a one-line InputError."""
+    data = read_bytes_capped(path, max_bytes, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+
+
+def read_json_capped(
+    path: str | os.PathLike, max_bytes: int = CONFIG_MAX_BYTES, what: str = "JSON file"
+) -> Any:
+    """The parsed JSON of ``path`` (any JSON value), read with :func:`read_text_capped`.
+
+    Deep nesting (``[[[[...]]]]``) makes the json module raise RecursionError; that and every
+    syntax error become a one-line InputError naming the file.
+    """
+    text = read_text_capped(path, max_bytes, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+    except RecursionError:
+        raise InputError(f"{what} {path} is nested too deeply to be a configuration.") from None
+    except ValueError as e:  # e.g. an integer literal with more digits than Python allows
+        raise InputError(f"{what} {path} cannot be parsed: {_first_line(e)}.") from None
+
+
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path``, with every symlink resolved, lies inside ``folder`` (also resolved)."""
+    try:
+        real = Path(path).resolve(strict=True)
+        root = Path(folder).resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling link, symlink loop
+        return False
+    return real == root or root in real.parents
+
+
+def _too_big(path, size: int, max_bytes: int, what: str) -> InputError:
+    return InputError(
+        f"{what} {path} is {_human(size)}, more than the {_human(max_bytes)} balora reads for such a "
+        "file; it is not what it is named."
+    )
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
