@@ -1,0 +1,107 @@
+"""Hugging Face Hub ids as adapter sources: `user/name` or `user/name@revision`.
+
+Only the adapter's own files are fetched (configs and LoRA weights, never a base model's
+shards), through huggingface_hub's cache, so HF_HUB_OFFLINE, HF_HOME and HF_HUB_CACHE work as
+they do for transformers. A string naming an existing local path always means that path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from balora.errors import InputError
+
+# What an adapter repository holds: PEFT folders (also one level down, e.g. checkpoint-N/),
+# diffusers' pytorch_lora_weights.safetensors and kohya/LyCORIS single files. fnmatch's `*`
+# crosses `/`, so "*.safetensors" matches at any depth; the ignore list keeps out the weights
+# of whole models that some repositories ship beside an adapter.
+ADAPTER_PATTERNS = ["*adapter_config.json", "*adapter_model.safetensors", "*adapter_model.bin", "*.safetensors"]
+MODEL_PATTERNS = [
+    "*model-*-of-*.safetensors", "model.safetensors", "*/model.safetensors",
+    "*diffusion_pytorch_model*.safetensors", "*consolidated*.safetensors",
+]
+
+# user/name with Hub's allowed characters, then an optional @revision (branch, tag or commit).
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[\w./-]{1,255}))?$")
+
+
+@dataclass(frozen=True)
+class HubSource:
+    repo_id: str
+    revision: str | None
+    path: Path  # the snapshot folder in the cache
+    root: Path  # the repository's cache folder: snapshot files are symlinks into its blobs/
+
+    def describe(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{self.repo_id}{rev} (Hub cache: {self.path})"
+
+
+def parse_hub_id(text: str) -> tuple[str, str | None] | None:
+    """(repo_id, revision) when `text` has the shape of a Hub id, else None."""
+    m = _HUB_ID.match(text)
+    if m is None or ".." in text or text.startswith(("./", "../", "/", "~")):
+        return None
+    return m.group("repo"), m.group("revision")
+
+
+def resolve_source(source) -> Path | HubSource:
+    """A local path (existing, or not shaped like a Hub id) as a Path; a Hub id as a HubSource.
+
+    Paths win: `user/name` that exists on disk is read from disk. A Hub id is downloaded into
+    (or found in) the Hugging Face cache; offline and not cached is a one-line InputError.
+    """
+    if isinstance(source, Path):
+        return source
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists() or path.is_symlink():
+        return path
+    parsed = parse_hub_id(text)
+    if parsed is None:
+        return path  # the readers give their own "no such file" message
+    return download_adapter(*parsed)
+
+
+def download_adapter(repo_id: str, revision: str | None = None) -> HubSource:
+    """The snapshot folder holding `repo_id`'s adapter files, fetched through the Hub cache."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import (
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        raise InputError(f"{repo_id}: reading Hub ids needs huggingface_hub (pip install huggingface_hub)") from None
+    name = f"{repo_id}@{revision}" if revision else repo_id
+    cache = Path(constants.HF_HUB_CACHE)
+    try:
+        snapshot = Path(snapshot_download(
+            repo_id, revision=revision, allow_patterns=ADAPTER_PATTERNS, ignore_patterns=MODEL_PATTERNS,
+            local_files_only=bool(constants.HF_HUB_OFFLINE), etag_timeout=10,
+        ))
+    except LocalEntryNotFoundError:
+        how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        raise InputError(
+            f"{name}: not a local path, and not in the Hugging Face cache ({cache}) while {how}; "
+            "download it where there is network access, or give a local path"
+        ) from None
+    except RevisionNotFoundError:
+        raise InputError(f"{name}: the Hub repository has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise InputError(f"{name}: no such model repository on the Hub (or it is private: log in with `hf auth login`)") from None
+    except HFValidationError as e:
+        raise InputError(f"{name}: not a valid Hub id ({str(e).splitlines()[0]})") from None
+    except OSError as e:  # network failures that huggingface_hub does not wrap
+        raise InputError(f"{name}: could not fetch from the Hub ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not any(p.is_file() for p in snapshot.rglob("*")):
+        raise InputError(
+            f"{name}: the Hub repository holds no adapter files (looked for adapter_config.json, "
+            "adapter_model.safetensors/.bin and LoRA .safetensors files)"
+        )
+    # <cache>/models--user--name/snapshots/<commit>: its files link into <cache>/models--user--name/blobs.
+    return HubSource(repo_id=repo_id, revision=revision, path=snapshot, root=snapshot.parent.parent)

@@ -1,0 +1,113 @@
+"""Hub ids as adapter sources, offline: the tests build a Hugging Face cache folder themselves
+(models--user--name/{blobs,refs,snapshots}/ with snapshot files linking into blobs/, as
+huggingface_hub lays it out) and never touch the network."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from balora.adapters import hub
+from balora.errors import InputError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def make_cache(cache, repo_id: str, files: dict[str, bytes], commit: str = COMMIT, ref: str = "main"):
+    """A cache entry for `repo_id` at `commit`, with `refs/<ref>` pointing at it."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    snap = repo / "snapshots" / commit
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snap / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snap
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("user/name", ("user/name", None)),
+    ("user/name@main", ("user/name", "main")),
+    (f"org-x/my.model_v2@{COMMIT}", ("org-x/my.model_v2", COMMIT)),
+    ("user/name@refs/pr/3", ("user/name", "refs/pr/3")),
+    ("./user/name", None),
+    ("/abs/path", None),
+    ("a/b/c", None),
+    ("name", None),
+    ("user/../etc", None),
+    ("user/name@", None),
+])
+def test_parse_hub_id(text, expected):
+    assert hub.parse_hub_id(text) == expected
+
+
+def test_cached_id_resolves_offline_to_the_snapshot(offline_cache):
+    snap = make_cache(offline_cache, "user/name", {"adapter_config.json": b"{}", "adapter_model.safetensors": b"x"})
+    src = hub.resolve_source("user/name")
+    assert isinstance(src, hub.HubSource)
+    assert src.path == snap and src.root == snap.parent.parent and src.revision is None
+    assert (src.path / "adapter_config.json").read_bytes() == b"{}"
+    # A commit id pins the snapshot too.
+    assert hub.resolve_source(f"user/name@{COMMIT}").path == snap
+
+
+def test_base_model_weights_are_not_part_of_the_adapter(offline_cache):
+    # Offline, snapshot_download returns the snapshot folder; the patterns decide what a download
+    # would fetch. Check them directly: adapter files in, model shards out.
+    import fnmatch
+
+    def wanted(name):
+        return any(fnmatch.fnmatch(name, p) for p in hub.ADAPTER_PATTERNS) and not any(
+            fnmatch.fnmatch(name, p) for p in hub.MODEL_PATTERNS)
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "checkpoint-5/adapter_model.safetensors",
+                 "pytorch_lora_weights.safetensors", "my_lora.safetensors", "adapter_model.bin"):
+        assert wanted(name), name
+    for name in ("model.safetensors", "model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                 "pytorch_model.bin", "tokenizer.json"):
+        assert not wanted(name), name
+
+
+def test_existing_local_path_wins_over_a_hub_id(offline_cache, tmp_path, monkeypatch):
+    make_cache(offline_cache, "user/name", {"adapter_config.json": b"{}"})
+    local = tmp_path / "user" / "name"
+    local.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert hub.resolve_source("user/name") == local.relative_to(tmp_path)
+
+
+def test_missing_id_offline_is_one_line(offline_cache):
+    with pytest.raises(InputError) as err:
+        hub.resolve_source("user/absent")
+    msg = str(err.value)
+    assert "\n" not in msg and "user/absent" in msg and "not in the Hugging Face cache" in msg
+    assert str(offline_cache) in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_missing_revision_offline_is_one_line(offline_cache):
+    make_cache(offline_cache, "user/name", {"adapter_config.json": b"{}"})
+    with pytest.raises(InputError) as err:
+        hub.resolve_source("user/name@v2")
+    assert "\n" not in str(err.value) and "user/name@v2" in str(err.value)
+
+
+def test_non_id_strings_stay_paths(offline_cache, tmp_path):
+    assert hub.resolve_source(str(tmp_path / "nope")) == tmp_path / "nope"
+    assert hub.resolve_source("just-a-name") == hub.Path("just-a-name")
