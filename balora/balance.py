@@ -14,10 +14,8 @@ from torch import nn
 from balora.imbalance import rel_imbalance
 from balora.pairs import FactorPair, batch_groups, stack_padded
 from balora.linalg import matmul_unit_roundoff
-from balora.projection import GRAM_TOL, METHODS, balanced_factors, gram_transforms, product_rel_error
-
-RANK_DEFICIENT_POLICIES = ("skip", "balance", "raise")
-NONFINITE_POLICIES = ("raise", "skip")
+from balora.policy import NONFINITE_POLICIES, RANK_DEFICIENT_POLICIES, BalancePolicy, as_policy  # noqa: F401
+from balora.projection import GRAM_TOL, balanced_factors, gram_transforms, product_rel_error
 
 
 class BalanceError(RuntimeError):
@@ -51,13 +49,15 @@ class BalanceSummary:
 
 def balance_pairs(
     pairs: list[FactorPair],
-    method: str = "nearest",
+    method: str | BalancePolicy = "nearest",
     on_rank_deficient: str = "skip",
     on_nonfinite: str = "raise",
     check: bool = True,
 ) -> tuple[Mapping[int, tuple[torch.Tensor, torch.Tensor]], BalanceSummary]:
     """Balanced factors for `pairs`, without writing them anywhere.
 
+    method: a gauge name, with the three options after it, or a BalancePolicy (already
+    validated where the user gave it; the other arguments are then ignored).
     Returns ({index into pairs: (A', B') in each factor's own dtype}, summary). With
     check=False the new factors are formed from the current A, B as the mapping is read:
     write each one as it comes and drop it (the fast way), and read the mapping before
@@ -67,12 +67,9 @@ def balance_pairs(
     Raises BalanceError, naming the modules, before anything is returned when a policy
     says "raise".
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown balancing method {method!r}; use one of {', '.join(METHODS)}")
-    if on_rank_deficient not in RANK_DEFICIENT_POLICIES:
-        raise ValueError(f"on_rank_deficient must be one of {RANK_DEFICIENT_POLICIES}, got {on_rank_deficient!r}")
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+    policy = as_policy(method, on_rank_deficient, on_nonfinite, check)
+    method, on_rank_deficient, on_nonfinite, check = (
+        policy.method, policy.on_rank_deficient, policy.on_nonfinite, policy.check)
 
     t0 = time.perf_counter()
     summary = BalanceSummary()
@@ -255,7 +252,7 @@ def _project(group: list[FactorPair], A: torch.Tensor, B: torch.Tensor, method: 
 def balance_(
     model: nn.Module,
     adapter: str | None = None,
-    method: str = "nearest",
+    method: str | BalancePolicy = "nearest",
     *,
     on_rank_deficient: str = "skip",
     on_nonfinite: str = "raise",
@@ -274,12 +271,13 @@ def balance_(
     """
     from balora.adapters.live import model_pairs
 
-    return balance_and_write(model_pairs(model, adapter), method, on_rank_deficient, on_nonfinite, check)
+    policy = as_policy(method, on_rank_deficient, on_nonfinite, check)  # before walking the model
+    return balance_and_write(model_pairs(model, adapter), policy)
 
 
 def balance_and_write(
     pairs: list[FactorPair],
-    method: str = "nearest",
+    method: str | BalancePolicy = "nearest",
     on_rank_deficient: str = "skip",
     on_nonfinite: str = "raise",
     check: bool = True,

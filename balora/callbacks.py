@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from balora.adapters.live import PairCache
 from balora.balance import BalanceSummary, balance_and_write
+from balora.policy import BalancePolicy
 from balora.report import layer_report, summarize
 
 
@@ -45,6 +46,8 @@ class BalanceCallback(TrainerCallback):
             raise ValueError(f"BalanceCallback: every must be >= 1, got {every}")
         self.every, self.start_step, self.method, self.adapter = every, start_step, method, adapter
         self.balance, self.on_rank_deficient, self.on_nonfinite = balance, on_rank_deficient, on_nonfinite
+        # Validated here, once; every step then reuses it (balora.policy.PolicyError if bad).
+        self.policy = BalancePolicy(method, on_rank_deficient, on_nonfinite, check=False)
         self.log_diagnostics, self.log_layers = log_diagnostics, log_layers
         self.balance_seconds = 0.0  # total time spent balancing, for the logs
         self.last_summary: BalanceSummary | None = None
@@ -74,7 +77,7 @@ class BalanceCallback(TrainerCallback):
             return
         t0 = time.perf_counter()
         pairs = self._pairs.get(model, self.adapter)
-        self.last_summary = balance_and_write(pairs, self.method, self.on_rank_deficient, self.on_nonfinite, check=False)
+        self.last_summary = balance_and_write(pairs, self.policy)
         self.last_summary.seconds = time.perf_counter() - t0  # with the (usually cached) walk
         self.balance_seconds += self.last_summary.seconds
 
@@ -109,13 +112,13 @@ def balance_after_step(
     if unknown:
         raise TypeError(f"balance_after_step: unknown option(s) {', '.join(sorted(unknown))}")
     adapter = kwargs.pop("adapter", None)
-    policies = {"check": False, **kwargs}
+    policy = BalancePolicy(method, **{"check": False, **kwargs})  # validated once, here
     cache = PairCache()  # the model is walked once, not after every step
     count = {"steps": 0}
 
     def hook(opt, args, kw):
         count["steps"] += 1
         if count["steps"] % every == 0:
-            balance_and_write(cache.get(model, adapter), method, **policies)
+            balance_and_write(cache.get(model, adapter), policy)
 
     return optimizer.register_step_post_hook(hook)

@@ -32,8 +32,7 @@ import torch
 
 from balora.imbalance import RANK_RTOL
 from balora.linalg import all_finite, polar_orthogonal, thin_qr_factored, triu_inverse
-
-METHODS = ("nearest", "svd")
+from balora.policy import METHODS, check_method  # noqa: F401 (METHODS re-exported: the gauges' names)
 
 
 @dataclass
@@ -56,8 +55,7 @@ def balanced_factors(
     Computes in fp32 at least (bf16/fp16 upcast: QR and SVD need it); the caller casts back.
     Pairs whose product is zero or non-finite come back unchanged and flagged.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown balancing method {method!r}; use one of {', '.join(METHODS)}")
+    check_method(method)
     r, n_in, n_out = A.shape[-2], A.shape[-1], B.shape[-2]
     if r > min(n_in, n_out):
         raise ValueError(f"rank r={r} exceeds min(in={n_in}, out={n_out}): the product is rank-deficient by shape")
@@ -130,8 +128,7 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     pairs above `tol`, and zero, singular or non-finite Grams, come back with accurate = False
     for the QR path to redo.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown balancing method {method!r}; use one of {', '.join(METHODS)}")
+    check_method(method)
     u = torch.finfo(G_A.dtype).eps / 2 if unit_roundoff is None else unit_roundoff
     G_A, G_B = G_A.to(torch.float64), G_B.to(torch.float64)
     eye = torch.eye(G_A.shape[-1], dtype=torch.float64, device=G_A.device)
