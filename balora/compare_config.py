@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import shlex
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from balora.arms import ARMS, arm_options, parse_arms
 from balora.errors import InputError
 from balora.optim import optimizer_class
+from balora.runs_folder import new_run_dir
 from balora.store import now_iso
 from balora.tasks import TaskSpec, get_task
 
@@ -233,7 +233,7 @@ def resolve(cfg: CompareConfig) -> tuple[RunConfig, TaskSpec]:
         task_options={**task_keys, **{k: v for k, v in cfg.options.items() if k in task_keys}},
         arm_options=arm_options(arms, cfg.options, float(pick("weight_decay", 0.0))),
         n_cells=0,
-        out=cfg.out or f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        out=cfg.out or new_run_dir(task.name),
         created=now_iso(),
     )
     run.n_cells = len(run.arms) * len(run.seeds) * len(run.lrs) * len(run.alphas)

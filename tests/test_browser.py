@@ -62,7 +62,7 @@ def runs(tmp_path_factory) -> Path:
     """The committed sample runs when there are any (what a new user sees; linked, never
     written to), else a small grid run. The live-run check later adds a run of its own."""
     root = tmp_path_factory.mktemp("runs")
-    sample = ROOT / "sample_runs"
+    sample = ROOT / "balora" / "sample_runs"
     if _has_runs(sample):
         for run in sorted(p for p in sample.iterdir() if (p / "config.json").is_file()):
             (root / run.name).symlink_to(run, target_is_directory=True)

@@ -108,8 +108,9 @@ def test_runs_dir_precedence(tmp_path):
     assert settings.runs_dir(["--runs", str(tmp_path / "a")], env) == (tmp_path / "a").resolve()
     assert settings.runs_dir([f"--runs={tmp_path / 'b'}"], env) == (tmp_path / "b").resolve()
     assert settings.runs_dir(["-q", "tests/x.py"], env) == (tmp_path / "from-env").resolve()
-    assert settings.runs_dir([], {}) == settings.DEFAULT_RUNS
-    assert settings.runs_dir(["--runs"], {}) == settings.DEFAULT_RUNS  # no value: ignored, not a crash
+    default = Path(settings.DEFAULT_RUNS).resolve()  # ./runs, where `balora compare` writes by default
+    assert settings.runs_dir([], {}) == default
+    assert settings.runs_dir(["--runs"], {}) == default  # no value: ignored, not a crash
 
 
 # --------------------------------------------------------------------------- run loading and status

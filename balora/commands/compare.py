@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import time
 
 DEFAULT = "the task's"
 
@@ -36,7 +35,8 @@ def add_parser(sub):
     p.add_argument("--target-loss", type=float, help="loss threshold for steps/seconds-to-target (default: the task's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="task or arm option, repeatable: --set model=gpt2 --set loraplus_lr_ratio=4")
-    p.add_argument("--out", help="run directory (default: runs/<task>-<timestamp>)")
+    p.add_argument("--out", help="run directory (default: <runs folder>/<task>-<timestamp>; the runs folder is "
+                                 "./runs or $BALORA_RUNS, the one the dashboard lists)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary table")
     p.add_argument("--list", action="store_true", help="list tasks, arms and optimizers, then exit")
@@ -47,13 +47,14 @@ def config_from_args(args):
     """argparse namespace -> balora.compare_config.CompareConfig (imported here: parsing `balora --help`
     should not pay for importing the runner, PEFT and transformers)."""
     from balora.compare_config import CompareConfig, parse_set
+    from balora.runs_folder import new_run_dir
 
     return CompareConfig(
         task=args.task, arms=args.arms, steps=args.steps, seeds=args.seeds, optimizer=args.optimizer, lr=args.lr,
         alpha=args.alpha, rank=args.rank, weight_decay=args.weight_decay, device=args.device, threads=args.threads,
         dtype=args.dtype, eval_every=args.eval_every, layers_every=args.layers_every,
         spectra_every=args.spectra_every, target_loss=args.target_loss, options=parse_set(args.set),
-        out=args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}", force=args.force, quiet=args.quiet,
+        out=args.out or new_run_dir(args.task), force=args.force, quiet=args.quiet,
         command=invoked_command(),
     )
 
@@ -76,6 +77,7 @@ def invoked_command() -> str | None:
 
 def run(args) -> int:
     from balora.runner import run_compare
+    from balora.runs_folder import dashboard_command
     from balora.store import load_run
 
     if args.list:
@@ -92,6 +94,7 @@ def run(args) -> int:
     if not args.quiet:
         print_summary(result)
     print(f"run written to {path} ({result.status})")
+    print(f"open it in the dashboard: {dashboard_command(path)}")
     return 0
 
 

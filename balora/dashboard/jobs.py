@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from balora.dashboard import settings
 
+# The package (and the sample runs it ships) is never written to, whatever the runs folder says.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -45,6 +48,9 @@ class LaunchSpec:
 def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:
     """Every reason to refuse `spec` (empty when it may run). Bounds keep a job to minutes."""
     errors = []
+    if Path(runs_dir).resolve().is_relative_to(PACKAGE_DIR):
+        errors.append(f"the runs folder {runs_dir} is inside the installed balora package (its sample runs are "
+                      "read-only): restart the dashboard with --runs DIR or $BALORA_RUNS set to a folder of yours")
     if spec.task not in settings.LAUNCH_TASKS:
         errors.append(f"task must be one of {', '.join(settings.LAUNCH_TASKS)}")
     if not spec.arms:
@@ -71,19 +77,29 @@ def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:
     return errors
 
 
-def build_command(spec: LaunchSpec, out: Path) -> list[str]:
-    """The `balora compare` command line for `spec`, writing the run to `out`."""
-    cmd = [sys.executable, "-m", "balora.cli", "compare", "--task", spec.task, "--arms", ",".join(spec.arms),
-           "--seeds", str(spec.seeds), "--steps", str(spec.steps), "--out", str(out), "--quiet"]
+def compare_args(spec: LaunchSpec, out: Path) -> list[str]:
+    """The arguments after `balora` for `spec`: `compare --task ... --out OUT --quiet`."""
+    args = ["compare", "--task", spec.task, "--arms", ",".join(spec.arms),
+            "--seeds", str(spec.seeds), "--steps", str(spec.steps), "--out", str(out), "--quiet"]
     if spec.optimizer:
-        cmd += ["--optimizer", spec.optimizer]
+        args += ["--optimizer", spec.optimizer]
     if spec.lrs:
-        cmd += ["--lr", ",".join(f"{v:g}" for v in spec.lrs)]
+        args += ["--lr", ",".join(f"{v:g}" for v in spec.lrs)]
     if spec.alphas:
-        cmd += ["--alpha", ",".join(f"{v:g}" for v in spec.alphas)]
+        args += ["--alpha", ",".join(f"{v:g}" for v in spec.alphas)]
     if spec.init_scale is not None:
-        cmd += ["--set", f"init_scale={spec.init_scale:g}"]
-    return cmd
+        args += ["--set", f"init_scale={spec.init_scale:g}"]
+    return args
+
+
+def build_command(spec: LaunchSpec, out: Path) -> list[str]:
+    """What the job executes: this interpreter's balora (no PATH lookup), writing the run to `out`."""
+    return [sys.executable, "-m", "balora.cli", *compare_args(spec, out)]
+
+
+def display_command(spec: LaunchSpec, out: Path) -> str:
+    """The same job as a command a user can paste into a shell, exactly as shown."""
+    return shlex.join(["balora", *compare_args(spec, out)])
 
 
 def job_env(runs_dir: Path) -> dict[str, str]:
@@ -110,6 +126,7 @@ class Job:
     command: list[str]
     proc: subprocess.Popen
     started: float
+    shown: str = ""  # the command as the page shows it (display_command)
     output: deque = field(default_factory=lambda: deque(maxlen=200))
     cancelled: bool = False
 
@@ -165,7 +182,7 @@ class JobManager:
                 cmd, cwd=self.runs_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 text=True, bufsize=1, env=job_env(self.runs_dir),
             )
-            job = Job(spec, run_dir, cmd, proc, time.time())
+            job = Job(spec, run_dir, cmd, proc, time.time(), shown=display_command(spec, run_dir))
             threading.Thread(target=_pump, args=(proc, job.output), daemon=True).start()
             self.job = job
             return job

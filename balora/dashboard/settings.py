@@ -1,7 +1,9 @@
 """Where the dashboard reads runs from, and the limits it enforces.
 
-The runs folder is the only place the dashboard ever writes (Launch puts new runs there);
-everything else it produces (balanced adapters) is built in a temporary folder and offered
+The runs folder is the one `balora compare` writes to (balora.runs_folder: `./runs` or
+$BALORA_RUNS, or `-- --runs DIR` here). It is the only place the dashboard ever writes
+(Launch puts new runs there); the bundled sample runs are listed beside it, read-only.
+Everything else it produces (balanced adapters) is built in a temporary folder and offered
 as a download.
 """
 
@@ -11,10 +13,14 @@ import argparse
 import os
 from pathlib import Path
 
-# balora/dashboard/settings.py -> the checkout's root (sample_runs/ lives there).
+from balora import runs_folder as _runs_folder
+
+# balora/dashboard/settings.py -> the checkout's root, when running from one (.streamlit/ lives there).
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_RUNS = REPO_ROOT / "sample_runs"
-ENV_VAR = "BALORA_RUNS"
+ENV_VAR = _runs_folder.ENV_VAR
+DEFAULT_RUNS = _runs_folder.DEFAULT  # relative to the current folder
+# The bundled examples (package data): listed next to the user's runs, never written to.
+SAMPLE_RUNS = _runs_folder.SAMPLE_RUNS
 
 # Streamlit's own upload cap is server.maxUploadSize in .streamlit/config.toml; this one is
 # applied per widget so an uploaded adapter stays small enough to inspect within seconds.
@@ -50,14 +56,20 @@ def parse_runs_arg(argv: list[str]) -> str | None:
 
 
 def runs_dir(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Path:
-    """The runs folder: `-- --runs DIR`, else $BALORA_RUNS, else <repo>/sample_runs.
+    """The user's runs folder: `-- --runs DIR`, else $BALORA_RUNS, else ./runs (the folder
+    `balora compare` writes to by default). It may not exist until the first run is written.
 
     Relative paths are taken from the current directory, like any command-line path.
     """
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
-    environ = os.environ if environ is None else environ
-    value = parse_runs_arg(argv) or environ.get(ENV_VAR) or None
-    path = Path(value).expanduser() if value else DEFAULT_RUNS
-    return path.resolve()
+    value = parse_runs_arg(argv)
+    if value:
+        return Path(value).expanduser().resolve()
+    return _runs_folder.runs_folder(os.environ if environ is None else environ)
+
+
+def sample_runs_dir() -> Path | None:
+    """The bundled sample runs, or None when this install has none (they are package data)."""
+    return SAMPLE_RUNS if SAMPLE_RUNS.is_dir() else None

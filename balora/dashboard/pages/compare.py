@@ -6,36 +6,39 @@ import json
 
 import streamlit as st
 
-from balora.dashboard import data, plots, settings
+from balora.dashboard import data, plots, run_index, settings
 
 RUNS_DIR = settings.runs_dir()
+SAMPLES_DIR = settings.sample_runs_dir()
 SECTIONS = ["Loss", "Grid", "Speed-up", "Imbalance", "Spectra"]
 KIND = {"success": st.success, "info": st.info, "warning": st.warning, "error": st.error}
 
 st.title("Compare runs")
 
-if not RUNS_DIR.is_dir():
-    st.info(
-        f"No runs folder at `{RUNS_DIR}` yet. Start a run on the **Launch** page (it creates the folder), "
-        "or restart the dashboard with `-- --runs DIR` pointing at your runs."
-    )
-    st.stop()
 try:
-    runs_df = data.list_runs(RUNS_DIR)
+    # The user's runs (may not exist yet: the first `balora compare` or Launch creates it) and
+    # the bundled samples, read-only, listed as samples/NAME.
+    own = data.list_runs(RUNS_DIR) if RUNS_DIR.is_dir() else None
+    samples = data.list_runs(SAMPLES_DIR) if SAMPLES_DIR is not None else None
 except Exception as e:  # an unreadable runs folder is a message, not a traceback
     st.error(f"Could not list the runs in {RUNS_DIR}: {e}")
     st.stop()
-
-if runs_df.empty:
+if own is None or own.empty:
     st.info(
-        f"No runs in `{RUNS_DIR}` yet. Start one on the **Launch** page, or from a shell with "
-        f"`balora compare --task synthetic --out {RUNS_DIR}/my-run`, then come back."
+        (f"No runs in `{RUNS_DIR}` yet." if own is not None else f"No runs folder at `{RUNS_DIR}` yet.")
+        + " Make a run with `balora compare --task synthetic` from the folder the dashboard was started in, or on "
+        "the **Launch** page: it is listed here without any flag."
+        + (" Meanwhile, the bundled sample runs (samples/..., read-only) are listed below."
+           if samples is not None and len(samples) else "")
     )
+runs_df = run_index.index(own, RUNS_DIR, samples, SAMPLES_DIR)
+if runs_df.empty:
     st.stop()
 
-names = data.run_labels(runs_df, RUNS_DIR)
+names = list(runs_df["label"])
 paths = dict(zip(names, runs_df["path"].astype(str)))
 status_of = dict(zip(names, data.status_labels(runs_df)))
+sample_of = dict(zip(names, runs_df["sample"]))
 
 # A run just launched from the Launch page, or named in the URL (?run=NAME, a shareable
 # link; applied once per session so it does not undo later choices), opens here selected.
@@ -47,7 +50,7 @@ if focus in names:
     st.session_state["compare_runs"] = [focus]
 elif focus:
     st.warning(f"No run named `{focus}` in `{RUNS_DIR}`.")
-first = [names[list(runs_df["name"].astype(str)).index(data.default_run(runs_df))]]
+first = [run_index.default_label(runs_df)]
 if "compare_runs" not in st.session_state:
     st.session_state["compare_runs"] = first
 else:
@@ -55,7 +58,9 @@ else:
 
 selected = st.multiselect(
     "Runs", names, key="compare_runs", persist_state="session",
-    format_func=lambda n: f"{n} ({status_of.get(n, '?')})", help=f"runs found in {RUNS_DIR}",
+    format_func=lambda n: f"{n} ({'sample, read-only, ' if sample_of.get(n) else ''}{status_of.get(n, '?')})",
+    help=f"your runs in {RUNS_DIR}" + (f", then the bundled samples (samples/..., read-only) from {SAMPLES_DIR}"
+                                       if SAMPLES_DIR is not None else ""),
 )
 if not selected:
     st.info("Choose at least one run.")

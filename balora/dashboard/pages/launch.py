@@ -34,7 +34,8 @@ def _floats(text: str, what: str) -> list[float]:
 
 st.title("Launch a comparison")
 st.caption(
-    f"Runs `balora compare` in the background and writes the run under `{RUNS_DIR}` (nowhere else). "
+    f"Runs `balora compare` in the background and writes the run under `{RUNS_DIR}` (your runs folder, the one "
+    f"`balora compare` uses; nowhere else, never into the bundled samples). "
     f"One job at a time; sizes are bounded so that a job takes minutes on a laptop CPU."
 )
 manager = jobs.get_manager(RUNS_DIR)
@@ -71,8 +72,8 @@ def job_panel() -> None:
     if j.output:
         with st.expander("Output", expanded=state == "failed"):
             st.code(j.tail(30), language="text")
-    if state in ("starting", "running"):
-        st.code(" ".join(j.command[2:]), language="bash")
+    # The job as a shell command that runs exactly as shown (wrapped: nothing cut off).
+    st.code(j.shown, language="bash", wrap_lines=True)
 
 
 if job is not None:
@@ -91,7 +92,7 @@ if job is not None:
 
 st.subheader("New comparison")
 busy = jobs.any_running()
-task = st.radio("Task", list(settings.LAUNCH_TASKS), horizontal=True, key="launch_task", format_func=lambda t: f"{t}", help="\n".join(f"{k}: {v}" for k, v in TASK_HELP.items()))
+task = st.radio("Task", list(settings.LAUNCH_TASKS), horizontal=True, key="launch_task", help="\n".join(f"{k}: {v}" for k, v in TASK_HELP.items()))
 st.caption(TASK_HELP[task])
 try:
     arms = _arms()
@@ -108,7 +109,7 @@ with st.form("launch_form"):
     chosen = a.multiselect("Arms", list(arms), default=[x for x in ("lora", "balora") if x in arms], help="\n".join(f"{k}: {v}" for k, v in arms.items()))
     seeds = b.slider("Seeds", 1, settings.LAUNCH_MAX_SEEDS, 2 if task == "synthetic" else 1)
     c, d = st.columns(2)
-    steps = c.number_input("Steps per cell", min_value=1, max_value=max_steps, value=min(100 if task == "synthetic" else 100, max_steps), step=10)
+    steps = c.number_input("Steps per cell", min_value=1, max_value=max_steps, value=min(100, max_steps), step=10)
     optimizer = d.selectbox("Optimizer", OPTIMIZERS, format_func=lambda o: o or "task default")
     e, f = st.columns(2)
     lrs = e.text_input("Learning rates (comma-separated, empty: task default)", placeholder="1e-3,1e-2", help=f"at most {settings.LAUNCH_MAX_GRID}")
