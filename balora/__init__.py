@@ -18,6 +18,8 @@ _EXPORTS = {
     # core maths and balancing
     "BalanceError": "balora.balance",
     "BalanceSummary": "balora.balance",
+    "BalancePolicy": "balora.policy",
+    "PolicyError": "balora.policy",
     "balance_": "balora.balance",
     "balance_pairs": "balora.balance",
     "balanced_factors": "balora.projection",
@@ -38,7 +40,7 @@ _EXPORTS = {
     "balance_file": "balora.inspection",
     # comparisons and the run store
     "compare": "balora.runner",
-    "arm_summary": "balora.runner",
+    "arm_summary": "balora.records",
     "Run": "balora.store",
     "list_runs": "balora.store",
     "load_run": "balora.store",

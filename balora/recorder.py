@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from balora import records
 from balora.adapters.live import iter_lora_pairs
+from balora.records import due
 from balora.report import pair_rows
 from balora.store import RunWriter, environment_info
 
@@ -91,7 +93,7 @@ class RunRecorder(TrainerCallback):
         self._step_s[step] = time.perf_counter() - self._step_t0
         self._train_s += self._step_s[step]
         self._time_at[step] = self._train_s
-        layers, spectra = _due(step, self.layers_every), _due(step, self.spectra_every)
+        layers, spectra = due(step, self.layers_every), due(step, self.spectra_every)
         if model is not None and self.writer is not None and (layers or spectra):
             self._diagnostics(model, step, layers, spectra)
         if self.writer is not None:
@@ -114,8 +116,8 @@ class RunRecorder(TrainerCallback):
             return
         if model is not None:  # the last step, unless on_step_end already recorded it
             step = state.global_step
-            self._diagnostics(model, step, layers=self.layers_every > 0 and not _due(step, self.layers_every),
-                              spectra=self.spectra_every > 0 and not _due(step, self.spectra_every))
+            self._diagnostics(model, step, layers=self.layers_every > 0 and not due(step, self.layers_every),
+                              spectra=self.spectra_every > 0 and not due(step, self.spectra_every))
         self.close("completed")
 
     # -------------------------------------------------------------- writing
@@ -152,46 +154,25 @@ class RunRecorder(TrainerCallback):
         pairs = [p for p in iter_lora_pairs(model, self.adapter) if p.skip_reason is None]
         with torch.no_grad():
             rows = pair_rows(pairs)
-        self._last_rel = max((r["rel_imbalance"] for r in rows), default=math.nan)
-        layer_rows, spectra_rows = [], []
-        for r in rows:
-            if layers:
-                layer_rows.append({**self.key, "step": step,
-                                   **{k: v for k, v in r.items() if k not in ("sigma", "sigma_A", "sigma_B")}})
-            if spectra:
-                for which, values in (("dW", r["sigma"]), ("A", r["sigma_A"]), ("B", r["sigma_B"])):
-                    spectra_rows.extend({**self.key, "step": step, "module": r["module"], "adapter": r["adapter"],
-                                         "which": which, "index": i, "value": float(v)} for i, v in enumerate(values))
+        self._last_rel = records.max_rel_imbalance(rows)
+        layer_rows, spectra_rows = records.split_report(self.key, step, rows, layers=layers, spectra=spectra)
         self.writer.append("layers", layer_rows)
         self.writer.append("spectra", spectra_rows)
         self._diag_s += time.perf_counter() - t
 
     def _summary(self, status: str) -> dict:
-        losses = [v for _, v, _ in self._losses if math.isfinite(v)]
         nonfinite = [s for s, v, _ in self._losses if not math.isfinite(v)]
         reason = None
         if nonfinite and status == "completed":
             status, reason = "diverged", f"non-finite logged loss at step {nonfinite[0]}"
         on_eval = bool(self._eval)
-        series = self._eval if on_eval else self._losses
-        hit = next(((s, t) for s, v, t in series if self.target_loss is not None and v <= self.target_loss), None)
         balance_s = float(self.balance_callback.balance_seconds) if self.balance_callback is not None else math.nan
-        return {
-            **self.key, "status": status, "reason": reason, "steps_done": max(self._step_s, default=0),
-            "final_loss": losses[-1] if losses else math.nan, "min_loss": min(losses) if losses else math.nan,
-            "best_loss": math.nan, "final_excess_loss": math.nan,
-            "final_eval_loss": self._eval[-1][1] if self._eval else math.nan,
-            "final_rel_imbalance_max": self._last_rel,
-            "target_loss": math.nan if self.target_loss is None else self.target_loss,
-            "target_on": "eval_loss" if on_eval else "loss",
-            "steps_to_target": hit[0] if hit else math.nan, "seconds_to_target": hit[1] if hit else math.nan,
-            "total_seconds": self._train_s, "balance_seconds": balance_s, "diag_seconds": self._diag_s,
-            "speedup_steps": math.nan, "speedup_seconds": math.nan,
-        }
-
-
-def _due(step: int, every: int) -> bool:
-    return every > 0 and step % every == 0
+        return records.summary_row(
+            self.key, status, reason, steps_done=max(self._step_s, default=0), losses=[v for _, v, _ in self._losses],
+            final_eval_loss=self._eval[-1][1] if self._eval else math.nan, rel_imbalance_max=self._last_rel,
+            target=self.target_loss, target_on="eval_loss" if on_eval else "loss",
+            reached=records.first_reached(self._eval if on_eval else self._losses, self.target_loss),
+            total_seconds=self._train_s, balance_seconds=balance_s, diag_seconds=self._diag_s)
 
 
 def _lora_config(model, adapter: str | None) -> dict:

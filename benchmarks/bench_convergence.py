@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 import balora
+from balora import records
 from balora.runner import compare
 
 # Around the task's defaults (adam 3e-2, sgd 0.3, sign 1e-2), factor ~3 apart. A large init_scale
@@ -74,9 +75,7 @@ def _fmt(x: float, digits: int = 3, inf: str = "never") -> str:
 
 def _values(summary: pd.DataFrame, column: str) -> pd.DataFrame:
     """column per cell; diverged or failed cells count as +inf (worse than anything that finished)."""
-    s = summary.copy()
-    s["value"] = s[column].where(s["status"] == "completed", math.inf).astype(float)
-    return s
+    return summary.assign(value=records.cell_values(summary, column))
 
 
 def _steps(summary: pd.DataFrame) -> pd.Series:
@@ -85,13 +84,8 @@ def _steps(summary: pd.DataFrame) -> pd.Series:
 
 
 def best_cells(summary: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
-    """Per arm, the rows (one per seed) of the lr with the smallest median metric."""
-    s = _values(summary, metric)
-    out = {}
-    for arm, g in s.groupby("arm", sort=False):
-        med = g.groupby("lr")["value"].median()
-        out[arm] = g[g["lr"] == med.idxmin()]
-    return out
+    """Per arm, the rows (one per seed) of the (lr, alpha) cell with the smallest median metric."""
+    return dict(iter(records.best_cells(summary, metric).groupby("arm", sort=False)))
 
 
 def print_best_table(summary: pd.DataFrame, metric: str, label: str) -> list[dict]:

@@ -207,7 +207,7 @@ def test_seed_curves_median_and_spread(grid_run):
 
 
 def test_best_cells_follow_arm_summary_then_latest_loss(grid_run):
-    from balora.runner import arm_summary
+    from balora.records import arm_summary
 
     t = _by_series(grid_run)
     best = data.best_cells(t["summary"], t["steps"]).set_index("series")

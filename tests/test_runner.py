@@ -15,7 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from balora.errors import InputError
-from balora.runner import arm_summary, compare
+from balora.records import arm_summary
+from balora.runner import compare
 from balora.store import load_run
 from balora.tasks import TASKS, Problem, TaskSpec
 

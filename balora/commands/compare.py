@@ -103,7 +103,7 @@ def print_summary(run) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from balora.runner import arm_summary
+    from balora.records import arm_summary
 
     s = arm_summary(run.summary)
     metric = s["metric"].iloc[0] if len(s) else "final_loss"

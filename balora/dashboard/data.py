@@ -227,12 +227,12 @@ def grid_shape(summary: pd.DataFrame, steps: pd.DataFrame) -> tuple[list[float],
 def best_cells(summary: pd.DataFrame, steps: pd.DataFrame, *, by: str = "series") -> pd.DataFrame:
     """Per series, its best (lr, alpha) cell.
 
-    Finished cells: balora.runner.arm_summary's choice (lowest median over seeds of the run's
+    Finished cells: balora.records.arm_summary's choice (lowest median over seeds of the run's
     headline metric, diverged seeds counting as +inf), run by run. A series with no finished
     cell yet (a run still being written) falls back to the lowest median latest training loss.
     Columns: by, lr, alpha, source ("summary" | "latest loss").
     """
-    from balora.runner import arm_summary
+    from balora.records import arm_summary
 
     cols = [by, "lr", "alpha", "source"]
     rows = []
@@ -256,8 +256,8 @@ def best_cells(summary: pd.DataFrame, steps: pd.DataFrame, *, by: str = "series"
 
 
 def arm_summaries(summary: pd.DataFrame) -> pd.DataFrame:
-    """balora.runner.arm_summary of each run (one row per arm at its own best cell), with `run`."""
-    from balora.runner import arm_summary
+    """balora.records.arm_summary of each run (one row per arm at its own best cell), with `run`."""
+    from balora.records import arm_summary
 
     if summary.empty:
         return pd.DataFrame()

@@ -1,0 +1,236 @@
+"""Run records as plain rows and pandas: what every writer and reader of the run store shares.
+
+    layer report rows ----split_report----> layers rows + spectra rows      (runner, RunRecorder)
+    a cell's losses and clocks --summary_row--> one summary row               (runner, RunRecorder)
+    a group of summary rows --with_speedups--> speedup_steps / speedup_seconds over the lora cell
+    summary table --best_cells / arm_summary--> each arm at its best cell    (CLI, dashboard, benchmarks)
+
+No torch, no files, no Streamlit: rows are dicts, tables are DataFrames with the columns of
+balora.store.TABLES. A diverged, failed or interrupted cell ranks below every finished one
+(its metric counts as +inf), so a grid that diverges at large learning rates still has a best cell.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import pandas as pd
+
+from balora.errors import InputError
+
+KEY = ("arm", "seed", "lr", "alpha")
+# layer report list columns -> the spectra table's `which`
+SPECTRA = (("dW", "sigma"), ("A", "sigma_A"), ("B", "sigma_B"))
+SPECTRA_LISTS = tuple(col for _, col in SPECTRA)
+# The headline metric of a summary, first one with any value: excess loss over the best rank-r
+# loss when the task knows it, else the eval loss, else the training loss.
+METRICS = ("final_excess_loss", "final_eval_loss", "final_loss")
+NaN = math.nan
+
+
+# ------------------------------------------------------------------ per step
+
+
+def due(step: int, every: int, last: int | None = None) -> bool:
+    """Whether a periodic record (layers, spectra, eval) is taken at `step`: every `every` steps
+    (0: never) and at the `last` step, so a run always ends with one."""
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def split_report(key: dict, step: int, report: Sequence[dict], *, layers: bool = True,
+                 spectra: bool = True) -> tuple[list[dict], list[dict]]:
+    """Layer report rows (balora.report.pair_rows) -> (layers rows, spectra rows) for one cell at `step`.
+
+    layers rows: the cell key, step and every report column but the sigma lists;
+    spectra rows: one per singular value, (which, index, value), index 0 the largest.
+    """
+    layer_rows, spectra_rows = [], []
+    for row in report:
+        if layers:
+            layer_rows.append({**key, "step": step, **{k: v for k, v in row.items() if k not in SPECTRA_LISTS}})
+        if spectra:
+            for which, col in SPECTRA:
+                spectra_rows.extend({**key, "step": step, "module": row["module"], "adapter": row["adapter"],
+                                     "which": which, "index": i, "value": float(v)}
+                                    for i, v in enumerate(row[col]))
+    return layer_rows, spectra_rows
+
+
+def max_rel_imbalance(report: Sequence[dict]) -> float:
+    """The largest rel_imbalance of a layer report (NaN when it has no layer)."""
+    return max((float(r["rel_imbalance"]) for r in report), default=NaN)
+
+
+# ------------------------------------------------------------------ per cell
+
+
+def first_reached(series: Iterable[tuple[int, float, float]], target: float | None) -> tuple[float, float]:
+    """(step, seconds) of the first (step, value, seconds) with value <= target; NaNs when never or no target."""
+    if target is not None:
+        for step, value, seconds in series:
+            if value <= target:
+                return float(step), float(seconds)
+    return NaN, NaN
+
+
+def summary_row(key: dict, status: str, reason: str | None = None, *, steps_done: int,
+                losses: Sequence[float], best_loss: float | None = None, final_eval_loss: float = NaN,
+                rel_imbalance_max: float = NaN, target: float | None = None, target_on: str = "loss",
+                reached: tuple[float, float] = (NaN, NaN), total_seconds: float = NaN,
+                balance_seconds: float = NaN, diag_seconds: float = NaN) -> dict:
+    """One summary row. `losses`: the cell's training losses in order (non-finite ones are ignored for
+    final/min); `reached`: (steps, seconds) to target from first_reached. Speed-ups are NaN until
+    with_speedups fills them from the cell's group."""
+    finite = [float(v) for v in losses if math.isfinite(v)]
+    final = finite[-1] if finite else NaN
+    return {
+        **key, "status": status, "reason": reason, "steps_done": int(steps_done),
+        "final_loss": final, "min_loss": min(finite) if finite else NaN,
+        "best_loss": NaN if best_loss is None else float(best_loss),
+        "final_excess_loss": final - best_loss if finite and best_loss is not None else NaN,
+        "final_eval_loss": final_eval_loss, "final_rel_imbalance_max": rel_imbalance_max,
+        "target_loss": NaN if target is None else float(target), "target_on": target_on,
+        "steps_to_target": reached[0], "seconds_to_target": reached[1],
+        "total_seconds": total_seconds, "balance_seconds": balance_seconds, "diag_seconds": diag_seconds,
+        "speedup_steps": NaN, "speedup_seconds": NaN,
+    }
+
+
+def _ratio(ref, mine) -> float:
+    ok = all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in (ref, mine))
+    return ref / mine if ok else NaN
+
+
+def with_speedups(rows: list[dict], reference: str = "lora") -> list[dict]:
+    """speedup_steps / speedup_seconds = the reference arm's steps/seconds to target divided by the cell's.
+
+    `rows`: the summary rows of one (seed, lr, alpha) group, one per arm; filled in place and returned.
+    NaN when either cell did not reach the target or the group has no reference arm.
+    """
+    ref = next((r for r in rows if r["arm"] == reference), None)
+    for r in rows:
+        for what in ("steps", "seconds"):
+            theirs = ref.get(f"{what}_to_target", NaN) if ref else NaN
+            r[f"speedup_{what}"] = _ratio(theirs, r.get(f"{what}_to_target", NaN))
+    return rows
+
+
+# ------------------------------------------------------------------ a summary table
+
+
+def headline_metric(summary: pd.DataFrame) -> str:
+    """The metric cells are ranked by: the first of METRICS with any value (final_loss when none has)."""
+    return next((m for m in METRICS if m in summary and summary[m].notna().any()), "final_loss")
+
+
+def cell_values(summary: pd.DataFrame, metric: str) -> pd.Series:
+    """`metric` per summary row, +inf for a cell that did not complete (diverged, failed, skipped...)."""
+    return summary[metric].where(summary["status"] == "completed", math.inf).astype(float)
+
+
+def _best_per_arm(s: pd.DataFrame) -> pd.DataFrame:
+    """Each arm's one (lr, alpha) cell with the smallest median value over seeds: all its seeds' rows."""
+    picked = []
+    for _, g in s.groupby("arm", sort=False):
+        if (g["status"] == "skipped").all():
+            continue
+        lr, alpha = g.groupby(["lr", "alpha"])["value"].median().idxmin()
+        picked.append(g[(g["lr"] == lr) & (g["alpha"] == alpha)])
+    return pd.concat(picked) if picked else s.iloc[0:0]
+
+
+# select -> rows of the summary (with "value") at the chosen cells, one per (arm, seed)
+SELECTIONS = {"arm": _best_per_arm}
+
+
+def best_cells(summary: pd.DataFrame, metric: str | None = None, *, select: str = "arm") -> pd.DataFrame:
+    """The summary rows at each arm's best cell, one per (arm, seed), with a `value` column (the metric,
+    +inf when the cell did not complete). Arms whose every cell was skipped have no row.
+
+    select "arm": one (lr, alpha) per arm, the lowest median over seeds (the learning rate a user would
+    pick for that arm). metric None: headline_metric(summary).
+    """
+    if select not in SELECTIONS:
+        raise InputError(f"best cell selection {select!r}: choose one of {', '.join(SELECTIONS)}")
+    metric = metric or headline_metric(summary)
+    if summary.empty:
+        return summary.assign(value=pd.Series(dtype=float))
+    s = summary.assign(value=cell_values(summary, metric))
+    return SELECTIONS[select](s)
+
+
+ARM_SUMMARY_COLUMNS = ["arm", "cells", "completed", "diverged", "best_lr", "best_alpha", "metric", "best", "worst",
+                       "within_2x", "within_5pct", "steps_to_target", "speedup_vs_lora"]
+
+
+def arm_summary(summary: pd.DataFrame, *, select: str = "arm", reference: str = "lora") -> pd.DataFrame:
+    """One row per arm, each at its own best (lr, alpha) cell (best_cells), plus how flat its grid is.
+
+    metric: headline_metric; a grid cell's value is the median over seeds, diverged seeds counting as
+    +inf. Columns: arm, cells, completed, diverged, best_lr, best_alpha, metric, best (median over seeds
+    of the value at the best cell(s)), worst (median at the worst grid cell), within_2x / within_5pct
+    (fraction of grid cells whose median is within 2x / 5% of the best: 2x suits excess losses, which go
+    to 0, 5% raw losses, which have a floor), steps_to_target (median at the best cell(s)),
+    speedup_vs_lora (median over seeds of reference-at-its-best / arm-at-its-best steps to target).
+    """
+    if summary.empty:
+        return pd.DataFrame(columns=ARM_SUMMARY_COLUMNS)
+    metric = headline_metric(summary)
+    best = {arm: g.set_index("seed") for arm, g in best_cells(summary, metric, select=select).groupby("arm")}
+    values = summary.assign(value=cell_values(summary, metric))
+    rows = []
+    for arm, g in values.groupby("arm", sort=False):
+        if arm not in best:
+            rows.append({"arm": arm, "cells": len(g), "completed": 0, "diverged": 0, "metric": metric})
+            continue
+        grid = g.groupby(["lr", "alpha"])["value"].median()
+        b = best[arm]
+        top = float(b["value"].median())
+        finite_top = top if math.isfinite(top) and top > 0 else NaN
+        ref = best.get(reference)
+        rows.append({
+            "arm": arm, "cells": len(g), "completed": int((g["status"] == "completed").sum()),
+            "diverged": int((g["status"] == "diverged").sum()),
+            "best_lr": float(b["lr"].median()), "best_alpha": float(b["alpha"].median()),
+            "metric": metric, "best": top, "worst": float(grid.max()),
+            "within_2x": float((grid <= 2 * finite_top).mean()) if finite_top == finite_top else NaN,
+            "within_5pct": float((grid <= 1.05 * finite_top).mean()) if finite_top == finite_top else NaN,
+            "steps_to_target": float(b["steps_to_target"].median()),
+            "speedup_vs_lora": float((ref["steps_to_target"] / b["steps_to_target"]).median())
+            if ref is not None else NaN,
+        })
+    return pd.DataFrame(rows, columns=ARM_SUMMARY_COLUMNS)
+
+
+def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: str = "arm",
+                    reference: str = "lora") -> pd.DataFrame:
+    """Steps and seconds each `by` group needs to first reach `metric <= target` (median, min, max over
+    its cells) and its speed-up over the `reference` arm's cell of the same run, seed, lr and alpha.
+
+    The run summary holds the same numbers for the run's own target loss; this recomputes them from the
+    steps table for any target. Speed-up = reference steps / arm steps (> 1: faster).
+    """
+    cols = [by, "steps_median", "steps_min", "steps_max", "seconds_median", "seconds_min", "seconds_max",
+            "reached", "n_seeds", "speedup_steps", "speedup_seconds"]
+    if steps.empty or metric not in steps:
+        return pd.DataFrame(columns=cols)
+    keys = list(dict.fromkeys([*(["run"] if "run" in steps else []), by, *KEY]))
+    data = steps.dropna(subset=[metric]).sort_values("step", kind="stable")
+    hits = data[data[metric] <= target].groupby(keys, sort=False).first()[["step", "time_s"]]
+    cells = data.groupby(keys, sort=False).size().rename("n").to_frame().join(hits).reset_index()
+    pair = [k for k in keys if k not in (by, "arm")]
+    ref = cells[cells["arm"].astype(str) == reference][pair + ["step", "time_s"]]
+    cells = cells.merge(ref.rename(columns={"step": "ref_step", "time_s": "ref_time"}), on=pair, how="left")
+    cells["speedup_steps"] = cells["ref_step"] / cells["step"]
+    cells["speedup_seconds"] = cells["ref_time"] / cells["time_s"]
+    order = list(dict.fromkeys(steps[by]))  # the run's arm order, not the order targets were hit
+    rows = []
+    for label, g in sorted(cells.groupby(by, sort=False), key=lambda kv: order.index(kv[0])):
+        rows.append({by: label, "steps_median": g["step"].median(), "steps_min": g["step"].min(),
+                     "steps_max": g["step"].max(), "seconds_median": g["time_s"].median(),
+                     "seconds_min": g["time_s"].min(), "seconds_max": g["time_s"].max(),
+                     "reached": int(g["step"].notna().sum()), "n_seeds": int(len(g)),
+                     "speedup_steps": g["speedup_steps"].median(),
+                     "speedup_seconds": g["speedup_seconds"].median()})
+    return pd.DataFrame(rows, columns=cols)

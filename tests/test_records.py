@@ -1,0 +1,160 @@
+"""balora.records: rows and tables shared by the runner, RunRecorder, the CLI, the dashboard and benchmarks.
+
+Every expectation is computed by hand or by an independent numpy/itertools loop over the same table."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from balora import records
+from balora.errors import InputError
+from balora.store import TABLES, to_table
+
+
+def test_due_every_and_last():
+    assert [s for s in range(1, 11) if records.due(s, 3)] == [3, 6, 9]
+    assert [s for s in range(1, 11) if records.due(s, 3, last=10)] == [3, 6, 9, 10]
+    assert not any(records.due(s, 0, last=10) for s in range(1, 11))  # 0: never, not even the last step
+    assert records.due(0, 5)  # step 0 (before training) is a multiple of every period
+
+
+def _report_row(module, sigma, rel):
+    return {"module": module, "adapter": "default", "kind": "linear", "r": len(sigma), "rel_imbalance": rel,
+            "sigma": sigma, "sigma_A": [2 * x for x in sigma], "sigma_B": [3 * x for x in sigma]}
+
+
+def test_split_report_rows():
+    key = {"arm": "balora", "seed": 1, "lr": 0.1, "alpha": 4.0}
+    report = [_report_row("q", [3.0, 1.0], 0.25), _report_row("v", [5.0, 0.5], 0.75)]
+    layers, spectra = records.split_report(key, 7, report)
+    assert [r["module"] for r in layers] == ["q", "v"]
+    assert all(r["step"] == 7 and r["arm"] == "balora" and "sigma" not in r and "sigma_A" not in r for r in layers)
+    assert layers[1]["rel_imbalance"] == 0.75
+    assert len(spectra) == 2 * 3 * 2  # layers x (dW, A, B) x r
+    got = {(r["module"], r["which"], r["index"]): r["value"] for r in spectra}
+    assert got[("q", "dW", 0)] == 3.0 and got[("v", "A", 1)] == 1.0 and got[("v", "B", 0)] == 15.0
+    # and the spectra rows fit the store's table as they are
+    assert len(to_table("spectra", spectra)) == 12
+    assert records.split_report(key, 7, report, layers=False)[0] == []
+    assert records.split_report(key, 7, report, spectra=False)[1] == []
+    assert records.max_rel_imbalance(report) == 0.75 and math.isnan(records.max_rel_imbalance([]))
+
+
+def test_summary_row_and_first_reached():
+    key = {"arm": "lora", "seed": 0, "lr": 0.01, "alpha": 8.0}
+    losses = [4.0, 2.0, 3.0, math.inf]  # diverged at the last step
+    reached = records.first_reached([(1, 4.0, 0.1), (2, 2.0, 0.25), (3, 1.0, 0.4)], 2.5)
+    assert reached == (2.0, 0.25)
+    assert all(math.isnan(x) for x in records.first_reached([(1, 4.0, 0.1)], 2.5))
+    assert all(math.isnan(x) for x in records.first_reached([(1, 4.0, 0.1)], None))
+    row = records.summary_row(key, "diverged", "non-finite loss", steps_done=3, losses=losses, best_loss=0.5,
+                              target=2.5, reached=reached, total_seconds=1.5)
+    assert row["final_loss"] == 3.0 and row["min_loss"] == 2.0 and row["final_excess_loss"] == 2.5
+    assert row["steps_to_target"] == 2.0 and row["target_loss"] == 2.5 and row["total_seconds"] == 1.5
+    assert math.isnan(row["speedup_steps"]) and math.isnan(row["final_eval_loss"])
+    assert set(row) == set(TABLES["summary"])  # every summary column, nothing else
+    empty = records.summary_row(key, "failed", steps_done=0, losses=[])
+    assert all(math.isnan(empty[c]) for c in ("final_loss", "min_loss", "best_loss", "final_excess_loss"))
+
+
+def test_with_speedups_within_a_group():
+    rows = [{"arm": "lora", "steps_to_target": 40.0, "seconds_to_target": 2.0},
+            {"arm": "balora", "steps_to_target": 10.0, "seconds_to_target": 4.0},
+            {"arm": "balora-svd", "steps_to_target": math.nan, "seconds_to_target": math.nan}]
+    out = records.with_speedups(rows)
+    assert out[0]["speedup_steps"] == 1.0 and out[1]["speedup_steps"] == 4.0 and out[1]["speedup_seconds"] == 0.5
+    assert math.isnan(out[2]["speedup_steps"])
+    no_ref = records.with_speedups([{"arm": "balora", "steps_to_target": 10.0, "seconds_to_target": 1.0}])
+    assert math.isnan(no_ref[0]["speedup_steps"])
+
+
+def _grid(seed_values: dict) -> pd.DataFrame:
+    """seed_values[(arm, lr)] = per-seed final_excess_loss, NaN meaning diverged."""
+    rows = []
+    for (arm, lr), values in seed_values.items():
+        for seed, v in enumerate(values):
+            rows.append({"arm": arm, "seed": seed, "lr": lr, "alpha": 4.0,
+                         "status": "diverged" if math.isnan(v) else "completed", "final_excess_loss": v,
+                         "final_eval_loss": math.nan, "final_loss": 1.0, "steps_to_target": 10.0 * (seed + 1)})
+    return pd.DataFrame(rows)
+
+
+def test_best_cells_per_arm_is_the_lowest_median_cell():
+    nan = math.nan
+    table = {("lora", 0.01): [3.0, 1.0, 2.0], ("lora", 0.1): [0.5, 9.0, 4.0], ("lora", 1.0): [nan, nan, 0.1],
+             ("balora", 0.01): [1.0, 1.0, 1.0], ("balora", 0.1): [0.2, 0.3, nan]}
+    summary = _grid(table)
+    best = records.best_cells(summary, select="arm")
+    assert len(best) == 6 and set(best.groupby("arm")["seed"].apply(sorted).map(tuple)) == {(0, 1, 2)}
+    for arm in ("lora", "balora"):
+        # independent: median over seeds with diverged = +inf, smallest over the grid
+        meds = {lr: np.median([math.inf if math.isnan(v) else v for v in vals])
+                for (a, lr), vals in table.items() if a == arm}
+        want = min(meds, key=meds.get)
+        got = best[best["arm"] == arm]
+        assert set(got["lr"]) == {want}
+        assert sorted(got["value"]) == sorted(math.inf if math.isnan(v) else v for v in table[(arm, want)])
+    with pytest.raises(InputError, match="selection 'nope'"):
+        records.best_cells(summary, select="nope")
+    assert records.best_cells(summary.iloc[0:0]).empty
+
+
+def test_headline_metric_falls_back():
+    s = _grid({("lora", 0.1): [1.0]})
+    assert records.headline_metric(s) == "final_excess_loss"
+    assert records.headline_metric(s.assign(final_excess_loss=math.nan)) == "final_loss"
+    assert records.headline_metric(s.assign(final_excess_loss=math.nan, final_eval_loss=2.0)) == "final_eval_loss"
+
+
+def test_arm_summary_against_a_brute_force_ranking():
+    rng = np.random.default_rng(0)
+    rows = []
+    for arm, seed, lr, alpha in itertools.product(["lora", "balora"], range(4), [0.01, 0.1, 1.0], [4.0, 8.0]):
+        diverged = rng.random() < 0.15
+        rows.append({"arm": arm, "seed": seed, "lr": lr, "alpha": alpha,
+                     "status": "diverged" if diverged else "completed",
+                     "final_excess_loss": math.nan if diverged else float(rng.uniform(0.1, 2.0)),
+                     "steps_to_target": float(rng.integers(5, 50))})
+    rows.append({"arm": "riemannian", "seed": 0, "lr": 0.1, "alpha": 4.0, "status": "skipped"})
+    summary = pd.DataFrame(rows).assign(final_eval_loss=math.nan, final_loss=1.0)
+    s = records.arm_summary(summary).set_index("arm")
+    assert list(s.reset_index().columns) == records.ARM_SUMMARY_COLUMNS
+    assert s.loc["riemannian", "cells"] == 1 and math.isnan(s.loc["riemannian", "best_lr"])
+    picked = {}
+    for arm in ("lora", "balora"):
+        cells = {}
+        for (lr, alpha), g in summary[summary["arm"] == arm].groupby(["lr", "alpha"]):
+            v = [x if st == "completed" else math.inf for x, st in zip(g["final_excess_loss"], g["status"])]
+            cells[(lr, alpha)] = float(np.median(v))
+        (lr, alpha), top = min(cells.items(), key=lambda kv: kv[1])
+        picked[arm] = summary[(summary["arm"] == arm) & (summary["lr"] == lr) & (summary["alpha"] == alpha)]
+        assert (s.loc[arm, "best_lr"], s.loc[arm, "best_alpha"]) == (lr, alpha)
+        assert s.loc[arm, "best"] == pytest.approx(top) and s.loc[arm, "worst"] == max(cells.values())
+        assert s.loc[arm, "within_2x"] == pytest.approx(np.mean([v <= 2 * top for v in cells.values()]))
+        assert s.loc[arm, "steps_to_target"] == np.median(picked[arm]["steps_to_target"])
+    ratio = picked["lora"].set_index("seed")["steps_to_target"] / picked["balora"].set_index("seed")["steps_to_target"]
+    assert s.loc["balora", "speedup_vs_lora"] == pytest.approx(float(np.median(ratio)))
+    assert s.loc["lora", "speedup_vs_lora"] == pytest.approx(1.0)
+    assert list(records.arm_summary(summary.iloc[0:0]).columns) == records.ARM_SUMMARY_COLUMNS
+
+
+def test_target_speedups_from_steps():
+    rows = []
+    # lora reaches loss <= 1 at step 4 (seed 0) and 6 (seed 1); balora at 2 and 3; time_s = 0.5 s per step
+    for arm, hits in (("lora", (4, 6)), ("balora", (2, 3))):
+        for seed, hit in enumerate(hits):
+            for step in range(1, 9):
+                rows.append({"arm": arm, "seed": seed, "lr": 0.1, "alpha": 4.0, "step": step,
+                             "loss": 0.5 if step >= hit else 2.0, "time_s": 0.5 * step})
+    steps = to_table("steps", rows)
+    out = records.target_speedups(steps, 1.0).set_index("arm")
+    assert list(out.index) == ["lora", "balora"]
+    assert out.loc["lora", "steps_median"] == 5.0 and out.loc["balora", "steps_median"] == 2.5
+    assert out.loc["balora", "speedup_steps"] == pytest.approx(np.median([4 / 2, 6 / 3]))
+    assert out.loc["balora", "seconds_max"] == 1.5 and out.loc["balora", "reached"] == 2
+    never = records.target_speedups(steps, 0.1).set_index("arm")
+    assert never["reached"].tolist() == [0, 0] and never["speedup_steps"].isna().all()
+    assert records.target_speedups(steps.iloc[0:0], 1.0).empty
