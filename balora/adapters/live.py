@@ -12,8 +12,10 @@ from torch import nn
 from balora.pairs import FactorPair
 
 # The product B @ A is dW for these variants (DoRA rescales W0 + dW by a norm of it;
-# aLoRA gates when the adapter is active). Other variants change what B and A mean.
-_PRODUCT_VARIANTS = ("Dora", "ALora")
+# aLoRA gates when the adapter is active; VeLoRA's forward is exactly x A^T B^T, it only
+# compresses the activations saved for A's gradient; BD-LoRA's dense pairs, its block-diagonal
+# ones being skipped first). Other variants change what B and A mean.
+_PRODUCT_VARIANTS = ("Dora", "ALora", "Velora", "BdLora")
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -81,6 +83,11 @@ def iter_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[Factor
         for adp in names:
             if adapter is not None and adp != adapter:
                 continue
+            block_diagonal = _block_diagonal_reason(layer, adp)
+            if block_diagonal is not None:
+                # Checked before reading the factors: their shapes are the blocks', not the layer's.
+                pairs.append(_unread_pair(layer, module, adp, block_diagonal))
+                continue
             pair = _pair_for(layer, module, adp)
             if AdaLoraLayer and isinstance(layer, AdaLoraLayer):
                 pair.skip_reason = "AdaLoRA layer (dW = B diag(E) A): balancing B, A alone would change dW"
@@ -89,6 +96,27 @@ def iter_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[Factor
                 pair.skip_reason = f"LoRA variant {type(variant).__name__} is not a plain B @ A product"
             pairs.append(pair)
     return pairs
+
+
+def _block_diagonal_reason(layer: nn.Module, adp: str) -> str | None:
+    """Why a BD-LoRA pair (PEFT's use_bdlora: lora_A or lora_B block-diagonal) is left alone, else None."""
+    for factor in ("lora_A", "lora_B"):
+        factors = getattr(layer, factor, None)
+        sub = factors[adp] if isinstance(factors, nn.ModuleDict) and adp in factors else None
+        # By class name: PEFT versions without BD-LoRA have no class to import.
+        if type(sub).__name__ == "BlockDiagonalLinear":
+            blocks = getattr(sub, "nblocks", "?")
+            return (f"BD-LoRA: {factor} is block-diagonal ({blocks} blocks), not a dense B @ A pair; "
+                    "balancing would fill its zero blocks")
+    return None
+
+
+def _unread_pair(layer: nn.Module, module: str, adp: str, reason: str) -> FactorPair:
+    """A pair listed with its skip reason only: nothing is read from or written to its factors."""
+    placeholder = torch.zeros(1, 1)
+    dora = bool(getattr(layer, "use_dora", {}).get(adp, False))
+    return FactorPair(module, adp, "linear", placeholder, placeholder, float(layer.scaling[adp]), dora,
+                      skip_reason=reason)
 
 
 def model_pairs(model: nn.Module, adapter: str | None = None) -> list[FactorPair]:

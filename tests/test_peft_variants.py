@@ -1,0 +1,84 @@
+"""PEFT's LoRA variants as its own tests build them (tests/test_custom_models.py: a small MLP, BD-LoRA,
+VeLoRA, r larger than a layer): which ones balora balances, which it lists with a reason, and that
+balancing keeps PEFT's own dW and the model's output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from balora import balance_, layer_report
+from balora.adapters.live import iter_lora_pairs
+
+bd_config = pytest.importorskip("peft.tuners.lora.config")
+
+
+class MLP(nn.Module):
+    """lin0 (8 -> 8), lin1 (8 -> 4), lin2 (4 -> 2): lin2 is smaller than the rank used below."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(8, 8)
+        self.lin1 = nn.Linear(8, 4)
+        self.lin2 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+def _model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return get_peft_model(MLP(), cfg)
+
+
+def _x():
+    return torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_bdlora_is_skipped_with_its_own_reason(which, snapshot, assert_bit_identical):
+    BdLoraConfig = getattr(bd_config, "BdLoraConfig", None)
+    if BdLoraConfig is None:
+        pytest.skip("this PEFT has no BD-LoRA")
+    bd = BdLoraConfig(**{f"target_modules_bd_{which}": ["lin0"]}, nblocks=2, match_strict=False)
+    model = _model(LoraConfig(r=4, target_modules=["lin0", "lin1"], use_bdlora=bd, init_lora_weights=False))
+    pairs = {p.module: p for p in iter_lora_pairs(model)}
+    reason = pairs["lin0"].skip_reason
+    assert reason is not None and "block-diagonal" in reason and f"lora_{which.upper()}" in reason
+    assert "FSDP" not in reason and "shard" not in reason
+    assert pairs["lin1"].skip_reason is None  # a dense pair next to it is still balanced
+
+    before = snapshot(model)
+    summary = balance_(model)
+    assert summary.balanced == 1 and set(summary.skipped) == {"lin0[default]"}
+    assert "block-diagonal" in summary.skipped["lin0[default]"]
+    after = snapshot(model)
+    bd_keys = [k for k in before if ".lin0." in k]
+    assert bd_keys
+    assert_bit_identical({k: before[k] for k in bd_keys}, {k: after[k] for k in bd_keys})
+    assert list(layer_report(model)["module"]) == ["lin1"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_velora_is_balanced_and_keeps_its_output(train, peft_deltas, assert_deltas_close):
+    VeloraConfig = getattr(bd_config, "VeloraConfig", None)
+    if VeloraConfig is None:
+        pytest.skip("this PEFT has no VeLoRA")
+    model = _model(LoraConfig(r=4, target_modules=["lin0", "lin1"], velora_config=VeloraConfig(num_groups=2),
+                              init_lora_weights=False))
+    assert {p.skip_reason for p in iter_lora_pairs(model)} == {None}
+    model.train(train)
+    x = _x()
+    with torch.enable_grad():  # VeLoRA's own forward (VeloraFunction) runs in training with grad enabled
+        y0 = model(x).detach().double()
+    deltas = peft_deltas(model)
+    summary = balance_(model)
+    assert summary.balanced == 2 and not summary.skipped
+    with torch.enable_grad():
+        y1 = model(x).detach().double()
+    assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5 * y0.abs().max().item())
+    report = layer_report(model)
+    assert report["rel_imbalance"].max() < 1e-5
