@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from balora.errors import InputError
 from balora.optim import make_optimizer, optimizer_class
+from balora.policy import BalancePolicy
 
 # (model, optimizer name, lr, options) -> optimizer. `options` holds weight_decay and the arm's own keys.
 OptimizerFactory = Callable[[nn.Module, str, float, dict], Optimizer]
@@ -25,9 +26,18 @@ class Arm:
     name: str
     help: str
     make_optimizer: OptimizerFactory
-    balance: str | None = None  # gauge passed to balance_pairs after every step ("nearest" | "svd"); None: no balancing
+    method: str | None = None  # balancing gauge after every step ("nearest" | "svd"); None: no balancing
     defaults: dict[str, Any] = field(default_factory=dict)  # the arm's own options (overridable: --set KEY=VALUE)
     unavailable: Callable[[], str | None] = lambda: None  # why the arm cannot run in this environment, or None
+    # What balancing does after every step, built (and validated) once from `method`. In a training loop:
+    # rank-deficient products are left alone (their dead directions are reported by the layer report),
+    # non-finite factors stop the cell (it diverged), and nothing is re-measured (check=False).
+    policy: BalancePolicy | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.method is not None:
+            policy = BalancePolicy(self.method, on_rank_deficient="skip", on_nonfinite="raise", check=False)
+            object.__setattr__(self, "policy", policy)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -76,8 +86,8 @@ def _riemannian_missing() -> str | None:
 ARMS: dict[str, Arm] = {
     "lora": Arm("lora", "plain LoRA: the optimizer on A and B, nothing else", _plain),
     "balora": Arm("balora", "LoRA balanced after every step, nearest gauge (keeps Adam's moments aligned)",
-                  _plain, balance="nearest"),
-    "balora-svd": Arm("balora-svd", "LoRA balanced after every step, the paper's SVD gauge", _plain, balance="svd"),
+                  _plain, method="nearest"),
+    "balora-svd": Arm("balora-svd", "LoRA balanced after every step, the paper's SVD gauge", _plain, method="svd"),
     "loraplus": Arm("loraplus", "LoRA+ (PEFT's create_loraplus_optimizer): lr of B = ratio x lr of A", _loraplus,
                     defaults={"loraplus_lr_ratio": 16.0}),  # 2^4, the LoRA+ paper's and PEFT docs' example
     "riemannian": Arm("riemannian", "PEFT's Riemannian-preconditioned optimizer (r x r preconditioners)",
@@ -93,17 +103,20 @@ def get_arm(name: str) -> Arm:
         raise InputError(f"--arms: unknown arm {name!r}; available: {', '.join(ARMS)}") from None
 
 
-def parse_arms(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """"lora,balora" or ["lora", "balora"] -> validated, de-duplicated names in the order given."""
+def resolve_arms(spec: str | list[str] | tuple[str, ...]) -> list[Arm]:
+    """"lora,balora" or ["lora", "balora"] -> the Arms, validated and de-duplicated, in the order given."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
     names = [n for n in names if n]
     if not names:
         raise InputError(f"--arms: no arm given; available: {', '.join(ARMS)}")
-    for n in names:
-        get_arm(n)
     if len(set(names)) != len(names):
         raise InputError(f"--arms: {','.join(names)} names an arm twice; list each arm once")
-    return names
+    return [get_arm(n) for n in names]
+
+
+def parse_arms(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The names of resolve_arms(spec)."""
+    return [arm.name for arm in resolve_arms(spec)]
 
 
 def arm_options(names: list[str], overrides: dict[str, Any], weight_decay: float) -> dict[str, Any]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 import shlex
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from balora.arms import ARMS, arm_options, parse_arms
+from balora.arms import ARMS, Arm, arm_options, resolve_arms
 from balora.errors import InputError
 from balora.optim import optimizer_class
 from balora.runs_folder import new_run_dir
@@ -20,8 +20,11 @@ from balora.tasks import TaskSpec, get_task
 
 # Options every task's defaults may set; any other key in TaskSpec.defaults is task-specific.
 COMPARE_KEYS = ("arms", "steps", "seeds", "optimizer", "lr", "alpha", "rank", "eval_every", "layers_every",
-                "spectra_every", "target_loss", "weight_decay", "dtype", "threads")
+                "spectra_every", "target_loss", "weight_decay", "dtype", "threads", "select")
 DTYPES = ("float32", "bfloat16", "float64")
+# How a run's summaries pick each arm's best cell (balora.records.best_cells): "arm" one (lr, alpha) per arm,
+# the lowest median over seeds; "seed" each seed its own best (lr, alpha), the paper's protocol.
+SELECTS = ("arm", "seed")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class CompareConfig:
     layers_every: int | None = None  # per-layer report every N steps (0: never)
     spectra_every: int | None = None  # singular values of dW, A, B every N steps (0: never)
     target_loss: float | None = None  # threshold for steps/seconds-to-target; None: the task's per-problem default
+    select: str | None = None  # best-cell rule of the run's summaries (SELECTS); None: the task's, else "arm"
     options: dict[str, Any] = field(default_factory=dict)  # task keys and arm options (--set KEY=VALUE)
     out: str | None = None  # run directory; None: runs/<task>-<timestamp>
     force: bool = False  # replace an existing run directory at `out`
@@ -71,6 +75,7 @@ class RunConfig:
     layers_every: int
     spectra_every: int
     target_loss: float | None
+    select: str  # best-cell rule of the run's summaries: "arm" (median over seeds) | "seed" (per seed, the paper's)
     task_options: dict[str, Any]
     arm_options: dict[str, Any]
     n_cells: int
@@ -109,21 +114,53 @@ def _to_int(text: Any, flag: str) -> int:
         raise InputError(f"{flag}: {text!r} is not an integer") from None
 
 
+GRID_KINDS = ("lin", "log")  # lin:START:STOP:N evenly spaced, log:START:STOP:N evenly spaced in log scale
+
+
+def parse_grid(spec: str, flag: str) -> list[float]:
+    """"lin:START:STOP:N" -> N evenly spaced values from START to STOP (both included); "log:..." -> evenly
+    spaced in log scale (numpy's linspace / geomspace)."""
+    import numpy as np
+
+    kind, *parts = spec.strip().split(":")
+    usage = f"{flag} {spec}: expected {kind}:START:STOP:N, e.g. {kind}:1e-5:0.3:50"
+    if kind not in GRID_KINDS:
+        raise InputError(f"{flag} {spec}: unknown grid {kind!r}; use lin:START:STOP:N or log:START:STOP:N")
+    if len(parts) != 3:
+        raise InputError(usage)
+    try:
+        start, stop, n = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise InputError(usage) from None
+    if n < 1:
+        raise InputError(f"{flag} {spec}: N must be a positive integer")
+    if kind == "log" and not (start > 0 and stop > 0):
+        raise InputError(f"{flag} {spec}: a log grid needs START and STOP > 0")
+    values = np.linspace(start, stop, n) if kind == "lin" else np.geomspace(start, stop, n)
+    return [float(v) for v in values]
+
+
 def parse_floats(spec: float | str | list[float], flag: str) -> list[float]:
-    """0.01, "1e-3,1e-2" or [1e-3, 1e-2] -> a list of distinct positive floats."""
+    """0.01, "1e-3,1e-2", "lin:1e-5:0.3:50", "log:1e-4:1e-1:7" or [1e-3, 1e-2] -> distinct positive floats.
+
+    Items of a comma list may themselves be lin:/log: grids.
+    """
     items = spec.split(",") if isinstance(spec, str) else (list(spec) if isinstance(spec, (list, tuple)) else [spec])
     values = []
     for s in items:
         if str(s).strip() == "":
             continue
+        if isinstance(s, str) and ":" in s:
+            values.extend(parse_grid(s, flag))
+            continue
         try:
-            v = float(s)
+            values.append(float(s))
         except (TypeError, ValueError):
-            raise InputError(f"{flag}: {s!r} is not a number; give one value or a comma list such as 1e-3,1e-2"
-                             ) from None
+            raise InputError(f"{flag}: {s!r} is not a number; give one value, a comma list such as 1e-3,1e-2, "
+                             "or a grid lin:START:STOP:N / log:START:STOP:N") from None
+    for v in values:
         if not math.isfinite(v) or v <= 0:
-            raise InputError(f"{flag}: {s!r} must be a positive finite number")
-        values.append(v)
+            raise InputError(f"{flag} {spec}: {v!r} must be a positive finite number")
     if not values:
         raise InputError(f"{flag}: no value given")
     if len(set(values)) != len(values):
@@ -179,7 +216,13 @@ def _positive_int(value: Any, flag: str, minimum: int = 1) -> int:
     return v
 
 
-def resolve(cfg: CompareConfig) -> tuple[RunConfig, TaskSpec]:
+class Resolved(NamedTuple):
+    run: RunConfig  # saved as config.json
+    task: TaskSpec
+    arms: list[Arm]  # run.arms, looked up once
+
+
+def resolve(cfg: CompareConfig) -> Resolved:
     """Fill every None from the task's defaults and validate; InputErrors name the flag."""
     task = get_task(cfg.task)
     d = task.defaults
@@ -188,7 +231,8 @@ def resolve(cfg: CompareConfig) -> tuple[RunConfig, TaskSpec]:
         value = getattr(cfg, name)
         return value if value is not None else d.get(name, fallback)
 
-    arms = parse_arms(pick("arms", "lora,balora"))
+    arms = resolve_arms(pick("arms", "lora,balora"))
+    names = [a.name for a in arms]
     optimizer = str(pick("optimizer", "adam"))
     optimizer_class(optimizer)
     lr = pick("lr")
@@ -204,6 +248,10 @@ def resolve(cfg: CompareConfig) -> tuple[RunConfig, TaskSpec]:
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     target = pick("target_loss")
+    select = str(pick("select", "arm"))
+    if select not in SELECTS:
+        raise InputError(f"--select {select}: use arm (one lr per arm, median over seeds) or seed (each seed "
+                         "its own best lr, the paper's protocol)")
 
     task_keys = {k: v for k, v in d.items() if k not in COMPARE_KEYS}
     arm_keys = {k for a in ARMS.values() for k in a.defaults}
@@ -215,7 +263,7 @@ def resolve(cfg: CompareConfig) -> tuple[RunConfig, TaskSpec]:
 
     run = RunConfig(
         task=task.name,
-        arms=arms,
+        arms=names,
         steps=_positive_int(pick("steps", 100), "--steps"),
         seeds=parse_seeds(pick("seeds", 1)),
         optimizer=optimizer,
@@ -230,8 +278,9 @@ def resolve(cfg: CompareConfig) -> tuple[RunConfig, TaskSpec]:
         layers_every=_positive_int(pick("layers_every", 10), "--layers-every", 0),
         spectra_every=_positive_int(pick("spectra_every", 10), "--spectra-every", 0),
         target_loss=None if target is None else float(target),
+        select=select,
         task_options={**task_keys, **{k: v for k, v in cfg.options.items() if k in task_keys}},
-        arm_options=arm_options(arms, cfg.options, float(pick("weight_decay", 0.0))),
+        arm_options=arm_options(names, cfg.options, float(pick("weight_decay", 0.0))),
         n_cells=0,
         out=cfg.out or new_run_dir(task.name),
         created=now_iso(),
@@ -239,7 +288,7 @@ def resolve(cfg: CompareConfig) -> tuple[RunConfig, TaskSpec]:
     run.n_cells = len(run.arms) * len(run.seeds) * len(run.lrs) * len(run.alphas)
     run.command_reconstructed = command_line(run)
     run.command = cfg.command or run.command_reconstructed
-    return run, task
+    return Resolved(run, task, arms)
 
 
 def command_line(run: RunConfig) -> str:
@@ -255,6 +304,7 @@ def command_line(run: RunConfig) -> str:
             "--layers-every", str(run.layers_every), "--spectra-every", str(run.spectra_every)]
     if run.target_loss is not None:
         args += ["--target-loss", repr(run.target_loss)]
+    args += ["--select", run.select]
     for key, value in {**run.task_options, **{k: v for k, v in run.arm_options.items() if k != "weight_decay"}}.items():
         args += ["--set", f"{key}={value}"]
     args += ["--out", run.out]

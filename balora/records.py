@@ -140,8 +140,19 @@ def _best_per_arm(s: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(picked) if picked else s.iloc[0:0]
 
 
+def _best_per_seed(s: pd.DataFrame) -> pd.DataFrame:
+    """Each (arm, seed)'s own (lr, alpha) with the smallest value: the paper's protocol (a trajectory
+    keeps its best learning rate). Ties go to the first row in the table's order; a seed whose every
+    cell diverged keeps one of them (value +inf), so it still counts, as the worst, in medians."""
+    ran = s[s.groupby("arm", sort=False)["status"].transform(lambda st: (st != "skipped").any())]
+    if ran.empty:
+        return s.iloc[0:0]
+    ranked = ran["value"].fillna(math.inf)  # a completed cell without the metric ranks last too
+    return ran.loc[ranked.groupby([ran["arm"], ran["seed"]], sort=False).idxmin()]
+
+
 # select -> rows of the summary (with "value") at the chosen cells, one per (arm, seed)
-SELECTIONS = {"arm": _best_per_arm}
+SELECTIONS = {"arm": _best_per_arm, "seed": _best_per_seed}
 
 
 def best_cells(summary: pd.DataFrame, metric: str | None = None, *, select: str = "arm") -> pd.DataFrame:
@@ -149,7 +160,8 @@ def best_cells(summary: pd.DataFrame, metric: str | None = None, *, select: str 
     +inf when the cell did not complete). Arms whose every cell was skipped have no row.
 
     select "arm": one (lr, alpha) per arm, the lowest median over seeds (the learning rate a user would
-    pick for that arm). metric None: headline_metric(summary).
+    pick for that arm); "seed": each seed of each arm at its own best (lr, alpha), the paper's protocol.
+    metric None: headline_metric(summary).
     """
     if select not in SELECTIONS:
         raise InputError(f"best cell selection {select!r}: choose one of {', '.join(SELECTIONS)}")

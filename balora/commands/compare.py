@@ -22,8 +22,9 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, help=f"optimizer steps per cell (default: {DEFAULT})")
     p.add_argument("--seeds", help="a count (3 means seeds 0,1,2) or a comma list (0,4,7)")
     p.add_argument("--optimizer", help="adam | adamw | sgd | sign (sign descent)")
-    p.add_argument("--lr", help="learning rate, or a comma list for a grid (1e-3,1e-2)")
-    p.add_argument("--alpha", help="LoRA alpha, or a comma list for a grid (default: the task's, often = rank)")
+    p.add_argument("--lr", help="learning rate, or a grid: a comma list (1e-3,1e-2), lin:START:STOP:N (evenly spaced, "
+                                "both ends included) or log:START:STOP:N (evenly spaced in log scale)")
+    p.add_argument("--alpha", help="LoRA alpha, or a grid like --lr's (default: the task's, often = rank)")
     p.add_argument("--rank", type=int, help="LoRA r")
     p.add_argument("--weight-decay", type=float, help="weight decay shared by all arms (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -33,6 +34,9 @@ def add_parser(sub):
     p.add_argument("--layers-every", type=int, help="per-layer report every N steps, 0 never")
     p.add_argument("--spectra-every", type=int, help="singular values of dW, A, B every N steps, 0 never")
     p.add_argument("--target-loss", type=float, help="loss threshold for steps/seconds-to-target (default: the task's)")
+    p.add_argument("--select", choices=("arm", "seed"),
+                   help="best learning rate in the summaries: arm = one per arm, lowest median over seeds (default); "
+                        "seed = each seed its own best, the paper's protocol")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="task or arm option, repeatable: --set model=gpt2 --set loraplus_lr_ratio=4")
     p.add_argument("--out", help="run directory (default: <runs folder>/<task>-<timestamp>; the runs folder is "
@@ -53,7 +57,8 @@ def config_from_args(args):
         task=args.task, arms=args.arms, steps=args.steps, seeds=args.seeds, optimizer=args.optimizer, lr=args.lr,
         alpha=args.alpha, rank=args.rank, weight_decay=args.weight_decay, device=args.device, threads=args.threads,
         dtype=args.dtype, eval_every=args.eval_every, layers_every=args.layers_every,
-        spectra_every=args.spectra_every, target_loss=args.target_loss, options=parse_set(args.set),
+        spectra_every=args.spectra_every, target_loss=args.target_loss, select=args.select,
+        options=parse_set(args.set),
         out=args.out or new_run_dir(args.task), force=args.force, quiet=args.quiet,
         command=invoked_command(),
     )
@@ -103,14 +108,21 @@ def print_summary(run) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from balora.commands.formatting import num
     from balora.records import arm_summary
 
-    s = arm_summary(run.summary)
+    def _g4(x) -> str:
+        return num(x, digits=4)
+
+    select = run.config.get("select", "arm")
+    s = arm_summary(run.summary, select=select)
     metric = s["metric"].iloc[0] if len(s) else "final_loss"
     near = "2x" if metric == "final_excess_loss" else "5%"
     table = Table(title=f"{run.config.get('task')}, {run.config.get('optimizer')}, "
                         f"{len(run.config.get('seeds', []))} seed(s)",
-                  caption=f"best/worst: median {metric} over seeds at the arm's best/worst (lr, alpha) cell; "
+                  caption=("best cell: one (lr, alpha) per arm, the lowest median over seeds; " if select == "arm" else
+                           "best cell: each seed its own (lr, alpha), the paper's protocol (lr, alpha: medians); ")
+                          + f"best/worst: median {metric} over seeds at the arm's best/worst (lr, alpha) cell; "
                           f"near best: share of cells within {near} of the best; to target: median steps at the "
                           "best cell; "
                           "vs lora: median speed-up in steps to target, each arm at its best cell")
@@ -118,8 +130,8 @@ def print_summary(run) -> None:
         table.add_column(col, justify="left" if col == "arm" else "right", no_wrap=True)
     for r in s.itertuples(index=False):
         near_best = r.within_2x if near == "2x" else r.within_5pct
-        table.add_row(r.arm, f"{r.completed}/{r.cells}", str(r.diverged), _g(r.best_lr), _g(r.best_alpha),
-                      _g(r.best), _g(r.worst), _g(near_best), _g(r.steps_to_target), _g(r.speedup_vs_lora))
+        table.add_row(r.arm, f"{r.completed}/{r.cells}", str(r.diverged), _g4(r.best_lr), _g4(r.best_alpha),
+                      _g4(r.best), _g4(r.worst), _g4(near_best), _g4(r.steps_to_target), _g4(r.speedup_vs_lora))
     console = Console()
     if not console.is_terminal:  # piped or logged: rich would assume 80 columns and cut the numbers
         console = Console(width=120)
@@ -127,13 +139,6 @@ def print_summary(run) -> None:
     skipped = run.summary[run.summary["status"] == "skipped"]
     for arm, reason in skipped.drop_duplicates("arm")[["arm", "reason"]].itertuples(index=False):
         print(f"skipped {arm}: {reason}")
-
-
-def _g(x) -> str:
-    try:
-        return "-" if x != x else f"{x:.4g}"
-    except TypeError:
-        return str(x)
 
 
 def _list() -> int:
