@@ -174,3 +174,191 @@ def test_to_table_rejects_nothing_silently():
     assert list(df.columns) == list(TABLES["steps"])
     with pytest.raises((ValueError, TypeError)):
         to_table("steps", [{"arm": "lora", "seed": "zero", "lr": 0.1, "alpha": 1.0, "step": 1}])
+
+
+# ------------------------------------------------------------------ damaged runs (issue 15 item 6)
+
+GOOD_STATUS = {"status": "completed", "started": "2026-01-01T00:00:00+00:00", "updated": "2026-01-01T00:00:00+00:00",
+               "finished": "2026-01-01T00:00:00+00:00", "message": None,
+               "progress": {"done": 1, "total": 1, "steps_done": 3, "steps_total": 3}, "pid": 1, "host": "h"}
+GOOD_CONFIG = {"task": "synthetic", "arms": ["lora"], "seeds": [0], "n_cells": 1}
+
+DAMAGED_STATUS = {
+    "null": "null", "a list": "[1, 2]", "a string": '"completed"', "a number": "3",
+    "an unknown status": '{"status": "done"}', "status not a string": '{"status": 5}',
+    "progress a list": '{"status": "running", "progress": [1]}',
+    "progress.done a string": '{"status": "running", "progress": {"done": "1"}}',
+    "progress.done huge": '{"status": "running", "progress": {"done": 1e999}}',
+    "progress.total 400 digits": '{"status": "running", "progress": {"total": ' + "9" * 400 + "}}",
+    "NaN": '{"status": "running", "progress": {"done": NaN}}',
+    "updated a number": '{"status": "running", "updated": 5}',
+    "pid a string": '{"status": "running", "pid": "x"}', "negative pid": '{"status": "running", "pid": -1}',
+    "not JSON": '{"status": ', "not UTF-8": b"\xff\xfe{}",
+}
+DAMAGED_CONFIG = {
+    "null": "null", "a list": "[]", "arms a string": '{"task": "synthetic", "arms": "lora"}',
+    "seeds floats": '{"seeds": [1.5]}', "n_cells inf": '{"n_cells": 1e400}',
+    "n_cells huge": '{"n_cells": 100000000000000000000000000000}', "task a list": '{"task": ["x"]}',
+    "Infinity deep inside": '{"task": "synthetic", "task_options": {"x": [Infinity]}}',
+}
+
+
+def _run_folder(path, status=GOOD_STATUS, config=GOOD_CONFIG):
+    path.mkdir(parents=True)
+    for name, data in (("status.json", status), ("config.json", config)):
+        if isinstance(data, bytes):
+            (path / name).write_bytes(data)
+        else:
+            (path / name).write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("which,variants", [("status.json", DAMAGED_STATUS), ("config.json", DAMAGED_CONFIG)])
+def test_damaged_status_or_config_is_one_error_and_listed_as_damaged(tmp_path, which, variants):
+    from balora.store import RunError
+
+    _run_folder(tmp_path / "good")
+    for i, (case, text) in enumerate(variants.items()):
+        kw = {"status": text} if which == "status.json" else {"config": text}
+        bad = _run_folder(tmp_path / f"bad{i}", **kw)
+        with pytest.raises(RunError, match=which) as e:
+            load_run(bad)
+        assert isinstance(e.value, InputError) and str(bad) in str(e.value), case
+        assert "\n" not in str(e.value), case
+    df = list_runs(tmp_path).set_index("name")
+    assert df.loc["good", "status"] == "completed" and pd.isna(df.loc["good", "reason"])
+    damaged = df.drop(index="good")
+    assert len(damaged) == len(variants) and set(damaged["status"]) == {"damaged"}
+    assert all(which in r for r in damaged["reason"])
+    assert load_run(tmp_path / "good").status == "completed"  # the others still load
+
+
+def test_special_files_named_status_or_config_never_hang(tmp_path):
+    """A FIFO named status.json (opening it would block until a writer came) and /dev/zero behind
+    config.json (reading it would never end): RunError at once, from load_run and list_runs."""
+    import threading
+
+    from balora.store import RunError
+
+    fifo_run = _run_folder(tmp_path / "fifo")
+    (fifo_run / "status.json").unlink()
+    os.mkfifo(fifo_run / "status.json")
+    zero_run = _run_folder(tmp_path / "zero")
+    (zero_run / "config.json").unlink()
+    (zero_run / "config.json").symlink_to("/dev/zero")
+    result = {}
+
+    def read_all():
+        for run in (fifo_run, zero_run):
+            try:
+                load_run(run)
+            except RunError as e:
+                result[run.name] = str(e)
+        result["listed"] = list_runs(tmp_path)
+
+    t = threading.Thread(target=read_all, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "reading a FIFO or /dev/zero blocked"
+    assert "FIFO" in result["fifo"] and "status.json" in result["fifo"]
+    assert "device" in result["zero"] and "config.json" in result["zero"]
+    listed = result["listed"].set_index("name")
+    assert set(listed["status"]) == {"damaged"} and "FIFO" in listed.loc["fifo", "reason"]
+
+
+def test_odd_but_valid_status_values_do_not_crash(tmp_path):
+    # a hand-written status with a naive time, no pid and a missing file beside it
+    run = _run_folder(tmp_path / "r", status={"status": "running", "updated": "2020-01-01T00:00:00"})
+    r = load_run(run)
+    assert r.status == "running" and r.stale and "not updated" in r.status_info["stale_reason"]
+    assert r.warnings == ["env.json: missing"]
+    (run / "status.json").unlink()
+    r = load_run(run)
+    assert r.status == "unknown" and "status.json: missing" in r.warnings
+
+
+def test_read_status_and_run_version(tmp_path):
+    from balora.store import read_status, run_version
+
+    assert read_status(tmp_path / "nothing-yet") == {}
+    w = writer(tmp_path / "run")
+    assert read_status(w.path)["status"] == "running"
+    v0 = run_version(w.path)
+    assert run_version(w.path) == v0  # nothing changed
+    w.append("steps", steps_rows("lora", 0, [1]))
+    v1 = run_version(w.path)
+    assert v1 != v0
+    w.heartbeat({"done": 1}, force=True)
+    v2 = run_version(w.path)
+    assert v2 != v1 and read_status(w.path)["progress"]["done"] == 1
+    w.finish("completed")
+    assert run_version(w.path) != v2
+
+
+# ------------------------------------------------------------------ --force deletes only balora's files (item 5)
+
+
+def _finished_run(path):
+    w = writer(path)
+    w.append("steps", steps_rows("lora", 0, [1, 2]))
+    w.append("steps", steps_rows("lora", 0, [3]))
+    w.finish("completed")
+    return path
+
+
+def test_force_deletes_only_what_balora_wrote(tmp_path):
+    from balora.store import MARKER
+
+    run = _finished_run(tmp_path / "run")
+    assert (run / MARKER).is_file()
+    (run / "notes.txt").write_text("mine")
+    (run / "other-tool").mkdir()
+    (run / "other-tool" / "data.bin").write_bytes(b"x")
+    (run / "steps" / "my-steps.csv").write_text("mine too")
+    outside = tmp_path / "outside.json"
+    outside.write_text("keep")
+    (run / "env.json").unlink()
+    (run / "env.json").symlink_to(outside)  # a link where balora's file was: removed as a link, never followed
+
+    w = writer(run, force=True)
+    assert sorted(w.kept) == ["notes.txt", "other-tool/", "steps/my-steps.csv"]
+    assert (run / "notes.txt").read_text() == "mine" and (run / "other-tool" / "data.bin").exists()
+    assert (run / "steps" / "my-steps.csv").exists() and outside.read_text() == "keep"
+    assert not list((run / "steps").glob("part-*.parquet"))  # the old run's parts are gone
+    w.finish("completed")
+    assert load_run(run).steps.empty and not load_run(run).warnings
+
+
+def test_force_refuses_a_foreign_folder_and_handles_old_unmarked_runs(tmp_path):
+    # another tool's folder with a config.json and a status.json: not balora's, nothing deleted
+    foreign = _run_folder(tmp_path / "foreign", status={"state": "ok"}, config={"model": "x"})
+    (foreign / "weights.bin").write_bytes(b"w")
+    before = sorted(p.name for p in foreign.iterdir())
+    with pytest.raises(InputError, match="will not delete anything"):
+        writer(foreign, force=True)
+    assert sorted(p.name for p in foreign.iterdir()) == before
+
+    # a run written before the marker existed (like the sample runs): only the known names go
+    old = _finished_run(tmp_path / "old")
+    (old / ".balora-run").unlink()
+    (old / "README.md").write_text("how I made it")
+    assert load_run(old).status == "completed"  # still loads without the marker
+    w = writer(old, force=True)
+    assert w.kept == ["README.md"] and (old / "README.md").exists()
+    assert not list((old / "steps").glob("part-*.parquet"))
+
+
+def test_compare_cli_force_says_what_it_kept(tmp_path, capsys):
+    from balora.cli import main
+
+    out = tmp_path / "run"
+    argv = ["compare", "--out", str(out), "--arms", "lora", "--seeds", "1", "--steps", "3", "--quiet",
+            "--set", "in_features=6", "--set", "out_features=5", "--rank", "2"]
+    assert main(argv) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "did not write" in err
+    assert (out / "notes.txt").read_text() == "mine" and load_run(out).status == "completed"

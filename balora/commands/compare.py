@@ -41,7 +41,8 @@ def add_parser(sub):
                    help="task or arm option, repeatable: --set model=gpt2 --set loraplus_lr_ratio=4")
     p.add_argument("--out", help="run directory (default: <runs folder>/<task>-<timestamp>; the runs folder is "
                                  "./runs or $BALORA_RUNS, the one the dashboard lists)")
-    p.add_argument("--force", action="store_true", help="replace an existing run directory at --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier balora run at --out: only the files balora wrote there are deleted")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary table")
     p.add_argument("--list", action="store_true", help="list tasks, arms and optimizers, then exit")
     p.set_defaults(run=run)
@@ -99,8 +100,21 @@ def run(args) -> int:
     if not args.quiet:
         print_summary(result)
     print(f"run written to {path} ({result.status})")
+    if cfg.force:
+        _say_kept(path)
     print(f"open it in the dashboard: {dashboard_command(path)}")
     return 0
+
+
+def _say_kept(path) -> None:
+    """--force deleted only what the earlier run wrote: name what else is in the folder, left as it was."""
+    from balora.store import foreign_entries
+
+    kept = foreign_entries(path)
+    if kept:
+        shown = ", ".join(kept[:10]) + (f" and {len(kept) - 10} more" if len(kept) > 10 else "")
+        print(f"balora compare: --force left {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} in {path} that "
+              f"balora did not write: {shown}", file=sys.stderr)
 
 
 def print_summary(run) -> None:

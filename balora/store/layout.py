@@ -1,0 +1,156 @@
+"""The run directory's layout: file names, tables and their columns, the marker, a change token.
+
+Every other module (writer, reader, the dashboard's loaders, Launch jobs, `compare --force`) asks
+here instead of spelling file names itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from balora.report import REPORT_COLUMNS
+
+CONFIG, ENV, STATUS = "config.json", "env.json", "status.json"
+# Written first into every run folder balora creates: says the folder is balora's and lists what balora
+# puts there, so `--force` deletes those names only (another tool's files in the folder stay).
+MARKER = ".balora-run"
+MARKER_FORMAT = 1
+
+STATUSES = ("running", "completed", "failed", "interrupted")
+CELL_STATUSES = ("completed", "diverged", "failed", "skipped", "interrupted")
+STALE_AFTER_S = 600.0  # a "running" run not updated for this long is reported stale
+HEARTBEAT_S = 30.0  # the runner rewrites status.json at least this often while running
+
+KEY_COLUMNS: dict[str, str] = {"arm": "string", "seed": "int64", "lr": "float64", "alpha": "float64"}
+_SPECTRA_LISTS = ("sigma", "sigma_A", "sigma_B")
+
+TABLES: dict[str, dict[str, str]] = {
+    "steps": {
+        **KEY_COLUMNS,
+        "step": "int64",
+        "loss": "float64",
+        "eval_loss": "float64",
+        "excess_loss": "float64",
+        "time_s": "float64",
+        "step_time_s": "float64",
+        "balance_time_s": "float64",
+        "diag_time_s": "float64",
+        "eval_time_s": "float64",
+    },
+    "layers": {**KEY_COLUMNS, "step": "int64",
+               **{k: v for k, v in REPORT_COLUMNS.items() if k not in _SPECTRA_LISTS}},
+    "spectra": {
+        **KEY_COLUMNS,
+        "step": "int64",
+        "module": "string",
+        "adapter": "string",
+        "which": "string",
+        "index": "int64",
+        "value": "float64",
+    },
+    "summary": {
+        **KEY_COLUMNS,
+        "status": "string",
+        "reason": "string",
+        "steps_done": "int64",
+        "final_loss": "float64",
+        "min_loss": "float64",
+        "best_loss": "float64",
+        "final_excess_loss": "float64",
+        "final_eval_loss": "float64",
+        "final_rel_imbalance_max": "float64",
+        "target_loss": "float64",
+        "target_on": "string",
+        "steps_to_target": "float64",
+        "seconds_to_target": "float64",
+        "total_seconds": "float64",
+        "balance_seconds": "float64",
+        "diag_seconds": "float64",
+        "speedup_steps": "float64",
+        "speedup_seconds": "float64",
+    },
+}
+# Rows that are the same measurement: used to drop duplicates left by an interrupted merge.
+UNIQUE: dict[str, list[str]] = {
+    "steps": [*KEY_COLUMNS, "step"],
+    "layers": [*KEY_COLUMNS, "step", "module", "adapter"],
+    "spectra": [*KEY_COLUMNS, "step", "module", "adapter", "which", "index"],
+    "summary": [*KEY_COLUMNS],
+}
+
+# What balora writes into a run folder: these files, and in each table folder part files (and their
+# temporary names while being written). Nothing else in a run folder is balora's.
+RUN_FILES = (CONFIG, ENV, STATUS)
+PART_GLOB = "part-*.parquet"
+_PART_RE = re.compile(r"^part-\d{5,}\.parquet$|^\.part-\d{5,}\.parquet\.tmp$")
+_JSON_TMP_RE = re.compile(r"^\.(config|env|status)\.json\.\d+\.tmp$")
+
+
+def part_name(number: int) -> str:
+    return f"part-{number:05d}.parquet"
+
+
+def is_part_file(name: str) -> bool:
+    """A table part balora writes (or its temporary name while it is written)."""
+    return bool(_PART_RE.match(name))
+
+
+def is_json_tmp(name: str) -> bool:
+    """The temporary name write_json_atomic gives config/env/status.json before renaming it."""
+    return bool(_JSON_TMP_RE.match(name))
+
+
+def to_table(table: str, rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """Rows -> a frame with exactly the table's columns, in order, with their dtypes (also when empty)."""
+    columns = TABLES[table]
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    df = df.reindex(columns=list(columns))
+    return df.astype(columns)
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder that holds a run: a config.json and a status.json entry (whatever they turn out to hold:
+    the reader says when one is damaged, a FIFO or a link to a device)."""
+    return os.path.lexists(path / CONFIG) and os.path.lexists(path / STATUS)
+
+
+def is_marked(path: Path) -> bool:
+    """Whether balora created this folder as a run (the marker is a regular file, not a link)."""
+    try:
+        return (Path(path) / MARKER).is_file() and not (Path(path) / MARKER).is_symlink()
+    except OSError:
+        return False
+
+
+def marker_text(created: str) -> str:
+    """The marker's content: what balora writes in the folder, for a person who finds it."""
+    return json.dumps({"balora_run": MARKER_FORMAT, "created": created, "files": [*RUN_FILES, MARKER],
+                       "tables": {t: PART_GLOB for t in TABLES}}, indent=2) + "\n"
+
+
+def _stat_token(path: Path) -> tuple | None:
+    try:
+        s = os.stat(path)  # a stat never blocks, also on a FIFO
+    except OSError:
+        return None
+    return (s.st_mtime_ns, s.st_size, s.st_ino)
+
+
+def run_version(path: str | Path) -> tuple:
+    """A cheap token that changes whenever the run's files change (for caches): status.json and config.json
+    (mtime, size, inode: a rewrite renames a new file into place) and each table folder's part files."""
+    path = Path(path)
+    token: list = [_stat_token(path / STATUS), _stat_token(path / CONFIG)]
+    for table in TABLES:
+        try:
+            with os.scandir(path / table) as it:
+                names = sorted(e.name for e in it if e.name.startswith("part-") and e.name.endswith(".parquet"))
+        except OSError:
+            names = []
+        token.append((len(names), names[-1] if names else None, _stat_token(path / table)))
+    return tuple(token)

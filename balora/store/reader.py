@@ -1,0 +1,163 @@
+"""Reading runs: load_run (one run, tolerant of partial and crashed runs) and list_runs (many, cheap)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from balora.errors import InputError
+from balora.store.json_files import RunError, read_config, read_env, read_status
+from balora.store.layout import CONFIG, PART_GLOB, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_run_dir, to_table
+
+
+@dataclass
+class Run:
+    """A loaded run. Tables keep their columns when empty; `warnings` lists what could not be read."""
+
+    path: Path
+    config: dict
+    env: dict
+    status: str  # running | completed | failed | interrupted (or "unknown" if status.json is missing)
+    status_info: dict  # status.json + "stale" (bool) + "stale_reason"
+    steps: pd.DataFrame
+    layers: pd.DataFrame
+    spectra: pd.DataFrame
+    summary: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.status_info.get("stale"))
+
+    def __repr__(self) -> str:
+        stale = " (stale)" if self.stale else ""
+        return (f"Run({str(self.path)!r}, task={self.config.get('task')!r}, status={self.status!r}{stale}, "
+                f"steps={len(self.steps)} rows, cells={len(self.summary)})")
+
+
+def _read_table(run: Path, table: str, warnings: list[str]) -> pd.DataFrame:
+    frames = []
+    for part in sorted((run / table).glob(PART_GLOB)):
+        try:
+            frames.append(pd.read_parquet(part))
+        except Exception as e:  # truncated or corrupted: skip it, say so, never crash
+            warnings.append(f"{table}/{part.name}: unreadable, skipped ({type(e).__name__}: {e})")
+    columns = TABLES[table]
+    if not frames:
+        return to_table(table, [])
+    df = pd.concat(frames, ignore_index=True)
+    extra = [c for c in df.columns if c not in columns]
+    try:
+        df = pd.concat([to_table(table, df), df[extra]], axis=1)
+    except (ValueError, TypeError, OverflowError) as e:
+        warnings.append(f"{table}: columns do not have the documented dtypes ({e}); left as read")
+        return df
+    before = len(df)
+    df = df.drop_duplicates(subset=UNIQUE[table], keep="last", ignore_index=True)
+    if len(df) < before and table != "summary":
+        warnings.append(f"{table}: {before - len(df)} duplicate row(s) dropped (an interrupted merge of parts)")
+    return df
+
+
+def _stale(status: dict, stale_after_s: float) -> tuple[bool, str | None]:
+    if status.get("status") != "running":
+        return False, None
+    pid, host = status.get("pid"), status.get("host")
+    if isinstance(pid, int) and host == socket.gethostname() and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True, f"the writing process (pid {pid}) is gone"
+        except (PermissionError, OverflowError, ValueError):  # alive, owned by someone else / not a real pid
+            pass
+    try:
+        updated = _dt.datetime.fromisoformat(status["updated"])
+        if updated.tzinfo is None:
+            updated = updated.replace(tzinfo=_dt.timezone.utc)
+    except (KeyError, TypeError, ValueError):
+        return True, "no valid 'updated' time in status.json"
+    age = (_dt.datetime.now(_dt.timezone.utc) - updated).total_seconds()
+    if age > stale_after_s:
+        return True, f"not updated for {age / 60:.0f} min"
+    return False, None
+
+
+def load_run(path: str | Path, *, stale_after_s: float = STALE_AFTER_S) -> Run:
+    """Read a run directory (complete, partial, or from a crashed writer) into a Run.
+
+    Unreadable part files are skipped and listed in `warnings`; a status.json or config.json that cannot
+    be used (not a regular file, not a JSON object, fields of the wrong type) raises RunError (an
+    InputError) naming the file.
+    """
+    run = Path(path)
+    if not run.is_dir():
+        raise InputError(f"{run}: no such run directory; pass a folder written by `balora compare` or RunRecorder")
+    if not os.path.lexists(run / CONFIG) and not os.path.lexists(run / STATUS):
+        raise InputError(f"{run}: not a balora run (no config.json or status.json); pass a folder written by "
+                         "`balora compare` or RunRecorder")
+    warnings: list[str] = []
+    config, status = read_config(run), read_status(run)
+    warnings += [f"{name}: missing" for name, data in ((CONFIG, config), (STATUS, status))
+                 if not data and not os.path.lexists(run / name)]
+    env = read_env(run, warnings)
+    stale, why = _stale(status, stale_after_s)
+    info = {**status, "stale": stale, "stale_reason": why}
+    tables = {t: _read_table(run, t, warnings) for t in TABLES}
+    return Run(run, config, env, status.get("status", "unknown"), info, warnings=warnings, **tables)
+
+
+LIST_COLUMNS = {"path": "string", "name": "string", "task": "string", "status": "string", "stale": "bool",
+                "started": "string", "finished": "string", "arms": "string", "seeds": "string",
+                "n_cells": "int64", "done": "int64", "reason": "string"}
+
+
+def _list_row(run: Path) -> dict:
+    """One list_runs row; a damaged run gets status "damaged" and the problem in `reason`."""
+    row = {"path": str(run), "name": run.name, "stale": False, "n_cells": 0, "done": 0}
+    try:
+        config, status = read_config(run), read_status(run)
+    except RunError as e:
+        return {**row, "status": "damaged", "reason": str(e)}
+    progress = status.get("progress") or {}
+    return {**row,
+            "task": config.get("task"), "status": status.get("status", "unknown"),
+            "stale": _stale(status, STALE_AFTER_S)[0], "started": status.get("started"),
+            "finished": status.get("finished"), "arms": ",".join(config.get("arms") or []),
+            "seeds": ",".join(map(str, config.get("seeds") or [])),
+            "n_cells": int(config.get("n_cells") or progress.get("total") or 0),
+            "done": int(progress.get("done") or 0), "reason": None}
+
+
+def list_runs(root: str | Path, max_depth: int = 3) -> pd.DataFrame:
+    """One row per run directory at or below `root` (config and status only: cheap). Columns: path, name,
+    task, status, stale, started, finished, arms, seeds, n_cells, done, reason. A damaged run (see
+    load_run) is listed with status "damaged" and why in `reason`; the other runs are listed as usual."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such directory; pass the folder that holds your runs")
+    rows = [_list_row(run) for run in _find_runs(root, max_depth)]
+    return pd.DataFrame(rows, columns=list(LIST_COLUMNS)).astype(LIST_COLUMNS)
+
+
+def _find_runs(root: Path, max_depth: int) -> list[Path]:
+    if is_run_dir(root):
+        return [root]
+    if max_depth == 0:
+        return []
+    found: list[Path] = []
+    try:
+        children = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError:  # unreadable folder: nothing to list there
+        return []
+    for child in children:
+        found.extend(_find_runs(child, max_depth - 1))
+    return found

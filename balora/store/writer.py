@@ -1,0 +1,262 @@
+"""Writing a run directory: RunWriter (incremental, atomic), and replacing an earlier run with --force."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from balora.errors import InputError
+from balora.store.json_files import RunError, read_config, read_status
+from balora.store.layout import (CONFIG, ENV, HEARTBEAT_S, MARKER, PART_GLOB, RUN_FILES, STATUS, STATUSES, TABLES,
+                                 is_json_tmp, is_marked, is_part_file, is_run_dir, marker_text, part_name, to_table)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Strict JSON: non-finite floats become null, paths and other objects their str."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def environment_info(device: str) -> dict:
+    """Versions and machine facts worth keeping beside a run."""
+    import numpy
+    import peft
+    import pyarrow
+    import torch
+    import transformers
+
+    import balora
+
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "versions": {
+            "balora": balora.__version__,
+            "torch": torch.__version__,
+            "peft": peft.__version__,
+            "transformers": transformers.__version__,
+            "numpy": numpy.__version__,
+            "pandas": pd.__version__,
+            "pyarrow": pyarrow.__version__,
+        },
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["cuda"] = {"name": torch.cuda.get_device_name(torch.device(device)), "version": torch.version.cuda}
+    return info
+
+
+# ------------------------------------------------------------------ what --force may delete
+
+
+def _split_entries(path: Path) -> tuple[list[Path], list[str]]:
+    """(files balora wrote in the run folder `path`, names of everything else there, folders ending in "/").
+
+    balora's: config/env/status.json and their temporary names, the marker, and part files inside the
+    table folders. A symlink counts by its own name and is removed as a link, never followed.
+    """
+    ours: list[Path] = []
+    foreign: list[str] = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        is_dir = entry.is_dir(follow_symlinks=False)
+        if (entry.name in RUN_FILES or entry.name == MARKER or is_json_tmp(entry.name)) and not is_dir:
+            ours.append(Path(entry.path))
+        elif entry.name in TABLES and is_dir:
+            for part in sorted(os.scandir(entry.path), key=lambda e: e.name):
+                if is_part_file(part.name) and not part.is_dir(follow_symlinks=False):
+                    ours.append(Path(part.path))
+                else:
+                    foreign.append(f"{entry.name}/{part.name}" + ("/" if part.is_dir(follow_symlinks=False) else ""))
+        else:
+            foreign.append(entry.name + ("/" if is_dir else ""))
+    return ours, foreign
+
+
+def foreign_entries(path: str | Path) -> list[str]:
+    """What a run folder holds that balora did not write (what `--force` leaves in place)."""
+    return _split_entries(Path(path))[1]
+
+
+def _looks_like_old_run(path: Path) -> bool:
+    """A run written before the marker existed: its config and status must read as balora's."""
+    try:
+        config, status = read_config(path, missing_ok=False), read_status(path, missing_ok=False)
+    except RunError:
+        return False
+    return isinstance(config.get("task"), str) and status.get("status") in STATUSES
+
+
+def clear_run(path: str | Path, flag: str = "--out") -> list[str]:
+    """Delete what an earlier balora run wrote in `path` (the --force of `balora compare`); everything else
+    stays. Returns the names of what stayed. A folder neither marked by balora nor holding an older balora
+    run (readable config.json and status.json) is refused with an InputError and left untouched."""
+    path = Path(path)
+    if not is_marked(path) and not (is_run_dir(path) and _looks_like_old_run(path)):
+        raise InputError(f"{flag} {path}: not empty and not a balora run, so --force will not delete anything "
+                         "in it; choose another path")
+    ours, foreign = _split_entries(path)
+    marker = path / MARKER
+    for p in ours:
+        if p != marker:
+            p.unlink(missing_ok=True)
+    for table in TABLES:
+        folder = path / table
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    marker.unlink(missing_ok=True)  # last: a cut-short clear still leaves the folder marked as balora's
+    return foreign
+
+
+# ------------------------------------------------------------------ the writer
+
+
+class RunWriter:
+    """Creates a run directory and appends to it. Use as a context manager:
+
+        with RunWriter(out, config, env) as w:   # exit: completed; Ctrl-C/SIGTERM: interrupted; error: failed
+            w.append("steps", rows)
+
+    force: replace an earlier run at `path`, deleting only the files that run wrote (clear_run); `kept`
+    lists what else was in the folder and stays there. A folder that is not a balora run is never touched.
+    """
+
+    def __init__(self, path: str | Path, config: dict, env: dict | None = None, *, force: bool = False,
+                 flag: str = "--out"):
+        self.path = Path(path)
+        self.kept: list[str] = []
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"{flag} {self.path}: exists and is not a directory; choose another path")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not force:
+                raise InputError(f"{flag} {self.path}: directory exists and is not empty; choose another path "
+                                 "or pass --force to replace a previous run there")
+            self.kept = clear_run(self.path, flag)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / MARKER).write_text(marker_text(now_iso()))
+        for table in TABLES:
+            folder = self.path / table
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise InputError(f"{flag} {self.path}: {table} is not a folder balora made (a link or a file); "
+                                 "move it away or choose another path")
+            folder.mkdir(exist_ok=True)
+        self.config = dict(config)
+        self._parts = {table: 0 for table in TABLES}
+        self._last_beat = 0.0
+        self.status: dict[str, Any] = {
+            "status": "running",
+            "started": now_iso(),
+            "updated": now_iso(),
+            "finished": None,
+            "message": None,
+            "progress": {"done": 0, "total": 0, "steps_done": 0, "steps_total": 0},
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        write_json_atomic(self.path / CONFIG, self.config)
+        write_json_atomic(self.path / ENV, env or {})
+        write_json_atomic(self.path / STATUS, self.status)
+
+    @property
+    def finished(self) -> bool:
+        return self.status["status"] != "running"
+
+    def update_config(self, **extra: Any) -> None:
+        self.config.update(extra)
+        write_json_atomic(self.path / CONFIG, self.config)
+
+    def append(self, table: str, rows: list[dict] | pd.DataFrame) -> Path | None:
+        """Write rows as the next part file of `table` (temp name, then rename). No rows: no file."""
+        df = to_table(table, rows)
+        if df.empty:
+            return None
+        self._parts[table] += 1
+        part = self.path / table / part_name(self._parts[table])
+        tmp = part.with_name(f".{part.name}.tmp")
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, part)
+        return part
+
+    def heartbeat(self, progress: dict | None = None, *, force: bool = False) -> None:
+        """Refresh `updated` (and progress) in status.json; at most every HEARTBEAT_S unless forced."""
+        if progress:
+            self.status["progress"].update(progress)
+        t = time.monotonic()
+        if force or t - self._last_beat >= HEARTBEAT_S:
+            self._last_beat = t
+            self.status["updated"] = now_iso()
+            write_json_atomic(self.path / STATUS, self.status)
+
+    def finish(self, status: str, message: str | None = None) -> None:
+        """Mark the run finished; merges each table's parts into one first (best effort)."""
+        if status not in STATUSES[1:]:
+            raise ValueError(f"finish: status must be one of {STATUSES[1:]}, got {status!r}")
+        try:
+            self.compact()
+        except Exception as e:  # the parts are still there and loadable; only tidiness is lost
+            message = f"{message or ''} (parts not merged: {type(e).__name__}: {e})".strip()
+        self.status.update(status=status, message=message, finished=now_iso(), updated=now_iso())
+        write_json_atomic(self.path / STATUS, self.status)
+
+    def compact(self) -> None:
+        """Replace each table's part files by one, so a finished run is a handful of files."""
+        for table in TABLES:
+            parts = sorted((self.path / table).glob(PART_GLOB))
+            if len(parts) < 2:
+                continue
+            frames = [pd.read_parquet(p) for p in parts]
+            self._parts[table] = max(self._parts[table], _part_number(parts[-1]))
+            merged = self.append(table, pd.concat(frames, ignore_index=True))
+            for p in parts:
+                if p != merged:
+                    p.unlink()
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.finished:
+            return False
+        if exc_type is None:
+            self.finish("completed")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("interrupted", str(exc) or "interrupted (Ctrl-C / SIGINT)")
+        else:
+            self.finish("failed", f"{exc_type.__name__}: {exc}")
+        return False
+
+
+def _part_number(path: Path) -> int:
+    try:
+        return int(path.stem.split("-")[1])
+    except (IndexError, ValueError):
+        return 0
