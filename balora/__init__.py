@@ -42,6 +42,7 @@ _EXPORTS = {
     "compare": "balora.runner",
     "arm_summary": "balora.records",
     "Run": "balora.store",
+    "RunError": "balora.store",
     "list_runs": "balora.store",
     "load_run": "balora.store",
 }

@@ -7,7 +7,6 @@ only thing a job writes is its run directory; progress comes from that run's sta
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -112,10 +111,13 @@ def job_env(runs_dir: Path) -> dict[str, str]:
 
 
 def read_status(run_dir: Path) -> dict:
-    """The run's status.json, or {} while it does not exist yet or is mid-rewrite."""
+    """The run's status.json (balora.store.read_status), or {} while it does not exist yet or cannot be used."""
+    from balora.errors import InputError
+    from balora.store import read_status as _read
+
     try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
+        return _read(run_dir)
+    except (InputError, OSError):
         return {}
 
 
