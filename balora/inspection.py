@@ -1,7 +1,7 @@
 """Adapters on disk, without their base model: per-layer report (`inspect`) and a balanced copy (`balance_file`).
 
 The numbers are balora.report's (`pair_rows`) and the balancing is balora.balance's
-(`balance_pairs`); this module only feeds them factor pairs read by balora.adapters.files,
+(`balance_pairs`); this module only feeds them factor pairs read by balora.adapters.reading,
 a bounded chunk at a time, and checks the written copy before it is moved into place.
 """
 
@@ -15,19 +15,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from balora.adapters.files import (
-    AdapterSource,
-    PairEntry,
-    TensorFile,
-    copy_tree,
-    iter_pair_chunks,
-    read_adapters,
-    staged_output,
-    write_weights,
-)
+from balora.adapters.entries import PairEntry
+from balora.adapters.reading import AdapterSource, iter_pair_chunks, read_adapters
+from balora.adapters.tensor_file import TensorFile
+from balora.adapters.writing import copy_adapter_files, staged_output, write_weights
 from balora.balance import BalanceError, balance_pairs
 from balora.errors import InputError
 from balora.imbalance import rel_imbalance
+from balora.linalg import all_finite
 from balora.projection import METHODS, product_rel_error
 from balora.report import REPORT_COLUMNS, pair_rows, to_frame
 
@@ -140,8 +135,9 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     written file is re-read and checked: relative change <= 1e-5 in fp32, a few ulps of the
     factors' dtype in bf16/fp16). Everything is built in a temporary folder next to `dst`
     and moved into place only when the whole result checks out, so on any error nothing is
-    written. A PEFT folder is copied whole (config, README, tokenizer files verbatim) with its
-    weights balanced. Refuses a Trainer output folder (balance one checkpoint-N), an existing
+    written. From a PEFT folder only the adapter's own files are copied (config, README, tokenizer
+    and checkpoint files, as regular files; never a link out of src, a FIFO or a device), with its
+    weights balanced; what was left out is listed in `notes`. Refuses a Trainer output folder (balance one checkpoint-N), an existing
     dst unless force, and a dst inside src.
 
     method: "nearest" (the balanced pair closest to the stored one) or "svd" (the paper's gauge).
@@ -164,13 +160,17 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     changes: list[dict] = []
     with staged_output(dst, force) as staged:
         if src.is_dir():
-            copy_tree(src, staged, skip={s.weights for s in sources})
+            folders = [src] + [s.weights.parent for s in sources]
+            left_out = copy_adapter_files(src, staged, folders, skip={s.weights for s in sources})
+            if left_out:
+                more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+                summary.notes.append(f"left out of the copy: {', '.join(left_out[:5])}{more}")
         for s in sources:
             out_path = staged / s.weights.relative_to(src) if src.is_dir() else staged
             changes += _balance_source(s, out_path, method, on_rank_deficient, summary)
             summary.files.append(str(dst / s.weights.relative_to(src)) if src.is_dir() else str(dst))
             summary.notes += [n for n in s.notes if "also present" in n]
-            if src.is_dir() and (s.weights.parent / "optimizer.pt").is_file():
+            if src.is_dir() and (out_path.parent / "optimizer.pt").is_file():
                 summary.notes.append(
                     f"{s.weights.parent / 'optimizer.pt'} copied unchanged: its moments refer to the unbalanced factors"
                 )
@@ -219,7 +219,7 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
     for chunk in iter_pair_chunks(s, todo, tensors=tensors):
         A = torch.stack([p.A for p in chunk]).float()  # (G, r, in)
         B = torch.stack([p.B for p in chunk]).float()  # (G, out, r)
-        finite = torch.isfinite(A).flatten(1).all(-1) & torch.isfinite(B).flatten(1).all(-1)
+        finite = all_finite(A) & all_finite(B)  # (G,)
         nonfinite += [p.name for p, ok in zip(chunk, finite.tolist()) if not ok]
         before = rel_imbalance(torch.nan_to_num(A), torch.nan_to_num(B)).tolist()
         try:

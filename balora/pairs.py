@@ -7,6 +7,7 @@ or in a file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,8 +17,35 @@ import torch
 KINDS = ("linear", "hf_conv1d", "conv1d", "conv2d", "conv3d", "embedding")
 
 
+class PairShape:
+    """r, in/out features and the name of a pair, from `shape_A` (r, in, *kernel) and `shape_B`
+    (out, r, ...), whether the factors are loaded (FactorPair) or only described (a file's PairEntry)."""
+
+    module: str
+    adapter: str
+    shape_A: tuple[int, ...]
+    shape_B: tuple[int, ...]
+
+    @property
+    def r(self) -> int:
+        return self.shape_A[0]
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.shape_A[1:])  # conv: in * prod(kernel), the width of the flattened A
+
+    @property
+    def out_features(self) -> int:
+        return self.shape_B[0]
+
+    @property
+    def name(self) -> str:
+        """module[adapter], how messages name a pair."""
+        return f"{self.module}[{self.adapter}]"
+
+
 @dataclass
-class FactorPair:
+class FactorPair(PairShape):
     """A (r, in) and B (out, r) as PEFT stores them once flattened, dW = scaling * B @ A.
 
     Conv factors are flattened: A (r, in * prod(kernel)), B (out, r). Embedding factors are
@@ -37,21 +65,12 @@ class FactorPair:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def r(self) -> int:
-        return self.A.shape[0]
+    def shape_A(self) -> tuple[int, ...]:
+        return self.A.shape  # torch.Size is a tuple
 
     @property
-    def in_features(self) -> int:
-        return self.A.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.B.shape[0]
-
-    @property
-    def name(self) -> str:
-        """module[adapter], how messages name a pair."""
-        return f"{self.module}[{self.adapter}]"
+    def shape_B(self) -> tuple[int, ...]:
+        return self.B.shape  # torch.Size is a tuple
 
 
 def group_by_shape(pairs: list[FactorPair]) -> dict[tuple, list[int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def read_json_capped(
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+        raise InputError(f"{what} {path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
     except RecursionError:
         raise InputError(f"{what} {path} is nested too deeply to be a configuration.") from None
     except ValueError as e:  # e.g. an integer literal with more digits than Python allows
@@ -129,6 +130,16 @@ def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     except (OSError, RuntimeError):  # dangling link, symlink loop
         return False
     return real == root or root in real.parents
+
+
+# C0/C1 controls (ANSI escape sequences start with ESC), DEL, zero-width and bidi controls that
+# reorder what a terminal shows: key names and metadata come from the file's author.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def printable(text) -> str:
+    """`text` with control characters shown as escapes (ESC as \\x1b, a newline as \\n), for a terminal."""
+    return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def _too_big(path, size: int, max_bytes: int, what: str) -> InputError:

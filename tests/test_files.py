@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import balora
-from balora.adapters import files
+from balora.adapters import peft_config, reading
 from balora.errors import InputError
 from balora.inspection import balance_file
 
@@ -515,12 +515,12 @@ def test_chunks_bounded_and_same_numbers(tmp_path, monkeypatch):
         sd[f"m.{i}.lora_B.weight"] = torch.randn(32, 4, generator=g) * (i + 1)
     path = tmp_path / "many.safetensors"
     save_file(sd, str(path))
-    (source,) = files.read_adapters(path)
+    (source,) = reading.read_adapters(path)
     per_pair = 4 * (4 * 64 + 32 * 4)
-    sizes = [len(c) for c in files.iter_pair_chunks(source, max_bytes=3 * per_pair)]
+    sizes = [len(c) for c in reading.iter_pair_chunks(source, max_bytes=3 * per_pair)]
     assert sizes == [3, 3, 3, 3]
     big = balora.inspect(path)
-    monkeypatch.setattr(files, "CHUNK_BYTES", per_pair)  # one pair per chunk
+    monkeypatch.setattr(reading, "CHUNK_BYTES", per_pair)  # one pair per chunk
     one = balora.inspect(path)
     np.testing.assert_allclose(one["imbalance"], big["imbalance"], rtol=1e-6)
     assert list(big["module"]) == [f"m.{i}" for i in range(12)]  # m.2 before m.10
@@ -532,15 +532,15 @@ def test_pattern_keys_follow_peft(module):
     from peft.utils.other import get_pattern_key
 
     patterns = ["down_proj", r"layers\.1.*q_proj", "q_proj", "model.layers.0.mlp.down_proj"]
-    assert files.get_pattern_key(patterns, module) == get_pattern_key(patterns, module)
+    assert peft_config.get_pattern_key(patterns, module) == get_pattern_key(patterns, module)
 
 
 def test_config_scaling_rslora_and_patterns():
     cfg = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_rslora": True,
            "rank_pattern": {"down_proj": 4}, "alpha_pattern": {"q_proj": 8}}
-    assert files.config_rank_scaling(cfg, "model.layers.0.mlp.down_proj") == (4, 32 / 2)
-    assert files.config_rank_scaling(cfg, "model.layers.0.self_attn.q_proj") == (16, 8 / 4)
-    assert files.config_rank_scaling(cfg, "model.layers.0.self_attn.k_proj") == (16, 32 / 4)
+    assert peft_config.config_rank_scaling(cfg, "model.layers.0.mlp.down_proj") == (4, 32 / 2)
+    assert peft_config.config_rank_scaling(cfg, "model.layers.0.self_attn.q_proj") == (16, 8 / 4)
+    assert peft_config.config_rank_scaling(cfg, "model.layers.0.self_attn.k_proj") == (16, 32 / 4)
 
 
 def test_destination_rules(trained, tmp_path):

@@ -82,7 +82,7 @@ def test_json_errors_are_one_line(tmp_path):
         read_json_capped(deep)
     broken = tmp_path / "broken.json"
     broken.write_text('{"r": ')
-    with pytest.raises(InputError, match="not valid JSON") as e:
+    with pytest.raises(InputError, match="malformed JSON") as e:
         read_json_capped(broken)
     assert "\n" not in str(e.value)
     huge_int = tmp_path / "int.json"
@@ -103,3 +103,13 @@ def test_is_inside(tmp_path):
     assert is_inside(inner / "stay", inner)
     assert not is_inside(inner / "escape", inner)
     assert not is_inside(inner / "loop", inner)
+
+
+def test_printable_escapes_controls_and_keeps_text():
+    from balora.safe_io import printable
+
+    hostile = "layers.0\x1b[2J\x1b]0;pwned\x07.q_proj\r\nfake line\u202eevil\x9b"
+    shown = printable(hostile)
+    assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in shown)
+    assert shown == "layers.0\\x1b[2J\\x1b]0;pwned\\x07.q_proj\\r\\nfake line\\u202eevil\\x9b"
+    assert printable("model.layers.10.mlp.down_proj é ü 漢") == "model.layers.10.mlp.down_proj é ü 漢"

@@ -1,0 +1,146 @@
+"""adapter_config.json -> what reading a PEFT adapter needs: r and scaling per module, variants.
+
+The config comes from whoever made the adapter, so it is read like any untrusted file
+(regular file, size cap: balora.safe_io) and its rank_pattern / alpha_pattern keys, which PEFT
+matches as regular expressions, are matched with a time bound: a key that backtracks
+catastrophically is refused with a one-line error naming it instead of hanging the process.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+
+import regex
+
+from balora.errors import InputError
+from balora.safe_io import CONFIG_MAX_BYTES, read_json_capped
+
+# LoraConfig switches whose variants change what B and A mean (dW is not s B A).
+# DoRA and aLoRA keep dW = s B A and are read as plain pairs.
+NON_PRODUCT_VARIANTS = ("use_qalora", "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
+
+# PEFT's keys are module names or short suffix patterns ("q_proj", "layers.0.mlp"): tens of
+# characters. A key of thousands is not such a pattern.
+MAX_PATTERN_CHARS = 1000
+# Matching one key against every module name of an adapter takes well under a millisecond per
+# name; this bounds what one key may cost over the whole adapter (a 20k-module file included).
+PATTERN_SECONDS = 2.0
+
+
+class PatternTable:
+    """A rank_pattern / alpha_pattern table, matched as PEFT's `get_pattern_key` does, with a bound.
+
+    PEFT tries the keys in order and takes the first for which
+    ``re.match(rf"(.*\\.)?({key})$", module)`` matches. The same expression is run here with the
+    `regex` module (re-compatible syntax, and a timeout re lacks); the time each key spends is
+    summed over all modules, and a key over PATTERN_SECONDS raises an InputError naming it.
+    """
+
+    def __init__(self, table: dict, name: str = "rank_pattern", where: str = "adapter config"):
+        self.table, self.name, self.where = table, name, where
+        self._compiled = [(key, regex.compile(rf"(.*\.)?({key})$")) for key in table]
+        self._spent = dict.fromkeys(table, 0.0)
+        self._cache: dict[str, str] = {}
+
+    def key_for(self, module: str) -> str:
+        """The first key matching `module`, else `module` itself (PEFT's convention)."""
+        if module not in self._cache:
+            self._cache[module] = self._first_match(module)
+        return self._cache[module]
+
+    def get(self, module: str, default):
+        return self.table.get(self.key_for(module), default)
+
+    def _first_match(self, module: str) -> str:
+        for key, pattern in self._compiled:
+            left = PATTERN_SECONDS - self._spent[key]
+            t0 = time.perf_counter()
+            try:
+                found = pattern.match(module, timeout=max(left, 1e-3)) is not None
+            except TimeoutError:
+                found = None
+            self._spent[key] += time.perf_counter() - t0
+            if found is None or self._spent[key] > PATTERN_SECONDS:
+                raise InputError(
+                    f"{self.where}: {self.name} key {key!r:.120} takes over {PATTERN_SECONDS:g} s to match the "
+                    "module names (a pattern that backtracks, such as nested repetition '(.*)*'); use plain "
+                    "module names or simple suffixes"
+                )
+            if found:
+                return key
+        return module
+
+
+def get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    """The rank_pattern / alpha_pattern key that applies to a module (PEFT's rule), else the module."""
+    return PatternTable(dict.fromkeys(pattern_keys)).key_for(key_to_match)
+
+
+def read_config(path: Path) -> dict:
+    """adapter_config.json, checked for what scaling needs; one-line InputError otherwise."""
+    cfg = read_json_capped(path, CONFIG_MAX_BYTES, "adapter config")
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    peft_type = cfg.get("peft_type")
+    if peft_type is None:
+        raise InputError(f'{path}: no "peft_type": not a PEFT adapter config')
+    if peft_type != "LORA":
+        raise InputError(f'{path}: peft_type is {peft_type!r:.80}; balora reads LoRA adapters (peft_type "LORA")')
+
+    def number(value, name, integer=False):
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or not math.isfinite(value) or (integer and value <= 0):
+            want = "a positive integer" if integer else "a finite number"
+            raise InputError(f"{path}: {name} must be {want}, got {value!r:.80}")
+        return value
+
+    number(cfg.get("r", 8), "r", integer=True)
+    number(cfg.get("lora_alpha", 8), "lora_alpha")
+    for pat, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        table = cfg.get(pat) or {}
+        if not isinstance(table, dict):
+            raise InputError(f"{path}: {pat} must be an object mapping module patterns to numbers")
+        for k, v in table.items():
+            number(v, f"{pat}[{k!r:.80}]", integer)
+            _check_pattern(path, pat, k)
+    return cfg
+
+
+def _check_pattern(path: Path, pat: str, key: str) -> None:
+    if len(key) > MAX_PATTERN_CHARS:
+        raise InputError(f"{path}: {pat} key {key!r:.60} is {len(key)} characters long; at most "
+                         f"{MAX_PATTERN_CHARS} are accepted")
+    # PEFT compiles with re: a key re refuses is refused here too, whatever `regex` would accept.
+    for compile_ in (re.compile, regex.compile):
+        try:
+            compile_(rf"(.*\.)?({key})$")
+        except (re.error, regex.error, RecursionError, OverflowError, ValueError) as e:
+            raise InputError(f"{path}: {pat} key {key!r:.80} is not a valid pattern ({e})") from None
+
+
+def rank_scaling_tables(cfg: dict, where: str = "adapter config") -> tuple[PatternTable, PatternTable]:
+    """The config's rank_pattern and alpha_pattern as bounded matchers, built once per config."""
+    return (PatternTable(cfg.get("rank_pattern") or {}, "rank_pattern", where),
+            PatternTable(cfg.get("alpha_pattern") or {}, "alpha_pattern", where))
+
+
+def config_rank_scaling(cfg: dict, module: str, tables: tuple[PatternTable, PatternTable] | None = None
+                        ) -> tuple[int, float]:
+    """(r, s) PEFT gives `module`: rank_pattern / alpha_pattern override r / lora_alpha;
+    s = alpha / r, or alpha / sqrt(r) with rsLoRA. `tables`: from rank_scaling_tables(cfg), to
+    reuse its matches and time bound across the modules of one adapter."""
+    ranks, alphas = tables or rank_scaling_tables(cfg)
+    r = ranks.get(module, cfg.get("r", 8))
+    alpha = alphas.get(module, cfg.get("lora_alpha", 8))
+    return r, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def variant_skip(cfg: dict) -> str | None:
+    """Why every pair of this config is skipped (a variant whose dW is not s B A), else None."""
+    used = [k for k in NON_PRODUCT_VARIANTS if cfg.get(k)]
+    if cfg.get("init_lora_weights") == "mica":
+        used.append("init_lora_weights='mica'")
+    return f"LoRA variant ({', '.join(used)}) is not a plain s B @ A product" if used else None

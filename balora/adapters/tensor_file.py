@@ -1,0 +1,134 @@
+"""One weights file (.safetensors, .bin, .pt), opened once: names, shapes and dtypes now, tensors on request.
+
+Only regular files are opened (a FIFO or a device named like a weights file is refused before
+any open), and a pickle is only ever read through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from balora.errors import InputError
+from balora.safe_io import regular_file_size
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's text on one line, at most 300 characters (library errors can be pages)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class TensorFile:
+    """Lazy access to one weights file: names, shapes and dtypes now, tensors on request.
+
+    safetensors: the header is parsed here and tensors are read with safe_open on demand.
+    .bin/.pt: torch.load(weights_only=True, mmap=True), so storages stay on disk until used.
+    """
+
+    def __init__(self, path: Path, format: str | None = None):
+        self.path = Path(path)
+        # By suffix, unless the caller knows better (a copy written under the user's chosen name).
+        self.format = format or ("safetensors" if self.path.suffix == ".safetensors" else "torch")
+        self.metadata: dict[str, str] | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+        regular_file_size(self.path, "weights file")  # never open a FIFO or a device
+        if self.format == "safetensors":
+            self._open_safetensors()
+        else:
+            self._open_torch()
+
+    def _open_safetensors(self) -> None:
+        from safetensors import safe_open
+
+        self.shapes, self.dtypes = {}, {}
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self.metadata = f.metadata()
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    self.shapes[key] = tuple(sl.get_shape())
+                    self.dtypes[key] = _ST_DTYPES.get(sl.get_dtype())
+        except Exception as e:  # SafetensorError, OSError: truncated, corrupted or unreadable
+            raise InputError(f"{self.path}: not a valid safetensors file ({one_line(e)})") from e
+        unknown = [k for k, d in self.dtypes.items() if d is None]
+        if unknown:
+            raise InputError(f"{self.path}: tensor {unknown[0]!r} has a dtype torch cannot represent")
+
+    def _open_torch(self) -> None:
+        try:
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy non-zip format
+        except Exception as e:  # a corrupted pickle can raise almost anything (KeyError, EOFError, ...)
+            raise _torch_load_error(self.path, e) from e
+        self._state = _flat_tensor_dict(self.path, state)
+        self.shapes = {k: tuple(v.shape) for k, v in self._state.items()}
+        self.dtypes = {k: v.dtype for k, v in self._state.items()}
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def get(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, in their stored dtype and shape."""
+        if self._state is not None:
+            return {k: self._state[k] for k in keys}
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except Exception as e:
+            raise InputError(f"{self.path}: could not read tensors ({one_line(e)})") from e
+
+    def nbytes(self, key: str) -> int:
+        return math.prod(self.shapes[key]) * self.dtypes[key].itemsize
+
+
+def _torch_load_error(path: Path, e: BaseException) -> InputError:
+    if isinstance(e, RecursionError):
+        return InputError(f"{path}: not a readable PyTorch weights file (nested too deeply)")
+    m = re.search(r"WeightsUnpickler error: (Unsupported global: GLOBAL \S+)", str(e))
+    if isinstance(e, pickle.UnpicklingError) and m:
+        return InputError(
+            f"{path}: torch.load(weights_only=True) refused it ({m.group(1)}): the pickle holds Python "
+            "objects, not only tensors; balora never unpickles arbitrary code (convert it to .safetensors "
+            "in a session you trust)"
+        )
+    detail = re.search(r"WeightsUnpickler error: (.*?)(?:Check the documentation|$)", " ".join(str(e).split()))
+    why = detail.group(1).strip() if detail else one_line(e)
+    return InputError(f"{path}: not a readable PyTorch weights file ({why})")
+
+
+def _flat_tensor_dict(path: Path, state) -> dict[str, torch.Tensor]:
+    """The loaded object if it is {str: Tensor}; otherwise a message that says what it is instead."""
+    if not isinstance(state, dict):
+        raise InputError(
+            f"{path}: expected a flat dict of tensor names to tensors, found a {type(state).__name__} instead"
+        )
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise InputError(
+                f"{path}: expected a flat dict of tensor names to tensors, found a {type(k).__name__} key ({k!r:.60})"
+            )
+        if not isinstance(v, torch.Tensor):
+            what = "a nested dict (a full training checkpoint? save only the adapter's state dict)" if isinstance(
+                v, dict) else f"a {type(v).__name__}"
+            raise InputError(
+                f"{path}: expected a flat dict of tensor names to tensors, but {k!r:.80} holds {what} instead"
+            )
+    return state

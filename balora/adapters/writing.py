@@ -1,0 +1,235 @@
+"""Write balanced copies of adapter files: the weights, the adapter's own files beside them, atomically.
+
+`staged_output` builds the result in a hidden temporary folder next to the destination,
+`.OUT.<pid>.<random>.balora-tmp`, and moves it into place only when the block succeeds. The
+folder is removed on any error, on Ctrl-C, SIGTERM and SIGHUP; one left by a killed process
+(SIGKILL, power loss) is removed by the next run writing next to the same destination.
+
+`copy_adapter_files` copies what belongs to an adapter (config, weights, tokenizer, README,
+Trainer checkpoint state) as regular files, never follows a link out of the input folder and
+never reads a FIFO, socket or device; everything else is left out and listed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from balora.adapters.tensor_file import TensorFile
+from balora.errors import InputError
+from balora.safe_io import describe_kind, is_inside
+
+TMP_SUFFIX = ".balora-tmp"
+OWNER_FILE = ".balora-owner.json"  # in the temporary folder: who made it, so a later run can tell it is stale
+# What a PEFT adapter folder or a Trainer checkpoint-N holds besides the weights: the files
+# PEFT, transformers' tokenizers and Trainer write. Anything else is not copied (and is listed).
+ADAPTER_FILES = (
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+    "README*", "LICENSE*",
+    "tokenizer*.json", "tokenizer.model", "*.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja",
+    "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth",
+)
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGHUP arrived while an output was being staged. A BaseException, like
+    KeyboardInterrupt, so no `except Exception` swallows it before the temporary folder is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def write_weights(like: TensorFile, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` in the same file format as `like` (safetensors keeps its metadata)."""
+    if like.format == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata=like.metadata)
+    else:
+        torch.save(tensors, path)
+
+
+# ---- the adapter's own files ---------------------------------------------------------------
+
+
+def copy_adapter_files(src: Path, dst: Path, folders: list[Path], skip: set[Path]) -> list[str]:
+    """Copy the adapter files (ADAPTER_FILES) of each folder in `folders` (src or folders under it)
+    to the same place under dst, as regular files; `skip` (the weights written separately) are not
+    copied. Returns what was left out, one 'name (why)' each."""
+    root = Path(os.path.abspath(src))
+    skip = {Path(os.path.abspath(p)) for p in skip}
+    folders = sorted({Path(os.path.abspath(f)) for f in folders})
+    left_out: list[str] = []
+    for folder in folders:
+        rel = folder.relative_to(root)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            path = Path(entry.path)
+            if path in skip:
+                continue
+            why = _why_not_copied(entry, root, folders)
+            if why is None:
+                why = _copy_regular(path, dst / rel / entry.name)
+            if why:  # "" : a folder copied on its own (another adapter), not left out
+                left_out.append(f"{(rel / entry.name).as_posix()} ({why})")
+    return left_out
+
+
+def _why_not_copied(entry: os.DirEntry, root: Path, folders: list[Path]) -> str | None:
+    """None: copy it; "": not copied here but not left out; else why it is left out."""
+    if entry.is_dir(follow_symlinks=False):
+        sub = Path(entry.path)
+        return "" if any(sub == f or sub in f.parents for f in folders) else "a folder"
+    if entry.is_symlink() and not is_inside(entry.path, root):
+        return "a symbolic link leading out of the input folder"
+    if not any(fnmatch.fnmatch(entry.name, p) for p in ADAPTER_FILES):
+        return "not an adapter, tokenizer or checkpoint file"
+    return None
+
+
+def _copy_regular(src: Path, dst: Path) -> str | None:
+    """Copy src's bytes to a new regular file dst; the reason it was not copied, else None."""
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # checked on the open file: the name cannot be swapped in between
+            return describe_kind(mode)
+        with open(dst, "xb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+    shutil.copystat(src, dst, follow_symlinks=True)
+    return None
+
+
+# ---- staging -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def staged_output(dst: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a path next to `dst` to build the output at; it replaces dst only if the block
+    finishes without an exception. Otherwise nothing is left behind (also on SIGTERM/SIGHUP,
+    raised as `Stopped` inside the block)."""
+    dst = Path(dst)
+    remove_stale_temporaries(dst)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=dst.parent))
+        (tmp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    except OSError as e:
+        raise InputError(f"{dst}: cannot write next to it ({e.strerror or e})") from e
+    try:
+        with _signals_raise_stopped():
+            staged = tmp / dst.name
+            yield staged
+            if not staged.exists():
+                raise RuntimeError(f"{dst}: nothing was produced")
+            if (dst.exists() or dst.is_symlink()) and not force:
+                raise InputError(f"{dst}: already exists; pass --force to replace it")
+            with _signals_blocked():  # the swap must not stop halfway, with dst renamed away
+                _move_into_place(staged, dst, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(staged: Path, dst: Path, tmp: Path) -> None:
+    if dst.is_dir() and not dst.is_symlink():
+        old = tmp / (dst.name + ".old")
+        os.rename(dst, old)  # same filesystem: atomic; restored below if the next step fails
+        try:
+            os.rename(staged, dst)
+        except OSError:
+            os.rename(old, dst)
+            raise
+        return
+    os.replace(staged, dst)
+
+
+def remove_stale_temporaries(dst: Path) -> list[Path]:
+    """Remove the temporary folders next to dst left by balora processes that no longer run on
+    this machine (their pid is in the name and in OWNER_FILE). Returns what was removed."""
+    dst = Path(dst)
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(\d{{1,10}})\.[^/]*{re.escape(TMP_SUFFIX)}")
+    removed = []
+    try:
+        names = os.listdir(dst.parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        path = dst.parent / name
+        if not m or path.is_symlink() or not path.is_dir() or _alive(int(m.group(1))):
+            continue
+        try:
+            owner = json.loads((path / OWNER_FILE).read_text()) if (path / OWNER_FILE).is_file() else {}
+        except (OSError, ValueError):
+            owner = {}
+        if isinstance(owner, dict) and owner.get("host", socket.gethostname()) != socket.gethostname():
+            continue  # a process of another machine sharing this folder: its pid means nothing here
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or a number we cannot ask about: leave it alone
+    return True
+
+
+@contextmanager
+def _signals_raise_stopped():
+    """Turn SIGTERM/SIGHUP into `Stopped` while the block runs, like Ctrl-C's KeyboardInterrupt.
+    Only in the main thread (Python delivers signals there), and only over default handlers,
+    so an application that installed its own (a server) keeps it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in _STOP_SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, _raise_stopped)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+@contextmanager
+def _signals_blocked():
+    can = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    sigs = {signal.SIGINT, *_STOP_SIGNALS}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if can else None
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
