@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from balora.adapters.live import PairCache
 from balora.balance import BalanceSummary, balance_and_write
+from balora.distributed import FSDP2_HINT
 from balora.policy import BalancePolicy
 from balora.report import layer_report, summarize
 
@@ -64,11 +65,9 @@ class BalanceCallback(TrainerCallback):
             # into the model after each step: balancing the model's parameters would be undone
             # at the next step (ZeRO-3 also shards them). Refuse rather than pretend.
             raise RuntimeError(
-                "BalanceCallback: DeepSpeed keeps its own copy of the weights in the optimizer, so balancing "
-                "the model's LoRA factors after a step would be overwritten at the next one; balora does not "
-                "support balancing under DeepSpeed. Train without DeepSpeed (DDP is supported), use "
-                "BalanceCallback(balance=False) for diagnostics only, or balance the adapter after training "
-                "with balora.balance_ / balora.balance_file."
+                "BalanceCallback: DeepSpeed keeps its own copy of the weights in the optimizer, which would undo "
+                f"balancing at the next step, so it is not supported; {FSDP2_HINT} (or use DDP), or pass "
+                "balance=False for diagnostics only."
             )
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):

@@ -175,7 +175,7 @@ def test_deepspeed_is_refused_at_train_begin():
     from types import SimpleNamespace
 
     args = SimpleNamespace(deepspeed="ds_config.json")
-    with pytest.raises(RuntimeError, match="DeepSpeed keeps its own copy"):
+    with pytest.raises(RuntimeError, match="DeepSpeed keeps its own copy.*FSDP2"):
         BalanceCallback().on_train_begin(args, TrainerState(), TrainerControl())
     BalanceCallback(balance=False).on_train_begin(args, TrainerState(), TrainerControl())  # diagnostics only: fine
     BalanceCallback().on_train_begin(SimpleNamespace(deepspeed=None), TrainerState(), TrainerControl())

@@ -1,11 +1,12 @@
-"""Sharded factors (DeepSpeed ZeRO-3, FSDP flat parameters, DTensor): balora must refuse with a
-message that names the module and says what to do, and write nothing. Balancing a shard as if it
-were the whole matrix would silently change dW.
+"""Sharded factors. DeepSpeed ZeRO-3 and FSDP1 flat parameters: balora must refuse with a message
+that names the module and FSDP2 as the supported path, and write nothing (balancing a shard as if
+it were the whole matrix would silently change dW). FSDP2 (DTensor parameters): balanced whole.
 
-The shards are fakes with the properties balora can see: a ZeRO-3 partitioned parameter is an
-empty tensor carrying `ds_id` (and `ds_shape`); an FSDP flat parameter, or an original parameter
-outside summon_full_params, has the wrong shape (1-D, empty, or a slice); a DTensor is real,
-made on a one-process gloo group.
+The refused shards are fakes with the properties balora can see: a ZeRO-3 partitioned parameter is
+an empty tensor carrying `ds_id` (and `ds_shape`); an FSDP1 flat parameter, or an original parameter
+outside summon_full_params, has the wrong shape (1-D, empty, or a slice); FSDP1 itself needs an
+accelerator, so its wrapper is a stand-in with its class name. FSDP2 is real, on a one-process gloo
+group here (tests/test_fsdp2.py runs two processes).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _assert_refused(model, module: str, words: tuple[str, ...]):
     msg = str(err.value)
     assert module in msg, f"the message must name the module: {msg}"
     assert any(w in msg for w in words), msg
-    assert "Gather" in msg or "Balance outside" in msg, f"the message must say what to do: {msg}"
+    assert "FSDP2" in msg and "fully_shard" in msg, f"the message must name the supported path: {msg}"
     with pytest.raises(RuntimeError):
         balora.balance_(model)
     after = _lora_state(model)
@@ -101,22 +102,13 @@ def test_fsdp_like_linear_refused(model, which, shard):
     _assert_refused(model, "lin[default]", ("flattened", "sharded"))
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed gloo unavailable")
-def test_dtensor_refused(model):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+def test_fsdp1_wrapper_refused(model):
+    class FullyShardedDataParallel(nn.Module):  # FSDP1's class name; the real one needs an accelerator
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        sub = _layer(model, "lin").lora_B["default"]
-        sub.weight = nn.Parameter(distribute_tensor(sub.weight.detach(), mesh, [Shard(0)]))
-        assert type(sub.weight).__name__ == "DTensor"
-        _assert_refused(model, "lin[default]", ("DTensor",))
-    finally:
-        dist.destroy_process_group()
+    _assert_refused(FullyShardedDataParallel(model), "FullyShardedDataParallel", ("FSDP1",))
 
 
 # Embedding and conv factors: their expected shapes come from the layer, not the parameter.
@@ -151,3 +143,74 @@ def test_fsdp_flat_conv_refused(model):
     sub = _layer(model, "conv").lora_B["default"]
     sub.weight = nn.Parameter(sub.weight.detach().flatten())
     _assert_refused(model, "conv[default]", ("flattened", "sharded"))
+
+
+# FSDP2 in one process: the same code path as on many ranks (gather, balance whole, write the shard).
+
+
+@pytest.fixture
+def mesh():
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fully_shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=mesh)
+    assert all(type(p).__name__ == "DTensor" for n, p in model.named_parameters() if "lora_" in n)
+    return model
+
+
+def _whole(model):
+    return {n: p.detach().full_tensor() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_fsdp2_balances_like_the_unsharded_model(model, mesh):
+    torch.manual_seed(0)
+    plain = get_peft_model(Tiny(), LoraConfig(r=R, lora_alpha=4, target_modules=["emb", "lin", "conv"],
+                                              init_lora_weights=False))
+    sharded = _fully_shard(model, mesh)
+    want, got = balora.balance_(plain), balora.balance_(sharded)
+    assert got.balanced == want.balanced == 3 and not got.skipped
+    assert got.max_rel_imbalance < 1e-6
+    expected = _lora_state(plain)
+    for n, t in _whole(sharded).items():
+        assert torch.equal(t, expected[n]), f"{n}: the sharded model was balanced differently"
+    report, ref = balora.layer_report(sharded), balora.layer_report(plain)
+    assert report.drop(columns=["sigma", "sigma_A", "sigma_B"]).equals(ref.drop(columns=["sigma", "sigma_A", "sigma_B"]))
+
+
+def test_pair_cache_regathers_every_step_and_rewalks_new_parameters(model, mesh):
+    from balora.adapters.live import PairCache
+    from balora.balance import balance_and_write
+    from balora.imbalance import rel_imbalance
+    sharded, cache = _fully_shard(model, mesh), PairCache()
+    lin = _layer(sharded, "lin")
+    for _ in range(2):  # the cached walk must see this step's values, not the ones gathered when it walked
+        with torch.no_grad():
+            lin.lora_A["default"].weight.to_local().mul_(3.0)
+        balance_and_write(cache.get(sharded), check=False)
+        A, B = _whole(sharded)["base_model.model.lin.lora_A.default.weight"], _whole(sharded)["base_model.model.lin.lora_B.default.weight"]
+        assert float(rel_imbalance(A.double()[None], B.double()[None])[0]) < 1e-6
+    walked = cache._pairs
+    # model.double() gives every shard new storage (FSDP2 resets its sharded parameters): the cached
+    # pairs are stale, so the cache must walk again and write into the new shards.
+    sharded.double()
+    with torch.no_grad():
+        lin.lora_A["default"].weight.to_local().mul_(3.0)
+    balance_and_write(cache.get(sharded), check=False)
+    assert cache._pairs is not walked
+    whole = _whole(sharded)
+    A, B = whole["base_model.model.lin.lora_A.default.weight"], whole["base_model.model.lin.lora_B.default.weight"]
+    assert A.dtype == torch.float64
+    assert float(rel_imbalance(A[None], B[None])[0]) < 1e-12, "the new shards were not balanced"

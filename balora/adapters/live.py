@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, local_storage, refuse_fsdp1
 from balora.pairs import FactorPair
 
 # The product B @ A is dW for these variants (DoRA rescales W0 + dW by a norm of it;
@@ -34,27 +35,20 @@ def _lora_layer_types():
     return LoraLayer, AdaLoraLayer
 
 
-def _is_dtensor(param: torch.Tensor) -> bool:
-    """FSDP2 / tensor-parallel parameters are DTensors (a Parameter subclass may wrap one)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(param, DTensor)
-
-
 def _check_not_sharded(name: str, param: torch.Tensor, expected: tuple[int, ...]) -> None:
-    """Refuse to balance a shard as if it were the whole factor (FSDP, ZeRO-3, DTensor)."""
-    if getattr(param, "ds_id", None) is not None or _is_dtensor(param):
+    """Refuse to balance a shard as if it were the whole factor (ZeRO-3, FSDP1); FSDP2 DTensors are gathered.
+
+    A DTensor reports its global shape, so the shape check below holds for it too.
+    """
+    if getattr(param, "ds_id", None) is not None:
         raise RuntimeError(
-            f"{name}: LoRA factor is sharded (DeepSpeed ZeRO-3 or DTensor); balora balances whole factors only. "
-            "Gather the adapter parameters first (e.g. train with ZeRO-2 or FSDP with use_orig_params and "
-            "summon_full_params) or balance after training."
+            f"{name}: LoRA factor is sharded by DeepSpeed ZeRO-3, which balora does not support; {FSDP2_HINT}, "
+            "or balance the saved adapter after training (balora.balance_file)."
         )
     if tuple(param.shape) != expected:
         raise RuntimeError(
-            f"{name}: LoRA factor has shape {tuple(param.shape)} but the layer expects {expected}; "
-            "it is probably a flattened or sharded parameter (FSDP). Balance outside the sharded wrapper."
+            f"{name}: LoRA factor has shape {tuple(param.shape)} but the layer expects {expected}; it is probably "
+            f"a flattened or sharded parameter (FSDP1). Balance outside the sharded wrapper, or {FSDP2_HINT}."
         )
 
 
@@ -72,7 +66,15 @@ def iter_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[Factor
     `pair.write(A, B)` copies new factors into the parameters in their own dtype.
     Pairs balora cannot treat (AdaLoRA, grouped conv, other LoRA variants) come with
     `skip_reason` set instead of being dropped, so reports can say why.
+    Under FSDP2 the factors are gathered whole (a collective: call on every rank) and
+    `write` stores this rank's shard (balora.distributed).
     """
+    return gather_pairs(_walk_pairs(model, adapter))
+
+
+def _walk_pairs(model: nn.Module, adapter: str | None) -> list[FactorPair]:
+    """iter_lora_pairs without gathering: FSDP2-sharded factors stay DTensors (no communication)."""
+    refuse_fsdp1(model)
     LoraLayer, AdaLoraLayer = _lora_layer_types()
     pairs: list[FactorPair] = []
     for name, layer in model.named_modules():
@@ -134,7 +136,9 @@ class PairCache:
     pairs in a 28-layer Llama), which on a GPU is a visible share of a training step. The
     walk is redone when it could have gone stale: another model or adapter name, a new
     adapter in `peft_config`, or any factor no longer being its parameter's storage
-    (`model.to(...)`, `load_state_dict(assign=True)`, a dtype change).
+    (`model.to(...)`, `load_state_dict(assign=True)`, a dtype change). FSDP2-sharded
+    factors are gathered copies, not views: for them the check is on the local shard's
+    storage, and they are gathered afresh on every `get` (their values change every step).
     """
 
     def __init__(self) -> None:
@@ -144,19 +148,24 @@ class PairCache:
     def get(self, model: nn.Module, adapter: str | None = None) -> list[FactorPair]:
         key = (id(model), adapter, tuple(getattr(model, "peft_config", None) or ()))
         if key != self._key or not all(_still_viewing(p) for p in self._pairs):
-            self._pairs = model_pairs(model, adapter)
+            self._pairs = model_pairs(model, adapter)  # gathered once here under FSDP2
             self._key = key
-        return self._pairs
+            return self._pairs
+        return gather_pairs(self._pairs)  # FSDP2: today's whole factors; unsharded pairs come back as they are
 
 
 def _still_viewing(pair: FactorPair) -> bool:
-    """pair.A, pair.B still view their parameters (same storage, dtype and device)."""
+    """pair's factors still view their parameters (same storage, dtype and device; a DTensor's local shard)."""
     params = pair.extra.get("params")
     if params is None:
         return True  # a skipped pair: nothing is ever read from or written to it
+    views = pair.extra.get("views", (pair.A, pair.B))  # gathered pairs keep the DTensors they came from
     return all(
-        p.data_ptr() == t.data_ptr() and p.dtype == t.dtype and p.device == t.device
-        for p, t in zip(params, (pair.A, pair.B))
+        is_dtensor(p) == is_dtensor(t)
+        and local_storage(p).data_ptr() == local_storage(t).data_ptr()
+        and p.dtype == t.dtype
+        and p.device == t.device
+        for p, t in zip(params, views)
     )
 
 
@@ -199,8 +208,7 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
         _check_not_sharded(label, B_p, _conv_weight_shape(lora_B))
         kind = _conv_kind(layer.get_base_layer())
         # A (r, in, *k) -> (r, in * prod(k)); B (out, r, 1, ..) -> (out, r): dW = B A reshaped.
-        A2 = A_p.detach().reshape(A_p.shape[0], -1)
-        B2 = B_p.detach().reshape(B_p.shape[0], -1)
+        A2, B2 = _flat_2d(A_p), _flat_2d(B_p)
         pair = FactorPair(module, adp, kind, A2, B2, scaling, dora, write=_writer(A_p, B_p),
                           extra={"params": (A_p, B_p)})
         if lora_B.groups > 1:
@@ -210,6 +218,11 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
     placeholder = torch.zeros(1, 1)
     return FactorPair(module, adp, "linear", placeholder, placeholder, scaling, dora,
                       skip_reason=f"unsupported LoRA module type {type(lora_A).__name__}")
+
+
+def _flat_2d(param: torch.Tensor) -> torch.Tensor:
+    # A DTensor stays as it is (reshaping one can communicate): gather_pairs flattens it once whole.
+    return param.detach() if is_dtensor(param) else param.detach().reshape(param.shape[0], -1)
 
 
 def _writer(A_p: torch.Tensor, B_p: torch.Tensor):

@@ -1,0 +1,188 @@
+"""LoRA factors sharded by FSDP2 (`fully_shard`: parameters are DTensors): gather, balance whole, write the shard back.
+
+LoRA factors are small next to the frozen base model, so every rank gathers every factor,
+runs the same deterministic balancing on the whole matrices, and writes back only its own
+shard. No rank's result is ever sent anywhere: replicas stay consistent because every rank
+computes from identical inputs, and each element of a sharded factor lives on one rank only.
+
+Communication: FSDP2 shards a factor along dim 0 in torch.chunk pieces, so all factors on
+one 1-D mesh are gathered by one `all_gather` of a flat buffer (each factor padded to
+ceil(rows / world) rows), one collective per pass instead of one per factor. Any other
+layout (2-D meshes, other placements) falls back to `DTensor.full_tensor()` per factor.
+`last_comm()` says what the latest gather moved.
+
+FSDP1 (`FullyShardedDataParallel`, flat parameters) and DeepSpeed ZeRO are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from balora.pairs import FactorPair
+
+FSDP2_HINT = "shard with FSDP2 (torch.distributed.fsdp.fully_shard), which balora balances"
+
+
+@dataclass
+class CommStats:
+    """What one gather moved, seen from this rank."""
+
+    collectives: int = 0  # all_gather / full_tensor calls
+    bytes_received: int = 0  # payload this rank received from the others (padding included)
+    bytes_sent: int = 0  # payload this rank contributed (its local shards, padded)
+
+
+_LAST = CommStats()
+
+
+def last_comm() -> CommStats:
+    """CommStats of the latest gather of sharded factors in this process (zeros if none yet)."""
+    return replace(_LAST)
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """FSDP2 / tensor-parallel parameters are DTensors (a Parameter subclass may wrap one)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_storage(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding t's data on this rank: its local shard for a DTensor, t itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def refuse_fsdp1(model: nn.Module) -> None:
+    """One-line refusal for FSDP1: its flat parameters hide the factors' shapes between steps."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            raise RuntimeError(
+                f"{name or type(model).__name__}: FSDP1 (FullyShardedDataParallel) is not supported; {FSDP2_HINT}."
+            )
+
+
+def gather_pairs(pairs: list[FactorPair]) -> list[FactorPair]:
+    """Pairs whose A/B are whole (gathered) 2-D factors and whose `write` stores this rank's shard.
+
+    Pairs with no sharded factor are returned as they are. Every rank must call this with the
+    same pairs in the same order (it runs collectives), which a walk of the same model gives.
+    """
+    sharded = [i for i, p in enumerate(pairs) if _sharded_params(p)]
+    if not sharded:
+        return pairs
+    params = [t for i in sharded for t in _sharded_params(pairs[i])]
+    full = dict(zip(map(id, params), gather_full(params)))
+    out = list(pairs)
+    for i in sharded:
+        p = pairs[i]
+        A_p, B_p = p.extra["params"]
+        # Conv factors (r, in, *k) / (out, r, 1, ..) become (r, in * prod(k)) / (out, r); others stay 2-D.
+        A, B = (full[id(t)] if is_dtensor(t) else t.detach() for t in (A_p, B_p))
+        # "views": the DTensors the pair was walked from, so a cache can tell when they went stale.
+        extra = {**p.extra, "views": p.extra.get("views", (p.A, p.B))}
+        out[i] = replace(p, A=A.reshape(A.shape[0], -1), B=B.reshape(B.shape[0], -1),
+                         write=_shard_writer(A_p, B_p), extra=extra)
+    return out
+
+
+def _sharded_params(p: FactorPair) -> list[torch.Tensor]:
+    return [t for t in p.extra.get("params", ()) if is_dtensor(t)]
+
+
+def gather_full(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The whole tensor of every DTensor in `params` (detached), in order; records last_comm()."""
+    global _LAST
+    stats = CommStats()
+    result: list[torch.Tensor | None] = [None] * len(params)
+    batches: dict[tuple, list[int]] = {}
+    for i, t in enumerate(params):
+        if _row_sharded_1d(t):
+            batches.setdefault((id(t.device_mesh), t.dtype), []).append(i)
+        else:
+            result[i] = t.detach().full_tensor()
+            local = t.to_local().numel() * t.element_size()
+            stats.collectives += 1
+            stats.bytes_received += t.numel() * t.element_size() - local
+            stats.bytes_sent += local
+    for idx in batches.values():
+        for i, whole in zip(idx, _all_gather_rows([params[i] for i in idx], stats)):
+            result[i] = whole
+    _LAST = stats
+    return result  # type: ignore[return-value]
+
+
+def _row_sharded_1d(t) -> bool:
+    """FSDP2's default layout: a 1-D mesh, Shard(0), local rows as torch.chunk gives them."""
+    from torch.distributed.tensor import Shard
+
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        return False
+    return t.to_local().shape[0] == _chunk_rows(t)[0]
+
+
+def _chunk_rows(t) -> tuple[int, int]:
+    """(rows, first row) of this rank's torch.chunk piece of dim 0."""
+    world, rank = t.device_mesh.size(), t.device_mesh.get_local_rank()
+    chunk = math.ceil(t.shape[0] / world)
+    start = min(rank * chunk, t.shape[0])
+    return min(chunk, t.shape[0] - start), start
+
+
+def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
+    """Whole tensors of row-sharded DTensors of one mesh and dtype, by one all_gather."""
+    import torch.distributed as dist
+
+    mesh = ts[0].device_mesh
+    world = mesh.size()
+    chunks = [math.ceil(t.shape[0] / world) for t in ts]
+    widths = [math.prod(t.shape[1:]) for t in ts]
+    sizes = [c * w for c, w in zip(chunks, widths)]
+    send = ts[0].to_local().new_zeros(sum(sizes))  # (L,): every factor's rows padded to its chunk
+    offsets = [0]
+    for t, size in zip(ts, sizes):
+        local = t.to_local().detach().reshape(-1)
+        send[offsets[-1] : offsets[-1] + local.numel()] = local
+        offsets.append(offsets[-1] + size)
+    recv = send.new_empty(world, send.numel())  # (world, L)
+    dist.all_gather(list(recv.unbind(0)), send, group=mesh.get_group())
+    stats.collectives += 1
+    stats.bytes_sent += send.numel() * send.element_size()
+    stats.bytes_received += (world - 1) * send.numel() * send.element_size()
+    # Rank j's piece of factor k sits in recv[j, offsets[k]:offsets[k+1]]; stacking the pieces
+    # in rank order and dropping the padding rows gives the whole factor.
+    return [
+        recv[:, offsets[k] : offsets[k + 1]].reshape(world * chunks[k], *t.shape[1:])[: t.shape[0]]
+        for k, t in enumerate(ts)
+    ]
+
+
+def _local_piece(whole: torch.Tensor, param) -> torch.Tensor:
+    """This rank's shard of `whole` laid out like the DTensor `param`, without communication."""
+    if _row_sharded_1d(param):
+        rows, start = _chunk_rows(param)
+        return whole[start : start + rows]
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank holds the same `whole` and keeps its own piece (no scatter).
+    return distribute_tensor(whole.detach(), param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def _shard_writer(A_p: torch.Tensor, B_p: torch.Tensor):
+    """Write whole 2-D factors into the parameters: a DTensor keeps only this rank's shard."""
+
+    def write(A: torch.Tensor, B: torch.Tensor) -> None:
+        with torch.no_grad():
+            for param, new in ((A_p, A), (B_p, B)):
+                whole = new.reshape(param.shape)
+                if is_dtensor(param):
+                    param.to_local().copy_(_local_piece(whole, param))  # copy_ casts to the shard's dtype
+                else:
+                    param.copy_(whole)
+
+    return write

@@ -1,0 +1,133 @@
+"""Train a tiny Llama-shaped PEFT model under FSDP2 (fully_shard per block + root, gloo, CPU) with
+balancing after every AdamW step, and the same steps in one process without sharding (rank 0).
+Run by tests/test_fsdp2.py:
+
+    torchrun --nproc_per_node 2 --standalone tests/fsdp2_train_script.py OUT_DIR
+
+Two sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
+BalanceCallback.on_optimizer_step by hand after each step (how the Trainer calls it). Every rank
+writes OUT_DIR/{run}_rank{R}.safetensors (its gathered LoRA factors) and OUT_DIR/{run}_rank{R}.json
+(losses, layer_report, what the last gather communicated). Rank 0 also writes reference.* from the
+single-process run over the whole batch (FSDP2 averages the ranks' gradients, so the single
+process sees the mean of the ranks' mean losses: the same objective).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState
+
+from balora import BalanceCallback, balance_after_step, layer_report
+from balora.distributed import last_comm
+
+VOCAB, SEQ, PER_RANK, STEPS, LR = 64, 12, 2, 4, 5e-3
+# r=3 shards unevenly over 2 ranks (2 rows + 1 row of A): the padding path is exercised.
+LORA = dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "embed_tokens"])
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(**LORA))
+    with torch.no_grad():  # PEFT starts B (A for embeddings) at 0; random values make every pair count from step 1
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def shard(model: torch.nn.Module, mesh) -> None:
+    """fully_shard every decoder block and the root; block 1 shards its lora_A by columns (Shard(1)),
+    which balora gathers by the general (per-factor) path."""
+    for i, block in enumerate(model.base_model.model.model.layers):
+        by_columns = (lambda p: Shard(1) if p.ndim == 2 and p.shape[0] == LORA["r"] else None) if i == 1 else None
+        fully_shard(block, mesh=mesh, shard_placement_fn=by_columns)
+    fully_shard(model, mesh=mesh)
+
+
+def batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, VOCAB, (STEPS, 2 * PER_RANK, SEQ), generator=g)  # (steps, global batch, seq)
+
+
+def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> list[float]:
+    """STEPS AdamW steps on ids (steps, batch, seq), balancing after each; the mean loss per step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    callback, hook = BalanceCallback(log_diagnostics=False), None
+    if balance == "hook":
+        hook = balance_after_step(opt, model)
+    args, state, control = SimpleNamespace(), TrainerState(), TrainerControl()  # on_optimizer_step reads no args
+    losses = []
+    for step in range(STEPS):
+        loss = model(input_ids=ids[step], labels=ids[step]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if balance == "callback":
+            state.global_step = step
+            callback.on_optimizer_step(args, state, control, model=model)
+            assert callback.last_summary.balanced == 9, callback.last_summary  # 2 blocks x 4 targets + embed_tokens
+        loss = loss.detach()
+        if distributed:
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        losses.append(float(loss))
+    if hook is not None:
+        hook.remove()
+    return losses
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """Whole LoRA factors; full_tensor gathers a DTensor (a collective: every rank calls it)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            t = p.detach()
+            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone().contiguous()
+    return out
+
+
+def save(out_dir: str, tag: str, model, losses: list[float]) -> None:
+    report = layer_report(model)  # also a collective under FSDP2
+    save_file(lora_state(model), os.path.join(out_dir, f"{tag}.safetensors"))
+    comm = last_comm()
+    info = {"losses": losses, "report": report[["module", "rel_imbalance", "sigma", "norm_A", "norm_B"]].to_dict("list"),
+            "comm": {"collectives": comm.collectives, "bytes_received": comm.bytes_received},
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
+        json.dump(info, f)
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    ids = batch()
+    local = ids[:, rank * PER_RANK : (rank + 1) * PER_RANK]  # this rank's half of every global batch
+    for run in ("hook", "callback"):
+        model = make_model()
+        shard(model, mesh)
+        losses = train(model, local, run, distributed=True)
+        save(out_dir, f"{run}_rank{rank}", model, losses)
+    if rank == 0:
+        model = make_model()
+        save(out_dir, "reference", model, train(model, ids, "hook", distributed=False))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

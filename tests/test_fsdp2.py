@@ -1,0 +1,114 @@
+"""FSDP2: under torchrun with 2 gloo processes on CPU, a tiny Llama-shaped PEFT model sharded with
+fully_shard (per block + root) trains with balancing after every AdamW step (balance_after_step,
+and BalanceCallback's hook called directly) and matches the same steps run in one process without
+sharding; every rank ends with the same gathered factors and the same layer_report.
+
+The Trainer is not used here: accelerate enables its FSDP plugin only for accelerator devices, and
+on CPU a Trainer with fsdp="full_shard" silently trains with DDP (its parameters stay plain tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from balora.imbalance import rel_imbalance
+
+SCRIPT = Path(__file__).with_name("fsdp2_train_script.py")
+RUNS = ("hook", "callback")
+RTOL = 1e-5  # the sharded and single-process runs differ only by the order of fp32 reductions
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available in this torch build",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp2")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return out
+
+
+def _load(run_dir: Path, tag: str):
+    return load_file(run_dir / f"{tag}.safetensors"), json.loads((run_dir / f"{tag}.json").read_text())
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_sharded_run_matches_single_process(fsdp2_run, run):
+    ref, ref_info = _load(fsdp2_run, "reference")
+    factors, info = _load(fsdp2_run, f"{run}_rank0")
+    assert info["world_size"] == 2
+    for loss, ref_loss in zip(info["losses"], ref_info["losses"], strict=True):
+        assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (info["losses"], ref_info["losses"])
+    assert factors.keys() == ref.keys() and len(ref) == 2 * 9  # 2 blocks x 4 targets + embed_tokens, (A, B)
+    for name in ref:
+        assert _rel(factors[name], ref[name]) <= RTOL, f"{name}: {_rel(factors[name], ref[name]):.2e}"
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_rank_holds_the_same_balanced_pairs(fsdp2_run, run):
+    f0, info0 = _load(fsdp2_run, f"{run}_rank0")
+    f1, info1 = _load(fsdp2_run, f"{run}_rank1")
+    for name in f0:
+        assert torch.equal(f0[name], f1[name]), f"{name} differs between the ranks"
+    assert info0["report"] == info1["report"], "layer_report must be identical on all ranks"
+    for name, A in f0.items():
+        if ".lora_A." in name or ".lora_embedding_A." in name:
+            B = f0[name.replace("_A.", "_B.")]
+            imb = float(rel_imbalance(A.double()[None], B.double()[None])[0])
+            assert imb < 1e-5, f"{name}: rel_imbalance {imb:.2e} after the last balancing step"
+
+
+def test_layer_report_matches_the_single_process_model(fsdp2_run):
+    _, ref_info = _load(fsdp2_run, "reference")
+    _, info = _load(fsdp2_run, "hook_rank0")
+    assert info["report"]["module"] == ref_info["report"]["module"]
+    for got, want in zip(info["report"]["norm_B"], ref_info["report"]["norm_B"]):
+        assert math.isclose(got, want, rel_tol=RTOL)
+    for got, want in zip(info["report"]["sigma"], ref_info["report"]["sigma"]):
+        assert all(math.isclose(g, w, rel_tol=1e-4) for g, w in zip(got, want))
+
+
+def test_bytes_communicated_per_pass(fsdp2_run):
+    """One all_gather for every row-sharded factor (each padded to ceil(rows / 2) rows) plus one
+    full_tensor per column-sharded factor (block 1's lora_A, Shard(1)); counted from the shapes."""
+    ref, _ = _load(fsdp2_run, "reference")
+    world, expected, column_sharded = 2, 0, 0
+    for name, t in ref.items():
+        rows, cols = t.shape[0], math.prod(t.shape[1:])
+        if ".layers.1." in name and ".lora_A." in name:
+            column_sharded += 1
+            assert cols % world == 0  # so both ranks receive the same amount
+            expected += rows * (cols - cols // world) * t.element_size()
+        else:
+            expected += (world - 1) * math.ceil(rows / world) * cols * t.element_size()
+    for rank in (0, 1):
+        _, info = _load(fsdp2_run, f"hook_rank{rank}")
+        assert info["comm"] == {"collectives": 1 + column_sharded, "bytes_received": expected}
