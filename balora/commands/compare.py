@@ -84,7 +84,7 @@ def invoked_command() -> str | None:
 def run(args) -> int:
     from balora.runner import run_compare
     from balora.runs_folder import dashboard_command
-    from balora.store import load_run
+    from balora.store import STATUS, load_run
 
     if args.list:
         return _list()
@@ -92,7 +92,7 @@ def run(args) -> int:
     try:
         path = run_compare(cfg)
     except KeyboardInterrupt:
-        if os.path.isfile(os.path.join(cfg.out, "status.json")):
+        if os.path.isfile(os.path.join(cfg.out, STATUS)):
             print(f"balora compare: partial run left in {cfg.out} (marked interrupted; balora.load_run reads it)",
                   file=sys.stderr)
         raise
