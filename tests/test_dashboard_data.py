@@ -1,4 +1,5 @@
-"""dashboard.data: loaders over the run store and the pure frame shaping behind each figure.
+"""The dashboard's loaders (cached over the run store), frames (pure shaping behind each figure),
+uploads and Launch jobs.
 
 `write_run` writes small runs with the store's own RunWriter (so the files are exactly what
 `balora compare` writes); the page and browser tests import it from here.
@@ -19,7 +20,7 @@ import pytest
 
 from balora.report import REPORT_COLUMNS
 from balora.store import RunWriter, load_run
-from balora.dashboard import data, jobs, settings
+from balora.dashboard import frames, jobs, loaders, report_frames, run_index, settings, uploads
 
 MODULES = ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj"]
 # Per arm: how fast the loss falls, and the relative imbalance it keeps.
@@ -97,7 +98,7 @@ def grid_run(tmp_path_factory):
 
 
 def _by_series(run):
-    return {t: data.combine({"r": getattr(run, t)}) for t in ("steps", "summary", "layers", "spectra")}
+    return {t: frames.combine({"r": getattr(run, t)}) for t in ("steps", "summary", "layers", "spectra")}
 
 
 # --------------------------------------------------------------------------- settings
@@ -123,94 +124,94 @@ def test_load_run_is_cached_until_files_change(tmp_path, monkeypatch):
     real = balora.store.load_run
     monkeypatch.setattr(balora.store, "load_run", lambda p: calls.append(p) or real(p))
     path = write_run(tmp_path / "live", status=None)
-    first = data.load_run(path)
-    assert first.status == "running" and len(data.load_run(path).steps) == len(first.steps)
+    first = loaders.load_run(path)
+    assert first.status == "running" and len(loaders.load_run(path).steps) == len(first.steps)
     assert len(calls) == 1  # same files: served from the cache
     # A writer renames a new part file into place: the next call re-reads the run.
     extra = first.steps[first.steps["step"] == first.steps["step"].max()].assign(step=first.steps["step"].max() + 1)
     extra.to_parquet(path / "steps" / "part-00009.parquet", index=False)
-    again = data.load_run(path)
+    again = loaders.load_run(path)
     assert len(calls) == 2 and len(again.steps) == len(first.steps) + 4  # 2 arms x 2 seeds
 
 
 def test_list_runs_sees_new_runs(tmp_path):
     write_run(tmp_path / "one")
-    assert data.list_runs(tmp_path)["name"].tolist() == ["one"]
+    assert loaders.list_runs(tmp_path)["name"].tolist() == ["one"]
     write_run(tmp_path / "nested" / "two", status="interrupted")
-    df = data.list_runs(tmp_path)
+    df = loaders.list_runs(tmp_path)
     assert sorted(df["name"]) == ["one", "two"]
     assert dict(zip(df["name"], df["status"]))["two"] == "interrupted"
 
 
 def test_default_run_is_the_largest_completed_one():
-    runs = pd.DataFrame({"name": ["a-small", "b-grid", "c-live", "d-failed"], "status": ["completed", "completed", "running", "failed"],
-                         "n_cells": [8, 36, 99, 99]})
-    assert data.default_run(runs) == "b-grid"
-    assert data.default_run(runs[runs["status"] != "completed"]) == "c-live"
-    assert data.default_run(runs.iloc[0:0]) is None
+    runs = pd.DataFrame({"label": ["a-small", "b-grid", "c-live", "d-failed"], "status": ["completed", "completed", "running", "failed"],
+                         "n_cells": [8, 36, 99, 99], "sample": False})
+    assert run_index.default_label(runs) == "b-grid"
+    assert run_index.default_label(runs[runs["status"] != "completed"]) == "c-live"
+    assert run_index.default_label(runs.iloc[0:0]) is None
 
 
 def test_run_labels_keep_nested_runs_apart_and_mark_stalled(tmp_path):
     write_run(tmp_path / "a" / "grid")
     write_run(tmp_path / "b" / "grid", status="interrupted")
-    runs = data.list_runs(tmp_path)
-    assert sorted(data.run_labels(runs, tmp_path)) == ["a/grid", "b/grid"]
+    runs = loaders.list_runs(tmp_path)
+    assert sorted(run_index.labels_under(runs["path"], tmp_path)) == ["a/grid", "b/grid"]
     fake = pd.DataFrame({"status": ["running", "running", "completed"], "stale": [True, False, False]})
-    assert data.status_labels(fake) == ["stalled", "running", "completed"]
+    assert loaders.status_labels(fake) == ["stalled", "running", "completed"]
 
 
 def test_run_state_marks_progress_stale_and_interrupted():
     now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
     recent = (now - timedelta(seconds=7)).isoformat()
-    s = data.run_state("running", {"updated": recent, "progress": {"done": 2, "total": 8}, "stale": False}, now=now)
+    s = loaders.run_state("running", {"updated": recent, "progress": {"done": 2, "total": 8}, "stale": False}, now=now)
     assert (s.label, s.live) == ("in progress", True) and "2/8 cells" in s.text and "7 s ago" in s.text
-    s = data.run_state("running", {"updated": recent, "stale": True, "stale_reason": "the writing process (pid 4) is gone"}, now=now)
+    s = loaders.run_state("running", {"updated": recent, "stale": True, "stale_reason": "the writing process (pid 4) is gone"}, now=now)
     assert (s.label, s.kind, s.live) == ("stalled", "warning", False) and "pid 4" in s.text
-    s = data.run_state("interrupted", {"progress": {"done": 3, "total": 4}, "message": "SIGTERM"})
+    s = loaders.run_state("interrupted", {"progress": {"done": 3, "total": 4}, "message": "SIGTERM"})
     assert s.label == "interrupted" and "3/4" in s.text and "SIGTERM" in s.text
-    assert data.run_state("failed", {"message": "CUDA OOM"}).kind == "error"
-    assert data.run_state("completed", {}).kind == "success"
+    assert loaders.run_state("failed", {"message": "CUDA OOM"}).kind == "error"
+    assert loaders.run_state("completed", {}).kind == "success"
 
 
 # --------------------------------------------------------------------------- shaping
 
 
 def test_combine_labels_series_by_run_only_when_several(grid_run):
-    one = data.combine({"a": grid_run.steps})
+    one = frames.combine({"a": grid_run.steps})
     assert set(one["series"]) == {"lora", "balora"}
-    two = data.combine({"a": grid_run.steps, "b": grid_run.steps})
+    two = frames.combine({"a": grid_run.steps, "b": grid_run.steps})
     assert set(two["series"]) == {"a: lora", "a: balora", "b: lora", "b: balora"}
     assert len(two) == 2 * len(grid_run.steps)
-    empty = data.combine({"a": grid_run.steps.iloc[0:0]})
+    empty = frames.combine({"a": grid_run.steps.iloc[0:0]})
     assert empty.empty and {"run", "series", "arm"} <= set(empty.columns)
 
 
 def test_seed_curves_median_and_spread(grid_run):
     t = _by_series(grid_run)
-    cell = data.select_cell(t["steps"], 1e-2, 32.0)
-    curves = data.seed_curves(cell, metric="loss")
+    cell = frames.select_cell(t["steps"], 1e-2, 32.0)
+    curves = frames.seed_curves(cell, metric="loss")
     raw = cell[(cell["arm"] == "lora") & (cell["step"] == 10)]["loss"]
     row = curves[(curves["series"] == "lora") & (curves["step"] == 10)].iloc[0]
     assert row["median"] == pytest.approx(raw.median()) and row["lo"] == pytest.approx(raw.min()) and row["hi"] == pytest.approx(raw.max())
     assert row["n_seeds"] == 2
-    iqr = data.seed_curves(cell, metric="loss", band="interquartile")
+    iqr = frames.seed_curves(cell, metric="loss", band="interquartile")
     assert iqr["hi"].le(curves["hi"] + 1e-15).all()
-    timed = data.seed_curves(cell, x="time_s", metric="loss")
+    timed = frames.seed_curves(cell, x="time_s", metric="loss")
     assert len(timed) == len(curves)
     lora_t = timed[timed["series"] == "lora"]
     raw_t = cell[cell["arm"] == "lora"].groupby("step")["time_s"].median()
     assert np.allclose(lora_t["time_s"], raw_t.to_numpy())  # drawn at each step's median wall-clock time
     assert timed["series"].iloc[0] == "lora"  # series keep the run's arm order
     # eval_loss only every 5 steps: NaNs are dropped, not drawn as zeros.
-    assert len(data.seed_curves(cell, metric="eval_loss")) == len(curves) // 5
-    assert list(data.seed_curves(cell.iloc[0:0]).columns) == ["series", "step", "median", "lo", "hi", "n_seeds"]
+    assert len(frames.seed_curves(cell, metric="eval_loss")) == len(curves) // 5
+    assert list(frames.seed_curves(cell.iloc[0:0]).columns) == ["series", "step", "median", "lo", "hi", "n_seeds"]
 
 
 def test_best_cells_follow_arm_summary_then_latest_loss(grid_run):
     from balora.records import arm_summary
 
     t = _by_series(grid_run)
-    best = data.best_cells(t["summary"], t["steps"]).set_index("series")
+    best = frames.best_cells(t["summary"], t["steps"]).set_index("series")
     ref = arm_summary(grid_run.summary).set_index("arm")
     for arm in ("lora", "balora"):
         assert (best.loc[arm, "lr"], best.loc[arm, "alpha"]) == (ref.loc[arm, "best_lr"], ref.loc[arm, "best_alpha"])
@@ -218,14 +219,14 @@ def test_best_cells_follow_arm_summary_then_latest_loss(grid_run):
     # The fixture's loss falls fastest at the largest lr and alpha.
     assert (best.loc["lora", "lr"], best.loc["lora", "alpha"]) == (1e-2, 32.0)
     # A run still being written has no summary yet: fall back to the latest losses.
-    from_steps = data.best_cells(t["summary"].iloc[0:0], t["steps"]).set_index("series")
+    from_steps = frames.best_cells(t["summary"].iloc[0:0], t["steps"]).set_index("series")
     assert set(from_steps.index) == {"lora", "balora"} and set(from_steps["source"]) == {"latest loss"}
     assert (from_steps.loc["lora", "lr"], from_steps.loc["lora", "alpha"]) == (1e-2, 32.0)
-    sel = data.select_cells(t["steps"], best.reset_index())
+    sel = frames.select_cells(t["steps"], best.reset_index())
     assert sel.groupby("series")[["lr", "alpha"]].nunique().max().max() == 1
     # Two runs: each series gets its own run's best cell.
-    two = data.combine({"a": grid_run.summary, "b": grid_run.summary})
-    assert len(data.best_cells(two, two.iloc[0:0])) == 4
+    two = frames.combine({"a": grid_run.summary, "b": grid_run.summary})
+    assert len(frames.best_cells(two, two.iloc[0:0])) == 4
 
 
 def test_grid_cells_median_and_diverged_as_nan(grid_run):
@@ -234,7 +235,7 @@ def test_grid_cells_median_and_diverged_as_nan(grid_run):
     diverged = (summary["arm"] == "lora") & (summary["lr"] == 1e-2) & (summary["alpha"] == 32.0)
     summary.loc[diverged, "final_loss"] = np.inf
     summary.loc[diverged, "status"] = "diverged"
-    grid = data.grid_cells(summary, value="final_loss")
+    grid = frames.grid_cells(summary, value="final_loss")
     assert len(grid) == 2 * 2 * 2
     bad = grid[(grid["series"] == "lora") & (grid["lr"] == 1e-2) & (grid["alpha"] == 32.0)]["final_loss"]
     assert bad.isna().all()
@@ -247,9 +248,9 @@ def test_grid_cells_median_and_diverged_as_nan(grid_run):
 
 def test_speedups_match_an_independent_count(grid_run):
     t = _by_series(grid_run)
-    cell = data.select_cell(t["steps"], 1e-3, 32.0)
+    cell = frames.select_cell(t["steps"], 1e-3, 32.0)
     target = 0.3
-    speed = data.speedups(cell, target, reference="lora").set_index("series")
+    speed = frames.speedups(cell, target, reference="lora").set_index("series")
     for arm in ("lora", "balora"):
         firsts = []
         for seed in (0, 1):
@@ -259,26 +260,26 @@ def test_speedups_match_an_independent_count(grid_run):
     # balora's loss falls twice as fast in the fixture: it needs about half the steps.
     assert speed.loc["balora", "speedup_steps"] > 1.5 and speed.loc["lora", "speedup_steps"] == pytest.approx(1.0)
     assert list(speed.index) == ["lora", "balora"]  # the run's arm order, though balora reaches the target first
-    never = data.speedups(cell, 1e-9)
+    never = frames.speedups(cell, 1e-9)
     assert never["reached"].eq(0).all() and never["steps_median"].isna().all()
 
 
 def test_layer_and_spectra_selection(grid_run):
     t = _by_series(grid_run)
-    cell = data.select_cell(t["layers"], 1e-3, 8.0)
-    heat = data.layer_steps(cell, ["rel_imbalance"])
+    cell = frames.select_cell(t["layers"], 1e-3, 8.0)
+    heat = frames.layer_steps(cell, ["rel_imbalance"])
     assert set(heat["module"]) == set(MODULES)
-    one = data.layer_steps(cell, ["rel_imbalance"], modules=[MODULES[1]])
+    one = frames.layer_steps(cell, ["rel_imbalance"], modules=[MODULES[1]])
     assert set(one["module"]) == {MODULES[1]}
-    spec = data.select_cell(t["spectra"], 1e-3, 8.0)
-    steps = data.spectra_steps(spec, MODULES[0])
+    spec = frames.select_cell(t["spectra"], 1e-3, 8.0)
+    steps = frames.spectra_steps(spec, MODULES[0])
     assert steps == [0, 5, 10, 15, 20, 25, 30]
-    at = data.spectra_at(spec, MODULES[0], 10)
+    at = frames.spectra_at(spec, MODULES[0], 10)
     assert set(at["which"]) == {"dW", "A", "B"} and at["index"].max() == 3
     assert at[(at["which"] == "dW") & (at["index"] == 0)]["value"].iloc[0] == pytest.approx(2.0)
-    evo = data.spectra_over_steps(spec, MODULES[0], "B")
+    evo = frames.spectra_over_steps(spec, MODULES[0], "B")
     assert len(evo) == 2 * len(steps) * 4
-    med = data.median_over_layers(cell, ["cond_A"])
+    med = frames.median_over_layers(cell, ["cond_A"])
     assert med["cond_A"].iloc[0] == pytest.approx(4.0)  # cond_A is 3, 4, 5 over the three layers
 
 
@@ -286,26 +287,26 @@ def test_layer_and_spectra_selection(grid_run):
 
 
 def test_save_upload_safetensors_zip_and_refusals(tmp_path):
-    p = data.save_upload("../../evil/lora.safetensors", b"x", tmp_path)
+    p = uploads.save_upload("../../evil/lora.safetensors", b"x", tmp_path)
     assert p == tmp_path / "lora.safetensors" and p.read_bytes() == b"x"  # the client's path is dropped
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("adapter/adapter_config.json", json.dumps({"r": 4}))
         zf.writestr("adapter/adapter_model.safetensors", b"y")
-    out = data.save_upload("adapter.zip", buf.getvalue(), tmp_path)
+    out = uploads.save_upload("adapter.zip", buf.getvalue(), tmp_path)
     assert out.name == "adapter" and (out / "adapter_config.json").is_file()
     evil = io.BytesIO()
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("../outside.txt", b"z")
-    with pytest.raises(data.UploadError, match="outside"):
-        data.save_upload("evil.zip", evil.getvalue(), tmp_path)
+    with pytest.raises(uploads.UploadError, match="outside"):
+        uploads.save_upload("evil.zip", evil.getvalue(), tmp_path)
     assert not (tmp_path / "outside.txt").exists()
-    with pytest.raises(data.UploadError, match="expands"):
-        data.save_upload("adapter.zip", buf.getvalue(), tmp_path, max_unzipped_mb=1e-6)
-    with pytest.raises(data.UploadError, match=".safetensors"):
-        data.save_upload("notes.txt", b"hi", tmp_path)
-    with pytest.raises(data.UploadError, match="not a valid zip"):
-        data.save_upload("broken.zip", b"PK-nope", tmp_path)
+    with pytest.raises(uploads.UploadError, match="expands"):
+        uploads.save_upload("adapter.zip", buf.getvalue(), tmp_path, max_unzipped_mb=1e-6)
+    with pytest.raises(uploads.UploadError, match=".safetensors"):
+        uploads.save_upload("notes.txt", b"hi", tmp_path)
+    with pytest.raises(uploads.UploadError, match="not a valid zip"):
+        uploads.save_upload("broken.zip", b"PK-nope", tmp_path)
 
 
 def _report(rel, sigma):
@@ -319,12 +320,12 @@ def _report(rel, sigma):
 
 def test_report_helpers():
     before = _report([0.9, 0.5, 1.0], [[2.0, 1.0], [1.0, 0.5], [3.0, 0.0]])
-    long = data.report_spectra(before.assign(checkpoint="ckpt"), MODULES[0])
+    long = report_frames.report_spectra(before.assign(checkpoint="ckpt"), MODULES[0])
     assert len(long) == 6 and set(long["which"]) == {"dW", "A", "B"}
-    table = data.report_table(before)
+    table = report_frames.report_table(before)
     assert table.loc[0, "sigma"] == "2 1"
     inspect_frame = pd.concat([before.assign(checkpoint="checkpoint-20", step=20), before.assign(checkpoint="checkpoint-10", step=10)])
-    ck = data.checkpoints(inspect_frame)
+    ck = report_frames.checkpoints(inspect_frame)
     assert ck["checkpoint"].tolist() == ["checkpoint-10", "checkpoint-20"] and ck["layers"].tolist() == [3, 3]
 
 

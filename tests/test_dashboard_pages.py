@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dashboard_data import write_run  # noqa: E402
 
-from balora.dashboard import jobs, settings  # noqa: E402
+from balora.dashboard import exposure, jobs, settings  # noqa: E402
 from balora.dashboard.app import page_path  # noqa: E402
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -43,6 +43,13 @@ def real_run(runs_root):
 
     return balora.runner.compare(task="synthetic", arms="lora,balora", steps=10, seeds=2, lr=[1e-2, 3e-2], alpha=[4, 8],
                                  target_loss=18.0, out=runs_root / "real", quiet=True)
+
+
+@pytest.fixture(autouse=True)
+def served_locally(monkeypatch):
+    """Served on this machine only, as `balora dashboard` serves it, wherever pytest starts
+    (test_dashboard_serving covers the other cases)."""
+    monkeypatch.setattr(exposure, "served_address", lambda: ("127.0.0.1", "command-line argument or environment variable"))
 
 
 @pytest.fixture
@@ -128,7 +135,7 @@ def test_compare_sections_draw_and_widgets_change_them(app):
 
     at.segmented_control(key="compare_section").set_value("Speed-up").run()
     no_exception(at)
-    assert titles(at)[0].startswith("Time to reach a training loss of")
+    assert titles(at)[0].startswith("Time to reach an excess loss of")  # the default where the task records it
     first = arr(charts(at)[0]["data"][0]["y"])
     at.number_input(key="speed_target").set_value(0.5).run()
     assert arr(charts(at)[0]["data"][0]["y"]) != first and "0.5" in titles(at)[0]
@@ -151,7 +158,7 @@ def test_compare_sections_draw_and_widgets_change_them(app):
 
 
 def test_compare_on_a_real_run_every_section(app, real_run):
-    from balora.dashboard import data
+    from balora.dashboard import frames
 
     at = app.run()
     at.multiselect(key="compare_runs").set_value(["real"]).run()
@@ -165,10 +172,10 @@ def test_compare_on_a_real_run_every_section(app, real_run):
         no_exception(at)
         assert titles(at) and titles(at)[0].startswith(first_title), (section, titles(at))
     # The speed-up panel at the run's own target agrees with the runner's summary.
-    steps = data.combine({"real": real_run.steps})
+    steps = frames.combine({"real": real_run.steps})
     summary = real_run.summary
     for (lr, alpha), cell in summary.groupby(["lr", "alpha"]):
-        speed = data.speedups(data.select_cell(steps, lr, alpha), 18.0).set_index("series")
+        speed = frames.speedups(frames.select_cell(steps, lr, alpha), 18.0).set_index("series")
         for arm, g in cell.groupby("arm"):
             assert speed.loc[arm, "steps_median"] == pytest.approx(g["steps_to_target"].median(), nan_ok=True)
 
@@ -301,6 +308,95 @@ def test_inspect_upload_and_bad_uploads(app, adapters):
     at.file_uploader(key="insp_upload").set_value(("adapter.zip", b"not a zip", "application/zip")).run()
     no_exception(at)
     assert "not a valid zip" in texts(at.error)
+
+
+def test_inspect_table_numbers_first_and_no_file_paths(app, adapters, tmp_path):
+    from balora.dashboard.report_frames import TABLE_FIRST
+
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(adapters["peft"])).run()
+    no_exception(at)
+    table = at.dataframe[0].value
+    assert list(table.columns[: len(TABLE_FIRST)]) == TABLE_FIRST  # module, r, scaling, norms, imbalance, conditioning
+    assert "source" not in table.columns and str(adapters["peft"]) not in table.to_string()
+    assert not at.warning  # a PEFT folder has its config: no scaling note
+    # Bare weights (no adapter_config.json beside them): the unknown scaling is said up front.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "weights.safetensors").write_bytes((adapters["peft"] / "adapter_model.safetensors").read_bytes())
+    at.text_input(key="insp_path").set_value(str(bare / "weights.safetensors")).run()
+    no_exception(at)
+    assert "scaling unknown" in texts(at.warning)
+
+
+def test_inspect_top_n_worst_layers(app, tmp_path):
+    # An adapter with 12 layers: the bar charts can show the 10 largest instead of all 12.
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(12):
+        tensors[f"base_model.model.{i}.lora_A.weight"] = torch.randn(4, 8, generator=g)
+        tensors[f"base_model.model.{i}.lora_B.weight"] = (i + 1) * 0.05 * torch.randn(8, 4, generator=g)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(folder)).run()
+    no_exception(at)
+    bars = charts(at)[0]
+    assert len(bars["layout"]["yaxis"]["tickvals"]) == 12  # every layer named
+    at.selectbox(key="insp_top").set_value(10).run()
+    no_exception(at)
+    bars = charts(at)[0]
+    table = at.dataframe[0].value
+    worst = table.sort_values("rel_imbalance", ascending=False)["module"].astype(str).head(10).tolist()
+    assert bars["layout"]["yaxis"]["tickvals"] == worst and "10 layers with the largest" in bars["layout"]["title"]["subtitle"]["text"]
+
+
+def test_inspect_upload_errors_are_messages_and_never_show_the_temporary_path(app, adapters, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the uploads' temporary folders land here
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.radio(key="insp_source").set_value("An uploaded file").run()
+
+    def upload(name, data):
+        at.file_uploader(key="insp_upload").set_value((name, data, "application/zip")).run()
+        no_exception(at)
+        return texts(at.error)
+
+    deep = io.BytesIO()
+    with zipfile.ZipFile(deep, "w") as zf:
+        zf.writestr("/".join(["d"] * 40) + "/adapter_config.json", b"{}")
+    assert "nested" in upload("deep.zip", deep.getvalue())
+    link = io.BytesIO()
+    with zipfile.ZipFile(link, "w") as zf:
+        info = zipfile.ZipInfo("adapter/adapter_model.safetensors")
+        info.external_attr = 0o120777 << 16  # a symbolic link to /etc/passwd
+        zf.writestr(info, b"/etc/passwd")
+    assert "symbolic link" in upload("link.zip", link.getvalue())
+    assert not list(tmp_path.glob("balora-upload-*")), "a refused upload leaves no temporary folder"
+    # A readable archive with a damaged config: the message names the upload, not the server's folder.
+    broken = io.BytesIO()
+    with zipfile.ZipFile(broken, "w") as zf:
+        zf.write(adapters["peft"] / "adapter_model.safetensors", "peft/adapter_model.safetensors")
+        zf.writestr("peft/adapter_config.json", b"{not json")
+    message = upload("broken.zip", broken.getvalue())
+    assert message and "adapter_config.json" in message and str(tmp_path) not in message
+    good = io.BytesIO()
+    with zipfile.ZipFile(good, "w") as zf:
+        for p in adapters["peft"].iterdir():
+            zf.write(p, f"peft/{p.name}")
+    upload("good.zip", good.getvalue())
+    assert at.metric[0].value == "2"
+    files_read = json.dumps([e.value for e in at.json])
+    assert "good.zip/peft/adapter_model.safetensors" in files_read and str(tmp_path) not in files_read
+    assert len(list(tmp_path.glob("balora-upload-*"))) == 1  # the one being looked at
+    at.radio(key="insp_source").set_value("A path on this machine").run()
+    assert not list(tmp_path.glob("balora-upload-*"))  # moving on removes it
 
 
 # ------------------------------------------------------------------------------------- launch

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from balora.dashboard import plots
+from balora.dashboard import compare_plots, inspect_plots, plots
 
 
 def assert_labelled(fig: go.Figure, *needles: str) -> None:
@@ -32,7 +32,7 @@ def _curves(series=("lora", "balora"), steps=10, n_seeds=3):
 
 
 def test_loss_curves_median_line_and_spread_band():
-    fig = plots.loss_curves(_curves(), x="step", metric="loss", loss_unit="squared error")
+    fig = compare_plots.loss_curves(_curves(), x="step", metric="loss", loss_unit="squared error")
     assert_labelled(fig, "optimizer step", "training loss (squared error)")
     lines = [t for t in fig.data if t.mode == "lines" and t.showlegend is not False]
     bands = [t for t in fig.data if t.fill == "toself"]
@@ -42,7 +42,7 @@ def test_loss_curves_median_line_and_spread_band():
     assert np.allclose(bands[0].y[:10], lines[0].y * 1.1) and np.allclose(bands[0].y[10:], (lines[0].y * 0.9)[::-1])
     assert fig.layout.yaxis.type == "log"
     assert lines[0].line.color == plots.ARM_COLORS["lora"]
-    lin = plots.loss_curves(_curves(n_seeds=1), x="time_s", metric="eval_loss", log_y=False)
+    lin = compare_plots.loss_curves(_curves(n_seeds=1), x="time_s", metric="eval_loss", log_y=False)
     assert_labelled(lin, "wall-clock time (s)", "evaluation loss")
     assert lin.layout.yaxis.type == "linear" and not [t for t in lin.data if t.fill == "toself"]  # one seed: no band
 
@@ -55,7 +55,7 @@ def test_grid_heatmaps_star_each_arms_best_cell():
                 rows.append({"series": s, "lr": lr, "alpha": a, "final_loss": 0.1 if (lr, a) == best else 1.0})
     grid = pd.DataFrame(rows)
     grid.loc[(grid["series"] == "lora") & (grid["lr"] == 1e-2) & (grid["alpha"] == 32.0), "final_loss"] = np.nan  # diverged
-    fig = plots.grid_heatmaps(grid, value="final_loss")
+    fig = compare_plots.grid_heatmaps(grid, value="final_loss")
     assert_labelled(fig, "learning rate", "lora_alpha")
     heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
     assert len(heat) == 2
@@ -66,7 +66,7 @@ def test_grid_heatmaps_star_each_arms_best_cell():
     assert ("x", -0.5, -0.5) in frames and ("x2", 0.5, 0.5) in frames
     assert heat[0].zmin == heat[1].zmin and heat[0].zmax == heat[1].zmax  # one colour scale for all arms
     assert heat[0].text[1][1] == "no value" and heat[0].text[0][1] == "1"  # values printed, NaN says so
-    unfinished = plots.grid_heatmaps(grid.drop(index=grid.index[-1]).assign(status="diverged"))
+    unfinished = compare_plots.grid_heatmaps(grid.drop(index=grid.index[-1]).assign(status="diverged"))
     texts = [t for t in unfinished.data if isinstance(t, go.Heatmap)]
     assert texts[0].text[1][1] == "diverged" and texts[1].text[1][1] == ""  # absent cell: blank
     assert sum(t.showscale for t in heat) == 1
@@ -80,7 +80,7 @@ def test_speedup_bars_annotate_ratio_and_unreached():
             {"series": "balora-svd", "steps_median": np.nan, "steps_min": np.nan, "steps_max": np.nan, "seconds_median": np.nan, "seconds_min": np.nan, "seconds_max": np.nan, "reached": 0, "n_seeds": 3, "speedup_steps": np.nan, "speedup_seconds": np.nan},
         ]
     )
-    fig = plots.speedup_bars(speed, target=0.25, metric="eval_loss", loss_unit="nats/token")
+    fig = compare_plots.speedup_bars(speed, target=0.25, metric="eval_loss", loss_unit="nats/token")
     assert_labelled(fig, "Time to reach an evaluation loss of 0.25 nats/token", "optimizer steps", "seconds (wall clock)")
     steps_bar, secs_bar = fig.data
     assert list(steps_bar.y) == [40.0, 20.0, 0.0]
@@ -101,7 +101,7 @@ def _layers(series=("lora", "balora"), modules=("m.0", "m.1"), steps=(0, 5, 10))
 
 
 def test_imbalance_heatmaps_log_colour_and_lines():
-    heat = plots.imbalance_heatmaps(_layers())
+    heat = compare_plots.imbalance_heatmaps(_layers())
     assert_labelled(heat, "optimizer step", "layer")
     h = [t for t in heat.data if isinstance(t, go.Heatmap)]
     assert len(h) == 2 and list(h[0].y) == ["m.0", "m.1"]
@@ -110,9 +110,9 @@ def test_imbalance_heatmaps_log_colour_and_lines():
     # Tick labels are real values at powers of ten, not log10 exponents.
     assert "1e-06" in h[1].colorbar.ticktext or "1e-07" in h[1].colorbar.ticktext
     # Exact zeros (a perfectly balanced layer) are floored, not -inf.
-    z = plots.imbalance_heatmaps(_layers(), value="imbalance")
+    z = compare_plots.imbalance_heatmaps(_layers(), value="imbalance")
     assert np.isfinite(np.asarray(z.data[1].z, dtype=float)).all()
-    lines = plots.layer_lines(_layers(modules=("m.0", "m.1")), value="rel_imbalance")
+    lines = compare_plots.layer_lines(_layers(modules=("m.0", "m.1")), value="rel_imbalance")
     assert_labelled(lines, "optimizer step", "relative imbalance")
     assert len(lines.data) == 4 and {t.line.dash for t in lines.data} == {"solid", "dash"}
 
@@ -133,13 +133,13 @@ def test_singular_values_and_evolution():
     assert_labelled(at, "m.0 at step 10", "index i (1 = largest)", "singular value")
     assert len(at.data) == 6 and [a.text for a in at.layout.annotations][:3] == [plots.WHICH_TITLES[w] for w in ("dW", "B", "A")]
     assert list(at.data[0].x) == [1, 2, 3] and np.allclose(at.data[0].y, [11, 5.5, 11 / 3])
-    evo = plots.spectrum_evolution(sv[sv["which"] == "dW"].drop(columns="which"), which="dW")
+    evo = compare_plots.spectrum_evolution(sv[sv["which"] == "dW"].drop(columns="which"), which="dW")
     assert_labelled(evo, "optimizer step", "singular value")
     assert len(evo.data) == 2 * 3 and {t.name for t in evo.data} == {"σ1", "σ2", "σ3"}
 
 
 def test_condition_lines_show_infinite_as_gaps():
-    fig = plots.condition_lines(_layers().groupby(["series", "step"], as_index=False)[["cond_dW", "cond_A", "cond_B"]].max())
+    fig = compare_plots.condition_lines(_layers().groupby(["series", "step"], as_index=False)[["cond_dW", "cond_A", "cond_B"]].max())
     assert_labelled(fig, "optimizer step", "condition number")
     cond_b = [t for t in fig.data if t.xaxis == "x2"]
     assert len(fig.data) == 6 and np.isnan(np.asarray(cond_b[0].y, dtype=float)[1])
@@ -155,25 +155,43 @@ def _report():
     )
 
 
+def test_layer_bars_name_every_layer_and_top_n_keeps_the_worst():
+    from balora.dashboard import report_frames
+
+    rng = np.random.default_rng(0)
+    many = pd.DataFrame({"module": [f"model.layers.{i}.self_attn.q_proj" for i in range(60)], "adapter": "default",
+                         "rel_imbalance": rng.random(60), "cond_dW": rng.random(60) * 100, "cond_A": 2.0, "cond_B": 3.0})
+    many.loc[7, "cond_dW"] = np.inf  # rank-deficient: never "the largest" of a top-N
+    for fig in (inspect_plots.layer_bars(many), inspect_plots.conditioning_by_layer(many)):
+        assert list(fig.layout.yaxis.tickvals) == many["module"].tolist()  # a label for every bar, none skipped
+        assert fig.layout.height >= 20 * 60
+    top = report_frames.worst_layers(many, "rel_imbalance", 10)
+    assert top["module"].tolist() == many.sort_values("rel_imbalance", ascending=False)["module"].head(10).tolist()
+    worst_cond = report_frames.worst_layers(many, "cond_dW", 5)
+    assert "model.layers.7.self_attn.q_proj" not in set(worst_cond["module"])
+    assert worst_cond["cond_dW"].is_monotonic_decreasing and len(worst_cond) == 5
+    assert report_frames.worst_layers(many, "rel_imbalance", None) is many
+
+
 def test_inspect_figures():
-    bars = plots.layer_bars(_report(), value="rel_imbalance")
+    bars = inspect_plots.layer_bars(_report(), value="rel_imbalance")
     assert_labelled(bars, "relative imbalance", "layer")
     assert list(bars.data[0].y) == ["q", "v", "o"] and list(bars.data[0].x) == [0.9, 0.1, 0.5]
     # nn.Sequential children are named "0", "1": they must stay labels on a category axis.
     numeric = _report().assign(module=["0", "1", "2"])
-    assert plots.layer_bars(numeric).layout.yaxis.type == "category"
-    assert plots.conditioning_by_layer(numeric).layout.yaxis.type == "category"
-    cond = plots.conditioning_by_layer(_report())
+    assert inspect_plots.layer_bars(numeric).layout.yaxis.type == "category"
+    assert inspect_plots.conditioning_by_layer(numeric).layout.yaxis.type == "category"
+    cond = inspect_plots.conditioning_by_layer(_report())
     assert_labelled(cond, "condition number", "layer")
     assert len(cond.data) == 3 and np.isnan(np.asarray(cond.data[0].x, dtype=float)[1])
     two = pd.concat([_report(), _report().assign(checkpoint="checkpoint-20", step=20, rel_imbalance=[0.5, 0.05, 0.2])])
-    ck = plots.across_checkpoints(two, value="rel_imbalance")
+    ck = inspect_plots.across_checkpoints(two, value="rel_imbalance")
     assert_labelled(ck, "training step of the checkpoint", "relative imbalance")
     q = next(t for t in ck.data if t.name == "q")
     assert list(q.x) == [10, 20] and list(q.y) == [0.9, 0.5]
     changes = pd.DataFrame({"module": ["q", "v"], "adapter": ["default"] * 2, "action": ["balanced", "unchanged"],
                             "rel_imbalance_before": [0.9, 0.1], "rel_imbalance_after": [1e-7, 0.1], "dW_rel_change": [2e-7, 0.0]})
-    bal = plots.balance_check(changes)
+    bal = inspect_plots.balance_check(changes)
     assert_labelled(bal, "relative imbalance", "relative change of dW", "layer")
     marker = next(t for t in bal.data if isinstance(t, go.Scatter))
     assert marker.x[0] == 2e-7 and marker.x[1] == pytest.approx(2e-8)  # the exact 0 drawn at the floor
@@ -181,7 +199,7 @@ def test_inspect_figures():
 
 def test_final_loss_by_arm_one_box_per_arm():
     cells = pd.DataFrame({"series": ["lora", "lora", "balora", "balora"], "seed": [0, 1, 0, 1], "final_loss": [0.3, 0.35, 0.2, np.nan]})
-    fig = plots.final_loss_by_arm(cells, loss_unit="nats/token")
+    fig = compare_plots.final_loss_by_arm(cells, loss_unit="nats/token")
     assert_labelled(fig, "arm", "final training loss (nats/token)")
     assert [t.name for t in fig.data] == ["lora", "balora"] and len(fig.data[1].y) == 1
 
@@ -189,19 +207,19 @@ def test_final_loss_by_arm_one_box_per_arm():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda e: plots.loss_curves(e),
-        lambda e: plots.final_loss_by_arm(e),
-        lambda e: plots.grid_heatmaps(e.assign(lr=[], alpha=[], final_loss=[])),
-        lambda e: plots.speedup_bars(e, target=0.1),
-        lambda e: plots.imbalance_heatmaps(e.assign(module=[], step=[], rel_imbalance=[])),
-        lambda e: plots.layer_lines(e.assign(module=[], step=[], rel_imbalance=[])),
+        lambda e: compare_plots.loss_curves(e),
+        lambda e: compare_plots.final_loss_by_arm(e),
+        lambda e: compare_plots.grid_heatmaps(e.assign(lr=[], alpha=[], final_loss=[])),
+        lambda e: compare_plots.speedup_bars(e, target=0.1),
+        lambda e: compare_plots.imbalance_heatmaps(e.assign(module=[], step=[], rel_imbalance=[])),
+        lambda e: compare_plots.layer_lines(e.assign(module=[], step=[], rel_imbalance=[])),
         lambda e: plots.singular_values(e),
-        lambda e: plots.spectrum_evolution(e),
-        lambda e: plots.condition_lines(e),
-        lambda e: plots.layer_bars(e),
-        lambda e: plots.conditioning_by_layer(e),
-        lambda e: plots.across_checkpoints(e),
-        lambda e: plots.balance_check(e),
+        lambda e: compare_plots.spectrum_evolution(e),
+        lambda e: compare_plots.condition_lines(e),
+        lambda e: inspect_plots.layer_bars(e),
+        lambda e: inspect_plots.conditioning_by_layer(e),
+        lambda e: inspect_plots.across_checkpoints(e),
+        lambda e: inspect_plots.balance_check(e),
     ],
 )
 def test_empty_frames_give_a_labelled_no_data_figure(build):
@@ -210,10 +228,25 @@ def test_empty_frames_give_a_labelled_no_data_figure(build):
     assert not fig.data and fig.layout.annotations and "no" in fig.layout.annotations[0].text
 
 
-def test_arm_colours_known_arms_and_several_runs():
-    assert plots.arm_colors(["lora", "balora-svd", "mystery"]) == {
-        "lora": plots.ARM_COLORS["lora"], "balora-svd": plots.ARM_COLORS["balora-svd"],
-        "mystery": plots.arm_colors(["mystery"])["mystery"],
-    }
-    many = plots.arm_colors(["a: lora", "b: lora"])
-    assert many["a: lora"] != many["b: lora"]  # two runs of one arm must not share a colour
+def test_arm_colours_are_fixed_per_arm_across_views_and_runs():
+    assert plots.arm_colors(["lora", "balora-svd"]) == {"lora": plots.ARM_COLORS["lora"], "balora-svd": plots.ARM_COLORS["balora-svd"]}
+    # An arm without a fixed colour gets the same one whatever else is on the page, and in any order.
+    alone = plots.arm_colors(["mystery"])["mystery"]
+    assert plots.arm_colors(["x-arm", "lora", "mystery"])["mystery"] == alone == plots.arm_colors(["mystery", "x-arm"])["mystery"]
+    assert alone not in plots.ARM_COLORS.values()
+    # Two runs of one arm share the arm's colour and differ by dash; one run draws solid lines.
+    many = plots.arm_colors(["a: lora", "b: lora", "b: balora"])
+    assert many["a: lora"] == many["b: lora"] == plots.ARM_COLORS["lora"] and many["b: balora"] == plots.ARM_COLORS["balora"]
+    dashes = plots.run_dashes(["a: lora", "b: lora", "b: balora"])
+    assert dashes["a: lora"] != dashes["b: lora"] == dashes["b: balora"]
+    assert set(plots.run_dashes(["lora", "balora"]).values()) == {"solid"}
+    # Run names may hold ": " themselves; the arm is what follows the last one.
+    assert plots.series_arm("sweeps: grid: balora-svd") == "balora-svd"
+
+
+def test_loss_curves_of_two_runs_keep_the_arm_colour():
+    curves = pd.concat([_curves(series=("r1: lora", "r1: balora")), _curves(series=("r2: lora", "r2: balora"))])
+    fig = compare_plots.loss_curves(curves)
+    lines = {t.name: t.line for t in fig.data if t.mode == "lines"}
+    assert lines["r1: lora"].color == lines["r2: lora"].color == plots.ARM_COLORS["lora"]
+    assert lines["r1: lora"].dash != lines["r2: lora"].dash

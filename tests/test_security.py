@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import ast
 import io
+import stat
+import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -166,7 +169,7 @@ def _files(root: Path) -> set[Path]:
 
 
 def test_upload_name_cannot_escape_its_folder(upload_dirs):
-    data = pytest.importorskip("balora.dashboard.data")
+    data = pytest.importorskip("balora.dashboard.uploads")
     dest, outside = upload_dirs
     out = data.save_upload("../outside/evil.safetensors", b"x", dest)
     assert out.resolve().parent == dest.resolve() and not _files(outside)
@@ -176,7 +179,7 @@ def test_upload_name_cannot_escape_its_folder(upload_dirs):
 
 @pytest.mark.parametrize("member", ["../outside/evil.txt", "../../evil.txt", "a/../../outside/evil.txt"])
 def test_zip_members_cannot_escape_its_folder(upload_dirs, member):
-    data = pytest.importorskip("balora.dashboard.data")
+    data = pytest.importorskip("balora.dashboard.uploads")
     dest, outside = upload_dirs
     with pytest.raises(data.UploadError, match="outside"):
         data.save_upload("adapter.zip", _zip({"adapter/adapter_config.json": b"{}", member: b"x"}), dest)
@@ -184,7 +187,7 @@ def test_zip_members_cannot_escape_its_folder(upload_dirs, member):
 
 
 def test_zip_expansion_is_capped(upload_dirs):
-    data = pytest.importorskip("balora.dashboard.data")
+    data = pytest.importorskip("balora.dashboard.uploads")
     dest, _ = upload_dirs
     bomb = _zip({"adapter/weights.bin": b"\0" * (3 * 2**20)})  # compresses to a few KB
     assert len(bomb) < 2**20
@@ -194,7 +197,7 @@ def test_zip_expansion_is_capped(upload_dirs):
 
 
 def test_upload_of_other_types_refused(upload_dirs):
-    data = pytest.importorskip("balora.dashboard.data")
+    data = pytest.importorskip("balora.dashboard.uploads")
     dest, _ = upload_dirs
     for name in ("model.pt", "model.bin", "model.pkl", "noext"):
         with pytest.raises(data.UploadError):
@@ -202,8 +205,106 @@ def test_upload_of_other_types_refused(upload_dirs):
     assert not _files(dest)
 
 
+def _patched(members: dict[str, bytes], patch) -> bytes:
+    """A zip of `members` with its bytes edited by patch(bytearray, central_directory_offset)."""
+    raw = bytearray(_zip(members))
+    patch(raw, raw.find(b"PK\x01\x02"))
+    return bytes(raw)
+
+
+def _bad_crc(raw, cd):  # the stored CRC of the first member, in its local header and the directory
+    struct.pack_into("<I", raw, 14, 1234)
+    struct.pack_into("<I", raw, cd + 16, 1234)
+
+
+def _lying_size(raw, cd):  # 3 MB of zeros declared as 10 bytes: the declared total fits any cap
+    struct.pack_into("<I", raw, 22, 10)
+    struct.pack_into("<I", raw, cd + 24, 10)
+
+
+def _many_entries() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(100_000):
+            zf.writestr(f"adapter/{i}", b"")
+    return buf.getvalue()
+
+
+def _with_info(name: str, mode: int, data: bytes = b"x") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("adapter/adapter_config.json", b"{}")
+        info = zipfile.ZipInfo(name)
+        info.external_attr = mode << 16
+        zf.writestr(info, data)
+    return buf.getvalue()
+
+
+HOSTILE_ZIPS = {
+    "bad CRC": (lambda: _patched({"adapter/w.bin": b"hello" * 100}, _bad_crc), "damaged"),
+    "size smaller than it inflates to": (lambda: _patched({"adapter/w.bin": b"\0" * (3 * 2**20)}, _lying_size), "damaged|expands"),
+    "two members with one name": (lambda: _dup(), "twice"),
+    "a file that is also a folder": (lambda: _zip({"adapter/x": b"1", "adapter/x/y": b"2"}), "both a file and a folder"),
+    "an over-long name": (lambda: _zip({"adapter/" + "n" * 300: b"1"}), "too long"),
+    "an over-long path": (lambda: _zip({"adapter/" + "/".join(["d" * 200] * 8) + "/f": b"1"}), "too long|nested"),
+    "deep nesting": (lambda: _zip({"/".join(["d"] * 40) + "/f": b"1"}), "nested"),
+    "100k entries": (_many_entries, "100000 entries"),
+    "a symlink member": (lambda: _with_info("adapter/passwd", stat.S_IFLNK | 0o777, b"/etc/passwd"), "symbolic link"),
+    "a FIFO member": (lambda: _with_info("adapter/pipe", stat.S_IFIFO | 0o644), "FIFO"),
+    "an empty archive": (lambda: _zip({}), "no files"),
+    "a truncated archive": (lambda: _zip({"adapter/a.json": b"1" * 1000})[:-30], "not a valid zip"),
+}
+
+
+def _dup() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate it is asked to write
+        zf.writestr("adapter/a.json", b"1")
+        zf.writestr("adapter/a.json", b"2")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ZIPS))
+def test_hostile_zips_are_one_message_and_leave_nothing(upload_dirs, case):
+    data = pytest.importorskip("balora.dashboard.uploads")
+    dest, outside = upload_dirs
+    build, expected = HOSTILE_ZIPS[case]
+    with pytest.raises(data.UploadError, match=expected) as err:
+        data.save_upload("upload.zip", build(), dest, max_unzipped_mb=1)
+    assert str(err.value).startswith("upload.zip: ") and "\n" not in str(err.value)
+    assert not any(dest.iterdir()) and not any(outside.iterdir()), "a refused archive leaves nothing behind"
+
+
+def test_over_long_upload_names_are_refused(upload_dirs):
+    data = pytest.importorskip("balora.dashboard.uploads")
+    dest, _ = upload_dirs
+    for name in ("x" * 300 + ".safetensors", "y" * 300 + ".zip"):
+        with pytest.raises(data.UploadError, match="longer than"):
+            data.save_upload(name, b"x", dest)
+    assert not any(dest.iterdir())
+
+
+def test_stale_upload_folders_are_pruned_and_nothing_else(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    data = pytest.importorskip("balora.dashboard.uploads")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    old, fresh, other = tmp_path / "balora-upload-old", tmp_path / "balora-upload-new", tmp_path / "someone-else"
+    for d in (old, fresh, other):
+        d.mkdir()
+        (d / "f").write_text("x")
+    day_ago = old.stat().st_mtime - 86400
+    os.utime(old, (day_ago, day_ago))
+    os.utime(other, (day_ago, day_ago))
+    new = data.new_upload_dir()
+    assert new.parent == tmp_path and new.name.startswith("balora-upload-")
+    assert not old.exists() and fresh.exists() and other.exists()
+
+
 def test_remove_tree_only_removes_dashboard_temporaries(tmp_path):
-    data = pytest.importorskip("balora.dashboard.data")
+    data = pytest.importorskip("balora.dashboard.uploads")
     keep = tmp_path / "runs"
     (keep / "r1").mkdir(parents=True)
     (keep / "r1" / "status.json").write_text("{}")
@@ -231,11 +332,12 @@ PATH_WRITERS = {"to_csv", "to_json", "to_pickle", "savefig", "write_image", "wri
 # Every function of dashboard/ that writes, and why that is allowed. A new write site fails the
 # test below until it is reviewed and listed here.
 DASHBOARD_WRITE_SITES = {
-    "balora/dashboard/data.py:save_upload": "writes the upload under the temporary folder it is given; name and zip members checked",
-    "balora/dashboard/data.py:_balance": "balanced copy built in a TemporaryDirectory deleted before returning",
-    "balora/dashboard/data.py:remove_tree": "deletes only folders named balora-upload-* / balora-balance-*",
+    "balora/dashboard/uploads.py:save_upload": "writes a .safetensors upload under the temporary folder it is given; on failure removes its partial zip unpacking",
+    "balora/dashboard/uploads.py:unpack_zip": "unpacks checked zip members under the upload's temporary folder (exclusive create, byte cap)",
+    "balora/dashboard/uploads.py:new_upload_dir": "mkdtemp(prefix='balora-upload-'), removed by remove_tree",
+    "balora/dashboard/uploads.py:_balance": "balanced copy built in a TemporaryDirectory deleted before returning",
+    "balora/dashboard/uploads.py:remove_tree": "deletes only folders named balora-upload-* / balora-balance-*",
     "balora/dashboard/jobs.py:JobManager.start": "creates the runs folder; the job's run dir is checked to lie inside it",
-    "balora/dashboard/pages/inspect.py:<module>": "mkdtemp(prefix='balora-upload-') for an upload, removed by remove_tree",
 }
 
 

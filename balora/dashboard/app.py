@@ -7,6 +7,7 @@ addressed by absolute path, so the app works whichever script streamlit was star
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 PAGES_DIR = Path(__file__).resolve().parent / "pages"
@@ -25,12 +26,29 @@ def page_path(name: str) -> Path:
     return PAGES_DIR / name
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Print `message` to the terminal that started streamlit, once per process (the page says
+    it to every visitor; the person at the terminal is the one who can restart it)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"balora dashboard: {message}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     import streamlit as st
 
-    from balora.dashboard import settings
+    from balora.dashboard import exposure, settings
 
     st.set_page_config(page_title="balora", page_icon=":material/balance:", layout="wide")
+    # Served beyond this machine without anyone choosing it: show only how to restart it.
+    exposed = exposure.current()
+    if exposed is not None and not exposed.allowed:
+        _say_once(exposed.message)
+        st.error(exposed.message, icon=":material/gpp_bad:")
+        st.stop()
     pages = [
         st.Page(page_path(f), title=t, icon=i, url_path=u, default=k == 0)
         for k, (f, t, i, u) in enumerate(PAGES)
@@ -39,6 +57,8 @@ def main() -> None:
     with st.sidebar:
         st.caption(f"Runs folder: `{settings.runs_dir()}`")
         st.caption("BaLoRA: balanced LoRA factors, B^T B = A A^T, same dW (arXiv 2605.31484).")
+        if exposed is not None:
+            st.warning(exposed.message, icon=":material/public:")
     nav.run()
 
 

@@ -6,7 +6,7 @@ import json
 
 import streamlit as st
 
-from balora.dashboard import data, plots, run_index, settings
+from balora.dashboard import compare_plots, frames, loaders, plots, run_index, settings
 
 RUNS_DIR = settings.runs_dir()
 SAMPLES_DIR = settings.sample_runs_dir()
@@ -15,29 +15,43 @@ KIND = {"success": st.success, "info": st.info, "warning": st.warning, "error": 
 
 st.title("Compare runs")
 
-try:
-    # The user's runs (may not exist yet: the first `balora compare` or Launch creates it) and
-    # the bundled samples, read-only, listed as samples/NAME.
-    own = data.list_runs(RUNS_DIR) if RUNS_DIR.is_dir() else None
-    samples = data.list_runs(SAMPLES_DIR) if SAMPLES_DIR is not None else None
-except Exception as e:  # an unreadable runs folder is a message, not a traceback
-    st.error(f"Could not list the runs in {RUNS_DIR}: {e}")
-    st.stop()
+
+def listed(folder, what: str):
+    """balora.list_runs of `folder` (None when there is none); a folder that cannot be listed is
+    an error message, and the other folder's runs are still shown."""
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        return loaders.list_runs(folder)
+    except Exception as e:  # an unreadable folder is a message, not a traceback
+        st.error(f"Could not list the {what} in `{folder}`: {e}")
+        return None
+
+
+# The user's runs (may not exist yet: the first `balora compare` or Launch creates it) and
+# the bundled samples, read-only, listed as samples/NAME.
+own = listed(RUNS_DIR, "runs")
+samples = listed(SAMPLES_DIR, "sample runs")
 if own is None or own.empty:
     st.info(
-        (f"No runs in `{RUNS_DIR}` yet." if own is not None else f"No runs folder at `{RUNS_DIR}` yet.")
+        (f"No runs in `{RUNS_DIR}` yet." if RUNS_DIR.is_dir() else f"No runs folder at `{RUNS_DIR}` yet.")
         + " Make a run with `balora compare --task synthetic` from the folder the dashboard was started in, or on "
         "the **Launch** page: it is listed here without any flag."
         + (" Meanwhile, the bundled sample runs (samples/..., read-only) are listed below."
            if samples is not None and len(samples) else "")
     )
 runs_df = run_index.index(own, RUNS_DIR, samples, SAMPLES_DIR)
+# A damaged run (unreadable config or status) is listed with its reason; the others load.
+damaged = loaders.damaged_runs(runs_df)
+if damaged:
+    st.warning(f"{len(damaged)} run(s) cannot be shown: " + "; ".join(f"`{n}`: {why}" for n, why in damaged.items()))
+runs_df = runs_df[~runs_df["label"].isin(list(damaged))]
 if runs_df.empty:
     st.stop()
 
 names = list(runs_df["label"])
 paths = dict(zip(names, runs_df["path"].astype(str)))
-status_of = dict(zip(names, data.status_labels(runs_df)))
+status_of = dict(zip(names, loaders.status_labels(runs_df)))
 sample_of = dict(zip(names, runs_df["sample"]))
 
 # A run just launched from the Launch page, or named in the URL (?run=NAME, a shareable
@@ -48,11 +62,12 @@ if focus is None and url_run and st.session_state.get("compare_url_run") != url_
     st.session_state["compare_url_run"] = focus = url_run
 if focus in names:
     st.session_state["compare_runs"] = [focus]
+elif focus in damaged:
+    st.error(f"Run `{focus}` cannot be shown: {damaged[focus]}")
 elif focus:
     st.warning(f"No run named `{focus}` in `{RUNS_DIR}`.")
-first = [run_index.default_label(runs_df)]
 if "compare_runs" not in st.session_state:
-    st.session_state["compare_runs"] = first
+    st.session_state["compare_runs"] = [run_index.default_label(runs_df)]
 else:
     st.session_state["compare_runs"] = [n for n in st.session_state["compare_runs"] if n in names]
 
@@ -69,15 +84,15 @@ if not selected:
 runs = {}
 for name in selected:
     try:
-        runs[name] = data.load_run(paths[name])
-    except Exception as e:
+        runs[name] = loaders.load_run(paths[name])
+    except Exception as e:  # one unreadable run is a message; the others still load
         st.error(f"Could not read run `{name}` ({paths[name]}): {e}")
 if not runs:
     st.stop()
 
 live = []
 for name, run in runs.items():
-    state = data.run_state(run.status, run.status_info)
+    state = loaders.run_state(run.status, run.status_info)
     KIND[state.kind](f"**{name}** — {state.label}. {state.text}")
     if state.live:
         live.append(run.path)
@@ -93,30 +108,46 @@ with st.expander("Configuration and command of the selected runs"):
 
 if live:
     # Re-run the page whenever a run being written adds a part file or rewrites its status.
-    versions = [data._version(p) for p in live]
+    versions = [loaders.run_version(p) for p in live]
 
     @st.fragment(run_every=settings.REFRESH_S)
     def _watch():
-        if [data._version(p) for p in live] != versions:
+        if [loaders.run_version(p) for p in live] != versions:
             st.rerun()
 
     _watch()
 
-steps = data.combine({n: r.steps for n, r in runs.items()})
-summary = data.combine({n: r.summary for n, r in runs.items()})
-tasks = {str(r.config.get("task", "")) for r in runs.values()}
-unit = data.loss_unit(next(iter(runs.values())).config) if len(tasks) == 1 else ""
+steps = frames.combine({n: r.steps for n, r in runs.items()})
+summary = frames.combine({n: r.summary for n, r in runs.items()})
+unit = frames.loss_unit([r.config for r in runs.values()])
 
-arms_all = list(dict.fromkeys(list(summary["arm"].astype(str)) + list(steps["arm"].astype(str))))
-seeds_all = sorted(set(steps["seed"].tolist()) | set(summary["seed"].tolist()))
+
+def remembered_filter(key: str, options: list) -> None:
+    """Keep the user's choice among `options` across reruns, but select every option that was
+    not offered before (a run just added): a filter never silently hides a new run's arms or seeds."""
+    before = st.session_state.get(f"{key}_options")
+    if key not in st.session_state or before is None:
+        chosen = list(options)
+    else:
+        chosen = [v for v in st.session_state[key] if v in options] + [v for v in options if v not in before]
+    st.session_state[key] = chosen
+    st.session_state[f"{key}_options"] = list(options)
+
+
+arms_all, seeds_all = frames.arms_and_seeds(steps, summary)
+remembered_filter("compare_arms", arms_all)
+remembered_filter("compare_seeds", seeds_all)
 c1, c2, c3 = st.columns([3, 2, 3])
-arms = c1.multiselect("Arms", arms_all, default=arms_all, key="compare_arms")
-seeds = c2.multiselect("Seeds", seeds_all, default=seeds_all, key="compare_seeds")
-steps, summary = (data.filter_arms_seeds(df, arms, seeds) for df in (steps, summary))
+arms = c1.multiselect("Arms", arms_all, key="compare_arms")
+seeds = c2.multiselect("Seeds", seeds_all, key="compare_seeds")
+hidden = [f"arm {a}" for a in arms_all if a not in arms] + [f"seed {s}" for s in seeds_all if s not in seeds]
+if hidden:
+    st.caption("Hidden by the filters above: " + ", ".join(hidden) + ".")
+steps, summary = (frames.filter_arms_seeds(df, arms, seeds) for df in (steps, summary))
 
-lrs, alphas = data.grid_shape(summary, steps)
+lrs, alphas = frames.grid_shape(summary, steps)
 is_grid = len(lrs) * len(alphas) > 1
-best = data.best_cells(summary, steps)
+best = frames.best_cells(summary, steps)
 if is_grid:
     cell_options = ["best"] + [(lr, a) for lr in lrs for a in alphas]
     cell = c3.selectbox(
@@ -133,107 +164,110 @@ if steps.empty and summary.empty:
     st.info("These runs have no recorded steps for the chosen arms and seeds yet.")
     st.stop()
 
-cell_steps = data.select_cells(steps, cells) if is_grid else steps
-cell_summary = data.select_cells(summary, cells) if is_grid else summary
+cell_steps = frames.select_cells(steps, cells) if is_grid else steps
+cell_summary = frames.select_cells(summary, cells) if is_grid else summary
 
 
 def cell_table(table: str):
     """The chosen runs' `table` for the chosen arms, seeds and cells (the two large per-layer
     tables are only assembled by the sections that draw them)."""
-    df = data.filter_arms_seeds(data.combine({n: getattr(r, table) for n, r in runs.items()}), arms, seeds)
-    return data.select_cells(df, cells) if is_grid else df
+    df = frames.filter_arms_seeds(frames.combine({n: getattr(r, table) for n, r in runs.items()}), arms, seeds)
+    return frames.select_cells(df, cells) if is_grid else df
 
 
-section = st.segmented_control("View", SECTIONS, default=SECTIONS[0], key="compare_section", persist_state="session") or SECTIONS[0]
+# `required`: a click on the chosen view keeps it (never a blank page).
+section = st.segmented_control("View", SECTIONS, default=SECTIONS[0], required=True, key="compare_section", persist_state="session") or SECTIONS[0]
 
 if section == "Loss":
-    # Excess loss first where the task knows its floor (each seed has its own), as the runner ranks arms.
-    metrics = [m for m in ("excess_loss", "eval_loss", "loss") if m in steps and steps[m].notna().any()]
+    metrics = frames.recorded(steps, frames.LOSS_METRICS)
     a, b, c, d = st.columns(4)
     metric = a.selectbox("Metric", metrics or ["loss"], format_func=lambda m: plots.METRIC_NAMES[m], key="loss_metric")
     x = b.radio("Against", ["step", "time_s"], format_func=lambda v: plots.X_LABELS[v], key="loss_x", horizontal=True)
-    band = c.radio("Spread across seeds", list(data.BANDS), key="loss_band", horizontal=True)
+    band = c.radio("Spread across seeds", list(frames.BANDS), key="loss_band", horizontal=True)
     log_y = d.toggle("Log scale", value=True, key="loss_log")
-    curves = data.seed_curves(cell_steps, x=x, metric=metric, band=band)
-    st.plotly_chart(plots.loss_curves(curves, x=x, metric=metric, log_y=log_y, loss_unit=unit, band=band), key="fig_loss")
+    curves = frames.seed_curves(cell_steps, x=x, metric=metric, band=band)
+    st.plotly_chart(compare_plots.loss_curves(curves, x=x, metric=metric, log_y=log_y, loss_unit=unit, band=band), key="fig_loss")
     if not cell_summary.empty:
-        per_arm = data.arm_summaries(summary)
-        headline = str(per_arm["metric"].iloc[0]) if len(per_arm) and "metric" in per_arm else "final_loss"
-        st.plotly_chart(plots.final_loss_by_arm(cell_summary, value=headline, loss_unit=unit, log_y=log_y), key="fig_final")
+        per_arm = frames.arm_summaries(summary)
+        headline = frames.headline_metric(summary)
+        st.plotly_chart(compare_plots.final_loss_by_arm(cell_summary, value=headline, loss_unit=unit, log_y=log_y), key="fig_final")
         st.markdown("**Each arm at its own best cell** (median over seeds; `within_2x`: share of the grid within 2× of the best)")
-        st.dataframe(per_arm, hide_index=True, key="arm_summary")
+        st.dataframe(frames.tidy(per_arm), hide_index=True, key="arm_summary")
         st.markdown("**Cells shown above, one row per seed**")
-        cols = [c for c in ("series", "seed", "lr", "alpha", "status", "final_loss", "best_loss", "final_eval_loss", "steps_to_target", "seconds_to_target", "speedup_steps", "speedup_seconds", "reason") if c in cell_summary]
-        st.dataframe(cell_summary[cols], hide_index=True)
+        st.dataframe(frames.tidy(frames.seed_rows(cell_summary)), hide_index=True)
 
 elif section == "Grid":
     if not is_grid:
         st.info("These runs trained a single learning rate and alpha. A grid run (e.g. `balora compare --lr 1e-4,1e-3,1e-2 --alpha 8,32,128`) shows each arm's sensitivity here.")
     else:
-        values = [v for v in ("final_excess_loss", "final_eval_loss", "final_loss", "best_loss") if v in summary and summary[v].notna().any()]
+        values = frames.recorded(summary, frames.GRID_VALUES)
         a, b = st.columns(2)
         value = a.selectbox("Value", values or ["final_loss"], format_func=lambda v: plots.METRIC_NAMES[v], key="grid_value")
         log_c = b.toggle("Log colour scale", value=True, key="grid_log")
-        grid = data.grid_cells(summary, value=value)
-        st.plotly_chart(plots.grid_heatmaps(grid, value=value, log_color=log_c, loss_unit=unit), key="fig_grid")
+        grid = frames.grid_cells(summary, value=value)
+        st.plotly_chart(compare_plots.grid_heatmaps(grid, value=value, log_color=log_c, loss_unit=unit), key="fig_grid")
         st.caption("Blank cells never finished; 'diverged' cells ended with a non-finite loss. Lower is better.")
 
 elif section == "Speed-up":
-    # The run's own target is on `target_on` (loss or eval_loss): offer that metric first.
-    target_on = str(cell_summary["target_on"].dropna().iloc[0]) if "target_on" in cell_summary and cell_summary["target_on"].notna().any() else "loss"
-    metrics = [m for m in dict.fromkeys((target_on, "loss", "eval_loss", "excess_loss")) if m in cell_steps and cell_steps[m].notna().any()]
+    metrics = frames.speed_metrics(cell_steps, cell_summary)
     a, b, c = st.columns(3)
-    metric = a.selectbox("Metric", metrics or ["loss"], format_func=lambda m: plots.METRIC_NAMES[m], key="speed_metric")
-    rng = data.metric_range(cell_steps, metric)
+    metric = a.selectbox("Metric", metrics or ["loss"], format_func=lambda m: plots.METRIC_NAMES[m], key="speed_metric",
+                         help="Excess loss (loss minus the best a rank-r update can reach) when the task records it: "
+                              "every seed then aims at the same distance from its own optimum.")
+    refs = sorted(set(cell_steps["arm"].astype(str)))
+    reference = c.selectbox("Relative to", refs, index=refs.index("lora") if "lora" in refs else 0, key="speed_ref")
+    rng = frames.metric_range(cell_steps, metric)
     if rng is None:
         st.info("No finite values of this metric yet.")
     else:
-        targets = cell_summary["target_loss"].dropna() if "target_loss" in cell_summary else []
-        default = float(targets.median()) if len(targets) and metric == target_on else rng[0] + 0.25 * (rng[1] - rng[0])
-        default = min(max(default, rng[0]), rng[1])
-        target = b.number_input(f"Target {plots.METRIC_NAMES[metric]}", min_value=rng[0], max_value=rng[1], value=default, format="%.4g", key="speed_target")
-        refs = sorted(set(cell_steps["arm"].astype(str)))
-        reference = c.selectbox("Relative to", refs, index=refs.index("lora") if "lora" in refs else 0, key="speed_ref")
-        speed = data.speedups(cell_steps, target, metric=metric, reference=reference)
-        st.plotly_chart(plots.speedup_bars(speed, target=target, metric=metric, loss_unit=unit, reference=reference), key="fig_speed")
+        default = frames.default_target(cell_steps, cell_summary, metric, reference=reference)
+        kept = st.session_state.get("speed_target")
+        if st.session_state.get("speed_target_for") != metric or kept is None or not rng[0] <= kept <= rng[1]:
+            st.session_state["speed_target"] = default  # another metric or selection: its own default
+        st.session_state["speed_target_for"] = metric
+        target = b.number_input(f"Target {plots.METRIC_NAMES[metric]}", min_value=rng[0], max_value=rng[1], format="%.4g", key="speed_target")
+        speed = frames.speedups(cell_steps, target, metric=metric, reference=reference)
+        st.plotly_chart(compare_plots.speedup_bars(speed, target=target, metric=metric, loss_unit=unit, reference=reference), key="fig_speed")
         st.caption("Seconds are training wall-clock (optimizer step + balancing), without diagnostics or evaluation. "
                    "An arm that never reaches the target in a seed is left out of that seed's medians.")
-        st.dataframe(speed, hide_index=True)
+        st.dataframe(frames.tidy(speed), hide_index=True)
 
 elif section == "Imbalance":
     cell_layers = cell_table("layers")
-    modules = data.layer_names(cell_layers)
+    modules = frames.layer_names(cell_layers)
     if not modules:
-        st.info("No per-layer diagnostics recorded for this selection (runs record them every `diag_every` steps).")
+        st.info("No per-layer diagnostics recorded for this selection (a run records them every `--layers-every` "
+                "optimizer steps of `balora compare`; 0 turns them off).")
     else:
         a, b = st.columns([1, 3])
         value = a.selectbox("Quantity", ["rel_imbalance", "imbalance"], format_func=lambda v: plots.VALUE_LABELS[v].split(" (")[0], key="imb_value")
         chosen = b.multiselect("Layers for the line chart", modules, default=modules[:2], key="imb_layers")
-        st.plotly_chart(plots.imbalance_heatmaps(data.layer_steps(cell_layers, [value]), value=value), key="fig_imb_heat")
-        st.plotly_chart(plots.layer_lines(data.layer_steps(cell_layers, [value], modules=chosen), value=value), key="fig_imb_lines")
+        st.plotly_chart(compare_plots.imbalance_heatmaps(frames.layer_steps(cell_layers, [value]), value=value), key="fig_imb_heat")
+        st.plotly_chart(compare_plots.layer_lines(frames.layer_steps(cell_layers, [value], modules=chosen), value=value), key="fig_imb_lines")
 
 elif section == "Spectra":
     cell_layers, cell_spectra = cell_table("layers"), cell_table("spectra")
-    modules = sorted(set(data.layer_names(cell_layers)) | set(cell_spectra["module"].astype(str)))
+    modules = sorted(set(frames.layer_names(cell_layers)) | set(cell_spectra["module"].astype(str)))
     if not modules:
-        st.info("No spectra recorded for this selection.")
+        st.info("No spectra recorded for this selection (a run records them every `--spectra-every` optimizer steps "
+                "of `balora compare`; 0 turns them off).")
     else:
         a, b, c = st.columns([3, 3, 1])
         module = a.selectbox("Layer", modules, key="spec_layer")
         log_y = c.toggle("Log scale", value=True, key="spec_log")
-        steps_avail = data.spectra_steps(cell_spectra, module)
+        steps_avail = frames.spectra_steps(cell_spectra, module)
         if steps_avail:
             step = b.select_slider("Step", steps_avail, value=steps_avail[-1], key="spec_step") if len(steps_avail) > 1 else steps_avail[0]
-            sv = data.spectra_at(cell_spectra, module, step)
+            sv = frames.spectra_at(cell_spectra, module, step)
             st.plotly_chart(plots.singular_values(sv, title=f"Singular values of {module} at step {step}", log_y=log_y), key="fig_spec_at")
             which = st.radio("Evolution of", ["dW", "B", "A"], format_func=lambda w: plots.WHICH_TITLES[w], horizontal=True, key="spec_which")
-            st.plotly_chart(plots.spectrum_evolution(data.spectra_over_steps(cell_spectra, module, which), which=which, log_y=log_y), key="fig_spec_evo")
+            st.plotly_chart(compare_plots.spectrum_evolution(frames.spectra_over_steps(cell_spectra, module, which), which=which, log_y=log_y), key="fig_spec_evo")
         else:
             st.info(f"No spectra recorded for {module}.")
         scope = st.radio("Condition numbers of", ["this layer", "median over all layers"], horizontal=True, key="spec_cond_scope")
         cond_cols = ["cond_dW", "cond_A", "cond_B"]
         if scope == "this layer":
-            cond = data.layer_steps(cell_layers, cond_cols, modules=[module])
+            cond = frames.layer_steps(cell_layers, cond_cols, modules=[module])
         else:
-            cond = data.median_over_layers(cell_layers, cond_cols)
-        st.plotly_chart(plots.condition_lines(cond), key="fig_cond")
+            cond = frames.median_over_layers(cell_layers, cond_cols)
+        st.plotly_chart(compare_plots.condition_lines(cond), key="fig_cond")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import streamlit as st
 
+from balora.dashboard import inspect_plots, loaders, plots, report_frames, settings, uploads
 from balora.errors import InputError
-from balora.dashboard import data, plots, settings
 
 st.title("Inspect an adapter")
 st.caption(
@@ -17,12 +16,15 @@ st.caption(
     "Nothing is written next to them: a balanced copy is offered as a download."
 )
 
+# What the page shows for paths: an upload is named by its file name, never by the server's
+# temporary folder (upload_root), which stays None for a path typed by the user.
+upload_root: Path | None = None
+label = ""
 source = st.radio("Adapter", ["A path on this machine", "An uploaded file"], horizontal=True, key="insp_source")
-target: Path | None = None
 if source == "A path on this machine":
     saved = st.session_state.pop("insp_saved", None)
     if saved:  # the user moved on from an upload: delete its temporary copy now
-        data.remove_tree(Path(saved[1]))
+        uploads.remove_tree(Path(saved[1]))
     text = st.text_input(
         "Path", key="insp_path", placeholder="/path/to/adapter  or  /path/to/trainer-output  or  /path/to/lora.safetensors",
     ).strip()
@@ -36,48 +38,64 @@ if source == "A path on this machine":
 else:
     up = st.file_uploader(
         f"Adapter file: .safetensors, or a .zip of an adapter or Trainer output folder (at most {settings.MAX_UPLOAD_MB} MB)",
-        type=data.UPLOAD_TYPES, max_upload_size=settings.MAX_UPLOAD_MB, key="insp_upload",
+        type=uploads.UPLOAD_TYPES, max_upload_size=settings.MAX_UPLOAD_MB, key="insp_upload",
     )
     if up is None:
         st.info("Upload a file to inspect it.")
         st.stop()
     # One temporary folder per uploaded file, kept while the session looks at it.
     saved = st.session_state.get("insp_saved")
-    if not saved or saved[0] != up.file_id:
+    if not saved or saved[0] != up.file_id or not Path(saved[2]).exists():
         if saved:
-            data.remove_tree(Path(saved[1]))
-        tmp = Path(tempfile.mkdtemp(prefix="balora-upload-"))
+            uploads.remove_tree(Path(saved[1]))
+        st.session_state.pop("insp_saved", None)
+        tmp = uploads.new_upload_dir()
         try:
-            path = data.save_upload(up.name, up.getvalue(), tmp)
-        except data.UploadError as e:
-            data.remove_tree(tmp)
-            st.session_state.pop("insp_saved", None)
+            path = uploads.save_upload(up.name, up.getvalue(), tmp)
+        except uploads.UploadError as e:
+            uploads.remove_tree(tmp)
             st.error(str(e))
             st.stop()
+        except Exception as e:  # anything unforeseen is still a message, and leaves nothing behind
+            uploads.remove_tree(tmp)
+            st.error(f"Could not read the upload: {type(e).__name__}: {uploads.redact(str(e), tmp, up.name)}")
+            st.stop()
         st.session_state["insp_saved"] = saved = (up.file_id, str(tmp), str(path))
-    target = Path(saved[2])
+    target, upload_root, label = Path(saved[2]), Path(saved[1]), up.name
+
+
+def shown(path) -> str:
+    return uploads.shown_path(path, upload_root, label)
+
+
+def clean(text: str) -> str:
+    return uploads.redact(str(text), upload_root, label)
+
 
 try:
     with st.spinner("Reading the adapter..."):
-        df = data.inspect(target)
+        df = loaders.inspect(target)
 except InputError as e:
-    st.error(str(e))
+    st.error(clean(e))
     st.stop()
 except Exception as e:  # an unreadable or unexpected file is a message, never a traceback
-    st.error(f"Could not read `{target.name}`: {type(e).__name__}: {e}")
+    st.error(f"Could not read `{shown(target)}`: {type(e).__name__}: {clean(e)}")
     st.stop()
 if df.empty:
-    st.warning(f"No LoRA layers found in `{target}`.")
+    st.warning(f"No LoRA layers found in `{shown(target)}`.")
     st.stop()
+sources = df.attrs.get("sources", [])
+for note in report_frames.source_notes(sources):  # e.g. scaling unknown for bare weights: said up front
+    st.warning(clean(note))
 
-ck = data.checkpoints(df)
+ck = report_frames.checkpoints(df)
 trainer = len(ck) > 1
 if trainer:
     st.subheader(f"Across {len(ck)} checkpoints")
     a, b = st.columns([3, 1])
     value = a.selectbox("Quantity", ["rel_imbalance", "cond_dW", "sigma_max", "eff_rank", "norm_B", "norm_A"], format_func=lambda v: plots.VALUE_LABELS[v], key="insp_ck_value")
     log_y = b.toggle("Log scale", value=value.startswith("cond"), key="insp_ck_log")
-    st.plotly_chart(plots.across_checkpoints(df, value=value, log_y=log_y), key="fig_insp_ck")
+    st.plotly_chart(inspect_plots.across_checkpoints(df, value=value, log_y=log_y), key="fig_insp_ck")
     names = ck["checkpoint"].astype(str).tolist()
     chosen = st.selectbox("Checkpoint shown below", names, index=len(names) - 1, key="insp_ck")
     report = df[df["checkpoint"].astype(str) == chosen]
@@ -85,42 +103,48 @@ else:
     chosen = str(ck["checkpoint"].iloc[0]) if len(ck) else ""
     report = df
 
-ok = report[report["status"] == "ok"]
+nums = report_frames.summary_numbers(report)
+fmt = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("LoRA layers", f"{len(report)}", help=f"{len(report) - len(ok)} could not be measured" if len(ok) < len(report) else None)
-m2.metric("Median relative imbalance", f"{ok['rel_imbalance'].median():.3g}" if len(ok) else "n/a", help="0 = balanced, 1 = worst (PEFT's init)")
-m3.metric("Worst relative imbalance", f"{ok['rel_imbalance'].max():.3g}" if len(ok) else "n/a")
-m4.metric("Median cond(dW)", f"{ok['cond_dW'].median():.3g}" if len(ok) else "n/a", help="σ₁/σ_r of dW; inf when rank-deficient")
+m1.metric("LoRA layers", f"{nums['layers']}", help=f"{nums['layers'] - nums['measured']} could not be measured" if nums["measured"] < nums["layers"] else None)
+m2.metric("Median relative imbalance", fmt(nums["median_rel_imbalance"]), help="0 = balanced, 1 = worst (PEFT's init)")
+m3.metric("Worst relative imbalance", fmt(nums["worst_rel_imbalance"]))
+m4.metric("Median cond(dW)", fmt(nums["median_cond_dW"]), help="σ₁/σ_r of dW; inf when rank-deficient")
 
 st.subheader("Per-layer table")
-table = data.report_table(report)
-st.dataframe(table, hide_index=True, key="insp_table")
+st.dataframe(report_frames.report_table(report), hide_index=True, key="insp_table")
 st.download_button(
-    "Download the table as CSV" + (" (all checkpoints)" if trainer else ""), data.report_table(df).to_csv(index=False),
+    "Download the table as CSV" + (" (all checkpoints)" if trainer else ""), report_frames.report_table(df).to_csv(index=False),
     file_name=f"{target.stem}-layers.csv", mime="text/csv", key="insp_csv",
 )
-skipped = report[report["status"] != "ok"]
-if len(skipped):
-    st.warning(f"{len(skipped)} layer(s) could not be measured: " + "; ".join(f"{m}: {s}" for m, s in zip(skipped["module"].head(5), skipped["status"].head(5))))
+skipped = report_frames.skipped_layers(report)
+if skipped:
+    st.warning(f"{nums['layers'] - nums['measured']} layer(s) could not be measured: " + "; ".join(skipped))
 
+ok = report[report["status"] == "ok"]
 st.subheader("By layer")
-a, b = st.columns([3, 1])
+a, b, c = st.columns([3, 2, 1])
 value = a.selectbox("Quantity", ["rel_imbalance", "imbalance", "eff_rank", "sigma_max", "norm_A", "norm_B"], format_func=lambda v: plots.VALUE_LABELS[v], key="insp_value")
-log_x = b.toggle("Log scale", value=False, key="insp_log")
-st.plotly_chart(plots.layer_bars(ok, value=value, log_x=log_x), key="fig_insp_layers")
-st.plotly_chart(plots.conditioning_by_layer(ok), key="fig_insp_cond")
+shown_n = [n for n in report_frames.TOP_N if n < len(ok)]
+top = b.selectbox("Layers", [None, *shown_n], key="insp_top",
+                  format_func=lambda n: f"all {len(ok)}, in file order" if n is None else f"the {n} largest")
+log_x = c.toggle("Log scale", value=False, key="insp_log")
+sub = f"the {top} layers with the largest value of {len(ok)}" if top else None
+st.plotly_chart(inspect_plots.layer_bars(report_frames.worst_layers(ok, value, top), value=value, log_x=log_x, subtitle=sub), key="fig_insp_layers")
+sub = f"the {top} layers with the largest cond(dW) of {len(ok)}" if top else None
+st.plotly_chart(inspect_plots.conditioning_by_layer(report_frames.worst_layers(ok, "cond_dW", top), subtitle=sub), key="fig_insp_cond")
 
 modules = ok["module"].astype(str).drop_duplicates().tolist()
 if modules:
     layer = st.selectbox("Layer for the spectra", modules, key="insp_layer")
-    sv = data.report_spectra(ok, layer)
+    sv = report_frames.report_spectra(ok, layer)
     st.plotly_chart(plots.singular_values(sv, by="checkpoint", legend="checkpoint", title=f"Singular values of {layer}" + (f" ({chosen})" if chosen else "")), key="fig_insp_sv")
 
 with st.expander("Files read"):
-    st.json(df.attrs.get("sources", []), expanded=False)
+    st.json([{**s, "path": shown(s.get("path", "")), "notes": [clean(n) for n in s.get("notes") or []]} for s in sources], expanded=False)
 
 st.subheader("Balance")
-src = data.balance_source(df, target, chosen if trainer else None)
+src = uploads.balance_source(target, chosen if trainer else None)
 st.caption(
     f"Writes a balanced copy of `{src.name}` (same dW in every layer, B^T B = A A^T) in a temporary folder "
     "and offers it as a download. The original is not touched."
@@ -135,11 +159,11 @@ if b.button("Balance", type="primary", key="insp_balance"):
 if st.session_state.get("insp_balance_req") == (str(src), method):
     try:
         with st.spinner("Balancing..."):
-            result = data.balance(src, method)
+            result = uploads.balance(src, method)
     except InputError as e:
-        st.error(str(e))
+        st.error(clean(e))
     except Exception as e:
-        st.error(f"Could not balance `{src.name}`: {type(e).__name__}: {e}")
+        st.error(f"Could not balance `{src.name}`: {type(e).__name__}: {clean(e)}")
     else:
         s = result.summary
         st.success(
@@ -150,8 +174,8 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
         c1.metric("Layers balanced", s.balanced, help=f"{len(s.skipped)} left unchanged" if s.skipped else None)
         c2.metric(f"Worst relative imbalance (before: {s.max_rel_imbalance_before:.3g})", f"{s.max_rel_imbalance_after:.2e}")
         c3.metric("Largest relative change of dW", f"{s.max_rel_error:.2e}", help="‖ΔdW‖_F / ‖dW‖_F, measured by re-reading the written file")
-        st.plotly_chart(plots.balance_check(s.changes), key="fig_insp_balance")
+        st.plotly_chart(inspect_plots.balance_check(s.changes), key="fig_insp_balance")
         st.dataframe(s.changes, hide_index=True, key="insp_changes")
         for note in s.notes:
-            st.info(note)
+            st.info(clean(note))
         st.download_button(f"Download {result.file_name}", result.data, file_name=result.file_name, mime=result.mime, type="primary", key="insp_download")

@@ -1,0 +1,205 @@
+"""Where the dashboard may be reached from: this machine only, unless someone chose otherwise.
+
+Streamlit listens on every interface when `server.address` is unset, which is what happens when
+it starts outside the repository root (the project's .streamlit/config.toml is read from the
+current folder only). The app then refuses to serve pages. Checked three ways: the rule itself,
+the app under AppTest, and real servers started from a temporary folder and talked to through
+streamlit's own websocket protocol (no browser needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from balora.dashboard import exposure, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "dashboard" / "app.py")
+FLAG = "command-line argument or environment variable"  # streamlit.config's where_defined for a flag
+START_TIMEOUT_S = 90
+TIMEOUT = 120
+
+
+# ------------------------------------------------------------------------------------- the rule
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.1.1", "::1", "[::1]", "localhost", "unix:///tmp/balora.sock"])
+def test_loopback_addresses_are_local(address):
+    assert exposure.is_local(address) and exposure.exposure(address, "<default>", {}) is None
+
+
+@pytest.mark.parametrize("address", [None, "", "0.0.0.0", "::", "192.168.1.20", "myhost.example"])
+def test_other_addresses_are_not_local(address):
+    assert not exposure.is_local(address)
+
+
+def test_unset_address_is_refused_unless_opted_in():
+    refused = exposure.exposure(None, "<default>", {})
+    assert refused is not None and not refused.allowed and "every network interface" in refused.address
+    assert "balora dashboard" in refused.message and "--server.address 127.0.0.1" in refused.message
+    assert exposure.ALLOW_ENV in refused.message  # says how to opt in
+    # streamlit's own default (0.0.0.0) counts as unset unless someone set it.
+    assert not exposure.exposure("0.0.0.0", "<default>", {}).allowed
+    opted = exposure.exposure(None, "<default>", {exposure.ALLOW_ENV: "1"})
+    assert opted.allowed and "anyone who can reach this machine" in opted.message
+    assert not exposure.exposure(None, "<default>", {exposure.ALLOW_ENV: "yes please"}).allowed
+
+
+@pytest.mark.parametrize("where", [FLAG, "environment variable", "/home/me/.streamlit/config.toml"])
+def test_an_address_someone_set_is_served_with_a_warning(where):
+    chosen = exposure.exposure("0.0.0.0", where, {})
+    assert chosen.allowed and chosen.address == "0.0.0.0" and where in chosen.message
+
+
+# ------------------------------------------------------------------------------------- AppTest
+
+
+@pytest.fixture
+def served(monkeypatch, tmp_path):
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path))
+    monkeypatch.delenv(exposure.ALLOW_ENV, raising=False)
+
+    def serve(address, where):
+        monkeypatch.setattr(exposure, "served_address", lambda: (address, where))
+        return AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+
+    return serve
+
+
+def test_app_refuses_to_serve_an_address_nobody_chose(served, monkeypatch):
+    at = served(None, "<default>")
+    assert not at.exception
+    assert "refuses to serve" in at.error[0].value and "balora dashboard" in at.error[0].value
+    assert not at.title and not at.sidebar.caption  # no page ran: nothing of the runs or files shows
+    monkeypatch.setenv(exposure.ALLOW_ENV, "1")
+    at = served(None, "<default>")
+    assert not at.exception and at.title[0].value == "Compare runs"
+    assert "anyone who can reach this machine" in " ".join(w.value for w in at.sidebar.warning)
+
+
+def test_app_serves_a_chosen_address_with_a_warning_and_localhost_quietly(served):
+    at = served("0.0.0.0", FLAG)
+    assert not at.exception and at.title[0].value == "Compare runs" and not at.error
+    assert "Served on 0.0.0.0" in " ".join(w.value for w in at.sidebar.warning)
+    at = served("127.0.0.1", "<default>")
+    assert not at.exception and at.title[0].value == "Compare runs" and not at.sidebar.warning
+
+
+# ------------------------------------------------------------------------------------- real servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> set[str] | None:
+    """Addresses with a socket listening on `port` (from /proc/net; None where there is none)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            return None
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(addr)
+                if width == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                else:  # four little-endian 32-bit words
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                    found.add(socket.inet_ntop(socket.AF_INET6, words))
+    return found
+
+
+@contextmanager
+def _server(cmd: list[str], cwd: Path, port: int):
+    """A streamlit server started with `cmd` in `cwd`, a home folder without any streamlit
+    config, stopped on exit; waits (bounded) until it answers its health check."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_") and k != exposure.ALLOW_ENV}
+    env.update(HOME=str(cwd), BALORA_RUNS=str(cwd / "runs"))
+    log = (cwd / f"server-{port}.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start: {(cwd / f'server-{port}.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+def _page_text(port: int, timeout_s: float = 60) -> str:
+    """Run the app's script once in a new session, as a browser would, and return the text of
+    every message the server sent back (until the script finished)."""
+    websockets = pytest.importorskip("websockets")  # a dependency of streamlit itself
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ClientState_pb2 import ClientState
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    async def talk() -> str:
+        texts = []
+        async with websockets.connect(f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"],
+                                      max_size=None, open_timeout=timeout_s) as ws:
+            await ws.send(BackMsg(rerun_script=ClientState(query_string="", page_script_hash="")).SerializeToString())
+            while True:
+                msg = ForwardMsg()
+                msg.ParseFromString(await ws.recv())
+                texts.append(str(msg))
+                if msg.WhichOneof("type") == "script_finished":
+                    return "\n".join(texts)
+
+    return asyncio.run(asyncio.wait_for(talk(), timeout_s))
+
+
+def test_started_from_another_folder_it_refuses_to_serve(tmp_path):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false"]
+    with _server(cmd, tmp_path, port):
+        listening = _listening(port)
+        if listening is not None:  # what streamlit does without server.address: every interface
+            assert listening & {"0.0.0.0", "::"}, listening
+        text = _page_text(port)
+    assert "refuses to serve" in text and "balora dashboard" in text
+    assert "Compare runs" not in text  # no page ran
+    assert "refuses to serve" in (tmp_path / f"server-{port}.log").read_text()  # and the terminal was told
+
+
+def test_balora_dashboard_from_another_folder_serves_localhost_only(tmp_path):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "balora.cli", "dashboard", "--port", str(port)]
+    with _server(cmd, tmp_path, port):
+        listening = _listening(port)
+        if listening is not None:
+            assert listening == {"127.0.0.1"}, listening
+        text = _page_text(port)
+    assert "Compare runs" in text and "refuses to serve" not in text
