@@ -235,7 +235,8 @@ def test_damaged_status_or_config_is_one_error_and_listed_as_damaged(tmp_path, w
 
 def test_special_files_named_status_or_config_never_hang(tmp_path):
     """A FIFO named status.json (opening it would block until a writer came) and /dev/zero behind
-    config.json (reading it would never end): RunError at once, from load_run and list_runs."""
+    config.json (reading it would never end): RunError at once, from load_run and list_runs. The same
+    among part files: skipped with a warning, the other parts read."""
     import threading
 
     from balora.store import RunError
@@ -243,6 +244,10 @@ def test_special_files_named_status_or_config_never_hang(tmp_path):
     fifo_run = _run_folder(tmp_path / "fifo")
     (fifo_run / "status.json").unlink()
     os.mkfifo(fifo_run / "status.json")
+    parts_run = tmp_path / "parts"
+    writer(parts_run).append("steps", steps_rows("lora", 0, [1]))
+    os.mkfifo(parts_run / "steps" / "part-00002.parquet")
+    (parts_run / "layers" / "part-00001.parquet").symlink_to("/dev/zero")
     zero_run = _run_folder(tmp_path / "zero")
     (zero_run / "config.json").unlink()
     (zero_run / "config.json").symlink_to("/dev/zero")
@@ -254,6 +259,7 @@ def test_special_files_named_status_or_config_never_hang(tmp_path):
                 load_run(run)
             except RunError as e:
                 result[run.name] = str(e)
+        result["parts"] = load_run(parts_run)
         result["listed"] = list_runs(tmp_path)
 
     t = threading.Thread(target=read_all, daemon=True)
@@ -263,7 +269,11 @@ def test_special_files_named_status_or_config_never_hang(tmp_path):
     assert "FIFO" in result["fifo"] and "status.json" in result["fifo"]
     assert "device" in result["zero"] and "config.json" in result["zero"]
     listed = result["listed"].set_index("name")
-    assert set(listed["status"]) == {"damaged"} and "FIFO" in listed.loc["fifo", "reason"]
+    assert listed.loc["parts", "status"] == "running" and "FIFO" in listed.loc["fifo", "reason"]
+    assert set(listed.drop(index="parts")["status"]) == {"damaged"}
+    parts = result["parts"]  # special part files are skipped with a warning, the good part is read
+    assert len(parts.steps) == 1 and len(parts.warnings) == 2
+    assert any("FIFO" in w for w in parts.warnings) and any("device" in w for w in parts.warnings)
 
 
 def test_odd_but_valid_status_values_do_not_crash(tmp_path):

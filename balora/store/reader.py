@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from balora.errors import InputError
+from balora.safe_io import regular_file_size
 from balora.store.json_files import RunError, read_config, read_env, read_status
 from balora.store.layout import CONFIG, PART_GLOB, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_run_dir, to_table
 
@@ -48,6 +49,7 @@ def _read_table(run: Path, table: str, warnings: list[str]) -> pd.DataFrame:
     frames = []
     for part in sorted((run / table).glob(PART_GLOB)):
         try:
+            regular_file_size(part, "part file")  # a FIFO would block the reader, a device never end
             frames.append(pd.read_parquet(part))
         except Exception as e:  # truncated or corrupted: skip it, say so, never crash
             warnings.append(f"{table}/{part.name}: unreadable, skipped ({type(e).__name__}: {e})")
