@@ -92,3 +92,24 @@ def test_recorder_with_balancing_shows_balanced_layers(tmp_path):
     assert run.summary.loc[0, "arm"] == "balora"
     assert run.summary.loc[0, "balance_seconds"] > 0
     assert math.isnan(run.summary.loc[0, "speedup_steps"])
+
+
+def test_target_from_eval_and_force_over_an_earlier_recording(tmp_path):
+    from balora.errors import InputError
+
+    out = tmp_path / "run"
+    _train(tmp_path, out, lambda o: [RunRecorder(o, layers_every=0)])
+    first = load_run(out).steps["eval_loss"].dropna()
+    target = float(first.mean())  # between the first and the last eval loss
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):  # no force: the earlier recording is kept
+        _train(tmp_path, out, lambda o: [RunRecorder(o, layers_every=0, target_loss=target)])
+
+    trainer, _ = _train(tmp_path, out, lambda o: [RunRecorder(o, layers_every=0, target_loss=target, force=True)])
+    run = load_run(out)
+    assert (out / "notes.txt").read_text() == "mine"  # --force deletes only what balora wrote
+    evals = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
+    expected = next(step for step, loss in evals if loss <= target)
+    (summary,) = run.summary.to_dict("records")
+    assert summary["target_on"] == "eval_loss" and summary["steps_to_target"] == expected
+    assert summary["seconds_to_target"] == pytest.approx(run.steps.set_index("step").loc[expected, "time_s"])
