@@ -9,27 +9,37 @@ import traceback
 
 from balora.errors import InputError
 
-# subcommand -> module in balora.commands defining add_parser(subparsers) and run(args)
+# subcommand -> (module in balora.commands defining add_parser(subparsers) and run(args), one-line help)
 COMMANDS = {
-    "compare": "compare",
-    "inspect": "inspect_cmd",
-    "balance": "balance_cmd",
-    "dashboard": "dashboard",
+    "compare": ("compare", "train LoRA arms (lora, balora, ...) side by side on a task and record a run"),
+    "inspect": ("inspect_cmd", "per-layer imbalance, conditioning and spectra of LoRA adapter files"),
+    "balance": ("balance_cmd", "write a balanced copy of a LoRA adapter (same dW, B^T B = A A^T)"),
+    "dashboard": ("dashboard", "start the Streamlit dashboard (Compare, Inspect, Launch, Learn)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with `argv` only the subcommand argv names fully built.
+
+    Each command module is imported only when that command runs (or with no argv): `balora
+    --help` lists the commands from COMMANDS without importing any of them, so it starts at
+    once, and `balora inspect` never imports what `balora balance` needs.
+    """
     parser = argparse.ArgumentParser(prog="balora", description="Balanced LoRA: balance, inspect and compare LoRA adapters.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
-        importlib.import_module(f"balora.commands.{module}").add_parser(sub)
+    wanted = set(COMMANDS) if argv is None else {next((a for a in argv if not a.startswith("-")), None)}
+    for name, (module, help_text) in COMMANDS.items():
+        if name in wanted:
+            importlib.import_module(f"balora.commands.{module}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except InputError as e:

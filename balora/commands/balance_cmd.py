@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 from balora.balance import RANK_DEFICIENT_POLICIES
+from balora.commands.formatting import num
 from balora.projection import METHODS
 
 _SHOWN_ROWS = 20  # the per-module table lists the most imbalanced pairs first
@@ -47,10 +46,6 @@ def run(args) -> int:
     return 0
 
 
-def _num(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
-
-
 def _changes_table(changes):
     from rich.table import Table
     from rich.text import Text
@@ -66,8 +61,8 @@ def _changes_table(changes):
     for row in shown.head(_SHOWN_ROWS).itertuples(index=False):
         action = row.action if row.action == "balanced" else f"unchanged: {row.reason}"
         cells = ([row.source] if multi_source else []) + [
-            row.module, row.adapter, action, _num(row.rel_imbalance_before), _num(row.rel_imbalance_after),
-            _num(row.dW_rel_change),
+            row.module, row.adapter, action, num(row.rel_imbalance_before), num(row.rel_imbalance_after),
+            num(row.dW_rel_change),
         ]
         t.add_row(*(Text(c) for c in cells))
     return t
