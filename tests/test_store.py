@@ -330,6 +330,16 @@ def test_force_deletes_only_what_balora_wrote(tmp_path):
     (run / "env.json").unlink()
     (run / "env.json").symlink_to(outside)  # a link where balora's file was: removed as a link, never followed
 
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "part-00001.parquet").write_bytes(b"not balora's")
+    (run / "layers").rename(tmp_path / "layers-moved")
+    (run / "layers").symlink_to(elsewhere)  # a table folder that leads out of the run: refused before any delete
+    with pytest.raises(InputError, match="layers is not a folder balora made"):
+        writer(run, force=True)
+    assert (elsewhere / "part-00001.parquet").exists() and list((run / "steps").glob("part-*.parquet"))
+    (run / "layers").unlink()
+
     w = writer(run, force=True)
     assert sorted(w.kept) == ["notes.txt", "other-tool/", "steps/my-steps.csv"]
     assert (run / "notes.txt").read_text() == "mine" and (run / "other-tool" / "data.bin").exists()

@@ -160,15 +160,16 @@ class RunWriter:
             if not force:
                 raise InputError(f"{flag} {self.path}: directory exists and is not empty; choose another path "
                                  "or pass --force to replace a previous run there")
+            for table in TABLES:  # checked before anything is deleted: a refusal leaves the folder as it was
+                folder = self.path / table
+                if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                    raise InputError(f"{flag} {self.path}: {table} is not a folder balora made (a link or a "
+                                     "file); move it away or choose another path")
             self.kept = clear_run(self.path, flag)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / MARKER).write_text(marker_text(now_iso()))
         for table in TABLES:
-            folder = self.path / table
-            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-                raise InputError(f"{flag} {self.path}: {table} is not a folder balora made (a link or a file); "
-                                 "move it away or choose another path")
-            folder.mkdir(exist_ok=True)
+            (self.path / table).mkdir(exist_ok=True)
         self.config = dict(config)
         self._parts = {table: 0 for table in TABLES}
         self._last_beat = 0.0
