@@ -5,17 +5,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from collections.abc import Mapping
-from typing import Callable
 
 import torch
 from torch import nn
 
 from balora.imbalance import rel_imbalance
 from balora.pairs import FactorPair, batch_groups, stack_padded
-from balora.linalg import matmul_unit_roundoff
 from balora.policy import NONFINITE_POLICIES, RANK_DEFICIENT_POLICIES, BalancePolicy, as_policy  # noqa: F401
-from balora.projection import GRAM_TOL, balanced_factors, gram_transforms, product_rel_error
+from balora.projection import balanced_factors, product_rel_error
+from balora.stacked import Block, gram_maps, stack_blocks, write_all
 
 
 class BalanceError(RuntimeError):
@@ -53,28 +51,25 @@ def balance_pairs(
     on_rank_deficient: str = "skip",
     on_nonfinite: str = "raise",
     check: bool = True,
-) -> tuple[Mapping[int, tuple[torch.Tensor, torch.Tensor]], BalanceSummary]:
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], BalanceSummary]:
     """Balanced factors for `pairs`, without writing them anywhere.
 
     method: a gauge name, with the three options after it, or a BalancePolicy (already
     validated where the user gave it; the other arguments are then ignored).
-    Returns ({index into pairs: (A', B') in each factor's own dtype}, summary). With
-    check=False the new factors are formed from the current A, B as the mapping is read:
-    write each one as it comes and drop it (the fast way), and read the mapping before
-    anything else changes the factors; reading a key twice computes it twice. Pairs that
+    Returns ({index into pairs: (A', B') in each factor's own dtype}, summary). Pairs that
     are left alone (zero product, rank-deficient under "skip", non-finite under "skip",
     unsupported) are absent from the dict and listed in summary.skipped with the reason.
     Raises BalanceError, naming the modules, before anything is returned when a policy
     says "raise".
+
+    Pairs of one shape are balanced together (balora.stacked): a pass dispatches a number
+    of ops that depends on the number of distinct shapes, not of pairs, and reads the device
+    once (the Gram path's accuracy flags); pairs the Gram path refuses are redone by the QR
+    path, which costs a few more ops and syncs in the passes that need it.
     """
     policy = as_policy(method, on_rank_deficient, on_nonfinite, check)
-    method, on_rank_deficient, on_nonfinite, check = (
-        policy.method, policy.on_rank_deficient, policy.on_nonfinite, policy.check)
-
     t0 = time.perf_counter()
     summary = BalanceSummary()
-    nonfinite, deficient_errors = [], []
-
     candidates, positions = [], []  # positions[k]: index in `pairs` of candidates[k]
     for i, p in enumerate(pairs):
         if p.skip_reason:
@@ -87,15 +82,56 @@ def balance_pairs(
             candidates.append(p)
             positions.append(i)
 
-    outcomes = _gram_outcomes(candidates, method)  # None where the Gram path was not accurate enough
+    blocks = stack_blocks(candidates)
+    gram_maps(blocks, policy.method)
+    outcomes = _gram_outcomes(candidates, blocks)  # None where the Gram path was not accurate enough
     redo = [k for k, o in enumerate(outcomes) if o is None]
     summary.qr_path = len(redo)
     for idx in batch_groups([candidates[k] for k in redo]):
         ks = [redo[j] for j in idx]
-        for k, o in zip(ks, _qr_outcomes([candidates[k] for k in ks], method)):
+        for k, o in zip(ks, _qr_outcomes([candidates[k] for k in ks], policy.method)):
             outcomes[k] = o
 
-    used = []
+    used = _apply_policy(candidates, outcomes, policy, summary)
+    summary.balanced = len(used)
+    out = {positions[k]: outcomes[k].factors for k in used}
+    if policy.check and used:
+        _measure(candidates, outcomes, used, blocks, summary)
+    summary.seconds = time.perf_counter() - t0
+    return out, summary
+
+
+@dataclass
+class _Outcome:
+    """What balancing one pair gave."""
+
+    finite: bool
+    zero: bool
+    rank: int
+    factors: tuple[torch.Tensor, torch.Tensor]  # (A', B') in the factors' dtypes (unused unless balanced)
+    block: int | None = None  # (index of its Block, position in it) when the Gram path did it
+    slot: int = 0
+
+
+def _gram_outcomes(pairs: list[FactorPair], blocks: list[Block]) -> list[_Outcome | None]:
+    """Outcomes of the Gram path, None for the pairs it refused. New factors are formed for a
+    whole block at once (one product per factor), then handed out as views."""
+    outcomes: list[_Outcome | None] = [None] * len(pairs)
+    for b_i, b in enumerate(blocks):
+        if not any(b.accurate):
+            continue
+        A_new, B_new = b.apply()  # (G, r, in), (G, out, r)
+        for g, (k, A, B) in enumerate(zip(b.members, A_new.unbind(0), B_new.unbind(0))):
+            if b.accurate[g]:
+                outcomes[k] = _Outcome(True, False, pairs[k].r, (A, B), b_i, g)
+    return outcomes
+
+
+def _apply_policy(candidates: list[FactorPair], outcomes: list[_Outcome], policy: BalancePolicy,
+                  summary: BalanceSummary) -> list[int]:
+    """Indices of the candidates to write; the others are recorded in summary. Raises BalanceError
+    (before anything is written) when a policy says "raise"."""
+    used, nonfinite, deficient_errors = [], [], []
     for k, (p, o) in enumerate(zip(candidates, outcomes)):
         if not o.finite:
             nonfinite.append(p.name)
@@ -104,9 +140,9 @@ def balance_pairs(
             summary.skipped[p.name] = "zero product B A (e.g. PEFT's B = 0 init): left as is so training can start"
         elif o.rank < p.r:
             summary.rank_deficient[p.name] = o.rank
-            if on_rank_deficient == "raise":
+            if policy.on_rank_deficient == "raise":
                 deficient_errors.append(f"{p.name} (rank {o.rank} < r={p.r})")
-            if on_rank_deficient == "balance":
+            if policy.on_rank_deficient == "balance":
                 used.append(k)
             else:
                 summary.skipped[p.name] = (
@@ -115,8 +151,7 @@ def balance_pairs(
                 )
         else:
             used.append(k)
-
-    if nonfinite and on_nonfinite == "raise":
+    if nonfinite and policy.on_nonfinite == "raise":
         raise BalanceError(
             f"non-finite values (NaN/Inf) in LoRA factors of {', '.join(nonfinite)}; nothing was balanced. "
             "Fix the training run (lower the learning rate, check the loss) or pass on_nonfinite='skip'."
@@ -126,114 +161,46 @@ def balance_pairs(
             f"rank-deficient LoRA products: {', '.join(deficient_errors)}; nothing was balanced. "
             "Pass on_rank_deficient='skip' to leave them alone or 'balance' to balance them anyway."
         )
-    summary.balanced = len(used)
-    if not check:
-        # Formed one at a time as the caller iterates: a caller that writes each pair as it
-        # comes never holds a second copy of the adapter (and stays in cache doing it).
-        out = _Lazy({positions[k]: outcomes[k].new_factors for k in used})
-    else:
-        out = {positions[k]: outcomes[k].new_factors() for k in used}
-        errors, imbalances = [], []
-        for k in used:
+    return used
+
+
+def _measure(candidates: list[FactorPair], outcomes: list[_Outcome], used: list[int], blocks: list[Block],
+             summary: BalanceSummary) -> None:
+    """summary.max_rel_error and max_rel_imbalance of the new factors as they will be written:
+    batched per block for the Gram path, per pair for the (rare) QR path."""
+    errors, imbalances = [], []
+    in_block: dict[int, list[int]] = {}
+    for k in used:
+        o = outcomes[k]
+        if o.block is None:
             A0, B0 = candidates[k].A[None], candidates[k].B[None]
-            A1, B1 = (t[None] for t in out[positions[k]])
+            A1, B1 = (t[None] for t in o.factors)
             errors.append(product_rel_error(A0, B0, A1, B1))
             imbalances.append(rel_imbalance(A1.float(), B1.float()))
-        if used:
-            summary.max_rel_error = float(torch.cat(errors).max())
-            summary.max_rel_imbalance = float(torch.cat(imbalances).max())
-    summary.seconds = time.perf_counter() - t0
-    return out, summary
-
-
-class _Lazy(Mapping):
-    """{index: (A', B')} whose values are computed on each access."""
-
-    def __init__(self, thunks: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]):
-        self._thunks = thunks
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._thunks[i]()
-
-    def __contains__(self, i: object) -> bool:  # Mapping's default would compute the value
-        return i in self._thunks
-
-    def __iter__(self):
-        return iter(self._thunks)
-
-    def __len__(self) -> int:
-        return len(self._thunks)
-
-
-@dataclass
-class _Outcome:
-    """What balancing one pair gave; the new factors are formed only if they will be used."""
-
-    finite: bool
-    zero: bool
-    rank: int
-    new_factors: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (A', B') in the factors' dtypes
-
-
-def _compute_dtype(p: FactorPair) -> torch.dtype:
-    return torch.promote_types(torch.promote_types(p.A.dtype, p.B.dtype), torch.float32)
-
-
-def _gram_outcomes(pairs: list[FactorPair], method: str) -> list[_Outcome | None]:
-    """The Gram path (projection.gram_transforms) for every pair; None where it is not accurate.
-
-    One r x r Gram per factor, the r x r maths batched over all pairs of one rank, then one
-    (n, r) @ (r, r) product per factor, formed lazily: no stacking of the tall factors.
-    """
-    outcomes: list[_Outcome | None] = [None] * len(pairs)
-    by_key: dict[tuple, list[int]] = {}
-    for k, p in enumerate(pairs):
-        by_key.setdefault((p.r, _compute_dtype(p), p.A.device), []).append(k)
-    for (_, dtype, _), ks in by_key.items():
-        # Upcast once (a no-op for fp32 factors); the apply step below reuses it.
-        factors = [(_as(pairs[k].A, dtype), _as(pairs[k].B, dtype)) for k in ks]
-        G_A = torch.stack([A @ A.mT for A, _ in factors])  # (G, r, r)
-        G_B = torch.stack([B.mT @ B for _, B in factors])  # (G, r, r)
-        # Rounding the new factors to bf16/fp16 costs more than the Gram path's error.
-        tol = max(GRAM_TOL, 0.1 * max(torch.finfo(pairs[k].A.dtype).eps for k in ks))
-        try:
-            t = gram_transforms(G_A, G_B, method, matmul_unit_roundoff(dtype), tol)
-        except RuntimeError:  # a failed decomposition: the QR path redoes them and names the module
-            continue
-        accurate = t.accurate.tolist()
-        X, Y = t.X.to(dtype), t.Y.to(dtype)
-        for g, k in enumerate(ks):
-            if accurate[g]:
-                (A, B), p = factors[g], pairs[k]
-                outcomes[k] = _Outcome(True, False, p.r, _applier(Y[g], A, B, X[g], p.A.dtype, p.B.dtype))
-    return outcomes
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Tensor.to costs microseconds even as a no-op; hundreds of pairs every step add up.
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _applier(Y, A, B, X, A_dtype, B_dtype):
-    return lambda: (_as(Y @ A, A_dtype), _as(B @ X, B_dtype))  # A' (r, in), B' (out, r)
+        else:
+            in_block.setdefault(o.block, []).append(o.slot)
+    for b_i, slots in in_block.items():
+        b = blocks[b_i]
+        sel = torch.tensor(slots, device=b.A.device)
+        A1 = torch.stack([outcomes[b.members[g]].factors[0] for g in slots])  # (n, r, in), as written
+        B1 = torch.stack([outcomes[b.members[g]].factors[1] for g in slots])  # (n, out, r)
+        errors.append(product_rel_error(b.A[sel], b.B[sel], A1, B1))
+        imbalances.append(rel_imbalance(A1.float(), B1.float()))
+    summary.max_rel_error = float(torch.cat([e.cpu() for e in errors]).max())
+    summary.max_rel_imbalance = float(torch.cat([e.cpu() for e in imbalances]).max())
 
 
 def _qr_outcomes(group: list[FactorPair], method: str) -> list[_Outcome]:
     """The QR path (projection.balanced_factors) for pairs of one rank, batched and zero-padded."""
     A, B = stack_padded(group)  # (G, r, in_max), (G, out_max, r); zero padding is exact
     proj = _project(group, A, B, method)
-    # One host transfer per flag instead of one per pair: per-pair .item() calls were
-    # most of the cost of balancing small models every step.
-    finite, zero, rank = proj.finite.tolist(), proj.zero.tolist(), proj.rank.tolist()
+    # One host transfer for all flags of the batch, not one per pair and flag.
+    flags = torch.stack([proj.finite.long(), proj.zero.long(), proj.rank.long()]).tolist()
     A_new, B_new = proj.A.to(A.dtype), proj.B.to(B.dtype)  # back to the factors' own dtype
     return [
-        _Outcome(finite[g], zero[g], rank[g], _slicer(A_new[g], B_new[g], p.in_features, p.out_features))
+        _Outcome(bool(flags[0][g]), bool(flags[1][g]), flags[2][g], (A_new[g, :, : p.in_features], B_new[g, : p.out_features, :]))
         for g, p in enumerate(group)
     ]
-
-
-def _slicer(A, B, n_in, n_out):
-    return lambda: (A[:, :n_in], B[:n_out, :])
 
 
 def _project(group: list[FactorPair], A: torch.Tensor, B: torch.Tensor, method: str):
@@ -282,10 +249,10 @@ def balance_and_write(
     on_nonfinite: str = "raise",
     check: bool = True,
 ) -> BalanceSummary:
-    """balance_pairs, then each balanced pair written back through `pair.write` as it is formed."""
+    """balance_pairs, then the balanced pairs written back: one foreach copy into the parameters
+    of live pairs (ParamWriter), `pair.write` for the others."""
     t0 = time.perf_counter()
     new, summary = balance_pairs(pairs, method, on_rank_deficient, on_nonfinite, check)
-    for i, (A, B) in new.items():  # formed here, one pair at a time, when check=False
-        pairs[i].write(A, B)
+    write_all(pairs, new)
     summary.seconds = time.perf_counter() - t0  # with the writes, which balance_pairs cannot see
     return summary

@@ -115,13 +115,14 @@ class Transforms:
 GRAM_TOL = 5e-7
 
 
-def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest", unit_roundoff: float | None = None,
-                    tol: float = GRAM_TOL) -> Transforms:
+def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest",
+                    unit_roundoff: float | torch.Tensor | None = None, tol: float | torch.Tensor = GRAM_TOL) -> Transforms:
     """Balancing maps from G_A = A A^T and G_B = B^T B (G, r, r), computed in float64.
 
     Same formulas as `balanced_factors` with R from Cholesky of the Grams: the core
     R_B R_A^T = U S V^T, B' = B R_B^-1 U S^{1/2} O, A' = O^T S^{1/2} V^T R_A^-T A.
-    unit_roundoff: of the matmul that formed the Grams (default: their dtype's).
+    unit_roundoff: of the matmul that formed the Grams (default: their dtype's); a float, or (G,)
+    per pair, like `tol`.
     A Gram rounded by E moves the balanced pair's Gram by Y E Y^T (resp. X^T E X), so
     u (||Y Y^T|| ||G_A|| + ||X^T X|| ||G_B||) / (2 ||S||) estimates the rel_imbalance the
     result will have (||.||_inf >= ||.||_2 for the r x r products, Frobenius for the rest);

@@ -46,6 +46,7 @@ from balora.balance import balance_and_write, balance_pairs
 from balora.pairs import FactorPair, group_by_shape
 from balora.projection import balanced_factors, product_rel_error
 from balora.imbalance import rel_imbalance
+from balora.stacked import ParamWriter
 from balora.report import pair_rows
 
 
@@ -103,15 +104,6 @@ class Adapter:
         return sum(p.numel() * p.element_size() for p in self.params)
 
 
-def _writer(A_p: nn.Parameter, B_p: nn.Parameter):
-    def write(A: torch.Tensor, B: torch.Tensor) -> None:
-        with torch.no_grad():
-            A_p.copy_(A)
-            B_p.copy_(B)
-
-    return write
-
-
 def make_adapter(m: ModelShape, r: int, dtype: torch.dtype, device: str, seed: int = 0) -> Adapter:
     """Factors as after some training: A from PEFT's init scale, B small and nonzero, both full
     rank and far from balanced; gradients random. The product is never zero, so every pair is
@@ -126,7 +118,7 @@ def make_adapter(m: ModelShape, r: int, dtype: torch.dtype, device: str, seed: i
         for p in (A_p, B_p):
             p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device=device, dtype=dtype)
         params += [A_p, B_p]
-        pairs.append(FactorPair(name, "default", "linear", A_p.detach(), B_p.detach(), 2.0, write=_writer(A_p, B_p)))
+        pairs.append(FactorPair(name, "default", "linear", A_p.detach(), B_p.detach(), 2.0, write=ParamWriter(A_p, B_p)))
     return Adapter(params, pairs)
 
 

@@ -1,0 +1,209 @@
+"""The per-step pass in a constant number of ops: pairs of one shape stacked, one host transfer, one write.
+
+On a GPU every dispatched op is a kernel launch (microseconds of host time, whatever its size)
+and every device-to-host read stalls the pipeline, so a pass that costs a few ops per LoRA
+module grows with the model even when its arithmetic is negligible. Here the ops per pass
+depend on the number of distinct factor shapes (a handful in a transformer), not on the
+number of modules:
+
+  stack_blocks   pairs of one shape, dtype and device -> one (G, r, in) and one (G, out, r)
+                 copy each, in the compute dtype (one foreach copy, which also upcasts bf16)
+  gram_maps      one batched Gram per factor and block; the r x r maths (projection's
+                 Gram path) for all blocks of one rank in one call, in float64 on the CPU,
+                 where small batched eigh/SVD never synchronise and cost microseconds; the
+                 Grams travel in one device-to-host copy, the pass's only sync (none on CPU),
+                 and the accuracy flags are computed on the host, so choosing the QR fallback
+                 costs no further sync
+  Block.apply    one batched (r, r) product per factor and block
+  write_all      one torch._foreach_copy_ into every parameter (ParamWriter pairs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from balora.linalg import matmul_unit_roundoff
+from balora.pairs import FactorPair, group_by_shape
+from balora.projection import GRAM_TOL, gram_transforms
+
+HOST = torch.device("cpu")
+
+
+class ParamWriter:
+    """`pair.write` for factors stored in tensors (PEFT parameters): copy new 2-D factors in,
+    reshaped, in the destination's dtype. `targets()` lets a pass write many pairs at once."""
+
+    def __init__(self, A_p: torch.Tensor, B_p: torch.Tensor):
+        self.params = (A_p, B_p)  # e.g. lora_A.weight (r, in, *k), lora_B.weight (out, r, *1)
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        with torch.no_grad():
+            for p, t in zip(self.params, (A, B)):
+                p.copy_(t.reshape(p.shape))
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """2-D views (r, in), (out, r) of the parameters' current storage; None when there are none
+        (a tensor subclass such as a DTensor, or a layout that cannot be viewed as 2-D)."""
+        views = self._views
+        if views is not None and all(v.data_ptr() == p.data_ptr() and v.dtype == p.dtype and v.device == p.device
+                                     for v, p in zip(views, self.params)):
+            return views
+        if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in self.params):
+            return None
+        try:  # cached: a pass must not pay a view op per module (re-made when .to() moved a parameter)
+            self._views = tuple(p.detach().view(p.shape[0], -1) for p in self.params)
+        except RuntimeError:  # not viewable (unusual strides): the per-pair write reshapes a copy
+            return None
+        return self._views
+
+
+def compute_dtype(A_dtype: torch.dtype, B_dtype: torch.dtype) -> torch.dtype:
+    """fp32 at least: decompositions and the Gram path's error estimate need it."""
+    return torch.promote_types(torch.promote_types(A_dtype, B_dtype), torch.float32)
+
+
+@dataclass
+class Block:
+    """Pairs of one exact shape, dtype and device, stacked (a copy, in the compute dtype)."""
+
+    members: list[int]  # indices into the list given to stack_blocks
+    A: torch.Tensor  # (G, r, in)
+    B: torch.Tensor  # (G, out, r)
+    A_dtype: torch.dtype  # the factors' own dtypes, to give the new factors back in
+    B_dtype: torch.dtype
+    X: torch.Tensor | None = None  # (G, r, r) on the factors' device: B' = B X
+    Y: torch.Tensor | None = None  # (G, r, r): A' = Y A
+    accurate: list[bool] = field(default_factory=list)  # per member: the Gram path's X, Y are usable
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[-2]
+
+    def apply(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A' (G, r, in), B' (G, out, r) in the factors' own dtypes (rounded once, as written)."""
+        A_new = torch.bmm(self.Y, self.A)  # (G, r, in)
+        B_new = torch.bmm(self.B, self.X)  # (G, out, r)
+        return _as(A_new, self.A_dtype), _as(B_new, self.B_dtype)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def stack_blocks(pairs: list[FactorPair]) -> list[Block]:
+    """One Block per exact shape, dtype and device, members in the order of `pairs`."""
+    blocks = []
+    for members in group_by_shape(pairs).values():
+        first = pairs[members[0]]
+        dtype = compute_dtype(first.A.dtype, first.B.dtype)
+        A = _stack([pairs[k].A for k in members], dtype)
+        B = _stack([pairs[k].B for k in members], dtype)
+        blocks.append(Block(members, A, B, first.A.dtype, first.B.dtype))
+    return blocks
+
+
+def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """torch.stack into `dtype`: one pass over the factors and one dispatched copy for all of them."""
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=dtype, device=tensors[0].device)
+    torch._foreach_copy_(list(out.unbind(0)), tensors)
+    return out
+
+
+def gram_maps(blocks: list[Block], method: str) -> None:
+    """Fill every block's X, Y and accurate flags from the Gram path (projection.gram_transforms).
+
+    Blocks whose r x r maths raised (a failed decomposition) get accurate = False throughout,
+    so the QR path redoes them and names the module.
+    """
+    grams = []
+    for b in blocks:
+        grams += [torch.bmm(b.A, b.A.mT), torch.bmm(b.B.mT, b.B)]  # G_A = A A^T, G_B = B^T B: (G, r, r)
+    host = _to_host(grams)  # the pass's one sync on a GPU
+    by_rank: dict[int, list[int]] = {}
+    for i, b in enumerate(blocks):
+        by_rank.setdefault(b.r, []).append(i)
+    maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for idx in by_rank.values():
+        sizes = [len(blocks[i].members) for i in idx]
+        # Per member: the unit roundoff of the matmul that formed its Grams, and its tolerance
+        # (rounding new factors to bf16/fp16 costs more than the Gram path's own error).
+        u = torch.tensor([matmul_unit_roundoff(blocks[i].A.dtype) for i in idx], dtype=torch.float64)
+        tol = torch.tensor([max(GRAM_TOL, 0.1 * max(torch.finfo(blocks[i].A_dtype).eps, torch.finfo(blocks[i].B_dtype).eps))
+                            for i in idx], dtype=torch.float64)
+        sizes_t = torch.tensor(sizes)
+        try:
+            t = gram_transforms(torch.cat([host[2 * i] for i in idx]), torch.cat([host[2 * i + 1] for i in idx]),
+                                method, u.repeat_interleave(sizes_t), tol.repeat_interleave(sizes_t))
+        except RuntimeError:  # torch.linalg.LinAlgError is one
+            for i in idx:
+                blocks[i].accurate = [False] * len(blocks[i].members)
+            continue
+        accurate = t.accurate.tolist()  # a host tensor: no sync
+        for i, X, Y, start, n in zip(idx, t.X.split(sizes), t.Y.split(sizes), _starts(sizes), sizes):
+            maps[i] = (X, Y)
+            blocks[i].accurate = accurate[start : start + n]
+    _maps_to_devices(blocks, maps)
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    out, s = [], 0
+    for n in sizes:
+        out.append(s)
+        s += n
+    return out
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors on the CPU: as they are when already there, else one copy per device."""
+    out = list(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.device != HOST:
+            by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in idx]).to(HOST)  # the sync
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """X, Y of each block onto its factors' device, in their compute dtype; one pinned,
+    non-blocking copy per device, so the host never waits for the device here."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, b in enumerate(blocks):
+        if i not in maps:
+            continue
+        if b.A.device == HOST:
+            b.X, b.Y = (_as(t, b.A.dtype) for t in maps[i])
+        else:
+            by_device.setdefault(b.A.device, []).append(i)
+    for device, idx in by_device.items():
+        flat = torch.cat([t.reshape(-1) for i in idx for t in maps[i]])
+        if torch.cuda.is_available():
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=True)
+        parts = iter(flat.split([t.numel() for i in idx for t in maps[i]]))
+        for i in idx:
+            b = blocks[i]
+            b.X, b.Y = (_as(next(parts).view(t.shape), b.A.dtype) for t in maps[i])
+
+
+def write_all(pairs: list[FactorPair], new: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write new factors {index into pairs: (A', B')}: one foreach copy for every pair whose
+    `write` is a ParamWriter, `pair.write` for the others (files, FSDP2 shards)."""
+    dst, src = [], []
+    for i, (A, B) in new.items():
+        write = pairs[i].write
+        targets = write.targets() if isinstance(write, ParamWriter) else None
+        if targets is None:
+            write(A, B)
+        else:
+            dst += targets
+            src += (A, B)
+    if dst:
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
