@@ -144,7 +144,9 @@ def find_entries(tf: TensorFile, patterns, fmt: str, default_adapter: str) -> tu
 
 
 def has_kohya_factors(keys) -> bool:
-    return any(("lora_" in k or "lora." in k) and p.match(k) for k in keys for p, role in KOHYA_KEYS if role in ("A", "B"))
+    factor_patterns = [p for p, role in KOHYA_KEYS if role in ("A", "B")]
+    return any(p.match(k) for k in keys if ".down." in k or ".up." in k or "_down." in k or "_up." in k
+               for p in factor_patterns)
 
 
 _DIGITS = re.compile(r"(\d+)")

@@ -47,9 +47,10 @@ ADAPTER_FILES = (
 _STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
-class Stopped(BaseException):
-    """SIGTERM/SIGHUP arrived while an output was being staged. A BaseException, like
-    KeyboardInterrupt, so no `except Exception` swallows it before the temporary folder is removed."""
+class Stopped(KeyboardInterrupt):
+    """SIGTERM/SIGHUP arrived while an output was being staged: handled like Ctrl-C (a
+    KeyboardInterrupt, which no `except Exception` swallows before the temporary folder is removed;
+    the CLI says "interrupted" and exits 130)."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
