@@ -19,24 +19,56 @@ RANK_RTOL = 1e-5
 
 
 def imbalance_matrix(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """D = B^T B - A A^T, (G, r, r)."""
+    """D = B^T B - A A^T, (G, r, r), in the factors' dtype (see `imbalance` for a scale-safe norm)."""
     return B.mT @ B - A @ A.mT
 
 
+def normalized(X: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (..., m, n) in `dtype` divided by its largest |entry|, and that scale (..., float64).
+
+    Factors may hold entries anywhere from 1e-30 to 1e30 (a diverging run, a badly stored
+    adapter): their Grams would under- or overflow even in float64 near the ends of that range,
+    and in fp32 already at 1e20. Every quantity below is formed from the normalized factors
+    (entries <= 1) and rescaled at the end. A zero factor keeps scale 0 and entries 0.
+    """
+    scale = X.abs().amax(dim=(-2, -1)).to(torch.float64)  # exact: every float fits in float64
+    return X.to(dtype) / torch.where(scale > 0, scale, 1.0).to(dtype)[..., None, None], scale
+
+
+def _grams(A: torch.Tensor, B: torch.Tensor):
+    """Normalized Grams G_A = An An^T, G_B = Bn^T Bn (float64) and the scales a, b."""
+    An, a = normalized(A)
+    Bn, b = normalized(B)
+    return An @ An.mT, Bn.mT @ Bn, a, b
+
+
+def _imbalance_from_grams(G_A, G_B, a, b):
+    """(||b^2 G_B - a^2 G_A||_F, rel_imbalance) without squaring a or b on their own scale.
+
+    With m = max(a, b) both terms are formed at scale m^2 = 1 first; the norm is rescaled
+    last (inf only when the true value exceeds float64). rel_imbalance is scale-free.
+    """
+    m = torch.maximum(a, b)
+    m_safe = torch.where(m > 0, m, 1.0)
+    wA, wB = ((a / m_safe) ** 2)[..., None, None], ((b / m_safe) ** 2)[..., None, None]
+    num = torch.linalg.matrix_norm(wB * G_B - wA * G_A)
+    den = torch.linalg.matrix_norm(wB * G_B) + torch.linalg.matrix_norm(wA * G_A)
+    rel = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
+    return num * m * m, rel
+
+
 def imbalance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """||B^T B - A A^T||_F, (G,)."""
-    return torch.linalg.matrix_norm(imbalance_matrix(A, B))
+    """||B^T B - A A^T||_F, (G,) float64, accurate for factors at any finite scale."""
+    return _imbalance_from_grams(*_grams(A, B))[0]
 
 
 def rel_imbalance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """||B^T B - A A^T||_F / (||B^T B||_F + ||A A^T||_F), in [0, 1]; 0 when both are zero.
+    """||B^T B - A A^T||_F / (||B^T B||_F + ||A A^T||_F), in [0, 1], (G,) float64; 0 when both are zero.
 
-    1 means one factor is zero (PEFT's B = 0 init), 0 means balanced.
+    1 means one factor is zero (PEFT's B = 0 init), 0 means balanced. Scale-free, so it is
+    finite for any finite factors.
     """
-    BtB, AAt = B.mT @ B, A @ A.mT
-    num = torch.linalg.matrix_norm(BtB - AAt)
-    den = torch.linalg.matrix_norm(BtB) + torch.linalg.matrix_norm(AAt)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
+    return _imbalance_from_grams(*_grams(A, B))[1]
 
 
 def product_core(A: torch.Tensor, B: torch.Tensor):
@@ -45,6 +77,7 @@ def product_core(A: torch.Tensor, B: torch.Tensor):
     B = Q_B R_B, A^T = Q_A R_A, so B A = Q_B (R_B R_A^T) Q_A^T and the singular values
     of B A are those of the core R_B R_A^T (kB, kA), with kB = min(out, r), kA = min(in, r).
     Q_A, Q_B are never formed: the spectra need only R. Returns (R_A (G, kA, r), R_B (G, kB, r), core).
+    Computed in the factors' dtype: pass normalized factors (see `normalized`) for any scale.
     """
     R_B = thin_r(B)
     R_A = thin_r(A.mT)
@@ -59,17 +92,24 @@ def _pad_to(x: torch.Tensor, r: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, r - x.shape[-1]))
 
 
+def _normalized_spectra(An: torch.Tensor, Bn: torch.Tensor):
+    """Singular values of An, Bn and An Bn's product (each (G, r), float64), and the Grams from R."""
+    r = An.shape[-2]
+    R_A, R_B, core = product_core(An, Bn)
+    sv = [_pad_to(torch.linalg.svdvals(M), r) for M in (R_A, R_B, core)]
+    # A A^T = R_A^T R_A and B^T B = R_B^T R_B: the Grams cost r x r products once R is known.
+    return sv, R_A.mT @ R_A, R_B.mT @ R_B
+
+
 def singular_values(A: torch.Tensor, B: torch.Tensor, scaling=1.0):
-    """Singular values (descending, each (G, r)) of A, of B and of dW = s B A,
-    computed from the factors without forming dW: O((in + out) r^2) per pair."""
-    r = A.shape[-2]
-    R_A, R_B, core = product_core(A, B)
-    sigma_A = _pad_to(torch.linalg.svdvals(R_A), r)
-    sigma_B = _pad_to(torch.linalg.svdvals(R_B), r)
-    s = torch.as_tensor(scaling, dtype=core.dtype, device=core.device).abs()
+    """Singular values (descending, each (G, r), float64) of A, of B and of dW = s B A,
+    computed from the factors without forming dW: O((in + out) r^2) per pair, at any scale."""
+    An, a = normalized(A)
+    Bn, b = normalized(B)
+    (sA, sB, sC), _, _ = _normalized_spectra(An, Bn)
+    s = torch.as_tensor(scaling, dtype=torch.float64, device=sC.device).abs()
     # One s per pair over the batch dims (or one float for all), broadcast along the r values.
-    sigma = _pad_to(torch.linalg.svdvals(core), r) * s[..., None]
-    return sigma_A, sigma_B, sigma
+    return sA * a[..., None], sB * b[..., None], sC * (a * b * s)[..., None]
 
 
 def condition_number(sigma: torch.Tensor) -> torch.Tensor:
@@ -113,23 +153,27 @@ class FactorStats:
 def factor_stats(A: torch.Tensor, B: torch.Tensor, scaling=1.0) -> FactorStats:
     """All diagnostics for a batch of pairs. A (G, r, in), B (G, out, r), scaling (G,) or float.
 
-    Computed in fp32 at least: bf16/fp16 factors are upcast because the decompositions
-    are not accurate (or not implemented) in half precision.
+    Computed in float64 from factors normalized to entries <= 1 (see `normalized`), so any
+    finite factors give finite scale-free values (rel_imbalance, cond, eff_rank, rank); a
+    scaled value (norm, imbalance, sigma) is inf only where the true value exceeds float64.
     """
-    dtype = torch.promote_types(A.dtype, torch.float32)
-    A, B = A.to(dtype), B.to(dtype)
-    sigma_A, sigma_B, sigma = singular_values(A, B, scaling)
+    An, a = normalized(A)
+    Bn, b = normalized(B)
+    (sA, sB, sC), G_A, G_B = _normalized_spectra(An, Bn)
+    imb, rel = _imbalance_from_grams(G_A, G_B, a, b)
+    s = torch.as_tensor(scaling, dtype=torch.float64, device=sC.device).abs()
     return FactorStats(
-        norm_A=torch.linalg.matrix_norm(A),
-        norm_B=torch.linalg.matrix_norm(B),
-        imbalance=imbalance(A, B),
-        rel_imbalance=rel_imbalance(A, B),
-        sigma_A=sigma_A,
-        sigma_B=sigma_B,
-        sigma=sigma,
-        cond_A=condition_number(sigma_A),
-        cond_B=condition_number(sigma_B),
-        cond_dW=condition_number(sigma),
-        eff_rank=effective_rank(sigma),
-        rank=numerical_rank(sigma),
+        norm_A=torch.linalg.matrix_norm(An) * a,
+        norm_B=torch.linalg.matrix_norm(Bn) * b,
+        imbalance=imb,
+        rel_imbalance=rel,
+        sigma_A=sA * a[..., None],
+        sigma_B=sB * b[..., None],
+        sigma=sC * (a * b * s)[..., None],
+        # Ratios and shapes of spectra are taken before rescaling: they cannot overflow.
+        cond_A=condition_number(sA),
+        cond_B=condition_number(sB),
+        cond_dW=condition_number(sC),
+        eff_rank=effective_rank(sC),
+        rank=numerical_rank(sC),
     )

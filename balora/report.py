@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from balora.imbalance import factor_stats
 from balora.linalg import all_finite
 from balora.pairs import FactorPair, group_by_shape
+from balora.precision import HALF_DTYPES, balanced_for_storage, storage_risk
 
 # Identifying columns first, then what a user sorts by, then the spectra (lists, descending).
 REPORT_COLUMNS: dict[str, str] = {
@@ -31,11 +34,26 @@ REPORT_COLUMNS: dict[str, str] = {
     "eff_rank": "float64",  # entropy effective rank of dW
     "rank": "int64",  # numerical rank of dW
     "sigma_max": "float64",
+    # Storing the factors in fp16 / bf16, as they are and after balancing (nearest gauge):
+    **{
+        f"{dt}_{what}{when}": "float64"
+        for dt in HALF_DTYPES
+        for when in ("", "_balanced")
+        for what in (
+            "underflow",  # fraction of entries of A and B, nonzero, below the dtype's smallest normal
+            "overflow",  # fraction of entries that become +-inf
+            "dW_error",  # ||B~A~ - BA||_F / ||BA||_F after the cast; inf if it overflows
+        )
+    },
     "sigma": "object",  # singular values of the scaled dW = s B A, descending, length r
     "sigma_A": "object",
     "sigma_B": "object",
-    "status": "string",  # "ok", or why the numbers are missing
+    "status": "string",  # "ok"; "partial" (some values NaN, see note); or why the numbers are missing
+    "note": "string",  # which values are NaN and why (beyond float64, failed decomposition); else ""
 }
+PRECISION_COLUMNS = [c for c in REPORT_COLUMNS if c.startswith(tuple(HALF_DTYPES))]
+# A row whose fp16 dW error is above this is reported as losing its adapter to the cast.
+PRECISION_LOSS = 1e-2
 
 
 def to_frame(rows: list[dict], columns: dict[str, str] = REPORT_COLUMNS) -> pd.DataFrame:
@@ -44,8 +62,13 @@ def to_frame(rows: list[dict], columns: dict[str, str] = REPORT_COLUMNS) -> pd.D
     return df.astype(columns)
 
 
-def pair_rows(pairs: list[FactorPair]) -> list[dict]:
-    """One row per pair, in the order given; pairs of one shape are measured by one batched call."""
+def pair_rows(pairs: list[FactorPair], precision: bool = True) -> list[dict]:
+    """One row per pair, in the order given; pairs of one shape are measured by one batched call.
+
+    precision: also measure the fp16/bf16 storage columns (they balance each pair in float64,
+    about as much work again); False leaves them NaN. Never raises for the factors' values:
+    NaN/Inf factors, values beyond float64 and failed decompositions are said in the row.
+    """
     rows: list[dict | None] = [None] * len(pairs)
     for idx in group_by_shape(pairs).values():
         group = [pairs[i] for i in idx]
@@ -57,20 +80,65 @@ def pair_rows(pairs: list[FactorPair]) -> list[dict]:
             A = torch.where(finite[:, None, None], A, torch.zeros_like(A))
             B = torch.where(finite[:, None, None], B, torch.zeros_like(B))
         scaling = torch.tensor([1.0 if p.scaling is None else p.scaling for p in group], dtype=torch.float64)
-        stats = factor_stats(A, B, scaling)
+        try:
+            measured = [_measure(A, B, scaling, precision)] * len(group)
+            positions = list(range(len(group)))
+        except RuntimeError:  # e.g. torch.linalg.LinAlgError: find the pair, keep the others' numbers
+            measured = [_measure_one(A[g : g + 1], B[g : g + 1], scaling[g : g + 1], precision)
+                        for g in range(len(group))]
+            positions = [0] * len(group)
         for g, (i, p) in enumerate(zip(idx, group)):
-            rows[i] = _row(p, stats, g, bool(finite[g]))
+            stats, prec, error = measured[g]
+            rows[i] = _row(p, stats, prec, positions[g], bool(finite[g]), error)
     return rows  # type: ignore[return-value]
 
 
-def _row(p: FactorPair, st, g: int, finite: bool) -> dict:
+def _measure(A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, precision: bool):
+    """(FactorStats, {precision column: (G,)}, None) for a batch of pairs."""
+    stats = factor_stats(A, B, scaling)
+    prec: dict[str, torch.Tensor] = {}
+    if precision:
+        for when, (X, Y) in {"": (A, B), "_balanced": balanced_for_storage(A, B)}.items():
+            risks = storage_risk(X, Y)
+            for dt, dtype in HALF_DTYPES.items():
+                risk = risks[dtype]
+                prec.update({f"{dt}_underflow{when}": risk.underflow, f"{dt}_overflow{when}": risk.overflow,
+                             f"{dt}_dW_error{when}": risk.dW_error})
+    return stats, prec, None
+
+
+def _measure_one(A, B, scaling, precision: bool):
+    try:
+        return _measure(A, B, scaling, precision)
+    except RuntimeError as e:
+        return None, {}, f"decomposition failed: {str(e).splitlines()[0][:200]}"
+
+
+def _row(p: FactorPair, st, prec: dict, g: int, finite: bool, error: str | None) -> dict:
     nan = float("nan")
+    measured = finite and st is not None
+    beyond: list[str] = []  # values that are finite in truth but not in float64
 
-    def f(t):
-        return float(t[g]) if finite else nan
+    def f(name, t):
+        if not measured:
+            return nan
+        v = float(t[g])
+        if math.isinf(v) and name in _SCALED:
+            beyond.append(name)
+            return nan
+        return v
 
-    sigma = st.sigma[g].tolist() if finite else []
-    return {
+    def spectrum(name):
+        if not measured:
+            return []
+        values = getattr(st, name)[g].tolist()
+        if any(math.isinf(v) for v in values):
+            beyond.append(name)
+            return [nan] * len(values)
+        return values
+
+    sigma = spectrum("sigma")
+    row = {
         "module": p.module,
         "adapter": p.adapter,
         "kind": p.kind,
@@ -80,21 +148,32 @@ def _row(p: FactorPair, st, g: int, finite: bool) -> dict:
         "scaling": nan if p.scaling is None else float(p.scaling),
         "dora": p.dora,
         "dtype": str(p.A.dtype).removeprefix("torch."),
-        "norm_A": f(st.norm_A),
-        "norm_B": f(st.norm_B),
-        "imbalance": f(st.imbalance),
-        "rel_imbalance": f(st.rel_imbalance),
-        "cond_A": f(st.cond_A),
-        "cond_B": f(st.cond_B),
-        "cond_dW": f(st.cond_dW),
-        "eff_rank": f(st.eff_rank),
-        "rank": int(st.rank[g]) if finite else 0,
+        **{name: f(name, getattr(st, name)) for name in _STAT_FIELDS},
+        "rank": int(st.rank[g]) if measured else 0,
+        **{c: f(c, prec[c]) if c in prec else nan for c in PRECISION_COLUMNS},
         "sigma_max": sigma[0] if sigma else nan,
         "sigma": sigma,
-        "sigma_A": st.sigma_A[g].tolist() if finite else [],
-        "sigma_B": st.sigma_B[g].tolist() if finite else [],
-        "status": "ok" if finite else "non-finite values (NaN/Inf) in A or B",
+        "sigma_A": spectrum("sigma_A"),
+        "sigma_B": spectrum("sigma_B"),
     }
+    row["status"], row["note"] = _status(finite, error, beyond)
+    return row
+
+
+# Values rescaled by the factors' size (the others are ratios, fractions or counts): inf means
+# the true value exceeds float64, which is said in the row rather than shown as inf.
+_SCALED = ("norm_A", "norm_B", "imbalance")
+_STAT_FIELDS = ("norm_A", "norm_B", "imbalance", "rel_imbalance", "cond_A", "cond_B", "cond_dW", "eff_rank")
+
+
+def _status(finite: bool, error: str | None, beyond: list[str]) -> tuple[str, str]:
+    if not finite:
+        return "non-finite values (NaN/Inf) in A or B", ""
+    if error is not None:
+        return error, "diagnostics of this pair could not be computed"
+    if beyond:
+        return "partial", f"{', '.join(beyond)} exceed float64 (about 1.8e308): NaN"
+    return "ok", ""
 
 
 def layer_report(model: nn.Module, adapter: str | None = None) -> pd.DataFrame:
@@ -121,3 +200,24 @@ def summarize(report: pd.DataFrame) -> dict[str, float]:
         "balora/eff_rank_mean": float(report["eff_rank"].mean()),
         "balora/sigma_max": float(report["sigma_max"].max()),
     }
+
+
+def precision_summary(report: pd.DataFrame, loss: float = PRECISION_LOSS) -> str:
+    """One line for `balora inspect`: the layers that lose more than `loss` of dW when their factors
+    are stored in fp16, and whether balancing first fixes them ("" for a report without rows)."""
+    measured = report.dropna(subset=["fp16_dW_error"]) if "fp16_dW_error" in report else report.iloc[0:0]
+    if measured.empty:
+        return ""
+    bad = measured[measured["fp16_dW_error"] > loss]
+    if bad.empty:
+        return f"fp16: no layer loses more than {loss:g} of dW (largest change {measured['fp16_dW_error'].max():.1e})"
+    names = list(dict.fromkeys(f"{m}[{a}]" for m, a in zip(bad["module"], bad["adapter"])))
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    fixed = int((bad["fp16_dW_error_balanced"] <= loss).sum())
+    if fixed == len(bad):
+        verdict = "balancing fixes all of them (balora balance IN OUT --dtype float16)"
+    elif fixed:
+        verdict = f"balancing fixes {fixed} of the {len(bad)}"
+    else:
+        verdict = "balancing does not fix them"
+    return f"fp16: {len(bad)} layer(s) lose more than {loss:g} of dW ({listed}); {verdict}"

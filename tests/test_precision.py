@@ -1,0 +1,126 @@
+"""Precision risk of storing LoRA factors in fp16/bf16 (balora.precision and the report's columns),
+against float64 numpy on the formed matrices: numpy casts to float16 itself and forms dW; bf16,
+which numpy lacks, is cast by torch and everything after the cast is numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from balora import balance_, layer_report
+from balora.pairs import FactorPair
+from balora.precision import HALF_DTYPES, balanced_for_storage, cast_dw_error, storage_risk
+from balora.report import PRECISION_COLUMNS, PRECISION_LOSS, REPORT_COLUMNS, pair_rows, precision_summary, to_frame
+
+
+def _spread_factors(seed, r=4, n_in=24, n_out=20):
+    """fp32 factors whose entries span fp16's whole range and beyond: some underflow, some overflow."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(r, n_in, generator=g, dtype=torch.float64) * torch.logspace(-9, 5.5, n_in, dtype=torch.float64)
+    B = torch.randn(n_out, r, generator=g, dtype=torch.float64) * torch.logspace(-7, 2, n_out, dtype=torch.float64)[:, None]
+    return A.float(), B.float()
+
+
+def _np_cast(X: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """X stored in dtype, back as float64 numpy (numpy's own float16 cast; torch's for bf16)."""
+    if dtype == torch.float16:
+        with np.errstate(over="ignore"):  # overflowing to inf is what is being measured
+            return X.double().numpy().astype(np.float16).astype(np.float64)
+    return X.to(dtype).double().numpy()
+
+
+def _np_risk(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
+    a, b = A.double().numpy(), B.double().numpy()
+    a_c, b_c = _np_cast(A, dtype), _np_cast(B, dtype)
+    tiny = float(torch.finfo(dtype).tiny)
+    entries = np.concatenate([a.ravel(), b.ravel()])
+    cast = np.concatenate([a_c.ravel(), b_c.ravel()])
+    under = np.mean((entries != 0) & (np.abs(entries) < tiny))
+    over = np.mean(np.isinf(cast) & np.isfinite(entries))
+    with np.errstate(invalid="ignore", over="ignore"):
+        dW, dW_c = b @ a, b_c @ a_c
+        err = np.linalg.norm(dW_c - dW) / np.linalg.norm(dW) if np.isfinite(dW_c).all() else np.inf
+    return under, over, err
+
+
+@pytest.mark.parametrize("name", list(HALF_DTYPES))
+def test_storage_risk_vs_numpy(name):
+    dtype = HALF_DTYPES[name]
+    pairs = [_spread_factors(s) for s in range(3)] + [(torch.randn(4, 24) * 1e-3, torch.randn(20, 4) * 1e-4)]
+    A = torch.stack([p[0] for p in pairs])
+    B = torch.stack([p[1] for p in pairs])
+    risk = storage_risk(A, B, (dtype,))[dtype]
+    for g, (a, b) in enumerate(pairs):
+        under, over, err = _np_risk(a, b, dtype)
+        assert float(risk.underflow[g]) == pytest.approx(under, abs=1e-12)
+        assert float(risk.overflow[g]) == pytest.approx(over, abs=1e-12)
+        assert float(risk.dW_error[g]) == pytest.approx(err, rel=1e-4)
+    if name == "fp16":  # the spread factors hit both ends of fp16's range
+        assert (risk.underflow[:3] > 0).all() and (risk.overflow[:3] > 0).all() and torch.isinf(risk.dW_error[:3]).all()
+        assert 0 < float(risk.dW_error[3]) < 1e-2 and float(risk.underflow[3]) > 0
+
+
+def test_cast_error_of_an_imbalanced_pair_and_its_balanced_twin():
+    """B ~1e-6 and A ~1e3: fp16 keeps B in its subnormals, a few bits each; the balanced pair survives."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(1, 8, 64, generator=g) * 1e4 / 8
+    B = torch.randn(1, 48, 8, generator=g) * 1e-5 / 8
+    A_bal, B_bal = balanced_for_storage(A, B)
+    a, b, a_bal, b_bal = (t[0].double().numpy() for t in (A, B, A_bal, B_bal))
+    # The balanced pair has the same product and equal Grams (float64 numpy).
+    np.testing.assert_allclose(b_bal @ a_bal, b @ a, rtol=0, atol=1e-6 * np.abs(b @ a).max())
+    np.testing.assert_allclose(b_bal.T @ b_bal, a_bal @ a_bal.T, rtol=0, atol=1e-5 * np.abs(a_bal @ a_bal.T).max())
+    as_is = float(cast_dw_error(A, B, A.half(), B.half())[0])
+    balanced = float(cast_dw_error(A_bal, B_bal, A_bal.half(), B_bal.half())[0])
+    assert as_is == pytest.approx(_np_risk(A[0], B[0], torch.float16)[2], rel=1e-4)
+    assert as_is > 1e-2 > balanced
+    assert balanced == pytest.approx(_np_risk(A_bal[0], B_bal[0], torch.float16)[2], rel=1e-4)
+
+
+def _imbalanced_model(scale=1e-5):
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16)),
+                           LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    with torch.no_grad():
+        layer = model.base_model.model[0]  # only the first layer is made imbalanced
+        layer.lora_A["default"].weight.mul_(1 / scale)
+        layer.lora_B["default"].weight.normal_().mul_(0.1 * scale)
+        model.base_model.model[2].lora_B["default"].weight.normal_().mul_(0.1)
+    return model
+
+
+def test_report_columns_and_balancing_as_predicted(lora_factors):
+    model = _imbalanced_model()
+    report = layer_report(model).set_index("module")
+    assert PRECISION_COLUMNS == [c for c in REPORT_COLUMNS if c.startswith(("fp16_", "bf16_"))]
+    assert len(PRECISION_COLUMNS) == 12 and all(REPORT_COLUMNS[c] == "float64" for c in PRECISION_COLUMNS)
+    factors = lora_factors(model)
+    for module, row in report.iterrows():
+        A, B = (torch.from_numpy(x).float() for x in factors[("base_model.model." + module, "default")])
+        for name, dtype in HALF_DTYPES.items():
+            under, over, err = _np_risk(A, B, dtype)
+            assert row[f"{name}_underflow"] == pytest.approx(under, abs=1e-12)
+            assert row[f"{name}_overflow"] == pytest.approx(over, abs=1e-12)
+            assert row[f"{name}_dW_error"] == pytest.approx(err, rel=1e-4)
+    assert report.loc["0", "fp16_dW_error"] > PRECISION_LOSS > report.loc["0", "fp16_dW_error_balanced"]
+    assert report.loc["2", "fp16_dW_error"] < PRECISION_LOSS
+    line = precision_summary(report.reset_index())
+    assert "1 layer(s)" in line and "0[default]" in line and "fixes all" in line
+
+    # What the report predicted for the balanced pair is what balance_ gives.
+    balance_(model)
+    after = layer_report(model).set_index("module")
+    for name in HALF_DTYPES:
+        np.testing.assert_allclose(after[f"{name}_dW_error"], report[f"{name}_dW_error_balanced"], rtol=0.2)
+        np.testing.assert_allclose(after[f"{name}_underflow"], report[f"{name}_underflow_balanced"], atol=0.02)
+    assert "no layer" in precision_summary(after.reset_index())
+
+
+def test_precision_off_leaves_nan_and_empty_summary():
+    A, B = _spread_factors(0)
+    row = pair_rows([FactorPair("m", "default", "linear", A, B, 1.0)], precision=False)[0]
+    assert all(np.isnan(row[c]) for c in PRECISION_COLUMNS) and row["status"] == "ok"
+    assert precision_summary(to_frame([row])) == "" and precision_summary(to_frame([])) == ""
