@@ -75,6 +75,8 @@ def numeric_cause(error: BaseException, factors: list[torch.Tensor], last_loss: 
         return "non-finite loss"
     if isinstance(error, NUMERIC_ERRORS):
         return "numerical failure"
+    if isinstance(error, RuntimeError) and "overflow" in str(error):
+        return "overflow"  # torch: a value (the lr, a product) does not fit the factors' dtype
     return None
 
 

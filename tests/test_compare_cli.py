@@ -3,6 +3,7 @@
 import shlex
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,25 @@ def test_grids_and_task_defaults():
     assert opts.arm_options == {"weight_decay": 0.0, "loraplus_lr_ratio": 4.0}
 
 
+def test_lin_and_log_grids():
+    lin = resolved("--lr", "lin:1e-5:0.3:50", "--alpha", "log:1:1000:4")
+    np.testing.assert_array_equal(lin.lrs, np.linspace(1e-5, 0.3, 50))  # both ends included, as numpy's
+    assert lin.lrs[0] == 1e-5 and lin.lrs[-1] == 0.3 and len(lin.lrs) == 50
+    np.testing.assert_allclose(lin.alphas, [1.0, 10.0, 100.0, 1000.0], rtol=1e-12)
+    assert lin.n_cells == 3 * 8 * 50 * 4
+    mixed = resolved("--lr", "0.5,log:1e-3:1e-1:3")  # a comma list may hold grids
+    np.testing.assert_allclose(mixed.lrs, [0.5, 1e-3, 1e-2, 1e-1], rtol=1e-12)
+    assert resolved("--lr", "lin:0.2:0.2:1").lrs == [0.2]
+    # the recorded command lists the values: it reproduces the grid without the grid syntax
+    assert "--lr " + ",".join(repr(x) for x in lin.lrs) in lin.command_reconstructed
+
+
+def test_select_is_recorded():
+    assert resolved().select == "arm"
+    run = resolved("--select", "seed")
+    assert run.select == "seed" and "--select seed" in run.command_reconstructed
+
+
 def test_set_values_are_typed():
     assert parse_set(["a=2", "b=0.5", "c=true", "d=none", "e=gpt2", "f=x=y"]) == {
         "a": 2, "b": 0.5, "c": True, "d": None, "e": "gpt2", "f": "x=y"}
@@ -63,6 +83,17 @@ def test_set_values_are_typed():
     (["--set", "init_scale=big"], "--set init_scale"),
     (["--dtype", "float16"], "--dtype"),
     (["--rank", "30"], "--rank"),
+    (["--lr", "lin:1e-5:0.3"], "--lr lin:1e-5:0.3"),
+    (["--lr", "lin:1e-5:0.3:many"], "--lr"),
+    (["--lr", "lin:1e-5:0.3:0"], "--lr"),
+    (["--lr", "lin:-0.1:0.3:5"], "--lr"),
+    (["--lr", "log:0:0.3:5"], "--lr"),
+    (["--lr", "cos:1e-5:0.3:5"], "--lr"),
+    (["--lr", "lin:0.1:0.1:3"], "--lr"),
+    (["--alpha", "log:4:x:3"], "--alpha"),
+    (["--set", "init=kaiming"], "--set init"),
+    (["--set", "shared_problem=maybe"], "--set shared_problem"),
+    (["--select", "median"], "--select"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
     out = tmp_path / "run"

@@ -236,3 +236,111 @@ def test_arm_summary_picks_each_arms_best_cell():
     assert s.loc["balora", "speedup_vs_lora"] == pytest.approx(np.median([40 / 10, 40 / 11, 40 / 12]))
     assert (s["metric"] == "final_excess_loss").all()
     assert list(arm_summary(summary.iloc[:0]).columns) == list(arm_summary(summary).columns)
+
+
+# ------------------------------------------------------------- grids that diverge: each cell ends, the grid goes on
+
+
+def test_a_grid_diverging_in_balancing_completes(tmp_path):
+    # lr 3e38 with large targets: the first update overflows B to inf while the step's loss was finite,
+    # so the balanced arms meet the non-finite factors in balancing, plain LoRA at its next loss.
+    run = compare("synthetic", arms="lora,balora,balora-svd", steps=5, seeds=1, optimizer="sgd", lr="0.05,3e38",
+                  rank=2, device="cpu", out=tmp_path / "run", quiet=True, layers_every=1, spectra_every=0,
+                  std=100.0, **TINY)
+    assert run.status == "completed"
+    s = run.summary.set_index(["arm", "lr"])
+    assert (s.xs(0.05, level="lr")["status"] == "completed").all()
+    for arm in ("balora", "balora-svd"):
+        assert s.loc[(arm, 3e38), "status"] == "diverged"
+        assert "during balancing" in s.loc[(arm, 3e38), "reason"] and "non-finite" in s.loc[(arm, 3e38), "reason"]
+    assert s.loc[("lora", 3e38), "status"] == "diverged"
+
+
+def test_a_grid_diverging_in_the_diagnostics_completes(tmp_path, monkeypatch):
+    """The issue's grid: SGD on large factors; at lr 0.0857 the factors grow so large after a finite loss that
+    the layer report's float32 products overflow and its SVD fails (torch.linalg.svdvals raised _LinAlgError).
+    Simulated here (a Gram that overflows fails the report), whatever the report does with such factors
+    today, then run as it is."""
+    import balora.cell
+
+    real = balora.cell.pair_rows
+
+    def svd_like(pairs):
+        if any(not torch.isfinite(p.B.mT @ p.B).all() or not torch.isfinite(p.A @ p.A.mT).all() for p in pairs):
+            raise torch.linalg.LinAlgError("linalg.svd: the input matrix contained non-finite values")
+        return real(pairs)
+
+    grid = np.linspace(1e-5, 0.3, 50)  # the issue's grid: its cell 14 broke the whole run
+    lr = float(grid[14])
+    lrs = [0.0612, lr, 0.3]  # the last diverges at once, in its loss
+    opts = dict(arms="lora", steps=100, seeds=1, optimizer="sgd", lr=lrs, device="cpu", quiet=True, layers_every=1,
+                spectra_every=0, std=4.47213595, init_scale=7.74596669)
+    monkeypatch.setattr(balora.cell, "pair_rows", svd_like)
+    run = compare("synthetic", out=tmp_path / "simulated", **opts)
+    assert run.status == "completed" and len(run.summary) == 3
+    s = run.summary.set_index("lr")
+    assert s.loc[0.0612, "status"] == "completed"
+    assert s.loc[lr, "status"] == "diverged"
+    assert "during diagnostics" in s.loc[lr, "reason"] and "LinAlgError" in s.loc[lr, "reason"]
+    assert s.loc[0.3, "status"] == "diverged"
+    monkeypatch.undo()
+    real_run = compare("synthetic", out=tmp_path / "real", **opts)
+    assert real_run.status == "completed"
+    assert list(real_run.summary.sort_values("lr")["status"]) == ["completed", "diverged", "diverged"]
+
+
+def test_an_error_unrelated_to_the_numbers_still_stops_the_run(tmp_path, monkeypatch):
+    import balora.cell
+
+    def broken(pairs):
+        raise KeyError("a bug in the report")
+
+    monkeypatch.setattr(balora.cell, "pair_rows", broken)
+    with pytest.raises(KeyError, match="a bug in the report"):
+        compare("synthetic", arms="lora", steps=3, seeds=1, optimizer="sgd", lr=0.01, rank=2, device="cpu",
+                out=tmp_path / "run", quiet=True, layers_every=1, spectra_every=0, **TINY)
+    run = load_run(tmp_path / "run")
+    assert run.status == "failed" and run.summary["status"].tolist() == ["failed"]
+    assert "during diagnostics" not in run.summary["reason"].iloc[0] and "diagnostics" in run.summary["reason"].iloc[0]
+
+
+def test_numeric_cause_tells_numbers_from_bugs():
+    from balora.cell import numeric_cause
+
+    finite, bad = [torch.ones(2, 3)], [torch.tensor([[1.0, math.inf]])]
+    assert numeric_cause(RuntimeError("shape mismatch"), finite, 1.0) is None
+    assert numeric_cause(RuntimeError("anything"), bad, 1.0) == "non-finite factors"
+    assert numeric_cause(RuntimeError("anything"), finite, math.nan) == "non-finite loss"
+    assert numeric_cause(torch.linalg.LinAlgError("svd failed"), finite, 1.0) == "numerical failure"
+    assert numeric_cause(RuntimeError("value cannot be converted to type float without overflow"), finite, 1.0) \
+        == "overflow"
+
+
+# ------------------------------------------------------------- best cell per seed (the paper's protocol)
+
+
+def test_per_seed_selection_on_a_hand_made_table():
+    from balora.records import best_cells
+
+    # final excess loss per (arm, seed, lr): seed 0 is best at lr 0.1, seed 1 at 0.01, seed 2 diverges at 0.1
+    table = {("lora", 0): {0.01: 5.0, 0.1: 1.0}, ("lora", 1): {0.01: 1.0, 0.1: 9.0}, ("lora", 2): {0.01: 2.0, 0.1: None},
+             ("balora", 0): {0.01: 0.5, 0.1: 0.7}, ("balora", 1): {0.01: None, 0.1: None},
+             ("balora", 2): {0.01: 0.4, 0.1: 0.2}}
+    rows = [{"arm": arm, "seed": seed, "lr": lr, "alpha": 4.0, "status": "completed" if v is not None else "diverged",
+             "final_excess_loss": v if v is not None else math.nan, "steps_to_target": 10.0 * (seed + 1),
+             "final_eval_loss": math.nan, "final_loss": 1.0}
+            for (arm, seed), cells in table.items() for lr, v in cells.items()]
+    summary = pd.DataFrame(rows)
+    per_seed = best_cells(summary, select="seed").set_index(["arm", "seed"])
+    assert per_seed.loc[("lora", 0), "lr"] == 0.1 and per_seed.loc[("lora", 1), "lr"] == 0.01
+    assert per_seed.loc[("lora", 2), "lr"] == 0.01 and per_seed.loc[("balora", 2), "lr"] == 0.1
+    assert per_seed.loc[("balora", 1), "value"] == math.inf  # every cell diverged: it counts, as the worst
+    assert list(per_seed["value"].loc["lora"]) == [1.0, 1.0, 2.0]
+    # the median rule picks one lr per arm instead: lora lr 0.01 (median of 5, 1, 2 = 2 < 9)
+    per_arm = best_cells(summary, select="arm").set_index(["arm", "seed"])
+    assert set(per_arm.loc["lora", "lr"]) == {0.01} and list(per_arm.loc["lora", "value"]) == [5.0, 1.0, 2.0]
+    s = arm_summary(summary, select="seed").set_index("arm")
+    assert s.loc["lora", "best"] == 1.0 and s.loc["balora", "best"] == 0.5  # medians of (1, 1, 2), (0.5, inf, 0.2)
+    assert arm_summary(summary, select="arm").set_index("arm").loc["lora", "best"] == 2.0
+    with pytest.raises(InputError, match="seed"):
+        best_cells(summary, select="trajectory")

@@ -219,3 +219,95 @@ def test_sgd_conserves_the_large_initial_imbalance():
     # B fits fast within A0's row space while A hardly turns: plain LoRA trains, then stalls far from the optimum
     excess = problem.loss(problem.model, X).item() - problem.best_loss
     assert 0.5 * excess0 < excess < 0.8 * excess0
+
+
+# ------------------------------------------------------------- the paper's preset (init=paper, shared problem, depth 2)
+
+
+def paper_cfg(**kw):
+    return cfg(init="paper", **kw)
+
+
+def all_A(model):
+    return [m.lora_A["default"].weight.detach().double().numpy() for m in model.base_model.model.layers]
+
+
+def test_paper_init_entries_are_standard_normal():
+    big = dict(in_features=300, out_features=200, rank=20)  # 60,000 entries in W0 and T, 6,000 in A
+    c = paper_cfg(**big)
+    (W0,), T = problem_tensors(c, 0)
+    problem = get_task("synthetic").build(c, 0, 20.0, torch.device("cpu"))
+    (A,) = all_A(problem.model)
+    B = problem.model.base_model.model.layers[0].lora_B["default"].weight
+    for x, n in ((W0.numpy(), 60_000), (T.numpy(), 60_000), (A, 6_000)):
+        assert x.size == n
+        assert abs(x.mean()) < 5 / np.sqrt(n) and abs(x.std() - 1) < 5 / np.sqrt(2 * n)  # N(0, 1), not 1/fan_in
+    assert not B.detach().any()  # B = 0
+    assert problem.model.base_model.model.layers[0].scaling["default"] == 1.0  # alpha = r: scaling 1
+    # std and init_scale scale the paper's entries as they scale PEFT's
+    (W0s,), _ = problem_tensors(paper_cfg(std=3.0, **big), 0)
+    np.testing.assert_allclose(W0s.numpy(), 3 * W0.numpy(), rtol=1e-12)
+    (A2,) = all_A(get_task("synthetic").build(paper_cfg(init_scale=2.0, **big), 0, 20.0, torch.device("cpu")).model)
+    np.testing.assert_allclose(A2, 2 * A, rtol=1e-6)
+    # PEFT's init keeps its scale: W0 entries ~ 1/sqrt(fan_in)
+    (Wp,), _ = problem_tensors(cfg(**big), 0)
+    assert abs(Wp.numpy().std() * np.sqrt(300) - 1) < 0.02
+
+
+def test_paper_problem_is_shared_across_seeds_and_only_the_lora_init_changes():
+    task = get_task("synthetic")
+    p0, p1 = (task.build(paper_cfg(), s, 2.0, torch.device("cpu")) for s in (0, 5))
+    (W0a,), Ta = problem_tensors(paper_cfg(), 0)
+    (W0b,), Tb = problem_tensors(paper_cfg(), 5)
+    assert torch.equal(W0a, W0b) and torch.equal(Ta, Tb) and p0.best_loss == p1.best_loss
+    assert not np.allclose(all_A(p0.model)[0], all_A(p1.model)[0])
+    assert p0.info["shared_problem"] is True and p0.info["init"] == "paper"
+    # the shared problem is drawn from problem_seed; the LoRA init is not a copy of the problem's stream
+    (W0c,), _ = problem_tensors(paper_cfg(problem_seed=3), 0)
+    assert not torch.equal(W0a, W0c)
+    assert not np.allclose(all_A(p0.model)[0], W0a.numpy().ravel()[: 2 * 7].reshape(2, 7))
+    # shared_problem=false under init=paper, and "auto" under init=peft: a new problem per seed
+    (W0d,), _ = problem_tensors(paper_cfg(shared_problem=False), 5)
+    (W0e,), _ = problem_tensors(cfg(), 5)
+    assert not torch.equal(W0a, W0d) and not torch.equal(problem_tensors(cfg(), 0)[0][0], W0e)
+    # shared under PEFT's init: same problem, PEFT's own A per seed
+    (W0f,), _ = problem_tensors(cfg(shared_problem=True), 5)
+    assert torch.equal(problem_tensors(cfg(shared_problem=True), 0)[0][0], W0f)
+
+
+def test_depth_two_paper_reference_loss():
+    c = paper_cfg(depth=2)
+    problem = get_task("synthetic").build(c, 0, 2.0, torch.device("cpu"))
+    (W1, W2), T = (w.numpy() for w in problem_tensors(c, 0)[0]), problem_tensors(c, 0)[1].numpy()
+    assert W1.shape == (6, 7) and W2.shape == (6, 6)  # in 7 -> hidden 6 -> out 6
+    S = np.linalg.svd(T - W2 @ W1, compute_uv=False)
+    assert problem.best_loss == pytest.approx(0.5 * np.sum(S[2 * 2:] ** 2), rel=1e-12)  # i > L r, L = 2, r = 2
+    X = next(problem.batches())
+    assert problem.loss(problem.model, X).item() == pytest.approx(0.5 * np.sum((W2 @ W1 - T) ** 2), rel=1e-12)
+    # a lower bound: the stack changes its product by rank <= 2 r at most, so no point of it goes below
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        B1, A1, B2, A2 = (rng.standard_normal(s) for s in ((6, 2), (2, 7), (6, 2), (2, 6)))
+        loss = 0.5 * np.sum(((W2 + B2 @ A2) @ (W1 + B1 @ A1) - T) ** 2)
+        assert loss >= problem.best_loss
+    assert problem.info["depth"] == 2 and "paper's reference" in problem.info["best_loss"]
+
+
+def test_paper_options_are_recorded_in_the_run(tmp_path):
+    run = compare("synthetic", arms="lora,balora-svd", steps=3, seeds=2, optimizer="sign", lr="lin:0.01:0.02:2",
+                  device="cpu", out=tmp_path / "run", quiet=True, layers_every=0, spectra_every=0, select="seed",
+                  init="paper", depth=2, **TINY)
+    assert run.config["task_options"]["init"] == "paper" and run.config["task_options"]["depth"] == 2
+    assert run.config["problem"]["shared_problem"] is True and run.config["select"] == "seed"
+    assert "--set init=paper" in run.config["command_reconstructed"]
+    s = run.summary
+    assert s.groupby("seed")["best_loss"].nunique().eq(1).all() and s["best_loss"].nunique() == 1  # one problem
+    first = run.steps[run.steps["step"] == 1].groupby("seed")["loss"].first()
+    assert first.nunique() == 1  # B = 0: the first loss is the shared problem's, whatever the LoRA init
+    assert (s["final_excess_loss"] > 0).all()
+
+
+@pytest.mark.parametrize("key,bad", [("init", "kaiming"), ("shared_problem", "sometimes"), ("problem_seed", -1)])
+def test_paper_options_are_checked(key, bad):
+    with pytest.raises(InputError, match=f"--set {key}"):
+        get_task("synthetic").build(cfg(**{key: bad}), 0, 2.0, torch.device("cpu"))

@@ -34,7 +34,7 @@ def add_parser(sub):
     p.add_argument("--layers-every", type=int, help="per-layer report every N steps, 0 never")
     p.add_argument("--spectra-every", type=int, help="singular values of dW, A, B every N steps, 0 never")
     p.add_argument("--target-loss", type=float, help="loss threshold for steps/seconds-to-target (default: the task's)")
-    p.add_argument("--select", choices=("arm", "seed"),
+    p.add_argument("--select",
                    help="best learning rate in the summaries: arm = one per arm, lowest median over seeds (default); "
                         "seed = each seed its own best, the paper's protocol")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
