@@ -25,6 +25,7 @@ from balora.imbalance import rel_imbalance
 from balora.linalg import all_finite
 from balora.projection import METHODS, product_rel_error
 from balora.report import REPORT_COLUMNS, pair_rows, to_frame
+from balora.safe_io import printable
 
 # Where each row comes from, then the layer report columns.
 INSPECT_COLUMNS: dict[str, str] = {
@@ -107,13 +108,15 @@ class FileBalanceSummary:
     seconds: float = 0.0
 
     def __str__(self) -> str:
-        text = (
+        """Lines for a terminal; module names, paths and notes with control characters escaped
+        (each line is built whole, then escaped: a newline inside a name cannot start a line)."""
+        lines = [
             f"wrote {self.dst} ({self.format}, method {self.method}): balanced {self.balanced} LoRA pair(s), "
             f"{len(self.skipped)} unchanged, in {self.seconds:.2f} s"
-        )
+        ]
         if self.balanced:
-            text += (
-                f"\n  max rel_imbalance {self.max_rel_imbalance_before:.3g} -> {self.max_rel_imbalance_after:.2e}, "
+            lines.append(
+                f"  max rel_imbalance {self.max_rel_imbalance_before:.3g} -> {self.max_rel_imbalance_after:.2e}, "
                 f"max relative change of dW {self.max_rel_error:.2e}"
             )
         by_reason: dict[str, list[str]] = {}
@@ -121,10 +124,9 @@ class FileBalanceSummary:
             by_reason.setdefault(why, []).append(name)
         for why, names in by_reason.items():
             which = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            text += f"\n  unchanged: {which}: {why}"
-        for note in self.notes:
-            text += f"\n  note: {note}"
-        return text
+            lines.append(f"  unchanged: {which}: {why}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(printable(line) for line in lines)
 
 
 def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "skip", *,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from balora.balance import RANK_DEFICIENT_POLICIES
-from balora.commands.formatting import num
+from balora.commands.formatting import num, printable_frame
 from balora.projection import METHODS
 
 _SHOWN_ROWS = 20  # the per-module table lists the most imbalanced pairs first
@@ -50,6 +50,7 @@ def _changes_table(changes):
     from rich.table import Table
     from rich.text import Text
 
+    changes = printable_frame(changes)  # module names come from the file's author
     multi_source = changes["source"].nunique() > 1
     shown = changes.sort_values("rel_imbalance_before", ascending=False, kind="stable", na_position="last")
     title = "what changed" + (f" (the {_SHOWN_ROWS} most imbalanced of {len(changes)} pairs)"

@@ -7,7 +7,7 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-from balora.commands.formatting import num, short_module_names
+from balora.commands.formatting import num, printable_frame, short_module_names
 from balora.errors import InputError
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `balora inspect --help` should start at once
@@ -64,7 +64,7 @@ def run(args) -> int:
         json.dump(records(df), sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")
     elif args.format == "csv":
-        out = df.copy()
+        out = printable_frame(df)  # JSON escapes control characters itself; CSV would pass them through
         for c in _LIST_COLUMNS:
             out[c] = out[c].map(lambda xs: json.dumps([_finite(x) for x in xs]))
         out.to_csv(sys.stdout, index=False)
@@ -123,6 +123,7 @@ DEFAULT_COLUMNS = [("r", "r"), ("scaling", "scaling"), ("norm_A", "norm_A"), ("n
 _HEADER_COLUMNS = ("source", "checkpoint", "step")
 _DEFAULT_WIDTH = 100  # a pipe or log gets this; --wide gets room for every column
 _WIDE_WIDTH = 250
+MAX_TABLE_ROWS = 500  # layers listed in the table; the summary line covers them all
 
 
 def _short(value: str) -> str:
@@ -142,6 +143,7 @@ def print_report(df: pd.DataFrame, top: int | None = None, console=None, wide: b
 
     if top is None:
         top = 3 if wide else 1
+    df = printable_frame(df)
     if console is None:
         console = Console()
         if not console.is_terminal:  # pipes get 80 columns by default: too narrow for the table
@@ -151,7 +153,8 @@ def print_report(df: pd.DataFrame, top: int | None = None, console=None, wide: b
     _print_sources(console, sources, checkpoints)
     layers = df[df["checkpoint"] == checkpoints[-1]] if checkpoints else df
     title = f"layers at {checkpoints[-1]} (--format csv gives every checkpoint)" if checkpoints else "layers"
-    table = _wide_table(layers, top, title) if wide else _layer_table(layers, top, title)
+    shown = layers.head(MAX_TABLE_ROWS)  # rich lays out ~2,000 rows/s: 20k modules would print for 10 s
+    table = _wide_table(shown, top, title) if wide else _layer_table(shown, top, title)
     if wide:  # every column at its natural width, never folded: scroll sideways (less -S) rather than guess
         from rich.console import Console
         from rich.measure import Measurement
@@ -159,6 +162,9 @@ def print_report(df: pd.DataFrame, top: int | None = None, console=None, wide: b
         natural = Measurement.get(console, console.options.update(width=10_000), table).maximum
         console = Console(file=console.file, width=max(console.width, natural), force_terminal=console.is_terminal)
     console.print(table)
+    if len(layers) > len(shown):
+        console.print(f"... and {len(layers) - len(shown)} more module(s): --format csv lists every one, "
+                      "--sort rel_imbalance puts the worst first")
     if checkpoints:
         console.print(_checkpoint_table(df, checkpoints))
     _print_summary(console, layers)
