@@ -264,6 +264,39 @@ def test_speedups_match_an_independent_count(grid_run):
     assert never["reached"].eq(0).all() and never["steps_median"].isna().all()
 
 
+def test_speed_up_defaults_to_excess_loss_and_a_target_every_reference_seed_reaches(grid_run):
+    t = _by_series(grid_run)
+    cell = frames.select_cell(t["steps"], 1e-3, 32.0)
+    summary = frames.select_cell(t["summary"], 1e-3, 32.0)
+    assert frames.speed_metrics(cell, summary)[0] == "excess_loss"
+    assert frames.speed_metrics(cell.drop(columns="excess_loss"), summary)[0] == "loss"  # the run's own target_on
+    # On excess loss (the run's target is on loss): the worst over lora's seeds of its best value.
+    target = frames.default_target(cell, summary, "excess_loss", reference="lora")
+    lora = cell[cell["arm"] == "lora"]
+    assert target == pytest.approx(max(lora[lora["seed"] == s]["excess_loss"].min() for s in (0, 1)))
+    assert frames.speedups(cell, target, metric="excess_loss").set_index("series").loc["lora", "reached"] == 2
+    # On the metric of the run's own target: that target (0.2 in the fixture).
+    assert frames.default_target(cell, summary, "loss") == pytest.approx(0.2)
+    assert frames.default_target(cell.iloc[0:0], summary, "loss") is None
+
+
+def test_tidy_tables_show_no_none_and_keep_numbers():
+    df = pd.DataFrame({"arm": ["lora", "balora"], "best": [0.123456, np.nan], "never": [np.nan, np.nan], "reason": [None, "diverged"]})
+    styled = frames.tidy(df)
+    assert list(styled.data.columns) == ["arm", "best", "reason"] and styled.data["best"].dtype == float
+    html = styled.to_html()
+    assert "None" not in html and "nan" not in html and html.count("—") == 2 and "0.1235" in html
+
+
+def test_arms_seeds_and_damaged_runs():
+    a = pd.DataFrame({"arm": ["lora", "balora"], "seed": [1, 0]})
+    b = pd.DataFrame({"arm": ["balora-svd"], "seed": [np.int64(2)]})
+    assert frames.arms_and_seeds(a, b) == (["lora", "balora", "balora-svd"], [0, 1, 2])
+    runs = pd.DataFrame({"label": ["ok", "bad"], "status": ["completed", "damaged"], "reason": [None, "config.json: not an object"]})
+    assert loaders.damaged_runs(runs) == {"bad": "config.json: not an object"}
+    assert loaders.damaged_runs(runs.iloc[0:0]) == {}
+
+
 def test_layer_and_spectra_selection(grid_run):
     t = _by_series(grid_run)
     cell = frames.select_cell(t["layers"], 1e-3, 8.0)
@@ -322,11 +355,28 @@ def test_report_helpers():
     before = _report([0.9, 0.5, 1.0], [[2.0, 1.0], [1.0, 0.5], [3.0, 0.0]])
     long = report_frames.report_spectra(before.assign(checkpoint="ckpt"), MODULES[0])
     assert len(long) == 6 and set(long["which"]) == {"dW", "A", "B"}
-    table = report_frames.report_table(before)
+    table = report_frames.report_table(before.assign(source="/tmp/secret/adapter_model.safetensors", r=4, scaling=2.0))
     assert table.loc[0, "sigma"] == "2 1"
+    assert list(table.columns[:6]) == ["module", "r", "scaling", "norm_A", "norm_B", "rel_imbalance"]
+    assert "source" not in table and "adapter" not in table  # one adapter: the column says nothing
+    nums = report_frames.summary_numbers(before.assign(status=["ok", "ok", "rank-deficient"]))
+    assert nums["layers"] == 3 and nums["measured"] == 2 and nums["worst_rel_imbalance"] == 0.9
+    assert report_frames.source_notes([{"notes": ["a", "b"]}, {"notes": ["a"]}, {}]) == ["a", "b"]
     inspect_frame = pd.concat([before.assign(checkpoint="checkpoint-20", step=20), before.assign(checkpoint="checkpoint-10", step=10)])
     ck = report_frames.checkpoints(inspect_frame)
     assert ck["checkpoint"].tolist() == ["checkpoint-10", "checkpoint-20"] and ck["layers"].tolist() == [3, 3]
+
+
+def test_upload_paths_are_shown_by_the_upload_name(tmp_path):
+    root = tmp_path / "balora-upload-abc"
+    inside = root / "adapter" / "peft" / "adapter_config.json"
+    assert uploads.shown_path(inside, root, "mine.zip") == "mine.zip/peft/adapter_config.json"
+    assert uploads.shown_path(root / "w.safetensors", root, "w.safetensors") == "w.safetensors"
+    assert uploads.shown_path("/elsewhere/x", root, "mine.zip") == "/elsewhere/x"
+    assert uploads.shown_path("/elsewhere/x", None, "") == "/elsewhere/x"
+    message = f"{inside}: not valid JSON; see {root}"
+    shown = uploads.redact(message, root, "mine.zip")
+    assert str(tmp_path) not in shown and shown.startswith("mine.zip/peft/adapter_config.json:") and shown.endswith("mine.zip")
 
 
 # --------------------------------------------------------------------------- jobs

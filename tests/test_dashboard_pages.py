@@ -207,6 +207,64 @@ def test_compare_marks_running_and_interrupted_runs(app):
     assert "Choose at least one run." in texts(at.info) and not charts(at)  # cleared stays cleared
 
 
+def shown_cells(table_element) -> list[str]:
+    """The text a page shows in a dataframe's cells (a Styler's display values when it has one)."""
+    import pyarrow as pa
+
+    data = table_element.proto.arrow_data
+    raw = data.styler.display_values if data.HasField("styler") and data.styler.display_values else data.data
+    df = pa.ipc.open_stream(raw).read_pandas()
+    return [str(v) for v in df.to_numpy().ravel()]
+
+
+def test_compare_filters_a_new_run_never_hides_silently(app):
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["single"]).run()
+    at.multiselect(key="compare_arms").set_value(["lora"]).run()
+    at.multiselect(key="compare_seeds").set_value([0]).run()
+    no_exception(at)
+    assert "Hidden by the filters above: arm balora, seed 1" in texts(at.caption)
+    at.multiselect(key="compare_runs").set_value(["single", "grid"]).run()
+    no_exception(at)
+    # balora-svd arrives with the grid run: shown at once; what the user hid stays hidden, and is said.
+    assert at.multiselect(key="compare_arms").value == ["lora", "balora-svd"]
+    assert "arm balora" in texts(at.caption) and "seed 1" in texts(at.caption)
+    names = {t["name"] for t in charts(at)[0]["data"] if t.get("mode") == "lines"}
+    assert names == {"single: lora", "grid: lora", "grid: balora-svd"}
+
+
+def test_compare_view_control_never_blank_and_tables_without_none(app):
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["grid"]).run()
+    assert at.segmented_control(key="compare_section").proto.required  # the browser cannot deselect the view
+    at.segmented_control(key="compare_section").set_value(None).run()  # and if a client sends "none" anyway:
+    no_exception(at)
+    assert titles(at)[0].endswith("loss against optimizer step")
+    for table in at.dataframe:
+        cells = shown_cells(table)
+        assert cells and not {"None", "nan", "NaN", "<NA>"} & set(cells), cells
+    at.segmented_control(key="compare_section").set_value("Speed-up").run()
+    for table in at.dataframe:
+        assert not {"None", "nan", "NaN", "<NA>"} & set(shown_cells(table))
+
+
+def test_compare_lists_a_damaged_run_and_loads_the_others(tmp_path, monkeypatch):
+    write_run(tmp_path / "good")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("[1, 2]")  # not an object: balora.list_runs calls the run damaged
+    (bad / "status.json").write_text('{"status": "completed"}')
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    no_exception(at)
+    assert "1 run(s) cannot be shown: `bad`: " in texts(at.warning) and "config.json" in texts(at.warning)
+    assert at.multiselect(key="compare_runs").value == ["good"] and "bad" not in at.multiselect(key="compare_runs").options
+    assert "completed" in texts(at.success) and titles(at)[0].endswith("loss against optimizer step")
+    at.query_params["run"] = "bad"
+    at.run()
+    assert "Run `bad` cannot be shown" in texts(at.error)
+
+
 def test_compare_empty_and_missing_runs_folder(tmp_path, monkeypatch):
     monkeypatch.setenv(settings.ENV_VAR, str(tmp_path))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()

@@ -3,6 +3,8 @@
 Both entry points call `main()`: the repository's `dashboard/app.py` (a few lines) and this
 module's own `__main__` (what `balora dashboard` runs from an installed package). Pages are
 addressed by absolute path, so the app works whichever script streamlit was started on.
+Before any page runs, `main()` checks where the server listens (balora.dashboard.exposure): on
+an address nobody chose (streamlit's every-interface default) it only says how to restart.
 """
 
 from __future__ import annotations

@@ -10,16 +10,19 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-# One colour per role, the same on every figure of the page.
+from balora.dashboard.plots import ARM_COLORS
+
+# One colour per role, the same on every figure of the page; the arms keep the colours they
+# have on Compare (plots.ARM_COLORS: lora grey, the svd gauge red, the nearest gauge green).
 COLORS = {
     "balanced": "#1f77b4",
     "unbalanced": "#d62728",
     "gd": "#1f77b4",
     "adam": "#ff7f0e",
     "gd+balancing": "#2ca02c",
-    "lora": "#7f7f7f",
-    "svd": "#d62728",
-    "nearest": "#2ca02c",
+    "lora": ARM_COLORS["lora"],
+    "svd": ARM_COLORS["balora-svd"],
+    "nearest": ARM_COLORS["balora"],
 }
 LABELS = {
     "gd": "gradient descent",

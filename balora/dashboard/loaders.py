@@ -1,7 +1,7 @@
 """Cached loaders over the run store and balora.inspect, and how a page names and marks a run.
 
-Each loader is `st.cache_data` keyed by a cheap "version" of the files (modification times,
-part file names), so a run still being written is re-read when it changes and never
+Each loader is `st.cache_data` keyed by a cheap "version" of the files (balora.store.run_version
+for a run, file stats for a folder), so a run still being written is re-read when it changes and never
 otherwise. Nothing here recomputes a diagnostic: imbalance, spectra and conditioning come
 from the run store or from balora.inspect as they are.
 """
@@ -16,20 +16,13 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-TABLES = ("steps", "layers", "spectra", "summary")
+from balora.store import run_version  # the store's change token for one run (its files' stats)
+
 # A folder with more entries than this is not an adapter: stop walking it, inspect will say so.
 MAX_WALK = 2000
 
 
 # ------------------------------------------------------------------------------ run loading
-
-
-def run_version(path: str | Path) -> tuple:
-    """balora.store.run_version: changes whenever a writer renames a new part file or rewrites
-    status.json or config.json (the store owns its file names)."""
-    from balora.store import run_version as _version
-
-    return _version(path)
 
 
 def runs_version(root: Path, max_depth: int = 3) -> tuple:

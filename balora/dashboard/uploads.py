@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import stat
 import struct
@@ -227,7 +228,9 @@ def redact(text: str, root: Path | None, label: str) -> str:
     if root is None:
         return text
     for prefix in {str(root), str(Path(root).resolve())}:
-        text = text.replace(prefix + os.sep, "").replace(prefix, label)
+        # root/<the upload's own file or folder>/... -> label/..., as shown_path does
+        text = re.sub(re.escape(prefix + os.sep) + r"[^/\s:'\"`]+", lambda _: label, text)
+        text = text.replace(prefix, label)
     return text
 
 
