@@ -81,7 +81,12 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
 
 def read_config(path: Path) -> dict:
     """adapter_config.json, checked for what scaling needs; one-line InputError otherwise."""
-    cfg = read_json_capped(path, CONFIG_MAX_BYTES, "adapter config")
+    return check_config(read_json_capped(path, CONFIG_MAX_BYTES, "adapter config"), path)
+
+
+def check_config(cfg, path) -> dict:
+    """A LoraConfig as a dict (from adapter_config.json or another file's metadata), checked for
+    what scaling needs; `path` names where it came from in the one-line InputError."""
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     peft_type = cfg.get("peft_type")
@@ -92,7 +97,11 @@ def read_config(path: Path) -> dict:
 
     def number(value, name, integer=False):
         ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok or not math.isfinite(value) or (integer and value <= 0):
+        try:  # an integer beyond float range (JSON allows 10**400) is not a rank or an alpha
+            ok = ok and not isinstance(value, bool) and math.isfinite(float(value))
+        except OverflowError:
+            ok = False
+        if not ok or (integer and value <= 0):
             want = "a positive integer" if integer else "a finite number"
             raise InputError(f"{path}: {name} must be {want}, got {value!r:.80}")
         return value

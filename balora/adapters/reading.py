@@ -124,11 +124,15 @@ Reader = Callable[[Candidate], "list[AdapterSource] | None"]
 READERS: dict[str, Reader] = {}
 
 
-def register_reader(name: str):
-    """Add a reader; readers are tried in registration order."""
+def register_reader(name: str, before: str | None = None):
+    """Add a reader; readers are tried in registration order, or just before reader `before`."""
 
     def deco(fn: Reader) -> Reader:
-        READERS[name] = fn
+        items = [(k, v) for k, v in READERS.items() if k != name]
+        at = next((i for i, (k, _) in enumerate(items) if k == before), len(items))
+        items.insert(at, (name, fn))
+        READERS.clear()
+        READERS.update(items)
         return fn
 
     return deco
@@ -358,3 +362,7 @@ def _factor_pair(e: PairEntry, A: torch.Tensor, B: torch.Tensor) -> FactorPair:
     A2 = A.reshape(e.r, -1)  # (r, in)
     B2 = B.reshape(e.out_features, -1)  # (out, r)
     return FactorPair(e.module, e.adapter, e.kind, A2, B2, e.scaling, e.dora, extra={"entry": e})
+
+
+# The readers of diffusers and LyCORIS files register themselves in front of kohya's and bare's.
+from balora.adapters import wild as _wild  # noqa: E402,F401

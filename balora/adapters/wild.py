@@ -1,0 +1,216 @@
+"""Readers for adapters as they are published: diffusers LoRA files and LyCORIS files.
+
+diffusers  `pytorch_lora_weights.safetensors` (or its folder) as diffusers' `save_lora_weights`
+           writes it: PEFT key names under a pipeline component prefix (`unet.`, `transformer.`,
+           `text_encoder.`, ...), and, from diffusers 0.35 on, each component's LoraConfig in the
+           safetensors metadata `lora_adapter_metadata` as `"<prefix>.<field>"`. Scaling comes
+           from there; without it the scaling is unknown (NaN), as for any bare file. The older
+           `lora.down` / `lora.up` naming is kohya's reader's (same roles, `alpha` keys).
+lycoris    LyCORIS files: LoCon modules (`lora_down` / `lora_up`, convs included) are kohya
+           pairs and are read and balanced as such; LoHa, LoKr, OFT/BOFT and full-difference
+           modules are not `B @ A` and are listed as skipped with the reason, never misread.
+
+Both register in front of the generic readers (`kohya`, `bare`) of balora.adapters.reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from balora.adapters.entries import PEFT_KEYS, PairEntry, find_entries, has_kohya_factors, natural_key
+from balora.adapters.peft_config import check_config, config_rank_scaling, rank_scaling_tables, variant_skip
+from balora.adapters.reading import (
+    AdapterSource,
+    Candidate,
+    check_inside,
+    read_kohya_file,
+    register_reader,
+)
+from balora.adapters.tensor_file import TensorFile
+from balora.errors import InputError
+
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA = "lora_adapter_metadata"
+# Pipeline components whose LoRA layers diffusers saves under their own prefix.
+DIFFUSERS_PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
+UNKNOWN_SCALING = "scaling unknown, so sigma and cond_dW are of the unscaled B A"
+
+
+# ---- diffusers ----------------------------------------------------------------------------------
+
+
+def metadata_configs(metadata: dict, where) -> dict[str | None, dict]:
+    """{component prefix: LoraConfig dict} from diffusers' `lora_adapter_metadata` (None: unprefixed)."""
+    raw = metadata.get(DIFFUSERS_METADATA)
+    if raw is None:
+        return {}
+    try:
+        table = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as e:
+        msg = getattr(e, "msg", "nested too deeply")
+        raise InputError(f"{where}: safetensors metadata {DIFFUSERS_METADATA} is not valid JSON ({msg})") from None
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: safetensors metadata {DIFFUSERS_METADATA} should be a JSON object, "
+                         f"got {type(table).__name__}")
+    configs: dict[str | None, dict] = {}
+    for key, value in table.items():
+        prefix, dot, field = str(key).partition(".")
+        prefix, field = (prefix, field) if dot and prefix in DIFFUSERS_PREFIXES else (None, key)
+        configs.setdefault(prefix, {})[field] = value
+    for prefix, cfg in configs.items():
+        cfg.setdefault("peft_type", "LORA")
+        check_config(cfg, f"{where} ({DIFFUSERS_METADATA}{'' if prefix is None else ', ' + prefix})")
+    return configs
+
+
+def _diffusers_weights(c: Candidate) -> tuple[os.PathLike, TensorFile] | None:
+    if c.path.is_dir():
+        weights = c.path / DIFFUSERS_WEIGHTS
+        if not os.path.lexists(weights):
+            return None
+        check_inside(weights, c.root, "the LoRA weights")
+        return weights, TensorFile(weights)
+    return (c.path, c.tensors) if c.tensors is not None else None
+
+
+@register_reader("diffusers", before="kohya")
+def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
+    """diffusers' LoRA file: PEFT keys under component prefixes, LoraConfigs in the metadata."""
+    found = _diffusers_weights(c)
+    if found is None:
+        return None
+    weights, tf = found
+    if c.path.is_dir() and has_kohya_factors(tf.keys()):  # the older lora.down / lora.up naming
+        return read_kohya_file(Candidate(weights, c.root))
+    metadata = tf.metadata or {}
+    named = DIFFUSERS_METADATA in metadata or weights.name == DIFFUSERS_WEIGHTS
+    if not named and not any(k.partition(".")[0] in DIFFUSERS_PREFIXES for k in tf.keys()):
+        return None  # cheap test first: most files are not diffusers'
+    entries, other, _ = find_entries(tf, PEFT_KEYS, "peft", "default")
+    if not entries or not (named or {e.module.partition(".")[0] for e in entries} <= set(DIFFUSERS_PREFIXES)):
+        return None
+    configs = metadata_configs(metadata, weights)
+    tables = {p: rank_scaling_tables(cfg, f"{weights} ({DIFFUSERS_METADATA})") for p, cfg in configs.items()}
+    unknown = set()
+    for e in entries:
+        prefix, _, rest = e.module.partition(".")
+        key = prefix if prefix in configs else None
+        if key not in configs:
+            unknown.add(prefix)
+            continue
+        cfg = configs[key]
+        r_cfg, e.scaling = config_rank_scaling(cfg, rest if key else e.module, tables[key])
+        if r_cfg != e.r and e.skip_reason is None:
+            raise InputError(f"{weights}: {e.module}: lora_A has r={e.r} rows but the file's {DIFFUSERS_METADATA} "
+                             f"gives r={r_cfg} for it: the metadata does not belong to these weights")
+        e.dora = e.dora or bool(cfg.get("use_dora"))
+        e.skip_reason = e.skip_reason or variant_skip(cfg)
+    notes = []
+    if unknown and not configs:
+        notes.append(f"no {DIFFUSERS_METADATA} in the file: {UNKNOWN_SCALING}")
+    elif unknown:
+        notes.append(f"no {DIFFUSERS_METADATA} entry for {', '.join(sorted(unknown))}: {UNKNOWN_SCALING}")
+    notes += [f"{len(other)} other tensor(s) are not LoRA factors"] if other else []
+    return [AdapterSource("diffusers", "diffusers", weights, tf, "default", entries, other, notes=notes)]
+
+
+# ---- LyCORIS ------------------------------------------------------------------------------------
+
+# Module kinds whose update is not one dense B @ A: (name, why, required parts, optional parts).
+# A part is the key's last name; a required entry "x|y+z" means part x, or parts y and z.
+LYCORIS_ALGOS = [
+    ("LoHa", "dW is the Hadamard product (w1_a w1_b) * (w2_a w2_b), not B @ A",
+     ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), ("hada_t1", "hada_t2")),
+    ("LoKr", "dW is a Kronecker product w1 (x) w2, not B @ A",
+     ("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b"), ("lokr_t2",)),
+    ("OFT", "an orthogonal rotation of the base weight, not an added B @ A", ("oft_blocks|oft_diag",), ()),
+    ("BOFT", "butterfly orthogonal rotations of the base weight, not an added B @ A", ("boft_blocks",), ()),
+]
+_PART = re.compile(r"^(?P<module>.+)\.(?P<part>hada_[wt][12](?:_[ab])?|lokr_[wt][12](?:_[ab])?|oft_blocks|oft_diag|"
+                   r"boft_blocks|boft_m|rescale)$")
+_ALGO_OF = {"hada": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT"}
+
+
+def lycoris_modules(path, keys) -> dict[str, dict[str, str]]:
+    """{module: {part: key}} of the LyCORIS modules that are not LoRA pairs (LoHa, LoKr, OFT, BOFT)."""
+    found: dict[str, dict[str, str]] = {}
+    for key in keys:
+        m = _PART.match(key) if ("hada_" in key or "lokr_" in key or "oft_" in key or "rescale" in key) else None
+        if m:
+            found.setdefault(m.group("module"), {})[m.group("part")] = key
+    return {mod: parts for mod, parts in found.items() if set(parts) != {"rescale"}}
+
+
+def _algo(path, module: str, parts: dict[str, str]) -> tuple[str, str]:
+    names = {_ALGO_OF[p.split("_")[0]] for p in parts if p != "rescale" and p.split("_")[0] in _ALGO_OF}
+    if len(names) != 1:
+        raise InputError(f"{path}: {module}: keys of several LyCORIS kinds ({', '.join(sorted(names))}) in one module")
+    name = names.pop()
+    _, why, required, _ = next(a for a in LYCORIS_ALGOS if a[0] == name)
+    for need in required:
+        options = [alt.split("+") for alt in need.split("|")]
+        if not any(all(p in parts for p in opt) for opt in options):
+            missing = min((p for opt in options for p in opt if p not in parts), key=len)
+            raise InputError(f"{path}: {module}: {name} module without its {missing} (has {', '.join(sorted(parts))}); "
+                             "the file is incomplete")
+    return name, why
+
+
+def _skipped_entry(tf: TensorFile, module: str, parts: dict[str, str], name: str, why: str,
+                   scaling: float | None) -> PairEntry:
+    """A row for a module that is listed, never balanced: shapes as close to (r, in) / (out, r) as the kind allows."""
+    if name == "LoHa":  # w1_a (out, r), w1_b (r, in[*k])
+        kB, kA = parts["hada_w1_a"], parts["hada_w1_b"]
+        shape_A, shape_B = tf.shapes[kA], tf.shapes[kB]
+    else:  # no single rank: r is reported as 0
+        kA = kB = next(iter(parts.values()))
+        shape_A, shape_B = (0, 0), (0, 0)
+    kind = "linear" if len(shape_A) == 2 else f"conv{len(shape_A) - 2}d"
+    return PairEntry(module, "default", kind, kA, kB, tuple(shape_A), tuple(shape_B), tf.dtypes[kA], scaling=scaling,
+                     skip_reason=f"LyCORIS {name}: {why}")
+
+
+def _loha_scalings(tf: TensorFile, modules: dict[str, dict[str, str]]) -> dict[str, float]:
+    """alpha / r of each LoHa module that stores a finite scalar alpha (LyCORIS scales LoHa like LoRA)."""
+    keys = {m: f"{m}.alpha" for m, parts in modules.items() if "hada_w1_a" in parts and f"{m}.alpha" in tf.shapes}
+    values = tf.get(list(keys.values())) if keys else {}
+    out = {}
+    for m, k in keys.items():
+        a = values[k].float()
+        if a.numel() == 1 and bool(a.isfinite().all()):
+            out[m] = float(a) / tf.shapes[modules[m]["hada_w1_a"]][1]
+    return out
+
+
+@register_reader("lycoris", before="kohya")
+def read_lycoris_file(c: Candidate) -> list[AdapterSource] | None:
+    """A file with LyCORIS modules: LoCon pairs read as kohya's, the other kinds listed as skipped."""
+    tf = c.tensors
+    if tf is None:
+        return None
+    modules = lycoris_modules(c.path, tf.keys())
+    if not modules:
+        return None
+    kinds, skipped = set(), []
+    alphas = _loha_scalings(tf, modules)
+    for module, parts in modules.items():
+        name, why = _algo(c.path, module, parts)
+        kinds.add(name)
+        skipped.append(_skipped_entry(tf, module, parts, name, why, alphas.get(module)))
+    consumed = {k for parts in modules.values() for k in parts.values()}
+    consumed |= {f"{m}.{extra}" for m in modules for extra in ("alpha", "dora_scale")}
+    if has_kohya_factors(tf.keys()):
+        (src,) = read_kohya_file(c)
+        src.reader = "lycoris"
+        src.other_keys = [k for k in src.other_keys if k not in consumed]
+        src.notes = [n for n in src.notes if "other tensor" not in n]
+    else:
+        src = AdapterSource("lycoris", "kohya", c.path, tf, "default", [], [k for k in tf.keys() if k not in consumed])
+    src.entries = sorted(src.entries + skipped, key=lambda e: (natural_key(e.module), e.adapter))
+    src.notes.append(f"{len(skipped)} LyCORIS module(s) ({', '.join(sorted(kinds))}) are not B @ A pairs: "
+                     "listed as skipped, copied unchanged")
+    if src.other_keys:
+        src.notes.append(f"{len(src.other_keys)} other tensor(s) are not LoRA factors")
+    return [src]
