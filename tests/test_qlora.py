@@ -1,0 +1,176 @@
+"""QLoRA: LoRA on a bitsandbytes 4-bit (NF4) or 8-bit base model, on CPU. The walker finds the
+pairs of PEFT's bnb LoRA layers, balancing keeps every layer's output and the model's logits,
+layer_report measures them, and BalanceCallback balances them inside a Trainer; the quantized
+base weights are never touched.
+
+The quantized models are made from a tiny random Llama saved to a temporary folder and loaded
+back with a BitsAndBytesConfig: transformers' own quantizing load, nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import balora
+from balora.adapters.live import iter_lora_pairs
+
+bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install -e '.[qlora]'")
+
+VOCAB, SEQ, N_BLOCKS = 64, 12, 2
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+N_PAIRS = N_BLOCKS * len(TARGETS)
+QUANT = {  # name -> (its BitsAndBytesConfig, the bitsandbytes layer it puts in place of nn.Linear)
+    "nf4": (lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+            "Linear4bit"),
+    "int8": (lambda: BitsAndBytesConfig(load_in_8bit=True), "Linear8bitLt"),
+}
+# The quantized base matmul rounds on the way: bitsandbytes' CPU NF4 kernel returns bf16-rounded
+# values (8 significant bits), LLM.int8 quantizes each activation row to int8 (steps of max|x| / 127).
+# A layer output that balancing moves at fp32 rounding level can flip one such rounding in a later
+# layer, so a few logits move by up to one step per quantized block; the rest agree at fp32 level.
+LOGITS_MAX_RTOL = {"nf4": N_BLOCKS * 2.0**-8, "int8": N_BLOCKS / 127}
+LOGITS_MEDIAN_RTOL = 1e-6
+# One layer on the same input: the base output is bit-identical and the LoRA branch s B A x changes
+# only by fp32 rounding of r-term products (about r * 2^-24); 1e-5 of the branch is far above that.
+LAYER_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=N_BLOCKS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _quantized_lora(path, quant: str, random_B: bool = True):
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=QUANT[quant][0](), device_map="cpu",
+                                             dtype=torch.float32)
+    torch.manual_seed(1)
+    # init_lora_weights=False: B is random, so every pair is really moved by balancing.
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=not random_B))
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _rel_imbalance_np(A: torch.Tensor, B: torch.Tensor) -> float:
+    A, B = A.detach().double().numpy(), B.detach().double().numpy()
+    BtB, AAt = B.T @ B, A @ A.T
+    return float(np.linalg.norm(BtB - AAt) / (np.linalg.norm(BtB) + np.linalg.norm(AAt)))
+
+
+def _base_bytes(model) -> dict[str, bytes]:
+    return {n: p.detach().contiguous().view(torch.uint8).numpy().tobytes()
+            for n, p in model.named_parameters() if "lora_" not in n}
+
+
+@pytest.fixture(params=list(QUANT))
+def quant(request):
+    return request.param
+
+
+def test_walker_finds_the_quantized_lora_layers(saved_llama, quant):
+    model = _quantized_lora(saved_llama, quant)
+    pairs = iter_lora_pairs(model)
+    assert len(pairs) == N_PAIRS and not any(p.skip_reason for p in pairs)
+    for p in pairs:
+        layer = _lora_layers(model)[f"base_model.model.{p.module}"]
+        assert type(layer.get_base_layer()).__name__ == QUANT[quant][1]
+        assert p.kind == "linear" and p.r == 4 and p.A.dtype == torch.float32
+        assert (p.out_features, p.in_features) == (layer.out_features, layer.in_features)
+        assert p.A.data_ptr() == layer.lora_A["default"].weight.data_ptr(), "A must view the parameter"
+
+
+def test_balancing_keeps_every_layer_output_and_the_logits(saved_llama, quant):
+    model = _quantized_lora(saved_llama, quant)
+    layers = _lora_layers(model)
+    inputs = {}
+
+    def keep_input(name):
+        def hook(module, args, output):  # returns None: the output is left as it is
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    hooks = [m.register_forward_hook(keep_input(n)) for n, m in layers.items()]
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        before = {n: m(inputs[n]) for n, m in layers.items()}
+        branch = {n: before[n] - m.get_base_layer()(inputs[n]) for n, m in layers.items()}  # s B A x
+    for h in hooks:
+        h.remove()
+    old_A = {n: m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}
+    base = _base_bytes(model)
+
+    summary = balora.balance_(model)
+
+    assert summary.balanced == N_PAIRS and not summary.skipped
+    assert _base_bytes(model) == base, "balancing must never touch the quantized base weights"
+    with torch.no_grad():
+        for n, m in layers.items():
+            scale = float(branch[n].abs().max())
+            assert float((m(inputs[n]) - before[n]).abs().max()) <= LAYER_RTOL * scale, n
+            assert _rel_imbalance_np(m.lora_A["default"].weight, m.lora_B["default"].weight) < 1e-5, n
+            assert not torch.allclose(m.lora_A["default"].weight, old_A[n], rtol=1e-2), f"{n}: balancing moved nothing"
+        scale = float(logits.abs().max())
+        moved = (model(input_ids=ids).logits - logits).abs()
+        assert float(moved.max()) <= LOGITS_MAX_RTOL[quant] * scale
+        assert float(moved.median()) <= LOGITS_MEDIAN_RTOL * scale
+        # Control: the new B with the old A (not a balanced pair) fails both bounds by far.
+        for n, m in layers.items():
+            m.lora_A["default"].weight.copy_(old_A[n])
+        broken = (model(input_ids=ids).logits - logits).abs()
+    assert float(broken.max()) > 3 * LOGITS_MAX_RTOL[quant] * scale
+    assert float(broken.median()) > 1e3 * LOGITS_MEDIAN_RTOL * scale
+
+
+def test_layer_report_on_the_quantized_model(saved_llama, quant):
+    model = _quantized_lora(saved_llama, quant)
+    report = balora.layer_report(model)
+    assert len(report) == N_PAIRS and set(report["dtype"]) == {"float32"} and (report["status"] == "ok").all()
+    layers = _lora_layers(model)
+    for module, value in zip(report["module"], report["rel_imbalance"]):
+        m = layers[f"base_model.model.{module}"]
+        assert value == pytest.approx(_rel_imbalance_np(m.lora_A["default"].weight, m.lora_B["default"].weight), rel=1e-6)
+    assert report["rel_imbalance"].min() > 0.05, "random B: the pairs start imbalanced"
+    balora.balance_(model)
+    assert balora.layer_report(model)["rel_imbalance"].max() < 1e-5
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self):
+        self.ids = torch.randint(0, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(4))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_balance_callback_in_a_trainer(saved_llama, quant, tmp_path):
+    model = _quantized_lora(saved_llama, quant, random_B=False)  # PEFT's B = 0 init, as in real QLoRA
+    base = _base_bytes(model)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2,
+                             max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True)
+    callback = balora.BalanceCallback()
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
+    trainer.train()
+    assert callback.last_summary is not None and callback.last_summary.balanced == N_PAIRS
+    assert _base_bytes(model) == base
+    for m in _lora_layers(model).values():
+        A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+        assert float(B.abs().max()) > 1e-3, "B stayed at its zero init: training did not happen"
+        assert _rel_imbalance_np(A, B) < 1e-5
+    logged = [h for h in trainer.state.log_history if "balora/rel_imbalance_max" in h]
+    assert logged and logged[-1]["balora/rel_imbalance_max"] < 1e-5
