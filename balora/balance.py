@@ -74,16 +74,15 @@ def balance_pairs(
     for i, p in enumerate(pairs):
         if p.skip_reason:
             summary.skipped[p.name] = p.skip_reason
-        elif p.r > min(p.in_features, p.out_features):
-            summary.skipped[p.name] = (
-                f"r={p.r} exceeds min(in={p.in_features}, out={p.out_features}): the product cannot have rank r"
-            )
         else:
             candidates.append(p)
             positions.append(i)
 
     blocks = stack_blocks(candidates)
     gram_maps(blocks, policy.method)
+    for b in blocks:  # r > min(in, out): singular Grams by shape; the QR path, padded to r, does these
+        if b.A.shape[-2] > min(b.A.shape[-1], b.B.shape[-2]):
+            b.accurate = [False] * len(b.members)
     outcomes = _gram_outcomes(candidates, blocks)  # None where the Gram path was not accurate enough
     redo = [k for k, o in enumerate(outcomes) if o is None]
     summary.qr_path = len(redo)
@@ -193,6 +192,11 @@ def _measure(candidates: list[FactorPair], outcomes: list[_Outcome], used: list[
 def _qr_outcomes(group: list[FactorPair], method: str) -> list[_Outcome]:
     """The QR path (projection.balanced_factors) for pairs of one rank, batched and zero-padded."""
     A, B = stack_padded(group)  # (G, r, in_max), (G, out_max, r); zero padding is exact
+    # r > min(in, out) (a rank-deficient product by shape): zero-pad A's columns and B's rows up to r,
+    # exact in the same way, so the thin QRs exist; the slices below drop the padding again.
+    r = A.shape[-2]
+    A = torch.nn.functional.pad(A, (0, max(r - A.shape[-1], 0)))  # (G, r, max(in_max, r))
+    B = torch.nn.functional.pad(B, (0, 0, 0, max(r - B.shape[-2], 0)))  # (G, max(out_max, r), r)
     proj = _project(group, A, B, method)
     # One host transfer for all flags of the batch, not one per pair and flag.
     flags = torch.stack([proj.finite.long(), proj.zero.long(), proj.rank.long()]).tolist()

@@ -306,11 +306,13 @@ def test_balance_pairs_policies_are_validated():
 
 
 def test_r_larger_than_layer_is_skipped(make_tiny_net, snapshot, assert_bit_identical):
-    # conv1x1 has 8 -> 6 channels: r = 7 cannot give a rank-7 product.
+    # conv1x1 has 8 -> 6 channels: r = 7 cannot give a rank-7 product, a rank-deficient case like any
+    # other (under "skip", the default; the other policies: tests/test_peft_variants.py).
     model = get_peft_model(make_tiny_net(), LoraConfig(r=7, target_modules=["conv1x1"], init_lora_weights=False))
     before = snapshot(model)
     summary = balance_(model)
-    assert "r=7 exceeds" in summary.skipped["conv1x1[default]"]
+    assert "rank-deficient product (rank 6 < r=7)" in summary.skipped["conv1x1[default]"]
+    assert summary.rank_deficient == {"conv1x1[default]": 6}
     assert_bit_identical(before, snapshot(model))
 
 

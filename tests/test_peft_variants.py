@@ -4,6 +4,7 @@ balancing keeps PEFT's own dW and the model's output."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,6 +12,7 @@ from torch import nn
 
 from balora import balance_, layer_report
 from balora.adapters.live import iter_lora_pairs
+from balora.balance import BalanceError
 
 bd_config = pytest.importorskip("peft.tuners.lora.config")
 
@@ -82,3 +84,47 @@ def test_velora_is_balanced_and_keeps_its_output(train, peft_deltas, assert_delt
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5 * y0.abs().max().item())
     report = layer_report(model)
     assert report["rel_imbalance"].max() < 1e-5
+
+
+def _wide_rank_model():
+    # r = 4 > min(in=4, out=2) on lin2: the product has rank at most 2.
+    return _model(LoraConfig(r=4, target_modules=["lin1", "lin2"], init_lora_weights=False))
+
+
+def test_rank_larger_than_layer_skip_reports_it(snapshot, assert_bit_identical):
+    model = _wide_rank_model()
+    before = snapshot(model)
+    summary = balance_(model, on_rank_deficient="skip")
+    assert summary.rank_deficient == {"lin2[default]": 2}
+    assert "rank-deficient" in summary.skipped["lin2[default]"] and summary.balanced == 1
+    lin2 = {k: v for k, v in before.items() if ".lin2." in k}
+    assert_bit_identical(lin2, {k: v for k, v in snapshot(model).items() if ".lin2." in k})
+
+
+def test_rank_larger_than_layer_raise_names_the_module(snapshot, assert_bit_identical):
+    model = _wide_rank_model()
+    before = snapshot(model)
+    with pytest.raises(BalanceError, match=r"lin2\[default\] \(rank 2 < r=4\)"):
+        balance_(model, on_rank_deficient="raise")
+    assert_bit_identical(before, snapshot(model))
+
+
+@pytest.mark.parametrize("n_in,n_out", [(4, 2), (3, 8), (2, 3)])  # r = 4 above out, above in, above both
+def test_rank_larger_than_layer_balance_keeps_dw_and_balances(n_in, n_out, peft_deltas, assert_deltas_close):
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(n_in, n_out)), LoraConfig(r=4, target_modules=["0"],
+                                                                           init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model[0].lora_B["default"].weight.normal_()
+    deltas = peft_deltas(model)
+    summary = balance_(model, on_rank_deficient="balance")
+    rank = min(n_in, n_out)
+    assert summary.balanced == 1 and summary.rank_deficient == {"0[default]": rank} and not summary.skipped
+    assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
+    layer = model.base_model.model[0]
+    A = layer.lora_A["default"].weight.detach().double().numpy()  # (4, in)
+    B = layer.lora_B["default"].weight.detach().double().numpy()  # (out, 4)
+    BtB, AAt = B.T @ B, A @ A.T
+    # Balanced in float64: B^T B = A A^T (both of rank min(in, out)), relative to their size.
+    assert abs(BtB - AAt).max() <= 1e-5 * abs(AAt).max()
+    assert np.linalg.matrix_rank(BtB, tol=1e-5 * abs(BtB).max()) == rank
