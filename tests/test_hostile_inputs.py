@@ -370,3 +370,10 @@ def test_many_modules_table_is_bounded_and_says_so(tmp_path, capsys):
     assert f"{n} modules" in out or f"{n} module(s)" in out
     rc, out, _ = cli(capsys, "inspect", path, "--format", "csv")
     assert len(out.strip().splitlines()) == n + 1
+
+
+def test_many_slowish_keys_are_bounded_together(monkeypatch):
+    monkeypatch.setattr(peft_config, "TABLE_SECONDS", 0.0)  # any time at all is over the table's bound
+    table = peft_config.PatternTable({"q_proj": 1, "k_proj": 2}, "alpha_pattern", "cfg.json")
+    with pytest.raises(InputError, match=r"cfg.json: alpha_pattern key '(q|k)_proj' and the other keys take over 0 s"):
+        table.key_for("model.layers.0.self_attn.v_proj")

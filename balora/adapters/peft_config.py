@@ -26,8 +26,10 @@ NON_PRODUCT_VARIANTS = ("use_qalora", "velora_config", "monteclora_config", "use
 # characters. A key of thousands is not such a pattern.
 MAX_PATTERN_CHARS = 1000
 # Matching one key against every module name of an adapter takes well under a millisecond per
-# name; this bounds what one key may cost over the whole adapter (a 20k-module file included).
+# name; this bounds what one key may cost over the whole adapter (a 20k-module file included),
+# and TABLE_SECONDS what all keys of one table may (many keys each just under the bound).
 PATTERN_SECONDS = 2.0
+TABLE_SECONDS = 10.0
 
 
 class PatternTable:
@@ -36,13 +38,15 @@ class PatternTable:
     PEFT tries the keys in order and takes the first for which
     ``re.match(rf"(.*\\.)?({key})$", module)`` matches. The same expression is run here with the
     `regex` module (re-compatible syntax, and a timeout re lacks); the time each key spends is
-    summed over all modules, and a key over PATTERN_SECONDS raises an InputError naming it.
+    summed over all modules, and a key over PATTERN_SECONDS (or all keys over TABLE_SECONDS) raises
+    an InputError naming it.
     """
 
     def __init__(self, table: dict, name: str = "rank_pattern", where: str = "adapter config"):
         self.table, self.name, self.where = table, name, where
         self._compiled = [(key, regex.compile(rf"(.*\.)?({key})$")) for key in table]
         self._spent = dict.fromkeys(table, 0.0)
+        self._total = 0.0
         self._cache: dict[str, str] = {}
 
     def key_for(self, module: str) -> str:
@@ -62,16 +66,23 @@ class PatternTable:
                 found = pattern.match(module, timeout=max(left, 1e-3)) is not None
             except TimeoutError:
                 found = None
-            self._spent[key] += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self._spent[key] += took
+            self._total += took
             if found is None or self._spent[key] > PATTERN_SECONDS:
-                raise InputError(
-                    f"{self.where}: {self.name} key {key!r:.120} takes over {PATTERN_SECONDS:g} s to match the "
-                    "module names (a pattern that backtracks, such as nested repetition '(.*)*'); use plain "
-                    "module names or simple suffixes"
-                )
+                raise self._too_slow(key, f"takes over {PATTERN_SECONDS:g} s")
+            if self._total > TABLE_SECONDS:
+                slowest = max(self._spent, key=self._spent.get)
+                raise self._too_slow(slowest, f"and the other keys take over {TABLE_SECONDS:g} s")
             if found:
                 return key
         return module
+
+    def _too_slow(self, key: str, how: str) -> InputError:
+        return InputError(
+            f"{self.where}: {self.name} key {key!r:.120} {how} to match the module names (a pattern that "
+            "backtracks, such as nested repetition '(.*)*'); use plain module names or simple suffixes"
+        )
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
