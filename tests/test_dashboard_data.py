@@ -280,12 +280,10 @@ def test_speed_up_defaults_to_excess_loss_and_a_target_every_reference_seed_reac
     assert frames.default_target(cell.iloc[0:0], summary, "loss") is None
 
 
-def test_tidy_tables_show_no_none_and_keep_numbers():
+def test_tidy_tables_drop_empty_columns_and_keep_numbers():
     df = pd.DataFrame({"arm": ["lora", "balora"], "best": [0.123456, np.nan], "never": [np.nan, np.nan], "reason": [None, "diverged"]})
-    styled = frames.tidy(df)
-    assert list(styled.data.columns) == ["arm", "best", "reason"] and styled.data["best"].dtype == float
-    html = styled.to_html()
-    assert "None" not in html and "nan" not in html and html.count("—") == 2 and "0.1235" in html
+    shown = frames.tidy(df)
+    assert list(shown.columns) == ["arm", "best", "reason"] and shown["best"].dtype == float
 
 
 def test_arms_seeds_and_damaged_runs():

@@ -22,6 +22,8 @@ LOSS_UNITS = {"lm": "nats/token", "synthetic": "squared error"}
 # own, so every seed can reach the same target), as balora.records ranks arms.
 LOSS_METRICS = ("excess_loss", "eval_loss", "loss")
 GRID_VALUES = ("final_excess_loss", "final_eval_loss", "final_loss", "best_loss")
+# What a table cell without a value shows (st.dataframe(..., placeholder=NA_TEXT)), never "None".
+NA_TEXT = "—"
 SEED_COLUMNS = ("series", "seed", "lr", "alpha", "status", "final_loss", "best_loss", "final_eval_loss",
                 "final_excess_loss", "steps_to_target", "seconds_to_target", "speedup_steps", "speedup_seconds", "reason")
 
@@ -75,29 +77,40 @@ def grid_shape(summary: pd.DataFrame, steps: pd.DataFrame) -> tuple[list[float],
     return sorted(src["lr"].dropna().unique().tolist()), sorted(src["alpha"].dropna().unique().tolist())
 
 
-def best_cells(summary: pd.DataFrame, steps: pd.DataFrame, *, by: str = "series") -> pd.DataFrame:
-    """Per series, its best (lr, alpha) cell.
+def best_cells(summary: pd.DataFrame, steps: pd.DataFrame, *, by: str = "series", select: str = "arm") -> pd.DataFrame:
+    """Per series, its best (lr, alpha) cell; with select="seed", per series and seed (the paper's protocol).
 
-    Finished cells: balora.records.arm_summary's choice (lowest median over seeds of the run's
-    headline metric, diverged seeds counting as +inf), run by run. A series with no finished
-    cell yet (a run still being written) falls back to the lowest median latest training loss.
-    Columns: by, lr, alpha, source ("summary" | "latest loss").
+    Finished cells: balora.records.best_cells's choice (select "arm": lowest median over seeds of the
+    run's headline metric, diverged seeds counting as +inf; "seed": each seed's lowest), run by run.
+    A series with no finished cell yet (a run still being written) falls back to the lowest (median)
+    latest training loss. Columns: by, lr, alpha, source ("summary" | "latest loss"), and seed when
+    select="seed".
     """
-    cols = [by, "lr", "alpha", "source"]
+    cols = [by, "lr", "alpha", "source"] + (["seed"] if select == "seed" else [])
     rows = []
     done = set()
     if not summary.empty:
         for _, g in summary.groupby("run", sort=False) if "run" in summary else [(None, summary)]:
             label_of = dict(zip(g["arm"].astype(str), g[by]))
-            for _, r in records.arm_summary(g).iterrows():
-                if pd.notna(r.get("best_lr")) and str(r["arm"]) in label_of:
-                    rows.append({by: label_of[str(r["arm"])], "lr": r["best_lr"], "alpha": r["best_alpha"], "source": "summary"})
+            picked = records.best_cells(g, select=select)
+            if select == "arm":
+                picked = picked.drop_duplicates("arm")
+            for _, r in picked.iterrows():
+                if str(r["arm"]) in label_of:
+                    row = {by: label_of[str(r["arm"])], "lr": r["lr"], "alpha": r["alpha"], "source": "summary"}
+                    rows.append({**row, "seed": r["seed"]} if select == "seed" else row)
                     done.add(label_of[str(r["arm"])])
     if not steps.empty:
         for label, g in steps[~steps[by].isin(done)].groupby(by, sort=False):
             g = g.dropna(subset=["loss"])
             last = g.sort_values("step").groupby(["lr", "alpha", "seed"])["loss"].last()
-            med = last[np.isfinite(last)].groupby(level=["lr", "alpha"]).median()
+            last = last[np.isfinite(last)]
+            if select == "seed":
+                for seed, per_seed in last.groupby(level="seed"):
+                    lr, alpha, _ = per_seed.idxmin()
+                    rows.append({by: label, "lr": lr, "alpha": alpha, "source": "latest loss", "seed": seed})
+                continue
+            med = last.groupby(level=["lr", "alpha"]).median()
             if not med.empty:
                 lr, alpha = med.idxmin()
                 rows.append({by: label, "lr": lr, "alpha": alpha, "source": "latest loss"})
@@ -114,10 +127,11 @@ def arm_summaries(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def select_cells(df: pd.DataFrame, cells: pd.DataFrame, *, by: str = "series") -> pd.DataFrame:
-    """Rows of `df` whose (series, lr, alpha) is one of `cells`."""
+    """Rows of `df` whose (series, lr, alpha), and seed when `cells` has one (per-seed best cells), is one of `cells`."""
     if df.empty or cells.empty:
         return df.iloc[0:0]
-    return df.merge(cells[[by, "lr", "alpha"]], on=[by, "lr", "alpha"], how="inner")
+    on = [by, "lr", "alpha"] + (["seed"] if "seed" in cells and "seed" in df else [])
+    return df.merge(cells[on], on=on, how="inner")
 
 
 def select_cell(df: pd.DataFrame, lr: float, alpha: float) -> pd.DataFrame:
@@ -164,12 +178,10 @@ def headline_metric(summary: pd.DataFrame) -> str:
     return records.headline_metric(summary)
 
 
-def tidy(table: pd.DataFrame):
-    """A table as a page shows it: columns without any value left out, and a dash (not "None")
-    where one row has no value; numbers keep their type, so the table still sorts by them."""
-    shown = table[[c for c in table.columns if table[c].notna().any() or c in ("series", "arm", "run")]]
-    numeric = [c for c in shown.columns if pd.api.types.is_float_dtype(shown[c])]
-    return shown.style.format("{:.4g}", subset=numeric, na_rep="—").format(na_rep="—", subset=[c for c in shown.columns if c not in numeric])
+def tidy(table: pd.DataFrame) -> pd.DataFrame:
+    """A table as a page shows it: columns without any value left out (the page shows NA_TEXT,
+    not "None", where one row has no value: st.dataframe's placeholder)."""
+    return table[[c for c in table.columns if table[c].notna().any() or c in ("series", "arm", "run")]]
 
 
 def seed_rows(summary: pd.DataFrame) -> pd.DataFrame:

@@ -149,12 +149,21 @@ lrs, alphas = frames.grid_shape(summary, steps)
 is_grid = len(lrs) * len(alphas) > 1
 best = frames.best_cells(summary, steps)
 if is_grid:
-    cell_options = ["best"] + [(lr, a) for lr in lrs for a in alphas]
+    # "best": one cell per arm (lowest median over seeds); "best per seed": each seed its own, the paper's
+    # protocol, preselected when every chosen run was recorded with --select seed.
+    cell_options = ["best", "best per seed"] + [(lr, a) for lr in lrs for a in alphas]
+    per_seed_runs = all(r.config.get("select") == "seed" for r in runs.values())
     cell = c3.selectbox(
         "Learning rate × alpha cell shown in the curves", cell_options, key="compare_cell",
-        format_func=lambda c: "each arm's own best cell (lowest median final loss)" if c == "best" else f"lr {c[0]:g}, alpha {c[1]:g}",
+        index=1 if per_seed_runs else 0,
+        format_func=lambda c: {"best": "each arm's own best cell (lowest median final loss)",
+                               "best per seed": "each seed's own best cell (the paper's protocol)"}.get(c)
+        or f"lr {c[0]:g}, alpha {c[1]:g}",
     )
-    cells = best if cell == "best" else best.assign(lr=cell[0], alpha=cell[1])
+    if cell == "best per seed":
+        cells = frames.best_cells(summary, steps, select="seed")
+    else:
+        cells = best if cell == "best" else best.assign(lr=cell[0], alpha=cell[1])
 else:
     cells = best
     if lrs and alphas:
@@ -192,9 +201,9 @@ if section == "Loss":
         headline = frames.headline_metric(summary)
         st.plotly_chart(compare_plots.final_loss_by_arm(cell_summary, value=headline, loss_unit=unit, log_y=log_y), key="fig_final")
         st.markdown("**Each arm at its own best cell** (median over seeds; `within_2x`: share of the grid within 2× of the best)")
-        st.dataframe(frames.tidy(per_arm), hide_index=True, key="arm_summary")
+        st.dataframe(frames.tidy(per_arm), hide_index=True, placeholder=frames.NA_TEXT, key="arm_summary")
         st.markdown("**Cells shown above, one row per seed**")
-        st.dataframe(frames.tidy(frames.seed_rows(cell_summary)), hide_index=True)
+        st.dataframe(frames.tidy(frames.seed_rows(cell_summary)), hide_index=True, placeholder=frames.NA_TEXT)
 
 elif section == "Grid":
     if not is_grid:
@@ -230,7 +239,7 @@ elif section == "Speed-up":
         st.plotly_chart(compare_plots.speedup_bars(speed, target=target, metric=metric, loss_unit=unit, reference=reference), key="fig_speed")
         st.caption("Seconds are training wall-clock (optimizer step + balancing), without diagnostics or evaluation. "
                    "An arm that never reaches the target in a seed is left out of that seed's medians.")
-        st.dataframe(frames.tidy(speed), hide_index=True)
+        st.dataframe(frames.tidy(speed), hide_index=True, placeholder=frames.NA_TEXT)
 
 elif section == "Imbalance":
     cell_layers = cell_table("layers")

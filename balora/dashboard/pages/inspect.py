@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from balora.dashboard import inspect_plots, loaders, plots, report_frames, settings, uploads
+from balora.dashboard import frames, inspect_plots, loaders, plots, report_frames, settings, uploads
 from balora.errors import InputError
 
 st.title("Inspect an adapter")
@@ -112,7 +112,7 @@ m3.metric("Worst relative imbalance", fmt(nums["worst_rel_imbalance"]))
 m4.metric("Median cond(dW)", fmt(nums["median_cond_dW"]), help="σ₁/σ_r of dW; inf when rank-deficient")
 
 st.subheader("Per-layer table")
-st.dataframe(report_frames.report_table(report), hide_index=True, key="insp_table")
+st.dataframe(report_frames.report_table(report), hide_index=True, placeholder=frames.NA_TEXT, key="insp_table")
 st.download_button(
     "Download the table as CSV" + (" (all checkpoints)" if trainer else ""), report_frames.report_table(df).to_csv(index=False),
     file_name=f"{target.stem}-layers.csv", mime="text/csv", key="insp_csv",
@@ -175,7 +175,7 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
         c2.metric(f"Worst relative imbalance (before: {s.max_rel_imbalance_before:.3g})", f"{s.max_rel_imbalance_after:.2e}")
         c3.metric("Largest relative change of dW", f"{s.max_rel_error:.2e}", help="‖ΔdW‖_F / ‖dW‖_F, measured by re-reading the written file")
         st.plotly_chart(inspect_plots.balance_check(s.changes), key="fig_insp_balance")
-        st.dataframe(s.changes, hide_index=True, key="insp_changes")
+        st.dataframe(s.changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
         for note in s.notes:
             st.info(clean(note))
         st.download_button(f"Download {result.file_name}", result.data, file_name=result.file_name, mime=result.mime, type="primary", key="insp_download")
