@@ -1,0 +1,119 @@
+"""What balancing an FSDP2-sharded adapter communicates and costs, at 1B-like adapter shapes.
+
+    torchrun --nproc_per_node 2 benchmarks/bench_fsdp2.py             # Llama-3.2-1B-like, r=16, fp32
+    torchrun --nproc_per_node 2 benchmarks/bench_fsdp2.py --model 3B --r 8
+
+Every rank builds the LoRA factors of every targeted Linear (bench_projection's shapes) as
+FSDP2 lays them out (DTensor parameters, Shard(0) on a 1-D mesh, gloo on CPU), then times,
+side by side in rotating order:
+
+  gather    balora.distributed.gather_pairs: the whole factors, by one all_gather
+  balance   gather + balance_and_write(check=False): what BalanceCallback does after a step
+  adamw     one torch.optim.AdamW step over this rank's shards (torch's default implementation)
+
+and prints the bytes this rank received per pass (balora.distributed.last_comm, measured), the
+same by arithmetic for 2, 4 and 8 ranks, and for scale what FSDP2 itself all-gathers per step
+for the frozen bf16 base weights (forward and backward: twice the model, less the local shard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from bench_projection import MODELS, ModelShape, module_shapes  # same folder: run as a script
+from balora.balance import balance_and_write
+from balora.distributed import gather_pairs, last_comm
+from balora.pairs import FactorPair
+
+
+def sharded_adapter(m: ModelShape, r: int, mesh) -> tuple[list[nn.Parameter], list[FactorPair]]:
+    """Factors as after some training (B small, nonzero), the same on every rank, then sharded."""
+    g = torch.Generator().manual_seed(0)
+    params, pairs = [], []
+    for name, n_in, n_out in module_shapes(m):
+        A = torch.randn(r, n_in, generator=g) / n_in**0.5  # (r, in)
+        B = torch.randn(n_out, r, generator=g) * 1e-3  # (out, r)
+        A_p, B_p = (nn.Parameter(distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)) for t in (A, B))
+        for p in (A_p, B_p):
+            p.grad = distribute_tensor(torch.randn(p.shape, generator=g) * 1e-3, mesh, [Shard(0)], src_data_rank=None)
+        params += [A_p, B_p]
+        pairs.append(FactorPair(name, "default", "linear", A_p.detach(), B_p.detach(), 2.0, extra={"params": (A_p, B_p)}))
+    return params, pairs
+
+
+def expected_bytes(m: ModelShape, r: int, world: int, element_size: int = 4) -> int:
+    """Bytes one rank receives when every factor is gathered, each padded to ceil(rows / world) rows."""
+    rows_cols = [(r, n_in) for _, n_in, _ in module_shapes(m)] + [(n_out, r) for _, _, n_out in module_shapes(m)]
+    return (world - 1) * sum(math.ceil(rows / world) * cols for rows, cols in rows_cols) * element_size
+
+
+def base_params(m: ModelShape) -> int:
+    """Frozen weights of the Llama-like model (embedding tied with the output, as in Llama 3.2)."""
+    per_layer = sum(n_in * n_out for _, n_in, n_out in module_shapes(m)) // m.layers
+    return m.layers * per_layer + m.vocab * m.hidden
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1B", choices=sorted(MODELS))
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # ranks share the machine's cores
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    m = MODELS[args.model]
+    params, pairs = sharded_adapter(m, args.r, mesh)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def run_gather():
+        gather_pairs(pairs)
+
+    def run_balance():
+        balance_and_write(gather_pairs(pairs), check=False)
+
+    timed = {"gather": run_gather, "balance": run_balance, "adamw": opt.step}
+    times: dict[str, list[float]] = {k: [] for k in timed}
+    names = list(timed)
+    for rep in range(args.reps + 1):  # the first round warms up and is dropped
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            timed[name]()
+            dist.barrier()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    comm = last_comm()
+    if rank == 0:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        n_factors = 2 * len(pairs)
+        print(f"{m.name}, r={args.r}, fp32, {len(pairs)} LoRA pairs, {world} gloo ranks on CPU, "
+              f"median of {args.reps}:")
+        for k in names:
+            print(f"  {k:<8}{med[k] * 1e3:9.1f} ms")
+        print(f"  balance / adamw = {med['balance'] / med['adamw']:.2f}x   gather / balance = "
+              f"{med['gather'] / med['balance']:.2f}x")
+        print(f"communicated per balancing pass (this rank): {comm.collectives} collective(s) for {n_factors} factors, "
+              f"received {comm.bytes_received / 1e6:.2f} MB (measured), sent {comm.bytes_sent / 1e6:.2f} MB")
+        assert comm.bytes_received == expected_bytes(m, args.r, world), "measured bytes differ from the arithmetic"
+        base = base_params(m)
+        print("by arithmetic, bytes each rank receives per step:")
+        print(f"  {'ranks':>5}  {'balora (fp32 factors)':>22}  {'FSDP2 base all-gathers (bf16, fwd+bwd)':>40}")
+        for w in (2, 4, 8):
+            fsdp = 2 * (w - 1) / w * base * 2
+            print(f"  {w:>5}  {expected_bytes(m, args.r, w) / 1e6:>19.1f} MB  {fsdp / 1e9:>37.2f} GB")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
