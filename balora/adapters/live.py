@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from balora.adapters import PEFT_PREFIX
 from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, local_storage, refuse_fsdp1
 from balora.pairs import FactorPair
 
@@ -17,12 +18,11 @@ from balora.pairs import FactorPair
 # compresses the activations saved for A's gradient; BD-LoRA's dense pairs, its block-diagonal
 # ones being skipped first). Other variants change what B and A mean.
 _PRODUCT_VARIANTS = ("Dora", "ALora", "Velora", "BdLora")
-_PEFT_PREFIX = "base_model.model."
 
 
 def module_display_name(name: str) -> str:
     """PEFT module path without PeftModel's wrapper prefix, matching saved adapter keys."""
-    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+    return name.removeprefix(PEFT_PREFIX)
 
 
 def _lora_layer_types():
