@@ -387,6 +387,24 @@ def test_inspect_table_numbers_first_and_no_file_paths(app, adapters, tmp_path):
     assert "scaling unknown" in texts(at.warning)
 
 
+def test_inspect_path_field_refuses_special_files_with_a_message(app, tmp_path):
+    import os
+
+    fifo_config = _write_adapter(tmp_path / "fifo-config", 1)
+    (fifo_config / "adapter_config.json").unlink()
+    os.mkfifo(fifo_config / "adapter_config.json")  # opening it would block forever
+    zero = _write_adapter(tmp_path / "zero-weights", 1)
+    (zero / "adapter_model.safetensors").unlink()
+    (zero / "adapter_model.safetensors").symlink_to("/dev/zero")  # reading it would never end
+    os.mkfifo(tmp_path / "pipe")
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    for path, said in ((fifo_config, "FIFO"), (zero, "/dev/zero"), (tmp_path / "pipe", "FIFO"), (Path("/dev/zero"), "device")):
+        at.text_input(key="insp_path").set_value(str(path)).run()
+        no_exception(at)
+        assert said in texts(at.error) and not at.dataframe, (path, texts(at.error))
+
+
 def test_inspect_top_n_worst_layers(app, tmp_path):
     # An adapter with 12 layers: the bar charts can show the 10 largest instead of all 12.
     folder = tmp_path / "wide"
