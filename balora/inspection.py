@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from balora.adapters.entries import PairEntry
+from balora.adapters.hub import HubSource, resolve_source
 from balora.adapters.reading import AdapterSource, iter_pair_chunks, read_adapters
 from balora.adapters.tensor_file import TensorFile
 from balora.adapters.writing import copy_adapter_files, staged_output, write_weights
@@ -47,10 +48,18 @@ CHANGE_COLUMNS: dict[str, str] = {
 }
 
 
+def local_path(source) -> Path:
+    """`source` as a path on this machine: itself, or for a Hugging Face Hub id (`user/name`,
+    `user/name@revision`; an existing local path always wins) its snapshot in the Hub cache."""
+    found = resolve_source(source)
+    return found.path if isinstance(found, HubSource) else found
+
+
 def inspect(path, adapter: str | None = None) -> pd.DataFrame:
     """Per-layer report of the adapter(s) at `path`, read from files alone.
 
-    path: a PEFT adapter folder (several adapters in its tree are all read), a Trainer output
+    path: a Hugging Face Hub id (`user/name[@revision]`, adapter files only, through the Hub
+        cache; HF_HUB_OFFLINE honoured), a PEFT adapter folder (several adapters in its tree are all read), a Trainer output
         folder (every checkpoint-N, ordered by N), a kohya LoRA .safetensors, or a .safetensors/.bin
         with PEFT key names (scaling then unknown: NaN, and sigma is of the unscaled B A).
     Returns INSPECT_COLUMNS: source, checkpoint, step, then balora.REPORT_COLUMNS with the same
@@ -58,7 +67,7 @@ def inspect(path, adapter: str | None = None) -> pd.DataFrame:
     conv, other LoRA variants, NaN/Inf values) keep a row whose `status` says why.
     `df.attrs["sources"]` describes each file read (format, notes, safetensors metadata such as ss_*).
     """
-    sources = read_adapters(path, adapter)
+    sources = read_adapters(local_path(path), adapter)
     rows: list[dict] = []
     for src in sources:
         src_rows = []
@@ -131,7 +140,7 @@ class FileBalanceSummary:
 
 def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "skip", *,
                  force: bool = False) -> FileBalanceSummary:
-    """Write a balanced copy of the adapter at `src` to `dst`, in the input's own format.
+    """Write a balanced copy of the adapter at `src` (a path or a Hub id) to `dst`, in the input's own format.
 
     Same keys, dtypes, shapes, config and metadata; every dW = s B A is unchanged (the
     written file is re-read and checked: relative change <= 1e-5 in fp32, a few ulps of the
@@ -146,7 +155,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     on_rank_deficient: "skip" (copy such pairs unchanged), "balance" or "raise".
     """
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    src, dst = local_path(src), Path(dst)
     if method not in METHODS:
         raise InputError(f"unknown balancing method {method!r}; use one of {', '.join(METHODS)}")
     sources = read_adapters(src)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
 import pytest
 
 from balora.adapters import hub
@@ -111,3 +112,48 @@ def test_missing_revision_offline_is_one_line(offline_cache):
 def test_non_id_strings_stay_paths(offline_cache, tmp_path):
     assert hub.resolve_source(str(tmp_path / "nope")) == tmp_path / "nope"
     assert hub.resolve_source("just-a-name") == hub.Path("just-a-name")
+
+
+# ------------------------------------------------------------------ through inspect and balance
+@pytest.fixture
+def cached_peft_adapter(offline_cache, tmp_path, make_tiny_net):
+    """A real PEFT adapter (TinyNet, LoRA r=4 with a trained-looking B), stored in the hand-built
+    Hub cache as user/tiny-lora: snapshot files are links into blobs/, as huggingface_hub makes them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=4, lora_alpha=8, target_modules=["lin", "conv"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    files = {p.name: p.read_bytes() for p in saved.iterdir() if p.is_file()}
+    make_cache(offline_cache, "user/tiny-lora", files)
+    return saved
+
+
+def test_inspect_and_balance_a_cached_hub_id(cached_peft_adapter, tmp_path):
+    import balora
+
+    from_hub = balora.inspect("user/tiny-lora")
+    local = balora.inspect(cached_peft_adapter)
+    assert len(from_hub) == len(local) > 0
+    np.testing.assert_allclose(from_hub.imbalance, local.imbalance, rtol=1e-12)
+    out = tmp_path / "balanced"
+    summary = balora.balance_file("user/tiny-lora@main", out)
+    assert summary.balanced == len(local)
+    assert not any(p.is_symlink() for p in out.rglob("*"))  # real files, not links into the cache
+    again = balora.inspect(out)
+    assert (again.rel_imbalance < 1e-5).all()
+
+
+def test_cli_inspect_hub_id_and_missing_id(cached_peft_adapter, capsys):
+    from balora.cli import main
+
+    assert main(["inspect", "user/tiny-lora", "--format", "csv"]) == 0
+    assert "lin" in capsys.readouterr().out
+    assert main(["inspect", "user/not-cached"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not in the Hugging Face cache" in err

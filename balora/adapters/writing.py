@@ -28,6 +28,7 @@ from typing import Iterator
 
 import torch
 
+from balora.adapters.reading import adapter_root
 from balora.adapters.tensor_file import TensorFile
 from balora.errors import InputError
 from balora.safe_io import describe_kind, is_inside
@@ -75,6 +76,8 @@ def copy_adapter_files(src: Path, dst: Path, folders: list[Path], skip: set[Path
     to the same place under dst, as regular files; `skip` (the weights written separately) are not
     copied. Returns what was left out, one 'name (why)' each."""
     root = Path(os.path.abspath(src))
+    # Links may lead anywhere inside the folder read (for a Hub cache snapshot: its repository folder).
+    boundary = adapter_root(root)
     skip = {Path(os.path.abspath(p)) for p in skip}
     folders = sorted({Path(os.path.abspath(f)) for f in folders})
     left_out: list[str] = []
@@ -85,7 +88,7 @@ def copy_adapter_files(src: Path, dst: Path, folders: list[Path], skip: set[Path
             path = Path(entry.path)
             if path in skip:
                 continue
-            why = _why_not_copied(entry, root, folders)
+            why = _why_not_copied(entry, boundary, folders)
             if why is None:
                 why = _copy_regular(path, dst / rel / entry.name)
             if why:  # "" : a folder copied on its own (another adapter), not left out
