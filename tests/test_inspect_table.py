@@ -139,3 +139,15 @@ def test_lazy_parser_lists_the_same_commands_as_the_full_one():
     # Only the named command is built in full; the parse is the same as with the full parser.
     argv = ["--debug", "inspect", "x", "--wide", "--top", "2"]
     assert vars(build_parser(argv).parse_args(argv)) == vars(full.parse_args(argv))
+
+
+def test_run_store_and_dashboard_loaders_do_not_import_torch():
+    # The Compare page reads runs: knowing the report's columns must not cost a torch import.
+    loaded = _modules_after("import balora.store, balora.columns\n"
+                            "from balora.dashboard import frames, loaders, compare_plots, run_index")
+    assert "torch" not in loaded and "peft" not in loaded and "transformers" not in loaded
+    from balora.columns import HALF_DTYPE_NAMES, REPORT_COLUMNS
+    from balora.precision import HALF_DTYPES
+    from balora.report import REPORT_COLUMNS as reexported
+
+    assert HALF_DTYPE_NAMES == tuple(HALF_DTYPES) and reexported is REPORT_COLUMNS

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from balora.report import REPORT_COLUMNS
+from balora.columns import REPORT_COLUMNS
 
 CONFIG, ENV, STATUS = "config.json", "env.json", "status.json"
 # Written first into every run folder balora creates: says the folder is balora's and lists what balora
