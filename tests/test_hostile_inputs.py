@@ -377,3 +377,17 @@ def test_many_slowish_keys_are_bounded_together(monkeypatch):
     table = peft_config.PatternTable({"q_proj": 1, "k_proj": 2}, "alpha_pattern", "cfg.json")
     with pytest.raises(InputError, match=r"cfg.json: alpha_pattern key '(q|k)_proj' and the other keys take over 0 s"):
         table.key_for("model.layers.0.self_attn.v_proj")
+
+
+def test_sparse_meta_tensors_and_broken_links_are_input_errors(tmp_path, capsys):
+    sparse = {**tensors(prefix="")}
+    sparse["layers.0.proj.lora_A.weight"] = sparse["layers.0.proj.lora_A.weight"].to_sparse()
+    torch.save(sparse, tmp_path / "sparse.bin")
+    assert_input_error(capsys, "is a sparse_coo tensor", "inspect", tmp_path / "sparse.bin")
+    torch.save({k: torch.empty(v.shape, device="meta") for k, v in tensors(prefix="").items()}, tmp_path / "meta.bin")
+    assert_input_error(capsys, "is a meta tensor", "balance", tmp_path / "meta.bin", tmp_path / "out.bin")
+    loop = write_peft(tmp_path / "loop")
+    (loop / "adapter_config.json").unlink()
+    (loop / "adapter_config.json").symlink_to(loop / "adapter_config.json")
+    assert_input_error(capsys, "broken symbolic link", "inspect", loop)
+    assert not (tmp_path / "out.bin").exists()

@@ -96,13 +96,19 @@ def adapter_root(path: Path) -> Path:
 
 
 def check_inside(path: Path, root: Path, what: str) -> None:
-    """Refuse a file that is, or lies behind, a symbolic link leading out of `root`."""
-    if not is_inside(path, root):
-        target = os.path.realpath(path)
-        raise InputError(
-            f"{path}: {what} is a symbolic link to {target}, outside the folder {root}; balora does not follow "
-            "links out of the folder it reads (copy the real file in if you trust it)"
-        )
+    """Refuse a `what` (e.g. "adapter_config.json") that is, or lies behind, a symbolic link leading
+    out of `root`, or a broken link."""
+    if is_inside(path, root):
+        return
+    try:
+        target = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling link, or a loop of links
+        raise InputError(f"{path}: {what} is a broken symbolic link (its target does not exist, or the links "
+                         "form a loop)") from None
+    raise InputError(
+        f"{path}: {what} is a symbolic link to {target}, outside the folder {root}; balora does not follow "
+        "links out of the folder it reads (copy the real file in if you trust it)"
+    )
 
 
 @dataclass
@@ -152,7 +158,7 @@ def _peft_source(folder: Path, adapter: str, root: Path, weights: Path | None = 
         weights = _weights_in(folder)
         if weights is None:
             raise InputError(f"{folder}: has {ADAPTER_CONFIG} but no {' or '.join(WEIGHT_NAMES)}")
-        check_inside(weights, root, "the adapter weights")
+        check_inside(weights, root, "the weights file")
     tf = tensors if tensors is not None else TensorFile(weights)
     entries, other, _ = find_entries(tf, PEFT_KEYS, "peft", adapter)
     if not entries:

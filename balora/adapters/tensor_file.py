@@ -131,4 +131,8 @@ def _flat_tensor_dict(path: Path, state) -> dict[str, torch.Tensor]:
             raise InputError(
                 f"{path}: expected a flat dict of tensor names to tensors, but {k!r:.80} holds {what} instead"
             )
+        if v.layout != torch.strided or v.is_meta or v.is_quantized:
+            kind = "a meta tensor (no data)" if v.is_meta else "a quantized tensor" if v.is_quantized else (
+                f"a {str(v.layout).removeprefix('torch.')} tensor")
+            raise InputError(f"{path}: {k!r:.80} is {kind}; balora reads dense tensors with their values")
     return state
