@@ -77,6 +77,7 @@ def test_balance_copies_only_the_adapter_files_as_regular_files(tmp_path, capsys
     secret.write_text("root:x:0:0 SECRET")
     src = write_peft(tmp_path / "in")
     (src / "README.md").write_text("# my adapter")
+    os.chmod(src / "README.md", 0o4755)  # setuid: a copy made by root must not carry it
     (src / "merges.txt").symlink_to(src / "README.md")  # a link inside the folder: copied as a file
     (src / "tokenizer_config.json").symlink_to(secret)  # adapter-file name, but leads out of the folder
     (src / "vocab.txt").symlink_to("/dev/zero") if os.path.exists("/dev/zero") else None
@@ -101,6 +102,7 @@ def test_balance_copies_only_the_adapter_files_as_regular_files(tmp_path, capsys
         assert p.is_file() and not p.is_symlink(), p
         assert b"SECRET" not in p.read_bytes()
     assert (out / "merges.txt").read_text() == "# my adapter"
+    assert not (out / "README.md").stat().st_mode & (0o4000 | 0o2000)
     assert "left out of the copy" in stdout
     for name in ("tokenizer_config.json", "special_tokens_map.json", "notes.txt", "data"):
         assert name in stdout, name

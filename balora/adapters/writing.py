@@ -109,18 +109,25 @@ def _why_not_copied(entry: os.DirEntry, root: Path, folders: list[Path]) -> str 
 
 
 def _copy_regular(src: Path, dst: Path) -> str | None:
-    """Copy src's bytes to a new regular file dst; the reason it was not copied, else None."""
+    """Copy src's bytes to a new regular file dst; the reason it was not copied, else None.
+
+    Checked before the open (opening a device can act on it, opening a FIFO waits for a writer)
+    and again on the opened file, so a name swapped in between is caught. Only the bytes are
+    copied: the new file gets default permissions, never the source's (setuid) mode bits.
+    """
     try:
+        mode = os.stat(src).st_mode
+        if not stat.S_ISREG(mode):
+            return describe_kind(mode)
         fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
         return f"unreadable: {e.strerror or e}"
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # checked on the open file: the name cannot be swapped in between
+        if not stat.S_ISREG(mode):
             return describe_kind(mode)
         with open(dst, "xb") as out:
             shutil.copyfileobj(f, out, 1 << 20)
-    shutil.copystat(src, dst, follow_symlinks=True)
     return None
 
 
