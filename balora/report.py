@@ -178,11 +178,21 @@ def precision_summary(report: pd.DataFrame, loss: float = PRECISION_LOSS) -> str
         return f"fp16: no layer loses more than {loss:g} of dW (largest change {measured['fp16_dW_error'].max():.1e})"
     names = list(dict.fromkeys(f"{m}[{a}]" for m, a in zip(bad["module"], bad["adapter"])))
     listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    fixed = int((bad["fp16_dW_error_balanced"] <= loss).sum())
-    if fixed == len(bad):
+    # Counted per layer (a Trainer folder has a row per checkpoint): fixed if fixed in every row.
+    unfixed = {f"{m}[{a}]" for m, a, e in zip(bad["module"], bad["adapter"], bad["fp16_dW_error_balanced"])
+               if not e <= loss}
+    fixed = len(names) - len(unfixed)
+    if fixed == len(names):
         verdict = "balancing fixes all of them (balora balance IN OUT --dtype float16)"
     elif fixed:
-        verdict = f"balancing fixes {fixed} of the {len(bad)}"
+        verdict = f"balancing fixes {fixed} of the {len(names)}"
     else:
         verdict = "balancing does not fix them"
-    return f"fp16: {len(bad)} layer(s) lose more than {loss:g} of dW ({listed}); {verdict}"
+    return f"fp16: {len(names)} layer(s) lose more than {loss:g} of dW ({listed}); {verdict}"
+
+
+def precision_warning(report: pd.DataFrame, loss: float = PRECISION_LOSS) -> str | None:
+    """precision_summary when some layer loses more than `loss` of dW in fp16, else None
+    (a rule for balora.commands.inspect_cmd.SUMMARY_RULES)."""
+    line = precision_summary(report, loss)
+    return line if line and not line.startswith("fp16: no layer") else None

@@ -124,3 +124,19 @@ def test_precision_off_leaves_nan_and_empty_summary():
     row = pair_rows([FactorPair("m", "default", "linear", A, B, 1.0)], precision=False)[0]
     assert all(np.isnan(row[c]) for c in PRECISION_COLUMNS) and row["status"] == "ok"
     assert precision_summary(to_frame([row])) == "" and precision_summary(to_frame([])) == ""
+
+
+def test_inspect_cli_says_which_layers_fp16_loses(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from balora.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i, c in enumerate([1.0, 1e-5, 1.0]):  # layer 1: B ~1e-7, A ~1e4, the same size of dW as the others
+        sd[f"base_model.model.layers.{i}.proj.lora_A.weight"] = torch.randn(8, 64, generator=g) * 0.1 / c
+        sd[f"base_model.model.layers.{i}.proj.lora_B.weight"] = torch.randn(48, 8, generator=g) * 0.01 * c
+    save_file(sd, str(tmp_path / "adapter_model.safetensors"))
+    assert main(["inspect", str(tmp_path / "adapter_model.safetensors")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "fp16: 1 layer(s) lose more than 0.01 of dW (layers.1.proj[default]); balancing fixes all" in out
