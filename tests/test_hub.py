@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,25 @@ def test_cli_inspect_hub_id_and_missing_id(cached_peft_adapter, capsys):
     assert main(["inspect", "user/not-cached"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not in the Hugging Face cache" in err
+
+
+def test_dashboard_inspect_page_takes_a_hub_id(cached_peft_adapter, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from balora.dashboard import exposure, settings
+    from balora.dashboard.app import page_path
+
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path / "runs"))
+    monkeypatch.setattr(exposure, "served_address", lambda: ("127.0.0.1", "test"))
+    app = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+    at = AppTest.from_file(app, default_timeout=120).run()
+    at.switch_page(str(page_path("inspect.py"))).run()
+    at.text_input(key="insp_path").set_value("user/not-cached").run()
+    assert not at.exception
+    assert any("not in the Hugging Face cache" in e.value for e in at.error)
+    at.text_input(key="insp_path").set_value("user/tiny-lora").run()
+    assert not at.exception and not at.error
+    import balora
+
+    n_layers = len(balora.inspect(cached_peft_adapter))
+    assert len(at.dataframe) >= 1 and at.metric[0].value == str(n_layers)

@@ -174,6 +174,14 @@ def _inspect(path: str, version: tuple) -> pd.DataFrame:
     return balora.inspect(path)
 
 
+@st.cache_data(show_spinner=False, max_entries=16, ttl=600)
+def hub_snapshot(hub_id: str) -> Path:
+    """The Hub cache snapshot holding `hub_id`'s adapter files (fetched once per 10 minutes at most)."""
+    from balora.inspection import local_path
+
+    return local_path(hub_id)
+
+
 def inspect(path: str | Path) -> pd.DataFrame:
     """balora.inspect(path), re-read only when the files change. Raises what inspect raises."""
     return _inspect(str(path), path_version(Path(path)))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from balora.adapters import hub
 from balora.dashboard import frames, inspect_plots, loaders, plots, report_frames, settings, uploads
 from balora.errors import InputError
 
@@ -26,14 +27,23 @@ if source == "A path on this machine":
     if saved:  # the user moved on from an upload: delete its temporary copy now
         uploads.remove_tree(Path(saved[1]))
     text = st.text_input(
-        "Path", key="insp_path", placeholder="/path/to/adapter  or  /path/to/trainer-output  or  /path/to/lora.safetensors",
+        "Path or Hub id", key="insp_path",
+        placeholder="/path/to/adapter  or  /path/to/trainer-output  or  /path/to/lora.safetensors  or  user/name[@revision]",
     ).strip()
     if not text:
-        st.info("Enter the path of an adapter folder, a Trainer output folder or a .safetensors file, then press Enter.")
+        st.info("Enter the path of an adapter folder, a Trainer output folder or a .safetensors file, or a Hugging "
+                "Face Hub id (user/name or user/name@revision), then press Enter.")
         st.stop()
     target = Path(text).expanduser()
-    if not target.exists():
-        st.error(f"`{target}`: no such file or folder on this machine.")
+    if not target.exists() and hub.parse_hub_id(text) is not None:
+        try:  # a Hugging Face Hub id: its adapter files, through the Hub cache
+            with st.spinner(f"Fetching the adapter files of {text} (Hub cache)..."):
+                target = loaders.hub_snapshot(text)
+        except InputError as e:
+            st.error(str(e))
+            st.stop()
+    elif not target.exists():
+        st.error(f"`{target}`: no such file or folder on this machine (nor a Hub id `user/name`).")
         st.stop()
 else:
     up = st.file_uploader(
