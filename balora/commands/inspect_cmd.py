@@ -23,11 +23,13 @@ def add_parser(sub):
         "inspect",
         help="per-layer imbalance, conditioning and spectra of LoRA adapter files",
         description="Read LoRA adapters from files alone (PEFT folder, Trainer output folder with checkpoint-N, "
-        "kohya .safetensors, bare .safetensors with PEFT keys) and report per layer: r, scaling, norms, "
+        "diffusers pytorch_lora_weights.safetensors, kohya or LyCORIS .safetensors, bare .safetensors with PEFT "
+        "keys, or a Hugging Face Hub id user/name[@revision], fetched through the Hub cache: adapter files only, "
+        "HF_HUB_OFFLINE honoured; an existing local path always wins) and report per layer: r, scaling, norms, "
         "imbalance ||B^T B - A A^T||_F, rel_imbalance, condition numbers, effective rank and the top "
         "singular values of the scaled dW = s B A.",
     )
-    p.add_argument("path", help="adapter folder, Trainer output folder, or .safetensors/.bin file")
+    p.add_argument("path", help="adapter folder, Trainer output folder, .safetensors/.bin file, or Hub id user/name[@revision]")
     p.add_argument("--format", choices=FORMATS, default="table",
                    help="table for people; json (a list of records) or csv (one row per module and checkpoint)")
     p.add_argument("--adapter", metavar="NAME", help="only this adapter (default: all)")
