@@ -120,7 +120,9 @@ def _run_all(run: RunConfig, arms: list[Arm], build, first: Problem, device: tor
                         bar.set_description(f"{arm.name} s={seed} lr={lr:g} a={alpha:g}")
                         _cell(problem, arm, run, key, snapshot, writer, bar, device, group)
                         done["done"] += 1
-                        done["steps_done"] = bar.n
+                        # a cell that stopped early counts its whole budget, as the bar does (a disabled
+                        # bar, --quiet, counts nothing: keep the count here)
+                        done["steps_done"] += run.steps
                         writer.heartbeat(done, force=True)
                 finally:  # also on Ctrl-C: the cells that ended keep their summary rows
                     with signals_deferred():

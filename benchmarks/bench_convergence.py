@@ -4,6 +4,7 @@
     python benchmarks/bench_convergence.py             # synthetic, 8 seeds, 5-6-point grids; lm 3 seeds, 200 steps
     python benchmarks/bench_convergence.py --plots docs/img   # also write the PNG figures (needs matplotlib)
     python benchmarks/bench_convergence.py --no-lm --init-scales 1,3,10,30   # more initial scales of A
+    python benchmarks/bench_convergence.py --paper     # the paper's synthetic figure, its protocol (paper_synthetic.py)
 
 1. Synthetic (the paper's problem: LoRA r=4 on a frozen random 20x20 layer, random target, PEFT's
    B = 0 init, 100 full-batch steps), with torch Adam, SGD and sign descent (what the paper's
@@ -83,14 +84,15 @@ def _steps(summary: pd.DataFrame) -> pd.Series:
     return summary["steps_to_target"].where(summary["status"] == "completed", math.inf).fillna(math.inf).astype(float)
 
 
-def best_cells(summary: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
+def best_cells(summary: pd.DataFrame, metric: str, select: str = "arm") -> dict[str, pd.DataFrame]:
     """Per arm, the rows (one per seed) of the (lr, alpha) cell with the smallest median metric."""
-    return dict(iter(records.best_cells(summary, metric).groupby("arm", sort=False)))
+    return dict(iter(records.best_cells(summary, metric, select=select).groupby("arm", sort=False)))
 
 
-def print_best_table(summary: pd.DataFrame, metric: str, label: str) -> list[dict]:
-    """Every arm at its own best learning rate: median [q25, q75] over seeds."""
-    cells = best_cells(summary, metric)
+def print_best_table(summary: pd.DataFrame, metric: str, label: str, select: str = "arm") -> list[dict]:
+    """Every arm at its own best learning rate (per seed with select="seed": the median lr is shown):
+    median [q25, q75] over seeds."""
+    cells = best_cells(summary, metric, select)
     lora_steps = _steps(cells["lora"]).set_axis(cells["lora"]["seed"]) if "lora" in cells else None
     print(f"   {'arm':<12}{'best lr':>9}  {label + ' med [q25, q75]':<40}{'steps to target med [q25, q75]':<34}"
           f"{'reached':>8}{'diverged':>9}{'speed-up vs lora':>17}")
@@ -102,7 +104,7 @@ def print_best_table(summary: pd.DataFrame, metric: str, label: str) -> list[dic
         if lora_steps is not None:
             ratio = (lora_steps / st.set_axis(g["seed"])).replace([math.inf, -math.inf], math.nan)
             speed = float(ratio.median()) if ratio.notna().any() else math.nan
-        row = {"arm": arm, "best_lr": float(g["lr"].iloc[0]), "median": float(v.median()), "q25": _q(v, 0.25),
+        row = {"arm": arm, "best_lr": float(g["lr"].median()), "median": float(v.median()), "q25": _q(v, 0.25),
                "q75": _q(v, 0.75), "steps_median": float(st.median()), "steps_q25": _q(st, 0.25),
                "steps_q75": _q(st, 0.75), "reached": int(st.apply(math.isfinite).sum()), "seeds": len(g),
                "diverged": int((g["status"] == "diverged").sum()), "speedup": speed}
@@ -155,16 +157,17 @@ def run_synthetic(args, out: Path) -> dict[tuple[float, str], object]:
             print(f"\n== synthetic, {_scale_label(scale)}, {opt}: r=4, 20x20, 100 steps, {args.seeds} seeds, "
                   f"lr grid {grid}; {len(run.summary)} cells in {took:.0f} s; {_load()} ==")
             print(f"   run: {out / name}")
-            print("   each arm at its own best lr (the lr with the smallest median final excess loss):")
-            print_best_table(run.summary, "final_excess_loss", "final excess loss")
+            print("   each arm at its own best lr (" + ("the lr with the smallest median final excess loss" if
+                  args.select == "arm" else "each seed its own lr, the paper's protocol; median lr shown") + "):")
+            print_best_table(run.summary, "final_excess_loss", "final excess loss", args.select)
             print("   median final excess loss over seeds, every arm at every lr (inf: diverged):")
             print_grid_table(run.summary, "final_excess_loss")
     if runs:
-        print_overview(runs)
+        print_overview(runs, args.select)
     return runs
 
 
-def print_overview(runs: dict) -> None:
+def print_overview(runs: dict, select: str = "arm") -> None:
     """One line per (optimizer, init_scale): each arm's median final excess loss at its own best lr."""
     arms = list(dict.fromkeys(a for run in runs.values() for a in run.summary["arm"].unique()))
     print("\n== synthetic overview: median final excess loss at each arm's own best lr (that lr) ==")
@@ -173,7 +176,7 @@ def print_overview(runs: dict) -> None:
         for (scale, o), run in runs.items():
             if o != opt:
                 continue
-            cells = best_cells(run.summary, "final_excess_loss")
+            cells = best_cells(run.summary, "final_excess_loss", select)
             txt = []
             for a in arms:
                 g = cells.get(a)
@@ -181,7 +184,7 @@ def print_overview(runs: dict) -> None:
                     txt.append("-")
                     continue
                 med = float(_values(g, "final_excess_loss")["value"].median())
-                txt.append(f"{_fmt(med, 2, inf='diverged')} ({float(g['lr'].iloc[0]):g})")
+                txt.append(f"{_fmt(med, 2, inf='diverged')} ({float(g['lr'].median()):g})")
             print(f"   {opt:<10}{scale:>11g}" + "".join(f"{t:>20}" for t in txt))
 
 
@@ -208,7 +211,7 @@ def run_lm(args, out: Path):
     return run
 
 
-def plot_synthetic(runs: dict, path: Path) -> None:
+def plot_synthetic(runs: dict, path: Path, select: str = "arm") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,12 +222,12 @@ def plot_synthetic(runs: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(scales), len(opts), figsize=(5 * len(opts), 4 * len(scales)), squeeze=False)
     for (scale, opt), run in runs.items():
         ax = axes[scales.index(scale)][opts.index(opt)]
-        cells = best_cells(run.summary, "final_excess_loss")
+        cells = best_cells(run.summary, "final_excess_loss", select)
         steps = run.steps
         start = 0.0
         for arm, g in cells.items():
-            lr = float(g["lr"].iloc[0])
-            d = steps[(steps["arm"] == arm) & (steps["lr"] == lr)]
+            lr = float(g["lr"].median())  # per-seed selection: each seed its own lr, the median shown
+            d = steps.merge(g[list(records.KEY)], on=list(records.KEY))
             med = d.groupby("step")["excess_loss"].median()
             lo = d.groupby("step")["excess_loss"].quantile(0.25)
             hi = d.groupby("step")["excess_loss"].quantile(0.75)
@@ -286,12 +289,22 @@ def main(argv=None) -> int:
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--out", default="bench_runs", help="folder for the balora run directories")
     ap.add_argument("--plots", default=None, help="folder to write synthetic.png and lm.png into (needs matplotlib)")
+    ap.add_argument("--select", default="arm", choices=("arm", "seed"),
+                    help="best lr: arm = one per arm, lowest median over seeds; seed = each seed its own (the paper's)")
+    ap.add_argument("--paper", action="store_true",
+                    help="only the paper's synthetic experiment with its protocol (depth 1 and 2, sign descent and "
+                         "gradient descent, 8 trajectories, per-seed best lr of linspace(1e-5, 0.3, 50)); writes "
+                         "docs/img/paper_synthetic.png and its table into docs/BENCHMARKS.md")
+    ap.add_argument("--paper-lr", default="lin:1e-5:0.3:50", help="--paper's lr grid (the paper's by default)")
+    ap.add_argument("--docs", default="docs", help="--paper: the docs folder to write the figure and table into")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
     print(f"bench_convergence: python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, balora {balora.__version__}, "
           f"{platform.machine()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M:%S')}; {_load()}")
+    if args.paper:
+        return run_paper_experiment(args, out)
     runs, lm = {}, None
     if not args.no_synthetic:
         runs = run_synthetic(args, out)
@@ -302,13 +315,39 @@ def main(argv=None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             if runs:
-                plot_synthetic(runs, folder / "convergence_synthetic.png")
+                plot_synthetic(runs, folder / "convergence_synthetic.png", args.select)
             if lm is not None:
                 plot_lm(lm, folder / "convergence_lm.png")
             print(f"\nplots written to {folder}/ (matplotlib)")
         except ImportError:
             print("\nplots skipped: matplotlib is not installed (pip install matplotlib)")
     print(f"\ndone; {_load()}")
+    return 0
+
+
+def run_paper_experiment(args, out: Path) -> int:
+    """--paper: four runs, the four-panel figure, the table printed and written into docs/BENCHMARKS.md."""
+    import paper_synthetic as paper  # beside this script (python puts the script's folder on the path)
+
+    t0 = time.perf_counter()
+    print(f"\n== the paper's synthetic experiment: {paper.ARMS}, {args.seeds} trajectories, lr {args.paper_lr} ==")
+    runs = paper.run_paper(out, seeds=args.seeds, lr=args.paper_lr)
+    took = time.perf_counter() - t0
+    table = paper.paper_table(runs)
+    print(paper.markdown(table))
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    header = (f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} shared CPU cores (torch "
+              f"{torch.__version__}, balora {balora.__version__}): {sum(len(r.summary) for r, _ in runs.values())} "
+              f"cells in {took / 60:.1f} min; {_load()} at the end. Figure: `docs/img/paper_synthetic.png`.")
+    docs = Path(args.docs)
+    (docs / "img").mkdir(parents=True, exist_ok=True)
+    paper.write_docs(table, command, header, docs / "BENCHMARKS.md")
+    try:
+        paper.plot_paper(runs, docs / "img" / "paper_synthetic.png")
+        print(f"\nfigure written to {docs / 'img' / 'paper_synthetic.png'}; table to {docs / 'BENCHMARKS.md'}")
+    except ImportError:
+        print("\nfigure skipped: matplotlib is not installed (pip install matplotlib)")
+    print(f"done in {took:.0f} s; {_load()}")
     return 0
 
 

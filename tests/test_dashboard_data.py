@@ -229,6 +229,25 @@ def test_best_cells_follow_arm_summary_then_latest_loss(grid_run):
     assert len(frames.best_cells(two, two.iloc[0:0])) == 4
 
 
+def test_best_cells_per_seed_follow_records(grid_run):
+    """The Compare page's 'each seed's own best cell': records.best_cells(select='seed'), one row per seed."""
+    from balora.records import best_cells
+
+    t = _by_series(grid_run)
+    best = frames.best_cells(t["summary"], t["steps"], select="seed")
+    ref = best_cells(grid_run.summary, select="seed")
+    got = best.set_index(["series", "seed"])[["lr", "alpha"]].sort_index()
+    want = ref.rename(columns={"arm": "series"}).set_index(["series", "seed"])[["lr", "alpha"]].sort_index()
+    assert got.equals(want.astype(got.dtypes.to_dict()))
+    sel = frames.select_cells(t["steps"], best)
+    assert len(sel) == sum(len(t["steps"][(t["steps"]["series"] == s) & (t["steps"]["seed"] == seed) &
+                                         (t["steps"]["lr"] == lr) & (t["steps"]["alpha"] == a)])
+                           for (s, seed), (lr, a) in got.iterrows())
+    assert sel.groupby(["series", "seed"])[["lr", "alpha"]].nunique().max().max() == 1
+    from_steps = frames.best_cells(t["summary"].iloc[0:0], t["steps"], select="seed")
+    assert set(from_steps["source"]) == {"latest loss"} and len(from_steps) == len(got)
+
+
 def test_grid_cells_median_and_diverged_as_nan(grid_run):
     t = _by_series(grid_run)
     summary = t["summary"].copy()

@@ -48,6 +48,7 @@ def test_timings_targets_and_speedups_are_consistent(tmp_path):
                   rank=2, device="cpu", out=tmp_path / "run", quiet=True, layers_every=0, spectra_every=0, **TINY)
     assert len(run.summary) == 2 * 2 * 2 * 2  # arms x seeds x lrs x alphas
     assert run.config["n_cells"] == 16 and run.status_info["progress"]["done"] == 16
+    assert run.status_info["progress"]["steps_done"] == run.status_info["progress"]["steps_total"] == 16 * 30
     for key, cell in run.steps.groupby(["arm", "seed", "lr", "alpha"]):
         cell = cell.sort_values("step")
         assert list(cell["step"]) == list(range(1, 31))
