@@ -34,6 +34,7 @@ _EXPORTS = {
     "BalanceCallback": "balora.callbacks",
     "balance_after_step": "balora.callbacks",
     "RunRecorder": "balora.recorder",
+    "lora_shard_placement": "balora.sharded_step",
     # adapter files
     "INSPECT_COLUMNS": "balora.inspection",
     "inspect": "balora.inspection",

@@ -9,10 +9,11 @@ from torch import nn
 from transformers import TrainerCallback
 
 from balora.adapters.live import PairCache
-from balora.balance import BalanceSummary, balance_and_write
+from balora.balance import BalanceSummary
 from balora.distributed import FSDP2_HINT
 from balora.policy import BalancePolicy
 from balora.report import layer_report, summarize
+from balora.sharded_step import balance_step
 
 
 class BalanceCallback(TrainerCallback):
@@ -75,8 +76,8 @@ class BalanceCallback(TrainerCallback):
         if not self.balance or model is None or step < self.start_step or (step - self.start_step) % self.every:
             return
         t0 = time.perf_counter()
-        pairs = self._pairs.get(model, self.adapter)
-        self.last_summary = balance_and_write(pairs, self.policy)
+        pairs = self._pairs.get(model, self.adapter, gather=False)  # FSDP2: balance_step gathers what it needs
+        self.last_summary = balance_step(pairs, self.policy)
         self.last_summary.seconds = time.perf_counter() - t0  # with the (usually cached) walk
         self.balance_seconds += self.last_summary.seconds
 
@@ -118,6 +119,6 @@ def balance_after_step(
     def hook(opt, args, kw):
         count["steps"] += 1
         if count["steps"] % every == 0:
-            balance_and_write(cache.get(model, adapter), policy)
+            balance_step(cache.get(model, adapter, gather=False), policy)
 
     return optimizer.register_step_post_hook(hook)

@@ -17,7 +17,7 @@ FSDP1 (`FullyShardedDataParallel`, flat parameters) and DeepSpeed ZeRO are refus
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 
 import torch
 from torch import nn
@@ -29,19 +29,28 @@ FSDP2_HINT = "shard with FSDP2 (torch.distributed.fsdp.fully_shard), which balor
 
 @dataclass
 class CommStats:
-    """What one gather moved, seen from this rank."""
+    """What one pass moved, seen from this rank."""
 
-    collectives: int = 0  # all_gather / full_tensor calls
-    bytes_received: int = 0  # payload this rank received from the others (padding included)
-    bytes_sent: int = 0  # payload this rank contributed (its local shards, padded)
+    collectives: int = 0  # all_gather / full_tensor / all_reduce calls
+    bytes_received: int = 0  # gathered payload this rank received from the others (padding included)
+    bytes_sent: int = 0  # gathered payload this rank contributed (its local shards, padded)
+    bytes_reduced: int = 0  # size of the all-reduced buffer (r x r Grams; balora.sharded_step)
+
+    def __add__(self, other: "CommStats") -> "CommStats":
+        return CommStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 _LAST = CommStats()
 
 
 def last_comm() -> CommStats:
-    """CommStats of the latest gather of sharded factors in this process (zeros if none yet)."""
+    """CommStats of the latest pass over sharded factors in this process (zeros if none yet)."""
     return replace(_LAST)
+
+
+def record_comm(stats: CommStats) -> None:
+    global _LAST
+    _LAST = stats
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -75,6 +84,7 @@ def gather_pairs(pairs: list[FactorPair]) -> list[FactorPair]:
     """
     sharded = [i for i, p in enumerate(pairs) if _sharded_params(p)]
     if not sharded:
+        record_comm(CommStats())  # a gather of nothing moves nothing
         return pairs
     params = [t for i in sharded for t in _sharded_params(pairs[i])]
     full = dict(zip(map(id, params), gather_full(params)))
@@ -97,7 +107,6 @@ def _sharded_params(p: FactorPair) -> list[torch.Tensor]:
 
 def gather_full(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """The whole tensor of every DTensor in `params` (detached), in order; records last_comm()."""
-    global _LAST
     stats = CommStats()
     result: list[torch.Tensor | None] = [None] * len(params)
     batches: dict[tuple, list[int]] = {}
@@ -113,7 +122,7 @@ def gather_full(params: list[torch.Tensor]) -> list[torch.Tensor]:
     for idx in batches.values():
         for i, whole in zip(idx, _all_gather_rows([params[i] for i in idx], stats)):
             result[i] = whole
-    _LAST = stats
+    record_comm(stats)
     return result  # type: ignore[return-value]
 
 

@@ -7,7 +7,7 @@ Run by tests/test_fsdp2.py:
 Two sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
 BalanceCallback.on_optimizer_step by hand after each step (how the Trainer calls it). Every rank
 writes OUT_DIR/{run}_rank{R}.safetensors (its gathered LoRA factors) and OUT_DIR/{run}_rank{R}.json
-(losses, layer_report, what the last gather communicated). Rank 0 also writes reference.* from the
+(losses, layer_report, what the last balancing pass and the report communicated). Rank 0 also writes reference.* from the
 single-process run over the whole batch (FSDP2 averages the ranks' gradients, so the single
 process sees the mean of the ranks' mean losses: the same objective).
 """
@@ -25,10 +25,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Shard
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState
 
-from balora import BalanceCallback, balance_after_step, layer_report
+from balora import BalanceCallback, balance_after_step, layer_report, lora_shard_placement
 from balora.distributed import last_comm
 
 VOCAB, SEQ, PER_RANK, STEPS, LR = 64, 12, 2, 4, 5e-3
@@ -49,11 +48,12 @@ def make_model() -> torch.nn.Module:
 
 
 def shard(model: torch.nn.Module, mesh) -> None:
-    """fully_shard every decoder block and the root; block 1 shards its lora_A by columns (Shard(1)),
-    which balora gathers by the general (per-factor) path."""
+    """fully_shard every decoder block and the root. Block 1 shards its lora_A by columns
+    (lora_shard_placement), so its pairs are balanced from all-reduced r x r Grams; block 0 and
+    the embedding keep FSDP2's default rows, so theirs are gathered whole."""
+    by_columns = lora_shard_placement(model)
     for i, block in enumerate(model.base_model.model.model.layers):
-        by_columns = (lambda p: Shard(1) if p.ndim == 2 and p.shape[0] == LORA["r"] else None) if i == 1 else None
-        fully_shard(block, mesh=mesh, shard_placement_fn=by_columns)
+        fully_shard(block, mesh=mesh, shard_placement_fn=by_columns if i == 1 else None)
     fully_shard(model, mesh=mesh)
 
 
@@ -62,8 +62,9 @@ def batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, (STEPS, 2 * PER_RANK, SEQ), generator=g)  # (steps, global batch, seq)
 
 
-def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> list[float]:
-    """STEPS AdamW steps on ids (steps, batch, seq), balancing after each; the mean loss per step."""
+def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[list[float], dict]:
+    """STEPS AdamW steps on ids (steps, batch, seq), balancing after each; the mean loss per step
+    and what the last balancing pass communicated."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     callback, hook = BalanceCallback(log_diagnostics=False), None
     if balance == "hook":
@@ -84,9 +85,11 @@ def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> list[flo
             dist.all_reduce(loss)
             loss /= dist.get_world_size()
         losses.append(float(loss))
+    step_comm = last_comm()
     if hook is not None:
         hook.remove()
-    return losses
+    return losses, {"collectives": step_comm.collectives, "bytes_received": step_comm.bytes_received,
+                    "bytes_reduced": step_comm.bytes_reduced}
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
@@ -99,12 +102,13 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(out_dir: str, tag: str, model, losses: list[float]) -> None:
+def save(out_dir: str, tag: str, model, trained: tuple[list[float], dict]) -> None:
     report = layer_report(model)  # also a collective under FSDP2
     save_file(lora_state(model), os.path.join(out_dir, f"{tag}.safetensors"))
     comm = last_comm()
-    info = {"losses": losses, "report": report[["module", "rel_imbalance", "sigma", "norm_A", "norm_B"]].to_dict("list"),
-            "comm": {"collectives": comm.collectives, "bytes_received": comm.bytes_received},
+    info = {"losses": trained[0], "report": report[["module", "rel_imbalance", "sigma", "norm_A", "norm_B"]].to_dict("list"),
+            "step_comm": trained[1],
+            "report_comm": {"collectives": comm.collectives, "bytes_received": comm.bytes_received},
             "world_size": dist.get_world_size() if dist.is_initialized() else 1}
     with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
         json.dump(info, f)
@@ -120,8 +124,7 @@ def main(out_dir: str) -> None:
     for run in ("hook", "callback"):
         model = make_model()
         shard(model, mesh)
-        losses = train(model, local, run, distributed=True)
-        save(out_dir, f"{run}_rank{rank}", model, losses)
+        save(out_dir, f"{run}_rank{rank}", model, train(model, local, run, distributed=True))
     if rank == 0:
         model = make_model()
         save(out_dir, "reference", model, train(model, ids, "hook", distributed=False))

@@ -96,19 +96,29 @@ def test_layer_report_matches_the_single_process_model(fsdp2_run):
         assert all(math.isclose(g, w, rel_tol=1e-4) for g, w in zip(got, want))
 
 
-def test_bytes_communicated_per_pass(fsdp2_run):
-    """One all_gather for every row-sharded factor (each padded to ceil(rows / 2) rows) plus one
-    full_tensor per column-sharded factor (block 1's lora_A, Shard(1)); counted from the shapes."""
+def _gathered_bytes(t: torch.Tensor, world: int, by_columns: bool) -> int:
+    """What one rank receives when t is gathered: rows padded to ceil(rows / world) in one all_gather,
+    or, sharded by columns, full_tensor's (world - 1) / world of it (the widths here divide evenly)."""
+    rows, cols = t.shape[0], math.prod(t.shape[1:])
+    if by_columns:
+        assert cols % world == 0
+        return rows * (cols - cols // world) * t.element_size()
+    return (world - 1) * math.ceil(rows / world) * cols * t.element_size()
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_bytes_communicated_per_pass(fsdp2_run, run):
+    """Counted from the shapes. Block 1 (lora_A by columns) is balanced from r x r Grams, all
+    all-reduced in one float64 buffer; the other pairs are gathered whole by one all_gather. The
+    report gathers every factor: the row-sharded ones together, block 1's lora_A one by one."""
     ref, _ = _load(fsdp2_run, "reference")
-    world, expected, column_sharded = 2, 0, 0
-    for name, t in ref.items():
-        rows, cols = t.shape[0], math.prod(t.shape[1:])
-        if ".layers.1." in name and ".lora_A." in name:
-            column_sharded += 1
-            assert cols % world == 0  # so both ranks receive the same amount
-            expected += rows * (cols - cols // world) * t.element_size()
-        else:
-            expected += (world - 1) * math.ceil(rows / world) * cols * t.element_size()
+    world, r = 2, 3
+    block1 = {n for n in ref if ".layers.1." in n}
+    step_gathered = sum(_gathered_bytes(t, world, False) for n, t in ref.items() if n not in block1)
+    reduced = (len(block1) // 2) * 2 * r * r * 8
+    by_columns = {n for n in block1 if ".lora_A." in n}
+    report_gathered = sum(_gathered_bytes(t, world, n in by_columns) for n, t in ref.items())
     for rank in (0, 1):
-        _, info = _load(fsdp2_run, f"hook_rank{rank}")
-        assert info["comm"] == {"collectives": 1 + column_sharded, "bytes_received": expected}
+        _, info = _load(fsdp2_run, f"{run}_rank{rank}")
+        assert info["step_comm"] == {"collectives": 2, "bytes_received": step_gathered, "bytes_reduced": reduced}
+        assert info["report_comm"] == {"collectives": 1 + len(by_columns), "bytes_received": report_gathered}

@@ -214,3 +214,49 @@ def test_pair_cache_regathers_every_step_and_rewalks_new_parameters(model, mesh)
     A, B = whole["base_model.model.lin.lora_A.default.weight"], whole["base_model.model.lin.lora_B.default.weight"]
     assert A.dtype == torch.float64
     assert float(rel_imbalance(A[None], B[None])[0]) < 1e-12, "the new shards were not balanced"
+
+
+def _gram_layout(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    fully_shard(model, mesh=mesh, shard_placement_fn=balora.lora_shard_placement(model))
+    A = _layer(model, "lin").lora_A["default"].weight
+    assert tuple(A.placements) == (Shard(1),), "lora_shard_placement must shard A by columns"
+    return model
+
+
+def test_balance_step_from_all_reduced_grams_matches_the_unsharded_model(model, mesh):
+    from balora.adapters.live import PairCache
+    from balora.distributed import last_comm
+    from balora.policy import BalancePolicy
+    from balora.sharded_step import balance_step
+
+    torch.manual_seed(0)
+    plain = get_peft_model(Tiny(), LoraConfig(r=R, lora_alpha=4, target_modules=["emb", "lin", "conv"],
+                                              init_lora_weights=False))
+    sharded = _gram_layout(model, mesh)
+    balora.balance_(plain)
+    summary = balance_step(PairCache().get(sharded, gather=False), BalancePolicy(check=False))
+    assert summary.balanced == 3 and not summary.skipped
+    comm = last_comm()
+    assert comm.bytes_reduced == 2 * 2 * R * R * 8, "emb and lin: two r x r float64 Grams each, all-reduced"
+    expected = _lora_state(plain)
+    for n, t in _whole(sharded).items():
+        torch.testing.assert_close(t, expected[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_balance_step_writes_nothing_when_a_policy_raises(model, mesh):
+    from balora.adapters.live import PairCache
+    from balora.balance import BalanceError
+    from balora.policy import BalancePolicy
+    from balora.sharded_step import balance_step
+
+    sharded = _gram_layout(model, mesh)
+    with torch.no_grad():
+        _layer(sharded, "conv").lora_B["default"].weight.to_local()[0, 0] = float("nan")  # a gathered pair
+    before = _whole(sharded)
+    with pytest.raises(BalanceError, match="conv"):
+        balance_step(PairCache().get(sharded, gather=False), BalancePolicy(check=False))
+    for n, t in _whole(sharded).items():
+        assert torch.equal(t.nan_to_num(nan=7.0), before[n].nan_to_num(nan=7.0)), f"{n} was written although balancing raised"

@@ -145,13 +145,16 @@ class PairCache:
         self._key: tuple | None = None
         self._pairs: list[FactorPair] = []
 
-    def get(self, model: nn.Module, adapter: str | None = None) -> list[FactorPair]:
+    def get(self, model: nn.Module, adapter: str | None = None, gather: bool = True) -> list[FactorPair]:
+        """The pairs; gather=False hands FSDP2 pairs back as last gathered, for balora.sharded_step.balance_step,
+        which reads their shards (extra["params"]) and gathers only what it needs."""
         key = (id(model), adapter, tuple(getattr(model, "peft_config", None) or ()))
         if key != self._key or not all(_still_viewing(p) for p in self._pairs):
             self._pairs = model_pairs(model, adapter)  # gathered once here under FSDP2
             self._key = key
             return self._pairs
-        return gather_pairs(self._pairs)  # FSDP2: today's whole factors; unsharded pairs come back as they are
+        # FSDP2: today's whole factors; unsharded pairs come back as they are
+        return gather_pairs(self._pairs) if gather else self._pairs
 
 
 def _still_viewing(pair: FactorPair) -> bool:
