@@ -558,3 +558,26 @@ def test_destination_rules(trained, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         balance_file(folder, tmp_path / "missing" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left behind
+
+
+def test_each_tensor_file_is_parsed_once(tmp_path, monkeypatch):
+    """Readers share the candidate's TensorFile: a bare file is not parsed again by each reader."""
+    from balora.adapters import tensor_file
+
+    opened = []
+    real_init = tensor_file.TensorFile.__init__
+
+    def counting_init(self, path, format=None):
+        opened.append(Path(path).name)
+        real_init(self, path, format)
+
+    monkeypatch.setattr(tensor_file.TensorFile, "__init__", counting_init)
+    g = torch.Generator().manual_seed(0)
+    bare = tmp_path / "bare.safetensors"
+    save_file({"m.lora_A.weight": torch.randn(2, 4, generator=g), "m.lora_B.weight": torch.randn(3, 2, generator=g)},
+              str(bare))
+    torch.save(load_file(str(bare)), tmp_path / "bare.bin")
+    for name in ("bare.safetensors", "bare.bin"):
+        opened.clear()
+        (source,) = reading.read_adapters(tmp_path / name)
+        assert source.reader == "bare" and opened == [name]
