@@ -1,18 +1,21 @@
 """What balancing an FSDP2-sharded adapter communicates and costs, at 1B-like adapter shapes.
 
-    torchrun --nproc_per_node 2 benchmarks/bench_fsdp2.py             # Llama-3.2-1B-like, r=16, fp32
+    torchrun --nproc_per_node 2 benchmarks/bench_fsdp2.py             # Llama-3.2-1B-like, r=16, fp32 (~1 min)
     torchrun --nproc_per_node 2 benchmarks/bench_fsdp2.py --model 3B --r 8
 
 Every rank builds the LoRA factors of every targeted Linear (bench_projection's shapes) as
-FSDP2 lays them out (DTensor parameters, Shard(0) on a 1-D mesh, gloo on CPU), then times,
-side by side in rotating order:
+FSDP2 lays them out (DTensor parameters on a 1-D mesh, gloo on CPU), in two layouts: "rows",
+FSDP2's default (every factor Shard(0)), and "grams", with lora_A by columns (Shard(1), what
+balora.lora_shard_placement gives fully_shard). It then times, side by side in rotating order:
 
-  gather    balora.distributed.gather_pairs: the whole factors, by one all_gather
-  balance   gather + balance_and_write(check=False): what BalanceCallback does after a step
-  adamw     one torch.optim.AdamW step over this rank's shards (torch's default implementation)
+  gather         balora.distributed.gather_pairs on "rows": the whole factors, one all_gather
+  step rows      balora.sharded_step.balance_step on "rows" (gathers, then balances whole):
+                 what BalanceCallback does after a step with FSDP2's default layout
+  step grams     balance_step on "grams": r x r Grams all-reduced, local products
+  adamw          one torch.optim.AdamW step over this rank's shards (torch's default implementation)
 
-and prints the bytes this rank received per pass (balora.distributed.last_comm, measured), the
-same by arithmetic for 2, 4 and 8 ranks, and for scale what FSDP2 itself all-gathers per step
+and prints what each pass communicated (balora.distributed.last_comm, measured), the gathered
+bytes by arithmetic for 2, 4 and 8 ranks, and for scale what FSDP2 itself all-gathers per step
 for the frozen bf16 base weights (forward and backward: twice the model, less the local shard).
 """
 
@@ -30,21 +33,23 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from bench_projection import MODELS, ModelShape, module_shapes  # same folder: run as a script
-from balora.balance import balance_and_write
 from balora.distributed import gather_pairs, last_comm
 from balora.pairs import FactorPair
+from balora.policy import BalancePolicy
+from balora.sharded_step import balance_step
 
 
-def sharded_adapter(m: ModelShape, r: int, mesh) -> tuple[list[nn.Parameter], list[FactorPair]]:
-    """Factors as after some training (B small, nonzero), the same on every rank, then sharded."""
+def sharded_adapter(m: ModelShape, r: int, mesh, a_dim: int) -> tuple[list[nn.Parameter], list[FactorPair]]:
+    """Factors as after some training (B small, nonzero), the same on every rank, then sharded:
+    A (r, in) along a_dim, B (out, r) by rows."""
     g = torch.Generator().manual_seed(0)
     params, pairs = [], []
     for name, n_in, n_out in module_shapes(m):
         A = torch.randn(r, n_in, generator=g) / n_in**0.5  # (r, in)
         B = torch.randn(n_out, r, generator=g) * 1e-3  # (out, r)
-        A_p, B_p = (nn.Parameter(distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)) for t in (A, B))
+        A_p, B_p = (nn.Parameter(distribute_tensor(t, mesh, [Shard(d)], src_data_rank=None)) for t, d in ((A, a_dim), (B, 0)))
         for p in (A_p, B_p):
-            p.grad = distribute_tensor(torch.randn(p.shape, generator=g) * 1e-3, mesh, [Shard(0)], src_data_rank=None)
+            p.grad = distribute_tensor(torch.randn(p.shape, generator=g) * 1e-3, mesh, p.placements, src_data_rank=None)
         params += [A_p, B_p]
         pairs.append(FactorPair(name, "default", "linear", A_p.detach(), B_p.detach(), 2.0, extra={"params": (A_p, B_p)}))
     return params, pairs
@@ -73,16 +78,22 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     m = MODELS[args.model]
-    params, pairs = sharded_adapter(m, args.r, mesh)
+    params, rows = sharded_adapter(m, args.r, mesh, a_dim=0)
+    _, grams = sharded_adapter(m, args.r, mesh, a_dim=1)
     opt = torch.optim.AdamW(params, lr=1e-4)
+    policy = BalancePolicy(check=False)  # as BalanceCallback runs it
+    comm = {}
 
-    def run_gather():
-        gather_pairs(pairs)
+    def timed_pass(name, fn):
+        def run():
+            fn()
+            comm[name] = last_comm()
+        return run
 
-    def run_balance():
-        balance_and_write(gather_pairs(pairs), check=False)
-
-    timed = {"gather": run_gather, "balance": run_balance, "adamw": opt.step}
+    timed = {"gather": timed_pass("gather", lambda: gather_pairs(rows)),
+             "step rows": timed_pass("step rows", lambda: balance_step(rows, policy)),
+             "step grams": timed_pass("step grams", lambda: balance_step(grams, policy)),
+             "adamw": opt.step}
     times: dict[str, list[float]] = {k: [] for k in timed}
     names = list(timed)
     for rep in range(args.reps + 1):  # the first round warms up and is dropped
@@ -93,22 +104,23 @@ def main() -> None:
             dist.barrier()
             if rep:
                 times[name].append(time.perf_counter() - t0)
-    comm = last_comm()
     if rank == 0:
         med = {k: statistics.median(v) for k, v in times.items()}
-        n_factors = 2 * len(pairs)
-        print(f"{m.name}, r={args.r}, fp32, {len(pairs)} LoRA pairs, {world} gloo ranks on CPU, "
-              f"median of {args.reps}:")
+        print(f"{m.name}, r={args.r}, fp32, {len(rows)} LoRA pairs, {world} gloo ranks on CPU, median of {args.reps}:")
         for k in names:
-            print(f"  {k:<8}{med[k] * 1e3:9.1f} ms")
-        print(f"  balance / adamw = {med['balance'] / med['adamw']:.2f}x   gather / balance = "
-              f"{med['gather'] / med['balance']:.2f}x")
-        print(f"communicated per balancing pass (this rank): {comm.collectives} collective(s) for {n_factors} factors, "
-              f"received {comm.bytes_received / 1e6:.2f} MB (measured), sent {comm.bytes_sent / 1e6:.2f} MB")
-        assert comm.bytes_received == expected_bytes(m, args.r, world), "measured bytes differ from the arithmetic"
+            extra = f"   / adamw = {med[k] / med['adamw']:.2f}x" if k != "adamw" else ""
+            print(f"  {k:<12}{med[k] * 1e3:9.1f} ms{extra}")
+        print("communicated per pass (this rank, measured):")
+        for k in ("step rows", "step grams"):
+            c = comm[k]
+            print(f"  {k:<12}{c.collectives} collective(s): gathered {c.bytes_received / 1e6:.3f} MB, "
+                  f"all-reduced {c.bytes_reduced / 1e6:.3f} MB")
+        assert comm["step rows"].bytes_received == expected_bytes(m, args.r, world), "measured bytes differ from the arithmetic"
+        assert comm["step grams"].bytes_received == 0 and comm["step grams"].bytes_reduced == len(grams) * 2 * args.r**2 * 8
         base = base_params(m)
-        print("by arithmetic, bytes each rank receives per step:")
-        print(f"  {'ranks':>5}  {'balora (fp32 factors)':>22}  {'FSDP2 base all-gathers (bf16, fwd+bwd)':>40}")
+        reduced = len(grams) * 2 * args.r**2 * 8
+        print(f"by arithmetic, per step: 'grams' all-reduces {reduced / 1e6:.3f} MB whatever the number of ranks;")
+        print(f"  {'ranks':>5}  {'rows: gathered (fp32)':>22}  {'FSDP2 base all-gathers (bf16, fwd+bwd)':>40}")
         for w in (2, 4, 8):
             fsdp = 2 * (w - 1) / w * base * 2
             print(f"  {w:>5}  {expected_bytes(m, args.r, w) / 1e6:>19.1f} MB  {fsdp / 1e9:>37.2f} GB")
