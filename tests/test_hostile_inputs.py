@@ -393,3 +393,13 @@ def test_sparse_meta_tensors_and_broken_links_are_input_errors(tmp_path, capsys)
     (loop / "adapter_config.json").symlink_to(loop / "adapter_config.json")
     assert_input_error(capsys, "broken symbolic link", "inspect", loop)
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_unreadable_folder_is_an_input_error(tmp_path, capsys, monkeypatch):
+    folder = write_peft(tmp_path / "locked")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)  # as for a folder without read permission (tests run as root)
+    assert_input_error(capsys, "cannot read it (Permission denied)", "inspect", folder)

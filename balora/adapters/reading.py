@@ -314,7 +314,11 @@ def read_adapters(path, adapter: str | None = None) -> list[AdapterSource]:
                          "regular weights files only")
     candidate = Candidate(path, adapter_root(path))
     for read in READERS.values():
-        sources = read(candidate)
+        try:
+            sources = read(candidate)
+        except OSError as e:  # a folder or file the readers cannot open (permissions, I/O error)
+            where = e.filename or path
+            raise InputError(f"{where}: cannot read it ({e.strerror or e})") from e
         if sources is not None:
             break
     else:
