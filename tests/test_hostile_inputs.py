@@ -403,3 +403,9 @@ def test_unreadable_folder_is_an_input_error(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(Path, "iterdir", denied)  # as for a folder without read permission (tests run as root)
     assert_input_error(capsys, "cannot read it (Permission denied)", "inspect", folder)
+
+
+def test_huge_integer_in_diffusers_metadata_is_an_input_error(tmp_path, capsys):
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors(prefix="unet."), str(path), metadata={"lora_adapter_metadata": '{"unet.r": ' + "1" * 5000 + "}"})
+    assert_input_error(capsys, "lora_adapter_metadata is not valid JSON", "inspect", path)

@@ -48,8 +48,8 @@ def metadata_configs(metadata: dict, where) -> dict[str | None, dict]:
         return {}
     try:
         table = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as e:
-        msg = getattr(e, "msg", "nested too deeply")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer with thousands of digits
+        msg = getattr(e, "msg", None) or ("nested too deeply" if isinstance(e, RecursionError) else str(e)[:120])
         raise InputError(f"{where}: safetensors metadata {DIFFUSERS_METADATA} is not valid JSON ({msg})") from None
     if not isinstance(table, dict):
         raise InputError(f"{where}: safetensors metadata {DIFFUSERS_METADATA} should be a JSON object, "
