@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -67,7 +69,12 @@ def balance_pairs(
     once (the Gram path's accuracy flags); pairs the Gram path refuses are redone by the QR
     path, which costs a few more ops and syncs in the passes that need it.
     """
-    policy = as_policy(method, on_rank_deficient, on_nonfinite, check)
+    return _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), reuse=False)
+
+
+def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool):
+    """balance_pairs. reuse=True (the caller writes the results at once): new factors from the
+    Gram path are views into this thread's workspace, in the compute dtype (writing casts)."""
     t0 = time.perf_counter()
     summary = BalanceSummary()
     candidates, positions = [], []  # positions[k]: index in `pairs` of candidates[k]
@@ -83,7 +90,7 @@ def balance_pairs(
     for b in blocks:  # r > min(in, out): singular Grams by shape; the QR path, padded to r, does these
         if b.A.shape[-2] > min(b.A.shape[-1], b.B.shape[-2]):
             b.accurate = [False] * len(b.members)
-    outcomes = _gram_outcomes(candidates, blocks)  # None where the Gram path was not accurate enough
+    outcomes = _gram_outcomes(candidates, blocks, reuse)  # None where the Gram path was not accurate enough
     redo = [k for k, o in enumerate(outcomes) if o is None]
     summary.qr_path = len(redo)
     for idx in batch_groups([candidates[k] for k in redo]):
@@ -102,24 +109,30 @@ def balance_pairs(
 
 @dataclass
 class _Outcome:
-    """What balancing one pair gave."""
+    """What balancing one pair gave; QR-path factors are sliced out of their padded batch only if used."""
 
     finite: bool
     zero: bool
     rank: int
-    factors: tuple[torch.Tensor, torch.Tensor]  # (A', B') in the factors' dtypes (unused unless balanced)
+    formed: tuple[torch.Tensor, torch.Tensor] | Callable  # (A', B'), or what forms them (QR path: a slice)
     block: int | None = None  # (index of its Block, position in it) when the Gram path did it
     slot: int = 0
 
+    @property
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.formed() if callable(self.formed) else self.formed
 
-def _gram_outcomes(pairs: list[FactorPair], blocks: list[Block]) -> list[_Outcome | None]:
+
+def _gram_outcomes(pairs: list[FactorPair], blocks: list[Block], reuse: bool) -> list[_Outcome | None]:
     """Outcomes of the Gram path, None for the pairs it refused. New factors are formed for a
     whole block at once (one product per factor), then handed out as views."""
     outcomes: list[_Outcome | None] = [None] * len(pairs)
     for b_i, b in enumerate(blocks):
         if not any(b.accurate):
             continue
-        A_new, B_new = b.apply()  # (G, r, in), (G, out, r)
+        A_new, B_new = b.apply(reuse)  # (G, r, in), (G, out, r)
+        if not reuse:  # handed to the caller: in the factors' own dtypes
+            A_new, B_new = A_new.to(b.A_dtype), B_new.to(b.B_dtype)
         for g, (k, A, B) in enumerate(zip(b.members, A_new.unbind(0), B_new.unbind(0))):
             if b.accurate[g]:
                 outcomes[k] = _Outcome(True, False, pairs[k].r, (A, B), b_i, g)
@@ -181,8 +194,8 @@ def _measure(candidates: list[FactorPair], outcomes: list[_Outcome], used: list[
     for b_i, slots in in_block.items():
         b = blocks[b_i]
         sel = torch.tensor(slots, device=b.A.device)
-        A1 = torch.stack([outcomes[b.members[g]].factors[0] for g in slots])  # (n, r, in), as written
-        B1 = torch.stack([outcomes[b.members[g]].factors[1] for g in slots])  # (n, out, r)
+        A1 = torch.stack([outcomes[b.members[g]].factors[0] for g in slots]).to(b.A_dtype)  # (n, r, in), as written
+        B1 = torch.stack([outcomes[b.members[g]].factors[1] for g in slots]).to(b.B_dtype)  # (n, out, r)
         errors.append(product_rel_error(b.A[sel], b.B[sel], A1, B1))
         imbalances.append(rel_imbalance(A1.float(), B1.float()))
     summary.max_rel_error = float(torch.cat([e.cpu() for e in errors]).max())
@@ -202,9 +215,13 @@ def _qr_outcomes(group: list[FactorPair], method: str) -> list[_Outcome]:
     flags = torch.stack([proj.finite.long(), proj.zero.long(), proj.rank.long()]).tolist()
     A_new, B_new = proj.A.to(A.dtype), proj.B.to(B.dtype)  # back to the factors' own dtype
     return [
-        _Outcome(bool(flags[0][g]), bool(flags[1][g]), flags[2][g], (A_new[g, :, : p.in_features], B_new[g, : p.out_features, :]))
+        _Outcome(bool(flags[0][g]), bool(flags[1][g]), flags[2][g], partial(_unpad, A_new, B_new, g, p))
         for g, p in enumerate(group)
     ]
+
+
+def _unpad(A_new: torch.Tensor, B_new: torch.Tensor, g: int, p: FactorPair) -> tuple[torch.Tensor, torch.Tensor]:
+    return A_new[g, :, : p.in_features], B_new[g, : p.out_features, :]
 
 
 def _project(group: list[FactorPair], A: torch.Tensor, B: torch.Tensor, method: str):
@@ -256,7 +273,7 @@ def balance_and_write(
     """balance_pairs, then the balanced pairs written back: one foreach copy into the parameters
     of live pairs (ParamWriter), `pair.write` for the others."""
     t0 = time.perf_counter()
-    new, summary = balance_pairs(pairs, method, on_rank_deficient, on_nonfinite, check)
+    new, summary = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), reuse=True)
     write_all(pairs, new)
     summary.seconds = time.perf_counter() - t0  # with the writes, which balance_pairs cannot see
     return summary

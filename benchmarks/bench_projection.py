@@ -3,6 +3,7 @@
     python benchmarks/bench_projection.py --quick      # 1B-like, r=16, fp32: the headline ratios (~1 min)
     python benchmarks/bench_projection.py              # 1B- and 3B-like, r in {8, 16, 64}, fp32 and bf16
     python benchmarks/bench_projection.py --profile    # where balance_pairs spends its time (1B-like, r=16)
+    python benchmarks/bench_projection.py --ops        # ops per balancing pass for 8, 16, 28 blocks (seconds)
 
 No model weights are needed: balancing only ever sees the adapter tensors, so the script
 builds random LoRA factors of the real shapes (a Llama-3.2-1B-like stack: hidden 2048,
@@ -23,7 +24,9 @@ order, it times:
   paper loop      the paper's projection written the straightforward way: per module, an SVD
                   of each factor and one of the r x r core, in a Python loop (fp32 upcast)
 
-and prints medians and ratios, plus the diagnostics (layer_report's rows from the factors)
+and prints medians and ratios, the ops dispatched per balancing pass as the number of
+transformer blocks grows (each op is a kernel launch on a GPU; the count should not grow),
+plus the diagnostics (layer_report's rows from the factors)
 against an SVD of the formed dW for one transformer block. With CUDA it does the same on
 the GPU and compares balancing with one training step of a randomly initialised 1B-like
 Llama (bf16, LoRA r=16), when transformers can build it.
@@ -32,6 +35,7 @@ Llama (bf16, LoRA r=16), when transformers can build it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -47,6 +51,7 @@ from balora.pairs import FactorPair, group_by_shape
 from balora.projection import balanced_factors, product_rel_error
 from balora.imbalance import rel_imbalance
 from balora.stacked import ParamWriter
+from opcount import count_ops
 from balora.report import pair_rows
 
 
@@ -379,6 +384,40 @@ def training_step_comparison(m: ModelShape, r: int, device: str, batch: int, seq
     del model, opt
 
 
+OP_COUNT_BLOCKS = (8, 16, 28)
+
+
+def op_count_table(m: ModelShape, r: int, device: str) -> dict:
+    """Ops dispatched by one balancing pass (balance_and_write, check=False) of an adapter shaped
+    like m with 8, 16 and 28 transformer blocks; the pass is warmed up first, as in training."""
+    print(f"\n== ops per balancing pass, {m.name} shapes, r={r}, fp32, {device} (TorchDispatchMode count; "
+          f"'kernels' leaves out view-only ops; 'host reads': .item()/copies of {device} tensors to the CPU, each a "
+          "sync on a GPU, where the pass makes one; '.item() calls' on any device) ==")
+    print(f"   {'blocks':>6}{'pairs':>7}{'ops nearest':>13}{'kernels':>9}{'ops svd':>9}{'kernels':>9}{'host reads':>12}"
+          f"{'.item() calls':>14}{'ops first step (B = 0)':>24}")
+    rows = {}
+    for blocks in OP_COUNT_BLOCKS:
+        ad = make_adapter(dataclasses.replace(m, layers=blocks), r, torch.float32, device)
+        counts = {}
+        for method in ("nearest", "svd"):
+            run_balora(ad, method)  # warm: the workspace exists from the second pass on
+            counts[method] = count_ops(lambda: run_balora(ad, method))
+        for p in ad.pairs:  # PEFT's init: every product is zero, every pair goes to the QR path
+            p.B.zero_()
+        first = count_ops(lambda: balance_and_write(ad.pairs, "nearest", check=False))
+        reads = max(c.host_reads for c in counts.values())
+        items = max(c.scalar_reads for c in counts.values())
+        rows[blocks] = {"nearest": counts["nearest"].total, "svd": counts["svd"].total, "first": first.total}
+        print(f"   {blocks:>6}{len(ad.pairs):>7}{counts['nearest'].total:>13}{counts['nearest'].kernels:>9}"
+              f"{counts['svd'].total:>9}{counts['svd'].kernels:>9}{reads:>12}{items:>14}{first.total:>24}")
+        del ad
+    lo, hi = OP_COUNT_BLOCKS[0], OP_COUNT_BLOCKS[-1]
+    for method in ("nearest", "svd"):
+        x = rows[hi][method] / rows[lo][method]
+        print(f"   ops({hi} blocks) / ops({lo} blocks), {method}: {x:.2f}  (target <= 1.2: {'MET' if x <= 1.2 else 'NOT MET'})")
+    return rows
+
+
 def profile_balance(m: ModelShape, r: int, device: str) -> None:
     """Where balance_pairs spends its time: torch.profiler by op, then cProfile by Python function."""
     import cProfile
@@ -446,6 +485,7 @@ def main(argv=None) -> int:
                     help="also compare with a full training step on CPU (slow; on CUDA it always runs)")
     ap.add_argument("--profile", action="store_true", help="profile balance_pairs at 1B-like r=16 fp32 and exit")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--ops", action="store_true", help="only the ops-per-pass table (8, 16, 28 blocks) and exit")
     args = ap.parse_args(argv)
 
     models = [MODELS[x] for x in args.models.split(",")]
@@ -469,6 +509,9 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     if args.profile:
         profile_balance(models[0], 16 if 16 in ranks else ranks[0], devices[-1])
+        return 0
+    op_count_table(MODELS["1B"], 16, devices[-1])
+    if args.ops:
         return 0
 
     rows, diag = [], None
