@@ -1,0 +1,138 @@
+"""The per-step pass (balora.stacked): a constant number of ops whatever the number of modules, no
+host reads on the Gram path, blocks that never mix (shared shapes, dtypes, reused workspace),
+partial QR fallback inside one block, and ParamWriter following a moved parameter. Results are
+checked against float64 numpy products and Grams of the factors before and after."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import balora.stacked
+from balora.balance import balance_and_write, balance_pairs
+from balora.pairs import FactorPair
+from balora.stacked import ParamWriter
+
+
+class _Ops(TorchDispatchMode):
+    """Every aten op dispatched while active, and the .item()/bool() calls among them."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _np(t):
+    return t.detach().double().numpy()
+
+
+def _np_rel_imbalance(A, B):
+    A, B = _np(A), _np(B)
+    return np.linalg.norm(B.T @ B - A @ A.T) / (np.linalg.norm(B.T @ B) + np.linalg.norm(A @ A.T))
+
+
+def _np_product_error(A0, B0, A1, B1):
+    P0, P1 = _np(B0) @ _np(A0), _np(B1) @ _np(A1)
+    return np.linalg.norm(P1 - P0) / np.linalg.norm(P0)
+
+
+def _live_pairs(shapes, seed=0, dtype=torch.float32):
+    """Pairs viewing nn.Parameters, written through ParamWriter (as the live walker makes them)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i, (r, n_in, n_out) in enumerate(shapes):
+        A_p = nn.Parameter((torch.randn(r, n_in, generator=g) / math.sqrt(n_in)).to(dtype))
+        B_p = nn.Parameter((torch.randn(n_out, r, generator=g) * 0.3).to(dtype))
+        pairs.append(FactorPair(f"m{i}", "default", "linear", A_p.detach(), B_p.detach(), 1.0,
+                                write=ParamWriter(A_p, B_p)))
+    return pairs
+
+
+@pytest.mark.parametrize("method", ["nearest", "svd"])
+def test_ops_per_pass_do_not_grow_with_the_number_of_modules(method):
+    counts = []
+    for n in (2, 6):
+        pairs = _live_pairs([(4, 24, 16)] * n + [(4, 16, 40)] * n)
+        balance_and_write(pairs, method, check=False)  # warm: as every step after the first
+        with _Ops() as ops:
+            summary = balance_and_write(pairs, method, check=False)
+        assert summary.balanced == 2 * n and summary.qr_path == 0
+        assert "aten._local_scalar_dense.default" not in ops.names  # no .item()/bool() on the Gram path
+        counts.append(len(ops.names))
+    assert counts[0] == counts[1]
+
+
+def test_blocks_with_shared_shapes_or_dtypes_never_mix():
+    """Same A shape with different B shapes, and the same shapes in two dtypes, are separate blocks
+    with separate workspace buffers: every pair keeps its own product, balanced, pass after pass."""
+    shapes = [(4, 32, 20), (4, 32, 20), (4, 32, 48), (4, 32, 48), (8, 32, 20)]
+    pairs = _live_pairs(shapes, seed=1) + _live_pairs(shapes[:2], seed=2, dtype=torch.float64)
+    for p in pairs:
+        p.module += f"-{p.A.dtype}"
+    before = [(p.A.clone(), p.B.clone()) for p in pairs]
+    for _ in range(3):  # the second and third passes reuse the workspace
+        summary = balance_and_write(pairs, "nearest", check=True)
+        assert summary.balanced == len(pairs) and summary.max_rel_error < 1e-5
+    for p, (A0, B0) in zip(pairs, before):
+        A1, B1 = p.write.params  # the parameters themselves
+        assert A1.dtype == A0.dtype and B1.dtype == B0.dtype
+        assert _np_product_error(A0, B0, A1, B1) < 1e-5, p.name
+        assert _np_rel_imbalance(A1, B1) < 1e-5, p.name
+
+
+def test_bf16_factors_are_upcast_in_the_stack_and_written_back_in_bf16():
+    pairs = _live_pairs([(4, 64, 48)] * 3, seed=3, dtype=torch.bfloat16)
+    before = [(p.A.clone(), p.B.clone()) for p in pairs]
+    balance_and_write(pairs, "nearest", check=False)
+    for p, (A0, B0) in zip(pairs, before):
+        A1, B1 = p.write.params
+        assert A1.dtype == B1.dtype == torch.bfloat16
+        assert _np_product_error(A0, B0, A1, B1) < 3e-2 and _np_rel_imbalance(A1, B1) < 2e-2
+
+
+def test_one_ill_conditioned_pair_in_a_block_alone_takes_the_qr_path():
+    pairs = _live_pairs([(4, 40, 30)] * 4, seed=4)
+    g = torch.Generator().manual_seed(5)
+    U, _ = torch.linalg.qr(torch.randn(40, 4, generator=g, dtype=torch.float64))
+    pairs[2].A.copy_((U * torch.tensor([1.0, 1e-1, 1e-2, 1e-4], dtype=torch.float64)).mT.float())  # cond 1e4
+    before = [(p.A.clone(), p.B.clone()) for p in pairs]
+    new, summary = balance_pairs(pairs, "nearest", check=True)
+    assert summary.qr_path == 1 and summary.balanced == 4
+    for i, (A0, B0) in enumerate(before):
+        A1, B1 = new[i]
+        assert _np_product_error(A0, B0, A1, B1) < 1e-4 and _np_rel_imbalance(A1, B1) < 1e-5
+
+
+def test_param_writer_writes_where_the_parameter_is_now():
+    (pair,) = _live_pairs([(4, 24, 16)], seed=6)
+    A_p, B_p = pair.write.params
+    first = pair.write.targets()
+    assert first[0].data_ptr() == A_p.data_ptr() and pair.write.targets() is first  # cached
+    A_p.data = A_p.data.clone()  # what model.to(...) or load_state_dict(assign=True) can do
+    moved = pair.write.targets()
+    assert moved[0].data_ptr() == A_p.data_ptr() != first[0].data_ptr()
+    conv = nn.Parameter(torch.randn(4, 3, 2, 2))
+    writer = ParamWriter(conv, nn.Parameter(torch.randn(5, 4, 1, 1)))
+    assert writer.targets()[0].shape == (4, 12) and writer.targets()[1].shape == (5, 4)
+    writer(torch.ones(4, 12), torch.zeros(5, 4))
+    assert bool((conv == 1).all())
+
+
+def test_workspace_is_per_thread_and_can_be_freed():
+    pairs = _live_pairs([(4, 24, 16)] * 2, seed=7)
+    balance_and_write(pairs, "nearest", check=False)
+    assert balora.stacked._local.buffers  # kept for the next pass
+    balora.stacked.free_workspace()
+    assert not getattr(balora.stacked._local, "buffers", None)
+    new, _ = balance_pairs(pairs, "nearest", check=False)  # handed-out results never live in the workspace
+    kept = getattr(balora.stacked._local, "buffers", {})
+    assert all(new[0][0].untyped_storage().data_ptr() != b.untyped_storage().data_ptr() for b in kept.values())
