@@ -127,12 +127,11 @@ def gather_full(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _row_sharded_1d(t) -> bool:
-    """FSDP2's default layout: a 1-D mesh, Shard(0), local rows as torch.chunk gives them."""
+    """FSDP2's default layout: a 1-D mesh, Shard(0). Decided from the placement alone, which
+    every rank sees the same, so all ranks take the same path into the same collectives."""
     from torch.distributed.tensor import Shard
 
-    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
-        return False
-    return t.to_local().shape[0] == _chunk_rows(t)[0]
+    return t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
 
 
 def _chunk_rows(t) -> tuple[int, int]:
@@ -155,6 +154,9 @@ def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
     send = ts[0].to_local().new_zeros(sum(sizes))  # (L,): every factor's rows padded to its chunk
     offsets = [0]
     for t, size in zip(ts, sizes):
+        if t.to_local().shape[0] != _chunk_rows(t)[0]:  # Shard(0) is torch.chunk's split, for DTensor as for FSDP2
+            raise RuntimeError(f"a Shard(0) factor of shape {tuple(t.shape)} holds {t.to_local().shape[0]} rows on "
+                               f"this rank, not torch.chunk's {_chunk_rows(t)[0]}: cannot gather it")
         local = t.to_local().detach().reshape(-1)
         send[offsets[-1] : offsets[-1] + local.numel()] = local
         offsets.append(offsets[-1] + size)

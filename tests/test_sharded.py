@@ -64,6 +64,7 @@ def _assert_refused(model, module: str, words: tuple[str, ...]):
     assert module in msg, f"the message must name the module: {msg}"
     assert any(w in msg for w in words), msg
     assert "FSDP2" in msg and "fully_shard" in msg, f"the message must name the supported path: {msg}"
+    assert "\n" not in msg, "one line"
     with pytest.raises(RuntimeError):
         balora.balance_(model)
     after = _lora_state(model)
