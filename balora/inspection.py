@@ -203,7 +203,9 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
         raise InputError(f"{dst}: contains the input {src}; replacing it would delete the input")
     if not d.parent.is_dir():
         raise InputError(f"{dst}: its folder {dst.parent} does not exist")
-    if dst.exists() or dst.is_symlink():
+    if dst.is_symlink():  # replacing it would either follow it elsewhere or swap a link for a folder
+        raise InputError(f"{dst}: is a symbolic link; write the balanced copy to a real path (or remove the link)")
+    if dst.exists():
         if not force:
             raise InputError(f"{dst}: already exists; pass --force to replace it")
         if dst.is_dir() != src.is_dir():

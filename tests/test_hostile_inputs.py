@@ -409,3 +409,12 @@ def test_huge_integer_in_diffusers_metadata_is_an_input_error(tmp_path, capsys):
     path = tmp_path / "lora.safetensors"
     save_file(tensors(prefix="unet."), str(path), metadata={"lora_adapter_metadata": '{"unet.r": ' + "1" * 5000 + "}"})
     assert_input_error(capsys, "lora_adapter_metadata is not valid JSON", "inspect", path)
+
+
+def test_output_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path, capsys):
+    src = write_peft(tmp_path / "in")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep.txt").write_text("keep")
+    (tmp_path / "out").symlink_to(tmp_path / "target")
+    assert_input_error(capsys, "is a symbolic link", "balance", src, tmp_path / "out", "--force")
+    assert (tmp_path / "out").is_symlink() and os.listdir(tmp_path / "target") == ["keep.txt"]
