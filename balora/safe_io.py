@@ -133,8 +133,9 @@ def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 
 
 # C0/C1 controls (ANSI escape sequences start with ESC), DEL, zero-width and bidi controls that
-# reorder what a terminal shows: key names and metadata come from the file's author.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+# reorder what a terminal shows: key names and metadata come from the file's author. Lone
+# surrogates (file names that are not UTF-8) cannot even be written to a UTF-8 terminal.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
 
 
 def printable(text) -> str:

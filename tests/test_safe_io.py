@@ -113,3 +113,5 @@ def test_printable_escapes_controls_and_keeps_text():
     assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in shown)
     assert shown == "layers.0\\x1b[2J\\x1b]0;pwned\\x07.q_proj\\r\\nfake line\\u202eevil\\x9b"
     assert printable("model.layers.10.mlp.down_proj é ü 漢") == "model.layers.10.mlp.down_proj é ü 漢"
+    assert printable("\udcffname") == "\\udcffname"  # a non-UTF-8 file name: printable on a UTF-8 terminal
+    printable("\udcff").encode("utf-8")
