@@ -418,3 +418,23 @@ def test_output_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path, capsy
     (tmp_path / "out").symlink_to(tmp_path / "target")
     assert_input_error(capsys, "is a symbolic link", "balance", src, tmp_path / "out", "--force")
     assert (tmp_path / "out").is_symlink() and os.listdir(tmp_path / "target") == ["keep.txt"]
+
+
+def test_stale_temporaries_only_of_dead_processes_of_this_machine(tmp_path):
+    from balora.adapters.writing import OWNER_FILE, remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # its pid is free once it has exited
+    dead.wait()
+    folders = {}
+    for name, host in (("mine", socket.gethostname()), ("other", "another-machine"), ("unmarked", None)):
+        folder = tmp_path / f".out.{dead.pid}.{name}.balora-tmp"
+        folder.mkdir()
+        (folder / "partial.safetensors").write_bytes(b"x")
+        if host is not None:
+            (folder / OWNER_FILE).write_text(json.dumps({"pid": dead.pid, "host": host}))
+        folders[name] = folder
+    user_folder = tmp_path / ".out.notapid.balora-tmp"  # not balora's naming: never touched
+    user_folder.mkdir()
+    removed = remove_stale_temporaries(tmp_path / "out")
+    assert set(removed) == {folders["mine"], folders["unmarked"]}
+    assert folders["other"].is_dir() and user_folder.is_dir()
