@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that only make views or metadata: no kernel on any device.

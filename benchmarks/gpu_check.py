@@ -1,0 +1,188 @@
+"""One command to check balancing on a CUDA GPU (about 2-4 minutes):
+
+    python benchmarks/gpu_check.py            # add --quick for fewer repetitions, --skip-compare to stop after the timings
+
+What it prints, all measured in this process:
+
+  1. a randomly initialised Llama-3.2-1B-like model (hidden 2048, 16 blocks, shapes only,
+     no weights downloaded) in bf16 with PEFT LoRA r=16 on q, k, v, o, gate, up, down;
+     median milliseconds of one forward+backward (batch 4 x 1024 tokens), one fused AdamW
+     step over the LoRA parameters, and one balancing pass as BalanceCallback runs it
+     (cached pairs, check=False), for both gauges; the ratios are paired per round;
+  2. ops dispatched per balancing pass (each one a kernel launch at most) and syncs per
+     pass, counted twice: host reads seen by a TorchDispatchMode counter (.item(), copies to
+     the CPU) and warnings from torch.cuda.set_sync_debug_mode("warn");
+  3. the peak CUDA memory a pass adds over what the model and optimizer already hold;
+  4. the ops-per-pass table for 8, 16 and 28 blocks of 1B-like LoRA factors on the GPU;
+  5. a short bf16 `balora compare --task lm --device cuda` (lora against balora) and its
+     per-arm summary side by side.
+
+Without CUDA it says so and exits 0 (tests/test_gpu_check.py runs it that way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_projection, opcount beside this file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _timed_rounds(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Milliseconds per call from CUDA events, every function once per round in rotating order."""
+    names = list(fns)
+    for n in names:  # warm-up
+        fns[n]()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        for n in names[rep % len(names):] + names[: rep % len(names)]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[n]()
+            end.record()
+            torch.cuda.synchronize()
+            times[n].append(start.elapsed_time(end))
+    return times
+
+
+def _paired(times, num, den) -> float:
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def build_model(layers: int, rank: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench_projection import MODELS, TARGETS
+
+    m = MODELS["1B"]
+    cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate,
+                      num_hidden_layers=layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                      max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    # init_lora_weights=False: B is random, not zero, so every pass really balances every pair.
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
+                                             init_lora_weights=False))
+    return model
+
+
+def check_training_step(reps: int, batch: int, seq: int) -> None:
+    from balora.adapters.live import PairCache
+    from balora.balance import balance_and_write
+    from balora.policy import BalancePolicy
+    from opcount import count_ops
+
+    model = build_model(16, 16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lora_dtype = params[0].dtype
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+
+    def forward_backward():
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    forward_backward()
+    opt.step()  # AdamW state exists before anything is measured
+    cache = PairCache()
+    policies = {m: BalancePolicy(m, check=False) for m in ("nearest", "svd")}
+    pairs = cache.get(model)
+    print(f"\n== 1B-like Llama (random init), bf16 base, LoRA r=16 ({lora_dtype} factors), {len(pairs)} pairs, "
+          f"{sum(p.numel() for p in params) / 1e6:.1f}M adapter params; batch {batch} x {seq} tokens ==")
+    fns = {"forward+backward": forward_backward, "fused AdamW step": opt.step,
+           "balance nearest": lambda: balance_and_write(cache.get(model), policies["nearest"]),
+           "balance svd": lambda: balance_and_write(cache.get(model), policies["svd"])}
+    times = _timed_rounds(fns, reps)
+    print(f"   {'what':<20}{'median ms':>11}{'x fused AdamW':>15}{'x fwd+bwd':>11}")
+    for n, t in times.items():
+        print(f"   {n:<20}{statistics.median(t):>11.2f}{_paired(times, n, 'fused AdamW step'):>15.2f}"
+              f"{_paired(times, n, 'forward+backward'):>11.3f}")
+
+    for method, policy in policies.items():
+        counter = count_ops(lambda: balance_and_write(cache.get(model), policy))
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                balance_and_write(cache.get(model), policy)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        balance_and_write(cache.get(model), policy)
+        torch.cuda.synchronize()
+        added = torch.cuda.max_memory_allocated() - before
+        print(f"   {method}: {counter.total} ops per pass ({counter.kernels} not view-only), host reads "
+              f"{counter.host_reads} (dispatch counter), syncs {syncs} (set_sync_debug_mode), "
+              f"peak memory added {added / 2**20:.1f} MiB (adapter {sum(p.numel() * p.element_size() for p in params) / 2**20:.1f} MiB)")
+
+
+def check_op_table() -> None:
+    from bench_projection import MODELS, op_count_table
+
+    op_count_table(MODELS["1B"], 16, "cuda")
+
+
+def check_compare(timeout_s: int) -> None:
+    """A short bf16 lm comparison on the GPU through the CLI, then its per-arm summary."""
+    import balora
+
+    out = Path(tempfile.mkdtemp(prefix="balora-gpu-check-")) / "lm-cuda-bf16"
+    cmd = [sys.executable, "-m", "balora.cli", "compare", "--task", "lm", "--device", "cuda", "--dtype", "bfloat16",
+           "--arms", "lora,balora", "--steps", "60", "--seeds", "1", "--lr", "1e-3", "--out", str(out), "--quiet"]
+    print(f"\n== {' '.join(cmd[2:])} ==")
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"   did not finish in {timeout_s} s")
+        return
+    print(f"   exit code {done.returncode} after {time.perf_counter() - t0:.0f} s")
+    if done.returncode != 0:
+        print("   " + (done.stderr or done.stdout).strip()[-2000:].replace("\n", "\n   "))
+        return
+    summary = balora.load_run(out).summary
+    cols = [c for c in ("arm", "lr", "alpha", "status", "final_loss", "final_eval_loss", "total_seconds",
+                        "balance_seconds") if c in summary.columns]
+    print("   " + summary[cols].to_string(index=False).replace("\n", "\n   "))
+    print(f"   run directory: {out}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--skip-compare", action="store_true", help="stop after the timings and op counts")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False), so there is nothing to check. "
+              f"torch {torch.__version__}; run this on a machine with an NVIDIA GPU.")
+        return 0
+    t0 = time.perf_counter()
+    print(f"gpu_check: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    check_training_step(reps=5 if args.quick else 15, batch=4, seq=1024)
+    torch.cuda.empty_cache()  # the model is gone: give its memory back before the next part
+    check_op_table()
+    if not args.skip_compare:
+        check_compare(timeout_s=150)
+    print(f"\ngpu_check done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
