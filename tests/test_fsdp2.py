@@ -28,10 +28,11 @@ SCRIPT = Path(__file__).with_name("fsdp2_train_script.py")
 RUNS = ("hook", "callback")
 RTOL = 1e-5  # the sharded and single-process runs differ only by the order of fp32 reductions
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is not available in this torch build",
-)
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with the gloo backend is not available in this torch build"),
+    pytest.mark.slow,  # one torchrun of 2 processes, ~15 s alone, more on a busy 2-core runner
+]
 
 
 def _free_port() -> int:
