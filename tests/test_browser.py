@@ -186,11 +186,16 @@ def test_every_page_in_a_real_browser(server, page, adapter):
 
     # Inspect: type a Trainer output folder, press Enter: across-checkpoint and per-layer charts.
     page.goto(server + "/inspect", wait_until="domcontentloaded")
-    box = page.get_by_label("Path", exact=True)
+    box = page.get_by_label("Path or Hub id", exact=True)
     box.fill(str(adapter))
     box.press("Enter")
     _wait_for(page, "across checkpoints")
     labels = _check(page, "inspect")
+    # The per-layer table as the browser shows it: the numbers first, no file path column.
+    headers = page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid="stDataFrame"]')[0]
+        .querySelectorAll('[role="columnheader"]')).map(e => e.innerText.trim())""")
+    assert headers[:10] == ["module", "r", "scaling", "norm_A", "norm_B", "rel_imbalance", "imbalance", "cond_dW", "cond_A",
+                            "cond_B"] and "source" not in headers, headers
     assert {"Relative imbalance across checkpoints", "Condition numbers by layer"} <= {c["title"] for c in labels}
     page.locator('[data-testid="stButton"] button', has_text="Balance").first.click()
     _wait_for(page, "Balancing: imbalance removed")
