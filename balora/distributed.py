@@ -64,7 +64,12 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 def local_storage(t: torch.Tensor) -> torch.Tensor:
     """The tensor holding t's data on this rank: its local shard for a DTensor, t itself otherwise."""
-    return t.to_local() if is_dtensor(t) else t
+    if not is_dtensor(t):
+        return t
+    # The attribute to_local() returns, read without to_local()'s autograd call (tens of us each):
+    # the per-step cache check reads it for every factor.
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
 def refuse_fsdp1(model: nn.Module) -> None:
@@ -115,7 +120,7 @@ def gather_full(params: list[torch.Tensor]) -> list[torch.Tensor]:
             batches.setdefault((id(t.device_mesh), t.dtype), []).append(i)
         else:
             result[i] = t.detach().full_tensor()
-            local = t.to_local().numel() * t.element_size()
+            local = local_storage(t).numel() * t.element_size()
             stats.collectives += 1
             stats.bytes_received += t.numel() * t.element_size() - local
             stats.bytes_sent += local
@@ -151,13 +156,14 @@ def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
     chunks = [math.ceil(t.shape[0] / world) for t in ts]
     widths = [math.prod(t.shape[1:]) for t in ts]
     sizes = [c * w for c, w in zip(chunks, widths)]
-    send = ts[0].to_local().new_zeros(sum(sizes))  # (L,): every factor's rows padded to its chunk
+    send = local_storage(ts[0]).new_zeros(sum(sizes))  # (L,): every factor's rows padded to its chunk
     offsets = [0]
     for t, size in zip(ts, sizes):
-        if t.to_local().shape[0] != _chunk_rows(t)[0]:  # Shard(0) is torch.chunk's split, for DTensor as for FSDP2
-            raise RuntimeError(f"a Shard(0) factor of shape {tuple(t.shape)} holds {t.to_local().shape[0]} rows on "
+        rows = local_storage(t).shape[0]
+        if rows != _chunk_rows(t)[0]:  # Shard(0) is torch.chunk's split, for DTensor as for FSDP2
+            raise RuntimeError(f"a Shard(0) factor of shape {tuple(t.shape)} holds {rows} rows on "
                                f"this rank, not torch.chunk's {_chunk_rows(t)[0]}: cannot gather it")
-        local = t.to_local().detach().reshape(-1)
+        local = local_storage(t).detach().reshape(-1)
         send[offsets[-1] : offsets[-1] + local.numel()] = local
         offsets.append(offsets[-1] + size)
     recv = send.new_empty(world, send.numel())  # (world, L)
@@ -192,7 +198,7 @@ def _shard_writer(A_p: torch.Tensor, B_p: torch.Tensor):
             for param, new in ((A_p, A), (B_p, B)):
                 whole = new.reshape(param.shape)
                 if is_dtensor(param):
-                    param.to_local().copy_(_local_piece(whole, param))  # copy_ casts to the shard's dtype
+                    local_storage(param).copy_(_local_piece(whole, param))  # copy_ casts to the shard's dtype
                 else:
                     param.copy_(whole)
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from balora.distributed import CommStats, gather_pairs, is_dtensor, last_comm, record_comm
+from balora.distributed import CommStats, gather_pairs, is_dtensor, last_comm, local_storage, record_comm
 from balora.linalg import matmul_unit_roundoff
 from balora.pairs import FactorPair
 from balora.projection import GRAM_TOL, gram_transforms
@@ -102,7 +102,7 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
     for p in pairs:
         A_p, B_p = p.extra["params"]
         dtype = _compute_dtype(p)
-        A, B = A_p.to_local().to(dtype), B_p.to_local().to(dtype)  # (r, in_k), (out_k, r)
+        A, B = local_storage(A_p).to(dtype), local_storage(B_p).to(dtype)  # (r, in_k), (out_k, r)
         grams.append(torch.stack([A @ A.mT, B.mT @ B]).reshape(-1))  # this rank's part of G_A, G_B
     sizes = [g.numel() for g in grams]
     buf = torch.cat([g.to(torch.float64) for g in grams])  # the sum in float64 adds no rounding of note
@@ -133,6 +133,6 @@ def _write_local(p: FactorPair, X: torch.Tensor, Y: torch.Tensor) -> None:
     A_p, B_p = p.extra["params"]
     dtype = _compute_dtype(p)
     with torch.no_grad():
-        A, B = A_p.to_local(), B_p.to_local()
+        A, B = local_storage(A_p), local_storage(B_p)
         A.copy_(Y.to(dtype) @ A.to(dtype))
         B.copy_(B.to(dtype) @ X.to(dtype))
