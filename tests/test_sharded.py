@@ -201,7 +201,8 @@ def test_pair_cache_regathers_every_step_and_rewalks_new_parameters(model, mesh)
         with torch.no_grad():
             lin.lora_A["default"].weight.to_local().mul_(3.0)
         balance_and_write(cache.get(sharded), check=False)
-        A, B = _whole(sharded)["base_model.model.lin.lora_A.default.weight"], _whole(sharded)["base_model.model.lin.lora_B.default.weight"]
+        whole = _whole(sharded)
+        A, B = whole["base_model.model.lin.lora_A.default.weight"], whole["base_model.model.lin.lora_B.default.weight"]
         assert float(rel_imbalance(A.double()[None], B.double()[None])[0]) < 1e-6
     walked = cache._pairs
     # model.double() gives every shard new storage (FSDP2 resets its sharded parameters): the cached
