@@ -146,6 +146,11 @@ def test_links_inside_the_folder_and_hub_cache_snapshots_are_read(tmp_path):
         (snap / name).symlink_to(Path("..", "..", "blobs", f"hash-{name}"))
     df = balora.inspect(snap)
     assert list(df["module"]) == ["layers.0.proj", "layers.1.proj"]
+    sub = snap / "adapter2"  # an adapter in a subfolder of the snapshot links three levels up
+    sub.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (sub / name).symlink_to(Path("..", "..", "..", "blobs", f"hash-{name}"))
+    assert list(balora.inspect(sub)["module"]) == ["layers.0.proj", "layers.1.proj"]
 
 
 def test_trainer_checkpoint_linked_from_elsewhere_is_refused(tmp_path, capsys):

@@ -90,8 +90,9 @@ def adapter_root(path: Path) -> Path:
     """
     folder = path if path.is_dir() else path.parent
     folder = Path(os.path.abspath(folder))
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
-        return folder.parent.parent
+    for p in (folder, *folder.parents):  # the snapshot itself or a subfolder of it
+        if p.parent.name == "snapshots" and p.parent.parent.name.startswith(("models--", "datasets--")):
+            return p.parent.parent
     return folder
 
 
