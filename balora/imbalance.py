@@ -23,23 +23,35 @@ def imbalance_matrix(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return B.mT @ B - A @ A.mT
 
 
-def normalized(X: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """X (..., m, n) in `dtype` divided by its largest |entry|, and that scale (..., float64).
+# float64 factors whose largest entry is outside this range are divided by it before their Gram
+# is formed (its entries, ~n * max^2, must stay inside float64). Every other float dtype's range
+# squared fits in float64, so fp32/bf16/fp16 factors are only upcast: one pass, no division.
+_F64_AS_IS = (1e-140, 1e140)
 
-    Factors may hold entries anywhere from 1e-30 to 1e30 (a diverging run, a badly stored
-    adapter): their Grams would under- or overflow even in float64 near the ends of that range,
-    and in fp32 already at 1e20. Every quantity below is formed from the normalized factors
-    (entries <= 1) and rescaled at the end. A zero factor keeps scale 0 and entries 0.
+
+def _gram(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """X (G, n, r) finite -> (G_n = X^T X / s^2 (G, r, r) float64, s = max |X| (G,), X64, divided).
+
+    The Gram is accumulated in float64 from the factor's own values, then divided by s^2, so
+    any finite factor gives a Gram with entries of order 1 and its scale apart. X64 is X in
+    float64, already divided by s when `divided` (float64 factors far from 1, see _F64_AS_IS).
     """
-    scale = X.abs().amax(dim=(-2, -1)).to(torch.float64)  # exact: every float fits in float64
-    return X.to(dtype) / torch.where(scale > 0, scale, 1.0).to(dtype)[..., None, None], scale
+    scale = X.abs().amax(dim=(-2, -1)).to(torch.float64)  # (G,) exact (abs().amax: ~20x vector_norm(inf) on CPU)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    X64 = X.to(torch.float64)
+    lo, hi = _F64_AS_IS
+    if X.dtype == torch.float64 and bool(((scale > 0) & ((scale < lo) | (scale > hi))).any()):
+        X64 = X64 / safe[:, None, None]
+        return X64.mT @ X64, scale, X64, True
+    return (X64.mT @ X64) / (safe * safe)[:, None, None], scale, X64, False
 
 
 def _grams(A: torch.Tensor, B: torch.Tensor):
-    """Normalized Grams G_A = An An^T, G_B = Bn^T Bn (float64) and the scales a, b."""
-    An, a = normalized(A)
-    Bn, b = normalized(B)
-    return An @ An.mT, Bn.mT @ Bn, a, b
+    """Normalized Grams G_A = A A^T / a^2, G_B = B^T B / b^2 (float64) and the scales a, b."""
+    G_A, a, _, _ = _gram(A.mT.reshape(-1, *A.shape[-1:-3:-1]))
+    G_B, b, _, _ = _gram(B.reshape(-1, *B.shape[-2:]))
+    batch = A.shape[:-2]
+    return G_A.reshape(*batch, *G_A.shape[-2:]), G_B.reshape(*batch, *G_B.shape[-2:]), a.reshape(batch), b.reshape(batch)
 
 
 def _imbalance_from_grams(G_A, G_B, a, b):
@@ -77,39 +89,68 @@ def product_core(A: torch.Tensor, B: torch.Tensor):
     B = Q_B R_B, A^T = Q_A R_A, so B A = Q_B (R_B R_A^T) Q_A^T and the singular values
     of B A are those of the core R_B R_A^T (kB, kA), with kB = min(out, r), kA = min(in, r).
     Q_A, Q_B are never formed: the spectra need only R. Returns (R_A (G, kA, r), R_B (G, kB, r), core).
-    Computed in the factors' dtype: pass normalized factors (see `normalized`) for any scale.
+    Computed in the factors' dtype (the report uses float64 Grams instead: see `factor_stats`).
     """
     R_B = thin_r(B)
     R_A = thin_r(A.mT)
     return R_A, R_B, R_B @ R_A.mT
 
 
-def _pad_to(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Pad the last dim with zeros up to r: a factor with fewer than r rows or columns has
-    exactly zero singular values in the missing places."""
-    if x.shape[-1] >= r:
-        return x
-    return torch.nn.functional.pad(x, (0, r - x.shape[-1]))
+# R comes from a Cholesky of the float64 Gram (one pass over the tall factor) when the factor is
+# at most this ill-conditioned, and from a float64 thin QR (several passes) otherwise, or when
+# the Gram is singular. The Gram route's relative error on the smallest singular value is about
+# eps64 * cond^2: 1e-6 at this bound.
+_GRAM_MAX_COND = 1e5
 
 
-def _normalized_spectra(An: torch.Tensor, Bn: torch.Tensor):
-    """Singular values of An, Bn and An Bn's product (each (G, r), float64), and the Grams from R."""
-    r = An.shape[-2]
-    R_A, R_B, core = product_core(An, Bn)
-    sv = [_pad_to(torch.linalg.svdvals(M), r) for M in (R_A, R_B, core)]
-    # A A^T = R_A^T R_A and B^T B = R_B^T R_B: the Grams cost r x r products once R is known.
-    return sv, R_A.mT @ R_A, R_B.mT @ R_B
+@dataclass
+class _Factor:
+    """One factor's normalized parts: X = s * X_n, X_n^T X_n = R^T R = G."""
+
+    R: torch.Tensor  # (..., r, r); with n < r its last r - n rows are zero
+    G: torch.Tensor  # (..., r, r) float64
+    sv: torch.Tensor  # (..., r) singular values of X_n, descending
+    scale: torch.Tensor  # (...,) max |X|
+
+
+def _factor(X: torch.Tensor) -> _Factor:
+    """X (..., n, r) finite, any float dtype -> its _Factor, everything in float64."""
+    batch, (n, r) = X.shape[:-2], X.shape[-2:]
+    G, scale, X64, divided = _gram(X.reshape(-1, n, r))
+    R = torch.zeros_like(G)
+    sv = torch.zeros(G.shape[:-1], dtype=G.dtype, device=G.device)
+    todo = G.flatten(-2).abs().amax(-1) > 0  # a zero factor has R = 0, no decomposition needed
+    if n >= r:
+        L, info = torch.linalg.cholesky_ex(G, upper=True)
+        L = torch.where((info == 0)[:, None, None], L, torch.eye(r, dtype=G.dtype, device=G.device))
+        sv_L = torch.linalg.svdvals(L)  # identity for failed ones, never used
+        ok = todo & (info == 0) & (sv_L[:, -1] * _GRAM_MAX_COND >= sv_L[:, 0])
+        R = torch.where(ok[:, None, None], L, R)
+        sv = torch.where(ok[:, None], sv_L, sv)
+        todo = todo & ~ok
+    if bool(todo.any()):
+        Xn = X64[todo] if divided else X64[todo] / scale[todo][:, None, None]  # scale > 0 here
+        R_qr = thin_r(Xn)  # (m, min(n, r), r)
+        R[todo] = torch.nn.functional.pad(R_qr, (0, 0, 0, r - R_qr.shape[-2]))
+        sv[todo] = torch.linalg.svdvals(R[todo])
+    return _Factor(*(t.reshape(*batch, *t.shape[1:]) for t in (R, G, sv)), scale.reshape(batch))
+
+
+def _spectra(A: torch.Tensor, B: torch.Tensor) -> tuple[_Factor, _Factor, torch.Tensor]:
+    """Both factors' parts and the singular values of B_n A_n (..., r), float64, descending.
+    dW is never formed: B A = Q_B (R_B R_A^T) Q_A^T, so its singular values are the core's."""
+    fA, fB = _factor(A.mT), _factor(B)
+    return fA, fB, torch.linalg.svdvals(fB.R @ fA.R.mT)
 
 
 def singular_values(A: torch.Tensor, B: torch.Tensor, scaling=1.0):
     """Singular values (descending, each (G, r), float64) of A, of B and of dW = s B A,
     computed from the factors without forming dW: O((in + out) r^2) per pair, at any scale."""
-    An, a = normalized(A)
-    Bn, b = normalized(B)
-    (sA, sB, sC), _, _ = _normalized_spectra(An, Bn)
+    fA, fB, sC = _spectra(A, B)
+    a, b = fA.scale, fB.scale
     s = torch.as_tensor(scaling, dtype=torch.float64, device=sC.device).abs()
     # One s per pair over the batch dims (or one float for all), broadcast along the r values.
-    return sA * a[..., None], sB * b[..., None], sC * (a * b * s)[..., None]
+    return fA.sv * a[..., None], fB.sv * b[..., None], sC * (a * b * s)[..., None]
 
 
 def condition_number(sigma: torch.Tensor) -> torch.Tensor:
@@ -153,18 +194,18 @@ class FactorStats:
 def factor_stats(A: torch.Tensor, B: torch.Tensor, scaling=1.0) -> FactorStats:
     """All diagnostics for a batch of pairs. A (G, r, in), B (G, out, r), scaling (G,) or float.
 
-    Computed in float64 from factors normalized to entries <= 1 (see `normalized`), so any
+    Grams accumulated in float64 and divided by each factor's largest entry squared, so any
     finite factors give finite scale-free values (rel_imbalance, cond, eff_rank, rank); a
     scaled value (norm, imbalance, sigma) is inf only where the true value exceeds float64.
     """
-    An, a = normalized(A)
-    Bn, b = normalized(B)
-    (sA, sB, sC), G_A, G_B = _normalized_spectra(An, Bn)
-    imb, rel = _imbalance_from_grams(G_A, G_B, a, b)
+    fA, fB, sC = _spectra(A, B)
+    a, b, sA, sB = fA.scale, fB.scale, fA.sv, fB.sv
+    imb, rel = _imbalance_from_grams(fA.G, fB.G, a, b)
     s = torch.as_tensor(scaling, dtype=torch.float64, device=sC.device).abs()
+    trace = lambda G: G.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731 ||X||_F^2 = tr(X^T X)
     return FactorStats(
-        norm_A=torch.linalg.matrix_norm(An) * a,
-        norm_B=torch.linalg.matrix_norm(Bn) * b,
+        norm_A=trace(fA.G).sqrt() * a,
+        norm_B=trace(fB.G).sqrt() * b,
         imbalance=imb,
         rel_imbalance=rel,
         sigma_A=sA * a[..., None],

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from balora.imbalance import normalized
 from balora.linalg import all_finite
 
 # The storage dtypes reported, by the short name used in report columns and on the command line.
@@ -28,28 +27,94 @@ class CastRisk:
     dW_error: torch.Tensor  # ||B~ A~ - B A||_F / ||B A||_F with ~ the cast; inf if the cast overflows
 
 
+# Factors whose largest entry lies in this range are used as they are: their r x r products stay
+# far inside fp32's range (entries below n * 1e24), and skipping the division saves a pass over
+# each tall factor. Outside it (or for float64 factors beyond it) both are divided by their max.
+_AS_IS_RANGE = (1e-12, 1e12)
+
+
+@dataclass
+class _Prepared:
+    """The factors in the compute dtype, scaled for safe products, and what every cast reuses."""
+
+    A: torch.Tensor  # (G, r, in) in the compute dtype
+    B: torch.Tensor  # (G, out, r)
+    An: torch.Tensor  # A / sa
+    Bn: torch.Tensor  # B / sb
+    sa: torch.Tensor | None  # (G,) divisor, None when A is used as it is
+    sb: torch.Tensor | None
+    G_B: torch.Tensor  # (G, r, r) Bn^T Bn, float64
+    ref2: torch.Tensor  # (G,) ||Bn An||_F^2, float64
+
+
+def _prepare(A: torch.Tensor, B: torch.Tensor) -> _Prepared:
+    ct = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    A, B = (X if X.dtype == ct else X.to(ct) for X in (A, B))
+    lo, hi = _AS_IS_RANGE
+    scaled = []
+    for X in (A, B):
+        m = X.abs().amax(dim=(-2, -1))  # (G,) max |entry|, exact
+        if bool(((m > 0) & ((m < lo) | (m > hi))).any()):
+            s = torch.where(m > 0, m, torch.ones_like(m))
+            scaled.append((X / s[..., None, None], s))
+        else:
+            scaled.append((X, None))
+    (An, sa), (Bn, sb) = scaled
+    G_A, G_B = (An @ An.mT).double(), (Bn.mT @ Bn).double()
+    return _Prepared(A, B, An, Bn, sa, sb, G_B, (G_B * G_A.mT).sum((-2, -1)))
+
+
+def _cast_error(p: _Prepared, A_c: torch.Tensor, B_c: torch.Tensor, finite: torch.Tensor | None) -> torch.Tensor:
+    """||B_c A_c - B A||_F / ||B A||_F from three traces of r x r products (see cast_dw_error).
+
+    Accumulated in the compute dtype (fp32 for fp32/bf16/fp16 factors) and summed in float64:
+    the terms are of the size of the error itself (no cancellation of large terms), so fp32
+    resolves it far below the ~1e-4 a half-precision cast causes, at half float64's traffic.
+    """
+    dA = A_c.to(p.A.dtype) - p.A  # exact (Sterbenz) where the cast kept the value's binade
+    dB = B_c.to(p.B.dtype) - p.B
+    if p.sa is not None:
+        dA = dA / p.sa[..., None, None]
+    if p.sb is not None:
+        dB = dB / p.sb[..., None, None]
+    Acn = p.An + dA  # the cast A, scaled like An
+
+    def tr(X, Y):  # sum(X * Y^T) = tr(X Y) for (G, r, r), in float64
+        return (X.double() * Y.double().mT).sum((-2, -1))
+
+    # B_c A_c - B A = dB A_c + B dA: ||dB A_c||^2 + ||B dA||^2 + 2 <dB A_c, B dA>.
+    err2 = tr(dB.mT @ dB, Acn @ Acn.mT) + tr(p.G_B, dA @ dA.mT) + 2 * tr(dB.mT @ p.Bn, dA @ Acn.mT)
+    err2 = err2.clamp_min(0)
+    tiny = torch.finfo(torch.float64).tiny
+    rel = torch.where(p.ref2 > 0, (err2 / p.ref2.clamp_min(tiny)).sqrt(), torch.where(err2 > 0, torch.inf, 0.0))
+    return rel if finite is None else torch.where(finite, rel, torch.inf)
+
+
 def storage_risk(A: torch.Tensor, B: torch.Tensor, dtypes=tuple(HALF_DTYPES.values())) -> dict[torch.dtype, CastRisk]:
-    """What storing A (G, r, in), B (G, out, r) in each of `dtypes` does: {dtype: CastRisk}.
+    """What storing finite A (G, r, in), B (G, out, r) in each of `dtypes` does: {dtype: CastRisk}.
 
     Underflow: nonzero entries smaller in magnitude than finfo(dtype).tiny, the smallest normal
     number (below it the dtype keeps fewer significant bits, and below half its smallest
     subnormal nothing). Overflow: finite entries that the cast turns into +-inf.
-    dW error: see `cast_dw_error`. The factors are normalized once for all dtypes.
+    dW error: see `cast_dw_error`. What does not depend on the dtype is computed once.
     """
-    ct = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    p = _prepare(A, B)
     total = max(A.shape[-2] * A.shape[-1] + B.shape[-2] * B.shape[-1], 1)
-    magA, magB = A.abs(), B.abs()  # once: elementwise passes over the tall factors are most of the cost
-    a, b = magA.amax((-2, -1)).to(torch.float64), magB.amax((-2, -1)).to(torch.float64)
-    An = A.to(ct) / torch.where(a > 0, a, 1.0).to(ct)[..., None, None]
-    Bn = B.to(ct) / torch.where(b > 0, b, 1.0).to(ct)[..., None, None]
-    zeros = (magA == 0).sum((-2, -1)) + (magB == 0).sum((-2, -1))
+    magA, magB = p.A.abs(), p.B.abs()
+    biggest = torch.maximum(magA.amax((-2, -1)), magB.amax((-2, -1)))  # (G,)
+    # count_nonzero, not bool .sum(): the latter first copies the mask to int64 (~10x slower on CPU).
+    count = lambda mask: torch.count_nonzero(mask, dim=(-2, -1))  # noqa: E731
+    zeros = count(magA == 0) + count(magB == 0)
     out = {}
     for dtype in dtypes:
         A_c, B_c = A.to(dtype), B.to(dtype)
-        tiny = torch.finfo(dtype).tiny
-        under = (magA < tiny).sum((-2, -1)) + (magB < tiny).sum((-2, -1)) - zeros
-        over = (torch.isinf(A_c) & ~torch.isinf(A)).sum((-2, -1)) + (torch.isinf(B_c) & ~torch.isinf(B)).sum((-2, -1))
-        error = _normalized_cast_error(An, Bn, a, b, A_c, B_c)
+        under = count(magA < torch.finfo(dtype).tiny) + count(magB < torch.finfo(dtype).tiny) - zeros
+        finite = None
+        over = torch.zeros_like(zeros)
+        if bool((biggest >= torch.finfo(dtype).max).any()):  # only then can the cast give inf
+            over = count(torch.isinf(A_c)) + count(torch.isinf(B_c))
+            finite = over == 0
+        error = _cast_error(p, A_c, B_c, finite)
         out[dtype] = CastRisk(under.to(torch.float64) / total, over.to(torch.float64) / total, error)
     return out
 
@@ -60,33 +125,11 @@ def cast_dw_error(A: torch.Tensor, B: torch.Tensor, A_c: torch.Tensor, B_c: torc
     B_c A_c - B A = dB A_c + B dA with dA = A_c - A, dB = B_c - B; its squared norm is three
     traces of r x r products (<X Y, Z W> = tr((X^T Z)(W Y^T))), so nothing of size out x in
     is formed and the small difference is never recovered by subtracting two large products.
-    Everything is divided by max|A| and max|B| first, so factors at any finite scale work.
+    Factors far from 1 are divided by their largest entry first, so any finite scale works.
     0 when both products are zero; inf when the cast overflowed or only the cast product is nonzero.
     """
-    ct = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
-    An, a = normalized(A, ct)
-    Bn, b = normalized(B, ct)
-    return _normalized_cast_error(An, Bn, a, b, A_c, B_c)
-
-
-def _normalized_cast_error(An, Bn, a, b, A_c, B_c) -> torch.Tensor:
-    # The traces are accumulated in the factors' compute dtype (fp32 for fp32/bf16/fp16 factors):
-    # with no cancellation of large terms, fp32 resolves relative errors far below the ~1e-4
-    # that a half-precision cast causes, at half the cost of float64 over the tall factors.
-    ct = An.dtype
-    Acn = A_c.to(ct) / torch.where(a > 0, a, 1.0).to(ct)[..., None, None]
-    Bcn = B_c.to(ct) / torch.where(b > 0, b, 1.0).to(ct)[..., None, None]
-    dA, dB = Acn - An, Bcn - Bn
-
-    def inner(X, Y, Z, W):  # <X Y, Z W>_F for X, Z (out, r) and Y, W (r, in), summed in float64
-        return ((X.mT @ Z).double() * (W @ Y.mT).mT.double()).sum((-2, -1))
-
-    err2 = (inner(dB, Acn, dB, Acn) + inner(Bn, dA, Bn, dA) + 2 * inner(dB, Acn, Bn, dA)).clamp_min(0)
-    ref2 = inner(Bn, An, Bn, An)
     finite = all_finite(A_c) & all_finite(B_c)
-    rel = torch.where(ref2 > 0, (err2 / ref2.clamp_min(torch.finfo(torch.float64).tiny)).sqrt(),
-                      torch.where(err2 > 0, torch.inf, 0.0))
-    return torch.where(finite, rel, torch.inf)
+    return _cast_error(_prepare(A, B), A_c, B_c, finite)
 
 
 def cast_risk(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> CastRisk:
@@ -95,23 +138,46 @@ def cast_risk(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> CastRisk:
 
 
 def balanced_for_storage(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The balanced pair (nearest gauge, what `balora balance` writes) of G pairs, computed in
-    float64 and returned in the factors' compute dtype (fp32 for fp32/bf16/fp16 factors).
+    """The balanced pair (nearest gauge, what `balora balance` writes) of G pairs, in the factors'
+    compute dtype (fp32 for fp32/bf16/fp16 factors).
 
-    Both factors are divided by one common scale c = max(max|A|, max|B|) first: the balanced
-    pair of (A/c, B/c) is the balanced pair of (A, B) divided by c in the same gauge, and
-    its Grams cannot overflow. r > min(in, out) is zero-padded up to r (exact: padded rows
-    and columns stay zero). Zero products come back unchanged, as balancing leaves them.
+    As balance_pairs does: the Gram path (r x r maps from the float64 Grams, one product per
+    factor) where its error estimate accepts it, the QR path (float64) for the others. Both
+    factors are first divided by one common scale c = max(max|A|, max|B|) when they are far from
+    1: the balanced pair of (A/c, B/c) is the balanced pair of (A, B) divided by c, in the same
+    gauge, and its Grams cannot overflow. Zero products come back unchanged.
     """
+    from balora.linalg import matmul_unit_roundoff
+    from balora.projection import gram_transforms
+
+    ct = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    A, B = (X if X.dtype == ct else X.to(ct) for X in (A, B))
+    c = torch.maximum(A.abs().amax(dim=(-2, -1)), B.abs().amax(dim=(-2, -1)))  # (G,)
+    c = torch.where(c > 0, c, torch.ones_like(c))
+    lo, hi = _AS_IS_RANGE
+    scale = bool(((c < lo) | (c > hi)).any())
+    An, Bn = (A / c[..., None, None], B / c[..., None, None]) if scale else (A, B)
+    r, n_in, n_out = A.shape[-2], A.shape[-1], B.shape[-2]
+    A_new, B_new = An.clone(), Bn.clone()
+    todo = torch.ones(A.shape[0], dtype=torch.bool, device=A.device)
+    if r <= min(n_in, n_out):  # otherwise the Grams are singular by shape
+        t = gram_transforms((An @ An.mT).double(), (Bn.mT @ Bn).double(), "nearest", matmul_unit_roundoff(ct))
+        ok = t.accurate.to(A.device)
+        A_new[ok] = t.Y[ok].to(ct) @ An[ok]  # A' = Y A (r, in)
+        B_new[ok] = Bn[ok] @ t.X[ok].to(ct)  # B' = B X (out, r)
+        todo = ~ok
+    if bool(todo.any()):
+        A_new[todo], B_new[todo] = _qr_balanced(An[todo], Bn[todo])
+    return (A_new * c[..., None, None], B_new * c[..., None, None]) if scale else (A_new, B_new)
+
+
+def _qr_balanced(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """projection.balanced_factors in float64, zero-padded up to r when r > min(in, out) (exact:
+    padded rows and columns stay zero), back in the factors' dtype."""
     from balora.projection import balanced_factors
 
     r, n_in, n_out = A.shape[-2], A.shape[-1], B.shape[-2]
-    A64, B64 = A.to(torch.float64), B.to(torch.float64)
-    c = torch.maximum(A64.abs().amax((-2, -1)), B64.abs().amax((-2, -1)))
-    c = torch.where(c > 0, c, 1.0)[..., None, None]
-    A_pad = torch.nn.functional.pad(A64 / c, (0, max(r - n_in, 0)))  # (G, r, max(in, r))
-    B_pad = torch.nn.functional.pad(B64 / c, (0, 0, 0, max(r - n_out, 0)))  # (G, max(out, r), r)
+    A_pad = torch.nn.functional.pad(A.double(), (0, max(r - n_in, 0)))  # (G, r, max(in, r))
+    B_pad = torch.nn.functional.pad(B.double(), (0, 0, 0, max(r - n_out, 0)))  # (G, max(out, r), r)
     proj = balanced_factors(A_pad, B_pad, "nearest")
-    # Back in the factors' compute dtype, as `balora balance` would write them before a cast.
-    ct = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
-    return (proj.A[..., :n_in] * c).to(ct), (proj.B[..., :n_out, :] * c).to(ct)
+    return proj.A[..., :n_in].to(A.dtype), proj.B[..., :n_out, :].to(B.dtype)

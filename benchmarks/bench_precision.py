@@ -3,6 +3,7 @@
     python benchmarks/bench_precision.py                    # 4 pairs x 2 seeds of 1024 x 1024, r = 16
     python benchmarks/bench_precision.py --n 4096 --r 64    # other shapes
     python benchmarks/bench_precision.py --seeds 5
+    python benchmarks/bench_precision.py --cost --threads 1 # what the precision columns add to a report
 
 Each row starts from the same random pairs (A ~ N(0, 1/in), as PEFT's kaiming init gives, and B
 ~ N(0, 0.01^2), as after some training) and makes them more imbalanced with the same dW: B is
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import time
 
 import torch
 
@@ -69,6 +72,25 @@ def measure(pairs, c: float, check: bool) -> tuple[dict[str, float], float]:
     return {k: statistics.median(v) for k, v in values.items()}, worst
 
 
+def report_cost(n: int, r: int, count: int, rounds: int) -> None:
+    """Time balora.report.pair_rows with and without the precision columns, back to back."""
+    from balora.report import pair_rows
+
+    pairs = [FactorPair(f"m{i}", "default", "linear", A, B, 2.0) for i, (A, B) in enumerate(make_pairs(n, r, count, 0))]
+    pair_rows(pairs)  # warm-up
+    ratios, times = [], {False: [], True: []}
+    for _ in range(rounds):
+        for precision in (False, True):
+            t0 = time.perf_counter()
+            pair_rows(pairs, precision=precision)
+            times[precision].append(time.perf_counter() - t0)
+        ratios.append(times[True][-1] / times[False][-1])
+    print(f"pair_rows over {count} pairs of {n} x {n}, r = {r}, {torch.get_num_threads()} threads, "
+          f"load {os.getloadavg()[0]:.1f}: without precision columns {statistics.median(times[False]) * 1e3:.0f} ms, "
+          f"with {statistics.median(times[True]) * 1e3:.0f} ms, ratio {statistics.median(ratios):.2f}x "
+          f"(median of {rounds} rounds)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1024, help="in = out features")
@@ -76,7 +98,15 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--check", action="store_true", help="also form dW in float64 and compare")
+    ap.add_argument("--cost", action="store_true", help="time the report with and without the precision columns")
+    ap.add_argument("--rounds", type=int, default=9, help="--cost: rounds of back-to-back timings")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a loaded machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cost:
+        report_cost(args.n, args.r, args.pairs * args.seeds, args.rounds)
+        return
     torch.manual_seed(0)
     pairs = [p for s in range(args.seeds) for p in make_pairs(args.n, args.r, args.pairs, s)]
     print(f"{len(pairs)} pairs, in = out = {args.n}, r = {args.r}; B scaled by c, A by 1/c (same dW)")
