@@ -7,8 +7,10 @@ bundled sample runs and opens on the largest, then drives Debian's headless Chro
 Playwright (never `playwright install`) and prints the median, min and max over `--repeat`
 fresh browser sessions of:
 
-- time to the first plot of each page (Inspect: from pressing Enter on an adapter path; Launch
-  has no plot: time to its form), and to the last of the Learn page's plots;
+- time to the first plot: of a new browser session on Compare (loading the frontend and
+  plotly.js), then of each page opened from the sidebar as a user does (Inspect: from pressing
+  Enter on an adapter path; Launch has no plot: time to its form), and to the last of the
+  Learn page's plots;
 - each Compare view switch (Loss -> Grid -> Speed-up -> Imbalance -> Spectra), to its new plot;
 - each Learn slider move (one per section) to the redrawn figure.
 
@@ -115,41 +117,55 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def compare_session(page, url: str, out: dict) -> None:
-    out.setdefault("Compare: first plot", []).append(timed(lambda: (
+def open_page(page, title: str) -> None:
+    """Go to a page as a user does: its link in the sidebar (no reload of the frontend)."""
+    page.locator('[data-testid="stSidebarNav"] a', has_text=title).first.click()
+
+
+def compare_first(page, url: str, out: dict) -> None:
+    """A new visitor: load the app (frontend, plotly.js, the script) until Compare's first plot."""
+    out.setdefault("Compare: first plot (new browser session)", []).append(timed(lambda: (
         page.goto(url + "/", wait_until="commit"), page.wait_for_selector(".main-svg", timeout=TIMEOUT_MS))))
     settled(page)
+
+
+def compare_views(page, out: dict) -> None:
     for view, title in COMPARE_VIEWS.items():
         button = page.locator('[data-testid="stButtonGroup"] button', has_text=view).first
         out.setdefault(f"Compare: switch to {view}", []).append(timed(lambda: (
             button.click(), chart_with_title(page, title), settled(page))))
 
 
-def inspect_session(page, url: str, adapter: Path, out: dict) -> None:
-    page.goto(url + "/inspect", wait_until="commit")
-    box = page.get_by_label("Path", exact=True)
+def compare_again(page, out: dict) -> None:
+    out.setdefault("Compare: first plot (from the sidebar)", []).append(timed(lambda: (
+        open_page(page, "Compare"), chart_with_title(page, COMPARE_VIEWS["Loss"]))))
+    settled(page)
+
+
+def inspect_session(page, adapter: Path, out: dict) -> None:
+    open_page(page, "Inspect")
+    box = page.get_by_label("Path or Hub id", exact=True)
     box.wait_for(timeout=TIMEOUT_MS)
+    settled(page)
     box.fill(str(adapter))
-    out.setdefault("Inspect: first plot (after Enter)", []).append(timed(lambda: (
+    out.setdefault("Inspect: first plot (after Enter on a path)", []).append(timed(lambda: (
         box.press("Enter"), page.wait_for_selector(".main-svg", timeout=TIMEOUT_MS))))
     settled(page)
 
 
-def launch_session(page, url: str, out: dict) -> None:
-    out.setdefault("Launch: form shown", []).append(timed(lambda: (
-        page.goto(url + "/launch", wait_until="commit"),
-        page.wait_for_selector('[data-testid="stFormSubmitButton"]', timeout=TIMEOUT_MS))))
+def launch_session(page, out: dict) -> None:
+    out.setdefault("Launch: form shown (no plot on this page)", []).append(timed(lambda: (
+        open_page(page, "Launch"), page.wait_for_selector('[data-testid="stFormSubmitButton"]', timeout=TIMEOUT_MS))))
     settled(page)
 
 
-def learn_session(page, url: str, out: dict) -> None:
+def learn_session(page, out: dict) -> None:
     t0 = time.perf_counter()
-    page.goto(url + "/learn", wait_until="commit")
-    page.wait_for_selector(".main-svg", timeout=TIMEOUT_MS)
+    open_page(page, "Learn")
+    page.wait_for_selector(".st-key-fig_scalar_landscape .main-svg", timeout=TIMEOUT_MS)
     out.setdefault("Learn: first plot", []).append(time.perf_counter() - t0)
+    page.wait_for_selector(".st-key-fig_gauge_move .main-svg", timeout=TIMEOUT_MS)  # the page's last figure
     settled(page)
-    page.wait_for_function("() => Array.from(document.querySelectorAll('.js-plotly-plot')).every("
-                           "g => g.querySelector('.main-svg'))", timeout=TIMEOUT_MS)
     out.setdefault("Learn: all plots", []).append(time.perf_counter() - t0)
     for slider_key, fig_key in LEARN_SLIDERS:
         slider = page.locator(f".st-key-{slider_key} input[type=range]")
@@ -193,14 +209,17 @@ def main() -> None:
                 for i in range(args.repeat):
                     ctx = browser.new_context(viewport={"width": 1400, "height": 1000})  # a fresh session
                     page = ctx.new_page()
+                    compare_first(page, url, results)
                     if "compare" in pages:
-                        compare_session(page, url, results)
+                        compare_views(page, results)
                     if "inspect" in pages:
-                        inspect_session(page, url, adapter, results)
+                        inspect_session(page, adapter, results)
                     if "launch" in pages:
-                        launch_session(page, url, results)
+                        launch_session(page, results)
                     if "learn" in pages:
-                        learn_session(page, url, results)
+                        learn_session(page, results)
+                    if "compare" in pages:
+                        compare_again(page, results)
                     ctx.close()
                     loads.append(load())
                     print(f"session {i + 1}/{args.repeat} done ({loads[-1]})", file=sys.stderr)

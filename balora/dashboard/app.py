@@ -42,7 +42,7 @@ def _say_once(message: str) -> None:
 def main() -> None:
     import streamlit as st
 
-    from balora.dashboard import exposure, settings
+    from balora.dashboard import exposure, settings, warmup
 
     st.set_page_config(page_title="balora", page_icon=":material/balance:", layout="wide")
     # Served beyond this machine without anyone choosing it: show only how to restart it.
@@ -62,6 +62,7 @@ def main() -> None:
         if exposed is not None:
             st.warning(exposed.message, icon=":material/public:")
     nav.run()
+    warmup.start()  # after the first page: torch for Launch, Inspect and Learn, imported while the user reads
 
 
 if __name__ == "__main__":

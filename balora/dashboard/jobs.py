@@ -7,6 +7,7 @@ only thing a job writes is its run directory; progress comes from that run's sta
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -42,6 +43,15 @@ class LaunchSpec:
     alphas: list[float] = field(default_factory=list)  # empty: the task's default
     name: str = ""
     init_scale: float | None = None  # synthetic only: multiple of PEFT's A init (None: the task's 1)
+
+
+@functools.lru_cache(maxsize=1)
+def available_arms() -> dict[str, str]:
+    """Arm name -> help, for the arms this environment can run. Once per process: asking an arm
+    whether it can run may import PEFT (seconds), and the answer does not change."""
+    from balora.arms import ARMS
+
+    return {name: arm.help for name, arm in ARMS.items() if arm.unavailable() is None}
 
 
 def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:

@@ -18,13 +18,6 @@ TASK_HELP = {
 }
 
 
-def _arms() -> dict[str, str]:
-    """Arm name -> help, for arms this environment can run."""
-    from balora.arms import ARMS
-
-    return {name: arm.help for name, arm in ARMS.items() if arm.unavailable() is None}
-
-
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(v) for v in text.replace(" ", "").split(",") if v]
@@ -95,7 +88,7 @@ busy = jobs.any_running()
 task = st.radio("Task", list(settings.LAUNCH_TASKS), horizontal=True, key="launch_task", help="\n".join(f"{k}: {v}" for k, v in TASK_HELP.items()))
 st.caption(TASK_HELP[task])
 try:
-    arms = _arms()
+    arms = jobs.available_arms()
 except Exception as e:  # the arm registry failed to import: say so, keep the page usable
     st.error(f"Could not list the arms: {e}")
     st.stop()

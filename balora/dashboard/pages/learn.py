@@ -8,20 +8,8 @@ import numpy as np
 import streamlit as st
 
 from balora import teaching
-from balora.dashboard import learn_plots
-
-Y_SCALAR = 1.0
-GRID_LIM = 3.5
-
-conservation_path = st.cache_data(show_spinner=False)(teaching.conservation_path)
-invariance_example = st.cache_data(show_spinner=False)(teaching.invariance_example)
-condition_vs_scale = st.cache_data(show_spinner=False)(teaching.condition_vs_scale)
-
-
-@st.cache_data(show_spinner=False)
-def gauge_runs(optimizer: str, lr: float) -> dict:
-    task = teaching.gauge_task()
-    return {arm: teaching.gauge_run(optimizer, arm, lr, task=task) for arm in teaching.GAUGE_ARMS}
+from balora.dashboard import learn_data, learn_plots
+from balora.dashboard.learn_data import GRID_LIM, Y_SCALAR, condition_vs_scale, gauge_runs, invariance_example
 
 
 st.title("Learn: why balancing LoRA factors helps")
@@ -68,7 +56,7 @@ def scalar_section() -> None:
         "balanced": teaching.scalar_gd(0.5, 0.5, Y_SCALAR, lr_scalar, 60),
         "unbalanced": teaching.scalar_gd(0.5 / unbalance, 0.5 * unbalance, Y_SCALAR, lr_scalar, 60),
     }
-    a_grid, b_grid, Z = teaching.scalar_loss_grid(Y_SCALAR, GRID_LIM)
+    a_grid, b_grid, Z = learn_data.scalar_loss_grid(Y_SCALAR, GRID_LIM)
     st.plotly_chart(learn_plots.scalar_landscape_figure(a_grid, b_grid, Z, paths, Y_SCALAR), key="fig_scalar_landscape")
     left, right = st.columns(2)
     left.plotly_chart(learn_plots.scalar_loss_figure(paths), key="fig_scalar_loss")
@@ -108,15 +96,12 @@ def conservation_section() -> None:
     )
     c1, c2, c3 = st.columns(3)
     start = c1.radio(
-        "start", teaching.STARTS, index=1, key="cons_start",
+        "start", teaching.STARTS, index=teaching.STARTS.index(learn_data.CONS_START), key="cons_start",
         format_func={"balanced": "balanced", "unbalanced": "unbalanced (large A, small B)", "peft": "PEFT init (B = 0)"}.get,
     )
-    lr_gd = c2.select_slider("learning rate, gradient descent", [0.01, 0.02, 0.05, 0.1, 0.2, 0.3], value=0.05, key="cons_lr_gd")
-    lr_adam = c3.select_slider("learning rate, Adam", [0.003, 0.01, 0.02, 0.05, 0.1], value=0.02, key="cons_lr_adam")
-    cons = {
-        opt: conservation_path(opt, start, lr_adam if opt == "adam" else lr_gd)
-        for opt in teaching.CONSERVATION_OPTIMIZERS
-    }
+    lr_gd = c2.select_slider("learning rate, gradient descent", [0.01, 0.02, 0.05, 0.1, 0.2, 0.3], value=learn_data.CONS_LR_GD, key="cons_lr_gd")
+    lr_adam = c3.select_slider("learning rate, Adam", [0.003, 0.01, 0.02, 0.05, 0.1], value=learn_data.CONS_LR_ADAM, key="cons_lr_adam")
+    cons = learn_data.conservation_paths(start, lr_gd, lr_adam)
     left, right = st.columns(2)
     left.plotly_chart(learn_plots.imbalance_figure(cons), key="fig_cons_imbalance")
     right.plotly_chart(learn_plots.factor_loss_figure(cons), key="fig_cons_loss")
@@ -189,7 +174,7 @@ def gauge_section() -> None:
     c1, c2 = st.columns(2)
     opt_label = c1.radio("optimizer", ["torch Adam", "sign descent (the paper's synthetic Adam)"], key="gauge_optimizer")
     optimizer = "adam" if opt_label == "torch Adam" else "sign"
-    lr_gauge = c2.select_slider("learning rate", [0.001, 0.003, 0.01, 0.03, 0.1], value=0.03, key="gauge_lr")
+    lr_gauge = c2.select_slider("learning rate", [0.001, 0.003, 0.01, 0.03, 0.1], value=learn_data.GAUGE_LR, key="gauge_lr")
     runs = gauge_runs(optimizer, lr_gauge)
     left, right = st.columns(2)
     left.plotly_chart(learn_plots.gauge_loss_figure(runs, "torch Adam" if optimizer == "adam" else "sign descent"), key="fig_gauge_loss")
