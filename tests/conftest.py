@@ -220,3 +220,34 @@ def lora_factors():
         return out
 
     return read
+
+
+def _float64(x) -> np.ndarray:
+    """A torch tensor (any dtype, any device) or an array, as a float64 numpy array."""
+    return x.detach().to("cpu", torch.float64).numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
+
+
+@pytest.fixture
+def np_rel_imbalance():
+    """np_rel_imbalance(A, B) = ||B^T B - A A^T|| / (||B^T B|| + ||A A^T||) in float64 numpy:
+    the reference for balora.rel_imbalance. A (r, in), B (out, r), tensors or arrays."""
+
+    def rel(A, B):
+        A, B = _float64(A), _float64(B)
+        BtB, AAt = B.T @ B, A @ A.T
+        return np.linalg.norm(BtB - AAt) / (np.linalg.norm(BtB) + np.linalg.norm(AAt))
+
+    return rel
+
+
+@pytest.fixture
+def np_product_error():
+    """np_product_error(A0, B0, A1, B1) = ||B1 A1 - B0 A0||_F / ||B0 A0||_F on the formed float64
+    products: the reference for "balancing keeps dW"."""
+
+    def err(A0, B0, A1, B1):
+        P0 = _float64(B0) @ _float64(A0)
+        P1 = _float64(B1) @ _float64(A1)
+        return np.linalg.norm(P1 - P0) / np.linalg.norm(P0)
+
+    return err

@@ -15,16 +15,10 @@ from peft import LoraConfig, get_peft_model
 
 import balora.balance
 from balora import BalanceError, balance_, layer_report
-from balora.adapters.live import iter_lora_pairs
 from balora.balance import balance_pairs
 
 METHODS = ("nearest", "svd")
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc", "wte"]
-
-
-def _np_rel_imbalance(A, B):
-    BtB, AAt = B.T @ B, A @ A.T
-    return np.linalg.norm(BtB - AAt) / (np.linalg.norm(BtB) + np.linalg.norm(AAt))
 
 
 def _merged(model):
@@ -69,13 +63,13 @@ def build(make_tiny_net, tiny_net_targets, tiny_net_inputs, make_gpt2, lm_batch)
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("variant", ["plain", "dora", "rslora_patterns", "gpt2"])
-def test_balance_keeps_every_peft_quantity(variant, method, build, peft_deltas, assert_deltas_close, lora_factors):
+def test_balance_keeps_every_peft_quantity(np_rel_imbalance, variant, method, build, peft_deltas, assert_deltas_close, lora_factors):
     model, run = build(variant)
     with torch.no_grad():
         out_before = run().double()
     deltas_before, merged_before = peft_deltas(model), _merged(model)
     before_factors = lora_factors(model)
-    assert min(_np_rel_imbalance(A, B) for A, B in before_factors.values()) > 0.05, "test needs imbalanced inputs"
+    assert min(np_rel_imbalance(A, B) for A, B in before_factors.values()) > 0.05, "test needs imbalanced inputs"
 
     summary = balance_(model, method=method)
 
@@ -87,13 +81,13 @@ def test_balance_keeps_every_peft_quantity(variant, method, build, peft_deltas, 
         out_after = run().double()
     assert (out_after - out_before).norm() <= 1e-5 * out_before.norm()
     for key, (A, B) in lora_factors(model).items():
-        assert _np_rel_imbalance(A, B) < 1e-5, key
+        assert np_rel_imbalance(A, B) < 1e-5, key
         assert np.abs(A - before_factors[key][0]).max() > 1e-3, f"{key} was not changed at all"
     report = layer_report(model)
     assert len(report) == len(before_factors) and float(report["rel_imbalance"].max()) < 1e-5
 
 
-def test_two_adapters(make_tiny_net, tiny_net_targets, peft_deltas, assert_deltas_close, lora_factors, snapshot):
+def test_two_adapters(np_rel_imbalance, make_tiny_net, tiny_net_targets, peft_deltas, assert_deltas_close, lora_factors, snapshot):
     model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False),
                            adapter_name="first")
     model.add_adapter("x", LoraConfig(r=3, lora_alpha=5, target_modules=["lin", "conv2d"], init_lora_weights=False))
@@ -107,12 +101,12 @@ def test_two_adapters(make_tiny_net, tiny_net_targets, peft_deltas, assert_delta
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".x." in k or k.endswith(".x") for k in changed), changed
     for key, (A, B) in lora_factors(model).items():
-        assert (_np_rel_imbalance(A, B) < 1e-5) == (key[1] == "x"), key
+        assert (np_rel_imbalance(A, B) < 1e-5) == (key[1] == "x"), key
 
     # adapter=None: both.
     summary = balance_(model)
     assert summary.balanced == 5 + 2
-    assert all(_np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+    assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
     assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
     with pytest.raises(ValueError, match="no LoRA layers with adapter 'nope'"):
         balance_(model, adapter="nope")
@@ -122,7 +116,7 @@ def _loss(model, inputs, target):
     return (model(*inputs) - target).square().mean()
 
 
-def test_peft_default_init_is_left_alone_and_training_starts(make_tiny_net, tiny_net_targets, tiny_net_inputs,
+def test_peft_default_init_is_left_alone_and_training_starts(np_rel_imbalance, make_tiny_net, tiny_net_targets, tiny_net_inputs,
                                                              snapshot, assert_bit_identical, lora_factors):
     model = get_peft_model(make_tiny_net(), LoraConfig(r=2, lora_alpha=4, target_modules=tiny_net_targets))
     before = snapshot(model)
@@ -150,7 +144,7 @@ def test_peft_default_init_is_left_alone_and_training_starts(make_tiny_net, tiny
         assert all("rank-deficient" in why for why in summary.skipped.values()), summary
         if step > 0:
             assert summary.balanced == 5, summary
-            assert all(_np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+            assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -169,7 +163,7 @@ def four_rank_model(make_tiny_net, tiny_net_targets):
     return get_peft_model(make_tiny_net(), LoraConfig(r=3, target_modules=tiny_net_targets, init_lora_weights=False))
 
 
-def test_rank_deficient_skip(four_rank_model, snapshot, assert_bit_identical, lora_factors):
+def test_rank_deficient_skip(np_rel_imbalance, four_rank_model, snapshot, assert_bit_identical, lora_factors):
     model = four_rank_model
     name = _make_rank_deficient(model)
     before = snapshot(model)
@@ -182,17 +176,17 @@ def test_rank_deficient_skip(four_rank_model, snapshot, assert_bit_identical, lo
     assert lin_keys
     assert_bit_identical({k: before[k] for k in lin_keys}, {k: after[k] for k in lin_keys})
     for key, (A, B) in lora_factors(model).items():
-        assert (_np_rel_imbalance(A, B) < 1e-5) == (key[0] != "base_model.model.lin"), key
+        assert (np_rel_imbalance(A, B) < 1e-5) == (key[0] != "base_model.model.lin"), key
 
 
-def test_rank_deficient_balance(four_rank_model, peft_deltas, assert_deltas_close, lora_factors):
+def test_rank_deficient_balance(np_rel_imbalance, four_rank_model, peft_deltas, assert_deltas_close, lora_factors):
     model = four_rank_model
     name = _make_rank_deficient(model)
     deltas = peft_deltas(model)
     summary = balance_(model, on_rank_deficient="balance")
     assert summary.rank_deficient == {name: 1} and name not in summary.skipped and summary.balanced == 5
     assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
-    assert all(_np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+    assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
 
 
 def test_rank_deficient_raise(four_rank_model, snapshot, assert_bit_identical):
@@ -205,7 +199,7 @@ def test_rank_deficient_raise(four_rank_model, snapshot, assert_bit_identical):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_adapters_are_balanced(dtype, make_tiny_net, tiny_net_targets, peft_deltas, lora_factors):
+def test_half_precision_adapters_are_balanced(np_rel_imbalance, dtype, make_tiny_net, tiny_net_targets, peft_deltas, lora_factors):
     model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets,
                                                        init_lora_weights=False)).to(dtype)
     # The reference: the same factors in fp32, balanced, then rounded to the adapter dtype.
@@ -225,7 +219,7 @@ def test_half_precision_adapters_are_balanced(dtype, make_tiny_net, tiny_net_tar
     for key, dW in deltas.items():
         assert (after[key] - dW).norm() <= 8 * unit_roundoff * dW.norm(), key
     for key, (A, B) in lora_factors(model).items():
-        assert _np_rel_imbalance(A, B) < 8 * unit_roundoff, key
+        assert np_rel_imbalance(A, B) < 8 * unit_roundoff, key
 
 
 def _poison(model, module="conv2d", value=float("nan")):
@@ -245,7 +239,7 @@ def test_nonfinite_raises_and_writes_nothing(value, make_tiny_net, tiny_net_targ
     assert_bit_identical(before, snapshot(model))
 
 
-def test_nonfinite_skip_only_that_module(make_tiny_net, tiny_net_targets, snapshot, assert_bit_identical, lora_factors):
+def test_nonfinite_skip_only_that_module(np_rel_imbalance, make_tiny_net, tiny_net_targets, snapshot, assert_bit_identical, lora_factors):
     model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
     name = _poison(model)
     before = snapshot(model)
@@ -256,7 +250,7 @@ def test_nonfinite_skip_only_that_module(make_tiny_net, tiny_net_targets, snapsh
     assert_bit_identical({k: before[k] for k in conv_keys}, {k: after[k] for k in conv_keys})
     for key, (A, B) in lora_factors(model).items():
         if key[0] != "base_model.model.conv2d":
-            assert _np_rel_imbalance(A, B) < 1e-5, key
+            assert np_rel_imbalance(A, B) < 1e-5, key
 
 
 def test_failed_decomposition_names_the_module(make_tiny_net, tiny_net_targets, snapshot, assert_bit_identical,

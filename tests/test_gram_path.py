@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,18 +17,6 @@ from balora.pairs import FactorPair
 from balora.projection import GRAM_TOL, balanced_factors, gram_transforms
 
 METHODS = ("nearest", "svd")
-
-
-def _np_rel_imbalance(A, B):
-    A, B = A.double().numpy(), B.double().numpy()
-    BtB, AAt = B.T @ B, A @ A.T
-    return np.linalg.norm(BtB - AAt) / (np.linalg.norm(BtB) + np.linalg.norm(AAt))
-
-
-def _np_product_error(A0, B0, A1, B1):
-    P0 = B0.double().numpy() @ A0.double().numpy()
-    P1 = B1.double().numpy() @ A1.double().numpy()
-    return np.linalg.norm(P1 - P0) / np.linalg.norm(P0)
 
 
 def _factor(n, r, cond, gen):
@@ -58,7 +45,7 @@ def test_same_pair_as_the_qr_path(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_accepted_pairs_are_balanced_in_fp32(method):
+def test_accepted_pairs_are_balanced_in_fp32(np_product_error, np_rel_imbalance, method):
     """Over factors of every conditioning from 1 to 1e4, ranks 1 to 32, scales 1e-2 to 1e2:
     wherever the Gram path says it is accurate, the fp32 result is balanced to 1e-5 and keeps
     the product; where it says not, the error estimate was above the tolerance."""
@@ -76,8 +63,8 @@ def test_accepted_pairs_are_balanced_in_fp32(method):
             continue
         accepted += 1
         A1, B1 = t.Y[0].float() @ A, B @ t.X[0].float()
-        assert _np_rel_imbalance(A1, B1) < 1e-5, (r, c_A, c_B, scale)
-        assert _np_product_error(A, B, A1, B1) < 1e-5, (r, c_A, c_B, scale)
+        assert np_rel_imbalance(A1, B1) < 1e-5, (r, c_A, c_B, scale)
+        assert np_product_error(A, B, A1, B1) < 1e-5, (r, c_A, c_B, scale)
     assert accepted >= 10 and refused >= 10  # both branches were exercised
 
 
@@ -101,7 +88,7 @@ def test_ill_conditioned_singular_zero_and_nonfinite_are_refused():
 
 
 @pytest.mark.parametrize("scale", [1e-22, 1e20])
-def test_factors_whose_grams_underflow_or_overflow_are_still_balanced(scale):
+def test_factors_whose_grams_underflow_or_overflow_are_still_balanced(np_product_error, np_rel_imbalance, scale):
     """fp32 Grams of factors with entries ~1e-22 underflow to zero and of ~1e20 overflow: the
     pair is neither taken for a zero product nor left alone, but balanced by the QR path."""
     gen = torch.Generator().manual_seed(7)
@@ -110,7 +97,7 @@ def test_factors_whose_grams_underflow_or_overflow_are_still_balanced(scale):
     new, summary = balance_pairs([FactorPair("m", "default", "linear", A, B, 1.0)], "nearest")
     assert summary.balanced == 1 and summary.qr_path == 1 and not summary.skipped
     A1, B1 = new[0]
-    assert _np_rel_imbalance(A1, B1) < 1e-5 and _np_product_error(A, B, A1, B1) < 1e-5
+    assert np_rel_imbalance(A1, B1) < 1e-5 and np_product_error(A, B, A1, B1) < 1e-5
 
 
 def test_tolerance_is_respected():
@@ -144,7 +131,7 @@ def _pairs(specs, gen):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_balance_pairs_falls_back_to_qr_exactly_where_refused(method, monkeypatch):
+def test_balance_pairs_falls_back_to_qr_exactly_where_refused(np_product_error, np_rel_imbalance, method, monkeypatch):
     gen = torch.Generator().manual_seed(4)
     specs = [(8, 64, 48, 2.0), (8, 64, 48, 3e3), (4, 30, 20, 1.5), (4, 30, 20, 5e3), (8, 100, 40, 4.0)]
     pairs = _pairs(specs, gen)
@@ -162,8 +149,8 @@ def test_balance_pairs_falls_back_to_qr_exactly_where_refused(method, monkeypatc
     for i, p in enumerate(pairs):
         A1, B1 = new[i]
         assert A1.shape == p.A.shape and B1.shape == p.B.shape and A1.dtype == torch.float32
-        assert _np_rel_imbalance(A1, B1) < 1e-5, p.module
-        assert _np_product_error(p.A, p.B, A1, B1) < 1e-5, p.module
+        assert np_rel_imbalance(A1, B1) < 1e-5, p.module
+        assert np_product_error(p.A, p.B, A1, B1) < 1e-5, p.module
     assert summary.max_rel_imbalance < 1e-5 and summary.max_rel_error < 1e-5
 
 
@@ -180,7 +167,7 @@ def test_unchecked_results_equal_checked_ones():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_bf16_factors_use_a_tolerance_of_their_own_rounding():
+def test_bf16_factors_use_a_tolerance_of_their_own_rounding(np_rel_imbalance):
     """bf16 results are rounded to 8 bits anyway, so the Gram path accepts pairs an fp32 run
     would redo, and the result is as balanced as rounding to bf16 allows."""
     gen = torch.Generator().manual_seed(6)
@@ -199,5 +186,5 @@ def test_bf16_factors_use_a_tolerance_of_their_own_rounding():
         balora.balance._qr_outcomes = real
     assert not calls  # ... accepted at bf16's
     A1, B1 = new[0]
-    assert A1.dtype == torch.bfloat16 and _np_rel_imbalance(A1, B1) < 2e-2
+    assert A1.dtype == torch.bfloat16 and np_rel_imbalance(A1, B1) < 2e-2
     assert GRAM_TOL < 0.1 * torch.finfo(torch.bfloat16).eps

@@ -3,7 +3,6 @@ they hold could be stale (another dtype or device, a new adapter, another model)
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -13,11 +12,6 @@ import balora.adapters.live as live
 from balora import BalanceCallback, balance_after_step
 from balora.adapters.live import PairCache
 from balora.balance import balance_and_write
-
-
-def _rel_imbalance(A, B):
-    BtB, AAt = B.T @ B, A @ A.T
-    return np.linalg.norm(BtB - AAt) / (np.linalg.norm(BtB) + np.linalg.norm(AAt))
 
 
 @pytest.fixture
@@ -48,17 +42,17 @@ def _unbalance(model):
                 p.mul_(1.5)
 
 
-def test_walks_once_while_nothing_changes(lora_tiny, counted_walks, lora_factors):
+def test_walks_once_while_nothing_changes(np_rel_imbalance, lora_tiny, counted_walks, lora_factors):
     model, cache = lora_tiny(), PairCache()
     for _ in range(4):
         _unbalance(model)
         summary = balance_and_write(cache.get(model), check=False)
         assert summary.balanced > 0
-        assert all(_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+        assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
     assert len(counted_walks) == 1
 
 
-def test_walks_again_after_a_dtype_change_and_writes_into_the_new_parameters(lora_tiny, counted_walks,
+def test_walks_again_after_a_dtype_change_and_writes_into_the_new_parameters(np_rel_imbalance, lora_tiny, counted_walks,
                                                                               lora_factors, tiny_net_inputs):
     model, cache = lora_tiny(), PairCache()
     balance_and_write(cache.get(model), check=False)
@@ -69,7 +63,7 @@ def test_walks_again_after_a_dtype_change_and_writes_into_the_new_parameters(lor
     before = model(*inputs).detach()
     balance_and_write(cache.get(model), check=False)
     assert len(counted_walks) == 2
-    assert all(_rel_imbalance(A, B) < 1e-10 for A, B in lora_factors(model).values())
+    assert all(np_rel_imbalance(A, B) < 1e-10 for A, B in lora_factors(model).values())
     torch.testing.assert_close(model(*inputs), before, rtol=1e-9, atol=1e-9)
 
 
@@ -85,13 +79,13 @@ def test_walks_again_for_a_new_adapter_or_another_model(lora_tiny, counted_walks
         cache.get(model, "missing")
 
 
-def test_training_hooks_walk_once(lora_tiny, counted_walks, tiny_net_inputs, lora_factors):
+def test_training_hooks_walk_once(np_rel_imbalance, lora_tiny, counted_walks, tiny_net_inputs, lora_factors):
     model = lora_tiny()
     cb = BalanceCallback()
     for step in range(3):
         _unbalance(model)
         cb.on_optimizer_step(None, TrainerState(global_step=step), TrainerControl(), model=model)
-        assert all(_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+        assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
     assert len(counted_walks) == 1
 
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -100,7 +94,7 @@ def test_training_hooks_walk_once(lora_tiny, counted_walks, tiny_net_inputs, lor
         opt.zero_grad()
         model(*tiny_net_inputs).square().mean().backward()
         opt.step()
-        assert all(_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+        assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
     handle.remove()
     assert len(counted_walks) == 2
 

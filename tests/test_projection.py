@@ -14,19 +14,6 @@ METHODS = ("nearest", "svd")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-def _np_product_error(A0, B0, A1, B1):
-    """||B1 A1 - B0 A0||_F / ||B0 A0||_F on the formed float64 products."""
-    P0 = B0.double().numpy() @ A0.double().numpy()
-    P1 = B1.double().numpy() @ A1.double().numpy()
-    return np.linalg.norm(P1 - P0) / np.linalg.norm(P0)
-
-
-def _np_rel_imbalance(A, B):
-    A, B = A.double().numpy(), B.double().numpy()
-    BtB, AAt = B.T @ B, A @ A.T
-    return np.linalg.norm(BtB - AAt) / (np.linalg.norm(BtB) + np.linalg.norm(AAt))
-
-
 def _distance(A0, B0, A1, B1):
     """Frobenius distance between pairs: sqrt(||A1 - A0||^2 + ||B1 - B0||^2), float64, (G,)."""
     d2 = (A1.double() - A0.double()).square().sum((-2, -1)) + (B1.double() - B0.double()).square().sum((-2, -1))
@@ -46,7 +33,7 @@ def _balanced_pair(G, r, n_in, n_out, seed):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("r,n_in,n_out", [(4, 24, 16), (1, 5, 9), (8, 8, 30)])
-def test_product_kept_and_balanced(method, dtype, r, n_in, n_out, make_factors):
+def test_product_kept_and_balanced(np_product_error, np_rel_imbalance, method, dtype, r, n_in, n_out, make_factors):
     A, B = make_factors(5, r=r, n_in=n_in, n_out=n_out, dtype=dtype, seed=r)
     proj = balanced_factors(A, B, method)
     assert proj.A.shape == A.shape and proj.B.shape == B.shape and proj.A.dtype == dtype
@@ -54,9 +41,9 @@ def test_product_kept_and_balanced(method, dtype, r, n_in, n_out, make_factors):
     # product_rel_error expands ||P1 - P0||^2 in float64, so it resolves down to sqrt(eps64) ~ 1.5e-8.
     assert float(product_rel_error(A, B, proj.A, proj.B).max()) < max(TOL[dtype], 1e-7)
     for g in range(5):
-        assert _np_product_error(A[g], B[g], proj.A[g], proj.B[g]) < TOL[dtype]
-        assert _np_rel_imbalance(proj.A[g], proj.B[g]) < TOL[dtype]
-        assert _np_rel_imbalance(A[g], B[g]) > 0.5  # the inputs really were imbalanced
+        assert np_product_error(A[g], B[g], proj.A[g], proj.B[g]) < TOL[dtype]
+        assert np_rel_imbalance(proj.A[g], proj.B[g]) < TOL[dtype]
+        assert np_rel_imbalance(A[g], B[g]) > 0.5  # the inputs really were imbalanced
         # S: singular values of the unscaled product, from numpy on the formed product.
         sv = np.linalg.svd(B[g].double().numpy() @ A[g].double().numpy(), compute_uv=False)[:r]
         np.testing.assert_allclose(proj.S[g].double().numpy(), sv, rtol=0, atol=TOL[dtype] * sv[0])
@@ -80,7 +67,7 @@ def test_nearest_is_the_closest_balanced_pair(dtype, make_factors):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_balanced_input_nearest_keeps_it_svd_rotates_it(dtype):
+def test_balanced_input_nearest_keeps_it_svd_rotates_it(np_product_error, dtype):
     A64, B64 = _balanced_pair(4, r=4, n_in=18, n_out=12, seed=2)
     A, B = A64.to(dtype), B64.to(dtype)
     scale = torch.sqrt(torch.linalg.matrix_norm(A64) ** 2 + torch.linalg.matrix_norm(B64) ** 2)
@@ -90,7 +77,7 @@ def test_balanced_input_nearest_keeps_it_svd_rotates_it(dtype):
     # The svd gauge ignores where the pair was: a random gauge O is lost.
     assert torch.all(_distance(A64, B64, svd.A, svd.B) > 0.1 * scale)
     for g in range(4):
-        assert _np_product_error(A[g], B[g], svd.A[g], svd.B[g]) < TOL[dtype]
+        assert np_product_error(A[g], B[g], svd.A[g], svd.B[g]) < TOL[dtype]
 
 
 def test_nearest_is_idempotent_and_gauge_equivariant(make_factors):
@@ -152,15 +139,15 @@ def test_batched_equals_per_item(method, make_factors, make_conditioned):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_rank_deficient_product(method, make_factors):
+def test_rank_deficient_product(np_product_error, np_rel_imbalance, method, make_factors):
     A, B = make_factors(2, r=5, n_in=14, n_out=10, seed=19)
     g = torch.Generator().manual_seed(4)
     B[1] = torch.randn(10, 2, generator=g) @ torch.randn(2, 5, generator=g)  # rank(B A) = 2
     proj = balanced_factors(A, B, method)
     assert proj.rank.tolist() == [5, 2]
     assert not proj.zero.any() and proj.finite.all()
-    assert _np_product_error(A[1], B[1], proj.A[1], proj.B[1]) < 1e-5
-    assert _np_rel_imbalance(proj.A[1], proj.B[1]) < 1e-5
+    assert np_product_error(A[1], B[1], proj.A[1], proj.B[1]) < 1e-5
+    assert np_rel_imbalance(proj.A[1], proj.B[1]) < 1e-5
     # The balanced pair of a rank-2 product has r - 2 = 3 dead directions: A' and B' have rank 2
     # (the nearest gauge rotates them, so they are a subspace rather than zero rows).
     for M in (proj.A[1], proj.B[1]):
@@ -168,14 +155,14 @@ def test_rank_deficient_product(method, make_factors):
         assert int((sv < 1e-3 * sv[0]).sum()) == 3
 
 
-def test_half_precision_inputs_are_computed_in_fp32(make_factors):
+def test_half_precision_inputs_are_computed_in_fp32(np_rel_imbalance, make_factors):
     A, B = make_factors(3, r=4, n_in=12, n_out=10, dtype=torch.bfloat16, seed=23)
     proj = balanced_factors(A, B, "nearest")
     assert proj.A.dtype == torch.float32 and proj.B.dtype == torch.float32
     # Against the exact bf16 inputs, the fp32 result keeps the product to fp32 accuracy.
     assert float(product_rel_error(A, B, proj.A, proj.B).max()) < 1e-5
     for g in range(3):
-        assert _np_rel_imbalance(proj.A[g], proj.B[g]) < 1e-5
+        assert np_rel_imbalance(proj.A[g], proj.B[g]) < 1e-5
 
 
 def test_argument_errors(make_factors):
@@ -187,20 +174,20 @@ def test_argument_errors(make_factors):
         balanced_factors(A, B, "polar")
 
 
-def test_product_rel_error_vs_numpy(make_factors):
+def test_product_rel_error_vs_numpy(np_product_error, make_factors):
     A0, B0 = make_factors(3, r=4, n_in=12, n_out=10, dtype=torch.float64, seed=29)
     A1, B1 = make_factors(3, r=4, n_in=12, n_out=10, dtype=torch.float64, seed=30)
     A1 = A0 + 1e-3 * A1
     err = product_rel_error(A0, B0, A1, B1)
     for g in range(3):
-        np.testing.assert_allclose(float(err[g]), _np_product_error(A0[g], B0[g], A1[g], B1[g]), rtol=1e-9)
+        np.testing.assert_allclose(float(err[g]), np_product_error(A0[g], B0[g], A1[g], B1[g]), rtol=1e-9)
     # Tiny changes are resolved, not cancelled to zero, even from fp32 inputs.
     A32, B32 = A0.float(), B0.float()
     A32b = A32.clone()
     A32b[:, 0, 0] += 1e-4
     got = product_rel_error(A32, B32, A32b, B32)
     for g in range(3):
-        np.testing.assert_allclose(float(got[g]), _np_product_error(A32[g], B32[g], A32b[g], B32[g]), rtol=1e-6)
+        np.testing.assert_allclose(float(got[g]), np_product_error(A32[g], B32[g], A32b[g], B32[g]), rtol=1e-6)
     zero = torch.zeros_like(A0)
     assert torch.all(product_rel_error(zero, B0, zero, B0) == 0), "0/0 counts as unchanged"
     np.testing.assert_allclose(product_rel_error(zero, B0, A1, B1).numpy(),

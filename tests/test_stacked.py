@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -29,20 +28,6 @@ class _Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
-
-
-def _np(t):
-    return t.detach().double().numpy()
-
-
-def _np_rel_imbalance(A, B):
-    A, B = _np(A), _np(B)
-    return np.linalg.norm(B.T @ B - A @ A.T) / (np.linalg.norm(B.T @ B) + np.linalg.norm(A @ A.T))
-
-
-def _np_product_error(A0, B0, A1, B1):
-    P0, P1 = _np(B0) @ _np(A0), _np(B1) @ _np(A1)
-    return np.linalg.norm(P1 - P0) / np.linalg.norm(P0)
 
 
 def _live_pairs(shapes, seed=0, dtype=torch.float32):
@@ -71,7 +56,7 @@ def test_ops_per_pass_do_not_grow_with_the_number_of_modules(method):
     assert counts[0] == counts[1]
 
 
-def test_blocks_with_shared_shapes_or_dtypes_never_mix():
+def test_blocks_with_shared_shapes_or_dtypes_never_mix(np_product_error, np_rel_imbalance):
     """Same A shape with different B shapes, and the same shapes in two dtypes, are separate blocks
     with separate workspace buffers: every pair keeps its own product, balanced, pass after pass."""
     shapes = [(4, 32, 20), (4, 32, 20), (4, 32, 48), (4, 32, 48), (8, 32, 20)]
@@ -85,21 +70,21 @@ def test_blocks_with_shared_shapes_or_dtypes_never_mix():
     for p, (A0, B0) in zip(pairs, before):
         A1, B1 = p.write.params  # the parameters themselves
         assert A1.dtype == A0.dtype and B1.dtype == B0.dtype
-        assert _np_product_error(A0, B0, A1, B1) < 1e-5, p.name
-        assert _np_rel_imbalance(A1, B1) < 1e-5, p.name
+        assert np_product_error(A0, B0, A1, B1) < 1e-5, p.name
+        assert np_rel_imbalance(A1, B1) < 1e-5, p.name
 
 
-def test_bf16_factors_are_upcast_in_the_stack_and_written_back_in_bf16():
+def test_bf16_factors_are_upcast_in_the_stack_and_written_back_in_bf16(np_product_error, np_rel_imbalance):
     pairs = _live_pairs([(4, 64, 48)] * 3, seed=3, dtype=torch.bfloat16)
     before = [(p.A.clone(), p.B.clone()) for p in pairs]
     balance_and_write(pairs, "nearest", check=False)
     for p, (A0, B0) in zip(pairs, before):
         A1, B1 = p.write.params
         assert A1.dtype == B1.dtype == torch.bfloat16
-        assert _np_product_error(A0, B0, A1, B1) < 3e-2 and _np_rel_imbalance(A1, B1) < 2e-2
+        assert np_product_error(A0, B0, A1, B1) < 3e-2 and np_rel_imbalance(A1, B1) < 2e-2
 
 
-def test_one_ill_conditioned_pair_in_a_block_alone_takes_the_qr_path():
+def test_one_ill_conditioned_pair_in_a_block_alone_takes_the_qr_path(np_product_error, np_rel_imbalance):
     pairs = _live_pairs([(4, 40, 30)] * 4, seed=4)
     g = torch.Generator().manual_seed(5)
     U, _ = torch.linalg.qr(torch.randn(40, 4, generator=g, dtype=torch.float64))
@@ -109,7 +94,7 @@ def test_one_ill_conditioned_pair_in_a_block_alone_takes_the_qr_path():
     assert summary.qr_path == 1 and summary.balanced == 4
     for i, (A0, B0) in enumerate(before):
         A1, B1 = new[i]
-        assert _np_product_error(A0, B0, A1, B1) < 1e-4 and _np_rel_imbalance(A1, B1) < 1e-5
+        assert np_product_error(A0, B0, A1, B1) < 1e-4 and np_rel_imbalance(A1, B1) < 1e-5
 
 
 def test_param_writer_writes_where_the_parameter_is_now():
