@@ -24,8 +24,9 @@ from balora.balance import BalanceError, balance_pairs
 from balora.errors import InputError
 from balora.imbalance import rel_imbalance
 from balora.linalg import all_finite
+from balora.precision import storage_dtype
 from balora.projection import METHODS, product_rel_error
-from balora.report import REPORT_COLUMNS, pair_rows, to_frame
+from balora.report import PRECISION_LOSS, REPORT_COLUMNS, pair_rows, to_frame
 from balora.safe_io import printable
 
 # Where each row comes from, then the layer report columns.
@@ -111,6 +112,7 @@ class FileBalanceSummary:
     max_rel_error: float = float("nan")  # max dW_rel_change over balanced pairs, measured on the written file
     max_rel_imbalance_before: float = float("nan")
     max_rel_imbalance_after: float = float("nan")
+    dtype: str = ""  # "float16"/"bfloat16" when written in that dtype (max_rel_error then includes the cast)
     files: list[str] = field(default_factory=list)  # weights files written
     notes: list[str] = field(default_factory=list)
     changes: pd.DataFrame = field(default_factory=lambda: to_frame([], CHANGE_COLUMNS))  # CHANGE_COLUMNS
@@ -120,10 +122,12 @@ class FileBalanceSummary:
         """Lines for a terminal; module names, paths and notes with control characters escaped
         (each line is built whole, then escaped: a newline inside a name cannot start a line)."""
         lines = [
-            f"wrote {self.dst} ({self.format}, method {self.method}): balanced {self.balanced} LoRA pair(s), "
-            f"{len(self.skipped)} unchanged, in {self.seconds:.2f} s"
+            f"wrote {self.dst} ({self.format}, method {self.method}{', in ' + self.dtype if self.dtype else ''}): "
+            f"balanced {self.balanced} LoRA pair(s), {len(self.skipped)} unchanged, in {self.seconds:.2f} s"
         ]
-        if self.balanced:
+        if self.dtype:
+            lines += _cast_lines(self)
+        elif self.balanced:
             lines.append(
                 f"  max rel_imbalance {self.max_rel_imbalance_before:.3g} -> {self.max_rel_imbalance_after:.2e}, "
                 f"max relative change of dW {self.max_rel_error:.2e}"
@@ -139,7 +143,7 @@ class FileBalanceSummary:
 
 
 def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "skip", *,
-                 force: bool = False) -> FileBalanceSummary:
+                 force: bool = False, dtype: str | torch.dtype | None = None) -> FileBalanceSummary:
     """Write a balanced copy of the adapter at `src` (a path or a Hub id) to `dst`, in the input's own format.
 
     Same keys, dtypes, shapes, config and metadata; every dW = s B A is unchanged (the
@@ -153,11 +157,18 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
 
     method: "nearest" (the balanced pair closest to the stored one) or "svd" (the paper's gauge).
     on_rank_deficient: "skip" (copy such pairs unchanged), "balance" or "raise".
+    dtype: "float16" or "bfloat16" writes every floating tensor in that dtype (balanced first, so
+        small factors survive the cast); each pair's dW_rel_change is then that of the written file
+        against the original, the cast included, and a cast that overflows is refused.
     """
     t0 = time.perf_counter()
     src, dst = local_path(src), Path(dst)
     if method not in METHODS:
         raise InputError(f"unknown balancing method {method!r}; use one of {', '.join(METHODS)}")
+    try:
+        target = storage_dtype(dtype)
+    except ValueError as e:
+        raise InputError(str(e)) from e
     sources = read_adapters(src)
     if any(s.reader == "trainer" for s in sources):
         last = next(s for s in reversed(sources) if s.checkpoint.startswith("checkpoint-"))
@@ -167,7 +178,8 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
         )
     _check_destination(src, dst, force)
 
-    summary = FileBalanceSummary(str(src), str(dst), sources[0].format, method)
+    summary = FileBalanceSummary(str(src), str(dst), sources[0].format, method,
+                                 dtype=str(target).removeprefix("torch.") if target else "")
     changes: list[dict] = []
     with staged_output(dst, force) as staged:
         if src.is_dir():
@@ -178,7 +190,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
                 summary.notes.append(f"left out of the copy: {', '.join(left_out[:5])}{more}")
         for s in sources:
             out_path = staged / s.weights.relative_to(src) if src.is_dir() else staged
-            changes += _balance_source(s, out_path, method, on_rank_deficient, summary)
+            changes += _balance_source(s, out_path, method, on_rank_deficient, summary, target)
             summary.files.append(str(dst / s.weights.relative_to(src)) if src.is_dir() else str(dst))
             summary.notes += [n for n in s.notes if "also present" in n]
             if src.is_dir() and (out_path.parent / "optimizer.pt").is_file():
@@ -187,8 +199,10 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
                 )
     summary.changes = to_frame(changes, CHANGE_COLUMNS)
     done = summary.changes[summary.changes["action"] == "balanced"]
+    if target is not None:  # every pair was cast: its error against the original counts
+        summary.max_rel_error = float(summary.changes["dW_rel_change"].max())
     if len(done):
-        summary.max_rel_error = float(done["dW_rel_change"].max())
+        summary.max_rel_error = summary.max_rel_error if target is not None else float(done["dW_rel_change"].max())
         summary.max_rel_imbalance_before = float(done["rel_imbalance_before"].max())
         summary.max_rel_imbalance_after = float(done["rel_imbalance_after"].max())
     summary.seconds = time.perf_counter() - t0
@@ -222,7 +236,7 @@ def _tolerance(dtype: torch.dtype, r: int) -> float:
 
 
 def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_deficient: str,
-                    summary: FileBalanceSummary) -> list[dict]:
+                    summary: FileBalanceSummary, target: torch.dtype | None = None) -> list[dict]:
     """Balance every pair of one weights file, write it to out_path in the same format and
     check the written file against the original. Returns one change row per pair."""
     tensors = s.tensors.get(s.tensors.keys())  # every key is written back, so all are needed
@@ -257,10 +271,16 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
         if e.skip_reason is not None:
             summary.skipped[e.name] = e.skip_reason
             rows[e.name] = _change_row(s, e, float("nan"), False, e.skip_reason)
+            if target is not None:
+                rows[e.name]["dW_rel_change"] = float("nan")  # cast, but not a B @ A pair to measure
 
+    if target is not None:
+        tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
     write_weights(s.tensors, out_path, tensors)
     del tensors
-    _verify(s, out_path, [e for e in todo if rows[e.name]["action"] == "balanced"], rows)
+    # In another dtype every pair changes: all are measured against the original.
+    checked = todo if target is not None else [e for e in todo if rows[e.name]["action"] == "balanced"]
+    _verify(s, out_path, checked, rows, target)
     summary.balanced += sum(r["action"] == "balanced" for r in rows.values())
     return [rows[e.name] for e in s.entries]
 
@@ -274,12 +294,15 @@ def _change_row(s: AdapterSource, e: PairEntry, before: float, balanced: bool, r
     }
 
 
-def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: dict[str, dict]) -> None:
-    """Re-read the written file: same keys, shapes, dtypes and metadata; unchanged tensors
-    bit-identical; every balanced dW within tolerance. Raises (nothing is moved) otherwise."""
+def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: dict[str, dict],
+            target: torch.dtype | None = None) -> None:
+    """Re-read the written file: same keys, shapes, dtypes (or `target` for floating tensors) and
+    metadata; other tensors bit-identical (to their cast); every balanced dW within tolerance, or,
+    with `target`, every measured dW finite. Raises (nothing is moved) otherwise."""
     written = TensorFile(out_path, format=s.tensors.format)
     where = f"balanced copy of {s.weights}"
-    if written.shapes != s.tensors.shapes or written.dtypes != s.tensors.dtypes:
+    dtypes = {k: target if target is not None and d.is_floating_point else d for k, d in s.tensors.dtypes.items()}
+    if written.shapes != s.tensors.shapes or written.dtypes != dtypes:
         raise BalanceError(f"{where}: keys, shapes or dtypes differ from the input; nothing was written")
     if (written.metadata or {}) != (s.tensors.metadata or {}):
         raise BalanceError(f"{where}: safetensors metadata differs from the input; nothing was written")
@@ -287,11 +310,13 @@ def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: d
     changed = {k for e in balanced for k in (e.key_A, e.key_B)}
     for keys in _key_batches(s.tensors, [k for k in s.tensors.keys() if k not in changed]):
         old, new = s.tensors.get(keys), written.get(keys)
+        if target is not None:
+            old = {k: t.to(target) if t.is_floating_point() else t for k, t in old.items()}
         for k in keys:
             if not torch.equal(_raw_bytes(old[k]), _raw_bytes(new[k])):
                 raise BalanceError(f"{where}: {k} should be copied unchanged but differs; nothing was written")
 
-    bad = []
+    bad, overflow = [], []
     for old_chunk, new_chunk in zip(iter_pair_chunks(s, balanced), iter_pair_chunks(s, balanced, tensors=written)):
         A0 = torch.stack([p.A for p in old_chunk])  # (G, r, in)
         B0 = torch.stack([p.B for p in old_chunk])  # (G, out, r)
@@ -302,10 +327,28 @@ def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: d
         for p, e_, a in zip(old_chunk, err, after):
             e = p.extra["entry"]
             rows[e.name].update(dW_rel_change=e_, rel_imbalance_after=a)
-            if not e_ <= _tolerance(e.dtype, e.r):
+            if target is not None and not math.isfinite(e_):
+                overflow.append(e.name)
+            elif target is None and not e_ <= _tolerance(e.dtype, e.r):
                 bad.append(f"{e.name} (relative change {e_:.2e})")
+    if overflow:  # the data, not balora: a one-line input error
+        name = str(target).removeprefix("torch.")
+        raise InputError(f"{where}: factors of {', '.join(overflow[:5])} overflow {name} even balanced; "
+                         f"write float32 (no --dtype) or bfloat16; nothing was written")
     if bad:
         raise BalanceError(f"{where}: dW would change in {', '.join(bad[:5])}; nothing was written")
+
+
+def _cast_lines(summary: FileBalanceSummary) -> list[str]:
+    """What writing in summary.dtype did to dW, against the original file."""
+    lines = [f"  max relative change of dW against the original, the cast to {summary.dtype} included: "
+             f"{summary.max_rel_error:.2e}"]
+    lossy = summary.changes[summary.changes["dW_rel_change"] > PRECISION_LOSS]
+    if len(lossy):
+        names = [f"{m}[{a}]" for m, a in zip(lossy["module"], lossy["adapter"])]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"  dW changes by more than {PRECISION_LOSS:g} in {shown} (pairs left unbalanced keep their risk)")
+    return lines
 
 
 def _key_batches(tf: TensorFile, keys: list[str], max_bytes: int = 64 * 2**20):

@@ -14,8 +14,19 @@ import torch
 
 from balora.linalg import all_finite
 
-# The storage dtypes reported, by the short name used in report columns and on the command line.
+# The storage dtypes reported, by the short name used in report columns.
 HALF_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# What `balora balance --dtype` (balance_file(dtype=...)) can write, by torch's name.
+STORAGE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A STORAGE_DTYPES name or dtype -> the torch dtype (None stays None); ValueError otherwise."""
+    if dtype is None or dtype in STORAGE_DTYPES.values():
+        return dtype  # type: ignore[return-value]
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in STORAGE_DTYPES:
+        return STORAGE_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"unknown storage dtype {dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
 
 
 @dataclass

@@ -140,3 +140,62 @@ def test_inspect_cli_says_which_layers_fp16_loses(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "adapter_model.safetensors")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "fp16: 1 layer(s) lose more than 0.01 of dW (layers.1.proj[default]); balancing fixes all" in out
+
+
+def _saved_adapter(tmp_path, scale=1e-5):
+    model = _imbalanced_model(scale)
+    model.save_pretrained(tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def _np_pairs(path):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    pairs = {k.removesuffix(".lora_A.weight"): (sd[k], sd[k.replace("lora_A", "lora_B")]) for k in sd if "lora_A" in k}
+    return sd, pairs
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_balance_file_in_half_precision_reports_the_written_error(tmp_path, dtype):
+    from balora import balance_file
+
+    _, src = _saved_adapter(tmp_path)
+    summary = balance_file(src, tmp_path / "out", dtype=dtype)
+    sd_in, before = _np_pairs(src)
+    sd_out, after = _np_pairs(tmp_path / "out")
+    assert {t.dtype for t in sd_out.values()} == {getattr(torch, dtype)} and sd_out.keys() == sd_in.keys()
+    changes = summary.changes.set_index("module")
+    errors = {}
+    for key, (A0, B0) in before.items():
+        A1, B1 = after[key]
+        dW0 = B0.double().numpy() @ A0.double().numpy()
+        dW1 = B1.double().numpy() @ A1.double().numpy()  # the written file's dW, formed in float64
+        err = np.linalg.norm(dW1 - dW0) / np.linalg.norm(dW0)
+        module = key.removeprefix("base_model.model.")
+        assert changes.loc[module, "dW_rel_change"] == pytest.approx(err, rel=1e-3), module
+        errors[module] = err
+        # What the cast alone would have done to the unbalanced pair (formed in float64 too).
+        as_is = _np_risk(A0, B0, getattr(torch, dtype))[2]
+        if module == "0" and dtype == "float16":
+            assert as_is > PRECISION_LOSS > err  # balancing first is what saves the imbalanced layer
+    assert summary.dtype == dtype and summary.max_rel_error == pytest.approx(max(errors.values()))
+    assert f"in {dtype}" in str(summary) and "the cast to" in str(summary)
+
+
+def test_balance_cli_dtype_and_overflow_is_refused(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from balora.cli import main
+
+    _, src = _saved_adapter(tmp_path)
+    assert main(["balance", str(src), str(tmp_path / "out"), "--dtype", "float16"]) == 0
+    assert "the cast to float16 included" in " ".join(capsys.readouterr().out.split())
+
+    g = torch.Generator().manual_seed(0)
+    huge = {"base_model.model.m.lora_A.weight": torch.randn(4, 16, generator=g) * 1e5,
+            "base_model.model.m.lora_B.weight": torch.randn(12, 4, generator=g) * 1e5}  # |dW| ~ 1e10: no fp16 pair
+    save_file(huge, str(tmp_path / "huge.safetensors"))
+    assert main(["balance", str(tmp_path / "huge.safetensors"), str(tmp_path / "h16.safetensors"), "--dtype", "float16"]) == 2
+    assert "overflow float16" in capsys.readouterr().err and not (tmp_path / "h16.safetensors").exists()
+    assert main(["balance", str(tmp_path / "huge.safetensors"), str(tmp_path / "hb.safetensors"), "--dtype", "bfloat16"]) == 0

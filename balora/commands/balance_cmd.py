@@ -25,6 +25,9 @@ def add_parser(sub):
                    help="nearest: the balanced pair closest to the stored one (default); svd: the paper's gauge")
     p.add_argument("--on-rank-deficient", choices=[p for p in RANK_DEFICIENT_POLICIES if p != "raise"], default="skip",
                    help="pairs whose product has rank < r: skip (copy unchanged, default) or balance anyway")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None,
+                   help="write every tensor in this dtype (balanced first, so small factors survive the cast) and "
+                        "report each pair's dW change against the original, the cast included")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=run)
 
@@ -36,7 +39,7 @@ def run(args) -> int:
     from balora.inspection import balance_file
 
     summary = balance_file(args.input, args.output, method=args.method,
-                           on_rank_deficient=args.on_rank_deficient, force=args.force)
+                           on_rank_deficient=args.on_rank_deficient, force=args.force, dtype=args.dtype)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
