@@ -216,6 +216,24 @@ def _positive_int(value: Any, flag: str, minimum: int = 1) -> int:
     return v
 
 
+def _lr_for(lr: Any, optimizer: str, task: str) -> Any:
+    """The lr option, or the task's default for `optimizer` when its default is a dict per optimizer."""
+    if isinstance(lr, dict):
+        if optimizer not in lr:
+            raise InputError(f"--lr: task {task!r} has no default lr for --optimizer {optimizer}; pass --lr")
+        lr = lr[optimizer]
+    if lr is None:
+        raise InputError(f"--lr: task {task!r} has no default learning rate; pass --lr")
+    return lr
+
+
+def _select(value: Any) -> str:
+    if value not in SELECTS:
+        raise InputError(f"--select {value}: use arm (one lr per arm, median over seeds) or seed (each seed "
+                         "its own best lr, the paper's protocol)")
+    return str(value)
+
+
 class Resolved(NamedTuple):
     run: RunConfig  # saved as config.json
     task: TaskSpec
@@ -235,23 +253,14 @@ def resolve(cfg: CompareConfig) -> Resolved:
     names = [a.name for a in arms]
     optimizer = str(pick("optimizer", "adam"))
     optimizer_class(optimizer)
-    lr = pick("lr")
-    if isinstance(lr, dict):  # the task's default lr per optimizer
-        if optimizer not in lr:
-            raise InputError(f"--lr: task {task.name!r} has no default lr for --optimizer {optimizer}; pass --lr")
-        lr = lr[optimizer]
-    if lr is None:
-        raise InputError(f"--lr: task {task.name!r} has no default learning rate; pass --lr")
+    lr = _lr_for(pick("lr"), optimizer, task.name)
     rank = _positive_int(pick("rank", 8), "--rank")
     alpha = pick("alpha")
     dtype = str(pick("dtype", "float32"))
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     target = pick("target_loss")
-    select = str(pick("select", "arm"))
-    if select not in SELECTS:
-        raise InputError(f"--select {select}: use arm (one lr per arm, median over seeds) or seed (each seed "
-                         "its own best lr, the paper's protocol)")
+    select = _select(pick("select", "arm"))
 
     task_keys = {k: v for k, v in d.items() if k not in COMPARE_KEYS}
     arm_keys = {k for a in ARMS.values() for k in a.defaults}
