@@ -63,7 +63,7 @@ def run(args) -> int:
     if args.sort is not None:
         df = sort_rows(df, args.sort)
     if args.format == "json":
-        json.dump(records(df), sys.stdout, indent=1, allow_nan=False)
+        sys.stdout.write(json.dumps(records(df), indent=1, allow_nan=False))  # one write: json.dump writes per token
         sys.stdout.write("\n")
     elif args.format == "csv":
         out = printable_frame(df)  # JSON escapes control characters itself; CSV would pass them through
