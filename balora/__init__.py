@@ -29,7 +29,10 @@ _EXPORTS = {
     "rel_imbalance": "balora.imbalance",
     "singular_values": "balora.imbalance",
     "REPORT_COLUMNS": "balora.report",
+    "PRECISION_COLUMNS": "balora.report",
     "layer_report": "balora.report",
+    "precision_summary": "balora.report",
+    "storage_risk": "balora.precision",
     # training loops
     "BalanceCallback": "balora.callbacks",
     "balance_after_step": "balora.callbacks",
