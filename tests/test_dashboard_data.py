@@ -378,6 +378,13 @@ def test_report_helpers():
     assert "source" not in table and "adapter" not in table  # one adapter: the column says nothing
     nums = report_frames.summary_numbers(before.assign(status=["ok", "ok", "rank-deficient"]))
     assert nums["layers"] == 3 and nums["measured"] == 2 and nums["worst_rel_imbalance"] == 0.9
+    # "partial": computed, one value beyond float64 (NaN, said in `note`): drawn, and its note shown.
+    mixed = before.assign(status=["ok", "partial", "non-finite values (NaN/Inf) in A or B"],
+                          note=["", "imbalance exceed float64 (about 1.8e308): NaN", ""])
+    assert report_frames.measured(mixed)["module"].tolist() == MODULES[:2]
+    assert report_frames.skipped_layers(mixed) == [f"{MODULES[2]}: non-finite values (NaN/Inf) in A or B"]
+    assert report_frames.layer_notes(mixed) == [f"{MODULES[1]}: imbalance exceed float64 (about 1.8e308): NaN"]
+    assert report_frames.summary_numbers(mixed)["measured"] == 2
     assert report_frames.source_notes([{"notes": ["a", "b"]}, {"notes": ["a"]}, {}]) == ["a", "b"]
     inspect_frame = pd.concat([before.assign(checkpoint="checkpoint-20", step=20), before.assign(checkpoint="checkpoint-10", step=10)])
     ck = report_frames.checkpoints(inspect_frame)

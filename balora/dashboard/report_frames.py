@@ -16,6 +16,7 @@ TABLE_FIRST = ["module", "r", "scaling", "norm_A", "norm_B", "rel_imbalance", "i
 PATH_COLUMNS = ("source",)
 SPECTRA_LISTS = ("sigma", "sigma_A", "sigma_B")
 TOP_N = (10, 20, 50)
+MEASURED = ("ok", "partial")  # balora.report statuses whose numbers are drawn
 
 
 def checkpoints(df: pd.DataFrame) -> pd.DataFrame:
@@ -43,9 +44,15 @@ def report_table(df: pd.DataFrame) -> pd.DataFrame:
     return out[first + [c for c in out.columns if c not in first]]
 
 
+def measured(report: pd.DataFrame) -> pd.DataFrame:
+    """The layers whose diagnostics were computed: status "ok", or "partial" (some value beyond
+    float64 is NaN and `note` says which; the others are drawn)."""
+    return report[report["status"].isin(MEASURED)] if "status" in report else report
+
+
 def summary_numbers(report: pd.DataFrame) -> dict[str, float | None]:
     """The headline numbers of one checkpoint's report (None when no layer could be measured)."""
-    ok = report[report["status"] == "ok"] if "status" in report else report
+    ok = measured(report)
     med = lambda c: float(ok[c].median()) if len(ok) and c in ok else None  # noqa: E731
     return {"layers": len(report), "measured": len(ok), "median_rel_imbalance": med("rel_imbalance"),
             "worst_rel_imbalance": float(ok["rel_imbalance"].max()) if len(ok) else None, "median_cond_dW": med("cond_dW")}
@@ -53,8 +60,17 @@ def summary_numbers(report: pd.DataFrame) -> dict[str, float | None]:
 
 def skipped_layers(report: pd.DataFrame, limit: int = 5) -> list[str]:
     """"module: why" for the first `limit` layers that could not be measured."""
-    bad = report[report["status"] != "ok"] if "status" in report else report.iloc[0:0]
+    bad = report[~report["status"].isin(MEASURED)] if "status" in report else report.iloc[0:0]
     return [f"{m}: {s}" for m, s in zip(bad["module"].head(limit), bad["status"].head(limit))]
+
+
+def layer_notes(report: pd.DataFrame, limit: int = 5) -> list[str]:
+    """"module: note" for the first `limit` measured layers with a note (e.g. a value beyond float64)."""
+    if "note" not in report:
+        return []
+    noted = measured(report)
+    noted = noted[noted["note"].fillna("").astype(str) != ""]
+    return [f"{m}: {n}" for m, n in zip(noted["module"].head(limit), noted["note"].head(limit))]
 
 
 def worst_layers(report: pd.DataFrame, value: str, top: int | None) -> pd.DataFrame:

@@ -130,8 +130,11 @@ st.download_button(
 skipped = report_frames.skipped_layers(report)
 if skipped:
     st.warning(f"{nums['layers'] - nums['measured']} layer(s) could not be measured: " + "; ".join(skipped))
+notes = report_frames.layer_notes(report)
+if notes:
+    st.info("Some values could not be represented: " + "; ".join(clean(n) for n in notes))
 
-ok = report[report["status"] == "ok"]
+ok = report_frames.measured(report)
 st.subheader("By layer")
 a, b, c = st.columns([3, 2, 1])
 value = a.selectbox("Quantity", ["rel_imbalance", "imbalance", "eff_rank", "sigma_max", "norm_A", "norm_B"], format_func=lambda v: plots.VALUE_LABELS[v], key="insp_value")
