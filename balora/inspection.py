@@ -93,7 +93,7 @@ def _skipped_row(e: PairEntry) -> dict:
         module=e.module, adapter=e.adapter, kind=e.kind, out_features=e.out_features, in_features=e.in_features,
         r=e.r, scaling=nan if e.scaling is None else e.scaling, dora=e.dora,
         dtype=str(e.dtype).removeprefix("torch."), rank=0, sigma=[], sigma_A=[], sigma_B=[],
-        status=f"skipped: {e.skip_reason}",
+        status=f"skipped: {e.skip_reason}", note="",
     )
     return row
 
@@ -152,8 +152,8 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     and moved into place only when the whole result checks out, so on any error nothing is
     written. From a PEFT folder only the adapter's own files are copied (config, README, tokenizer
     and checkpoint files, as regular files; never a link out of src, a FIFO or a device), with its
-    weights balanced; what was left out is listed in `notes`. Refuses a Trainer output folder (balance one checkpoint-N), an existing
-    dst unless force, and a dst inside src.
+    weights balanced; what was left out is listed in `notes`. Refuses a Trainer output folder
+    (balance one checkpoint-N), an existing dst unless force, and a dst inside src.
 
     method: "nearest" (the balanced pair closest to the stored one) or "svd" (the paper's gauge).
     on_rank_deficient: "skip" (copy such pairs unchanged), "balance" or "raise".
@@ -170,12 +170,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     except ValueError as e:
         raise InputError(str(e)) from e
     sources = read_adapters(src)
-    if any(s.reader == "trainer" for s in sources):
-        last = next(s for s in reversed(sources) if s.checkpoint.startswith("checkpoint-"))
-        raise InputError(
-            f"{src}: a Trainer output folder with {len({s.checkpoint for s in sources})} checkpoint(s); balance one "
-            f"checkpoint at a time, e.g. balora balance {src / last.checkpoint} OUT"
-        )
+    _refuse_trainer_folder(src, sources)
     _check_destination(src, dst, force)
 
     summary = FileBalanceSummary(str(src), str(dst), sources[0].format, method,
@@ -183,11 +178,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     changes: list[dict] = []
     with staged_output(dst, force) as staged:
         if src.is_dir():
-            folders = [src] + [s.weights.parent for s in sources]
-            left_out = copy_adapter_files(src, staged, folders, skip={s.weights for s in sources})
-            if left_out:
-                more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
-                summary.notes.append(f"left out of the copy: {', '.join(left_out[:5])}{more}")
+            _copy_adapter_folder(src, staged, sources, summary)
         for s in sources:
             out_path = staged / s.weights.relative_to(src) if src.is_dir() else staged
             changes += _balance_source(s, out_path, method, on_rank_deficient, summary, target)
@@ -207,6 +198,24 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
         summary.max_rel_imbalance_after = float(done["rel_imbalance_after"].max())
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _refuse_trainer_folder(src: Path, sources: list[AdapterSource]) -> None:
+    if any(s.reader == "trainer" for s in sources):
+        last = next(s for s in reversed(sources) if s.checkpoint.startswith("checkpoint-"))
+        raise InputError(
+            f"{src}: a Trainer output folder with {len({s.checkpoint for s in sources})} checkpoint(s); balance one "
+            f"checkpoint at a time, e.g. balora balance {src / last.checkpoint} OUT"
+        )
+
+
+def _copy_adapter_folder(src: Path, staged: Path, sources: list[AdapterSource], summary: FileBalanceSummary) -> None:
+    """The adapter's own files beside its weights (not the weights: those are written balanced)."""
+    folders = [src] + [s.weights.parent for s in sources]
+    left_out = copy_adapter_files(src, staged, folders, skip={s.weights for s in sources})
+    if left_out:
+        more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+        summary.notes.append(f"left out of the copy: {', '.join(left_out[:5])}{more}")
 
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
