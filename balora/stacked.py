@@ -82,8 +82,9 @@ class ParamWriter:
             return views
         if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in self.params):
             return None
-        try:  # cached: a pass must not pay a view op per module (re-made when .to() moved a parameter)
-            self._views = tuple(p.detach().view(p.shape[0], -1) for p in self.params)
+        try:  # cached: a pass must not pay a view op per module (re-made when .to() moved a parameter);
+            # a 2-D parameter is its own target (written under no_grad), so even a fresh walk costs no op.
+            self._views = tuple(p if p.dim() == 2 else p.detach().view(p.shape[0], -1) for p in self.params)
         except RuntimeError:  # not viewable (unusual strides): the per-pair write reshapes a copy
             return None
         return self._views
