@@ -12,6 +12,7 @@ from torch import nn
 from balora.adapters import PEFT_PREFIX
 from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, local_storage, refuse_fsdp1
 from balora.pairs import FactorPair
+from balora.stacked import ParamWriter
 
 # The product B @ A is dW for these variants (DoRA rescales W0 + dW by a norm of it;
 # aLoRA gates when the adapter is active; VeLoRA's forward is exactly x A^T B^T, it only
@@ -228,12 +229,7 @@ def _flat_2d(param: torch.Tensor) -> torch.Tensor:
     return param.detach() if is_dtensor(param) else param.detach().reshape(param.shape[0], -1)
 
 
-def _writer(A_p: torch.Tensor, B_p: torch.Tensor):
-    """Copy 2-D factors back into the parameters, reshaped (copy_ casts to their dtype)."""
-
-    def write(A: torch.Tensor, B: torch.Tensor) -> None:
-        with torch.no_grad():
-            A_p.copy_(A.reshape(A_p.shape))
-            B_p.copy_(B.reshape(B_p.shape))
-
-    return write
+def _writer(A_p: torch.Tensor, B_p: torch.Tensor) -> ParamWriter:
+    """Copy 2-D factors back into the parameters, reshaped (copy_ casts to their dtype); a
+    balancing pass writes all ParamWriter pairs with one foreach copy (balora.stacked)."""
+    return ParamWriter(A_p, B_p)
