@@ -65,10 +65,15 @@ def curves(run, cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
     finite = cells[np.isfinite(cells["value"].astype(float))]
     steps = run.steps.merge(finite[list(records.KEY)], on=list(records.KEY))
     out = {}
-    for arm, d in steps.groupby("arm", sort=False):
+    for arm, d in sorted(steps.groupby("arm", sort=False), key=lambda item: _arm_order(item[0])):
         by = d.groupby("step")["excess_loss"]
         out[arm] = pd.DataFrame({"median": by.median(), "q25": by.quantile(0.25), "q75": by.quantile(0.75)})
     return out
+
+
+def _arm_order(arm: str) -> int:
+    names = ARMS.split(",")
+    return names.index(arm) if arm in names else len(names)
 
 
 def paper_table(runs: dict) -> pd.DataFrame:
@@ -76,7 +81,7 @@ def paper_table(runs: dict) -> pd.DataFrame:
     rows = []
     for (depth, opt), (run, seconds) in runs.items():
         cells = paper_cells(run)
-        for arm, g in cells.groupby("arm", sort=False):
+        for arm, g in sorted(cells.groupby("arm", sort=False), key=lambda item: _arm_order(item[0])):
             v = g["value"].astype(float)
             rows.append({"depth": depth, "optimizer": opt, "arm": arm, "median": float(v.median()),
                          "q25": float(v.quantile(0.25, interpolation="nearest")),
