@@ -74,7 +74,7 @@ def inspect(path, adapter: str | None = None) -> pd.DataFrame:
         src_rows = []
         with torch.no_grad():
             for chunk in iter_pair_chunks(src):
-                src_rows += pair_rows(chunk)
+                src_rows += pair_rows(chunk, precision=True)
         src_rows += [_skipped_row(e) for e in src.entries if e.skip_reason is not None]
         order = {(e.module, e.adapter): i for i, e in enumerate(src.entries)}
         src_rows.sort(key=lambda row: order[(row["module"], row["adapter"])])

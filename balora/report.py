@@ -27,11 +27,13 @@ def to_frame(rows: list[dict], columns: dict[str, str] = REPORT_COLUMNS) -> pd.D
     return df.astype(columns)
 
 
-def pair_rows(pairs: list[FactorPair], precision: bool = True) -> list[dict]:
+def pair_rows(pairs: list[FactorPair], precision: bool = False) -> list[dict]:
     """One row per pair, in the order given; pairs of one shape are measured by one batched call.
 
-    precision: also measure the fp16/bf16 storage columns (they balance each pair in float64,
-    about as much work again); False leaves them NaN. Never raises for the factors' values:
+    precision: also measure the fp16/bf16 storage columns (PRECISION_COLUMNS; False leaves them
+    NaN). They take a balancing and two casts per pair, several times the rest of the row on CPU,
+    so the training-time diagnostics (runner, RunRecorder) leave them out and `layer_report` and
+    `balora.inspect`, which describe an adapter as it would be shipped, ask for them. Never raises for the factors' values:
     NaN/Inf factors, values beyond float64 and failed decompositions are said in the row.
     """
     rows: list[dict | None] = [None] * len(pairs)
@@ -150,7 +152,7 @@ def layer_report(model: nn.Module, adapter: str | None = None) -> pd.DataFrame:
 
     pairs = [p for p in iter_lora_pairs(model, adapter) if p.skip_reason is None]
     with torch.no_grad():
-        return to_frame(pair_rows(pairs))
+        return to_frame(pair_rows(pairs, precision=True))
 
 
 def summarize(report: pd.DataFrame) -> dict[str, float]:

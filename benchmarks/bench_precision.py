@@ -73,11 +73,12 @@ def measure(pairs, c: float, check: bool) -> tuple[dict[str, float], float]:
 
 
 def report_cost(n: int, r: int, count: int, rounds: int) -> None:
-    """Time balora.report.pair_rows with and without the precision columns, back to back."""
+    """Time balora.report.pair_rows with the precision columns (layer_report, inspect) and without
+    them (the training-time diagnostics), back to back."""
     from balora.report import pair_rows
 
     pairs = [FactorPair(f"m{i}", "default", "linear", A, B, 2.0) for i, (A, B) in enumerate(make_pairs(n, r, count, 0))]
-    pair_rows(pairs)  # warm-up
+    pair_rows(pairs, precision=True)  # warm-up
     ratios, times = [], {False: [], True: []}
     for _ in range(rounds):
         for precision in (False, True):

@@ -121,7 +121,7 @@ def test_report_columns_and_balancing_as_predicted(lora_factors):
 
 def test_precision_off_leaves_nan_and_empty_summary():
     A, B = _spread_factors(0)
-    row = pair_rows([FactorPair("m", "default", "linear", A, B, 1.0)], precision=False)[0]
+    row = pair_rows([FactorPair("m", "default", "linear", A, B, 1.0)])[0]  # the training-time default
     assert all(np.isnan(row[c]) for c in PRECISION_COLUMNS) and row["status"] == "ok"
     assert precision_summary(to_frame([row])) == "" and precision_summary(to_frame([])) == ""
 
