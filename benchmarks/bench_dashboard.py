@@ -144,7 +144,7 @@ def compare_again(page, out: dict) -> None:
 
 def inspect_session(page, adapter: Path, out: dict) -> None:
     open_page(page, "Inspect")
-    box = page.get_by_label("Path or Hub id", exact=True)
+    box = page.locator(".st-key-insp_path input")
     box.wait_for(timeout=TIMEOUT_MS)
     settled(page)
     box.fill(str(adapter))

@@ -13,6 +13,9 @@ from balora import teaching
 
 Y_SCALAR = 1.0
 GRID_LIM = 3.5
+# Contour grid of the scalar landscape: 101 x 101 points over a ~450 px square plot is already
+# finer than the contour lines need; the browser computes contours from every point on each redraw.
+GRID_N = 101
 
 # Widget defaults, shared by the page and the warm-up.
 CONS_START = "unbalanced"
@@ -41,7 +44,7 @@ def conservation_paths(start: str, lr_gd: float, lr_adam: float) -> dict:
 
 def warm() -> None:
     """Compute what the page shows with its default widgets (fills the caches above)."""
-    scalar_loss_grid(Y_SCALAR, GRID_LIM)
+    scalar_loss_grid(Y_SCALAR, GRID_LIM, GRID_N)
     conservation_paths(CONS_START, CONS_LR_GD, CONS_LR_ADAM)
     invariance_example(0.0, 0.0, 0.0)
     condition_vs_scale(0.0, 0.0)

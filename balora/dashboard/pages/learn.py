@@ -56,7 +56,7 @@ def scalar_section() -> None:
         "balanced": teaching.scalar_gd(0.5, 0.5, Y_SCALAR, lr_scalar, 60),
         "unbalanced": teaching.scalar_gd(0.5 / unbalance, 0.5 * unbalance, Y_SCALAR, lr_scalar, 60),
     }
-    a_grid, b_grid, Z = learn_data.scalar_loss_grid(Y_SCALAR, GRID_LIM)
+    a_grid, b_grid, Z = learn_data.scalar_loss_grid(Y_SCALAR, GRID_LIM, learn_data.GRID_N)
     st.plotly_chart(learn_plots.scalar_landscape_figure(a_grid, b_grid, Z, paths, Y_SCALAR), key="fig_scalar_landscape")
     left, right = st.columns(2)
     left.plotly_chart(learn_plots.scalar_loss_figure(paths), key="fig_scalar_loss")
