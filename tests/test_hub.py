@@ -180,3 +180,27 @@ def test_dashboard_inspect_page_takes_a_hub_id(cached_peft_adapter, tmp_path, mo
 
     n_layers = len(balora.inspect(cached_peft_adapter))
     assert len(at.dataframe) >= 1 and at.metric[0].value == str(n_layers)
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_cli_honours_the_hub_environment(cached_peft_adapter, offline_cache, tmp_path, variable):
+    # A fresh process reads HF_HUB_CACHE / HF_HOME (whose cache is HF_HOME/hub) and HF_HUB_OFFLINE itself.
+    import shutil
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    if variable == "HF_HOME":
+        home = tmp_path / "hf-home"
+        shutil.copytree(offline_cache, home / "hub", symlinks=True)
+        env["HF_HOME"] = str(home)
+    else:
+        env["HF_HUB_CACHE"] = str(offline_cache)
+    env["HF_HUB_OFFLINE"] = "1"
+    run = subprocess.run([sys.executable, "-m", "balora.cli", "inspect", "user/tiny-lora", "--format", "csv"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert "lin" in run.stdout
+    missing = subprocess.run([sys.executable, "-m", "balora.cli", "inspect", "user/other"],
+                             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and "HF_HUB_OFFLINE" in missing.stderr
