@@ -180,6 +180,24 @@ def test_compare_on_a_real_run_every_section(app, real_run):
             assert speed.loc[arm, "steps_median"] == pytest.approx(g["steps_to_target"].median(), nan_ok=True)
 
 
+def test_compare_best_cell_per_seed(app, real_run):
+    """'each seed's own best cell' (the paper's protocol) draws each seed at records.best_cells(select='seed')."""
+    from balora.records import arm_summary, best_cells
+
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["real"]).run()
+    assert at.selectbox(key="compare_cell").value == "best"  # the run was recorded with the default --select arm
+    at.selectbox(key="compare_cell").set_value("best per seed").run()
+    no_exception(at)
+    per_arm = at.dataframe[0].value.set_index("arm")
+    want = arm_summary(real_run.summary, select="seed").set_index("arm")
+    for arm in ("lora", "balora"):
+        assert per_arm.loc[arm, "best_lr"] == pytest.approx(want.loc[arm, "best_lr"])
+    shown = at.dataframe[1].value  # the cells shown, one row per seed
+    picked = best_cells(real_run.summary, select="seed")
+    assert sorted(zip(shown["series"], shown["seed"], shown["lr"])) == sorted(zip(picked["arm"], picked["seed"], picked["lr"]))
+
+
 def test_compare_opens_the_run_named_in_the_url(app):
     at = app
     at.query_params["run"] = "stopped"

@@ -117,11 +117,11 @@ def best_cells(summary: pd.DataFrame, steps: pd.DataFrame, *, by: str = "series"
     return pd.DataFrame(rows, columns=cols)
 
 
-def arm_summaries(summary: pd.DataFrame) -> pd.DataFrame:
-    """balora.records.arm_summary of each run (one row per arm at its own best cell), with `run`."""
+def arm_summaries(summary: pd.DataFrame, select: str = "arm") -> pd.DataFrame:
+    """balora.records.arm_summary of each run (one row per arm at its own best cell(s), by `select`), with `run`."""
     if summary.empty:
         return pd.DataFrame(columns=["run", *records.ARM_SUMMARY_COLUMNS])
-    parts = [records.arm_summary(g).assign(run=run) for run, g in summary.groupby("run", sort=False)]
+    parts = [records.arm_summary(g, select=select).assign(run=run) for run, g in summary.groupby("run", sort=False)]
     out = pd.concat(parts, ignore_index=True)
     return out[["run"] + [c for c in out.columns if c != "run"]]
 
