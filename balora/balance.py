@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from balora.imbalance import rel_imbalance
+from balora.linalg import all_finite
 from balora.pairs import FactorPair, batch_groups, stack_padded
 from balora.policy import NONFINITE_POLICIES, RANK_DEFICIENT_POLICIES, BalancePolicy, as_policy  # noqa: F401
 from balora.projection import balanced_factors, product_rel_error
@@ -117,6 +118,7 @@ class _Outcome:
     formed: tuple[torch.Tensor, torch.Tensor] | Callable  # (A', B'), or what forms them (QR path: a slice)
     block: int | None = None  # (index of its Block, position in it) when the Gram path did it
     slot: int = 0
+    overflow: bool = False  # finite factors whose balanced pair exceeds their dtype (fp16): never written
 
     @property
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,21 +133,35 @@ def _gram_outcomes(pairs: list[FactorPair], blocks: list[Block], reuse: bool) ->
         if not any(b.accurate):
             continue
         A_new, B_new = b.apply(reuse)  # (G, r, in), (G, out, r)
+        fits = _fits(b, A_new, B_new)
         if not reuse:  # handed to the caller: in the factors' own dtypes
             A_new, B_new = A_new.to(b.A_dtype), B_new.to(b.B_dtype)
         for g, (k, A, B) in enumerate(zip(b.members, A_new.unbind(0), B_new.unbind(0))):
-            if b.accurate[g]:
+            if b.accurate[g] and fits[g]:
                 outcomes[k] = _Outcome(True, False, pairs[k].r, (A, B), b_i, g)
     return outcomes
+
+
+def _fits(b: Block, A_new: torch.Tensor, B_new: torch.Tensor) -> list[bool]:
+    """Per member: the new factors fit the factors' own dtype. Only fp16 (max 65504) can fail for a
+    finite fp32 result; such pairs go to the QR path, which flags them instead of writing inf."""
+    limit = min(torch.finfo(b.A_dtype).max, torch.finfo(b.B_dtype).max)
+    if limit >= torch.finfo(torch.float32).max / 2:  # fp32, bf16, fp64: no op on the per-step path
+        return [True] * len(b.members)
+    big = torch.maximum(A_new.abs().amax((-2, -1)), B_new.abs().amax((-2, -1)))  # (G,)
+    return (big <= limit).tolist()
 
 
 def _apply_policy(candidates: list[FactorPair], outcomes: list[_Outcome], policy: BalancePolicy,
                   summary: BalanceSummary) -> list[int]:
     """Indices of the candidates to write; the others are recorded in summary. Raises BalanceError
     (before anything is written) when a policy says "raise"."""
-    used, nonfinite, deficient_errors = [], [], []
+    used, nonfinite, deficient_errors, overflow = [], [], [], []
     for k, (p, o) in enumerate(zip(candidates, outcomes)):
-        if not o.finite:
+        if o.overflow:
+            overflow.append(p.name)
+            summary.skipped[p.name] = "its balanced factors exceed the range of the factors' dtype: left as is"
+        elif not o.finite:
             nonfinite.append(p.name)
             summary.skipped[p.name] = "non-finite values in A or B"
         elif o.zero:
@@ -167,6 +183,12 @@ def _apply_policy(candidates: list[FactorPair], outcomes: list[_Outcome], policy
         raise BalanceError(
             f"non-finite values (NaN/Inf) in LoRA factors of {', '.join(nonfinite)}; nothing was balanced. "
             "Fix the training run (lower the learning rate, check the loss) or pass on_nonfinite='skip'."
+        )
+    if overflow and policy.on_nonfinite == "raise":
+        raise BalanceError(
+            f"the balanced factors of {', '.join(overflow)} would exceed the range of their dtype (|dW| too "
+            "large for a balanced pair in fp16); nothing was balanced. Keep these factors in fp32 or pass "
+            "on_nonfinite='skip'."
         )
     if deficient_errors:
         raise BalanceError(
@@ -202,6 +224,11 @@ def _measure(candidates: list[FactorPair], outcomes: list[_Outcome], used: list[
     summary.max_rel_imbalance = float(torch.cat([e.cpu() for e in imbalances]).max())
 
 
+# Factors whose largest entry lies outside [1 / this, this] are balanced in float64 after dividing
+# by it (fp32 Grams and the Procrustes target of entries ~1e15 reach ~1e30, fp32's max is 3e38).
+_SAFE_SCALE = 1e15
+
+
 def _qr_outcomes(group: list[FactorPair], method: str) -> list[_Outcome]:
     """The QR path (projection.balanced_factors) for pairs of one rank, batched and zero-padded."""
     A, B = stack_padded(group)  # (G, r, in_max), (G, out_max, r); zero padding is exact
@@ -210,12 +237,24 @@ def _qr_outcomes(group: list[FactorPair], method: str) -> list[_Outcome]:
     r = A.shape[-2]
     A = torch.nn.functional.pad(A, (0, max(r - A.shape[-1], 0)))  # (G, r, max(in_max, r))
     B = torch.nn.functional.pad(B, (0, 0, 0, max(r - B.shape[-2], 0)))  # (G, max(out_max, r), r)
-    proj = _project(group, A, B, method)
-    # One host transfer for all flags of the batch, not one per pair and flag.
-    flags = torch.stack([proj.finite.long(), proj.zero.long(), proj.rank.long()]).tolist()
+    # Entries far from 1 (a diverging run, an adapter stored at 1e20): the projection's Grams and the
+    # nearest gauge's Procrustes target would leave fp32's range. Balance (A/c, B/c) in float64, c the
+    # pair's largest entry: its balanced pair is the one of (A, B) divided by c, in the same gauge.
+    c = torch.maximum(A.abs().amax((-2, -1)), B.abs().amax((-2, -1))).double()  # (G,)
+    if bool(((c > _SAFE_SCALE) | ((c > 0) & (c < 1 / _SAFE_SCALE))).any()):
+        c = torch.where(c > 0, c, torch.ones_like(c))[:, None, None]
+        proj = _project(group, A.double() / c, B.double() / c, method)
+        proj.A, proj.B = proj.A * c, proj.B * c
+    else:
+        proj = _project(group, A, B, method)
     A_new, B_new = proj.A.to(A.dtype), proj.B.to(B.dtype)  # back to the factors' own dtype
+    # A balanced pair beyond the factors' dtype (inf after the cast) is never written.
+    overflow = proj.finite & ~(all_finite(A_new) & all_finite(B_new))
+    # One host transfer for all flags of the batch, not one per pair and flag.
+    flags = torch.stack([proj.finite.long(), proj.zero.long(), proj.rank.long(), overflow.long()]).tolist()
     return [
-        _Outcome(bool(flags[0][g]), bool(flags[1][g]), flags[2][g], partial(_unpad, A_new, B_new, g, p))
+        _Outcome(bool(flags[0][g]), bool(flags[1][g]), flags[2][g], partial(_unpad, A_new, B_new, g, p),
+                 overflow=bool(flags[3][g]))
         for g, p in enumerate(group)
     ]
 
