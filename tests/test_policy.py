@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+import balora
 import balora.policy
 from balora import BalanceCallback, balance_, balance_after_step, balance_pairs
 from balora.balance import balance_and_write
@@ -102,3 +103,4 @@ def test_a_policy_object_is_used_as_given():
     for i in range(2):
         for a, b in zip(new[i], new_default[i]):
             torch.testing.assert_close(a, b)
+    assert balora.BalancePolicy is BalancePolicy and balora.PolicyError is PolicyError
