@@ -112,3 +112,19 @@ def test_parse_arms():
         parse_arms("lora,lora")
     with pytest.raises(InputError, match="no arm"):
         parse_arms(" , ")
+
+
+def test_arms_carry_one_balancing_policy_and_resolve_returns_the_arms(tmp_path):
+    from balora.arms import Arm, resolve_arms
+    from balora.compare_config import CompareConfig, resolve
+    from balora.policy import BalancePolicy, PolicyError
+
+    assert ARMS["balora"].method == "nearest" and ARMS["balora-svd"].method == "svd"
+    # built once, when the arm is registered: the training loop passes it as it is
+    assert ARMS["balora"].policy == BalancePolicy("nearest", on_rank_deficient="skip", on_nonfinite="raise", check=False)
+    assert all(ARMS[n].method is None and ARMS[n].policy is None for n in ("lora", "loraplus", "riemannian"))
+    with pytest.raises(PolicyError, match="unknown balancing method 'qr'"):
+        Arm("bad", "a typo in a new arm's gauge fails where the arm is defined", ARMS["lora"].make_optimizer, method="qr")
+    resolved = resolve(CompareConfig(arms="balora-svd,lora", out=str(tmp_path / "run")))
+    assert resolved.arms == [ARMS["balora-svd"], ARMS["lora"]] and resolved.run.arms == ["balora-svd", "lora"]
+    assert resolve_arms(["lora"])[0] is ARMS["lora"]
