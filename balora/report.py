@@ -33,8 +33,9 @@ def pair_rows(pairs: list[FactorPair], precision: bool = False) -> list[dict]:
     precision: also measure the fp16/bf16 storage columns (PRECISION_COLUMNS; False leaves them
     NaN). They take a balancing and two casts per pair, several times the rest of the row on CPU,
     so the training-time diagnostics (runner, RunRecorder) leave them out and `layer_report` and
-    `balora.inspect`, which describe an adapter as it would be shipped, ask for them. Never raises for the factors' values:
-    NaN/Inf factors, values beyond float64 and failed decompositions are said in the row.
+    `balora.inspect`, which describe an adapter as it would be shipped, ask for them.
+    Never raises for the factors' values: NaN/Inf factors, values beyond float64 and failed
+    decompositions are said in the row (`status`, `note`).
     """
     rows: list[dict | None] = [None] * len(pairs)
     for idx in group_by_shape(pairs).values():
@@ -86,10 +87,10 @@ def _row(p: FactorPair, st, prec: dict, g: int, finite: bool, error: str | None)
     measured = finite and st is not None
     beyond: list[str] = []  # values that are finite in truth but not in float64
 
-    def f(name, t):
+    def f(name, values):  # values: a (G,) tensor, or a FactorStats field's name
         if not measured:
             return nan
-        v = float(t[g])
+        v = float((getattr(st, values) if isinstance(values, str) else values)[g])
         if math.isinf(v) and name in _SCALED:
             beyond.append(name)
             return nan
@@ -115,7 +116,7 @@ def _row(p: FactorPair, st, prec: dict, g: int, finite: bool, error: str | None)
         "scaling": nan if p.scaling is None else float(p.scaling),
         "dora": p.dora,
         "dtype": str(p.A.dtype).removeprefix("torch."),
-        **{name: f(name, getattr(st, name)) for name in _STAT_FIELDS},
+        **{name: f(name, name) for name in _STAT_FIELDS},
         "rank": int(st.rank[g]) if measured else 0,
         **{c: f(c, prec[c]) if c in prec else nan for c in PRECISION_COLUMNS},
         "sigma_max": sigma[0] if sigma else nan,

@@ -151,3 +151,19 @@ def test_inspect_a_file_with_huge_factors(tmp_path):
         ref = _np_values(a, b, 1.0)
         assert row.rel_imbalance == pytest.approx(ref["rel_imbalance"], rel=1e-9)
         assert row.imbalance == pytest.approx(ref["imbalance"], rel=1e-9)
+
+
+def test_a_failing_decomposition_is_said_in_the_row(monkeypatch):
+    """If torch's SVD fails (as it did on factors ~1e20 before), the row says so; nothing raises."""
+    g = torch.Generator().manual_seed(4)
+    pairs = [FactorPair(f"m{i}", "default", "linear", torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g),
+                        1.0) for i in range(2)]
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svdvals", broken)
+    rows = pair_rows(pairs, precision=True)
+    for row in rows:
+        assert row["status"].startswith("decomposition failed: linalg.svd") and row["note"]
+        assert np.isnan(row["rel_imbalance"]) and row["sigma"] == [] and row["rank"] == 0
