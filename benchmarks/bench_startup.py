@@ -5,8 +5,8 @@
 Times `balora --help`, `balora inspect --help` and `balora inspect` of a small PEFT adapter
 folder (written here: 7 LoRA modules of one Llama-style layer, r=8, fp32) as separate
 processes, each `--repeat` times, and prints min / median / max wall-clock seconds with the
-load average (the machine may be shared). Also lists which heavy libraries each command
-imports (from `python -X importtime`).
+load average (the machine may be shared), next to `python -c "import torch, pandas"`, the floor
+of any command that reads tensors. Also lists which heavy libraries each command imports.
 """
 
 from __future__ import annotations
@@ -85,6 +85,11 @@ def main() -> None:
             shown = "balora " + " ".join("ADAPTER" if c == str(adapter) else c for c in case)
             heavy = ", ".join(heavy_imports(list(case))) or "none"
             print(f"{shown:<32} {min(times):>7.2f} {statistics.median(times):>9.2f} {max(times):>7.2f}  {heavy}")
+        # The floor of any command that reads tensors, measured the same way.
+        times = time_command([sys.executable, "-c", "import torch, pandas"], args.repeat)
+        label = 'python -c "import torch, pandas"'
+        print(f"{label:<32} {min(times):>7.2f} {statistics.median(times):>9.2f} "
+              f"{max(times):>7.2f}  (reference)")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
