@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     torch.cuda.empty_cache()  # the model is gone: give its memory back before the next part
     check_op_table()
     if not args.skip_compare:
-        check_compare(timeout_s=150)
+        check_compare(timeout_s=180)
     print(f"\ngpu_check done in {time.perf_counter() - t0:.0f} s")
     return 0
 
