@@ -1,9 +1,9 @@
 """What storing LoRA factors in fp16 or bf16 does to them and to dW. Pure tensor maths.
 
-An imbalanced pair keeps its small factor near the bottom of the dtype's range: with
-B scaled by 1e-4 and A by 1e4 (same dW), fp16's smallest normal (6.1e-5) swallows most of B
-and the product changes by tens of percent, while the balanced pair with the same dW sits in
-the middle of the range. Every function takes a batch: A (G, r, in), B (G, out, r).
+An imbalanced pair keeps its small factor near the bottom of the dtype's range: with a typical
+pair's B scaled by 1e-5 and A by 1e5 (same dW), all of B lies below fp16's smallest normal
+(6.1e-5) and storing the pair in fp16 changes dW by 17%, while the balanced pair with the same
+dW sits in the middle of the range and changes by 3e-4 (benchmarks/bench_precision.py). Every function takes a batch: A (G, r, in), B (G, out, r).
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def balanced_for_storage(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor
     factor) where its error estimate accepts it, the QR path (float64) for the others. Both
     factors are first divided by one common scale c = max(max|A|, max|B|) when they are far from
     1: the balanced pair of (A/c, B/c) is the balanced pair of (A, B) divided by c, in the same
-    gauge, and its Grams cannot overflow. Zero products come back unchanged.
+    gauge, and its Grams cannot overflow; that is done in float64, where the smaller factor divided
+    by c cannot underflow (1e-30 / 1e30 does in fp32). Zero products come back unchanged.
     """
     from balora.linalg import matmul_unit_roundoff
     from balora.projection import gram_transforms
@@ -167,19 +168,23 @@ def balanced_for_storage(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor
     c = torch.where(c > 0, c, torch.ones_like(c))
     lo, hi = _AS_IS_RANGE
     scale = bool(((c < lo) | (c > hi)).any())
-    An, Bn = (A / c[..., None, None], B / c[..., None, None]) if scale else (A, B)
+    An, Bn = (A.double() / c.double()[..., None, None], B.double() / c.double()[..., None, None]) if scale else (A, B)
+    wt = An.dtype  # the working dtype: float64 when scaled
     r, n_in, n_out = A.shape[-2], A.shape[-1], B.shape[-2]
     A_new, B_new = An.clone(), Bn.clone()
     todo = torch.ones(A.shape[0], dtype=torch.bool, device=A.device)
     if r <= min(n_in, n_out):  # otherwise the Grams are singular by shape
-        t = gram_transforms((An @ An.mT).double(), (Bn.mT @ Bn).double(), "nearest", matmul_unit_roundoff(ct))
+        t = gram_transforms((An @ An.mT).double(), (Bn.mT @ Bn).double(), "nearest", matmul_unit_roundoff(wt))
         ok = t.accurate.to(A.device)
-        A_new[ok] = t.Y[ok].to(ct) @ An[ok]  # A' = Y A (r, in)
-        B_new[ok] = Bn[ok] @ t.X[ok].to(ct)  # B' = B X (out, r)
+        A_new[ok] = t.Y[ok].to(wt) @ An[ok]  # A' = Y A (r, in)
+        B_new[ok] = Bn[ok] @ t.X[ok].to(wt)  # B' = B X (out, r)
         todo = ~ok
     if bool(todo.any()):
         A_new[todo], B_new[todo] = _qr_balanced(An[todo], Bn[todo])
-    return (A_new * c[..., None, None], B_new * c[..., None, None]) if scale else (A_new, B_new)
+    if scale:
+        c = c.double()[..., None, None]
+        return (A_new * c).to(ct), (B_new * c).to(ct)
+    return A_new, B_new
 
 
 def _qr_balanced(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

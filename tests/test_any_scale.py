@@ -66,6 +66,10 @@ def test_report_at_any_scale_vs_numpy(dtype):
     by_name = {r["module"]: r for r in rows}
     assert by_name["m30_0"]["fp16_overflow"] > 0 and np.isinf(by_name["m30_0"]["fp16_dW_error"])
     assert by_name["m-30_0"]["fp16_underflow"] > 0
+    # |A| |B| ~ 1: the balanced pair (entries ~1) survives fp16 whatever the split was.
+    for name in ("m30_-30", "m0_0", "m-30_30"):
+        assert by_name[name]["fp16_dW_error_balanced"] < 1e-2 and by_name[name]["fp16_underflow_balanced"] < 0.05, name
+    assert np.isinf(by_name["m30_-30"]["fp16_dW_error"]) and np.isinf(by_name["m-30_30"]["fp16_dW_error"])  # as is
 
 
 def test_values_beyond_float64_are_nan_with_a_note():
