@@ -84,7 +84,7 @@ class BalanceCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not self.log_diagnostics or logs is None or model is None:
             return
-        report = layer_report(model, self.adapter)
+        report = layer_report(model, self.adapter, precision=False)  # logs use none of the fp16/bf16 columns
         extra = summarize(report)
         extra["balora/balance_seconds"] = self.balance_seconds
         if self.log_layers:

@@ -144,16 +144,18 @@ def _status(finite: bool, error: str | None, beyond: list[str]) -> tuple[str, st
     return "ok", ""
 
 
-def layer_report(model: nn.Module, adapter: str | None = None) -> pd.DataFrame:
+def layer_report(model: nn.Module, adapter: str | None = None, precision: bool = True) -> pd.DataFrame:
     """One row per LoRA module and adapter of a PEFT model, columns REPORT_COLUMNS.
 
     Pairs balora cannot treat are omitted (balance_ lists them with the reason).
+    precision: measure the fp16/bf16 storage columns (see pair_rows); False leaves them NaN,
+    for reports made during training (BalanceCallback's logs).
     """
     from balora.adapters.live import iter_lora_pairs
 
     pairs = [p for p in iter_lora_pairs(model, adapter) if p.skip_reason is None]
     with torch.no_grad():
-        return to_frame(pair_rows(pairs, precision=True))
+        return to_frame(pair_rows(pairs, precision=precision))
 
 
 def summarize(report: pd.DataFrame) -> dict[str, float]:
