@@ -155,3 +155,21 @@ def test_launch_page_shows_the_folder_and_the_whole_command(tmp_path, monkeypatc
     assert argv[:4] == ["balora", "compare", "--task", "synthetic"]
     assert argv[argv.index("--out") + 1] == str(runs / "shown-cmd")
     assert [p.name for p in runs.iterdir()] == ["shown-cmd"]  # written into the runs folder, nowhere else
+
+
+def test_readme_quickstart_matches_ci():
+    """The README's commands are the ones CI runs: the same extras, torch first."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    quick = readme[readme.index("## Quickstart"):readme.index("## Commands")]
+    blocks = re.findall(r"```bash\n(.*?)```", quick, flags=re.S)
+    assert blocks[0].strip().startswith("pip install torch==2.13.0")  # the torch line comes first
+    test_cmd = next(b.strip() for b in blocks if "pytest" in b)
+    extras = re.search(r'pip install -q -e "\.\[([a-z,]+)\]"', ci).group(1)
+    assert test_cmd == f'pip install -e ".[{extras}]" && python -m pytest'
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras.split(",")) == set(declared) - {"bench"}  # every extra with tests ("bench": plots only)
