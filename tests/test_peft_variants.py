@@ -128,3 +128,29 @@ def test_rank_larger_than_layer_balance_keeps_dw_and_balances(n_in, n_out, peft_
     # Balanced in float64: B^T B = A A^T (both of rank min(in, out)), relative to their size.
     assert abs(BtB - AAt).max() <= 1e-5 * abs(AAt).max()
     assert np.linalg.matrix_rank(BtB, tol=1e-5 * abs(BtB).max()) == rank
+
+
+def test_velora_trains_with_balancing_after_each_step():
+    """VeLoRA's own backward (compressed activations) with balance_after_step: every step ends balanced."""
+    from balora import balance_after_step
+
+    VeloraConfig = getattr(bd_config, "VeloraConfig", None)
+    if VeloraConfig is None:
+        pytest.skip("this PEFT has no VeLoRA")
+    model = _model(LoraConfig(r=4, target_modules=["lin0", "lin1"], velora_config=VeloraConfig(num_groups=2)))
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    handle = balance_after_step(opt, model)
+    x, y = _x(), torch.randn(16, 2, generator=torch.Generator().manual_seed(5))
+    losses = []
+    for _ in range(4):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        # After the first step B != 0 (PEFT's init has B = 0, left alone), every pair is balanced.
+        if len(losses) > 1:
+            assert layer_report(model)["rel_imbalance"].max() < 1e-4
+    handle.remove()
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
