@@ -184,10 +184,8 @@ def cell_table(table: str):
     return frames.select_cells(df, cells) if is_grid else df
 
 
-# `required`: a click on the chosen view keeps it (never a blank page).
-section = st.segmented_control("View", SECTIONS, default=SECTIONS[0], required=True, key="compare_section", persist_state="session") or SECTIONS[0]
-
-if section == "Loss":
+def loss_view() -> None:
+    """Loss against step or time, final losses per arm, and the per-arm and per-seed tables."""
     metrics = frames.recorded(steps, frames.LOSS_METRICS)
     a, b, c, d = st.columns(4)
     metric = a.selectbox("Metric", metrics or ["loss"], format_func=lambda m: plots.METRIC_NAMES[m], key="loss_metric")
@@ -207,7 +205,9 @@ if section == "Loss":
         st.markdown("**Cells shown above, one row per seed**")
         st.dataframe(frames.tidy(frames.seed_rows(cell_summary)), hide_index=True, placeholder=frames.NA_TEXT)
 
-elif section == "Grid":
+
+def grid_view() -> None:
+    """Each arm's final value over the learning rate x alpha grid."""
     if not is_grid:
         st.info("These runs trained a single learning rate and alpha. A grid run (e.g. `balora compare --lr 1e-4,1e-3,1e-2 --alpha 8,32,128`) shows each arm's sensitivity here.")
     else:
@@ -219,7 +219,9 @@ elif section == "Grid":
         st.plotly_chart(compare_plots.grid_heatmaps(grid, value=value, log_color=log_c, loss_unit=unit), key="fig_grid")
         st.caption("Blank cells never finished; 'diverged' cells ended with a non-finite loss. Lower is better.")
 
-elif section == "Speed-up":
+
+def speedup_view() -> None:
+    """Steps and seconds to a target, relative to a reference arm."""
     metrics = frames.speed_metrics(cell_steps, cell_summary)
     a, b, c = st.columns(3)
     metric = a.selectbox("Metric", metrics or ["loss"], format_func=lambda m: plots.METRIC_NAMES[m], key="speed_metric",
@@ -243,7 +245,9 @@ elif section == "Speed-up":
                    "An arm that never reaches the target in a seed is left out of that seed's medians.")
         st.dataframe(frames.tidy(speed), hide_index=True, placeholder=frames.NA_TEXT)
 
-elif section == "Imbalance":
+
+def imbalance_view() -> None:
+    """Per-layer imbalance during training: heatmaps and chosen layers' lines."""
     cell_layers = cell_table("layers")
     modules = frames.layer_names(cell_layers)
     if not modules:
@@ -256,7 +260,9 @@ elif section == "Imbalance":
         st.plotly_chart(compare_plots.imbalance_heatmaps(frames.layer_steps(cell_layers, [value]), value=value), key="fig_imb_heat")
         st.plotly_chart(compare_plots.layer_lines(frames.layer_steps(cell_layers, [value], modules=chosen), value=value), key="fig_imb_lines")
 
-elif section == "Spectra":
+
+def spectra_view() -> None:
+    """Singular values of one layer at a step and over training, and condition numbers."""
     cell_layers, cell_spectra = cell_table("layers"), cell_table("spectra")
     modules = sorted(set(frames.layer_names(cell_layers)) | set(cell_spectra["module"].astype(str)))
     if not modules:
@@ -282,3 +288,19 @@ elif section == "Spectra":
         else:
             cond = frames.median_over_layers(cell_layers, cond_cols)
         st.plotly_chart(compare_plots.condition_lines(cond), key="fig_cond")
+
+
+VIEWS = {"Loss": loss_view, "Grid": grid_view, "Speed-up": speedup_view, "Imbalance": imbalance_view, "Spectra": spectra_view}
+
+
+@st.fragment
+def view_section() -> None:
+    """The chosen view. A fragment: switching views or moving one of the view's own widgets reruns only
+    this part (the runs, filters and cells above are kept), so the browser redraws only the view."""
+    # `required`: a click on the chosen view keeps it (never a blank page).
+    section = st.segmented_control("View", SECTIONS, default=SECTIONS[0], required=True, key="compare_section", persist_state="session") or SECTIONS[0]
+
+    VIEWS[section]()
+
+
+view_section()
