@@ -54,6 +54,8 @@ def balance_pairs(
     on_rank_deficient: str = "skip",
     on_nonfinite: str = "raise",
     check: bool = True,
+    *,
+    stack: bool | None = None,
 ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], BalanceSummary]:
     """Balanced factors for `pairs`, without writing them anywhere.
 
@@ -68,14 +70,18 @@ def balance_pairs(
     Pairs of one shape are balanced together (balora.stacked): a pass dispatches a number
     of ops that depends on the number of distinct shapes, not of pairs, and reads the device
     once (the Gram path's accuracy flags); pairs the Gram path refuses are redone by the QR
-    path, which costs a few more ops and syncs in the passes that need it.
+    path, which costs a few more ops and syncs in the passes that need it. stack: None (stacked
+    on GPUs and multi-threaded CPUs, pair by pair on a one-thread CPU, where that is faster:
+    balora.stacked.use_stacks), True or False to choose.
     """
-    return _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), reuse=False)
+    new, summary = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), False, stack)
+    return {i: f() if callable(f) else f for i, f in new.items()}, summary
 
 
-def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool):
-    """balance_pairs. reuse=True (the caller writes the results at once): new factors from the
-    Gram path are views into this thread's workspace, in the compute dtype (writing casts)."""
+def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool, stack: bool | None):
+    """balance_pairs, with {index: (A', B') or a function forming them}. reuse=True (the caller
+    writes the results at once): new factors from the Gram path are views into this thread's
+    workspace, or formed one at a time, in the compute dtype (writing casts)."""
     t0 = time.perf_counter()
     summary = BalanceSummary()
     candidates, positions = [], []  # positions[k]: index in `pairs` of candidates[k]
@@ -86,10 +92,10 @@ def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool):
             candidates.append(p)
             positions.append(i)
 
-    blocks = stack_blocks(candidates)
+    blocks = stack_blocks(candidates, stack)
     gram_maps(blocks, policy.method)
     for b in blocks:  # r > min(in, out): singular Grams by shape; the QR path, padded to r, does these
-        if b.A.shape[-2] > min(b.A.shape[-1], b.B.shape[-2]):
+        if b.shape_A[0] > min(b.shape_A[1], b.shape_B[0]):
             b.accurate = [False] * len(b.members)
     outcomes = _gram_outcomes(candidates, blocks, reuse)  # None where the Gram path was not accurate enough
     redo = [k for k, o in enumerate(outcomes) if o is None]
@@ -101,7 +107,7 @@ def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool):
 
     used = _apply_policy(candidates, outcomes, policy, summary)
     summary.balanced = len(used)
-    out = {positions[k]: outcomes[k].factors for k in used}
+    out = {positions[k]: outcomes[k].formed for k in used}
     if policy.check and used:
         _measure(candidates, outcomes, used, blocks, summary)
     summary.seconds = time.perf_counter() - t0
@@ -131,6 +137,11 @@ def _gram_outcomes(pairs: list[FactorPair], blocks: list[Block], reuse: bool) ->
     outcomes: list[_Outcome | None] = [None] * len(pairs)
     for b_i, b in enumerate(blocks):
         if not any(b.accurate):
+            continue
+        if not b.stacked:  # formed one pair at a time when read (measured per pair too: no block)
+            for g, k in enumerate(b.members):
+                if b.accurate[g]:
+                    outcomes[k] = _Outcome(True, False, pairs[k].r, partial(b.apply_one, g, not reuse))
             continue
         A_new, B_new = b.apply(reuse)  # (G, r, in), (G, out, r)
         fits = _fits(b, A_new, B_new)
@@ -308,11 +319,13 @@ def balance_and_write(
     on_rank_deficient: str = "skip",
     on_nonfinite: str = "raise",
     check: bool = True,
+    *,
+    stack: bool | None = None,
 ) -> BalanceSummary:
     """balance_pairs, then the balanced pairs written back: one foreach copy into the parameters
-    of live pairs (ParamWriter), `pair.write` for the others."""
+    of live pairs (ParamWriter) when stacked, `pair.write` for the others."""
     t0 = time.perf_counter()
-    new, summary = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), reuse=True)
+    new, summary = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), True, stack)
     write_all(pairs, new)
     summary.seconds = time.perf_counter() - t0  # with the writes, which balance_pairs cannot see
     return summary

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -97,25 +98,62 @@ def compute_dtype(A_dtype: torch.dtype, B_dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class Block:
-    """Pairs of one exact shape, dtype and device, stacked (a copy, in the compute dtype)."""
+    """Pairs of one exact shape, dtype and device: stacked (a copy, in the compute dtype), or, on
+    the CPU by default, kept as the pairs' own factors (see use_stacks)."""
 
     members: list[int]  # indices into the list given to stack_blocks
-    A: torch.Tensor  # (G, r, in)
-    B: torch.Tensor  # (G, out, r)
+    A: torch.Tensor | None  # (G, r, in) when stacked
+    B: torch.Tensor | None  # (G, out, r)
     A_dtype: torch.dtype  # the factors' own dtypes, to give the new factors back in
     B_dtype: torch.dtype
     X: torch.Tensor | None = None  # (G, r, r) on the factors' device: B' = B X
     Y: torch.Tensor | None = None  # (G, r, r): A' = Y A
     accurate: list[bool] = field(default_factory=list)  # per member: the Gram path's X, Y are usable
+    factors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # unstacked: (A, B) per member
+
+    @property
+    def stacked(self) -> bool:
+        return self.A is not None
+
+    @property
+    def shape_A(self) -> tuple[int, ...]:
+        """(r, in) of every member."""
+        return tuple(self.A.shape[1:]) if self.stacked else tuple(self.factors[0][0].shape)
+
+    @property
+    def shape_B(self) -> tuple[int, ...]:
+        """(out, r) of every member."""
+        return tuple(self.B.shape[1:]) if self.stacked else tuple(self.factors[0][1].shape)
 
     @property
     def r(self) -> int:
-        return self.A.shape[-2]
+        return self.shape_A[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device if self.stacked else self.factors[0][0].device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.A_dtype, self.B_dtype)
 
     @property
     def key(self) -> tuple:
         """What tells this block from any other of the pass (for its workspace buffers)."""
-        return _block_key(len(self.members), self.A.shape[1:], self.B.shape[1:], self.A_dtype, self.B_dtype)
+        return _block_key(len(self.members), self.shape_A, self.shape_B, self.A_dtype, self.B_dtype)
+
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """G_A = A A^T and G_B = B^T B of every member, (G, r, r) each."""
+        if self.stacked:
+            return torch.bmm(self.A, self.A.mT), torch.bmm(self.B.mT, self.B)
+        return torch.stack([A @ A.mT for A, _ in self.factors]), torch.stack([B.mT @ B for _, B in self.factors])
+
+    def apply_one(self, g: int, cast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A' (r, in), B' (out, r) of one member of an unstacked block, in the compute dtype, or
+        in the factors' own dtypes with cast=True."""
+        A, B = self.factors[g]
+        A_new, B_new = self.Y[g] @ A, B @ self.X[g]
+        return (_as(A_new, self.A_dtype), _as(B_new, self.B_dtype)) if cast else (A_new, B_new)
 
     def apply(self, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A' (G, r, in), B' (G, out, r) in the compute dtype. reuse=True: into this thread's
@@ -134,13 +172,32 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def stack_blocks(pairs: list[FactorPair]) -> list[Block]:
+def use_stacks(device: torch.device, A_dtype: torch.dtype, B_dtype: torch.dtype, stack: bool | None) -> bool:
+    """Whether a block is stacked. stack=None: yes on a GPU, and on a CPU running torch with more
+    than one thread, where the few large batched products use every thread; not on a one-thread
+    CPU, where an op costs microseconds of host time rather than a kernel launch and forming and
+    writing one pair at a time keeps it in cache, while stacking copies every factor once more.
+    Measured on a 2-core CPU (docs/BENCHMARKS.md): stacked 0.98-1.04x an AdamW step with 2
+    threads against 1.29-1.39x pair by pair; with 1 thread 1.32x against 1.16x. fp16 blocks are
+    always stacked: their overflow check needs every new factor before anything is written."""
+    if torch.float16 in (A_dtype, B_dtype):
+        return True
+    if stack is not None:
+        return stack
+    return device.type != "cpu" or torch.get_num_threads() > 1
+
+
+def stack_blocks(pairs: list[FactorPair], stack: bool | None = None) -> list[Block]:
     """One Block per exact shape, dtype and device, members in the order of `pairs`. The stacks
     are internal (never handed out), so on the CPU they live in this thread's workspace."""
     blocks = []
     for members in group_by_shape(pairs).values():
         first = pairs[members[0]]
         dtype = compute_dtype(first.A.dtype, first.B.dtype)
+        if not use_stacks(first.A.device, first.A.dtype, first.B.dtype, stack):
+            factors = [(_as(pairs[k].A, dtype), _as(pairs[k].B, dtype)) for k in members]  # upcast once
+            blocks.append(Block(members, None, None, first.A.dtype, first.B.dtype, factors=factors))
+            continue
         role = _block_key(len(members), first.A.shape, first.B.shape, first.A.dtype, first.B.dtype)
         A = _stack(("A", role), [pairs[k].A for k in members], dtype)
         B = _stack(("B", role), [pairs[k].B for k in members], dtype)
@@ -165,7 +222,7 @@ def gram_maps(blocks: list[Block], method: str) -> None:
     """
     grams = []
     for b in blocks:
-        grams += [torch.bmm(b.A, b.A.mT), torch.bmm(b.B.mT, b.B)]  # G_A = A A^T, G_B = B^T B: (G, r, r)
+        grams += b.grams()  # G_A = A A^T, G_B = B^T B: (G, r, r)
     host = _to_host(grams)  # the pass's one sync on a GPU
     by_rank: dict[int, list[int]] = {}
     for i, b in enumerate(blocks):
@@ -175,7 +232,7 @@ def gram_maps(blocks: list[Block], method: str) -> None:
         sizes = [len(blocks[i].members) for i in idx]
         # Per member: the unit roundoff of the matmul that formed its Grams, and its tolerance
         # (rounding new factors to bf16/fp16 costs more than the Gram path's own error).
-        u = torch.tensor([matmul_unit_roundoff(blocks[i].A.dtype) for i in idx], dtype=torch.float64)
+        u = torch.tensor([matmul_unit_roundoff(blocks[i].compute_dtype) for i in idx], dtype=torch.float64)
         tol = torch.tensor([max(GRAM_TOL, 0.1 * max(torch.finfo(blocks[i].A_dtype).eps, torch.finfo(blocks[i].B_dtype).eps))
                             for i in idx], dtype=torch.float64)
         sizes_t = torch.tensor(sizes)
@@ -222,10 +279,10 @@ def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, to
     for i, b in enumerate(blocks):
         if i not in maps:
             continue
-        if b.A.device == HOST:
-            b.X, b.Y = (_as(t, b.A.dtype) for t in maps[i])
+        if b.device == HOST:
+            b.X, b.Y = (_as(t, b.compute_dtype) for t in maps[i])
         else:
-            by_device.setdefault(b.A.device, []).append(i)
+            by_device.setdefault(b.device, []).append(i)
     for device, idx in by_device.items():
         flat = torch.cat([t.reshape(-1) for i in idx for t in maps[i]])
         if torch.cuda.is_available():
@@ -234,21 +291,26 @@ def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, to
         parts = iter(flat.split([t.numel() for i in idx for t in maps[i]]))
         for i in idx:
             b = blocks[i]
-            b.X, b.Y = (_as(next(parts).view(t.shape), b.A.dtype) for t in maps[i])
+            b.X, b.Y = (_as(next(parts).view(t.shape), b.compute_dtype) for t in maps[i])
 
 
-def write_all(pairs: list[FactorPair], new: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Write new factors {index into pairs: (A', B')}: one foreach copy for every pair whose
-    `write` is a ParamWriter, `pair.write` for the others (files, FSDP2 shards)."""
+def write_all(pairs: list[FactorPair], new: dict[int, tuple[torch.Tensor, torch.Tensor] | Callable]) -> None:
+    """Write new factors {index into pairs: (A', B'), or a function that forms them}: formed ones
+    with one foreach copy for every pair whose `write` is a ParamWriter, the others through
+    `pair.write` (files, FSDP2 shards); functions are called and written one pair at a time, so
+    each new pair is written while it is still in cache."""
     dst, src = [], []
-    for i, (A, B) in new.items():
+    for i, value in new.items():
         write = pairs[i].write
+        if callable(value):
+            write(*value())
+            continue
         targets = write.targets() if isinstance(write, ParamWriter) else None
         if targets is None:
-            write(A, B)
+            write(*value)
         else:
             dst += targets
-            src += (A, B)
+            src += value
     if dst:
         with torch.no_grad():
             torch._foreach_copy_(dst, src)

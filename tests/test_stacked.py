@@ -47,9 +47,9 @@ def test_ops_per_pass_do_not_grow_with_the_number_of_modules(method):
     counts = []
     for n in (2, 6):
         pairs = _live_pairs([(4, 24, 16)] * n + [(4, 16, 40)] * n)
-        balance_and_write(pairs, method, check=False)  # warm: as every step after the first
+        balance_and_write(pairs, method, check=False, stack=True)  # warm: as every step after the first
         with _Ops() as ops:
-            summary = balance_and_write(pairs, method, check=False)
+            summary = balance_and_write(pairs, method, check=False, stack=True)  # what a GPU runs
         assert summary.balanced == 2 * n and summary.qr_path == 0
         assert "aten._local_scalar_dense.default" not in ops.names  # no .item()/bool() on the Gram path
         counts.append(len(ops.names))
@@ -65,7 +65,7 @@ def test_blocks_with_shared_shapes_or_dtypes_never_mix(np_product_error, np_rel_
         p.module += f"-{p.A.dtype}"
     before = [(p.A.clone(), p.B.clone()) for p in pairs]
     for _ in range(3):  # the second and third passes reuse the workspace
-        summary = balance_and_write(pairs, "nearest", check=True)
+        summary = balance_and_write(pairs, "nearest", check=True, stack=True)
         assert summary.balanced == len(pairs) and summary.max_rel_error < 1e-5
     for p, (A0, B0) in zip(pairs, before):
         A1, B1 = p.write.params  # the parameters themselves
@@ -90,7 +90,7 @@ def test_one_ill_conditioned_pair_in_a_block_alone_takes_the_qr_path(np_product_
     U, _ = torch.linalg.qr(torch.randn(40, 4, generator=g, dtype=torch.float64))
     pairs[2].A.copy_((U * torch.tensor([1.0, 1e-1, 1e-2, 1e-4], dtype=torch.float64)).mT.float())  # cond 1e4
     before = [(p.A.clone(), p.B.clone()) for p in pairs]
-    new, summary = balance_pairs(pairs, "nearest", check=True)
+    new, summary = balance_pairs(pairs, "nearest", check=True, stack=True)
     assert summary.qr_path == 1 and summary.balanced == 4
     for i, (A0, B0) in enumerate(before):
         A1, B1 = new[i]
@@ -118,10 +118,39 @@ def test_param_writer_writes_where_the_parameter_is_now(np_rel_imbalance, np_pro
 
 def test_workspace_is_per_thread_and_can_be_freed():
     pairs = _live_pairs([(4, 24, 16)] * 2, seed=7)
-    balance_and_write(pairs, "nearest", check=False)
+    balance_and_write(pairs, "nearest", check=False, stack=True)
     assert balora.stacked._local.buffers  # kept for the next pass
     balora.stacked.free_workspace()
     assert not getattr(balora.stacked._local, "buffers", None)
-    new, _ = balance_pairs(pairs, "nearest", check=False)  # handed-out results never live in the workspace
+    new, _ = balance_pairs(pairs, "nearest", check=False, stack=True)  # handed-out results never live in the workspace
     kept = getattr(balora.stacked._local, "buffers", {})
     assert all(new[0][0].untyped_storage().data_ptr() != b.untyped_storage().data_ptr() for b in kept.values())
+
+
+@pytest.mark.parametrize("method", ["nearest", "svd"])
+def test_stacked_and_pair_by_pair_passes_write_the_same_factors(method, np_rel_imbalance, np_product_error):
+    """The CPU's default (pair by pair, cache-friendly) and the GPU's (stacked) are the same maths."""
+    shapes = [(4, 32, 20)] * 3 + [(8, 48, 24)] * 2
+    stacked, single = _live_pairs(shapes, seed=8), _live_pairs(shapes, seed=8)
+    before = [(p.A.clone(), p.B.clone()) for p in stacked]
+    s1 = balance_and_write(stacked, method, check=False, stack=True)
+    s2 = balance_and_write(single, method, check=False, stack=False)  # the one-thread CPU default
+    assert s1.balanced == s2.balanced == len(shapes) and s1.qr_path == s2.qr_path == 0
+    for p, q, (A0, B0) in zip(stacked, single, before):
+        for a, b in zip(p.write.params, q.write.params):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        A1, B1 = q.write.params
+        assert np_rel_imbalance(A1, B1) < 1e-5 and np_product_error(A0, B0, A1, B1) < 1e-5
+    new, summary = balance_pairs(single, method, check=True, stack=False)  # checked: measured per pair
+    assert summary.max_rel_error < 1e-5 and all(A.dtype == torch.float32 for A, _ in new.values())
+
+
+def test_the_default_strategy_follows_device_and_threads(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not balora.stacked.use_stacks(cpu, torch.float32, torch.float32, None)
+    assert balora.stacked.use_stacks(cpu, torch.float16, torch.float32, False)  # fp16: always (overflow check)
+    assert balora.stacked.use_stacks(torch.device("cuda"), torch.float32, torch.float32, None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert balora.stacked.use_stacks(cpu, torch.float32, torch.float32, None)
+    assert not balora.stacked.use_stacks(cpu, torch.float32, torch.float32, False)
