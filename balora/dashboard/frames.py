@@ -193,6 +193,23 @@ def seed_rows(summary: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------ shaping for figures
 
 
+# At most this many steps per curve or heatmap row: a chart is about 1,000 pixels wide, and more
+# points than pixels only cost serialising, sending and drawing them (long runs log every step).
+MAX_PLOT_STEPS = 1000
+
+
+def thin_steps(df: pd.DataFrame, max_steps: int = MAX_PLOT_STEPS) -> pd.DataFrame:
+    """Rows at no more than `max_steps` distinct values of `step`, evenly spaced over the recorded
+    steps, the first and last always kept; every row at a kept step is kept as it is."""
+    if df.empty or "step" not in df:
+        return df
+    steps = np.sort(df["step"].unique())
+    if len(steps) <= max_steps:
+        return df
+    keep = steps[np.unique(np.linspace(0, len(steps) - 1, max_steps).round().astype(int))]
+    return df[df["step"].isin(keep)]
+
+
 def seed_curves(steps: pd.DataFrame, *, x: str = "step", metric: str = "loss", by: str = "series", band: str = "min–max") -> pd.DataFrame:
     """Median and spread of `metric` across seeds at each step, per series.
 
@@ -218,7 +235,7 @@ def seed_curves(steps: pd.DataFrame, *, x: str = "step", metric: str = "loss", b
     )
     if x == "time_s":
         out["time_s"] = g["time_s"].median()
-    out = out.reset_index()
+    out = thin_steps(out.reset_index())
     # Sorted by x only (stable): series keep the run's arm order, so lora stays first in legends.
     return out[cols].sort_values([x], kind="stable").reset_index(drop=True)
 
@@ -267,7 +284,7 @@ def layer_steps(layers: pd.DataFrame, values: list[str], *, by: str = "series", 
     data = data.assign(module=data["module"].astype(str))
     out = data.groupby([by, "module", "step"], sort=False)[values].median().reset_index()
     # Series keep the order they come in (lora first, as the run lists its arms).
-    return out[cols].sort_values(["module", "step"], kind="stable").reset_index(drop=True)
+    return thin_steps(out[cols].sort_values(["module", "step"], kind="stable")).reset_index(drop=True)
 
 
 def median_over_layers(layers: pd.DataFrame, values: list[str], *, by: str = "series") -> pd.DataFrame:
@@ -276,7 +293,7 @@ def median_over_layers(layers: pd.DataFrame, values: list[str], *, by: str = "se
     if layers.empty:
         return pd.DataFrame(columns=cols)
     data = layers[[by, "step", *values]].replace([np.inf, -np.inf], np.nan)
-    return data.groupby([by, "step"], sort=False)[values].median().reset_index()[cols]
+    return thin_steps(data.groupby([by, "step"], sort=False)[values].median().reset_index()[cols])
 
 
 def spectra_steps(spectra: pd.DataFrame, module: str) -> list[int]:
@@ -300,4 +317,4 @@ def spectra_over_steps(spectra: pd.DataFrame, module: str, which: str, *, by: st
     if spectra.empty:
         return pd.DataFrame(columns=cols)
     data = spectra[(spectra["module"].astype(str) == module) & (spectra["which"] == which)]
-    return data.groupby([by, "step", "index"], sort=False)["value"].median().reset_index()[cols]
+    return thin_steps(data.groupby([by, "step", "index"], sort=False)["value"].median().reset_index()[cols])
