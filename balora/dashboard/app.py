@@ -57,7 +57,8 @@ def main() -> None:
     ]
     nav = st.navigation(pages)
     with st.sidebar:
-        st.caption(f"Runs folder: `{settings.runs_dir()}`")
+        st.caption(f"Runs folder: `{settings.runs_dir()}` (yours; the bundled sample runs are listed after yours, "
+                   "read-only)")
         st.caption("BaLoRA: balanced LoRA factors, B^T B = A A^T, same dW (arXiv 2605.31484).")
         if exposed is not None:
             st.warning(exposed.message, icon=":material/public:")
