@@ -251,3 +251,28 @@ def np_product_error():
         return np.linalg.norm(P1 - P0) / np.linalg.norm(P0)
 
     return err
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """torchrun(script, out): see run_torchrun."""
+    return run_torchrun
+
+
+def run_torchrun(script, out, nproc: int = 2, timeout: int = 240) -> None:
+    """Run `script OUT` under torchrun with `nproc` CPU processes (gloo) on a free local port,
+    one thread each; fail the test with the processes' output when it does not exit 0."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
