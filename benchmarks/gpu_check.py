@@ -1,6 +1,7 @@
 """One command to check balancing on a CUDA GPU (about 2-4 minutes):
 
     python benchmarks/gpu_check.py            # add --quick for fewer repetitions, --skip-compare to stop after the timings
+    python benchmarks/gpu_check.py --smoke    # every part on the CPU at tiny shapes: checks the script, measures nothing
 
 What it prints, all measured in this process:
 
@@ -38,15 +39,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_projection, op
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _timed_rounds(fns: dict, reps: int) -> dict[str, list[float]]:
-    """Milliseconds per call from CUDA events, every function once per round in rotating order."""
+def _timed_rounds(fns: dict, reps: int, device: str) -> dict[str, list[float]]:
+    """Milliseconds per call (CUDA events on a GPU), every function once per round in rotating order."""
+    cuda = device.startswith("cuda")
     names = list(fns)
     for n in names:  # warm-up
         fns[n]()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(reps):
         for n in names[rep % len(names):] + names[: rep % len(names)]:
+            if not cuda:
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append((time.perf_counter() - t0) * 1e3)
+                continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fns[n]()
@@ -60,18 +68,18 @@ def _paired(times, num, den) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
-def build_model(layers: int, rank: int):
+def build_model(shape: str, rank: int, device: str):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench_projection import MODELS, TARGETS
 
-    m = MODELS["1B"]
+    m = MODELS[shape]
     cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate,
-                      num_hidden_layers=layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                      num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
                       max_position_embeddings=2048, tie_word_embeddings=True)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     # init_lora_weights=False: B is random, not zero, so every pass really balances every pair.
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
@@ -79,17 +87,19 @@ def build_model(layers: int, rank: int):
     return model
 
 
-def check_training_step(reps: int, batch: int, seq: int) -> None:
+def check_training_step(reps: int, batch: int, seq: int, device: str = "cuda", shape: str = "1B") -> None:
+    """Part 1-3 of the docstring. device="cpu" with shape="tiny" is a smoke test of this code."""
     from balora.adapters.live import PairCache
     from balora.balance import balance_and_write
     from balora.policy import BalancePolicy
     from opcount import count_ops
 
-    model = build_model(16, 16)
+    cuda = device.startswith("cuda")
+    model = build_model(shape, 16, device)
     params = [p for p in model.parameters() if p.requires_grad]
     lora_dtype = params[0].dtype
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
 
     def forward_backward():
         model(input_ids=ids, labels=ids).loss.backward()
@@ -99,52 +109,60 @@ def check_training_step(reps: int, batch: int, seq: int) -> None:
     cache = PairCache()
     policies = {m: BalancePolicy(m, check=False) for m in ("nearest", "svd")}
     pairs = cache.get(model)
-    print(f"\n== 1B-like Llama (random init), bf16 base, LoRA r=16 ({lora_dtype} factors), {len(pairs)} pairs, "
+    print(f"\n== {shape}-like Llama (random init), bf16 base, LoRA r=16 ({lora_dtype} factors), {len(pairs)} pairs, "
           f"{sum(p.numel() for p in params) / 1e6:.1f}M adapter params; batch {batch} x {seq} tokens ==")
     fns = {"forward+backward": forward_backward, "fused AdamW step": opt.step,
            "balance nearest": lambda: balance_and_write(cache.get(model), policies["nearest"]),
            "balance svd": lambda: balance_and_write(cache.get(model), policies["svd"])}
-    times = _timed_rounds(fns, reps)
+    times = _timed_rounds(fns, reps, device)
     print(f"   {'what':<20}{'median ms':>11}{'x fused AdamW':>15}{'x fwd+bwd':>11}")
     for n, t in times.items():
         print(f"   {n:<20}{statistics.median(t):>11.2f}{_paired(times, n, 'fused AdamW step'):>15.2f}"
               f"{_paired(times, n, 'forward+backward'):>11.3f}")
 
+    adapter_mib = sum(p.numel() * p.element_size() for p in params) / 2**20
     for method, policy in policies.items():
         counter = count_ops(lambda: balance_and_write(cache.get(model), policy))
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                balance_and_write(cache.get(model), policy)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = sum("synchroniz" in str(w.message) for w in caught)
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        balance_and_write(cache.get(model), policy)
-        torch.cuda.synchronize()
-        added = torch.cuda.max_memory_allocated() - before
+        syncs, added = (_syncs_and_memory(lambda: balance_and_write(cache.get(model), policy)) if cuda
+                        else ("n/a (CPU)", float("nan")))
         print(f"   {method}: {counter.total} ops per pass ({counter.kernels} not view-only), host reads "
               f"{counter.host_reads} (dispatch counter), syncs {syncs} (set_sync_debug_mode), "
-              f"peak memory added {added / 2**20:.1f} MiB (adapter {sum(p.numel() * p.element_size() for p in params) / 2**20:.1f} MiB)")
+              f"peak memory added {added / 2**20:.1f} MiB (adapter {adapter_mib:.1f} MiB)")
 
 
-def check_op_table() -> None:
+def _syncs_and_memory(one_pass) -> tuple[int, int]:
+    """Syncs one pass makes (torch.cuda.set_sync_debug_mode warnings) and the peak memory it adds (bytes)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            one_pass()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    one_pass()
+    torch.cuda.synchronize()
+    return syncs, torch.cuda.max_memory_allocated() - before
+
+
+def check_op_table(device: str = "cuda", shape: str = "1B") -> None:
     from bench_projection import MODELS, op_count_table
 
-    op_count_table(MODELS["1B"], 16, "cuda")
+    op_count_table(MODELS[shape], 16, device)
 
 
-def check_compare(timeout_s: int) -> None:
-    """A short bf16 lm comparison on the GPU through the CLI, then its per-arm summary."""
+def check_compare(timeout_s: int, device: str = "cuda", steps: int = 60) -> None:
+    """A short lm comparison through the CLI (bf16 on a GPU), then its per-arm summary."""
     import balora
 
-    out = Path(tempfile.mkdtemp(prefix="balora-gpu-check-")) / "lm-cuda-bf16"
-    cmd = [sys.executable, "-m", "balora.cli", "compare", "--task", "lm", "--device", "cuda", "--dtype", "bfloat16",
-           "--arms", "lora,balora", "--steps", "60", "--seeds", "1", "--lr", "1e-3", "--out", str(out), "--quiet"]
+    out = Path(tempfile.mkdtemp(prefix="balora-gpu-check-")) / f"lm-{device}"
+    dtype = ["--dtype", "bfloat16"] if device.startswith("cuda") else []  # the lm task has bf16 on CUDA only
+    cmd = [sys.executable, "-m", "balora.cli", "compare", "--task", "lm", "--device", device, *dtype,
+           "--arms", "lora,balora", "--steps", str(steps), "--seeds", "1", "--lr", "1e-3", "--out", str(out), "--quiet"]
     print(f"\n== {' '.join(cmd[2:])} ==")
     t0 = time.perf_counter()
     try:
@@ -167,7 +185,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--skip-compare", action="store_true", help="stop after the timings and op counts")
+    ap.add_argument("--smoke", action="store_true",
+                    help="run every part on the CPU at tiny shapes: checks this script, measures nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        check_training_step(reps=2, batch=1, seq=16, device="cpu", shape="tiny")
+        check_op_table("cpu", "tiny")
+        if not args.skip_compare:
+            check_compare(timeout_s=600, device="cpu", steps=3)
+        return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False), so there is nothing to check. "
               f"torch {torch.__version__}; run this on a machine with an NVIDIA GPU.")

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py on a machine without CUDA: it says so in one line and exits 0."""
+"""benchmarks/gpu_check.py without CUDA: it says so in one line and exits 0; --smoke runs its code on the CPU."""
 
 from __future__ import annotations
 
@@ -17,3 +17,15 @@ def test_gpu_check_without_cuda_says_so_and_exits_0():
     done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "no CUDA device" in done.stdout and done.stdout.count("\n") == 1
+
+
+def test_gpu_check_smoke_runs_every_part_on_the_cpu():
+    """--smoke runs the GPU check's code at tiny shapes on the CPU (the compare part is left out:
+    it trains a model); the ops table it prints must be flat."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--skip-compare"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    for what in ("forward+backward", "fused AdamW step", "balance nearest", "balance svd", "ops per pass"):
+        assert what in out, what
+    assert out.count("(target <= 1.2: MET)") == 2, out[-1500:]
