@@ -72,7 +72,7 @@ class ParamWriter:
     def __call__(self, A: torch.Tensor, B: torch.Tensor) -> None:
         with torch.no_grad():
             for p, t in zip(self.params, (A, B)):
-                p.copy_(t.reshape(p.shape))
+                p.copy_(t if t.shape == p.shape else t.reshape(p.shape))  # no view op when already shaped
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """2-D views (r, in), (out, r) of the parameters' current storage; None when there are none
