@@ -24,8 +24,9 @@ from balora.balance import BalanceError, balance_pairs
 from balora.errors import InputError
 from balora.imbalance import rel_imbalance
 from balora.linalg import all_finite
+from balora.policy import BalancePolicy
 from balora.precision import storage_dtype
-from balora.projection import METHODS, product_rel_error
+from balora.projection import product_rel_error
 from balora.report import PRECISION_LOSS, REPORT_COLUMNS, pair_rows, to_frame
 from balora.safe_io import printable
 
@@ -163,8 +164,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     """
     t0 = time.perf_counter()
     src, dst = local_path(src), Path(dst)
-    if method not in METHODS:
-        raise InputError(f"unknown balancing method {method!r}; use one of {', '.join(METHODS)}")
+    BalancePolicy(method, on_rank_deficient)  # the one check (PolicyError) before anything is read or written
     try:
         target = storage_dtype(dtype)
     except ValueError as e:

@@ -57,6 +57,7 @@ def test_every_entry_point_raises_the_same_error_for_a_bad_method(lora_net):
         lambda: balance_after_step(opt, lora_net, method="bogus"),
         lambda: balanced_factors(A, B, "bogus"),
         lambda: gram_transforms(G, G, "bogus"),
+        lambda: balora.balance_file("no/such/adapter", "out", method="bogus"),  # before the input is read
     ]
     for call in entry_points:
         with pytest.raises(PolicyError, match=message):
