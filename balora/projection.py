@@ -131,6 +131,11 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     """
     check_method(method)
     u = torch.finfo(G_A.dtype).eps / 2 if unit_roundoff is None else unit_roundoff
+    # Grams near their dtype's subnormal range were rounded in absolute, not relative, terms
+    # (fp32 factors of ~1e-21 square to ~1e-42), which the estimate below does not describe.
+    # Above this floor that absolute error is below u^2 relative: such pairs stay; the rest go
+    # to the QR path, which upcasts tiny factors.
+    floor = torch.finfo(G_A.dtype).tiny / (torch.finfo(G_A.dtype).eps / 2)
     G_A, G_B = G_A.to(torch.float64), G_B.to(torch.float64)
     eye = torch.eye(G_A.shape[-1], dtype=torch.float64, device=G_A.device)
     # (G,); NaN if non-finite. A zero Gram may be a zero factor or an underflow: either way
@@ -169,7 +174,7 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     gain_A = torch.linalg.matrix_norm(Y @ Y.mT, ord=float("inf"))
     gain_B = torch.linalg.matrix_norm(X.mT @ X, ord=float("inf"))
     est = u * (gain_A * norm_A + gain_B * norm_B) / (2 * torch.linalg.vector_norm(S, dim=-1)) + eig_cond
-    accurate = ok & (norm_A > 0) & (norm_B > 0) & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
+    accurate = ok & (norm_A > floor) & (norm_B > floor) & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
     return Transforms(X=X, Y=Y, S=S, accurate=accurate)
 
 

@@ -100,6 +100,23 @@ def test_factors_whose_grams_underflow_or_overflow_are_still_balanced(np_product
     assert np_rel_imbalance(A1, B1) < 1e-5 and np_product_error(A, B, A1, B1) < 1e-5
 
 
+@pytest.mark.parametrize("scale", [1e-22, 1e-21, 1e-20])
+def test_grams_in_the_subnormal_range_go_to_the_qr_path(np_product_error, np_rel_imbalance, scale):
+    """fp32 factors of ~1e-21 have Grams of ~1e-41: not zero, but rounded to fp32's subnormal
+    spacing, so the Gram path's relative error estimate does not hold (it left rel_imbalance
+    4e-3 at 1e-22). Such pairs must be refused and balanced as accurately as any other."""
+    gen = torch.Generator().manual_seed(0)
+    A = (torch.randn(4, 64, generator=gen, dtype=torch.float64) * scale).float()  # (r, in)
+    B = (torch.randn(48, 4, generator=gen, dtype=torch.float64) * scale * 3).float()  # (out, r)
+    G_A, G_B = A @ A.mT, B.mT @ B
+    assert 0 < float(G_A.abs().max()) < torch.finfo(torch.float32).tiny * 1e8
+    assert not gram_transforms(G_A[None], G_B[None], "nearest").accurate.item()
+    new, summary = balance_pairs([FactorPair("m", "default", "linear", A, B, 1.0)], "nearest")
+    assert summary.balanced == 1 and summary.qr_path == 1
+    A1, B1 = new[0]
+    assert np_rel_imbalance(A1, B1) < GRAM_TOL and np_product_error(A, B, A1, B1) < 1e-6
+
+
 def test_tolerance_is_respected():
     gen = torch.Generator().manual_seed(3)
     A, B = _factor(80, 8, 30.0, gen).mT.float(), _factor(70, 8, 30.0, gen).float()
