@@ -98,7 +98,8 @@ def test_compare_lists_own_runs_and_the_samples_marked(own_runs, monkeypatch):
     assert widget.value == ["mine"]  # opens on the user's own run
     widget.set_value(["mine", "samples/synthetic-sgd"]).run()
     assert not at.exception, [e.value for e in at.exception]
-    assert "samples/synthetic-sgd" in " ".join(e.value for e in at.markdown)
+    assert "**samples/synthetic-sgd** — completed" in " ".join(e.value for e in at.success)
+    assert any("balora compare" in c.value and "synthetic-sgd" in c.value for c in at.code)  # its command
 
 
 def test_compare_without_own_runs_shows_the_samples(tmp_path, monkeypatch):
