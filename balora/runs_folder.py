@@ -54,3 +54,10 @@ def dashboard_command(run_dir: str | Path, environ: dict[str, str] | None = None
     if parent != runs_folder(environ):
         args += ["--runs", str(parent)]
     return shlex.join(args)
+
+
+def dashboard_url(run_dir: str | Path, port: int = 8501) -> str:
+    """Where `dashboard_command` serves the run, opened on it (Compare's ?run=NAME)."""
+    from urllib.parse import quote
+
+    return f"http://127.0.0.1:{port}/?run={quote(Path(run_dir).resolve().name)}"

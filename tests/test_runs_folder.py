@@ -68,7 +68,7 @@ def test_compare_writes_into_the_runs_folder_and_prints_the_dashboard_command(tm
     made = [p for p in (tmp_path / "runs").iterdir() if (p / "config.json").is_file()]
     assert len(made) == 1 and made[0].name.startswith("synthetic-")
     last = proc.stdout.strip().splitlines()[-1]
-    assert last == "open it in the dashboard: balora dashboard"
+    assert last == f"open it in the dashboard: balora dashboard   (then http://127.0.0.1:8501/?run={made[0].name})"
 
 
 # ------------------------------------------------------------------------- dashboard: listing

@@ -83,7 +83,7 @@ def invoked_command() -> str | None:
 
 def run(args) -> int:
     from balora.runner import run_compare
-    from balora.runs_folder import dashboard_command
+    from balora.runs_folder import dashboard_command, dashboard_url
     from balora.store import STATUS, load_run
 
     if args.list:
@@ -102,7 +102,7 @@ def run(args) -> int:
     print(f"run written to {path} ({result.status})")
     if cfg.force:
         _say_kept(path)
-    print(f"open it in the dashboard: {dashboard_command(path)}")
+    print(f"open it in the dashboard: {dashboard_command(path)}   (then {dashboard_url(path)})")
     return 0
 
 
