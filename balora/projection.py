@@ -115,6 +115,14 @@ class Transforms:
 GRAM_TOL = 5e-7
 
 
+def subnormal_floor(dtype: torch.dtype) -> float:
+    """Smallest Gram norm the Gram path trusts. Grams near their dtype's subnormal range were
+    rounded in absolute, not relative, terms (fp32 factors of ~1e-21 square to ~1e-42), which its
+    error estimate does not describe; above tiny / u that absolute error is below u^2 relative.
+    Pairs below go to the QR path, which upcasts tiny factors."""
+    return torch.finfo(dtype).tiny / (torch.finfo(dtype).eps / 2)
+
+
 def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest",
                     unit_roundoff: float | torch.Tensor | None = None, tol: float | torch.Tensor = GRAM_TOL) -> Transforms:
     """Balancing maps from G_A = A A^T and G_B = B^T B (G, r, r), computed in float64.
@@ -131,11 +139,7 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     """
     check_method(method)
     u = torch.finfo(G_A.dtype).eps / 2 if unit_roundoff is None else unit_roundoff
-    # Grams near their dtype's subnormal range were rounded in absolute, not relative, terms
-    # (fp32 factors of ~1e-21 square to ~1e-42), which the estimate below does not describe.
-    # Above this floor that absolute error is below u^2 relative: such pairs stay; the rest go
-    # to the QR path, which upcasts tiny factors.
-    floor = torch.finfo(G_A.dtype).tiny / (torch.finfo(G_A.dtype).eps / 2)
+    floor = subnormal_floor(G_A.dtype)
     G_A, G_B = G_A.to(torch.float64), G_B.to(torch.float64)
     eye = torch.eye(G_A.shape[-1], dtype=torch.float64, device=G_A.device)
     # (G,); NaN if non-finite. A zero Gram may be a zero factor or an underflow: either way
