@@ -48,7 +48,6 @@ METRIC_NOTES = {
     "excess_loss": "; excess = loss − the best loss any rank-r update can reach",
     "final_excess_loss": "; excess = loss − the best loss any rank-r update can reach",
 }
-REL_IMBALANCE = "relative imbalance ‖BᵀB − AAᵀ‖_F / (‖BᵀB‖_F + ‖AAᵀ‖_F)"
 VALUE_LABELS = {
     "rel_imbalance": "relative imbalance (0 = balanced, 1 = worst)",
     "imbalance": "imbalance ‖BᵀB − AAᵀ‖_F (weight units²)",
