@@ -34,10 +34,6 @@ class HubSource:
     path: Path  # the snapshot folder in the cache
     root: Path  # the repository's cache folder: snapshot files are symlinks into its blobs/
 
-    def describe(self) -> str:
-        rev = f"@{self.revision}" if self.revision else ""
-        return f"{self.repo_id}{rev} (Hub cache: {self.path})"
-
 
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     """(repo_id, revision) when `text` has the shape of a Hub id, else None."""

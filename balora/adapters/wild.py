@@ -133,7 +133,7 @@ _PART = re.compile(r"^(?P<module>.+)\.(?P<part>hada_[wt][12](?:_[ab])?|lokr_[wt]
 _ALGO_OF = {"hada": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT"}
 
 
-def lycoris_modules(path, keys) -> dict[str, dict[str, str]]:
+def lycoris_modules(keys) -> dict[str, dict[str, str]]:
     """{module: {part: key}} of the LyCORIS modules that are not LoRA pairs (LoHa, LoKr, OFT, BOFT)."""
     found: dict[str, dict[str, str]] = {}
     for key in keys:
@@ -190,7 +190,7 @@ def read_lycoris_file(c: Candidate) -> list[AdapterSource] | None:
     tf = c.tensors
     if tf is None:
         return None
-    modules = lycoris_modules(c.path, tf.keys())
+    modules = lycoris_modules(tf.keys())
     if not modules:
         return None
     kinds, skipped = set(), []
