@@ -137,8 +137,7 @@ class FileBalanceSummary:
         for name, why in self.skipped.items():
             by_reason.setdefault(why, []).append(name)
         for why, names in by_reason.items():
-            which = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            lines.append(f"  unchanged: {which}: {why}")
+            lines.append(f"  unchanged: {_listed(names, 3)}: {why}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(printable(line) for line in lines)
 
@@ -192,8 +191,9 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     done = summary.changes[summary.changes["action"] == "balanced"]
     if target is not None:  # every pair was cast: its error against the original counts
         summary.max_rel_error = float(summary.changes["dW_rel_change"].max())
+    elif len(done):
+        summary.max_rel_error = float(done["dW_rel_change"].max())
     if len(done):
-        summary.max_rel_error = summary.max_rel_error if target is not None else float(done["dW_rel_change"].max())
         summary.max_rel_imbalance_before = float(done["rel_imbalance_before"].max())
         summary.max_rel_imbalance_after = float(done["rel_imbalance_after"].max())
     summary.seconds = time.perf_counter() - t0
@@ -214,8 +214,7 @@ def _copy_adapter_folder(src: Path, staged: Path, sources: list[AdapterSource], 
     folders = [src] + [s.weights.parent for s in sources]
     left_out = copy_adapter_files(src, staged, folders, skip={s.weights for s in sources})
     if left_out:
-        more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
-        summary.notes.append(f"left out of the copy: {', '.join(left_out[:5])}{more}")
+        summary.notes.append(f"left out of the copy: {_listed(left_out, 5)}")
 
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
@@ -274,8 +273,7 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
                 tensors[e.key_B] = B_new.reshape(e.shape_B).clone()
                 # DoRA's magnitude vector is kept as is: it normalises W0 + dW, and dW is unchanged.
     if nonfinite:
-        shown = ", ".join(nonfinite[:5]) + (f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else "")
-        raise InputError(f"{s.weights}: non-finite values (NaN/Inf) in {shown}; nothing was written")
+        raise InputError(f"{s.weights}: non-finite values (NaN/Inf) in {_listed(nonfinite, 5)}; nothing was written")
     for e in s.entries:
         if e.skip_reason is not None:
             summary.skipped[e.name] = e.skip_reason
@@ -284,7 +282,7 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
                 rows[e.name]["dW_rel_change"] = float("nan")  # cast, but not a B @ A pair to measure
 
     if target is not None:
-        tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
+        tensors = _cast(tensors, target)
     write_weights(s.tensors, out_path, tensors)
     del tensors
     # In another dtype every pair changes: all are measured against the original.
@@ -320,7 +318,7 @@ def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: d
     for keys in _key_batches(s.tensors, [k for k in s.tensors.keys() if k not in changed]):
         old, new = s.tensors.get(keys), written.get(keys)
         if target is not None:
-            old = {k: t.to(target) if t.is_floating_point() else t for k, t in old.items()}
+            old = _cast(old, target)
         for k in keys:
             if not torch.equal(_raw_bytes(old[k]), _raw_bytes(new[k])):
                 raise BalanceError(f"{where}: {k} should be copied unchanged but differs; nothing was written")
@@ -355,9 +353,19 @@ def _cast_lines(summary: FileBalanceSummary) -> list[str]:
     lossy = summary.changes[summary.changes["dW_rel_change"] > PRECISION_LOSS]
     if len(lossy):
         names = [f"{m}[{a}]" for m, a in zip(lossy["module"], lossy["adapter"])]
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        lines.append(f"  dW changes by more than {PRECISION_LOSS:g} in {shown} (pairs left unbalanced keep their risk)")
+        lines.append(f"  dW changes by more than {PRECISION_LOSS:g} in {_listed(names, 3)} "
+                     "(pairs left unbalanced keep their risk)")
     return lines
+
+
+def _listed(names: list[str], most: int) -> str:
+    """The first `most` names, comma-separated, then how many more there are."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _cast(tensors: dict[str, torch.Tensor], target: torch.dtype) -> dict[str, torch.Tensor]:
+    """The floating tensors cast to `target`, the others as they are."""
+    return {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
 
 
 def _key_batches(tf: TensorFile, keys: list[str], max_bytes: int = 64 * 2**20):
