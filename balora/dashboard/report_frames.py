@@ -9,12 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from balora.records import SPECTRA, SPECTRA_LISTS  # (which, list column): dW/sigma, A/sigma_A, B/sigma_B
+
 # The per-layer table's leading columns, in this order; the others follow as the report has them.
 TABLE_FIRST = ["module", "r", "scaling", "norm_A", "norm_B", "rel_imbalance", "imbalance", "cond_dW", "cond_A",
                "cond_B", "eff_rank", "sigma_max"]
 # Where a layer was read from: shown in the "Files read" panel only (an upload's path is a server detail).
 PATH_COLUMNS = ("source",)
-SPECTRA_LISTS = ("sigma", "sigma_A", "sigma_B")
 TOP_N = (10, 20, 50)
 MEASURED = ("ok", "partial")  # balora.report statuses whose numbers are drawn
 
@@ -90,7 +91,7 @@ def report_spectra(report: pd.DataFrame, module: str, *, by: str = "checkpoint")
         label = f"{r[by]}" if by in r else module
         if "adapter" in r and report["adapter"].nunique() > 1:
             label = f"{label} [{r['adapter']}]"
-        for which, col in (("dW", "sigma"), ("A", "sigma_A"), ("B", "sigma_B")):
+        for which, col in SPECTRA:
             values = r[col] if isinstance(r[col], (list, tuple, np.ndarray)) else []
             rows += [{by: label, "which": which, "index": i, "value": float(v)} for i, v in enumerate(values)]
     return pd.DataFrame(rows, columns=cols)
