@@ -158,7 +158,6 @@ def print_report(df: pd.DataFrame, top: int | None = None, console=None, wide: b
     shown = layers.head(MAX_TABLE_ROWS)  # rich lays out ~2,000 rows/s: 20k modules would print for 10 s
     table = _wide_table(shown, top, title) if wide else _layer_table(shown, top, title)
     if wide:  # every column at its natural width, never folded: scroll sideways (less -S) rather than guess
-        from rich.console import Console
         from rich.measure import Measurement
 
         natural = Measurement.get(console, console.options.update(width=10_000), table).maximum
