@@ -24,7 +24,8 @@ from torch import nn
 from balora.distributed import CommStats, gather_pairs, is_dtensor, last_comm, local_storage, record_comm
 from balora.linalg import matmul_unit_roundoff
 from balora.pairs import FactorPair
-from balora.projection import GRAM_TOL, gram_transforms
+from balora.projection import gram_transforms
+from balora.stacked import compute_dtype, gram_tol
 
 
 def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], object]:
@@ -89,7 +90,7 @@ def _gram_local(p: FactorPair) -> bool:
 
 def _compute_dtype(p: FactorPair) -> torch.dtype:
     A_p, B_p = p.extra["params"]
-    return torch.promote_types(torch.promote_types(A_p.dtype, B_p.dtype), torch.float32)
+    return compute_dtype(A_p.dtype, B_p.dtype)
 
 
 def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -116,8 +117,7 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
     for r, ks in by_rank.items():
         G = torch.stack([parts[k].reshape(2, r, r) for k in ks])  # (n, 2, r, r)
         u = torch.tensor([matmul_unit_roundoff(_compute_dtype(pairs[k])) for k in ks], dtype=torch.float64)
-        tol = torch.tensor([max(GRAM_TOL, 0.1 * max(torch.finfo(t.dtype).eps for t in pairs[k].extra["params"]))
-                            for k in ks], dtype=torch.float64)
+        tol = torch.tensor([gram_tol(*(t.dtype for t in pairs[k].extra["params"])) for k in ks], dtype=torch.float64)
         try:
             t = gram_transforms(G[:, 0], G[:, 1], method, u, tol)
         except RuntimeError:  # a failed decomposition: the gathered path redoes these and names the module
