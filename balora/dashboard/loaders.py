@@ -79,14 +79,13 @@ def status_labels(runs: pd.DataFrame) -> list[str]:
     return ["stalled" if s_ == "running" and bool(s) else str(s_) for s_, s in zip(runs["status"].astype(str), stale)]
 
 
-def damaged_runs(runs: pd.DataFrame, *, label: str = "label") -> dict[str, str]:
+def damaged_runs(runs: pd.DataFrame) -> dict[str, str]:
     """{label: why} for the runs balora.list_runs lists as damaged (a config or status file it
-    cannot read); the page lists them with the reason and loads the others."""
+    cannot read, said in its `reason` column); the page lists them with the reason and loads the others."""
     if runs.empty or "status" not in runs:
         return {}
     bad = runs[runs["status"].astype(str) == "damaged"]
-    why = next((c for c in ("reason", "error", "message") if c in bad), None)
-    return {str(n): (str(r) if why and pd.notna(r) else "unreadable") for n, r in zip(bad[label], bad[why] if why else bad[label])}
+    return {str(n): str(r) if pd.notna(r) else "unreadable" for n, r in zip(bad["label"], bad["reason"])}
 
 
 # ------------------------------------------------------------------------------ run status
