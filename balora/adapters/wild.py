@@ -30,6 +30,7 @@ from balora.adapters.reading import (
 )
 from balora.adapters.tensor_file import TensorFile
 from balora.errors import InputError
+from balora.safe_io import regular_file_size
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA = "lora_adapter_metadata"
@@ -65,25 +66,27 @@ def metadata_configs(metadata: dict, where) -> dict[str | None, dict]:
     return configs
 
 
-def _diffusers_weights(c: Candidate) -> tuple[os.PathLike, TensorFile] | None:
-    if c.path.is_dir():
-        weights = c.path / DIFFUSERS_WEIGHTS
-        if not os.path.lexists(weights):
-            return None
-        check_inside(weights, c.root, "the LoRA weights")
-        return weights, TensorFile(weights)
-    return (c.path, c.tensors) if c.tensors is not None else None
+def _diffusers_candidate(c: Candidate) -> Candidate | None:
+    """`c` when it is a weights file; for a folder, its pytorch_lora_weights.safetensors as a Candidate."""
+    if not c.path.is_dir():
+        return c if c.tensors is not None else None
+    weights = c.path / DIFFUSERS_WEIGHTS
+    if not os.path.lexists(weights):
+        return None
+    check_inside(weights, c.root, "the LoRA weights")
+    regular_file_size(weights, "weights file")  # a folder so named is refused, as TensorFile would
+    return Candidate(weights, c.root)
 
 
 @register_reader("diffusers", before="kohya")
 def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
     """diffusers' LoRA file: PEFT keys under component prefixes, LoraConfigs in the metadata."""
-    found = _diffusers_weights(c)
+    found = _diffusers_candidate(c)
     if found is None:
         return None
-    weights, tf = found
+    weights, tf = found.path, found.tensors
     if c.path.is_dir() and has_kohya_factors(tf.keys()):  # the older lora.down / lora.up naming
-        return read_kohya_file(Candidate(weights, c.root))
+        return read_kohya_file(found)  # the same Candidate: its file is not parsed again
     metadata = tf.metadata or {}
     named = DIFFUSERS_METADATA in metadata or weights.name == DIFFUSERS_WEIGHTS
     if not named and not any(k.partition(".")[0] in DIFFUSERS_PREFIXES for k in tf.keys()):
