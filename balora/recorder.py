@@ -22,7 +22,6 @@ from transformers import TrainerCallback
 
 from balora import records
 from balora.adapters.live import iter_lora_pairs
-from balora.records import due
 from balora.report import pair_rows
 from balora.store import RunWriter, environment_info
 
@@ -93,7 +92,7 @@ class RunRecorder(TrainerCallback):
         self._step_s[step] = time.perf_counter() - self._step_t0
         self._train_s += self._step_s[step]
         self._time_at[step] = self._train_s
-        layers, spectra = due(step, self.layers_every), due(step, self.spectra_every)
+        layers, spectra = records.due(step, self.layers_every), records.due(step, self.spectra_every)
         if model is not None and self.writer is not None and (layers or spectra):
             self._diagnostics(model, step, layers, spectra)
         if self.writer is not None:
@@ -116,8 +115,8 @@ class RunRecorder(TrainerCallback):
             return
         if model is not None:  # the last step, unless on_step_end already recorded it
             step = state.global_step
-            self._diagnostics(model, step, layers=self.layers_every > 0 and not due(step, self.layers_every),
-                              spectra=self.spectra_every > 0 and not due(step, self.spectra_every))
+            self._diagnostics(model, step, layers=self.layers_every > 0 and not records.due(step, self.layers_every),
+                              spectra=self.spectra_every > 0 and not records.due(step, self.spectra_every))
         self.close("completed")
 
     # -------------------------------------------------------------- writing
