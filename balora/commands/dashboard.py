@@ -13,7 +13,6 @@ from pathlib import Path
 from balora.errors import InputError
 
 
-
 def app_path() -> Path:
     """The packaged app's main script (balora/dashboard/app.py): works from any install."""
     from balora.dashboard import app

@@ -273,8 +273,8 @@ def _checkpoint_table(df: pd.DataFrame, checkpoints: list[str]):
     return t
 
 
-# Extra lines for the summary: each rule takes the layer table and returns a warning or None.
-# Hook for checks such as numerical precision (e.g. "precision: 3 bf16 module(s) ..."): append a rule.
+# Extra lines for the summary: each rule takes the layer table and returns a warning or None;
+# a new check is one more rule appended to SUMMARY_RULES.
 def _precision_rule(df: pd.DataFrame) -> str | None:
     """Layers that lose more than 1e-2 of dW stored in fp16, and whether balancing fixes them."""
     from balora.report import precision_warning  # here, not at the top: `balora --help` stays fast
