@@ -54,13 +54,19 @@ def record_comm(stats: CommStats) -> None:
     _LAST = stats
 
 
+_DTENSOR: type | tuple | None = None  # DTensor once looked up; () when torch has no distributed
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
     """FSDP2 / tensor-parallel parameters are DTensors (a Parameter subclass may wrap one)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    global _DTENSOR
+    if _DTENSOR is None:  # imported on first use, then kept: the per-step cache check calls this per factor
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch built without distributed
+            DTensor = ()
+        _DTENSOR = DTensor
+    return isinstance(t, _DTENSOR)
 
 
 def local_storage(t: torch.Tensor) -> torch.Tensor:

@@ -164,13 +164,14 @@ def _still_viewing(pair: FactorPair) -> bool:
     if params is None:
         return True  # a skipped pair: nothing is ever read from or written to it
     views = pair.extra.get("views", (pair.A, pair.B))  # gathered pairs keep the DTensors they came from
-    return all(
-        is_dtensor(p) == is_dtensor(t)
-        and local_storage(p).data_ptr() == local_storage(t).data_ptr()
-        and p.dtype == t.dtype
-        and p.device == t.device
-        for p, t in zip(params, views)
-    )
+    for p, t in zip(params, views):
+        sharded = is_dtensor(p)
+        if sharded != is_dtensor(t) or p.dtype != t.dtype or p.device != t.device:
+            return False
+        if (local_storage(p).data_ptr() != local_storage(t).data_ptr() if sharded
+                else p.data_ptr() != t.data_ptr()):
+            return False
+    return True
 
 
 def _conv_weight_shape(conv: nn.modules.conv._ConvNd) -> tuple[int, ...]:
