@@ -21,6 +21,10 @@ from balora.errors import InputError
 # A PEFT adapter_config.json is a few KB; a run's status.json or config.json a few hundred bytes.
 # Anything in the megabytes is not such a file, and reading it whole only costs memory.
 CONFIG_MAX_BYTES = 4 * 1024 * 1024
+# os.open flags for a file checked to be regular by a stat just before: if the path was swapped
+# for a FIFO in between, open() still returns at once (O_NONBLOCK), and a terminal device does not
+# become the process's controlling terminal (O_NOCTTY). The caller fstats what it opened.
+OPEN_NO_WAIT = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 
 
 def describe_kind(mode: int) -> str:
@@ -63,10 +67,8 @@ def read_bytes_capped(path: str | os.PathLike, max_bytes: int, what: str = "file
     size = regular_file_size(path, what)
     if size > max_bytes:
         raise _too_big(path, size, max_bytes, what)
-    # O_NONBLOCK: if the path was swapped for a FIFO after the stat, open() still returns at once.
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, OPEN_NO_WAIT)
     except OSError as e:
         raise InputError(f"cannot read {what} {path}: {e.strerror or e}.") from None
     try:

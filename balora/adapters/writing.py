@@ -31,7 +31,7 @@ import torch
 from balora.adapters.reading import adapter_root
 from balora.adapters.tensor_file import TensorFile
 from balora.errors import InputError
-from balora.safe_io import describe_kind, is_inside
+from balora.safe_io import OPEN_NO_WAIT, describe_kind, is_inside
 
 TMP_SUFFIX = ".balora-tmp"
 OWNER_FILE = ".balora-owner.json"  # in the temporary folder: who made it, so a later run can tell it is stale
@@ -119,7 +119,7 @@ def _copy_regular(src: Path, dst: Path) -> str | None:
         mode = os.stat(src).st_mode
         if not stat.S_ISREG(mode):
             return describe_kind(mode)
-        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        fd = os.open(src, OPEN_NO_WAIT)
     except OSError as e:
         return f"unreadable: {e.strerror or e}"
     with os.fdopen(fd, "rb") as f:
