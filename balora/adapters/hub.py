@@ -38,7 +38,7 @@ class HubSource:
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     """(repo_id, revision) when `text` has the shape of a Hub id, else None."""
     m = _HUB_ID.match(text)
-    if m is None or ".." in text or text.startswith(("./", "../", "/", "~")):
+    if m is None or ".." in text:  # the pattern's first character already rules out /, ~ and ./
         return None
     return m.group("repo"), m.group("revision")
 
