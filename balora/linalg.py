@@ -118,6 +118,12 @@ def matmul_unit_roundoff(dtype: torch.dtype) -> float:
     return u
 
 
+def compute_dtype(A_dtype: torch.dtype, B_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a pair of factors is balanced and measured in: fp32 at least (decompositions and
+    the Gram path's error estimate need it; bf16/fp16 factors are upcast)."""
+    return torch.promote_types(torch.promote_types(A_dtype, B_dtype), torch.float32)
+
+
 def all_finite(X: torch.Tensor) -> torch.Tensor:
     """(G,) True where X[g] has no NaN/Inf. One reduction pass (amax propagates NaN, and an
     Inf survives abs) instead of isfinite's four elementwise passes over X."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from balora.linalg import all_finite
+from balora.linalg import all_finite, compute_dtype, matmul_unit_roundoff
 
 # The storage dtypes reported, by the short name used in report columns.
 HALF_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,7 +59,7 @@ class _Prepared:
 
 
 def _prepare(A: torch.Tensor, B: torch.Tensor) -> _Prepared:
-    ct = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    ct = compute_dtype(A.dtype, B.dtype)
     A, B = (X if X.dtype == ct else X.to(ct) for X in (A, B))
     lo, hi = _AS_IS_RANGE
     scaled = []
@@ -159,10 +159,9 @@ def balanced_for_storage(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor
     gauge, and its Grams cannot overflow; that is done in float64, where the smaller factor divided
     by c cannot underflow (1e-30 / 1e30 does in fp32). Zero products come back unchanged.
     """
-    from balora.linalg import matmul_unit_roundoff
     from balora.projection import gram_transforms
 
-    ct = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    ct = compute_dtype(A.dtype, B.dtype)
     A, B = (X if X.dtype == ct else X.to(ct) for X in (A, B))
     c = torch.maximum(A.abs().amax(dim=(-2, -1)), B.abs().amax(dim=(-2, -1)))  # (G,)
     c = torch.where(c > 0, c, torch.ones_like(c))

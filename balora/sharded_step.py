@@ -22,10 +22,10 @@ import torch.distributed as dist
 from torch import nn
 
 from balora.distributed import CommStats, gather_pairs, is_dtensor, last_comm, local_storage, record_comm
-from balora.linalg import matmul_unit_roundoff
+from balora.linalg import compute_dtype, matmul_unit_roundoff
 from balora.pairs import FactorPair
 from balora.projection import gram_transforms
-from balora.stacked import compute_dtype, gram_tol
+from balora.stacked import gram_tol
 
 
 def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], object]:

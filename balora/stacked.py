@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from balora.linalg import matmul_unit_roundoff
+from balora.linalg import compute_dtype, matmul_unit_roundoff
 from balora.pairs import FactorPair, group_by_shape
 from balora.projection import GRAM_TOL, gram_transforms
 
@@ -89,11 +89,6 @@ class ParamWriter:
         except RuntimeError:  # not viewable (unusual strides): the per-pair write reshapes a copy
             return None
         return self._views
-
-
-def compute_dtype(A_dtype: torch.dtype, B_dtype: torch.dtype) -> torch.dtype:
-    """fp32 at least: decompositions and the Gram path's error estimate need it."""
-    return torch.promote_types(torch.promote_types(A_dtype, B_dtype), torch.float32)
 
 
 @dataclass
