@@ -10,7 +10,6 @@ from balora.dashboard import compare_plots, frames, loaders, plots, run_index, s
 
 RUNS_DIR = settings.runs_dir()
 SAMPLES_DIR = settings.sample_runs_dir()
-SECTIONS = ["Loss", "Grid", "Speed-up", "Imbalance", "Spectra"]
 KIND = {"success": st.success, "info": st.info, "warning": st.warning, "error": st.error}
 
 st.title("Compare runs")
@@ -96,7 +95,7 @@ for name, run in runs.items():
     KIND[state.kind](f"**{name}** — {state.label}. {state.text}")
     if state.live:
         live.append(run.path)
-    for w in getattr(run, "warnings", None) or []:
+    for w in run.warnings:
         st.warning(f"{name}: {w}")
 
 with st.expander("Configuration and command of the selected runs"):
@@ -173,15 +172,18 @@ if steps.empty and summary.empty:
     st.info("These runs have no recorded steps for the chosen arms and seeds yet.")
     st.stop()
 
-cell_steps = frames.select_cells(steps, cells) if is_grid else steps
-cell_summary = frames.select_cells(summary, cells) if is_grid else summary
+def in_cells(df):
+    """The rows of `df` in the chosen cells (every row when the runs trained a single cell)."""
+    return frames.select_cells(df, cells) if is_grid else df
+
+
+cell_steps, cell_summary = in_cells(steps), in_cells(summary)
 
 
 def cell_table(table: str):
     """The chosen runs' `table` for the chosen arms, seeds and cells (the two large per-layer
     tables are only assembled by the sections that draw them)."""
-    df = frames.filter_arms_seeds(frames.combine({n: getattr(r, table) for n, r in runs.items()}), arms, seeds)
-    return frames.select_cells(df, cells) if is_grid else df
+    return in_cells(frames.filter_arms_seeds(frames.combine({n: getattr(r, table) for n, r in runs.items()}), arms, seeds))
 
 
 def loss_view() -> None:
@@ -291,6 +293,7 @@ def spectra_view() -> None:
 
 
 VIEWS = {"Loss": loss_view, "Grid": grid_view, "Speed-up": speedup_view, "Imbalance": imbalance_view, "Spectra": spectra_view}
+SECTIONS = list(VIEWS)
 
 
 @st.fragment
