@@ -64,8 +64,6 @@ def _is_number(v: Any) -> bool:
 def _read_object(path: Path, what: str) -> dict:
     try:
         data = read_json_capped(path, CONFIG_MAX_BYTES, what)
-    except RunError:
-        raise
     except InputError as e:  # a FIFO, a device, too big, not UTF-8, not JSON: same error type for the caller
         raise RunError(path, str(e).rstrip(".")) from None
     if not isinstance(data, dict):
