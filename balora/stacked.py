@@ -78,8 +78,8 @@ class ParamWriter:
         """2-D views (r, in), (out, r) of the parameters' current storage; None when there are none
         (a tensor subclass such as a DTensor, or a layout that cannot be viewed as 2-D)."""
         views = self._views
-        if views is not None and all(v.data_ptr() == p.data_ptr() and v.dtype == p.dtype and v.device == p.device
-                                     for v, p in zip(views, self.params)):
+        if views is not None and all(v is p or (v.data_ptr() == p.data_ptr() and v.dtype == p.dtype
+                                                and v.device == p.device) for v, p in zip(views, self.params)):
             return views
         if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in self.params):
             return None
