@@ -157,13 +157,13 @@ def _check(cfg: dict) -> None:
         raise InputError(f"--set init={cfg['init']}: use peft (PEFT's init) or paper (the paper's code: N(0, 1))")
     if cfg.get("shared_problem", False) not in ("auto", True, False):
         raise InputError(f"--set shared_problem={cfg['shared_problem']}: use true, false or auto")
-    if isinstance(cfg.get("problem_seed", 0), bool) or not isinstance(cfg.get("problem_seed", 0), int) \
-            or cfg.get("problem_seed", 0) < 0:
-        raise InputError(f"--set problem_seed={cfg['problem_seed']}: must be a non-negative integer")
-    for key, what in (("init_scale", "1 = the init's own scale"), ("std", "1 = the init's own scale")):
+    problem_seed = cfg.get("problem_seed", 0)
+    if isinstance(problem_seed, bool) or not isinstance(problem_seed, int) or problem_seed < 0:
+        raise InputError(f"--set problem_seed={problem_seed}: must be a non-negative integer")
+    for key in ("init_scale", "std"):
         v = cfg.get(key, 1.0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise InputError(f"--set {key}={v}: must be a positive finite number ({what})")
+            raise InputError(f"--set {key}={v}: must be a positive finite number (1 = the init's own scale)")
     if cfg["dtype"] not in DTYPES:
         raise InputError(f"--dtype {cfg['dtype']}: the synthetic task supports {', '.join(DTYPES)}")
 
