@@ -581,3 +581,11 @@ def test_each_tensor_file_is_parsed_once(tmp_path, monkeypatch):
         opened.clear()
         (source,) = reading.read_adapters(tmp_path / name)
         assert source.reader == "bare" and opened == [name]
+    # diffusers' folder in the older lora.down / lora.up naming goes on to kohya's reader, parsed once too.
+    diffusers = tmp_path / "diffusers"
+    diffusers.mkdir()
+    save_file({"m.lora.down.weight": torch.randn(2, 4, generator=g),
+               "m.lora.up.weight": torch.randn(3, 2, generator=g)}, str(diffusers / "pytorch_lora_weights.safetensors"))
+    opened.clear()
+    (source,) = reading.read_adapters(diffusers)
+    assert source.reader == "kohya" and opened == ["pytorch_lora_weights.safetensors"]

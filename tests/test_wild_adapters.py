@@ -109,31 +109,10 @@ def test_older_diffusers_naming_lora_down_up(tmp_path):
                                                      f"{row.module}.lora.up.weight", 0.5), rtol=1e-5)
 
 
-def test_older_diffusers_folder_parses_its_file_once(tmp_path, monkeypatch):
-    """A diffusers folder in the lora.down / lora.up naming is handed to kohya's reader with its
-    TensorFile already parsed; a folder named like the weights file is refused as one."""
-    from pathlib import Path
-
-    from balora.adapters import reading, tensor_file
-
-    g = torch.Generator().manual_seed(2)
-    m = "unet.down_blocks.0.attentions.0.proj_in"
-    save_file({f"{m}.lora.down.weight": torch.randn(4, 16, generator=g),
-               f"{m}.lora.up.weight": torch.randn(8, 4, generator=g), f"{m}.alpha": torch.tensor(2.0)},
-              tmp_path / "pytorch_lora_weights.safetensors")
-    opened = []
-    real_init = tensor_file.TensorFile.__init__
-
-    def counting_init(self, path, format=None):
-        opened.append(Path(path).name)
-        real_init(self, path, format)
-
-    monkeypatch.setattr(tensor_file.TensorFile, "__init__", counting_init)
-    (source,) = reading.read_adapters(tmp_path)
-    assert source.reader == "kohya" and opened == ["pytorch_lora_weights.safetensors"]
-    (tmp_path / "dir" / "pytorch_lora_weights.safetensors").mkdir(parents=True)
+def test_diffusers_folder_with_a_folder_named_like_its_weights(tmp_path):
+    (tmp_path / "pytorch_lora_weights.safetensors").mkdir()
     with pytest.raises(InputError, match="is a directory"):
-        reading.read_adapters(tmp_path / "dir")
+        balora.inspect(tmp_path)
 
 
 def test_balance_diffusers_file_keeps_keys_metadata_and_dw(diffusers_lora, tmp_path):
