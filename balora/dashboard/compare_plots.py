@@ -29,7 +29,7 @@ def loss_curves(
 ) -> go.Figure:
     """Median across seeds with a shaded spread, one colour per series.
 
-    `curves` (from data.seed_curves): by, x, `median`, `lo`, `hi`, `n_seeds`.
+    `curves` (from frames.seed_curves): by, x, `median`, `lo`, `hi`, `n_seeds`.
     """
     name = METRIC_NAMES.get(metric, metric)
     y_title = f"{name} ({loss_unit})" if loss_unit else name
@@ -65,7 +65,7 @@ def loss_curves(
 def final_loss_by_arm(cells: pd.DataFrame, *, value: str = "final_loss", by: str = "series", loss_unit: str = "", log_y: bool = False) -> go.Figure:
     """One dot per seed and a box per arm: makes a null result as visible as a win.
 
-    `cells` (from data.summary_cells for the chosen cell): by, seed, `value`.
+    `cells` (summary rows of the chosen cells: frames.select_cells): by, seed, `value`.
     """
     name = METRIC_NAMES.get(value, value)
     y_title = f"{name} ({loss_unit})" if loss_unit else name
@@ -103,7 +103,7 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     """Per arm, `value` over learning rate x alpha, each arm's best cell starred (the paper's
     sensitivity figures). One colour scale for all arms so they compare by colour.
 
-    `grid` (from data.grid_cells): by, lr, alpha, `value` (median over seeds; NaN when no seed
+    `grid` (from frames.grid_cells): by, lr, alpha, `value` (median over seeds; NaN when no seed
     ended finite), optional `status` (why a cell has no value, e.g. "diverged").
     """
     name = METRIC_NAMES.get(value, value)
@@ -162,7 +162,7 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, metric: str = "loss", by
     """Steps and seconds each arm needs to reach `target`, median over seeds, bars annotated
     with the speed-up relative to `reference` (above 1 = faster than it).
 
-    `speed` (from data.speedups): by, steps_median, steps_min, steps_max, seconds_median,
+    `speed` (from frames.speedups): by, steps_median, steps_min, steps_max, seconds_median,
     seconds_min, seconds_max, reached, n_seeds, speedup_steps, speedup_seconds.
     """
     unit = f" {loss_unit}" if loss_unit else ""
@@ -211,7 +211,7 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, metric: str = "loss", by
 def imbalance_heatmaps(heat: pd.DataFrame, *, value: str = "rel_imbalance", by: str = "series") -> go.Figure:
     """Layer x step per arm, colour = log10 of `value` (labels in real units), one shared scale.
 
-    `heat` (from data.layer_steps): by, module, step, `value`.
+    `heat` (from frames.layer_steps): by, module, step, `value`.
     """
     label_txt = VALUE_LABELS.get(value, value)
     title = f"{_cap(label_txt.split(' (')[0])} of every layer during training"
@@ -249,7 +249,7 @@ def imbalance_heatmaps(heat: pd.DataFrame, *, value: str = "rel_imbalance", by: 
 def layer_lines(lines: pd.DataFrame, *, value: str = "rel_imbalance", by: str = "series", log_y: bool = True) -> go.Figure:
     """`value` against step for chosen layers: colour = arm, dash = layer.
 
-    `lines` (from data.layer_steps filtered to the chosen modules): by, module, step, `value`.
+    `lines` (from frames.layer_steps filtered to the chosen modules): by, module, step, `value`.
     """
     y_title = VALUE_LABELS.get(value, value)
     title = f"{_cap(y_title.split(' (')[0])} of chosen layers"
@@ -303,7 +303,7 @@ def spectrum_evolution(sv: pd.DataFrame, *, which: str = "dW", by: str = "series
 def condition_lines(cond: pd.DataFrame, *, by: str = "series") -> go.Figure:
     """cond_dW, cond_B, cond_A against step (log y), one panel each, colour = arm.
 
-    `cond` (from data.layer_steps with the three columns): by, step, cond_dW, cond_A, cond_B.
+    `cond` (from frames.layer_steps or frames.median_over_layers with the three columns): by, step, cond_dW, cond_A, cond_B.
     """
     title = "Condition numbers during training"
     cols = [c for c in ("cond_dW", "cond_B", "cond_A") if c in cond]
