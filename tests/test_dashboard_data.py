@@ -143,7 +143,7 @@ def test_list_runs_sees_new_runs(tmp_path):
     assert dict(zip(df["name"], df["status"]))["two"] == "interrupted"
 
 
-def test_default_run_is_the_largest_completed_one():
+def test_default_label_is_the_largest_completed_run():
     runs = pd.DataFrame({"label": ["a-small", "b-grid", "c-live", "d-failed"], "status": ["completed", "completed", "running", "failed"],
                          "n_cells": [8, 36, 99, 99], "sample": False})
     assert run_index.default_label(runs) == "b-grid"
@@ -151,7 +151,7 @@ def test_default_run_is_the_largest_completed_one():
     assert run_index.default_label(runs.iloc[0:0]) is None
 
 
-def test_run_labels_keep_nested_runs_apart_and_mark_stalled(tmp_path):
+def test_labels_under_keep_nested_runs_apart_and_status_labels_mark_stalled(tmp_path):
     write_run(tmp_path / "a" / "grid")
     write_run(tmp_path / "b" / "grid", status="interrupted")
     runs = loaders.list_runs(tmp_path)
