@@ -9,7 +9,9 @@ import traceback
 
 from balora.errors import InputError
 
-# subcommand -> (module in balora.commands defining add_parser(subparsers) and run(args), one-line help)
+# subcommand -> (module in balora.commands defining add_parser(subparsers) and run(args), one-line help).
+# The help is written here only: `balora --help` lists it without importing the module, and each
+# module's add_parser passes COMMANDS[name][1].
 COMMANDS = {
     "compare": ("compare", "train LoRA arms (lora, balora, ...) side by side on a task and record a run"),
     "inspect": ("inspect_cmd", "per-layer imbalance, conditioning and spectra of LoRA adapter files"),

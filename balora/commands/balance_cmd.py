@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from balora.balance import RANK_DEFICIENT_POLICIES
+from balora.cli import COMMANDS
 from balora.commands.formatting import num, printable_frame
 from balora.projection import METHODS
 
@@ -12,7 +13,7 @@ _SHOWN_ROWS = 20  # the per-module table lists the most imbalanced pairs first
 def add_parser(sub):
     p = sub.add_parser(
         "balance",
-        help="write a balanced copy of a LoRA adapter (same dW, B^T B = A A^T)",
+        help=COMMANDS["balance"][1],
         description="Balance every LoRA pair of the adapter at IN onto B^T B = A A^T without changing "
         "dW = s B A, and write the result to OUT in the input's format (PEFT folder, kohya or bare "
         ".safetensors, .bin): same keys, dtypes, config and metadata. Nothing is written unless the "

@@ -6,13 +6,15 @@ import os
 import shlex
 import sys
 
+from balora.cli import COMMANDS
+
 DEFAULT = "the task's"
 
 
 def add_parser(sub):
     p = sub.add_parser(
         "compare",
-        help="train LoRA arms (lora, balora, ...) side by side on a task and record a run",
+        help=COMMANDS["compare"][1],
         description="Train every (arm, seed, lr, alpha) cell of a task from the same initial adapter weights and "
         "data order, and write losses, per-layer diagnostics and spectra to a run directory "
         "(read it with balora.load_run or the dashboard). Options left out take the task's defaults.",

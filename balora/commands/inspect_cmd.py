@@ -7,6 +7,7 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
+from balora.cli import COMMANDS
 from balora.commands.formatting import num, printable_frame, short_module_names
 from balora.errors import InputError
 
@@ -21,7 +22,7 @@ _METADATA_WIDTH = 100  # ss_tag_frequency and friends can be kilobytes of JSON
 def add_parser(sub):
     p = sub.add_parser(
         "inspect",
-        help="per-layer imbalance, conditioning and spectra of LoRA adapter files",
+        help=COMMANDS["inspect"][1],
         description="Read LoRA adapters from files alone (PEFT folder, Trainer output folder with checkpoint-N, "
         "diffusers pytorch_lora_weights.safetensors, kohya or LyCORIS .safetensors, bare .safetensors with PEFT "
         "keys, or a Hugging Face Hub id user/name[@revision], fetched through the Hub cache: adapter files only, "
