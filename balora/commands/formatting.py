@@ -1,9 +1,11 @@
-"""Number and name formatting shared by the commands' tables (standard library only)."""
+"""Number and name formatting shared by the commands' tables (standard library and balora.safe_io only)."""
 
 from __future__ import annotations
 
 import math
 import re
+
+from balora.safe_io import printable
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -59,21 +61,19 @@ def printable_frame(df):
     """A copy of a report frame whose text cells, and `attrs["sources"]` (paths, notes, metadata),
     show control characters escaped: module names and metadata come from the file's author, and
     an ESC in them must not reach the terminal as a command."""
-    from balora.safe_io import printable
-
     out = df.copy()
     for c in out.columns:
         if str(out[c].dtype) in ("object", "string"):
             out[c] = out[c].map(lambda v: printable(v) if isinstance(v, str) else v)
-    out.attrs = {**df.attrs, "sources": [_printable_value(s, printable) for s in df.attrs.get("sources", [])]}
+    out.attrs = {**df.attrs, "sources": [_printable_value(s) for s in df.attrs.get("sources", [])]}
     return out
 
 
-def _printable_value(value, printable):
+def _printable_value(value):
     if isinstance(value, str):
         return printable(value)
     if isinstance(value, dict):
-        return {printable(k): _printable_value(v, printable) for k, v in value.items()}
+        return {printable(k): _printable_value(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_printable_value(v, printable) for v in value]
+        return [_printable_value(v) for v in value]
     return value
