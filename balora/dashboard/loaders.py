@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from balora import store  # looked up at call time: list_runs, load_run
 from balora.store import run_version  # the store's change token for one run (its files' stats)
 
 # A folder with more entries than this is not an adapter: stop walking it, inspect will say so.
@@ -51,9 +52,7 @@ def runs_version(root: Path, max_depth: int = 3) -> tuple:
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _list_runs(root: str, version: tuple) -> pd.DataFrame:
-    from balora.store import list_runs as _list
-
-    return _list(root)
+    return store.list_runs(root)
 
 
 def list_runs(root: Path) -> pd.DataFrame:
@@ -63,9 +62,7 @@ def list_runs(root: Path) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _load_run(path: str, version: tuple):
-    from balora.store import load_run as _load
-
-    return _load(path)
+    return store.load_run(path)
 
 
 def load_run(path: str | Path):
