@@ -15,7 +15,7 @@ from balora.imbalance import rel_imbalance
 from balora.linalg import all_finite
 from balora.pairs import FactorPair, batch_groups, stack_padded
 from balora.policy import NONFINITE_POLICIES, RANK_DEFICIENT_POLICIES, BalancePolicy, as_policy  # noqa: F401
-from balora.projection import balanced_factors, product_rel_error
+from balora.projection import balanced_factors, pad_to_rank, product_rel_error
 from balora.stacked import Block, gram_maps, stack_blocks, write_all
 
 
@@ -243,11 +243,7 @@ _SAFE_SCALE = 1e15
 def _qr_outcomes(group: list[FactorPair], method: str) -> list[_Outcome]:
     """The QR path (projection.balanced_factors) for pairs of one rank, batched and zero-padded."""
     A, B = stack_padded(group)  # (G, r, in_max), (G, out_max, r); zero padding is exact
-    # r > min(in, out) (a rank-deficient product by shape): zero-pad A's columns and B's rows up to r,
-    # exact in the same way, so the thin QRs exist; the slices below drop the padding again.
-    r = A.shape[-2]
-    A = torch.nn.functional.pad(A, (0, max(r - A.shape[-1], 0)))  # (G, r, max(in_max, r))
-    B = torch.nn.functional.pad(B, (0, 0, 0, max(r - B.shape[-2], 0)))  # (G, max(out_max, r), r)
+    A, B = pad_to_rank(A, B)  # r > min(in, out): padded up to r too; _unpad drops the padding again
     # Entries far from 1 (a diverging run, an adapter stored at 1e20): the projection's Grams and the
     # nearest gauge's Procrustes target would leave fp32's range. Balance (A/c, B/c) in float64, c the
     # pair's largest entry: its balanced pair is the one of (A, B) divided by c, in the same gauge.

@@ -189,10 +189,8 @@ def balanced_for_storage(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor
 def _qr_balanced(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """projection.balanced_factors in float64, zero-padded up to r when r > min(in, out) (exact:
     padded rows and columns stay zero), back in the factors' dtype."""
-    from balora.projection import balanced_factors
+    from balora.projection import balanced_factors, pad_to_rank
 
-    r, n_in, n_out = A.shape[-2], A.shape[-1], B.shape[-2]
-    A_pad = torch.nn.functional.pad(A.double(), (0, max(r - n_in, 0)))  # (G, r, max(in, r))
-    B_pad = torch.nn.functional.pad(B.double(), (0, 0, 0, max(r - n_out, 0)))  # (G, max(out, r), r)
-    proj = balanced_factors(A_pad, B_pad, "nearest")
+    n_in, n_out = A.shape[-1], B.shape[-2]
+    proj = balanced_factors(*pad_to_rank(A.double(), B.double()), "nearest")
     return proj.A[..., :n_in].to(A.dtype), proj.B[..., :n_out, :].to(B.dtype)

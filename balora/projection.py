@@ -91,6 +91,16 @@ def balanced_factors(
     return Projection(A=A_new, B=B_new, S=S, rank=rank, zero=zero, finite=finite)
 
 
+def pad_to_rank(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (G, r, in) and B (G, out, r) with A's columns and B's rows zero-padded up to r where in or
+    out < r (a product rank-deficient by shape), so their thin QRs exist. Zero padding is exact:
+    the padded columns and rows stay zero, and slicing [:in] / [:out] afterwards drops them."""
+    r = A.shape[-2]
+    A = torch.nn.functional.pad(A, (0, max(r - A.shape[-1], 0)))  # (G, r, max(in, r))
+    B = torch.nn.functional.pad(B, (0, 0, 0, max(r - B.shape[-2], 0)))  # (G, max(out, r), r)
+    return A, B
+
+
 def _svd_split(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """core (G, r, r) = U S V^T -> S (G, r), left = U S^1/2, right = S^1/2 V^T: the svd gauge's balanced split."""
     U, S, Vh = torch.linalg.svd(core)
