@@ -83,19 +83,6 @@ def rel_imbalance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return _imbalance_from_grams(*_grams(A, B))[1]
 
 
-def product_core(A: torch.Tensor, B: torch.Tensor):
-    """The triangular factors of both factors' thin QR and the small core of their product.
-
-    B = Q_B R_B, A^T = Q_A R_A, so B A = Q_B (R_B R_A^T) Q_A^T and the singular values
-    of B A are those of the core R_B R_A^T (kB, kA), with kB = min(out, r), kA = min(in, r).
-    Q_A, Q_B are never formed: the spectra need only R. Returns (R_A (G, kA, r), R_B (G, kB, r), core).
-    Computed in the factors' dtype (the report uses float64 Grams instead: see `factor_stats`).
-    """
-    R_B = thin_r(B)
-    R_A = thin_r(A.mT)
-    return R_A, R_B, R_B @ R_A.mT
-
-
 # R comes from a Cholesky of the float64 Gram (one pass over the tall factor) when the factor is
 # at most this ill-conditioned, and from a float64 thin QR (several passes) otherwise, or when
 # the Gram is singular. The Gram route's relative error on the smallest singular value is about

@@ -143,11 +143,6 @@ def cast_dw_error(A: torch.Tensor, B: torch.Tensor, A_c: torch.Tensor, B_c: torc
     return _cast_error(_prepare(A, B), A_c, B_c, finite)
 
 
-def cast_risk(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> CastRisk:
-    """Underflow and overflow fractions and the relative change of dW when A, B are stored in `dtype`."""
-    return storage_risk(A, B, (dtype,))[dtype]
-
-
 def balanced_for_storage(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The balanced pair (nearest gauge, what `balora balance` writes) of G pairs, in the factors'
     compute dtype (fp32 for fp32/bf16/fp16 factors).
