@@ -51,7 +51,7 @@ def balance_step(pairs: list[FactorPair], policy):
     Pairs with no sharded factor go straight to balance_and_write. Nothing is written before
     the policies have been checked on every pair (a BalanceError leaves every factor as it was).
     """
-    from balora.balance import balance_and_write, balance_pairs
+    from balora.balance import balance_and_write
 
     if not any(is_dtensor(t) for p in pairs for t in p.extra.get("params", ())):
         return balance_and_write(pairs, policy)
@@ -64,12 +64,11 @@ def balance_step(pairs: list[FactorPair], policy):
     done = {i for i, m in zip(local, maps) if m is not None}
     rest = gather_pairs([p for i, p in enumerate(pairs) if i not in done])
     record_comm(reduced + last_comm())  # the pass's all_reduce and gather together
-    new, summary = balance_pairs(rest, policy)  # raises per the policies before anything is written
+    # Raises per the policies before anything is written; the Gram-path pairs are written after it.
+    summary = balance_and_write(rest, policy)
     for i, m in zip(local, maps):
         if m is not None:
             _write_local(pairs[i], *m)
-    for k, (A, B) in new.items():
-        rest[k].write(A, B)
     summary.balanced += len(done)
     summary.seconds = time.perf_counter() - t0
     return summary
