@@ -6,15 +6,19 @@ torch, which takes one to several seconds on a laptop CPU, and Learn's defaults 
 toy problems. Doing that in a daemon thread after the server's first page means a user's first
 click to those pages rarely waits for it. Once per server process; a failure is left to the
 page that needs the module (it imports or computes it again and shows the error there).
+A process that exits meanwhile waits for it (at most EXIT_WAIT_S): a thread still inside torch
+when the interpreter shuts down aborts the process (C++ terminate, exit status 134).
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import threading
 
 # The modules the Inspect and Learn pages import first (Launch's arms: jobs.available_arms).
 MODULES = ("balora.teaching", "balora.inspection")
+EXIT_WAIT_S = 60.0
 
 _started = threading.Event()
 
@@ -38,4 +42,5 @@ def start(modules: tuple[str, ...] = MODULES) -> threading.Thread | None:
 
     thread = threading.Thread(target=run, name="balora-warmup", daemon=True)
     thread.start()
+    atexit.register(thread.join, EXIT_WAIT_S)
     return thread
