@@ -122,9 +122,11 @@ m3.metric("Worst relative imbalance", fmt(nums["worst_rel_imbalance"]))
 m4.metric("Median cond(dW)", fmt(nums["median_cond_dW"]), help="σ₁/σ_r of dW; inf when rank-deficient")
 
 st.subheader("Per-layer table")
-st.dataframe(report_frames.report_table(report), hide_index=True, placeholder=frames.NA_TEXT, key="insp_table")
+table = report_frames.report_table(report)
+st.dataframe(table, hide_index=True, placeholder=frames.NA_TEXT, key="insp_table")
 st.download_button(
-    "Download the table as CSV" + (" (all checkpoints)" if trainer else ""), report_frames.report_table(df).to_csv(index=False),
+    "Download the table as CSV" + (" (all checkpoints)" if trainer else ""),
+    (report_frames.report_table(df) if trainer else table).to_csv(index=False),
     file_name=f"{target.stem}-layers.csv", mime="text/csv", key="insp_csv",
 )
 skipped = report_frames.skipped_layers(report)
