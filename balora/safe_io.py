@@ -27,23 +27,17 @@ CONFIG_MAX_BYTES = 4 * 1024 * 1024
 OPEN_NO_WAIT = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 
 
+# st_mode kinds other than a regular file, named for messages.
+_KINDS = (
+    (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
 def describe_kind(mode: int) -> str:
     """A short name for what a ``st_mode`` describes, for messages ("a FIFO", "a directory")."""
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    return "not a regular file"
+    return next((name for is_kind, name in _KINDS if is_kind(mode)), "not a regular file")
 
 
 def regular_file_size(path: str | os.PathLike, what: str = "file") -> int:
@@ -121,7 +115,7 @@ def read_json_capped(
     except RecursionError:
         raise InputError(f"{what} {path} is nested too deeply to be a configuration.") from None
     except ValueError as e:  # e.g. an integer literal with more digits than Python allows
-        raise InputError(f"{what} {path} cannot be parsed: {_first_line(e)}.") from None
+        raise InputError(f"{what} {path} cannot be parsed: {first_line(e)}.") from None
 
 
 def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
@@ -157,8 +151,8 @@ def _human(n: int) -> str:
         if n < 1024 or unit == "GB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} bytes"
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
     return (str(e).splitlines() or [type(e).__name__])[0]

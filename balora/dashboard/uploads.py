@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 import streamlit as st
 
 from balora.dashboard import settings
-from balora.safe_io import describe_kind
+from balora.safe_io import describe_kind, first_line
 
 UPLOAD_TYPES = ["safetensors", "zip"]
 UPLOAD_PREFIX = "balora-upload-"
@@ -196,15 +196,11 @@ def unpack_zip(base: str, data: bytes, root: Path, *, max_bytes: int) -> None:
                             raise UploadError(f"{base}: expands to more than the {max_bytes / 2**20:.0f} MB allowed.")
                         out.write(chunk)
             except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-                raise UploadError(f"{base}: member {m.filename!r} is damaged ({_first_line(e)}).") from None
+                raise UploadError(f"{base}: member {m.filename!r} is damaged ({first_line(e)}).") from None
             except (RuntimeError, NotImplementedError) as e:  # encrypted, or an unsupported compression
-                raise UploadError(f"{base}: member {m.filename!r} cannot be unpacked ({_first_line(e)}).") from None
+                raise UploadError(f"{base}: member {m.filename!r} cannot be unpacked ({first_line(e)}).") from None
             except OSError as e:
                 raise UploadError(f"{base}: member {m.filename!r} could not be written ({e.strerror or e}).") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 # ------------------------------------------------------------------------------ what the user sees
