@@ -8,6 +8,8 @@ factories so each test can choose sizes and seeds and gets fresh, unshared weigh
 from __future__ import annotations
 
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -276,3 +278,44 @@ def run_torchrun(script, out, nproc: int = 2, timeout: int = 240) -> None:
            "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="session")
+def streamlit_server():
+    """streamlit_server(cmd, cwd, env, port, log_path, start_timeout_s): see serve_streamlit."""
+    return serve_streamlit
+
+
+@contextmanager
+def serve_streamlit(cmd, cwd, env, port: int, log_path, start_timeout_s: float):
+    """Start a streamlit server with `cmd`, wait (bounded) until it answers its health check,
+    yield the process, and stop it on exit; its output goes to `log_path`."""
+    import subprocess
+    import time
+    import urllib.request
+
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"streamlit did not start (exit code {proc.poll()}): "
+                            f"{open(log_path).read()[-2000:]}")
+            time.sleep(0.3)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()

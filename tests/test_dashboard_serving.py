@@ -12,11 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -126,35 +122,12 @@ def _listening(port: int) -> set[str] | None:
     return found
 
 
-@contextmanager
-def _server(cmd: list[str], cwd: Path, port: int):
+def _server(cmd: list[str], cwd: Path, port: int, streamlit_server):
     """A streamlit server started with `cmd` in `cwd`, a home folder without any streamlit
     config, stopped on exit; waits (bounded) until it answers its health check."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_") and k != exposure.ALLOW_ENV}
     env.update(HOME=str(cwd), BALORA_RUNS=str(cwd / "runs"))
-    log = (cwd / f"server-{port}.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start: {(cwd / f'server-{port}.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+    return streamlit_server(cmd, cwd, env, port, cwd / f"server-{port}.log", START_TIMEOUT_S)
 
 
 def _page_text(port: int, timeout_s: float = 60) -> str:
@@ -180,11 +153,11 @@ def _page_text(port: int, timeout_s: float = 60) -> str:
     return asyncio.run(asyncio.wait_for(talk(), timeout_s))
 
 
-def test_started_from_another_folder_it_refuses_to_serve(tmp_path):
+def test_started_from_another_folder_it_refuses_to_serve(tmp_path, streamlit_server):
     port = _free_port()
     cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false"]
-    with _server(cmd, tmp_path, port):
+    with _server(cmd, tmp_path, port, streamlit_server):
         listening = _listening(port)
         if listening is not None:  # what streamlit does without server.address: every interface
             assert listening & {"0.0.0.0", "::"}, listening
@@ -194,10 +167,10 @@ def test_started_from_another_folder_it_refuses_to_serve(tmp_path):
     assert "refuses to serve" in (tmp_path / f"server-{port}.log").read_text()  # and the terminal was told
 
 
-def test_balora_dashboard_from_another_folder_serves_localhost_only(tmp_path):
+def test_balora_dashboard_from_another_folder_serves_localhost_only(tmp_path, streamlit_server):
     port = _free_port()
     cmd = [sys.executable, "-m", "balora.cli", "dashboard", "--port", str(port)]
-    with _server(cmd, tmp_path, port):
+    with _server(cmd, tmp_path, port, streamlit_server):
         listening = _listening(port)
         if listening is not None:
             assert listening == {"127.0.0.1"}, listening
