@@ -14,7 +14,7 @@ from torch import nn
 from balora.imbalance import rel_imbalance
 from balora.linalg import all_finite
 from balora.pairs import FactorPair, batch_groups, stack_padded
-from balora.policy import NONFINITE_POLICIES, RANK_DEFICIENT_POLICIES, BalancePolicy, as_policy  # noqa: F401
+from balora.policy import BalancePolicy, as_policy
 from balora.projection import balanced_factors, pad_to_rank, product_rel_error
 from balora.stacked import Block, gram_maps, stack_blocks, write_all
 

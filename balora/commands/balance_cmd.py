@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from balora.balance import RANK_DEFICIENT_POLICIES
 from balora.cli import COMMANDS
 from balora.commands.formatting import num, printable_frame
-from balora.projection import METHODS
+from balora.policy import METHODS, RANK_DEFICIENT_POLICIES  # no torch: `balora balance --help` starts at once
 
 _SHOWN_ROWS = 20  # the per-module table lists the most imbalanced pairs first
 
