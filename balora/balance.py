@@ -74,14 +74,17 @@ def balance_pairs(
     on GPUs and multi-threaded CPUs, pair by pair on a one-thread CPU, where that is faster:
     balora.stacked.use_stacks), True or False to choose.
     """
-    new, summary = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), False, stack)
+    new, summary, _ = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), False, stack)
     return {i: f() if callable(f) else f for i, f in new.items()}, summary
 
 
 def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool, stack: bool | None):
-    """balance_pairs, with {index: (A', B') or a function forming them}. reuse=True (the caller
-    writes the results at once): new factors from the Gram path are views into this thread's
-    workspace, or formed one at a time, in the compute dtype (writing casts)."""
+    """balance_pairs, with {index: (A', B') or a function forming them} and the whole stacks to
+    copy. reuse=True (the caller writes the results at once): new factors from the Gram path are
+    views into this thread's workspace, or formed one at a time, in the compute dtype (writing
+    casts); parameters are re-homed into stacks (balora.param_stacks), and a stack whose pairs
+    were all balanced on the Gram path is written with one copy, [(destination, source)], its
+    pairs left out of the dict."""
     t0 = time.perf_counter()
     summary = BalanceSummary()
     candidates, positions = [], []  # positions[k]: index in `pairs` of candidates[k]
@@ -92,12 +95,13 @@ def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool, stack:
             candidates.append(p)
             positions.append(i)
 
-    blocks = stack_blocks(candidates, stack)
+    blocks = stack_blocks(candidates, stack, rehome_params=reuse)
     gram_maps(blocks, policy.method)
     for b in blocks:  # r > min(in, out): singular Grams by shape; the QR path, padded to r, does these
         if b.shape_A[0] > min(b.shape_A[1], b.shape_B[0]):
             b.accurate = [False] * len(b.members)
-    outcomes = _gram_outcomes(candidates, blocks, reuse)  # None where the Gram path was not accurate enough
+    # reuse without check: blocks of re-homed parameters all on the Gram path are formed at write time
+    outcomes = _gram_outcomes(candidates, blocks, reuse, lazy=reuse and not policy.check)  # None: not accurate enough
     redo = [k for k, o in enumerate(outcomes) if o is None]
     summary.qr_path = len(redo)
     for idx in batch_groups([candidates[k] for k in redo]):
@@ -110,8 +114,13 @@ def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool, stack:
     out = {positions[k]: outcomes[k].formed for k in used}
     if policy.check and used:
         _measure(candidates, outcomes, used, blocks, summary)
+    used_set = set(used)
+    whole = [b for b in blocks if b.whole and all(k in used_set for k in b.members)]
+    for b in whole:
+        for k in b.members:
+            del out[positions[k]]
     summary.seconds = time.perf_counter() - t0
-    return out, summary
+    return out, summary, whole
 
 
 @dataclass
@@ -131,12 +140,18 @@ class _Outcome:
         return self.formed() if callable(self.formed) else self.formed
 
 
-def _gram_outcomes(pairs: list[FactorPair], blocks: list[Block], reuse: bool) -> list[_Outcome | None]:
+def _gram_outcomes(pairs: list[FactorPair], blocks: list[Block], reuse: bool, lazy: bool) -> list[_Outcome | None]:
     """Outcomes of the Gram path, None for the pairs it refused. New factors are formed for a
-    whole block at once (one product per factor), then handed out as views."""
+    whole block at once (one product per factor), then handed out as views; lazy=True: blocks of
+    re-homed parameters that are all on the Gram path are marked `whole` and formed when written."""
     outcomes: list[_Outcome | None] = [None] * len(pairs)
     for b_i, b in enumerate(blocks):
         if not any(b.accurate):
+            continue
+        if lazy and b.homes is not None and all(b.accurate) and _fp16_limit(b) is None:
+            b.whole = True  # every member is used unless a policy raises (then nothing is written)
+            for g, k in enumerate(b.members):
+                outcomes[k] = _Outcome(True, False, pairs[k].r, partial(b.apply_member, g), b_i, g)
             continue
         if not b.stacked:  # formed one pair at a time when read (measured per pair too: no block)
             for g, k in enumerate(b.members):
@@ -156,11 +171,17 @@ def _gram_outcomes(pairs: list[FactorPair], blocks: list[Block], reuse: bool) ->
 def _fits(b: Block, A_new: torch.Tensor, B_new: torch.Tensor) -> list[bool]:
     """Per member: the new factors fit the factors' own dtype. Only fp16 (max 65504) can fail for a
     finite fp32 result; such pairs go to the QR path, which flags them instead of writing inf."""
-    limit = min(torch.finfo(b.A_dtype).max, torch.finfo(b.B_dtype).max)
-    if limit >= torch.finfo(torch.float32).max / 2:  # fp32, bf16, fp64: no op on the per-step path
+    limit = _fp16_limit(b)
+    if limit is None:  # fp32, bf16, fp64: no op on the per-step path
         return [True] * len(b.members)
     big = torch.maximum(A_new.abs().amax((-2, -1)), B_new.abs().amax((-2, -1)))  # (G,)
     return (big <= limit).tolist()
+
+
+def _fp16_limit(b: Block) -> float | None:
+    """The largest value the factors' dtype holds where a finite fp32 result can exceed it (fp16), else None."""
+    limit = min(torch.finfo(b.A_dtype).max, torch.finfo(b.B_dtype).max)
+    return None if limit >= torch.finfo(torch.float32).max / 2 else limit
 
 
 def _apply_policy(candidates: list[FactorPair], outcomes: list[_Outcome], policy: BalancePolicy,
@@ -318,10 +339,11 @@ def balance_and_write(
     *,
     stack: bool | None = None,
 ) -> BalanceSummary:
-    """balance_pairs, then the balanced pairs written back: one foreach copy into the parameters
-    of live pairs (ParamWriter) when stacked, `pair.write` for the others."""
+    """balance_pairs, then the balanced pairs written back: into the parameters' own stacks, or
+    with one foreach copy into the parameters, for live pairs (ParamWriter) when stacked;
+    `pair.write` for the others."""
     t0 = time.perf_counter()
-    new, summary = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), True, stack)
-    write_all(pairs, new)
+    new, summary, whole = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), True, stack)
+    write_all(pairs, new, whole)
     summary.seconds = time.perf_counter() - t0  # with the writes, which balance_pairs cannot see
     return summary

@@ -137,8 +137,9 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
                     unit_roundoff: float | torch.Tensor | None = None, tol: float | torch.Tensor = GRAM_TOL) -> Transforms:
     """Balancing maps from G_A = A A^T and G_B = B^T B (G, r, r), computed in float64.
 
-    Same formulas as `balanced_factors` with R from Cholesky of the Grams: the core
-    R_B R_A^T = U S V^T, B' = B R_B^-1 U S^{1/2} O, A' = O^T S^{1/2} V^T R_A^-T A.
+    Same balanced pairs as `balanced_factors`, from the r x r Grams alone: with R_A from
+    Cholesky (G_A = R_A^T R_A, so A^T = Q_A R_A) and the core R_B R_A^T = U S V^T (see
+    _nearest_maps and _svd_maps for how each gauge gets there), B' = B X and A' = Y A.
     unit_roundoff: of the matmul that formed the Grams (default: their dtype's); a float, or (G,)
     per pair, like `tol`.
     A Gram rounded by E moves the balanced pair's Gram by Y E Y^T (resp. X^T E X), so
@@ -156,40 +157,67 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     # the QR path (which tells them apart) gets the pair.
     norm_A, norm_B = torch.linalg.matrix_norm(G_A), torch.linalg.matrix_norm(G_B)
     R_A, info_A = torch.linalg.cholesky_ex(G_A, upper=True)  # G_A = R_A^T R_A: A^T = Q_A R_A
-    R_B, info_B = torch.linalg.cholesky_ex(G_B, upper=True)  # G_B = R_B^T R_B: B = Q_B R_B
-    ok = (info_A == 0) & (info_B == 0) & torch.isfinite(norm_A) & torch.isfinite(norm_B)
+    ok = (info_A == 0) & torch.isfinite(norm_A) & torch.isfinite(norm_B)
     # Singular or non-finite entries get identity factors so they cannot poison the batch.
     R_A = torch.where(ok[:, None, None], R_A, eye)
-    R_B = torch.where(ok[:, None, None], R_B, eye)
-    core = R_B @ R_A.mT  # (G, r, r)
-    if method == "svd":  # the paper's gauge is whatever the SVD returns: keep the SVD
-        S, left, right = _svd_split(core)  # B' = Q_B @ left, A' = right @ Q_A^T
-        eig_cond = torch.zeros_like(norm_A)
+    if method == "svd":
+        X, Y, S, eig_cond, ok_B = _svd_maps(R_A, G_B, eye)
+        ok = ok & ok_B
     else:
-        # The nearest pair does not depend on the SVD's gauge, so two r x r eighs (about a third
-        # of the cost of two batched SVDs on CPU) do: core^T core = V S^2 V^T gives
-        # left = core V S^-1/2, right = S^1/2 V^T, and polar(M) = M (M^T M)^-1/2.
-        # Both square a condition number; in float64 that is harmless until cond ~ 1e4,
-        # and the error estimate below says when it is not.
-        lam, V = torch.linalg.eigh(core.mT @ core)  # ascending
-        lam, V = lam.flip(-1).clamp_min(0), V.flip(-1)
-        S = lam.sqrt()
-        sqrt_S = S.sqrt()
-        left = (core @ V) / sqrt_S.clamp_min(torch.finfo(torch.float64).tiny)[:, None, :]
-        right = sqrt_S[:, :, None] * V.mT
-        M = left.mT @ R_B + right @ R_A  # Procrustes target, as in balanced_factors
-        mu, W = torch.linalg.eigh(M.mT @ M)
-        O = M @ (W / mu.clamp_min(torch.finfo(torch.float64).tiny).sqrt()[:, None, :]) @ W.mT
-        left, right = left @ O, O.mT @ right
-        eig_u = torch.finfo(torch.float64).eps / 2
-        eig_cond = eig_u * (lam[:, 0] / lam[:, -1] + mu[:, -1] / mu[:, 0])  # NaN/inf when singular
-    X = triu_inverse(R_B) @ left  # (G, r, r): Q_B = B R_B^-1
-    Y = right @ triu_inverse(R_A).mT  # (G, r, r): Q_A^T = R_A^-T A
+        X, Y, S, eig_cond = _nearest_maps(R_A, torch.where(ok[:, None, None], G_B, eye))
     gain_A = torch.linalg.matrix_norm(Y @ Y.mT, ord=float("inf"))
     gain_B = torch.linalg.matrix_norm(X.mT @ X, ord=float("inf"))
     est = u * (gain_A * norm_A + gain_B * norm_B) / (2 * torch.linalg.vector_norm(S, dim=-1)) + eig_cond
     accurate = ok & (norm_A > floor) & (norm_B > floor) & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
     return Transforms(X=X, Y=Y, S=S, accurate=accurate)
+
+
+def _svd_maps(R_A: torch.Tensor, G_B: torch.Tensor, eye: torch.Tensor):
+    """The paper's gauge is whatever the SVD of the core returns: keep the SVD. With G_B = R_B^T R_B
+    (B = Q_B R_B), B' = Q_B U S^1/2 = B R_B^-1 U S^1/2 and A' = S^1/2 V^T Q_A^T = S^1/2 V^T R_A^-T A.
+    Returns X, Y, S (descending), the eigen-conditioning term of the estimate (none) and where
+    G_B's Cholesky succeeded."""
+    R_B, info_B = torch.linalg.cholesky_ex(G_B, upper=True)
+    ok_B = info_B == 0
+    R_B = torch.where(ok_B[:, None, None], R_B, eye)
+    S, left, right = _svd_split(R_B @ R_A.mT)  # B' = Q_B @ left, A' = right @ Q_A^T
+    X = triu_inverse(R_B) @ left  # (G, r, r)
+    Y = right @ triu_inverse(R_A).mT  # (G, r, r)
+    return X, Y, S, torch.zeros_like(S[:, 0]), ok_B
+
+
+def _nearest_maps(R_A: torch.Tensor, G_B: torch.Tensor):
+    """The nearest pair does not depend on the SVD's gauge, so two r x r eighs do (cheaper than
+    SVDs on CPU), and only A's Cholesky: the core's right singular vectors and values come from
+    core^T core = R_A G_B R_A^T = V S^2 V^T, then (U S^1/2 = core V S^-1/2)
+
+        B' = B R_B^-1 U S^1/2 O = B R_A^T V S^-1/2 O,    A' = O^T S^1/2 V^T R_A^-T A,
+
+    and the Procrustes target of balanced_factors, S^1/2 U^T R_B + S^1/2 V^T R_A, is
+    S^-1/2 V^T R_A G_B + S^1/2 V^T R_A. O = polar(M) = M (M^T M)^-1/2.
+    Both eighs square a condition number; in float64 that is harmless until cond ~ 1e4, and the
+    returned eigen-conditioning term of the error estimate says when it is not.
+    Returns X, Y, S (G, r) descending, that term (G,)."""
+    tiny = torch.finfo(torch.float64).tiny
+    RG = R_A @ G_B  # (G, r, r)
+    lam, V = torch.linalg.eigh(RG @ R_A.mT)  # ascending: the order does not matter to the nearest pair
+    lam = lam.clamp_min(0)
+    S = lam.sqrt()
+    half = S.sqrt()[:, :, None]  # (G, r, 1): S^1/2 as a row scaling
+    inv_half = 1 / half.clamp_min(tiny)
+    Vt = V.mT
+    Z = Vt @ R_A  # V^T R_A
+    M = inv_half * (Vt @ RG) + half * Z  # Procrustes target
+    # A (nearly) singular core makes M^T M overflow: an identity there keeps the eigh from failing
+    # for the whole batch; the pair is refused anyway (its eig_cond or gains are infinite).
+    MtM = M.mT @ M
+    MtM = torch.where(all_finite(MtM)[:, None, None], MtM, torch.eye(M.shape[-1], dtype=M.dtype, device=M.device))
+    mu, W = torch.linalg.eigh(MtM)
+    O = M @ (W / mu.clamp_min(tiny).sqrt()[:, None, :]) @ W.mT
+    X = (Z.mT * inv_half.mT) @ O  # R_A^T V S^-1/2 O
+    Y = O.mT @ (half * Vt) @ triu_inverse(R_A).mT  # O^T S^1/2 V^T R_A^-T
+    eig_cond = torch.finfo(torch.float64).eps / 2 * (lam[:, -1] / lam[:, 0] + mu[:, -1] / mu[:, 0])  # inf when singular
+    return X, Y, S.flip(-1), eig_cond
 
 
 def product_rel_error(A0: torch.Tensor, B0: torch.Tensor, A1: torch.Tensor, B1: torch.Tensor) -> torch.Tensor:

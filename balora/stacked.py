@@ -7,7 +7,9 @@ depend on the number of distinct factor shapes (a handful in a transformer), not
 number of modules:
 
   stack_blocks   pairs of one shape, dtype and device -> one (G, r, in) and one (G, out, r)
-                 copy each, in the compute dtype (one foreach copy, which also upcasts bf16)
+                 stack each, in the compute dtype: the parameters' own storage when the pass
+                 writes them (balora.param_stacks re-homes them there once; bf16 is upcast with
+                 one copy), else a copy (one foreach copy, which also upcasts bf16)
   gram_maps      one batched Gram per factor and block; the r x r maths (projection's
                  Gram path) for all blocks of one rank in one call, in float64 on the CPU,
                  where small batched eigh/SVD never synchronise and cost microseconds; the
@@ -15,12 +17,12 @@ number of modules:
                  and the accuracy flags are computed on the host, so choosing the QR fallback
                  costs no further sync
   Block.apply    one batched (r, r) product per factor and block
-  write_all      one torch._foreach_copy_ into every parameter (ParamWriter pairs)
+  write_all      one copy per re-homed stack whose pairs were all balanced, and one
+                 torch._foreach_copy_ into the parameters of the other ParamWriter pairs
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,37 +30,9 @@ import torch
 
 from balora.linalg import compute_dtype, matmul_unit_roundoff
 from balora.pairs import FactorPair, group_by_shape
+from balora.param_stacks import can_rehome, rehome, stack_of
 from balora.projection import GRAM_TOL, gram_transforms
-
-HOST = torch.device("cpu")
-
-# On the CPU a fresh multi-megabyte tensor is page-faulted in on first touch, which costs more
-# than a pass's arithmetic (about 6 ms per 16 MiB here, against 2.5 ms for the product that
-# fills it), so the stacks a pass writes are kept for the next pass, up to this many bytes per
-# thread. CUDA's caching allocator already reuses memory: no workspace there.
-WORKSPACE_MAX_BYTES = 512 * 2**20
-_local = threading.local()  # one workspace per thread: two threads balancing at once never share one
-
-
-def _buffer(role: tuple, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, reuse: bool) -> torch.Tensor:
-    """An uninitialised tensor; on the CPU with reuse=True, the same one as last time for this role
-    (what it holds and for which block: two live buffers never share a role) and shape."""
-    if not reuse or device != HOST:
-        return torch.empty(shape, dtype=dtype, device=device)
-    buffers = _local.__dict__.setdefault("buffers", {})
-    key = (role, shape, dtype)
-    buf = buffers.get(key)
-    if buf is None:
-        buf = torch.empty(shape, dtype=dtype)
-        used = sum(b.numel() * b.element_size() for b in buffers.values())
-        if used + buf.numel() * buf.element_size() <= WORKSPACE_MAX_BYTES:
-            buffers[key] = buf
-    return buf
-
-
-def free_workspace() -> None:
-    """Drop this thread's kept buffers (the next pass allocates afresh)."""
-    _local.__dict__.pop("buffers", None)
+from balora.workspace import HOST, buffer as _buffer
 
 
 class ParamWriter:
@@ -105,6 +79,8 @@ class Block:
     Y: torch.Tensor | None = None  # (G, r, r): A' = Y A
     accurate: list[bool] = field(default_factory=list)  # per member: the Gram path's X, Y are usable
     factors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # unstacked: (A, B) per member
+    homes: tuple[torch.Tensor, torch.Tensor] | None = None  # (G, r, in), (G, out, r): the parameters' own stacks
+    whole: bool = False  # written stack by stack at write time (write_all), not member by member
 
     @property
     def stacked(self) -> bool:
@@ -153,10 +129,22 @@ class Block:
     def apply(self, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A' (G, r, in), B' (G, out, r) in the compute dtype. reuse=True: into this thread's
         workspace, overwritten by the next pass (for results written at once)."""
-        role = self.key
-        A_new = torch.bmm(self.Y, self.A, out=_buffer(("A'", role), tuple(self.A.shape), self.A.dtype, self.A.device, reuse))
-        B_new = torch.bmm(self.B, self.X, out=_buffer(("B'", role), tuple(self.B.shape), self.B.dtype, self.B.device, reuse))
-        return A_new, B_new
+        return self.new_A(reuse), self.new_B(reuse)
+
+    def new_A(self, reuse: bool = True) -> torch.Tensor:
+        """A' = Y A (G, r, in), one batched product."""
+        out = _buffer(("A'", self.key), tuple(self.A.shape), self.A.dtype, self.A.device, reuse)
+        return torch.bmm(self.Y, self.A, out=out)
+
+    def new_B(self, reuse: bool = True) -> torch.Tensor:
+        """B' = B X (G, out, r), one batched product."""
+        out = _buffer(("B'", self.key), tuple(self.B.shape), self.B.dtype, self.B.device, reuse)
+        return torch.bmm(self.B, self.X, out=out)
+
+    def apply_member(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A' (r, in), B' (out, r) of member g of a stacked block, in the compute dtype (read before
+        the block is written: a whole block's stacks are its parameters)."""
+        return self.Y[g] @ self.A[g], self.B[g] @ self.X[g]
 
 
 def _block_key(n: int, shape_A, shape_B, A_dtype: torch.dtype, B_dtype: torch.dtype) -> tuple:
@@ -182,10 +170,13 @@ def use_stacks(device: torch.device, A_dtype: torch.dtype, B_dtype: torch.dtype,
     return device.type != "cpu" or torch.get_num_threads() > 1
 
 
-def stack_blocks(pairs: list[FactorPair], stack: bool | None = None) -> list[Block]:
+def stack_blocks(pairs: list[FactorPair], stack: bool | None = None, rehome_params: bool = False) -> list[Block]:
     """One Block per exact shape, dtype and device, members in the order of `pairs`. The stacks
-    are internal (never handed out), so on the CPU they live in this thread's workspace."""
+    are internal (never handed out), so on the CPU they live in this thread's workspace.
+    rehome_params=True (the pass writes its results at once): stacked blocks of parameters read
+    the parameters' own stacks (balora.param_stacks), re-homing them there on the first pass."""
     blocks = []
+    shared: set[int] | None = None  # found when a block is first re-homed
     for members in group_by_shape(pairs).values():
         first = pairs[members[0]]
         dtype = compute_dtype(first.A.dtype, first.B.dtype)
@@ -194,10 +185,65 @@ def stack_blocks(pairs: list[FactorPair], stack: bool | None = None) -> list[Blo
             blocks.append(Block(members, None, None, first.A.dtype, first.B.dtype, factors=factors))
             continue
         role = _block_key(len(members), first.A.shape, first.B.shape, first.A.dtype, first.B.dtype)
-        A = _stack(("A", role), [pairs[k].A for k in members], dtype)
-        B = _stack(("B", role), [pairs[k].B for k in members], dtype)
-        blocks.append(Block(members, A, B, first.A.dtype, first.B.dtype))
+        homes = None
+        if rehome_params:
+            homes = _homes(pairs, members)
+            if homes is None:
+                shared = _shared_storage(pairs) if shared is None else shared
+                homes = _rehomed(pairs, members, shared)
+        if homes is None:
+            A = _stack(("A", role), [pairs[k].A for k in members], dtype)
+            B = _stack(("B", role), [pairs[k].B for k in members], dtype)
+        else:  # bf16 parameters: one upcast copy of each stack
+            A, B = (h if h.dtype == dtype else _buffer((name, role), tuple(h.shape), dtype, h.device, True).copy_(h)
+                    for name, h in (("A", homes[0]), ("B", homes[1])))
+        blocks.append(Block(members, A, B, first.A.dtype, first.B.dtype, homes=homes))
     return blocks
+
+
+def _shared_storage(pairs: list[FactorPair]) -> set[int]:
+    """data_ptrs of parameters that appear in more than one place of the pass (tied weights)."""
+    seen, shared = set(), set()
+    for p in pairs:
+        if isinstance(p.write, ParamWriter):
+            for t in p.write.params:
+                ptr = t.data_ptr()
+                (shared if ptr in seen else seen).add(ptr)
+    return shared
+
+
+def _params(pairs: list[FactorPair], members: list[int]) -> list[list[torch.Tensor]] | None:
+    """[A parameters, B parameters] of the members, or None unless every write is a ParamWriter."""
+    writers = [pairs[k].write for k in members]
+    if not all(isinstance(w, ParamWriter) for w in writers):
+        return None
+    return [[w.params[0] for w in writers], [w.params[1] for w in writers]]
+
+
+def _as_blocks(stacks: list[torch.Tensor], first: FactorPair, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacks as (G, r, in), (G, out, r): conv parameters (G, r, in, *k) viewed flat."""
+    return tuple(s if s.shape[1:] == shape else s.view(n, *shape) for s, shape in zip(stacks, (first.A.shape, first.B.shape)))
+
+
+def _homes(pairs: list[FactorPair], members: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The members' parameters' own stacks as (G, r, in), (G, out, r) when they are re-homed already."""
+    params = _params(pairs, members)
+    stacks = None if params is None else [stack_of(ps) for ps in params]
+    if stacks is None or stacks[0] is None or stacks[1] is None:
+        return None
+    return _as_blocks(stacks, pairs[members[0]], len(members))
+
+
+def _rehomed(pairs: list[FactorPair], members: list[int], shared: set[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Re-home the members' parameters (balora.param_stacks) where they may be, point the pairs at
+    their new storage, and return the stacks as _homes does; None where they may not be."""
+    params = _params(pairs, members)
+    if params is None or not all(can_rehome(ps, shared) for ps in params):
+        return None
+    views = _as_blocks([rehome(ps) for ps in params], pairs[members[0]], len(members))
+    for g, k in enumerate(members):  # the pairs viewed the parameters' old storage
+        pairs[k].A, pairs[k].B = views[0][g], views[1][g]
+    return views
 
 
 def _stack(role: tuple, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -298,11 +344,19 @@ def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, to
             b.X, b.Y = (_as(next(parts).view(t.shape), b.compute_dtype) for t in maps[i])
 
 
-def write_all(pairs: list[FactorPair], new: dict[int, tuple[torch.Tensor, torch.Tensor] | Callable]) -> None:
-    """Write new factors {index into pairs: (A', B'), or a function that forms them}: formed ones
+def write_all(pairs: list[FactorPair], new: dict[int, tuple[torch.Tensor, torch.Tensor] | Callable],
+              whole: list[Block] = ()) -> None:
+    """Write each block of `whole` (re-homed parameters) stack by stack: form A' into the
+    workspace and copy it into the parameters' stack at once, while it is still in cache (one
+    product and one copy per stack, casting to the parameters' dtype), then B'. Then write new
+    factors {index into pairs: (A', B'), or a function that forms them}: formed ones
     with one foreach copy for every pair whose `write` is a ParamWriter, the others through
     `pair.write` (files, FSDP2 shards); functions are called and written one pair at a time, so
     each new pair is written while it is still in cache."""
+    with torch.no_grad():
+        for b in whole:
+            b.homes[0].copy_(b.new_A())  # the product reads the stack before the copy writes it
+            b.homes[1].copy_(b.new_B())
     dst, src = [], []
     for i, value in new.items():
         write = pairs[i].write

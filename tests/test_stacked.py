@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import balora.stacked
+import balora.workspace
 from balora.balance import balance_and_write, balance_pairs
 from balora.pairs import FactorPair
 from balora.stacked import ParamWriter
@@ -119,11 +120,11 @@ def test_param_writer_writes_where_the_parameter_is_now(np_rel_imbalance, np_pro
 def test_workspace_is_per_thread_and_can_be_freed():
     pairs = _live_pairs([(4, 24, 16)] * 2, seed=7)
     balance_and_write(pairs, "nearest", check=False, stack=True)
-    assert balora.stacked._local.buffers  # kept for the next pass
-    balora.stacked.free_workspace()
-    assert not getattr(balora.stacked._local, "buffers", None)
+    assert balora.workspace._local.buffers  # kept for the next pass
+    balora.workspace.free_workspace()
+    assert not getattr(balora.workspace._local, "buffers", None)
     new, _ = balance_pairs(pairs, "nearest", check=False, stack=True)  # handed-out results never live in the workspace
-    kept = getattr(balora.stacked._local, "buffers", {})
+    kept = getattr(balora.workspace._local, "buffers", {})
     assert all(new[0][0].untyped_storage().data_ptr() != b.untyped_storage().data_ptr() for b in kept.values())
 
 

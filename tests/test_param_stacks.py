@@ -1,0 +1,196 @@
+"""Re-homed parameters (balora.param_stacks): the first writing pass makes the LoRA parameters of
+one shape slices of one stack, later passes read and write that stack in place, and nothing a user
+does with the parameters changes: training with an optimizer, PEFT's save and reload, moving the
+model, tied or borrowed storage. Checked against float64 numpy products and Grams, PEFT's own
+delta weights, and the same training done pair by pair without re-homing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import balora
+from balora.adapters.live import PairCache, model_pairs
+from balora.balance import balance_and_write
+from balora.pairs import FactorPair
+from balora.stacked import ParamWriter
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _live_pairs(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i, (r, n_in, n_out) in enumerate(shapes):
+        A_p = nn.Parameter(torch.randn(r, n_in, generator=g) / math.sqrt(n_in))
+        B_p = nn.Parameter(torch.randn(n_out, r, generator=g) * 0.3)
+        pairs.append(FactorPair(f"m{i}", "default", "linear", A_p.detach(), B_p.detach(), 1.0,
+                                write=ParamWriter(A_p, B_p)))
+    return pairs
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_first_write_makes_each_shape_one_stack_with_the_same_parameters(np_product_error, np_rel_imbalance):
+    pairs = _live_pairs([(4, 24, 16)] * 3 + [(4, 16, 40)] * 2, seed=1)
+    params = [p.write.params for p in pairs]
+    ids = [tuple(map(id, ps)) for ps in params]
+    before = [(A.detach().clone(), B.detach().clone()) for A, B in params]
+    summary = balance_and_write(pairs, "nearest", check=False, stack=True)
+    assert summary.balanced == 5
+    assert [tuple(map(id, p.write.params)) for p in pairs] == ids  # the same Parameter objects
+    for block in (params[:3], params[3:]):
+        for factor in (0, 1):
+            ts = [ps[factor] for ps in block]
+            assert len({_storage(t) for t in ts}) == 1 and not _owns_storage(ts[0])  # one stack
+            step = ts[0].numel() * ts[0].element_size()
+            assert [t.data_ptr() - ts[0].data_ptr() for t in ts] == [g * step for g in range(len(ts))]
+    assert _storage(params[0][0]) != _storage(params[3][0]) != _storage(params[0][1])
+    for (A1, B1), (A0, B0), p in zip(params, before, pairs):
+        assert np_product_error(A0, B0, A1, B1) < 1e-5 and np_rel_imbalance(A1, B1) < 1e-5
+        assert p.A.data_ptr() == A1.data_ptr() and p.B.data_ptr() == B1.data_ptr()  # pairs follow
+
+
+def test_later_passes_balance_the_stacks_in_place(np_product_error, np_rel_imbalance):
+    """No stacking copy and no per-pair write once re-homed: the stacks are read and written as
+    they are, and what an optimizer wrote into the parameters in between is what gets balanced."""
+    pairs = _live_pairs([(4, 24, 16)] * 4 + [(8, 32, 48)] * 3, seed=2)
+    balance_and_write(pairs, "nearest", check=False, stack=True)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        with torch.no_grad():  # an optimizer step, in place
+            for p in pairs:
+                for t in p.write.params:
+                    t.add_(0.05 * torch.randn(t.shape, generator=g))
+        ptrs = [tuple(t.data_ptr() for t in p.write.params) for p in pairs]
+        before = [tuple(t.detach().clone() for t in p.write.params) for p in pairs]
+        with _Ops() as ops:
+            summary = balance_and_write(pairs, "nearest", check=False, stack=True)
+        assert summary.balanced == 7 and summary.qr_path == 0
+        assert not {"aten.stack.default", "aten._foreach_copy_.default"} & set(ops.names)  # (cat: of r x r Grams)
+        assert ops.names.count("aten.copy_.default") == 4  # one per stack: A and B of two shapes
+        assert [tuple(t.data_ptr() for t in p.write.params) for p in pairs] == ptrs
+        for p, (A0, B0) in zip(pairs, before):
+            A1, B1 = p.write.params
+            assert np_product_error(A0, B0, A1, B1) < 1e-5 and np_rel_imbalance(A1, B1) < 1e-5
+
+
+def test_a_block_partly_on_the_qr_path_is_written_pair_by_pair(np_product_error, np_rel_imbalance):
+    pairs = _live_pairs([(4, 40, 30)] * 4, seed=4)
+    balance_and_write(pairs, "nearest", check=False, stack=True)  # re-homed
+    U, _ = torch.linalg.qr(torch.randn(40, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    with torch.no_grad():
+        pairs[2].write.params[0].copy_((U * torch.tensor([1.0, 1e-1, 1e-2, 1e-4], dtype=torch.float64)).mT.float())
+    before = [tuple(t.detach().clone() for t in p.write.params) for p in pairs]
+    summary = balance_and_write(pairs, "nearest", check=False, stack=True)
+    assert summary.qr_path == 1 and summary.balanced == 4
+    for p, (A0, B0) in zip(pairs, before):
+        A1, B1 = p.write.params
+        assert np_product_error(A0, B0, A1, B1) < 1e-4 and np_rel_imbalance(A1, B1) < 1e-5
+
+
+def test_borrowed_or_tied_storage_is_never_rehomed(np_product_error, np_rel_imbalance):
+    """A parameter that views a larger tensor, or one shared by two pairs, keeps its storage; the
+    pass copies as before, and the rest of the larger tensor is untouched."""
+    g = torch.Generator().manual_seed(6)
+    big = torch.randn(3, 4, 24, generator=g) / 5
+    borrowed = [nn.Parameter(big[i]) for i in range(2)]  # (4, 24) views of `big`
+    pairs = [FactorPair(f"m{i}", "default", "linear", A.detach(), B.detach(), 1.0, write=ParamWriter(A, B))
+             for i, (A, B) in enumerate((a, nn.Parameter(torch.randn(16, 4, generator=g))) for a in borrowed)]
+    rest = big[2].clone()
+    before = [tuple(t.detach().clone() for t in p.write.params) for p in pairs]
+    balance_and_write(pairs, "nearest", check=False, stack=True)
+    assert all(_storage(A) == _storage(big) for A in borrowed) and torch.equal(big[2], rest)
+    for p, (A0, B0) in zip(pairs, before):
+        A1, B1 = p.write.params
+        assert np_product_error(A0, B0, A1, B1) < 1e-5 and np_rel_imbalance(A1, B1) < 1e-5
+
+    shared = nn.Parameter(torch.randn(16, 4, generator=g))  # one B in two pairs (a tied weight)
+    tied = [FactorPair(f"t{i}", "default", "linear", A.detach(), shared.detach(), 1.0, write=ParamWriter(A, shared))
+            for i, A in enumerate(nn.Parameter(torch.randn(4, 24, generator=g) / 5) for _ in range(2))]
+    balance_and_write(tied, "nearest", check=False, stack=True)
+    assert _owns_storage(shared) and all(p.write.params[1] is shared for p in tied)
+
+
+def _train(model, batch, steps, stack):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        balance_and_write(model_pairs(model), "nearest", check=False, stack=stack)
+        losses.append(loss.item())
+    return losses
+
+
+def test_training_on_rehomed_parameters_matches_training_without(make_llama, lm_batch, lora_factors):
+    """AdamW keeps its state per Parameter object, so re-homing must not disturb it: 6 steps with
+    stacks (re-homed) and pair by pair (never re-homed) give the same losses and factors."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
+    models = [get_peft_model(make_llama(n_layer=2, seed=0), LoraConfig(**cfg)) for _ in range(2)]
+    losses = [_train(m, lm_batch, 6, stack) for m, stack in zip(models, (True, False))]
+    stacked_A = [layer.lora_A["default"].weight for _, layer in models[0].named_modules()
+                 if hasattr(layer, "lora_A") and "default" in getattr(layer, "lora_A", {})]
+    assert not _owns_storage(stacked_A[0])  # the stacked run did re-home
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0][-1] < losses[0][0]
+    ref = lora_factors(models[1])
+    for key, (A, B) in lora_factors(models[0]).items():
+        assert abs(A - ref[key][0]).max() < 1e-5 and abs(B - ref[key][1]).max() < 1e-5, key
+
+
+def test_save_reload_and_move_after_rehoming(make_llama, peft_deltas, assert_deltas_close, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+
+    model = get_peft_model(make_llama(n_layer=2, seed=1), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False))
+    balora.balance_(model, check=False)
+    balora.balance_(model, check=False)  # a second pass on the stacks
+    deltas = peft_deltas(model)
+    model.save_pretrained(tmp_path / "adapter")  # safetensors
+    reloaded = PeftModel.from_pretrained(make_llama(n_layer=2, seed=1), tmp_path / "adapter")
+    assert_deltas_close(deltas, peft_deltas(reloaded), rtol=1e-7)
+    state = {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+    safetensors.torch.save_file(state, tmp_path / "plain.safetensors")  # slices of one stack: allowed
+    loaded = safetensors.torch.load_file(tmp_path / "plain.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+    model.to(torch.float64)  # new storage for every parameter: re-homed again on the next pass
+    balora.balance_(model, check=False)
+    assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
+    assert all(p.dtype == torch.float64 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_the_pair_cache_stays_valid_across_rehoming(make_llama):
+    """Re-homing points the cached pairs at the new storage, so BalanceCallback never re-walks."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_llama(n_layer=2, seed=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False))
+    cache = PairCache()
+    pairs = cache.get(model)
+    balance_and_write(pairs, "nearest", check=False, stack=True)
+    assert not _owns_storage(pairs[0].write.params[0])  # re-homed
+    assert cache.get(model) is pairs  # still viewing: no new walk
