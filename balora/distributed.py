@@ -79,13 +79,11 @@ def local_storage(t: torch.Tensor) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
-def refuse_fsdp1(model: nn.Module) -> None:
-    """One-line refusal for FSDP1: its flat parameters hide the factors' shapes between steps."""
-    for name, module in model.named_modules():
-        if type(module).__name__ == "FullyShardedDataParallel":
-            raise RuntimeError(
-                f"{name or type(model).__name__}: FSDP1 (FullyShardedDataParallel) is not supported; {FSDP2_HINT}."
-            )
+def refuse_fsdp1(name: str, module: nn.Module) -> None:
+    """One-line refusal for FSDP1 (`module` is a model's submodule `name`, "" for the root): its flat
+    parameters hide the factors' shapes between steps. Called on every module of a walk."""
+    if type(module).__name__ == "FullyShardedDataParallel":
+        raise RuntimeError(f"{name or type(module).__name__}: FSDP1 (FullyShardedDataParallel) is not supported; {FSDP2_HINT}.")
 
 
 def gather_pairs(pairs: list[FactorPair]) -> list[FactorPair]:

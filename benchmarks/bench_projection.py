@@ -384,6 +384,54 @@ def training_step_comparison(m: ModelShape, r: int, device: str, batch: int, seq
     del model, opt
 
 
+def peft_llama_shell(m: ModelShape, r: int):
+    """A PeftModel of a Llama shaped like m, base weights on the meta device (no memory, never run),
+    LoRA r on TARGETS as real CPU fp32 parameters: A from PEFT's init scale, B small and nonzero
+    (as after some training), random gradients. What balance_(model) walks and balances."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate,
+                      num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                      tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS)))
+    g = torch.Generator().manual_seed(0)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and (".lora_A." in name or ".lora_B." in name):
+            out_f, in_f = mod.weight.shape
+            scale = 1e-3 if ".lora_B." in name else in_f**-0.5
+            mod.weight = nn.Parameter(torch.randn(out_f, in_f, generator=g) * scale)
+            mod.weight.grad = torch.randn(out_f, in_f, generator=g) * 1e-3
+    return model
+
+
+def bench_balance_model(m: ModelShape, r: int, reps: int) -> dict:
+    """The issue's measure: balora.balance_(model, check=False) (walks the model, then one pass)
+    against one torch.optim.AdamW step over the same LoRA parameters, side by side, on the CPU;
+    plus the pass alone on cached pairs (what BalanceCallback and balance_after_step run)."""
+    import balora
+    from balora.adapters.live import PairCache
+
+    torch.set_grad_enabled(True)  # AdamW needs no grad mode, but the PEFT shell is built with it on
+    model = peft_llama_shell(m, r)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    cache = PairCache()
+    fns = {"adamw": opt.step, "balance_(model)": lambda: balora.balance_(model, check=False),
+           "cached pass": lambda: balance_and_write(cache.get(model), "nearest", check=False),
+           "walk only": lambda: balora.adapters.live.model_pairs(model)}
+    times = time_interleaved(fns, reps, "cpu")
+    torch.set_grad_enabled(False)
+    n = sum(p.numel() for p in params)
+    print(f"\n== balance_(model) vs AdamW, {m.name} PEFT model (meta base weights), LoRA r={r} on {len(TARGETS)} "
+          f"projections, {len(params)} tensors, {n / 1e6:.2f}M params, fp32 cpu, {reps} rounds; {_load()} ==")
+    for name, t in times.items():
+        print(f"   {name:<18}{_med(t) * 1e3:>9.1f} ms  IQR {_iqr(t) * 1e3:>5.1f}  {paired(times, name, 'adamw'):>6.2f}x AdamW")
+    del model, opt, cache
+    return {"balance_/adamw": paired(times, "balance_(model)", "adamw"), "pass/adamw": paired(times, "cached pass", "adamw")}
+
+
 OP_COUNT_BLOCKS = (8, 16, 28)
 
 
@@ -449,7 +497,7 @@ def profile_balance(m: ModelShape, r: int, device: str) -> None:
     pstats.Stats(pr, stream=sys.stdout).sort_stats("cumulative").print_stats(18)
 
 
-def print_summary(rows: list[dict], diag: dict | None, baseline: bool) -> None:
+def print_summary(rows: list[dict], diag: dict | None, baseline: bool, whole: dict | None = None) -> None:
     print(f"\n== summary (each ratio: median over rounds of the two times measured back to back; {_load()}) ==")
     head = f"{'model':<8}{'r':>4} {'dtype':<9}{'device':<7}{'AdamW ms':>9}{'nearest/AdamW':>14}{'svd/AdamW':>10}"
     head += f"{'nearest/copy':>13}{'paper/nearest':>14}{'paper/svd':>10}" if baseline else f"{'nearest/copy':>13}"
@@ -468,6 +516,9 @@ def print_summary(rows: list[dict], diag: dict | None, baseline: bool) -> None:
         for method in ("nearest", "svd"):
             x = q[f"{method}/adamw"]
             print(f"   balora {method} <= 0.7x one AdamW step:                 {x:.2f}x  {'MET' if x <= 0.7 else 'NOT MET'}")
+        if whole is not None:
+            x = whole["balance_/adamw"]
+            print(f"   balance_(model, check=False) <= 0.7x one AdamW step:  {x:.2f}x  {'MET' if x <= 0.7 else 'NOT MET'}")
         if baseline:
             for method in ("nearest", "svd"):
                 x = q[f"paper/{method}"]
@@ -520,7 +571,12 @@ def main(argv=None) -> int:
     if args.ops:
         return 0
 
-    rows, diag = [], None
+    rows, diag, whole = [], None, None
+    if "cpu" in devices and MODELS["1B"] in models and 16 in ranks and torch.float32 in dtypes:
+        try:
+            whole = bench_balance_model(MODELS["1B"], 16, max(reps, 9))
+        except ImportError as e:
+            print(f"\n(balance_(model) comparison skipped: {e})")
     for device in devices:
         for m in models:
             for r in ranks:
@@ -540,7 +596,7 @@ def main(argv=None) -> int:
             except (RuntimeError, ValueError) as e:  # e.g. out of memory: say so, keep the rest
                 print(f"\n(training-step comparison on {device} failed: {type(e).__name__}: {e})")
             torch.set_grad_enabled(False)
-    print_summary(rows, diag, not args.no_baseline)
+    print_summary(rows, diag, not args.no_baseline, whole)
     return 0
 
 

@@ -188,3 +188,46 @@ def test_conv_subclass_kind():
     model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False))
     (pair,) = iter_lora_pairs(model)
     assert pair.kind == "conv2d" and pair.skip_reason is None
+
+
+class _TwoParamExperts(nn.Module):
+    """Two stacked-expert weights in one module: PEFT nests one ParamWrapper per target parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(3, 8, 6))
+        self.down = nn.Parameter(torch.randn(3, 6, 8))
+
+    def forward(self, x):
+        return torch.einsum("eoi,beo->bi", self.down, torch.einsum("eio,bi->beo", self.up, x))
+
+
+def _lora_layer_names(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [name.removeprefix("base_model.model.") for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def test_the_walk_finds_every_lora_layer_in_named_modules_order(make_llama, make_gpt2, make_tiny_net, tiny_net_targets):
+    """The walker's own traversal (it skips a LoRA layer's dicts, not its base layer) lists the same
+    layers, in the same order, as named_modules: nested wrappers of two target_parameters included."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = _TwoParamExperts()
+
+        def forward(self, x):
+            return self.experts(x)
+
+    torch.manual_seed(0)
+    nested = get_peft_model(Model(), LoraConfig(r=2, target_parameters=["experts.up", "experts.down"],
+                                                target_modules=[], init_lora_weights=False))
+    assert len(_lora_layer_names(nested)) == 2  # one wrapper inside the other's base_layer
+    models = [nested,
+              get_peft_model(make_llama(n_layer=2), LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
+              get_peft_model(make_gpt2(n_layer=2), LoraConfig(r=2, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+              get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets))]
+    for model in models:
+        names = list(dict.fromkeys(p.module for p in iter_lora_pairs(model)))
+        assert names == _lora_layer_names(model) and names
