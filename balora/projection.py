@@ -165,11 +165,17 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
         ok = ok & ok_B
     else:
         X, Y, S, eig_cond = _nearest_maps(R_A, torch.where(ok[:, None, None], G_B, eye))
-    gain_A = torch.linalg.matrix_norm(Y @ Y.mT, ord=float("inf"))
-    gain_B = torch.linalg.matrix_norm(X.mT @ X, ord=float("inf"))
+    gain_A = _inf_norm(Y @ Y.mT)
+    gain_B = _inf_norm(X.mT @ X)
     est = u * (gain_A * norm_A + gain_B * norm_B) / (2 * torch.linalg.vector_norm(S, dim=-1)) + eig_cond
     accurate = ok & (norm_A > floor) & (norm_B > floor) & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
     return Transforms(X=X, Y=Y, S=S, accurate=accurate)
+
+
+def _inf_norm(M: torch.Tensor) -> torch.Tensor:
+    """||M||_inf (the largest row sum of |M|) of a batch (G, r, r): matrix_norm(ord=inf) computes
+    the same through a vector-norm path that costs ~150 us here instead of ~12."""
+    return M.abs().sum(-1).amax(-1)
 
 
 def _svd_maps(R_A: torch.Tensor, G_B: torch.Tensor, eye: torch.Tensor):
