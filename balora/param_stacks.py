@@ -17,7 +17,7 @@ PEFT's `save_pretrained` and safetensors (slices that do not overlap) save them 
 `torch.save` carries its whole stack (torch saves storages, not views). Re-homing is refused,
 and the pass copies as before, when the parameters are not plain tensors (DTensor shards,
 quantized weights), when one already shares its storage with another tensor (a view, a tied
-weight), or when a parameter appears twice.
+weight), when a parameter appears twice, or under torch.inference_mode().
 """
 
 from __future__ import annotations
@@ -49,7 +49,10 @@ def can_rehome(params: list[torch.Tensor], shared: set[int]) -> bool:
     """Whether `params` (one block's A or B parameters, same shape, dtype and device) may become
     slices of one stack: plain contiguous tensors that own their whole storage (or a slice of one
     of our stacks), none twice, none in `shared` (data_ptrs used by more than one parameter of the
-    pass: tied weights stay tied)."""
+    pass: tied weights stay tied). Never under torch.inference_mode(): the stack would be an
+    inference tensor, which training could not use afterwards."""
+    if torch.is_inference_mode_enabled():
+        return False
     seen = set()
     for p in params:
         if type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_contiguous():

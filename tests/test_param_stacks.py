@@ -194,3 +194,19 @@ def test_the_pair_cache_stays_valid_across_rehoming(make_llama):
     balance_and_write(pairs, "nearest", check=False, stack=True)
     assert not _owns_storage(pairs[0].write.params[0])  # re-homed
     assert cache.get(model) is pairs  # still viewing: no new walk
+
+
+def test_a_pass_under_inference_mode_leaves_storage_alone_and_training_works(np_product_error, np_rel_imbalance):
+    """Balancing under torch.inference_mode() copies as before: a stack made there would be an
+    inference tensor, and the next forward with autograd would refuse it."""
+    pairs = _live_pairs([(4, 24, 16)] * 3, seed=7)
+    before = [tuple(t.detach().clone() for t in p.write.params) for p in pairs]
+    with torch.inference_mode():
+        summary = balance_and_write(pairs, "nearest", check=False, stack=True)
+    assert summary.balanced == 3
+    for p, (A0, B0) in zip(pairs, before):
+        A1, B1 = p.write.params
+        assert _owns_storage(A1) and _owns_storage(B1) and not A1.is_inference()
+        assert np_product_error(A0, B0, A1, B1) < 1e-5 and np_rel_imbalance(A1, B1) < 1e-5
+        (B1 @ A1).sum().backward()  # autograd still takes them
+        assert A1.grad is not None
