@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch import nn
 
 # The models here are a few thousand parameters: intra-op threads only add synchronisation, and
@@ -222,6 +223,44 @@ def lora_factors():
         return out
 
     return read
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """Every aten op dispatched while active, by name (`.names`), .item()/bool() included."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def dispatched_ops():
+    """`with dispatched_ops() as ops: ...` records every aten op in `ops.names`."""
+    return _DispatchedOps
+
+
+@pytest.fixture
+def make_live_pairs():
+    """make_live_pairs(shapes, seed=0, dtype=float32) -> FactorPairs viewing nn.Parameters and
+    written through ParamWriter, as the live walker makes them; shapes are (r, in, out)."""
+    from balora.pairs import FactorPair
+    from balora.stacked import ParamWriter
+
+    def make(shapes, seed=0, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        pairs = []
+        for i, (r, n_in, n_out) in enumerate(shapes):
+            A_p = torch.nn.Parameter((torch.randn(r, n_in, generator=g) / n_in**0.5).to(dtype))
+            B_p = torch.nn.Parameter((torch.randn(n_out, r, generator=g) * 0.3).to(dtype))
+            pairs.append(FactorPair(f"m{i}", "default", "linear", A_p.detach(), B_p.detach(), 1.0,
+                                    write=ParamWriter(A_p, B_p)))
+        return pairs
+
+    return make
 
 
 def _float64(x) -> np.ndarray:

@@ -122,9 +122,9 @@ class _Experts(nn.Module):
 
 
 class _MoE(nn.Module):
-    def __init__(self):
+    def __init__(self, experts: nn.Module | None = None):
         super().__init__()
-        self.experts = _Experts()
+        self.experts = _Experts() if experts is None else experts
 
     def forward(self, x):
         return self.experts(x)
@@ -211,17 +211,8 @@ def _lora_layer_names(model):
 def test_the_walk_finds_every_lora_layer_in_named_modules_order(make_llama, make_gpt2, make_tiny_net, tiny_net_targets):
     """The walker's own traversal (it skips a LoRA layer's dicts, not its base layer) lists the same
     layers, in the same order, as named_modules: nested wrappers of two target_parameters included."""
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.experts = _TwoParamExperts()
-
-        def forward(self, x):
-            return self.experts(x)
-
     torch.manual_seed(0)
-    nested = get_peft_model(Model(), LoraConfig(r=2, target_parameters=["experts.up", "experts.down"],
+    nested = get_peft_model(_MoE(_TwoParamExperts()), LoraConfig(r=2, target_parameters=["experts.up", "experts.down"],
                                                 target_modules=[], init_lora_weights=False))
     assert len(_lora_layer_names(nested)) == 2  # one wrapper inside the other's base_layer
     models = [nested,

@@ -6,40 +6,17 @@ delta weights, and the same training done pair by pair without re-homing."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import safetensors.torch
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import balora
 from balora.adapters.live import PairCache, model_pairs
 from balora.balance import balance_and_write
 from balora.pairs import FactorPair
 from balora.stacked import ParamWriter
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _live_pairs(shapes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for i, (r, n_in, n_out) in enumerate(shapes):
-        A_p = nn.Parameter(torch.randn(r, n_in, generator=g) / math.sqrt(n_in))
-        B_p = nn.Parameter(torch.randn(n_out, r, generator=g) * 0.3)
-        pairs.append(FactorPair(f"m{i}", "default", "linear", A_p.detach(), B_p.detach(), 1.0,
-                                write=ParamWriter(A_p, B_p)))
-    return pairs
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -50,8 +27,8 @@ def _owns_storage(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
-def test_first_write_makes_each_shape_one_stack_with_the_same_parameters(np_product_error, np_rel_imbalance):
-    pairs = _live_pairs([(4, 24, 16)] * 3 + [(4, 16, 40)] * 2, seed=1)
+def test_first_write_makes_each_shape_one_stack_with_the_same_parameters(np_product_error, np_rel_imbalance, make_live_pairs):
+    pairs = make_live_pairs([(4, 24, 16)] * 3 + [(4, 16, 40)] * 2, seed=1)
     params = [p.write.params for p in pairs]
     ids = [tuple(map(id, ps)) for ps in params]
     before = [(A.detach().clone(), B.detach().clone()) for A, B in params]
@@ -70,10 +47,10 @@ def test_first_write_makes_each_shape_one_stack_with_the_same_parameters(np_prod
         assert p.A.data_ptr() == A1.data_ptr() and p.B.data_ptr() == B1.data_ptr()  # pairs follow
 
 
-def test_later_passes_balance_the_stacks_in_place(np_product_error, np_rel_imbalance):
+def test_later_passes_balance_the_stacks_in_place(np_product_error, np_rel_imbalance, make_live_pairs, dispatched_ops):
     """No stacking copy and no per-pair write once re-homed: the stacks are read and written as
     they are, and what an optimizer wrote into the parameters in between is what gets balanced."""
-    pairs = _live_pairs([(4, 24, 16)] * 4 + [(8, 32, 48)] * 3, seed=2)
+    pairs = make_live_pairs([(4, 24, 16)] * 4 + [(8, 32, 48)] * 3, seed=2)
     balance_and_write(pairs, "nearest", check=False, stack=True)
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
@@ -83,7 +60,7 @@ def test_later_passes_balance_the_stacks_in_place(np_product_error, np_rel_imbal
                     t.add_(0.05 * torch.randn(t.shape, generator=g))
         ptrs = [tuple(t.data_ptr() for t in p.write.params) for p in pairs]
         before = [tuple(t.detach().clone() for t in p.write.params) for p in pairs]
-        with _Ops() as ops:
+        with dispatched_ops() as ops:
             summary = balance_and_write(pairs, "nearest", check=False, stack=True)
         assert summary.balanced == 7 and summary.qr_path == 0
         assert not {"aten.stack.default", "aten._foreach_copy_.default"} & set(ops.names)  # (cat: of r x r Grams)
@@ -94,8 +71,8 @@ def test_later_passes_balance_the_stacks_in_place(np_product_error, np_rel_imbal
             assert np_product_error(A0, B0, A1, B1) < 1e-5 and np_rel_imbalance(A1, B1) < 1e-5
 
 
-def test_a_block_partly_on_the_qr_path_is_written_pair_by_pair(np_product_error, np_rel_imbalance):
-    pairs = _live_pairs([(4, 40, 30)] * 4, seed=4)
+def test_a_block_partly_on_the_qr_path_is_written_pair_by_pair(np_product_error, np_rel_imbalance, make_live_pairs):
+    pairs = make_live_pairs([(4, 40, 30)] * 4, seed=4)
     balance_and_write(pairs, "nearest", check=False, stack=True)  # re-homed
     U, _ = torch.linalg.qr(torch.randn(40, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
     with torch.no_grad():
@@ -196,10 +173,10 @@ def test_the_pair_cache_stays_valid_across_rehoming(make_llama):
     assert cache.get(model) is pairs  # still viewing: no new walk
 
 
-def test_a_pass_under_inference_mode_leaves_storage_alone_and_training_works(np_product_error, np_rel_imbalance):
+def test_a_pass_under_inference_mode_leaves_storage_alone_and_training_works(np_product_error, np_rel_imbalance, make_live_pairs):
     """Balancing under torch.inference_mode() copies as before: a stack made there would be an
     inference tensor, and the next forward with autograd would refuse it."""
-    pairs = _live_pairs([(4, 24, 16)] * 3, seed=7)
+    pairs = make_live_pairs([(4, 24, 16)] * 3, seed=7)
     before = [tuple(t.detach().clone() for t in p.write.params) for p in pairs]
     with torch.inference_mode():
         summary = balance_and_write(pairs, "nearest", check=False, stack=True)

@@ -5,12 +5,10 @@ checked against float64 numpy products and Grams of the factors before and after
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import balora.stacked
 import balora.workspace
@@ -19,37 +17,13 @@ from balora.pairs import FactorPair
 from balora.stacked import ParamWriter
 
 
-class _Ops(TorchDispatchMode):
-    """Every aten op dispatched while active, and the .item()/bool() calls among them."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _live_pairs(shapes, seed=0, dtype=torch.float32):
-    """Pairs viewing nn.Parameters, written through ParamWriter (as the live walker makes them)."""
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for i, (r, n_in, n_out) in enumerate(shapes):
-        A_p = nn.Parameter((torch.randn(r, n_in, generator=g) / math.sqrt(n_in)).to(dtype))
-        B_p = nn.Parameter((torch.randn(n_out, r, generator=g) * 0.3).to(dtype))
-        pairs.append(FactorPair(f"m{i}", "default", "linear", A_p.detach(), B_p.detach(), 1.0,
-                                write=ParamWriter(A_p, B_p)))
-    return pairs
-
-
 @pytest.mark.parametrize("method", ["nearest", "svd"])
-def test_ops_per_pass_do_not_grow_with_the_number_of_modules(method):
+def test_ops_per_pass_do_not_grow_with_the_number_of_modules(method, make_live_pairs, dispatched_ops):
     counts = []
     for n in (2, 6):
-        pairs = _live_pairs([(4, 24, 16)] * n + [(4, 16, 40)] * n)
+        pairs = make_live_pairs([(4, 24, 16)] * n + [(4, 16, 40)] * n)
         balance_and_write(pairs, method, check=False, stack=True)  # warm: as every step after the first
-        with _Ops() as ops:
+        with dispatched_ops() as ops:
             summary = balance_and_write(pairs, method, check=False, stack=True)  # what a GPU runs
         assert summary.balanced == 2 * n and summary.qr_path == 0
         assert "aten._local_scalar_dense.default" not in ops.names  # no .item()/bool() on the Gram path
@@ -57,11 +31,11 @@ def test_ops_per_pass_do_not_grow_with_the_number_of_modules(method):
     assert counts[0] == counts[1]
 
 
-def test_blocks_with_shared_shapes_or_dtypes_never_mix(np_product_error, np_rel_imbalance):
+def test_blocks_with_shared_shapes_or_dtypes_never_mix(np_product_error, np_rel_imbalance, make_live_pairs):
     """Same A shape with different B shapes, and the same shapes in two dtypes, are separate blocks
     with separate workspace buffers: every pair keeps its own product, balanced, pass after pass."""
     shapes = [(4, 32, 20), (4, 32, 20), (4, 32, 48), (4, 32, 48), (8, 32, 20)]
-    pairs = _live_pairs(shapes, seed=1) + _live_pairs(shapes[:2], seed=2, dtype=torch.float64)
+    pairs = make_live_pairs(shapes, seed=1) + make_live_pairs(shapes[:2], seed=2, dtype=torch.float64)
     for p in pairs:
         p.module += f"-{p.A.dtype}"
     before = [(p.A.clone(), p.B.clone()) for p in pairs]
@@ -75,8 +49,8 @@ def test_blocks_with_shared_shapes_or_dtypes_never_mix(np_product_error, np_rel_
         assert np_rel_imbalance(A1, B1) < 1e-5, p.name
 
 
-def test_bf16_factors_are_upcast_in_the_stack_and_written_back_in_bf16(np_product_error, np_rel_imbalance):
-    pairs = _live_pairs([(4, 64, 48)] * 3, seed=3, dtype=torch.bfloat16)
+def test_bf16_factors_are_upcast_in_the_stack_and_written_back_in_bf16(np_product_error, np_rel_imbalance, make_live_pairs):
+    pairs = make_live_pairs([(4, 64, 48)] * 3, seed=3, dtype=torch.bfloat16)
     before = [(p.A.clone(), p.B.clone()) for p in pairs]
     balance_and_write(pairs, "nearest", check=False)
     for p, (A0, B0) in zip(pairs, before):
@@ -85,8 +59,8 @@ def test_bf16_factors_are_upcast_in_the_stack_and_written_back_in_bf16(np_produc
         assert np_product_error(A0, B0, A1, B1) < 3e-2 and np_rel_imbalance(A1, B1) < 2e-2
 
 
-def test_one_ill_conditioned_pair_in_a_block_alone_takes_the_qr_path(np_product_error, np_rel_imbalance):
-    pairs = _live_pairs([(4, 40, 30)] * 4, seed=4)
+def test_one_ill_conditioned_pair_in_a_block_alone_takes_the_qr_path(np_product_error, np_rel_imbalance, make_live_pairs):
+    pairs = make_live_pairs([(4, 40, 30)] * 4, seed=4)
     g = torch.Generator().manual_seed(5)
     U, _ = torch.linalg.qr(torch.randn(40, 4, generator=g, dtype=torch.float64))
     pairs[2].A.copy_((U * torch.tensor([1.0, 1e-1, 1e-2, 1e-4], dtype=torch.float64)).mT.float())  # cond 1e4
@@ -98,8 +72,8 @@ def test_one_ill_conditioned_pair_in_a_block_alone_takes_the_qr_path(np_product_
         assert np_product_error(A0, B0, A1, B1) < 1e-4 and np_rel_imbalance(A1, B1) < 1e-5
 
 
-def test_param_writer_writes_where_the_parameter_is_now(np_rel_imbalance, np_product_error):
-    (pair,) = _live_pairs([(4, 24, 16)], seed=6)
+def test_param_writer_writes_where_the_parameter_is_now(np_rel_imbalance, np_product_error, make_live_pairs):
+    (pair,) = make_live_pairs([(4, 24, 16)], seed=6)
     A_p, B_p = pair.write.params
     assert pair.write.targets() == (A_p, B_p)  # a 2-D parameter is its own target: no view op per pass
     conv = nn.Parameter(torch.randn(4, 3, 2, 2))
@@ -117,8 +91,8 @@ def test_param_writer_writes_where_the_parameter_is_now(np_rel_imbalance, np_pro
     assert np_rel_imbalance(A1, B1) < 1e-5 and np_product_error(*before, A1, B1) < 1e-5
 
 
-def test_workspace_is_per_thread_and_can_be_freed():
-    pairs = _live_pairs([(4, 24, 16)] * 2, seed=7)
+def test_workspace_is_per_thread_and_can_be_freed(make_live_pairs):
+    pairs = make_live_pairs([(4, 24, 16)] * 2, seed=7)
     balance_and_write(pairs, "nearest", check=False, stack=True)
     assert balora.workspace._local.buffers  # kept for the next pass
     balora.workspace.free_workspace()
@@ -129,10 +103,10 @@ def test_workspace_is_per_thread_and_can_be_freed():
 
 
 @pytest.mark.parametrize("method", ["nearest", "svd"])
-def test_stacked_and_pair_by_pair_passes_write_the_same_factors(method, np_rel_imbalance, np_product_error):
+def test_stacked_and_pair_by_pair_passes_write_the_same_factors(method, np_rel_imbalance, np_product_error, make_live_pairs):
     """The CPU's default (pair by pair, cache-friendly) and the GPU's (stacked) are the same maths."""
     shapes = [(4, 32, 20)] * 3 + [(8, 48, 24)] * 2
-    stacked, single = _live_pairs(shapes, seed=8), _live_pairs(shapes, seed=8)
+    stacked, single = make_live_pairs(shapes, seed=8), make_live_pairs(shapes, seed=8)
     before = [(p.A.clone(), p.B.clone()) for p in stacked]
     s1 = balance_and_write(stacked, method, check=False, stack=True)
     s2 = balance_and_write(single, method, check=False, stack=False)  # the one-thread CPU default
