@@ -79,12 +79,12 @@ def balance_pairs(
 
 
 def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool, stack: bool | None):
-    """balance_pairs, with {index: (A', B') or a function forming them} and the whole stacks to
-    copy. reuse=True (the caller writes the results at once): new factors from the Gram path are
+    """balance_pairs, with {index: (A', B') or a function forming them}, and the blocks to write
+    whole. reuse=True (the caller writes the results at once): new factors from the Gram path are
     views into this thread's workspace, or formed one at a time, in the compute dtype (writing
-    casts); parameters are re-homed into stacks (balora.param_stacks), and a stack whose pairs
-    were all balanced on the Gram path is written with one copy, [(destination, source)], its
-    pairs left out of the dict."""
+    casts); parameters are re-homed into stacks (balora.param_stacks), and without `check` a
+    block of them all balanced on the Gram path is returned in the list (formed and copied stack
+    by stack by write_all), its pairs left out of the dict."""
     t0 = time.perf_counter()
     summary = BalanceSummary()
     candidates, positions = [], []  # positions[k]: index in `pairs` of candidates[k]

@@ -16,6 +16,7 @@ import balora
 from balora.adapters.live import PairCache, model_pairs
 from balora.balance import balance_and_write
 from balora.pairs import FactorPair
+from balora.param_stacks import stack_of
 from balora.stacked import ParamWriter
 
 
@@ -143,8 +144,10 @@ def test_save_reload_and_move_after_rehoming(make_llama, peft_deltas, assert_del
 
     model = get_peft_model(make_llama(n_layer=2, seed=1), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                                      init_lora_weights=False))
-    balora.balance_(model, check=False)
-    balora.balance_(model, check=False)  # a second pass on the stacks
+    for _ in range(2):  # re-homed, then a pass on the stacks (stack=True: the tests run torch on one thread)
+        balance_and_write(model_pairs(model), "nearest", check=False, stack=True)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert not any(_owns_storage(p) for p in lora)  # two layers: stacks of two
     deltas = peft_deltas(model)
     model.save_pretrained(tmp_path / "adapter")  # safetensors
     reloaded = PeftModel.from_pretrained(make_llama(n_layer=2, seed=1), tmp_path / "adapter")
@@ -155,9 +158,10 @@ def test_save_reload_and_move_after_rehoming(make_llama, peft_deltas, assert_del
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
     model.to(torch.float64)  # new storage for every parameter: re-homed again on the next pass
-    balora.balance_(model, check=False)
+    balance_and_write(model_pairs(model), "nearest", check=False, stack=True)
     assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
-    assert all(p.dtype == torch.float64 for n, p in model.named_parameters() if "lora_" in n)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert all(p.dtype == torch.float64 and not _owns_storage(p) for p in lora)
 
 
 def test_the_pair_cache_stays_valid_across_rehoming(make_llama):
@@ -187,3 +191,22 @@ def test_a_pass_under_inference_mode_leaves_storage_alone_and_training_works(np_
         assert np_product_error(A0, B0, A1, B1) < 1e-5 and np_rel_imbalance(A1, B1) < 1e-5
         (B1 @ A1).sum().backward()  # autograd still takes them
         assert A1.grad is not None
+
+
+def test_conv_and_embedding_parameters_are_rehomed_too(make_tiny_net, tiny_net_targets, tiny_net_inputs, peft_deltas,
+                                                       assert_deltas_close):
+    """4-D conv factors (viewed flat in the stack) and embedding factors (bare Parameters): PEFT's
+    own delta weights unchanged over two passes, the model's output too."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    before, out_before = peft_deltas(model), model(*tiny_net_inputs)
+    for _ in range(2):
+        summary = balance_and_write(model_pairs(model), "nearest", check=False, stack=True)
+        assert summary.balanced == len(before)
+    assert_deltas_close(before, peft_deltas(model), rtol=1e-5)
+    torch.testing.assert_close(model(*tiny_net_inputs), out_before, rtol=1e-4, atol=1e-5)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert any(p.dim() == 4 for p in lora.values())
+    # one layer per shape here: stacks of one, found by the registry rather than by their storage
+    assert all(stack_of([p]) is not None for p in lora.values()), [n for n, p in lora.items() if stack_of([p]) is None]
