@@ -11,7 +11,9 @@ parameter does the same). Later passes find the stack again and use it as it is:
 it, the products go to a workspace, and one copy per stack writes them back.
 
 Re-homing changes no value and no parameter object (the optimizer's state, hooks and grads are
-untouched), only where the values live: the parameters of one block now share one storage.
+untouched), only where the values live: the parameters of one block now share one storage, and a
+tensor taken from a parameter's `.data` (or `.detach()`) before the first pass no longer aliases
+it afterwards; take such views after balancing has started, or from the Parameter itself.
 PEFT's `save_pretrained` and safetensors (slices that do not overlap) save them as before, and
 `torch.save` of a state dict writes each stack once; a single parameter saved alone with
 `torch.save` carries its whole stack (torch saves storages, not views). Re-homing is refused,
