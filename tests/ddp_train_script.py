@@ -4,7 +4,8 @@ saves its LoRA factors. Run by tests/test_distributed.py:
     torchrun --nproc_per_node 2 --standalone tests/ddp_train_script.py OUT_DIR
 
 Writes OUT_DIR/rank{R}.safetensors (every lora_A / lora_B weight of that rank's replica) and
-OUT_DIR/rank{R}.json (world size, steps done, balancing calls, losses).
+OUT_DIR/rank{R}.json (world size, steps done, balancing calls, losses, whether the LoRA parameters
+were re-homed into stacks).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class Tokens(torch.utils.data.Dataset):
 
 
 def main(out_dir: str) -> None:
+    # torchrun sets one thread per process; with two, BalanceCallback runs the stacked pass that
+    # re-homes the LoRA parameters (balora.param_stacks), which DDP must live with.
+    torch.set_num_threads(2)
     torch.manual_seed(0)  # same init on every rank (DDP also broadcasts it)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
@@ -82,6 +86,9 @@ def main(out_dir: str) -> None:
         "global_step": trainer.state.global_step,
         "balance_calls": callback.calls,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        # a re-homed parameter is a slice of a larger storage (here: a stack of two layers)
+        "rehomed": all(p.untyped_storage().nbytes() > p.numel() * p.element_size()
+                       for name, p in model.named_parameters() if "lora_" in name),
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)

@@ -43,6 +43,7 @@ def test_ranks_really_ran_distributed(ddp_run):
         assert info["world_size"] == 2 and info["distributed"] and info["backend"] == "gloo"
         assert info["global_step"] == 6
         assert info["balance_calls"] == 6, "BalanceCallback must balance after every optimizer step on every rank"
+        assert info["rehomed"], "with two threads the stacked pass re-homes the LoRA parameters"
 
 
 def test_replicas_identical_bit_for_bit(ddp_run):
