@@ -47,6 +47,11 @@ def stack_of(params: list[torch.Tensor]) -> torch.Tensor | None:
     return stack
 
 
+def is_rehomed(param: torch.Tensor) -> bool:
+    """Whether `param`'s data is (still) its slice of one of balora's stacks."""
+    return _HOMED.get(param) == param.data_ptr()
+
+
 def can_rehome(params: list[torch.Tensor], shared: set[int]) -> bool:
     """Whether `params` (one block's A or B parameters, same shape, dtype and device) may become
     slices of one stack: plain contiguous tensors that own their whole storage (or a slice of one
@@ -63,7 +68,7 @@ def can_rehome(params: list[torch.Tensor], shared: set[int]) -> bool:
         if ptr in seen or ptr in shared:
             return False
         owns = p.untyped_storage().nbytes() == p.numel() * p.element_size()
-        if not owns and _HOMED.get(p) != ptr:
+        if not owns and not is_rehomed(p):
             return False
         seen.add(ptr)
     return True

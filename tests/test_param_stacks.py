@@ -16,7 +16,7 @@ import balora
 from balora.adapters.live import PairCache, model_pairs
 from balora.balance import balance_and_write
 from balora.pairs import FactorPair
-from balora.param_stacks import stack_of
+from balora.param_stacks import is_rehomed, stack_of
 from balora.stacked import ParamWriter
 
 
@@ -209,4 +209,5 @@ def test_conv_and_embedding_parameters_are_rehomed_too(make_tiny_net, tiny_net_t
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert any(p.dim() == 4 for p in lora.values())
     # one layer per shape here: stacks of one, found by the registry rather than by their storage
-    assert all(stack_of([p]) is not None for p in lora.values()), [n for n, p in lora.items() if stack_of([p]) is None]
+    assert all(stack_of([p]) is not None and is_rehomed(p) for p in lora.values()), [n for n, p in lora.items()
+                                                                                     if not is_rehomed(p)]

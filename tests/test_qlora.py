@@ -16,7 +16,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import balora
-from balora.adapters.live import iter_lora_pairs
+from balora.adapters.live import iter_lora_pairs, model_pairs
+from balora.balance import balance_and_write
+from balora.param_stacks import is_rehomed
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install -e '.[qlora]'")
 
@@ -91,7 +93,10 @@ def test_walker_finds_the_quantized_lora_layers(saved_llama, quant):
         assert p.A.data_ptr() == layer.lora_A["default"].weight.data_ptr(), "A must view the parameter"
 
 
-def test_balancing_keeps_every_layer_output_and_the_logits(saved_llama, quant):
+@pytest.mark.parametrize("stacked", [False, True], ids=["default", "stacked"])
+def test_balancing_keeps_every_layer_output_and_the_logits(saved_llama, quant, stacked):
+    """stacked: the pass a GPU or a multi-threaded CPU runs, which re-homes the LoRA parameters
+    (the tests run torch on one thread, where balance_ goes pair by pair)."""
     model = _quantized_lora(saved_llama, quant)
     layers = _lora_layers(model)
     inputs = {}
@@ -112,9 +117,10 @@ def test_balancing_keeps_every_layer_output_and_the_logits(saved_llama, quant):
     old_A = {n: m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}
     base = _base_bytes(model)
 
-    summary = balora.balance_(model)
+    summary = balance_and_write(model_pairs(model), "nearest", stack=True) if stacked else balora.balance_(model)
 
     assert summary.balanced == N_PAIRS and not summary.skipped
+    assert all(is_rehomed(m.lora_A["default"].weight) == stacked for m in layers.values())
     assert _base_bytes(model) == base, "balancing must never touch the quantized base weights"
     with torch.no_grad():
         for n, m in layers.items():
