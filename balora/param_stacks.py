@@ -3,10 +3,10 @@ reads and writes them in place instead of copying them into a stack and back out
 
 The per-step pass works on stacks A (G, r, in) and B (G, out, r) of all pairs of one shape.
 Gathering the parameters into such stacks and scattering the new factors back cost about as
-much as the arithmetic in between (for a 1B-like adapter, r=16, fp32, 2 CPU cores: ~3 ms to
-stack and ~3 ms to write back against ~6 ms of products; docs/BENCHMARKS.md). So the first
-pass that writes a block *re-homes* its parameters: one stack per factor is allocated, the
-values are copied in, and each parameter's `.data` becomes its slice of the stack (FSDP1's flat
+much as the arithmetic in between (for a 1B-like adapter, r=16, fp32, 2 CPU cores: 2.6 ms to
+stack and 2.7 ms to write back, against about 7 ms of Grams and products; docs/BENCHMARKS.md).
+So the first pass that writes a block *re-homes* its parameters: one stack per factor is
+allocated, the values are copied in, and each parameter's `.data` becomes its slice of the stack (FSDP1's flat
 parameter does the same). Later passes find the stack again and use it as it is: the Grams read
 it, the products go to a workspace, and one copy per stack writes them back.
 
