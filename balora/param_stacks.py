@@ -6,9 +6,10 @@ Gathering the parameters into such stacks and scattering the new factors back co
 much as the arithmetic in between (for a 1B-like adapter, r=16, fp32, 2 CPU cores: 2.6 ms to
 stack and 2.7 ms to write back, against about 7 ms of Grams and products; docs/BENCHMARKS.md).
 So the first pass that writes a block *re-homes* its parameters: one stack per factor is
-allocated, the values are copied in, and each parameter's `.data` becomes its slice of the stack (FSDP1's flat
-parameter does the same). Later passes find the stack again and use it as it is: the Grams read
-it, the products go to a workspace, and one copy per stack writes them back.
+allocated, the values are copied in, and each parameter's `.data` becomes its slice of the
+stack (FSDP1's flat parameter does the same). Later passes find the stack again and use it as
+it is: the Grams read it, the products go to a workspace, and one copy per stack writes them
+back.
 
 Re-homing changes no value and no parameter object (the optimizer's state, hooks and grads are
 untouched), only where the values live: the parameters of one block now share one storage, and a
