@@ -257,5 +257,6 @@ def _flat_2d(param: torch.Tensor) -> torch.Tensor:
 
 def _writer(A_p: torch.Tensor, B_p: torch.Tensor) -> ParamWriter:
     """Copy 2-D factors back into the parameters, reshaped (copy_ casts to their dtype); a
-    balancing pass writes all ParamWriter pairs with one foreach copy (balora.stacked)."""
+    balancing pass writes ParamWriter pairs stack by stack once re-homed, else with one foreach
+    copy (balora.stacked)."""
     return ParamWriter(A_p, B_p)
