@@ -88,11 +88,16 @@ def test_values_beyond_float64_are_nan_with_a_note():
     assert row["fp16_overflow"] == 1 and np.isinf(row["fp16_dW_error"])
 
 
-def _scaled_model(ea, eb):
+def _one_lora_linear(r):
+    """A PEFT model of one Linear(12, 10) with LoRA rank r (random A and B), and its LoRA layer."""
     torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(12, 10)), LoraConfig(r=4, target_modules=["0"],
+    model = get_peft_model(nn.Sequential(nn.Linear(12, 10)), LoraConfig(r=r, target_modules=["0"],
                                                                       init_lora_weights=False))
-    layer = model.base_model.model[0]
+    return model, model.base_model.model[0]
+
+
+def _scaled_model(ea, eb):
+    model, layer = _one_lora_linear(4)
     with torch.no_grad():
         layer.lora_A["default"].weight.mul_(10.0**ea)
         layer.lora_B["default"].weight.normal_().mul_(10.0**eb)
@@ -119,10 +124,7 @@ def test_what_cannot_be_balanced_raises_naming_the_module(snapshot, assert_bit_i
     # fp16, r = 1: A spread (12 entries of +-6e4), B concentrated (one entry 6e4). The product's
     # singular value is 6e4 * 6e4 * sqrt(12) ~ 1.2e10, so the balanced B' = sqrt(1.2e10) e_1 ~ 1.1e5
     # exceeds fp16's max (65504): no balanced pair exists in the factors' dtype.
-    torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(12, 10)), LoraConfig(r=1, target_modules=["0"],
-                                                                       init_lora_weights=False))
-    layer = model.base_model.model[0]
+    model, layer = _one_lora_linear(1)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(torch.tensor([[6e4, -6e4] * 6]))
         B = torch.ones(10, 1)
