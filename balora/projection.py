@@ -164,7 +164,7 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
         X, Y, S, eig_cond, ok_B = _svd_maps(R_A, G_B, eye)
         ok = ok & ok_B
     else:
-        X, Y, S, eig_cond = _nearest_maps(R_A, torch.where(ok[:, None, None], G_B, eye))
+        X, Y, S, eig_cond = _nearest_maps(R_A, torch.where(ok[:, None, None], G_B, eye), eye)
     gain_A = _inf_norm(Y @ Y.mT)
     gain_B = _inf_norm(X.mT @ X)
     est = u * (gain_A * norm_A + gain_B * norm_B) / (2 * torch.linalg.vector_norm(S, dim=-1)) + eig_cond
@@ -192,7 +192,7 @@ def _svd_maps(R_A: torch.Tensor, G_B: torch.Tensor, eye: torch.Tensor):
     return X, Y, S, torch.zeros_like(S[:, 0]), ok_B
 
 
-def _nearest_maps(R_A: torch.Tensor, G_B: torch.Tensor):
+def _nearest_maps(R_A: torch.Tensor, G_B: torch.Tensor, eye: torch.Tensor):
     """The nearest pair does not depend on the SVD's gauge, so two r x r eighs do (cheaper than
     SVDs on CPU), and only A's Cholesky: the core's right singular vectors and values come from
     core^T core = R_A G_B R_A^T = V S^2 V^T, then (U S^1/2 = core V S^-1/2)
@@ -217,7 +217,7 @@ def _nearest_maps(R_A: torch.Tensor, G_B: torch.Tensor):
     # A (nearly) singular core makes M^T M overflow: an identity there keeps the eigh from failing
     # for the whole batch; the pair is refused anyway (its eig_cond or gains are infinite).
     MtM = M.mT @ M
-    MtM = torch.where(all_finite(MtM)[:, None, None], MtM, torch.eye(M.shape[-1], dtype=M.dtype, device=M.device))
+    MtM = torch.where(all_finite(MtM)[:, None, None], MtM, eye)
     mu, W = torch.linalg.eigh(MtM)
     O = M @ (W / mu.clamp_min(tiny).sqrt()[:, None, :]) @ W.mT
     X = (Z.mT * inv_half.mT) @ O  # R_A^T V S^-1/2 O

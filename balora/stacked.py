@@ -185,12 +185,11 @@ def stack_blocks(pairs: list[FactorPair], stack: bool | None = None, rehome_para
             blocks.append(Block(members, None, None, first.A.dtype, first.B.dtype, factors=factors))
             continue
         role = _block_key(len(members), first.A.shape, first.B.shape, first.A.dtype, first.B.dtype)
-        homes = None
-        if rehome_params:
-            homes = _homes(pairs, members)
-            if homes is None:
-                shared = _shared_storage(pairs) if shared is None else shared
-                homes = _rehomed(pairs, members, shared)
+        params = _params(pairs, members) if rehome_params else None
+        homes = None if params is None else _homes(params, first, len(members))
+        if params is not None and homes is None:
+            shared = _shared_storage(pairs) if shared is None else shared
+            homes = _rehomed(pairs, members, params, shared)
         if homes is None:
             A = _stack(("A", role), [pairs[k].A for k in members], dtype)
             B = _stack(("B", role), [pairs[k].B for k in members], dtype)
@@ -225,20 +224,20 @@ def _as_blocks(stacks: list[torch.Tensor], first: FactorPair, n: int) -> tuple[t
     return tuple(s if s.shape[1:] == shape else s.view(n, *shape) for s, shape in zip(stacks, (first.A.shape, first.B.shape)))
 
 
-def _homes(pairs: list[FactorPair], members: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The members' parameters' own stacks as (G, r, in), (G, out, r) when they are re-homed already."""
-    params = _params(pairs, members)
-    stacks = None if params is None else [stack_of(ps) for ps in params]
-    if stacks is None or stacks[0] is None or stacks[1] is None:
+def _homes(params: list[list[torch.Tensor]], first: FactorPair, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The stacks of [A parameters, B parameters] (n each) as (n, r, in), (n, out, r) when they are
+    re-homed already, else None."""
+    stacks = [stack_of(ps) for ps in params]
+    if stacks[0] is None or stacks[1] is None:
         return None
-    return _as_blocks(stacks, pairs[members[0]], len(members))
+    return _as_blocks(stacks, first, n)
 
 
-def _rehomed(pairs: list[FactorPair], members: list[int], shared: set[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _rehomed(pairs: list[FactorPair], members: list[int], params: list[list[torch.Tensor]],
+             shared: set[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Re-home the members' parameters (balora.param_stacks) where they may be, point the pairs at
     their new storage, and return the stacks as _homes does; None where they may not be."""
-    params = _params(pairs, members)
-    if params is None or not all(can_rehome(ps, shared) for ps in params):
+    if not all(can_rehome(ps, shared) for ps in params):
         return None
     views = _as_blocks([rehome(ps) for ps in params], pairs[members[0]], len(members))
     for g, k in enumerate(members):  # the pairs viewed the parameters' old storage
