@@ -69,6 +69,15 @@ class ModelShape:
     kv_heads: int
     vocab: int
 
+    def llama_config(self, max_positions: int = 2048):
+        """transformers' LlamaConfig of this shape (tied embeddings)."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                           num_key_value_heads=self.kv_heads, max_position_embeddings=max_positions,
+                           tie_word_embeddings=True)
+
 
 MODELS = {
     "1B": ModelShape("1B", "Llama-3.2-1B-like", 2048, 8192, 16, 512, 32, 8, 128256),
@@ -343,16 +352,14 @@ def training_step_comparison(m: ModelShape, r: int, device: str, batch: int, seq
     against balance_ (which also walks the model)."""
     try:
         from peft import LoraConfig, get_peft_model
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
     except ImportError as e:
         print(f"\n(training-step comparison skipped: {e})")
         return
     import balora
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate,
-                      num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
-                      max_position_embeddings=max(2048, seq), tie_word_embeddings=True)
+    cfg = m.llama_config(max(2048, seq))
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
@@ -389,13 +396,10 @@ def peft_llama_shell(m: ModelShape, r: int):
     LoRA r on TARGETS as real CPU fp32 parameters: A from PEFT's init scale, B small and nonzero
     (as after some training), random gradients. What balance_(model) walks and balances."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate,
-                      num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
-                      tie_word_embeddings=True)
     with torch.device("meta"):
-        model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS)))
+        model = get_peft_model(LlamaForCausalLM(m.llama_config()), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS)))
     g = torch.Generator().manual_seed(0)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and (".lora_A." in name or ".lora_B." in name):

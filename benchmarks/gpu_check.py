@@ -70,14 +70,12 @@ def _paired(times, num, den) -> float:
 
 def build_model(shape: str, rank: int, device: str):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from bench_projection import MODELS, TARGETS
 
     m = MODELS[shape]
-    cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate,
-                      num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
-                      max_position_embeddings=2048, tie_word_embeddings=True)
+    cfg = m.llama_config()
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
