@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from balora import BalanceCallback
+from balora.param_stacks import is_rehomed
 
 VOCAB, SEQ, N_SAMPLES, STEPS = 64, 16, 64, 6
 
@@ -86,9 +87,7 @@ def main(out_dir: str) -> None:
         "global_step": trainer.state.global_step,
         "balance_calls": callback.calls,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        # a re-homed parameter is a slice of a larger storage (here: a stack of two layers)
-        "rehomed": all(p.untyped_storage().nbytes() > p.numel() * p.element_size()
-                       for name, p in model.named_parameters() if "lora_" in name),
+        "rehomed": all(is_rehomed(p) for name, p in model.named_parameters() if "lora_" in name),
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)
