@@ -323,11 +323,16 @@ def balance_(
     on_nonfinite: "raise" (default; nothing is written) or "skip".
     check: also measure the change of dW and the balance reached (costs a few r x r
         products per pair in float64; the training callback turns it off).
+
+    The model's pairs are found once and kept while the model lives (balora.adapters.pair_cache,
+    which re-walks after any change it can see: new adapters, replaced modules or parameters,
+    `model.to(...)`); after adding LoRA layers by hand under an existing adapter name, call
+    `balora.adapters.pair_cache.forget(model)`.
     """
-    from balora.adapters.live import model_pairs
+    from balora.adapters.pair_cache import cached_model_pairs
 
     policy = as_policy(method, on_rank_deficient, on_nonfinite, check)  # before walking the model
-    return balance_and_write(model_pairs(model, adapter), policy)
+    return balance_and_write(cached_model_pairs(model, adapter), policy)
 
 
 def balance_and_write(

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from balora.adapters.live import PairCache
+from balora.adapters.pair_cache import PairCache
 from balora.balance import BalanceSummary
 from balora.distributed import FSDP2_HINT
 from balora.policy import BalancePolicy

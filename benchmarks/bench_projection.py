@@ -374,7 +374,7 @@ def training_step_comparison(m: ModelShape, r: int, device: str, batch: int, seq
         opt.zero_grad(set_to_none=True)
 
     train_step()  # first step: B becomes nonzero, so balancing really projects
-    from balora.adapters.live import PairCache
+    from balora.adapters.pair_cache import PairCache
 
     cache = PairCache()  # what BalanceCallback does after every step: walked once, then cached
     fns = {"training step": train_step,
@@ -415,7 +415,7 @@ def bench_balance_model(m: ModelShape, r: int, reps: int) -> dict:
     against one torch.optim.AdamW step over the same LoRA parameters, side by side, on the CPU;
     plus the pass alone on cached pairs (what BalanceCallback and balance_after_step run)."""
     import balora
-    from balora.adapters.live import PairCache
+    from balora.adapters.pair_cache import PairCache
 
     torch.set_grad_enabled(True)  # AdamW needs no grad mode, but the PEFT shell is built with it on
     model = peft_llama_shell(m, r)

@@ -87,7 +87,7 @@ def build_model(shape: str, rank: int, device: str):
 
 def check_training_step(reps: int, batch: int, seq: int, device: str = "cuda", shape: str = "1B") -> None:
     """Part 1-3 of the docstring. device="cpu" with shape="tiny" is a smoke test of this code."""
-    from balora.adapters.live import PairCache
+    from balora.adapters.pair_cache import PairCache
     from balora.balance import balance_and_write
     from balora.policy import BalancePolicy
     from opcount import count_ops

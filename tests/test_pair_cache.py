@@ -1,29 +1,35 @@
-"""PairCache: the training hooks walk the model once, and walk again exactly when the pairs
-they hold could be stale (another dtype or device, a new adapter, another model)."""
+"""PairCache: the training hooks and balance_ walk the model once, and walk again exactly when
+the pairs they hold could be stale (another dtype or device, a new adapter, another model, a
+module or parameter put in another's place)."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
+from torch import nn
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerControl, TrainerState
 
 import balora.adapters.live as live
 from balora import BalanceCallback, balance_after_step
-from balora.adapters.live import PairCache
+from balora import balance_
+from balora.adapters.pair_cache import PairCache, forget
 from balora.balance import balance_and_write
 
 
 @pytest.fixture
 def counted_walks(monkeypatch):
     walks = []
-    real = live.iter_lora_pairs
+    real = live._walk_pairs
 
-    def counting(model, adapter=None):
+    def counting(model, adapter=None, parents=None):
         walks.append(adapter)
-        return real(model, adapter)
+        return real(model, adapter, parents)
 
-    monkeypatch.setattr(live, "iter_lora_pairs", counting)
+    monkeypatch.setattr(live, "_walk_pairs", counting)
     return walks
 
 
@@ -77,6 +83,54 @@ def test_walks_again_for_a_new_adapter_or_another_model(lora_tiny, counted_walks
     assert len(counted_walks) == 4
     with pytest.raises(ValueError, match="no LoRA layers with adapter 'missing'"):
         cache.get(model, "missing")
+
+
+def test_walks_again_when_parameters_are_replaced_and_balances_the_new_ones(np_rel_imbalance, lora_tiny,
+                                                                             counted_walks, lora_factors):
+    # load_state_dict(assign=True) puts new Parameter objects in the layers (as fully_shard does):
+    # the cached pairs would go on balancing tensors the model no longer uses.
+    model, cache = lora_tiny(), PairCache()
+    balance_and_write(cache.get(model), check=False)
+    lora_state = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    model.load_state_dict(lora_state, strict=False, assign=True)
+    _unbalance(model)
+    assert max(np_rel_imbalance(A, B) for A, B in lora_factors(model).values()) > 1e-2
+    balance_and_write(cache.get(model), check=False)
+    assert len(counted_walks) == 2
+    assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+
+
+def test_walks_again_when_a_module_is_replaced_or_the_lora_layers_removed(lora_tiny, counted_walks):
+    model, cache = lora_tiny(), PairCache()
+    n = len(cache.get(model))
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    old = layer.lora_A["default"]
+    layer.lora_A["default"] = nn.Linear(old.in_features, old.out_features, bias=False)
+    fresh = cache.get(model)
+    assert len(counted_walks) == 2 and len(fresh) == n
+    assert any(p.extra["params"][0] is layer.lora_A["default"].weight for p in fresh)
+    model.merge_and_unload()  # the LoRA layers leave the tree; peft_config still names the adapter
+    assert cache.get(model) == [] and len(counted_walks) == 3
+
+
+def test_balance_keeps_its_walk_while_the_model_lives(np_rel_imbalance, lora_tiny, counted_walks, lora_factors):
+    model = lora_tiny()
+    for _ in range(3):
+        _unbalance(model)
+        assert balance_(model, check=False).balanced > 0
+        assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+    assert len(counted_walks) == 1
+    model.double()
+    _unbalance(model)
+    balance_(model, check=False)
+    assert all(np_rel_imbalance(A, B) < 1e-10 for A, B in lora_factors(model).values())
+    forget(model)
+    balance_(model, check=False)
+    assert len(counted_walks) == 3
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the cache holds the model's modules weakly
 
 
 def test_training_hooks_walk_once(np_rel_imbalance, lora_tiny, counted_walks, tiny_net_inputs, lora_factors):

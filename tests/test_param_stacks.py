@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import balora
-from balora.adapters.live import PairCache, model_pairs
+from balora.adapters.live import model_pairs
+from balora.adapters.pair_cache import PairCache
 from balora.balance import balance_and_write
 from balora.pairs import FactorPair
 from balora.param_stacks import is_rehomed, stack_of

@@ -192,7 +192,7 @@ def test_fsdp2_balances_like_the_unsharded_model(model, mesh):
 
 
 def test_pair_cache_regathers_every_step_and_rewalks_new_parameters(model, mesh):
-    from balora.adapters.live import PairCache
+    from balora.adapters.pair_cache import PairCache
     from balora.balance import balance_and_write
     from balora.imbalance import rel_imbalance
     sharded, cache = _fully_shard(model, mesh), PairCache()
@@ -229,7 +229,7 @@ def _gram_layout(model, mesh):
 
 
 def test_balance_step_from_all_reduced_grams_matches_the_unsharded_model(model, mesh):
-    from balora.adapters.live import PairCache
+    from balora.adapters.pair_cache import PairCache
     from balora.distributed import last_comm
     from balora.policy import BalancePolicy
     from balora.sharded_step import balance_step
@@ -249,7 +249,7 @@ def test_balance_step_from_all_reduced_grams_matches_the_unsharded_model(model, 
 
 
 def test_balance_step_writes_nothing_when_a_policy_raises(model, mesh):
-    from balora.adapters.live import PairCache
+    from balora.adapters.pair_cache import PairCache
     from balora.balance import BalanceError
     from balora.policy import BalancePolicy
     from balora.sharded_step import balance_step

@@ -1,4 +1,5 @@
-"""The only code that walks a PEFT model (`live`) or reads and writes adapter files.
+"""The only code that walks a PEFT model (`live`, and `pair_cache`, which keeps a walk while the
+model does not change) or reads and writes adapter files.
 
 Reading: `reading` (the reader registry, PEFT / Trainer / kohya / bare) and `wild` (diffusers,
 LyCORIS), over `tensor_file`, `entries` (key names -> pairs) and `peft_config`; `hub` fetches

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from balora.adapters import PEFT_PREFIX
-from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, local_storage, refuse_fsdp1
+from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, refuse_fsdp1
 from balora.pairs import FactorPair
 from balora.stacked import ParamWriter
 
@@ -73,11 +73,12 @@ def iter_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[Factor
     return gather_pairs(_walk_pairs(model, adapter))
 
 
-def _walk_pairs(model: nn.Module, adapter: str | None) -> list[FactorPair]:
-    """iter_lora_pairs without gathering: FSDP2-sharded factors stay DTensors (no communication)."""
+def _walk_pairs(model: nn.Module, adapter: str | None, parents: dict | None = None) -> list[FactorPair]:
+    """iter_lora_pairs without gathering: FSDP2-sharded factors stay DTensors (no communication).
+    parents: filled as in _lora_layers (PairCache keeps the links from the model to each factor)."""
     LoraLayer, AdaLoraLayer = _lora_layer_types()
     pairs: list[FactorPair] = []
-    for name, layer in _lora_layers(model, LoraLayer):
+    for name, layer in _lora_layers(model, LoraLayer, parents):
         module = module_display_name(name)
         names = list(layer.lora_A.keys()) + list(layer.lora_embedding_A.keys())
         for adp in names:
@@ -98,8 +99,10 @@ def _walk_pairs(model: nn.Module, adapter: str | None) -> list[FactorPair]:
     return pairs
 
 
-def _lora_layers(model: nn.Module, lora_layer: type) -> list[tuple[str, nn.Module]]:
+def _lora_layers(model: nn.Module, lora_layer: type, parents: dict | None = None) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every LoRA layer, in `named_modules` order, refusing FSDP1 on the way.
+    parents: when given, filled with id(module) -> (parent, attribute name) for every module met
+    below the model (the first registration of a module registered twice).
 
     One pass over the module tree with an explicit stack, which does not descend into a LoRA
     layer's own dicts (lora_A, lora_B, dropout: a third of a transformer's modules), only into its
@@ -108,12 +111,14 @@ def _lora_layers(model: nn.Module, lora_layer: type) -> list[tuple[str, nn.Modul
     ~2,700 modules), which balance_(model) pays on every call.
     """
     found, seen = [], set()
-    stack = [("", model)]
+    stack: list[tuple[str, nn.Module, nn.Module | None, str]] = [("", model, None, "")]
     while stack:
-        name, module = stack.pop()
+        name, module, parent, key = stack.pop()
         if id(module) in seen:  # a module registered twice is listed once, as named_modules does
             continue
         seen.add(id(module))
+        if parents is not None and parent is not None:
+            parents[id(module)] = (parent, key)
         if isinstance(module, lora_layer):
             found.append((name, module))
             children = [("base_layer", module._modules.get("base_layer"))]
@@ -122,7 +127,7 @@ def _lora_layers(model: nn.Module, lora_layer: type) -> list[tuple[str, nn.Modul
             children = list(module._modules.items())
         for child_name, child in reversed(children):  # popped in registration order
             if child is not None:
-                stack.append((f"{name}.{child_name}" if name else child_name, child))
+                stack.append((f"{name}.{child_name}" if name else child_name, child, module, child_name))
     return found
 
 
@@ -147,56 +152,12 @@ def _unread_pair(layer: nn.Module, module: str, adp: str, reason: str) -> Factor
                       skip_reason=reason)
 
 
-def model_pairs(model: nn.Module, adapter: str | None = None) -> list[FactorPair]:
-    """iter_lora_pairs, refusing an adapter name the model does not have."""
-    pairs = iter_lora_pairs(model, adapter)
+def model_pairs(model: nn.Module, adapter: str | None = None, *, parents: dict | None = None) -> list[FactorPair]:
+    """iter_lora_pairs, refusing an adapter name the model does not have; parents: as in _lora_layers."""
+    pairs = gather_pairs(_walk_pairs(model, adapter, parents))
     if adapter is not None and not pairs:
         raise ValueError(f"no LoRA layers with adapter {adapter!r} in {type(model).__name__}")
     return pairs
-
-
-class PairCache:
-    """The pairs of a model balanced after every step, found once.
-
-    Walking every module of a large model costs milliseconds per step (about 12 ms for 196
-    pairs in a 28-layer Llama), which on a GPU is a visible share of a training step. The
-    walk is redone when it could have gone stale: another model or adapter name, a new
-    adapter in `peft_config`, or any factor no longer being its parameter's storage
-    (`model.to(...)`, `load_state_dict(assign=True)`, a dtype change). FSDP2-sharded
-    factors are gathered copies, not views: for them the check is on the local shard's
-    storage, and they are gathered afresh on every `get` (their values change every step).
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._pairs: list[FactorPair] = []
-
-    def get(self, model: nn.Module, adapter: str | None = None, gather: bool = True) -> list[FactorPair]:
-        """The pairs; gather=False hands FSDP2 pairs back as last gathered, for balora.sharded_step.balance_step,
-        which reads their shards (extra["params"]) and gathers only what it needs."""
-        key = (id(model), adapter, tuple(getattr(model, "peft_config", None) or ()))
-        if key != self._key or not all(_still_viewing(p) for p in self._pairs):
-            self._pairs = model_pairs(model, adapter)  # gathered once here under FSDP2
-            self._key = key
-            return self._pairs
-        # FSDP2: today's whole factors; unsharded pairs come back as they are
-        return gather_pairs(self._pairs) if gather else self._pairs
-
-
-def _still_viewing(pair: FactorPair) -> bool:
-    """pair's factors still view their parameters (same storage, dtype and device; a DTensor's local shard)."""
-    params = pair.extra.get("params")
-    if params is None:
-        return True  # a skipped pair: nothing is ever read from or written to it
-    views = pair.extra.get("views", (pair.A, pair.B))  # gathered pairs keep the DTensors they came from
-    for p, t in zip(params, views):
-        sharded = is_dtensor(p)
-        if sharded != is_dtensor(t) or p.dtype != t.dtype or p.device != t.device:
-            return False
-        if (local_storage(p).data_ptr() != local_storage(t).data_ptr() if sharded
-                else p.data_ptr() != t.data_ptr()):
-            return False
-    return True
 
 
 def _conv_weight_shape(conv: nn.modules.conv._ConvNd) -> tuple[int, ...]:
@@ -208,15 +169,22 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
     dora = bool(getattr(layer, "use_dora", {}).get(adp, False))
     label = f"{module}[{adp}]"
     if adp in layer.lora_embedding_A:
-        A_p, B_p = layer.lora_embedding_A[adp], layer.lora_embedding_B[adp]  # (r, num_emb), (emb_dim, r)
+        dict_A, dict_B = layer.lora_embedding_A, layer.lora_embedding_B  # ParameterDicts
+        A_p, B_p = dict_A[adp], dict_B[adp]  # (r, num_emb), (emb_dim, r)
         # Expected shapes from the layer, never from the parameters: a shard reports its own.
         _check_not_sharded(label, A_p, (layer.r[adp], layer.in_features))
         _check_not_sharded(label, B_p, (layer.out_features, layer.r[adp]))
+        slots = ((layer, "lora_embedding_A", dict_A), (dict_A, adp, A_p),
+                 (layer, "lora_embedding_B", dict_B), (dict_B, adp, B_p))
         return FactorPair(module, adp, "embedding", A_p.detach(), B_p.detach(), scaling, dora,
-                          write=_writer(A_p, B_p), extra={"params": (A_p, B_p)})
+                          write=_writer(A_p, B_p), extra={"params": (A_p, B_p), "slots": slots})
 
     # AdaLoRA stores bare nn.Parameters here, not modules: only read .weight once the type is known.
     lora_A, lora_B = layer.lora_A[adp], layer.lora_B[adp]
+    if isinstance(lora_A, (nn.Linear, nn.modules.conv._ConvNd)):
+        # Where each factor hangs, for PairCache to tell when a parameter or module was replaced.
+        slots = ((layer, "lora_A", layer.lora_A), (layer.lora_A, adp, lora_A), (lora_A, "weight", lora_A.weight),
+                 (layer, "lora_B", layer.lora_B), (layer.lora_B, adp, lora_B), (lora_B, "weight", lora_B.weight))
     if isinstance(lora_A, nn.Linear):
         A_p, B_p = lora_A.weight, lora_B.weight
         base = layer.get_base_layer()
@@ -224,7 +192,7 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
         _check_not_sharded(label, A_p, (lora_A.out_features, lora_A.in_features))
         _check_not_sharded(label, B_p, (lora_B.out_features, lora_B.in_features))
         pair = FactorPair(module, adp, kind, A_p.detach(), B_p.detach(), scaling, dora, write=_writer(A_p, B_p),
-                          extra={"params": (A_p, B_p)})
+                          extra={"params": (A_p, B_p), "slots": slots})
         experts = getattr(layer, "num_experts", 1)
         if experts > 1:
             # PEFT's ParamWrapper (target_parameters on stacked MoE experts): A holds E blocks of r rows
@@ -240,7 +208,7 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
         # A (r, in, *k) -> (r, in * prod(k)); B (out, r, 1, ..) -> (out, r): dW = B A reshaped.
         A2, B2 = _flat_2d(A_p), _flat_2d(B_p)
         pair = FactorPair(module, adp, kind, A2, B2, scaling, dora, write=_writer(A_p, B_p),
-                          extra={"params": (A_p, B_p)})
+                          extra={"params": (A_p, B_p), "slots": slots})
         if lora_B.groups > 1:
             pair.skip_reason = f"grouped conv (groups={lora_B.groups}): dW is not B @ A"
         return pair
