@@ -411,9 +411,10 @@ def peft_llama_shell(m: ModelShape, r: int):
 
 
 def bench_balance_model(m: ModelShape, r: int, reps: int) -> dict:
-    """The issue's measure: balora.balance_(model, check=False) (walks the model, then one pass)
-    against one torch.optim.AdamW step over the same LoRA parameters, side by side, on the CPU;
-    plus the pass alone on cached pairs (what BalanceCallback and balance_after_step run)."""
+    """The issue's measure: balora.balance_(model, check=False) (the model's pairs from balance_'s
+    own cache, checked for staleness, then one pass) against one torch.optim.AdamW step over the
+    same LoRA parameters, side by side, on the CPU; plus what BalanceCallback and balance_after_step
+    run each step (their PairCache, then the pass) and a fresh walk, which the caches save."""
     import balora
     from balora.adapters.pair_cache import PairCache
 
@@ -424,7 +425,7 @@ def bench_balance_model(m: ModelShape, r: int, reps: int) -> dict:
     cache = PairCache()
     fns = {"adamw": opt.step, "balance_(model)": lambda: balora.balance_(model, check=False),
            "cached pass": lambda: balance_and_write(cache.get(model), "nearest", check=False),
-           "walk only": lambda: balora.adapters.live.model_pairs(model)}
+           "fresh walk": lambda: balora.adapters.live.model_pairs(model)}
     times = time_interleaved(fns, reps, "cpu")
     torch.set_grad_enabled(False)
     n = sum(p.numel() for p in params)
