@@ -15,8 +15,9 @@ A cache hands the same pairs back while nothing they stand for has changed. It c
   change; for an FSDP2 DTensor, its local shard).
 
 What it cannot see: a LoRA layer added under an existing adapter name without going through
-`peft_config` (PEFT's own `add_adapter` and `load_adapter` do), or a scaling changed by hand;
-after such surgery, call `clear()` (or `forget(model)` for the cache balance_ keeps).
+`peft_config` (PEFT's own `add_adapter` and `load_adapter` do); after such surgery, call `clear()`
+(or `forget(model)` for the cache balance_ keeps). Scalings are not checked: balancing does not
+read them (the cached pairs' `scaling` may be out of date; reports walk afresh).
 The links are kept as weak references, so a cache never keeps a model alive.
 """
 
