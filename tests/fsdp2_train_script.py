@@ -4,8 +4,10 @@ Run by tests/test_fsdp2.py:
 
     torchrun --nproc_per_node 2 --standalone tests/fsdp2_train_script.py OUT_DIR
 
-Two sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
-BalanceCallback.on_optimizer_step by hand after each step (how the Trainer calls it). Every rank
+Three sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
+BalanceCallback.on_optimizer_step by hand after each step (how the Trainer calls it), "balance_"
+calls balora.balance_(model, check=False) (its kept walk: every step after the first re-gathers
+the cached pairs). Every rank
 writes OUT_DIR/{run}_rank{R}.safetensors (its gathered LoRA factors) and OUT_DIR/{run}_rank{R}.json
 (losses, layer_report, what the last balancing pass and the report communicated). Rank 0 also writes reference.* from the
 single-process run over the whole batch (FSDP2 averages the ranks' gradients, so the single
@@ -27,8 +29,19 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState
 
-from balora import BalanceCallback, balance_after_step, layer_report, lora_shard_placement
+from balora import BalanceCallback, balance_, balance_after_step, layer_report, lora_shard_placement
+import balora.adapters.live as live
 from balora.distributed import last_comm
+
+WALKS = []  # one entry per walk of a model for its pairs: the hooks and balance_ keep theirs
+
+
+def _counted_walk(model, adapter=None, parents=None):
+    WALKS.append(adapter)
+    return _walk(model, adapter, parents)
+
+
+_walk, live._walk_pairs = live._walk_pairs, _counted_walk
 
 VOCAB, SEQ, PER_RANK, STEPS, LR = 64, 12, 2, 4, 5e-3
 # r=3 shards unevenly over 2 ranks (2 rows + 1 row of A): the padding path is exercised.
@@ -66,7 +79,7 @@ def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[li
     """STEPS AdamW steps on ids (steps, batch, seq), balancing after each; the mean loss per step
     and what the last balancing pass communicated."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    callback, hook = BalanceCallback(log_diagnostics=False), None
+    callback, hook, walks_before = BalanceCallback(log_diagnostics=False), None, len(WALKS)
     if balance == "hook":
         hook = balance_after_step(opt, model)
     args, state, control = SimpleNamespace(), TrainerState(), TrainerControl()  # on_optimizer_step reads no args
@@ -80,6 +93,9 @@ def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[li
             state.global_step = step
             callback.on_optimizer_step(args, state, control, model=model)
             assert callback.last_summary.balanced == 9, callback.last_summary  # 2 blocks x 4 targets + embed_tokens
+        elif balance == "balance_":
+            summary = balance_(model, check=False)
+            assert summary.balanced == 9, summary
         loss = loss.detach()
         if distributed:
             dist.all_reduce(loss)
@@ -89,7 +105,7 @@ def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[li
     if hook is not None:
         hook.remove()
     return losses, {"collectives": step_comm.collectives, "bytes_received": step_comm.bytes_received,
-                    "bytes_reduced": step_comm.bytes_reduced}
+                    "bytes_reduced": step_comm.bytes_reduced, "walks": len(WALKS) - walks_before}
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
@@ -121,7 +137,7 @@ def main(out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     ids = batch()
     local = ids[:, rank * PER_RANK : (rank + 1) * PER_RANK]  # this rank's half of every global batch
-    for run in ("hook", "callback"):
+    for run in ("hook", "callback", "balance_"):
         model = make_model()
         shard(model, mesh)
         save(out_dir, f"{run}_rank{rank}", model, train(model, local, run, distributed=True))
