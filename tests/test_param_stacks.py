@@ -1,7 +1,7 @@
 """Re-homed parameters (balora.param_stacks): the first writing pass makes the LoRA parameters of
 one shape slices of one stack, later passes read and write that stack in place, and nothing a user
-does with the parameters changes: training with an optimizer, PEFT's save and reload, moving the
-model, tied or borrowed storage. Checked against float64 numpy products and Grams, PEFT's own
+does with the parameters changes: training with an optimizer, torch.compile, PEFT's save and reload,
+moving the model, tied or borrowed storage. Checked against float64 numpy products and Grams, PEFT's own
 delta weights, and the same training done pair by pair without re-homing."""
 
 from __future__ import annotations
@@ -138,6 +138,39 @@ def test_training_on_rehomed_parameters_matches_training_without(make_llama, lm_
     ref = lora_factors(models[1])
     for key, (A, B) in lora_factors(models[0]).items():
         assert abs(A - ref[key][0]).max() < 1e-5 and abs(B - ref[key][1]).max() < 1e-5, key
+
+
+def test_a_compiled_model_trains_the_same_on_rehomed_parameters_without_recompiling(make_llama, lm_batch):
+    """torch.compile guards on a parameter's metadata, not on its storage: re-homing after the first
+    step must neither make the compiled model recompile nor change what it computes (AOTAutograd,
+    which lifts parameters into graph inputs that now alias one stack, with the eager backend)."""
+    from peft import LoraConfig, get_peft_model
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    compiled_model = get_peft_model(make_llama(n_layer=2, seed=0), LoraConfig(**cfg))
+    compiled = torch.compile(compiled_model, backend=counting_backend)
+    opt = torch.optim.AdamW([p for p in compiled_model.parameters() if p.requires_grad], lr=3e-2)
+    losses, graphs_after_first = [], None
+    for _ in range(5):
+        loss = compiled(input_ids=lm_batch, labels=lm_batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        balance_and_write(model_pairs(compiled_model), "nearest", check=False, stack=True)  # re-homes at step 1
+        losses.append(loss.item())
+        graphs_after_first = len(graphs) if graphs_after_first is None else graphs_after_first
+    eager = _train(get_peft_model(make_llama(n_layer=2, seed=0), LoraConfig(**cfg)), lm_batch, 5, stack=False)
+    torch._dynamo.reset()
+    assert graphs_after_first > 0 and len(graphs) == graphs_after_first, "re-homing made the model recompile"
+    assert any(is_rehomed(p) for p in compiled_model.parameters())
+    assert losses == pytest.approx(eager, rel=1e-5) and losses[-1] < losses[0]
 
 
 def test_save_reload_and_move_after_rehoming(make_llama, peft_deltas, assert_deltas_close, tmp_path):
