@@ -110,8 +110,8 @@ def test_borrowed_or_tied_storage_is_never_rehomed(np_product_error, np_rel_imba
     assert _owns_storage(shared) and all(p.write.params[1] is shared for p in tied)
 
 
-def _train(model, batch, steps, stack):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+def _train(model, batch, steps, stack, **adamw):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2, **adamw)
     losses = []
     for _ in range(steps):
         loss = model(input_ids=batch, labels=batch).loss
@@ -123,14 +123,16 @@ def _train(model, batch, steps, stack):
     return losses
 
 
-def test_training_on_rehomed_parameters_matches_training_without(make_llama, lm_batch, lora_factors):
+@pytest.mark.parametrize("adamw", [{}, {"foreach": True}, {"fused": True}], ids=["for-loop", "foreach", "fused"])
+def test_training_on_rehomed_parameters_matches_training_without(make_llama, lm_batch, lora_factors, adamw):
     """AdamW keeps its state per Parameter object, so re-homing must not disturb it: 6 steps with
-    stacks (re-homed) and pair by pair (never re-homed) give the same losses and factors."""
+    stacks (re-homed) and pair by pair (never re-homed) give the same losses and factors, with each
+    of torch's AdamW implementations (the Trainer's adamw_torch, foreach, adamw_torch_fused)."""
     from peft import LoraConfig, get_peft_model
 
     cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
     models = [get_peft_model(make_llama(n_layer=2, seed=0), LoraConfig(**cfg)) for _ in range(2)]
-    losses = [_train(m, lm_batch, 6, stack) for m, stack in zip(models, (True, False))]
+    losses = [_train(m, lm_batch, 6, stack, **adamw) for m, stack in zip(models, (True, False))]
     stacked_A = [layer.lora_A["default"].weight for _, layer in models[0].named_modules()
                  if hasattr(layer, "lora_A") and "default" in getattr(layer, "lora_A", {})]
     assert not _owns_storage(stacked_A[0])  # the stacked run did re-home
