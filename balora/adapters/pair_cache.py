@@ -18,7 +18,9 @@ What it cannot see: a LoRA layer added under an existing adapter name without go
 `peft_config` (PEFT's own `add_adapter` and `load_adapter` do); after such surgery, call `clear()`
 (or `forget(model)` for the cache balance_ keeps). Scalings are not checked: balancing does not
 read them (the cached pairs' `scaling` may be out of date; reports walk afresh).
-The links are kept as weak references, so a cache never keeps a model alive.
+The links are kept as weak references, so a cache never keeps a model alive; its pairs do hold
+views of the factors, so after `model.to(...)` the old factors' memory is freed at the next `get`
+(or by `clear()` / `forget(model)`).
 """
 
 from __future__ import annotations
