@@ -113,6 +113,18 @@ def test_walks_again_when_a_module_is_replaced_or_the_lora_layers_removed(lora_t
     assert cache.get(model) == [] and len(counted_walks) == 3
 
 
+def test_a_model_without_lora_layers_is_walked_again(make_tiny_net, counted_walks):
+    # An empty walk leaves no link to check: a LoRA layer put in by hand (no peft_config) must be found.
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = make_tiny_net()
+    assert balance_(model).balanced == 0
+    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False)
+    model.lin = LoraLinear(model.lin, "default", config, r=2, lora_alpha=2, init_lora_weights=False)
+    assert not hasattr(model, "peft_config")
+    assert balance_(model).balanced == 1 and len(counted_walks) == 2
+
+
 def test_balance_keeps_its_walk_while_the_model_lives(np_rel_imbalance, lora_tiny, counted_walks, lora_factors):
     model = lora_tiny()
     for _ in range(3):
@@ -127,6 +139,10 @@ def test_balance_keeps_its_walk_while_the_model_lives(np_rel_imbalance, lora_tin
     forget(model)
     balance_(model, check=False)
     assert len(counted_walks) == 3
+    for _ in range(2):  # one kept walk per adapter name asked for
+        balance_(model, "default", check=False)
+        balance_(model, check=False)
+    assert counted_walks[3:] == ["default"]
     alive = weakref.ref(model)
     del model
     gc.collect()

@@ -60,6 +60,8 @@ class PairCache:
     def _fresh(self, model: nn.Module, adapter: str | None) -> bool:
         if self._model is None or self._model() is not model or self._key != _key(model, adapter):
             return False
+        if not self._pairs:  # nothing to check links against: LoRA may have been injected since
+            return False
         for parent, attr, child in self._modules:
             p, c = parent(), child()
             if p is None or c is None or p._modules.get(attr) is not c:
@@ -115,14 +117,18 @@ def _still_viewing(pair: FactorPair) -> bool:
     return True
 
 
-_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PairCache, for balance_
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {adapter: PairCache}, for balance_
 
 
 def cached_model_pairs(model: nn.Module, adapter: str | None = None) -> list[FactorPair]:
-    """model_pairs(model, adapter) through a cache kept for `model` as long as it lives (balance_)."""
-    cache = _CACHES.get(model)
+    """model_pairs(model, adapter) through a cache kept for `model` as long as it lives (balance_);
+    one per adapter name asked for, so calls that alternate adapters do not re-walk."""
+    caches = _CACHES.get(model)
+    if caches is None:
+        caches = _CACHES[model] = {}
+    cache = caches.get(adapter)
     if cache is None:
-        cache = _CACHES[model] = PairCache()
+        cache = caches[adapter] = PairCache()
     return cache.get(model, adapter)
 
 
