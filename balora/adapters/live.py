@@ -181,10 +181,6 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
 
     # AdaLoRA stores bare nn.Parameters here, not modules: only read .weight once the type is known.
     lora_A, lora_B = layer.lora_A[adp], layer.lora_B[adp]
-    if isinstance(lora_A, (nn.Linear, nn.modules.conv._ConvNd)):
-        # Where each factor hangs, for PairCache to tell when a parameter or module was replaced.
-        slots = ((layer, "lora_A", layer.lora_A), (layer.lora_A, adp, lora_A), (lora_A, "weight", lora_A.weight),
-                 (layer, "lora_B", layer.lora_B), (layer.lora_B, adp, lora_B), (lora_B, "weight", lora_B.weight))
     if isinstance(lora_A, nn.Linear):
         A_p, B_p = lora_A.weight, lora_B.weight
         base = layer.get_base_layer()
@@ -192,7 +188,7 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
         _check_not_sharded(label, A_p, (lora_A.out_features, lora_A.in_features))
         _check_not_sharded(label, B_p, (lora_B.out_features, lora_B.in_features))
         pair = FactorPair(module, adp, kind, A_p.detach(), B_p.detach(), scaling, dora, write=_writer(A_p, B_p),
-                          extra={"params": (A_p, B_p), "slots": slots})
+                          extra=_module_extra(layer, adp, lora_A, lora_B))
         experts = getattr(layer, "num_experts", 1)
         if experts > 1:
             # PEFT's ParamWrapper (target_parameters on stacked MoE experts): A holds E blocks of r rows
@@ -208,7 +204,7 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
         # A (r, in, *k) -> (r, in * prod(k)); B (out, r, 1, ..) -> (out, r): dW = B A reshaped.
         A2, B2 = _flat_2d(A_p), _flat_2d(B_p)
         pair = FactorPair(module, adp, kind, A2, B2, scaling, dora, write=_writer(A_p, B_p),
-                          extra={"params": (A_p, B_p), "slots": slots})
+                          extra=_module_extra(layer, adp, lora_A, lora_B))
         if lora_B.groups > 1:
             pair.skip_reason = f"grouped conv (groups={lora_B.groups}): dW is not B @ A"
         return pair
@@ -216,6 +212,16 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
     placeholder = torch.zeros(1, 1)
     return FactorPair(module, adp, "linear", placeholder, placeholder, scaling, dora,
                       skip_reason=f"unsupported LoRA module type {type(lora_A).__name__}")
+
+
+def _module_extra(layer: nn.Module, adp: str, lora_A: nn.Module, lora_B: nn.Module) -> dict:
+    """A pair's extra for factors held as lora_A[adp].weight, lora_B[adp].weight: the parameters, and
+    where each hangs as (parent, attribute, child) links, for PairCache to tell when a parameter or
+    module was put in another's place."""
+    A_p, B_p = lora_A.weight, lora_B.weight
+    slots = ((layer, "lora_A", layer.lora_A), (layer.lora_A, adp, lora_A), (lora_A, "weight", A_p),
+             (layer, "lora_B", layer.lora_B), (layer.lora_B, adp, lora_B), (lora_B, "weight", B_p))
+    return {"params": (A_p, B_p), "slots": slots}
 
 
 def _flat_2d(param: torch.Tensor) -> torch.Tensor:
