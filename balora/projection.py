@@ -193,15 +193,15 @@ def _svd_maps(R_A: torch.Tensor, G_B: torch.Tensor, eye: torch.Tensor):
 
 
 def _nearest_maps(R_A: torch.Tensor, G_B: torch.Tensor, eye: torch.Tensor):
-    """The nearest pair does not depend on the SVD's gauge, so two r x r eighs do (cheaper than
-    SVDs on CPU), and only A's Cholesky: the core's right singular vectors and values come from
+    """The nearest pair does not depend on the SVD's gauge, so one r x r eigh does (cheaper than an
+    SVD on CPU), and only A's Cholesky: the core's right singular vectors and values come from
     core^T core = R_A G_B R_A^T = V S^2 V^T, then (U S^1/2 = core V S^-1/2)
 
         B' = B R_B^-1 U S^1/2 O = B R_A^T V S^-1/2 O,    A' = O^T S^1/2 V^T R_A^-T A,
 
     and the Procrustes target of balanced_factors, S^1/2 U^T R_B + S^1/2 V^T R_A, is
-    S^-1/2 V^T R_A G_B + S^1/2 V^T R_A. O = polar(M) = M (M^T M)^-1/2.
-    Both eighs square a condition number; in float64 that is harmless until cond ~ 1e4, and the
+    M = S^-1/2 V^T R_A G_B + S^1/2 V^T R_A, with O = polar(M) (see _polar).
+    The eigh squares a condition number; in float64 that is harmless until cond ~ 1e4, and the
     returned eigen-conditioning term of the error estimate says when it is not.
     Returns X, Y, S (G, r) descending, that term (G,)."""
     tiny = torch.finfo(torch.float64).tiny
@@ -213,17 +213,68 @@ def _nearest_maps(R_A: torch.Tensor, G_B: torch.Tensor, eye: torch.Tensor):
     inv_half = 1 / half.clamp_min(tiny)
     Vt = V.mT
     Z = Vt @ R_A  # V^T R_A
-    M = inv_half * (Vt @ RG) + half * Z  # Procrustes target
+    O, polar_err = _polar(inv_half * (Vt @ RG) + half * Z, eye)
+    X = (Z.mT * inv_half.mT) @ O  # R_A^T V S^-1/2 O
+    Y = O.mT @ (half * Vt) @ triu_inverse(R_A).mT  # O^T S^1/2 V^T R_A^-T
+    eig_cond = torch.finfo(torch.float64).eps / 2 * lam[:, -1] / lam[:, 0] + polar_err  # inf when singular
+    return X, Y, S.flip(-1), eig_cond
+
+
+# Fixed-point steps of _polar's square root: enough for a pair one optimizer step away from
+# balanced (a relative change of ~1e-3 per step off-diagonal takes 4 to reach float64 rounding).
+POLAR_STEPS = 4
+# _polar keeps the iteration's O where ||O O^T - I||_F is at most this, or at most what the eigh
+# route's error estimate would be; the rest go through the eigh.
+POLAR_DEFECT = 1e-12
+
+
+def _polar(M: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """O = polar(M) for M (G, r, r) in float64, and its share of the error estimate (G,).
+
+    M = H O with H = (M M^T)^1/2, so O = H^-1 M. In the V basis of _nearest_maps, with
+    W = V^T R_A, M = S^1/2 (S W^-T + W) and M M^T = S^1/2 (S (W W^T)^-1 S + 2 S + W W^T) S^1/2.
+    For a balanced pair W W^T = S, so M M^T = 4 S^2 is diagonal; a pair imbalanced only by a
+    scale (G_B = c^2 G_A) gives (c + 2 + 1/c) S^2, diagonal too. Only the rotational part of an
+    imbalance puts anything off the diagonal, and one optimizer step after a balancing pass that
+    is small. So H is found from its diagonal: with K = M M^T = diag(k) + E and H = diag(d) + F,
+    d = k^1/2, H^2 = K reads (d_i + d_j) F_ij = (E - F^2)_ij, a fixed point reached in a few
+    batched r x r products from F = 0 (each step multiplies the error by ~|F| / d). That costs
+    about a third of an eigh of M^T M here.
+    The result is checked, not trusted: ||O O^T - I||_F is measured, and a pair whose iteration did
+    not settle (far from balanced: the first steps after PEFT's init, a large learning rate) is
+    redone by the eigh route, M (M^T M)^-1/2, whose error grows as eps * cond(M)^2.
+    """
+    u = torch.finfo(torch.float64).eps / 2
+    K = M @ M.mT  # (G, r, r)
+    k = K.diagonal(dim1=-2, dim2=-1)  # (G, r)
+    d = k.sqrt()
+    E = K - torch.diag_embed(k)
+    D = d[:, :, None] + d[:, None, :]  # (G, r, r): d_i + d_j
+    F = E / D
+    for _ in range(POLAR_STEPS - 1):
+        F = (E - F @ F) / D
+    L, _ = torch.linalg.cholesky_ex(F + torch.diag_embed(d))  # H is SPD: a failed factorisation leaves NaN or
+    O = torch.cholesky_solve(M, L)  # garbage in O, which the check below refuses
+    defect = torch.linalg.matrix_norm(O @ O.mT - eye)  # NaN fails every comparison
+    eig_err = u * k.amax(-1) / k.amin(-1)  # the eigh route's estimate (k spans M M^T's eigenvalues when H ~ diag)
+    redo = (~(defect <= eig_err.clamp_min(POLAR_DEFECT))).nonzero()[:, 0]  # NaN anywhere: redone
+    err = torch.maximum(defect, eig_err)
+    if len(redo):  # a shape, not a value: no host read of the data
+        O_e, err_e = _polar_by_eigh(M[redo], eye)
+        O, err = O.index_copy(0, redo, O_e), err.index_copy(0, redo, err_e)
+    return O, err
+
+
+def _polar_by_eigh(M: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """polar(M) = M (M^T M)^-1/2 from one eigh, and its error estimate eps/2 * cond(M^T M) (G,)."""
+    tiny = torch.finfo(torch.float64).tiny
     # A (nearly) singular core makes M^T M overflow: an identity there keeps the eigh from failing
-    # for the whole batch; the pair is refused anyway (its eig_cond or gains are infinite).
+    # for the whole batch; the pair is refused anyway (its error term or gains are infinite).
     MtM = M.mT @ M
     MtM = torch.where(all_finite(MtM)[:, None, None], MtM, eye)
     mu, W = torch.linalg.eigh(MtM)
     O = M @ (W / mu.clamp_min(tiny).sqrt()[:, None, :]) @ W.mT
-    X = (Z.mT * inv_half.mT) @ O  # R_A^T V S^-1/2 O
-    Y = O.mT @ (half * Vt) @ triu_inverse(R_A).mT  # O^T S^1/2 V^T R_A^-T
-    eig_cond = torch.finfo(torch.float64).eps / 2 * (lam[:, -1] / lam[:, 0] + mu[:, -1] / mu[:, 0])  # inf when singular
-    return X, Y, S.flip(-1), eig_cond
+    return O, torch.finfo(torch.float64).eps / 2 * mu[:, -1] / mu[:, 0]
 
 
 def product_rel_error(A0: torch.Tensor, B0: torch.Tensor, A1: torch.Tensor, B1: torch.Tensor) -> torch.Tensor:

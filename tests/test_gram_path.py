@@ -205,3 +205,67 @@ def test_bf16_factors_use_a_tolerance_of_their_own_rounding(np_rel_imbalance):
     A1, B1 = new[0]
     assert A1.dtype == torch.bfloat16 and np_rel_imbalance(A1, B1) < 2e-2
     assert GRAM_TOL < 0.1 * torch.finfo(torch.bfloat16).eps
+
+
+def _nearly_balanced(r, n_in, n_out, step, gen):
+    """A (1, r, in), B (1, out, r) float64: a balanced pair (ill-conditioned product, cond 1e3),
+    then every entry moved by `step` times its factor's typical entry (one optimizer step)."""
+    A = _factor(n_in, r, 30.0, gen).mT[None] * 3
+    B = _factor(n_out, r, 30.0, gen)[None] / 3
+    qr = balanced_factors(A, B, "nearest")
+    A, B = qr.A, qr.B
+    A = A + step * A.abs().mean() * torch.randn(A.shape, generator=gen, dtype=torch.float64)
+    B = B + step * B.abs().mean() * torch.randn(B.shape, generator=gen, dtype=torch.float64)
+    return A, B
+
+
+def _spy_eigh_polar(monkeypatch):
+    """Record how many pairs _polar redid by its eigh route."""
+    import balora.projection as projection
+
+    redone = []
+    real = projection._polar_by_eigh
+
+    def spy(M, eye):
+        redone.append(M.shape[0])
+        return real(M, eye)
+
+    monkeypatch.setattr(projection, "_polar_by_eigh", spy)
+    return redone
+
+
+@pytest.mark.parametrize("step", [0.0, 1e-6, 1e-4, 1e-3, 1e-2])
+def test_nearest_polar_of_a_nearly_balanced_pair_needs_no_eigh(monkeypatch, step):
+    """One optimizer step away from balanced (up to 1% of every entry), the nearest gauge's polar
+    factor comes from the fixed-point square root alone, and it is the same balanced pair as the QR
+    path's (SVD-based polar), in float64 to 1e-10."""
+    gen = torch.Generator().manual_seed(11)
+    pairs = [_nearly_balanced(r, 90, 70, step, gen) for r in (1, 4, 16, 16, 16)]
+    redone = _spy_eigh_polar(monkeypatch)
+    for A, B in pairs:
+        t = gram_transforms(A @ A.mT, B.mT @ B, "nearest")
+        assert t.accurate.all()
+        qr = balanced_factors(A, B, "nearest")
+        torch.testing.assert_close(t.Y @ A, qr.A, rtol=0, atol=1e-10 * float(qr.A.abs().max()))
+        torch.testing.assert_close(B @ t.X, qr.B, rtol=0, atol=1e-10 * float(qr.B.abs().max()))
+    assert redone == []
+
+
+def test_pairs_far_from_balanced_have_their_polar_redone_by_eigh(monkeypatch):
+    """PEFT's first steps (B tiny and unrelated to A) and arbitrary random pairs are too far from
+    balanced for the fixed point in POLAR_STEPS steps: exactly those are redone by the eigh route,
+    in one batch, and every pair still equals the QR path's."""
+    gen = torch.Generator().manual_seed(12)
+    near = [_nearly_balanced(8, 60, 50, 1e-3, gen) for _ in range(2)]
+    far = [(_factor(60, 8, 5.0, gen).mT[None], _factor(50, 8, 20.0, gen)[None] * s) for s in (1e-4, 1.0, 30.0)]
+    order = [near[0], far[0], near[1], far[1], far[2]]
+    A = torch.cat([a for a, _ in order])
+    B = torch.cat([b for _, b in order])
+    redone = _spy_eigh_polar(monkeypatch)
+    t = gram_transforms(A @ A.mT, B.mT @ B, "nearest")
+    assert redone == [3]
+    assert t.accurate.all()
+    qr = balanced_factors(A, B, "nearest")
+    for g in range(len(order)):
+        torch.testing.assert_close(t.Y[g] @ A[g], qr.A[g], rtol=0, atol=1e-9 * float(qr.A[g].abs().max()))
+        torch.testing.assert_close(B[g] @ t.X[g], qr.B[g], rtol=0, atol=1e-9 * float(qr.B[g].abs().max()))
