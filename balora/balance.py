@@ -16,7 +16,8 @@ from balora.linalg import all_finite
 from balora.pairs import FactorPair, batch_groups, stack_padded
 from balora.policy import BalancePolicy, as_policy
 from balora.projection import balanced_factors, pad_to_rank, product_rel_error
-from balora.stacked import Block, gram_maps, stack_blocks, write_all
+from balora.stack_writes import write_all
+from balora.stacked import Block, gram_maps, stack_blocks
 
 
 class BalanceError(RuntimeError):

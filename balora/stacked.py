@@ -17,14 +17,14 @@ number of modules:
                  and the accuracy flags are computed on the host, so choosing the QR fallback
                  costs no further sync
   Block.apply    one batched (r, r) product per factor and block
-  write_all      one copy per re-homed stack whose pairs were all balanced, and one
+  write_all      (balora.stack_writes) one product and one copy per re-homed stack whose pairs
+                 were all balanced (on the CPU, one of each per piece), and one
                  torch._foreach_copy_ into the parameters of the other ParamWriter pairs
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -32,37 +32,8 @@ from balora.linalg import compute_dtype, matmul_unit_roundoff
 from balora.pairs import FactorPair, group_by_shape
 from balora.param_stacks import can_rehome, rehome, stack_of
 from balora.projection import GRAM_TOL, gram_transforms
+from balora.stack_writes import ParamWriter
 from balora.workspace import HOST, buffer as _buffer
-
-
-class ParamWriter:
-    """`pair.write` for factors stored in tensors (PEFT parameters): copy new 2-D factors in,
-    reshaped, in the destination's dtype. `targets()` lets a pass write many pairs at once."""
-
-    def __init__(self, A_p: torch.Tensor, B_p: torch.Tensor):
-        self.params = (A_p, B_p)  # e.g. lora_A.weight (r, in, *k), lora_B.weight (out, r, *1)
-        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        with torch.no_grad():
-            for p, t in zip(self.params, (A, B)):
-                p.copy_(t if t.shape == p.shape else t.reshape(p.shape))  # no view op when already shaped
-
-    def targets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """2-D views (r, in), (out, r) of the parameters' current storage; None when there are none
-        (a tensor subclass such as a DTensor, or a layout that cannot be viewed as 2-D)."""
-        views = self._views
-        if views is not None and all(v is p or (v.data_ptr() == p.data_ptr() and v.dtype == p.dtype
-                                                and v.device == p.device) for v, p in zip(views, self.params)):
-            return views
-        if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in self.params):
-            return None
-        try:  # cached: a pass must not pay a view op per module (re-made when .to() moved a parameter);
-            # a 2-D parameter is its own target (written under no_grad), so even a fresh walk costs no op.
-            self._views = tuple(p if p.dim() == 2 else p.detach().view(p.shape[0], -1) for p in self.params)
-        except RuntimeError:  # not viewable (unusual strides): the per-pair write reshapes a copy
-            return None
-        return self._views
 
 
 @dataclass
@@ -341,33 +312,3 @@ def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, to
         for i in idx:
             b = blocks[i]
             b.X, b.Y = (_as(next(parts).view(t.shape), b.compute_dtype) for t in maps[i])
-
-
-def write_all(pairs: list[FactorPair], new: dict[int, tuple[torch.Tensor, torch.Tensor] | Callable],
-              whole: list[Block] = ()) -> None:
-    """Write each block of `whole` (re-homed parameters) stack by stack: form A' into the
-    workspace and copy it into the parameters' stack at once, while it is still in cache (one
-    product and one copy per stack, casting to the parameters' dtype), then B'. Then write new
-    factors {index into pairs: (A', B'), or a function that forms them}: formed ones
-    with one foreach copy for every pair whose `write` is a ParamWriter, the others through
-    `pair.write` (files, FSDP2 shards); functions are called and written one pair at a time, so
-    each new pair is written while it is still in cache."""
-    with torch.no_grad():
-        for b in whole:
-            b.homes[0].copy_(b.new_A())  # the product reads the stack before the copy writes it
-            b.homes[1].copy_(b.new_B())
-    dst, src = [], []
-    for i, value in new.items():
-        write = pairs[i].write
-        if callable(value):
-            write(*value())
-            continue
-        targets = write.targets() if isinstance(write, ParamWriter) else None
-        if targets is None:
-            write(*value)
-        else:
-            dst += targets
-            src += value
-    if dst:
-        with torch.no_grad():
-            torch._foreach_copy_(dst, src)

@@ -50,7 +50,7 @@ from balora.balance import balance_and_write, balance_pairs
 from balora.pairs import FactorPair, group_by_shape
 from balora.projection import balanced_factors, product_rel_error
 from balora.imbalance import rel_imbalance
-from balora.stacked import ParamWriter
+from balora.stack_writes import ParamWriter
 from opcount import count_ops
 from balora.report import pair_rows
 

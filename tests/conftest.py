@@ -248,7 +248,7 @@ def make_live_pairs():
     """make_live_pairs(shapes, seed=0, dtype=float32) -> FactorPairs viewing nn.Parameters and
     written through ParamWriter, as the live walker makes them; shapes are (r, in, out)."""
     from balora.pairs import FactorPair
-    from balora.stacked import ParamWriter
+    from balora.stack_writes import ParamWriter
 
     def make(shapes, seed=0, dtype=torch.float32):
         g = torch.Generator().manual_seed(seed)

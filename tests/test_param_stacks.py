@@ -18,7 +18,7 @@ from balora.adapters.pair_cache import PairCache
 from balora.balance import balance_and_write
 from balora.pairs import FactorPair
 from balora.param_stacks import is_rehomed, stack_of
-from balora.stacked import ParamWriter
+from balora.stack_writes import ParamWriter
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -247,3 +247,41 @@ def test_conv_and_embedding_parameters_are_rehomed_too(make_tiny_net, tiny_net_t
     # one layer per shape here: stacks of one, found by the registry rather than by their storage
     assert all(stack_of([p]) is not None and is_rehomed(p) for p in lora.values()), [n for n, p in lora.items()
                                                                                      if not is_rehomed(p)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacks_written_in_pieces_on_the_cpu_get_the_one_piece_result(np_product_error, np_rel_imbalance,
+                                                                      make_live_pairs, dispatched_ops, monkeypatch, dtype):
+    """On the CPU a re-homed stack is formed and copied back in CPU_PIECES pieces (rows of B,
+    columns of A; the last piece shorter here): every pair ends where forming the stack in one piece
+    (as on a GPU) puts it, to the BLAS kernel's rounding, balanced, and each piece is one copy."""
+    import balora.stack_writes as stack_writes
+
+    shapes = [(4, 41, 29)] * 3 + [(8, 64, 50)] * 2
+    pieced, whole = make_live_pairs(shapes, seed=9, dtype=dtype), make_live_pairs(shapes, seed=9, dtype=dtype)
+    for pairs in (pieced, whole):
+        balance_and_write(pairs, "nearest", check=False, stack=True)  # re-homed
+    g = torch.Generator().manual_seed(10)
+    with torch.no_grad():  # an optimizer step, the same on both
+        for p, q in zip(pieced, whole):
+            for s, t in zip(p.write.params, q.write.params):
+                step = (0.05 * torch.randn(s.shape, generator=g)).to(dtype)
+                s.add_(step)
+                t.add_(step)
+    before = [tuple(t.detach().clone() for t in p.write.params) for p in pieced]
+    monkeypatch.setattr(stack_writes, "CPU_PIECE_MIN_BYTES", 0)
+    monkeypatch.setattr(stack_writes, "CPU_PIECES", 1)
+    balance_and_write(whole, "nearest", check=False, stack=True)
+    monkeypatch.setattr(stack_writes, "CPU_PIECES", 3)
+    with dispatched_ops() as ops:
+        summary = balance_and_write(pieced, "nearest", check=False, stack=True)
+    assert summary.balanced == 5 and summary.qr_path == 0
+    upcasts = 2 * 2 if dtype == torch.bfloat16 else 0  # bf16 stacks are upcast to fp32 first
+    assert ops.names.count("aten.copy_.default") == 4 * 3 + upcasts
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    ulps = 4 * torch.finfo(dtype).eps  # a product over r terms, summed in another order by another kernel
+    for p, q, (A0, B0) in zip(pieced, whole, before):
+        A1, B1 = p.write.params
+        for new, ref in ((A1, q.write.params[0]), (B1, q.write.params[1])):
+            torch.testing.assert_close(new, ref, rtol=ulps, atol=ulps * float(ref.abs().max()))
+        assert np_product_error(A0, B0, A1, B1) < tol and np_rel_imbalance(A1, B1) < tol

@@ -14,7 +14,7 @@ import balora.stacked
 import balora.workspace
 from balora.balance import balance_and_write, balance_pairs
 from balora.pairs import FactorPair
-from balora.stacked import ParamWriter
+from balora.stack_writes import ParamWriter
 
 
 @pytest.mark.parametrize("method", ["nearest", "svd"])

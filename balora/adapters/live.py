@@ -12,7 +12,7 @@ from torch import nn
 from balora.adapters import PEFT_PREFIX
 from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, refuse_fsdp1
 from balora.pairs import FactorPair
-from balora.stacked import ParamWriter
+from balora.stack_writes import ParamWriter
 
 # The product B @ A is dW for these variants (DoRA rescales W0 + dW by a norm of it;
 # aLoRA gates when the adapter is active; VeLoRA's forward is exactly x A^T B^T, it only
