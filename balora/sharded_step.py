@@ -108,6 +108,7 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
     buf = torch.cat([g.to(torch.float64) for g in grams])  # the sum in float64 adds no rounding of note
     dist.all_reduce(buf, group=mesh.get_group())
     record_comm(CommStats(collectives=1, bytes_reduced=buf.numel() * buf.element_size()))
+    buf = buf.cpu()  # the r x r maths on the host, as in one process: one read of the device per pass
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pairs)
     by_rank: dict[int, list[int]] = {}
     for k, p in enumerate(pairs):
@@ -121,8 +122,8 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
             t = gram_transforms(G[:, 0], G[:, 1], method, u, tol)
         except RuntimeError:  # a failed decomposition: the gathered path redoes these and names the module
             continue
-        for g, k in enumerate(ks):
-            if bool(t.accurate[g]):
+        for g, (k, ok) in enumerate(zip(ks, t.accurate.tolist())):
+            if ok:
                 out[k] = (t.X[g], t.Y[g])
     return out
 
@@ -133,5 +134,5 @@ def _write_local(p: FactorPair, X: torch.Tensor, Y: torch.Tensor) -> None:
     dtype = _compute_dtype(p)
     with torch.no_grad():
         A, B = local_storage(A_p), local_storage(B_p)
-        A.copy_(Y.to(dtype) @ A.to(dtype))
-        B.copy_(B.to(dtype) @ X.to(dtype))
+        A.copy_(Y.to(A.device, dtype) @ A.to(dtype))  # X, Y come from the host
+        B.copy_(B.to(dtype) @ X.to(B.device, dtype))
