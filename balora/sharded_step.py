@@ -120,7 +120,7 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
         tol = torch.tensor([gram_tol(*(t.dtype for t in pairs[k].extra["params"])) for k in ks], dtype=torch.float64)
         try:
             t = gram_transforms(G[:, 0], G[:, 1], method, u, tol)
-        except RuntimeError:  # a failed decomposition: the gathered path redoes these and names the module
+        except torch.linalg.LinAlgError:  # the gathered path redoes these and names the module
             continue
         for g, (k, ok) in enumerate(zip(ks, t.accurate.tolist())):
             if ok:

@@ -248,7 +248,7 @@ def gram_maps(blocks: list[Block], method: str) -> None:
         try:
             t = gram_transforms(torch.cat([host[2 * i] for i in idx]), torch.cat([host[2 * i + 1] for i in idx]),
                                 method, u, tol)
-        except RuntimeError:  # torch.linalg.LinAlgError is one
+        except torch.linalg.LinAlgError:  # anything else is a bug and propagates
             for i in idx:
                 blocks[i].accurate = [False] * len(blocks[i].members)
             continue
