@@ -259,7 +259,7 @@ def _polar(M: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     eig_err = u * k.amax(-1) / k.amin(-1)  # the eigh route's estimate (k spans M M^T's eigenvalues when H ~ diag)
     redo = (~(defect <= eig_err.clamp_min(POLAR_DEFECT))).nonzero()[:, 0]  # NaN anywhere: redone
     err = torch.maximum(defect, eig_err)
-    if len(redo):  # a shape, not a value: no host read of the data
+    if len(redo):  # on a GPU nonzero() waits for the device; balora's pass runs these maps on the host
         O_e, err_e = _polar_by_eigh(M[redo], eye)
         O, err = O.index_copy(0, redo, O_e), err.index_copy(0, redo, err_e)
     return O, err
