@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from balora.imbalance import rel_imbalance
-from balora.linalg import all_finite
+from balora.linalg import all_finite, full_fp32_matmuls
 from balora.pairs import FactorPair, batch_groups, stack_padded
 from balora.policy import BalancePolicy, as_policy
 from balora.projection import balanced_factors, pad_to_rank, product_rel_error
@@ -71,12 +71,14 @@ def balance_pairs(
     Pairs of one shape are balanced together (balora.stacked): a pass dispatches a number
     of ops that depends on the number of distinct shapes, not of pairs, and reads the device
     once (the Gram path's accuracy flags); pairs the Gram path refuses are redone by the QR
-    path, which costs a few more ops and syncs in the passes that need it. stack: None (stacked
+    path, which costs a few more ops and syncs in the passes that need it. Matmuls run at full fp32
+    precision whatever training set (linalg.full_fp32_matmuls). stack: None (stacked
     on GPUs and multi-threaded CPUs, pair by pair on a one-thread CPU, where that is faster:
     balora.stacked.use_stacks), True or False to choose.
     """
-    new, summary, _ = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), False, stack)
-    return {i: f() if callable(f) else f for i, f in new.items()}, summary
+    with full_fp32_matmuls():
+        new, summary, _ = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), False, stack)
+        return {i: f() if callable(f) else f for i, f in new.items()}, summary
 
 
 def _balance(pairs: list[FactorPair], policy: BalancePolicy, reuse: bool, stack: bool | None):
@@ -296,11 +298,11 @@ def _project(group: list[FactorPair], A: torch.Tensor, B: torch.Tensor, method: 
     """Batched projection; if the batched decomposition fails, find and name the module."""
     try:
         return balanced_factors(A, B, method)
-    except RuntimeError as batched_error:  # torch.linalg.LinAlgError is a RuntimeError
+    except torch.linalg.LinAlgError as batched_error:  # anything else (out of memory, a bug) propagates
         for g, p in enumerate(group):
             try:
                 balanced_factors(A[g : g + 1], B[g : g + 1], method)
-            except RuntimeError as e:
+            except torch.linalg.LinAlgError as e:
                 raise BalanceError(f"{p.name}: the balancing decomposition failed ({e}); nothing was balanced") from e
         raise BalanceError(f"batched balancing failed ({batched_error}); nothing was balanced") from batched_error
 
@@ -349,7 +351,8 @@ def balance_and_write(
     with one foreach copy into the parameters, for live pairs (ParamWriter) when stacked;
     `pair.write` for the others."""
     t0 = time.perf_counter()
-    new, summary, whole = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), True, stack)
-    write_all(pairs, new, whole)
+    with full_fp32_matmuls():
+        new, summary, whole = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), True, stack)
+        write_all(pairs, new, whole)
     summary.seconds = time.perf_counter() - t0  # with the writes, which balance_pairs cannot see
     return summary

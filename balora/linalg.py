@@ -10,6 +10,8 @@ worse conditioned, rank-deficient or wider than tall fall back to Householder.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 # CholeskyQR2 is backward stable for cond(X) < ~eps^-1/2; stay well inside that.
@@ -104,18 +106,61 @@ def polar_orthogonal(M: torch.Tensor) -> torch.Tensor:
     return U @ Vh
 
 
-def matmul_unit_roundoff(dtype: torch.dtype) -> float:
-    """Unit roundoff of a matmul in `dtype` as torch is set to run it: fp32 matmuls run in
-    TF32 or bf16 under torch.set_float32_matmul_precision("high" / "medium")."""
+# Unit roundoff of an fp32 matmul under each of torch's fp32 matmul precisions.
+_FP32_MATMUL_U = {"ieee": 2.0**-24, "tf32": 2.0**-11, "bf16": 2.0**-8}
+
+
+def matmul_unit_roundoff(dtype: torch.dtype, device: torch.device | str | None = None) -> float:
+    """Unit roundoff of a matmul in `dtype` as torch is set to run it on `device`'s kind (None: the
+    coarser of the GPU's and the CPU's): fp32 matmuls run in TF32 or bf16 under
+    torch.backends.fp32_precision = "tf32" (or a backend's own setting, as transformers' tf32=True
+    makes) and under the older torch.set_float32_matmul_precision("high" / "medium")."""
     u = torch.finfo(dtype).eps / 2
-    if dtype == torch.float32:
-        precision = torch.get_float32_matmul_precision()
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        if precision == "medium":
-            u = max(u, torch.finfo(torch.bfloat16).eps / 2)
-        elif precision == "high" or tf32:
-            u = max(u, 2.0**-11)
-    return u
+    if dtype != torch.float32:
+        return u
+    return max(u, *(_FP32_MATMUL_U.get(p, u) for p in _fp32_matmul_precisions(device)))
+
+
+def _fp32_matmul_precisions(device: torch.device | str | None) -> list[str]:
+    """"ieee", "tf32" or "bf16" for the CUDA and/or CPU (oneDNN) matmul backends."""
+    kind = None if device is None else torch.device(device).type
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9: the legacy getters raise once this API was used
+        backends = {"cuda": [torch.backends.cuda.matmul], "cpu": [torch.backends.mkldnn.matmul]}.get(
+            kind, [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul])
+        found = [b.fp32_precision if b.fp32_precision != "none" else torch.backends.fp32_precision for b in backends]
+        return ["ieee" if p == "none" else p for p in found]
+    legacy = {"highest": "ieee", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
+    if legacy == "ieee" and kind != "cpu" and torch.backends.cuda.matmul.allow_tf32:
+        legacy = "tf32"
+    return [legacy]
+
+
+@contextmanager
+def full_fp32_matmuls():
+    """fp32 matmuls at full fp32 precision inside, whatever training set (TF32 or bf16 matmuls, as
+    transformers' tf32=True does on a GPU), restored on exit. A balancing pass needs it: with TF32's
+    11 bits its Grams cannot tell a balanced pair from its neighbours (the Gram path would refuse
+    every pair) and its products would move dW by ~1e-3 every step. Its matmuls are a small share
+    of a training step's, so the full precision costs little."""
+    if hasattr(torch.backends, "fp32_precision"):
+        backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        saved = [b.fp32_precision for b in backends]
+        for b in backends:
+            b.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for b, p in zip(backends, saved):
+                b.fp32_precision = p
+        return
+    saved_precision, saved_tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved_precision)
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
 
 
 def compute_dtype(A_dtype: torch.dtype, B_dtype: torch.dtype) -> torch.dtype:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from balora.linalg import all_finite, compute_dtype, matmul_unit_roundoff
+from balora.linalg import all_finite, compute_dtype, full_fp32_matmuls, matmul_unit_roundoff
 
 # The storage dtypes reported, by the short name used in report columns.
 HALF_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -143,6 +143,7 @@ def cast_dw_error(A: torch.Tensor, B: torch.Tensor, A_c: torch.Tensor, B_c: torc
     return _cast_error(_prepare(A, B), A_c, B_c, finite)
 
 
+@full_fp32_matmuls()  # its Grams and products, as a balancing pass's
 def balanced_for_storage(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The balanced pair (nearest gauge, what `balora balance` writes) of G pairs, in the factors'
     compute dtype (fp32 for fp32/bf16/fp16 factors).
@@ -154,7 +155,7 @@ def balanced_for_storage(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor
     gauge, and its Grams cannot overflow; that is done in float64, where the smaller factor divided
     by c cannot underflow (1e-30 / 1e30 does in fp32). Zero products come back unchanged.
     """
-    from balora.projection import gram_transforms
+    from balora.projection import gram_transforms, subnormal_floor
 
     ct = compute_dtype(A.dtype, B.dtype)
     A, B = (X if X.dtype == ct else X.to(ct) for X in (A, B))
@@ -168,7 +169,8 @@ def balanced_for_storage(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor
     A_new, B_new = An.clone(), Bn.clone()
     todo = torch.ones(A.shape[0], dtype=torch.bool, device=A.device)
     if r <= min(n_in, n_out):  # otherwise the Grams are singular by shape
-        t = gram_transforms((An @ An.mT).double(), (Bn.mT @ Bn).double(), "nearest", matmul_unit_roundoff(wt))
+        t = gram_transforms((An @ An.mT).double(), (Bn.mT @ Bn).double(), "nearest", matmul_unit_roundoff(wt, A.device),
+                            floor=subnormal_floor(wt))  # formed in wt, then upcast
         ok = t.accurate.to(A.device)
         A_new[ok] = t.Y[ok].to(wt) @ An[ok]  # A' = Y A (r, in)
         B_new[ok] = Bn[ok] @ t.X[ok].to(wt)  # B' = B X (out, r)

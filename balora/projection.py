@@ -134,14 +134,17 @@ def subnormal_floor(dtype: torch.dtype) -> float:
 
 
 def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest",
-                    unit_roundoff: float | torch.Tensor | None = None, tol: float | torch.Tensor = GRAM_TOL) -> Transforms:
+                    unit_roundoff: float | torch.Tensor | None = None, tol: float | torch.Tensor = GRAM_TOL,
+                    floor: float | torch.Tensor | None = None) -> Transforms:
     """Balancing maps from G_A = A A^T and G_B = B^T B (G, r, r), computed in float64.
 
     Same balanced pairs as `balanced_factors`, from the r x r Grams alone: with R_A from
     Cholesky (G_A = R_A^T R_A, so A^T = Q_A R_A) and the core R_B R_A^T = U S V^T (see
     _nearest_maps and _svd_maps for how each gauge gets there), B' = B X and A' = Y A.
     unit_roundoff: of the matmul that formed the Grams (default: their dtype's); a float, or (G,)
-    per pair, like `tol`.
+    per pair, like `tol`. floor: the smallest Gram norm trusted (subnormal_floor of the dtype the
+    Grams were formed in; default: their dtype's), a float or (G,): pass it when the Grams were
+    upcast after forming them.
     A Gram rounded by E moves the balanced pair's Gram by Y E Y^T (resp. X^T E X), so
     u (||Y Y^T|| ||G_A|| + ||X^T X|| ||G_B||) / (2 ||S||) estimates the rel_imbalance the
     result will have (||.||_inf >= ||.||_2 for the r x r products, Frobenius for the rest);
@@ -150,7 +153,7 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     """
     check_method(method)
     u = torch.finfo(G_A.dtype).eps / 2 if unit_roundoff is None else unit_roundoff
-    floor = subnormal_floor(G_A.dtype)
+    floor = subnormal_floor(G_A.dtype) if floor is None else floor
     G_A, G_B = G_A.to(torch.float64), G_B.to(torch.float64)
     eye = torch.eye(G_A.shape[-1], dtype=torch.float64, device=G_A.device)
     # (G,); NaN if non-finite. A zero Gram may be a zero factor or an underflow: either way

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from balora.distributed import CommStats, gather_pairs, is_dtensor, last_comm, local_storage, record_comm
-from balora.linalg import compute_dtype, matmul_unit_roundoff
+from balora.linalg import compute_dtype, full_fp32_matmuls, matmul_unit_roundoff
 from balora.pairs import FactorPair
-from balora.projection import gram_transforms
+from balora.projection import gram_transforms, subnormal_floor
 from balora.stacked import gram_tol
 
 
@@ -50,7 +50,13 @@ def balance_step(pairs: list[FactorPair], policy):
 
     Pairs with no sharded factor go straight to balance_and_write. Nothing is written before
     the policies have been checked on every pair (a BalanceError leaves every factor as it was).
+    Matmuls run at full fp32 precision throughout (linalg.full_fp32_matmuls).
     """
+    with full_fp32_matmuls():
+        return _balance_step(pairs, policy)
+
+
+def _balance_step(pairs: list[FactorPair], policy):
     from balora.balance import balance_and_write
 
     if not any(is_dtensor(t) for p in pairs for t in p.extra.get("params", ())):
@@ -108,6 +114,7 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
     buf = torch.cat([g.to(torch.float64) for g in grams])  # the sum in float64 adds no rounding of note
     dist.all_reduce(buf, group=mesh.get_group())
     record_comm(CommStats(collectives=1, bytes_reduced=buf.numel() * buf.element_size()))
+    device = buf.device
     buf = buf.cpu()  # the r x r maths on the host, as in one process: one read of the device per pass
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pairs)
     by_rank: dict[int, list[int]] = {}
@@ -116,16 +123,30 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
     parts = buf.split(sizes)
     for r, ks in by_rank.items():
         G = torch.stack([parts[k].reshape(2, r, r) for k in ks])  # (n, 2, r, r)
-        u = torch.tensor([matmul_unit_roundoff(_compute_dtype(pairs[k])) for k in ks], dtype=torch.float64)
+        u = torch.tensor([matmul_unit_roundoff(_compute_dtype(pairs[k]), device) for k in ks], dtype=torch.float64)
         tol = torch.tensor([gram_tol(*(t.dtype for t in pairs[k].extra["params"])) for k in ks], dtype=torch.float64)
+        floor = torch.tensor([subnormal_floor(_compute_dtype(pairs[k])) for k in ks], dtype=torch.float64)  # before float64
         try:
-            t = gram_transforms(G[:, 0], G[:, 1], method, u, tol)
+            t = gram_transforms(G[:, 0], G[:, 1], method, u, tol, floor)
         except torch.linalg.LinAlgError:  # the gathered path redoes these and names the module
             continue
         for g, (k, ok) in enumerate(zip(ks, t.accurate.tolist())):
             if ok:
                 out[k] = (t.X[g], t.Y[g])
-    return out
+    return _to_device(out, device)
+
+
+def _to_device(maps: list[tuple[torch.Tensor, torch.Tensor] | None], device: torch.device):
+    """The host's X, Y on the shards' device: one pinned, non-blocking copy for all of them (a
+    blocking copy from pageable memory would wait for the device once per tensor)."""
+    found = [m for m in maps if m is not None]
+    if device.type == "cpu" or not found:
+        return maps
+    flat = torch.cat([t.reshape(-1) for m in found for t in m])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    parts = iter(flat.to(device, non_blocking=True).split([t.numel() for m in found for t in m]))
+    return [None if m is None else tuple(next(parts).view(t.shape) for t in m) for m in maps]
 
 
 def _write_local(p: FactorPair, X: torch.Tensor, Y: torch.Tensor) -> None:
@@ -134,5 +155,5 @@ def _write_local(p: FactorPair, X: torch.Tensor, Y: torch.Tensor) -> None:
     dtype = _compute_dtype(p)
     with torch.no_grad():
         A, B = local_storage(A_p), local_storage(B_p)
-        A.copy_(Y.to(A.device, dtype) @ A.to(dtype))  # X, Y come from the host
-        B.copy_(B.to(dtype) @ X.to(B.device, dtype))
+        A.copy_(Y.to(dtype) @ A.to(dtype))
+        B.copy_(B.to(dtype) @ X.to(dtype))

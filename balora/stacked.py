@@ -31,7 +31,7 @@ import torch
 from balora.linalg import compute_dtype, matmul_unit_roundoff
 from balora.pairs import FactorPair, group_by_shape
 from balora.param_stacks import can_rehome, rehome, stack_of
-from balora.projection import GRAM_TOL, gram_transforms
+from balora.projection import GRAM_TOL, gram_transforms, subnormal_floor
 from balora.stack_writes import ParamWriter
 from balora.workspace import HOST, buffer as _buffer
 
@@ -243,11 +243,13 @@ def gram_maps(blocks: list[Block], method: str) -> None:
         sizes = [len(blocks[i].members) for i in idx]
         # Per member: the unit roundoff of the matmul that formed its Grams, and its tolerance.
         # Expanded in Python: repeat_interleave on a multi-threaded CPU cost ~0.7 ms per call.
-        u = _per_member([matmul_unit_roundoff(blocks[i].compute_dtype) for i in idx], sizes)
+        u = _per_member([matmul_unit_roundoff(blocks[i].compute_dtype, blocks[i].device) for i in idx], sizes)
         tol = _per_member([gram_tol(blocks[i].A_dtype, blocks[i].B_dtype) for i in idx], sizes)
+        # the Grams' own dtype's (a GPU's come to the host in float64; blocks of two dtypes are joined)
+        floor = _per_member([subnormal_floor(blocks[i].compute_dtype) for i in idx], sizes)
         try:
             t = gram_transforms(torch.cat([host[2 * i] for i in idx]), torch.cat([host[2 * i + 1] for i in idx]),
-                                method, u, tol)
+                                method, u, tol, floor)
         except torch.linalg.LinAlgError:  # anything else is a bug and propagates
             for i in idx:
                 blocks[i].accurate = [False] * len(blocks[i].members)
@@ -286,7 +288,7 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if t.device != HOST:
             by_device.setdefault(t.device, []).append(i)
     for idx in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in idx]).to(HOST)  # the sync
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).to(HOST).to(torch.float64)  # the sync; float64 on the host (MPS has none)
         for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
             out[i] = part.view(tensors[i].shape)
     return out
@@ -303,8 +305,8 @@ def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, to
             b.X, b.Y = (_as(t, b.compute_dtype) for t in maps[i])
         else:
             by_device.setdefault(b.device, []).append(i)
-    for device, idx in by_device.items():
-        flat = torch.cat([t.reshape(-1) for i in idx for t in maps[i]])
+    for device, idx in by_device.items():  # sent in the compute dtype (MPS has no float64)
+        flat = torch.cat([_as(t, blocks[i].compute_dtype).reshape(-1) for i in idx for t in maps[i]])
         if torch.cuda.is_available():
             flat = flat.pin_memory()
         flat = flat.to(device, non_blocking=True)

@@ -295,3 +295,22 @@ def test_nearly_balanced_pairs_of_any_conditioning_are_balanced_in_fp32(np_produ
         assert np_rel_imbalance(A2, B2) < 1e-5, (r, cond)
         assert np_product_error(A1, B1, A2, B2) < 1e-5, (r, cond)
     assert accepted == 24 and redone == []  # (with M's diagonal alone for H, 6 of 24 came back refused)
+
+
+def test_grams_upcast_on_their_way_to_the_host_keep_their_own_subnormal_floor(np_product_error, np_rel_imbalance,
+                                                                              monkeypatch):
+    """A GPU's Grams reach the host as float64 (stacked._to_host), and FSDP2's are all-reduced in
+    float64: the floor that sends fp32 Grams in fp32's subnormal range to the QR path must still be
+    fp32's. Emulated here by upcasting on the CPU as the device path does; with float64's floor the
+    pairs were accepted and left rel_imbalance up to 5e-2."""
+    import balora.stacked as stacked
+
+    monkeypatch.setattr(stacked, "_to_host", lambda ts: [t.to(torch.float64) for t in ts])
+    gen = torch.Generator().manual_seed(14)
+    pairs = [FactorPair(f"m{k}", "default", "linear", (torch.randn(8, 512, generator=gen) * s).float(),
+                        (torch.randn(512, 8, generator=gen) * 1e-3).float(), 1.0)
+             for k, s in enumerate([1e-21, 3e-22, 1e-22, 3e-23])]
+    new, summary = balance_pairs(pairs, "nearest", check=False, stack=True)
+    assert summary.qr_path == len(pairs) and summary.balanced == len(pairs)
+    for i, p in enumerate(pairs):  # the QR path's fp32 accuracy (the Gram path's float64 floor left 2.5e-5 to 5e-2)
+        assert np_rel_imbalance(*new[i]) < 1e-5 and np_product_error(p.A, p.B, *new[i]) < 1e-5

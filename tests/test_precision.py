@@ -199,3 +199,18 @@ def test_balance_cli_dtype_and_overflow_is_refused(tmp_path, capsys):
     assert main(["balance", str(tmp_path / "huge.safetensors"), str(tmp_path / "h16.safetensors"), "--dtype", "float16"]) == 2
     assert "overflow float16" in capsys.readouterr().err and not (tmp_path / "h16.safetensors").exists()
     assert main(["balance", str(tmp_path / "huge.safetensors"), str(tmp_path / "hb.safetensors"), "--dtype", "bfloat16"]) == 0
+
+
+def test_balanced_for_storage_of_factors_whose_fp32_grams_are_subnormal(np_product_error, np_rel_imbalance):
+    """What `balora balance` writes, for A of ~1e-21 with B of ~1e-3 (neither rescaled: the larger
+    factor is in range). Their fp32 Grams are in fp32's subnormal range; upcast to float64 before
+    the Gram path, they once passed its float64 floor and came back with rel_imbalance up to 5e-2."""
+    from balora.precision import balanced_for_storage
+
+    gen = torch.Generator().manual_seed(15)
+    A = torch.stack([torch.randn(8, 512, generator=gen) * s for s in (1e-21, 3e-22, 1e-22, 3e-23)])
+    B = torch.stack([torch.randn(512, 8, generator=gen) * 1e-3 for _ in range(4)])
+    A1, B1 = balanced_for_storage(A, B)
+    assert A1.dtype == B1.dtype == torch.float32
+    for g in range(4):
+        assert np_rel_imbalance(A1[g], B1[g]) < 1e-6 and np_product_error(A[g], B[g], A1[g], B1[g]) < 1e-6
