@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 from transformers import TrainerCallback
@@ -14,6 +12,7 @@ from balora.distributed import FSDP2_HINT
 from balora.policy import BalancePolicy
 from balora.report import layer_report, summarize
 from balora.sharded_step import balance_step
+from balora.timing import model_device, synced_clock
 
 
 class BalanceCallback(TrainerCallback):
@@ -75,10 +74,11 @@ class BalanceCallback(TrainerCallback):
         step = state.global_step + 1  # global_step is incremented after this event
         if not self.balance or model is None or step < self.start_step or (step - self.start_step) % self.every:
             return
-        t0 = time.perf_counter()
+        device = model_device(model)
+        t0 = synced_clock(device)  # on a GPU, after the optimizer step's kernels: theirs are not balancing's
         pairs = self._pairs.get(model, self.adapter, gather=False)  # FSDP2: balance_step gathers what it needs
         self.last_summary = balance_step(pairs, self.policy)
-        self.last_summary.seconds = time.perf_counter() - t0  # with the (usually cached) walk
+        self.last_summary.seconds = synced_clock(device) - t0  # with the (usually cached) walk
         self.balance_seconds += self.last_summary.seconds
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):

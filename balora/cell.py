@@ -30,6 +30,7 @@ from balora.errors import InputError
 from balora.pairs import FactorPair
 from balora.report import pair_rows
 from balora.tasks import Problem
+from balora.timing import synced_clock
 
 FLUSH_S = 10.0  # write buffered rows as a part file at least this often, so a crash loses little
 
@@ -117,13 +118,6 @@ class CellLog:
         self.writer.heartbeat()
 
 
-def _clock(device: torch.device) -> float:
-    """perf_counter after the device has finished its queued work (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _endless(problem: Problem, task: str):
     """problem.batches(), called again whenever it runs out (one more epoch, same order)."""
     while True:
@@ -209,7 +203,7 @@ class Cell:
 
     def _step(self, step: int, batch: Any) -> None:
         run, device, best = self.run, self.device, self.problem.best_loss
-        t0 = _clock(device)
+        t0 = synced_clock(device)
         self.phase = "the loss"
         loss = self.problem.loss(self.model, batch)
         value = float(loss.detach())
@@ -222,17 +216,17 @@ class Cell:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        t1 = t2 = _clock(device)  # an arm without balancing spends exactly 0 s on it
+        t1 = t2 = synced_clock(device)  # an arm without balancing spends exactly 0 s on it
         if self.arm.policy is not None:
             self.phase = "balancing"
             balance_and_write(self.pairs, self.arm.policy)
-            t2 = _clock(device)
+            t2 = synced_clock(device)
         layers_due = records.due(step, run.layers_every, run.steps)
         spectra_due = records.due(step, run.spectra_every, run.steps)
         if layers_due or spectra_due:
             self.phase = "diagnostics"
             self.log.diagnostics(self.pairs, step, layers_due, spectra_due)
-        t3 = _clock(device)
+        t3 = synced_clock(device)
         eval_value = math.nan
         if self.target_on == "eval_loss" and records.due(step, run.eval_every, run.steps):
             self.phase = "evaluation"
@@ -240,7 +234,7 @@ class Cell:
             with torch.no_grad():
                 eval_value = self.final_eval = float(self.problem.eval_loss(self.model))
             self.model.train()
-        t4 = _clock(device)
+        t4 = synced_clock(device)
 
         self.total["train"] += t1 - t0
         self.total["balance"] += t2 - t1

@@ -24,6 +24,7 @@ from balora import records
 from balora.adapters.live import iter_lora_pairs
 from balora.report import pair_rows
 from balora.store import RunWriter, environment_info
+from balora.timing import model_device, synced_clock
 
 
 class RunRecorder(TrainerCallback):
@@ -84,12 +85,12 @@ class RunRecorder(TrainerCallback):
         if model is not None:
             self._diagnostics(model, 0, self.layers_every > 0, self.spectra_every > 0)
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_t0 = time.perf_counter()
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._step_t0 = synced_clock(model_device(model))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
-        self._step_s[step] = time.perf_counter() - self._step_t0
+        self._step_s[step] = synced_clock(model_device(model)) - self._step_t0
         self._train_s += self._step_s[step]
         self._time_at[step] = self._train_s
         layers, spectra = records.due(step, self.layers_every), records.due(step, self.spectra_every)
@@ -149,7 +150,7 @@ class RunRecorder(TrainerCallback):
 
     def _diagnostics(self, model, step: int, layers: bool = True, spectra: bool = True) -> None:
         """Layer report rows of the model now -> layers and/or spectra rows (dW includes the scaling)."""
-        t = time.perf_counter()
+        t = synced_clock(model_device(model))  # the training kernels still queued are not the diagnostics'
         pairs = [p for p in iter_lora_pairs(model, self.adapter) if p.skip_reason is None]
         with torch.no_grad():
             rows = pair_rows(pairs)

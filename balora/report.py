@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -11,7 +12,7 @@ from torch import nn
 # The columns (identifying first, then what a user sorts by, then the spectra) are declared in
 # balora.columns, torch-free for the run store and the dashboard; re-exported here.
 from balora.columns import REPORT_COLUMNS
-from balora.imbalance import factor_stats
+from balora.imbalance import FactorStats, factor_stats
 from balora.linalg import all_finite
 from balora.pairs import FactorPair, group_by_shape
 from balora.precision import HALF_DTYPES, balanced_for_storage, storage_risk
@@ -51,14 +52,31 @@ def pair_rows(pairs: list[FactorPair], precision: bool = False) -> list[dict]:
         try:
             measured = [_measure(A, B, scaling, precision)] * len(group)
             positions = list(range(len(group)))
-        except RuntimeError:  # e.g. torch.linalg.LinAlgError: find the pair, keep the others' numbers
+        except torch.linalg.LinAlgError:  # find the pair, keep the others' numbers (other errors are bugs)
             measured = [_measure_one(A[g : g + 1], B[g : g + 1], scaling[g : g + 1], precision)
                         for g in range(len(group))]
             positions = [0] * len(group)
-        for g, (i, p) in enumerate(zip(idx, group)):
+        measured = _on_host(measured)
+        for g, (i, p, ok) in enumerate(zip(idx, group, finite.tolist())):
             stats, prec, error = measured[g]
-            rows[i] = _row(p, stats, prec, positions[g], bool(finite[g]), error)
+            rows[i] = _row(p, stats, prec, positions[g], ok, error)
     return rows  # type: ignore[return-value]
+
+
+def _on_host(measured: list[tuple]) -> list[tuple]:
+    """The measurements with their tensors on the CPU, one copy per distinct measurement: the rows
+    read each value as a Python number, which on a GPU would be one device read per value."""
+    moved: dict[int, tuple] = {}
+    out = []
+    for m in measured:
+        if id(m) not in moved:
+            stats, prec, error = m
+            if stats is not None and stats.norm_A.device.type != "cpu":
+                stats = FactorStats(**{f.name: getattr(stats, f.name).cpu() for f in dataclasses.fields(stats)})
+                prec = {k: v.cpu() for k, v in prec.items()}
+            moved[id(m)] = (stats, prec, error)
+        out.append(moved[id(m)])
+    return out
 
 
 def _measure(A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, precision: bool):
@@ -78,7 +96,7 @@ def _measure(A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, precision:
 def _measure_one(A, B, scaling, precision: bool):
     try:
         return _measure(A, B, scaling, precision)
-    except RuntimeError as e:
+    except torch.linalg.LinAlgError as e:
         return None, {}, f"decomposition failed: {str(e).splitlines()[0][:200]}"
 
 
