@@ -10,6 +10,7 @@ worse conditioned, rank-deficient or wider than tall fall back to Householder.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -135,32 +136,47 @@ def _fp32_matmul_precisions(device: torch.device | str | None) -> list[str]:
     return [legacy]
 
 
+_FULL = threading.Lock()  # guards _full_depth and _full_saved across threads that balance at once
+_full_depth = 0
+_full_saved: tuple = ()
+
+
 @contextmanager
 def full_fp32_matmuls():
     """fp32 matmuls at full fp32 precision inside, whatever training set (TF32 or bf16 matmuls, as
     transformers' tf32=True does on a GPU), restored on exit. A balancing pass needs it: with TF32's
     11 bits its Grams cannot tell a balanced pair from its neighbours (the Gram path would refuse
     every pair) and its products would move dW by ~1e-3 every step. Its matmuls are a small share
-    of a training step's, so the full precision costs little."""
-    if hasattr(torch.backends, "fp32_precision"):
-        backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-        saved = [b.fp32_precision for b in backends]
-        for b in backends:
-            b.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            for b, p in zip(backends, saved):
-                b.fp32_precision = p
-        return
-    saved_precision, saved_tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    of a training step's, so the full precision costs little. Nested or concurrent uses (threads
+    balancing at once) set it once and restore it when the last one leaves."""
+    global _full_depth, _full_saved
+    with _FULL:
+        if _full_depth == 0:
+            _full_saved = _set_fp32_matmul_precision(None)
+        _full_depth += 1
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(saved_precision)
-        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+        with _FULL:
+            _full_depth -= 1
+            if _full_depth == 0:
+                _set_fp32_matmul_precision(_full_saved)
+
+
+def _set_fp32_matmul_precision(saved: tuple | None) -> tuple:
+    """Set full precision (saved=None) or put back what an earlier call returned; returns the
+    settings it replaced. The per-backend settings on torch >= 2.9, else the legacy ones."""
+    if hasattr(torch.backends, "fp32_precision"):
+        backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        before = tuple(b.fp32_precision for b in backends)
+        for b, p in zip(backends, saved or ("ieee", "ieee")):
+            b.fp32_precision = p
+        return before
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
+    precision, tf32 = saved or ("highest", False)
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return before
 
 
 def compute_dtype(A_dtype: torch.dtype, B_dtype: torch.dtype) -> torch.dtype:

@@ -85,3 +85,35 @@ def test_balancing_under_reduced_precision_takes_the_gram_path_and_is_exact(
     summary = balance_and_write(make_live_pairs([(8, 96, 80)] * 6, seed=1), "nearest", check=False)
     assert summary.qr_path == 0 and summary.balanced == 6
     assert _state() == before
+
+
+def test_threads_balancing_at_once_restore_the_setting_when_the_last_leaves(restore_precision):
+    """Thread 1 enters, thread 2 enters, thread 1 leaves (full precision must hold for thread 2),
+    thread 2 leaves: the user's TF32 is back (saving per entry would have left "ieee" for good)."""
+    import threading
+
+    _set_new_api("tf32")
+    before = _state()
+    seen = {}
+    t1_in, t2_in, t1_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with full_fp32_matmuls():
+            t1_in.set()
+            t2_in.wait(10)
+        t1_out.set()
+
+    def second():
+        t1_in.wait(10)
+        with full_fp32_matmuls():
+            t2_in.set()
+            t1_out.wait(10)
+            seen["inside after the first left"] = matmul_unit_roundoff(torch.float32)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"inside after the first left": 2.0**-24}
+    assert _state() == before
