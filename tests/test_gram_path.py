@@ -314,3 +314,26 @@ def test_grams_upcast_on_their_way_to_the_host_keep_their_own_subnormal_floor(np
     assert summary.qr_path == len(pairs) and summary.balanced == len(pairs)
     for i, p in enumerate(pairs):  # the QR path's fp32 accuracy (the Gram path's float64 floor left 2.5e-5 to 5e-2)
         assert np_rel_imbalance(*new[i]) < 1e-5 and np_product_error(p.A, p.B, *new[i]) < 1e-5
+
+
+def test_an_unsettled_fixed_point_is_not_kept_for_an_ill_conditioned_float64_pair(monkeypatch):
+    """A balanced float64 pair whose product has cond ~1e6, then A's rows rotated by exp(0.17 K):
+    four fixed-point steps leave ||O O^T - I|| ~ 7e-8. That is below the eigh route's error bound
+    (u cond(H)^2 ~ 1e-7), and keeping it moved dW by 1e-8. It must be redone (a backward-stable
+    polar reaches ~u cond(H)), giving the eigh route's pair: dW kept to 1e-11."""
+    import balora.projection as projection
+
+    gen = torch.Generator().manual_seed(10622)
+    A0 = _factor(12, 8, 1.27e6**0.5, gen).mT
+    B0 = _factor(201, 8, 1.27e6**0.5, gen)
+    p = balanced_factors(A0[None], B0[None], "nearest")
+    K = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    A, B = torch.linalg.matrix_exp(0.172 * (K - K.mT) / 2) @ p.A[0], p.B[0]
+    redone = _spy_eigh_polar(monkeypatch)
+    t = gram_transforms((A @ A.mT)[None], (B.mT @ B)[None], "nearest")
+    assert t.accurate.all() and redone == [1]
+    A1, B1 = t.Y[0] @ A, B @ t.X[0]
+    assert float(torch.linalg.matrix_norm(B1 @ A1 - B @ A) / torch.linalg.matrix_norm(B @ A)) < 1e-11
+    monkeypatch.setattr(projection, "_polar", lambda M, eye: projection._polar_by_eigh(M, eye))
+    ref = gram_transforms((A @ A.mT)[None], (B.mT @ B)[None], "nearest")
+    torch.testing.assert_close(t.X, ref.X, rtol=0, atol=1e-12 * float(ref.X.abs().max()))

@@ -192,3 +192,14 @@ def test_product_rel_error_vs_numpy(np_product_error, make_factors):
     assert torch.all(product_rel_error(zero, B0, zero, B0) == 0), "0/0 counts as unchanged"
     np.testing.assert_allclose(product_rel_error(zero, B0, A1, B1).numpy(),
                                [np.linalg.norm(B1[g].numpy() @ A1[g].numpy()) for g in range(3)], rtol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e80, 1e-90])
+def test_product_rel_error_at_the_edges_of_float64(np_product_error, make_factors, scale):
+    """Its r x r traces square the products' size: factors of 1e80 overflowed to NaN (a pass's
+    summary then said max_rel_error nan) and of 1e-90 underflowed to 0 for a 100% change."""
+    A, B = make_factors(2, r=4, n_in=12, n_out=10, dtype=torch.float64, seed=31)
+    A_new = A + 0.5 * torch.flip(A, dims=(-1,))
+    err = product_rel_error(A * scale, B * scale, A_new * scale, B * scale)
+    for g in range(2):  # the ratio does not depend on the scale: the reference is taken at scale 1
+        np.testing.assert_allclose(float(err[g]), np_product_error(A[g], B[g], A_new[g], B[g]), rtol=1e-9)
