@@ -165,18 +165,26 @@ def full_fp32_matmuls():
 
 def _set_fp32_matmul_precision(saved: tuple | None) -> tuple:
     """Set full precision (saved=None) or put back what an earlier call returned; returns the
-    settings it replaced. The per-backend settings on torch >= 2.9, else the legacy ones."""
+    settings it replaced, () when there was nothing to change (the default: fp32 matmuls already at
+    full precision, and torch's settings are left exactly as they were). The per-backend settings
+    on torch >= 2.9: while they differ from what the older API last set, reading that API
+    (torch.get_float32_matmul_precision, allow_tf32) raises, in any thread, until they are put back."""
+    if saved == ():
+        return ()
     if hasattr(torch.backends, "fp32_precision"):
         backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        if saved is None and set(_fp32_matmul_precisions(None)) == {"ieee"}:
+            return ()
         before = tuple(b.fp32_precision for b in backends)
         for b, p in zip(backends, saved or ("ieee", "ieee")):
             b.fp32_precision = p
         return before
-    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
-    precision, tf32 = saved or ("highest", False)
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    return before
+    # torch < 2.9: allow_tf32 follows the precision (setting it True would make "medium" "high")
+    before = torch.get_float32_matmul_precision()
+    if saved is None and before == "highest":
+        return ()
+    torch.set_float32_matmul_precision(saved[0] if saved else "highest")
+    return (before,)
 
 
 def compute_dtype(A_dtype: torch.dtype, B_dtype: torch.dtype) -> torch.dtype:

@@ -36,7 +36,8 @@ def pair_rows(pairs: list[FactorPair], precision: bool = False) -> list[dict]:
     so the training-time diagnostics (runner, RunRecorder) leave them out and `layer_report` and
     `balora.inspect`, which describe an adapter as it would be shipped, ask for them.
     Never raises for the factors' values: NaN/Inf factors, values beyond float64 and failed
-    decompositions are said in the row (`status`, `note`).
+    decompositions (torch.linalg.LinAlgError) are said in the row (`status`, `note`); any other
+    error (out of memory, a bug) propagates.
     """
     rows: list[dict | None] = [None] * len(pairs)
     for idx in group_by_shape(pairs).values():

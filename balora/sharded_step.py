@@ -131,8 +131,8 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
         except torch.linalg.LinAlgError:  # the gathered path redoes these and names the module
             continue
         for g, (k, ok) in enumerate(zip(ks, t.accurate.tolist())):
-            if ok:
-                out[k] = (t.X[g], t.Y[g])
+            if ok:  # in the compute dtype already on the host (MPS has no float64)
+                out[k] = (t.X[g].to(_compute_dtype(pairs[k])), t.Y[g].to(_compute_dtype(pairs[k])))
     return _to_device(out, device)
 
 

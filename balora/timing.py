@@ -18,6 +18,12 @@ def synced_clock(device: torch.device | None) -> float:
 
 
 def model_device(model: nn.Module | None) -> torch.device | None:
-    """The device of the model's first parameter (None without any)."""
-    p = next(model.parameters(), None) if model is not None else None
+    """The device of the model's first trainable parameter (a LoRA factor in a PEFT model; frozen
+    parts such as embeddings may be offloaded to the CPU), else of its first parameter; None
+    without any."""
+    if model is None:
+        return None
+    p = next((q for q in model.parameters() if q.requires_grad), None)
+    if p is None:
+        p = next(model.parameters(), None)
     return None if p is None else p.device

@@ -117,3 +117,29 @@ def test_threads_balancing_at_once_restore_the_setting_when_the_last_leaves(rest
         t.join(20)
     assert seen == {"inside after the first left": 2.0**-24}
     assert _state() == before
+
+
+def test_nothing_is_changed_when_matmuls_already_run_at_full_precision(restore_precision):
+    """The default: not one of torch's settings is written (writing "ieee" where the backends said
+    "none" would pin them, and a later torch.backends.fp32_precision = "tf32" would be ignored)."""
+    torch.backends.fp32_precision = "none"
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.mkldnn.matmul.fp32_precision = "none"
+    with full_fp32_matmuls():
+        assert _state() == ("none", "none", "none")
+    assert _state() == ("none", "none", "none")
+
+
+@pytest.mark.parametrize("setting", ["legacy medium", "new API tf32"])
+def test_balanced_for_storage_forms_its_grams_at_full_precision(restore_precision, monkeypatch, setting):
+    """What `balora balance` writes: under a reduced setting its Grams' unit roundoff refused every
+    pair from the Gram path (all of them redone by the slower float64 QR route)."""
+    import balora.precision as precision
+
+    SETTINGS[setting]()
+    redone = []
+    real = precision._qr_balanced
+    monkeypatch.setattr(precision, "_qr_balanced", lambda A, B: (redone.append(A.shape[0]), real(A, B))[1])
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(5, 8, 96, generator=g) / 10, torch.randn(5, 80, 8, generator=g)
+    precision.balanced_for_storage(A, B)
+    assert redone == []
