@@ -11,11 +11,15 @@ the cached pairs). Every rank
 writes OUT_DIR/{run}_rank{R}.safetensors (its gathered LoRA factors) and OUT_DIR/{run}_rank{R}.json
 (losses, layer_report, what the last balancing pass and the report communicated). Rank 0 also writes reference.* from the
 single-process run over the whole batch (FSDP2 averages the ranks' gradients, so the single
-process sees the mean of the ranks' mean losses: the same objective).
+process sees the mean of the ranks' mean losses: the same objective). Balancing always runs with
+the CPU's fp32 matmuls set to bf16, as a user training in reduced precision has them: it must
+use full precision anyway (else its Gram path refuses every pair and every pair is gathered
+whole, which the byte counts would show) and put the setting back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -75,6 +79,22 @@ def batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, (STEPS, 2 * PER_RANK, SEQ), generator=g)  # (steps, global batch, seq)
 
 
+@contextlib.contextmanager
+def reduced_precision():
+    """The CPU's oneDNN fp32 matmuls in bf16 (TF32 changes nothing on a CPU), checked to be set
+    again after balancing; the forward and backward passes run outside it, at full precision."""
+    if not hasattr(torch.backends, "fp32_precision"):  # torch < 2.9
+        yield
+        return
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16", "balancing did not put the setting back"
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+
+
 def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[list[float], dict]:
     """STEPS AdamW steps on ids (steps, batch, seq), balancing after each; the mean loss per step
     and what the last balancing pass communicated."""
@@ -87,14 +107,17 @@ def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[li
     for step in range(STEPS):
         loss = model(input_ids=ids[step], labels=ids[step]).loss
         loss.backward()
-        opt.step()
+        with reduced_precision():  # the hook balances inside step()
+            opt.step()
         opt.zero_grad()
         if balance == "callback":
             state.global_step = step
-            callback.on_optimizer_step(args, state, control, model=model)
+            with reduced_precision():
+                callback.on_optimizer_step(args, state, control, model=model)
             assert callback.last_summary.balanced == 9, callback.last_summary  # 2 blocks x 4 targets + embed_tokens
         elif balance == "balance_":
-            summary = balance_(model, check=False)
+            with reduced_precision():
+                summary = balance_(model, check=False)
             assert summary.balanced == 9, summary
         loss = loss.detach()
         if distributed:

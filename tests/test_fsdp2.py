@@ -1,7 +1,9 @@
 """FSDP2: under torchrun with 2 gloo processes on CPU, a tiny Llama-shaped PEFT model sharded with
 fully_shard (per block + root) trains with balancing after every AdamW step (balance_after_step,
 BalanceCallback's hook called directly, and balance_) and matches the same steps run in one process without
-sharding; every rank ends with the same gathered factors and the same layer_report.
+sharding; every rank ends with the same gathered factors and the same layer_report. Balancing runs
+with the CPU's fp32 matmuls set to bf16, as in reduced-precision training: the byte counts show it
+still takes the Gram path (full precision inside), and the script checks the setting is put back.
 
 The Trainer is not used here: accelerate enables its FSDP plugin only for accelerator devices, and
 on CPU a Trainer with fsdp="full_shard" silently trains with DDP (its parameters stay plain tensors).
