@@ -25,7 +25,7 @@ from balora.distributed import CommStats, gather_pairs, is_dtensor, last_comm, l
 from balora.linalg import compute_dtype, full_fp32_matmuls, matmul_unit_roundoff
 from balora.pairs import FactorPair
 from balora.projection import gram_transforms, subnormal_floor
-from balora.stacked import gram_tol
+from balora.stacked import gram_tol, to_device_at_once
 
 
 def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], object]:
@@ -123,30 +123,27 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
     parts = buf.split(sizes)
     for r, ks in by_rank.items():
         G = torch.stack([parts[k].reshape(2, r, r) for k in ks])  # (n, 2, r, r)
-        u = torch.tensor([matmul_unit_roundoff(_compute_dtype(pairs[k]), device) for k in ks], dtype=torch.float64)
+        dtypes = [_compute_dtype(pairs[k]) for k in ks]
+        u = torch.tensor([matmul_unit_roundoff(ct, device) for ct in dtypes], dtype=torch.float64)
         tol = torch.tensor([gram_tol(*(t.dtype for t in pairs[k].extra["params"])) for k in ks], dtype=torch.float64)
-        floor = torch.tensor([subnormal_floor(_compute_dtype(pairs[k])) for k in ks], dtype=torch.float64)  # before float64
+        floor = torch.tensor([subnormal_floor(ct) for ct in dtypes], dtype=torch.float64)  # before float64
         try:
             t = gram_transforms(G[:, 0], G[:, 1], method, u, tol, floor)
         except torch.linalg.LinAlgError:  # the gathered path redoes these and names the module
             continue
-        for g, (k, ok) in enumerate(zip(ks, t.accurate.tolist())):
+        for g, (k, ct, ok) in enumerate(zip(ks, dtypes, t.accurate.tolist())):
             if ok:  # in the compute dtype already on the host (MPS has no float64)
-                out[k] = (t.X[g].to(_compute_dtype(pairs[k])), t.Y[g].to(_compute_dtype(pairs[k])))
+                out[k] = (t.X[g].to(ct), t.Y[g].to(ct))
     return _to_device(out, device)
 
 
 def _to_device(maps: list[tuple[torch.Tensor, torch.Tensor] | None], device: torch.device):
-    """The host's X, Y on the shards' device: one pinned, non-blocking copy for all of them (a
-    blocking copy from pageable memory would wait for the device once per tensor)."""
-    found = [m for m in maps if m is not None]
+    """The host's X, Y on the shards' device, all in one copy (stacked.to_device_at_once)."""
+    found = [t for m in maps if m is not None for t in m]
     if device.type == "cpu" or not found:
         return maps
-    flat = torch.cat([t.reshape(-1) for m in found for t in m])
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    parts = iter(flat.to(device, non_blocking=True).split([t.numel() for m in found for t in m]))
-    return [None if m is None else tuple(next(parts).view(t.shape) for t in m) for m in maps]
+    sent = iter(to_device_at_once(found, device))
+    return [None if m is None else (next(sent), next(sent)) for m in maps]
 
 
 def _write_local(p: FactorPair, X: torch.Tensor, Y: torch.Tensor) -> None:

@@ -87,9 +87,8 @@ def _write_stack(b: Block, factor: str) -> None:
 
 def write_all(pairs: list[FactorPair], new: dict[int, tuple[torch.Tensor, torch.Tensor] | Callable],
               whole: list[Block] = ()) -> None:
-    """Write each block of `whole` (re-homed parameters) stack by stack: form A' into the
-    workspace and copy it into the parameters' stack at once, while it is still in cache (one
-    product and one copy per stack, casting to the parameters' dtype), then B'. Then write new
+    """Write each block of `whole` (re-homed parameters) stack by stack, A' then B' (_write_stack:
+    formed and copied into the parameters' stack while in cache, casting to their dtype). Then write new
     factors {index into pairs: (A', B'), or a function that forms them}: formed ones
     with one foreach copy for every pair whose `write` is a ParamWriter, the others through
     `pair.write` (files, FSDP2 shards); functions are called and written one pair at a time, so

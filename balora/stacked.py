@@ -306,11 +306,17 @@ def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, to
         else:
             by_device.setdefault(b.device, []).append(i)
     for device, idx in by_device.items():  # sent in the compute dtype (MPS has no float64)
-        flat = torch.cat([_as(t, blocks[i].compute_dtype).reshape(-1) for i in idx for t in maps[i]])
-        if torch.cuda.is_available():
-            flat = flat.pin_memory()
-        flat = flat.to(device, non_blocking=True)
-        parts = iter(flat.split([t.numel() for i in idx for t in maps[i]]))
-        for i in idx:
-            b = blocks[i]
-            b.X, b.Y = (_as(next(parts).view(t.shape), b.compute_dtype) for t in maps[i])
+        sent = to_device_at_once([_as(t, blocks[i].compute_dtype) for i in idx for t in maps[i]], device)
+        for i, X, Y in zip(idx, sent[0::2], sent[1::2]):
+            blocks[i].X, blocks[i].Y = _as(X, blocks[i].compute_dtype), _as(Y, blocks[i].compute_dtype)
+
+
+def to_device_at_once(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors on `device` (in their promoted dtype) through one pinned, non-blocking copy: the
+    host never waits for the device here, where a blocking copy from pageable memory would wait once
+    per tensor."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
