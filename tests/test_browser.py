@@ -164,7 +164,9 @@ def test_every_page_in_a_real_browser(server, page, adapter):
     box.press("Enter")
     _wait_for(page, "across checkpoints")
     labels = _check(page, "inspect")
-    # The per-layer table as the browser shows it: the numbers first, no file path column.
+    # The per-layer table as the browser shows it: the numbers first, no file path column. Its grid
+    # renders after the charts: wait for its (hidden, accessible) headers rather than read it at once.
+    page.wait_for_selector('[data-testid="stDataFrame"] [role="columnheader"]', state="attached", timeout=60000)
     headers = page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid="stDataFrame"]')[0]
         .querySelectorAll('[role="columnheader"]')).map(e => e.innerText.trim())""")
     assert headers[:10] == ["module", "r", "scaling", "norm_A", "norm_B", "rel_imbalance", "imbalance", "cond_dW", "cond_A",
