@@ -11,6 +11,7 @@ group here (tests/test_fsdp2.py runs two processes).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -262,3 +263,34 @@ def test_balance_step_writes_nothing_when_a_policy_raises(model, mesh):
         balance_step(PairCache().get(sharded, gather=False), BalancePolicy(check=False))
     for n, t in _whole(sharded).items():
         assert torch.equal(t.nan_to_num(nan=7.0), before[n].nan_to_num(nan=7.0)), f"{n} was written although balancing raised"
+
+
+def test_balance_step_refuses_grams_in_the_fp32_subnormal_range(model, mesh):
+    """A of ~1e-21 with B of ~1e-3 in fp32 (neither rescaled: B is in range): their local Grams are
+    in fp32's subnormal range, rounded in absolute terms, then all-reduced in float64. balance_step
+    must judge them by fp32's floor, not float64's, and gather the pair for the QR path; judged by
+    float64's floor they were accepted and came back far from balanced."""
+    from balora.adapters.pair_cache import PairCache
+    from balora.distributed import last_comm
+    from balora.policy import BalancePolicy
+    from balora.sharded_step import balance_step
+
+    sharded = _gram_layout(model, mesh)
+    lin = _layer(sharded, "lin")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        lin.lora_A["default"].weight.to_local().copy_(torch.randn(R, 12, generator=gen) * 1e-21)
+        lin.lora_B["default"].weight.to_local().copy_(torch.randn(10, R, generator=gen) * 1e-3)
+    before = _whole(sharded)
+    key = "base_model.model.lin.lora_{}.default.weight"
+    A0, B0 = (before[key.format(f)].double().numpy() for f in "AB")
+    assert np.abs(A0 @ A0.T).max() < torch.finfo(torch.float32).tiny, "the fp32 Gram of A must be subnormal"
+    summary = balance_step(PairCache().get(sharded, gather=False), BalancePolicy(check=False))
+    assert summary.balanced == 3 and not summary.skipped
+    gathered = {n: t.numel() * t.element_size() for n, t in before.items() if ".conv." in n or ".lin." in n}
+    assert last_comm().bytes_sent == sum(gathered.values()), "conv, and the subnormal pair, must be gathered whole"
+    whole = _whole(sharded)
+    A1, B1 = (whole[key.format(f)].double().numpy() for f in "AB")
+    G_A, G_B = A1 @ A1.T, B1.T @ B1
+    assert np.linalg.norm(G_A - G_B) / np.linalg.norm(G_A) < 1e-5
+    np.testing.assert_allclose(B1 @ A1, B0 @ A0, rtol=0, atol=1e-5 * np.abs(B0 @ A0).max())
