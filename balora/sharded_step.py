@@ -22,10 +22,10 @@ import torch.distributed as dist
 from torch import nn
 
 from balora.distributed import CommStats, gather_pairs, is_dtensor, last_comm, local_storage, record_comm
-from balora.linalg import compute_dtype, full_fp32_matmuls, matmul_unit_roundoff
+from balora.linalg import compute_dtype, full_fp32_matmuls
 from balora.pairs import FactorPair
-from balora.projection import gram_transforms, subnormal_floor
-from balora.stacked import gram_tol, to_device_at_once
+from balora.projection import gram_transforms
+from balora.stacked import gram_limits, to_device_at_once
 
 
 def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], object]:
@@ -124,9 +124,8 @@ def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor,
     for r, ks in by_rank.items():
         G = torch.stack([parts[k].reshape(2, r, r) for k in ks])  # (n, 2, r, r)
         dtypes = [_compute_dtype(pairs[k]) for k in ks]
-        u = torch.tensor([matmul_unit_roundoff(ct, device) for ct in dtypes], dtype=torch.float64)
-        tol = torch.tensor([gram_tol(*(t.dtype for t in pairs[k].extra["params"])) for k in ks], dtype=torch.float64)
-        floor = torch.tensor([subnormal_floor(ct) for ct in dtypes], dtype=torch.float64)  # before float64
+        limits = [gram_limits(*(t.dtype for t in pairs[k].extra["params"]), device) for k in ks]
+        u, tol, floor = torch.tensor(limits, dtype=torch.float64).unbind(-1)
         try:
             t = gram_transforms(G[:, 0], G[:, 1], method, u, tol, floor)
         except torch.linalg.LinAlgError:  # the gathered path redoes these and names the module

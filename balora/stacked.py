@@ -241,12 +241,9 @@ def gram_maps(blocks: list[Block], method: str) -> None:
     maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for idx in by_rank.values():
         sizes = [len(blocks[i].members) for i in idx]
-        # Per member: the unit roundoff of the matmul that formed its Grams, and its tolerance.
-        # Expanded in Python: repeat_interleave on a multi-threaded CPU cost ~0.7 ms per call.
-        u = _per_member([matmul_unit_roundoff(blocks[i].compute_dtype, blocks[i].device) for i in idx], sizes)
-        tol = _per_member([gram_tol(blocks[i].A_dtype, blocks[i].B_dtype) for i in idx], sizes)
-        # the Grams' own dtype's (a GPU's come to the host in float64; blocks of two dtypes are joined)
-        floor = _per_member([subnormal_floor(blocks[i].compute_dtype) for i in idx], sizes)
+        # Per member, expanded in Python (repeat_interleave on a multi-threaded CPU cost ~0.7 ms per call).
+        u, tol, floor = _per_member([gram_limits(blocks[i].A_dtype, blocks[i].B_dtype, blocks[i].device)
+                                     for i in idx], sizes).unbind(-1)
         try:
             t = gram_transforms(torch.cat([host[2 * i] for i in idx]), torch.cat([host[2 * i + 1] for i in idx]),
                                 method, u, tol, floor)
@@ -267,8 +264,17 @@ def gram_tol(A_dtype: torch.dtype, B_dtype: torch.dtype) -> float:
     return max(GRAM_TOL, 0.1 * max(torch.finfo(A_dtype).eps, torch.finfo(B_dtype).eps))
 
 
-def _per_member(values: list[float], sizes: list[int]) -> torch.Tensor:
-    """(sum(sizes),) float64: values[i] repeated sizes[i] times."""
+def gram_limits(A_dtype: torch.dtype, B_dtype: torch.dtype, device: torch.device) -> tuple[float, float, float]:
+    """What gram_transforms needs to judge a pair of factors of these dtypes whose Grams were formed
+    on `device` in their compute dtype: the unit roundoff of that matmul, the tolerance (gram_tol)
+    and the subnormal floor of the compute dtype (the Grams' own, even when they reach the r x r
+    maths upcast to float64: a GPU's, FSDP2's all-reduced ones, blocks of two dtypes joined)."""
+    ct = compute_dtype(A_dtype, B_dtype)
+    return matmul_unit_roundoff(ct, device), gram_tol(A_dtype, B_dtype), subnormal_floor(ct)
+
+
+def _per_member(values: list[tuple[float, ...]], sizes: list[int]) -> torch.Tensor:
+    """(sum(sizes), k) float64: values[i] (k numbers) repeated sizes[i] times."""
     return torch.tensor([v for v, n in zip(values, sizes) for _ in range(n)], dtype=torch.float64)
 
 
