@@ -15,7 +15,11 @@ What it prints, all measured in this process:
      the CPU) and warnings from torch.cuda.set_sync_debug_mode("warn");
   3. the peak CUDA memory a pass adds over what the model and optimizer already hold;
   4. the ops-per-pass table for 8, 16 and 28 blocks of 1B-like LoRA factors on the GPU;
-  5. a short bf16 `balora compare --task lm --device cuda` (lora against balora) and its
+  5. how the pass grows with the rank: fp32 LoRA factors of a Llama-3.2-3B-like model (196
+     pairs) at r=16 and r=64, one pass against one fused AdamW step, and the share of the pass
+     spent in the r x r maths, which run on the host CPU in float64 (their cost grows as
+     pairs x r^3 and does not shrink with a faster GPU);
+  6. a short bf16 `balora compare --task lm --device cuda` (lora against balora) and its
      per-arm summary side by side.
 
 Without CUDA it says so and exits 0 (tests/test_gpu_check.py runs it that way).
@@ -153,6 +157,34 @@ def check_op_table(device: str = "cuda", shape: str = "1B") -> None:
     op_count_table(MODELS[shape], 16, device)
 
 
+def check_rank_cost(reps: int, device: str = "cuda", shape: str = "3B", ranks: tuple[int, ...] = (16, 64)) -> None:
+    """Part 5 of the docstring: a pass at each rank next to a fused AdamW step, and its host r x r maths."""
+    from bench_projection import MODELS, make_adapter
+
+    from balora.balance import balance_and_write
+    from balora.policy import BalancePolicy
+    from balora.projection import gram_transforms
+
+    m = MODELS[shape]
+    policy = BalancePolicy("nearest", check=False)
+    print(f"\n== the pass by rank: {m.name} LoRA factors (fp32, random, B small), nearest gauge ==")
+    print(f"   {'r':>4}{'pairs':>7}{'pass ms':>10}{'x fused AdamW':>15}{'host r x r ms':>15}{'share of pass':>15}")
+    for r in ranks:
+        ad = make_adapter(m, r, torch.float32, device)
+        opt = torch.optim.AdamW(ad.params, lr=1e-4, fused=True)
+        times = _timed_rounds({"adamw": opt.step, "pass": lambda: balance_and_write(ad.pairs, policy)}, reps, device)
+        with torch.no_grad():  # the pass's r x r maths alone, on the Grams it would see after the last step
+            G_A = torch.stack([p.A @ p.A.mT for p in ad.pairs]).double().cpu()
+            G_B = torch.stack([p.B.mT @ p.B for p in ad.pairs]).double().cpu()
+        maths = _timed_rounds({"maths": lambda: gram_transforms(G_A, G_B, "nearest")}, max(3, reps // 3), "cpu")["maths"]
+        pass_ms, maths_ms = statistics.median(times["pass"]), statistics.median(maths)
+        print(f"   {r:>4}{len(ad.pairs):>7}{pass_ms:>10.1f}{_paired(times, 'pass', 'adamw'):>15.2f}{maths_ms:>15.1f}"
+              f"{maths_ms / pass_ms:>15.0%}")
+        del ad, opt
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
 def check_compare(timeout_s: int, device: str = "cuda", steps: int = 60) -> None:
     """A short lm comparison through the CLI (bf16 on a GPU), then its per-arm summary."""
     import balora
@@ -189,6 +221,7 @@ def main(argv=None) -> int:
     if args.smoke:
         check_training_step(reps=2, batch=1, seq=16, device="cpu", shape="tiny")
         check_op_table("cpu", "tiny")
+        check_rank_cost(reps=2, device="cpu", shape="tiny", ranks=(4, 16))
         if not args.skip_compare:
             check_compare(timeout_s=600, device="cpu", steps=3)
         return 0
@@ -202,6 +235,7 @@ def main(argv=None) -> int:
     check_training_step(reps=5 if args.quick else 15, batch=4, seq=1024)
     torch.cuda.empty_cache()  # the model is gone: give its memory back before the next part
     check_op_table()
+    check_rank_cost(reps=5 if args.quick else 15)
     if not args.skip_compare:
         check_compare(timeout_s=180)
     print(f"\ngpu_check done in {time.perf_counter() - t0:.0f} s")

@@ -26,6 +26,7 @@ def test_gpu_check_smoke_runs_every_part_on_the_cpu():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
-    for what in ("forward+backward", "fused AdamW step", "balance nearest", "balance svd", "ops per pass"):
+    for what in ("forward+backward", "fused AdamW step", "balance nearest", "balance svd", "ops per pass",
+                 "the pass by rank"):
         assert what in out, what
     assert out.count("(target <= 1.2: MET)") == 2, out[-1500:]
