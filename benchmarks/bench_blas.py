@@ -20,19 +20,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-
-def _median_s(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from bench_projection import time_interleaved  # beside this file: rounds in rotating order, seconds per call
 
 
 def square(n: int, reps: int) -> None:
@@ -40,17 +31,18 @@ def square(n: int, reps: int) -> None:
     exact = a.double() @ b.double()
     flops = 2 * n**3
 
-    def report(name: str, fn) -> None:  # speed, and the error against float64 (fp32 rounding: ~1e-6)
-        err = ((fn().double() - exact).abs().max() / exact.abs().max()).item()
-        print(f"   {name:<16}{flops / _median_s(fn, reps) / 1e9:6.0f} GF/s   max error {err:.1e} of the largest entry")
-
-    print(f"square {n} x {n} fp32:")
-    report("torch.mm (MKL)", lambda: torch.mm(a, b))
     w = b.T.contiguous()  # linear computes a @ weight^T
+    fns = {"torch.mm (MKL)": lambda: torch.mm(a, b),
+           "oneDNN": lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")}
+    print(f"square {n} x {n} fp32, side by side:")
     try:
-        report("oneDNN", lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""))
+        fns["oneDNN"]()
     except (RuntimeError, AttributeError) as e:  # a build without oneDNN
         print(f"   oneDNN: not available ({str(e).splitlines()[0]})")
+        del fns["oneDNN"]
+    for name, times in time_interleaved(fns, reps, "cpu").items():  # speed, and the error against float64
+        err = ((fns[name]().double() - exact).abs().max() / exact.abs().max()).item()
+        print(f"   {name:<16}{flops / statistics.median(times) / 1e9:6.0f} GF/s   max error {err:.1e} of the largest entry")
 
 
 def pass_shapes(G: int, r: int, reps: int) -> None:
@@ -60,9 +52,11 @@ def pass_shapes(G: int, r: int, reps: int) -> None:
     for i, o in ((2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)):
         A, B, X = torch.randn(G, r, i), torch.randn(G, o, r), torch.randn(G, r, r)
         out_A, out_B = torch.empty_like(A), torch.empty_like(B)
-        cases = ((lambda: torch.bmm(A, A.mT), i), (lambda: torch.bmm(B.mT, B), o),
-                 (lambda: torch.bmm(X, A, out=out_A), i), (lambda: torch.bmm(B, X, out=out_B), o))
-        rates = [2 * G * r * r * n / _median_s(fn, reps) / 1e9 for fn, n in cases]
+        fns = {"A A^T": lambda: torch.bmm(A, A.mT), "B^T B": lambda: torch.bmm(B.mT, B),
+               "Y A": lambda: torch.bmm(X, A, out=out_A), "B X": lambda: torch.bmm(B, X, out=out_B)}
+        sizes = (i, o, i, o)  # the long dimension each product runs over
+        times = time_interleaved(fns, reps, "cpu")
+        rates = [2 * G * r * r * n / statistics.median(t) / 1e9 for t, n in zip(times.values(), sizes)]
         print(f"   {str((i, o)):<14}" + "".join(f"{x:12.0f}" for x in rates))
 
 
