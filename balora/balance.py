@@ -333,9 +333,11 @@ def balance_(
     `balora.adapters.pair_cache.forget(model)`.
     """
     from balora.adapters.pair_cache import cached_model_pairs
+    from balora.sharded_step import balance_step
 
     policy = as_policy(method, on_rank_deficient, on_nonfinite, check)  # before walking the model
-    return balance_and_write(cached_model_pairs(model, adapter), policy)
+    # FSDP2: balance_step gathers what it needs (everything when checking); else balance_and_write
+    return balance_step(cached_model_pairs(model, adapter, gather=False), policy)
 
 
 def balance_and_write(

@@ -1,19 +1,30 @@
-"""The per-step balancing pass on FSDP2-sharded pairs, communicating only r x r Grams where it can.
+"""The per-step balancing pass on FSDP2-sharded pairs: r x r Grams and A factors communicated, never B.
 
-With B (out, r) sharded by rows (FSDP2's default, Shard(0)) and A (r, in) sharded by columns
-(Shard(1): `fully_shard(..., shard_placement_fn=lora_shard_placement(model))`), both Grams are
-sums of the ranks' local Grams, G_A = sum_k A_k A_k^T and G_B = sum_k B_k^T B_k, and the
-balanced factors are local products, A'_k = Y A_k and B'_k = B_k X (projection.gram_transforms).
-A pass then all-reduces two r x r matrices per pair, in one collective for all of them, and each
-rank does the tall products on its own shard only. Every other pair (A sharded by rows, conv
-factors, pairs the Gram path cannot do accurately, zero or rank-deficient products, non-finite
-factors) is gathered whole and balanced as in one process (balora.distributed.gather_pairs),
-with the same policies. Every decision is made from all-reduced values, so all ranks take the
-same path for every pair.
+With B (out, r) sharded by rows (FSDP2's Shard(0)), G_B = B^T B is the sum of the ranks' local
+Grams B_k^T B_k and the new B is local, B'_k = B_k X (projection.gram_transforms). A (r, in) takes
+one of FSDP2's two layouts:
+
+  by columns (Shard(1), `fully_shard(..., shard_placement_fn=lora_shard_placement(model))`)
+      G_A = sum_k A_k A_k^T too, and A'_k = Y A_k: a pass all-reduces two r x r Grams per pair
+      and nothing else;
+  by rows (Shard(0), FSDP2's default: the r rows of A split over the ranks)
+      every rank gathers the whole A (r x in, the smaller half of most adapters), computes G_A
+      itself, and forms its own rows of A' = Y A, A'_k = Y[rows_k] A.
+
+Pairs of one shape, dtype and layout are stacked as in one process (balora.stacked), so a pass
+dispatches a number of ops that depends on the number of shapes, not of pairs: one all_gather for
+the A factors by rows, one all_reduce for the partial Grams, one device-to-host copy for the r x r
+maths, one batched product per factor and block, and one foreach copy into the shards. Every other
+pair (other meshes or placements, conv factors, fp16 factors, pairs the Gram path cannot do
+accurately, zero or rank-deficient products, non-finite factors) is gathered whole and balanced as
+in one process (balora.distributed.gather_pairs), with the same policies. Every decision is made
+from values that are identical on all ranks (all-reduced or gathered), so all ranks take the same
+path for every pair.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -21,11 +32,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from balora.distributed import CommStats, gather_pairs, is_dtensor, last_comm, local_storage, record_comm
+from balora.distributed import CommStats, _chunk_rows, gather_pairs, is_dtensor, last_comm, local_storage, record_comm
 from balora.linalg import compute_dtype, full_fp32_matmuls
 from balora.pairs import FactorPair
-from balora.projection import gram_transforms
-from balora.stacked import gram_limits, to_device_at_once
+from balora.stacked import Block, _stack, gram_maps
+from balora.workspace import buffer as _buffer
 
 
 def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], object]:
@@ -34,7 +45,8 @@ def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], object]:
         fully_shard(block, mesh=mesh, shard_placement_fn=balora.lora_shard_placement(model))
 
     Call it on the model before sharding it (it finds the factors by walking the PEFT layers).
-    Balancing then communicates r x r Grams instead of whole factors (see this module).
+    Balancing then communicates only r x r Grams, where FSDP2's default layout also gathers the
+    A factors whole (see this module).
     """
     from torch.distributed.tensor import Shard
 
@@ -61,95 +73,143 @@ def _balance_step(pairs: list[FactorPair], policy):
 
     if not any(is_dtensor(t) for p in pairs for t in p.extra.get("params", ())):
         return balance_and_write(pairs, policy)
-    local = [i for i, p in enumerate(pairs) if _gram_local(p)]
-    if policy.check or not local:  # the check measures whole products: gather everything
+    local = [i for i, p in enumerate(pairs) if _layout(p) is not None]
+    meshes = {id(pairs[i].extra["params"][0].device_mesh) for i in local}
+    if policy.check or not local or len(meshes) > 1:  # the check measures whole products; one mesh, one collective
         return balance_and_write(gather_pairs(pairs), policy)
     t0 = time.perf_counter()
-    maps = _gram_maps([pairs[i] for i in local], policy.method)
-    reduced = last_comm()
-    done = {i for i, m in zip(local, maps) if m is not None}
+    blocks = _shard_blocks([pairs[i] for i in local])
+    stats = CommStats()
+    _gather_A_by_rows(blocks, stats)
+    group = pairs[local[0]].extra["params"][0].device_mesh.get_group()
+    gram_maps(blocks, policy.method, reduce=lambda grams: _sum_over_ranks(grams, blocks, group, stats))
+    done = {local[b.members[g]] for b in blocks for g, ok in enumerate(b.accurate) if ok}
     rest = gather_pairs([p for i, p in enumerate(pairs) if i not in done])
-    record_comm(reduced + last_comm())  # the pass's all_reduce and gather together
+    record_comm(stats + last_comm())  # the pass's collectives together
     # Raises per the policies before anything is written; the Gram-path pairs are written after it.
     summary = balance_and_write(rest, policy)
-    for i, m in zip(local, maps):
-        if m is not None:
-            _write_local(pairs[i], *m)
+    _write_shards(blocks)
     summary.balanced += len(done)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _gram_local(p: FactorPair) -> bool:
-    """A by columns and B by rows on one 1-D mesh: both Grams are sums of local Grams."""
+def _layout(p: FactorPair) -> str | None:
+    """"columns" or "rows" (how A is sharded) for a pair the Gram path can do on its shards: 2-D
+    factors on one 1-D mesh, B by rows, r <= min(in, out); else None (gathered whole). fp16 factors
+    are gathered too: whether their balanced pair fits fp16 would need every rank's new shard."""
     from torch.distributed.tensor import Shard
 
     params = p.extra.get("params", ())
     if p.skip_reason or len(params) != 2 or not all(is_dtensor(t) and t.ndim == 2 for t in params):
-        return False
+        return None
     A_p, B_p = params
-    return (A_p.device_mesh == B_p.device_mesh and A_p.device_mesh.ndim == 1
-            and tuple(A_p.placements) == (Shard(1),) and tuple(B_p.placements) == (Shard(0),)
-            and A_p.shape[0] <= min(A_p.shape[1], B_p.shape[0]))
+    if (torch.float16 in (A_p.dtype, B_p.dtype) or A_p.device_mesh != B_p.device_mesh or A_p.device_mesh.ndim != 1
+            or tuple(B_p.placements) != (Shard(0),) or A_p.shape[0] > min(A_p.shape[1], B_p.shape[0])):
+        return None
+    return {(Shard(1),): "columns", (Shard(0),): "rows"}.get(tuple(A_p.placements))
 
 
-def _compute_dtype(p: FactorPair) -> torch.dtype:
-    A_p, B_p = p.extra["params"]
-    return compute_dtype(A_p.dtype, B_p.dtype)
+class ShardBlock(Block):
+    """Pairs of one global shape, dtype and layout on this rank: A (G, r, in_k) local columns, or
+    (G, r, in) whole once gathered (layout "rows"); B (G, out_k, r) local rows. Blocks are keyed by
+    global shapes, so every rank makes the same blocks in the same order (uneven shards differ in
+    their local shapes, never in which pairs go together)."""
+
+    def __init__(self, members: list[int], pairs: list[FactorPair], layout: str):
+        A_ps = [pairs[k].extra["params"][0] for k in members]
+        B_ps = [pairs[k].extra["params"][1] for k in members]
+        A_dtype, B_dtype = A_ps[0].dtype, B_ps[0].dtype
+        dtype = compute_dtype(A_dtype, B_dtype)
+        self.layout = layout
+        self.A_params, self.B_params = A_ps, B_ps
+        role = ("fsdp2", len(members), tuple(A_ps[0].shape), tuple(B_ps[0].shape), A_dtype, B_dtype, layout)
+        A = None if layout == "rows" else _stack(("A",) + role, [local_storage(t) for t in A_ps], dtype)
+        B = _stack(("B",) + role, [local_storage(t) for t in B_ps], dtype)
+        super().__init__(members, A, B, A_dtype, B_dtype)
+        self.role = role
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """(rows, first row) of A this rank holds (layout "rows")."""
+        return _chunk_rows(self.A_params[0])
 
 
-def _gram_maps(pairs: list[FactorPair], method: str) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """(X, Y) per pair, or None where the Gram path is not accurate; one all_reduce for all Grams."""
-    mesh = pairs[0].extra["params"][0].device_mesh
-    if any(p.extra["params"][0].device_mesh != mesh for p in pairs):  # one all_reduce needs one mesh
-        record_comm(CommStats())
-        return [None] * len(pairs)
-    grams = []
-    for p in pairs:
-        A_p, B_p = p.extra["params"]
-        dtype = _compute_dtype(p)
-        A, B = local_storage(A_p).to(dtype), local_storage(B_p).to(dtype)  # (r, in_k), (out_k, r)
-        grams.append(torch.stack([A @ A.mT, B.mT @ B]).reshape(-1))  # this rank's part of G_A, G_B
-    sizes = [g.numel() for g in grams]
-    buf = torch.cat([g.to(torch.float64) for g in grams])  # the sum in float64 adds no rounding of note
-    dist.all_reduce(buf, group=mesh.get_group())
-    record_comm(CommStats(collectives=1, bytes_reduced=buf.numel() * buf.element_size()))
-    device = buf.device
-    buf = buf.cpu()  # the r x r maths on the host, as in one process: one read of the device per pass
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pairs)
-    by_rank: dict[int, list[int]] = {}
+def _shard_blocks(pairs: list[FactorPair]) -> list[ShardBlock]:
+    groups: dict[tuple, list[int]] = {}
     for k, p in enumerate(pairs):
-        by_rank.setdefault(p.r, []).append(k)
-    parts = buf.split(sizes)
-    for r, ks in by_rank.items():
-        G = torch.stack([parts[k].reshape(2, r, r) for k in ks])  # (n, 2, r, r)
-        dtypes = [_compute_dtype(pairs[k]) for k in ks]
-        limits = [gram_limits(*(t.dtype for t in pairs[k].extra["params"]), device) for k in ks]
-        u, tol, floor = torch.tensor(limits, dtype=torch.float64).unbind(-1)
-        try:
-            t = gram_transforms(G[:, 0], G[:, 1], method, u, tol, floor)
-        except torch.linalg.LinAlgError:  # the gathered path redoes these and names the module
+        A_p, B_p = p.extra["params"]
+        key = (tuple(A_p.shape), tuple(B_p.shape), A_p.dtype, B_p.dtype, A_p.device, _layout(p))
+        groups.setdefault(key, []).append(k)
+    return [ShardBlock(members, pairs, key[-1]) for key, members in groups.items()]
+
+
+def _gather_A_by_rows(blocks: list[ShardBlock], stats: CommStats) -> None:
+    """Set b.A (G, r, in), the whole A factors, for blocks of layout "rows": one all_gather per
+    dtype, of each block's rows stacked and padded to torch.chunk's ceil(r / ranks)."""
+    by_dtype: dict[torch.dtype, list[ShardBlock]] = {}
+    for b in blocks:
+        if b.layout == "rows":
+            by_dtype.setdefault(b.A_dtype, []).append(b)
+    for dtype, bs in by_dtype.items():
+        mesh = bs[0].A_params[0].device_mesh
+        world = mesh.size()
+        shapes = [(len(b.members), math.ceil(b.A_params[0].shape[0] / world), b.A_params[0].shape[1]) for b in bs]
+        sizes = [math.prod(s) for s in shapes]
+        send = local_storage(bs[0].A_params[0]).new_zeros(sum(sizes))  # padding rows stay zero
+        offsets = [0]
+        for b, shape, size in zip(bs, shapes, sizes):
+            rows = b.rows[0]
+            if any(local_storage(t).shape[0] != rows for t in b.A_params):  # Shard(0) is torch.chunk's split
+                raise RuntimeError(f"a Shard(0) LoRA A of shape {tuple(b.A_params[0].shape)} does not hold torch.chunk's "
+                                   f"{rows} rows on this rank: cannot gather it")
+            piece = send[offsets[-1] : offsets[-1] + size].view(shape)[:, :rows]  # (G, rows, in)
+            torch._foreach_copy_(list(piece.unbind(0)), [local_storage(t) for t in b.A_params])
+            offsets.append(offsets[-1] + size)
+        recv = send.new_empty(world, send.numel())  # (world, L)
+        dist.all_gather(list(recv.unbind(0)), send, group=mesh.get_group())
+        stats.collectives += 1
+        stats.bytes_sent += send.numel() * send.element_size()
+        stats.bytes_received += (world - 1) * send.numel() * send.element_size()
+        for b, (G, chunk, n_in), start, size in zip(bs, shapes, offsets, sizes):
+            r = b.A_params[0].shape[0]
+            # Rank j's rows of every member sit in recv[j, start:start + size] as (G, chunk, in).
+            whole = recv[:, start : start + size].view(world, G, chunk, n_in).transpose(0, 1)  # (G, world, chunk, in)
+            out = _buffer(("A",) + b.role, (G, r, n_in), b.compute_dtype, send.device, True)
+            b.A = out.copy_(whole.reshape(G, world * chunk, n_in)[:, :r])  # upcasts bf16 on the way
+
+
+def _sum_over_ranks(grams: list[torch.Tensor], blocks: list[ShardBlock], group, stats: CommStats) -> list[torch.Tensor]:
+    """The Grams with every partial one (G_B always, G_A of layout "columns") summed over the ranks
+    in float64, by one all_reduce; G_A of gathered A factors is whole already."""
+    partial = [i for i, b in enumerate(blocks) for i in ((2 * i, 2 * i + 1) if b.layout == "columns" else (2 * i + 1,))]
+    flat = torch.cat([grams[i].reshape(-1) for i in partial]).to(torch.float64)  # float64: the sum adds no rounding of note
+    dist.all_reduce(flat, group=group)
+    stats.collectives += 1
+    stats.bytes_reduced += flat.numel() * flat.element_size()
+    out = list(grams)
+    for i, part in zip(partial, flat.split([grams[i].numel() for i in partial])):
+        out[i] = part.view(grams[i].shape)
+    return out
+
+
+def _write_shards(blocks: list[ShardBlock]) -> None:
+    """A'_k = Y A_k (columns) or Y[rows_k] A (rows), and B'_k = B_k X, of every accurate pair into
+    this rank's shards, cast to their dtype: one product per factor and block, one foreach copy."""
+    dst, src = [], []
+    for b in blocks:
+        if not any(b.accurate):
             continue
-        for g, (k, ct, ok) in enumerate(zip(ks, dtypes, t.accurate.tolist())):
-            if ok:  # in the compute dtype already on the host (MPS has no float64)
-                out[k] = (t.X[g].to(ct), t.Y[g].to(ct))
-    return _to_device(out, device)
-
-
-def _to_device(maps: list[tuple[torch.Tensor, torch.Tensor] | None], device: torch.device):
-    """The host's X, Y on the shards' device, all in one copy (stacked.to_device_at_once)."""
-    found = [t for m in maps if m is not None for t in m]
-    if device.type == "cpu" or not found:
-        return maps
-    sent = iter(to_device_at_once(found, device))
-    return [None if m is None else (next(sent), next(sent)) for m in maps]
-
-
-def _write_local(p: FactorPair, X: torch.Tensor, Y: torch.Tensor) -> None:
-    """A'_k = Y A_k, B'_k = B_k X on this rank's shards, written in the factors' own dtype."""
-    A_p, B_p = p.extra["params"]
-    dtype = _compute_dtype(p)
-    with torch.no_grad():
-        A, B = local_storage(A_p), local_storage(B_p)
-        A.copy_(Y.to(dtype) @ A.to(dtype))
-        B.copy_(B.to(dtype) @ X.to(dtype))
+        Y = b.Y
+        if b.layout == "rows":
+            rows, first = b.rows
+            Y = Y[:, first : first + rows]  # (G, rows, r)
+        A_new = torch.bmm(Y, b.A)  # (G, r or rows, in_k or in)
+        B_new = torch.bmm(b.B, b.X)  # (G, out_k, r)
+        for g, A_g, B_g in zip(range(len(b.members)), A_new.unbind(0), B_new.unbind(0)):
+            if b.accurate[g]:
+                dst += [local_storage(b.A_params[g]), local_storage(b.B_params[g])]
+                src += [A_g, B_g]
+    if dst:
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)

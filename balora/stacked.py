@@ -25,6 +25,7 @@ number of modules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -225,15 +226,20 @@ def _stack(role: tuple, tensors: list[torch.Tensor], dtype: torch.dtype) -> torc
     return out
 
 
-def gram_maps(blocks: list[Block], method: str) -> None:
+def gram_maps(blocks: list[Block], method: str,
+              reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> None:
     """Fill every block's X, Y and accurate flags from the Gram path (projection.gram_transforms).
 
-    Blocks whose r x r maths raised (a failed decomposition) get accurate = False throughout,
-    so the QR path redoes them and names the module.
+    reduce: called on the Grams [G_A, G_B of block 0, G_A, G_B of block 1, ...] before they go to
+    the host, returning them (or their replacements) in that order: balora.sharded_step sums the
+    ranks' partial Grams there. Blocks whose r x r maths raised (a failed decomposition) get
+    accurate = False throughout, so the QR path redoes them and names the module.
     """
     grams = []
     for b in blocks:
         grams += b.grams()  # G_A = A A^T, G_B = B^T B: (G, r, r)
+    if reduce is not None:
+        grams = reduce(grams)
     host = _to_host(grams)  # the pass's one sync on a GPU
     by_rank: dict[int, list[int]] = {}
     for i, b in enumerate(blocks):

@@ -316,7 +316,16 @@ def run_torchrun(script, out, nproc: int = 2, timeout: int = 240) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and _TEARDOWN_ABORT in proc.stderr:
+        # Seen 3 times in ~60 runs of tests/ddp_train_script.py on a 2-core machine: a rank aborts
+        # in C++ after the Trainer has finished (std::terminate from a thread destroyed while still
+        # joinable), not in anything the test checks. Run it once more, and say so in the output.
+        print(f"torchrun: a rank aborted in teardown ({_TEARDOWN_ABORT!r}); running {script.name} once more")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState
 
 from balora import BalanceCallback, balance_, balance_after_step, layer_report, lora_shard_placement
@@ -52,9 +53,9 @@ VOCAB, SEQ, PER_RANK, STEPS, LR = 64, 12, 2, 4, 5e-3
 LORA = dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "embed_tokens"])
 
 
-def make_model() -> torch.nn.Module:
+def make_model(layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(**LORA))
     with torch.no_grad():  # PEFT starts B (A for embeddings) at 0; random values make every pair count from step 1
@@ -65,13 +66,37 @@ def make_model() -> torch.nn.Module:
 
 
 def shard(model: torch.nn.Module, mesh) -> None:
-    """fully_shard every decoder block and the root. Block 1 shards its lora_A by columns
-    (lora_shard_placement), so its pairs are balanced from all-reduced r x r Grams; block 0 and
-    the embedding keep FSDP2's default rows, so theirs are gathered whole."""
+    """fully_shard every decoder block and the root. Odd blocks shard their lora_A by columns
+    (lora_shard_placement), so their pairs are balanced from all-reduced r x r Grams alone; even
+    blocks and the embedding keep FSDP2's default rows, so their lora_A are gathered whole."""
     by_columns = lora_shard_placement(model)
     for i, block in enumerate(model.base_model.model.model.layers):
-        fully_shard(block, mesh=mesh, shard_placement_fn=by_columns if i == 1 else None)
+        fully_shard(block, mesh=mesh, shard_placement_fn=by_columns if i % 2 else None)
     fully_shard(model, mesh=mesh)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (collectives included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_pass(mesh, layers: int) -> int:
+    """Ops one balance_(model, check=False) dispatches on a sharded model of `layers` blocks (both
+    layouts), after a first pass that walked the model; they must not grow with the blocks."""
+    model = make_model(layers)
+    shard(model, mesh)
+    balance_(model, check=False)
+    with CountOps() as ops:
+        summary = balance_(model, check=False)
+    assert summary.balanced == 4 * layers + 1 and summary.qr_path == 0, summary
+    return ops.count
 
 
 def batch() -> torch.Tensor:
@@ -164,6 +189,9 @@ def main(out_dir: str) -> None:
         model = make_model()
         shard(model, mesh)
         save(out_dir, f"{run}_rank{rank}", model, train(model, local, run, distributed=True))
+    ops = {layers: ops_per_pass(mesh, layers) for layers in (2, 6)}
+    with open(os.path.join(out_dir, f"ops_rank{rank}.json"), "w") as f:
+        json.dump(ops, f)
     if rank == 0:
         model = make_model()
         save(out_dir, "reference", model, train(model, ids, "hook", distributed=False))

@@ -97,22 +97,30 @@ def _gathered_bytes(t: torch.Tensor, world: int, by_columns: bool) -> int:
 
 @pytest.mark.parametrize("run", RUNS)
 def test_bytes_communicated_per_pass(fsdp2_run, run):
-    """Counted from the shapes. Block 1 (lora_A by columns) is balanced from r x r Grams, all
-    all-reduced in one float64 buffer; the other pairs are gathered whole by one all_gather. The
-    report gathers every factor: the row-sharded ones together, block 1's lora_A one by one."""
+    """Counted from the shapes. Every pair takes the Gram path on its shards: the B factors (by
+    rows) and block 1's lora_A (by columns) send their r x r Grams, all in one float64 all_reduce;
+    the lora_A sharded by rows (block 0, the embedding's) are gathered whole by one all_gather, each
+    padded to ceil(r / ranks) rows. No B is ever gathered. The report gathers every factor: the
+    row-sharded ones together, block 1's lora_A one by one."""
     ref, _ = _load(fsdp2_run, "reference")
     world, r = 2, 3
-    block1 = {n for n in ref if ".layers.1." in n}
-    step_gathered = sum(_gathered_bytes(t, world, False) for n, t in ref.items() if n not in block1)
-    reduced = (len(block1) // 2) * 2 * r * r * 8
-    by_columns = {n for n in block1 if ".lora_A." in n}
+    by_columns = {n for n in ref if ".layers.1." in n and ".lora_A." in n}
+    A_by_rows = {n for n in ref if (".lora_A." in n or ".lora_embedding_A." in n) and n not in by_columns}
+    partial_grams = len(ref) - len(A_by_rows)  # every B, and every A by columns
+    step = {"collectives": 2, "bytes_received": sum(_gathered_bytes(ref[n], world, False) for n in A_by_rows),
+            "bytes_reduced": partial_grams * r * r * 8}
     report_gathered = sum(_gathered_bytes(t, world, n in by_columns) for n, t in ref.items())
-    # balance_ gathers every factor whole, as the report does: no Grams are all-reduced
-    step = ({"collectives": 1 + len(by_columns), "bytes_received": report_gathered, "bytes_reduced": 0}
-            if run == "balance_" else {"collectives": 2, "bytes_received": step_gathered, "bytes_reduced": reduced})
     for rank in (0, 1):
         _, info = _load(fsdp2_run, f"{run}_rank{rank}")
         walks = info["step_comm"].pop("walks")
         assert walks == 1, f"{run}: the sharded model was walked {walks} times in {len(info['losses'])} steps"
         assert info["step_comm"] == step
         assert info["report_comm"] == {"collectives": 1 + len(by_columns), "bytes_received": report_gathered}
+
+
+def test_ops_per_pass_do_not_grow_with_the_number_of_blocks(fsdp2_run):
+    """The sharded pass stacks pairs of one shape and layout (balora.sharded_step): a model of 6
+    blocks dispatches exactly the ops of one of 2 blocks, on every rank."""
+    for rank in (0, 1):
+        ops = json.loads((fsdp2_run / f"ops_rank{rank}.json").read_text())
+        assert ops["6"] == ops["2"], f"rank {rank}: ops per pass grew with the blocks: {ops}"

@@ -294,3 +294,36 @@ def test_balance_step_refuses_grams_in_the_fp32_subnormal_range(model, mesh):
     G_A, G_B = A1 @ A1.T, B1.T @ B1
     assert np.linalg.norm(G_A - G_B) / np.linalg.norm(G_A) < 1e-5
     np.testing.assert_allclose(B1 @ A1, B0 @ A0, rtol=0, atol=1e-5 * np.abs(B0 @ A0).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_balance_step_on_fsdp2_default_rows_gathers_only_A(model, mesh, dtype):
+    """FSDP2's default layout (A by rows, r split over the ranks): balance_step gathers the A
+    factors, all-reduces only B's r x r Grams, and balances like the unsharded model (bf16 factors:
+    to the rounding of writing them in bf16). conv is gathered whole (its factors are not 2-D)."""
+    from balora.adapters.pair_cache import PairCache
+    from balora.distributed import last_comm
+    from balora.policy import BalancePolicy
+    from balora.sharded_step import balance_step
+
+    torch.manual_seed(0)
+    plain = get_peft_model(Tiny(), LoraConfig(r=R, lora_alpha=4, target_modules=["emb", "lin", "conv"],
+                                              init_lora_weights=False)).to(dtype)
+    sharded = _fully_shard(model.to(dtype), mesh)
+    before = _whole(sharded)
+    for n, t in _lora_state(plain).items():
+        assert torch.equal(before[n], t), f"{n}: the two models must start equal"
+    balora.balance_(plain, check=False)
+    summary = balance_step(PairCache().get(sharded, gather=False), BalancePolicy(check=False))
+    assert summary.balanced == 3 and not summary.skipped and summary.qr_path == 0
+    comm, size = last_comm(), torch.finfo(dtype).bits // 8
+    # emb's A (r, 20) and lin's A (r, 12) in one all_gather, conv's pair (A (r, 27), B (6, r)) in another;
+    # one world-1 process receives nothing from others, so count what it sent.
+    assert comm.collectives == 3
+    assert comm.bytes_sent == (R * 20 + R * 12 + R * 27 + 6 * R) * size
+    assert comm.bytes_reduced == 2 * R * R * 8, "the B Grams of emb and lin, in float64"
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    expected = _lora_state(plain)
+    for n, t in _whole(sharded).items():
+        assert t.dtype == dtype
+        torch.testing.assert_close(t.float(), expected[n].float(), **tol, msg=n)

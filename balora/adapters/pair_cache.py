@@ -120,16 +120,17 @@ def _still_viewing(pair: FactorPair) -> bool:
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {adapter: PairCache}, for balance_
 
 
-def cached_model_pairs(model: nn.Module, adapter: str | None = None) -> list[FactorPair]:
+def cached_model_pairs(model: nn.Module, adapter: str | None = None, gather: bool = True) -> list[FactorPair]:
     """model_pairs(model, adapter) through a cache kept for `model` as long as it lives (balance_);
-    one per adapter name asked for, so calls that alternate adapters do not re-walk."""
+    one per adapter name asked for, so calls that alternate adapters do not re-walk. gather: as
+    PairCache.get."""
     caches = _CACHES.get(model)
     if caches is None:
         caches = _CACHES[model] = {}
     cache = caches.get(adapter)
     if cache is None:
         cache = caches[adapter] = PairCache()
-    return cache.get(model, adapter)
+    return cache.get(model, adapter, gather)
 
 
 def forget(model: nn.Module) -> None:
