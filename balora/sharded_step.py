@@ -35,7 +35,7 @@ from torch import nn
 from balora.distributed import CommStats, _chunk_rows, gather_pairs, is_dtensor, last_comm, local_storage, record_comm
 from balora.linalg import compute_dtype, full_fp32_matmuls
 from balora.pairs import FactorPair
-from balora.stacked import Block, _stack, gram_maps
+from balora.stacked import Block, _as, _stack, gram_maps, use_stacks
 from balora.workspace import buffer as _buffer
 
 
@@ -111,23 +111,38 @@ def _layout(p: FactorPair) -> str | None:
 
 
 class ShardBlock(Block):
-    """Pairs of one global shape, dtype and layout on this rank: A (G, r, in_k) local columns, or
-    (G, r, in) whole once gathered (layout "rows"); B (G, out_k, r) local rows. Blocks are keyed by
-    global shapes, so every rank makes the same blocks in the same order (uneven shards differ in
-    their local shapes, never in which pairs go together)."""
+    """Pairs of one global shape, dtype and layout on this rank: A (r, in_k) local columns, or
+    (r, in) whole once gathered (layout "rows"); B (out_k, r) local rows. Stacked, (G, r, in_k) and
+    (G, out_k, r), where balora.stacked.use_stacks says so (GPUs, multi-threaded CPUs), else kept
+    pair by pair. Blocks are keyed by global shapes, so every rank makes the same blocks in the same
+    order (uneven shards differ in their local shapes, never in which pairs go together)."""
 
     def __init__(self, members: list[int], pairs: list[FactorPair], layout: str):
         A_ps = [pairs[k].extra["params"][0] for k in members]
         B_ps = [pairs[k].extra["params"][1] for k in members]
         A_dtype, B_dtype = A_ps[0].dtype, B_ps[0].dtype
         dtype = compute_dtype(A_dtype, B_dtype)
+        device = local_storage(A_ps[0]).device
         self.layout = layout
         self.A_params, self.B_params = A_ps, B_ps
-        role = ("fsdp2", len(members), tuple(A_ps[0].shape), tuple(B_ps[0].shape), A_dtype, B_dtype, layout)
-        A = None if layout == "rows" else _stack(("A",) + role, [local_storage(t) for t in A_ps], dtype)
-        B = _stack(("B",) + role, [local_storage(t) for t in B_ps], dtype)
-        super().__init__(members, A, B, A_dtype, B_dtype)
-        self.role = role
+        self.role = ("fsdp2", len(members), tuple(A_ps[0].shape), tuple(B_ps[0].shape), A_dtype, B_dtype, layout)
+        A_locals = None if layout == "rows" else [local_storage(t) for t in A_ps]  # rows: set when gathered
+        B_locals = [local_storage(t) for t in B_ps]
+        self.pair_by_pair = not use_stacks(device, A_dtype, B_dtype, None)
+        if not self.pair_by_pair:
+            A = None if A_locals is None else _stack(("A",) + self.role, A_locals, dtype)
+            super().__init__(members, A, _stack(("B",) + self.role, B_locals, dtype), A_dtype, B_dtype)
+        else:  # a one-thread CPU: pair by pair, as balora.stacked does there (no stacking copies)
+            A_each = [None] * len(members) if A_locals is None else [_as(t, dtype) for t in A_locals]
+            super().__init__(members, None, None, A_dtype, B_dtype,
+                             factors=[(a, _as(b, dtype)) for a, b in zip(A_each, B_locals)])
+
+    def set_whole_A(self, A: torch.Tensor) -> None:
+        """The gathered A factors (G, r, in), in the compute dtype (layout "rows")."""
+        if self.pair_by_pair:
+            self.factors = [(a, b) for a, (_, b) in zip(A.unbind(0), self.factors)]
+        else:
+            self.A = A
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -176,7 +191,7 @@ def _gather_A_by_rows(blocks: list[ShardBlock], stats: CommStats) -> None:
             # Rank j's rows of every member sit in recv[j, start:start + size] as (G, chunk, in).
             whole = recv[:, start : start + size].view(world, G, chunk, n_in).transpose(0, 1)  # (G, world, chunk, in)
             out = _buffer(("A",) + b.role, (G, r, n_in), b.compute_dtype, send.device, True)
-            b.A = out.copy_(whole.reshape(G, world * chunk, n_in)[:, :r])  # upcasts bf16 on the way
+            b.set_whole_A(out.copy_(whole.reshape(G, world * chunk, n_in)[:, :r]))  # upcasts bf16 on the way
 
 
 def _sum_over_ranks(grams: list[torch.Tensor], blocks: list[ShardBlock], group, stats: CommStats) -> list[torch.Tensor]:
@@ -195,21 +210,28 @@ def _sum_over_ranks(grams: list[torch.Tensor], blocks: list[ShardBlock], group, 
 
 def _write_shards(blocks: list[ShardBlock]) -> None:
     """A'_k = Y A_k (columns) or Y[rows_k] A (rows), and B'_k = B_k X, of every accurate pair into
-    this rank's shards, cast to their dtype: one product per factor and block, one foreach copy."""
+    this rank's shards, cast to their dtype: stacked blocks with one product per factor and block
+    and one foreach copy for all; pair-by-pair blocks one pair at a time, each written while in cache."""
     dst, src = [], []
-    for b in blocks:
-        if not any(b.accurate):
-            continue
-        Y = b.Y
-        if b.layout == "rows":
-            rows, first = b.rows
-            Y = Y[:, first : first + rows]  # (G, rows, r)
-        A_new = torch.bmm(Y, b.A)  # (G, r or rows, in_k or in)
-        B_new = torch.bmm(b.B, b.X)  # (G, out_k, r)
-        for g, A_g, B_g in zip(range(len(b.members)), A_new.unbind(0), B_new.unbind(0)):
-            if b.accurate[g]:
-                dst += [local_storage(b.A_params[g]), local_storage(b.B_params[g])]
-                src += [A_g, B_g]
-    if dst:
-        with torch.no_grad():
+    with torch.no_grad():
+        for b in blocks:
+            if not any(b.accurate):
+                continue
+            Y = b.Y
+            if b.layout == "rows":
+                rows, first = b.rows
+                Y = Y[:, first : first + rows]  # (G, rows, r)
+            if b.pair_by_pair:
+                for g, (A, B) in enumerate(b.factors):
+                    if b.accurate[g]:
+                        local_storage(b.A_params[g]).copy_(Y[g] @ A)
+                        local_storage(b.B_params[g]).copy_(B @ b.X[g])
+                continue
+            A_new = torch.bmm(Y, b.A)  # (G, r or rows, in_k or in)
+            B_new = torch.bmm(b.B, b.X)  # (G, out_k, r)
+            for g, A_g, B_g in zip(range(len(b.members)), A_new.unbind(0), B_new.unbind(0)):
+                if b.accurate[g]:
+                    dst += [local_storage(b.A_params[g]), local_storage(b.B_params[g])]
+                    src += [A_g, B_g]
+        if dst:
             torch._foreach_copy_(dst, src)

@@ -9,9 +9,11 @@ FSDP2's default (every factor Shard(0)), and "grams", with lora_A by columns (Sh
 balora.lora_shard_placement gives fully_shard). It then times, side by side in rotating order:
 
   gather         balora.distributed.gather_pairs on "rows": the whole factors, one all_gather
-  step rows      balora.sharded_step.balance_step on "rows" (gathers, then balances whole):
-                 what BalanceCallback does after a step with FSDP2's default layout
-  step grams     balance_step on "grams": r x r Grams all-reduced, local products
+                 (what layer_report and balance_(check=True) gather)
+  step rows      balora.sharded_step.balance_step on "rows": the A factors gathered whole, B's
+                 r x r Grams all-reduced, each rank forming its own rows of A' and B': what
+                 BalanceCallback does after a step with FSDP2's default layout
+  step grams     balance_step on "grams": both r x r Grams all-reduced, local products
   adamw          one torch.optim.AdamW step over this rank's shards (torch's default implementation)
 
 and prints what each pass communicated (balora.distributed.last_comm, measured), the gathered
@@ -55,9 +57,12 @@ def sharded_adapter(m: ModelShape, r: int, mesh, a_dim: int) -> tuple[list[nn.Pa
     return params, pairs
 
 
-def expected_bytes(m: ModelShape, r: int, world: int, element_size: int = 4) -> int:
-    """Bytes one rank receives when every factor is gathered, each padded to ceil(rows / world) rows."""
-    rows_cols = [(r, n_in) for _, n_in, _ in module_shapes(m)] + [(n_out, r) for _, _, n_out in module_shapes(m)]
+def expected_bytes(m: ModelShape, r: int, world: int, element_size: int = 4, only_A: bool = False) -> int:
+    """Bytes one rank receives when every factor (only_A: every A) is gathered, each padded to
+    ceil(rows / world) rows."""
+    rows_cols = [(r, n_in) for _, n_in, _ in module_shapes(m)]
+    if not only_A:
+        rows_cols += [(n_out, r) for _, _, n_out in module_shapes(m)]
     return (world - 1) * sum(math.ceil(rows / world) * cols for rows, cols in rows_cols) * element_size
 
 
@@ -115,15 +120,22 @@ def main() -> None:
             c = comm[k]
             print(f"  {k:<12}{c.collectives} collective(s): gathered {c.bytes_received / 1e6:.3f} MB, "
                   f"all-reduced {c.bytes_reduced / 1e6:.3f} MB")
-        assert comm["step rows"].bytes_received == expected_bytes(m, args.r, world), "measured bytes differ from the arithmetic"
+        c = comm["gather"]
+        print(f"  {'gather':<12}{c.collectives} collective(s): gathered {c.bytes_received / 1e6:.3f} MB (every factor)")
+        # measured bytes against the arithmetic
+        assert comm["gather"].bytes_received == expected_bytes(m, args.r, world)
+        assert comm["step rows"].bytes_received == expected_bytes(m, args.r, world, only_A=True)
+        assert comm["step rows"].bytes_reduced == len(rows) * args.r**2 * 8  # B's Grams, float64
         assert comm["step grams"].bytes_received == 0 and comm["step grams"].bytes_reduced == len(grams) * 2 * args.r**2 * 8
         base = base_params(m)
         reduced = len(grams) * 2 * args.r**2 * 8
-        print(f"by arithmetic, per step: 'grams' all-reduces {reduced / 1e6:.3f} MB whatever the number of ranks;")
-        print(f"  {'ranks':>5}  {'rows: gathered (fp32)':>22}  {'FSDP2 base all-gathers (bf16, fwd+bwd)':>40}")
+        print(f"by arithmetic, per step: 'grams' all-reduces {reduced / 1e6:.3f} MB whatever the number of ranks, "
+              f"'rows' {reduced / 2e6:.3f} MB and gathers the A factors;")
+        print(f"  {'ranks':>5}  {'rows: A gathered (fp32)':>24}  {'every factor (fp32)':>20}  {'FSDP2 base all-gathers (bf16, fwd+bwd)':>40}")
         for w in (2, 4, 8):
             fsdp = 2 * (w - 1) / w * base * 2
-            print(f"  {w:>5}  {expected_bytes(m, args.r, w) / 1e6:>19.1f} MB  {fsdp / 1e9:>37.2f} GB")
+            print(f"  {w:>5}  {expected_bytes(m, args.r, w, only_A=True) / 1e6:>21.1f} MB  "
+                  f"{expected_bytes(m, args.r, w) / 1e6:>17.1f} MB  {fsdp / 1e9:>37.2f} GB")
     dist.destroy_process_group()
 
 

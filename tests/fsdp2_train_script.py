@@ -4,10 +4,11 @@ Run by tests/test_fsdp2.py:
 
     torchrun --nproc_per_node 2 --standalone tests/fsdp2_train_script.py OUT_DIR
 
-Three sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
+Four sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
 BalanceCallback.on_optimizer_step by hand after each step (how the Trainer calls it), "balance_"
 calls balora.balance_(model, check=False) (its kept walk: every step after the first re-gathers
-the cached pairs). Every rank
+the cached pairs), all with one thread per rank (the pass goes pair by pair), and "stacked" is
+"hook" with two threads per rank (the pass stacks pairs of one shape, as on a GPU). Every rank
 writes OUT_DIR/{run}_rank{R}.safetensors (its gathered LoRA factors) and OUT_DIR/{run}_rank{R}.json
 (losses, layer_report, what the last balancing pass and the report communicated). Rank 0 also writes reference.* from the
 single-process run over the whole batch (FSDP2 averages the ranks' gradients, so the single
@@ -89,12 +90,17 @@ class CountOps(TorchDispatchMode):
 
 def ops_per_pass(mesh, layers: int) -> int:
     """Ops one balance_(model, check=False) dispatches on a sharded model of `layers` blocks (both
-    layouts), after a first pass that walked the model; they must not grow with the blocks."""
+    layouts), after a first pass that walked the model, with two threads per rank (stacked, as on a
+    GPU); they must not grow with the blocks."""
     model = make_model(layers)
     shard(model, mesh)
-    balance_(model, check=False)
-    with CountOps() as ops:
-        summary = balance_(model, check=False)
+    torch.set_num_threads(2)
+    try:
+        balance_(model, check=False)
+        with CountOps() as ops:
+            summary = balance_(model, check=False)
+    finally:
+        torch.set_num_threads(1)
     assert summary.balanced == 4 * layers + 1 and summary.qr_path == 0, summary
     return ops.count
 
@@ -185,10 +191,15 @@ def main(out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     ids = batch()
     local = ids[:, rank * PER_RANK : (rank + 1) * PER_RANK]  # this rank's half of every global batch
-    for run in ("hook", "callback", "balance_"):
+    for run in ("hook", "callback", "balance_", "stacked"):
         model = make_model()
         shard(model, mesh)
-        save(out_dir, f"{run}_rank{rank}", model, train(model, local, run, distributed=True))
+        # "stacked": the hook with two threads per rank, where the pass stacks the pairs of one shape
+        # as on a GPU (with one thread it goes pair by pair: balora.stacked.use_stacks)
+        torch.set_num_threads(2 if run == "stacked" else 1)
+        trained = train(model, local, "hook" if run == "stacked" else run, distributed=True)
+        torch.set_num_threads(1)
+        save(out_dir, f"{run}_rank{rank}", model, trained)
     ops = {layers: ops_per_pass(mesh, layers) for layers in (2, 6)}
     with open(os.path.join(out_dir, f"ops_rank{rank}.json"), "w") as f:
         json.dump(ops, f)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from balora.imbalance import rel_imbalance
 
 SCRIPT = Path(__file__).with_name("fsdp2_train_script.py")
-RUNS = ("hook", "callback", "balance_")
+RUNS = ("hook", "callback", "balance_", "stacked")  # stacked: the hook, 2 threads per rank
 RTOL = 1e-5  # the sharded and single-process runs differ only by the order of fp32 reductions
 
 pytestmark = [

@@ -296,11 +296,13 @@ def test_balance_step_refuses_grams_in_the_fp32_subnormal_range(model, mesh):
     np.testing.assert_allclose(B1 @ A1, B0 @ A0, rtol=0, atol=1e-5 * np.abs(B0 @ A0).max())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_balance_step_on_fsdp2_default_rows_gathers_only_A(model, mesh, dtype):
+def test_balance_step_on_fsdp2_default_rows_gathers_only_A(model, mesh, dtype, threads):
     """FSDP2's default layout (A by rows, r split over the ranks): balance_step gathers the A
     factors, all-reduces only B's r x r Grams, and balances like the unsharded model (bf16 factors:
-    to the rounding of writing them in bf16). conv is gathered whole (its factors are not 2-D)."""
+    to the rounding of writing them in bf16), pair by pair (one thread) or stacked (two). conv is
+    gathered whole (its factors are not 2-D)."""
     from balora.adapters.pair_cache import PairCache
     from balora.distributed import last_comm
     from balora.policy import BalancePolicy
@@ -314,7 +316,12 @@ def test_balance_step_on_fsdp2_default_rows_gathers_only_A(model, mesh, dtype):
     for n, t in _lora_state(plain).items():
         assert torch.equal(before[n], t), f"{n}: the two models must start equal"
     balora.balance_(plain, check=False)
-    summary = balance_step(PairCache().get(sharded, gather=False), BalancePolicy(check=False))
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        summary = balance_step(PairCache().get(sharded, gather=False), BalancePolicy(check=False))
+    finally:
+        torch.set_num_threads(before_threads)
     assert summary.balanced == 3 and not summary.skipped and summary.qr_path == 0
     comm, size = last_comm(), torch.finfo(dtype).bits // 8
     # emb's A (r, 20) and lin's A (r, 12) in one all_gather, conv's pair (A (r, 27), B (6, r)) in another;
