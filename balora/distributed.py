@@ -9,8 +9,9 @@ Communication: FSDP2 shards a factor along dim 0 in torch.chunk pieces, so all f
 one 1-D mesh are gathered by one `all_gather` of a flat buffer (each factor padded to
 ceil(rows / world) rows), one collective per pass instead of one per factor. Any other
 layout (2-D meshes, other placements) falls back to `DTensor.full_tensor()` per factor.
-`last_comm()` says what the latest pass moved. The per-step hooks go through
-balora.sharded_step, which for lora_A sharded by columns needs only r x r Grams all-reduced.
+`last_comm()` says what the latest pass moved. The per-step passes (the hooks, and
+balance_ without its check) go through balora.sharded_step, which gathers only the A factors
+sharded by rows and all-reduces r x r Grams for the rest; what it cannot do that way comes here.
 
 FSDP1 (`FullyShardedDataParallel`, flat parameters) and DeepSpeed ZeRO are refused.
 """
