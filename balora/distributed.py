@@ -145,7 +145,7 @@ def _row_sharded_1d(t) -> bool:
     return t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
 
 
-def _chunk_rows(t) -> tuple[int, int]:
+def chunk_rows(t) -> tuple[int, int]:
     """(rows, first row) of this rank's torch.chunk piece of dim 0."""
     world, rank = t.device_mesh.size(), t.device_mesh.get_local_rank()
     chunk = math.ceil(t.shape[0] / world)
@@ -155,8 +155,6 @@ def _chunk_rows(t) -> tuple[int, int]:
 
 def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
     """Whole tensors of row-sharded DTensors of one mesh and dtype, by one all_gather."""
-    import torch.distributed as dist
-
     mesh = ts[0].device_mesh
     world = mesh.size()
     chunks = [math.ceil(t.shape[0] / world) for t in ts]
@@ -166,17 +164,13 @@ def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
     offsets = [0]
     for t, size in zip(ts, sizes):
         rows = local_storage(t).shape[0]
-        if rows != _chunk_rows(t)[0]:  # Shard(0) is torch.chunk's split, for DTensor as for FSDP2
+        if rows != chunk_rows(t)[0]:  # Shard(0) is torch.chunk's split, for DTensor as for FSDP2
             raise RuntimeError(f"a Shard(0) factor of shape {tuple(t.shape)} holds {rows} rows on "
-                               f"this rank, not torch.chunk's {_chunk_rows(t)[0]}: cannot gather it")
+                               f"this rank, not torch.chunk's {chunk_rows(t)[0]}: cannot gather it")
         local = local_storage(t).detach().reshape(-1)
         send[offsets[-1] : offsets[-1] + local.numel()] = local
         offsets.append(offsets[-1] + size)
-    recv = send.new_empty(world, send.numel())  # (world, L)
-    dist.all_gather(list(recv.unbind(0)), send, group=mesh.get_group())
-    stats.collectives += 1
-    stats.bytes_sent += send.numel() * send.element_size()
-    stats.bytes_received += (world - 1) * send.numel() * send.element_size()
+    recv = all_gather_flat(send, mesh, stats)
     # Rank j's piece of factor k sits in recv[j, offsets[k]:offsets[k+1]]; stacking the pieces
     # in rank order and dropping the padding rows gives the whole factor.
     return [
@@ -185,10 +179,24 @@ def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
     ]
 
 
+def all_gather_flat(send: torch.Tensor, mesh, stats: CommStats) -> torch.Tensor:
+    """Every rank's `send` (L,) of the same length, as rows of (world, L), by one all_gather on
+    `mesh` (1-D); counted in `stats`."""
+    import torch.distributed as dist
+
+    world = mesh.size()
+    recv = send.new_empty(world, send.numel())
+    dist.all_gather(list(recv.unbind(0)), send, group=mesh.get_group())
+    stats.collectives += 1
+    stats.bytes_sent += send.numel() * send.element_size()
+    stats.bytes_received += (world - 1) * send.numel() * send.element_size()
+    return recv
+
+
 def _local_piece(whole: torch.Tensor, param) -> torch.Tensor:
     """This rank's shard of `whole` laid out like the DTensor `param`, without communication."""
     if _row_sharded_1d(param):
-        rows, start = _chunk_rows(param)
+        rows, start = chunk_rows(param)
         return whole[start : start + rows]
     from torch.distributed.tensor import distribute_tensor
 

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from balora.distributed import CommStats, _chunk_rows, gather_pairs, is_dtensor, last_comm, local_storage, record_comm
+from balora.distributed import (CommStats, all_gather_flat, chunk_rows, gather_pairs, is_dtensor, last_comm,
+                                local_storage, record_comm)
 from balora.linalg import compute_dtype, full_fp32_matmuls
 from balora.pairs import FactorPair
 from balora.stacked import Block, _as, _stack, gram_maps, use_stacks
@@ -147,7 +148,7 @@ class ShardBlock(Block):
     @property
     def rows(self) -> tuple[int, int]:
         """(rows, first row) of A this rank holds (layout "rows")."""
-        return _chunk_rows(self.A_params[0])
+        return chunk_rows(self.A_params[0])
 
 
 def _shard_blocks(pairs: list[FactorPair]) -> list[ShardBlock]:
@@ -181,11 +182,7 @@ def _gather_A_by_rows(blocks: list[ShardBlock], stats: CommStats) -> None:
             piece = send[offsets[-1] : offsets[-1] + size].view(shape)[:, :rows]  # (G, rows, in)
             torch._foreach_copy_(list(piece.unbind(0)), [local_storage(t) for t in b.A_params])
             offsets.append(offsets[-1] + size)
-        recv = send.new_empty(world, send.numel())  # (world, L)
-        dist.all_gather(list(recv.unbind(0)), send, group=mesh.get_group())
-        stats.collectives += 1
-        stats.bytes_sent += send.numel() * send.element_size()
-        stats.bytes_received += (world - 1) * send.numel() * send.element_size()
+        recv = all_gather_flat(send, mesh, stats)  # (world, L)
         for b, (G, chunk, n_in), start, size in zip(bs, shapes, offsets, sizes):
             r = b.A_params[0].shape[0]
             # Rank j's rows of every member sit in recv[j, start:start + size] as (G, chunk, in).
