@@ -63,9 +63,9 @@ def balance_step(pairs: list[FactorPair], policy):
 
     Pairs with no sharded factor go straight to balance_and_write. Nothing is written before
     the policies have been checked on every pair (a BalanceError leaves every factor as it was).
-    Matmuls run at full fp32 precision throughout (linalg.full_fp32_matmuls).
+    Matmuls run at full fp32 precision throughout (linalg.full_fp32_matmuls), outside autograd.
     """
-    with full_fp32_matmuls():
+    with full_fp32_matmuls(), torch.no_grad():
         return _balance_step(pairs, policy)
 
 
