@@ -331,6 +331,8 @@ def balance_(
     which re-walks after any change it can see: new adapters, replaced modules or parameters,
     `model.to(...)`); after adding LoRA layers by hand under an existing adapter name, call
     `balora.adapters.pair_cache.forget(model)`.
+    Under FSDP2 call it on every rank (it runs collectives): unchecked, it balances the shards in
+    place from r x r Grams (balora.sharded_step); checked, it gathers every factor whole.
     """
     from balora.adapters.pair_cache import cached_model_pairs
     from balora.sharded_step import balance_step
