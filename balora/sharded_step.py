@@ -167,7 +167,7 @@ def _gather_A_by_rows(blocks: list[ShardBlock], stats: CommStats) -> None:
     for b in blocks:
         if b.layout == "rows":
             by_dtype.setdefault(b.A_dtype, []).append(b)
-    for dtype, bs in by_dtype.items():
+    for bs in by_dtype.values():
         mesh = bs[0].A_params[0].device_mesh
         world = mesh.size()
         shapes = [(len(b.members), math.ceil(b.A_params[0].shape[0] / world), b.A_params[0].shape[1]) for b in bs]
@@ -194,7 +194,7 @@ def _gather_A_by_rows(blocks: list[ShardBlock], stats: CommStats) -> None:
 def _sum_over_ranks(grams: list[torch.Tensor], blocks: list[ShardBlock], group, stats: CommStats) -> list[torch.Tensor]:
     """The Grams with every partial one (G_B always, G_A of layout "columns") summed over the ranks
     in float64, by one all_reduce; G_A of gathered A factors is whole already."""
-    partial = [i for i, b in enumerate(blocks) for i in ((2 * i, 2 * i + 1) if b.layout == "columns" else (2 * i + 1,))]
+    partial = [j for i, b in enumerate(blocks) for j in ((2 * i, 2 * i + 1) if b.layout == "columns" else (2 * i + 1,))]
     flat = torch.cat([grams[i].reshape(-1) for i in partial]).to(torch.float64)  # float64: the sum adds no rounding of note
     dist.all_reduce(flat, group=group)
     stats.collectives += 1
