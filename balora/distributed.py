@@ -122,7 +122,7 @@ def gather_full(params: list[torch.Tensor]) -> list[torch.Tensor]:
     result: list[torch.Tensor | None] = [None] * len(params)
     batches: dict[tuple, list[int]] = {}
     for i, t in enumerate(params):
-        if _row_sharded_1d(t):
+        if _row_sharded(t):
             batches.setdefault((id(t.device_mesh), t.dtype), []).append(i)
         else:
             result[i] = t.detach().full_tensor()
@@ -137,26 +137,41 @@ def gather_full(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return result  # type: ignore[return-value]
 
 
-def _row_sharded_1d(t) -> bool:
-    """FSDP2's default layout: a 1-D mesh, Shard(0). Decided from the placement alone, which
-    every rank sees the same, so all ranks take the same path into the same collectives."""
-    from torch.distributed.tensor import Shard
+def fsdp_placement(t) -> tuple[int, object] | None:
+    """How FSDP2 splits the DTensor t: (the mesh dim it is sharded over, its Shard placement) on a
+    1-D mesh (FSDP) or on a 2-D mesh replicated over dim 0 and sharded over dim 1 (HSDP); None for
+    any other layout. Decided from the placements alone, which every rank sees the same, so all
+    ranks take the same path into the same collectives."""
+    from torch.distributed.tensor import Replicate, Shard
 
-    return t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
+    placements, ndim = tuple(t.placements), t.device_mesh.ndim
+    if ndim == 1 and isinstance(placements[0], Shard):
+        return 0, placements[0]
+    if ndim == 2 and placements[0] == Replicate() and isinstance(placements[1], Shard):
+        return 1, placements[1]
+    return None
+
+
+def _row_sharded(t) -> bool:
+    """FSDP2's default layout: Shard(0) on a 1-D mesh, or on an HSDP mesh's shard dim."""
+    how = fsdp_placement(t)
+    return how is not None and how[1].dim == 0
 
 
 def chunk_rows(t) -> tuple[int, int]:
-    """(rows, first row) of this rank's torch.chunk piece of dim 0."""
-    world, rank = t.device_mesh.size(), t.device_mesh.get_local_rank()
+    """(rows, first row) of this rank's torch.chunk piece of dim 0 (t row-sharded, see _row_sharded)."""
+    dim = fsdp_placement(t)[0]
+    world, rank = t.device_mesh.size(dim), t.device_mesh.get_local_rank(dim)
     chunk = math.ceil(t.shape[0] / world)
     start = min(rank * chunk, t.shape[0])
     return min(chunk, t.shape[0] - start), start
 
 
 def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
-    """Whole tensors of row-sharded DTensors of one mesh and dtype, by one all_gather."""
-    mesh = ts[0].device_mesh
-    world = mesh.size()
+    """Whole tensors of row-sharded DTensors of one mesh and dtype, by one all_gather over the mesh
+    dim that shards them."""
+    mesh, dim = ts[0].device_mesh, fsdp_placement(ts[0])[0]
+    world = mesh.size(dim)
     chunks = [math.ceil(t.shape[0] / world) for t in ts]
     widths = [math.prod(t.shape[1:]) for t in ts]
     sizes = [c * w for c, w in zip(chunks, widths)]
@@ -170,7 +185,7 @@ def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
         local = local_storage(t).detach().reshape(-1)
         send[offsets[-1] : offsets[-1] + local.numel()] = local
         offsets.append(offsets[-1] + size)
-    recv = all_gather_flat(send, mesh, stats)
+    recv = all_gather_flat(send, mesh, stats, dim)
     # Rank j's piece of factor k sits in recv[j, offsets[k]:offsets[k+1]]; stacking the pieces
     # in rank order and dropping the padding rows gives the whole factor.
     return [
@@ -179,14 +194,14 @@ def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
     ]
 
 
-def all_gather_flat(send: torch.Tensor, mesh, stats: CommStats) -> torch.Tensor:
-    """Every rank's `send` (L,) of the same length, as rows of (world, L), by one all_gather on
-    `mesh` (1-D); counted in `stats`."""
+def all_gather_flat(send: torch.Tensor, mesh, stats: CommStats, mesh_dim: int = 0) -> torch.Tensor:
+    """Every rank's `send` (L,) of the same length, as rows of (world, L), by one all_gather over
+    `mesh_dim` of `mesh`; counted in `stats`."""
     import torch.distributed as dist
 
-    world = mesh.size()
+    world = mesh.size(mesh_dim)
     recv = send.new_empty(world, send.numel())
-    dist.all_gather(list(recv.unbind(0)), send, group=mesh.get_group())
+    dist.all_gather(list(recv.unbind(0)), send, group=mesh.get_group(mesh_dim))
     stats.collectives += 1
     stats.bytes_sent += send.numel() * send.element_size()
     stats.bytes_received += (world - 1) * send.numel() * send.element_size()
@@ -195,7 +210,7 @@ def all_gather_flat(send: torch.Tensor, mesh, stats: CommStats) -> torch.Tensor:
 
 def _local_piece(whole: torch.Tensor, param) -> torch.Tensor:
     """This rank's shard of `whole` laid out like the DTensor `param`, without communication."""
-    if _row_sharded_1d(param):
+    if _row_sharded(param):
         rows, start = chunk_rows(param)
         return whole[start : start + rows]
     from torch.distributed.tensor import distribute_tensor

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from balora.distributed import (CommStats, all_gather_flat, chunk_rows, gather_pairs, is_dtensor, last_comm,
-                                local_storage, record_comm)
+from balora.distributed import (CommStats, all_gather_flat, chunk_rows, fsdp_placement, gather_pairs, is_dtensor,
+                                last_comm, local_storage, record_comm)
 from balora.linalg import compute_dtype, full_fp32_matmuls
 from balora.pairs import FactorPair
 from balora.stacked import Block, _as, _stack, gram_maps, use_stacks
@@ -82,7 +82,7 @@ def _balance_step(pairs: list[FactorPair], policy):
     blocks = _shard_blocks([pairs[i] for i in local])
     stats = CommStats()
     _gather_A_by_rows(blocks, stats)
-    group = pairs[local[0]].extra["params"][0].device_mesh.get_group()
+    group = _shard_group(pairs[local[0]].extra["params"][0])
     gram_maps(blocks, policy.method, reduce=lambda grams: _sum_over_ranks(grams, blocks, group, stats))
     done = {local[b.members[g]] for b in blocks for g, ok in enumerate(b.accurate) if ok}
     rest = gather_pairs([p for i, p in enumerate(pairs) if i not in done])
@@ -97,18 +97,23 @@ def _balance_step(pairs: list[FactorPair], policy):
 
 def _layout(p: FactorPair) -> str | None:
     """"columns" or "rows" (how A is sharded) for a pair the Gram path can do on its shards: 2-D
-    factors on one 1-D mesh, B by rows, r <= min(in, out); else None (gathered whole). fp16 factors
-    are gathered too: whether their balanced pair fits fp16 would need every rank's new shard."""
-    from torch.distributed.tensor import Shard
-
+    factors on one mesh, FSDP (1-D) or HSDP (2-D, replicated over dim 0: every replica group does
+    the same), B by rows, r <= min(in, out); else None (gathered whole). fp16 factors are gathered
+    too: whether their balanced pair fits fp16 would need every rank's new shard."""
     params = p.extra.get("params", ())
     if p.skip_reason or len(params) != 2 or not all(is_dtensor(t) and t.ndim == 2 for t in params):
         return None
     A_p, B_p = params
-    if (torch.float16 in (A_p.dtype, B_p.dtype) or A_p.device_mesh != B_p.device_mesh or A_p.device_mesh.ndim != 1
-            or tuple(B_p.placements) != (Shard(0),) or A_p.shape[0] > min(A_p.shape[1], B_p.shape[0])):
+    how_A, how_B = fsdp_placement(A_p), fsdp_placement(B_p)
+    if (torch.float16 in (A_p.dtype, B_p.dtype) or A_p.device_mesh != B_p.device_mesh or how_A is None
+            or how_B is None or how_B[1].dim != 0 or A_p.shape[0] > min(A_p.shape[1], B_p.shape[0])):
         return None
-    return {(Shard(1),): "columns", (Shard(0),): "rows"}.get(tuple(A_p.placements))
+    return {1: "columns", 0: "rows"}.get(how_A[1].dim)
+
+
+def _shard_group(t):
+    """The process group of the mesh dim that shards t (its ranks hold the pieces of one factor)."""
+    return t.device_mesh.get_group(fsdp_placement(t)[0])
 
 
 class ShardBlock(Block):
@@ -168,8 +173,8 @@ def _gather_A_by_rows(blocks: list[ShardBlock], stats: CommStats) -> None:
         if b.layout == "rows":
             by_dtype.setdefault(b.A_dtype, []).append(b)
     for bs in by_dtype.values():
-        mesh = bs[0].A_params[0].device_mesh
-        world = mesh.size()
+        mesh, dim = bs[0].A_params[0].device_mesh, fsdp_placement(bs[0].A_params[0])[0]
+        world = mesh.size(dim)
         shapes = [(len(b.members), math.ceil(b.A_params[0].shape[0] / world), b.A_params[0].shape[1]) for b in bs]
         sizes = [math.prod(s) for s in shapes]
         send = local_storage(bs[0].A_params[0]).new_zeros(sum(sizes))  # padding rows stay zero
@@ -182,7 +187,7 @@ def _gather_A_by_rows(blocks: list[ShardBlock], stats: CommStats) -> None:
             piece = send[offsets[-1] : offsets[-1] + size].view(shape)[:, :rows]  # (G, rows, in)
             torch._foreach_copy_(list(piece.unbind(0)), [local_storage(t) for t in b.A_params])
             offsets.append(offsets[-1] + size)
-        recv = all_gather_flat(send, mesh, stats)  # (world, L)
+        recv = all_gather_flat(send, mesh, stats, dim)  # (world, L)
         for b, (G, chunk, n_in), start, size in zip(bs, shapes, offsets, sizes):
             r = b.A_params[0].shape[0]
             # Rank j's rows of every member sit in recv[j, start:start + size] as (G, chunk, in).

@@ -300,8 +300,8 @@ def torchrun():
     return run_torchrun
 
 
-def run_torchrun(script, out, nproc: int = 2, timeout: int = 240) -> None:
-    """Run `script OUT` under torchrun with `nproc` CPU processes (gloo) on a free local port,
+def run_torchrun(script, out, nproc: int = 2, timeout: int = 240, args: tuple[str, ...] = ()) -> None:
+    """Run `script OUT *args` under torchrun with `nproc` CPU processes (gloo) on a free local port,
     one thread each; fail the test with the processes' output when it does not exit 0."""
     import os
     import socket
@@ -314,7 +314,7 @@ def run_torchrun(script, out, nproc: int = 2, timeout: int = 240) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(out)]
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 and _TEARDOWN_ABORT in proc.stderr:
         # Seen 3 times in ~60 runs of tests/ddp_train_script.py on a 2-core machine: a rank aborts

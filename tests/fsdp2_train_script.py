@@ -3,6 +3,7 @@ balancing after every AdamW step, and the same steps in one process without shar
 Run by tests/test_fsdp2.py:
 
     torchrun --nproc_per_node 2 --standalone tests/fsdp2_train_script.py OUT_DIR
+    torchrun --nproc_per_node 4 --standalone tests/fsdp2_train_script.py OUT_DIR --hsdp   # 2 replicas x 2 shards
 
 Four sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
 BalanceCallback.on_optimizer_step by hand after each step (how the Trainer calls it), "balance_"
@@ -105,9 +106,9 @@ def ops_per_pass(mesh, layers: int) -> int:
     return ops.count
 
 
-def batch() -> torch.Tensor:
+def batch(world: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1234)
-    return torch.randint(0, VOCAB, (STEPS, 2 * PER_RANK, SEQ), generator=g)  # (steps, global batch, seq)
+    return torch.randint(0, VOCAB, (STEPS, world * PER_RANK, SEQ), generator=g)  # (steps, global batch, seq)
 
 
 @contextlib.contextmanager
@@ -184,14 +185,16 @@ def save(out_dir: str, tag: str, model, trained: tuple[list[float], dict]) -> No
         json.dump(info, f)
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, hsdp: bool = False) -> None:
+    """hsdp: a 2-D mesh (2 replicas x world / 2 shards, fully_shard's HSDP), two runs only."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
-    ids = batch()
-    local = ids[:, rank * PER_RANK : (rank + 1) * PER_RANK]  # this rank's half of every global batch
-    for run in ("hook", "callback", "balance_", "stacked"):
+    mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp
+            else init_device_mesh("cpu", (world,)))
+    ids = batch(world)
+    local = ids[:, rank * PER_RANK : (rank + 1) * PER_RANK]  # this rank's part of every global batch
+    for run in ("hook", "stacked") if hsdp else ("hook", "callback", "balance_", "stacked"):
         model = make_model()
         shard(model, mesh)
         # "stacked": the hook with two threads per rank, where the pass stacks the pairs of one shape
@@ -200,9 +203,10 @@ def main(out_dir: str) -> None:
         trained = train(model, local, "hook" if run == "stacked" else run, distributed=True)
         torch.set_num_threads(1)
         save(out_dir, f"{run}_rank{rank}", model, trained)
-    ops = {layers: ops_per_pass(mesh, layers) for layers in (2, 6)}
-    with open(os.path.join(out_dir, f"ops_rank{rank}.json"), "w") as f:
-        json.dump(ops, f)
+    if not hsdp:
+        ops = {layers: ops_per_pass(mesh, layers) for layers in (2, 6)}
+        with open(os.path.join(out_dir, f"ops_rank{rank}.json"), "w") as f:
+            json.dump(ops, f)
     if rank == 0:
         model = make_model()
         save(out_dir, "reference", model, train(model, ids, "hook", distributed=False))
@@ -211,4 +215,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], hsdp="--hsdp" in sys.argv[2:])

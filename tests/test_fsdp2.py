@@ -124,3 +124,46 @@ def test_ops_per_pass_do_not_grow_with_the_number_of_blocks(fsdp2_run):
     for rank in (0, 1):
         ops = json.loads((fsdp2_run / f"ops_rank{rank}.json").read_text())
         assert ops["6"] == ops["2"], f"rank {rank}: ops per pass grew with the blocks: {ops}"
+
+
+# HSDP: fully_shard on a 2-D mesh (2 replicas x 2 shards, 4 gloo processes). Each replica group
+# balances its shards like FSDP2 on 2 ranks; the replicas must end with identical factors.
+HSDP_RUNS = ("hook", "stacked")
+
+
+@pytest.fixture(scope="module")
+def hsdp_run(tmp_path_factory, torchrun) -> Path:
+    out = tmp_path_factory.mktemp("hsdp")
+    torchrun(SCRIPT, out, nproc=4, timeout=360, args=("--hsdp",))
+    return out
+
+
+@pytest.mark.parametrize("run", HSDP_RUNS)
+def test_hsdp_run_matches_single_process_on_every_rank(hsdp_run, run):
+    ref, ref_info = _load(hsdp_run, "reference")
+    first, first_info = _load(hsdp_run, f"{run}_rank0")
+    for rank in range(4):
+        factors, info = _load(hsdp_run, f"{run}_rank{rank}")
+        assert info["world_size"] == 4
+        assert info["report"] == first_info["report"], "layer_report must be identical on all ranks"
+        for loss, ref_loss in zip(info["losses"], ref_info["losses"], strict=True):
+            assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (info["losses"], ref_info["losses"])
+        for name in ref:
+            assert _rel(factors[name], ref[name]) <= RTOL, f"rank {rank}, {name}: {_rel(factors[name], ref[name]):.2e}"
+            assert torch.equal(factors[name], first[name]), f"{name} differs between rank 0 and rank {rank}"
+
+
+@pytest.mark.parametrize("run", HSDP_RUNS)
+def test_hsdp_communicates_within_the_shard_group(hsdp_run, run):
+    """The same two collectives as FSDP2 on 2 ranks, over each replica's 2-rank shard group: the A
+    factors by rows gathered, the partial Grams all-reduced."""
+    ref, _ = _load(hsdp_run, "reference")
+    shards, r = 2, 3
+    by_columns = {n for n in ref if ".layers.1." in n and ".lora_A." in n}
+    A_by_rows = {n for n in ref if (".lora_A." in n or ".lora_embedding_A." in n) and n not in by_columns}
+    step = {"collectives": 2, "bytes_received": sum(_gathered_bytes(ref[n], shards, False) for n in A_by_rows),
+            "bytes_reduced": (len(ref) - len(A_by_rows)) * r * r * 8}
+    for rank in range(4):
+        _, info = _load(hsdp_run, f"{run}_rank{rank}")
+        info["step_comm"].pop("walks")
+        assert info["step_comm"] == step, f"rank {rank}"
