@@ -122,16 +122,17 @@ def gather_full(params: list[torch.Tensor]) -> list[torch.Tensor]:
     result: list[torch.Tensor | None] = [None] * len(params)
     batches: dict[tuple, list[int]] = {}
     for i, t in enumerate(params):
-        if _row_sharded(t):
-            batches.setdefault((id(t.device_mesh), t.dtype), []).append(i)
+        along = _gathered_along(t)
+        if along is not None:
+            batches.setdefault((id(t.device_mesh), t.dtype, along), []).append(i)
         else:
             result[i] = t.detach().full_tensor()
             local = local_storage(t).numel() * t.element_size()
             stats.collectives += 1
             stats.bytes_received += t.numel() * t.element_size() - local
             stats.bytes_sent += local
-    for idx in batches.values():
-        for i, whole in zip(idx, _all_gather_rows([params[i] for i in idx], stats)):
+    for (_, _, along), idx in batches.items():
+        for i, whole in zip(idx, _all_gather_shards([params[i] for i in idx], stats, along)):
             result[i] = whole
     record_comm(stats)
     return result  # type: ignore[return-value]
@@ -158,40 +159,50 @@ def _row_sharded(t) -> bool:
     return how is not None and how[1].dim == 0
 
 
-def chunk_rows(t) -> tuple[int, int]:
-    """(rows, first row) of this rank's torch.chunk piece of dim 0 (t row-sharded, see _row_sharded)."""
+def _gathered_along(t) -> int | None:
+    """The tensor dim along which gather_full batches t: 0 for row-sharded factors, 1 for 2-D
+    factors sharded by columns (lora_shard_placement's A); None (full_tensor alone) otherwise."""
+    how = fsdp_placement(t)
+    if how is None or how[1].dim not in (0, 1) or (how[1].dim == 1 and t.ndim != 2):
+        return None
+    return how[1].dim
+
+
+def chunk_rows(t, along: int = 0) -> tuple[int, int]:
+    """(size, first index) of this rank's torch.chunk piece of t's dim `along`, which FSDP2 shards."""
     dim = fsdp_placement(t)[0]
     world, rank = t.device_mesh.size(dim), t.device_mesh.get_local_rank(dim)
-    chunk = math.ceil(t.shape[0] / world)
-    start = min(rank * chunk, t.shape[0])
-    return min(chunk, t.shape[0] - start), start
+    n = t.shape[along]
+    chunk = math.ceil(n / world)
+    start = min(rank * chunk, n)
+    return min(chunk, n - start), start
 
 
-def _all_gather_rows(ts: list, stats: CommStats) -> list[torch.Tensor]:
-    """Whole tensors of row-sharded DTensors of one mesh and dtype, by one all_gather over the mesh
-    dim that shards them."""
+def _all_gather_shards(ts: list, stats: CommStats, along: int) -> list[torch.Tensor]:
+    """Whole tensors of DTensors of one mesh and dtype sharded along tensor dim `along` (0, or 1 for
+    2-D factors: gathered as the rows of their transposes), by one all_gather over the mesh dim
+    that shards them."""
     mesh, dim = ts[0].device_mesh, fsdp_placement(ts[0])[0]
     world = mesh.size(dim)
-    chunks = [math.ceil(t.shape[0] / world) for t in ts]
-    widths = [math.prod(t.shape[1:]) for t in ts]
-    sizes = [c * w for c, w in zip(chunks, widths)]
+    shapes = [tuple(t.shape) if along == 0 else (t.shape[1], t.shape[0]) for t in ts]  # what is gathered by rows
+    chunks = [math.ceil(shape[0] / world) for shape in shapes]
+    sizes = [c * math.prod(shape[1:]) for c, shape in zip(chunks, shapes)]
     send = local_storage(ts[0]).new_zeros(sum(sizes))  # (L,): every factor's rows padded to its chunk
     offsets = [0]
     for t, size in zip(ts, sizes):
-        rows = local_storage(t).shape[0]
-        if rows != chunk_rows(t)[0]:  # Shard(0) is torch.chunk's split, for DTensor as for FSDP2
-            raise RuntimeError(f"a Shard(0) factor of shape {tuple(t.shape)} holds {rows} rows on "
-                               f"this rank, not torch.chunk's {chunk_rows(t)[0]}: cannot gather it")
-        local = local_storage(t).detach().reshape(-1)
-        send[offsets[-1] : offsets[-1] + local.numel()] = local
+        local = local_storage(t).detach()
+        local = local if along == 0 else local.mT
+        if local.shape[0] != chunk_rows(t, along)[0]:  # Shard(d) is torch.chunk's split, for DTensor as for FSDP2
+            raise RuntimeError(f"a factor of shape {tuple(t.shape)} sharded along dim {along} holds {local.shape[0]} "
+                               f"of it on this rank, not torch.chunk's {chunk_rows(t, along)[0]}: cannot gather it")
+        send[offsets[-1] : offsets[-1] + local.numel()] = local.reshape(-1)
         offsets.append(offsets[-1] + size)
     recv = all_gather_flat(send, mesh, stats, dim)
     # Rank j's piece of factor k sits in recv[j, offsets[k]:offsets[k+1]]; stacking the pieces
-    # in rank order and dropping the padding rows gives the whole factor.
-    return [
-        recv[:, offsets[k] : offsets[k + 1]].reshape(world * chunks[k], *t.shape[1:])[: t.shape[0]]
-        for k, t in enumerate(ts)
-    ]
+    # in rank order and dropping the padding rows gives the whole factor (or its transpose).
+    wholes = [recv[:, offsets[k] : offsets[k + 1]].reshape(world * chunks[k], *shape[1:])[: shape[0]]
+              for k, shape in enumerate(shapes)]
+    return wholes if along == 0 else [w.mT.contiguous() for w in wholes]
 
 
 def all_gather_flat(send: torch.Tensor, mesh, stats: CommStats, mesh_dim: int = 0) -> torch.Tensor:
