@@ -5,10 +5,11 @@ runs the same deterministic balancing on the whole matrices, and writes back onl
 shard. No rank's result is ever sent anywhere: replicas stay consistent because every rank
 computes from identical inputs, and each element of a sharded factor lives on one rank only.
 
-Communication: FSDP2 shards a factor along dim 0 in torch.chunk pieces, so all factors on
-one 1-D mesh are gathered by one `all_gather` of a flat buffer (each factor padded to
-ceil(rows / world) rows), one collective per pass instead of one per factor. Any other
-layout (2-D meshes, other placements) falls back to `DTensor.full_tensor()` per factor.
+Communication: FSDP2 shards a factor along dim 0 in torch.chunk pieces (dim 1 for the A factors
+of balora.lora_shard_placement), over a 1-D mesh or over the shard dim of an HSDP mesh, so all
+factors of one mesh, dtype and sharded dim are gathered by one `all_gather` of a flat buffer (each
+factor padded to ceil(n / world) rows or columns), one collective instead of one per factor. Any
+other layout falls back to `DTensor.full_tensor()` per factor.
 `last_comm()` says what the latest pass moved. The per-step passes (the hooks, and
 balance_ without its check) go through balora.sharded_step, which gathers only the A factors
 sharded by rows and all-reduces r x r Grams for the rest; what it cannot do that way comes here.
