@@ -4,7 +4,7 @@ With B (out, r) sharded by rows (FSDP2's Shard(0)), G_B = B^T B is the sum of th
 Grams B_k^T B_k and the new B is local, B'_k = B_k X (projection.gram_transforms). A (r, in) takes
 one of FSDP2's two layouts:
 
-  by columns (Shard(1), `fully_shard(..., shard_placement_fn=lora_shard_placement(model))`)
+  by columns (Shard(1), `fully_shard(..., shard_placement_fn=lora_shard_placement(model, mesh))`)
       G_A = sum_k A_k A_k^T too, and A'_k = Y A_k: a pass all-reduces two r x r Grams per pair
       and nothing else;
   by rows (Shard(0), FSDP2's default: the r rows of A split over the ranks)
@@ -40,21 +40,27 @@ from balora.stacked import Block, _as, _stack, gram_maps, use_stacks
 from balora.workspace import buffer as _buffer
 
 
-def lora_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], object]:
+def lora_shard_placement(model: nn.Module, mesh=None) -> Callable[[nn.Parameter], object]:
     """A `shard_placement_fn` for fully_shard: LoRA A factors (r, in) by columns, the rest as FSDP2 does.
 
-        fully_shard(block, mesh=mesh, shard_placement_fn=balora.lora_shard_placement(model))
+        fully_shard(block, mesh=mesh, shard_placement_fn=balora.lora_shard_placement(model, mesh))
 
     Call it on the model before sharding it (it finds the factors by walking the PEFT layers).
     Balancing then communicates only r x r Grams, where FSDP2's default layout also gathers the
-    A factors whole (see this module).
+    A factors whole (see this module). FSDP2 splits dims other than 0 only evenly, so an A whose
+    `in` does not divide by the number of shards keeps FSDP2's rows. mesh: the one given to
+    fully_shard (its last dim shards, as in HSDP); default: every rank of the default process group.
     """
     from torch.distributed.tensor import Shard
 
     from balora.adapters.live import iter_lora_pairs
 
+    if mesh is not None:
+        shards = mesh.size(mesh.ndim - 1)
+    else:
+        shards = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     by_columns = {id(p.extra["params"][0]) for p in iter_lora_pairs(model)
-                  if "params" in p.extra and p.extra["params"][0].ndim == 2}
+                  if "params" in p.extra and p.extra["params"][0].ndim == 2 and p.extra["params"][0].shape[1] % shards == 0}
     return lambda param: Shard(1) if id(param) in by_columns else None
 
 

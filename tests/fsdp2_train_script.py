@@ -51,13 +51,15 @@ def _counted_walk(model, adapter=None, parents=None):
 _walk, live._walk_pairs = live._walk_pairs, _counted_walk
 
 VOCAB, SEQ, PER_RANK, STEPS, LR = 64, 12, 2, 4, 5e-3
-# r=3 shards unevenly over 2 ranks (2 rows + 1 row of A): the padding path is exercised.
+# r=3 shards unevenly over 2 ranks (2 rows + 1 row of A): the padding path is exercised. So does
+# intermediate_size=65: up_proj's B by rows (33 + 32), and down_proj's A (r, 65), which
+# lora_shard_placement leaves by rows (FSDP2 splits other dims only evenly).
 LORA = dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "embed_tokens"])
 
 
 def make_model(layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=65, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(**LORA))
     with torch.no_grad():  # PEFT starts B (A for embeddings) at 0; random values make every pair count from step 1
@@ -71,7 +73,7 @@ def shard(model: torch.nn.Module, mesh) -> None:
     """fully_shard every decoder block and the root. Odd blocks shard their lora_A by columns
     (lora_shard_placement), so their pairs are balanced from all-reduced r x r Grams alone; even
     blocks and the embedding keep FSDP2's default rows, so their lora_A are gathered whole."""
-    by_columns = lora_shard_placement(model)
+    by_columns = lora_shard_placement(model, mesh)  # an A whose columns do not split evenly keeps its rows
     for i, block in enumerate(model.base_model.model.model.layers):
         fully_shard(block, mesh=mesh, shard_placement_fn=by_columns if i % 2 else None)
     fully_shard(model, mesh=mesh)
