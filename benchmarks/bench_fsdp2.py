@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 benchmarks/bench_fsdp2.py             # Llama-3.2-1B-like, r=16, fp32 (~1 min)
     torchrun --nproc_per_node 2 benchmarks/bench_fsdp2.py --model 3B --r 8
+    torchrun --nproc_per_node 2 benchmarks/bench_fsdp2.py --ops    # ops per step for 4, 8, 16 blocks, then exit
 
 Every rank builds the LoRA factors of every targeted Linear (bench_projection's shapes) as
 FSDP2 lays them out (DTensor parameters on a 1-D mesh, gloo on CPU), in two layouts: "rows",
@@ -66,6 +67,34 @@ def expected_bytes(m: ModelShape, r: int, world: int, element_size: int = 4, onl
     return (world - 1) * sum(math.ceil(rows / world) * cols for rows, cols in rows_cols) * element_size
 
 
+def ops_table(m: ModelShape, r: int, mesh, rank: int) -> None:
+    """Ops one balance_step dispatches on each rank (opcount.OpCounter, collectives included) for
+    the adapters of the first 4, 8 and 16 blocks of m, both layouts, with 1 and 2 threads per rank
+    (one thread: pair by pair; two: stacked, as on a GPU), after a first pass."""
+    from dataclasses import replace
+
+    from opcount import count_ops
+
+    policy = BalancePolicy(check=False)
+    rows = []
+    for blocks in (4, 8, 16):
+        shape = replace(m, layers=blocks)
+        counts = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for a_dim in (1, 0):
+                _, pairs = sharded_adapter(shape, r, mesh, a_dim)
+                balance_step(pairs, policy)
+                counts.append(count_ops(lambda: balance_step(pairs, policy)).total)
+        torch.set_num_threads(1)
+        rows.append((blocks, len(pairs), counts))
+    if rank == 0:
+        print(f"ops per balance_step, {m.name} factors, r={r}, fp32 (rank 0):")
+        print(f"  {'blocks':>6}{'pairs':>7}   1 thread: columns / rows   2 threads: columns / rows")
+        for blocks, n, c in rows:
+            print(f"  {blocks:>6}{n:>7}   {c[0]:>10} / {c[1]:<10}   {c[2]:>11} / {c[3]}")
+
+
 def base_params(m: ModelShape) -> int:
     """Frozen weights of the Llama-like model (embedding tied with the output, as in Llama 3.2)."""
     per_layer = sum(n_in * n_out for _, n_in, n_out in module_shapes(m)) // m.layers
@@ -77,12 +106,17 @@ def main() -> None:
     ap.add_argument("--model", default="1B", choices=sorted(MODELS))
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--ops", action="store_true", help="only the ops-per-step table, then exit")
     args = ap.parse_args()
     torch.set_num_threads(1)  # ranks share the machine's cores
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     m = MODELS[args.model]
+    if args.ops:
+        ops_table(m, args.r, mesh, rank)
+        dist.destroy_process_group()
+        return
     params, rows = sharded_adapter(m, args.r, mesh, a_dim=0)
     _, grams = sharded_adapter(m, args.r, mesh, a_dim=1)
     opt = torch.optim.AdamW(params, lr=1e-4)
