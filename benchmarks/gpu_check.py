@@ -19,7 +19,9 @@ What it prints, all measured in this process:
      pairs) at r=16 and r=64, one pass against one fused AdamW step, and the share of the pass
      spent in the r x r maths, which run on the host CPU in float64 (their cost grows as
      pairs x r^3 and does not shrink with a faster GPU);
-  6. a short bf16 `balora compare --task lm --device cuda` (lora against balora) and its
+  6. the FSDP2 pass (balora.sharded_step) on the GPU as the one rank of a one-rank NCCL mesh, in
+     both layouts: its factors against the one-process pass's, its ops and syncs;
+  7. a short bf16 `balora compare --task lm --device cuda` (lora against balora) and its
      per-arm summary side by side.
 
 Without CUDA it says so and exits 0 (tests/test_gpu_check.py runs it that way).
@@ -185,6 +187,46 @@ def check_rank_cost(reps: int, device: str = "cuda", shape: str = "3B", ranks: t
             torch.cuda.empty_cache()
 
 
+def check_sharded(device: str = "cuda", shape: str = "1B", r: int = 16) -> None:
+    """Part 6 of the docstring: the FSDP2 pass (balora.sharded_step.balance_step) on this device as
+    one rank of a one-rank mesh, in both layouts, against the one-process pass on the same factors;
+    its ops and syncs. Errors are printed, not raised, so the parts after it still run."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from balora.balance import balance_and_write
+    from balora.policy import BalancePolicy
+    from balora.sharded_step import balance_step
+    from bench_fsdp2 import sharded_adapter
+    from bench_projection import MODELS, make_adapter
+    from opcount import count_ops
+
+    m, policy = MODELS[shape], BalancePolicy(check=False)
+    print(f"\n== the FSDP2 pass on {device}, one rank: {m.name} LoRA factors (fp32, r={r}), nearest gauge ==")
+    if dist.is_initialized():
+        print("   skipped: a process group is already initialised in this process")
+        return
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh(device.split(":")[0], (1,))
+        one_process = make_adapter(m, r, torch.float32, device)  # the same factors as sharded_adapter's
+        balance_and_write(one_process.pairs, policy)
+        for a_dim, layout in ((1, "A by columns"), (0, "A by rows (FSDP2's default)")):
+            params, pairs = sharded_adapter(m, r, mesh, a_dim)
+            balance_step(pairs, policy)
+            diff = max(float((p.detach().full_tensor() - q.detach()).abs().max() / q.detach().abs().max())
+                       for p, q in zip(params, one_process.params))
+            counter = count_ops(lambda: balance_step(pairs, policy))
+            syncs = (_syncs_and_memory(lambda: balance_step(pairs, policy))[0] if device.startswith("cuda")
+                     else "n/a (CPU)")
+            print(f"   {layout}: max |difference| / max |one-process factor| = {diff:.1e}; {counter.total} ops per pass, "
+                  f"syncs {syncs}")
+    except Exception as e:  # noqa: BLE001 (a report, not a test: say what failed and go on)
+        print(f"   FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    finally:
+        dist.destroy_process_group()
+
+
 def check_compare(timeout_s: int, device: str = "cuda", steps: int = 60) -> None:
     """A short lm comparison through the CLI (bf16 on a GPU), then its per-arm summary."""
     import balora
@@ -222,6 +264,7 @@ def main(argv=None) -> int:
         check_training_step(reps=2, batch=1, seq=16, device="cpu", shape="tiny")
         check_op_table("cpu", "tiny")
         check_rank_cost(reps=2, device="cpu", shape="tiny", ranks=(4, 16))
+        check_sharded("cpu", "tiny", 4)
         if not args.skip_compare:
             check_compare(timeout_s=600, device="cpu", steps=3)
         return 0
@@ -236,6 +279,7 @@ def main(argv=None) -> int:
     torch.cuda.empty_cache()  # the model is gone: give its memory back before the next part
     check_op_table()
     check_rank_cost(reps=5 if args.quick else 15)
+    check_sharded()
     if not args.skip_compare:
         check_compare(timeout_s=180)
     print(f"\ngpu_check done in {time.perf_counter() - t0:.0f} s")
