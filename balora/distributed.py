@@ -212,12 +212,21 @@ def all_gather_flat(send: torch.Tensor, mesh, stats: CommStats, mesh_dim: int = 
     import torch.distributed as dist
 
     world = mesh.size(mesh_dim)
+    home = send.device
+    send = on_mesh_device(send, mesh)
     recv = send.new_empty(world, send.numel())
     dist.all_gather(list(recv.unbind(0)), send, group=mesh.get_group(mesh_dim))
     stats.collectives += 1
     stats.bytes_sent += send.numel() * send.element_size()
     stats.bytes_received += (world - 1) * send.numel() * send.element_size()
-    return recv
+    return recv.to(home)
+
+
+def on_mesh_device(t: torch.Tensor, mesh) -> torch.Tensor:
+    """t where the mesh's collectives run: shards that FSDP2 keeps on the CPU (CPUOffloadPolicy)
+    belong to a CUDA mesh, whose NCCL group takes only CUDA tensors. t itself when already there.
+    (No GPU here: the moving branch is not exercised by the tests.)"""
+    return t if t.device.type == mesh.device_type else t.to(mesh.device_type)
 
 
 def _local_piece(whole: torch.Tensor, param) -> torch.Tensor:

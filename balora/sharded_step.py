@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from balora.distributed import (CommStats, all_gather_flat, chunk_rows, fsdp_placement, gather_pairs, is_dtensor,
-                                last_comm, local_storage, record_comm)
+                                last_comm, local_storage, on_mesh_device, record_comm)
 from balora.linalg import compute_dtype, full_fp32_matmuls
 from balora.pairs import FactorPair
 from balora.stacked import Block, _as, _stack, gram_maps, use_stacks
@@ -88,8 +88,9 @@ def _balance_step(pairs: list[FactorPair], policy):
     blocks = _shard_blocks([pairs[i] for i in local])
     stats = CommStats()
     _gather_A_by_rows(blocks, stats)
-    group = _shard_group(pairs[local[0]].extra["params"][0])
-    gram_maps(blocks, policy.method, reduce=lambda grams: _sum_over_ranks(grams, blocks, group, stats))
+    first = pairs[local[0]].extra["params"][0]
+    mesh, mesh_dim = first.device_mesh, fsdp_placement(first)[0]  # the dim whose ranks hold one factor's pieces
+    gram_maps(blocks, policy.method, reduce=lambda grams: _sum_over_ranks(grams, blocks, mesh, mesh_dim, stats))
     done = {local[b.members[g]] for b in blocks for g, ok in enumerate(b.accurate) if ok}
     rest = gather_pairs([p for i, p in enumerate(pairs) if i not in done])
     record_comm(stats + last_comm())  # the pass's collectives together
@@ -115,11 +116,6 @@ def _layout(p: FactorPair) -> str | None:
             or how_B is None or how_B[1].dim != 0 or A_p.shape[0] > min(A_p.shape[1], B_p.shape[0])):
         return None
     return {1: "columns", 0: "rows"}.get(how_A[1].dim)
-
-
-def _shard_group(t):
-    """The process group of the mesh dim that shards t (its ranks hold the pieces of one factor)."""
-    return t.device_mesh.get_group(fsdp_placement(t)[0])
 
 
 class ShardBlock(Block):
@@ -202,12 +198,16 @@ def _gather_A_by_rows(blocks: list[ShardBlock], stats: CommStats) -> None:
             b.set_whole_A(out.copy_(whole.reshape(G, world * chunk, n_in)[:, :r]))  # upcasts bf16 on the way
 
 
-def _sum_over_ranks(grams: list[torch.Tensor], blocks: list[ShardBlock], group, stats: CommStats) -> list[torch.Tensor]:
+def _sum_over_ranks(grams: list[torch.Tensor], blocks: list[ShardBlock], mesh, mesh_dim: int,
+                    stats: CommStats) -> list[torch.Tensor]:
     """The Grams with every partial one (G_B always, G_A of layout "columns") summed over the ranks
     in float64, by one all_reduce; G_A of gathered A factors is whole already."""
     partial = [j for i, b in enumerate(blocks) for j in ((2 * i, 2 * i + 1) if b.layout == "columns" else (2 * i + 1,))]
     flat = torch.cat([grams[i].reshape(-1) for i in partial]).to(torch.float64)  # float64: the sum adds no rounding of note
-    dist.all_reduce(flat, group=group)
+    home = flat.device
+    flat = on_mesh_device(flat, mesh)
+    dist.all_reduce(flat, group=mesh.get_group(mesh_dim))
+    flat = flat.to(home)
     stats.collectives += 1
     stats.bytes_reduced += flat.numel() * flat.element_size()
     out = list(grams)
