@@ -334,3 +334,16 @@ def test_balance_step_on_fsdp2_default_rows_gathers_only_A(model, mesh, dtype, t
     for n, t in _whole(sharded).items():
         assert t.dtype == dtype
         torch.testing.assert_close(t.float(), expected[n].float(), **tol, msg=n)
+
+
+def test_collective_buffers_go_to_the_mesh_device():
+    """FSDP2's CPUOffloadPolicy keeps shards on the CPU under a CUDA mesh: balora's collective
+    buffers must go where the mesh's group runs (a stand-in mesh on "meta" here: no GPU)."""
+    from types import SimpleNamespace
+
+    from balora.distributed import on_mesh_device
+
+    t = torch.arange(6.0)
+    assert on_mesh_device(t, SimpleNamespace(device_type="cpu")) is t
+    moved = on_mesh_device(t, SimpleNamespace(device_type="meta"))
+    assert moved.device.type == "meta" and moved.shape == t.shape and moved.dtype == t.dtype
