@@ -91,6 +91,22 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def bf16_pass(mesh) -> dict:
+    """One balance_(model, check=False) of the model in bf16, sharded (both layouts, uneven shards),
+    against the same call on the unsharded bf16 model: the largest difference of any factor,
+    relative to its largest entry."""
+    plain = make_model().to(torch.bfloat16)
+    balance_(plain, check=False)
+    want = {n: p.detach().float() for n, p in plain.named_parameters() if "lora_" in n}
+    model = make_model().to(torch.bfloat16)
+    shard(model, mesh)
+    summary = balance_(model, check=False)
+    got = {n: t.float() for n, t in lora_state(model).items()}
+    dtypes = {str(p.dtype) for n, p in model.named_parameters() if "lora_" in n}
+    worst = max(float((got[n] - want[n]).abs().max() / want[n].abs().max()) for n in want)
+    return {"balanced": summary.balanced, "qr_path": summary.qr_path, "dtypes": sorted(dtypes), "worst": worst}
+
+
 def ops_per_pass(mesh, layers: int) -> int:
     """Ops one balance_(model, check=False) dispatches on a sharded model of `layers` blocks (both
     layouts), after a first pass that walked the model, with two threads per rank (stacked, as on a
@@ -206,6 +222,8 @@ def main(out_dir: str, hsdp: bool = False) -> None:
         torch.set_num_threads(1)
         save(out_dir, f"{run}_rank{rank}", model, trained)
     if not hsdp:
+        with open(os.path.join(out_dir, f"bf16_rank{rank}.json"), "w") as f:
+            json.dump(bf16_pass(mesh), f)
         ops = {layers: ops_per_pass(mesh, layers) for layers in (2, 6)}
         with open(os.path.join(out_dir, f"ops_rank{rank}.json"), "w") as f:
             json.dump(ops, f)

@@ -126,6 +126,15 @@ def test_bytes_communicated_per_pass(fsdp2_run, run):
         assert info["report_comm"] == {"collectives": 2, "bytes_received": report_gathered}
 
 
+def test_bf16_factors_are_balanced_on_their_shards_like_the_unsharded_model(fsdp2_run):
+    """bf16 LoRA factors, both layouts, uneven shards (r=3 rows, 65 rows of up_proj's B): one pass
+    writes bf16 shards that agree with the unsharded model's pass (to bf16's rounding)."""
+    for rank in (0, 1):
+        info = json.loads((fsdp2_run / f"bf16_rank{rank}.json").read_text())
+        assert info["balanced"] == 9 and info["qr_path"] == 0 and info["dtypes"] == ["torch.bfloat16"], info
+        assert info["worst"] <= 2**-7, info  # bf16 keeps 8 significant bits
+
+
 def test_ops_per_pass_do_not_grow_with_the_number_of_blocks(fsdp2_run):
     """The sharded pass stacks pairs of one shape and layout (balora.sharded_step): a model of 6
     blocks dispatches exactly the ops of one of 2 blocks, on every rank."""
