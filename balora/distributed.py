@@ -222,6 +222,19 @@ def all_gather_flat(send: torch.Tensor, mesh, stats: CommStats, mesh_dim: int = 
     return recv.to(home)
 
 
+def all_reduce_flat(flat: torch.Tensor, mesh, stats: CommStats, mesh_dim: int = 0) -> torch.Tensor:
+    """The sum of every rank's `flat` (L,) over `mesh_dim` of `mesh`, by one all_reduce, on flat's
+    own device; counted in `stats`."""
+    import torch.distributed as dist
+
+    home = flat.device
+    flat = on_mesh_device(flat, mesh)
+    dist.all_reduce(flat, group=mesh.get_group(mesh_dim))
+    stats.collectives += 1
+    stats.bytes_reduced += flat.numel() * flat.element_size()
+    return flat.to(home)
+
+
 def on_mesh_device(t: torch.Tensor, mesh) -> torch.Tensor:
     """t where the mesh's collectives run: shards that FSDP2 keeps on the CPU (CPUOffloadPolicy)
     belong to a CUDA mesh, whose NCCL group takes only CUDA tensors. t itself when already there.

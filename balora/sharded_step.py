@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from balora.distributed import (CommStats, all_gather_flat, chunk_rows, fsdp_placement, gather_pairs, is_dtensor,
-                                last_comm, local_storage, on_mesh_device, record_comm)
+from balora.distributed import (CommStats, all_gather_flat, all_reduce_flat, chunk_rows, fsdp_placement, gather_pairs,
+                                is_dtensor, last_comm, local_storage, record_comm)
 from balora.linalg import compute_dtype, full_fp32_matmuls
 from balora.pairs import FactorPair
 from balora.stacked import Block, _as, _stack, gram_maps, use_stacks
@@ -80,12 +80,13 @@ def _balance_step(pairs: list[FactorPair], policy):
 
     if not any(is_dtensor(t) for p in pairs for t in p.extra.get("params", ())):
         return balance_and_write(pairs, policy)
-    local = [i for i, p in enumerate(pairs) if _layout(p) is not None]
+    layouts = {i: layout for i, p in enumerate(pairs) if (layout := _layout(p)) is not None}
+    local = list(layouts)
     meshes = {id(pairs[i].extra["params"][0].device_mesh) for i in local}
     if policy.check or not local or len(meshes) > 1:  # the check measures whole products; one mesh, one collective
         return balance_and_write(gather_pairs(pairs), policy)
     t0 = time.perf_counter()
-    blocks = _shard_blocks([pairs[i] for i in local])
+    blocks = _shard_blocks([pairs[i] for i in local], [layouts[i] for i in local])
     stats = CommStats()
     _gather_A_by_rows(blocks, stats)
     first = pairs[local[0]].extra["params"][0]
@@ -158,11 +159,11 @@ class ShardBlock(Block):
         return chunk_rows(self.A_params[0])
 
 
-def _shard_blocks(pairs: list[FactorPair]) -> list[ShardBlock]:
+def _shard_blocks(pairs: list[FactorPair], layouts: list[str]) -> list[ShardBlock]:
     groups: dict[tuple, list[int]] = {}
-    for k, p in enumerate(pairs):
+    for k, (p, layout) in enumerate(zip(pairs, layouts)):
         A_p, B_p = p.extra["params"]
-        key = (tuple(A_p.shape), tuple(B_p.shape), A_p.dtype, B_p.dtype, A_p.device, _layout(p))
+        key = (tuple(A_p.shape), tuple(B_p.shape), A_p.dtype, B_p.dtype, A_p.device, layout)
         groups.setdefault(key, []).append(k)
     return [ShardBlock(members, pairs, key[-1]) for key, members in groups.items()]
 
@@ -204,12 +205,7 @@ def _sum_over_ranks(grams: list[torch.Tensor], blocks: list[ShardBlock], mesh, m
     in float64, by one all_reduce; G_A of gathered A factors is whole already."""
     partial = [j for i, b in enumerate(blocks) for j in ((2 * i, 2 * i + 1) if b.layout == "columns" else (2 * i + 1,))]
     flat = torch.cat([grams[i].reshape(-1) for i in partial]).to(torch.float64)  # float64: the sum adds no rounding of note
-    home = flat.device
-    flat = on_mesh_device(flat, mesh)
-    dist.all_reduce(flat, group=mesh.get_group(mesh_dim))
-    flat = flat.to(home)
-    stats.collectives += 1
-    stats.bytes_reduced += flat.numel() * flat.element_size()
+    flat = all_reduce_flat(flat, mesh, stats, mesh_dim)
     out = list(grams)
     for i, part in zip(partial, flat.split([grams[i].numel() for i in partial])):
         out[i] = part.view(grams[i].shape)
