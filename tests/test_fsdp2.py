@@ -103,6 +103,17 @@ def _by_columns(ref: dict, shards: int) -> set[str]:
     return by_columns
 
 
+def _step_comm(ref: dict, shards: int, r: int = 3) -> dict:
+    """What one balancing step communicates, from the shapes: the lora_A sharded by rows gathered
+    in one all_gather (padded to ceil(r / shards) rows), the r x r float64 Grams of every B and of
+    every lora_A by columns in one all_reduce."""
+    by_columns = _by_columns(ref, shards)
+    A_by_rows = {n for n in ref if (".lora_A." in n or ".lora_embedding_A." in n) and n not in by_columns}
+    partial_grams = len(ref) - len(A_by_rows)  # every B, and every A by columns
+    return {"collectives": 2, "bytes_received": sum(_gathered_bytes(ref[n], shards, False) for n in A_by_rows),
+            "bytes_reduced": partial_grams * r * r * 8}
+
+
 @pytest.mark.parametrize("run", RUNS)
 def test_bytes_communicated_per_pass(fsdp2_run, run):
     """Counted from the shapes. Every pair takes the Gram path on its shards: the B factors (by
@@ -111,12 +122,9 @@ def test_bytes_communicated_per_pass(fsdp2_run, run):
     padded to ceil(r / ranks) rows. No B is ever gathered. The report gathers every factor whole:
     the row-sharded ones in one all_gather, block 1's lora_A (by columns) in another."""
     ref, _ = _load(fsdp2_run, "reference")
-    world, r = 2, 3
+    world = 2
     by_columns = _by_columns(ref, world)
-    A_by_rows = {n for n in ref if (".lora_A." in n or ".lora_embedding_A." in n) and n not in by_columns}
-    partial_grams = len(ref) - len(A_by_rows)  # every B, and every A by columns
-    step = {"collectives": 2, "bytes_received": sum(_gathered_bytes(ref[n], world, False) for n in A_by_rows),
-            "bytes_reduced": partial_grams * r * r * 8}
+    step = _step_comm(ref, world)
     report_gathered = sum(_gathered_bytes(t, world, n in by_columns) for n, t in ref.items())
     for rank in (0, 1):
         _, info = _load(fsdp2_run, f"{run}_rank{rank}")
@@ -175,11 +183,7 @@ def test_hsdp_communicates_within_the_shard_group(hsdp_run, run):
     """The same two collectives as FSDP2 on 2 ranks, over each replica's 2-rank shard group: the A
     factors by rows gathered, the partial Grams all-reduced."""
     ref, _ = _load(hsdp_run, "reference")
-    shards, r = 2, 3
-    by_columns = _by_columns(ref, shards)
-    A_by_rows = {n for n in ref if (".lora_A." in n or ".lora_embedding_A." in n) and n not in by_columns}
-    step = {"collectives": 2, "bytes_received": sum(_gathered_bytes(ref[n], shards, False) for n in A_by_rows),
-            "bytes_reduced": (len(ref) - len(A_by_rows)) * r * r * 8}
+    step = _step_comm(ref, shards=2)
     for rank in range(4):
         _, info = _load(hsdp_run, f"{run}_rank{rank}")
         info["step_comm"].pop("walks")
