@@ -5,11 +5,12 @@ Run by tests/test_fsdp2.py:
     torchrun --nproc_per_node 2 --standalone tests/fsdp2_train_script.py OUT_DIR
     torchrun --nproc_per_node 4 --standalone tests/fsdp2_train_script.py OUT_DIR --hsdp   # 2 replicas x 2 shards
 
-Four sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
+Five sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
 BalanceCallback.on_optimizer_step by hand after each step (how the Trainer calls it), "balance_"
 calls balora.balance_(model, check=False) (its kept walk: every step after the first re-gathers
-the cached pairs), all with one thread per rank (the pass goes pair by pair), and "stacked" is
-"hook" with two threads per rank (the pass stacks pairs of one shape, as on a GPU). Every rank
+the cached pairs), all with one thread per rank (the pass goes pair by pair), "stacked" is
+"hook" with two threads per rank (the pass stacks pairs of one shape, as on a GPU), and "mixed"
+is "hook" under FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 shards and reduction). Every rank
 writes OUT_DIR/{run}_rank{R}.safetensors (its gathered LoRA factors) and OUT_DIR/{run}_rank{R}.json
 (losses, layer_report, what the last balancing pass and the report communicated). Rank 0 also writes reference.* from the
 single-process run over the whole batch (FSDP2 averages the ranks' gradients, so the single
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState
 
@@ -69,14 +70,17 @@ def make_model(layers: int = 2) -> torch.nn.Module:
     return model
 
 
-def shard(model: torch.nn.Module, mesh) -> None:
+def shard(model: torch.nn.Module, mesh, mixed: bool = False) -> None:
     """fully_shard every decoder block and the root. Odd blocks shard their lora_A by columns
     (lora_shard_placement), so their pairs are balanced from all-reduced r x r Grams alone; even
-    blocks and the embedding keep FSDP2's default rows, so their lora_A are gathered whole."""
+    blocks and the embedding keep FSDP2's default rows, so their lora_A are gathered whole.
+    mixed: FSDP2's usual mixed precision (bf16 forward and backward, fp32 gradient reduction); the
+    sharded parameters, which the optimizer and balancing update, stay fp32."""
+    mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if mixed else {}
     by_columns = lora_shard_placement(model, mesh)  # an A whose columns do not split evenly keeps its rows
     for i, block in enumerate(model.base_model.model.model.layers):
-        fully_shard(block, mesh=mesh, shard_placement_fn=by_columns if i % 2 else None)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, shard_placement_fn=by_columns if i % 2 else None, **mp)
+    fully_shard(model, mesh=mesh, **mp)
 
 
 class CountOps(TorchDispatchMode):
@@ -212,13 +216,13 @@ def main(out_dir: str, hsdp: bool = False) -> None:
             else init_device_mesh("cpu", (world,)))
     ids = batch(world)
     local = ids[:, rank * PER_RANK : (rank + 1) * PER_RANK]  # this rank's part of every global batch
-    for run in ("hook", "stacked") if hsdp else ("hook", "callback", "balance_", "stacked"):
+    for run in ("hook", "stacked") if hsdp else ("hook", "callback", "balance_", "stacked", "mixed"):
         model = make_model()
-        shard(model, mesh)
+        shard(model, mesh, mixed=run == "mixed")
         # "stacked": the hook with two threads per rank, where the pass stacks the pairs of one shape
         # as on a GPU (with one thread it goes pair by pair: balora.stacked.use_stacks)
         torch.set_num_threads(2 if run == "stacked" else 1)
-        trained = train(model, local, "hook" if run == "stacked" else run, distributed=True)
+        trained = train(model, local, run if run in ("callback", "balance_") else "hook", distributed=True)
         torch.set_num_threads(1)
         save(out_dir, f"{run}_rank{rank}", model, trained)
     if not hsdp:
