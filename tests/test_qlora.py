@@ -164,14 +164,24 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def test_balance_callback_in_a_trainer(saved_llama, quant, tmp_path):
+# The Trainer's optimizer -> the module it comes from: torch's AdamW, and the paged 8-bit AdamW of
+# bitsandbytes that QLoRA recipes use (on CPU it is not paged, and it keeps 32-bit state for
+# tensors under 4096 entries, as these are; balancing moves the factors, never the optimizer's state).
+TRAINER_OPTIMS = {"adamw_torch": "torch.optim", "paged_adamw_8bit": "bitsandbytes.optim"}
+
+
+@pytest.mark.parametrize("optim", list(TRAINER_OPTIMS))
+def test_balance_callback_in_a_trainer(saved_llama, quant, optim, tmp_path):
     model = _quantized_lora(saved_llama, quant, random_B=False)  # PEFT's B = 0 init, as in real QLoRA
     base = _base_bytes(model)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2,
-                             max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True)
+                             max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                             optim=optim)
     callback = balora.BalanceCallback()
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
     trainer.train()
+    used = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert type(used).__module__.startswith(TRAINER_OPTIMS[optim]), type(used)
     assert callback.last_summary is not None and callback.last_summary.balanced == N_PAIRS
     assert _base_bytes(model) == base
     for m in _lora_layers(model).values():
