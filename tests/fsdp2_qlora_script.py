@@ -26,6 +26,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+from gathered import lora_state  # beside this script
+
 from balora import balance_, layer_report
 
 VOCAB, SEQ, PER_RANK, STEPS, LR = 64, 12, 2, 3, 5e-3
@@ -39,16 +41,6 @@ def make_model(path: str) -> torch.nn.Module:
     torch.manual_seed(1)
     # init_lora_weights=False: B is random, so every pair is moved by balancing from the first step.
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
-
-
-def lora_state(model) -> dict[str, torch.Tensor]:
-    """Whole LoRA factors (full_tensor gathers a DTensor: every rank calls it)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            t = p.detach()
-            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone().contiguous()
-    return out
 
 
 def base_bytes(model) -> dict[str, bytes]:

@@ -37,6 +37,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState
 
+from gathered import lora_state  # beside this script
+
 from balora import BalanceCallback, balance_, balance_after_step, layer_report, lora_shard_placement
 import balora.adapters.live as live
 from balora.distributed import last_comm
@@ -183,16 +185,6 @@ def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[li
         hook.remove()
     return losses, {"collectives": step_comm.collectives, "bytes_received": step_comm.bytes_received,
                     "bytes_reduced": step_comm.bytes_reduced, "walks": len(WALKS) - walks_before}
-
-
-def lora_state(model) -> dict[str, torch.Tensor]:
-    """Whole LoRA factors; full_tensor gathers a DTensor (a collective: every rank calls it)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            t = p.detach()
-            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone().contiguous()
-    return out
 
 
 def save(out_dir: str, tag: str, model, trained: tuple[list[float], dict]) -> None:
