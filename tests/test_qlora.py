@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -56,9 +56,12 @@ def saved_llama(tmp_path_factory):
     return path
 
 
-def _quantized_lora(path, quant: str, random_B: bool = True):
+def _quantized_lora(path, quant: str, random_B: bool = True, prepare: bool = False):
+    """prepare: PEFT's prepare_model_for_kbit_training first, as QLoRA recipes do."""
     model = LlamaForCausalLM.from_pretrained(path, quantization_config=QUANT[quant][0](), device_map="cpu",
                                              dtype=torch.float32)
+    if prepare:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     torch.manual_seed(1)
     # init_lora_weights=False: B is random, so every pair is really moved by balancing.
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=not random_B))
@@ -169,24 +172,31 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-# The Trainer's optimizer -> the module it comes from: torch's AdamW, and the paged 8-bit AdamW of
-# bitsandbytes that QLoRA recipes use (on CPU it is not paged, and it keeps 32-bit state for
-# tensors under 4096 entries, as these are; balancing moves the factors, never the optimizer's state).
-TRAINER_OPTIMS = {"adamw_torch": "torch.optim", "paged_adamw_8bit": "bitsandbytes.optim"}
+# A Trainer as plain as can be, and one set up as QLoRA recipes set it up: PEFT's
+# prepare_model_for_kbit_training (fp32 norms, input grads), gradient checkpointing, and the
+# paged 8-bit AdamW of bitsandbytes (on CPU it is not paged, and it keeps 32-bit state for tensors
+# under 4096 entries, as these are; balancing moves the factors, never the optimizer's state).
+# name -> (TrainingArguments, the module the optimizer must come from)
+TRAINER_SETUPS = {
+    "plain": ({"optim": "adamw_torch"}, "torch.optim"),
+    "qlora_recipe": ({"optim": "paged_adamw_8bit", "gradient_checkpointing": True}, "bitsandbytes.optim"),
+}
 
 
-@pytest.mark.parametrize("optim", list(TRAINER_OPTIMS))
-def test_balance_callback_in_a_trainer(saved_llama, quant, optim, tmp_path):
-    model = _quantized_lora(saved_llama, quant, random_B=False)  # PEFT's B = 0 init, as in real QLoRA
+@pytest.mark.parametrize("setup", list(TRAINER_SETUPS))
+def test_balance_callback_in_a_trainer(saved_llama, quant, setup, tmp_path):
+    model = _quantized_lora(saved_llama, quant, random_B=False,  # PEFT's B = 0 init, as in real QLoRA
+                            prepare=setup == "qlora_recipe")
     base = _base_bytes(model)
+    extra, optimizer_module = TRAINER_SETUPS[setup]
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2,
                              max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True,
-                             optim=optim)
+                             **extra)
     callback = balora.BalanceCallback()
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
     trainer.train()
     used = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
-    assert type(used).__module__.startswith(TRAINER_OPTIMS[optim]), type(used)
+    assert type(used).__module__.startswith(optimizer_module), type(used)
     assert callback.last_summary is not None and callback.last_summary.balanced == N_PAIRS
     assert _base_bytes(model) == base
     for m in _lora_layers(model).values():
