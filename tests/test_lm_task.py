@@ -173,6 +173,28 @@ def test_compare_runs_every_arm_on_the_tiny_toy(tmp_path):
     assert len(run.layers) and len(run.spectra)
 
 
+def test_the_bf16_path_of_a_gpu_run_works_end_to_end(tmp_path, monkeypatch):
+    """`balora compare --task lm --device cuda --dtype bfloat16` (what benchmarks/gpu_check.py runs)
+    takes this path: a bf16 base model whose LoRA factors PEFT keeps in fp32. The task refuses bf16
+    on a CPU, so the refusal is lifted here to run the same code on the CPU: both arms complete,
+    the recorder measures the fp32 factors, and balancing keeps them balanced to fp32 rounding."""
+    from balora.runner import compare
+    from balora.tasks.model_setup import DTYPES
+
+    monkeypatch.setattr(lm, "model_dtype", lambda cfg, device, task: DTYPES[cfg["dtype"]])
+    run = compare("lm", arms="lora,balora", dtype="bfloat16", steps=4, eval_every=2, layers_every=2,
+                  spectra_every=4, out=tmp_path / "run", quiet=True, rank=4, train_blocks=32, eval_blocks=4,
+                  batch_size=4, **TINY)
+    assert run.config["problem"]["dtype"] == "bfloat16"
+    assert (run.summary["status"] == "completed").all(), run.summary[["arm", "reason"]]
+    assert run.steps["eval_loss"].dropna().map(math.isfinite).all()
+    last = run.layers[run.layers.step == run.layers.step.max()]
+    assert set(last["dtype"]) == {"float32"}
+    assert last[last.arm == "balora"]["rel_imbalance"].max() < 1e-5
+    assert last[last.arm == "lora"]["rel_imbalance"].min() > 0.1  # without balancing it stays far off
+    assert len(run.spectra)
+
+
 def test_text_file_data_is_split_into_train_head_and_eval_tail(tmp_path):
     text = "".join(f"line {i}: the quick brown fox\n" for i in range(200))
     path = tmp_path / "train.txt"
