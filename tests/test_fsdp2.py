@@ -6,8 +6,9 @@ uses FSDP2's MixedPrecisionPolicy (bf16 compute) and follows the fp32 run to bf1
 with the CPU's fp32 matmuls set to bf16, as in reduced-precision training: the byte counts show it
 still takes the Gram path (full precision inside), and the script checks the setting is put back.
 
-The Trainer is not used here: accelerate enables its FSDP plugin only for accelerator devices, and
-on CPU a Trainer with fsdp="full_shard" silently trains with DDP (its parameters stay plain tensors).
+The Trainer's own FSDP2 (accelerate's fully_shard) with BalanceCallback runs too, against the
+Trainer's DDP: accelerate enables its FSDP plugin only for accelerator devices, so its script lets
+it take that path on the CPU (tests/fsdp2_trainer_script.py says how).
 """
 
 from __future__ import annotations
@@ -204,3 +205,48 @@ def test_hsdp_communicates_within_the_shard_group(hsdp_run, run):
         _, info = _load(hsdp_run, f"{run}_rank{rank}")
         info["step_comm"].pop("walks")
         assert info["step_comm"] == step, f"rank {rank}"
+
+
+# The Trainer's own FSDP2 (accelerate's fully_shard) with BalanceCallback, against the Trainer's
+# DDP on the same 2 gloo ranks (tests/fsdp2_trainer_script.py says how accelerate is let shard on
+# a CPU).
+TRAINER_SCRIPT = Path(__file__).with_name("fsdp2_trainer_script.py")
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory, torchrun) -> Path:
+    out = tmp_path_factory.mktemp("fsdp2_trainer")
+    torchrun(TRAINER_SCRIPT, out)
+    torchrun(TRAINER_SCRIPT, out, args=("--ddp",))
+    return out
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_balance_callback_in_the_trainer_balances_on_every_rank(trainer_runs, engine):
+    f0, info0 = _load(trainer_runs, f"{engine}_rank0")
+    f1, info1 = _load(trainer_runs, f"{engine}_rank1")
+    sharded = engine == "fsdp2"
+    assert info0["distributed_type"] == ("DistributedType.FSDP" if sharded else "DistributedType.MULTI_CPU")
+    assert info0["param_types"] == (["DTensor"] if sharded else ["Parameter"]), "the engine was not the one asked for"
+    for info in (info0, info1):
+        assert info["balanced"] == 9 and info["qr_path"] == 0, info
+        assert info["logged_rel_imbalance_max"] < 1e-5, info
+    assert info0["losses"] == info1["losses"] and len(info0["losses"]) == 4
+    for name, A in f0.items():
+        assert torch.equal(A, f1[name]), f"{name} differs between the ranks"
+        if ".lora_A." in name or ".lora_embedding_A." in name:
+            B = f0[name.replace("_A.", "_B.")]
+            assert float(rel_imbalance(A.double()[None], B.double()[None])[0]) < 1e-5, name
+
+
+def test_the_trainers_fsdp2_run_matches_its_ddp_run(trainer_runs):
+    """Same data, seed and steps; FSDP2 shards the factors, the AdamW state and the balancing, DDP
+    replicates them. (They agreed bit for bit when this was written: with 2 ranks every
+    reduction adds the same two numbers, and the Grams are float64.)"""
+    fsdp2, fsdp2_info = _load(trainer_runs, "fsdp2_rank0")
+    ddp, ddp_info = _load(trainer_runs, "ddp_rank0")
+    for loss, ref in zip(fsdp2_info["losses"], ddp_info["losses"], strict=True):
+        assert abs(loss - ref) <= RTOL * abs(ref)
+    assert fsdp2.keys() == ddp.keys() and len(ddp) == 2 * 9
+    for name in ddp:
+        assert _rel(fsdp2[name], ddp[name]) <= RTOL, name
