@@ -2,7 +2,11 @@
 (`fsdp="full_shard"`, `fsdp_config={"version": 2}`: accelerate shards the model with fully_shard)
 or, with --ddp, the DDP it falls back to on a CPU. Run by tests/test_fsdp2.py:
 
-    torchrun --nproc_per_node 2 --standalone tests/fsdp2_trainer_script.py OUT_DIR [--ddp]
+    torchrun --nproc_per_node 2 --standalone tests/fsdp2_trainer_script.py OUT_DIR [--ddp] [--qlora LLAMA_DIR]
+
+--qlora (run by tests/test_qlora.py) trains the Llama saved in LLAMA_DIR loaded in 4 bits (NF4, the
+packed weights stored as bf16 so that FSDP2 can shard them), prepared as QLoRA recipes do
+(prepare_model_for_kbit_training, gradient checkpointing): FSDP-QLoRA in the Trainer.
 
 accelerate (1.15) takes its FSDP path only on accelerator devices: on a CPU it keeps
 DistributedType.MULTI_CPU and the Trainer trains with DDP. Without --ddp this script changes that
@@ -11,7 +15,7 @@ plugin is set, so the rest (accelerate's fsdp2_prepare_model, the optimizer it r
 DTensor parameters, the Trainer's loop and callbacks) runs as on a GPU machine. The script checks
 that it did: the parameters must be DTensors.
 
-Each rank writes OUT_DIR/{fsdp2|ddp}_rank{R}.safetensors (its gathered LoRA factors) and .json
+Each rank writes OUT_DIR/{fsdp2|ddp}[_qlora]_rank{R}.safetensors (its gathered LoRA factors) and .json
 (losses, the callback's last summary, the parameter types, the last logged balora metrics).
 """
 
@@ -26,7 +30,8 @@ import torch.distributed as dist
 from accelerate import state as accelerate_state
 from accelerate.utils import DistributedType
 from safetensors.torch import save_file
-from transformers import Trainer, TrainingArguments
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from fsdp2_train_script import SEQ, VOCAB, make_model  # beside this script
 from gathered import lora_state
@@ -49,6 +54,17 @@ def let_accelerate_shard_on_the_cpu() -> None:
     accelerate_state.AcceleratorState.__init__ = patched
 
 
+def qlora_model(path: str) -> torch.nn.Module:
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               bnb_4bit_quant_storage=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    torch.manual_seed(1)
+    # init_lora_weights=False: B is random, so every pair is moved by balancing from the first step.
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                                            init_lora_weights=False))
+
+
 class Tokens(torch.utils.data.Dataset):
     def __init__(self):
         self.ids = torch.randint(0, VOCAB, (STEPS * PER_RANK * 2, SEQ), generator=torch.Generator().manual_seed(7))
@@ -60,18 +76,20 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def main(out_dir: str, ddp: bool) -> None:
+def main(out_dir: str, ddp: bool, qlora: str | None) -> None:
     torch.set_num_threads(1)
-    tag = "ddp" if ddp else "fsdp2"
+    tag = ("ddp" if ddp else "fsdp2") + ("_qlora" if qlora else "")
     sharding = {} if ddp else {"fsdp": "full_shard",
                                "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
     if not ddp:
         let_accelerate_shard_on_the_cpu()
     args = TrainingArguments(output_dir=os.path.join(out_dir, tag), use_cpu=True, report_to="none",
                              per_device_train_batch_size=PER_RANK, max_steps=STEPS, learning_rate=LR, logging_steps=1,
-                             save_strategy="no", disable_tqdm=True, seed=0, **sharding)
+                             save_strategy="no", disable_tqdm=True, seed=0, gradient_checkpointing=bool(qlora),
+                             **sharding)
     callback = BalanceCallback()
-    trainer = Trainer(model=make_model(), args=args, train_dataset=Tokens(), callbacks=[callback])
+    model = qlora_model(qlora) if qlora else make_model()
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback])
     trainer.train()
     rank = dist.get_rank()
     logged = [h for h in trainer.state.log_history if "balora/rel_imbalance_max" in h]
@@ -79,6 +97,7 @@ def main(out_dir: str, ddp: bool) -> None:
             "balanced": callback.last_summary.balanced, "qr_path": callback.last_summary.qr_path,
             "distributed_type": str(trainer.accelerator.state.distributed_type),
             "param_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
+            "quantized": sorted({type(m).__name__ for m in trainer.model.modules() if "4bit" in type(m).__name__}),
             "logged_rel_imbalance_max": logged[-1]["balora/rel_imbalance_max"] if logged else None}
     save_file(lora_state(trainer.model), os.path.join(out_dir, f"{tag}_rank{rank}.safetensors"))
     with open(os.path.join(out_dir, f"{tag}_rank{rank}.json"), "w") as f:
@@ -86,4 +105,5 @@ def main(out_dir: str, ddp: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], ddp="--ddp" in sys.argv[2:])
+    flags = sys.argv[2:]
+    main(sys.argv[1], ddp="--ddp" in flags, qlora=flags[flags.index("--qlora") + 1] if "--qlora" in flags else None)
