@@ -242,8 +242,8 @@ def test_fsdp2_over_a_4bit_base_model_balances_every_pass(fsdp2_qlora_run):
 @pytest.mark.slow
 def test_fsdp2_qlora_run_follows_the_single_process_run(fsdp2_qlora_run):
     """Losses against the same steps in one process, unsharded. Not to fp32 rounding: the CPU NF4
-    kernel rounds its outputs to bf16, so the ranks' different reduction order flips a few of
-    those roundings (the first step's gradients agree to 1.5e-7, the losses after it to 2.5e-3
+    kernel rounds its outputs to bf16, so a difference at fp32 rounding (each rank's batch of 2
+    against one of 4, the reduction order) flips a few of those roundings (the first step's gradients agree to 1.5e-7, the losses after it to 2.5e-3
     when this was written, with or without balancing)."""
     ref = json.loads((fsdp2_qlora_run / "reference.json").read_text())
     got = json.loads((fsdp2_qlora_run / "rank0.json").read_text())
