@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from accelerate import state as accelerate_state
 from accelerate.utils import DistributedType
-from safetensors.torch import save_file
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import save_file
 from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from fsdp2_train_script import SEQ, VOCAB, make_model  # beside this script
