@@ -184,3 +184,31 @@ def test_json_has_no_nan_or_inf(tmp_path, capsys):
     recs = {r["module"]: r for r in json.loads(out, parse_constant=strict)}
     assert recs["m"]["cond_dW"] is None and recs["m"]["rank"] == 3 and recs["m"]["scaling"] is None
     assert recs["n"]["status"].startswith("non-finite") and recs["n"]["imbalance"] is None
+
+
+@pytest.fixture
+def fsdp_sharded_checkpoint(tmp_path):
+    """A Trainer output folder as FSDP's SHARDED_STATE_DICT leaves it: checkpoint-N holds
+    torch.distributed.checkpoint folders (.metadata + .distcp shards) and no PEFT adapter."""
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = tmp_path / "out" / "checkpoint-4"
+    factors = {"base_model.model.q_proj.lora_A.weight": torch.randn(2, 6),
+               "base_model.model.q_proj.lora_B.weight": torch.randn(5, 2)}
+    dcp.save({"model": factors}, checkpoint_id=ckpt / "pytorch_model_fsdp_0", no_dist=True)
+    dcp.save({"state": {"step": torch.tensor(4.0)}}, checkpoint_id=ckpt / "optimizer_0", no_dist=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    return ckpt
+
+
+def test_an_fsdp_sharded_checkpoint_gets_a_one_line_error_saying_what_to_save(fsdp_sharded_checkpoint, capsys):
+    ckpt = fsdp_sharded_checkpoint
+    shard = next((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))
+    for path in (ckpt.parent, ckpt, ckpt / "pytorch_model_fsdp_0", shard):
+        rc, _, err = run_cli(capsys, "inspect", path)
+        assert rc == 2 and err.count("\n") == 1, err
+        message = err.removeprefix("balora inspect: error: ")
+        assert message.startswith(f"{path}: "), message
+        assert "FSDP sharded checkpoint" in message and "FULL_STATE_DICT" in message and "save_model" in message
+        if path != shard:  # the model's shards are named, not the optimizer's
+            assert str(ckpt / "pytorch_model_fsdp_0") in message and "optimizer_0" not in message

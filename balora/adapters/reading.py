@@ -195,6 +195,31 @@ def adapter_dirs(folder: Path) -> list[tuple[Path, str]]:
     return found
 
 
+def _sharded_checkpoint_hint(path: Path) -> str | None:
+    """What to say when `path` is, or holds (MAX_TREE_DEPTH deep), a torch.distributed.checkpoint:
+    .distcp shards and their .metadata, what FSDP's SHARDED_STATE_DICT saves. None otherwise.
+    Only names are read, and links to folders are not entered."""
+    if path.suffix == ".distcp":
+        found = "a torch.distributed.checkpoint shard"
+    elif path.is_dir():
+        folders = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            depth = len(Path(dirpath).relative_to(path).parts)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if depth < MAX_TREE_DEPTH else []
+            if ".metadata" in filenames and any(f.endswith(".distcp") for f in filenames):
+                folders.append(Path(dirpath))
+        if not folders:
+            return None
+        # the model's shards rather than the optimizer's (the Trainer writes pytorch_model_fsdp_0/, optimizer_0/)
+        folder = min(folders, key=lambda f: ("model" not in f.name, str(f)))
+        found = f"torch.distributed.checkpoint shards in {folder}"
+    else:
+        return None
+    return (f"an FSDP sharded checkpoint ({found}), which balora does not read; save the adapter itself: "
+            "trainer.save_model(DIR), or fsdp_config state_dict_type FULL_STATE_DICT (the Trainer's default), "
+            "then inspect DIR")
+
+
 def _checkpoints(path: Path, root: Path) -> list[tuple[int, Path]]:
     """(N, folder) of every checkpoint-N folder in `path`, ordered by N."""
     found = []
@@ -229,7 +254,9 @@ def read_trainer_folder(c: Candidate) -> list[AdapterSource] | None:
             src.reader, src.checkpoint, src.step = "trainer", d.name, n
             sources.append(src)
     if not sources:
-        raise InputError(f"{path}: Trainer output folder whose checkpoints hold no LoRA adapter ({ADAPTER_CONFIG})")
+        hint = _sharded_checkpoint_hint(path)
+        raise InputError(f"{path}: Trainer output folder whose checkpoints hold no LoRA adapter ({ADAPTER_CONFIG})"
+                         + (f"; found {hint}" if hint else ""))
     if os.path.lexists(path / ADAPTER_CONFIG):  # trainer.save_model(output_dir) after training
         src = _peft_source(path, "default", c.root)
         src.reader, src.checkpoint = "trainer", "final"
@@ -323,6 +350,9 @@ def read_adapters(path, adapter: str | None = None) -> list[AdapterSource]:
         if sources is not None:
             break
     else:
+        hint = _sharded_checkpoint_hint(path)
+        if hint:
+            raise InputError(f"{path}: {hint}")
         raise InputError(
             f"{path}: not a LoRA adapter: expected a PEFT adapter folder ({ADAPTER_CONFIG} + "
             f"{' or '.join(WEIGHT_NAMES)}), a Trainer output folder (checkpoint-N), "
