@@ -32,6 +32,7 @@ import torch
 
 from balora.adapters.entries import KOHYA_KEYS, PEFT_KEYS, PairEntry, find_entries, has_kohya_factors
 from balora.adapters.peft_config import config_rank_scaling, rank_scaling_tables, read_config, variant_skip
+from balora.adapters.sharded_checkpoint import sharded_checkpoint_hint
 from balora.adapters.tensor_file import TensorFile
 from balora.errors import InputError
 from balora.pairs import FactorPair
@@ -195,31 +196,6 @@ def adapter_dirs(folder: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def _sharded_checkpoint_hint(path: Path) -> str | None:
-    """What to say when `path` is, or holds (MAX_TREE_DEPTH deep), a torch.distributed.checkpoint:
-    .distcp shards and their .metadata, what FSDP's SHARDED_STATE_DICT saves. None otherwise.
-    Only names are read, and links to folders are not entered."""
-    if path.suffix == ".distcp":
-        found = "a torch.distributed.checkpoint shard"
-    elif path.is_dir():
-        folders = []
-        for dirpath, dirnames, filenames in os.walk(path):
-            depth = len(Path(dirpath).relative_to(path).parts)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if depth < MAX_TREE_DEPTH else []
-            if ".metadata" in filenames and any(f.endswith(".distcp") for f in filenames):
-                folders.append(Path(dirpath))
-        if not folders:
-            return None
-        # the model's shards rather than the optimizer's (the Trainer writes pytorch_model_fsdp_0/, optimizer_0/)
-        folder = min(folders, key=lambda f: ("model" not in f.name, str(f)))
-        found = f"torch.distributed.checkpoint shards in {folder}"
-    else:
-        return None
-    return (f"an FSDP sharded checkpoint ({found}), which balora does not read; save the adapter itself: "
-            "trainer.save_model(DIR), or fsdp_config state_dict_type FULL_STATE_DICT (the Trainer's default), "
-            "then inspect DIR")
-
-
 def _checkpoints(path: Path, root: Path) -> list[tuple[int, Path]]:
     """(N, folder) of every checkpoint-N folder in `path`, ordered by N."""
     found = []
@@ -254,7 +230,7 @@ def read_trainer_folder(c: Candidate) -> list[AdapterSource] | None:
             src.reader, src.checkpoint, src.step = "trainer", d.name, n
             sources.append(src)
     if not sources:
-        hint = _sharded_checkpoint_hint(path)
+        hint = sharded_checkpoint_hint(path, MAX_TREE_DEPTH)
         raise InputError(f"{path}: Trainer output folder whose checkpoints hold no LoRA adapter ({ADAPTER_CONFIG})"
                          + (f"; found {hint}" if hint else ""))
     if os.path.lexists(path / ADAPTER_CONFIG):  # trainer.save_model(output_dir) after training
@@ -350,7 +326,7 @@ def read_adapters(path, adapter: str | None = None) -> list[AdapterSource]:
         if sources is not None:
             break
     else:
-        hint = _sharded_checkpoint_hint(path)
+        hint = sharded_checkpoint_hint(path, MAX_TREE_DEPTH)
         if hint:
             raise InputError(f"{path}: {hint}")
         raise InputError(
