@@ -233,7 +233,7 @@ def _write_shards(blocks: list[ShardBlock]) -> None:
                 continue
             A_new = torch.bmm(Y, b.A)  # (G, r or rows, in_k or in)
             B_new = torch.bmm(b.B, b.X)  # (G, out_k, r)
-            for g, A_g, B_g in zip(range(len(b.members)), A_new.unbind(0), B_new.unbind(0)):
+            for g, (A_g, B_g) in enumerate(zip(A_new.unbind(0), B_new.unbind(0))):
                 if b.accurate[g]:
                     dst += [local_storage(b.A_params[g]), local_storage(b.B_params[g])]
                     src += [A_g, B_g]

@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from gathered import lora_state  # beside this script
+from gathered import base_bytes, lora_state  # beside this script
 
 from balora import balance_, layer_report
 
@@ -41,17 +41,6 @@ def make_model(path: str) -> torch.nn.Module:
     torch.manual_seed(1)
     # init_lora_weights=False: B is random, so every pair is moved by balancing from the first step.
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
-
-
-def base_bytes(model) -> dict[str, bytes]:
-    """The local bytes of every base weight (this rank's shard under FSDP2)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if "lora_" not in name:
-            t = p.detach()
-            t = t.to_local() if hasattr(t, "to_local") else t
-            out[name] = t.contiguous().view(torch.uint8).numpy().tobytes()
-    return out
 
 
 def pass_defects(before: dict, after: dict) -> tuple[float, float]:

@@ -25,6 +25,7 @@ import balora
 from balora.adapters.live import iter_lora_pairs, model_pairs
 from balora.balance import balance_and_write
 from balora.param_stacks import is_rehomed
+from gathered import base_bytes
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install -e '.[qlora]'")
 
@@ -80,11 +81,6 @@ def _rel_imbalance_np(A: torch.Tensor, B: torch.Tensor) -> float:
     return float(np.linalg.norm(BtB - AAt) / (np.linalg.norm(BtB) + np.linalg.norm(AAt)))
 
 
-def _base_bytes(model) -> dict[str, bytes]:
-    return {n: p.detach().contiguous().view(torch.uint8).numpy().tobytes()
-            for n, p in model.named_parameters() if "lora_" not in n}
-
-
 @pytest.fixture(params=list(QUANT))
 def quant(request):
     return request.param
@@ -124,13 +120,13 @@ def test_balancing_keeps_every_layer_output_and_the_logits(saved_llama, quant, s
     for h in hooks:
         h.remove()
     old_A = {n: m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}
-    base = _base_bytes(model)
+    base = base_bytes(model)
 
     summary = balance_and_write(model_pairs(model), "nearest", stack=True) if stacked else balora.balance_(model)
 
     assert summary.balanced == N_PAIRS and not summary.skipped
     assert all(is_rehomed(m.lora_A["default"].weight) == stacked for m in layers.values())
-    assert _base_bytes(model) == base, "balancing must never touch the quantized base weights"
+    assert base_bytes(model) == base, "balancing must never touch the quantized base weights"
     with torch.no_grad():
         for n, m in layers.items():
             scale = float(branch[n].abs().max())
@@ -188,7 +184,7 @@ TRAINER_SETUPS = {
 def test_balance_callback_in_a_trainer(saved_llama, quant, setup, tmp_path):
     model = _quantized_lora(saved_llama, quant, random_B=False,  # PEFT's B = 0 init, as in real QLoRA
                             prepare=setup == "qlora_recipe")
-    base = _base_bytes(model)
+    base = base_bytes(model)
     extra, optimizer_module = TRAINER_SETUPS[setup]
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2,
                              max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True,
@@ -199,7 +195,7 @@ def test_balance_callback_in_a_trainer(saved_llama, quant, setup, tmp_path):
     used = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     assert type(used).__module__.startswith(optimizer_module), type(used)
     assert callback.last_summary is not None and callback.last_summary.balanced == N_PAIRS
-    assert _base_bytes(model) == base
+    assert base_bytes(model) == base
     for m in _lora_layers(model).values():
         A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
         assert float(B.abs().max()) > 1e-3, "B stayed at its zero init: training did not happen"
