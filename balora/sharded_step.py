@@ -36,7 +36,7 @@ from balora.distributed import (CommStats, all_gather_flat, all_reduce_flat, chu
                                 is_dtensor, last_comm, local_storage, record_comm)
 from balora.linalg import compute_dtype, full_fp32_matmuls
 from balora.pairs import FactorPair
-from balora.stacked import Block, _as, _stack, gram_maps, use_stacks
+from balora.stacked import Block, as_dtype, gram_maps, stack_into, use_stacks
 from balora.workspace import buffer as _buffer
 
 
@@ -139,12 +139,12 @@ class ShardBlock(Block):
         B_locals = [local_storage(t) for t in B_ps]
         self.pair_by_pair = not use_stacks(device, A_dtype, B_dtype, None)
         if not self.pair_by_pair:
-            A = None if A_locals is None else _stack(("A",) + self.role, A_locals, dtype)
-            super().__init__(members, A, _stack(("B",) + self.role, B_locals, dtype), A_dtype, B_dtype)
+            A = None if A_locals is None else stack_into(("A",) + self.role, A_locals, dtype)
+            super().__init__(members, A, stack_into(("B",) + self.role, B_locals, dtype), A_dtype, B_dtype)
         else:  # a one-thread CPU: pair by pair, as balora.stacked does there (no stacking copies)
-            A_each = [None] * len(members) if A_locals is None else [_as(t, dtype) for t in A_locals]
+            A_each = [None] * len(members) if A_locals is None else [as_dtype(t, dtype) for t in A_locals]
             super().__init__(members, None, None, A_dtype, B_dtype,
-                             factors=[(a, _as(b, dtype)) for a, b in zip(A_each, B_locals)])
+                             factors=[(a, as_dtype(b, dtype)) for a, b in zip(A_each, B_locals)])
 
     def set_whole_A(self, A: torch.Tensor) -> None:
         """The gathered A factors (G, r, in), in the compute dtype (layout "rows")."""

@@ -96,7 +96,7 @@ class Block:
         in the factors' own dtypes with cast=True."""
         A, B = self.factors[g]
         A_new, B_new = self.Y[g] @ A, B @ self.X[g]
-        return (_as(A_new, self.A_dtype), _as(B_new, self.B_dtype)) if cast else (A_new, B_new)
+        return (as_dtype(A_new, self.A_dtype), as_dtype(B_new, self.B_dtype)) if cast else (A_new, B_new)
 
     def apply(self, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A' (G, r, in), B' (G, out, r) in the compute dtype. reuse=True: into this thread's
@@ -123,7 +123,8 @@ def _block_key(n: int, shape_A, shape_B, A_dtype: torch.dtype, B_dtype: torch.dt
     return n, tuple(shape_A), tuple(shape_B), A_dtype, B_dtype
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`: t itself, with no op dispatched, when it is already."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -153,7 +154,7 @@ def stack_blocks(pairs: list[FactorPair], stack: bool | None = None, rehome_para
         first = pairs[members[0]]
         dtype = compute_dtype(first.A.dtype, first.B.dtype)
         if not use_stacks(first.A.device, first.A.dtype, first.B.dtype, stack):
-            factors = [(_as(pairs[k].A, dtype), _as(pairs[k].B, dtype)) for k in members]  # upcast once
+            factors = [(as_dtype(pairs[k].A, dtype), as_dtype(pairs[k].B, dtype)) for k in members]  # upcast once
             blocks.append(Block(members, None, None, first.A.dtype, first.B.dtype, factors=factors))
             continue
         role = _block_key(len(members), first.A.shape, first.B.shape, first.A.dtype, first.B.dtype)
@@ -163,8 +164,8 @@ def stack_blocks(pairs: list[FactorPair], stack: bool | None = None, rehome_para
             shared = _shared_storage(pairs) if shared is None else shared
             homes = _rehomed(pairs, members, params, shared)
         if homes is None:
-            A = _stack(("A", role), [pairs[k].A for k in members], dtype)
-            B = _stack(("B", role), [pairs[k].B for k in members], dtype)
+            A = stack_into(("A", role), [pairs[k].A for k in members], dtype)
+            B = stack_into(("B", role), [pairs[k].B for k in members], dtype)
         else:  # bf16 parameters: one upcast copy of each stack
             A, B = (h if h.dtype == dtype else _buffer((name, role), tuple(h.shape), dtype, h.device, True).copy_(h)
                     for name, h in (("A", homes[0]), ("B", homes[1])))
@@ -217,8 +218,9 @@ def _rehomed(pairs: list[FactorPair], members: list[int], params: list[list[torc
     return views
 
 
-def _stack(role: tuple, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """torch.stack into `dtype`: one pass over the factors, one dispatched op for all of them."""
+def stack_into(role: tuple, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """torch.stack into `dtype`, in this thread's workspace buffer for `role`: one pass over the
+    factors, one dispatched op for all of them."""
     out = _buffer(role, (len(tensors), *tensors[0].shape), dtype, tensors[0].device, reuse=True)
     if tensors[0].dtype == dtype:
         return torch.stack(tensors, out=out)
@@ -314,13 +316,13 @@ def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, to
         if i not in maps:
             continue
         if b.device == HOST:
-            b.X, b.Y = (_as(t, b.compute_dtype) for t in maps[i])
+            b.X, b.Y = (as_dtype(t, b.compute_dtype) for t in maps[i])
         else:
             by_device.setdefault(b.device, []).append(i)
     for device, idx in by_device.items():  # sent in the compute dtype (MPS has no float64)
-        sent = to_device_at_once([_as(t, blocks[i].compute_dtype) for i in idx for t in maps[i]], device)
+        sent = to_device_at_once([as_dtype(t, blocks[i].compute_dtype) for i in idx for t in maps[i]], device)
         for i, X, Y in zip(idx, sent[0::2], sent[1::2]):
-            blocks[i].X, blocks[i].Y = _as(X, blocks[i].compute_dtype), _as(Y, blocks[i].compute_dtype)
+            blocks[i].X, blocks[i].Y = as_dtype(X, blocks[i].compute_dtype), as_dtype(Y, blocks[i].compute_dtype)
 
 
 def to_device_at_once(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
