@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from balora.cli import build_parser, main
-from balora.commands.compare import config_from_args, invoked_command
+from balora.commands.compare import config_from_args, invoked_command, print_summary
+from balora.commands.formatting import num
 from balora.compare_config import parse_seeds, parse_set, resolve
 from balora.store import load_run
 
@@ -118,8 +119,12 @@ def test_run_summary_and_the_recorded_command_reproduces_it(tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"run written to {out} (completed)" in captured.out
     assert "balora" in captured.out and "vs lora" in captured.out  # the summary table
-    assert "step/s" in captured.err or "s/step" in captured.err  # the progress bar, with its rate and ETA
     run = load_run(out)
+    lo, hi = run.summary["target_loss"].min(), run.summary["target_loss"].max()
+    assert lo < hi  # the synthetic task's target is per seed, and the caption says which
+    caption = " ".join(captured.out.split())  # rich wraps the caption
+    assert f"until loss <= {num(lo, digits=4)}-{num(hi, digits=4)} (per seed) (-: never)" in caption
+    assert "step/s" in captured.err or "s/step" in captured.err  # the progress bar, with its rate and ETA
     assert run.config["command"] == run.config["command_reconstructed"]  # not launched as `balora`: rebuilt
     assert len(run.summary) == 2 * 2 * 2 and len(run.spectra) == 0
 
@@ -154,3 +159,15 @@ def test_list(capsys):
     out = capsys.readouterr().out
     for name in ("synthetic", "lora", "balora-svd", "loraplus", "riemannian", "sign"):
         assert name in out
+
+
+def test_summary_caption_without_a_target(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["compare", "--arms", "lora,balora", "--steps", "4", "--seeds", "1", *TINY, "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    run = load_run(out)
+    run.summary["target_loss"] = float("nan")
+    print_summary(run)
+    caption = " ".join(capsys.readouterr().out.split())
+    assert "to target: median steps at the best cell (-: the run has no target loss)" in caption

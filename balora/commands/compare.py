@@ -134,13 +134,19 @@ def print_summary(run) -> None:
     s = arm_summary(run.summary, select=select)
     metric = s["metric"].iloc[0] if len(s) else "final_loss"
     near = "2x" if metric == "final_excess_loss" else "5%"
+    targets = run.summary["target_loss"].dropna() if "target_loss" in run.summary else []
+    if len(targets):
+        on = run.summary["target_on"].iloc[0] if "target_on" in run.summary else "loss"
+        lo, hi = _g4(targets.min()), _g4(targets.max())  # the synthetic task sets one per seed
+        target = f"median steps at the best cell until {on} <= {lo if lo == hi else f'{lo}-{hi} (per seed)'} (-: never)"
+    else:
+        target = "median steps at the best cell (-: the run has no target loss)"
     table = Table(title=f"{run.config.get('task')}, {run.config.get('optimizer')}, "
                         f"{len(run.config.get('seeds', []))} seed(s)",
                   caption=("best cell: one (lr, alpha) per arm, the lowest median over seeds; " if select == "arm" else
                            "best cell: each seed its own (lr, alpha), the paper's protocol (lr, alpha: medians); ")
                           + f"best/worst: median {metric} over seeds at the arm's best/worst (lr, alpha) cell; "
-                          f"near best: share of cells within {near} of the best; to target: median steps at the "
-                          "best cell; "
+                          f"near best: share of cells within {near} of the best; to target: {target}; "
                           "vs lora: median speed-up in steps to target, each arm at its best cell")
     for col in ("arm", "ok", "div", "lr", "alpha", "best", "worst", "near best", "to target", "vs lora"):
         table.add_column(col, justify="left" if col == "arm" else "right", no_wrap=True)
