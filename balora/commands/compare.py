@@ -134,9 +134,9 @@ def print_summary(run) -> None:
     s = arm_summary(run.summary, select=select)
     metric = s["metric"].iloc[0] if len(s) else "final_loss"
     near = "2x" if metric == "final_excess_loss" else "5%"
-    targets = run.summary["target_loss"].dropna() if "target_loss" in run.summary else []
+    targets = run.summary["target_loss"].dropna()  # load_run gives every summary column, old runs too
     if len(targets):
-        on = run.summary["target_on"].iloc[0] if "target_on" in run.summary else "loss"
+        on = run.summary.at[targets.index[0], "target_on"]
         lo, hi = _g4(targets.min()), _g4(targets.max())  # the synthetic task sets one per seed
         target = f"median steps at the best cell until {on} <= {lo if lo == hi else f'{lo}-{hi} (per seed)'} (-: never)"
     else:
