@@ -20,7 +20,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -34,10 +34,15 @@ VOCAB, SEQ, PER_RANK, STEPS, LR = 64, 12, 2, 3, 5e-3
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def make_model(path: str) -> torch.nn.Module:
+def make_model(path: str, prepare: bool = False, **load) -> torch.nn.Module:
+    """The saved Llama at `path` in NF4 (fp32 compute, bf16 storage) with LoRA r=4 on TARGETS.
+    prepare: peft's prepare_model_for_kbit_training first, with gradient checkpointing (the
+    Trainer's recipe); load: more from_pretrained arguments."""
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                bnb_4bit_quant_storage=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu", dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32, **load)
+    if prepare:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     torch.manual_seed(1)
     # init_lora_weights=False: B is random, so every pair is moved by balancing from the first step.
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
@@ -97,7 +102,7 @@ def main(out_dir: str) -> None:
     dist.barrier()
     ids = torch.randint(0, VOCAB, (STEPS, world * PER_RANK, SEQ), generator=torch.Generator().manual_seed(5))
     mesh = init_device_mesh("cpu", (world,))
-    model = make_model(path)
+    model = make_model(path, device_map="cpu")
     for block in model.base_model.model.model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -108,7 +113,7 @@ def main(out_dir: str) -> None:
         json.dump(info, f)
     if rank == 0:
         with open(os.path.join(out_dir, "reference.json"), "w") as f:
-            json.dump(train(make_model(path), ids, distributed=False), f)
+            json.dump(train(make_model(path, device_map="cpu"), ids, distributed=False), f)
     dist.barrier()
     dist.destroy_process_group()
 

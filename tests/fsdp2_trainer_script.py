@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 from accelerate import state as accelerate_state
 from accelerate.utils import DistributedType
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import save_file
-from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from fsdp2_train_script import SEQ, VOCAB, make_model  # beside this script
+from fsdp2_qlora_script import make_model as qlora_model
 from gathered import lora_state
 
 from balora import BalanceCallback
@@ -52,17 +52,6 @@ def let_accelerate_shard_on_the_cpu() -> None:
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, plugin
 
     accelerate_state.AcceleratorState.__init__ = patched
-
-
-def qlora_model(path: str) -> torch.nn.Module:
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               bnb_4bit_quant_storage=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    torch.manual_seed(1)
-    # init_lora_weights=False: B is random, so every pair is moved by balancing from the first step.
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-                                            init_lora_weights=False))
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -88,7 +77,7 @@ def main(out_dir: str, ddp: bool, qlora: str | None) -> None:
                              save_strategy="no", disable_tqdm=True, seed=0, gradient_checkpointing=bool(qlora),
                              **sharding)
     callback = BalanceCallback()
-    model = qlora_model(qlora) if qlora else make_model()
+    model = qlora_model(qlora, prepare=True) if qlora else make_model()
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback])
     trainer.train()
     rank = dist.get_rank()
