@@ -139,7 +139,8 @@ def subnormal_floor(dtype: torch.dtype) -> float:
 
 def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest",
                     unit_roundoff: float | torch.Tensor | None = None, tol: float | torch.Tensor = GRAM_TOL,
-                    floor: float | torch.Tensor | None = None) -> Transforms:
+                    floor: float | torch.Tensor | None = None,
+                    settled: float | torch.Tensor | None = None) -> Transforms:
     """Balancing maps from G_A = A A^T and G_B = B^T B (G, r, r), computed in float64.
 
     Same balanced pairs as `balanced_factors`, from the r x r Grams alone: with R_A from
@@ -154,6 +155,11 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     result will have (||.||_inf >= ||.||_2 for the r x r products, Frobenius for the rest);
     pairs above `tol`, and zero, singular or non-finite Grams, come back with accurate = False
     for the QR path to redo.
+    settled: a float or (G,): pairs already balanced to within it (rel_imbalance from the Grams;
+    for "svd" also Grams diagonal to within it) get X = Y = I exactly and accurate = True, so
+    writing them back changes no bit. Pass the storage dtype's unit roundoff: for bf16/fp16
+    factors a new balanced pair differs from such a pair by less than its own rounding, and
+    writing it would only re-round the factors (pass after pass, dW would random-walk).
     """
     check_method(method)
     u = torch.finfo(G_A.dtype).eps / 2 if unit_roundoff is None else unit_roundoff
@@ -175,8 +181,25 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     gain_A = _inf_norm(Y @ Y.mT)
     gain_B = _inf_norm(X.mT @ X)
     est = u * (gain_A * norm_A + gain_B * norm_B) / (2 * torch.linalg.vector_norm(S, dim=-1)) + eig_cond
-    accurate = ok & (norm_A > floor) & (norm_B > floor) & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
+    usable = ok & (norm_A > floor) & (norm_B > floor)
+    accurate = usable & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
+    if settled is not None:
+        keep = usable & _settled(G_A, G_B, norm_A + norm_B, method, settled)
+        X, Y = torch.where(keep[:, None, None], eye, X), torch.where(keep[:, None, None], eye, Y)
+        accurate = accurate | keep
     return Transforms(X=X, Y=Y, S=S, accurate=accurate)
+
+
+def _settled(G_A: torch.Tensor, G_B: torch.Tensor, norm_sum: torch.Tensor, method: str,
+             settled: float | torch.Tensor) -> torch.Tensor:
+    """(G,) bool: rel_imbalance ||G_B - G_A||_F / (||G_A||_F + ||G_B||_F) <= settled, and for "svd"
+    the off-diagonal part of G_A + G_B at most `settled` of the same sum (the paper's gauge is
+    balanced with diagonal Grams). NaN compares False."""
+    rel = torch.linalg.matrix_norm(G_B - G_A) / norm_sum
+    if method == "svd":
+        G = G_A + G_B
+        rel = torch.maximum(rel, torch.linalg.matrix_norm(G - torch.diag_embed(G.diagonal(dim1=-2, dim2=-1))) / norm_sum)
+    return rel <= settled
 
 
 def _inf_norm(M: torch.Tensor) -> torch.Tensor:

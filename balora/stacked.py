@@ -24,6 +24,7 @@ number of modules:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -250,11 +251,13 @@ def gram_maps(blocks: list[Block], method: str,
     for idx in by_rank.values():
         sizes = [len(blocks[i].members) for i in idx]
         # Per member, expanded in Python (repeat_interleave on a multi-threaded CPU cost ~0.7 ms per call).
-        u, tol, floor = _per_member([gram_limits(blocks[i].A_dtype, blocks[i].B_dtype, blocks[i].device)
-                                     for i in idx], sizes).unbind(-1)
+        limits = [gram_limits(blocks[i].A_dtype, blocks[i].B_dtype, blocks[i].device) for i in idx]
+        u, tol, floor, settled = _per_member(limits, sizes).unbind(-1)
+        if all(lim[3] == -math.inf for lim in limits):  # full-precision factors: nothing to check
+            settled = None
         try:
             t = gram_transforms(torch.cat([host[2 * i] for i in idx]), torch.cat([host[2 * i + 1] for i in idx]),
-                                method, u, tol, floor)
+                                method, u, tol, floor, settled)
         except torch.linalg.LinAlgError:  # anything else is a bug and propagates
             for i in idx:
                 blocks[i].accurate = [False] * len(blocks[i].members)
@@ -272,13 +275,18 @@ def gram_tol(A_dtype: torch.dtype, B_dtype: torch.dtype) -> float:
     return max(GRAM_TOL, 0.1 * max(torch.finfo(A_dtype).eps, torch.finfo(B_dtype).eps))
 
 
-def gram_limits(A_dtype: torch.dtype, B_dtype: torch.dtype, device: torch.device) -> tuple[float, float, float]:
+def gram_limits(A_dtype: torch.dtype, B_dtype: torch.dtype, device: torch.device) -> tuple[float, float, float, float]:
     """What gram_transforms needs to judge a pair of factors of these dtypes whose Grams were formed
-    on `device` in their compute dtype: the unit roundoff of that matmul, the tolerance (gram_tol)
-    and the subnormal floor of the compute dtype (the Grams' own, even when they reach the r x r
-    maths upcast to float64: a GPU's, FSDP2's all-reduced ones, blocks of two dtypes joined)."""
+    on `device` in their compute dtype: the unit roundoff of that matmul, the tolerance (gram_tol),
+    the subnormal floor of the compute dtype (the Grams' own, even when they reach the r x r
+    maths upcast to float64: a GPU's, FSDP2's all-reduced ones, blocks of two dtypes joined), and
+    `settled`: for factors stored narrower than they are computed in (bf16, fp16), the unit
+    roundoff of the coarser one, below which a pair is left as it is; -inf (never) otherwise,
+    where a pass re-rounds at the compute precision only."""
     ct = compute_dtype(A_dtype, B_dtype)
-    return matmul_unit_roundoff(ct, device), gram_tol(A_dtype, B_dtype), subnormal_floor(ct)
+    coarse = max(torch.finfo(A_dtype).eps, torch.finfo(B_dtype).eps) / 2
+    settled = coarse if coarse > torch.finfo(ct).eps / 2 else -math.inf
+    return matmul_unit_roundoff(ct, device), gram_tol(A_dtype, B_dtype), subnormal_floor(ct), settled
 
 
 def _per_member(values: list[tuple[float, ...]], sizes: list[int]) -> torch.Tensor:

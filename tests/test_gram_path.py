@@ -337,3 +337,32 @@ def test_an_unsettled_fixed_point_is_not_kept_for_an_ill_conditioned_float64_pai
     monkeypatch.setattr(projection, "_polar", lambda M, eye: projection._polar_by_eigh(M, eye))
     ref = gram_transforms((A @ A.mT)[None], (B.mT @ B)[None], "nearest")
     torch.testing.assert_close(t.X, ref.X, rtol=0, atol=1e-12 * float(ref.X.abs().max()))
+
+
+def test_settled_pairs_get_exact_identity_maps():
+    """`settled`: a pair balanced to within it gets X = Y = I bit for bit (nothing to re-round);
+    the svd gauge also asks for diagonal Grams, so a balanced pair with a rotated Gram is still
+    moved there, and a pair above the threshold is balanced as usual."""
+    gen = torch.Generator().manual_seed(7)
+    balanced = balanced_factors(_factor(40, 4, 5.0, gen).mT[None], _factor(30, 4, 20.0, gen)[None], "nearest")
+    A, B = balanced.A[0], balanced.B[0]  # balanced to ~1e-15, Grams not diagonal
+    W, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    off = (A @ A.mT - torch.diag(torch.diagonal(A @ A.mT))).norm() / (A @ A.mT).norm()
+    assert off > 1e-2  # the check below must be able to tell
+    eye = torch.eye(4, dtype=torch.float64)
+    for method, moved in (("nearest", False), ("svd", True)):
+        t = gram_transforms(*_grams(A, B), method, settled=1e-6)
+        assert t.accurate.item()
+        assert torch.equal(t.X[0], eye) != moved and torch.equal(t.Y[0], eye) != moved, method
+    svd_gauge = balanced_factors(A[None], B[None], "svd")  # diagonal Grams: settled for both gauges
+    for method in METHODS:
+        t = gram_transforms(*_grams(svd_gauge.A[0], svd_gauge.B[0]), method, settled=1e-6)
+        assert torch.equal(t.X[0], eye) and torch.equal(t.Y[0], eye), method
+    # Rotated by W and scaled 1.001 / 1/1.001: rel_imbalance ~2e-3, above 1e-6, so balanced again.
+    A2, B2 = (W.mT @ A) / 1.001, (B @ W) * 1.001
+    t = gram_transforms(*_grams(A2, B2), "nearest", settled=1e-6)
+    assert t.accurate.item() and not torch.equal(t.X[0], eye)
+    A3, B3 = t.Y[0] @ A2, B2 @ t.X[0]
+    assert (B3.mT @ B3 - A3 @ A3.mT).norm() < 1e-12 * (A3 @ A3.mT).norm()
+    # With a threshold of 1e-2, above its ~2e-3, the same pair counts as settled.
+    assert torch.equal(gram_transforms(*_grams(A2, B2), "nearest", settled=1e-2).X[0], eye)
