@@ -105,9 +105,13 @@ def balance_after_step(
         handle.remove()                                        # to stop balancing
 
     Keyword arguments as for balance_ (adapter, on_rank_deficient, on_nonfinite, check).
+    A wrapper that keeps the real optimizer in `.optimizer` (accelerate's AcceleratedOptimizer) is
+    hooked through it: the hook then runs only when that optimizer steps (with gradient
+    accumulation, on sync steps; with a GradScaler, not on the steps it skips).
     """
     if every < 1:
         raise ValueError(f"balance_after_step: every must be >= 1, got {every}")
+    optimizer = _hookable(optimizer)
     unknown = set(kwargs) - {"adapter", "on_rank_deficient", "on_nonfinite", "check"}
     if unknown:
         raise TypeError(f"balance_after_step: unknown option(s) {', '.join(sorted(unknown))}")
@@ -122,3 +126,15 @@ def balance_after_step(
             balance_step(cache.get(model, adapter, gather=False), policy)
 
     return optimizer.register_step_post_hook(hook)
+
+
+def _hookable(optimizer):
+    """The torch optimizer whose step hooks fire: `optimizer`, or the one it wraps."""
+    seen = optimizer
+    while not hasattr(seen, "_optimizer_step_post_hooks"):  # set by torch.optim.Optimizer.__init__
+        inner = getattr(seen, "optimizer", None)
+        if inner is None or inner is seen:
+            raise TypeError(f"balance_after_step: {type(optimizer).__name__} has no step hooks and wraps no "
+                            "torch.optim.Optimizer in .optimizer; pass the torch optimizer that takes the steps")
+        seen = inner
+    return seen

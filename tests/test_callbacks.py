@@ -169,6 +169,36 @@ def test_balance_after_step_in_a_hand_written_loop(make_tiny_net, tiny_net_targe
         balance_after_step(opt, model, every=0)
 
 
+def test_balance_after_step_through_accelerate_with_gradient_accumulation(make_tiny_net, tiny_net_targets,
+                                                                           tiny_net_inputs, monkeypatch):
+    """accelerate's prepared optimizer hides torch's step hooks: balance_after_step hooks the optimizer it
+    wraps, so balancing follows the real steps (every second micro-batch with accumulation 2)."""
+    from accelerate import Accelerator
+
+    import balora.callbacks
+
+    passes = []
+    real_step = balora.callbacks.balance_step
+    monkeypatch.setattr(balora.callbacks, "balance_step", lambda *a: passes.append(1) or real_step(*a))
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    model, opt = acc.prepare(model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    handle = balance_after_step(opt, model)
+    balanced, count = [], []
+    for _ in range(4):
+        with acc.accumulate(model):
+            acc.backward(model(*tiny_net_inputs).square().mean())
+            opt.step()
+            opt.zero_grad()
+        balanced.append(float(layer_report(model)["rel_imbalance"].max()) < 1e-5)
+        count.append(len(passes))
+    # Micro-batches 1 and 3 take no step (the factors stay as they were: PEFT's random init, then balanced).
+    assert count == [0, 1, 1, 2] and balanced == [False, True, True, True]
+    handle.remove()
+    with pytest.raises(TypeError, match="object has no step hooks.*pass the torch optimizer"):
+        balance_after_step(object(), model)
+
+
 def test_deepspeed_is_refused_at_train_begin():
     """Under DeepSpeed the optimizer's fp32 master weights overwrite the model's after each step:
     balancing would silently do nothing, so the callback refuses before training starts."""
