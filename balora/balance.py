@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from balora.imbalance import rel_imbalance
-from balora.linalg import all_finite, full_fp32_matmuls
+from balora.linalg import all_finite, compute_dtype, full_fp32_matmuls
 from balora.pairs import FactorPair, batch_groups, stack_padded
 from balora.policy import BalancePolicy, as_policy
 from balora.projection import balanced_factors, pad_to_rank, product_rel_error
@@ -245,7 +245,7 @@ def _measure(candidates: list[FactorPair], outcomes: list[_Outcome], used: list[
             A0, B0 = candidates[k].A[None], candidates[k].B[None]
             A1, B1 = (t[None] for t in o.factors)
             errors.append(product_rel_error(A0, B0, A1, B1))
-            imbalances.append(rel_imbalance(A1.float(), B1.float()))
+            imbalances.append(_rel_imbalance(A1, B1))
         else:
             in_block.setdefault(o.block, []).append(o.slot)
     for b_i, slots in in_block.items():
@@ -254,9 +254,15 @@ def _measure(candidates: list[FactorPair], outcomes: list[_Outcome], used: list[
         A1 = torch.stack([outcomes[b.members[g]].factors[0] for g in slots]).to(b.A_dtype)  # (n, r, in), as written
         B1 = torch.stack([outcomes[b.members[g]].factors[1] for g in slots]).to(b.B_dtype)  # (n, out, r)
         errors.append(product_rel_error(b.A[sel], b.B[sel], A1, B1))
-        imbalances.append(rel_imbalance(A1.float(), B1.float()))
+        imbalances.append(_rel_imbalance(A1, B1))
     summary.max_rel_error = float(torch.cat([e.cpu() for e in errors]).max())
     summary.max_rel_imbalance = float(torch.cat([e.cpu() for e in imbalances]).max())
+
+
+def _rel_imbalance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """rel_imbalance of factors as written, measured in their compute dtype (float64 stays float64)."""
+    ct = compute_dtype(A.dtype, B.dtype)
+    return rel_imbalance(A.to(ct), B.to(ct))
 
 
 # Factors whose largest entry lies outside [1 / this, this] are balanced in float64 after dividing

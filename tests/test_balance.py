@@ -251,6 +251,29 @@ def test_half_precision_pairs_already_balanced_are_left_bit_for_bit(np_rel_imbal
         assert np_rel_imbalance(A, B) < 8 * unit_roundoff, key
 
 
+def test_float64_summary_measures_in_float64(np_rel_imbalance, make_tiny_net, tiny_net_targets, lora_factors):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets,
+                                                       init_lora_weights=False)).to(torch.float64)
+    summary = balance_(model)
+    true = max(np_rel_imbalance(A, B) for A, B in lora_factors(model).values())
+    assert true < 1e-13 and summary.max_rel_imbalance < 1e-13  # was measured after a cast to fp32: ~1e-8
+
+
+def test_factors_on_the_meta_device_are_skipped_with_the_reason(make_tiny_net, tiny_net_targets):
+    with torch.device("meta"):
+        model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets))
+    summary = balance_(model)
+    assert summary.balanced == 0 and len(summary.skipped) == 5
+    assert all("meta device (not loaded yet)" in why for why in summary.skipped.values())
+    assert layer_report(model).empty
+
+
+def test_a_model_without_lora_layers_warns(make_tiny_net):
+    with pytest.warns(UserWarning, match="TinyNet has no PEFT LoRA layers, nothing to balance"):
+        summary = balance_(make_tiny_net())
+    assert summary.balanced == 0 and not summary.skipped
+
+
 def _poison(model, module="conv2d", value=float("nan")):
     layer = dict(model.named_modules())[f"base_model.model.{module}"]
     with torch.no_grad():

@@ -6,6 +6,8 @@ so any adapter name, any number of adapters and any target naming scheme work.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -90,6 +92,9 @@ def _walk_pairs(model: nn.Module, adapter: str | None, parents: dict | None = No
                 pairs.append(_unread_pair(layer, module, adp, block_diagonal))
                 continue
             pair = _pair_for(layer, module, adp)
+            if pair.skip_reason is None and "meta" in (pair.A.device.type, pair.B.device.type):
+                pair.skip_reason = ("factors on the meta device (not loaded yet): load or initialise the "
+                                    "weights (e.g. to_empty(), then load_state_dict) first")
             if AdaLoraLayer and isinstance(layer, AdaLoraLayer):
                 pair.skip_reason = "AdaLoRA layer (dW = B diag(E) A): balancing B, A alone would change dW"
             variant = getattr(layer, "lora_variant", {}).get(adp)
@@ -157,6 +162,9 @@ def model_pairs(model: nn.Module, adapter: str | None = None, *, parents: dict |
     pairs = gather_pairs(_walk_pairs(model, adapter, parents))
     if adapter is not None and not pairs:
         raise ValueError(f"no LoRA layers with adapter {adapter!r} in {type(model).__name__}")
+    if not pairs:  # balance_ or a training callback would silently do nothing
+        warnings.warn(f"balora: {type(model).__name__} has no PEFT LoRA layers, nothing to balance (LoHa, "
+                      "LoKr, IA3 and PEFT's other tuners are not B @ A pairs)", stacklevel=2)
     return pairs
 
 
