@@ -153,7 +153,8 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     written. From a PEFT folder only the adapter's own files are copied (config, README, tokenizer
     and checkpoint files, as regular files; never a link out of src, a FIFO or a device), with its
     weights balanced; what was left out is listed in `notes`. Refuses a Trainer output folder
-    (balance one checkpoint-N), an existing dst unless force, and a dst inside src.
+    (balance one checkpoint-N), a dst inside src, and an existing dst unless force; even with
+    force, a dst that is not a regular file, an empty folder or an adapter folder.
 
     method: "nearest" (the balanced pair closest to the stored one) or "svd" (the paper's gauge).
     on_rank_deficient: "skip" (copy such pairs unchanged), "balance" or "raise".
@@ -170,7 +171,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
         raise InputError(str(e)) from e
     sources = read_adapters(src)
     _refuse_trainer_folder(src, sources)
-    _check_destination(src, dst, force)
+    _check_destination(src, dst, force, [s.weights for s in sources])
 
     summary = FileBalanceSummary(str(src), str(dst), sources[0].format, method,
                                  dtype=str(target).removeprefix("torch.") if target else "")
@@ -217,7 +218,7 @@ def _copy_adapter_folder(src: Path, staged: Path, sources: list[AdapterSource], 
         summary.notes.append(f"left out of the copy: {_listed(left_out, 5)}")
 
 
-def _check_destination(src: Path, dst: Path, force: bool) -> None:
+def _check_destination(src: Path, dst: Path, force: bool, weights: list[Path]) -> None:
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents:
         raise InputError(f"{dst}: is inside the input {src}; write the balanced copy somewhere else")
@@ -233,6 +234,21 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
         if dst.is_dir() != src.is_dir():
             want = "folder" if src.is_dir() else "file"
             raise InputError(f"{dst}: exists but is not a {want} like {src}; remove it or choose another name")
+        if not dst.is_dir() and not dst.is_file():
+            raise InputError(f"{dst}: is not a regular file (a device, FIFO or socket); choose another path")
+        if dst.is_dir() and not _replaceable_folder(dst, [w.relative_to(src) for w in weights]):
+            raise InputError(f"{dst}: not empty and not an adapter folder, so --force will not delete anything "
+                             "in it; choose another path")
+
+
+def _replaceable_folder(dst: Path, weights: list[Path]) -> bool:
+    """--force replaces a folder only if it is empty or holds an adapter (a config, or a weights file
+    where the input has one): never a folder of other things, named by mistake."""
+    try:
+        empty = not any(dst.iterdir())
+    except OSError:
+        return False
+    return empty or (dst / "adapter_config.json").is_file() or any((dst / w).is_file() for w in weights)
 
 
 def _tolerance(dtype: torch.dtype, r: int) -> float:

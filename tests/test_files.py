@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -553,8 +554,12 @@ def test_destination_rules(trained, tmp_path):
     with pytest.raises(InputError, match="already exists; pass --force"):
         balance_file(folder, out)
     assert (out / "keep.txt").read_text() == "old"
+    with pytest.raises(InputError, match="not an adapter folder, so --force will not delete anything"):
+        balance_file(folder, out, force=True)  # a folder of other things, named by mistake
+    assert os.listdir(out) == ["keep.txt"]
+    (out / "adapter_config.json").write_text("{}")  # an earlier copy of an adapter: replaced whole
     balance_file(folder, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
+    assert not (out / "keep.txt").exists() and json.loads((out / "adapter_config.json").read_text())
     with pytest.raises(InputError, match="does not exist"):
         balance_file(folder, tmp_path / "missing" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left behind

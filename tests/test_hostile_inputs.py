@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -423,6 +424,31 @@ def test_output_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path, capsy
     (tmp_path / "out").symlink_to(tmp_path / "target")
     assert_input_error(capsys, "is a symbolic link", "balance", src, tmp_path / "out", "--force")
     assert (tmp_path / "out").is_symlink() and os.listdir(tmp_path / "target") == ["keep.txt"]
+
+
+def test_output_that_is_a_fifo_is_refused_even_with_force(tmp_path, capsys):
+    # os.replace would swap any special file for the output: run as root, `balance x /dev/null --force`
+    # replaced /dev/null with a regular file.
+    src = write_peft(tmp_path / "in") / "adapter_model.safetensors"
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    assert_input_error(capsys, "is not a regular file (a device, FIFO or socket)", "balance", src, fifo, "--force")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_force_replaces_only_an_adapter_folder(tmp_path, capsys):
+    src = write_peft(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert_input_error(capsys, "not empty and not an adapter folder, so --force will not delete anything",
+                       "balance", src, out, "--force")
+    assert os.listdir(out) == ["notes.txt"]
+    (out / "notes.txt").unlink()  # empty: replaced
+    assert cli(capsys, "balance", src, out, "--force")[0] == 0
+    (out / "extra.txt").write_text("from an earlier copy")  # an adapter folder (its config): replaced
+    assert cli(capsys, "balance", src, out, "--force")[0] == 0
+    assert (out / "adapter_config.json").is_file() and not (out / "extra.txt").exists()
 
 
 def test_stale_temporaries_only_of_dead_processes_of_this_machine(tmp_path):

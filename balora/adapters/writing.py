@@ -161,6 +161,8 @@ def staged_output(dst: Path, force: bool = False) -> Iterator[Path]:
 
 
 def _move_into_place(staged: Path, dst: Path, tmp: Path) -> None:
+    if dst.exists() and not dst.is_symlink() and not dst.is_dir() and not dst.is_file():
+        raise InputError(f"{dst}: is not a regular file (a device, FIFO or socket); choose another path")
     if dst.is_dir() and not dst.is_symlink():
         old = tmp / (dst.name + ".old")
         os.rename(dst, old)  # same filesystem: atomic; restored below if the next step fails
