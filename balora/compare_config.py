@@ -89,11 +89,17 @@ class RunConfig:
 # ---------------------------------------------------------------- parsing (shared with the CLI)
 
 
+MAX_SEED = 2**32 - 1  # what every seeded generator takes (numpy's legacy seeding stops here)
+MAX_COUNT = 10_000  # a seed count or a grid's N: each value is at least one training run
+
+
 def parse_seeds(spec: int | str | list[int], flag: str = "--seeds") -> list[int]:
     """3 or "3" -> [0, 1, 2]; "0,4,7" or [0, 4, 7] -> [0, 4, 7]; "5," -> [5]."""
     if isinstance(spec, bool):
         raise InputError(f"{flag}: expected a count or a comma list of seeds, got {spec!r}")
     if isinstance(spec, int):
+        if spec > MAX_COUNT:
+            raise InputError(f"{flag} {spec}: at most {MAX_COUNT} seeds (each is a training run per cell)")
         seeds = list(range(spec)) if spec > 0 else []
     elif isinstance(spec, str) and "," not in spec:
         seeds = parse_seeds(_to_int(spec, flag), flag)
@@ -102,8 +108,8 @@ def parse_seeds(spec: int | str | list[int], flag: str = "--seeds") -> list[int]
         seeds = [_to_int(s, flag) for s in items if str(s).strip() != ""]
     if not seeds:
         raise InputError(f"{flag} {spec}: give a positive count (3 means seeds 0,1,2) or a comma list (0,4,7)")
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise InputError(f"{flag} {spec}: seeds must be distinct non-negative integers")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED:
+        raise InputError(f"{flag} {spec}: seeds must be distinct integers from 0 to {MAX_SEED}")
     return seeds
 
 
@@ -132,8 +138,8 @@ def parse_grid(spec: str, flag: str) -> list[float]:
         start, stop, n = float(parts[0]), float(parts[1]), int(parts[2])
     except ValueError:
         raise InputError(usage) from None
-    if n < 1:
-        raise InputError(f"{flag} {spec}: N must be a positive integer")
+    if not 1 <= n <= MAX_COUNT:
+        raise InputError(f"{flag} {spec}: N must be an integer from 1 to {MAX_COUNT}")
     if kind == "log" and not (start > 0 and stop > 0):
         raise InputError(f"{flag} {spec}: a log grid needs START and STOP > 0")
     values = np.linspace(start, stop, n) if kind == "lin" else np.geomspace(start, stop, n)
@@ -227,6 +233,16 @@ def _lr_for(lr: Any, optimizer: str, task: str) -> Any:
     return lr
 
 
+def _target_loss(value: Any) -> float:
+    try:
+        target = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--target-loss {value!r}: not a number") from None
+    if not (math.isfinite(target) and target > 0):
+        raise InputError(f"--target-loss {value}: must be a positive finite number (a loss the run can reach)")
+    return target
+
+
 def _select(value: Any) -> str:
     if value not in SELECTS:
         raise InputError(f"--select {value}: use arm (one lr per arm, median over seeds) or seed (each seed "
@@ -286,7 +302,7 @@ def resolve(cfg: CompareConfig) -> Resolved:
         eval_every=_positive_int(pick("eval_every", 0), "--eval-every", 0),
         layers_every=_positive_int(pick("layers_every", 10), "--layers-every", 0),
         spectra_every=_positive_int(pick("spectra_every", 10), "--spectra-every", 0),
-        target_loss=None if target is None else float(target),
+        target_loss=None if target is None else _target_loss(target),
         select=select,
         task_options={**task_keys, **{k: v for k, v in cfg.options.items() if k in task_keys}},
         arm_options=arm_options(names, cfg.options, float(pick("weight_decay", 0.0))),

@@ -95,6 +95,11 @@ def test_set_values_are_typed():
     (["--set", "init=kaiming"], "--set init"),
     (["--set", "shared_problem=maybe"], "--set shared_problem"),
     (["--select", "median"], "--select"),
+    (["--seeds", "4294967296"], "--seeds"),  # a count: once a MemoryError
+    (["--seeds", "0,99999999999999999999"], "--seeds"),  # a seed: once an overflow half-way through the run
+    (["--lr", "lin:0.1:0.2:99999999999"], "--lr"),  # once a MemoryError
+    (["--target-loss", "nan"], "--target-loss"),  # once recorded as null
+    (["--target-loss", "-1"], "--target-loss"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
     out = tmp_path / "run"

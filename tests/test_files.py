@@ -379,6 +379,20 @@ def test_kohya_modules_scaling_and_numbers(tmp_path):
     assert (conv["kind"], conv["in_features"], conv["out_features"]) == ("conv2d", 54, 8)
 
 
+def test_kohya_alpha_zero_means_alpha_r(tmp_path):
+    """kohya's networks/lora.py reads alpha 0 (like a missing alpha) as alpha = r: scaling 1, not 0."""
+    path = tmp_path / "alpha0.safetensors"
+    save_file({"lora_unet_b_proj.lora_down.weight": torch.randn(4, 16), "lora_unet_b_proj.lora_up.weight": torch.randn(16, 4),
+               "lora_unet_b_proj.alpha": torch.tensor(0.0)}, str(path))
+    df = balora.inspect(path)
+    assert df["scaling"].tolist() == [1.0] and df["sigma_max"].iloc[0] > 0
+    assert any("alpha 0: scaling 1" in n for n in df.attrs["sources"][0]["notes"])
+    save_file({"lora_unet_b_proj.lora_down.weight": torch.randn(4, 16), "lora_unet_b_proj.lora_up.weight": torch.randn(16, 4),
+               "lora_unet_b_proj.alpha": torch.tensor(float("nan"))}, str(path))
+    with pytest.raises(InputError, match=r"alpha should be one finite number, got nan"):
+        balora.inspect(path)
+
+
 def test_kohya_balance_keeps_format(tmp_path):
     path = write_kohya(tmp_path / "tiny_lora.safetensors")
     out = tmp_path / "balanced.safetensors"

@@ -258,6 +258,13 @@ def test_bad_data_is_an_input_error_naming_the_file(tmp_path, content, name, mes
     assert name in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_missing_data_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    # Loading the model can mean a download or pretraining the toy model (minutes on an empty cache).
+    monkeypatch.setattr(lm, "_load_model", lambda *a: pytest.fail("the model was loaded before the data was read"))
+    with pytest.raises(InputError, match="missing.txt not found"):
+        lm.build(make_cfg(data=str(tmp_path / "missing.txt")), 0, 8.0, CPU)
+
+
 def test_bad_options_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="bfloat16"):
         lm.build(make_cfg(dtype="bfloat16"), 0, 8.0, CPU)

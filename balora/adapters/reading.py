@@ -270,7 +270,7 @@ def read_kohya_file(c: Candidate) -> list[AdapterSource] | None:
     entries, other, roles = find_entries(tf, KOHYA_KEYS, "kohya", "default")
     alpha_keys = {m: r["alpha"] for m, r in roles.items() if "alpha" in r}
     alphas = tf.get(list(alpha_keys.values()))
-    missing = 0
+    missing = zero = 0
     for e in entries:
         key = alpha_keys.get((e.module, e.adapter))
         if key is None:
@@ -278,10 +278,14 @@ def read_kohya_file(c: Candidate) -> list[AdapterSource] | None:
             e.scaling = 1.0
             continue
         a = alphas[key]
-        if a.numel() != 1 or not torch.isfinite(a.float()).all():
+        if a.numel() != 1:
             raise InputError(f"{c.path}: {key} should be one finite number, got shape {list(a.shape)}")
-        e.scaling = float(a.float()) / e.r
+        if not torch.isfinite(a.float()).all():
+            raise InputError(f"{c.path}: {key} should be one finite number, got {float(a.float())}")
+        zero += float(a) == 0  # so does an alpha of 0 there: alpha = r, scaling 1
+        e.scaling = float(a.float()) / e.r if float(a) != 0 else 1.0
     notes = [f"{missing} module(s) without alpha: scaling 1 (kohya's default alpha = r)"] if missing else []
+    notes += [f"{zero} module(s) with alpha 0: scaling 1 (kohya reads alpha 0 as alpha = r)"] if zero else []
     notes += [f"{len(other)} other tensor(s) are not LoRA factors"] if other else []
     return [AdapterSource("kohya", "kohya", c.path, tf, "default", entries, other, notes=notes)]
 

@@ -65,8 +65,10 @@ DEFAULTS = {
 
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     dtype = model_dtype(cfg, device, "lm")
+    # Read first: a missing data file must not wait for a model download or the toy model's pretraining.
+    texts = None if str(cfg["data"]) == "toy" else read_texts(str(cfg["data"]), str(cfg["text_field"]))
     model, tokenizer, info = _load_model(cfg, dtype)
-    data, floor = _load_data(cfg, tokenizer, _max_positions(model))
+    data, floor = _load_data(cfg, tokenizer, _max_positions(model), texts)
     lora_model = add_lora(model, cfg, alpha, seed, task="lm", task_type="CAUSAL_LM",
                    default_targets={"gpt2": GPT2_TARGETS}).to(device)
     batch_size = min(int(cfg["batch_size"]), len(data.train))
@@ -156,8 +158,10 @@ def _max_positions(model: nn.Module) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def _load_data(cfg: dict, tokenizer, max_positions: int | None) -> tuple[TokenBlocks, float | None]:
-    """Train/eval blocks and, for toy data on the character tokenizer, the exact eval-loss floor.
+def _load_data(cfg: dict, tokenizer, max_positions: int | None,
+               texts: list[str] | None) -> tuple[TokenBlocks, float | None]:
+    """Train/eval blocks (from `texts`, read_texts of cfg["data"], unless it is "toy") and, for toy
+    data on the character tokenizer, the exact eval-loss floor.
 
     Blocks longer than the model's positions are cut to fit (block_size=128 on the 60-position
     toy model gives 60-token blocks) rather than failing inside the position embedding.
@@ -178,8 +182,6 @@ def _load_data(cfg: dict, tokenizer, max_positions: int | None) -> tuple[TokenBl
             return blocks, corpus.loss_floor(lines)
         texts = [corpus.text(int(cfg["train_blocks"]) * 6)]
         source = "generated subtraction text"
-    else:
-        texts = read_texts(source, str(cfg["text_field"]))
     separator = getattr(tokenizer, "separator", tokenizer.encode("\n\n"))
     block_size = min(int(cfg["block_size"]), max_positions or int(cfg["block_size"]))
     blocks = to_blocks(texts, tokenizer.encode, block_size, float(cfg["eval_fraction"]),
