@@ -111,6 +111,8 @@ def _torch_load_error(path: Path, e: BaseException) -> InputError:
         )
     detail = re.search(r"WeightsUnpickler error: (.*?)(?:Check the documentation|$)", " ".join(str(e).split()))
     why = detail.group(1).strip() if detail else one_line(e)
+    if not why:  # an empty or cut-off file: EOFError carries no message
+        why = f"{type(e).__name__}: the file ends too early (empty or truncated?)"
     return InputError(f"{path}: not a readable PyTorch weights file ({why})")
 
 
