@@ -19,7 +19,7 @@ from balora.adapters.entries import PairEntry
 from balora.adapters.hub import HubSource, resolve_source
 from balora.adapters.reading import AdapterSource, iter_pair_chunks, read_adapters
 from balora.adapters.tensor_file import TensorFile
-from balora.adapters.writing import copy_adapter_files, staged_output, write_weights
+from balora.adapters.writing import check_destination, copy_adapter_files, staged_output, write_weights
 from balora.balance import BalanceError, balance_pairs
 from balora.errors import InputError
 from balora.imbalance import rel_imbalance
@@ -171,7 +171,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
         raise InputError(str(e)) from e
     sources = read_adapters(src)
     _refuse_trainer_folder(src, sources)
-    _check_destination(src, dst, force, [s.weights for s in sources])
+    check_destination(src, dst, force, [s.weights for s in sources])
 
     summary = FileBalanceSummary(str(src), str(dst), sources[0].format, method,
                                  dtype=str(target).removeprefix("torch.") if target else "")
@@ -216,39 +216,6 @@ def _copy_adapter_folder(src: Path, staged: Path, sources: list[AdapterSource], 
     left_out = copy_adapter_files(src, staged, folders, skip={s.weights for s in sources})
     if left_out:
         summary.notes.append(f"left out of the copy: {_listed(left_out, 5)}")
-
-
-def _check_destination(src: Path, dst: Path, force: bool, weights: list[Path]) -> None:
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents:
-        raise InputError(f"{dst}: is inside the input {src}; write the balanced copy somewhere else")
-    if d in s.parents:
-        raise InputError(f"{dst}: contains the input {src}; replacing it would delete the input")
-    if not d.parent.is_dir():
-        raise InputError(f"{dst}: its folder {dst.parent} does not exist")
-    if dst.is_symlink():  # replacing it would either follow it elsewhere or swap a link for a folder
-        raise InputError(f"{dst}: is a symbolic link; write the balanced copy to a real path (or remove the link)")
-    if dst.exists():
-        if not force:
-            raise InputError(f"{dst}: already exists; pass --force to replace it")
-        if dst.is_dir() != src.is_dir():
-            want = "folder" if src.is_dir() else "file"
-            raise InputError(f"{dst}: exists but is not a {want} like {src}; remove it or choose another name")
-        if not dst.is_dir() and not dst.is_file():
-            raise InputError(f"{dst}: is not a regular file (a device, FIFO or socket); choose another path")
-        if dst.is_dir() and not _replaceable_folder(dst, [w.relative_to(src) for w in weights]):
-            raise InputError(f"{dst}: not empty and not an adapter folder, so --force will not delete anything "
-                             "in it; choose another path")
-
-
-def _replaceable_folder(dst: Path, weights: list[Path]) -> bool:
-    """--force replaces a folder only if it is empty or holds an adapter (a config, or a weights file
-    where the input has one): never a folder of other things, named by mistake."""
-    try:
-        empty = not any(dst.iterdir())
-    except OSError:
-        return False
-    return empty or (dst / "adapter_config.json").is_file() or any((dst / w).is_file() for w in weights)
 
 
 def _tolerance(dtype: torch.dtype, r: int) -> float:

@@ -131,6 +131,42 @@ def _copy_regular(src: Path, dst: Path) -> str | None:
     return None
 
 
+def check_destination(src: Path, dst: Path, force: bool, weights: list[Path]) -> None:
+    """Refuse, before any work, a balanced copy of `src` (whose weights files are `weights`) at `dst`
+    that would land inside src, contain it, follow a link, replace something without force, or,
+    even with force, replace what is not a regular file, an empty folder or an adapter folder."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise InputError(f"{dst}: is inside the input {src}; write the balanced copy somewhere else")
+    if d in s.parents:
+        raise InputError(f"{dst}: contains the input {src}; replacing it would delete the input")
+    if not d.parent.is_dir():
+        raise InputError(f"{dst}: its folder {dst.parent} does not exist")
+    if dst.is_symlink():  # replacing it would either follow it elsewhere or swap a link for a folder
+        raise InputError(f"{dst}: is a symbolic link; write the balanced copy to a real path (or remove the link)")
+    if dst.exists():
+        if not force:
+            raise InputError(f"{dst}: already exists; pass --force to replace it")
+        if dst.is_dir() != src.is_dir():
+            want = "folder" if src.is_dir() else "file"
+            raise InputError(f"{dst}: exists but is not a {want} like {src}; remove it or choose another name")
+        if not dst.is_dir() and not dst.is_file():
+            raise InputError(f"{dst}: is not a regular file (a device, FIFO or socket); choose another path")
+        if dst.is_dir() and not _replaceable_folder(dst, [w.relative_to(src) for w in weights]):
+            raise InputError(f"{dst}: not empty and not an adapter folder, so --force will not delete anything "
+                             "in it; choose another path")
+
+
+def _replaceable_folder(dst: Path, weights: list[Path]) -> bool:
+    """--force replaces a folder only if it is empty or holds an adapter (a config, or a weights file
+    where the input has one): never a folder of other things, named by mistake."""
+    try:
+        empty = not any(dst.iterdir())
+    except OSError:
+        return False
+    return empty or (dst / "adapter_config.json").is_file() or any((dst / w).is_file() for w in weights)
+
+
 # ---- staging -----------------------------------------------------------------------------------
 
 
