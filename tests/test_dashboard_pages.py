@@ -315,7 +315,8 @@ def adapters(tmp_path_factory):
     peft = _write_adapter(root / "peft", 1)
     for step in (10, 20):
         _write_adapter(root / "trainer" / f"checkpoint-{step}", step // 10)
-    return {"peft": peft, "trainer": root / "trainer"}
+    untrained = _write_adapter(root / "untrained", 0)  # seed 0: B = 0, PEFT's init
+    return {"peft": peft, "trainer": root / "trainer", "untrained": untrained}
 
 
 def test_inspect_path_table_figures_and_balance(app, adapters):
@@ -347,6 +348,17 @@ def test_inspect_path_table_figures_and_balance(app, adapters):
     assert at.download_button(key="insp_download")
     assert titles(at)[-1] == "Balancing: imbalance removed, dW unchanged"
     assert not list(adapters["peft"].parent.glob("*balanced*"))  # nothing written next to the input
+
+
+def test_inspect_balance_that_changes_nothing_says_so_and_offers_no_download(app, adapters):
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(adapters["untrained"])).run()
+    at.button(key="insp_balance").click().run()
+    no_exception(at)
+    assert not at.success and "Nothing was balanced in `untrained`" in texts(at.warning)
+    assert "2 x " in texts(at.warning)  # the reason, with its count, in the message itself
+    assert not [b for b in at.get("download_button") if b.key == "insp_download"]
 
 
 def test_inspect_trainer_folder_across_checkpoints(app, adapters):
@@ -487,6 +499,11 @@ def test_inspect_upload_errors_are_messages_and_never_show_the_temporary_path(ap
     assert at.metric[0].value == "2"
     files_read = json.dumps([e.value for e in at.json])
     assert "good.zip/peft/adapter_model.safetensors" in files_read and str(tmp_path) not in files_read
+    at.button(key="insp_balance").click().run()
+    no_exception(at)
+    changes = at.dataframe[-1].value  # the balance table, last on the page
+    assert set(changes["source"]) == {"good.zip/peft/adapter_model.safetensors"}, "the balance table names the upload"
+    assert str(tmp_path) not in changes.to_string()
     assert len(list(tmp_path.glob("balora-upload-*"))) == 1  # the one being looked at
     at.radio(key="insp_source").set_value("A path on this machine").run()
     assert not list(tmp_path.glob("balora-upload-*"))  # moving on removes it

@@ -101,3 +101,12 @@ def source_notes(sources: list[dict]) -> list[str]:
     """Every note balora.inspect attached to a file it read (e.g. scaling unknown for bare
     weights), once each, in reading order."""
     return list(dict.fromkeys(str(n) for s in sources for n in (s.get("notes") or [])))
+
+
+def unchanged_reasons(skipped: dict[str, str], clean=str) -> str:
+    """Why pairs were left unchanged, one clause per reason with its count (most common first), e.g.
+    "4 x PEFT's zero init (B = 0): ...; 2 x rank-deficient product (...)". `clean` redacts each reason."""
+    counts: dict[str, int] = {}
+    for why in skipped.values():
+        counts[clean(why)] = counts.get(clean(why), 0) + 1
+    return "; ".join(f"{n} x {why}" for why, n in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -181,16 +181,21 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
         st.error(f"Could not balance `{src.name}`: {type(e).__name__}: {clean(e)}")
     else:
         s = result.summary
-        st.success(
-            f"Balanced {s.balanced} LoRA pair(s) of `{src.name}` with the {method} gauge"
-            f"{f', {len(s.skipped)} left unchanged' if s.skipped else ''}, in {s.seconds:.2f} s."
-        )
+        changes = s.changes.assign(source=s.changes["source"].map(shown))  # never the server's temporary folder
+        unchanged = report_frames.unchanged_reasons(s.skipped, clean)
+        if not s.balanced:  # the copy would equal the input: said as a warning, and nothing to download
+            st.warning(f"Nothing was balanced in `{src.name}`: every pair was left unchanged ({unchanged}).")
+            st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
+            st.stop()
+        st.success(f"Balanced {s.balanced} LoRA pair(s) of `{src.name}` with the {method} gauge, in {s.seconds:.2f} s.")
+        if s.skipped:
+            st.info(f"{len(s.skipped)} pair(s) left unchanged: {unchanged}.")
         c1, c2, c3 = st.columns(3)
         c1.metric("Layers balanced", s.balanced, help=f"{len(s.skipped)} left unchanged" if s.skipped else None)
         c2.metric(f"Worst relative imbalance (before: {s.max_rel_imbalance_before:.3g})", f"{s.max_rel_imbalance_after:.2e}")
         c3.metric("Largest relative change of dW", f"{s.max_rel_error:.2e}", help="‖ΔdW‖_F / ‖dW‖_F, measured by re-reading the written file")
         st.plotly_chart(inspect_plots.balance_check(s.changes), key="fig_insp_balance")
-        st.dataframe(s.changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
+        st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
         for note in s.notes:
             st.info(clean(note))
         st.download_button(f"Download {result.file_name}", result.data, file_name=result.file_name, mime=result.mime, type="primary", key="insp_download")
