@@ -422,7 +422,10 @@ def test_launch_validation_bounds(tmp_path):
     assert cmd[cmd.index("--set") + 1] == "init_scale=10"
     for spec, needle in ((jobs.LaunchSpec(task="lm", init_scale=10.0, name="y"), "synthetic task only"),
                          (jobs.LaunchSpec(init_scale=0.0, name="y"), "above 0"),
-                         (jobs.LaunchSpec(init_scale=1e3, name="y"), "at most 100")):
+                         (jobs.LaunchSpec(init_scale=1e3, name="y"), "at most 100"),
+                         # what `balora compare` refuses is refused by the form, not by a failed job
+                         (jobs.LaunchSpec(lrs=[float("inf")], name="y"), "learning rates must be positive finite"),
+                         (jobs.LaunchSpec(alphas=[4.0, 4.0], name="y"), "alphas: a value is listed twice")):
         assert needle in " ".join(jobs.validate(spec, tmp_path))
 
 

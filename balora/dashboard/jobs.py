@@ -8,6 +8,7 @@ only thing a job writes is its run directory; progress comes from that run's sta
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import shlex
@@ -72,8 +73,10 @@ def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:
     for label, values in (("learning rates", spec.lrs), ("alphas", spec.alphas)):
         if len(values) > settings.LAUNCH_MAX_GRID:
             errors.append(f"at most {settings.LAUNCH_MAX_GRID} {label}")
-        if any(not (v > 0) for v in values):
-            errors.append(f"{label} must be positive")
+        if any(not (v > 0 and math.isfinite(v)) for v in values):
+            errors.append(f"{label} must be positive finite numbers")
+        elif len(set(values)) != len(values):
+            errors.append(f"{label}: a value is listed twice")
     if spec.init_scale is not None:
         if spec.task != "synthetic":
             errors.append("the initial scale of A is an option of the synthetic task only")
