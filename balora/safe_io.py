@@ -111,7 +111,7 @@ def read_json_capped(
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{what} {path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+        raise InputError(f"{what} {path}: malformed JSON ({e.msg}: line {e.lineno}, column {e.colno}).") from None
     except RecursionError:
         raise InputError(f"{what} {path} is nested too deeply to be a configuration.") from None
     except ValueError as e:  # e.g. an integer literal with more digits than Python allows

@@ -160,6 +160,16 @@ def test_labels_under_keep_nested_runs_apart_and_status_labels_mark_stalled(tmp_
     assert loaders.status_labels(fake) == ["stalled", "running", "completed"]
 
 
+def test_a_run_of_the_users_under_samples_never_takes_a_bundled_samples_label(tmp_path):
+    own, bundled = tmp_path / "runs", tmp_path / "bundled"
+    write_run(own / "samples" / "synthetic-adam")
+    write_run(own / "mine")
+    write_run(bundled / "synthetic-adam")
+    runs = run_index.index(loaders.list_runs(own), own, loaders.list_runs(bundled), bundled)
+    assert sorted(runs["label"]) == ["./samples/synthetic-adam", "mine", "samples/synthetic-adam"]
+    assert runs.set_index("label").loc["samples/synthetic-adam", "path"] == str(bundled / "synthetic-adam")
+
+
 def test_run_state_marks_progress_stale_and_interrupted():
     now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
     recent = (now - timedelta(seconds=7)).isoformat()

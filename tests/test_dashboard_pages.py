@@ -291,6 +291,11 @@ def test_compare_empty_and_missing_runs_folder(tmp_path, monkeypatch):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     no_exception(at)
     assert "No runs folder" in texts(at.info) and "nope" in texts(at.info)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path / "afile"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    no_exception(at)
+    assert "afile` is not a folder: point $BALORA_RUNS" in texts(at.info)
 
 
 # ------------------------------------------------------------------------------------- inspect

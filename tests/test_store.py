@@ -233,6 +233,20 @@ def test_damaged_status_or_config_is_one_error_and_listed_as_damaged(tmp_path, w
     assert load_run(tmp_path / "good").status == "completed"  # the others still load
 
 
+def test_a_marked_run_without_its_status_is_listed_as_damaged(tmp_path):
+    from balora.store.layout import MARKER
+
+    _run_folder(tmp_path / "good")
+    lost = _run_folder(tmp_path / "lost")
+    (lost / MARKER).write_text("")
+    (lost / "status.json").unlink()
+    other = _run_folder(tmp_path / "model")  # an unmarked folder with only a config.json is not a run
+    (other / "status.json").unlink()
+    df = list_runs(tmp_path).set_index("name")
+    assert sorted(df.index) == ["good", "lost"]
+    assert df.loc["lost", "status"] == "damaged" and "status.json" in df.loc["lost", "reason"]
+
+
 def test_special_files_named_status_or_config_never_hang(tmp_path):
     """A FIFO named status.json (opening it would block until a writer came) and /dev/zero behind
     config.json (reading it would never end): RunError at once, from load_run and list_runs. The same

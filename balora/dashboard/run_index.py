@@ -34,7 +34,9 @@ def index(user: pd.DataFrame | None, user_root: Path, samples: pd.DataFrame | No
     """
     parts = []
     if user is not None:
-        parts.append(user.assign(label=labels_under(user["path"], user_root), sample=False))
+        # ./samples/NAME for a run of the user's own under samples/: never the label of a bundled sample
+        labels = [f"./{x}" if x.startswith(SAMPLES_PREFIX) else x for x in labels_under(user["path"], user_root)]
+        parts.append(user.assign(label=labels, sample=False))
     if samples is not None and samples_root is not None and Path(samples_root).resolve() != Path(user_root).resolve():
         parts.append(samples.assign(label=[SAMPLES_PREFIX + s for s in labels_under(samples["path"], samples_root)],
                                     sample=True))

@@ -65,7 +65,7 @@ def _read_object(path: Path, what: str) -> dict:
     try:
         data = read_json_capped(path, CONFIG_MAX_BYTES, what)
     except InputError as e:  # a FIFO, a device, too big, not UTF-8, not JSON: same error type for the caller
-        raise RunError(path, str(e).rstrip(".")) from None
+        raise RunError(path, str(e).rstrip(".").replace(f"{what} {path}", what)) from None  # the path once
     if not isinstance(data, dict):
         raise RunError(path, f"holds {_kind(data)} instead of a JSON object")
     _check_numbers(path, data)

@@ -115,8 +115,9 @@ def to_table(table: str, rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
 
 def is_run_dir(path: Path) -> bool:
     """A folder that holds a run: a config.json and a status.json entry (whatever they turn out to hold:
-    the reader says when one is damaged, a FIFO or a link to a device)."""
-    return os.path.lexists(path / CONFIG) and os.path.lexists(path / STATUS)
+    the reader says when one is damaged, a FIFO or a link to a device), or a config.json in a folder
+    balora marked as a run (its status.json lost: listed as damaged, not silently left out)."""
+    return os.path.lexists(path / CONFIG) and (os.path.lexists(path / STATUS) or is_marked(path))
 
 
 def is_marked(path: Path) -> bool:

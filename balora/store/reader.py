@@ -125,8 +125,8 @@ LIST_COLUMNS = {"path": "string", "name": "string", "task": "string", "status": 
 def _list_row(run: Path) -> dict:
     """One list_runs row; a damaged run gets status "damaged" and the problem in `reason`."""
     row = {"path": str(run), "name": run.name, "stale": False, "n_cells": 0, "done": 0}
-    try:
-        config, status = read_config(run), read_status(run)
+    try:  # a listed run has a status.json, unless it is a marked run that lost it: damaged
+        config, status = read_config(run), read_status(run, missing_ok=False)
     except RunError as e:
         return {**row, "status": "damaged", "reason": str(e)}
     progress = status.get("progress") or {}
