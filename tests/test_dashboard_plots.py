@@ -204,6 +204,18 @@ def test_final_loss_by_arm_one_box_per_arm():
     assert [t.name for t in fig.data] == ["lora", "balora"] and len(fig.data[1].y) == 1
 
 
+def test_values_a_log_axis_cannot_draw_are_said_in_the_subtitle():
+    # An excess loss a rounding below 0 (-2e-7) vanishes from a log axis: the figure says how many.
+    cells = pd.DataFrame({"series": ["lora", "balora", "balora"], "seed": [0, 0, 1], "final_excess_loss": [1e-3, -2e-7, 1e-7]})
+    log = compare_plots.final_loss_by_arm(cells, value="final_excess_loss", log_y=True).layout.title.subtitle.text
+    assert "1 value <= 0 left off the log scale" in log
+    assert "left off" not in compare_plots.final_loss_by_arm(cells, value="final_excess_loss").layout.title.subtitle.text
+    curves = _curves(n_seeds=3)
+    assert "left off" not in compare_plots.loss_curves(curves).layout.title.subtitle.text
+    curves.loc[curves.index[:2], "lo"] = 0.0
+    assert "2 values <= 0 left off the log scale" in compare_plots.loss_curves(curves).layout.title.subtitle.text
+
+
 @pytest.mark.parametrize(
     "build",
     [

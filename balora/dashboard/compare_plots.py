@@ -57,6 +57,7 @@ def loss_curves(
             go.Scatter(x=g[x], y=g["median"], mode="lines", name=str(label), legendgroup=str(label), line=dict(color=c, width=2, dash=dashes[label]))
         )
     sub = f"median over {n} seed{'s' if n > 1 else ''}" + (f"; shaded: {band} across seeds" if n > 1 else "") + METRIC_NOTES.get(metric, "")
+    sub += _off_log(curves[["median", "lo"]], log_y)
     fig.update_layout(title=_title(title, sub), xaxis_title=x_title, yaxis_title=y_title, legend_title_text="arm", height=420)
     fig.update_yaxes(type="log" if log_y else "linear")
     return fig
@@ -82,13 +83,21 @@ def final_loss_by_arm(cells: pd.DataFrame, *, value: str = "final_loss", by: str
                 text=[f"seed {s}" for s in g["seed"]], hovertemplate="%{text}: %{y:.4g}<extra>%{x}</extra>",
             )
         )
-    fig.update_layout(title=_title(title, "each dot is one seed" + METRIC_NOTES.get(value, "")), xaxis_title="arm", yaxis_title=y_title, showlegend=False, height=380)
+    sub = "each dot is one seed" + METRIC_NOTES.get(value, "") + _off_log(data[[value]], log_y)
+    fig.update_layout(title=_title(title, sub), xaxis_title="arm", yaxis_title=y_title, showlegend=False, height=380)
     fig.update_yaxes(type="log" if log_y else "linear")
     pos = data[value].to_numpy(dtype=float)
     pos = pos[np.isfinite(pos) & (pos > 0)]
     if log_y and pos.size and np.log10(pos.max() / pos.min()) > 2:
         fig.update_yaxes(dtick=1)  # one label per decade: 2x/5x labels crowd a short axis
     return fig
+
+
+def _off_log(values: pd.DataFrame, log_y: bool) -> str:
+    """A subtitle clause for values a log axis cannot draw (an excess loss a rounding below 0), else ""."""
+    v = values.to_numpy(dtype=float)
+    n = int((v <= 0).sum()) if log_y else 0
+    return f"; {n} value{'s' if n > 1 else ''} <= 0 left off the log scale (turn log off to see them)" if n else ""
 
 
 def _fmt_lr(v: float) -> str:
