@@ -173,7 +173,7 @@ def best_cells(summary: pd.DataFrame, metric: str | None = None, *, select: str 
 
 
 ARM_SUMMARY_COLUMNS = ["arm", "cells", "completed", "diverged", "best_lr", "best_alpha", "metric", "best", "worst",
-                       "within_2x", "within_5pct", "steps_to_target", "speedup_vs_lora"]
+                       "within_2x", "within_5pct", "steps_to_target", "reached", "speedup_vs_lora"]
 
 
 def arm_summary(summary: pd.DataFrame, *, select: str = "arm", reference: str = "lora") -> pd.DataFrame:
@@ -183,8 +183,10 @@ def arm_summary(summary: pd.DataFrame, *, select: str = "arm", reference: str = 
     +inf. Columns: arm, cells, completed, diverged, best_lr, best_alpha, metric, best (median over seeds
     of the value at the best cell(s)), worst (median at the worst grid cell), within_2x / within_5pct
     (fraction of grid cells whose median is within 2x / 5% of the best: 2x suits excess losses, which go
-    to 0, 5% raw losses, which have a floor), steps_to_target (median at the best cell(s)),
-    speedup_vs_lora (median over seeds of reference-at-its-best / arm-at-its-best steps to target).
+    to 0, 5% raw losses, which have a floor), steps_to_target (median at the best cell(s), a seed that
+    had a target and never reached it counting as +inf), reached (how many of those seeds reached it),
+    speedup_vs_lora (median over seeds of reference-at-its-best / arm-at-its-best steps to target: 0
+    where only the reference reached it, inf where only the arm did, left out where neither did).
     """
     if summary.empty:
         return pd.DataFrame(columns=ARM_SUMMARY_COLUMNS)
@@ -201,6 +203,7 @@ def arm_summary(summary: pd.DataFrame, *, select: str = "arm", reference: str = 
         top = float(b["value"].median())
         finite_top = top if math.isfinite(top) and top > 0 else NaN
         ref = best.get(reference)
+        steps = _steps_or_never(b)
         rows.append({
             "arm": arm, "cells": len(g), "completed": int((g["status"] == "completed").sum()),
             "diverged": int((g["status"] == "diverged").sum()),
@@ -208,11 +211,22 @@ def arm_summary(summary: pd.DataFrame, *, select: str = "arm", reference: str = 
             "metric": metric, "best": top, "worst": float(grid.max()),
             "within_2x": float((grid <= 2 * finite_top).mean()) if finite_top == finite_top else NaN,
             "within_5pct": float((grid <= 1.05 * finite_top).mean()) if finite_top == finite_top else NaN,
-            "steps_to_target": float(b["steps_to_target"].median()),
-            "speedup_vs_lora": float((ref["steps_to_target"] / b["steps_to_target"]).median())
-            if ref is not None else NaN,
+            "steps_to_target": float(steps.median()),
+            "reached": int((steps < math.inf).sum()) if _has_target(b).any() else NaN,
+            "speedup_vs_lora": float((_steps_or_never(ref) / steps).median()) if ref is not None else NaN,
         })
     return pd.DataFrame(rows, columns=ARM_SUMMARY_COLUMNS)
+
+
+def _has_target(cells: pd.DataFrame) -> pd.Series:
+    return cells["target_loss"].notna() if "target_loss" in cells else pd.Series(False, index=cells.index)
+
+
+def _steps_or_never(cells: pd.DataFrame) -> pd.Series:
+    """steps_to_target per seed, +inf where the cell had a target and never reached it (a median that
+    skipped those seeds would report the lucky ones only)."""
+    steps = cells["steps_to_target"].astype(float)
+    return steps.mask(steps.isna() & _has_target(cells), math.inf)
 
 
 def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: str = "arm",

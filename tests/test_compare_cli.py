@@ -12,6 +12,7 @@ from balora.commands.compare import config_from_args, invoked_command, print_sum
 from balora.commands.formatting import num
 from balora.compare_config import parse_seeds, parse_set, resolve
 from balora.store import load_run
+from balora.records import arm_summary
 
 TINY = ["--set", "in_features=6", "--set", "out_features=5", "--rank", "2"]
 
@@ -128,7 +129,12 @@ def test_run_summary_and_the_recorded_command_reproduces_it(tmp_path, capsys):
     lo, hi = run.summary["target_loss"].min(), run.summary["target_loss"].max()
     assert lo < hi  # the synthetic task's target is per seed, and the caption says which
     caption = " ".join(captured.out.split())  # rich wraps the caption
-    assert f"until loss <= {num(lo, digits=4)}-{num(hi, digits=4)} (per seed) (-: never)" in caption
+    assert (f"until loss <= {num(lo, digits=4)}-{num(hi, digits=4)} (per seed), a seed that never reached it "
+            "counting as never; (k/n): seeds that reached it") in caption
+    s = arm_summary(run.summary).set_index("arm")
+    for arm, r in s.iterrows():  # each arm's "to target" cell: its median steps and how many of 2 seeds got there
+        steps = "never" if r["steps_to_target"] == float("inf") else num(r["steps_to_target"], digits=4)
+        assert f"{arm} " in captured.out and f"{steps} ({int(r['reached'])}/2)" in captured.out
     assert "step/s" in captured.err or "s/step" in captured.err  # the progress bar, with its rate and ETA
     assert run.config["command"] == run.config["command_reconstructed"]  # not launched as `balora`: rebuilt
     assert len(run.summary) == 2 * 2 * 2 and len(run.spectra) == 0

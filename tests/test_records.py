@@ -141,6 +141,23 @@ def test_arm_summary_against_a_brute_force_ranking():
     assert list(records.arm_summary(summary.iloc[0:0]).columns) == records.ARM_SUMMARY_COLUMNS
 
 
+def test_arm_summary_counts_a_seed_that_never_reached_the_target_as_never():
+    # One seed of three reached the target: the median seed did not, so the arm's steps to target are
+    # "never", not the lucky seed's 5 (which had once read as a 10x speed-up over lora).
+    rows = []
+    for arm, steps in (("lora", [50.0, 50.0, 50.0]), ("balora", [5.0, math.nan, math.nan])):
+        for seed, st in enumerate(steps):
+            rows.append({"arm": arm, "seed": seed, "lr": 0.1, "alpha": 4.0, "status": "completed",
+                         "final_excess_loss": 1.0, "final_eval_loss": math.nan, "final_loss": 1.0,
+                         "target_loss": 0.5, "steps_to_target": st})
+    s = records.arm_summary(pd.DataFrame(rows)).set_index("arm")
+    assert s.loc["balora", "steps_to_target"] == math.inf and s.loc["balora", "reached"] == 1
+    assert s.loc["lora", "steps_to_target"] == 50 and s.loc["lora", "reached"] == 3
+    assert s.loc["balora", "speedup_vs_lora"] == 0.0  # median of 10, 0, 0
+    no_target = records.arm_summary(pd.DataFrame(rows).assign(target_loss=math.nan)).set_index("arm")
+    assert math.isnan(no_target.loc["balora", "reached"]) and no_target.loc["balora", "steps_to_target"] == 5
+
+
 def test_target_speedups_from_steps():
     rows = []
     # lora reaches loss <= 1 at step 4 (seed 0) and 6 (seed 1); balora at 2 and 3; time_s = 0.5 s per step

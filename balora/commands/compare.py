@@ -119,6 +119,16 @@ def _say_kept(path) -> None:
               f"balora did not write: {shown}", file=sys.stderr)
 
 
+def _to_target(r, n_seeds: int) -> str:
+    """An arm_summary row's steps to target: "37 (2/3)", "never (1/3)", or "-" without a target."""
+    from balora.commands.formatting import num
+
+    if r.reached != r.reached:  # NaN: the run has no target loss
+        return "-"
+    steps = "never" if r.steps_to_target == float("inf") else num(r.steps_to_target, digits=4)
+    return f"{steps} ({int(r.reached)}/{n_seeds})"
+
+
 def print_summary(run) -> None:
     """Each arm at its own best grid cell, in a rich table."""
     from rich.console import Console
@@ -138,7 +148,8 @@ def print_summary(run) -> None:
     if len(targets):
         on = run.summary.at[targets.index[0], "target_on"]
         lo, hi = _g4(targets.min()), _g4(targets.max())  # the synthetic task sets one per seed
-        target = f"median steps at the best cell until {on} <= {lo if lo == hi else f'{lo}-{hi} (per seed)'} (-: never)"
+        target = (f"median steps at the best cell until {on} <= {lo if lo == hi else f'{lo}-{hi} (per seed)'}, "
+                  "a seed that never reached it counting as never; (k/n): seeds that reached it")
     else:
         target = "median steps at the best cell (-: the run has no target loss)"
     table = Table(title=f"{run.config.get('task')}, {run.config.get('optimizer')}, "
@@ -153,7 +164,8 @@ def print_summary(run) -> None:
     for r in s.itertuples(index=False):
         near_best = r.within_2x if near == "2x" else r.within_5pct
         table.add_row(r.arm, f"{r.completed}/{r.cells}", str(r.diverged), _g4(r.best_lr), _g4(r.best_alpha),
-                      _g4(r.best), _g4(r.worst), _g4(near_best), _g4(r.steps_to_target), _g4(r.speedup_vs_lora))
+                      _g4(r.best), _g4(r.worst), _g4(near_best), _to_target(r, len(run.config.get("seeds") or [])),
+                      _g4(r.speedup_vs_lora))
     console = Console()
     if not console.is_terminal:  # piped or logged: rich would assume 80 columns and cut the numbers
         console = Console(width=120)
