@@ -62,6 +62,7 @@ class RunRecorder(TrainerCallback):
         self._losses: list[tuple[int, float, float]] = []  # (step, loss, time_s)
         self._eval: list[tuple[int, float, float]] = []
         self._last_rel = math.nan
+        self._nonfinite_factors_at: int | None = None  # first step whose LoRA factors held NaN/Inf
 
     # -------------------------------------------------------------- Trainer events
 
@@ -157,23 +158,35 @@ class RunRecorder(TrainerCallback):
         with torch.no_grad():
             rows = pair_rows(pairs)
         self._last_rel = records.max_rel_imbalance(rows)
+        if self._nonfinite_factors_at is None and any(r["status"].startswith("non-finite") for r in rows):
+            self._nonfinite_factors_at = step
         layer_rows, spectra_rows = records.split_report(self.key, step, rows, layers=layers, spectra=spectra)
         self.writer.append("layers", layer_rows)
         self.writer.append("spectra", spectra_rows)
         self._diag_s += time.perf_counter() - t
 
     def _summary(self, status: str) -> dict:
-        nonfinite = [s for s, v, _ in self._losses if not math.isfinite(v)]
-        reason = None
-        if nonfinite and status == "completed":
-            status, reason = "diverged", f"non-finite logged loss at step {nonfinite[0]}"
+        # Divergence shows in the logged loss, an eval loss or the factors. The Trainer's default
+        # logging_nan_inf_filter logs a NaN training loss as a finite stand-in (0.0 once all are NaN),
+        # so losses logged from the first sign on are not kept as results.
+        signs = [(s, f"non-finite logged loss at step {s}") for s, v, _ in self._losses if not math.isfinite(v)][:1]
+        signs += [(s, f"non-finite eval loss at step {s}") for s, v, _ in self._eval if not math.isfinite(v)][:1]
+        if self._nonfinite_factors_at is not None:
+            signs.append((self._nonfinite_factors_at, f"non-finite LoRA factors at step {self._nonfinite_factors_at}"))
+        first, reason = min(signs) if signs else (None, None)
+        if first is not None and status == "completed":
+            status = "diverged"
+        else:
+            reason = None
+        losses = [x for x in self._losses if first is None or x[0] < first]
+        evals = [x for x in self._eval if first is None or x[0] < first]
         on_eval = bool(self._eval)
         balance_s = float(self.balance_callback.balance_seconds) if self.balance_callback is not None else math.nan
         return records.summary_row(
-            self.key, status, reason, steps_done=max(self._step_s, default=0), losses=[v for _, v, _ in self._losses],
-            final_eval_loss=self._eval[-1][1] if self._eval else math.nan, rel_imbalance_max=self._last_rel,
+            self.key, status, reason, steps_done=max(self._step_s, default=0), losses=[v for _, v, _ in losses],
+            final_eval_loss=evals[-1][1] if evals else math.nan, rel_imbalance_max=self._last_rel,
             target=self.target_loss, target_on="eval_loss" if on_eval else "loss",
-            reached=records.first_reached(self._eval if on_eval else self._losses, self.target_loss),
+            reached=records.first_reached(evals if on_eval else losses, self.target_loss),
             total_seconds=self._train_s, balance_seconds=balance_s, diag_seconds=self._diag_s)
 
 

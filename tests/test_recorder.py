@@ -26,13 +26,13 @@ class TokenData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _train(tmp_path, out, callbacks_for, max_steps=6):
+def _train(tmp_path, out, callbacks_for, max_steps=6, lr=5e-2):
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=4,
-        learning_rate=5e-2, logging_steps=2, eval_strategy="steps", eval_steps=3, report_to=[],
+        learning_rate=lr, logging_steps=2, eval_strategy="steps", eval_steps=3, report_to=[],
         save_strategy="no", use_cpu=True, seed=3, disable_tqdm=True,
     )
     callbacks = callbacks_for(out)
@@ -76,6 +76,19 @@ def test_trainer_run_is_recorded(tmp_path):
     assert summary["final_eval_loss"] == pytest.approx(evals[max(evals)])
     last = run.layers[run.layers["step"] == 6]["rel_imbalance"].max()
     assert summary["final_rel_imbalance_max"] == pytest.approx(last)
+
+
+@pytest.mark.parametrize("layers_every", [2, 0])
+def test_a_run_that_went_to_nan_is_diverged_not_a_zero_loss(tmp_path, layers_every):
+    # The Trainer logs NaN training losses as finite stand-ins (logging_nan_inf_filter: 0.0 here), so
+    # the recorder reads divergence from the eval losses and the factors too.
+    out = tmp_path / "run"
+    trainer, _ = _train(tmp_path, out, lambda o: [RunRecorder(o, layers_every=layers_every, target_loss=1.0)], lr=1e30)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(v) for v in logged) and min(logged) == 0.0  # what the Trainer handed over
+    (summary,) = load_run(out).summary.to_dict("records")
+    assert summary["status"] == "diverged" and "non-finite" in summary["reason"]
+    assert not summary["final_loss"] == 0.0 and math.isnan(summary["steps_to_target"])  # no target "reached" at 0.0
 
 
 def test_recorder_with_balancing_shows_balanced_layers(tmp_path):
