@@ -81,6 +81,25 @@ def local_storage(t: torch.Tensor) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t.to_local()
 
 
+def reshard_fsdp2(model: nn.Module) -> None:
+    """Put every FSDP2 module of `model` back in its sharded state (FSDPModule.reshard: local, no
+    communication). After a forward that kept its parameters unsharded (reshard_after_forward=False,
+    the root's default; an eval or generate under no_grad), the registered parameters are FSDP2's
+    temporary whole copies: balanced factors written there would be dropped at the next reshard while
+    the optimizer kept stepping the old shards. Only in a distributed run (else nothing to do, no walk)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def refuse_fsdp1(name: str, module: nn.Module) -> None:
     """One-line refusal for FSDP1 (`module` is a model's submodule `name`, "" for the root): its flat
     parameters hide the factors' shapes between steps. Called on every module of a walk."""

@@ -7,8 +7,8 @@ Run by tests/test_fsdp2.py:
 
 Five sharded runs from the same init: "hook" balances with balance_after_step, "callback" calls
 BalanceCallback.on_optimizer_step by hand after each step (how the Trainer calls it), "balance_"
-calls balora.balance_(model, check=False) (its kept walk: every step after the first re-gathers
-the cached pairs), all with one thread per rank (the pass goes pair by pair), "stacked" is
+calls balora.balance_(model, check=False) after an eval forward (its kept walk: every step after the
+first re-gathers the cached pairs), all with one thread per rank (the pass goes pair by pair), "stacked" is
 "hook" with two threads per rank (the pass stacks pairs of one shape, as on a GPU), and "mixed"
 is "hook" under FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 shards and reduction). Every rank
 writes OUT_DIR/{run}_rank{R}.safetensors (its gathered LoRA factors) and OUT_DIR/{run}_rank{R}.json
@@ -172,6 +172,11 @@ def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[li
                 callback.on_optimizer_step(args, state, control, model=model)
             assert callback.last_summary.balanced == 9, callback.last_summary  # 2 blocks x 4 targets + embed_tokens
         elif balance == "balance_":
+            # An eval forward first, as a loop that evaluates before balancing has: the root keeps its
+            # parameters unsharded after it (reshard_after_forward's default), and balance_ must still
+            # balance the shards that AdamW steps, not FSDP2's temporary whole copies.
+            with torch.no_grad():
+                model(input_ids=ids[step][:1])
             with reduced_precision():
                 summary = balance_(model, check=False)
             assert summary.balanced == 9, summary
