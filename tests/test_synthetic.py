@@ -311,3 +311,18 @@ def test_paper_options_are_recorded_in_the_run(tmp_path):
 def test_paper_options_are_checked(key, bad):
     with pytest.raises(InputError, match=f"--set {key}"):
         get_task("synthetic").build(cfg(**{key: bad}), 0, 2.0, torch.device("cpu"))
+
+
+def test_bfloat16_problem_is_the_rounded_one_and_its_loss_is_summed_in_fp32():
+    """In bf16 the frozen weights are rounded: the reference loss is that problem's (numpy, float64,
+    Eckart-Young on the rounded W0), and the loss at init (B = 0, output W0 on the identity input,
+    exact in bf16) matches it in fp32, where a bf16 target and sum were 1e-3 off."""
+    p = get_task("synthetic").build(cfg(dtype="bfloat16", in_features=40, out_features=30, rank=3), 2, 6.0,
+                                    torch.device("cpu"))
+    W0s, T = problem_tensors(cfg(in_features=40, out_features=30, rank=3), 2)
+    W0 = W0s[0].to(torch.bfloat16).double().numpy()  # one layer
+    R = T.numpy() - W0
+    sigma = np.linalg.svd(R, compute_uv=False)
+    assert p.best_loss == pytest.approx(0.5 * (sigma[3:] ** 2).sum(), rel=1e-12)
+    initial = float(p.loss(p.model, next(p.batches())))
+    assert initial == pytest.approx(0.5 * (R**2).sum(), rel=1e-6)

@@ -194,6 +194,9 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     _check(cfg)
     rank, dtype = int(cfg["rank"]), DTYPES[cfg["dtype"]]
     W0s, T = problem_tensors(cfg, seed)
+    # The problem is the one trained: in bf16 its frozen weights are rounded, and the reference and
+    # initial losses below are of those (else the "best" loss was of another problem, and beaten).
+    W0s = [W.to(dtype).to(torch.float64) for W in W0s]
     base = FrozenStack([W.to(dtype) for W in W0s])
     lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=[f"layers.{i}" for i in range(len(W0s))])
     # PEFT's LoRA init (A random, B = 0) is drawn from the global RNG: seed it, and leave the caller's RNG as it was.
@@ -204,10 +207,13 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     model.to(device)
 
     X = torch.eye(T.shape[1], dtype=dtype, device=device)  # (in, in): the output on I is W^T
-    Y = T.mT.to(dtype=dtype, device=device)  # (in, out)
+    # The target and the loss's sum in fp32 at least: in bf16 the target itself was rounded and the
+    # sum moved in steps of 1/16 near 10, so recorded losses fell below the best rank-r loss.
+    loss_dtype = torch.promote_types(dtype, torch.float32)
+    Y = T.mT.to(dtype=loss_dtype, device=device)  # (in, out)
 
     def loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * ((m(x).to(Y.dtype) - Y) ** 2).sum()
+        return 0.5 * ((m(x).to(loss_dtype) - Y) ** 2).sum()
 
     initial = float(0.5 * ((product(W0s) - T) ** 2).sum())  # B = 0: dW = 0
     best = best_rank_r_loss(W0s, T, rank, cfg["target"])
