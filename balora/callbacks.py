@@ -8,7 +8,7 @@ from transformers import TrainerCallback
 
 from balora.adapters.pair_cache import PairCache
 from balora.balance import BalanceSummary
-from balora.distributed import FSDP2_HINT
+from balora.distributed import DEEPSPEED_OPTIMIZERS, DEEPSPEED_WHY, FSDP2_HINT
 from balora.policy import BalancePolicy
 from balora.report import layer_report, summarize
 from balora.sharded_step import balance_step
@@ -131,10 +131,13 @@ def balance_after_step(
 def _hookable(optimizer):
     """The torch optimizer whose step hooks fire: `optimizer`, or the one it wraps."""
     seen = optimizer
-    while not hasattr(seen, "_optimizer_step_post_hooks"):  # set by torch.optim.Optimizer.__init__
+    while True:
+        if type(seen).__name__ in DEEPSPEED_OPTIMIZERS:
+            raise RuntimeError(f"balance_after_step: {type(seen).__name__}: {DEEPSPEED_WHY}; {FSDP2_HINT}")
+        if hasattr(seen, "_optimizer_step_post_hooks"):  # set by torch.optim.Optimizer.__init__
+            return seen
         inner = getattr(seen, "optimizer", None)
         if inner is None or inner is seen:
             raise TypeError(f"balance_after_step: {type(optimizer).__name__} has no step hooks and wraps no "
                             "torch.optim.Optimizer in .optimizer; pass the torch optimizer that takes the steps")
         seen = inner
-    return seen

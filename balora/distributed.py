@@ -14,7 +14,8 @@ other layout falls back to `DTensor.full_tensor()` per factor.
 balance_ without its check) go through balora.sharded_step, which gathers only the A factors
 sharded by rows and all-reduces r x r Grams for the rest; what it cannot do that way comes here.
 
-FSDP1 (`FullyShardedDataParallel`, flat parameters) and DeepSpeed ZeRO are refused.
+FSDP1 (`FullyShardedDataParallel`, flat parameters) and DeepSpeed (an engine, its optimizers, ZeRO-3
+parameters) are refused.
 """
 
 from __future__ import annotations
@@ -100,11 +101,23 @@ def reshard_fsdp2(model: nn.Module) -> None:
             module.reshard()
 
 
-def refuse_fsdp1(name: str, module: nn.Module) -> None:
-    """One-line refusal for FSDP1 (`module` is a model's submodule `name`, "" for the root): its flat
-    parameters hide the factors' shapes between steps. Called on every module of a walk."""
-    if type(module).__name__ == "FullyShardedDataParallel":
-        raise RuntimeError(f"{name or type(module).__name__}: FSDP1 (FullyShardedDataParallel) is not supported; {FSDP2_HINT}.")
+# By class name: neither library needs to be installed to be recognised (nor imported to check).
+_DEEPSPEED_ENGINES = ("DeepSpeedEngine", "PipelineEngine", "DeepSpeedHybridEngine")
+DEEPSPEED_OPTIMIZERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "FP16_Optimizer",
+                        "FP16_UnfusedOptimizer", "BF16_Optimizer", "ZeROOptimizer", "DeepSpeedOptimizerWrapper")
+DEEPSPEED_WHY = ("DeepSpeed keeps fp32 master weights in its optimizer and copies them into the model after "
+                 "each step, which would undo balancing")
+
+
+def refuse_unsupported(name: str, module: nn.Module) -> None:
+    """One-line refusal for FSDP1 and a DeepSpeed engine (`module` is a model's submodule `name`, ""
+    for the root): FSDP1's flat parameters hide the factors' shapes between steps; see DEEPSPEED_WHY.
+    Called on every module of a walk."""
+    kind = type(module).__name__
+    if kind == "FullyShardedDataParallel":
+        raise RuntimeError(f"{name or kind}: FSDP1 (FullyShardedDataParallel) is not supported; {FSDP2_HINT}.")
+    if kind in _DEEPSPEED_ENGINES:
+        raise RuntimeError(f"{name or kind}: DeepSpeed ({kind}) is not supported: {DEEPSPEED_WHY}; {FSDP2_HINT}.")
 
 
 def gather_pairs(pairs: list[FactorPair]) -> list[FactorPair]:

@@ -113,6 +113,31 @@ def test_fsdp1_wrapper_refused(model):
     _assert_refused(FullyShardedDataParallel(model), "FullyShardedDataParallel", ("FSDP1",))
 
 
+def test_deepspeed_engine_and_optimizers_refused(model):
+    # ZeRO-1/2 keep plain parameters, so the engine (by class name: deepspeed is not installed here)
+    # and DeepSpeed's optimizers in a wrapper chain are what tell: its fp32 master weights overwrite
+    # the model after each step, and balancing would be undone.
+    class DeepSpeedEngine(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    _assert_refused(DeepSpeedEngine(model), "DeepSpeedEngine", ("DeepSpeed",))
+
+    class DeepSpeedZeroOptimizer:  # ZeRO-1/2's optimizer, holding the torch one
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    class Wrapper:  # accelerate's AcceleratedOptimizer around it: no step hooks of its own
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(RuntimeError, match=r"DeepSpeedZeroOptimizer: DeepSpeed keeps fp32 master weights.*fully_shard"):
+        balora.balance_after_step(Wrapper(DeepSpeedZeroOptimizer(torch_opt)), model)
+    assert not torch_opt._optimizer_step_post_hooks  # nothing registered
+
+
 # Embedding and conv factors: their expected shapes come from the layer, not the parameter.
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from balora.adapters import PEFT_PREFIX
-from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, refuse_fsdp1
+from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, refuse_unsupported
 from balora.pairs import FactorPair
 from balora.stack_writes import ParamWriter
 
@@ -105,7 +105,7 @@ def _walk_pairs(model: nn.Module, adapter: str | None, parents: dict | None = No
 
 
 def _lora_layers(model: nn.Module, lora_layer: type, parents: dict | None = None) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every LoRA layer, in `named_modules` order, refusing FSDP1 on the way.
+    """(name, layer) of every LoRA layer, in `named_modules` order, refusing FSDP1 and DeepSpeed on the way.
     parents: when given, filled with id(module) -> (parent, attribute name) for every module met
     below the model (the first registration of a module registered twice).
 
@@ -128,7 +128,7 @@ def _lora_layers(model: nn.Module, lora_layer: type, parents: dict | None = None
             found.append((name, module))
             children = [("base_layer", module._modules.get("base_layer"))]
         else:
-            refuse_fsdp1(name, module)  # met before the layers it wraps
+            refuse_unsupported(name, module)  # met before the layers it wraps
             children = list(module._modules.items())
         for child_name, child in reversed(children):  # popped in registration order
             if child is not None:
