@@ -143,8 +143,11 @@ class Cell:
         # Views of the parameters: the optimizer updates them in place and balancing writes through them.
         self.pairs = [p for p in iter_lora_pairs(self.model) if p.skip_reason is None]
         self.log = CellLog(writer, key)
-        self.target = run.target_loss if run.target_loss is not None else problem.target_loss
         self.target_on = "eval_loss" if problem.eval_loss is not None and run.eval_every > 0 else "loss"
+        # A task with an eval loss sets its default target on it: with no eval recorded (--eval-every 0)
+        # it is not applied to the noisier training loss (a user's --target-loss is, as asked).
+        task_target = None if problem.eval_loss is not None and self.target_on == "loss" else problem.target_loss
+        self.target = run.target_loss if run.target_loss is not None else task_target
         self.total = {"train": 0.0, "balance": 0.0, "diag": 0.0}
         self.hit: dict[str, float] = {}
         self.losses: list[float] = []

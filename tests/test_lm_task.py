@@ -173,6 +173,22 @@ def test_compare_runs_every_arm_on_the_tiny_toy(tmp_path):
     assert len(run.layers) and len(run.spectra)
 
 
+def test_the_eval_loss_target_is_not_put_on_the_training_loss(tmp_path):
+    # --eval-every 0 records no eval loss: the task's target (a quarter of the way from the initial eval
+    # loss to the eval floor) is then not applied to the per-batch training loss; a --target-loss is.
+    from balora.runner import compare
+
+    kw = dict(arms="lora", steps=2, layers_every=0, spectra_every=0, quiet=True, rank=4, train_blocks=32,
+              eval_blocks=4, batch_size=4, **TINY)
+    run = compare("lm", eval_every=0, out=tmp_path / "none", **kw)
+    assert run.summary["target_loss"].isna().all() and run.summary["steps_to_target"].isna().all()
+    run = compare("lm", eval_every=0, target_loss=50.0, out=tmp_path / "mine", **kw)
+    assert (run.summary["target_loss"] == 50.0).all() and (run.summary["target_on"] == "loss").all()
+    assert (run.summary["steps_to_target"] == 1).all()  # any loss is below 50
+    run = compare("lm", eval_every=1, out=tmp_path / "eval", **kw)
+    assert (run.summary["target_on"] == "eval_loss").all() and run.summary["target_loss"].notna().all()
+
+
 def test_the_bf16_path_of_a_gpu_run_works_end_to_end(tmp_path, monkeypatch):
     """`balora compare --task lm --device cuda --dtype bfloat16` (what benchmarks/gpu_check.py runs)
     takes this path: a bf16 base model whose LoRA factors PEFT keeps in fp32. The task refuses bf16
