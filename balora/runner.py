@@ -85,7 +85,8 @@ def _run_with_writer(run: RunConfig, task: TaskSpec, arms: list[Arm], cfg: Compa
             try:
                 _run_all(run, arms, build, first, device, writer, bar, where, done)
             except KeyboardInterrupt as e:
-                writer.finish("interrupted", f"{e or 'interrupted (Ctrl-C / SIGINT)'} during {where['cell']}")
+                # str(e), not e: an exception object is always true, and Ctrl-C's has no text
+                writer.finish("interrupted", f"{str(e) or 'interrupted (Ctrl-C / SIGINT)'} during {where['cell']}")
                 raise
             except Exception as e:
                 writer.finish("failed", f"{type(e).__name__}: {e} (during {where['cell']})")

@@ -204,7 +204,7 @@ def test_interrupted_and_killed_runs_load(tmp_path):
 
     run = load_run(a)
     assert run.status == "interrupted" and not run.complete and not run.warnings
-    assert "during arm=" in run.status_info["message"]
+    assert run.status_info["message"].startswith("interrupted (Ctrl-C / SIGINT) during arm=")
     assert 0 < len(run.steps) < 2 * 40 * 300
     assert set(run.summary["status"]) <= {"completed", "interrupted"} and len(run.summary) < 80
     assert run.config["command"].startswith("python -m balora.cli compare --arms lora,balora")
