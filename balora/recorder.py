@@ -31,6 +31,9 @@ class RunRecorder(TrainerCallback):
     """Record a Trainer run as a balora run directory.
 
     out_dir: the run directory (refused if it exists and is not empty, unless force=True and it is a run).
+        A Trainer resumed from a checkpoint (`train(resume_from_checkpoint=...)`) goes on writing the run
+        this recorder wrote there for the same arm and seed: what it recorded after the checkpoint's
+        step, and its summary, are dropped and recorded again (force is not needed, and not used).
     arm: the arm name the run is shown under ("trainer"; e.g. "balora" when you also use BalanceCallback).
     layers_every / spectra_every: per-layer report / singular values every N optimizer steps (0: never;
         spectra_every None: same as layers_every). Also recorded before the first and after the last step.
@@ -63,6 +66,7 @@ class RunRecorder(TrainerCallback):
         self._eval: list[tuple[int, float, float]] = []
         self._last_rel = math.nan
         self._nonfinite_factors_at: int | None = None  # first step whose LoRA factors held NaN/Inf
+        self._balance_s0 = 0.0  # balancing time of the run before a resume (the callback counts this process's)
 
     # -------------------------------------------------------------- Trainer events
 
@@ -81,12 +85,57 @@ class RunRecorder(TrainerCallback):
             "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
             **self.extra_config,
         }
-        self.writer = RunWriter(self.out_dir, config, environment_info(device), force=self.force,
-                                flag="RunRecorder(out_dir)")
-        self.writer.heartbeat({"done": 0, "total": 1, "steps_done": 0, "steps_total": int(state.max_steps)})
+        resumed = state.global_step > 0 and self._resumable()
+        if resumed:
+            self._restore(state.global_step)
+            self.writer.update_config(steps=int(state.max_steps))
+        else:
+            self.writer = RunWriter(self.out_dir, config, environment_info(device), force=self.force,
+                                    flag="RunRecorder(out_dir)")
+        self.writer.heartbeat({"done": 0, "total": 1, "steps_done": int(state.global_step),
+                               "steps_total": int(state.max_steps)}, force=True)
         atexit.register(self._at_exit)
-        if model is not None:
+        if model is not None and not resumed:  # resumed: the factors are the checkpoint's, not step 0's
             self._diagnostics(model, 0, self.layers_every > 0, self.spectra_every > 0)
+
+    def _resumable(self) -> bool:
+        """out_dir holds a run a RunRecorder wrote for this arm and seed."""
+        from balora.store import is_marked, is_run_dir
+        from balora.store.json_files import RunError, read_config
+
+        if not (is_marked(self.out_dir) and is_run_dir(self.out_dir)):
+            return False
+        try:
+            config = read_config(self.out_dir)
+        except RunError:
+            return False
+        return (config.get("source") == "RunRecorder" and config.get("arms") == [self.arm]
+                and config.get("seeds") == [self.key["seed"]])
+
+    def _restore(self, step: int) -> None:
+        """Reopen the run and take up its counts through `step` (losses, times, last balance)."""
+        from balora.store import load_run
+
+        before = load_run(self.out_dir)
+        old = before.summary.iloc[-1] if len(before.summary) else None
+        self.writer = RunWriter.reopen(self.out_dir, step, flag="RunRecorder(out_dir)")
+        self._diag_s = float(old["diag_seconds"]) if old is not None and old["diag_seconds"] == old["diag_seconds"] else 0.0
+        self._balance_s0 = (float(old["balance_seconds"]) if old is not None
+                            and old["balance_seconds"] == old["balance_seconds"] else 0.0)
+        steps = before.steps[before.steps["step"] <= step].sort_values("step")
+        for r in steps.itertuples(index=False):
+            self._time_at[r.step] = float(r.time_s)
+            if r.step_time_s == r.step_time_s:
+                self._step_s[r.step] = float(r.step_time_s)
+            if r.loss == r.loss:
+                self._losses.append((r.step, float(r.loss), float(r.time_s)))
+            if r.eval_loss == r.eval_loss:
+                self._eval.append((r.step, float(r.eval_loss), float(r.time_s)))
+        self._train_s = float(steps["time_s"].max()) if len(steps) else 0.0
+        self._step_s.setdefault(step, math.nan)  # steps_done counts the steps before the checkpoint
+        layers = before.layers[before.layers["step"] <= step]
+        if len(layers):
+            self._last_rel = float(layers[layers["step"] == layers["step"].max()]["rel_imbalance"].max())
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._step_t0 = synced_clock(model_device(model))
@@ -181,7 +230,8 @@ class RunRecorder(TrainerCallback):
         losses = [x for x in self._losses if first is None or x[0] < first]
         evals = [x for x in self._eval if first is None or x[0] < first]
         on_eval = bool(self._eval)
-        balance_s = float(self.balance_callback.balance_seconds) if self.balance_callback is not None else math.nan
+        balance_s = (self._balance_s0 + float(self.balance_callback.balance_seconds)
+                     if self.balance_callback is not None else math.nan)
         return records.summary_row(
             self.key, status, reason, steps_done=max(self._step_s, default=0), losses=[v for _, v, _ in losses],
             final_eval_loss=evals[-1][1] if evals else math.nan, rel_imbalance_max=self._last_rel,

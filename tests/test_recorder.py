@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -126,3 +128,49 @@ def test_target_from_eval_and_force_over_an_earlier_recording(tmp_path):
     (summary,) = run.summary.to_dict("records")
     assert summary["target_on"] == "eval_loss" and summary["steps_to_target"] == expected
     assert summary["seconds_to_target"] == pytest.approx(run.steps.set_index("step").loc[expected, "time_s"])
+
+
+def _train_saving(tmp_path, out, max_steps, resume=False):
+    """_train's model and data without dropout (a resumed run draws other dropout masks), a constant
+    learning rate and a checkpoint every 3 steps, balancing on."""
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=4,
+        learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1, eval_strategy="steps", eval_steps=2,
+        report_to=[], save_strategy="steps", save_steps=3, use_cpu=True, seed=3, disable_tqdm=True,
+    )
+    balance = BalanceCallback(log_diagnostics=False)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(24, 8, 32, 0), eval_dataset=TokenData(8, 8, 32, 1),
+                      callbacks=[balance, RunRecorder(out, arm="balora", layers_every=2, balance_callback=balance)])
+    trainer.train(resume_from_checkpoint=resume or None)
+    return load_run(out)
+
+
+def test_a_resumed_trainer_run_goes_on_in_the_same_run(tmp_path):
+    """Stopped after 3 steps (checkpoint-3), resumed to 6: the run folder ends as an uninterrupted
+    6-step run's, step for step (losses, evals, layer reports), with one summary; it used to be
+    refused (the folder exists), or with force wiped, the checkpoint's factors recorded as step 0."""
+    whole = _train_saving(tmp_path / "a", tmp_path / "a" / "run", 6)
+    _train_saving(tmp_path / "b", tmp_path / "b" / "run", 3)
+    resumed = _train_saving(tmp_path / "b", tmp_path / "b" / "run", 6, resume=True)
+    assert resumed.status == "completed" and not resumed.warnings and resumed.config["steps"] == 6
+    cols = ["step", "loss", "eval_loss"]
+    a, b = whole.steps[cols].sort_values("step"), resumed.steps[cols].sort_values("step")
+    assert list(a["step"]) == list(b["step"]) == [1, 2, 3, 4, 5, 6]
+    assert np.allclose(a["loss"], b["loss"], rtol=1e-6)
+    # Evals agree step for step; the stopped run's own final eval (step 3) is kept, as it happened.
+    evals = a.set_index("step")["eval_loss"].dropna()
+    assert list(evals.index) == [2, 4, 6] and b.set_index("step")["eval_loss"].dropna().index.tolist() == [2, 3, 4, 6]
+    assert np.allclose(evals, b.set_index("step")["eval_loss"].loc[evals.index], rtol=1e-6)
+    la, lb = (r.layers.sort_values(["step", "module"]) for r in (whole, resumed))
+    assert sorted(set(la["step"])) == [0, 2, 4, 6] and sorted(set(lb["step"])) == [0, 2, 3, 4, 6]  # 3: the stop
+    assert (lb[lb["step"] == 0]["rel_imbalance"] == 1.0).all()  # step 0 is the real start, B = 0
+    lb = lb[lb["step"] != 3]
+    assert list(la["module"]) == list(lb["module"])
+    assert np.allclose(la["norm_B"], lb["norm_B"], rtol=1e-5)
+    (sa,), (sb,) = whole.summary.to_dict("records"), resumed.summary.to_dict("records")
+    assert sb["steps_done"] == 6 and sb["final_loss"] == pytest.approx(sa["final_loss"], rel=1e-6)
+    assert sb["total_seconds"] >= resumed.steps["time_s"].max() > resumed.steps.set_index("step").loc[3, "time_s"]

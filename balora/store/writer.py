@@ -187,6 +187,35 @@ class RunWriter:
         write_json_atomic(self.path / ENV, env or {})
         write_json_atomic(self.path / STATUS, self.status)
 
+    @classmethod
+    def reopen(cls, path: str | Path, keep_through: int, *, flag: str = "--out") -> "RunWriter":
+        """The run balora wrote at `path`, to write on (a Trainer run resumed from a checkpoint): rows
+        of its tables after step `keep_through` are dropped, as is its summary (the resumed training
+        records them again); it is marked running again, its start time and config kept."""
+        path = Path(path)
+        if not (is_marked(path) and is_run_dir(path)):
+            raise InputError(f"{flag} {path}: not a run balora wrote, so it cannot be resumed; choose another path")
+        self = cls.__new__(cls)
+        self.path, self.kept, self._last_beat = path, [], 0.0
+        self.config = read_config(path, missing_ok=False)
+        self.status = {**read_status(path, missing_ok=False), "status": "running", "finished": None,
+                       "message": None, "updated": now_iso(), "pid": os.getpid(), "host": socket.gethostname()}
+        self._parts = {table: 0 for table in TABLES}
+        for table in TABLES:
+            (path / table).mkdir(exist_ok=True)
+            parts = sorted((path / table).glob(PART_GLOB))
+            frames = [pd.read_parquet(p) for p in parts]
+            kept = pd.concat(frames, ignore_index=True) if frames and table != "summary" else None
+            if kept is not None and "step" in kept:
+                kept = kept[kept["step"] <= keep_through]
+            self._parts[table] = max((_part_number(p) for p in parts), default=0)
+            written = self.append(table, kept) if kept is not None else None  # numbered after the old parts
+            for p in parts:
+                if p != written:
+                    p.unlink()
+        write_json_atomic(path / STATUS, self.status)
+        return self
+
     @property
     def finished(self) -> bool:
         return self.status["status"] != "running"
