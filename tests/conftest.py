@@ -343,7 +343,8 @@ def serve_streamlit(cmd, cwd, env, port: int, log_path, start_timeout_s: float):
     import urllib.request
 
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Its own process group, stopped whole below: a server is never left behind by a test.
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
@@ -360,10 +361,17 @@ def serve_streamlit(cmd, cwd, env, port: int, log_path, start_timeout_s: float):
             time.sleep(0.3)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        import os
+        import signal
+
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:  # the group is gone already
+                break
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         log.close()

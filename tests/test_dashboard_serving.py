@@ -13,6 +13,7 @@ import asyncio
 import os
 import socket
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -170,9 +171,15 @@ def test_started_from_another_folder_it_refuses_to_serve(tmp_path, streamlit_ser
 def test_balora_dashboard_from_another_folder_serves_localhost_only(tmp_path, streamlit_server):
     port = _free_port()
     cmd = [sys.executable, "-m", "balora.cli", "dashboard", "--port", str(port)]
-    with _server(cmd, tmp_path, port, streamlit_server):
+    with _server(cmd, tmp_path, port, streamlit_server) as proc:
         listening = _listening(port)
         if listening is not None:
             assert listening == {"127.0.0.1"}, listening
         text = _page_text(port)
+        # `balora dashboard` becomes the server: a SIGTERM to the process it was started as stops the
+        # serving (a streamlit child once kept serving after its parent was gone).
+        proc.terminate()
+        proc.wait(30)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
     assert "Compare runs" in text and "refuses to serve" not in text

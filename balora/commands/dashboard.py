@@ -6,6 +6,7 @@ machine's disk and launches training jobs, so exposing it is a deliberate choice
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,10 @@ def run(args) -> int:
         print(" ".join(cmd))
         return 0
     print(f"balora dashboard: serving on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
+    if os.name == "posix":  # become the server: a SIGTERM to this process (a service manager, CI) stops it,
+        sys.stdout.flush()  # where a child started by subprocess.call kept serving after its parent was killed
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
