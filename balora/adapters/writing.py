@@ -146,7 +146,7 @@ def check_destination(src: Path, dst: Path, force: bool, weights: list[Path]) ->
         raise InputError(f"{dst}: is a symbolic link; write the balanced copy to a real path (or remove the link)")
     if dst.exists():
         if not force:
-            raise InputError(f"{dst}: already exists; pass --force to replace it")
+            raise InputError(f"{dst}: already exists; pass --force (force=True in Python) to replace it")
         if dst.is_dir() != src.is_dir():
             want = "folder" if src.is_dir() else "file"
             raise InputError(f"{dst}: exists but is not a {want} like {src}; remove it or choose another name")
@@ -189,7 +189,7 @@ def staged_output(dst: Path, force: bool = False) -> Iterator[Path]:
             if not staged.exists():
                 raise RuntimeError(f"{dst}: nothing was produced")
             if (dst.exists() or dst.is_symlink()) and not force:
-                raise InputError(f"{dst}: already exists; pass --force to replace it")
+                raise InputError(f"{dst}: already exists; pass --force (force=True in Python) to replace it")
             with _signals_blocked():  # the swap must not stop halfway, with dst renamed away
                 _move_into_place(staged, dst, tmp)
     finally:
