@@ -94,8 +94,11 @@ def reshard_fsdp2(model: nn.Module) -> None:
         return
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return
+    except ImportError:
+        try:  # torch < 2.6 kept FSDP2 here
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:  # a torch without FSDP2
+            return
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

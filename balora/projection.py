@@ -184,7 +184,9 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     usable = ok & (norm_A > floor) & (norm_B > floor)
     accurate = usable & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
     if settled is not None:
-        keep = usable & _settled(G_A, G_B, norm_A + norm_B, method, settled)
+        # Not a numerically rank-deficient pair: the QR path rules on those (rank report, the policy).
+        full_rank = S[:, -1] > RANK_RTOL * S[:, 0]
+        keep = usable & full_rank & _settled(G_A, G_B, norm_A + norm_B, method, settled)
         X, Y = torch.where(keep[:, None, None], eye, X), torch.where(keep[:, None, None], eye, Y)
         accurate = accurate | keep
     return Transforms(X=X, Y=Y, S=S, accurate=accurate)

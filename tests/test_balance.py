@@ -189,6 +189,24 @@ def test_rank_deficient_balance(np_rel_imbalance, four_rank_model, peft_deltas, 
     assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
 
 
+def test_rank_deficient_bf16_pair_still_reported_once_balanced(four_rank_model):
+    # A bf16 pair balanced to its rounding is left as it is, but a numerically rank-deficient one must
+    # still be reported and follow the policy (identity maps had hidden it at full rank). Balanced in
+    # fp32, then the last direction of A and of B scaled by 1e-4 (still balanced: both Grams scale the
+    # same way; the product's last singular value 1e-8 of the first), then stored in bf16.
+    model = four_rank_model
+    balance_(model)
+    layer = dict(model.named_modules())["base_model.model.lin"]
+    with torch.no_grad():
+        layer.lora_A["default"].weight[-1] *= 1e-4
+        layer.lora_B["default"].weight[:, -1] *= 1e-4
+    model.to(torch.bfloat16)
+    summary = balance_(model)
+    assert summary.rank_deficient == {"lin[default]": 2} and "lin[default]" in summary.skipped
+    with pytest.raises(BalanceError, match=re.escape("lin[default]")):
+        balance_(model, on_rank_deficient="raise")
+
+
 def test_rank_deficient_raise(four_rank_model, snapshot, assert_bit_identical):
     model = four_rank_model
     _make_rank_deficient(model)

@@ -212,7 +212,9 @@ def test_values_a_log_axis_cannot_draw_are_said_in_the_subtitle():
     assert "left off" not in compare_plots.final_loss_by_arm(cells, value="final_excess_loss").layout.title.subtitle.text
     curves = _curves(n_seeds=3)
     assert "left off" not in compare_plots.loss_curves(curves).layout.title.subtitle.text
-    curves.loc[curves.index[:2], "lo"] = 0.0
+    curves.loc[curves.index[:2], "lo"] = 0.0  # the band's edge: not a drawn value
+    assert "left off" not in compare_plots.loss_curves(curves).layout.title.subtitle.text
+    curves.loc[curves.index[:2], "median"] = 0.0
     assert "2 values <= 0 left off the log scale" in compare_plots.loss_curves(curves).layout.title.subtitle.text
 
 

@@ -366,3 +366,18 @@ def test_settled_pairs_get_exact_identity_maps():
     assert (B3.mT @ B3 - A3 @ A3.mT).norm() < 1e-12 * (A3 @ A3.mT).norm()
     # With a threshold of 1e-2, above its ~2e-3, the same pair counts as settled.
     assert torch.equal(gram_transforms(*_grams(A2, B2), "nearest", settled=1e-2).X[0], eye)
+
+
+def test_a_settled_but_rank_deficient_pair_is_left_to_the_qr_path():
+    """Identity maps would count the pair as balanced at full rank: the QR path must still see a
+    numerically rank-deficient product (its rank report and the on_rank_deficient policy)."""
+    from balora.imbalance import RANK_RTOL
+
+    gen = torch.Generator().manual_seed(8)
+    A, B = _factor(40, 4, 5.0, gen).mT, _factor(30, 4, 5.0, gen)
+    A[-1] *= 1e-5  # the last direction of the product far below RANK_RTOL of the first
+    B[:, -1] *= 1e-5
+    bal = balanced_factors(A[None], B[None], "nearest")
+    assert bal.S[0, -1] < RANK_RTOL * bal.S[0, 0]
+    t = gram_transforms(*_grams(bal.A[0], bal.B[0]), "nearest", settled=1e-3)
+    assert not torch.equal(t.X[0], torch.eye(4, dtype=torch.float64))

@@ -57,7 +57,7 @@ def loss_curves(
             go.Scatter(x=g[x], y=g["median"], mode="lines", name=str(label), legendgroup=str(label), line=dict(color=c, width=2, dash=dashes[label]))
         )
     sub = f"median over {n} seed{'s' if n > 1 else ''}" + (f"; shaded: {band} across seeds" if n > 1 else "") + METRIC_NOTES.get(metric, "")
-    sub += _off_log(curves[["median", "lo"]], log_y)
+    sub += _off_log(curves[["median"]], log_y)
     fig.update_layout(title=_title(title, sub), xaxis_title=x_title, yaxis_title=y_title, legend_title_text="arm", height=420)
     fig.update_yaxes(type="log" if log_y else "linear")
     return fig

@@ -183,9 +183,10 @@ class RunWriter:
             "pid": os.getpid(),
             "host": socket.gethostname(),
         }
-        write_json_atomic(self.path / CONFIG, self.config)
-        write_json_atomic(self.path / ENV, env or {})
+        # status.json first: a marked folder with a config.json and no status reads as a damaged run
         write_json_atomic(self.path / STATUS, self.status)
+        write_json_atomic(self.path / ENV, env or {})
+        write_json_atomic(self.path / CONFIG, self.config)
 
     @classmethod
     def reopen(cls, path: str | Path, keep_through: int, *, flag: str = "--out") -> "RunWriter":
