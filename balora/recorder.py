@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from balora import records
 from balora.adapters.live import iter_lora_pairs
+from balora.errors import InputError
 from balora.report import pair_rows
 from balora.store import RunWriter, environment_info
 from balora.timing import model_device, synced_clock
@@ -65,7 +66,9 @@ class RunRecorder(TrainerCallback):
         self._losses: list[tuple[int, float, float]] = []  # (step, loss, time_s)
         self._eval: list[tuple[int, float, float]] = []
         self._last_rel = math.nan
-        self._nonfinite_factors_at: int | None = None  # first step whose LoRA factors held NaN/Inf
+        self._nonfinite_factors_at: int | None = None  # first step after the last diagnostics with finite factors
+        self._last_finite_diag = 0  # the last step whose diagnostics found every factor finite
+        self._nonfinite_grad_at: int | None = None  # first logged non-finite grad_norm
         self._balance_s0 = 0.0  # balancing time of the run before a resume (the callback counts this process's)
 
     # -------------------------------------------------------------- Trainer events
@@ -85,11 +88,11 @@ class RunRecorder(TrainerCallback):
             "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
             **self.extra_config,
         }
-        resumed = state.global_step > 0 and self._resumable()
+        resumed = state.global_step > 0 and self._resumable(config, state.global_step)
         if resumed:
             self._restore(state.global_step)
             self.writer.update_config(steps=int(state.max_steps))
-        else:
+        else:  # a new run (an earlier one there is refused, or replaced with force)
             self.writer = RunWriter(self.out_dir, config, environment_info(device), force=self.force,
                                     flag="RunRecorder(out_dir)")
         self.writer.heartbeat({"done": 0, "total": 1, "steps_done": int(state.global_step),
@@ -98,19 +101,19 @@ class RunRecorder(TrainerCallback):
         if model is not None and not resumed:  # resumed: the factors are the checkpoint's, not step 0's
             self._diagnostics(model, 0, self.layers_every > 0, self.spectra_every > 0)
 
-    def _resumable(self) -> bool:
-        """out_dir holds a run a RunRecorder wrote for this arm and seed."""
-        from balora.store import is_marked, is_run_dir
-        from balora.store.json_files import RunError, read_config
+    def _resumable(self, config: dict, step: int) -> bool:
+        """out_dir holds a readable run a RunRecorder wrote for this cell (arm, seed, lr, alpha, rank),
+        recorded at least up to `step`: the run this resumed training continues."""
+        from balora.store import is_marked, is_run_dir, load_run
 
         if not (is_marked(self.out_dir) and is_run_dir(self.out_dir)):
             return False
         try:
-            config = read_config(self.out_dir)
-        except RunError:
+            before = load_run(self.out_dir)
+        except InputError:  # damaged: not continued (refused, or replaced with force)
             return False
-        return (config.get("source") == "RunRecorder" and config.get("arms") == [self.arm]
-                and config.get("seeds") == [self.key["seed"]])
+        same = all(before.config.get(k) == config[k] for k in ("source", "arms", "seeds", "lrs", "alphas", "rank"))
+        return same and len(before.steps) > 0 and int(before.steps["step"].max()) >= step
 
     def _restore(self, step: int) -> None:
         """Reopen the run and take up its counts through `step` (losses, times, last balance)."""
@@ -119,9 +122,11 @@ class RunRecorder(TrainerCallback):
         before = load_run(self.out_dir)
         old = before.summary.iloc[-1] if len(before.summary) else None
         self.writer = RunWriter.reopen(self.out_dir, step, flag="RunRecorder(out_dir)")
-        self._diag_s = float(old["diag_seconds"]) if old is not None and old["diag_seconds"] == old["diag_seconds"] else 0.0
-        self._balance_s0 = (float(old["balance_seconds"]) if old is not None
-                            and old["balance_seconds"] == old["balance_seconds"] else 0.0)
+        # The old totals cover the whole earlier process: usable only if it stopped at the checkpoint.
+        # Else they are unknown (NaN), not counted twice.
+        upto = old is not None and int(old["steps_done"]) <= step
+        self._diag_s = float(old["diag_seconds"]) if upto else math.nan
+        self._balance_s0 = float(old["balance_seconds"]) if upto else math.nan
         steps = before.steps[before.steps["step"] <= step].sort_values("step")
         for r in steps.itertuples(index=False):
             self._time_at[r.step] = float(r.time_s)
@@ -158,6 +163,10 @@ class RunRecorder(TrainerCallback):
         if "loss" in logs:
             self._row(step)["loss"] = float(logs["loss"])
             self._losses.append((step, float(logs["loss"]), self._train_s))
+        grad_norm = logs.get("grad_norm")
+        if (self._nonfinite_grad_at is None and isinstance(grad_norm, (int, float))
+                and not math.isfinite(grad_norm)):  # logged as it is, where the loss may be a stand-in
+            self._nonfinite_grad_at = step
         if "eval_loss" in logs:
             self._row(step)["eval_loss"] = float(logs["eval_loss"])
             self._eval.append((step, float(logs["eval_loss"]), self._train_s))
@@ -207,8 +216,11 @@ class RunRecorder(TrainerCallback):
         with torch.no_grad():
             rows = pair_rows(pairs)
         self._last_rel = records.max_rel_imbalance(rows)
-        if self._nonfinite_factors_at is None and any(r["status"].startswith("non-finite") for r in rows):
-            self._nonfinite_factors_at = step
+        if any(r["status"].startswith("non-finite") for r in rows):
+            if self._nonfinite_factors_at is None:  # they went bad after the last finite diagnostics
+                self._nonfinite_factors_at = self._last_finite_diag + 1
+        elif self._nonfinite_factors_at is None:
+            self._last_finite_diag = step
         layer_rows, spectra_rows = records.split_report(self.key, step, rows, layers=layers, spectra=spectra)
         self.writer.append("layers", layer_rows)
         self.writer.append("spectra", spectra_rows)
@@ -220,8 +232,11 @@ class RunRecorder(TrainerCallback):
         # so losses logged from the first sign on are not kept as results.
         signs = [(s, f"non-finite logged loss at step {s}") for s, v, _ in self._losses if not math.isfinite(v)][:1]
         signs += [(s, f"non-finite eval loss at step {s}") for s, v, _ in self._eval if not math.isfinite(v)][:1]
+        if self._nonfinite_grad_at is not None:
+            signs.append((self._nonfinite_grad_at, f"non-finite gradient norm at step {self._nonfinite_grad_at}"))
         if self._nonfinite_factors_at is not None:
-            signs.append((self._nonfinite_factors_at, f"non-finite LoRA factors at step {self._nonfinite_factors_at}"))
+            signs.append((self._nonfinite_factors_at, "non-finite LoRA factors after step "
+                          f"{self._nonfinite_factors_at - 1}"))
         first, reason = min(signs) if signs else (None, None)
         if first is not None and status == "completed":
             status = "diverged"

@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 from balora import BalanceCallback  # noqa: E402
+from balora.errors import InputError  # noqa: E402
 from balora.recorder import RunRecorder  # noqa: E402
 from balora.store import load_run  # noqa: E402
 
@@ -28,13 +29,13 @@ class TokenData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _train(tmp_path, out, callbacks_for, max_steps=6, lr=5e-2):
+def _train(tmp_path, out, callbacks_for, max_steps=6, lr=5e-2, evaluate=True):
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=4,
-        learning_rate=lr, logging_steps=2, eval_strategy="steps", eval_steps=3, report_to=[],
+        learning_rate=lr, logging_steps=2, eval_strategy="steps" if evaluate else "no", eval_steps=3, report_to=[],
         save_strategy="no", use_cpu=True, seed=3, disable_tqdm=True,
     )
     callbacks = callbacks_for(out)
@@ -80,12 +81,13 @@ def test_trainer_run_is_recorded(tmp_path):
     assert summary["final_rel_imbalance_max"] == pytest.approx(last)
 
 
-@pytest.mark.parametrize("layers_every", [2, 0])
-def test_a_run_that_went_to_nan_is_diverged_not_a_zero_loss(tmp_path, layers_every):
+@pytest.mark.parametrize("layers_every,evaluate", [(2, True), (0, True), (10, False)])
+def test_a_run_that_went_to_nan_is_diverged_not_a_zero_loss(tmp_path, layers_every, evaluate):
     # The Trainer logs NaN training losses as finite stand-ins (logging_nan_inf_filter: 0.0 here), so
-    # the recorder reads divergence from the eval losses and the factors too.
+    # the recorder reads divergence from the logged gradient norm, the eval losses and the factors too.
     out = tmp_path / "run"
-    trainer, _ = _train(tmp_path, out, lambda o: [RunRecorder(o, layers_every=layers_every, target_loss=1.0)], lr=1e30)
+    trainer, _ = _train(tmp_path, out, lambda o: [RunRecorder(o, layers_every=layers_every, target_loss=1.0)], lr=1e30,
+                        evaluate=evaluate)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(math.isfinite(v) for v in logged) and min(logged) == 0.0  # what the Trainer handed over
     (summary,) = load_run(out).summary.to_dict("records")
@@ -130,7 +132,7 @@ def test_target_from_eval_and_force_over_an_earlier_recording(tmp_path):
     assert summary["seconds_to_target"] == pytest.approx(run.steps.set_index("step").loc[expected, "time_s"])
 
 
-def _train_saving(tmp_path, out, max_steps, resume=False):
+def _train_saving(tmp_path, out, max_steps, resume=False, lr=5e-2):
     """_train's model and data without dropout (a resumed run draws other dropout masks), a constant
     learning rate and a checkpoint every 3 steps, balancing on."""
     torch.manual_seed(0)
@@ -139,7 +141,7 @@ def _train_saving(tmp_path, out, max_steps, resume=False):
     model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=4,
-        learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1, eval_strategy="steps", eval_steps=2,
+        learning_rate=lr, lr_scheduler_type="constant", logging_steps=1, eval_strategy="steps", eval_steps=2,
         report_to=[], save_strategy="steps", save_steps=3, use_cpu=True, seed=3, disable_tqdm=True,
     )
     balance = BalanceCallback(log_diagnostics=False)
@@ -174,3 +176,16 @@ def test_a_resumed_trainer_run_goes_on_in_the_same_run(tmp_path):
     (sa,), (sb,) = whole.summary.to_dict("records"), resumed.summary.to_dict("records")
     assert sb["steps_done"] == 6 and sb["final_loss"] == pytest.approx(sa["final_loss"], rel=1e-6)
     assert sb["total_seconds"] >= resumed.steps["time_s"].max() > resumed.steps.set_index("step").loc[3, "time_s"]
+
+
+def test_resuming_from_an_earlier_checkpoint_or_another_cell(tmp_path):
+    """Resumed from checkpoint-3 of a run recorded to step 6: rows after 3 are recorded again, and the
+    balancing time of the earlier process (which ran past the checkpoint) is unknown, not counted
+    twice. A folder holding another cell's run (here another lr) is not continued: refused."""
+    _train_saving(tmp_path, tmp_path / "run", 6)
+    again = _train_saving(tmp_path, tmp_path / "run", 6, resume=str(tmp_path / "trainer" / "checkpoint-3"))
+    assert sorted(again.steps["step"]) == [1, 2, 3, 4, 5, 6] and not again.steps["step"].duplicated().any()
+    (row,) = again.summary.to_dict("records")
+    assert row["steps_done"] == 6 and math.isnan(row["balance_seconds"]) and math.isnan(row["diag_seconds"])
+    with pytest.raises(InputError, match="directory exists and is not empty"):
+        _train_saving(tmp_path, tmp_path / "run", 6, resume=str(tmp_path / "trainer" / "checkpoint-3"), lr=1e-2)
