@@ -235,7 +235,9 @@ def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss",
     its cells) and its speed-up over the `reference` arm's cell of the same run, seed, lr and alpha.
 
     The run summary holds the same numbers for the run's own target loss; this recomputes them from the
-    steps table for any target. Speed-up = reference steps / arm steps (> 1: faster).
+    steps table for any target. Speed-up = reference steps / arm steps (> 1: faster). As in arm_summary,
+    a cell that never reached the target counts as +inf in the medians (steps_min / steps_max span the
+    cells that reached it; `reached` of `n_seeds` says how many did).
     """
     cols = [by, "steps_median", "steps_min", "steps_max", "seconds_median", "seconds_min", "seconds_max",
             "reached", "n_seeds", "speedup_steps", "speedup_seconds"]
@@ -246,15 +248,17 @@ def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss",
     hits = data[data[metric] <= target].groupby(keys, sort=False).first()[["step", "time_s"]]
     cells = data.groupby(keys, sort=False).size().rename("n").to_frame().join(hits).reset_index()
     pair = [k for k in keys if k not in (by, "arm")]
-    ref = cells[cells["arm"].astype(str) == reference][pair + ["step", "time_s"]]
-    cells = cells.merge(ref.rename(columns={"step": "ref_step", "time_s": "ref_time"}), on=pair, how="left")
-    cells["speedup_steps"] = cells["ref_step"] / cells["step"]
-    cells["speedup_seconds"] = cells["ref_time"] / cells["time_s"]
+    ref = cells[cells["arm"].astype(str) == reference][pair + ["step", "time_s", "n"]]
+    cells = cells.merge(ref.rename(columns={"step": "ref_step", "time_s": "ref_time", "n": "ref_n"}), on=pair, how="left")
+    has_ref = cells["ref_n"].notna()  # a reference cell to compare with (it may never have reached the target)
+    cells["step_never"], cells["time_never"] = cells["step"].fillna(math.inf), cells["time_s"].fillna(math.inf)
+    cells["speedup_steps"] = (cells["ref_step"].fillna(math.inf) / cells["step_never"]).where(has_ref)
+    cells["speedup_seconds"] = (cells["ref_time"].fillna(math.inf) / cells["time_never"]).where(has_ref)
     order = list(dict.fromkeys(steps[by]))  # the run's arm order, not the order targets were hit
     rows = []
     for label, g in sorted(cells.groupby(by, sort=False), key=lambda kv: order.index(kv[0])):
-        rows.append({by: label, "steps_median": g["step"].median(), "steps_min": g["step"].min(),
-                     "steps_max": g["step"].max(), "seconds_median": g["time_s"].median(),
+        rows.append({by: label, "steps_median": g["step_never"].median(), "steps_min": g["step"].min(),
+                     "steps_max": g["step"].max(), "seconds_median": g["time_never"].median(),
                      "seconds_min": g["time_s"].min(), "seconds_max": g["time_s"].max(),
                      "reached": int(g["step"].notna().sum()), "n_seeds": int(len(g)),
                      "speedup_steps": g["speedup_steps"].median(),

@@ -174,4 +174,15 @@ def test_target_speedups_from_steps():
     assert out.loc["balora", "seconds_max"] == 1.5 and out.loc["balora", "reached"] == 2
     never = records.target_speedups(steps, 0.1).set_index("arm")
     assert never["reached"].tolist() == [0, 0] and never["speedup_steps"].isna().all()
+    assert (never["steps_median"] == math.inf).all()
     assert records.target_speedups(steps.iloc[0:0], 1.0).empty
+    # One lucky balora seed of three: the median seed never got there (no 4x from the lucky one), and
+    # the seed where only lora got there is a speed-up of 0.
+    lucky = steps[steps["seed"] == 0].copy()
+    for seed in (1, 2):
+        lucky = pd.concat([lucky, steps[steps["seed"] == 0].assign(
+            seed=seed, loss=lambda d: d["loss"].where(d["arm"] == "lora", 2.0))])
+    out = records.target_speedups(lucky, 1.0).set_index("arm")
+    assert out.loc["balora", "reached"] == 1 and out.loc["balora", "steps_median"] == math.inf
+    assert out.loc["balora", "steps_min"] == out.loc["balora", "steps_max"] == 2
+    assert out.loc["balora", "speedup_steps"] == 0.0  # median of 2, 0, 0

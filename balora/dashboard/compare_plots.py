@@ -188,8 +188,8 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, metric: str = "loss", by
         ticks = []
         for m, rt, reached, n, label in zip(med, ratio, speed["reached"], speed["n_seeds"], speed[by]):
             lines = [f"<b>{label}</b>"]
-            if not np.isfinite(m):
-                lines.append("not reached")
+            if not np.isfinite(m):  # the median seed never got there
+                lines.append("not reached" if reached == 0 else f"median seed: not reached ({reached}/{n} seeds did)")
             else:
                 if str(label).split(": ")[-1] != reference and np.isfinite(rt):
                     lines.append(f"×{rt:.2f} vs {reference}")
@@ -199,10 +199,10 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, metric: str = "loss", by
         fig.add_trace(
             go.Bar(
                 x=ticks, y=np.where(np.isfinite(med), med, 0.0),
-                error_y=dict(
+                error_y=dict(  # none on a bar whose median is never: there is no bar
                     type="data", symmetric=False,
-                    array=np.nan_to_num(speed[f"{key}_max"].to_numpy(dtype=float) - med),
-                    arrayminus=np.nan_to_num(med - speed[f"{key}_min"].to_numpy(dtype=float)),
+                    array=np.where(np.isfinite(med), np.nan_to_num(speed[f"{key}_max"].to_numpy(dtype=float) - med), 0.0),
+                    arrayminus=np.where(np.isfinite(med), np.nan_to_num(med - speed[f"{key}_min"].to_numpy(dtype=float)), 0.0),
                 ),
                 marker_color=[colors[lab] for lab in speed[by]], showlegend=False,
                 customdata=speed[by].astype(str), hovertemplate="%{customdata}: %{y:.4g}<extra></extra>",

@@ -187,6 +187,12 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
             st.warning(f"Nothing was balanced in `{src.name}`: every pair was left unchanged ({unchanged}).")
             st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
             st.stop()
+        done = s.changes[s.changes["action"] == "balanced"]
+        if (done["dW_rel_change"] == 0).all() and not s.skipped:  # bf16/fp16 pairs already balanced: left bit for bit
+            st.info(f"Every pair of `{src.name}` was already balanced to within its dtype's rounding and is left as "
+                    "it is: the copy would equal the input, so none is offered.")
+            st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
+            st.stop()
         st.success(f"Balanced {s.balanced} LoRA pair(s) of `{src.name}` with the {method} gauge, in {s.seconds:.2f} s.")
         if s.skipped:
             st.info(f"{len(s.skipped)} pair(s) left unchanged: {unchanged}.")
