@@ -12,7 +12,7 @@ import streamlit as st
 from balora import teaching
 
 Y_SCALAR = 1.0
-GRID_LIM = 3.5
+GRID_LIM = 4.5  # the unbalanced start b0 = c / 2 reaches 4 at the slider's c = 8: drawn inside
 # Contour grid of the scalar landscape: 101 x 101 points over a ~450 px square plot is already
 # finer than the contour lines need; the browser computes contours from every point on each redraw.
 GRID_N = 101

@@ -65,7 +65,7 @@ def scalar_landscape_figure(a, b, Z, paths: dict, y: float = 1.0) -> go.Figure:
             colorscale="Greys",
             reversescale=True,
             contours=dict(start=-3, end=2, size=0.25),
-            colorbar=dict(title="log10 loss"),
+            colorbar=dict(title="log10(loss + 1e-4)"),
             hovertemplate="a=%{x:.2f}<br>b=%{y:.2f}<br>log10 f=%{z:.2f}<extra></extra>",
             name="loss",
             showscale=True,
@@ -127,11 +127,11 @@ def valley_curvature_figure(a, curvature, lr: float, paths: dict, y: float = 1.0
             go.Scatter(
                 x=[ta], y=[ta * ta + tb * tb], mode="markers",
                 marker=dict(size=13, color=COLORS.get(label), symbol="circle-open", line=dict(width=2)),
-                name=f"{label} start heads for (b² − a² kept)",
+                name=f"{label} start heads for (b² − a² kept; gradient flow)",
             )
         )
     for label, path in paths.items():
-        if path.diverged:
+        if path.diverged or not path.loss[-1] < 1e-6:  # not settled (e.g. a period-2 cycle): no point of the valley
             continue
         a_end = abs(path.a[-1])
         # Where the path ended, placed on the valley at its own |a| (exact if it converged).
@@ -222,14 +222,14 @@ def hessian_spectrum_figure(eigenvalues, r: int = 2) -> go.Figure:
 def condition_sweep_figure(log_scales, conds, rels, current_log_scale: float, current_cond: float, predicted=None) -> go.Figure:
     """Condition number (log scale, left) and relative imbalance (right) against ln c of T's scale.
 
-    predicted: optional (k,) closed form (c^4 + 1) s1 / sr, exact when T is a pure scaling.
+    predicted: optional (k,) closed form (max(c, 1/c)^4 + 1) s1 / sr, exact when T is a pure scaling.
     """
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Scatter(x=log_scales, y=conds, mode="lines", name="Hessian condition number", line=dict(color="#1f77b4")), secondary_y=False)
     if predicted is not None:
         fig.add_trace(
             go.Scatter(
-                x=log_scales, y=predicted, mode="markers", name="(c⁴ + 1) s₁/s₂ (pure scaling)",
+                x=log_scales, y=predicted, mode="markers", name="(max(c, 1/c)⁴ + 1) s₁/s₂ (pure scaling)",
                 marker=dict(color="#1f77b4", symbol="circle-open", size=7),
             ),
             secondary_y=False,

@@ -31,7 +31,7 @@ def start_factors(start: str, n_out: int = 8, n_in: int = 8, r: int = 2, seed: i
     """A starting pair A (r, in), B (out, r) in float64.
 
     "balanced": a small random pair projected onto B^T B = A A^T.
-    "unbalanced": A of norm ~1, B ten times smaller, same kind of product.
+    "unbalanced": A with rows of norm ~1.4 (Frobenius ~2 at r = 2), B ten times smaller, same kind of product.
     "peft": PEFT's LoRA init, A ~ U(-1/sqrt(in), 1/sqrt(in)) and B = 0 (rel_imbalance 1).
     """
     if start not in STARTS:
