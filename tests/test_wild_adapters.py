@@ -66,6 +66,26 @@ def diffusers_lora(tmp_path_factory):
     return root
 
 
+def test_a_component_diffusers_does_not_list_gets_its_own_config(tmp_path):
+    """A pipeline's own component (MiniMax-H3's `transformer_ref`, saved by diffusers 0.42 as
+    "transformer_ref.<field>" in lora_adapter_metadata): its fields were read as unprefixed ones, so it
+    took the defaults (scaling 1 where diffusers loads 32 / 8 = 4), or a false mismatch error."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    weights, meta = {}, {}
+    for name, r, alpha in (("transformer", 4, 16), ("transformer_ref", 8, 32)):
+        torch.manual_seed(0)
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["0", "1"], init_lora_weights=False)
+        model = inject_adapter_in_model(cfg, torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)))
+        weights.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(model).items()})
+        meta.update({f"{name}.{k}": v for k, v in cfg.to_dict().items()})
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(weights, str(path), metadata={"lora_adapter_metadata": json.dumps(meta, default=list)})
+    df = balora.inspect(path).set_index("module")
+    assert df.loc["transformer.0", "scaling"] == 4.0 and df.loc["transformer_ref.0", "scaling"] == 4.0
+    assert (df.loc["transformer_ref.0", "r"], df.loc["transformer.1", "r"]) == (8, 4)
+
+
 def test_diffusers_file_with_metadata(diffusers_lora):
     path = diffusers_lora / "with_meta" / "pytorch_lora_weights.safetensors"
     tensors = load_file(path)

@@ -42,8 +42,12 @@ UNKNOWN_SCALING = "scaling unknown, so sigma and cond_dW are of the unscaled B A
 # ---- diffusers ----------------------------------------------------------------------------------
 
 
-def metadata_configs(metadata: dict, where) -> dict[str | None, dict]:
-    """{component prefix: LoraConfig dict} from diffusers' `lora_adapter_metadata` (None: unprefixed)."""
+def metadata_configs(metadata: dict, where, components=()) -> dict[str | None, dict]:
+    """{component prefix: LoraConfig dict} from diffusers' `lora_adapter_metadata` (None: unprefixed).
+
+    A key "X.field" belongs to component X when X is a known diffusers component or the first name
+    of the file's own weight keys (`components`): pipelines add components (`transformer_ref`), and a
+    component read as unprefixed fields would silently take another's config, or the defaults."""
     raw = metadata.get(DIFFUSERS_METADATA)
     if raw is None:
         return {}
@@ -58,7 +62,8 @@ def metadata_configs(metadata: dict, where) -> dict[str | None, dict]:
     configs: dict[str | None, dict] = {}
     for key, value in table.items():
         prefix, dot, field = str(key).partition(".")
-        prefix, field = (prefix, field) if dot and prefix in DIFFUSERS_PREFIXES else (None, key)
+        known = prefix in DIFFUSERS_PREFIXES or prefix in components
+        prefix, field = (prefix, field) if dot and known else (None, key)
         configs.setdefault(prefix, {})[field] = value
     for prefix, cfg in configs.items():
         cfg.setdefault("peft_type", "LORA")
@@ -94,7 +99,7 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
     entries, other, _ = find_entries(tf, PEFT_KEYS, "peft", "default")
     if not entries or not (named or {e.module.partition(".")[0] for e in entries} <= set(DIFFUSERS_PREFIXES)):
         return None
-    configs = metadata_configs(metadata, weights)
+    configs = metadata_configs(metadata, weights, {k.partition(".")[0] for k in tf.keys()})
     tables = {p: rank_scaling_tables(cfg, f"{weights} ({DIFFUSERS_METADATA})") for p, cfg in configs.items()}
     unknown = set()
     for e in entries:
