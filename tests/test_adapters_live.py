@@ -10,6 +10,7 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
 
+import balora
 from balora import balance_
 from balora.adapters.live import iter_lora_pairs
 
@@ -140,6 +141,24 @@ def test_stacked_experts_are_not_balanced_as_one_product(snapshot, assert_bit_id
     summary = balance_(model)
     assert summary.balanced == 0 and len(summary.skipped) == 1
     assert_bit_identical(before, snapshot(model))
+
+
+def test_stacked_experts_in_a_saved_adapter_are_listed_skipped_and_the_rest_balanced(tmp_path):
+    # The file holds r x E rows of lora_A for the experts: once refused whole as a config mismatch.
+    class Net(_MoE):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=2, target_parameters=["experts.weight"], target_modules=["proj"],
+                                             init_lora_weights=False))
+    model.save_pretrained(tmp_path / "moe")
+    df = balora.inspect(tmp_path / "moe").set_index("module")
+    assert "LoRA on 3 stacked experts" in df.loc["experts", "note"] + df.loc["experts", "status"]
+    assert df.loc["proj", "status"] == "ok"
+    summary = balora.balance_file(tmp_path / "moe", tmp_path / "out")
+    assert summary.balanced == 1 and "LoRA on 3 stacked experts" in next(iter(summary.skipped.values()))
 
 
 @pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1")

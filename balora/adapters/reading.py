@@ -169,7 +169,11 @@ def _peft_source(folder: Path, adapter: str, root: Path, weights: Path | None = 
     tables = rank_scaling_tables(cfg, str(cfg_path))
     for e in entries:
         r_cfg, e.scaling = config_rank_scaling(cfg, e.module, tables)
-        if r_cfg != e.r and e.skip_reason is None:
+        experts = e.r // r_cfg if r_cfg and e.r % r_cfg == 0 else 0
+        if r_cfg != e.r and e.skip_reason is None and cfg.get("target_parameters") and experts > 1:
+            # PEFT's LoRA on a 3-D expert parameter stacks one r-block per expert (r x E rows), as live.py reads it
+            e.skip_reason = f"LoRA on {experts} stacked experts: each expert's dW is its own block, not B @ A"
+        elif r_cfg != e.r and e.skip_reason is None:
             raise InputError(
                 f"{weights}: {e.module}: lora_A has r={e.r} rows but {cfg_path} gives r={r_cfg} for it "
                 "(r / rank_pattern): the config does not belong to these weights"
