@@ -19,7 +19,7 @@ from balora.adapters.entries import PairEntry
 from balora.adapters.hub import HubSource, resolve_source
 from balora.adapters.reading import AdapterSource, iter_pair_chunks, read_adapters
 from balora.adapters.tensor_file import TensorFile
-from balora.adapters.writing import check_destination, copy_adapter_files, staged_output, write_weights
+from balora.adapters.writing import check_destination, copy_adapter_files, copy_metadata, staged_output, write_weights
 from balora.balance import BalanceError, balance_pairs
 from balora.errors import InputError
 from balora.imbalance import rel_imbalance
@@ -266,11 +266,15 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
 
     if target is not None:
         tensors = _cast(tensors, target)
-    write_weights(s.tensors, out_path, tensors)
+    changed = target is not None or any(r["action"] == "balanced" for r in rows.values())
+    metadata, dropped = copy_metadata(s.tensors.metadata, changed)
+    if dropped:
+        summary.notes.append(f"{', '.join(dropped)} left out of {out_path.name}'s metadata: they hash the original tensors")
+    write_weights(s.tensors, out_path, tensors, metadata)
     del tensors
     # In another dtype every pair changes: all are measured against the original.
     checked = todo if target is not None else [e for e in todo if rows[e.name]["action"] == "balanced"]
-    _verify(s, out_path, checked, rows, target)
+    _verify(s, out_path, checked, rows, target, metadata)
     summary.balanced += sum(r["action"] == "balanced" for r in rows.values())
     return [rows[e.name] for e in s.entries]
 
@@ -285,7 +289,7 @@ def _change_row(s: AdapterSource, e: PairEntry, before: float, balanced: bool, r
 
 
 def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: dict[str, dict],
-            target: torch.dtype | None = None) -> None:
+            target: torch.dtype | None = None, metadata: dict | None = None) -> None:
     """Re-read the written file: same keys, shapes, dtypes (or `target` for floating tensors) and
     metadata; other tensors bit-identical (to their cast); every balanced dW within tolerance, or,
     with `target`, every measured dW finite. Raises (nothing is moved) otherwise."""
@@ -294,7 +298,7 @@ def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: d
     dtypes = {k: target if target is not None and d.is_floating_point else d for k, d in s.tensors.dtypes.items()}
     if written.shapes != s.tensors.shapes or written.dtypes != dtypes:
         raise BalanceError(f"{where}: keys, shapes or dtypes differ from the input; nothing was written")
-    if (written.metadata or {}) != (s.tensors.metadata or {}):
+    if (written.metadata or {}) != (metadata or {}):  # the input's, less CONTENT_HASHES when changed
         raise BalanceError(f"{where}: safetensors metadata differs from the input; nothing was written")
 
     changed = {k for e in balanced for k in (e.key_A, e.key_B)}

@@ -415,6 +415,19 @@ def test_kohya_balance_keeps_format(tmp_path):
     assert (balora.inspect(out)["rel_imbalance"] < 5e-3).all()
 
 
+def test_a_balanced_copy_drops_the_hashes_of_the_original_tensors(tmp_path):
+    # kohya's sd-scripts write sha256 hashes of the tensors into the metadata; tools identify files by
+    # them, so a copy with other tensors must not carry the original's. Everything else is kept.
+    path = write_kohya(tmp_path / "tiny_lora.safetensors")
+    hashes = {"sshs_model_hash": "ab" * 32, "sshs_legacy_hash": "cd" * 4}
+    save_file(load_file(str(path)), str(path), metadata={**KOHYA_METADATA, **hashes})
+    out = tmp_path / "balanced.safetensors"
+    summary = balance_file(path, out)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == KOHYA_METADATA
+    assert any("sshs_model_hash, sshs_legacy_hash left out" in n for n in summary.notes)
+
+
 # ---- bare files, conv layers, half precision ----------------------------------------------------------
 
 

@@ -58,12 +58,26 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def write_weights(like: TensorFile, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` in the same file format as `like` (safetensors keeps its metadata)."""
+# safetensors metadata that hashes the file's tensors (kohya's sd-scripts, the modelspec): a changed
+# copy that kept them would be taken for the original by tools that identify files by them.
+CONTENT_HASHES = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+
+
+def copy_metadata(metadata: dict | None, changed: bool) -> tuple[dict | None, list[str]]:
+    """The metadata a copy keeps: all of it, less CONTENT_HASHES when its tensors `changed`; and the
+    keys left out."""
+    if not metadata or not changed:
+        return metadata, []
+    dropped = [k for k in CONTENT_HASHES if k in metadata]
+    return {k: v for k, v in metadata.items() if k not in dropped}, dropped
+
+
+def write_weights(like: TensorFile, path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Write `tensors` in the same file format as `like`, with safetensors `metadata` (default: like's)."""
     if like.format == "safetensors":
         from safetensors.torch import save_file
 
-        save_file(tensors, str(path), metadata=like.metadata)
+        save_file(tensors, str(path), metadata=like.metadata if metadata is None else metadata)
     else:
         torch.save(tensors, path)
 
