@@ -90,13 +90,17 @@ def sort_rows(df: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def _finite(x):
-    """JSON has no NaN/Inf: null (status and rank say why)."""
+    """JSON has no NaN/Inf. NaN (not measured: status says why) is null; an infinity is a result (cond_dW
+    of a rank-deficient product, the fp16 error of a factor that overflows) and is kept, as the string
+    "inf" or "-inf" (float() reads it back); as null it read like "not measured"."""
     import pandas as pd
 
     if x is None or x is pd.NA:
         return None
-    if isinstance(x, float) and not math.isfinite(x):
+    if isinstance(x, float) and math.isnan(x):
         return None
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
     return x
 
 
