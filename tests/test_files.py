@@ -348,6 +348,22 @@ def test_trainer_checkpoints_ordered_by_number(trainer_run, tmp_path):
     np.testing.assert_array_equal(df.loc[df["step"] == 10, "imbalance"], first["imbalance"])
 
 
+def test_trainer_folders_final_adapter_keeps_every_adapter(trainer_run, tmp_path):
+    # trainer.save_model(DIR) writes every adapter PEFT has: "default" at the top, the others in folders
+    # named after them. The final one was read as "default" only.
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path / "run"
+    shutil.copytree(trainer_run / "checkpoint-2", run / "checkpoint-2")
+    model = get_peft_model(make_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    model.save_pretrained(run)
+    df = balora.inspect(run)
+    final = df[df["checkpoint"] == "final"]
+    assert final.groupby("adapter").size().to_dict() == {"default": 4, "other": 2}
+    assert len(balora.inspect(run, adapter="other").query("checkpoint == 'final'")) == 2
+
+
 def test_balance_refuses_trainer_folder(trainer_run, tmp_path):
     with pytest.raises(InputError, match=r"Trainer output folder .* e\.g\. balora balance .*checkpoint-2 OUT"):
         balance_file(trainer_run, tmp_path / "out")

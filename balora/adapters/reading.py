@@ -238,9 +238,12 @@ def read_trainer_folder(c: Candidate) -> list[AdapterSource] | None:
         raise InputError(f"{path}: Trainer output folder whose checkpoints hold no LoRA adapter ({ADAPTER_CONFIG})"
                          + (f"; found {hint}" if hint else ""))
     if os.path.lexists(path / ADAPTER_CONFIG):  # trainer.save_model(output_dir) after training
-        src = _peft_source(path, "default", c.root)
-        src.reader, src.checkpoint = "trainer", "final"
-        sources.append(src)
+        # every adapter PEFT saved there: "default" at the top, the others in folders named after them
+        finals = [(d, a) for d, a in adapter_dirs(path) if not _CHECKPOINT.fullmatch(Path(a).parts[0])]
+        for folder, adapter in finals:
+            src = _peft_source(folder, adapter, c.root)
+            src.reader, src.checkpoint = "trainer", "final"
+            sources.append(src)
     if empty:
         sources[0].notes.append(f"checkpoint(s) without an adapter left out: {', '.join(empty)}")
     return sources
