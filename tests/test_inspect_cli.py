@@ -124,6 +124,20 @@ def test_checkpoint_folder_records_and_trend_table(checkpoints, capsys):
     assert "over training" in out and "layers at checkpoint-4" in out
 
 
+def test_trend_table_shows_whole_checkpoint_names(checkpoints, tmp_path, capsys):
+    # rich cut "checkpoint-12000" to "checkpoint-1…", and every long name looked alike
+    import shutil
+
+    run = tmp_path / "run"
+    for src, name in (("checkpoint-2", "checkpoint-500"), ("checkpoint-4", "checkpoint-12000")):
+        shutil.copytree(checkpoints / src, run / name)
+    rc, out, _ = run_cli(capsys, "inspect", run)
+    start = out.index("over training")
+    end = out.find("layers at", start)
+    trend = out[start:] if end < 0 else out[start:end]  # the trend table alone
+    assert rc == 0 and "checkpoint-500 " in trend and "checkpoint-12000 " in trend and "…" not in trend
+
+
 def test_kohya_metadata_shown(tmp_path, capsys):
     path = write_kohya(tmp_path / "sd_lora.safetensors")
     rc, out, _ = run_cli(capsys, "inspect", path)

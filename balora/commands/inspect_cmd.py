@@ -267,7 +267,9 @@ def _checkpoint_table(df: pd.DataFrame, checkpoints: list[str]):
     t = _new_table("over training")
     for name in ("checkpoint", "step", "modules", "rel_imb mean", "rel_imb max", "cond_dW median", "eff_rank mean",
                  "sigma_max"):
-        t.add_column(name, justify="left" if name == "checkpoint" else "right")
+        # no_wrap: a checkpoint's name is what tells the rows apart (rich cut checkpoint-100 to "checkpoint-1…")
+        t.add_column(name, justify="left" if name == "checkpoint" else "right", no_wrap=name == "checkpoint",
+                     min_width=max(map(len, checkpoints)) if name == "checkpoint" else None)
     for c in checkpoints:
         part = df[(df["checkpoint"] == c) & (df["status"] == "ok")]
         agg = summarize(part)
