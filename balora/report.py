@@ -172,7 +172,10 @@ def layer_report(model: nn.Module, adapter: str | None = None, precision: bool =
     """
     from balora.adapters.live import iter_lora_pairs
 
-    pairs = [p for p in iter_lora_pairs(model, adapter) if p.skip_reason is None]
+    found = iter_lora_pairs(model, adapter)
+    if adapter is not None and not found:  # a typo must not read as "no layers": balance_ refuses it too
+        raise ValueError(f"no LoRA layers with adapter {adapter!r} in {type(model).__name__}")
+    pairs = [p for p in found if p.skip_reason is None]
     with torch.no_grad():
         return to_frame(pair_rows(pairs, precision=precision))
 

@@ -286,6 +286,13 @@ def test_factors_on_the_meta_device_are_skipped_with_the_reason(make_tiny_net, t
     assert layer_report(model).empty
 
 
+def test_layer_report_refuses_an_adapter_name_the_model_lacks(make_tiny_net, tiny_net_targets):
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets))
+    assert len(layer_report(model, adapter="default")) == 5
+    with pytest.raises(ValueError, match="no LoRA layers with adapter 'nope'"):
+        layer_report(model, adapter="nope")
+
+
 def test_a_model_without_lora_layers_warns(make_tiny_net):
     with pytest.warns(UserWarning, match="TinyNet has no PEFT LoRA layers, nothing to balance"):
         summary = balance_(make_tiny_net())

@@ -120,9 +120,11 @@ def test_zero_products_and_empty_reports(make_tiny_net, tiny_net_targets):
     assert (report["rank"] == 0).all() and (report["sigma_max"] == 0).all() and report["cond_dW"].isna().all()
     assert (report["status"] == "ok").all()
 
-    for empty in (layer_report(model, adapter="nope"), layer_report(make_tiny_net()), to_frame([])):
+    for empty in (layer_report(make_tiny_net()), to_frame([])):
         assert empty.empty
         _assert_schema(empty)
+    with pytest.raises(ValueError, match="adapter 'nope'"):  # a typo is not an empty model (balance_ refuses it too)
+        layer_report(model, adapter="nope")
     assert summarize(to_frame([])) == {}
 
 
