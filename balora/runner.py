@@ -138,12 +138,17 @@ def _cell(problem: Problem, arm: Arm, run: RunConfig, key: dict, snapshot: dict,
         group.append({**key, "status": "skipped", "reason": reason, "steps_done": 0})
         return
     _restore(problem.model, snapshot)
-    cell = Cell(problem, arm, run, key, writer, device)
-    try:
-        cell.train(bar)
-    finally:  # the summary row exists also when the cell was interrupted or failed
-        if cell.summary is not None:
-            group.append(cell.summary)
+    # The global RNG from the cell's seed: a model's own dropout (the encoder's MiniLM, GPT-2) draws from
+    # it, and unseeded, the same command gave other losses and the arms of one cell other noise. Forked:
+    # the caller's RNG is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(key["seed"]))
+        cell = Cell(problem, arm, run, key, writer, device)
+        try:
+            cell.train(bar)
+        finally:  # the summary row exists also when the cell was interrupted or failed
+            if cell.summary is not None:
+                group.append(cell.summary)
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -167,6 +167,23 @@ def test_compare_runs_every_arm_on_a_tiny_bert(tiny_bert, tmp_path):
     assert lora.loc[6, "eval_loss"] < run.config["problem"]["initial_eval_loss"]
 
 
+def test_a_model_with_dropout_trains_the_same_twice_and_every_arm_sees_the_same_noise(tiny_bert, tmp_path):
+    # The BERT keeps its own dropout (0.1), drawn from torch's global RNG: unseeded, the same command
+    # gave other losses, and the arms of one cell (identical at step 1: B = 0) other step-1 losses.
+    from balora.runner import compare
+
+    def run(name):
+        return compare("encoder", arms="lora,balora", steps=3, lr=1e-2, eval_every=0, layers_every=0,
+                       spectra_every=0, out=tmp_path / name, quiet=True, rank=4, model=str(tiny_bert),
+                       batch_size=8, eval_size=24).steps.set_index(["arm", "step"])["loss"]
+
+    state = torch.random.get_rng_state()
+    first, second = run("a"), run("b")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left as it was
+    assert first.equals(second)
+    assert first.loc[("lora", 1)] == first.loc[("balora", 1)]
+
+
 def test_jsonl_pairs_and_errors(tiny_bert, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps({"q": number_words(n), "a": str(n)}) for n in range(40)))
