@@ -204,9 +204,12 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
 def _refuse_trainer_folder(src: Path, sources: list[AdapterSource]) -> None:
     if any(s.reader == "trainer" for s in sources):
         last = next(s for s in reversed(sources) if s.checkpoint.startswith("checkpoint-"))
+        n = len({s.checkpoint for s in sources if s.checkpoint.startswith("checkpoint-")})
+        final = any(s.checkpoint == "final" for s in sources)
         raise InputError(
-            f"{src}: a Trainer output folder with {len({s.checkpoint for s in sources})} checkpoint(s); balance one "
-            f"checkpoint at a time, e.g. balora balance {src / last.checkpoint} OUT"
+            f"{src}: a Trainer output folder with {n} checkpoint(s){' and a final adapter' if final else ''}; "
+            f"balance one at a time, e.g. balora balance {src / last.checkpoint} OUT"
+            + (f" (the final adapter: balora balance {src / 'adapter_model.safetensors'} OUT)" if final else "")
         )
 
 

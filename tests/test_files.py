@@ -362,6 +362,8 @@ def test_trainer_folders_final_adapter_keeps_every_adapter(trainer_run, tmp_path
     final = df[df["checkpoint"] == "final"]
     assert final.groupby("adapter").size().to_dict() == {"default": 4, "other": 2}
     assert len(balora.inspect(run, adapter="other").query("checkpoint == 'final'")) == 2
+    with pytest.raises(InputError, match=r"with 1 checkpoint\(s\) and a final adapter; .*adapter_model\.safetensors OUT"):
+        balance_file(run, tmp_path / "out")  # the final adapter counted apart, and how to balance it
 
 
 def test_balance_refuses_trainer_folder(trainer_run, tmp_path):

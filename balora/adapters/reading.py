@@ -309,7 +309,7 @@ def read_bare_file(c: Candidate) -> list[AdapterSource] | None:
             f"{c.path}: no LoRA keys (lora_A/lora_B, lora_embedding_A/B or lora_down/lora_up) among its "
             f"{len(tf.keys())} tensors"
         )
-    notes = ["no adapter_config.json: scaling unknown, so sigma and cond_dW are of the unscaled B A"]
+    notes = ["no adapter_config.json: scaling unknown, so sigma is of the unscaled B A (ratios such as cond_dW do not depend on it)"]
     notes += [f"{len(other)} other tensor(s) are not LoRA factors"] if other else []
     adapters = sorted({e.adapter for e in entries})
     # One source per file (writing a balanced copy needs every pair of the file together);

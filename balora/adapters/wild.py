@@ -36,7 +36,7 @@ DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA = "lora_adapter_metadata"
 # Pipeline components whose LoRA layers diffusers saves under their own prefix.
 DIFFUSERS_PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
-UNKNOWN_SCALING = "scaling unknown, so sigma and cond_dW are of the unscaled B A"
+UNKNOWN_SCALING = "scaling unknown, so sigma is of the unscaled B A (ratios such as cond_dW do not depend on it)"
 
 
 # ---- diffusers ----------------------------------------------------------------------------------

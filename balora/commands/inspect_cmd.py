@@ -182,7 +182,9 @@ def _print_sources(console, sources: list[dict], checkpoints: list[str]) -> None
     if checkpoints:
         steps = [s["step"] for s in sources if s["step"] is not None]
         span = f", steps {min(steps)}..{max(steps)}" if steps else ""
-        console.print(f"[bold]Trainer output folder[/]: {len(checkpoints)} checkpoint(s){span}")
+        n = sum(c.startswith("checkpoint-") for c in checkpoints)
+        final = " and the final adapter" if "final" in checkpoints else ""
+        console.print(f"[bold]Trainer output folder[/]: {n} checkpoint(s){span}{final}")
     else:
         for s in sources:
             console.print(f"[bold]{escape(s['path'])}[/] ({s['format']}, adapter {escape(s['adapter'])}, "
