@@ -129,7 +129,9 @@ def make_entry(tf: TensorFile, module: str, adapter: str, roles: dict[str, str],
 
 
 def find_entries(tf: TensorFile, patterns, fmt: str, default_adapter: str) -> tuple[list[PairEntry], list[str], dict]:
-    """(pairs sorted as the model orders modules, keys that are not factors, {(module, adapter): roles})."""
+    """(pairs sorted by module name in natural order (layers.2 before layers.10: blocks come in the model's
+    order; within a block, names sort alphabetically, where the live model lists q, k, v, o, ...),
+    keys that are not factors, {(module, adapter): roles})."""
     groups, other = group_keys(tf.path, tf.keys(), patterns, default_adapter)
     entries, extra = [], {}
     for (module, adapter), roles in groups.items():
@@ -153,7 +155,7 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def natural_key(name: str) -> tuple:
-    """layers.2 before layers.10, as the model orders them. Digit runs compare as numbers of any
+    """layers.2 before layers.10, as the model orders its blocks. Digit runs compare as numbers of any
     length (a 10,000-digit "number" is compared by length first, never converted to int)."""
     parts = _DIGITS.split(name)  # text, digits, text, ...: odd positions are the digit runs
     return tuple((len(p.lstrip("0")), p.lstrip("0")) if i % 2 else p for i, p in enumerate(parts))
