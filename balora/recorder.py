@@ -88,9 +88,10 @@ class RunRecorder(TrainerCallback):
             "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
             **self.extra_config,
         }
-        resumed = state.global_step > 0 and self._resumable(config, state.global_step)
+        before = self._resumable(config, state.global_step) if state.global_step > 0 else None
+        resumed = before is not None
         if resumed:
-            self._restore(state.global_step)
+            self._restore(before, state.global_step)
             self.writer.update_config(steps=int(state.max_steps))
         else:  # a new run (an earlier one there is refused, or replaced with force)
             self.writer = RunWriter(self.out_dir, config, environment_info(device), force=self.force,
@@ -101,25 +102,24 @@ class RunRecorder(TrainerCallback):
         if model is not None and not resumed:  # resumed: the factors are the checkpoint's, not step 0's
             self._diagnostics(model, 0, self.layers_every > 0, self.spectra_every > 0)
 
-    def _resumable(self, config: dict, step: int) -> bool:
-        """out_dir holds a readable run a RunRecorder wrote for this cell (arm, seed, lr, alpha, rank),
-        recorded at least up to `step`: the run this resumed training continues."""
+    def _resumable(self, config: dict, step: int):
+        """The run (balora.store.Run) in out_dir that this resumed training continues: one a RunRecorder
+        wrote for this cell (arm, seed, lr, alpha, rank), readable and recorded at least up to `step`;
+        else None."""
         from balora.store import is_marked, is_run_dir, load_run
 
         if not (is_marked(self.out_dir) and is_run_dir(self.out_dir)):
-            return False
+            return None
         try:
             before = load_run(self.out_dir)
         except InputError:  # damaged: not continued (refused, or replaced with force)
-            return False
+            return None
         same = all(before.config.get(k) == config[k] for k in ("source", "arms", "seeds", "lrs", "alphas", "rank"))
-        return same and len(before.steps) > 0 and int(before.steps["step"].max()) >= step
+        return before if same and len(before.steps) > 0 and int(before.steps["step"].max()) >= step else None
 
-    def _restore(self, step: int) -> None:
-        """Reopen the run and take up its counts through `step` (losses, times, last balance)."""
-        from balora.store import load_run
-
-        before = load_run(self.out_dir)
+    def _restore(self, before, step: int) -> None:
+        """Reopen the run `before` (as _resumable read it) and take up its counts through `step`
+        (losses, times, last balance)."""
         old = before.summary.iloc[-1] if len(before.summary) else None
         self.writer = RunWriter.reopen(self.out_dir, step, flag="RunRecorder(out_dir)")
         # The old totals cover the whole earlier process: usable only if it stopped at the checkpoint.
