@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -204,16 +204,8 @@ class RunWriter:
         self._parts = {table: 0 for table in TABLES}
         for table in TABLES:
             (path / table).mkdir(exist_ok=True)
-            parts = sorted((path / table).glob(PART_GLOB))
-            frames = [pd.read_parquet(p) for p in parts]
-            kept = pd.concat(frames, ignore_index=True) if frames and table != "summary" else None
-            if kept is not None and "step" in kept:
-                kept = kept[kept["step"] <= keep_through]
-            self._parts[table] = max((_part_number(p) for p in parts), default=0)
-            written = self.append(table, kept) if kept is not None else None  # numbered after the old parts
-            for p in parts:
-                if p != written:
-                    p.unlink()
+            self._rewrite(table, lambda df, table=table: df.iloc[0:0] if table == "summary"
+                          else df[df["step"] <= keep_through] if "step" in df else df)
         write_json_atomic(path / STATUS, self.status)
         return self
 
@@ -261,15 +253,21 @@ class RunWriter:
     def compact(self) -> None:
         """Replace each table's part files by one, so a finished run is a handful of files."""
         for table in TABLES:
-            parts = sorted((self.path / table).glob(PART_GLOB))
-            if len(parts) < 2:
-                continue
-            frames = [pd.read_parquet(p) for p in parts]
-            self._parts[table] = max(self._parts[table], _part_number(parts[-1]))
-            merged = self.append(table, pd.concat(frames, ignore_index=True))
-            for p in parts:
-                if p != merged:
-                    p.unlink()
+            self._rewrite(table, min_parts=2)
+
+    def _rewrite(self, table: str, keep: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+                 min_parts: int = 1) -> None:
+        """Replace `table`'s part files (at least min_parts of them) by one part numbered after them,
+        holding their rows, or those `keep` returns (none: no part at all)."""
+        parts = sorted((self.path / table).glob(PART_GLOB))
+        if len(parts) < min_parts:
+            return
+        rows = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+        self._parts[table] = max(self._parts[table], max(map(_part_number, parts)))
+        merged = self.append(table, rows if keep is None else keep(rows))
+        for p in parts:
+            if p != merged:
+                p.unlink()
 
     def __enter__(self) -> "RunWriter":
         return self
