@@ -292,7 +292,7 @@ def _change_row(s: AdapterSource, e: PairEntry, before: float, balanced: bool, r
 
 
 def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: dict[str, dict],
-            target: torch.dtype | None = None, metadata: dict | None = None) -> None:
+            target: torch.dtype | None, metadata: dict | None) -> None:
     """Re-read the written file: same keys, shapes, dtypes (or `target` for floating tensors) and
     metadata; other tensors bit-identical (to their cast); every balanced dW within tolerance, or,
     with `target`, every measured dW finite. Raises (nothing is moved) otherwise."""

@@ -183,14 +183,15 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
         s = result.summary
         changes = s.changes.assign(source=s.changes["source"].map(shown))  # never the server's temporary folder
         unchanged = report_frames.unchanged_reasons(s.skipped, clean)
-        if not s.balanced:  # the copy would equal the input: said as a warning, and nothing to download
-            st.warning(f"Nothing was balanced in `{src.name}`: every pair was left unchanged ({unchanged}).")
-            st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
-            st.stop()
         done = s.changes[s.changes["action"] == "balanced"]
-        if (done["dW_rel_change"] == 0).all() and not s.skipped:  # bf16/fp16 pairs already balanced: left bit for bit
-            st.info(f"Every pair of `{src.name}` was already balanced to within its dtype's rounding and is left as "
-                    "it is: the copy would equal the input, so none is offered.")
+        if not s.balanced or ((done["dW_rel_change"] == 0).all() and not s.skipped):
+            # The copy would equal the input (every pair skipped, or bf16/fp16 pairs already balanced and
+            # left bit for bit): said so, and nothing to download.
+            if not s.balanced:
+                st.warning(f"Nothing was balanced in `{src.name}`: every pair was left unchanged ({unchanged}).")
+            else:
+                st.info(f"Every pair of `{src.name}` was already balanced to within its dtype's rounding and is "
+                        "left as it is: the copy would equal the input, so none is offered.")
             st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
             st.stop()
         st.success(f"Balanced {s.balanced} LoRA pair(s) of `{src.name}` with the {method} gauge, in {s.seconds:.2f} s.")
