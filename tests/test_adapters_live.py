@@ -81,6 +81,17 @@ def test_adapter_filter_and_names(make_tiny_net):
     assert iter_lora_pairs(model, "nope") == []
 
 
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile], ids=["DataParallel", "compile"])
+def test_a_wrapped_peft_model_reports_the_peft_module_names(wrap, make_tiny_net, tiny_net_targets):
+    """A hand-written DDP loop (or accelerate's prepare) holds DistributedDataParallel(peft_model),
+    whose names start with `module.` as DataParallel's do; torch.compile adds `_orig_mod.`. The module
+    column must still be the saved adapter's names, as for the bare PEFT model."""
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets))
+    want = [(p.module, p.adapter) for p in iter_lora_pairs(model)]
+    assert [(p.module, p.adapter) for p in iter_lora_pairs(wrap(model))] == want
+    assert list(balora.layer_report(wrap(model))["module"]) == [m for m, _ in want]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_puts_factors_back_in_place(dtype, make_tiny_net, tiny_net_targets):
     model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets,

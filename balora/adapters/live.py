@@ -6,6 +6,7 @@ so any adapter name, any number of adapters and any target naming scheme work.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -23,9 +24,15 @@ from balora.stack_writes import ParamWriter
 _PRODUCT_VARIANTS = ("Dora", "ALora", "Velora", "BdLora")
 
 
+# Wrappers a user balances through: (Distributed)DataParallel's `module.`, torch.compile's `_orig_mod.`.
+# Stripped only in front of PeftModel's own prefix, so a model's own submodule called `module` stays.
+_WRAPPED_PEFT = re.compile(rf"^(?:(?:module|_orig_mod)\.)*{re.escape(PEFT_PREFIX)}")
+
+
 def module_display_name(name: str) -> str:
-    """PEFT module path without PeftModel's wrapper prefix, matching saved adapter keys."""
-    return name.removeprefix(PEFT_PREFIX)
+    """PEFT module path without PeftModel's wrapper prefix (nor a DDP or torch.compile wrapper's in
+    front of it), matching saved adapter keys."""
+    return _WRAPPED_PEFT.sub("", name, count=1)
 
 
 def _lora_layer_types():
