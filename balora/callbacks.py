@@ -60,7 +60,9 @@ class BalanceCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.balance and getattr(args, "deepspeed", None):
+        # args.deepspeed (a config given to the Trainer), or args.deepspeed_plugin, which TrainingArguments
+        # sets instead under `accelerate launch` with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED).
+        if self.balance and (getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None)):
             # Every ZeRO stage keeps the fp32 master weights inside the optimizer and copies them
             # into the model after each step: balancing the model's parameters would be undone
             # at the next step (ZeRO-3 also shards them). Refuse rather than pretend.

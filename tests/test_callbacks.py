@@ -209,3 +209,17 @@ def test_deepspeed_is_refused_at_train_begin():
         BalanceCallback().on_train_begin(args, TrainerState(), TrainerControl())
     BalanceCallback(balance=False).on_train_begin(args, TrainerState(), TrainerControl())  # diagnostics only: fine
     BalanceCallback().on_train_begin(SimpleNamespace(deepspeed=None), TrainerState(), TrainerControl())
+
+
+def test_deepspeed_from_accelerate_launch_is_refused_at_train_begin():
+    """`accelerate launch` with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED=true) leaves
+    TrainingArguments.deepspeed None and sets its deepspeed_plugin instead (transformers'
+    TrainingArguments.__post_init__): ZeRO-1/2 undo balancing all the same, so it is refused too."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(deepspeed=None, deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    with pytest.raises(RuntimeError, match="DeepSpeed keeps its own copy.*FSDP2"):
+        BalanceCallback().on_train_begin(args, TrainerState(), TrainerControl())
+    BalanceCallback(balance=False).on_train_begin(args, TrainerState(), TrainerControl())  # diagnostics only: fine
+    BalanceCallback().on_train_begin(SimpleNamespace(deepspeed=None, deepspeed_plugin=None), TrainerState(),
+                                     TrainerControl())
