@@ -509,6 +509,48 @@ def test_conv_kinds_grouped_conv_and_balance(tmp_path, assert_deltas_close):
     assert_deltas_close(deltas(tmp_path / "conv"), deltas(tmp_path / "out"), rtol=1e-5)
 
 
+class AttentionNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.lin = torch.nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("patterns", [{"rank_pattern": {"mha": 1}}, {"alpha_pattern": {"mha": 16}},
+                                      {"rank_pattern": {"out_proj": 1}}])
+def test_attention_out_proj_takes_the_rank_and_alpha_of_its_attention_module(patterns, tmp_path, assert_deltas_close):
+    """PEFT's LoRA on nn.MultiheadAttention also wraps its out_proj (saved as mha.base_layer.out_proj) with the
+    r and alpha PEFT gave the attention module, whatever the patterns say about "out_proj" itself."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    def base():
+        torch.manual_seed(0)
+        return AttentionNet()
+
+    model = get_peft_model(base(), LoraConfig(r=2, lora_alpha=4, target_modules=["mha", "lin"],
+                                              init_lora_weights=False, **patterns))
+    model.save_pretrained(tmp_path / "mha")
+    df = balora.inspect(tmp_path / "mha").set_index("module")
+    live = balora.layer_report(model).set_index("module")
+    assert "mha.base_layer.out_proj" in df.index and set(df.index) == set(live.index)
+    for (module, adapter), s in live_scalings(model).items():
+        assert df.loc[module, "scaling"] == pytest.approx(s), module
+        assert df.loc[module, "r"] == live.loc[module, "r"], module
+        assert df.loc[module, "sigma_max"] == pytest.approx(live.loc[module, "sigma_max"], rel=1e-5), module
+
+    assert balance_file(tmp_path / "mha", tmp_path / "out").balanced == 3
+
+    def deltas(path):
+        from peft.tuners.lora import LoraLayer
+
+        m = PeftModel.from_pretrained(base(), path)
+        with torch.no_grad():
+            return {n: layer.get_delta_weight("default").double() for n, layer in m.named_modules()
+                    if isinstance(layer, LoraLayer)}
+
+    assert_deltas_close(deltas(tmp_path / "mha"), deltas(tmp_path / "out"), rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inspect_and_balance(tmp_path, dtype):
     g = torch.Generator().manual_seed(1)

@@ -153,9 +153,20 @@ def config_rank_scaling(cfg: dict, module: str, tables: tuple[PatternTable, Patt
     s = alpha / r, or alpha / sqrt(r) with rsLoRA. `tables`: from rank_scaling_tables(cfg), to
     reuse its matches and time bound across the modules of one adapter."""
     ranks, alphas = tables or rank_scaling_tables(cfg)
+    module = pattern_target(module)
     r = ranks.get(module, cfg.get("r", 8))
     alpha = alphas.get(module, cfg.get("lora_alpha", 8))
     return r, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+# PEFT's LoRA on nn.MultiheadAttention also wraps the attention's out_proj, saved as
+# <attention>.base_layer.out_proj, with the r and alpha it gave the attention module.
+_MHA_OUT_PROJ = ".base_layer.out_proj"
+
+
+def pattern_target(module: str) -> str:
+    """The name PEFT matched rank_pattern / alpha_pattern against for the LoRA layer saved as `module`."""
+    return module.removesuffix(_MHA_OUT_PROJ)
 
 
 def variant_skip(cfg: dict) -> str | None:
