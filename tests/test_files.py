@@ -551,6 +551,45 @@ def test_attention_out_proj_takes_the_rank_and_alpha_of_its_attention_module(pat
     assert_deltas_close(deltas(tmp_path / "mha"), deltas(tmp_path / "out"), rtol=1e-5)
 
 
+class TwoParameters(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(6, 8))
+        self.w2 = torch.nn.Parameter(torch.randn(8, 6))
+
+
+class ParameterNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = TwoParameters()
+        self.lin = torch.nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("patterns,unknown", [({"rank_pattern": {"w2": 1}, "alpha_pattern": {"p.w1": 16}}, set()),
+                                              ({"rank_pattern": {"p.w1": 1, "lin": 3}}, set()),
+                                              ({"alpha_pattern": {"w2": 6}}, {"p", "p.base_layer"})])
+def test_target_parameters_take_the_patterns_of_their_parameter(patterns, unknown, tmp_path):
+    """PEFT matches rank_pattern / alpha_pattern against "<module>.<parameter>" for target_parameters (saved as
+    p and p.base_layer, one wrapper per parameter, in p's parameter order, which the file does not keep): the
+    file's r and scaling are the ones PEFT gave each layer, told apart by r; same r and other alphas: unknown."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(ParameterNet(), LoraConfig(r=2, lora_alpha=4, target_parameters=["p.w1", "p.w2"],
+                                                      target_modules=["lin"], init_lora_weights=False, **patterns))
+    model.save_pretrained(tmp_path / "params")
+    df = balora.inspect(tmp_path / "params").set_index("module")
+    live = balora.layer_report(model).set_index("module")
+    assert set(df.index) == set(live.index) == {"p", "p.base_layer", "lin"} and set(df["status"]) == {"ok"}
+    for (module, adapter), s in live_scalings(model).items():
+        if module in unknown:
+            assert math.isnan(df.loc[module, "scaling"]), module
+            continue
+        assert df.loc[module, "scaling"] == pytest.approx(s), module
+        assert df.loc[module, "sigma_max"] == pytest.approx(live.loc[module, "sigma_max"], rel=1e-5), module
+    assert balance_file(tmp_path / "params", tmp_path / "out").balanced == 3
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inspect_and_balance(tmp_path, dtype):
     g = torch.Generator().manual_seed(1)

@@ -147,26 +147,44 @@ def rank_scaling_tables(cfg: dict, where: str = "adapter config") -> tuple[Patte
             PatternTable(cfg.get("alpha_pattern") or {}, "alpha_pattern", where))
 
 
-def config_rank_scaling(cfg: dict, module: str, tables: tuple[PatternTable, PatternTable] | None = None
-                        ) -> tuple[int, float]:
+def config_rank_scaling(cfg: dict, module: str, tables: tuple[PatternTable, PatternTable] | None = None,
+                        rows: int | None = None) -> tuple[int, float | None]:
     """(r, s) PEFT gives `module`: rank_pattern / alpha_pattern override r / lora_alpha;
     s = alpha / r, or alpha / sqrt(r) with rsLoRA. `tables`: from rank_scaling_tables(cfg), to
-    reuse its matches and time bound across the modules of one adapter."""
+    reuse its matches and time bound across the modules of one adapter. rows: lora_A's rows in
+    the file, to tell which targeted parameter a layer wraps (target_parameters: see
+    pattern_targets); s is None when that stays ambiguous and the candidates' scalings differ."""
     ranks, alphas = tables or rank_scaling_tables(cfg)
-    module = pattern_target(module)
-    r = ranks.get(module, cfg.get("r", 8))
-    alpha = alphas.get(module, cfg.get("lora_alpha", 8))
-    return r, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    options = {}
+    for name in pattern_targets(cfg, module):
+        r = ranks.get(name, cfg.get("r", 8))
+        options.setdefault(r, set()).add(alphas.get(name, cfg.get("lora_alpha", 8)) / (
+            math.sqrt(r) if cfg.get("use_rslora") else r))
+    # The rows are r, or r per expert for a stacked 3-D parameter.
+    r = next((r for r in options if r == rows), next((r for r in options if rows and rows % r == 0), next(iter(options))))
+    return r, next(iter(options[r])) if len(options[r]) == 1 else None
+
+
+def pattern_targets(cfg: dict, module: str) -> list[str]:
+    """The names PEFT may have matched rank_pattern / alpha_pattern against for the layer saved as `module`.
+
+    target_parameters: PEFT matches "<module>.<parameter>" and nests one wrapper per parameter of a
+    module (saved as <module>, <module>.base_layer, ...) in the module's own parameter order, which
+    the file does not record: every targeted parameter of that module is a candidate.
+    """
+    module = module.removesuffix(_MHA_OUT_PROJ)
+    owner = module.replace(".base_layer", "")
+    found = []
+    for target in cfg.get("target_parameters") or ():
+        key = f"{owner}.{str(target).rpartition('.')[2]}"
+        if key == target or key.endswith(f".{target}"):
+            found.append(key)
+    return found or [module]
 
 
 # PEFT's LoRA on nn.MultiheadAttention also wraps the attention's out_proj, saved as
 # <attention>.base_layer.out_proj, with the r and alpha it gave the attention module.
 _MHA_OUT_PROJ = ".base_layer.out_proj"
-
-
-def pattern_target(module: str) -> str:
-    """The name PEFT matched rank_pattern / alpha_pattern against for the LoRA layer saved as `module`."""
-    return module.removesuffix(_MHA_OUT_PROJ)
 
 
 def variant_skip(cfg: dict) -> str | None:

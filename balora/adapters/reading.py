@@ -168,7 +168,7 @@ def _peft_source(folder: Path, adapter: str, root: Path, weights: Path | None = 
     variant = variant_skip(cfg)
     tables = rank_scaling_tables(cfg, str(cfg_path))
     for e in entries:
-        r_cfg, e.scaling = config_rank_scaling(cfg, e.module, tables)
+        r_cfg, e.scaling = config_rank_scaling(cfg, e.module, tables, e.r)
         experts = e.r // r_cfg if r_cfg and e.r % r_cfg == 0 else 0
         if r_cfg != e.r and e.skip_reason is None and cfg.get("target_parameters") and experts > 1:
             # PEFT's LoRA on a 3-D expert parameter stacks one r-block per expert (r x E rows), as live.py reads it
