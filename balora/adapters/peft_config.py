@@ -174,8 +174,8 @@ def pattern_targets(cfg: dict, module: str) -> list[str]:
     """
     module = module.removesuffix(_MHA_OUT_PROJ)
     owner = module.replace(".base_layer", "")
-    found = []
-    for target in cfg.get("target_parameters") or ():
+    found, targets = [], cfg.get("target_parameters")
+    for target in targets if isinstance(targets, list) else ():  # PEFT takes a list of names only
         key = f"{owner}.{str(target).rpartition('.')[2]}"
         if key == target or key.endswith(f".{target}"):
             found.append(key)
