@@ -153,8 +153,8 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     A Gram rounded by E moves the balanced pair's Gram by Y E Y^T (resp. X^T E X), so
     u (||Y Y^T|| ||G_A|| + ||X^T X|| ||G_B||) / (2 ||S||) estimates the rel_imbalance the
     result will have (||.||_inf >= ||.||_2 for the r x r products, Frobenius for the rest);
-    pairs above `tol`, and zero, singular or non-finite Grams, come back with accurate = False
-    for the QR path to redo.
+    pairs above `tol`, zero, singular or non-finite Grams, and numerically rank-deficient products
+    (S_r <= RANK_RTOL S_1) come back with accurate = False for the QR path to redo.
     settled: a float or (G,): pairs already balanced to within it (rel_imbalance from the Grams;
     for "svd" also Grams diagonal to within it) get X = Y = I exactly and accurate = True, so
     writing them back changes no bit. Pass the storage dtype's unit roundoff: for bf16/fp16
@@ -182,10 +182,12 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     gain_B = _inf_norm(X.mT @ X)
     est = u * (gain_A * norm_A + gain_B * norm_B) / (2 * torch.linalg.vector_norm(S, dim=-1)) + eig_cond
     usable = ok & (norm_A > floor) & (norm_B > floor)
-    accurate = usable & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
+    # A numerically rank-deficient pair goes to the QR path, which rules on it (rank report, the
+    # policy): the caller counts accepted pairs as full rank, and the svd gauge's estimate (no
+    # eigen-conditioning term) accepted float64 pairs with S_r / S_1 down to ~1e-9.
+    full_rank = S[:, -1] > RANK_RTOL * S[:, 0]
+    accurate = usable & full_rank & (est <= tol) & all_finite(X) & all_finite(Y)  # NaN fails <=
     if settled is not None:
-        # Not a numerically rank-deficient pair: the QR path rules on those (rank report, the policy).
-        full_rank = S[:, -1] > RANK_RTOL * S[:, 0]
         keep = usable & full_rank & _settled(G_A, G_B, norm_A + norm_B, method, settled)
         X, Y = torch.where(keep[:, None, None], eye, X), torch.where(keep[:, None, None], eye, Y)
         accurate = accurate | keep

@@ -381,3 +381,28 @@ def test_a_settled_but_rank_deficient_pair_is_left_to_the_qr_path():
     assert bal.S[0, -1] < RANK_RTOL * bal.S[0, 0]
     t = gram_transforms(*_grams(bal.A[0], bal.B[0]), "nearest", settled=1e-3)
     assert not torch.equal(t.X[0], torch.eye(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("rel", [3e-6, 1e-8])
+def test_a_numerically_rank_deficient_float64_pair_is_ruled_on_by_its_rank(np_product_error, method, rel):
+    """A float64 pair whose product's last singular value is below RANK_RTOL of the first is
+    rank-deficient for balora: the default policy ("skip") leaves it alone and reports its rank,
+    whatever the gauge. The svd gauge's Gram path has no eigen-conditioning term, so it accepted
+    such pairs, counted them as full rank and balanced them."""
+    import numpy as np
+
+    from balora.imbalance import RANK_RTOL
+
+    gen = torch.Generator().manual_seed(3)
+    A, B = _factor(64, 8, 3.0, gen).mT.contiguous(), _factor(48, 8, 3.0, gen) / 10
+    A[-1] *= rel
+    sv = np.linalg.svd(B.numpy() @ A.numpy(), compute_uv=False)[:8]
+    rank = int((sv > RANK_RTOL * sv[0]).sum())
+    assert rank == 7
+    assert not gram_transforms(*_grams(A, B), method).accurate.item()
+    new, summary = balance_pairs([FactorPair("m", "default", "linear", A, B, 1.0)], method)
+    assert new == {} and summary.rank_deficient == {"m[default]": rank}
+    new, summary = balance_pairs([FactorPair("m", "default", "linear", A, B, 1.0)], method,
+                                 on_rank_deficient="balance")
+    assert summary.rank_deficient == {"m[default]": rank} and np_product_error(A, B, *new[0]) < 1e-12
