@@ -105,6 +105,8 @@ FOLDER_CASES = {
     "no_chain": (_mutate_tensors(replace={LORA_B1: torch.randn(10, R + 1)}), None, "shapes do not chain"),
     "not_factor_shapes": (_mutate_tensors(replace={LORA_B1: torch.randn(10, R, 2)}), None, "not LoRA factor shapes"),
     "int_factor": (_mutate_tensors(replace={LORA_B1: torch.ones(10, R, dtype=torch.int64)}), None, "expected floating point"),
+    "float8_factors": (_mutate_tensors(replace={LORA_B1.replace("lora_B", "lora_A"): torch.randn(R, 12).to(torch.float8_e4m3fn),
+                                                LORA_B1: torch.randn(10, R).to(torch.float8_e4m3fn)}), None, "float8_e4m3fn"),
     "empty_factor": (_mutate_tensors(replace={LORA_B1: torch.randn(10, 0)}), None, "empty factor"),
     "no_lora_keys": ({"base_model.model.x.weight": torch.randn(3, 3)}, None, "no lora_A/lora_B keys"),
     "nan_values": (_mutate_tensors(replace={LORA_B1: torch.full((10, R), float("nan"))}), None, None),

@@ -103,6 +103,9 @@ def make_entry(tf: TensorFile, module: str, adapter: str, roles: dict[str, str],
     for k in (kA, kB):
         if not tf.dtypes[k].is_floating_point:
             raise InputError(f"{where}: {k} has dtype {str(tf.dtypes[k]).removeprefix('torch.')}, expected floating point")
+        if tf.dtypes[k].itemsize < 2:  # float8: torch has no promotion, abs or max for it, so no maths either
+            raise InputError(f"{where}: {k} has dtype {str(tf.dtypes[k]).removeprefix('torch.')}, "
+                             "expected float16, bfloat16, float32 or float64")
     if tf.dtypes[kA] != tf.dtypes[kB]:
         raise InputError(f"{where}: {names[ra]} is {tf.dtypes[kA]} but {names[rb]} is {tf.dtypes[kB]}")
     if len(sA) == 2 and len(sB) == 2:
