@@ -11,7 +11,7 @@ worse conditioned, rank-deficient or wider than tall fall back to Householder.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -148,19 +148,45 @@ def full_fp32_matmuls():
     11 bits its Grams cannot tell a balanced pair from its neighbours (the Gram path would refuse
     every pair) and its products would move dW by ~1e-3 every step. Its matmuls are a small share
     of a training step's, so the full precision costs little. Nested or concurrent uses (threads
-    balancing at once) set it once and restore it when the last one leaves."""
+    balancing at once) set it once and restore it when the last one leaves. torch.autocast is
+    switched off inside too: a loop that runs optimizer.step() under it runs the training hooks
+    under it, and bf16 Grams and products balanced only to ~3e-3 and moved dW by ~4e-3 every step."""
     global _full_depth, _full_saved
     with _FULL:
         if _full_depth == 0:
             _full_saved = _set_fp32_matmul_precision(None)
         _full_depth += 1
     try:
-        yield
+        with _no_autocast():
+            yield
     finally:
         with _FULL:
             _full_depth -= 1
             if _full_depth == 0:
                 _set_fp32_matmul_precision(_full_saved)
+
+
+def _no_autocast() -> ExitStack:
+    """torch.autocast off for every device type where it is on (its state is per thread); nothing
+    entered where it is off, so a CPU-only torch never hears of "cuda"."""
+    stack = ExitStack()
+    for kind in _AUTOCAST_DEVICES:
+        if _autocast_on(kind):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _autocast_on(kind: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(kind))
+    except TypeError:  # torch < 2.4: no device argument, one getter for the CPU and one for CUDA
+        legacy = {"cpu": torch.is_autocast_cpu_enabled, "cuda": torch.is_autocast_enabled}.get(kind)
+        return bool(legacy and legacy())
+    except (RuntimeError, ValueError):  # a device type this torch build does not know
+        return False
 
 
 def _set_fp32_matmul_precision(saved: tuple | None) -> tuple:

@@ -169,6 +169,37 @@ def test_balance_after_step_in_a_hand_written_loop(make_tiny_net, tiny_net_targe
         balance_after_step(opt, model, every=0)
 
 
+@pytest.mark.parametrize("threads", [1, 2], ids=["pair_by_pair", "stacked"])
+def test_balance_after_step_inside_autocast_keeps_dw(make_tiny_net, tiny_net_targets, tiny_net_inputs, peft_deltas,
+                                                     assert_deltas_close, threads):
+    """A loop whose whole body runs under torch.autocast (optimizer.step() included) runs balora's hook
+    inside it too: the pass's fp32 Grams and products must not become bf16 ones (dW moved by ~4e-3
+    and the pairs balanced only to ~3e-3 every step). threads=2: the stacked pass a GPU runs."""
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    recorded = {}
+
+    def record(o, a, k):  # PEFT's dW right after the step, formed at full precision (outside autocast)
+        with torch.autocast("cpu", enabled=False):
+            recorded.update(deltas=peft_deltas(model))
+
+    opt.register_step_post_hook(record)
+    balance_after_step(opt, model)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(*tiny_net_inputs).float().square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            assert float(layer_report(model)["rel_imbalance"].max()) < 1e-5
+            assert_deltas_close(recorded["deltas"], peft_deltas(model), rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_balance_after_step_through_accelerate_with_gradient_accumulation(make_tiny_net, tiny_net_targets,
                                                                            tiny_net_inputs, monkeypatch):
     """accelerate's prepared optimizer hides torch's step hooks: balance_after_step hooks the optimizer it
