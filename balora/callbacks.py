@@ -55,8 +55,10 @@ class BalanceCallback(TrainerCallback):
         self._pairs = PairCache()  # the model is walked once, not after every step
 
     def attach(self, trainer) -> "BalanceCallback":
-        """Register this callback ahead of the Trainer's reporting integrations."""
-        trainer.callback_handler.callbacks.insert(0, self)
+        """Register this callback ahead of the Trainer's reporting integrations (moved there when the
+        Trainer already has it, e.g. from callbacks=[...]: listed twice, it would balance twice a step)."""
+        callbacks = trainer.callback_handler.callbacks
+        callbacks[:] = [self] + [c for c in callbacks if c is not self]
         return self
 
     def on_train_begin(self, args, state, control, **kwargs):

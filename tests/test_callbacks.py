@@ -104,6 +104,23 @@ def test_attach_puts_it_first_so_integrations_see_diagnostics(lora_gpt2, train_d
     assert len(spy.keys) >= 2 and all(DIAGNOSTIC_KEYS <= keys for keys in spy.keys[:2])
 
 
+def test_attach_of_a_callback_already_given_to_the_trainer_moves_it(lora_gpt2, train_data, tmp_path, monkeypatch):
+    """Trainer(callbacks=[cb]) then cb.attach(trainer): one callback, first, one pass per step (it was
+    in the list twice: every pair balanced twice a step and the diagnostics computed twice a log)."""
+    import balora.callbacks
+
+    passes = []
+    real_step = balora.callbacks.balance_step
+    monkeypatch.setattr(balora.callbacks, "balance_step", lambda *a: passes.append(1) or real_step(*a))
+    cb = BalanceCallback()
+    trainer = _trainer(lora_gpt2(), train_data, tmp_path, [_LogSpy(), cb], steps=2)
+    assert cb.attach(trainer) is cb and cb.attach(trainer) is cb
+    assert trainer.callback_handler.callbacks[0] is cb
+    assert sum(c is cb for c in trainer.callback_handler.callbacks) == 1
+    trainer.train()
+    assert len(passes) == trainer.state.global_step == 2
+
+
 def test_balance_false_only_logs(lora_gpt2, train_data, tmp_path):
     plain = _trainer(lora_gpt2(), train_data, tmp_path / "plain", steps=2)
     plain.train()
