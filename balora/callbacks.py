@@ -108,7 +108,9 @@ def balance_after_step(
         ...
         handle.remove()                                        # to stop balancing
 
-    Keyword arguments as for balance_ (adapter, on_rank_deficient, on_nonfinite, check).
+    Keyword arguments as for balance_ (adapter, on_rank_deficient, on_nonfinite, check). The returned
+    handle's `last_summary` is the latest pass's BalanceSummary (None before the first), as on
+    BalanceCallback: with check=True, its max_rel_error and max_rel_imbalance are that pass's.
     A wrapper that keeps the real optimizer in `.optimizer` (accelerate's AcceleratedOptimizer) is
     hooked through it: the hook then runs only when that optimizer steps (with gradient
     accumulation, on sync steps; with a GradScaler, not on the steps it skips).
@@ -127,9 +129,11 @@ def balance_after_step(
     def hook(opt, args, kw):
         count["steps"] += 1
         if count["steps"] % every == 0:
-            balance_step(cache.get(model, adapter, gather=False), policy)
+            handle.last_summary = balance_step(cache.get(model, adapter, gather=False), policy)
 
-    return optimizer.register_step_post_hook(hook)
+    handle = optimizer.register_step_post_hook(hook)
+    handle.last_summary = None  # else check=True would measure every pass and show it nowhere
+    return handle
 
 
 def _hookable(optimizer):

@@ -186,6 +186,30 @@ def test_balance_after_step_in_a_hand_written_loop(make_tiny_net, tiny_net_targe
         balance_after_step(opt, model, every=0)
 
 
+def test_balance_after_step_with_check_shows_the_pass_it_measured(make_tiny_net, tiny_net_targets, tiny_net_inputs,
+                                                                   peft_deltas):
+    """check=True in a hand-written loop: the handle's last_summary carries the pass's figures (they were
+    measured and thrown away). Its max_rel_error is compared with PEFT's own dW before and after the pass."""
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    recorded = {}
+    opt.register_step_post_hook(lambda o, a, k: recorded.update(deltas=peft_deltas(model)))
+    handle = balance_after_step(opt, model, check=True)
+    assert handle.last_summary is None
+    for _ in range(2):
+        loss = model(*tiny_net_inputs).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after = peft_deltas(model)
+        moved = max(float((after[k] - d).norm() / d.norm()) for k, d in recorded["deltas"].items())
+        summary = handle.last_summary
+        assert summary.balanced == len(after)
+        assert 0 < summary.max_rel_error < 1e-5 and moved < 1e-5
+        assert summary.max_rel_imbalance == pytest.approx(float(layer_report(model)["rel_imbalance"].max()), rel=0.5, abs=1e-8)
+    handle.remove()
+
+
 @pytest.mark.parametrize("threads", [1, 2], ids=["pair_by_pair", "stacked"])
 def test_balance_after_step_inside_autocast_keeps_dw(make_tiny_net, tiny_net_targets, tiny_net_inputs, peft_deltas,
                                                      assert_deltas_close, threads):
