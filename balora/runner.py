@@ -13,6 +13,7 @@ share the optimizer, lr, alpha and weight decay; only what defines an arm differ
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import threading
 from dataclasses import asdict
@@ -24,8 +25,8 @@ import torch
 from balora import records
 from balora.arms import Arm
 from balora.cell import Cell, Terminated, signals_deferred
-from balora.compare_config import CompareConfig, RunConfig, resolve
-from balora.store import RunWriter, environment_info, load_run
+from balora.compare_config import CompareConfig, RunConfig, command_line, resolve
+from balora.store import RunFolderTaken, RunWriter, environment_info, load_run
 from balora.tasks import Problem, TaskSpec
 
 # ---------------------------------------------------------------- the loop
@@ -74,7 +75,7 @@ def _run_with_writer(run: RunConfig, task: TaskSpec, arms: list[Arm], cfg: Compa
     # Built before anything is written: a bad task option (model path, size) leaves no run directory behind.
     first = build(run.seeds[0], run.alphas[0])
     run.problem = first.info
-    writer = RunWriter(run.out, asdict(run), environment_info(run.device), force=cfg.force)
+    writer = _open_writer(run, cfg)
 
     bar = tqdm(total=run.n_cells * run.steps, unit="step", disable=cfg.quiet, dynamic_ncols=True, leave=True)
     where = {"cell": "before the first cell"}
@@ -94,6 +95,26 @@ def _run_with_writer(run: RunConfig, task: TaskSpec, arms: list[Arm], cfg: Compa
     finally:
         bar.close()
     return writer.path
+
+
+def _open_writer(run: RunConfig, cfg: CompareConfig) -> RunWriter:
+    """The run's writer. A default folder (runs/<task>-<time to the second>) that another run holds, e.g.
+    a second `balora compare` started in the same second, moves on to <name>-2, -3, ...; --force applies
+    only to a folder the user named, never to one that run picked. cfg.out is set to the folder taken
+    (the CLI names it after Ctrl-C)."""
+    base = run.out
+    for n in itertools.count(2):
+        try:
+            writer = RunWriter(run.out, asdict(run), environment_info(run.device), force=cfg.force and bool(cfg.out))
+            break
+        except RunFolderTaken:
+            if cfg.out:
+                raise
+            run.out = f"{base}-{n}"
+            run.command_reconstructed = command_line(run)  # it names --out
+            run.command = cfg.command or run.command_reconstructed
+    cfg.out = run.out
+    return writer
 
 
 def _builder(run: RunConfig, task: TaskSpec, device: torch.device):

@@ -182,3 +182,30 @@ def test_summary_caption_without_a_target(tmp_path, capsys):
     print_summary(run)
     caption = " ".join(capsys.readouterr().out.split())
     assert "to target: median steps at the best cell (-: the run has no target loss)" in caption
+
+
+def test_two_compares_in_the_same_second_get_a_folder_each(tmp_path, monkeypatch, capsys):
+    """Without --out the folder is <runs>/<task>-<time to the second>: a second `balora compare` started in
+    the same second (two shells, a script, the dashboard's Launch) found the first's folder, exited 2 and told
+    the user to pass --force, which would have deleted the first run. It now takes <name>-2, the first intact."""
+    from balora import runs_folder
+
+    monkeypatch.setenv(runs_folder.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(runs_folder.time, "strftime", lambda fmt: "20260101-000000")  # both in one second
+    argv = ["compare", "--arms", "lora", "--steps", "3", "--seeds", "1", *TINY, "--quiet"]
+    assert main(argv) == 0
+    first = tmp_path / "synthetic-20260101-000000"
+    before = load_run(first)
+    for force in ([], ["--force"]):  # --force is about a folder named with --out: never the other run's
+        assert main([*argv, "--optimizer", "sgd", *force]) == 0, capsys.readouterr().err
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert runs == [first.name, f"{first.name}-2", f"{first.name}-3"]
+    after = load_run(first)
+    assert after.status == "completed" and after.config == before.config
+    assert after.steps.equals(before.steps) and after.config["optimizer"] == "adam"
+    for name in runs[1:]:
+        second = load_run(tmp_path / name)
+        assert second.status == "completed" and second.config["optimizer"] == "sgd"
+        assert second.config["out"] == str(tmp_path / name)
+        assert f"--out {tmp_path / name}" in second.config["command_reconstructed"]
+    assert f"run written to {tmp_path / runs[-1]}" in capsys.readouterr().out

@@ -396,3 +396,21 @@ def test_compare_cli_force_says_what_it_kept(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "notes.txt" in err and "did not write" in err
     assert (out / "notes.txt").read_text() == "mine" and load_run(out).status == "completed"
+
+
+def test_two_writers_that_both_found_the_folder_empty_do_not_both_write(tmp_path, monkeypatch):
+    """The emptiness check and the first write are two steps: two runs that both passed the check (two
+    `balora compare` picking the same default folder at once) wrote into one folder, each overwriting the
+    other's status and part files. The marker is created exclusively: the second writer is refused."""
+    from balora.store import writer as writer_module
+
+    out = tmp_path / "run"
+    first = RunWriter(out, {"task": "first"})
+    monkeypatch.setattr(writer_module, "any", lambda entries: False, raising=False)  # it checked before the first wrote
+    with pytest.raises(InputError, match="another balora run"):
+        RunWriter(out, {"task": "second"})
+    monkeypatch.undo()
+    first.append("steps", [{"arm": "lora", "seed": 0, "lr": 0.1, "alpha": 1.0, "step": 1, "loss": 1.0}])
+    first.finish("completed")
+    run = load_run(out)
+    assert run.config["task"] == "first" and run.status == "completed" and len(run.steps) == 1

@@ -54,7 +54,6 @@ def config_from_args(args):
     """argparse namespace -> balora.compare_config.CompareConfig (imported here: parsing `balora --help`
     should not pay for importing the runner, PEFT and transformers)."""
     from balora.compare_config import CompareConfig, parse_set
-    from balora.runs_folder import new_run_dir
 
     return CompareConfig(
         task=args.task, arms=args.arms, steps=args.steps, seeds=args.seeds, optimizer=args.optimizer, lr=args.lr,
@@ -62,7 +61,7 @@ def config_from_args(args):
         dtype=args.dtype, eval_every=args.eval_every, layers_every=args.layers_every,
         spectra_every=args.spectra_every, target_loss=args.target_loss, select=args.select,
         options=parse_set(args.set),
-        out=args.out or new_run_dir(args.task), force=args.force, quiet=args.quiet,
+        out=args.out, force=args.force, quiet=args.quiet,  # None: the runner picks a free runs/<task>-<time>
         command=invoked_command(),
     )
 
@@ -94,7 +93,7 @@ def run(args) -> int:
     try:
         path = run_compare(cfg)
     except KeyboardInterrupt:
-        if os.path.isfile(os.path.join(cfg.out, STATUS)):
+        if cfg.out and os.path.isfile(os.path.join(cfg.out, STATUS)):
             print(f"balora compare: partial run left in {cfg.out} (marked interrupted; balora.load_run reads it)",
                   file=sys.stderr)
         raise

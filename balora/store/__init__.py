@@ -50,12 +50,12 @@ from balora.store.layout import (CELL_STATUSES, CONFIG, ENV, HEARTBEAT_S, KEY_CO
                                  STALE_AFTER_S, STATUS, STATUSES, TABLES, UNIQUE, is_marked, is_run_dir,
                                  run_version, to_table)
 from balora.store.reader import LIST_COLUMNS, Run, list_runs, load_run
-from balora.store.writer import (RunWriter, clear_run, environment_info, foreign_entries, now_iso,
+from balora.store.writer import (RunFolderTaken, RunWriter, clear_run, environment_info, foreign_entries, now_iso,
                                  write_json_atomic)
 
 __all__ = [
     "CELL_STATUSES", "CONFIG", "ENV", "HEARTBEAT_S", "KEY_COLUMNS", "LIST_COLUMNS", "MARKER", "RUN_FILES",
-    "STALE_AFTER_S", "STATUS", "STATUSES", "TABLES", "UNIQUE", "Run", "RunError", "RunWriter", "clear_run",
+    "STALE_AFTER_S", "STATUS", "STATUSES", "TABLES", "UNIQUE", "Run", "RunError", "RunFolderTaken", "RunWriter", "clear_run",
     "environment_info", "foreign_entries", "is_marked", "is_run_dir", "list_runs", "load_run", "now_iso",
     "read_config", "read_status", "run_version", "to_table", "write_json_atomic",
 ]

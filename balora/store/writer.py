@@ -140,6 +140,22 @@ def clear_run(path: str | Path, flag: str = "--out") -> list[str]:
 # ------------------------------------------------------------------ the writer
 
 
+class RunFolderTaken(InputError):
+    """The run folder holds something already, or another writer claimed it first (balora.runner then
+    moves a default folder name on to the next one)."""
+
+
+def _claim(marker: Path, flag: str) -> None:
+    """Write the marker only if no one has: two writers that both found the folder empty (two `balora
+    compare` started in the same second pick the same default name) must not both write into it."""
+    try:
+        with open(marker, "x", encoding="utf-8") as f:
+            f.write(marker_text(now_iso()))
+    except FileExistsError:
+        raise RunFolderTaken(f"{flag} {marker.parent}: another balora run started writing there just now; "
+                             "choose another path") from None
+
+
 class RunWriter:
     """Creates a run directory and appends to it. Use as a context manager:
 
@@ -155,11 +171,11 @@ class RunWriter:
         self.path = Path(path)
         self.kept: list[str] = []
         if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"{flag} {self.path}: exists and is not a directory; choose another path")
+            raise RunFolderTaken(f"{flag} {self.path}: exists and is not a directory; choose another path")
         if self.path.is_dir() and any(self.path.iterdir()):
             if not force:
-                raise InputError(f"{flag} {self.path}: directory exists and is not empty; choose another path "
-                                 "or pass --force to replace a previous run there")
+                raise RunFolderTaken(f"{flag} {self.path}: directory exists and is not empty; choose another path "
+                                     "or pass --force to replace a previous run there")
             for table in TABLES:  # checked before anything is deleted: a refusal leaves the folder as it was
                 folder = self.path / table
                 if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
@@ -167,7 +183,7 @@ class RunWriter:
                                      "file); move it away or choose another path")
             self.kept = clear_run(self.path, flag)
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / MARKER).write_text(marker_text(now_iso()))
+        _claim(self.path / MARKER, flag)
         for table in TABLES:
             (self.path / table).mkdir(exist_ok=True)
         self.config = dict(config)
