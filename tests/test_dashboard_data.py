@@ -500,3 +500,17 @@ def test_balora_dashboard_command_line(tmp_path, capsys):
     assert main(["dashboard", "--print-command", "--port", "0"]) == 2
     (tmp_path / "file").write_text("x")
     assert main(["dashboard", "--print-command", "--runs", str(tmp_path / "file")]) == 2
+
+
+def test_printed_dashboard_command_runs_as_printed_with_spaces_in_paths(tmp_path, capsys):
+    """`balora dashboard --print-command` printed the arguments joined by spaces: a runs folder named
+    "my runs" came out as `--runs /.../my runs`, which a shell splits into two arguments."""
+    import shlex
+
+    from balora.cli import main
+
+    runs = tmp_path / "my runs ü"
+    assert main(["dashboard", "--print-command", "--runs", str(runs)]) == 0
+    cmd = shlex.split(capsys.readouterr().out)
+    assert cmd[-3:] == ["--", "--runs", str(runs)]
+    assert settings.runs_dir(cmd[cmd.index("--") + 1 :], {}) == runs

@@ -7,6 +7,7 @@ machine's disk and launches training jobs, so exposing it is a deliberate choice
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def build_command(args) -> list[str]:
 def run(args) -> int:
     cmd = build_command(args)
     if args.print_command:
-        print(" ".join(cmd))
+        print(shlex.join(cmd))  # quoted: a runs folder with a space must come back as one argument
         return 0
     print(f"balora dashboard: serving on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
     if os.name == "posix":  # become the server: a SIGTERM to this process (a service manager, CI) stops it,
