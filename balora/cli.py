@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 
@@ -52,12 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"balora {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `balora inspect ... | head`: the reader has all it wanted, nothing failed
+        _stdout_to_devnull()
+        return 141  # what a shell reports for a tool stopped by a closed pipe (128 + SIGPIPE)
     except Exception as e:  # anything else is a bug or an environment problem: say so in one line
         if args.debug:
             traceback.print_exc()
         else:
             print(f"balora {args.command}: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so flushing it at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by something without a descriptor (tests): nothing to flush
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

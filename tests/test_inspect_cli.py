@@ -228,3 +228,17 @@ def test_an_fsdp_sharded_checkpoint_gets_a_one_line_error_saying_what_to_save(fs
         assert "FSDP sharded checkpoint" in message and "FULL_STATE_DICT" in message and "save_model" in message
         if path != shard:  # the model's shards are named, not the optimizer's
             assert str(ckpt / "pytorch_model_fsdp_0") in message and "optimizer_0" not in message
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_reader_closing_the_pipe_is_not_an_error(trained, fmt):
+    """`balora inspect ADAPTER --format csv | head -1`: the reader closing the pipe early is the user's choice,
+    not a failure. It printed "error: BrokenPipeError ... rerun with --debug" and exited 1, the code kept for
+    bugs; now it stops quietly with a shell's code for a closed pipe (128 + SIGPIPE)."""
+    folder, _ = trained
+    proc = subprocess.Popen([sys.executable, "-m", "balora.cli", "inspect", str(folder), "--format", fmt],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line: every write fails
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141
+    assert "error" not in err.lower() and "Traceback" not in err and "Exception ignored" not in err, err
