@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import signal
 import threading
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from balora import records
+from balora import records, runs_folder
 from balora.arms import Arm
 from balora.cell import Cell, Terminated, signals_deferred
 from balora.compare_config import CompareConfig, RunConfig, command_line, resolve
@@ -103,9 +104,11 @@ def _open_writer(run: RunConfig, cfg: CompareConfig) -> RunWriter:
     only to a folder the user named, never to one that run picked. cfg.out is set to the folder taken
     (the CLI names it after Ctrl-C)."""
     base = run.out
+    flag = "--out" if cfg.out else f"${runs_folder.ENV_VAR}" if os.environ.get(runs_folder.ENV_VAR) else "runs folder"
     for n in itertools.count(2):
         try:
-            writer = RunWriter(run.out, asdict(run), environment_info(run.device), force=cfg.force and bool(cfg.out))
+            writer = RunWriter(run.out, asdict(run), environment_info(run.device), force=cfg.force and bool(cfg.out),
+                               flag=flag)
             break
         except RunFolderTaken:
             if cfg.out:

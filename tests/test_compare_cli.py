@@ -209,3 +209,23 @@ def test_two_compares_in_the_same_second_get_a_folder_each(tmp_path, monkeypatch
         assert second.config["out"] == str(tmp_path / name)
         assert f"--out {tmp_path / name}" in second.config["command_reconstructed"]
     assert f"run written to {tmp_path / runs[-1]}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["--out", "runs folder"])
+def test_an_out_that_cannot_be_created_is_one_line_exit_2(tmp_path, monkeypatch, capsys, where):
+    """--out (or $BALORA_RUNS) under a file, or in a folder the user cannot write to, is bad input: it gave
+    "error: NotADirectoryError: [Errno 20] ... (rerun with --debug for the traceback)" and exit 1, the code
+    kept for bugs, without naming the flag."""
+    from balora import runs_folder
+
+    (tmp_path / "file").write_text("x")
+    argv = ["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--quiet"]
+    if where == "--out":
+        argv += ["--out", str(tmp_path / "file" / "run")]
+    else:
+        monkeypatch.setenv(runs_folder.ENV_VAR, str(tmp_path / "file"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    flag = "--out" if where == "--out" else "$BALORA_RUNS"  # the setting to change
+    assert err.startswith(f"balora compare: error: {flag} {tmp_path / 'file'}/") and "\n" not in err
+    assert "--debug" not in err and (tmp_path / "file").read_text() == "x"

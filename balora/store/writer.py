@@ -154,6 +154,9 @@ def _claim(marker: Path, flag: str) -> None:
     except FileExistsError:
         raise RunFolderTaken(f"{flag} {marker.parent}: another balora run started writing there just now; "
                              "choose another path") from None
+    except OSError as e:  # a folder the user cannot write to
+        raise InputError(f"{flag} {marker.parent}: cannot write the run there ({e.strerror or e}); "
+                         "choose a folder you can write to") from e
 
 
 class RunWriter:
@@ -182,7 +185,11 @@ class RunWriter:
                     raise InputError(f"{flag} {self.path}: {table} is not a folder balora made (a link or a "
                                      "file); move it away or choose another path")
             self.kept = clear_run(self.path, flag)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # under a file, a read-only folder: the user's path, not a bug
+            raise InputError(f"{flag} {self.path}: cannot create the run folder ({e.strerror or e}); "
+                             "choose a folder you can write to") from e
         _claim(self.path / MARKER, flag)
         for table in TABLES:
             (self.path / table).mkdir(exist_ok=True)
