@@ -4,6 +4,7 @@ defaults into the RunConfig saved beside every run, and the equivalent command l
 from __future__ import annotations
 
 import math
+import os
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -307,7 +308,7 @@ def resolve(cfg: CompareConfig) -> Resolved:
         task_options={**task_keys, **{k: v for k, v in cfg.options.items() if k in task_keys}},
         arm_options=arm_options(names, cfg.options, float(pick("weight_decay", 0.0))),
         n_cells=0,
-        out=cfg.out or new_run_dir(task.name),
+        out=os.path.expanduser(cfg.out) if cfg.out else new_run_dir(task.name),  # `--out=~/x`: no shell expands it
         created=now_iso(),
     )
     run.n_cells = len(run.arms) * len(run.seeds) * len(run.lrs) * len(run.alphas)

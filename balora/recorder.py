@@ -52,7 +52,7 @@ class RunRecorder(TrainerCallback):
                  force: bool = False):
         if layers_every < 0 or (spectra_every is not None and spectra_every < 0):
             raise ValueError("RunRecorder: layers_every and spectra_every must be >= 0")
-        self.out_dir, self.arm, self.force = Path(out_dir), arm, force
+        self.out_dir, self.arm, self.force = Path(out_dir).expanduser(), arm, force
         self.layers_every = layers_every
         self.spectra_every = layers_every if spectra_every is None else spectra_every
         self.seed, self.target_loss, self.adapter = seed, target_loss, adapter

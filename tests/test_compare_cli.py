@@ -229,3 +229,19 @@ def test_an_out_that_cannot_be_created_is_one_line_exit_2(tmp_path, monkeypatch,
     flag = "--out" if where == "--out" else "$BALORA_RUNS"  # the setting to change
     assert err.startswith(f"balora compare: error: {flag} {tmp_path / 'file'}/") and "\n" not in err
     assert "--debug" not in err and (tmp_path / "file").read_text() == "x"
+
+
+def test_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """`--out=~/runs/x` reaches balora unexpanded (a shell expands ~ only at the start of a word): the run's
+    JSON files went to a folder literally named ~ in the current folder, then pandas, which expands ~ itself,
+    wrote the first table under the real home, failed there, and the run ended "failed" with exit 1."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert main(["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--quiet", "--out=~/x"]) == 0
+    assert f"run written to {home / 'x'} (completed)" in capsys.readouterr().out
+    run = load_run(home / "x")
+    assert run.status == "completed" and len(run.steps) == 2 and run.config["out"] == str(home / "x")
+    assert load_run("~/x").status == "completed"
+    assert list(cwd.iterdir()) == []  # no folder named ~

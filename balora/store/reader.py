@@ -100,7 +100,7 @@ def load_run(path: str | Path, *, stale_after_s: float = STALE_AFTER_S) -> Run:
     be used (not a regular file, not a JSON object, fields of the wrong type) raises RunError (an
     InputError) naming the file.
     """
-    run = Path(path)
+    run = Path(path).expanduser()  # as pandas does for the part files
     if not run.is_dir():
         raise InputError(f"{run}: no such run directory; pass a folder written by `balora compare` or RunRecorder")
     if not os.path.lexists(run / CONFIG) and not os.path.lexists(run / STATUS):

@@ -171,7 +171,7 @@ class RunWriter:
 
     def __init__(self, path: str | Path, config: dict, env: dict | None = None, *, force: bool = False,
                  flag: str = "--out"):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # as pandas does for the part files: never a folder named ~
         self.kept: list[str] = []
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderTaken(f"{flag} {self.path}: exists and is not a directory; choose another path")
