@@ -8,6 +8,7 @@ a bounded chunk at a time, and checks the written copy before it is moved into p
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,15 @@ class FileBalanceSummary:
         return "\n".join(printable(line) for line in lines)
 
 
+def _refuse_file_for_folder(src: Path, dst_text: str) -> None:
+    """`balance lora.safetensors out/` would write a file named `out`: the slash, which Path() drops, said
+    a folder. Refused, with the name to give instead."""
+    if dst_text.endswith(("/", os.sep)) and not src.is_dir():
+        dst = Path(dst_text)
+        raise InputError(f"{dst}/: ends with / (a folder) but {src} is a file; name the output file, "
+                         f"e.g. {dst / src.name}")
+
+
 def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "skip", *,
                  force: bool = False, dtype: str | torch.dtype | None = None) -> FileBalanceSummary:
     """Write a balanced copy of the adapter at `src` (a path or a Hub id) to `dst`, in the input's own format.
@@ -163,7 +173,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
         against the original, the cast included, and a cast that overflows is refused.
     """
     t0 = time.perf_counter()
-    src, dst = local_path(src), Path(dst)
+    src, dst, dst_text = local_path(src), Path(dst), str(dst)
     BalancePolicy(method, on_rank_deficient)  # the one check (PolicyError) before anything is read or written
     try:
         target = storage_dtype(dtype)
@@ -171,6 +181,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
         raise InputError(str(e)) from e
     sources = read_adapters(src)
     _refuse_trainer_folder(src, sources)
+    _refuse_file_for_folder(src, dst_text)
     check_destination(src, dst, force, [s.weights for s in sources])
 
     summary = FileBalanceSummary(str(src), str(dst), sources[0].format, method,

@@ -720,3 +720,19 @@ def test_each_tensor_file_is_parsed_once(tmp_path, monkeypatch):
     opened.clear()
     (source,) = reading.read_adapters(diffusers)
     assert source.reader == "kohya" and opened == ["pytorch_lora_weights.safetensors"]
+
+
+def test_a_file_is_never_written_where_a_folder_was_named(trained, tmp_path):
+    """`balora balance lora.safetensors balanced/` wrote a file named `balanced` (no extension, a name that
+    tools listing *.safetensors skip): the trailing / said a folder. And a folder that is a file was said
+    not to exist."""
+    folder, _ = trained
+    weights = folder / "adapter_model.safetensors"
+    with pytest.raises(InputError, match="ends with /.*adapter_model.safetensors is a file"):
+        balance_file(weights, f"{tmp_path / 'balanced'}/")
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(InputError, match="plain is not a folder"):
+        balance_file(weights, tmp_path / "plain" / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # nothing written
+    balance_file(folder, f"{tmp_path / 'copy'}/")  # a folder for a folder: the slash is what it means
+    assert (tmp_path / "copy" / "adapter_model.safetensors").is_file()

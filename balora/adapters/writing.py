@@ -155,7 +155,8 @@ def check_destination(src: Path, dst: Path, force: bool, weights: list[Path]) ->
     if d in s.parents:
         raise InputError(f"{dst}: contains the input {src}; replacing it would delete the input")
     if not d.parent.is_dir():
-        raise InputError(f"{dst}: its folder {dst.parent} does not exist")
+        why = "is not a folder" if d.parent.exists() else "does not exist"
+        raise InputError(f"{dst}: its folder {dst.parent} {why}")
     if dst.is_symlink():  # replacing it would either follow it elsewhere or swap a link for a folder
         raise InputError(f"{dst}: is a symbolic link; write the balanced copy to a real path (or remove the link)")
     if dst.exists():
