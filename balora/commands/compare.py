@@ -41,7 +41,7 @@ def add_parser(sub):
                         "seed = each seed its own best, the paper's protocol")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="task or arm option, repeatable: --set model=gpt2 --set loraplus_lr_ratio=4")
-    p.add_argument("--out", help="run directory (default: <runs folder>/<task>-<timestamp>; the runs folder is "
+    p.add_argument("--out", help="run directory (default: <runs folder>/<task>-<timestamp>, -2 added if taken; the runs folder is "
                                  "./runs or $BALORA_RUNS, the one the dashboard lists)")
     p.add_argument("--force", action="store_true",
                    help="replace an earlier balora run at --out: only the files balora wrote there are deleted")
