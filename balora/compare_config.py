@@ -244,6 +244,18 @@ def _target_loss(value: Any) -> float:
     return target
 
 
+def _weight_decay(value: Any) -> float:
+    """Checked here, not by the optimizer: torch refuses a negative or NaN one only when the first cell builds
+    it (a run folder marked failed), and takes an infinite one (every cell ruined, the run "completed")."""
+    try:
+        decay = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--weight-decay {value!r}: not a number") from None
+    if not (math.isfinite(decay) and decay >= 0):
+        raise InputError(f"--weight-decay {value}: must be a finite number >= 0 (0: no weight decay)")
+    return decay
+
+
 def _select(value: Any) -> str:
     if value not in SELECTS:
         raise InputError(f"--select {value}: use arm (one lr per arm, median over seeds) or seed (each seed "
@@ -278,6 +290,7 @@ def resolve(cfg: CompareConfig) -> Resolved:
         raise InputError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     target = pick("target_loss")
     select = _select(pick("select", "arm"))
+    weight_decay = _weight_decay(pick("weight_decay", 0.0))
 
     task_keys = {k: v for k, v in d.items() if k not in COMPARE_KEYS}
     arm_keys = {k for a in ARMS.values() for k in a.defaults}
@@ -296,7 +309,7 @@ def resolve(cfg: CompareConfig) -> Resolved:
         lrs=parse_floats(lr, "--lr"),
         alphas=parse_floats(alpha if alpha is not None else rank, "--alpha"),
         rank=rank,
-        weight_decay=float(pick("weight_decay", 0.0)),
+        weight_decay=weight_decay,
         device=str(device),
         threads=None if pick("threads") is None else _positive_int(pick("threads"), "--threads"),
         dtype=dtype,
@@ -306,7 +319,7 @@ def resolve(cfg: CompareConfig) -> Resolved:
         target_loss=None if target is None else _target_loss(target),
         select=select,
         task_options={**task_keys, **{k: v for k, v in cfg.options.items() if k in task_keys}},
-        arm_options=arm_options(names, cfg.options, float(pick("weight_decay", 0.0))),
+        arm_options=arm_options(names, cfg.options, weight_decay),
         n_cells=0,
         out=os.path.expanduser(cfg.out) if cfg.out else new_run_dir(task.name),  # `--out=~/x`: no shell expands it
         created=now_iso(),

@@ -101,6 +101,9 @@ def test_set_values_are_typed():
     (["--lr", "lin:0.1:0.2:99999999999"], "--lr"),  # once a MemoryError
     (["--target-loss", "nan"], "--target-loss"),  # once recorded as null
     (["--target-loss", "-1"], "--target-loss"),
+    (["--weight-decay", "-1"], "--weight-decay"),  # once a run folder marked failed, exit 1
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--weight-decay", "inf"], "--weight-decay"),  # once a "completed" run
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
     out = tmp_path / "run"
