@@ -7,6 +7,8 @@ is built from them and whether (and in which gauge) the factors are balanced aft
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -119,10 +121,35 @@ def parse_arms(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return [arm.name for arm in resolve_arms(spec)]
 
 
+# The smallest value of each arm option and whether it is allowed itself: a ratio <= 0 would train B by gradient
+# ascent (or not at all), a negative damping can make the r x r matrix singular or indefinite.
+OPTION_FLOORS: dict[str, tuple[float, bool]] = {"loraplus_lr_ratio": (0.0, False), "riemannian_reg": (0.0, True)}
+
+
 def arm_options(names: list[str], overrides: dict[str, Any], weight_decay: float) -> dict[str, Any]:
-    """The options every named arm reads: weight_decay plus each arm's defaults, overridden by `overrides`."""
+    """The options every named arm reads: weight_decay plus each arm's defaults, overridden by `overrides`.
+
+    An override of an option that no named arm reads is an InputError: it would be dropped without a word.
+    """
+    read = {key for n in names for key in ARMS[n].defaults}
+    for key in overrides:
+        owners = [a.name for a in ARMS.values() if key in a.defaults]
+        if owners and key not in read:
+            raise InputError(f"--set {key}: an option of the {'/'.join(owners)} arm, which is not in --arms "
+                             f"{','.join(names)}; add the arm or drop the option")
     options: dict[str, Any] = {"weight_decay": float(weight_decay)}
     for n in names:
         for key, default in ARMS[n].defaults.items():
-            options[key] = type(default)(overrides.get(key, default))
+            value = overrides.get(key, default)
+            options[key] = _number_option(key, value) if isinstance(default, float) else type(default)(value)
     return options
+
+
+def _number_option(key: str, value: Any) -> float:
+    """A float option of an arm, checked against OPTION_FLOORS."""
+    floor, floor_ok = OPTION_FLOORS.get(key, (-math.inf, True))
+    number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    if not (math.isfinite(number) and (number > floor or (floor_ok and number == floor))):
+        bound = f"{'>=' if floor_ok else '>'} {floor:g}"
+        raise InputError(f"--set {key}={value}: must be a finite number {bound}")
+    return float(number)

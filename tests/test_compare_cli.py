@@ -104,6 +104,12 @@ def test_set_values_are_typed():
     (["--weight-decay", "-1"], "--weight-decay"),  # once a run folder marked failed, exit 1
     (["--weight-decay", "nan"], "--weight-decay"),
     (["--weight-decay", "inf"], "--weight-decay"),  # once a "completed" run
+    # an arm option for an arm not in --arms: once accepted and dropped, even from config.json
+    (["--arms", "lora,balora", "--set", "loraplus_lr_ratio=4"], "--set loraplus_lr_ratio"),
+    (["--arms", "loraplus", "--set", "loraplus_lr_ratio=abc"], "--set loraplus_lr_ratio"),  # once a bare ValueError
+    (["--arms", "loraplus", "--set", "loraplus_lr_ratio=none"], "--set loraplus_lr_ratio"),  # once a TypeError
+    (["--arms", "loraplus", "--set", "loraplus_lr_ratio=-2"], "--set loraplus_lr_ratio"),  # once B by gradient ascent
+    (["--arms", "riemannian", "--set", "riemannian_reg=-1"], "--set riemannian_reg"),  # once accepted
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
     out = tmp_path / "run"
