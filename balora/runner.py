@@ -196,7 +196,7 @@ def compare(task: str = "synthetic", arms: str | list[str] | None = None, steps:
             rank: int | None = None, device: str = "auto", out: str | Path | None = None, quiet: bool = False,
             *, dtype: str | None = None, eval_every: int | None = None, layers_every: int | None = None,
             spectra_every: int | None = None, target_loss: float | None = None, weight_decay: float | None = None,
-            force: bool = False, select: str | None = None, **task_options: Any):
+            force: bool = False, select: str | None = None, threads: int | None = None, **task_options: Any):
     """Run a comparison and return the loaded run (balora.store.Run). Same options as `balora compare`.
 
         run = balora.compare("synthetic", arms="lora,balora", seeds=3, optimizer="sgd", lr=[0.05, 0.1])
@@ -205,8 +205,9 @@ def compare(task: str = "synthetic", arms: str | list[str] | None = None, steps:
     None takes the task's default; task-specific keys (e.g. depth=2, model="gpt2") go in **task_options.
     """
     cfg = CompareConfig(task=task, arms=arms, steps=steps, seeds=seeds, optimizer=optimizer, lr=lr, alpha=alpha,
-                        rank=rank, weight_decay=weight_decay, device=device, dtype=dtype, eval_every=eval_every,
-                        layers_every=layers_every, spectra_every=spectra_every, target_loss=target_loss,
+                        rank=rank, weight_decay=weight_decay, device=device, threads=threads, dtype=dtype,
+                        eval_every=eval_every, layers_every=layers_every, spectra_every=spectra_every,
+                        target_loss=target_loss,
                         select=select, options=task_options, out=None if out is None else str(out), force=force,
                         quiet=quiet)
     return load_run(run_compare(cfg))

@@ -345,3 +345,21 @@ def test_per_seed_selection_on_a_hand_made_table():
     assert arm_summary(summary, select="arm").set_index("arm").loc["lora", "best"] == 2.0
     with pytest.raises(InputError, match="seed"):
         best_cells(summary, select="trajectory")
+
+
+def test_the_python_api_takes_every_option_of_the_command(tmp_path):
+    """balora.compare says "same options as `balora compare`": threads was missing and fell into
+    **task_options, refused as "--set threads: unknown option"."""
+    import dataclasses
+    import inspect
+
+    from balora.compare_config import CompareConfig
+
+    params = inspect.signature(compare).parameters
+    fields = {f.name for f in dataclasses.fields(CompareConfig)} - {"options", "command"}
+    assert fields <= set(params), sorted(fields - set(params))
+    before = torch.get_num_threads()
+    run = compare("synthetic", arms="lora", steps=2, seeds=1, rank=2, device="cpu", out=tmp_path / "run",
+                  quiet=True, threads=1, **TINY)
+    assert run.status == "completed" and run.config["threads"] == 1
+    assert torch.get_num_threads() == before
