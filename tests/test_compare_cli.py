@@ -110,6 +110,10 @@ def test_set_values_are_typed():
     (["--arms", "loraplus", "--set", "loraplus_lr_ratio=none"], "--set loraplus_lr_ratio"),  # once a TypeError
     (["--arms", "loraplus", "--set", "loraplus_lr_ratio=-2"], "--set loraplus_lr_ratio"),  # once B by gradient ascent
     (["--arms", "riemannian", "--set", "riemannian_reg=-1"], "--set riemannian_reg"),  # once accepted
+    (["--set", "target_fraction=-1"], "--set target_fraction"),  # once a target below the best loss: "never"
+    (["--set", "target_fraction=abc"], "--set target_fraction"),  # once a bare ValueError, exit 1
+    (["--set", "depth=abc"], "--set depth"),  # once a bare ValueError, exit 1
+    (["--set", "in_features=2.5"], "--set in_features"),  # once cut to 2, then blamed on --rank
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
     out = tmp_path / "run"

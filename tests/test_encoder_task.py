@@ -198,6 +198,9 @@ def test_jsonl_pairs_and_errors(tiny_bert, tmp_path):
                       0, 8.0, CPU)
     with pytest.raises(InputError, match="bfloat16"):
         encoder.build(make_cfg(tiny_bert, dtype="bfloat16"), 0, 8.0, CPU)
+    for fraction in (-1, 1.5, "abc"):  # once a negative target (never reached) or a bare ValueError
+        with pytest.raises(InputError, match="--set target_fraction"):
+            encoder.build(make_cfg(tiny_bert, target_fraction=fraction), 0, 8.0, CPU)
 
 
 def test_missing_package_is_an_input_error(monkeypatch):

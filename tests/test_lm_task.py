@@ -288,6 +288,9 @@ def test_bad_options_are_input_errors(tmp_path):
         lm.build(make_cfg(toy_size="huge"), 0, 8.0, CPU)
     with pytest.raises(InputError, match="model folder"):
         lm.build(make_cfg(model=str(tmp_path / "no-such-model")), 0, 8.0, CPU)
+    for fraction in (-1, 1.5, "abc", None):  # once a target below the floor (never reached) or a bare ValueError
+        with pytest.raises(InputError, match="--set target_fraction"):
+            lm.build(make_cfg(target_fraction=fraction), 0, 8.0, CPU)
 
 
 def _char_tokenizer_folder(path, text):

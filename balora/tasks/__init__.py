@@ -15,6 +15,7 @@ dict {optimizer name: lr} when a sensible lr depends on the optimizer.
 from __future__ import annotations
 
 import importlib
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -47,6 +48,17 @@ TASKS: dict[str, str] = {
     "lm": "balora.tasks.lm",
     "encoder": "balora.tasks.encoder",
 }
+
+
+def target_fraction(cfg: dict) -> float:
+    """cfg["target_fraction"], checked: a default target loss lies that fraction of the way from the task's
+    floor (best loss) to its initial loss. Outside (0, 1) it is below the floor (never reached: every arm
+    reads "never") or above the initial loss (reached before any update)."""
+    value = cfg["target_fraction"]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise InputError(f"--set target_fraction={value}: must be a number between 0 and 1 (the share of the "
+                         "initial loss above the floor left at the target)")
+    return float(value)
 
 
 def get_task(name: str) -> TaskSpec:

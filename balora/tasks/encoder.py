@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from balora.errors import InputError
-from balora.tasks import Problem, TaskSpec
+from balora.tasks import Problem, TaskSpec, target_fraction
 from balora.tasks.model_setup import add_lora, model_dtype, model_source
 from balora.tasks.text_data import read_pairs
 from balora.tasks.toy_corpus import NumberPairs
@@ -64,6 +64,7 @@ DEFAULTS = {
 
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     dtype = model_dtype(cfg, device, "encoder")
+    fraction = target_fraction(cfg)  # checked before the model loads
     model, tokenizer, info = _load_model(cfg, dtype)
     train, held_out, data_info = _load_pairs(cfg)
     batch_size = int(cfg["batch_size"])
@@ -113,7 +114,7 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
         loss=loss,
         eval_loss=eval_loss,
         best_loss=None,  # 0 bounds the loss but is not reached at a finite scale
-        target_loss=float(cfg["target_fraction"]) * initial,
+        target_loss=fraction * initial,
         info=info,
     )
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from balora.errors import InputError
-from balora.tasks import Problem, TaskSpec
+from balora.tasks import Problem, TaskSpec, target_fraction
 from balora.tasks.model_setup import add_lora, model_dtype, model_source
 from balora.tasks.text_data import TokenBlocks, read_texts, to_blocks
 from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
@@ -65,6 +65,7 @@ DEFAULTS = {
 
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     dtype = model_dtype(cfg, device, "lm")
+    fraction = target_fraction(cfg)  # checked before the model loads (or the toy model pretrains)
     # Read first: a missing data file must not wait for a model download or the toy model's pretraining.
     texts = None if str(cfg["data"]) == "toy" else read_texts(str(cfg["data"]), str(cfg["text_field"]))
     model, tokenizer, info = _load_model(cfg, dtype)
@@ -87,7 +88,7 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
         with torch.no_grad():
             initial = eval_loss(lora_model)
         lora_model.train()
-        target = floor + float(cfg["target_fraction"]) * (initial - floor)
+        target = floor + fraction * (initial - floor)
         info["initial_eval_loss"] = initial
     info.update(
         data=data.description,

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from balora.errors import InputError
-from balora.tasks import Problem, TaskSpec
+from balora.tasks import Problem, TaskSpec, target_fraction
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 TARGETS = ("random", "reachable")
@@ -147,8 +148,9 @@ def best_rank_r_loss(W0s: list[torch.Tensor], T: torch.Tensor, rank: int, target
 
 def _check(cfg: dict) -> None:
     for key in ("in_features", "out_features", "depth", "rank"):
-        if int(cfg[key]) < 1:
-            raise InputError(f"--set {key}={cfg[key]}: must be a positive integer")
+        v = cfg[key]  # int() would cut 2.5 to 2 and raise a bare ValueError on "abc"
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise InputError(f"--set {key}={v}: must be a positive integer")
     if int(cfg["rank"]) > min(int(cfg["in_features"]), int(cfg["out_features"])):
         raise InputError(f"--rank {cfg['rank']}: must be <= min(in_features, out_features) of the synthetic layer")
     if cfg["target"] not in TARGETS:
@@ -166,6 +168,7 @@ def _check(cfg: dict) -> None:
             raise InputError(f"--set {key}={v}: must be a positive finite number (1 = the init's own scale)")
     if cfg["dtype"] not in DTYPES:
         raise InputError(f"--dtype {cfg['dtype']}: the synthetic task supports {', '.join(DTYPES)}")
+    target_fraction(cfg)
 
 
 def init_lora(model: nn.Module, cfg: dict, seed: int) -> None:
@@ -222,7 +225,7 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
         batches=lambda: itertools.repeat(X),
         loss=loss,
         best_loss=best,
-        target_loss=best + float(cfg["target_fraction"]) * (initial - best),
+        target_loss=best + target_fraction(cfg) * (initial - best),
         info={
             "problem": "1/2 ||W0 + dW - T||_F^2 on the identity input",
             "in_features": int(cfg["in_features"]),
