@@ -201,6 +201,11 @@ def test_jsonl_pairs_and_errors(tiny_bert, tmp_path):
     for fraction in (-1, 1.5, "abc"):  # once a negative target (never reached) or a bare ValueError
         with pytest.raises(InputError, match="--set target_fraction"):
             encoder.build(make_cfg(tiny_bert, target_fraction=fraction), 0, 8.0, CPU)
+    # batch_size 1 leaves no in-batch negative (once a ZeroDivisionError); the rest once bare ValueErrors
+    for key, value in [("batch_size", 1), ("batch_size", "abc"), ("eval_size", 0), ("max_length", 0),
+                       ("scale", 0), ("scale", "abc"), ("lora_dropout", -0.1)]:
+        with pytest.raises(InputError, match=f"--set {key}="):
+            encoder.build(make_cfg(tiny_bert, **{key: value}), 0, 8.0, CPU)
 
 
 def test_missing_package_is_an_input_error(monkeypatch):

@@ -291,6 +291,12 @@ def test_bad_options_are_input_errors(tmp_path):
     for fraction in (-1, 1.5, "abc", None):  # once a target below the floor (never reached) or a bare ValueError
         with pytest.raises(InputError, match="--set target_fraction"):
             lm.build(make_cfg(target_fraction=fraction), 0, 8.0, CPU)
+    # once a bare ValueError / ZeroDivisionError, some only in the first cell, after the run folder was written
+    for key, value in [("batch_size", 0), ("batch_size", "abc"), ("train_blocks", 0), ("eval_blocks", 0),
+                       ("block_size", 2.5), ("lora_dropout", "abc"), ("lora_dropout", 1.0),
+                       ("pretrain_steps", "abc"), ("pretrain_steps", -3)]:
+        with pytest.raises(InputError, match=f"--set {key}="):
+            lm.build(make_cfg(**{key: value}), 0, 8.0, CPU)
 
 
 def _char_tokenizer_folder(path, text):

@@ -24,7 +24,7 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec, target_fraction
-from balora.tasks.model_setup import add_lora, model_dtype, model_source
+from balora.tasks.model_setup import add_lora, check_options, model_dtype, model_source
 from balora.tasks.text_data import read_pairs
 from balora.tasks.toy_corpus import NumberPairs
 
@@ -65,6 +65,8 @@ DEFAULTS = {
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     dtype = model_dtype(cfg, device, "encoder")
     fraction = target_fraction(cfg)  # checked before the model loads
+    # 2 pairs a batch at least: a pair's in-batch negatives are the other pairs
+    check_options(cfg, {"batch_size": 2, "eval_size": 2, "max_length": 1})
     model, tokenizer, info = _load_model(cfg, dtype)
     train, held_out, data_info = _load_pairs(cfg)
     batch_size = int(cfg["batch_size"])

@@ -20,7 +20,7 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec, target_fraction
-from balora.tasks.model_setup import add_lora, model_dtype, model_source
+from balora.tasks.model_setup import add_lora, check_options, model_dtype, model_source
 from balora.tasks.text_data import TokenBlocks, read_texts, to_blocks
 from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
 from balora.tasks.toy_model import load_toy_model, toy_config
@@ -66,6 +66,8 @@ DEFAULTS = {
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     dtype = model_dtype(cfg, device, "lm")
     fraction = target_fraction(cfg)  # checked before the model loads (or the toy model pretrains)
+    check_options(cfg, {"batch_size": 1, "block_size": 2, "train_blocks": 1, "eval_blocks": 1,
+                        **({"pretrain_steps": 1} if cfg.get("pretrain_steps") is not None else {})})
     # Read first: a missing data file must not wait for a model download or the toy model's pretraining.
     texts = None if str(cfg["data"]) == "toy" else read_texts(str(cfg["data"]), str(cfg["text_field"]))
     model, tokenizer, info = _load_model(cfg, dtype)

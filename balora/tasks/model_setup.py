@@ -3,6 +3,8 @@ seeded LoRA adapter."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -35,6 +37,23 @@ def model_dtype(cfg: dict, device: torch.device, task: str) -> torch.dtype:
     if name == "bfloat16" and device.type != "cuda":
         raise InputError(f"--dtype bfloat16: the {task} task uses bf16 only on CUDA (device is {device}); drop --dtype")
     return DTYPES[name]
+
+
+def check_options(cfg: dict, minimums: dict[str, int]) -> None:
+    """Each cfg[key] of `minimums` an integer >= its minimum, cfg["lora_dropout"] in [0, 1) and, where present,
+    cfg["scale"] a positive number; else an InputError naming the option. Checked before the model loads:
+    int() cut 2.5 to 2 and raised a bare ValueError on text, and 0 blocks or 0 rows per batch failed inside
+    the first cell, after the run folder was written."""
+    for key, minimum in minimums.items():
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+            raise InputError(f"--set {key}={v}: must be an integer >= {minimum}")
+    checks = {"lora_dropout": (lambda x: 0 <= x < 1, "a number from 0 (no dropout) up to, not including, 1"),
+              "scale": (lambda x: math.isfinite(x) and x > 0, "a positive finite number")}
+    for key, (ok, what) in checks.items():
+        v = cfg.get(key, 1.0 if key == "scale" else 0.0)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
+            raise InputError(f"--set {key}={v}: must be {what}")
 
 
 def add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int, *, task: str, task_type: str,
