@@ -330,13 +330,18 @@ def resolve(cfg: CompareConfig) -> Resolved:
     return Resolved(run, task, arms)
 
 
+def seed_list(seeds: list[int]) -> str:
+    """--seeds for exactly these seeds: "0,4,7"; one seed "4," (a bare 4 reads back as a count, seeds 0..3)."""
+    return ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")
+
+
 def command_line(run: RunConfig) -> str:
     """An equivalent `balora compare` command with every option explicit."""
     def nums(xs):
         return ",".join(repr(float(x)) for x in xs)
 
     args = ["balora", "compare", "--task", run.task, "--arms", ",".join(run.arms), "--steps", str(run.steps),
-            "--seeds", ",".join(map(str, run.seeds)), "--optimizer", run.optimizer, "--lr", nums(run.lrs),
+            "--seeds", seed_list(run.seeds), "--optimizer", run.optimizer, "--lr", nums(run.lrs),
             "--alpha", nums(run.alphas), "--rank", str(run.rank), "--weight-decay", repr(run.weight_decay),
             "--device", run.device, *(["--threads", str(run.threads)] if run.threads else []),
             "--dtype", run.dtype, "--eval-every", str(run.eval_every),

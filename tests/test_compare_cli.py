@@ -258,3 +258,13 @@ def test_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
     assert run.status == "completed" and len(run.steps) == 2 and run.config["out"] == str(home / "x")
     assert load_run("~/x").status == "completed"
     assert list(cwd.iterdir()) == []  # no folder named ~
+
+
+@pytest.mark.parametrize("seeds", ["4,", "0,", "0,4", "2"])
+def test_the_reconstructed_command_names_the_same_seeds(seeds):
+    """One seed was written as `--seeds 4`, which reads back as a count: seeds 0..3 (a different run),
+    and `--seeds 0` as an error."""
+    run = resolved("--seeds", seeds)
+    argv = shlex.split(run.command_reconstructed)
+    assert argv[:2] == ["balora", "compare"]
+    assert resolved(*argv[2:]).seeds == run.seeds
