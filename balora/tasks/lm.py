@@ -179,7 +179,8 @@ def _load_data(cfg: dict, tokenizer, max_positions: int | None,
                 eval=corpus.blocks(int(cfg["eval_blocks"]), lines, "eval"),
                 description=(
                     f"generated subtraction lines like {corpus.format_line(17, 42)!r}: "
-                    f"{cfg['train_blocks']} train + {cfg['eval_blocks']} held-out blocks of {lines} lines"
+                    f"{cfg['train_blocks']} train + {cfg['eval_blocks']} eval blocks of {lines} lines, drawn apart "
+                    f"(a small line space: many eval lines also occur in training)"
                 ),
             )
             return blocks, corpus.loss_floor(lines)
