@@ -211,8 +211,14 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise InputError(f"--device {name}: not a device; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps, ...: the runner is written and tested for these two
+        raise InputError(f"--device {name}: balora compare runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        # else torch fails inside the first cell ("invalid device ordinal"), after the run folder is written
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

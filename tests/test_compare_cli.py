@@ -10,7 +10,7 @@ import torch
 from balora.cli import build_parser, main
 from balora.commands.compare import config_from_args, invoked_command, print_summary
 from balora.commands.formatting import num
-from balora.compare_config import parse_seeds, parse_set, resolve
+from balora.compare_config import parse_seeds, parse_set, resolve, resolve_device
 from balora.store import load_run
 from balora.records import arm_summary
 
@@ -128,6 +128,24 @@ def test_cuda_refused_without_cuda(tmp_path, capsys):
         pytest.skip("this machine has CUDA")
     assert main(["compare", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,expected", [("cuda:1", "has 1 CUDA device(s), cuda:0 to cuda:0"),
+                                             ("meta", "runs on cpu or cuda"), ("cuda:0", None)])
+def test_a_device_the_machine_lacks_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, device,
+                                                                           expected):
+    """cuda:N past the machine's GPUs failed inside the first cell ("invalid device ordinal") after the run
+    folder was written; meta was taken as a device to train on. A one-GPU machine is simulated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    if expected is None:
+        assert resolve_device(device) == torch.device(device)
+        return
+    out = tmp_path / "r"
+    assert main(["compare", "--device", device, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--device {device}: " in err and expected in err and "\n" not in err
+    assert not out.exists()
 
 
 def test_run_summary_and_the_recorded_command_reproduces_it(tmp_path, capsys):
