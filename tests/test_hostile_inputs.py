@@ -472,3 +472,33 @@ def test_stale_temporaries_only_of_dead_processes_of_this_machine(tmp_path):
     removed = remove_stale_temporaries(tmp_path / "out")
     assert set(removed) == {folders["mine"], folders["unmarked"]}
     assert folders["other"].is_dir() and user_folder.is_dir()
+
+
+def test_pickled_tensors_claiming_more_values_than_the_file_stores_are_refused(tmp_path, capsys):
+    # torch.load rebuilds a tensor from (storage, offset, shape, stride): a stride-0 tensor, or many
+    # views of one storage, declares any number of values from a few stored bytes. Measuring or
+    # balancing such a file materialises them all: a 2 KB .bin (zipped, an upload) would need GBs.
+    n = 2**20
+    stride0 = {"l.lora_A.weight": torch.ones(1).expand(R, n), "l.lora_B.weight": torch.ones(1).expand(n, R)}
+    torch.save(stride0, tmp_path / "stride0.bin")
+    storage = torch.randn(2 * R * 50 + 64)
+    views = {}
+    for i in range(64):  # 64 pairs, each a view of the same stored values at another offset
+        views[f"m{i}.lora_A.weight"] = storage[i : i + R * 50].view(R, 50)
+        views[f"m{i}.lora_B.weight"] = storage[i + R * 50 : i + 2 * R * 50].view(50, R)
+    torch.save(views, tmp_path / "views.bin")
+    stored = sum(v.untyped_storage().nbytes() for v in (stride0["l.lora_A.weight"], stride0["l.lora_B.weight"]))
+    assert (tmp_path / "stride0.bin").stat().st_size < 4096 and stored < 64  # the file holds almost nothing
+    for case in ("stride0.bin", "views.bin"):
+        assert_input_error(capsys, "more values than it stores", "inspect", tmp_path / case)
+        assert_input_error(capsys, "more values than it stores", "balance", tmp_path / case, tmp_path / f"out-{case}")
+        assert not (tmp_path / f"out-{case}").exists()
+    # Tied weights (one tensor under two names) and views that split one storage are what torch.save
+    # writes for ordinary models: still read, and measured as the independent copies are.
+    a, b = torch.randn(R, 6), torch.randn(5, R)
+    joint = torch.cat([a.flatten(), b.flatten()])
+    shared = {"x.lora_A.weight": joint[: a.numel()].view(R, 6), "x.lora_B.weight": joint[a.numel():].view(5, R),
+              "tied.lora_A.weight": a, "tied.lora_B.weight": b, "tied2.lora_A.weight": a, "tied2.lora_B.weight": b}
+    torch.save(shared, tmp_path / "shared.bin")
+    df = balora.inspect(tmp_path / "shared.bin")
+    assert len(df) == 3 and df["rel_imbalance"].nunique() == 1

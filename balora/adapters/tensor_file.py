@@ -137,4 +137,32 @@ def _flat_tensor_dict(path: Path, state) -> dict[str, torch.Tensor]:
             kind = "a meta tensor (no data)" if v.is_meta else "a quantized tensor" if v.is_quantized else (
                 f"a {str(v.layout).removeprefix('torch.')} tensor")
             raise InputError(f"{path}: {k!r:.80} is {kind}; balora reads dense tensors with their values")
+    _check_stored_values(path, state)
     return state
+
+
+def _check_stored_values(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that declare more values than the file stores.
+
+    A pickle rebuilds each tensor from (storage, offset, shape, stride), so a stride-0 tensor or
+    many views of one storage declare any number of values from a few stored bytes, and measuring
+    or balancing them materialises every one (a 2 KB file, GBs of memory). A view is counted once
+    (tied weights: one tensor under two names), so ordinary files, whose distinct tensors never
+    overlap, always pass; safetensors files cannot overlap at all.
+    """
+    stored: dict[int, int] = {}
+    views: set[tuple] = set()
+    claimed = 0
+    for v in state.values():
+        storage = v.untyped_storage()
+        stored[storage.data_ptr()] = storage.nbytes()
+        view = (storage.data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if view not in views:
+            views.add(view)
+            claimed += v.numel() * v.element_size()
+    if claimed > sum(stored.values()):
+        raise InputError(
+            f"{path}: its tensors declare {claimed} bytes of values but the file stores {sum(stored.values())}: "
+            "a tensor repeats stored values (stride 0, or views overlapping one storage), so it has more "
+            "values than it stores; save each tensor with its own values (safetensors refuses such files)"
+        )
