@@ -502,3 +502,20 @@ def test_pickled_tensors_claiming_more_values_than_the_file_stores_are_refused(t
     torch.save(shared, tmp_path / "shared.bin")
     df = balora.inspect(tmp_path / "shared.bin")
     assert len(df) == 3 and df["rel_imbalance"].nunique() == 1
+
+
+def test_pytorch_file_with_compressed_records_is_refused(tmp_path, capsys):
+    # torch.save stores every record of its zip uncompressed, and balora maps tensors straight from
+    # the file (mmap): a re-zipped .bin (deflated records) was read as its compressed bytes (wrong
+    # values, no error), and a deflated data.pkl of zeros inflates ~1000x in memory (a zip bomb).
+    import zipfile
+
+    torch.save(tensors(), tmp_path / "plain.bin")
+    with zipfile.ZipFile(tmp_path / "plain.bin") as zf, zipfile.ZipFile(tmp_path / "rezipped.bin", "w") as out:
+        for info in zf.infolist():
+            out.writestr(info.filename, zf.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    assert torch.load(tmp_path / "rezipped.bin", weights_only=True).keys() == tensors().keys()  # torch itself reads it
+    assert_input_error(capsys, "compressed", "inspect", tmp_path / "rezipped.bin")
+    assert_input_error(capsys, "compressed", "balance", tmp_path / "rezipped.bin", tmp_path / "out.bin")
+    assert not (tmp_path / "out.bin").exists()
+    assert len(balora.inspect(tmp_path / "plain.bin")) == 2  # what torch.save writes is read as before

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ class TensorFile:
             raise InputError(f"{self.path}: tensor {unknown[0]!r} has a dtype torch cannot represent")
 
     def _open_torch(self) -> None:
+        _refuse_compressed_records(self.path)
         try:
             try:
                 state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
@@ -97,6 +99,25 @@ class TensorFile:
 
     def nbytes(self, key: str) -> int:
         return math.prod(self.shapes[key]) * self.dtypes[key].itemsize
+
+
+def _refuse_compressed_records(path: Path) -> None:
+    """Refuse a zip-format PyTorch file whose records are compressed (torch.save never compresses).
+
+    With mmap, torch maps a record's bytes as they lie in the file, so a re-zipped .bin (deflated
+    records) is read as its compressed bytes: wrong values and no error. Without mmap, torch inflates
+    each record whole into memory: a deflated data.pkl of zeros is a zip bomb (300 KB -> 300 MB).
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except Exception:  # BadZipFile for the legacy (non-zip) format; a damaged file: torch.load says what it is
+        return
+    if packed:
+        raise InputError(
+            f"{path}: {len(packed)} of its records are compressed (e.g. {packed[0]!r:.80}): not a file torch.save "
+            "wrote (re-zipped?); save the state dict again with torch.save, or convert it to .safetensors"
+        )
 
 
 def _torch_load_error(path: Path, e: BaseException) -> InputError:
