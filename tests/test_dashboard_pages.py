@@ -530,6 +530,47 @@ def test_inspect_upload_errors_are_messages_and_never_show_the_temporary_path(ap
     assert not list(tmp_path.glob("balora-upload-*"))  # moving on removes it
 
 
+
+def rendered_markdown(at) -> list[str]:
+    """Every Markdown body on the page (alerts, captions, markdown) as HTML, rendered by an
+    independent CommonMark parser (markdown-it-py, a dependency of streamlit's rich)."""
+    from markdown_it import MarkdownIt
+
+    parser = MarkdownIt("commonmark")
+    kinds = ("error", "warning", "info", "success", "caption", "markdown")
+    return [parser.render(str(e.value)) for kind in kinds for e in getattr(at, kind)]
+
+
+def test_inspect_shows_names_from_the_file_as_text_never_as_markdown(app):
+    # Tensor keys and upload names come from whoever made the file; Streamlit renders alert and
+    # caption bodies as Markdown, where an image is fetched by the viewer's browser as the page opens.
+    evil = "x ![px](https://attacker.example/p.png) [fix it here](https://attacker.example/fix) <b>bold</b>"
+    name = "a` ![u](https:&#47;&#47;attacker.example&#47;u.png) `.safetensors"  # no '/': the name keeps it
+    g = torch.Generator().manual_seed(0)
+    weights = {f"{evil}.lora_A.weight": torch.full((2, 6), float("nan")), f"{evil}.lora_B.weight": torch.randn(5, 2, generator=g),
+               "ok.lora_A.weight": torch.randn(2, 6, generator=g), "ok.lora_B.weight": torch.randn(5, 2, generator=g)}
+    from safetensors.torch import save
+
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.radio(key="insp_source").set_value("An uploaded file").run()
+    at.file_uploader(key="insp_upload").set_value((name, save(weights), "application/octet-stream")).run()
+    no_exception(at)
+    assert "could not be measured" in texts(at.warning)  # the NaN pair, named in a warning
+    at.button(key="insp_balance").click().run()  # refused: its message names the NaN pair again
+    no_exception(at)
+    assert "non-finite" in texts(at.error)
+    pages = rendered_markdown(at)
+    at.file_uploader(key="insp_upload").set_value(("b.safetensors", save({f"{evil}.lora_A.weight": torch.zeros(2, 6)}),
+                                                    "application/octet-stream")).run()
+    no_exception(at)
+    assert "without its lora_B" in texts(at.error)
+    pages += rendered_markdown(at)
+    html = "\n".join(pages)
+    assert "attacker.example" in html, "the names are shown"
+    assert "<img" not in html and "<a " not in html and "<b>" not in html, html
+
+
 # ------------------------------------------------------------------------------------- launch
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from balora.adapters import hub
-from balora.dashboard import frames, inspect_plots, loaders, plots, report_frames, settings, uploads
+from balora.dashboard import frames, inspect_plots, loaders, md, plots, report_frames, settings, uploads
 from balora.errors import InputError
 
 st.title("Inspect an adapter")
@@ -40,10 +40,10 @@ if source == "A path on this machine":
             with st.spinner(f"Fetching the adapter files of {text} (Hub cache)..."):
                 target = loaders.hub_snapshot(text)
         except InputError as e:
-            st.error(str(e))
+            st.error(md.text(e))
             st.stop()
     elif not target.exists():
-        st.error(f"`{target}`: no such file or folder on this machine (nor a Hub id `user/name`).")
+        st.error(f"{md.code(target)}: no such file or folder on this machine (nor a Hub id `user/name`).")
         st.stop()
 else:
     up = st.file_uploader(
@@ -64,11 +64,11 @@ else:
             path = uploads.save_upload(up.name, up.getvalue(), tmp)
         except uploads.UploadError as e:
             uploads.remove_tree(tmp)
-            st.error(str(e))
+            st.error(md.text(e))
             st.stop()
         except Exception as e:  # anything unforeseen is still a message, and leaves nothing behind
             uploads.remove_tree(tmp)
-            st.error(f"Could not read the upload: {type(e).__name__}: {uploads.redact(str(e), tmp, up.name)}")
+            st.error(f"Could not read the upload: {type(e).__name__}: {md.text(uploads.redact(str(e), tmp, up.name))}")
             st.stop()
         st.session_state["insp_saved"] = saved = (up.file_id, str(tmp), str(path))
     target, upload_root, label = Path(saved[2]), Path(saved[1]), up.name
@@ -86,17 +86,17 @@ try:
     with st.spinner("Reading the adapter..."):
         df = loaders.inspect(target)
 except InputError as e:
-    st.error(clean(e))
+    st.error(md.text(clean(e)))
     st.stop()
 except Exception as e:  # an unreadable or unexpected file is a message, never a traceback
-    st.error(f"Could not read `{shown(target)}`: {type(e).__name__}: {clean(e)}")
+    st.error(f"Could not read {md.code(shown(target))}: {type(e).__name__}: {md.text(clean(e))}")
     st.stop()
 if df.empty:
-    st.warning(f"No LoRA layers found in `{shown(target)}`.")
+    st.warning(f"No LoRA layers found in {md.code(shown(target))}.")
     st.stop()
 sources = df.attrs.get("sources", [])
 for note in report_frames.source_notes(sources):  # e.g. scaling unknown for bare weights: said up front
-    st.warning(clean(note))
+    st.warning(md.text(clean(note)))
 
 ck = report_frames.checkpoints(df)
 trainer = len(ck) > 1
@@ -131,10 +131,10 @@ st.download_button(
 )
 skipped = report_frames.skipped_layers(report)
 if skipped:
-    st.warning(f"{nums['layers'] - nums['measured']} layer(s) could not be measured: " + "; ".join(skipped))
+    st.warning(f"{nums['layers'] - nums['measured']} layer(s) could not be measured: " + md.text("; ".join(skipped)))
 notes = report_frames.layer_notes(report)
 if notes:
-    st.info("Some values could not be represented: " + "; ".join(clean(n) for n in notes))
+    st.info("Some values could not be represented: " + md.text("; ".join(clean(n) for n in notes)))
 
 ok = report_frames.measured(report)
 st.subheader("By layer")
@@ -161,7 +161,7 @@ with st.expander("Files read"):
 st.subheader("Balance")
 src = uploads.balance_source(target, chosen if trainer else None)
 st.caption(
-    f"Writes a balanced copy of `{src.name}` (same dW in every layer, B^T B = A A^T) in a temporary folder "
+    f"Writes a balanced copy of {md.code(src.name)} (same dW in every layer, B^T B = A A^T) in a temporary folder "
     "and offers it as a download. The original is not touched."
 )
 a, b = st.columns([2, 1])
@@ -176,25 +176,25 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
         with st.spinner("Balancing..."):
             result = uploads.balance(src, method)
     except InputError as e:
-        st.error(clean(e))
+        st.error(md.text(clean(e)))
     except Exception as e:
-        st.error(f"Could not balance `{src.name}`: {type(e).__name__}: {clean(e)}")
+        st.error(f"Could not balance {md.code(src.name)}: {type(e).__name__}: {md.text(clean(e))}")
     else:
         s = result.summary
         changes = s.changes.assign(source=s.changes["source"].map(shown))  # never the server's temporary folder
-        unchanged = report_frames.unchanged_reasons(s.skipped, clean)
+        unchanged = md.text(report_frames.unchanged_reasons(s.skipped, clean))
         done = s.changes[s.changes["action"] == "balanced"]
         if not s.balanced or ((done["dW_rel_change"] == 0).all() and not s.skipped):
             # The copy would equal the input (every pair skipped, or bf16/fp16 pairs already balanced and
             # left bit for bit): said so, and nothing to download.
             if not s.balanced:
-                st.warning(f"Nothing was balanced in `{src.name}`: every pair was left unchanged ({unchanged}).")
+                st.warning(f"Nothing was balanced in {md.code(src.name)}: every pair was left unchanged ({unchanged}).")
             else:
-                st.info(f"Every pair of `{src.name}` was already balanced to within its dtype's rounding and is "
+                st.info(f"Every pair of {md.code(src.name)} was already balanced to within its dtype's rounding and is "
                         "left as it is: the copy would equal the input, so none is offered.")
             st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
             st.stop()
-        st.success(f"Balanced {s.balanced} LoRA pair(s) of `{src.name}` with the {method} gauge, in {s.seconds:.2f} s.")
+        st.success(f"Balanced {s.balanced} LoRA pair(s) of {md.code(src.name)} with the {method} gauge, in {s.seconds:.2f} s.")
         if s.skipped:
             st.info(f"{len(s.skipped)} pair(s) left unchanged: {unchanged}.")
         c1, c2, c3 = st.columns(3)
@@ -204,5 +204,5 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
         st.plotly_chart(inspect_plots.balance_check(s.changes), key="fig_insp_balance")
         st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
         for note in s.notes:
-            st.info(clean(note))
+            st.info(md.text(clean(note)))
         st.download_button(f"Download {result.file_name}", result.data, file_name=result.file_name, mime=result.mime, type="primary", key="insp_download")
