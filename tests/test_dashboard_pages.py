@@ -227,6 +227,32 @@ def test_compare_marks_running_and_interrupted_runs(app):
     assert "Choose at least one run." in texts(at.info) and not charts(at)  # cleared stays cleared
 
 
+
+def test_compare_shows_run_names_messages_and_the_url_as_text_never_as_markdown(tmp_path, monkeypatch):
+    # A run folder shared by someone else names itself and writes its own status message; the
+    # ?run= of a link anyone can send lands in a warning. None of it may add an image or a link.
+    image = "![px](https:&#47;&#47;attacker.example&#47;p.png)"  # a folder name holds no '/'
+    run = write_run(tmp_path / f"r` {image} [click](https:&#47;&#47;attacker.example) `", status="failed")
+    status = json.loads((run / "status.json").read_text())
+    status["message"] = "boom ![px](https://attacker.example/m.png) [fix it here](https://attacker.example/fix)"
+    (run / "status.json").write_text(json.dumps(status))
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["run"] = run.name
+    at.run()
+    no_exception(at)
+    assert at.multiselect(key="compare_runs").value == [run.name]
+    assert "Failed: boom" in texts(at.error)
+    html = "\n".join(rendered_markdown(at))
+    at.query_params["run"] = "nope` ![u](https://attacker.example/u.png) `"
+    at.run()
+    no_exception(at)
+    assert "No run named" in texts(at.warning)
+    html += "\n".join(rendered_markdown(at))
+    assert "attacker.example" in html, "the names are shown"
+    assert "<img" not in html and "<a " not in html, html
+
+
 def no_none_cells(table_element) -> None:
     """A table shows no "None": no column without any value, and a dash where a cell has none."""
     from balora.dashboard.frames import NA_TEXT

@@ -6,7 +6,7 @@ import json
 
 import streamlit as st
 
-from balora.dashboard import compare_plots, frames, loaders, plots, run_index, settings
+from balora.dashboard import compare_plots, frames, loaders, md, plots, run_index, settings
 
 RUNS_DIR = settings.runs_dir()
 SAMPLES_DIR = settings.sample_runs_dir()
@@ -23,7 +23,7 @@ def listed(folder, what: str):
     try:
         return loaders.list_runs(folder)
     except Exception as e:  # an unreadable folder is a message, not a traceback
-        st.error(f"Could not list the {what} in `{folder}`: {e}")
+        st.error(f"Could not list the {what} in {md.code(folder)}: {md.text(e)}")
         return None
 
 
@@ -45,7 +45,7 @@ runs_df = run_index.index(own, RUNS_DIR, samples, SAMPLES_DIR)
 # A damaged run (unreadable config or status) is listed with its reason; the others load.
 damaged = loaders.damaged_runs(runs_df)
 if damaged:
-    st.warning(f"{len(damaged)} run(s) cannot be shown: " + "; ".join(f"`{n}`: {why}" for n, why in damaged.items()))
+    st.warning(f"{len(damaged)} run(s) cannot be shown: " + "; ".join(f"{md.code(n)}: {md.text(why)}" for n, why in damaged.items()))
 runs_df = runs_df[~runs_df["label"].isin(list(damaged))]
 if runs_df.empty:
     st.stop()
@@ -64,9 +64,9 @@ if focus is None and url_run and st.session_state.get("compare_url_run") != url_
 if focus in names:
     st.session_state["compare_runs"] = [focus]
 elif focus in damaged:
-    st.error(f"Run `{focus}` cannot be shown: {damaged[focus]}")
+    st.error(f"Run {md.code(focus)} cannot be shown: {md.text(damaged[focus])}")
 elif focus:
-    st.warning(f"No run named `{focus}` in `{RUNS_DIR}`.")
+    st.warning(f"No run named {md.code(focus)} in {md.code(RUNS_DIR)}.")
 if "compare_runs" not in st.session_state:
     st.session_state["compare_runs"] = [run_index.default_label(runs_df)]
 else:
@@ -87,22 +87,22 @@ for name in selected:
     try:
         runs[name] = loaders.load_run(paths[name])
     except Exception as e:  # one unreadable run is a message; the others still load
-        st.error(f"Could not read run `{name}` ({paths[name]}): {e}")
+        st.error(f"Could not read run {md.code(name)} ({md.text(paths[name])}): {md.text(e)}")
 if not runs:
     st.stop()
 
 live = []
 for name, run in runs.items():
     state = loaders.run_state(run.status, run.status_info)
-    KIND[state.kind](f"**{name}** — {state.label}. {state.text}")
+    KIND[state.kind](f"**{md.text(name)}** — {state.label}. {md.text(state.text)}")
     if state.live:
         live.append(run.path)
     for w in run.warnings:
-        st.warning(f"{name}: {w}")
+        st.warning(f"{md.text(name)}: {md.text(w)}")
 
 with st.expander("Configuration and command of the selected runs"):
     for name, run in runs.items():
-        st.markdown(f"**{name}**")
+        st.markdown(f"**{md.text(name)}**")
         if run.config.get("command"):
             st.code(run.config["command"], language="bash")
         st.json(json.dumps(run.config, default=str), expanded=False)
@@ -143,7 +143,7 @@ arms = c1.multiselect("Arms", arms_all, key="compare_arms")
 seeds = c2.multiselect("Seeds", seeds_all, key="compare_seeds")
 hidden = [f"arm {a}" for a in arms_all if a not in arms] + [f"seed {s}" for s in seeds_all if s not in seeds]
 if hidden:
-    st.caption("Hidden by the filters above: " + ", ".join(hidden) + ".")
+    st.caption("Hidden by the filters above: " + md.text(", ".join(hidden)) + ".")
 steps, summary = (frames.filter_arms_seeds(df, arms, seeds) for df in (steps, summary))
 
 lrs, alphas = frames.grid_shape(summary, steps)
@@ -284,7 +284,7 @@ def spectra_view() -> None:
             which = st.radio("Evolution of", ["dW", "B", "A"], format_func=lambda w: plots.WHICH_TITLES[w], horizontal=True, key="spec_which")
             st.plotly_chart(compare_plots.spectrum_evolution(frames.spectra_over_steps(cell_spectra, module, which), which=which, log_y=log_y), key="fig_spec_evo")
         else:
-            st.info(f"No spectra recorded for {module}.")
+            st.info(f"No spectra recorded for {md.text(module)}.")
         scope = st.radio("Condition numbers of", ["this layer", "median over all layers"], horizontal=True, key="spec_cond_scope")
         cond_cols = ["cond_dW", "cond_A", "cond_B"]
         if scope == "this layer":
