@@ -597,6 +597,30 @@ def test_inspect_shows_names_from_the_file_as_text_never_as_markdown(app):
     assert "<img" not in html and "<a " not in html and "<b>" not in html, html
 
 
+
+def test_inspect_charts_show_names_from_the_file_as_text_never_as_plotly_tags(app, tmp_path):
+    # Plotly reads <a href>, <b>, <br> in axis labels, legends and titles: a module name holding one
+    # was a link on every chart of the page.
+    evil = '<a href="https://attacker.example/x">fix it here</a><br><b>bold</b>'
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "two"
+    for adapter in ("", "other"):  # two adapters: their names join the labels and the spectra's legend
+        (folder / adapter).mkdir(parents=True, exist_ok=True)
+        (folder / adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+        save_file({f"base_model.model.{evil}.lora_A.weight": torch.randn(2, 6, generator=g),
+                   f"base_model.model.{evil}.lora_B.weight": torch.randn(5, 2, generator=g)},
+                  str(folder / adapter / "adapter_model.safetensors"))
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(folder)).run()
+    no_exception(at)
+    at.button(key="insp_balance").click().run()
+    no_exception(at)
+    specs = json.dumps(charts(at))
+    assert len(charts(at)) >= 4 and "attacker.example" in specs, "the name is on the charts"
+    assert "<a " not in specs and "<b>" not in specs and "<br>" not in specs, specs[:2000]
+
+
 # ------------------------------------------------------------------------------------- launch
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from balora.dashboard.md import plot_label
 from balora.dashboard.plots import VALUE_LABELS, _cap, _title, empty_figure
 
 def _layer_labels(report: pd.DataFrame) -> pd.Series:
@@ -18,7 +19,7 @@ def _layer_labels(report: pd.DataFrame) -> pd.Series:
     label = report["module"].astype(str)
     if "adapter" in report and report["adapter"].nunique() > 1:
         label = label + " [" + report["adapter"].astype(str) + "]"
-    return label
+    return label.map(plot_label)  # names come from the file: shown as text, never as Plotly's tags
 
 
 def _every_label(labels: pd.Series, row_px: int) -> dict:
@@ -77,7 +78,7 @@ def across_checkpoints(df: pd.DataFrame, *, value: str = "rel_imbalance", log_y:
     fig = go.Figure()
     for (module, adapter), g in data.groupby(["module", "adapter"], sort=True):
         g = g.sort_values("step")
-        name = module if data["adapter"].nunique() == 1 else f"{module} [{adapter}]"
+        name = plot_label(module if data["adapter"].nunique() == 1 else f"{module} [{adapter}]")
         fig.add_trace(go.Scatter(x=g["step"], y=g[value].replace([np.inf, -np.inf], np.nan), mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title="training step of the checkpoint", yaxis_title=y_title, height=420, legend_title_text="layer")
     fig.update_yaxes(type="log" if log_y else "linear")
@@ -93,9 +94,7 @@ def balance_check(changes: pd.DataFrame, *, tolerance: float = 1e-5) -> go.Figur
     title = "Balancing: imbalance removed, dW unchanged"
     if changes.empty:
         return empty_figure(title, VALUE_LABELS["rel_imbalance"], "layer", "no layers were balanced")
-    label = changes["module"].astype(str)
-    if changes["adapter"].nunique() > 1:
-        label = label + " [" + changes["adapter"].astype(str) + "]"
+    label = _layer_labels(changes)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.05,
                         subplot_titles=["relative imbalance", "relative change of dW, ‖ΔdW‖_F / ‖dW‖_F"])
     fig.add_trace(go.Bar(x=changes["rel_imbalance_before"], y=label, orientation="h", name="before", marker_color="#d62728"), row=1, col=1)

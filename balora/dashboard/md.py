@@ -6,6 +6,9 @@ the viewer's browser fetch that image (telling its owner who opened the file, an
 `[fix it here](https://host)` shows a link the page never wrote. Anything that comes from an
 adapter, an upload, a run folder or the URL goes through `text` (prose) or `code` (a name shown
 as code) before it is placed in Markdown.
+
+Plotly reads a few HTML tags in every label, title and legend entry (<a href>, <b>, <br>), so a
+module name `<a href="https://host">fix</a>` is a link on the chart: `plot_label` shows it as text.
 """
 
 from __future__ import annotations
@@ -37,3 +40,8 @@ def code(value) -> str:
     fence = "`" * (max((len(t) for t in _TICKS.findall(value)), default=0) + 1)
     pad = " " if value.startswith("`") or value.endswith("`") else ""
     return f"{fence}{pad}{value}{pad}{fence}"
+
+
+def plot_label(value) -> str:
+    """`value` as a Plotly label that shows it verbatim: Plotly decodes these entities, never tags."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -153,7 +153,8 @@ modules = ok["module"].astype(str).drop_duplicates().tolist()
 if modules:
     layer = st.selectbox("Layer for the spectra", modules, key="insp_layer")
     sv = report_frames.report_spectra(ok, layer)
-    st.plotly_chart(plots.singular_values(sv, by="checkpoint", legend="checkpoint", title=f"Singular values of {layer}" + (f" ({chosen})" if chosen else "")), key="fig_insp_sv")
+    sv["checkpoint"] = sv["checkpoint"].map(md.plot_label)  # legend entries: adapter names from the file
+    st.plotly_chart(plots.singular_values(sv, by="checkpoint", legend="checkpoint", title=md.plot_label(f"Singular values of {layer}" + (f" ({chosen})" if chosen else ""))), key="fig_insp_sv")
 
 with st.expander("Files read"):
     st.json([{**s, "path": shown(s.get("path", "")), "notes": [clean(n) for n in s.get("notes") or []]} for s in sources], expanded=False)
