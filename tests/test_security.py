@@ -177,6 +177,26 @@ def test_upload_name_cannot_escape_its_folder(upload_dirs):
     assert out.resolve().parent == dest.resolve() and not _files(outside)
 
 
+
+@pytest.mark.parametrize("name", ["...zip", "..zip", "....zip"])
+def test_zip_upload_named_with_dots_stays_in_its_folder(upload_dirs, name):
+    # The archive unpacks into a folder named after it: "...zip" has the stem "..", the folder above
+    # the upload's own (the server's temporary directory). A good archive was unpacked there, and a
+    # refused one made the clean-up delete that whole directory.
+    data = pytest.importorskip("balora.dashboard.uploads")
+    dest, _ = upload_dirs
+    neighbour = dest.parent / "another-program" / "keep.txt"
+    neighbour.parent.mkdir()
+    neighbour.write_text("not the dashboard's")
+    before = {p for p in dest.parent.iterdir()}
+    with pytest.raises(data.UploadError):
+        data.save_upload(name, b"not a zip", dest)
+    assert neighbour.read_text() == "not the dashboard's" and dest.is_dir() and not _files(dest)
+    out = data.save_upload(name, _zip({"adapter_config.json": b"{}"}), dest)
+    assert out.resolve().is_relative_to(dest.resolve()) and out.resolve() != dest.resolve()
+    assert _files(dest) == {out / "adapter_config.json"}
+    assert {p for p in dest.parent.iterdir()} == before, "nothing written beside the upload's folder"
+
 @pytest.mark.parametrize("member", ["../outside/evil.txt", "../../evil.txt", "a/../../outside/evil.txt"])
 def test_zip_members_cannot_escape_its_folder(upload_dirs, member):
     data = pytest.importorskip("balora.dashboard.uploads")

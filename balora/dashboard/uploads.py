@@ -99,7 +99,8 @@ def save_upload(name: str, data: bytes, dest: Path, *, max_unzipped_mb: float = 
         return out
     if suffix != ".zip":
         raise UploadError(f"{base}: upload a .safetensors file or a .zip of an adapter folder (got {suffix or 'no extension'}).")
-    root = dest / (Path(base).stem or "upload")
+    stem = Path(base).stem  # "...zip" has the stem "..": the folder above dest, never a name to unpack into
+    root = dest / (stem if stem.strip(".") else "upload")
     try:
         unpack_zip(base, data, root, max_bytes=int(max_unzipped_mb * 2**20))
     except BaseException:
