@@ -229,6 +229,16 @@ def _steps_or_never(cells: pd.DataFrame) -> pd.Series:
     return steps.mask(steps.isna() & _has_target(cells), math.inf)
 
 
+def _recording(steps: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows of the runs that record `metric` at all, every cell of them kept: a cell that stopped
+    before its first value (diverged before its first eval) never reached a target and must count as
+    never, not drop out of the medians. A run without the metric (no eval set) has no cells for it."""
+    recorded = steps[metric].notna()
+    if "run" in steps:
+        return steps[recorded.groupby(steps["run"], sort=False).transform("any")]
+    return steps if recorded.any() else steps.iloc[0:0]
+
+
 def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: str = "arm",
                     reference: str = "lora") -> pd.DataFrame:
     """Steps and seconds each `by` group needs to first reach `metric <= target` (median, min, max over
@@ -244,7 +254,9 @@ def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss",
     if steps.empty or metric not in steps:
         return pd.DataFrame(columns=cols)
     keys = list(dict.fromkeys([*(["run"] if "run" in steps else []), by, *KEY]))
-    data = steps.dropna(subset=[metric]).sort_values("step", kind="stable")
+    data = _recording(steps.sort_values("step", kind="stable"), metric)
+    if data.empty:
+        return pd.DataFrame(columns=cols)
     hits = data[data[metric] <= target].groupby(keys, sort=False).first()[["step", "time_s"]]
     cells = data.groupby(keys, sort=False).size().rename("n").to_frame().join(hits).reset_index()
     pair = [k for k in keys if k not in (by, "arm")]

@@ -186,3 +186,32 @@ def test_target_speedups_from_steps():
     assert out.loc["balora", "reached"] == 1 and out.loc["balora", "steps_median"] == math.inf
     assert out.loc["balora", "steps_min"] == out.loc["balora", "steps_max"] == 2
     assert out.loc["balora", "speedup_steps"] == 0.0  # median of 2, 0, 0
+
+
+def test_target_speedups_counts_a_cell_that_diverged_before_its_first_eval_as_never():
+    # Eval every 5 steps; lora seed 2 diverges at step 3, before any eval: its rows have no eval_loss.
+    # It never reached the target, so it counts as never (as arm_summary counts it), not as absent,
+    # which made lora read "reached 2 of 2, median 5" when one cell of three never got there.
+    rows = []
+    for arm, seed in itertools.product(("lora", "balora"), range(3)):
+        last = 2 if (arm, seed) == ("lora", 2) else 10
+        for step in range(1, last + 1):
+            evaluated = step % 5 == 0
+            rows.append({"arm": arm, "seed": seed, "lr": 0.1, "alpha": 4.0, "step": step, "loss": 2.0,
+                         "eval_loss": (0.5 if arm == "balora" or step == 10 else 2.0) if evaluated else math.nan,
+                         "time_s": 0.5 * step})
+    steps = to_table("steps", rows)
+    out = records.target_speedups(steps, 1.0, metric="eval_loss").set_index("arm")
+    # independently: per cell the first evaluated step <= 1.0, never = inf
+    first = {}
+    for key, g in steps.groupby(["arm", "seed"]):
+        hit = g[g["eval_loss"] <= 1.0]["step"]
+        first[key] = float(hit.min()) if len(hit) else math.inf
+    for arm in ("lora", "balora"):
+        mine = [first[(arm, s)] for s in range(3)]
+        assert out.loc[arm, "n_seeds"] == 3 and out.loc[arm, "reached"] == sum(v < math.inf for v in mine)
+        assert out.loc[arm, "steps_median"] == np.median(mine)
+    speedups = [first[("lora", s)] / first[("balora", s)] for s in range(3)]
+    assert out.loc["balora", "speedup_steps"] == np.median(speedups)  # 2, 2, inf
+    # a run that records no eval loss at all has no cells for it (not cells that never reached it)
+    assert records.target_speedups(steps.assign(eval_loss=math.nan), 1.0, metric="eval_loss").empty
