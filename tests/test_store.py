@@ -111,6 +111,31 @@ def test_exceptions_mark_the_run(tmp_path):
     assert b.status == "failed" and "ZeroDivisionError" in b.status_info["message"]
 
 
+
+@pytest.mark.parametrize("ending", ["completed", "interrupted"])
+def test_ctrl_c_while_the_parts_are_merged_keeps_the_runs_status(tmp_path, monkeypatch, ending):
+    # Merging a long run's thousands of parts takes seconds after the last cell (2.5 s for 1,000);
+    # a Ctrl-C then (or a second Ctrl-C after the first) left status.json "running" for a run whose
+    # cells had all ended (or been interrupted).
+    w = writer(tmp_path / "run")
+    for s in range(1, 5):  # one part per step: something to merge
+        w.append("steps", steps_rows("lora", 0, [s]))
+    merged = []
+
+    def cut(table, *a, **kw):
+        merged.append(table)
+        if len(merged) == 2:  # the second table's merge
+            raise KeyboardInterrupt
+        return rewrite(table, *a, **kw)
+
+    rewrite = w._rewrite
+    monkeypatch.setattr(w, "_rewrite", cut)
+    with pytest.raises(KeyboardInterrupt):
+        w.finish(ending, None if ending == "completed" else "interrupted (Ctrl-C / SIGINT)")
+    run = load_run(tmp_path / "run")
+    assert run.status == ending and run.status_info["finished"] and not run.stale
+    assert run.steps["step"].tolist() == [1, 2, 3, 4]  # the parts, merged or not, load once each
+
 def test_stale_running_status(tmp_path):
     w = writer(tmp_path / "run")
     w.append("steps", steps_rows("lora", 0, [1]))

@@ -85,7 +85,7 @@ def invoked_command() -> str | None:
 def run(args) -> int:
     from balora.runner import run_compare
     from balora.runs_folder import dashboard_command, dashboard_url
-    from balora.store import STATUS, load_run
+    from balora.store import STATUS, load_run, read_status
 
     if args.list:
         return _list()
@@ -94,7 +94,10 @@ def run(args) -> int:
         path = run_compare(cfg)
     except KeyboardInterrupt:
         if cfg.out and os.path.isfile(os.path.join(cfg.out, STATUS)):
-            print(f"balora compare: partial run left in {cfg.out} (marked interrupted; balora.load_run reads it)",
+            # as marked: "completed" when Ctrl-C came while the finished run's parts were being merged
+            marked = read_status(cfg.out).get("status", "unknown")
+            what = "run" if marked == "completed" else "partial run"
+            print(f"balora compare: {what} left in {cfg.out} (marked {marked}; balora.load_run reads it)",
                   file=sys.stderr)
         raise
     result = load_run(path)

@@ -263,15 +263,19 @@ class RunWriter:
             write_json_atomic(self.path / STATUS, self.status)
 
     def finish(self, status: str, message: str | None = None) -> None:
-        """Mark the run finished; merges each table's parts into one first (best effort)."""
+        """Mark the run finished, then merge each table's parts into one (best effort: parts left by a
+        merge cut short load as they are, their rows de-duplicated)."""
         if status not in STATUSES[1:]:
             raise ValueError(f"finish: status must be one of {STATUSES[1:]}, got {status!r}")
+        # The status first: merging a long run's thousands of parts takes seconds, and a Ctrl-C then
+        # (or a second one) left a run whose cells had all ended marked "running".
+        self.status.update(status=status, message=message, finished=now_iso(), updated=now_iso())
+        write_json_atomic(self.path / STATUS, self.status)
         try:
             self.compact()
         except Exception as e:  # the parts are still there and loadable; only tidiness is lost
-            message = f"{message or ''} (parts not merged: {type(e).__name__}: {e})".strip()
-        self.status.update(status=status, message=message, finished=now_iso(), updated=now_iso())
-        write_json_atomic(self.path / STATUS, self.status)
+            self.status["message"] = f"{message or ''} (parts not merged: {type(e).__name__}: {e})".strip()
+            write_json_atomic(self.path / STATUS, self.status)
 
     def compact(self) -> None:
         """Replace each table's part files by one, so a finished run is a handful of files."""
