@@ -136,6 +136,28 @@ def test_ctrl_c_while_the_parts_are_merged_keeps_the_runs_status(tmp_path, monke
     assert run.status == ending and run.status_info["finished"] and not run.stale
     assert run.steps["step"].tolist() == [1, 2, 3, 4]  # the parts, merged or not, load once each
 
+
+def test_a_run_read_while_its_parts_are_merged_loads_whole(tmp_path, monkeypatch):
+    # finish() marks the run, then merges its parts; a reader (the dashboard) that listed the parts
+    # just before the merge found them gone: its rows "unreadable, skipped", a completed run read empty.
+    w = writer(tmp_path / "run")
+    for s in range(1, 4):
+        w.append("steps", steps_rows("lora", 0, [s]))
+    w.status["status"] = "completed"
+    read = pd.read_parquet
+
+    def merge_first(path, *a, **kw):  # the writer merges between the reader's listing and its first read
+        if not merged:
+            merged.append(True)
+            w.compact()
+        return read(path, *a, **kw)
+
+    merged: list = []
+    monkeypatch.setattr(pd, "read_parquet", merge_first)
+    run = load_run(tmp_path / "run")
+    assert merged and len(list((tmp_path / "run" / "steps").iterdir())) == 1  # it did merge mid-read
+    assert run.steps["step"].tolist() == [1, 2, 3] and not run.warnings
+
 def test_stale_running_status(tmp_path):
     w = writer(tmp_path / "run")
     w.append("steps", steps_rows("lora", 0, [1]))

@@ -45,14 +45,26 @@ class Run:
                 f"steps={len(self.steps)} rows, cells={len(self.summary)})")
 
 
+def _read_parts(run: Path, table: str, warnings: list[str]) -> list[pd.DataFrame]:
+    """The table's part files, read. A part gone since the listing was merged into a new one by the
+    writer finishing the run: the parts are listed and read again (the merged part holds its rows)."""
+    for _ in range(3):
+        frames, problems, vanished = [], [], False
+        for part in sorted((run / table).glob(PART_GLOB)):
+            try:
+                regular_file_size(part, "part file")  # a FIFO would block the reader, a device never end
+                frames.append(pd.read_parquet(part))
+            except Exception as e:  # truncated or corrupted: skip it, say so, never crash
+                vanished = vanished or not os.path.lexists(part)
+                problems.append(f"{table}/{part.name}: unreadable, skipped ({type(e).__name__}: {e})")
+        if not vanished:
+            break
+    warnings += problems
+    return frames
+
+
 def _read_table(run: Path, table: str, warnings: list[str]) -> pd.DataFrame:
-    frames = []
-    for part in sorted((run / table).glob(PART_GLOB)):
-        try:
-            regular_file_size(part, "part file")  # a FIFO would block the reader, a device never end
-            frames.append(pd.read_parquet(part))
-        except Exception as e:  # truncated or corrupted: skip it, say so, never crash
-            warnings.append(f"{table}/{part.name}: unreadable, skipped ({type(e).__name__}: {e})")
+    frames = _read_parts(run, table, warnings)
     columns = TABLES[table]
     if not frames:
         return to_table(table, [])
