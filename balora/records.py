@@ -58,8 +58,9 @@ def split_report(key: dict, step: int, report: Sequence[dict], *, layers: bool =
 
 
 def max_rel_imbalance(report: Sequence[dict]) -> float:
-    """The largest rel_imbalance of a layer report (NaN when it has no layer)."""
-    return max((float(r["rel_imbalance"]) for r in report), default=NaN)
+    """The largest rel_imbalance of the layers measured (NaN when none is). A layer without a value
+    (non-finite factors) is skipped wherever it comes: Python's max kept a NaN met first, not one met later."""
+    return max((v for v in (float(r["rel_imbalance"]) for r in report) if not math.isnan(v)), default=NaN)
 
 
 # ------------------------------------------------------------------ per cell

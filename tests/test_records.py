@@ -215,3 +215,25 @@ def test_target_speedups_counts_a_cell_that_diverged_before_its_first_eval_as_ne
     assert out.loc["balora", "speedup_steps"] == np.median(speedups)  # 2, 2, inf
     # a run that records no eval loss at all has no cells for it (not cells that never reached it)
     assert records.target_speedups(steps.assign(eval_loss=math.nan), 1.0, metric="eval_loss").empty
+
+
+def test_max_rel_imbalance_does_not_depend_on_the_order_of_the_layers():
+    # A layer whose factors went non-finite (a diverging cell) has no rel_imbalance: the cell's
+    # final_rel_imbalance_max read NaN when that layer came first and the others' max when it came later.
+    import torch
+
+    from balora.pairs import FactorPair
+    from balora.report import pair_rows
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [FactorPair(f"layers.{i}", "default", "linear", torch.randn(2, 5, generator=g),
+                        torch.randn(4, 2, generator=g) * (i + 1), 1.0) for i in range(3)]
+    pairs[1] = FactorPair("layers.1", "default", "linear", pairs[1].A * math.inf, pairs[1].B, 1.0)
+    rows = pair_rows(pairs)
+    finite = []
+    for p in (pairs[0], pairs[2]):  # independently, in float64 numpy
+        A, B = p.A.double().numpy(), p.B.double().numpy()
+        finite.append(np.linalg.norm(B.T @ B - A @ A.T) / (np.linalg.norm(B.T @ B) + np.linalg.norm(A @ A.T)))
+    for order in itertools.permutations(rows):
+        assert records.max_rel_imbalance(list(order)) == pytest.approx(max(finite), rel=1e-5)
+    assert math.isnan(records.max_rel_imbalance([rows[1]])) and math.isnan(records.max_rel_imbalance([]))
