@@ -83,7 +83,7 @@ class RunRecorder(TrainerCallback):
             "steps": int(state.max_steps), "optimizer": str(getattr(args, "optim", "")), "lrs": [self.key["lr"]],
             "alphas": [self.key["alpha"]], "rank": lora.get("r"), "weight_decay": float(args.weight_decay),
             "device": device, "layers_every": self.layers_every, "spectra_every": self.spectra_every,
-            "eval_every": int(args.eval_steps or args.logging_steps or 0) if args.eval_strategy != "no" else 0,
+            "eval_every": _eval_every(args, state),
             "target_loss": self.target_loss, "n_cells": 1, "lora": lora,
             "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
             **self.extra_config,
@@ -253,6 +253,15 @@ class RunRecorder(TrainerCallback):
             target=self.target_loss, target_on="eval_loss" if on_eval else "loss",
             reached=records.first_reached(evals if on_eval else losses, self.target_loss),
             total_seconds=self._train_s, balance_seconds=balance_s, diag_seconds=self._diag_s)
+
+
+def _eval_every(args, state) -> int | None:
+    """Optimizer steps between the Trainer's evaluations: its eval_steps as it resolved them (a fraction of
+    the run made a count; logging_steps when unset), 0 without evaluation, None per epoch (no fixed count)."""
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if strategy != "steps":
+        return 0 if strategy == "no" else None
+    return int(getattr(state, "eval_steps", None) or args.eval_steps or args.logging_steps or 0)
 
 
 def _lora_config(model, adapter: str | None) -> dict:

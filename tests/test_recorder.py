@@ -189,3 +189,25 @@ def test_resuming_from_an_earlier_checkpoint_or_another_cell(tmp_path):
     assert row["steps_done"] == 6 and math.isnan(row["balance_seconds"]) and math.isnan(row["diag_seconds"])
     with pytest.raises(InputError, match="directory exists and is not empty"):
         _train_saving(tmp_path, tmp_path / "run", 6, resume=str(tmp_path / "trainer" / "checkpoint-3"), lr=1e-2)
+
+
+@pytest.mark.parametrize("strategy,eval_steps", [("epoch", None), ("steps", 0.25), ("steps", 3)])
+def test_config_says_how_often_the_trainer_evaluated(tmp_path, strategy, eval_steps):
+    # config.json's eval_every was logging_steps for per-epoch evaluation and 0 for a fractional eval_steps.
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1,
+        eval_strategy=strategy, eval_steps=eval_steps, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(16, 8, 32, 0),
+                      eval_dataset=TokenData(4, 8, 32, 1), callbacks=[RunRecorder(tmp_path / "run", layers_every=0)])
+    trainer.train()
+    # the Trainer's evaluations, less the one it may add at the last step
+    evals = [h["step"] for h in trainer.state.log_history if "eval_loss" in h and h["step"] < trainer.state.max_steps]
+    recorded = load_run(tmp_path / "run").config["eval_every"]
+    if strategy == "epoch":  # no fixed number of steps between evaluations
+        assert recorded is None
+    else:
+        assert recorded == evals[0] and set(np.diff(evals)) <= {recorded}
