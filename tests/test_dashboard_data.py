@@ -275,6 +275,23 @@ def test_grid_cells_median_and_diverged_as_nan(grid_run):
     assert good == pytest.approx(raw.median())
 
 
+def test_grid_cells_mark_a_real_diverged_cell_not_its_last_finite_loss(tmp_path):
+    """A real run's diverged cell keeps its last finite loss (1e28 or so) in final_loss: the grid
+    must still show it as diverged (+inf in balora.records' ranking), never as a coloured number."""
+    import balora.runner
+
+    run = balora.runner.compare(task="synthetic", arms="lora", steps=10, seeds=1, optimizer="sgd", lr=[1e-2, 10.0],
+                                out=tmp_path / "div", quiet=True)
+    summary = frames.combine({"r": run.summary})
+    blown = summary[summary["lr"] == 10.0]
+    assert (blown["status"] == "diverged").all() and np.isfinite(blown["final_excess_loss"]).all()  # the case
+    grid = frames.grid_cells(summary, value="final_excess_loss")
+    bad = grid[grid["lr"] == 10.0]
+    assert bad["final_excess_loss"].isna().all() and (bad["status"] == "diverged").all()
+    good = grid[grid["lr"] == 1e-2]["final_excess_loss"].iloc[0]
+    assert good == pytest.approx(summary[summary["lr"] == 1e-2]["final_excess_loss"].median())
+
+
 def test_speedups_match_an_independent_count(grid_run):
     t = _by_series(grid_run)
     cell = frames.select_cell(t["steps"], 1e-3, 32.0)

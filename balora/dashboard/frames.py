@@ -256,9 +256,12 @@ def grid_cells(summary: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     if summary.empty or value not in summary:
         return pd.DataFrame(columns=cols)
     data = summary.copy()
-    data[value] = data[value].astype(float).where(np.isfinite(data[value].astype(float)))
+    # A diverged cell keeps its last finite loss (1e28 or so): it counts as +inf, as balora.records
+    # ranks it, so the heatmap says "diverged" rather than colouring that number.
+    data[value] = records.cell_values(data, value) if "status" in data else data[value].astype(float)
     g = data.groupby([by, "lr", "alpha"], sort=False)
     out = pd.DataFrame({value: g[value].median(), "n_seeds": g["seed"].nunique()})
+    out[value] = out[value].where(np.isfinite(out[value]))
     statuses = data["status"].astype(str) if "status" in data else pd.Series("", index=data.index)
     out["status"] = statuses.groupby([data[by], data["lr"], data["alpha"]], sort=False).agg(lambda s: "/".join(sorted(set(s) - {"completed"})) or "completed")
     return out.reset_index()[cols]
