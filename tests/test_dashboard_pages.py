@@ -182,6 +182,20 @@ def test_compare_on_a_real_run_every_section(app, real_run):
             assert speed.loc[arm, "steps_median"] == pytest.approx(g["steps_to_target"].fillna(np.inf).median())
 
 
+def test_compare_layer_lines_follow_a_switch_to_a_run_with_other_layers(app, real_run):
+    # 'grid' has layers.*.q_proj/v_proj, the real run its own layer names: after the switch the line
+    # chart shows the new run's first layers, as when the run is opened first, never an empty chart.
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["grid"]).run()
+    at.segmented_control(key="compare_section").set_value("Imbalance").run()
+    assert at.multiselect(key="imb_layers").value
+    at.multiselect(key="compare_runs").set_value(["real"]).run()
+    no_exception(at)
+    modules = sorted(real_run.layers["module"].astype(str).unique())
+    assert at.multiselect(key="imb_layers").value == modules[:2]
+    assert {t["name"].split(" · ")[1] for t in charts(at)[1]["data"]} == set(modules[:2])
+
+
 def test_compare_best_cell_per_seed(app, real_run):
     """'each seed's own best cell' (the paper's protocol) draws each seed at records.best_cells(select='seed')."""
     from balora.records import arm_summary, best_cells

@@ -135,6 +135,16 @@ def remembered_filter(key: str, options: list) -> None:
     st.session_state[f"{key}_options"] = list(options)
 
 
+def remembered_layers(key: str, options: list, default: list) -> None:
+    """Keep the user's layers across reruns; when the runs shown change to ones without any of them,
+    start from `default` (as on a first visit), not from an empty choice and an empty chart."""
+    kept = [v for v in st.session_state.get(key, []) if v in options]
+    if key not in st.session_state or (not kept and st.session_state.get(f"{key}_options") != list(options)):
+        kept = list(default)
+    st.session_state[key] = kept
+    st.session_state[f"{key}_options"] = list(options)
+
+
 arms_all, seeds_all = frames.arms_and_seeds(steps, summary)
 remembered_filter("compare_arms", arms_all)
 remembered_filter("compare_seeds", seeds_all)
@@ -260,7 +270,8 @@ def imbalance_view() -> None:
     else:
         a, b = st.columns([1, 3])
         value = a.selectbox("Quantity", ["rel_imbalance", "imbalance"], format_func=lambda v: plots.VALUE_LABELS[v].split(" (")[0], key="imb_value")
-        chosen = b.multiselect("Layers for the line chart", modules, default=modules[:2], key="imb_layers")
+        remembered_layers("imb_layers", modules, modules[:2])
+        chosen = b.multiselect("Layers for the line chart", modules, key="imb_layers")
         st.plotly_chart(compare_plots.imbalance_heatmaps(frames.layer_steps(cell_layers, [value]), value=value), key="fig_imb_heat")
         st.plotly_chart(compare_plots.layer_lines(frames.layer_steps(cell_layers, [value], modules=chosen), value=value), key="fig_imb_lines")
 
