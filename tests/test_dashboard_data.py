@@ -456,6 +456,17 @@ def test_launch_validation_bounds(tmp_path):
         assert needle in " ".join(jobs.validate(spec, tmp_path))
 
 
+def test_launch_passes_the_typed_values_to_the_job_exactly(tmp_path):
+    # Two learning rates that differ in the 9th digit pass the form's checks: the job must get both
+    # as typed (6 significant digits made them one value, and `balora compare` then refused the run).
+    spec = jobs.LaunchSpec(lrs=[0.0012345678, 0.0012345679], alphas=[3.14159265], init_scale=2.718281828, name="x")
+    assert jobs.validate(spec, tmp_path) == []
+    cmd = jobs.build_command(spec, tmp_path / "x")
+    assert [float(v) for v in cmd[cmd.index("--lr") + 1].split(",")] == spec.lrs
+    assert [float(v) for v in cmd[cmd.index("--alpha") + 1].split(",")] == spec.alphas
+    assert float(cmd[cmd.index("--set") + 1].split("=")[1]) == spec.init_scale
+
+
 def test_job_manager_runs_one_job_at_a_time(tmp_path, monkeypatch):
     # A stand-in for `balora compare` that writes a status.json and waits: the manager's
     # bookkeeping (one job, progress, cancel) does not depend on what the child computes.

@@ -89,6 +89,13 @@ def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:
     return errors
 
 
+def _num(v: float) -> str:
+    """`v` as the job's command line gets it: short ("0.001", "10") when that is exactly `v`, else
+    every digit (6 significant digits would run 1.2345678e-3 as 1.23457e-3, and merge two close values)."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(float(v))
+
+
 def compare_args(spec: LaunchSpec, out: Path) -> list[str]:
     """The arguments after `balora` for `spec`: `compare --task ... --out OUT --quiet`."""
     args = ["compare", "--task", spec.task, "--arms", ",".join(spec.arms),
@@ -96,11 +103,11 @@ def compare_args(spec: LaunchSpec, out: Path) -> list[str]:
     if spec.optimizer:
         args += ["--optimizer", spec.optimizer]
     if spec.lrs:
-        args += ["--lr", ",".join(f"{v:g}" for v in spec.lrs)]
+        args += ["--lr", ",".join(map(_num, spec.lrs))]
     if spec.alphas:
-        args += ["--alpha", ",".join(f"{v:g}" for v in spec.alphas)]
+        args += ["--alpha", ",".join(map(_num, spec.alphas))]
     if spec.init_scale is not None:
-        args += ["--set", f"init_scale={spec.init_scale:g}"]
+        args += ["--set", f"init_scale={_num(spec.init_scale)}"]
     return args
 
 
