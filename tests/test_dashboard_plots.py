@@ -72,6 +72,18 @@ def test_grid_heatmaps_star_each_arms_best_cell():
     assert sum(t.showscale for t in heat) == 1
 
 
+def test_grid_heatmaps_give_every_learning_rate_its_own_column():
+    # The bundled paper-synthetic-sign sample sweeps lr lin:0.02:0.03:3: 0.025 and 0.03 must not share
+    # one "3e-2" column (a category axis draws both cells at the same place).
+    lrs, alphas = [0.02, 0.025, 0.03], [4.0, 4.5, 4.500001]
+    grid = pd.DataFrame([{"series": "lora", "lr": lr, "alpha": a, "final_loss": 1.0 + i + 3 * j}
+                         for i, lr in enumerate(lrs) for j, a in enumerate(alphas)])
+    heat = [t for t in compare_plots.grid_heatmaps(grid, value="final_loss").data if isinstance(t, go.Heatmap)][0]
+    assert len(set(heat.x)) == len(lrs) and len(set(heat.y)) == len(alphas)
+    assert np.allclose([float(x.replace("e-", "e-0")) for x in heat.x], lrs, rtol=1e-6)
+    assert np.allclose([float(y) for y in heat.y], alphas, rtol=1e-9)
+
+
 def test_speedup_bars_annotate_ratio_and_unreached():
     speed = pd.DataFrame(
         [

@@ -100,12 +100,22 @@ def _off_log(values: pd.DataFrame, log_y: bool) -> str:
     return f"; {n} value{'s' if n > 1 else ''} <= 0 left off the log scale (turn log off to see them)" if n else ""
 
 
-def _fmt_lr(v: float) -> str:
-    return f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e")
+def _fmt_lr(v: float, digits: int = 1) -> str:
+    return f"{v:.{digits - 1}e}".replace("e-0", "e-").replace("e+0", "e")
 
 
-def _fmt_alpha(v: float) -> str:
-    return f"{v:g}"
+def _fmt_alpha(v: float, digits: int = 6) -> str:
+    return f"{v:.{max(digits, 6)}g}"
+
+
+def _distinct_labels(values: list[float], fmt) -> list[str]:
+    """`fmt(v, digits)` of each value with the fewest digits that keep every label apart: the heatmap's
+    axes are categories, so two values with one label (0.025 and 0.03 as "3e-2") would share a column."""
+    for digits in range(1, 18):
+        labels = [fmt(v, digits) for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [repr(float(v)) for v in values]
 
 
 def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "series", log_color: bool = True, loss_unit: str = "") -> go.Figure:
@@ -122,7 +132,7 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     labels = list(dict.fromkeys(grid[by]))
     lrs = sorted(grid["lr"].unique())
     alphas = sorted(grid["alpha"].unique())
-    xs, ys = [_fmt_lr(v) for v in lrs], [_fmt_alpha(v) for v in alphas]
+    xs, ys = _distinct_labels(lrs, _fmt_lr), _distinct_labels(alphas, _fmt_alpha)
     z_all = grid[value].to_numpy(dtype=float)
     finite = z_all[np.isfinite(z_all) & (z_all > 0 if log_color else True)]
     use_log = log_color and finite.size > 0 and (z_all[np.isfinite(z_all)] > 0).all()
