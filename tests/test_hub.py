@@ -182,6 +182,24 @@ def test_dashboard_inspect_page_takes_a_hub_id(cached_peft_adapter, tmp_path, mo
     assert len(at.dataframe) >= 1 and at.metric[0].value == str(n_layers)
 
 
+def test_dashboard_names_a_hub_adapters_download_after_the_repository(cached_peft_adapter, tmp_path, monkeypatch):
+    # The snapshot folder is named by the commit: the user typed user/tiny-lora and must get
+    # tiny-lora-balanced.zip (and tiny-lora-layers.csv), never a 40-digit hash.
+    from streamlit.testing.v1 import AppTest
+
+    from balora.dashboard import exposure, settings
+    from balora.dashboard.app import page_path
+
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path / "runs"))
+    monkeypatch.setattr(exposure, "served_address", lambda: ("127.0.0.1", "test"))
+    at = AppTest.from_file(str(page_path("inspect.py")), default_timeout=120).run()
+    at.text_input(key="insp_path").set_value("user/tiny-lora@main").run()
+    at.button(key="insp_balance").click().run()
+    assert not at.exception and not at.error
+    shown = " ".join([b.proto.label for b in at.get("download_button")] + [s.value for s in at.success] + [c.value for c in at.caption])
+    assert COMMIT not in shown and "tiny-lora-balanced.zip" in shown
+
+
 @pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
 def test_cli_honours_the_hub_environment(cached_peft_adapter, offline_cache, tmp_path, variable):
     # A fresh process reads HF_HUB_CACHE / HF_HOME (whose cache is HF_HOME/hub) and HF_HUB_OFFLINE itself.

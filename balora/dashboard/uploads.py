@@ -262,22 +262,24 @@ def _zip_folder(folder: Path) -> bytes:
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def _balance(src: str, version: tuple, method: str) -> Balanced:
+def _balance(src: str, version: tuple, method: str, name: str | None = None) -> Balanced:
     import balora
 
     # Built in a temporary folder that is deleted before returning: the dashboard writes
     # nothing outside the runs folder; the result only leaves as a download.
     with tempfile.TemporaryDirectory(prefix=BALANCE_PREFIX) as tmp:
         srcp = Path(src)
-        dst = Path(tmp) / (f"{srcp.stem}-balanced{srcp.suffix}" if srcp.is_file() else f"{srcp.name}-balanced")
+        stem = name or (srcp.stem if srcp.is_file() else srcp.name)
+        dst = Path(tmp) / (f"{stem}-balanced{srcp.suffix}" if srcp.is_file() else f"{stem}-balanced")
         summary = balora.balance_file(srcp, dst, method=method)
         if dst.is_file():
             return Balanced(dst.read_bytes(), dst.name, "application/octet-stream", summary)
         return Balanced(_zip_folder(dst), f"{dst.name}.zip", "application/zip", summary)
 
 
-def balance(src: str | Path, method: str) -> Balanced:
-    """A balanced copy of the adapter at `src` (balora.balance_file), as download bytes."""
+def balance(src: str | Path, method: str, name: str | None = None) -> Balanced:
+    """A balanced copy of the adapter at `src` (balora.balance_file), as download bytes, named
+    NAME-balanced (default: after `src`; a Hub snapshot's folder is a commit hash, not a name)."""
     from balora.dashboard.loaders import path_version
 
-    return _balance(str(src), path_version(Path(src)), method)
+    return _balance(str(src), path_version(Path(src)), method, name)

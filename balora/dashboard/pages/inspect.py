@@ -21,6 +21,7 @@ st.caption(
 # temporary folder (upload_root), which stays None for a path typed by the user.
 upload_root: Path | None = None
 label = ""
+hub_name: str | None = None  # a Hub id's repository name: its snapshot folder is only a commit hash
 source = st.radio("Adapter", ["A path on this machine", "An uploaded file"], horizontal=True, key="insp_source")
 if source == "A path on this machine":
     saved = st.session_state.pop("insp_saved", None)
@@ -39,6 +40,7 @@ if source == "A path on this machine":
         try:  # a Hugging Face Hub id: its adapter files, through the Hub cache
             with st.spinner(f"Fetching the adapter files of {text} (Hub cache)..."):
                 target = loaders.hub_snapshot(text)
+            hub_name = hub.parse_hub_id(text)[0].split("/")[-1]
         except InputError as e:
             st.error(md.text(e))
             st.stop()
@@ -127,7 +129,7 @@ st.dataframe(table, hide_index=True, placeholder=frames.NA_TEXT, key="insp_table
 st.download_button(
     "Download the table as CSV" + (" (all checkpoints)" if trainer else ""),
     (report_frames.report_table(df) if trainer else table).to_csv(index=False),
-    file_name=f"{target.stem}-layers.csv", mime="text/csv", key="insp_csv",
+    file_name=f"{hub_name or target.stem}-layers.csv", mime="text/csv", key="insp_csv",
 )
 skipped = report_frames.skipped_layers(report)
 if skipped:
@@ -161,8 +163,9 @@ with st.expander("Files read"):
 
 st.subheader("Balance")
 src = uploads.balance_source(target, chosen if trainer else None)
+src_name = hub_name if hub_name and src == target else src.name  # what the page and the download call it
 st.caption(
-    f"Writes a balanced copy of {md.code(src.name)} (same dW in every layer, B^T B = A A^T) in a temporary folder "
+    f"Writes a balanced copy of {md.code(src_name)} (same dW in every layer, B^T B = A A^T) in a temporary folder "
     "and offers it as a download. The original is not touched."
 )
 a, b = st.columns([2, 1])
@@ -175,11 +178,11 @@ if b.button("Balance", type="primary", key="insp_balance"):
 if st.session_state.get("insp_balance_req") == (str(src), method):
     try:
         with st.spinner("Balancing..."):
-            result = uploads.balance(src, method)
+            result = uploads.balance(src, method, hub_name if src_name == hub_name else None)
     except InputError as e:
         st.error(md.text(clean(e)))
     except Exception as e:
-        st.error(f"Could not balance {md.code(src.name)}: {type(e).__name__}: {md.text(clean(e))}")
+        st.error(f"Could not balance {md.code(src_name)}: {type(e).__name__}: {md.text(clean(e))}")
     else:
         s = result.summary
         changes = s.changes.assign(source=s.changes["source"].map(shown))  # never the server's temporary folder
@@ -189,13 +192,13 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
             # The copy would equal the input (every pair skipped, or bf16/fp16 pairs already balanced and
             # left bit for bit): said so, and nothing to download.
             if not s.balanced:
-                st.warning(f"Nothing was balanced in {md.code(src.name)}: every pair was left unchanged ({unchanged}).")
+                st.warning(f"Nothing was balanced in {md.code(src_name)}: every pair was left unchanged ({unchanged}).")
             else:
-                st.info(f"Every pair of {md.code(src.name)} was already balanced to within its dtype's rounding and is "
+                st.info(f"Every pair of {md.code(src_name)} was already balanced to within its dtype's rounding and is "
                         "left as it is: the copy would equal the input, so none is offered.")
             st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
             st.stop()
-        st.success(f"Balanced {s.balanced} LoRA pair(s) of {md.code(src.name)} with the {method} gauge, in {s.seconds:.2f} s.")
+        st.success(f"Balanced {s.balanced} LoRA pair(s) of {md.code(src_name)} with the {method} gauge, in {s.seconds:.2f} s.")
         if s.skipped:
             st.info(f"{len(s.skipped)} pair(s) left unchanged: {unchanged}.")
         c1, c2, c3 = st.columns(3)
