@@ -216,6 +216,16 @@ def test_final_loss_by_arm_one_box_per_arm():
     assert [t.name for t in fig.data] == ["lora", "balora"] and len(fig.data[1].y) == 1
 
 
+def test_final_loss_by_arm_leaves_out_seeds_that_diverged_and_says_so():
+    # A diverged cell's final_loss is its last finite loss (1e28 or so), not a final loss: no dot for it.
+    cells = pd.DataFrame({"series": ["lora", "lora", "balora", "balora"], "seed": [0, 1, 0, 1],
+                          "status": ["completed", "diverged", "diverged", "diverged"],
+                          "final_loss": [0.3, 4e28, 2e29, 3e30]})
+    fig = compare_plots.final_loss_by_arm(cells)
+    assert [list(t.y) for t in fig.data] == [[0.3]]
+    assert "3 seeds that diverged left out" in fig.layout.title.subtitle.text
+
+
 def test_values_a_log_axis_cannot_draw_are_said_in_the_subtitle():
     # An excess loss a rounding below 0 (-2e-7) vanishes from a log axis: the figure says how many.
     cells = pd.DataFrame({"series": ["lora", "balora", "balora"], "seed": [0, 0, 1], "final_excess_loss": [1e-3, -2e-7, 1e-7]})

@@ -72,8 +72,13 @@ def final_loss_by_arm(cells: pd.DataFrame, *, value: str = "final_loss", by: str
     y_title = f"{name} ({loss_unit})" if loss_unit else name
     title = f"{_cap(name)} per arm"
     data = cells.dropna(subset=[value]) if value in cells else cells.iloc[0:0]
+    # A cell that did not complete (diverged, interrupted) holds its last finite value, not a final one.
+    unfinished = data["status"].astype(str) != "completed" if "status" in data else pd.Series(False, index=data.index)
+    left_out = ", ".join(f"{n} seed{'s' if n > 1 else ''} that {st} left out"
+                         for st, n in data.loc[unfinished, "status"].value_counts().items()) if unfinished.any() else ""
+    data = data[~unfinished]
     if data.empty:
-        return empty_figure(title, "arm", y_title, "no finished cells in this selection")
+        return empty_figure(title, "arm", y_title, "no finished cells in this selection" + (f" ({left_out})" if left_out else ""))
     colors = arm_colors(data[by])
     fig = go.Figure()
     for label, g in data.groupby(by, sort=False):
@@ -83,7 +88,7 @@ def final_loss_by_arm(cells: pd.DataFrame, *, value: str = "final_loss", by: str
                 text=[f"seed {s}" for s in g["seed"]], hovertemplate="%{text}: %{y:.4g}<extra>%{x}</extra>",
             )
         )
-    sub = "each dot is one seed" + METRIC_NOTES.get(value, "") + _off_log(data[[value]], log_y)
+    sub = "each dot is one seed" + METRIC_NOTES.get(value, "") + (f"; {left_out}" if left_out else "") + _off_log(data[[value]], log_y)
     fig.update_layout(title=_title(title, sub), xaxis_title="arm", yaxis_title=y_title, showlegend=False, height=380)
     fig.update_yaxes(type="log" if log_y else "linear")
     pos = data[value].to_numpy(dtype=float)
