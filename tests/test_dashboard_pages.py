@@ -196,6 +196,28 @@ def test_compare_layer_lines_follow_a_switch_to_a_run_with_other_layers(app, rea
     assert {t["name"].split(" · ")[1] for t in charts(at)[1]["data"]} == set(modules[:2])
 
 
+def test_compare_and_inspect_choices_survive_a_visit_to_another_page(app, adapters):
+    # The runs and the view already come back (persist_state); the filters, the cell and the
+    # adapter path must too, not silently reset to every seed, the best cell and an empty path.
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["grid"]).run()
+    at.multiselect(key="compare_seeds").set_value([1]).run()
+    at.multiselect(key="compare_arms").set_value(["lora", "balora"]).run()
+    at.selectbox(key="compare_cell").set_value((1e-3, 8.0)).run()
+    at.switch_page(PAGE["learn"]).run()
+    at.switch_page(PAGE["compare"]).run()
+    no_exception(at)
+    assert at.multiselect(key="compare_seeds").value == [1]
+    assert at.multiselect(key="compare_arms").value == ["lora", "balora"]
+    assert at.selectbox(key="compare_cell").value == (1e-3, 8.0)
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(adapters["peft"])).run()
+    at.switch_page(PAGE["compare"]).run()
+    at.switch_page(PAGE["inspect"]).run()
+    no_exception(at)
+    assert at.text_input(key="insp_path").value == str(adapters["peft"]) and at.metric
+
+
 def test_compare_best_cell_per_seed(app, real_run):
     """'each seed's own best cell' (the paper's protocol) draws each seed at records.best_cells(select='seed')."""
     from balora.records import arm_summary, best_cells

@@ -149,8 +149,9 @@ arms_all, seeds_all = frames.arms_and_seeds(steps, summary)
 remembered_filter("compare_arms", arms_all)
 remembered_filter("compare_seeds", seeds_all)
 c1, c2, c3 = st.columns([3, 2, 3])
-arms = c1.multiselect("Arms", arms_all, key="compare_arms")
-seeds = c2.multiselect("Seeds", seeds_all, key="compare_seeds")
+# persist_state: a visit to another page keeps the filters and the cell, as it keeps the runs.
+arms = c1.multiselect("Arms", arms_all, key="compare_arms", persist_state="session")
+seeds = c2.multiselect("Seeds", seeds_all, key="compare_seeds", persist_state="session")
 hidden = [f"arm {a}" for a in arms_all if a not in arms] + [f"seed {s}" for s in seeds_all if s not in seeds]
 if hidden:
     st.caption("Hidden by the filters above: " + md.text(", ".join(hidden)) + ".")
@@ -165,7 +166,7 @@ if is_grid:
     cell_options = ["best", "best per seed"] + [(lr, a) for lr in lrs for a in alphas]
     per_seed_runs = all(r.config.get("select") == "seed" for r in runs.values())
     cell = c3.selectbox(
-        "Learning rate × alpha cell shown in the curves", cell_options, key="compare_cell",
+        "Learning rate × alpha cell shown in the curves", cell_options, key="compare_cell", persist_state="session",
         index=1 if per_seed_runs else 0,
         format_func=lambda c: {"best": "each arm's own best cell (lowest median final loss)",
                                "best per seed": "each seed's own best cell (the paper's protocol)"}.get(c)

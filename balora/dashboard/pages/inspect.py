@@ -22,13 +22,15 @@ st.caption(
 upload_root: Path | None = None
 label = ""
 hub_name: str | None = None  # a Hub id's repository name: its snapshot folder is only a commit hash
-source = st.radio("Adapter", ["A path on this machine", "An uploaded file"], horizontal=True, key="insp_source")
+# persist_state: after a visit to another page the adapter shown before is shown again.
+source = st.radio("Adapter", ["A path on this machine", "An uploaded file"], horizontal=True, key="insp_source",
+                  persist_state="session")
 if source == "A path on this machine":
     saved = st.session_state.pop("insp_saved", None)
     if saved:  # the user moved on from an upload: delete its temporary copy now
         uploads.remove_tree(Path(saved[1]))
     text = st.text_input(
-        "Path or Hub id", key="insp_path",
+        "Path or Hub id", key="insp_path", persist_state="session",
         placeholder="/path/to/adapter  or  /path/to/trainer-output  or  /path/to/lora.safetensors  or  user/name[@revision]",
     ).strip()
     if not text:
