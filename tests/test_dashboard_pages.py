@@ -733,3 +733,22 @@ def test_launch_shows_a_running_job_and_cancels_it(app, runs_root, monkeypatch):
     assert manager.wait(30) is not None and job.state() == "cancelled"
     at.run()
     assert "cancelled" in texts(at.warning)
+
+
+def test_launch_cancelled_before_writing_says_nothing_was_kept(app, runs_root, monkeypatch):
+    # Cancelled while still starting (importing torch, building the task): no run folder exists,
+    # so the page must not claim one was kept and marked interrupted.
+    script = "import time; time.sleep(60)"
+    monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
+    at = app.run()
+    at.switch_page(PAGE["launch"]).run()
+    at.text_input(key="launch_name").set_value("never-wrote")
+    start_button(at).click().run()
+    manager = jobs.get_manager(runs_root)
+    manager.cancel()
+    assert manager.wait(30) is not None and manager.job.state() == "cancelled"
+    at.run()
+    no_exception(at)
+    assert not (runs_root / "never-wrote").exists()
+    said = texts(at.warning)
+    assert "cancelled" in said and "marked interrupted" not in said and "before it wrote anything" in said

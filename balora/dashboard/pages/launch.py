@@ -59,7 +59,9 @@ def job_panel() -> None:
             st.session_state["compare_focus"] = name
             st.switch_page(page_path("compare.py"))
     elif state == "cancelled":
-        st.warning(f"Run **{name}** was cancelled; what it wrote is kept and marked interrupted.")
+        # Cancelled while still starting (imports, building the task): no run folder was written.
+        st.warning(f"Run **{name}** was cancelled; what it wrote is kept and marked interrupted." if j.run_dir.exists()
+                   else f"Run **{name}** was cancelled before it wrote anything: there is no run to open.")
     else:
         st.error(f"Run **{name}** failed (exit code {j.returncode}). Its last output is below.")
     if j.output:
