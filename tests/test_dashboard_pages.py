@@ -362,6 +362,24 @@ def test_compare_empty_and_missing_runs_folder(tmp_path, monkeypatch):
     assert "afile` is not a folder: point $BALORA_RUNS" in texts(at.info)
 
 
+def test_compare_empty_runs_folder_given_by_flag_suggests_a_command_that_writes_there(tmp_path, monkeypatch):
+    # `balora dashboard --runs DIR`: a plain `balora compare` writes to ./runs, never listed here;
+    # the command the page suggests must write its run into DIR.
+    import shlex
+
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    monkeypatch.delenv(settings.ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--runs", str(folder)])
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    no_exception(at)
+    said = texts(at.info)
+    command = next(c for c in said.split("`") if c.startswith("balora compare"))
+    args = shlex.split(command)
+    assert "--out" in args and Path(args[args.index("--out") + 1]).parent == folder
+
+
 # ------------------------------------------------------------------------------------- inspect
 
 

@@ -70,6 +70,16 @@ def runs_dir(argv: list[str] | None = None, environ: dict[str, str] | None = Non
     return _runs_folder.runs_folder(os.environ if environ is None else environ)
 
 
+def compare_command(runs: Path, environ: dict[str, str] | None = None) -> str:
+    """A `balora compare` command whose run lands in `runs`: no --out when `runs` is where it writes
+    by default ($BALORA_RUNS or ./runs), else --out into `runs` (the dashboard started with --runs DIR)."""
+    import shlex
+
+    if Path(runs) == _runs_folder.runs_folder(os.environ if environ is None else environ):
+        return "balora compare --task synthetic"
+    return shlex.join(["balora", "compare", "--task", "synthetic", "--out", str(Path(runs) / "synthetic-1")])
+
+
 def sample_runs_dir() -> Path | None:
     """The bundled sample runs, or None when this install has none (they are package data)."""
     return SAMPLE_RUNS if SAMPLE_RUNS.is_dir() else None

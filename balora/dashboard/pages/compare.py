@@ -36,8 +36,8 @@ if own is None or own.empty:
         (f"No runs in `{RUNS_DIR}` yet." if RUNS_DIR.is_dir()
          else f"`{RUNS_DIR}` is not a folder: point $BALORA_RUNS (or --runs) at a folder." if RUNS_DIR.exists()
          else f"No runs folder at `{RUNS_DIR}` yet.")
-        + " Make a run with `balora compare --task synthetic` from the folder the dashboard was started in, or on "
-        "the **Launch** page: it is listed here without any flag."
+        + f" Make a run with `{settings.compare_command(RUNS_DIR)}` from the folder the dashboard was started in, "
+        "or on the **Launch** page: it is listed here."
         + (" Meanwhile, the bundled sample runs (samples/..., read-only) are listed below."
            if samples is not None and len(samples) else "")
     )
