@@ -770,3 +770,18 @@ def test_launch_cancelled_before_writing_says_nothing_was_kept(app, runs_root, m
     assert not (runs_root / "never-wrote").exists()
     said = texts(at.warning)
     assert "cancelled" in said and "marked interrupted" not in said and "before it wrote anything" in said
+
+
+def test_warmup_never_leaves_pil_half_imported_for_plotly(tmp_path):
+    # plotly's JSON encoder takes PIL.Image from sys.modules without importing it: while the warm-up
+    # thread was half-way through importing it (torch pulls it in), a page drawing a chart showed
+    # "partially initialized module 'PIL.Image' has no attribute 'Image'" in a red box. PIL.Image
+    # must be whole before that thread starts.
+    pytest.importorskip("PIL")
+    import subprocess
+
+    code = ("import sys; from balora.dashboard import warmup; warmup.start(); m = sys.modules.get('PIL.Image');"
+            "print(m is not None and hasattr(m, 'Image'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]

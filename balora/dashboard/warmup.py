@@ -18,6 +18,10 @@ import threading
 
 # The modules the Inspect and Learn pages import first (Launch's arms: jobs.available_arms).
 MODULES = ("balora.teaching", "balora.inspection")
+# Imported whole before the thread starts: plotly's JSON encoder takes PIL.Image from sys.modules
+# without importing it, so a chart drawn while the thread is half-way through importing PIL (torch
+# pulls it in) failed with "partially initialized module 'PIL.Image' has no attribute 'Image'".
+BEFORE_THREAD = ("PIL.Image",)
 EXIT_WAIT_S = 60.0
 
 _started = threading.Event()
@@ -28,6 +32,11 @@ def start(modules: tuple[str, ...] = MODULES) -> threading.Thread | None:
     if _started.is_set():
         return None
     _started.set()
+    for name in BEFORE_THREAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # not installed: plotly finds nothing in sys.modules either
+            pass
 
     def run() -> None:
         try:
