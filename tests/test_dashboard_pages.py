@@ -772,6 +772,18 @@ def test_launch_cancelled_before_writing_says_nothing_was_kept(app, runs_root, m
     assert "cancelled" in said and "marked interrupted" not in said and "before it wrote anything" in said
 
 
+def test_inspect_metrics_of_a_fresh_peft_adapter_say_n_a_not_nan(app, tmp_path):
+    # PEFT's init (B = 0): dW = 0 has no condition number; the metric says n/a, as for no layers.
+    fresh = _write_adapter(tmp_path / "fresh", seed=0)
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(fresh)).run()
+    no_exception(at)
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["LoRA layers"] == "2" and shown["Median cond(dW)"] == "n/a"
+    assert not any(v.lower() == "nan" for v in shown.values())
+
+
 def test_warmup_never_leaves_pil_half_imported_for_plotly(tmp_path):
     # plotly's JSON encoder takes PIL.Image from sys.modules without importing it: while the warm-up
     # thread was half-way through importing it (torch pulls it in), a page drawing a chart showed

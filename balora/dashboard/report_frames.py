@@ -54,7 +54,8 @@ def measured(report: pd.DataFrame) -> pd.DataFrame:
 def summary_numbers(report: pd.DataFrame) -> dict[str, float | None]:
     """The headline numbers of one checkpoint's report (None when no layer could be measured)."""
     ok = measured(report)
-    med = lambda c: float(ok[c].median()) if len(ok) and c in ok else None  # noqa: E731
+    # No value (e.g. cond(dW) of PEFT's init, dW = 0, is undefined in every layer): None, shown "n/a", never "nan".
+    med = lambda c: float(ok[c].median()) if len(ok) and c in ok and ok[c].notna().any() else None  # noqa: E731
     return {"layers": len(report), "measured": len(ok), "median_rel_imbalance": med("rel_imbalance"),
             "worst_rel_imbalance": float(ok["rel_imbalance"].max()) if len(ok) else None, "median_cond_dW": med("cond_dW")}
 
