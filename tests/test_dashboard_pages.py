@@ -218,6 +218,19 @@ def test_compare_and_inspect_choices_survive_a_visit_to_another_page(app, adapte
     assert at.text_input(key="insp_path").value == str(adapters["peft"]) and at.metric
 
 
+def test_compare_says_which_runs_the_chosen_metric_leaves_out(app):
+    # A synthetic run (excess loss) next to the lm sample (no excess loss): the default metric draws the
+    # synthetic run only; the page must say the other run is not drawn, not leave it out silently.
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["single", "samples/lm-toy"]).run()
+    no_exception(at)
+    metric = at.selectbox(key="loss_metric").value
+    drawn = {t["name"].split(": ")[0] for c in charts(at)[:2] for t in c["data"] if t.get("name")}
+    lm_steps = __import__("balora").load_run(settings.sample_runs_dir() / "lm-toy").steps
+    assert metric == "excess_loss" and lm_steps[metric].isna().all() and drawn == {"single"}  # the case
+    assert "samples/lm-toy" in texts(at.caption) and "excess loss" in texts(at.caption)
+
+
 def test_compare_best_cell_per_seed(app, real_run):
     """'each seed's own best cell' (the paper's protocol) draws each seed at records.best_cells(select='seed')."""
     from balora.records import arm_summary, best_cells

@@ -146,6 +146,13 @@ def recorded(df: pd.DataFrame, candidates) -> list[str]:
     return [c for c in candidates if c in df and df[c].notna().any()]
 
 
+def runs_without(df: pd.DataFrame, column: str, runs: list[str]) -> list[str]:
+    """The `runs` with no value of `column` in `df` (e.g. an lm run next to a synthetic one, with
+    excess loss chosen): a figure of that column draws nothing of them."""
+    has = set(df.loc[df[column].notna(), "run"].astype(str)) if column in df and "run" in df else set()
+    return [r for r in runs if r not in has]
+
+
 def speed_metrics(steps: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     """Metrics a target can be set on, default first: excess loss when the task records it
     (each seed has its own floor, so every seed can reach the same target), else the metric
