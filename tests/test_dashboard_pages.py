@@ -810,3 +810,17 @@ def test_warmup_never_leaves_pil_half_imported_for_plotly(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
+
+
+def test_launch_run_name_survives_a_visit_to_another_page(app, runs_root):
+    # The default name is made once per task; after a visit to Compare the field came back empty
+    # and Start failed with "run name: letters, digits...".
+    at = app.run()
+    at.switch_page(PAGE["launch"]).run()
+    name = at.text_input(key="launch_name").value
+    assert name.startswith("synthetic-")
+    at.switch_page(PAGE["compare"]).run()
+    at.switch_page(PAGE["launch"]).run()
+    no_exception(at)
+    assert at.text_input(key="launch_name").value == name
+    assert jobs.validate(jobs.LaunchSpec(name=at.text_input(key="launch_name").value), runs_root) == []

@@ -117,7 +117,8 @@ with st.form("launch_form"):
             help="Multiplies PEFT's initial lora_A (1 = PEFT's own init). Balancing helps most when A starts "
                  "large next to the target (try 10): plain LoRA then stalls inside A's random row space.",
         )
-    name = st.text_input("Run name", key="launch_name", help=f"the run is written to {RUNS_DIR}/NAME")
+    # persist_state: a visit to another page keeps the name (it was dropped, and Start then refused an empty name).
+    name = st.text_input("Run name", key="launch_name", persist_state="session", help=f"the run is written to {RUNS_DIR}/NAME")
     submitted = st.form_submit_button("Start", type="primary", disabled=busy is not None)
 if busy is not None:
     st.info(f"A job is running ({busy.spec.name}); start another when it ends.")
