@@ -211,7 +211,7 @@ def loss_view() -> None:
     st.plotly_chart(compare_plots.loss_curves(curves, x=x, metric=metric, log_y=log_y, loss_unit=unit, band=band), key="fig_loss")
     absent = frames.runs_without(cell_steps, metric, list(runs))
     if absent and len(absent) < len(runs):  # runs of another task: said, not silently left out
-        st.caption(f"Not drawn: {', '.join(absent)}, which recorded no {plots.METRIC_NAMES[metric]} "
+        st.caption(f"Not drawn: {', '.join(md.code(r) for r in absent)}, which recorded no {plots.METRIC_NAMES[metric]} "
                    "(another task); choose another metric above to compare them.")
     if not cell_summary.empty:
         per_seed = is_grid and cell == "best per seed"
@@ -220,7 +220,8 @@ def loss_view() -> None:
         st.plotly_chart(compare_plots.final_loss_by_arm(cell_summary, value=headline, loss_unit=unit, log_y=log_y), key="fig_final")
         absent = frames.runs_without(cell_summary, headline, list(runs))
         if absent and len(absent) < len(runs):
-            st.caption(f"Not drawn: {', '.join(absent)}, which recorded no {plots.METRIC_NAMES[headline]} (another task).")
+            st.caption(f"Not drawn: {', '.join(md.code(r) for r in absent)}, which recorded no {plots.METRIC_NAMES[headline]} "
+                           "(another task).")
         st.markdown("**Each arm at its own best cell" + (", each seed at its own (the paper's protocol; lr, alpha: medians)" if per_seed else "")
                     + "** (median over seeds; `within_2x`: share of the grid within 2× of the best)")
         st.dataframe(frames.tidy(per_arm), hide_index=True, placeholder=frames.NA_TEXT, key="arm_summary")
