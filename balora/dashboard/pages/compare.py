@@ -265,7 +265,8 @@ def speedup_view() -> None:
         speed = frames.speedups(cell_steps, target, metric=metric, reference=reference)
         st.plotly_chart(compare_plots.speedup_bars(speed, target=target, metric=metric, loss_unit=unit, reference=reference), key="fig_speed")
         st.caption("Seconds are training wall-clock (optimizer step + balancing), without diagnostics or evaluation. "
-                   "An arm that never reaches the target in a seed is left out of that seed's medians.")
+                   "A seed in which an arm never reaches the target counts as never (inf steps, speed-up 0) in "
+                   "that arm's medians; `reached` says in how many seeds it did.")
         st.dataframe(frames.tidy(speed), hide_index=True, placeholder=frames.NA_TEXT)
 
 
