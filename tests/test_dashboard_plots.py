@@ -3,6 +3,8 @@ and says "no data" (still titled and labelled) for an empty frame."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -286,3 +288,32 @@ def test_loss_curves_of_two_runs_keep_the_arm_colour():
     lines = {t.name: t.line for t in fig.data if t.mode == "lines"}
     assert lines["r1: lora"].color == lines["r2: lora"].color == plots.ARM_COLORS["lora"]
     assert lines["r1: lora"].dash != lines["r2: lora"].dash
+
+
+def test_compare_figures_show_run_and_layer_names_as_text_never_as_plotly_tags():
+    # A run folder made by someone else names its series ("run: arm") and its layers; Plotly reads
+    # <a href>, <b>, <br> in legends, axis labels, subplot titles and tick labels, so a layer named
+    # like this was a link on the Imbalance view (the Inspect page had the same, and was mended).
+    evil = '<a href="https://attacker.example/x">fix it here</a><br><b>bold</b>'
+    series = (f"{evil}: lora", "r: balora")
+    curves = _curves(series=series)
+    layers = _layers(series=series, modules=(evil, "m.1"))
+    cells = pd.DataFrame([{"series": s, "seed": k, "final_loss": 0.1 * (k + 1), "status": "completed"}
+                          for s in series for k in range(3)])
+    grid = pd.DataFrame([{"series": s, "lr": 1e-3, "alpha": 8.0, "final_loss": 0.1} for s in series])
+    speed = pd.DataFrame([{"series": s, "steps_median": 4.0, "steps_min": 3.0, "steps_max": 5.0, "seconds_median": 1.0,
+                           "seconds_min": 1.0, "seconds_max": 1.0, "reached": 3, "n_seeds": 3, "speedup_steps": 1.0,
+                           "speedup_seconds": 1.0} for s in series])
+    sv = _spectra(series=series)
+    figs = [compare_plots.loss_curves(curves), compare_plots.final_loss_by_arm(cells), compare_plots.grid_heatmaps(grid),
+            compare_plots.speedup_bars(speed, target=0.5, metric="loss"), compare_plots.imbalance_heatmaps(layers),
+            compare_plots.layer_lines(layers), compare_plots.condition_lines(layers),
+            compare_plots.spectrum_evolution(sv[sv["which"] == "dW"].drop(columns="which")),
+            plots.singular_values(sv[sv["step"] == 10].drop(columns="step"), title="Singular values")]
+    for fig in figs:
+        shown = fig.to_plotly_json()
+        for trace in shown["data"]:
+            trace.pop("legendgroup", None)  # a key that groups traces, never drawn
+        spec = json.dumps(shown, default=str)  # fig.to_json() would escape every < as \u003c
+        assert "attacker.example" in spec, "the name is on the figure"
+        assert "<a " not in spec and "<br><b>bold" not in spec, spec[:1500]

@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from balora.dashboard.md import plot_label  # run, arm and layer names come from run folders: text, never tags
 from balora.dashboard.plots import (
     METRIC_NAMES, METRIC_NOTES, PALETTE, SIGMA_LABEL, VALUE_LABELS, WHICH_TITLES, X_LABELS, _cap, _log_ticks, _rgba,
     _title, arm_colors, empty_figure, run_dashes,
@@ -50,11 +51,11 @@ def loss_curves(
                     x=np.concatenate([g[x].to_numpy(), g[x].to_numpy()[::-1]]),
                     y=np.concatenate([g["hi"].to_numpy(), g["lo"].to_numpy()[::-1]]),
                     fill="toself", fillcolor=_rgba(c, 0.18), line=dict(width=0),
-                    hoverinfo="skip", showlegend=False, legendgroup=str(label), name=f"{label} spread",
+                    hoverinfo="skip", showlegend=False, legendgroup=str(label), name=plot_label(f"{label} spread"),
                 )
             )
         fig.add_trace(
-            go.Scatter(x=g[x], y=g["median"], mode="lines", name=str(label), legendgroup=str(label), line=dict(color=c, width=2, dash=dashes[label]))
+            go.Scatter(x=g[x], y=g["median"], mode="lines", name=plot_label(label), legendgroup=str(label), line=dict(color=c, width=2, dash=dashes[label]))
         )
     sub = f"median over {n} seed{'s' if n > 1 else ''}" + (f"; shaded: {band} across seeds" if n > 1 else "") + METRIC_NOTES.get(metric, "")
     sub += _off_log(curves[["median"]], log_y)
@@ -84,7 +85,7 @@ def final_loss_by_arm(cells: pd.DataFrame, *, value: str = "final_loss", by: str
     for label, g in data.groupby(by, sort=False):
         fig.add_trace(
             go.Box(
-                y=g[value], name=str(label), boxpoints="all", jitter=0.3, pointpos=0, marker_color=colors[label],
+                y=g[value], name=plot_label(label), boxpoints="all", jitter=0.3, pointpos=0, marker_color=colors[label],
                 text=[f"seed {s}" for s in g["seed"]], hovertemplate="%{text}: %{y:.4g}<extra>%{x}</extra>",
             )
         )
@@ -144,7 +145,7 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     zmin, zmax = (np.log10(finite.min()), np.log10(finite.max())) if use_log else (finite.min(), finite.max())
     if zmin == zmax:
         zmax = zmin + 1e-12
-    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[str(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.04)
+    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[plot_label(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.04)
     unit = f" ({loss_unit})" if loss_unit else ""
     for col, label in enumerate(labels, start=1):
         sub = grid[grid[by] == label]
@@ -159,7 +160,7 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
             go.Heatmap(
                 x=xs, y=ys, z=np.log10(np.where(z > 0, z, np.nan)) if use_log else z, zmin=zmin, zmax=zmax,
                 colorscale="Viridis", reversescale=True, text=text, texttemplate="%{text}", textfont=dict(size=12), customdata=z,
-                hovertemplate="lr %{x}, alpha %{y}: %{customdata:.4g}" + f"<extra>{label}</extra>",
+                hovertemplate="lr %{x}, alpha %{y}: %{customdata:.4g}" + f"<extra>{plot_label(label)}</extra>",
                 showscale=col == len(labels),
                 colorbar=dict(title=dict(text=f"{name}{unit}", side="right"), **(_log_ticks(zmin, zmax) if use_log else {})),
             ),
@@ -202,7 +203,7 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, metric: str = "loss", by
         # The verdict goes under each bar's name (readable, never squeezed by the error bars).
         ticks = []
         for m, rt, reached, n, label in zip(med, ratio, speed["reached"], speed["n_seeds"], speed[by]):
-            lines = [f"<b>{label}</b>"]
+            lines = [f"<b>{plot_label(label)}</b>"]
             if not np.isfinite(m):  # the median seed never got there
                 lines.append("not reached" if reached == 0 else f"median seed: not reached ({reached}/{n} seeds did)")
             else:
@@ -220,7 +221,7 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, metric: str = "loss", by
                     arrayminus=np.where(np.isfinite(med), np.nan_to_num(med - speed[f"{key}_min"].to_numpy(dtype=float)), 0.0),
                 ),
                 marker_color=[colors[lab] for lab in speed[by]], showlegend=False,
-                customdata=speed[by].astype(str), hovertemplate="%{customdata}: %{y:.4g}<extra></extra>",
+                customdata=speed[by].map(plot_label), hovertemplate="%{customdata}: %{y:.4g}<extra></extra>",
             ),
             row=1, col=col,
         )
@@ -250,15 +251,15 @@ def imbalance_heatmaps(heat: pd.DataFrame, *, value: str = "rel_imbalance", by: 
     zmin, zmax = np.log10(floor), np.log10(pos.max()) if pos.size else 0.0
     if zmin == zmax:
         zmin -= 1
-    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[str(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.03)
+    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[plot_label(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.03)
     for col, label in enumerate(labels, start=1):
         p = heat[heat[by] == label].pivot_table(index="module", columns="step", values=value, aggfunc="median").reindex(modules)
         z = p.to_numpy(dtype=float)
         fig.add_trace(
             go.Heatmap(
-                x=p.columns.to_numpy(), y=modules, z=np.log10(np.clip(z, floor, None)), zmin=zmin, zmax=zmax, customdata=z,
+                x=p.columns.to_numpy(), y=[plot_label(m) for m in modules], z=np.log10(np.clip(z, floor, None)), zmin=zmin, zmax=zmax, customdata=z,
                 colorscale="Magma", showscale=col == len(labels),
-                hovertemplate="%{y}<br>step %{x}: %{customdata:.3g}" + f"<extra>{label}</extra>",
+                hovertemplate="%{y}<br>step %{x}: %{customdata:.3g}" + f"<extra>{plot_label(label)}</extra>",
                 colorbar=dict(title=dict(text="log scale", side="right"), **_log_ticks(zmin, zmax)),
             ),
             row=1, col=col,
@@ -287,7 +288,7 @@ def layer_lines(lines: pd.DataFrame, *, value: str = "rel_imbalance", by: str = 
         g = g.sort_values("step")
         fig.add_trace(
             go.Scatter(
-                x=g["step"], y=g[value], mode="lines", name=f"{label} · {module}", line=dict(color=colors[label], dash=dashes[modules.index(module) % len(dashes)]),
+                x=g["step"], y=g[value], mode="lines", name=plot_label(f"{label} · {module}"), line=dict(color=colors[label], dash=dashes[modules.index(module) % len(dashes)]),
             )
         )
     fig.update_layout(title=_title(title, "median over seeds; colour = arm, dash = layer"), xaxis_title="optimizer step", yaxis_title=y_title, height=420, legend_title_text="arm · layer")
@@ -304,7 +305,7 @@ def spectrum_evolution(sv: pd.DataFrame, *, which: str = "dW", by: str = "series
     if sv.empty:
         return empty_figure(title, "optimizer step", SIGMA_LABEL, "no spectra recorded for this selection")
     labels = list(dict.fromkeys(sv[by]))
-    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[str(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.03)
+    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[plot_label(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.03)
     indices = sorted(sv["index"].unique())
     for col, label in enumerate(labels, start=1):
         g = sv[sv[by] == label]
@@ -341,7 +342,7 @@ def condition_lines(cond: pd.DataFrame, *, by: str = "series") -> go.Figure:
             # inf (rank-deficient) cannot be drawn on a log axis; it shows as a gap.
             y = g[c].replace([np.inf, -np.inf], np.nan)
             fig.add_trace(
-                go.Scatter(x=g["step"], y=y, mode="lines", name=str(label), legendgroup=str(label), showlegend=j == 1,
+                go.Scatter(x=g["step"], y=y, mode="lines", name=plot_label(label), legendgroup=str(label), showlegend=j == 1,
                            line=dict(color=colors[label], dash=dashes[label])),
                 row=1, col=j,
             )

@@ -17,6 +17,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from balora.dashboard.md import plot_label
+
 # One colour per arm, on every view, every run and the Learn page (lora grey, svd red, nearest
 # green). Two runs of one arm share its colour and differ by line dash (run_dashes).
 ARM_COLORS = {
@@ -141,7 +143,7 @@ def singular_values(sv: pd.DataFrame, *, by: str = "series", title: str = "Singu
             g = g.sort_values("index")
             fig.add_trace(
                 go.Scatter(
-                    x=g["index"] + 1, y=g["value"], mode="lines+markers", name=str(label), legendgroup=str(label),
+                    x=g["index"] + 1, y=g["value"], mode="lines+markers", name=plot_label(label), legendgroup=str(label),
                     showlegend=col == 1, line=dict(color=colors[label], dash=dashes[label]),
                 ),
                 row=1, col=col,

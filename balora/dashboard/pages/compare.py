@@ -301,7 +301,7 @@ def spectra_view() -> None:
         if steps_avail:
             step = b.select_slider("Step", steps_avail, value=steps_avail[-1], key="spec_step") if len(steps_avail) > 1 else steps_avail[0]
             sv = frames.spectra_at(cell_spectra, module, step)
-            st.plotly_chart(plots.singular_values(sv, title=f"Singular values of {module} at step {step}", log_y=log_y), key="fig_spec_at")
+            st.plotly_chart(plots.singular_values(sv, title=f"Singular values of {md.plot_label(module)} at step {step}", log_y=log_y), key="fig_spec_at")
             which = st.radio("Evolution of", ["dW", "B", "A"], format_func=lambda w: plots.WHICH_TITLES[w], horizontal=True, key="spec_which")
             st.plotly_chart(compare_plots.spectrum_evolution(frames.spectra_over_steps(cell_spectra, module, which), which=which, log_y=log_y), key="fig_spec_evo")
         else:
