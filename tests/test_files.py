@@ -348,6 +348,23 @@ def test_trainer_checkpoints_ordered_by_number(trainer_run, tmp_path):
     np.testing.assert_array_equal(df.loc[df["step"] == 10, "imbalance"], first["imbalance"])
 
 
+def test_trainer_folder_still_writing_its_newest_checkpoint(trainer_run, tmp_path):
+    """A run still training may be writing its newest checkpoint: inspecting the folder then gave only an
+    error. That checkpoint is left out with a note; a damaged older one is still an error."""
+    run = tmp_path / "run"
+    shutil.copytree(trainer_run, run)
+    weights = run / "checkpoint-2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as while being written
+    df = balora.inspect(run)
+    assert list(dict.fromkeys(df["checkpoint"])) == ["checkpoint-1"]
+    np.testing.assert_array_equal(df["imbalance"], balora.inspect(trainer_run / "checkpoint-1")["imbalance"])
+    notes = df.attrs["sources"][0]["notes"]
+    assert any(n.startswith("checkpoint-2 left out, unreadable") and "adapter_model.safetensors" in n for n in notes)
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-0")  # the damaged one is now an older one
+    with pytest.raises(InputError, match="checkpoint-0"):
+        balora.inspect(run)
+
+
 def test_trainer_folders_final_adapter_keeps_every_adapter(trainer_run, tmp_path):
     # trainer.save_model(DIR) writes every adapter PEFT has: "default" at the top, the others in folders
     # named after them. The final one was read as "default" only.

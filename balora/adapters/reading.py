@@ -4,7 +4,8 @@ Readers are registry entries (`READERS`), tried in order; each looks at one `Can
 path, its tensor file opened at most once whichever readers ask for it) and returns the
 adapters it recognises, or None when the path is not its format:
 
-  trainer  a Trainer output folder: every checkpoint-N with a PEFT adapter, ordered by N
+  trainer  a Trainer output folder: every checkpoint-N with a PEFT adapter, ordered by N (the
+           newest one left out with a note when unreadable: a run may be writing it)
   peft     a PEFT adapter folder (adapter_config.json + adapter_model.safetensors/.bin),
            several adapters in one folder tree (PEFT saves adapter "x" in the subfolder x/)
   kohya    a kohya-style .safetensors (lora_down / lora_up / alpha keys, Stable Diffusion)
@@ -89,8 +90,7 @@ def adapter_root(path: Path) -> Path:
     `models--org--name/snapshots/<rev>/<file>` as links to `models--org--name/blobs/<hash>`,
     so inside such a snapshot the repository folder is the root.
     """
-    folder = path if path.is_dir() else path.parent
-    folder = Path(os.path.abspath(folder))
+    folder = Path(os.path.abspath(path if path.is_dir() else path.parent))
     for p in (folder, *folder.parents):  # the snapshot itself or a subfolder of it
         if p.parent.name == "snapshots" and p.parent.parent.name.startswith(("models--", "datasets--")):
             return p.parent.parent
@@ -107,10 +107,8 @@ def check_inside(path: Path, root: Path, what: str) -> None:
     except (OSError, RuntimeError):  # dangling link, or a loop of links
         raise InputError(f"{path}: {what} is a broken symbolic link (its target does not exist, or the links "
                          "form a loop)") from None
-    raise InputError(
-        f"{path}: {what} is a symbolic link to {target}, outside the folder {root}; balora does not follow "
-        "links out of the folder it reads (copy the real file in if you trust it)"
-    )
+    raise InputError(f"{path}: {what} is a symbolic link to {target}, outside the folder {root}; balora does not "
+                     "follow links out of the folder it reads (copy the real file in if you trust it)")
 
 
 @dataclass
@@ -224,15 +222,20 @@ def read_trainer_folder(c: Candidate) -> list[AdapterSource] | None:
     ckpts = _checkpoints(path, c.root)
     if not ckpts:
         return None
-    sources, empty = [], []
+    sources, empty, notes = [], [], []
     for n, d in ckpts:
         dirs = adapter_dirs(d)
-        if not dirs:
-            empty.append(d.name)
-        for folder, adapter in dirs:
-            src = _peft_source(folder, adapter, c.root)
+        empty += [] if dirs else [d.name]
+        try:
+            found = [_peft_source(folder, adapter, c.root) for folder, adapter in dirs]
+        except InputError as e:  # the newest checkpoint of a run still training may be half-written
+            if (n, d) != ckpts[-1] or not sources:  # a damaged older one, or the only one: an error as before
+                raise
+            notes.append(f"{d.name} left out, unreadable (still being written?): {e}")
+            continue
+        for src in found:
             src.reader, src.checkpoint, src.step = "trainer", d.name, n
-            sources.append(src)
+        sources += found
     if not sources:
         hint = sharded_checkpoint_hint(path, MAX_TREE_DEPTH)
         raise InputError(f"{path}: Trainer output folder whose checkpoints hold no LoRA adapter ({ADAPTER_CONFIG})"
@@ -245,7 +248,8 @@ def read_trainer_folder(c: Candidate) -> list[AdapterSource] | None:
             src.reader, src.checkpoint = "trainer", "final"
             sources.append(src)
     if empty:
-        sources[0].notes.append(f"checkpoint(s) without an adapter left out: {', '.join(empty)}")
+        notes.insert(0, f"checkpoint(s) without an adapter left out: {', '.join(empty)}")
+    sources[0].notes += notes
     return sources
 
 
