@@ -180,6 +180,16 @@ def test_errors_one_line_exit_2_debug_shows_traceback(tmp_path, capsys):
     assert rc == 2 and "Traceback" in err and "InputError" in err
 
 
+@pytest.mark.parametrize("command", [["inspect", ""], ["balance", " ", "out"]])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch, command):
+    # Path("") is ".": `balora inspect "$UNSET"` read the current folder and its subfolders three deep.
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_cli(capsys, *command)
+    assert rc == 2 and out == "" and err.strip().endswith("an empty path: give an adapter folder, a weights file or "
+                                                          "a Hub id user/name")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_json_has_no_nan_or_inf_and_keeps_infinities_as_strings(tmp_path, capsys):
     from safetensors.torch import save_file
 

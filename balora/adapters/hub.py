@@ -52,6 +52,8 @@ def resolve_source(source) -> Path | HubSource:
     if isinstance(source, Path):
         return source
     text = str(source)
+    if not text.strip():  # Path("") is the current folder: an unset shell variable would read it, and below
+        raise InputError("an empty path: give an adapter folder, a weights file or a Hub id user/name")
     path = Path(text).expanduser()
     if path.exists() or path.is_symlink():
         return path
