@@ -222,3 +222,52 @@ def test_cli_honours_the_hub_environment(cached_peft_adapter, offline_cache, tmp
     missing = subprocess.run([sys.executable, "-m", "balora.cli", "inspect", "user/other"],
                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert missing.returncode == 2 and "HF_HUB_OFFLINE" in missing.stderr
+
+
+def _kohya_bytes(seed: int) -> bytes:
+    """A kohya LoRA file (lora_down / lora_up / alpha) as the bytes a Hub repository would hold."""
+    import torch
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in ("lora_unet_a_to_q", "lora_te1_b_q_proj"):
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, 6, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(5, 4, generator=g) * 1e-2
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    return save(tensors, metadata={"ss_network_module": "networks.lora"})
+
+
+def test_a_hub_repository_holding_one_kohya_file(offline_cache, tmp_path):
+    # Most Stable Diffusion LoRAs on the Hub are one kohya/LyCORIS file with any name (the
+    # patterns fetch "*.safetensors" for them); the repository's folder must read as that file.
+    import balora
+    from safetensors.torch import load
+
+    data = _kohya_bytes(0)
+    snap = make_cache(offline_cache, "user/style-lora", {"my_style.safetensors": data, "README.md": b"# style"})
+    df = balora.inspect("user/style-lora")
+    tensors = load(data)
+    assert set(df.module) == {"lora_unet_a_to_q", "lora_te1_b_q_proj"} and (df.status == "ok").all()
+    for row in df.itertuples():
+        A = tensors[f"{row.module}.lora_down.weight"].double().numpy()
+        B = tensors[f"{row.module}.lora_up.weight"].double().numpy()
+        assert row.scaling == pytest.approx(2.0 / 4)
+        ref = np.linalg.svd(0.5 * B @ A, compute_uv=False)
+        np.testing.assert_allclose(row.sigma, ref[: len(row.sigma)], rtol=1e-5)
+    out = tmp_path / "balanced"
+    summary = balora.balance_file(f"user/style-lora@{COMMIT}", out)
+    assert summary.balanced == 2 and (out / "my_style.safetensors").is_file()
+    assert not (snap / "my_style.safetensors").resolve().samefile(out / "my_style.safetensors")
+    assert (balora.inspect(out).rel_imbalance < 1e-5).all()
+
+
+def test_a_hub_repository_with_several_lora_files_names_them(offline_cache):
+    import balora
+
+    snap = make_cache(offline_cache, "user/pack", {"a.safetensors": _kohya_bytes(0), "b.safetensors": _kohya_bytes(1)})
+    with pytest.raises(InputError) as err:
+        balora.inspect("user/pack")
+    msg = str(err.value)
+    assert "\n" not in msg and "a.safetensors" in msg and "b.safetensors" in msg
+    assert len(balora.inspect(snap / "b.safetensors")) == 2  # the path the message offers reads

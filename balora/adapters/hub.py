@@ -14,7 +14,8 @@ from pathlib import Path
 from balora.errors import InputError
 
 # What an adapter repository holds: PEFT folders (also one level down, e.g. checkpoint-N/),
-# diffusers' pytorch_lora_weights.safetensors and kohya/LyCORIS single files. fnmatch's `*`
+# diffusers' pytorch_lora_weights.safetensors and kohya/LyCORIS single files (a snapshot with one
+# .safetensors reads as that file: wild.read_folder_of_one_file). fnmatch's `*`
 # crosses `/`, so "*.safetensors" matches at any depth; the ignore list keeps out the weights
 # of whole models that some repositories ship beside an adapter.
 ADAPTER_PATTERNS = ["*adapter_config.json", "*adapter_model.safetensors", "*adapter_model.bin", "*.safetensors"]

@@ -9,8 +9,11 @@ diffusers  `pytorch_lora_weights.safetensors` (or its folder) as diffusers' `sav
 lycoris    LyCORIS files: LoCon modules (`lora_down` / `lora_up`, convs included) are kohya
            pairs and are read and balanced as such; LoHa, LoKr, OFT/BOFT and full-difference
            modules are not `B @ A` and are listed as skipped with the reason, never misread.
+folder     a folder (a Hub repository's snapshot) whose one .safetensors file is a LoRA file of any
+           name, read as that file; several such files are refused with their names.
 
-Both register in front of the generic readers (`kohya`, `bare`) of balora.adapters.reading.
+The first two register in front of the generic readers (`kohya`, `bare`) of balora.adapters.reading,
+`folder` after them all.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import re
 from balora.adapters.entries import PEFT_KEYS, PairEntry, find_entries, has_kohya_factors, natural_key
 from balora.adapters.peft_config import check_config, config_rank_scaling, rank_scaling_tables, variant_skip
 from balora.adapters.reading import (
+    READERS,
     AdapterSource,
     Candidate,
     check_inside,
@@ -222,3 +226,33 @@ def read_lycoris_file(c: Candidate) -> list[AdapterSource] | None:
     if src.other_keys:
         src.notes.append(f"{len(src.other_keys)} other tensor(s) are not LoRA factors")
     return [src]
+
+
+# ---- a folder of one LoRA file ------------------------------------------------------------------
+
+
+@register_reader("folder")
+def read_folder_of_one_file(c: Candidate) -> list[AdapterSource] | None:
+    """A folder with no adapter the readers above know, holding one .safetensors file: that file.
+
+    A Hub repository of a kohya or LyCORIS LoRA is one file of any name (and diffusers' own
+    `save_lora_weights(..., weight_name=...)` names it too); a Hub id names only the repository,
+    so its snapshot folder must read as the file. Several files are not guessed between."""
+    if not c.path.is_dir():
+        return None
+    files = sorted(p for p in c.path.iterdir()  # a FIFO so named stays in, to be refused by name
+                   if p.suffix == ".safetensors" and not p.name.startswith(".") and not p.is_dir())
+    if len(files) > 1:
+        names = ", ".join(p.name for p in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        raise InputError(f"{c.path}: no adapter_config.json and {len(files)} .safetensors files ({names}); "
+                         f"pass the one to read, e.g. {files[0]}")
+    if not files:
+        return None
+    check_inside(files[0], c.root, "the LoRA weights")
+    regular_file_size(files[0], "weights file")
+    inner = Candidate(files[0], c.root)
+    for name, read in READERS.items():
+        sources = None if name == "folder" else read(inner)
+        if sources is not None:
+            return sources
+    return None
