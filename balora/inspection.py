@@ -20,7 +20,9 @@ from balora.adapters.entries import PairEntry
 from balora.adapters.hub import HubSource, resolve_source
 from balora.adapters.reading import AdapterSource, iter_pair_chunks, read_adapters
 from balora.adapters.tensor_file import TensorFile
-from balora.adapters.writing import check_destination, copy_adapter_files, copy_metadata, staged_output, write_weights
+from balora.adapters.writing import (
+    check_destination, check_weights_suffix, copy_adapter_files, copy_metadata, staged_output, write_weights,
+)
 from balora.balance import BalanceError, balance_pairs
 from balora.errors import InputError
 from balora.imbalance import rel_imbalance
@@ -182,6 +184,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     sources = read_adapters(src)
     _refuse_trainer_folder(src, sources)
     _refuse_file_for_folder(src, dst_text)
+    check_weights_suffix(src, dst)
     check_destination(src, dst, force, [s.weights for s in sources])
 
     summary = FileBalanceSummary(str(src), str(dst), sources[0].format, method,

@@ -753,3 +753,21 @@ def test_a_file_is_never_written_where_a_folder_was_named(trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # nothing written
     balance_file(folder, f"{tmp_path / 'copy'}/")  # a folder for a folder: the slash is what it means
     assert (tmp_path / "copy" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("given, other", [(".safetensors", ".bin"), (".safetensors", ".pt"), (".bin", ".safetensors")])
+def test_a_copy_is_never_named_for_the_other_weights_format(trained, tmp_path, given, other):
+    """`balora balance lora.safetensors out.bin` wrote safetensors bytes under a .bin name, which torch.load,
+    and balora inspect, then refused; `balance adapter_model.bin out.safetensors` failed with a temporary
+    path and a safetensors parser error. Refused up front, naming what to call it."""
+    folder, _ = trained
+    src = tmp_path / f"adapter{given}"
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    save_file(tensors, str(src)) if given == ".safetensors" else torch.save(tensors, src)
+    with pytest.raises(InputError) as err:
+        balance_file(src, tmp_path / f"out{other}")
+    msg = str(err.value)
+    assert "\n" not in msg and f"out{other}" in msg and f"out{given}" in msg and ".balora-tmp" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # nothing written
+    balance_file(src, tmp_path / f"out{given}")  # the name the message offers works and reads back
+    assert len(balora.inspect(tmp_path / f"out{given}")) == len(balora.inspect(src))

@@ -45,6 +45,8 @@ ADAPTER_FILES = (
     "generation_config.json", "preprocessor_config.json", "processor_config.json",
     "trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth",
 )
+# The weights file formats by suffix, as TensorFile reads them.
+WEIGHT_SUFFIXES = {".safetensors": "safetensors", ".bin": "torch", ".pt": "torch", ".pth": "torch"}
 _STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
@@ -170,6 +172,16 @@ def check_destination(src: Path, dst: Path, force: bool, weights: list[Path]) ->
         if dst.is_dir() and not _replaceable_folder(dst, [w.relative_to(src) for w in weights]):
             raise InputError(f"{dst}: not empty and not an adapter folder, so --force will not delete anything "
                              "in it; choose another path")
+
+
+def check_weights_suffix(src: Path, dst: Path) -> None:
+    """Refuse a copy of the weights file `src` named for the other format (out.bin for a .safetensors,
+    out.safetensors for a .bin): it is written in src's format, and tools (torch.load, diffusers,
+    kohya's loaders, balora itself) choose the parser by the suffix, so such a file reads as corrupt."""
+    if src.is_dir() or dst.suffix not in WEIGHT_SUFFIXES or WEIGHT_SUFFIXES[dst.suffix] == WEIGHT_SUFFIXES.get(src.suffix):
+        return
+    raise InputError(f"{dst}: ends in {dst.suffix} but {src.name} is a {WEIGHT_SUFFIXES.get(src.suffix, 'torch')} "
+                     f"file, and the balanced copy keeps its format; name it {dst.with_suffix(src.suffix or '.bin')}")
 
 
 def _replaceable_folder(dst: Path, weights: list[Path]) -> bool:
