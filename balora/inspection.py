@@ -182,6 +182,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     except ValueError as e:
         raise InputError(str(e)) from e
     sources = read_adapters(src)
+    src = _file_for_file_name(src, sources, dst_text)
     _refuse_trainer_folder(src, sources)
     _refuse_file_for_folder(src, dst_text)
     check_weights_suffix(src, dst)
@@ -213,6 +214,13 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
         summary.max_rel_imbalance_after = float(done["rel_imbalance_after"].max())
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _file_for_file_name(src: Path, sources: list[AdapterSource], dst_text: str) -> Path:
+    """The weights file itself when a folder (a Hub repository) holding one adapter file and no config
+    (diffusers, kohya) is balanced to a name with that file's suffix: else the copy was a folder so named."""
+    one = sources[0] if len(sources) == 1 and not sources[0].config_path else None
+    return one.weights if src.is_dir() and one is not None and Path(dst_text).suffix == one.weights.suffix else src
 
 
 def _refuse_trainer_folder(src: Path, sources: list[AdapterSource]) -> None:

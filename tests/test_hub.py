@@ -271,3 +271,22 @@ def test_a_hub_repository_with_several_lora_files_names_them(offline_cache):
     msg = str(err.value)
     assert "\n" not in msg and "a.safetensors" in msg and "b.safetensors" in msg
     assert len(balora.inspect(snap / "b.safetensors")) == 2  # the path the message offers reads
+
+
+def test_balancing_a_one_file_repository_into_a_file_name_writes_that_file(offline_cache, tmp_path):
+    # `balora balance user/style-lora style_balanced.safetensors` wrote a folder named
+    # style_balanced.safetensors (which LoRA loaders listing *.safetensors files cannot open).
+    import balora
+    from safetensors.torch import load, load_file
+
+    data = _kohya_bytes(0)
+    make_cache(offline_cache, "user/style-lora", {"my_style.safetensors": data, "README.md": b"# style"})
+    out = tmp_path / "style_balanced.safetensors"
+    summary = balora.balance_file("user/style-lora", out)
+    assert out.is_file() and summary.balanced == 2
+    before, after = load(data), load_file(out)
+    assert before.keys() == after.keys()
+    for m in ("lora_unet_a_to_q", "lora_te1_b_q_proj"):
+        A0, B0 = before[f"{m}.lora_down.weight"].double(), before[f"{m}.lora_up.weight"].double()
+        A1, B1 = after[f"{m}.lora_down.weight"].double(), after[f"{m}.lora_up.weight"].double()
+        np.testing.assert_allclose((B1 @ A1).numpy(), (B0 @ A0).numpy(), atol=1e-5 * float((B0 @ A0).abs().max()))
