@@ -239,3 +239,25 @@ def test_diffusers_metadata_is_json_checked(tmp_path):
     ok = {"unet.r": 2, "unet.lora_alpha": 6}
     save_file(tensors, tmp_path / "ok.safetensors", metadata={"lora_adapter_metadata": json.dumps(ok)})
     assert balora.inspect(tmp_path / "ok.safetensors").scaling.tolist() == [3.0]
+
+
+def test_lycoris_full_difference_modules_are_listed_as_skipped(tmp_path):
+    """LyCORIS "full" modules store dW itself (`.diff`, `.diff_b`): listed as skipped like LoHa, never
+    refused as a file without LoRA keys, and copied unchanged beside balanced LoCon pairs."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"lycoris_a.diff": torch.randn(6, 5, generator=g), "lycoris_a.diff_b": torch.randn(6, generator=g),
+               "lycoris_b.lora_down.weight": torch.randn(2, 5, generator=g),
+               "lycoris_b.lora_up.weight": torch.randn(6, 2, generator=g) * 0.01, "lycoris_b.alpha": torch.tensor(1.0)}
+    save_file({k: v for k, v in tensors.items() if k.startswith("lycoris_a")}, tmp_path / "full.safetensors")
+    df = balora.inspect(tmp_path / "full.safetensors")
+    assert list(df.module) == ["lycoris_a"] and df.status[0].startswith("skipped:") and "full" in df.status[0].lower()
+    save_file(tensors, tmp_path / "mixed.safetensors")
+    df = balora.inspect(tmp_path / "mixed.safetensors").set_index("module")
+    assert df.loc["lycoris_b", "status"] == "ok" and df.loc["lycoris_a", "status"].startswith("skipped:")
+    out = tmp_path / "mixed_balanced.safetensors"
+    assert balora.balance_file(tmp_path / "mixed.safetensors", out).balanced == 1
+    after = load_file(out)
+    assert torch.equal(after["lycoris_a.diff"], tensors["lycoris_a.diff"])
+    ref = _dw64(tensors, "lycoris_b.lora_down.weight", "lycoris_b.lora_up.weight", 1.0)
+    np.testing.assert_allclose(_dw64(after, "lycoris_b.lora_down.weight", "lycoris_b.lora_up.weight", 1.0), ref,
+                               atol=1e-5 * np.abs(ref).max())

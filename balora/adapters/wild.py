@@ -139,17 +139,19 @@ LYCORIS_ALGOS = [
      ("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b"), ("lokr_t2",)),
     ("OFT", "an orthogonal rotation of the base weight, not an added B @ A", ("oft_blocks|oft_diag",), ()),
     ("BOFT", "butterfly orthogonal rotations of the base weight, not an added B @ A", ("boft_blocks",), ()),
+    ("full", "dW is stored whole (diff), not as B @ A", ("diff",), ("diff_b",)),
 ]
 _PART = re.compile(r"^(?P<module>.+)\.(?P<part>hada_[wt][12](?:_[ab])?|lokr_[wt][12](?:_[ab])?|oft_blocks|oft_diag|"
-                   r"boft_blocks|boft_m|rescale)$")
-_ALGO_OF = {"hada": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT"}
+                   r"boft_blocks|boft_m|rescale|diff|diff_b)$")
+_ALGO_OF = {"hada": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT", "diff": "full"}
 
 
 def lycoris_modules(keys) -> dict[str, dict[str, str]]:
-    """{module: {part: key}} of the LyCORIS modules that are not LoRA pairs (LoHa, LoKr, OFT, BOFT)."""
+    """{module: {part: key}} of the LyCORIS modules that are not LoRA pairs (LoHa, LoKr, OFT, BOFT, full)."""
     found: dict[str, dict[str, str]] = {}
     for key in keys:
-        m = _PART.match(key) if ("hada_" in key or "lokr_" in key or "oft_" in key or "rescale" in key) else None
+        m = _PART.match(key) if ("hada_" in key or "lokr_" in key or "oft_" in key or "rescale" in key
+                                 or key.endswith((".diff", ".diff_b"))) else None
         if m:
             found.setdefault(m.group("module"), {})[m.group("part")] = key
     return {mod: parts for mod, parts in found.items() if set(parts) != {"rescale"}}
