@@ -320,7 +320,8 @@ def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: d
     with `target`, every measured dW finite. Raises (nothing is moved) otherwise."""
     written = TensorFile(out_path, format=s.tensors.format)
     where = f"balanced copy of {s.weights}"
-    dtypes = {k: target if target is not None and d.is_floating_point else d for k, d in s.tensors.dtypes.items()}
+    dtypes = {k: target if target is not None and d.is_floating_point and not k.endswith(".alpha") else d
+              for k, d in s.tensors.dtypes.items()}
     if written.shapes != s.tensors.shapes or written.dtypes != dtypes:
         raise BalanceError(f"{where}: keys, shapes or dtypes differ from the input; nothing was written")
     if (written.metadata or {}) != (metadata or {}):  # the input's, less CONTENT_HASHES when changed
@@ -376,8 +377,9 @@ def _listed(names: list[str], most: int) -> str:
 
 
 def _cast(tensors: dict[str, torch.Tensor], target: torch.dtype) -> dict[str, torch.Tensor]:
-    """The floating tensors cast to `target`, the others as they are."""
-    return {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
+    """The floating tensors cast to `target`, the others as they are, kohya/LyCORIS `.alpha` scales too: they
+    set dW's scale (alpha 0.1 in fp16 moved dW by 2.4e-4, unreported; 7e4 became inf), so they stay exact."""
+    return {k: t.to(target) if t.is_floating_point() and not k.endswith(".alpha") else t for k, t in tensors.items()}
 
 
 def _key_batches(tf: TensorFile, keys: list[str], max_bytes: int = 64 * 2**20):

@@ -214,3 +214,33 @@ def test_balanced_for_storage_of_factors_whose_fp32_grams_are_subnormal(np_produ
     assert A1.dtype == B1.dtype == torch.float32
     for g in range(4):
         assert np_rel_imbalance(A1[g], B1[g]) < 1e-6 and np_product_error(A[g], B[g], A1[g], B1[g]) < 1e-6
+
+
+def test_balance_in_half_precision_keeps_kohya_alpha_exact(tmp_path):
+    """kohya's `.alpha` sets dW's scale (alpha / r): cast to fp16 with the factors, alpha 0.1 moved dW by
+    2.4e-4 that the reported change left out, and alpha 7e4 became inf in a file written without a word.
+    The alphas stay as stored; the reported change is that of the whole dW = alpha / r * up @ down."""
+    from safetensors.torch import load_file, save_file
+
+    from balora import balance_file
+
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for name, alpha in (("lora_unet_a", 0.1), ("lora_unet_b", 7e4)):
+        sd[f"{name}.lora_down.weight"] = torch.randn(4, 16, generator=g) * 0.1  # (r, in)
+        sd[f"{name}.lora_up.weight"] = torch.randn(12, 4, generator=g) * 0.1 * (1e-5 if alpha > 1 else 1)  # (out, r)
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    save_file(sd, str(tmp_path / "k.safetensors"))
+    summary = balance_file(tmp_path / "k.safetensors", tmp_path / "k16.safetensors", dtype="float16")
+    out = load_file(str(tmp_path / "k16.safetensors"))
+    changes = summary.changes.set_index("module")
+    for name in ("lora_unet_a", "lora_unet_b"):
+        assert out[f"{name}.alpha"].dtype == torch.float32 and out[f"{name}.alpha"] == sd[f"{name}.alpha"]
+        assert out[f"{name}.lora_down.weight"].dtype == torch.float16
+
+        def dW(t):
+            return (t[f"{name}.alpha"].double().numpy() / 4) * (t[f"{name}.lora_up.weight"].double().numpy()
+                                                                  @ t[f"{name}.lora_down.weight"].double().numpy())
+
+        err = np.linalg.norm(dW(out) - dW(sd)) / np.linalg.norm(dW(sd))
+        assert np.isfinite(err) and changes.loc[name, "dW_rel_change"] == pytest.approx(err, rel=1e-3), name
