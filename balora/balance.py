@@ -243,7 +243,8 @@ def _measure(candidates: list[FactorPair], outcomes: list[_Outcome], used: list[
         o = outcomes[k]
         if o.block is None:
             A0, B0 = candidates[k].A[None], candidates[k].B[None]
-            A1, B1 = (t[None] for t in o.factors)
+            # Pair by pair (a one-thread CPU) the factors come in the compute dtype: measure them as written.
+            A1, B1 = (t[None].to(t0.dtype) for t, t0 in zip(o.factors, (A0, B0)))
             errors.append(product_rel_error(A0, B0, A1, B1))
             imbalances.append(_rel_imbalance(A1, B1))
         else:

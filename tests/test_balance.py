@@ -269,6 +269,27 @@ def test_half_precision_pairs_already_balanced_are_left_bit_for_bit(np_rel_imbal
         assert np_rel_imbalance(A, B) < 8 * unit_roundoff, key
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # pair by pair (one thread) and stacked
+def test_bf16_summary_measures_the_factors_as_written(threads, np_rel_imbalance, np_product_error, make_tiny_net,
+                                                      tiny_net_targets, lora_factors):
+    # The summary says "after casting back": on one thread a bf16 pass reported its fp32 result
+    # (~1e-7) while the written pairs had moved dW by ~2e-3.
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets,
+                                                       init_lora_weights=False)).to(torch.bfloat16)
+    before = lora_factors(model)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        summary = balance_(model)
+    finally:
+        torch.set_num_threads(previous)
+    after = lora_factors(model)
+    error = max(np_product_error(*before[k], *after[k]) for k in before)
+    imbalance = max(np_rel_imbalance(*after[k]) for k in after)
+    assert summary.max_rel_error == pytest.approx(error, rel=1e-3)
+    assert summary.max_rel_imbalance == pytest.approx(imbalance, rel=1e-3)
+
+
 def test_float64_summary_measures_in_float64(np_rel_imbalance, make_tiny_net, tiny_net_targets, lora_factors):
     model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets,
                                                        init_lora_weights=False)).to(torch.float64)
