@@ -10,6 +10,8 @@ does not pay for importing transformers and PEFT until something needs them.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -65,3 +67,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`balora.imbalance` is a public function and the name of the module defining it. Importing
+    that module (any report or balancing pass does) makes Python bind the module here, after which
+    `balora.imbalance(A, B)` raised "'module' object is not callable": keep the public object."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

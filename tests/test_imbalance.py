@@ -77,6 +77,19 @@ def test_imbalance_vs_numpy(dtype, batch, make_factors):
         assert 0 < float(rel[idx]) < 1
 
 
+def test_package_imbalance_is_the_function_once_its_module_is_imported(make_factors):
+    # `balora.imbalance` names a public function and the module defining it; importing the module
+    # (this file does, as does anything that measures) bound the module on the package, and
+    # `balora.imbalance(A, B)` raised "'module' object is not callable".
+    import balora
+    import balora.imbalance  # noqa: F401  (what any report or balancing pass does first)
+
+    A, B = make_factors((3,), r=4, n_in=12, n_out=10, dtype=torch.float64)
+    for idx, a, b in _items(A, B):
+        np.testing.assert_allclose(float(balora.imbalance(A, B)[idx]), _np_reference(a, b, 1.0)["imbalance"],
+                                   rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "r,n_in,n_out",
