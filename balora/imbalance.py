@@ -18,6 +18,18 @@ from balora.linalg import thin_r
 RANK_RTOL = 1e-5
 
 
+def check_pair_shapes(A: torch.Tensor, B: torch.Tensor, batched: bool = False) -> None:
+    """ValueError naming A and B unless A is (..., r, in) and B (..., out, r) with the same batch dims
+    and r (exactly (G, r, in) and (G, out, r) when `batched`): one unbatched pair, or the factors
+    swapped, otherwise failed deep inside with a broadcasting message that names neither."""
+    dims = ("(G, r, in)", "(G, out, r)") if batched else ("(..., r, in)", "(..., out, r)")
+    ok = A.dim() == B.dim() and A.dim() == 3 if batched else A.dim() == B.dim() and A.dim() >= 2
+    if not (ok and A.shape[:-2] == B.shape[:-2] and A.shape[-2] == B.shape[-1]):
+        raise ValueError(f"A must be {dims[0]} and B {dims[1]} with the same leading dims and r (A = lora_A.weight, "
+                         f"B = lora_B.weight, PEFT's order); got A {tuple(A.shape)}, B {tuple(B.shape)}"
+                         + (" (one pair: pass A[None], B[None])" if batched and A.dim() == 2 else ""))
+
+
 def imbalance_matrix(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """D = B^T B - A A^T, (G, r, r), in the factors' dtype (see `imbalance` for a scale-safe norm)."""
     return B.mT @ B - A @ A.mT
@@ -48,6 +60,7 @@ def _gram(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bo
 
 def _grams(A: torch.Tensor, B: torch.Tensor):
     """Normalized Grams G_A = A A^T / a^2, G_B = B^T B / b^2 (float64) and the scales a, b."""
+    check_pair_shapes(A, B)
     G_A, a, _, _ = _gram(A.mT.reshape(-1, *A.shape[-1:-3:-1]))
     G_B, b, _, _ = _gram(B.reshape(-1, *B.shape[-2:]))
     batch = A.shape[:-2]

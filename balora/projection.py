@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from balora.imbalance import RANK_RTOL
+from balora.imbalance import RANK_RTOL, check_pair_shapes
 from balora.linalg import all_finite, polar_orthogonal, thin_qr_factored, triu_inverse
 from balora.policy import METHODS, check_method  # noqa: F401 (METHODS re-exported: the gauges' names)
 
@@ -56,6 +56,7 @@ def balanced_factors(
     Pairs whose product is zero or non-finite come back unchanged and flagged.
     """
     check_method(method)
+    check_pair_shapes(A, B, batched=True)
     r, n_in, n_out = A.shape[-2], A.shape[-1], B.shape[-2]
     if r > min(n_in, n_out):
         raise ValueError(f"rank r={r} exceeds min(in={n_in}, out={n_out}): the product is rank-deficient by shape")
@@ -162,6 +163,9 @@ def gram_transforms(G_A: torch.Tensor, G_B: torch.Tensor, method: str = "nearest
     writing it would only re-round the factors (pass after pass, dW would random-walk).
     """
     check_method(method)
+    if not (G_A.dim() == 3 and G_A.shape == G_B.shape and G_A.shape[-1] == G_A.shape[-2]):
+        raise ValueError(f"G_A and G_B must be (G, r, r): A A^T and B^T B of a batch; got G_A {tuple(G_A.shape)}, "
+                         f"G_B {tuple(G_B.shape)}")
     u = torch.finfo(G_A.dtype).eps / 2 if unit_roundoff is None else unit_roundoff
     floor = subnormal_floor(G_A.dtype) if floor is None else floor
     G_A, G_B = G_A.to(torch.float64), G_B.to(torch.float64)

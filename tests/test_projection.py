@@ -203,3 +203,22 @@ def test_product_rel_error_at_the_edges_of_float64(np_product_error, make_factor
     err = product_rel_error(A * scale, B * scale, A_new * scale, B * scale)
     for g in range(2):  # the ratio does not depend on the scale: the reference is taken at scale 1
         np.testing.assert_allclose(float(err[g]), np_product_error(A[g], B[g], A_new[g], B[g]), rtol=1e-9)
+
+
+def test_factors_of_the_wrong_shape_are_refused_naming_the_argument(make_factors):
+    # One unbatched pair, or A and B swapped, used to fail deep inside with a broadcasting message
+    # ("size of tensor a (4) must match ... (10)") that names neither argument.
+    from balora import gram_transforms, rel_imbalance
+
+    A, B = make_factors((3,), r=4, n_in=12, n_out=10)
+    cases = [(A[0], B[0]), (B, A), (A, B[:2]), (A, B[..., :3])]
+    for a, b in cases:
+        with pytest.raises(ValueError, match=r"A must be \(G, r, in\) and B \(G, out, r\)"):
+            balanced_factors(a, b)
+    for a, b in cases[1:]:
+        with pytest.raises(ValueError, match=r"A must be \(\.\.\., r, in\) and B \(\.\.\., out, r\)"):
+            rel_imbalance(a, b)
+    with pytest.raises(ValueError, match=r"G_A and G_B must be \(G, r, r\)"):
+        gram_transforms(A[0] @ A[0].mT, B[0].mT @ B[0])
+    with pytest.raises(ValueError, match=r"G_A and G_B must be \(G, r, r\)"):
+        gram_transforms(A @ A.mT, B @ B.mT)
