@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 from transformers import TrainerCallback
@@ -43,8 +45,7 @@ class BalanceCallback(TrainerCallback):
         log_diagnostics: bool = True,
         log_layers: bool = False,
     ):
-        if every < 1:
-            raise ValueError(f"BalanceCallback: every must be >= 1, got {every}")
+        _check_every("BalanceCallback", every)
         self.every, self.start_step, self.method, self.adapter = every, start_step, method, adapter
         self.balance, self.on_rank_deficient, self.on_nonfinite = balance, on_rank_deficient, on_nonfinite
         # Validated here, once; every step then reuses it (balora.policy.PolicyError if bad).
@@ -115,8 +116,7 @@ def balance_after_step(
     hooked through it: the hook then runs only when that optimizer steps (with gradient
     accumulation, on sync steps; with a GradScaler, not on the steps it skips).
     """
-    if every < 1:
-        raise ValueError(f"balance_after_step: every must be >= 1, got {every}")
+    _check_every("balance_after_step", every)
     optimizer = _hookable(optimizer)
     unknown = set(kwargs) - {"adapter", "on_rank_deficient", "on_nonfinite", "check"}
     if unknown:
@@ -134,6 +134,12 @@ def balance_after_step(
     handle = optimizer.register_step_post_hook(hook)
     handle.last_summary = None  # else check=True would measure every pass and show it nowhere
     return handle
+
+
+def _check_every(who: str, every) -> None:
+    # 1.5 was taken as it came: balanced at steps 1, 4, 7, ... (step % 1.5 == 0), no step count a user means
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"{who}: every must be >= 1, a whole number of optimizer steps; got {every!r}")
 
 
 def _hookable(optimizer):

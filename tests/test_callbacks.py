@@ -151,8 +151,9 @@ def test_every_and_start_step(lora_gpt2):
         balanced_after.append(float(layer_report(model)["rel_imbalance"].max()) < 1e-5)
     # Optimizer steps 1..8: balanced after 3, 5, 7.
     assert balanced_after == [False, False, True, False, True, False, True, False]
-    with pytest.raises(ValueError, match="every must be >= 1"):
-        BalanceCallback(every=0)
+    for bad in (0, 1.5, True, "2"):  # 1.5 balanced at steps 1, 4, 7, ...; True was every=1
+        with pytest.raises(ValueError, match="every must be >= 1, a whole number of optimizer steps"):
+            BalanceCallback(every=bad)
 
 
 def test_balance_after_step_in_a_hand_written_loop(make_tiny_net, tiny_net_targets, tiny_net_inputs, peft_deltas,
@@ -182,8 +183,9 @@ def test_balance_after_step_in_a_hand_written_loop(make_tiny_net, tiny_net_targe
     handle = balance_after_step(opt, model, every=2, method="svd")
     assert [step() < 1e-5 for _ in range(4)] == [False, True, False, True]
     handle.remove()
-    with pytest.raises(ValueError, match="every must be >= 1"):
-        balance_after_step(opt, model, every=0)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="every must be >= 1"):
+            balance_after_step(opt, model, every=bad)
 
 
 def test_balance_after_step_with_check_shows_the_pass_it_measured(make_tiny_net, tiny_net_targets, tiny_net_inputs,
