@@ -733,6 +733,17 @@ def test_launch_form_validation_and_a_job_to_compare(app, runs_root, monkeypatch
     assert (runs_root / "from-launch" / "status.json").is_file()
 
 
+def start_stand_in_job(app, runs_root, monkeypatch, script: str, name: str):
+    """Start a job named `name` from the Launch page, running `script` (python -c) in place of
+    `balora compare`; returns the app after the click and the job manager."""
+    monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
+    at = app.run()
+    at.switch_page(PAGE["launch"]).run()
+    at.text_input(key="launch_name").set_value(name)
+    start_button(at).click().run()
+    return at, jobs.get_manager(runs_root)
+
+
 def test_launch_shows_a_running_job_and_cancels_it(app, runs_root, monkeypatch):
     # A stand-in job that reports progress in status.json the way the runner does, then waits.
     script = (
@@ -740,12 +751,7 @@ def test_launch_shows_a_running_job_and_cancels_it(app, runs_root, monkeypatch):
         "(out / 'status.json').write_text(json.dumps({'status': 'running', 'progress': {'done': 3, 'total': 12}}));"
         "time.sleep(60)"
     )
-    monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
-    at = app.run()
-    at.switch_page(PAGE["launch"]).run()
-    at.text_input(key="launch_name").set_value("slow-one")
-    start_button(at).click().run()
-    manager = jobs.get_manager(runs_root)
+    at, manager = start_stand_in_job(app, runs_root, monkeypatch, script, "slow-one")
     job = manager.job
     try:
         for _ in range(200):  # until the stand-in has written its status
@@ -769,13 +775,7 @@ def test_launch_shows_a_running_job_and_cancels_it(app, runs_root, monkeypatch):
 def test_launch_cancelled_before_writing_says_nothing_was_kept(app, runs_root, monkeypatch):
     # Cancelled while still starting (importing torch, building the task): no run folder exists,
     # so the page must not claim one was kept and marked interrupted.
-    script = "import time; time.sleep(60)"
-    monkeypatch.setattr(jobs, "build_command", lambda spec, out: [sys.executable, "-c", script, "--out", str(out)])
-    at = app.run()
-    at.switch_page(PAGE["launch"]).run()
-    at.text_input(key="launch_name").set_value("never-wrote")
-    start_button(at).click().run()
-    manager = jobs.get_manager(runs_root)
+    at, manager = start_stand_in_job(app, runs_root, monkeypatch, "import time; time.sleep(60)", "never-wrote")
     manager.cancel()
     assert manager.wait(30) is not None and manager.job.state() == "cancelled"
     at.run()
