@@ -189,8 +189,9 @@ def print_overview(runs: dict, select: str = "arm") -> None:
 
 
 def run_lm(args, out: Path):
-    steps = 100 if args.quick else args.lm_steps
-    seeds = 1 if args.quick else args.lm_seeds
+    # --quick shortens only what was not asked for: it used to replace a given --lm-steps/--lm-seeds
+    steps = args.lm_steps if args.lm_steps is not None else 100 if args.quick else 200
+    seeds = args.lm_seeds if args.lm_seeds is not None else 1 if args.quick else 3
     t0 = time.perf_counter()
     run = compare("lm", arms=LM_ARMS, steps=steps, seeds=seeds, optimizer="adamw", out=out / "lm", force=True,
                   quiet=True, eval_every=10, layers_every=0, spectra_every=0)
@@ -283,8 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizers", default="adam,sgd,sign")
     ap.add_argument("--init-scales", default="1,10",
                     help="synthetic task's init_scale values (multiplies PEFT's A init; 1 = PEFT's), comma list")
-    ap.add_argument("--lm-seeds", type=int, default=3)
-    ap.add_argument("--lm-steps", type=int, default=200)
+    ap.add_argument("--lm-seeds", type=int, default=None, help="lm seeds (default 3; --quick 1)")
+    ap.add_argument("--lm-steps", type=int, default=None, help="lm steps per cell (default 200; --quick 100)")
     ap.add_argument("--no-lm", action="store_true", help="skip the language-model task")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--out", default="bench_runs", help="folder for the balora run directories")
