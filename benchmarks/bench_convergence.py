@@ -342,7 +342,7 @@ def run_paper_experiment(args, out: Path) -> int:
               f"cells in {took / 60:.1f} min; {_load()} at the end. Figure: `docs/img/paper_synthetic.png`.")
     docs = Path(args.docs)
     (docs / "img").mkdir(parents=True, exist_ok=True)
-    paper.write_docs(table, command, header, docs / "BENCHMARKS.md")
+    paper.write_docs(table, command, header, docs / "BENCHMARKS.md", args.paper_lr)
     try:
         paper.plot_paper(runs, docs / "img" / "paper_synthetic.png")
         print(f"\nfigure written to {docs / 'img' / 'paper_synthetic.png'}; table to {docs / 'BENCHMARKS.md'}")

@@ -111,11 +111,13 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_docs(table: pd.DataFrame, command: str, header: str, path: Path) -> None:
-    """Replace the marked section of `path` (docs/BENCHMARKS.md) with the command and the table."""
+def write_docs(table: pd.DataFrame, command: str, header: str, path: Path, lr: str = LR_GRID) -> None:
+    """Replace the marked section of `path` (docs/BENCHMARKS.md) with the command and the table;
+    lr: the grid the runs used (the text named the paper's grid whatever --paper-lr was)."""
+    grid = "linspace(1e-5, 0.3, 50)" if lr == LR_GRID else f"the grid {lr}"
     body = (f"{START}\n{header}\n\n```\n{command}\n```\n\n"
             "Final excess loss over the reference loss after 100 steps: median [q25, q75] over the trajectories, "
-            "each at its own best learning rate of linspace(1e-5, 0.3, 50) (median of those lrs in brackets). "
+            f"each at its own best learning rate of {grid} (median of those lrs in brackets). "
             "The last two columns divide LoRA's median by BaLoRA's (above 1: BaLoRA ends lower).\n\n"
             f"{markdown(table)}\n{END}")
     text = path.read_text() if path.exists() else ""

@@ -39,3 +39,21 @@ def _lm_call(monkeypatch, tmp_path, *flags) -> dict:
 def test_lm_steps_and_seeds_reach_the_lm_run(monkeypatch, tmp_path, flags, steps, seeds):
     seen = _lm_call(monkeypatch, tmp_path, *flags)
     assert (seen["steps"], seen["seeds"]) == (steps, seeds)
+
+
+def test_paper_docs_name_the_lr_grid_the_runs_used(tmp_path):
+    """--paper --paper-lr GRID: the section written into BENCHMARKS.md names GRID, not the paper's grid."""
+    import pandas as pd
+
+    import paper_synthetic as paper
+
+    table = pd.DataFrame([{"depth": 1, "optimizer": "sgd", "arm": arm, "median": m, "q25": m, "q75": m,
+                           "median_lr": 1e-3, "diverged": 0, "trajectories": 1}
+                          for arm, m in (("lora", 2.0), ("balora-svd", 1.0), ("balora", 1.0))])
+    doc = tmp_path / "BENCHMARKS.md"
+    paper.write_docs(table, "python benchmarks/bench_convergence.py --paper --paper-lr log:1e-5:6e-3:15", "header", doc,
+                     "log:1e-5:6e-3:15")
+    text = doc.read_text()
+    assert "log:1e-5:6e-3:15" in text.split("```")[-1] and "linspace(1e-5, 0.3, 50)" not in text
+    paper.write_docs(table, "python benchmarks/bench_convergence.py --paper", "header", doc)  # the paper's grid
+    assert "linspace(1e-5, 0.3, 50)" in doc.read_text()
