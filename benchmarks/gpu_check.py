@@ -206,8 +206,9 @@ def check_sharded(device: str = "cuda", shape: str = "1B", r: int = 16) -> None:
     if dist.is_initialized():
         print("   skipped: a process group is already initialised in this process")
         return
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    try:  # the group's setup too: a one-rank NCCL group that fails to start is printed, the compare part still runs
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
         mesh = init_device_mesh(device.split(":")[0], (1,))
         one_process = make_adapter(m, r, torch.float32, device)  # the same factors as sharded_adapter's
         balance_and_write(one_process.pairs, policy)
@@ -224,7 +225,8 @@ def check_sharded(device: str = "cuda", shape: str = "1B", r: int = 16) -> None:
     except Exception as e:  # noqa: BLE001 (a report, not a test: say what failed and go on)
         print(f"   FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def check_compare(timeout_s: int, device: str = "cuda", steps: int = 60) -> None:
