@@ -688,6 +688,28 @@ def test_inspect_charts_show_names_from_the_file_as_text_never_as_plotly_tags(ap
     assert "<a " not in specs and "<b>" not in specs and "<br>" not in specs, specs[:2000]
 
 
+def test_inspect_spectra_legend_shows_an_adapter_name_as_written(app, tmp_path):
+    # The legend entry is escaped once for Plotly (which decodes entities once): escaped by the page
+    # and again by plots.singular_values, an adapter folder "q&a" read "q&amp;a" in the legend.
+    import html
+
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "two"
+    for adapter in ("", "q&a <v2>"):
+        (folder / adapter).mkdir(parents=True, exist_ok=True)
+        (folder / adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+        save_file({"base_model.model.q.lora_A.weight": torch.randn(2, 6, generator=g),
+                   "base_model.model.q.lora_B.weight": torch.randn(5, 2, generator=g)},
+                  str(folder / adapter / "adapter_model.safetensors"))
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(folder)).run()
+    no_exception(at)
+    spectra = [c for c in charts(at) if c["layout"]["title"]["text"].startswith("Singular values")]
+    shown = {html.unescape(t["name"]) for t in spectra[0]["data"] if t.get("showlegend", True)}
+    assert any("q&a <v2>" in name for name in shown), shown
+
+
 # ------------------------------------------------------------------------------------- launch
 
 

@@ -157,7 +157,8 @@ modules = ok["module"].astype(str).drop_duplicates().tolist()
 if modules:
     layer = st.selectbox("Layer for the spectra", modules, key="insp_layer")
     sv = report_frames.report_spectra(ok, layer)
-    sv["checkpoint"] = sv["checkpoint"].map(md.plot_label)  # legend entries: adapter names from the file
+    # Legend entries (adapter names from the file) are escaped by plots.singular_values itself: escaped
+    # here as well, an adapter "q&a" read "q&amp;a".
     st.plotly_chart(plots.singular_values(sv, by="checkpoint", legend="checkpoint", title=md.plot_label(f"Singular values of {layer}" + (f" ({chosen})" if chosen else ""))), key="fig_insp_sv")
 
 with st.expander("Files read"):
