@@ -20,9 +20,8 @@ from balora.adapters.entries import PairEntry
 from balora.adapters.hub import HubSource, resolve_source
 from balora.adapters.reading import AdapterSource, iter_pair_chunks, read_adapters
 from balora.adapters.tensor_file import TensorFile
-from balora.adapters.writing import (
-    check_destination, check_weights_suffix, copy_adapter_files, copy_metadata, staged_output, write_weights,
-)
+from balora.adapters.writing import (WEIGHT_SUFFIXES, check_destination, check_weights_suffix, copy_adapter_files,
+                                    copy_metadata, staged_output, write_weights)
 from balora.balance import BalanceError, balance_pairs
 from balora.errors import InputError
 from balora.imbalance import rel_imbalance
@@ -218,9 +217,10 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
 
 def _file_for_file_name(src: Path, sources: list[AdapterSource], dst_text: str) -> Path:
     """The weights file itself when a folder (a Hub repository) holding one adapter file and no config
-    (diffusers, kohya) is balanced to a name with that file's suffix: else the copy was a folder so named."""
+    (diffusers, kohya) is balanced to a weights file name: else the copy was a folder so named. A name
+    for the other format (out.bin for a .safetensors) is then refused as for the file itself."""
     one = sources[0] if len(sources) == 1 and not sources[0].config_path else None
-    return one.weights if src.is_dir() and one is not None and Path(dst_text).suffix == one.weights.suffix else src
+    return one.weights if src.is_dir() and one is not None and Path(dst_text).suffix in WEIGHT_SUFFIXES else src
 
 
 def _refuse_trainer_folder(src: Path, sources: list[AdapterSource]) -> None:

@@ -290,3 +290,16 @@ def test_balancing_a_one_file_repository_into_a_file_name_writes_that_file(offli
         A0, B0 = before[f"{m}.lora_down.weight"].double(), before[f"{m}.lora_up.weight"].double()
         A1, B1 = after[f"{m}.lora_down.weight"].double(), after[f"{m}.lora_up.weight"].double()
         np.testing.assert_allclose((B1 @ A1).numpy(), (B0 @ A0).numpy(), atol=1e-5 * float((B0 @ A0).abs().max()))
+
+
+def test_balancing_a_one_file_repository_into_the_other_formats_name_is_refused(offline_cache, tmp_path):
+    # The file itself to out.bin is refused (a .bin of safetensors bytes reads as corrupt); the same file
+    # through its repository (or folder) wrote a folder named out.bin holding my_style.safetensors instead.
+    import balora
+
+    make_cache(offline_cache, "user/style-lora", {"my_style.safetensors": _kohya_bytes(0), "README.md": b"# style"})
+    out = tmp_path / "style_balanced.bin"
+    with pytest.raises(InputError) as err:
+        balora.balance_file("user/style-lora", out)
+    msg = str(err.value)
+    assert "\n" not in msg and "style_balanced.safetensors" in msg and not out.exists()
