@@ -41,7 +41,7 @@ DEFAULTS = {
     # One thread: the toy model is small, and on a busy machine OpenMP threads that wait for each
     # other made a step 10x slower. Pass --threads N for a real model on an idle machine.
     "threads": 1,
-    "eval_every": 10,  # eval loss on the held-out blocks (64 blocks of 60 tokens: a few forward passes)
+    "eval_every": 10,  # eval loss on the eval blocks (64 blocks of 60 tokens: a few forward passes)
     "layers_every": 20,  # per-layer report; with spectra ~0.5% of the step time on the toy model
     "spectra_every": 20,
     # task keys (--set KEY=VALUE)
@@ -55,7 +55,7 @@ DEFAULTS = {
     "batch_size": 16,  # blocks per step
     "block_size": 128,  # tokens per block for file data (toy data: whole lines, the toy model's block)
     "train_blocks": 2048,  # toy data: generated fine-tuning blocks (6 lines each)
-    "eval_blocks": 64,  # held-out blocks for the eval loss (file data: at most this many)
+    "eval_blocks": 64,  # blocks for the eval loss (file data: held out, at most this many; toy: drawn apart)
     "eval_fraction": 0.1,  # file data: the tail of the token stream held out for eval
     # Toy data: target eval loss = floor + fraction * (initial - floor). 0.25 lies inside the
     # visible curve (initial ~4.5, floor 0.90, ~1.6 after 200 steps), so steps-to-target differ.
