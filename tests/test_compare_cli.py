@@ -1,5 +1,6 @@
 """`balora compare`: flag parsing, defaults, errors naming the flag, and the recorded command reproducing the run."""
 
+import json
 import shlex
 import sys
 
@@ -286,3 +287,33 @@ def test_the_reconstructed_command_names_the_same_seeds(seeds):
     argv = shlex.split(run.command_reconstructed)
     assert argv[:2] == ["balora", "compare"]
     assert resolved(*argv[2:]).seeds == run.seeds
+
+
+def test_ctrl_c_before_the_run_writes_names_no_older_run(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the task was still being built (before this run wrote anything) said 'run left in
+    OUT (marked completed)' of the older run already in --out; only a status this run wrote is named."""
+    import balora.runner
+    from balora.store import STATUS
+
+    out = tmp_path / "r"
+    assert main(["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    old = (out / STATUS).read_text()
+
+    def interrupted_while_building(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(balora.runner, "run_compare", interrupted_while_building)
+    assert main(["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--out", str(out), "--force"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "left in" not in err and (out / STATUS).read_text() == old
+
+    def interrupted_after_writing(cfg):  # this run's own status: named, as marked
+        status = json.loads(old)
+        status["status"] = "interrupted"
+        (out / STATUS).write_text(json.dumps(status))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(balora.runner, "run_compare", interrupted_after_writing)
+    assert main(["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--out", str(out), "--force"]) == 130
+    assert f"partial run left in {out} (marked interrupted" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 
 from balora.cli import COMMANDS
 
@@ -90,10 +91,13 @@ def run(args) -> int:
     if args.list:
         return _list()
     cfg = config_from_args(args)
+    started = time.time()
     try:
         path = run_compare(cfg)
     except KeyboardInterrupt:
-        if cfg.out and os.path.isfile(os.path.join(cfg.out, STATUS)):
+        status = os.path.join(cfg.out or "", STATUS)
+        # Only a status this run wrote: Ctrl-C while the task was still being built leaves --out's older run.
+        if cfg.out and os.path.isfile(status) and os.path.getmtime(status) >= started:
             # as marked: "completed" when Ctrl-C came while the finished run's parts were being merged
             marked = read_status(cfg.out).get("status", "unknown")
             what = "run" if marked == "completed" else "partial run"
