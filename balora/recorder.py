@@ -70,10 +70,19 @@ class RunRecorder(TrainerCallback):
         self._last_finite_diag = 0  # the last step whose diagnostics found every factor finite
         self._nonfinite_grad_at: int | None = None  # first logged non-finite grad_norm
         self._balance_s0 = 0.0  # balancing time of the run before a resume (the callback counts this process's)
+        self._writes = True  # rank 0 (or one process) writes; set per run in on_train_begin
 
     # -------------------------------------------------------------- Trainer events
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Distributed (DDP, FSDP2): every rank runs the callbacks. Rank 0 writes the run; the others only
+        # take their part in the diagnostics' collectives (FSDP2 gathers the factors). Each rank writing
+        # made the second one refuse the folder and stop training on every rank.
+        self._writes = bool(getattr(state, "is_world_process_zero", True))
+        if not self._writes:
+            if model is not None and state.global_step == 0:
+                self._diagnostics(model, 0)
+            return
         lora = _lora_config(model, self.adapter)
         self.key = {"arm": self.arm, "seed": int(args.seed if self.seed is None else self.seed),
                     "lr": float(args.learning_rate), "alpha": float(lora.get("lora_alpha", math.nan))}
@@ -99,7 +108,7 @@ class RunRecorder(TrainerCallback):
         self.writer.heartbeat({"done": 0, "total": 1, "steps_done": int(state.global_step),
                                "steps_total": int(state.max_steps)}, force=True)
         atexit.register(self._at_exit)
-        if model is not None and not resumed:  # resumed: the factors are the checkpoint's, not step 0's
+        if model is not None and state.global_step == 0:  # later: the factors are a checkpoint's, not step 0's
             self._diagnostics(model, 0, self.layers_every > 0, self.spectra_every > 0)
 
     def _resumable(self, config: dict, step: int):
@@ -151,7 +160,7 @@ class RunRecorder(TrainerCallback):
         self._train_s += self._step_s[step]
         self._time_at[step] = self._train_s
         layers, spectra = records.due(step, self.layers_every), records.due(step, self.spectra_every)
-        if model is not None and self.writer is not None and (layers or spectra):
+        if model is not None and (self.writer is not None or not self._writes) and (layers or spectra):
             self._diagnostics(model, step, layers, spectra)
         if self.writer is not None:
             self.writer.heartbeat({"steps_done": step})
@@ -173,13 +182,14 @@ class RunRecorder(TrainerCallback):
         self._flush(before=step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.writer is None or self.writer.finished:
+        if self._writes and (self.writer is None or self.writer.finished):
             return
         if model is not None:  # the last step, unless on_step_end already recorded it
             step = state.global_step
             self._diagnostics(model, step, layers=self.layers_every > 0 and not records.due(step, self.layers_every),
                               spectra=self.spectra_every > 0 and not records.due(step, self.spectra_every))
-        self.close("completed")
+        if self._writes:
+            self.close("completed")
 
     # -------------------------------------------------------------- writing
 
@@ -213,6 +223,8 @@ class RunRecorder(TrainerCallback):
         """Layer report rows of the model now -> layers and/or spectra rows (dW includes the scaling)."""
         t = synced_clock(model_device(model))  # the training kernels still queued are not the diagnostics'
         pairs = [p for p in iter_lora_pairs(model, self.adapter) if p.skip_reason is None]
+        if self.writer is None:  # a rank other than 0: its part in the collectives (the walk) is done
+            return
         with torch.no_grad():
             rows = pair_rows(pairs)
         self._last_rel = records.max_rel_imbalance(rows)

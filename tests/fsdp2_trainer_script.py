@@ -36,7 +36,7 @@ from fsdp2_train_script import SEQ, VOCAB, make_model  # beside this script
 from fsdp2_qlora_script import make_model as qlora_model
 from gathered import lora_state
 
-from balora import BalanceCallback
+from balora import BalanceCallback, RunRecorder
 
 STEPS, PER_RANK, LR = 4, 2, 5e-3
 
@@ -78,7 +78,10 @@ def main(out_dir: str, ddp: bool, qlora: str | None) -> None:
                              **sharding)
     callback = BalanceCallback()
     model = qlora_model(qlora, prepare=True) if qlora else make_model()
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback])
+    # A RunRecorder too, as a user adds one: rank 0 writes the run, every rank takes part in the
+    # diagnostics' collectives (FSDP2 gathers the factors).
+    recorder = RunRecorder(os.path.join(out_dir, f"{tag}_run"), layers_every=2, balance_callback=callback)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback, recorder])
     trainer.train()
     rank = dist.get_rank()
     logged = [h for h in trainer.state.log_history if "balora/rel_imbalance_max" in h]

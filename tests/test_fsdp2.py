@@ -250,3 +250,21 @@ def test_the_trainers_fsdp2_run_matches_its_ddp_run(trainer_runs):
     assert fsdp2.keys() == ddp.keys() and len(ddp) == 2 * 9
     for name in ddp:
         assert _rel(fsdp2[name], ddp[name]) <= RTOL, name
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_a_run_recorder_in_the_distributed_trainer_writes_one_run(trainer_runs, engine):
+    """Every rank runs the callbacks: each RunRecorder wrote, so the second refused the folder and
+    training stopped on every rank. Rank 0 writes; under FSDP2 the other rank still joins the
+    gathers of the diagnostics (else rank 0 would wait for it)."""
+    from balora.store import load_run
+
+    run = load_run(trainer_runs / f"{engine}_run")
+    _, info = _load(trainer_runs, f"{engine}_rank0")
+    assert run.status == "completed" and run.config["source"] == "RunRecorder"
+    losses = run.steps.dropna(subset=["loss"]).sort_values("step")
+    assert losses["step"].tolist() == [1, 2, 3, 4]
+    assert losses["loss"].tolist() == pytest.approx(info["losses"], rel=1e-6)  # the Trainer's logged losses
+    assert sorted(run.layers["step"].unique()) == [0, 2, 4]
+    final = run.layers[run.layers["step"] == 4]
+    assert len(final) == 9 and final["rel_imbalance"].max() < 1e-5  # balanced by the callback, as the ranks hold
