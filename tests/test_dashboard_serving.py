@@ -131,9 +131,10 @@ def _server(cmd: list[str], cwd: Path, port: int, streamlit_server):
     return streamlit_server(cmd, cwd, env, port, cwd / f"server-{port}.log", START_TIMEOUT_S)
 
 
-def _page_text(port: int, timeout_s: float = 60) -> str:
-    """Run the app's script once in a new session, as a browser would, and return the text of
-    every message the server sent back (until the script finished)."""
+def _page_text(port: int, timeout_s: float = 60, page_name: str = "") -> str:
+    """Run the app's script once in a new session, as a browser would (on the page at /`page_name`,
+    "" for the default one), and return the text of every message the server sent back (until the
+    script finished)."""
     websockets = pytest.importorskip("websockets")  # a dependency of streamlit itself
     from streamlit.proto.BackMsg_pb2 import BackMsg
     from streamlit.proto.ClientState_pb2 import ClientState
@@ -143,7 +144,7 @@ def _page_text(port: int, timeout_s: float = 60) -> str:
         texts = []
         async with websockets.connect(f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"],
                                       max_size=None, open_timeout=timeout_s) as ws:
-            await ws.send(BackMsg(rerun_script=ClientState(query_string="", page_script_hash="")).SerializeToString())
+            await ws.send(BackMsg(rerun_script=ClientState(query_string="", page_script_hash="", page_name=page_name)).SerializeToString())
             while True:
                 msg = ForwardMsg()
                 msg.ParseFromString(await ws.recv())
@@ -183,3 +184,21 @@ def test_balora_dashboard_from_another_folder_serves_localhost_only(tmp_path, st
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
     assert "Compare runs" in text and "refuses to serve" not in text
+
+
+def test_packaged_app_started_from_another_folder_refuses_every_page(tmp_path, streamlit_server):
+    """An installed balora has no dashboard/app.py: `streamlit run .../site-packages/balora/dashboard/app.py`
+    from any folder serves every interface. It refused the default page, but streamlit ran a page asked for by
+    its URL (/launch, /inspect) straight from the `pages/` folder beside that script, its old multipage
+    layout, without the script's check: anyone on the network could start jobs and read files by path."""
+    from balora.commands.dashboard import app_path
+
+    # (a checkout from before may keep an untracked pages/__pycache__: harmless, streamlit serves pages/*.py)
+    assert not list((app_path().parent / "pages").glob("*.py")), "streamlit serves pages/*.py beside the main script as pages"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path()), "--server.port", str(port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    with _server(cmd, tmp_path, port, streamlit_server):
+        texts = {name: _page_text(port, page_name=name) for name in ("launch", "inspect", "")}
+    for name, text in texts.items():
+        assert "refuses to serve" in text and "Launch a comparison" not in text and "Inspect" not in text, name

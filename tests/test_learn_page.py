@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-PAGE = str(Path(__file__).resolve().parents[1] / "balora" / "dashboard" / "pages" / "learn.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "balora" / "dashboard" / "views" / "learn.py")
 # Generous: the first run trains a few toy problems, and CI machines may be shared.
 TIMEOUT = 120
 

@@ -63,7 +63,7 @@ def test_dashboard_never_imports_the_runner():
                  if any(n == "balora.runner" or n.startswith("balora.runner.") for n in _imports(p))]
     assert not offenders, offenders
     # ...nor through another module: import every non-page module and look.
-    names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in dash if "pages" not in p.parts]
+    names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in dash if "views" not in p.parts]
     code = ("import sys\n" + "".join(f"import {n}\n" for n in names if not n.endswith("app"))
             + "print('balora.runner' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -83,6 +83,6 @@ def test_wheel_ships_the_dashboard_inside_the_package(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert "dashboard" not in top and {"balora"} <= top
     for page in ("compare", "inspect", "launch", "learn"):
-        assert f"balora/dashboard/pages/{page}.py" in names
+        assert f"balora/dashboard/views/{page}.py" in names
     assert "balora/dashboard/app.py" in names
     assert any(n.startswith("balora/sample_runs/") and n.endswith("config.json") for n in names)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PAGES_DIR = Path(__file__).resolve().parent / "pages"
+# Not "pages": streamlit serves a pages/ folder beside the main script as pages of their own, run by URL
+# (/launch) without main() and its exposure check, until some session has called st.navigation.
+PAGES_DIR = Path(__file__).resolve().parent / "views"
 
-# (file in pages/, title, icon, url path)
+# (file in views/, title, icon, url path)
 PAGES = [
     ("compare.py", "Compare", ":material/monitoring:", "compare"),
     ("inspect.py", "Inspect", ":material/search:", "inspect"),
