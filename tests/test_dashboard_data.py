@@ -512,6 +512,25 @@ def test_project_config_binds_localhost_and_caps_uploads():
     assert 0 < cfg["server"]["maxUploadSize"] <= 200 and settings.MAX_UPLOAD_MB <= cfg["server"]["maxUploadSize"]
 
 
+def test_balora_dashboard_repeats_every_project_streamlit_setting(capsys):
+    """From an installed package there is no .streamlit/config.toml in the current folder, and
+    `balora dashboard` repeated only some of its settings: theme.base = "light" was lost, so a user
+    whose system theme is dark got the Learn page's black curves on a dark background."""
+    import shlex
+    import tomllib
+
+    from balora.cli import main
+
+    cfg = tomllib.loads((settings.REPO_ROOT / ".streamlit" / "config.toml").read_text())
+    assert main(["dashboard", "--print-command"]) == 0
+    cmd = shlex.split(capsys.readouterr().out)
+    flags = dict(zip(cmd[5::2], cmd[6::2]))  # after `python -m streamlit run APP`: --flag value pairs
+    for section, options in cfg.items():
+        for key, value in options.items():
+            want = str(value).lower() if isinstance(value, bool) else str(value)
+            assert flags.get(f"--{section}.{key}") == want, f"{section}.{key}: {flags.get(f'--{section}.{key}')!r} != {want!r}"
+
+
 def test_balora_dashboard_command_line(tmp_path, capsys):
     from balora.cli import main
 

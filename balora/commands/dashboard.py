@@ -40,10 +40,14 @@ def build_command(args) -> list[str]:
         "--server.address", args.host,
         "--server.port", str(args.port),
         "--server.headless", "true",
-        # The project's .streamlit/config.toml is only read from the current folder; repeat the
-        # settings that matter so `balora dashboard` behaves the same from anywhere.
+        # The project's .streamlit/config.toml is only read from the current folder (never from an
+        # installed package): repeat all of it so `balora dashboard` behaves the same from anywhere.
+        # The light theme matters: the Learn page draws black curves that a dark theme would hide.
         "--server.maxUploadSize", "100",
+        "--server.runOnSave", "false",
         "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "minimal",
+        "--theme.base", "light",
     ]
     if args.runs is not None:
         runs = Path(args.runs).expanduser().resolve()
