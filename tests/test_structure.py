@@ -5,6 +5,7 @@ wheel that ships the dashboard inside the package, never as a top-level `dashboa
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -73,8 +74,14 @@ def test_dashboard_never_imports_the_runner():
 
 @pytest.mark.slow
 def test_wheel_ships_the_dashboard_inside_the_package(tmp_path):
+    # Built from a copy of what the build reads: in the checkout, a balora.egg-info left by an earlier
+    # build or `pip install -e .` lists files that pyproject.toml's globs may no longer name.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "balora", src / "balora", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=600)
     if out.returncode != 0 and "No module named" in out.stderr:
         pytest.skip(f"cannot build a wheel here: {out.stderr.strip().splitlines()[-1]}")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -86,3 +93,9 @@ def test_wheel_ships_the_dashboard_inside_the_package(tmp_path):
         assert f"balora/dashboard/views/{page}.py" in names
     assert "balora/dashboard/app.py" in names
     assert any(n.startswith("balora/sample_runs/") and n.endswith("config.json") for n in names)
+    # Every file the package tracks, so an installed dashboard finds all of it: each sample run's
+    # parquet parts and .balora-run marker are package data only if a glob in pyproject.toml names them.
+    tracked = subprocess.run(["git", "ls-files", "-z", "balora"], capture_output=True, text=True, cwd=ROOT)
+    if tracked.returncode == 0:
+        missing = sorted(set(tracked.stdout.split("\0")) - {""} - set(names))
+        assert not missing, f"tracked but not in the wheel (add them to package-data): {missing}"
