@@ -45,6 +45,8 @@ def test_unset_address_is_refused_unless_opted_in():
     refused = exposure.exposure(None, "<default>", {})
     assert refused is not None and not refused.allowed and "every network interface" in refused.address
     assert "balora dashboard" in refused.message and "--server.address 127.0.0.1" in refused.message
+    # the command names the app where it is (an installed balora has no dashboard/app.py beside the user)
+    assert f"streamlit run {exposure.APP_PATH} --server.address" in refused.message and exposure.APP_PATH.is_file()
     assert exposure.ALLOW_ENV in refused.message  # says how to opt in
     # streamlit's own default (0.0.0.0) counts as unset unless someone set it.
     assert not exposure.exposure("0.0.0.0", "<default>", {}).allowed

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 ALLOW_ENV = "BALORA_ALLOW_REMOTE"
 UNIX_SOCKET_PREFIX = "unix://"  # a Unix socket is reached through the file system: local only
 DEFAULT_DEFINITION = "<default>"  # streamlit.config's where_defined for an option nobody set
+# The app's own path: an installed balora has no dashboard/app.py in the folder the user is in.
+APP_PATH = Path(__file__).with_name("app.py")
 RESTART_HINT = (
     "Restart it with `balora dashboard` (this machine only), or with "
-    "`streamlit run dashboard/app.py --server.address 127.0.0.1`. To expose it on purpose, pass the address "
+    f"`streamlit run {shlex.quote(str(APP_PATH))} --server.address 127.0.0.1`. To expose it on purpose, pass the address "
     "(`balora dashboard --host 0.0.0.0`, or `--server.address ADDRESS`) or set BALORA_ALLOW_REMOTE=1."
 )
 
