@@ -349,3 +349,30 @@ def test_user_target_modules_are_used(tmp_path):
     assert {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)} == {"c_fc"}
     with pytest.raises(InputError, match="target_modules"):
         lm.build(make_cfg(target_modules="no_such_layer"), 0, 8.0, CPU)
+
+
+@pytest.mark.parametrize("version, keyword", [("4.45.0", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                              ("4.56.0", "dtype"), ("5.0.0", "dtype")])
+def test_a_local_folder_loads_with_the_dtype_keyword_its_transformers_takes(tmp_path, monkeypatch, version, keyword):
+    # pyproject allows transformers 4.45: before 4.56 from_pretrained took torch_dtype, and a dtype=
+    # went on to the model's __init__ (TypeError: GPT2LMHeadModel.__init__() got an unexpected keyword).
+    import transformers
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    text = "".join(f"{i} apples\n" for i in range(60))
+    folder = tmp_path / "gpt2"
+    vocab = _char_tokenizer_folder(folder, text)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(folder)
+    (tmp_path / "fruit.txt").write_text(text)
+
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, name, **kwargs):
+        seen.append(sorted(kwargs))
+        return real(cls, name)  # float32, the default, in any transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+    problem = lm.build(make_cfg(model=str(folder), data=str(tmp_path / "fruit.txt"), block_size=32), 0, 8.0, CPU)
+    assert seen == [[keyword]] and next(problem.model.parameters()).dtype == torch.float32

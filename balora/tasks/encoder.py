@@ -24,7 +24,7 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec, target_fraction
-from balora.tasks.model_setup import add_lora, check_options, model_dtype, model_source
+from balora.tasks.model_setup import add_lora, check_options, dtype_kwarg, model_dtype, model_source
 from balora.tasks.text_data import read_pairs
 from balora.tasks.toy_corpus import NumberPairs
 
@@ -156,9 +156,9 @@ def _load_model(cfg: dict, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(source)
         # The pooler is unused by mean pooling; leaving it out keeps LoRA off a layer with no gradient.
         try:
-            model = AutoModel.from_pretrained(source, dtype=dtype, add_pooling_layer=False)
+            model = AutoModel.from_pretrained(source, **dtype_kwarg(dtype), add_pooling_layer=False)
         except TypeError:  # architectures without a pooler do not take the argument
-            model = AutoModel.from_pretrained(source, dtype=dtype)
+            model = AutoModel.from_pretrained(source, **dtype_kwarg(dtype))
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"encoder: could not load model {name!r} ({first_line}); pass a local model folder") from e

@@ -20,7 +20,7 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec, target_fraction
-from balora.tasks.model_setup import add_lora, check_options, model_dtype, model_source
+from balora.tasks.model_setup import add_lora, check_options, dtype_kwarg, model_dtype, model_source
 from balora.tasks.text_data import TokenBlocks, read_texts, to_blocks
 from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
 from balora.tasks.toy_model import load_toy_model, toy_config
@@ -130,7 +130,7 @@ def _load_model(cfg: dict, dtype: torch.dtype):
     name = model_source(name, "lm", hub=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, **dtype_kwarg(dtype))
     except (OSError, ValueError) as e:  # not found, no network, not a causal LM
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(

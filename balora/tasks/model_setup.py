@@ -39,6 +39,16 @@ def model_dtype(cfg: dict, device: torch.device, task: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """from_pretrained's dtype keyword for the installed transformers: `dtype` from 4.56 on; before,
+    `torch_dtype`, and a `dtype` went on to the model's __init__, a TypeError (pyproject allows 4.45)."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__).release >= (4, 56)
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
 def check_options(cfg: dict, minimums: dict[str, int]) -> None:
     """Each cfg[key] of `minimums` an integer >= its minimum, cfg["lora_dropout"] in [0, 1) and, where present,
     cfg["scale"] a positive number; else an InputError naming the option. Checked before the model loads:
