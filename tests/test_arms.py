@@ -20,11 +20,13 @@ def tiny_problem(seed=0, alpha=2.0):
 
 
 def test_every_arm_trains_at_tiny_size(tmp_path):
-    run = compare("synthetic", arms=",".join(ARMS), steps=6, seeds=1, optimizer="adam", lr=0.05, rank=2,
+    # PEFT before 0.21 has no create_riemannian_optimizer: that arm's skip is tested on its own below.
+    arms = [a for a in ARMS if a != "riemannian" or hasattr(peft.optimizers, "create_riemannian_optimizer")]
+    run = compare("synthetic", arms=",".join(arms), steps=6, seeds=1, optimizer="adam", lr=0.05, rank=2,
                   device="cpu", out=tmp_path / "run", quiet=True, layers_every=3, spectra_every=3, **TINY)
     assert run.status == "completed"
     s = run.summary.set_index("arm")
-    assert list(s.index) == list(ARMS)
+    assert list(s.index) == arms
     assert (s["status"] == "completed").all(), s[["status", "reason"]]
     assert (s["final_loss"] < s["final_loss"].max() * 10).all()
     first = run.steps[run.steps["step"] == 1].set_index("arm")["loss"]
