@@ -248,7 +248,8 @@ def test_best_cells_per_seed_follow_records(grid_run):
     ref = best_cells(grid_run.summary, select="seed")
     got = best.set_index(["series", "seed"])[["lr", "alpha"]].sort_index()
     want = ref.rename(columns={"arm": "series"}).set_index(["series", "seed"])[["lr", "alpha"]].sort_index()
-    assert got.equals(want.astype(got.dtypes.to_dict()))
+    # pandas 2 keeps the series index as object here and records' arm as string: the names are the same.
+    pd.testing.assert_frame_equal(got, want, check_index_type=False)
     sel = frames.select_cells(t["steps"], best)
     assert len(sel) == sum(len(t["steps"][(t["steps"]["series"] == s) & (t["steps"]["seed"] == seed) &
                                          (t["steps"]["lr"] == lr) & (t["steps"]["alpha"] == a)])
