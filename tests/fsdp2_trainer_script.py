@@ -80,7 +80,8 @@ def main(out_dir: str, ddp: bool, qlora: str | None) -> None:
     model = qlora_model(qlora, prepare=True) if qlora else make_model()
     # A RunRecorder too, as a user adds one: rank 0 writes the run, every rank takes part in the
     # diagnostics' collectives (FSDP2 gathers the factors).
-    recorder = RunRecorder(os.path.join(out_dir, f"{tag}_run"), layers_every=2, balance_callback=callback)
+    # force: run_torchrun runs the script again after a rank's teardown abort, into the same folder.
+    recorder = RunRecorder(os.path.join(out_dir, f"{tag}_run"), layers_every=2, balance_callback=callback, force=True)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback, recorder])
     trainer.train()
     rank = dist.get_rank()
