@@ -170,12 +170,11 @@ def layer_report(model: nn.Module, adapter: str | None = None, precision: bool =
     precision: measure the fp16/bf16 storage columns (see pair_rows); False leaves them NaN,
     for reports made during training (BalanceCallback's logs).
     """
-    from balora.adapters.live import iter_lora_pairs
+    from balora.adapters.live import model_pairs
 
-    found = iter_lora_pairs(model, adapter)
-    if adapter is not None and not found:  # a typo must not read as "no layers": balance_ refuses it too
-        raise ValueError(f"no LoRA layers with adapter {adapter!r} in {type(model).__name__}")
-    pairs = [p for p in found if p.skip_reason is None]
+    # As balance_: an unknown adapter name is refused (a typo must not read as "no layers"), and a model
+    # without LoRA layers (a plain module, one after merge_and_unload) warns instead of an empty frame alone.
+    pairs = [p for p in model_pairs(model, adapter) if p.skip_reason is None]
     with torch.no_grad():
         return to_frame(pair_rows(pairs, precision=precision))
 

@@ -320,6 +320,15 @@ def test_a_model_without_lora_layers_warns(make_tiny_net):
     assert summary.balanced == 0 and not summary.skipped
 
 
+def test_layer_report_of_a_model_without_lora_layers_warns(make_tiny_net, tiny_net_targets):
+    # After merge_and_unload (or on a plain module) the report was an empty frame and nothing more.
+    merged = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets)).merge_and_unload()
+    with pytest.warns(UserWarning, match="TinyNet has no PEFT LoRA layers, nothing to balance or report"):
+        report = layer_report(merged)
+    assert report.empty and list(report.columns) == list(layer_report(
+        get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets))).columns)
+
+
 def _poison(model, module="conv2d", value=float("nan")):
     layer = dict(model.named_modules())[f"base_model.model.{module}"]
     with torch.no_grad():

@@ -170,7 +170,7 @@ def model_pairs(model: nn.Module, adapter: str | None = None, *, parents: dict |
     if adapter is not None and not pairs:
         raise ValueError(f"no LoRA layers with adapter {adapter!r} in {type(model).__name__}")
     if not pairs:  # balance_ or a training callback would silently do nothing
-        warnings.warn(f"balora: {type(model).__name__} has no PEFT LoRA layers, nothing to balance (LoHa, "
+        warnings.warn(f"balora: {type(model).__name__} has no PEFT LoRA layers, nothing to balance or report (LoHa, "
                       "LoKr, IA3 and PEFT's other tuners are not B @ A pairs)", stacklevel=2)
     return pairs
 
