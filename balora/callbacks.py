@@ -74,6 +74,11 @@ class BalanceCallback(TrainerCallback):
                 f"balancing at the next step, so it is not supported; {FSDP2_HINT} (or use DDP), or pass "
                 "balance=False for diagnostics only."
             )
+        names = getattr(kwargs.get("model"), "peft_config", None)  # PeftModel: {adapter name: config}
+        if self.adapter is not None and isinstance(names, dict) and self.adapter not in names:
+            # else refused only at the first optimizer step, after a step of training
+            raise ValueError(f"BalanceCallback: the model has no adapter {self.adapter!r}; it has "
+                             f"{', '.join(map(repr, names))}")
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1  # global_step is incremented after this event

@@ -301,3 +301,14 @@ def test_deepspeed_from_accelerate_launch_is_refused_at_train_begin():
     BalanceCallback(balance=False).on_train_begin(args, TrainerState(), TrainerControl())  # diagnostics only: fine
     BalanceCallback().on_train_begin(SimpleNamespace(deepspeed=None, deepspeed_plugin=None), TrainerState(),
                                      TrainerControl())
+
+
+def test_an_adapter_name_the_model_lacks_is_refused_at_train_begin(make_tiny_net, tiny_net_targets):
+    """BalanceCallback(adapter="nope") was refused only at the first optimizer step, after a step of training."""
+    from types import SimpleNamespace
+
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets))
+    args = SimpleNamespace(deepspeed=None, deepspeed_plugin=None)
+    with pytest.raises(ValueError, match="BalanceCallback: the model has no adapter 'nope'; it has 'default'"):
+        BalanceCallback(adapter="nope").on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    BalanceCallback(adapter="default").on_train_begin(args, TrainerState(), TrainerControl(), model=model)
