@@ -22,6 +22,9 @@ def check_pair_shapes(A: torch.Tensor, B: torch.Tensor, batched: bool = False) -
     """ValueError naming A and B unless A is (..., r, in) and B (..., out, r) with the same batch dims
     and r (exactly (G, r, in) and (G, out, r) when `batched`): one unbatched pair, or the factors
     swapped, otherwise failed deep inside with a broadcasting message that names neither."""
+    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)):  # numpy arrays failed on .dim / .abs
+        raise TypeError(f"A and B must be torch tensors; got {type(A).__name__} and {type(B).__name__} "
+                        "(torch.from_numpy converts numpy arrays)")
     dims = ("(G, r, in)", "(G, out, r)") if batched else ("(..., r, in)", "(..., out, r)")
     ok = A.dim() == B.dim() and A.dim() == 3 if batched else A.dim() == B.dim() and A.dim() >= 2
     if not (ok and A.shape[:-2] == B.shape[:-2] and A.shape[-2] == B.shape[-1]):

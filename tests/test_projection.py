@@ -222,3 +222,6 @@ def test_factors_of_the_wrong_shape_are_refused_naming_the_argument(make_factors
         gram_transforms(A[0] @ A[0].mT, B[0].mT @ B[0])
     with pytest.raises(ValueError, match=r"G_A and G_B must be \(G, r, r\)"):
         gram_transforms(A @ A.mT, B @ B.mT)
+    for fn in (rel_imbalance, balanced_factors):  # numpy arrays failed with "'numpy.ndarray' has no attribute"
+        with pytest.raises(TypeError, match="A and B must be torch tensors; got ndarray and ndarray"):
+            fn(A.numpy(), B.numpy())
