@@ -148,9 +148,8 @@ def _refuse_file_for_folder(src: Path, dst_text: str) -> None:
     """`balance lora.safetensors out/` would write a file named `out`: the slash, which Path() drops, said
     a folder. Refused, with the name to give instead."""
     if dst_text.endswith(("/", os.sep)) and not src.is_dir():
-        dst = Path(dst_text)
-        raise InputError(f"{dst}/: ends with / (a folder) but {src} is a file; name the output file, "
-                         f"e.g. {dst / src.name}")
+        raise InputError(f"{Path(dst_text)}/: ends with / (a folder) but {src} is a file; name the output file, "
+                         f"e.g. {Path(dst_text) / src.name}")
 
 
 def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "skip", *,
@@ -320,8 +319,7 @@ def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: d
     with `target`, every measured dW finite. Raises (nothing is moved) otherwise."""
     written = TensorFile(out_path, format=s.tensors.format)
     where = f"balanced copy of {s.weights}"
-    dtypes = {k: target if target is not None and d.is_floating_point and not k.endswith(".alpha") else d
-              for k, d in s.tensors.dtypes.items()}
+    dtypes = {k: _cast_dtype(k, d, target) for k, d in s.tensors.dtypes.items()}
     if written.shapes != s.tensors.shapes or written.dtypes != dtypes:
         raise BalanceError(f"{where}: keys, shapes or dtypes differ from the input; nothing was written")
     if (written.metadata or {}) != (metadata or {}):  # the input's, less CONTENT_HASHES when changed
@@ -376,10 +374,13 @@ def _listed(names: list[str], most: int) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def _cast_dtype(key: str, dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
+    """`target` for floating tensors but kohya/LyCORIS `.alpha` scales, which set dW's scale (in fp16 0.1 moves it)."""
+    return target if target is not None and dtype.is_floating_point and not key.endswith(".alpha") else dtype
+
+
 def _cast(tensors: dict[str, torch.Tensor], target: torch.dtype) -> dict[str, torch.Tensor]:
-    """The floating tensors cast to `target`, the others as they are, kohya/LyCORIS `.alpha` scales too: they
-    set dW's scale (alpha 0.1 in fp16 moved dW by 2.4e-4, unreported; 7e4 became inf), so they stay exact."""
-    return {k: t.to(target) if t.is_floating_point() and not k.endswith(".alpha") else t for k, t in tensors.items()}
+    return {k: t.to(_cast_dtype(k, t.dtype, target)) for k, t in tensors.items()}
 
 
 def _key_batches(tf: TensorFile, keys: list[str], max_bytes: int = 64 * 2**20):
