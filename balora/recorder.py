@@ -79,10 +79,13 @@ class RunRecorder(TrainerCallback):
         # take their part in the diagnostics' collectives (FSDP2 gathers the factors). Each rank writing
         # made the second one refuse the folder and stop training on every rank.
         self._writes = bool(getattr(state, "is_world_process_zero", True))
-        if not self._writes:
-            if model is not None and state.global_step == 0:
-                self._diagnostics(model, 0)
-            return
+        if self._writes:
+            self._open(args, state, model)
+        if model is not None and state.global_step == 0:  # later: the factors are a checkpoint's, not step 0's
+            self._diagnostics(model, 0, self.layers_every > 0, self.spectra_every > 0)
+
+    def _open(self, args, state, model) -> None:
+        """Start the run in out_dir, or take up the one a resumed training continues."""
         lora = _lora_config(model, self.adapter)
         self.key = {"arm": self.arm, "seed": int(args.seed if self.seed is None else self.seed),
                     "lr": float(args.learning_rate), "alpha": float(lora.get("lora_alpha", math.nan))}
@@ -98,8 +101,7 @@ class RunRecorder(TrainerCallback):
             **self.extra_config,
         }
         before = self._resumable(config, state.global_step) if state.global_step > 0 else None
-        resumed = before is not None
-        if resumed:
+        if before is not None:
             self._restore(before, state.global_step)
             self.writer.update_config(steps=int(state.max_steps))
         else:  # a new run (an earlier one there is refused, or replaced with force)
@@ -108,8 +110,6 @@ class RunRecorder(TrainerCallback):
         self.writer.heartbeat({"done": 0, "total": 1, "steps_done": int(state.global_step),
                                "steps_total": int(state.max_steps)}, force=True)
         atexit.register(self._at_exit)
-        if model is not None and state.global_step == 0:  # later: the factors are a checkpoint's, not step 0's
-            self._diagnostics(model, 0, self.layers_every > 0, self.spectra_every > 0)
 
     def _resumable(self, config: dict, step: int):
         """The run (balora.store.Run) in out_dir that this resumed training continues: one a RunRecorder
