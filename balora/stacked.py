@@ -1,4 +1,4 @@
-"""The per-step pass in a constant number of ops: pairs of one shape stacked, one host transfer, one write.
+"""The per-step pass in a constant number of ops: pairs of one shape stacked, one r x r solve per rank, one write.
 
 On a GPU every dispatched op is a kernel launch (microseconds of host time, whatever its size)
 and every device-to-host read stalls the pipeline, so a pass that costs a few ops per LoRA
@@ -11,10 +11,11 @@ number of modules:
                  writes them (balora.param_stacks re-homes them there once; bf16 is upcast with
                  one copy), else a copy (one foreach copy, which also upcasts bf16)
   gram_maps      one batched Gram per factor and block; the r x r maths (projection's
-                 Gram path) for all blocks of one rank in one call, in float64 on the CPU,
-                 where small batched eigh/SVD never synchronise and cost microseconds; the
-                 Grams travel in one device-to-host copy, the pass's only sync (none on CPU),
-                 and the accuracy flags are computed on the host, so choosing the QR fallback
+                 Gram path) for all blocks of one rank and device in one call, in float64:
+                 on a CUDA device up to rank DEVICE_MATHS_MAX_R where the Grams are
+                 (maths_on_device), else on the CPU, where small batched eigh/SVD never
+                 synchronise; host-bound Grams travel in one device-to-host copy per device,
+                 and the accuracy flags are read once per group, so choosing the QR fallback
                  costs no further sync
   Block.apply    one batched (r, r) product per factor and block
   write_all      (balora.stack_writes) one product and one copy per re-homed stack whose pairs
@@ -229,12 +230,28 @@ def stack_into(role: tuple, tensors: list[torch.Tensor], dtype: torch.dtype) -> 
     return out
 
 
+# cuSOLVER's batched Jacobi eigh and SVD take matrices up to 32 x 32 in one launch; above that torch
+# solves the batch one matrix at a time. On an H200 (2026-11-29, 196 pairs, float64, the copy and the
+# flags' read included) the r x r maths took 4.4 ms on the GPU against 20 ms on its 16-core host at
+# r = 16 (nearest; svd 2.9 against 17.5 ms), but 298 ms against 167 ms at r = 64.
+DEVICE_MATHS_MAX_R = 32
+
+
+def maths_on_device(device: torch.device, r: int) -> bool:
+    """Whether the r x r maths of rank-r Grams held on `device` run there rather than on the host:
+    on CUDA up to DEVICE_MATHS_MAX_R. There the pass makes a few syncs instead of one (the eigh or
+    SVD's error check, _polar's check of its iteration, the flags' read), but only the first waits
+    for the step's queued kernels; the host's float64 maths would leave the GPU idle for longer.
+    Not on MPS (no float64) or other devices, whose batched solvers are unmeasured."""
+    return device.type == "cuda" and r <= DEVICE_MATHS_MAX_R
+
+
 def gram_maps(blocks: list[Block], method: str,
               reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> None:
     """Fill every block's X, Y and accurate flags from the Gram path (projection.gram_transforms).
 
-    reduce: called on the Grams [G_A, G_B of block 0, G_A, G_B of block 1, ...] before they go to
-    the host, returning them (or their replacements) in that order: balora.sharded_step sums the
+    reduce: called on the Grams [G_A, G_B of block 0, G_A, G_B of block 1, ...] before the r x r
+    maths, returning them (or their replacements) in that order: balora.sharded_step sums the
     ranks' partial Grams there. Blocks whose r x r maths raised (a failed decomposition) get
     accurate = False throughout, so the QR path redoes them and names the module.
     """
@@ -243,26 +260,31 @@ def gram_maps(blocks: list[Block], method: str,
         grams += b.grams()  # G_A = A A^T, G_B = B^T B: (G, r, r)
     if reduce is not None:
         grams = reduce(grams)
-    host = _to_host(grams)  # the pass's one sync on a GPU
-    by_rank: dict[int, list[int]] = {}
+    # (rank, device, whether the maths run there) -> blocks; the device is None for host maths.
+    groups: dict[tuple[int, torch.device | None], list[int]] = {}
     for i, b in enumerate(blocks):
-        by_rank.setdefault(b.r, []).append(i)
+        at = grams[2 * i].device  # after `reduce`, which may have moved them (FSDP2's CPU offload)
+        groups.setdefault((b.r, at if at == b.device and maths_on_device(at, b.r) else None), []).append(i)
+    sent = [j for (_, at), idx in groups.items() if at is None for i in idx for j in (2 * i, 2 * i + 1)]
+    for j, t in zip(sent, _to_host([grams[j] for j in sent])):  # a sync per device (none on CPU)
+        grams[j] = t
     maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for idx in by_rank.values():
+    for (_, at), idx in groups.items():
         sizes = [len(blocks[i].members) for i in idx]
         # Per member, expanded in Python (repeat_interleave on a multi-threaded CPU cost ~0.7 ms per call).
         limits = [gram_limits(blocks[i].A_dtype, blocks[i].B_dtype, blocks[i].device) for i in idx]
-        u, tol, floor, settled = _per_member(limits, sizes).unbind(-1)
+        per_member = _per_member(limits, sizes)
+        u, tol, floor, settled = (per_member if at is None else to_device_at_once([per_member], at)[0]).unbind(-1)
         if all(lim[3] == -math.inf for lim in limits):  # full-precision factors: nothing to check
             settled = None
         try:
-            t = gram_transforms(torch.cat([host[2 * i] for i in idx]), torch.cat([host[2 * i + 1] for i in idx]),
+            t = gram_transforms(torch.cat([grams[2 * i] for i in idx]), torch.cat([grams[2 * i + 1] for i in idx]),
                                 method, u, tol, floor, settled)
         except torch.linalg.LinAlgError:  # anything else is a bug and propagates
             for i in idx:
                 blocks[i].accurate = [False] * len(blocks[i].members)
             continue
-        accurate = t.accurate.tolist()  # a host tensor: no sync
+        accurate = t.accurate.tolist()  # a host tensor: no sync; on a device, the group's last
         for i, X, Y, start, n in zip(idx, t.X.split(sizes), t.Y.split(sizes), _starts(sizes), sizes):
             maps[i] = (X, Y)
             blocks[i].accurate = accurate[start : start + n]
@@ -318,12 +340,13 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """X, Y of each block onto its factors' device, in their compute dtype; one pinned,
-    non-blocking copy per device, so the host never waits for the device here."""
+    non-blocking copy per device for maps computed on the host, so the host never waits for the
+    device here."""
     by_device: dict[torch.device, list[int]] = {}
     for i, b in enumerate(blocks):
         if i not in maps:
             continue
-        if b.device == HOST:
+        if b.device == HOST or maps[i][0].device == b.device:  # computed on the host, or where the factors are
             b.X, b.Y = (as_dtype(t, b.compute_dtype) for t in maps[i])
         else:
             by_device.setdefault(b.device, []).append(i)

@@ -129,3 +129,40 @@ def test_the_default_strategy_follows_device_and_threads(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert balora.stacked.use_stacks(cpu, torch.float32, torch.float32, None)
     assert not balora.stacked.use_stacks(cpu, torch.float32, torch.float32, False)
+
+
+def test_r_x_r_maths_run_on_cuda_up_to_the_batched_solvers_size():
+    on = balora.stacked.maths_on_device
+    assert on(torch.device("cuda", 0), 16) and on(torch.device("cuda"), balora.stacked.DEVICE_MATHS_MAX_R)
+    assert not on(torch.device("cuda"), balora.stacked.DEVICE_MATHS_MAX_R + 1)  # torch solves one matrix at a time there
+    assert not on(torch.device("cpu"), 16) and not on(torch.device("mps"), 16)  # MPS has no float64
+
+
+@pytest.mark.parametrize("method", ["nearest", "svd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_maths_where_the_grams_are_write_what_host_maths_write(method, dtype, monkeypatch, np_rel_imbalance,
+                                                               np_product_error, make_live_pairs):
+    """The branch a CUDA device takes (its limits sent to the device, its maps left there, its flags
+    read there), run on the CPU for ranks <= 8 while rank 16 keeps the host branch: the same bits as
+    the host maths, and an ill-conditioned pair still goes to the QR path."""
+    shapes = [(4, 32, 20)] * 3 + [(8, 48, 24)] * 2 + [(16, 40, 40)] * 2
+    default, device = make_live_pairs(shapes, seed=9, dtype=dtype), make_live_pairs(shapes, seed=9, dtype=dtype)
+    U, _ = torch.linalg.qr(torch.randn(32, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    for pairs in (default, device):  # pair 1: cond(A) = 1e4, so the Gram path hands it to the QR path
+        pairs[1].A.copy_((U * torch.tensor([1.0, 1e-1, 1e-2, 1e-4], dtype=torch.float64)).mT.to(dtype))
+    before = [(p.A.float().clone(), p.B.float().clone()) for p in default]
+    s1 = balance_and_write(default, method, check=False, stack=True)
+    sent = []
+    real_send = balora.stacked.to_device_at_once
+    monkeypatch.setattr(balora.stacked, "maths_on_device", lambda device, r: r <= 8)
+    monkeypatch.setattr(balora.stacked, "to_device_at_once", lambda ts, d: sent.append(d) or real_send(ts, d))
+    s2 = balance_and_write(device, method, check=False, stack=True)
+    assert len(sent) == 2  # the limits of ranks 4 and 8: those ranks took the device branch
+    assert (s1.balanced, s1.qr_path) == (s2.balanced, s2.qr_path)
+    assert s1.qr_path == (dtype == torch.float32)  # bf16's looser tolerance accepts the Gram path there
+    for p, q, (A0, B0) in zip(default, device, before):
+        for a, b in zip(p.write.params, q.write.params):
+            assert torch.equal(a, b)
+        A1, B1 = q.write.params
+        if dtype == torch.float32:
+            assert np_rel_imbalance(A1, B1) < 1e-5 and np_product_error(A0, B0, A1, B1) < 1e-5
