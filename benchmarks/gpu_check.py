@@ -12,13 +12,14 @@ What it prints, all measured in this process:
      (cached pairs, check=False), for both gauges; the ratios are paired per round;
   2. ops dispatched per balancing pass (each one a kernel launch at most) and syncs per
      pass, counted twice: host reads seen by a TorchDispatchMode counter (.item(), copies to
-     the CPU) and warnings from torch.cuda.set_sync_debug_mode("warn");
+     the CPU) and warnings from torch.cuda.set_sync_debug_mode("warn"), with where each happens;
   3. the peak CUDA memory a pass adds over what the model and optimizer already hold;
   4. the ops-per-pass table for 8, 16 and 28 blocks of 1B-like LoRA factors on the GPU;
   5. how the pass grows with the rank: fp32 LoRA factors of a Llama-3.2-3B-like model (196
      pairs) at r=16 and r=64, one pass against one fused AdamW step, and the share of the pass
-     spent in the r x r maths, which run on the host CPU in float64 (their cost grows as
-     pairs x r^3 and does not shrink with a faster GPU);
+     spent in the r x r maths, in float64 where the pass runs them: on the GPU up to r=32
+     (balora.stacked.maths_on_device), else on the host CPU, where their cost grows as
+     pairs x r^3 and does not shrink with a faster GPU;
   6. the FSDP2 pass (balora.sharded_step) on the GPU as the one rank of a one-rank NCCL mesh, in
      both layouts: its factors against the one-process pass's, its ops and syncs;
   7. a short bf16 `balora compare --task lm --device cuda` (lora against balora) and its
@@ -134,23 +135,28 @@ def check_training_step(reps: int, batch: int, seq: int, device: str = "cuda", s
               f"peak memory added {added / 2**20:.1f} MiB (adapter {adapter_mib:.1f} MiB)")
 
 
-def _syncs_and_memory(one_pass) -> tuple[int, int]:
-    """Syncs one pass makes (torch.cuda.set_sync_debug_mode warnings) and the peak memory it adds (bytes)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            one_pass()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message) for w in caught)
+def _syncs_and_memory(one_pass) -> tuple[str, int]:
+    """Syncs one pass makes (torch.cuda.set_sync_debug_mode warnings) with where they happen (file:line),
+    and the peak memory it adds (bytes). The syncs are those of the second of two passes under the
+    counter: the first one in a process also counted a one-time sync inside torch (`__init__.py`,
+    seen on torch 2.11)."""
+    sites: list[str] = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                one_pass()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        sites = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     one_pass()
     torch.cuda.synchronize()
-    return syncs, torch.cuda.max_memory_allocated() - before
+    return f"{len(sites)} ({', '.join(sites)})", torch.cuda.max_memory_allocated() - before
 
 
 def check_op_table(device: str = "cuda", shape: str = "1B") -> None:
@@ -166,22 +172,27 @@ def check_rank_cost(reps: int, device: str = "cuda", shape: str = "3B", ranks: t
     from balora.balance import balance_and_write
     from balora.policy import BalancePolicy
     from balora.projection import gram_transforms
+    from balora.stacked import maths_on_device
 
     m = MODELS[shape]
     policy = BalancePolicy("nearest", check=False)
     print(f"\n== the pass by rank: {m.name} LoRA factors (fp32, random, B small), nearest gauge ==")
-    print(f"   {'r':>4}{'pairs':>7}{'pass ms':>10}{'x fused AdamW':>15}{'host r x r ms':>15}{'share of pass':>15}")
+    print(f"   {'r':>4}{'pairs':>7}{'pass ms':>10}{'x fused AdamW':>15}{'r x r ms':>10}{'run on':>8}{'share of pass':>15}")
     for r in ranks:
         ad = make_adapter(m, r, torch.float32, device)
         opt = torch.optim.AdamW(ad.params, lr=1e-4, fused=True)
         times = _timed_rounds({"adamw": opt.step, "pass": lambda: balance_and_write(ad.pairs, policy)}, reps, device)
-        with torch.no_grad():  # the pass's r x r maths alone, on the Grams it would see after the last step
-            G_A = torch.stack([p.A @ p.A.mT for p in ad.pairs]).double().cpu()
-            G_B = torch.stack([p.B.mT @ p.B for p in ad.pairs]).double().cpu()
-        maths = _timed_rounds({"maths": lambda: gram_transforms(G_A, G_B, "nearest")}, max(3, reps // 3), "cpu")["maths"]
+        # The pass's r x r maths alone, where the pass runs them (balora.stacked.maths_on_device), on the
+        # Grams it would see after the last step; the flags' read included (a sync on a GPU).
+        on = device if maths_on_device(torch.device(device), r) else "cpu"
+        with torch.no_grad():
+            G_A = torch.stack([p.A @ p.A.mT for p in ad.pairs]).double().to(on)
+            G_B = torch.stack([p.B.mT @ p.B for p in ad.pairs]).double().to(on)
+        maths = _timed_rounds({"maths": lambda: gram_transforms(G_A, G_B, "nearest").accurate.tolist()},
+                              max(3, reps // 3), on)["maths"]
         pass_ms, maths_ms = statistics.median(times["pass"]), statistics.median(maths)
-        print(f"   {r:>4}{len(ad.pairs):>7}{pass_ms:>10.1f}{_paired(times, 'pass', 'adamw'):>15.2f}{maths_ms:>15.1f}"
-              f"{maths_ms / pass_ms:>15.0%}")
+        print(f"   {r:>4}{len(ad.pairs):>7}{pass_ms:>10.1f}{_paired(times, 'pass', 'adamw'):>15.2f}{maths_ms:>10.1f}"
+              f"{'host' if on == 'cpu' else 'GPU':>8}{maths_ms / pass_ms:>15.0%}")
         del ad, opt
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
