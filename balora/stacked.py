@@ -12,8 +12,8 @@ number of modules:
                  one copy), else a copy (one foreach copy, which also upcasts bf16)
   gram_maps      one batched Gram per factor and block; the r x r maths (projection's
                  Gram path) for all blocks of one rank and device in one call, in float64:
-                 on a CUDA device up to rank DEVICE_MATHS_MAX_R where the Grams are
-                 (maths_on_device), else on the CPU, where small batched eigh/SVD never
+                 on a CUDA device where the Grams are, when the rank and the number of pairs
+                 say it pays (maths_on_device), else on the CPU, where small batched eigh/SVD never
                  synchronise; host-bound Grams travel in one device-to-host copy per device,
                  and the accuracy flags are read once per group, so choosing the QR fallback
                  costs no further sync
@@ -235,15 +235,21 @@ def stack_into(role: tuple, tensors: list[torch.Tensor], dtype: torch.dtype) -> 
 # flags' read included) the r x r maths took 4.4 ms on the GPU against 20 ms on its 16-core host at
 # r = 16 (nearest; svd 2.9 against 17.5 ms), but 298 ms against 167 ms at r = 64.
 DEVICE_MATHS_MAX_R = 32
+# On the GPU the maths cost about the same few milliseconds of launches whatever their size; on the
+# host they grow with the pairs and the rank. Whole passes side by side on that H200 (r = 8, 16, 32;
+# 7 to 112 pairs; docs/BENCHMARKS.md): the GPU was faster from pairs x r of 448-896 for nearest and
+# 224-448 for svd, and at most 1.6 ms slower below.
+DEVICE_MATHS_MIN_WORK = 512
 
 
-def maths_on_device(device: torch.device, r: int) -> bool:
-    """Whether the r x r maths of rank-r Grams held on `device` run there rather than on the host:
-    on CUDA up to DEVICE_MATHS_MAX_R. There the pass makes a few syncs instead of one (the eigh or
-    SVD's error check, _polar's check of its iteration, the flags' read), but only the first waits
-    for the step's queued kernels; the host's float64 maths would leave the GPU idle for longer.
-    Not on MPS (no float64) or other devices, whose batched solvers are unmeasured."""
-    return device.type == "cuda" and r <= DEVICE_MATHS_MAX_R
+def maths_on_device(device: torch.device, r: int, pairs: int) -> bool:
+    """Whether the r x r maths of `pairs` rank-r pairs whose Grams are on `device` run there rather
+    than on the host: on CUDA, up to rank DEVICE_MATHS_MAX_R, when pairs x r >= DEVICE_MATHS_MIN_WORK.
+    There the pass makes a few syncs instead of one (the eigh or SVD's error check, _polar's check of
+    its iteration, the flags' read), but only the first waits for the step's queued kernels; host
+    maths that take longer leave the GPU idle. Not on MPS (no float64) or other devices, whose
+    batched solvers are unmeasured. Depends only on shapes: every FSDP2 rank decides alike."""
+    return device.type == "cuda" and r <= DEVICE_MATHS_MAX_R and pairs * r >= DEVICE_MATHS_MIN_WORK
 
 
 def gram_maps(blocks: list[Block], method: str,
@@ -260,11 +266,17 @@ def gram_maps(blocks: list[Block], method: str,
         grams += b.grams()  # G_A = A A^T, G_B = B^T B: (G, r, r)
     if reduce is not None:
         grams = reduce(grams)
-    # (rank, device, whether the maths run there) -> blocks; the device is None for host maths.
-    groups: dict[tuple[int, torch.device | None], list[int]] = {}
+    # (rank, device) -> blocks whose Grams are on their factors' device, None for the rest (after
+    # `reduce`, which may have moved them: FSDP2's CPU offload). Then (rank, where its maths run):
+    # the device, or None for the host, where each rank's maths of all devices are one call.
+    placed: dict[tuple[int, torch.device | None], list[int]] = {}
     for i, b in enumerate(blocks):
-        at = grams[2 * i].device  # after `reduce`, which may have moved them (FSDP2's CPU offload)
-        groups.setdefault((b.r, at if at == b.device and maths_on_device(at, b.r) else None), []).append(i)
+        at = grams[2 * i].device
+        placed.setdefault((b.r, at if at == b.device else None), []).append(i)
+    groups: dict[tuple[int, torch.device | None], list[int]] = {}
+    for (r, at), idx in placed.items():
+        on = at is not None and maths_on_device(at, r, sum(len(blocks[i].members) for i in idx))
+        groups.setdefault((r, at if on else None), []).extend(idx)
     sent = [j for (_, at), idx in groups.items() if at is None for i in idx for j in (2 * i, 2 * i + 1)]
     for j, t in zip(sent, _to_host([grams[j] for j in sent])):  # a sync per device (none on CPU)
         grams[j] = t

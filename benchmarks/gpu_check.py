@@ -18,7 +18,7 @@ What it prints, all measured in this process:
   5. how the pass grows with the rank: fp32 LoRA factors of a Llama-3.2-3B-like model (196
      pairs) at r=16 and r=64, one pass against one fused AdamW step, and the share of the pass
      spent in the r x r maths, in float64 where the pass runs them: on the GPU up to r=32
-     (balora.stacked.maths_on_device), else on the host CPU, where their cost grows as
+     for enough pairs (balora.stacked.maths_on_device), else on the host CPU, where their cost grows as
      pairs x r^3 and does not shrink with a faster GPU;
   6. the FSDP2 pass (balora.sharded_step) on the GPU as the one rank of a one-rank NCCL mesh, in
      both layouts: its factors against the one-process pass's, its ops and syncs;
@@ -184,7 +184,7 @@ def check_rank_cost(reps: int, device: str = "cuda", shape: str = "3B", ranks: t
         times = _timed_rounds({"adamw": opt.step, "pass": lambda: balance_and_write(ad.pairs, policy)}, reps, device)
         # The pass's r x r maths alone, where the pass runs them (balora.stacked.maths_on_device), on the
         # Grams it would see after the last step; the flags' read included (a sync on a GPU).
-        on = device if maths_on_device(torch.device(device), r) else "cpu"
+        on = device if maths_on_device(torch.device(device), r, len(ad.pairs)) else "cpu"
         with torch.no_grad():
             G_A = torch.stack([p.A @ p.A.mT for p in ad.pairs]).double().to(on)
             G_B = torch.stack([p.B.mT @ p.B for p in ad.pairs]).double().to(on)

@@ -131,11 +131,12 @@ def test_the_default_strategy_follows_device_and_threads(monkeypatch):
     assert not balora.stacked.use_stacks(cpu, torch.float32, torch.float32, False)
 
 
-def test_r_x_r_maths_run_on_cuda_up_to_the_batched_solvers_size():
-    on = balora.stacked.maths_on_device
-    assert on(torch.device("cuda", 0), 16) and on(torch.device("cuda"), balora.stacked.DEVICE_MATHS_MAX_R)
-    assert not on(torch.device("cuda"), balora.stacked.DEVICE_MATHS_MAX_R + 1)  # torch solves one matrix at a time there
-    assert not on(torch.device("cpu"), 16) and not on(torch.device("mps"), 16)  # MPS has no float64
+def test_r_x_r_maths_run_on_cuda_when_rank_and_pairs_make_it_pay():
+    on, cuda, top = balora.stacked.maths_on_device, torch.device("cuda", 0), balora.stacked.DEVICE_MATHS_MAX_R
+    assert on(cuda, 16, 112) and on(torch.device("cuda"), top, 28) and on(cuda, 8, 64)  # pairs x r >= 512
+    assert not on(cuda, 8, 56) and not on(cuda, 16, 28)  # little work: the host's maths are quicker
+    assert not on(cuda, top + 1, 196)  # torch solves one matrix at a time there
+    assert not on(torch.device("cpu"), 16, 112) and not on(torch.device("mps"), 16, 112)  # MPS has no float64
 
 
 @pytest.mark.parametrize("method", ["nearest", "svd"])
@@ -154,7 +155,7 @@ def test_maths_where_the_grams_are_write_what_host_maths_write(method, dtype, mo
     s1 = balance_and_write(default, method, check=False, stack=True)
     sent = []
     real_send = balora.stacked.to_device_at_once
-    monkeypatch.setattr(balora.stacked, "maths_on_device", lambda device, r: r <= 8)
+    monkeypatch.setattr(balora.stacked, "maths_on_device", lambda device, r, pairs: r <= 8)
     monkeypatch.setattr(balora.stacked, "to_device_at_once", lambda ts, d: sent.append(d) or real_send(ts, d))
     s2 = balance_and_write(device, method, check=False, stack=True)
     assert len(sent) == 2  # the limits of ranks 4 and 8: those ranks took the device branch
