@@ -13,8 +13,8 @@ one of FSDP2's two layouts:
 
 Pairs of one shape, dtype and layout are stacked as in one process (balora.stacked), so a pass
 dispatches a number of ops that depends on the number of shapes, not of pairs: one all_gather for
-the A factors by rows, one all_reduce for the partial Grams, the r x r maths (on a CUDA device up to
-r = 32, else on the host after one device-to-host copy), one batched product per factor and block, and one foreach copy into the shards. Every other
+the A factors by rows, one all_reduce for the partial Grams, the r x r maths (on a CUDA device where
+stacked.maths_on_device says so, else on the host after one device-to-host copy), one batched product per factor and block, and one foreach copy into the shards. Every other
 pair (other meshes or placements, conv factors, fp16 factors, pairs the Gram path cannot do
 accurately, zero or rank-deficient products, non-finite factors) is gathered whole and balanced as
 in one process (balora.distributed.gather_pairs), with the same policies. Every decision is made
