@@ -167,3 +167,9 @@ def test_maths_where_the_grams_are_write_what_host_maths_write(method, dtype, mo
         A1, B1 = q.write.params
         if dtype == torch.float32:
             assert np_rel_imbalance(A1, B1) < 1e-5 and np_product_error(A0, B0, A1, B1) < 1e-5
+
+
+def test_an_infinite_threshold_keeps_the_r_x_r_maths_on_the_host(monkeypatch):
+    """The README's way back to one sync per pass: DEVICE_MATHS_MIN_WORK is read at each call."""
+    monkeypatch.setattr(balora.stacked, "DEVICE_MATHS_MIN_WORK", float("inf"))
+    assert not balora.stacked.maths_on_device(torch.device("cuda"), 16, 10_000)
