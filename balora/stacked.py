@@ -300,7 +300,7 @@ def gram_maps(blocks: list[Block], method: str,
         for i, X, Y, start, n in zip(idx, t.X.split(sizes), t.Y.split(sizes), _starts(sizes), sizes):
             maps[i] = (X, Y)
             blocks[i].accurate = accurate[start : start + n]
-    _maps_to_devices(blocks, maps)
+    _maps_to_devices(blocks, maps, {i for (_, at), idx in groups.items() if at is not None for i in idx})
 
 
 def gram_tol(A_dtype: torch.dtype, B_dtype: torch.dtype) -> float:
@@ -350,7 +350,7 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, torch.Tensor]], there: set[int]) -> None:
     """X, Y of each block onto its factors' device, in their compute dtype; one pinned,
     non-blocking copy per device for maps computed on the host, so the host never waits for the
     device here."""
@@ -358,7 +358,7 @@ def _maps_to_devices(blocks: list[Block], maps: dict[int, tuple[torch.Tensor, to
     for i, b in enumerate(blocks):
         if i not in maps:
             continue
-        if b.device == HOST or maps[i][0].device == b.device:  # computed on the host, or where the factors are
+        if b.device == HOST or i in there:  # `there`: blocks whose maps were computed on their factors' device
             b.X, b.Y = (as_dtype(t, b.compute_dtype) for t in maps[i])
         else:
             by_device.setdefault(b.device, []).append(i)

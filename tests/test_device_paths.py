@@ -61,3 +61,26 @@ def test_device_branches_write_what_the_host_path_writes(host_elsewhere, make_li
             assert a.dtype == b.dtype == dtype
             assert torch.equal(a, b), f"{p.name}: the device branches wrote other factors than the host path"
         assert np_rel_imbalance(*q.write.params) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("method", ["nearest", "svd"])
+def test_r_x_r_maths_on_the_device_write_what_the_host_path_writes(host_elsewhere, make_live_pairs, monkeypatch, method):
+    """A CUDA device keeps the r x r maths where the Grams are (stacked.maths_on_device): here ranks
+    4 and 8 do, rank 16 goes to the host. Each pass sends the two device groups' limits and the host
+    group's maps (three copies), keeps the device groups' maps where they are, and writes what the
+    host's own path writes."""
+    on_cuda = stacked.maths_on_device
+    monkeypatch.setattr(stacked, "maths_on_device", lambda device, r, pairs: r <= 8)
+    host, device = make_live_pairs(SHAPES, seed=4), make_live_pairs(SHAPES, seed=4)
+    for _ in range(2):
+        with pytest.MonkeyPatch.context() as mp:
+            for module in (workspace, stacked, stack_writes):
+                mp.setattr(module, "HOST", torch.device("cpu"))
+            mp.setattr(stacked, "maths_on_device", on_cuda)  # the real rule: never on a CPU
+            on_host = balance_and_write(host, method, check=False, stack=True)
+        on_device = balance_and_write(device, method, check=False, stack=True)
+        assert on_host.balanced == on_device.balanced == len(SHAPES) and on_device.qr_path == 0
+    assert host_elsewhere["maps sent"] == 2 * 3
+    for p, q in zip(host, device):
+        for a, b in zip(p.write.params, q.write.params):
+            assert torch.equal(a, b), f"{p.name}: the device's r x r maths wrote other factors than the host path"
