@@ -14,6 +14,7 @@ import balora.stack_writes as stack_writes
 import balora.stacked as stacked
 import balora.workspace as workspace
 from balora.balance import balance_and_write
+from balora.pairs import FactorPair
 
 
 @pytest.fixture
@@ -84,3 +85,31 @@ def test_r_x_r_maths_on_the_device_write_what_the_host_path_writes(host_elsewher
     for p, q in zip(host, device):
         for a, b in zip(p.write.params, q.write.params):
             assert torch.equal(a, b), f"{p.name}: the device's r x r maths wrote other factors than the host path"
+
+
+def test_grams_left_on_another_device_are_solved_on_the_host(host_elsewhere, monkeypatch, np_rel_imbalance,
+                                                              np_product_error):
+    """gram_maps' `reduce` may return Grams away from the factors' device (FSDP2 sums them where
+    its mesh runs). Those are never solved where they landed: the rank-4 block here declares its
+    factors on `cpu:1` while its Grams report `cpu`, so its maths run on the host and its maps are
+    sent to cpu:1; the rank-8 block's Grams stay where its factors are and are solved there."""
+    g = torch.Generator().manual_seed(6)
+    shapes = [(4, 32, 20)] * 3 + [(8, 48, 24)] * 3
+    factors = [(torch.randn(r, n_in, generator=g) / n_in**0.5, torch.randn(n_out, r, generator=g) * 0.3)
+               for r, n_in, n_out in shapes]
+    pairs = [FactorPair(f"m{i}", "default", "linear", A, B, 1.0) for i, (A, B) in enumerate(factors)]
+    blocks = stacked.stack_blocks(pairs, stack=True)
+    asked, sent, real_send = [], [], stacked.to_device_at_once
+    monkeypatch.setattr(stacked, "maths_on_device", lambda device, r, n: asked.append(r) or True)
+    monkeypatch.setattr(stacked, "to_device_at_once", lambda ts, device: sent.append(device) or real_send(ts, device))
+    on_cpu = stacked.Block.device.fget
+    monkeypatch.setattr(stacked.Block, "device", property(lambda b: torch.device("cpu", 1) if b.r == 4 else on_cpu(b)))
+    stacked.gram_maps(blocks, "nearest", reduce=lambda grams: [t.double() for t in grams])
+    assert asked == [8], "only Grams on their factors' device may be solved there"
+    assert sent == [torch.device("cpu"), torch.device("cpu", 1)], "rank 8's limits to its device, rank 4's maps to cpu:1"
+    for b in blocks:
+        assert b.accurate == [True] * 3
+        for m, k in enumerate(b.members):
+            A0, B0 = factors[k]
+            A1, B1 = b.Y[m] @ A0, B0 @ b.X[m]
+            assert np_rel_imbalance(A1, B1) < 1e-5 and np_product_error(A0, B0, A1, B1) < 1e-5

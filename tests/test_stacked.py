@@ -173,3 +173,39 @@ def test_an_infinite_threshold_keeps_the_r_x_r_maths_on_the_host(monkeypatch):
     """The README's way back to one sync per pass: DEVICE_MATHS_MIN_WORK is read at each call."""
     monkeypatch.setattr(balora.stacked, "DEVICE_MATHS_MIN_WORK", float("inf"))
     assert not balora.stacked.maths_on_device(torch.device("cuda"), 16, 10_000)
+
+
+@pytest.mark.parametrize("method", ["nearest", "svd"])
+def test_the_rule_sees_all_pairs_of_a_rank_and_one_group_mixes_dtypes(method, monkeypatch, make_live_pairs,
+                                                                     np_rel_imbalance, np_product_error):
+    """maths_on_device is asked once per rank and device with that rank's pairs of every block
+    (two shapes and two dtypes of rank 8: 3 + 2 pairs), as the README's pairs x r rule says; the
+    rank-8 group then runs its bf16 and fp32 members in one device call, each with its own limits
+    (the fp32 pairs, off balance by less than bf16's rounding, must still be balanced), and writes
+    what the host maths write."""
+    shapes = [(8, 48, 24)] * 3, [(8, 40, 40)] * 2 + [(4, 32, 20)] * 3
+    dtypes = torch.bfloat16, torch.float32
+
+    def make():
+        pairs = [p for s, dtype, seed in zip(shapes, dtypes, (2, 3)) for p in make_live_pairs(s, seed=seed, dtype=dtype)]
+        for p in pairs[3:5]:  # fp32, imbalanced by 1e-4: below bf16's rounding, so only their own limits balance them
+            U, S, Vh = torch.linalg.svd(p.B.double() @ p.A.double(), full_matrices=False)
+            p.A.copy_(S[:8, None].sqrt() * Vh[:8] / 1.0001)
+            p.B.copy_(U[:, :8] * S[:8].sqrt() * 1.0001)
+        return pairs
+
+    default, device = make(), make()
+    before = [(p.A.float().clone(), p.B.float().clone()) for p in device]
+    s1 = balance_and_write(default, method, check=False, stack=True)
+    asked = []
+    monkeypatch.setattr(balora.stacked, "maths_on_device", lambda device, r, pairs: asked.append((device.type, r, pairs)) or r == 8)
+    s2 = balance_and_write(device, method, check=False, stack=True)
+    ranks = [r for s in shapes for r, _, _ in s]
+    assert sorted(asked) == sorted(("cpu", r, ranks.count(r)) for r in set(ranks))
+    assert (s1.balanced, s1.qr_path) == (s2.balanced, s2.qr_path) == (len(ranks), 0)
+    for p, q, (A0, B0) in zip(default, device, before):
+        for a, b in zip(p.write.params, q.write.params):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{p.name}: the device group wrote other factors"
+        A1, B1 = q.write.params
+        tol = 1e-5 if A1.dtype == torch.float32 else 1e-2
+        assert np_rel_imbalance(A1, B1) < tol and np_product_error(A0, B0, A1, B1) < tol
