@@ -301,7 +301,7 @@ def _polar(M: torch.Tensor, eye: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     bound = (M.shape[-1] * u * ratio.sqrt()).clamp_min(POLAR_DEFECT)
     redo = (~(defect <= bound)).nonzero()[:, 0]  # NaN anywhere: redone
     err = torch.maximum(defect, eig_err)
-    if len(redo):  # on a GPU nonzero() waits for the device; balora's pass runs these maps on the host
+    if len(redo):  # on a GPU nonzero() waits for the device: a sync where stacked.maths_on_device runs the maps
         O_e, err_e = _polar_by_eigh(M[redo], eye)
         O, err = O.index_copy(0, redo, O_e), err.index_copy(0, redo, err_e)
     return O, err

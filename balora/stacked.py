@@ -245,10 +245,11 @@ DEVICE_MATHS_MIN_WORK = 512
 def maths_on_device(device: torch.device, r: int, pairs: int) -> bool:
     """Whether the r x r maths of `pairs` rank-r pairs whose Grams are on `device` run there rather
     than on the host: on CUDA, up to rank DEVICE_MATHS_MAX_R, when pairs x r >= DEVICE_MATHS_MIN_WORK.
-    There the pass makes a few syncs instead of one (the eigh or SVD's error check, _polar's check of
-    its iteration, the flags' read), but only the first waits for the step's queued kernels; host
-    maths that take longer leave the GPU idle. Not on MPS (no float64) or other devices, whose
-    batched solvers are unmeasured. Depends only on shapes: every FSDP2 rank decides alike."""
+    There the pass makes a few syncs instead of one (nearest: the eigh's error check and _polar's
+    check of its iteration; svd: two inside torch's SVD; then the flags' read), but only the first
+    waits for the step's queued kernels; host maths that take longer leave the GPU idle. Not on MPS
+    (no float64) or other devices, whose batched solvers are unmeasured. Depends only on shapes:
+    every FSDP2 rank decides alike."""
     return device.type == "cuda" and r <= DEVICE_MATHS_MAX_R and pairs * r >= DEVICE_MATHS_MIN_WORK
 
 
