@@ -119,7 +119,7 @@ def balance_after_step(
     BalanceCallback: with check=True, its max_rel_error and max_rel_imbalance are that pass's.
     A wrapper that keeps the real optimizer in `.optimizer` (accelerate's AcceleratedOptimizer) is
     hooked through it: the hook then runs only when that optimizer steps (with gradient
-    accumulation, on sync steps; with a GradScaler, not on the steps it skips).
+    accumulation, on sync steps; with a GradScaler, not on the steps it skips, a fused optimizer's included).
     """
     _check_every("balance_after_step", every)
     optimizer = _hookable(optimizer)
@@ -132,6 +132,8 @@ def balance_after_step(
     count = {"steps": 0}
 
     def hook(opt, args, kw):
+        if _scaler_skipped(opt):
+            return
         count["steps"] += 1
         if count["steps"] % every == 0:
             handle.last_summary = balance_step(cache.get(model, adapter, gather=False), policy)
@@ -139,6 +141,14 @@ def balance_after_step(
     handle = optimizer.register_step_post_hook(hook)
     handle.last_summary = None  # else check=True would measure every pass and show it nowhere
     return handle
+
+
+def _scaler_skipped(optimizer) -> bool:
+    """Whether a GradScaler skipped the step that just ran. A fused optimizer (`_step_supports_amp_scaling`)
+    is stepped even on inf/NaN gradients and skips the update itself, reading the `found_inf` that
+    GradScaler.step sets on it for the duration of the step; other optimizers are not stepped at all."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, torch.Tensor) and bool(found_inf.item())
 
 
 def _check_every(who: str, every) -> None:

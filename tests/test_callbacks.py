@@ -312,3 +312,32 @@ def test_an_adapter_name_the_model_lacks_is_refused_at_train_begin(make_tiny_net
     with pytest.raises(ValueError, match="BalanceCallback: the model has no adapter 'nope'; it has 'default'"):
         BalanceCallback(adapter="nope").on_train_begin(args, TrainerState(), TrainerControl(), model=model)
     BalanceCallback(adapter="default").on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+
+
+def test_balance_after_step_skips_the_steps_a_grad_scaler_skips_in_a_fused_optimizer(make_tiny_net, tiny_net_targets,
+                                                                                      tiny_net_inputs, monkeypatch):
+    """A fused optimizer (fused=True: torch's AdamW, Adam, SGD) is stepped by GradScaler.step even on inf/NaN
+    gradients and skips the update itself: the hook ran anyway, so a skipped step balanced the model and
+    counted towards `every`. Balancing must follow the optimizer's own step count (Adam's state["step"])."""
+    import balora.callbacks
+
+    passes = []
+    real_step = balora.callbacks.balance_step
+    monkeypatch.setattr(balora.callbacks, "balance_step", lambda *a: passes.append(1) or real_step(*a))
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    balance_after_step(opt, model, every=2)
+    for i in range(6):
+        scaler.scale(model(*tiny_net_inputs).square().mean()).backward()
+        if i in (1, 2):  # an overflow: the scaler skips these steps
+            params[0].grad.view(-1)[0] = float("inf")
+        before = [p.detach().clone() for p in params]
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        real_steps = int(opt.state[params[0]]["step"])
+        assert len(passes) == real_steps // 2, f"micro-batch {i}: {len(passes)} passes after {real_steps} steps"
+        if i in (1, 2):
+            assert all(torch.equal(b, p) for b, p in zip(before, params)), "a skipped step changed the factors"
