@@ -74,11 +74,7 @@ class BalanceCallback(TrainerCallback):
                 f"balancing at the next step, so it is not supported; {FSDP2_HINT} (or use DDP), or pass "
                 "balance=False for diagnostics only."
             )
-        names = getattr(kwargs.get("model"), "peft_config", None)  # PeftModel: {adapter name: config}
-        if self.adapter is not None and isinstance(names, dict) and self.adapter not in names:
-            # else refused only at the first optimizer step, after a step of training
-            raise ValueError(f"BalanceCallback: the model has no adapter {self.adapter!r}; it has "
-                             f"{', '.join(map(repr, names))}")
+        _check_adapter("BalanceCallback", kwargs.get("model"), self.adapter)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1  # global_step is incremented after this event
@@ -127,6 +123,7 @@ def balance_after_step(
     if unknown:
         raise TypeError(f"balance_after_step: unknown option(s) {', '.join(sorted(unknown))}")
     adapter = kwargs.pop("adapter", None)
+    _check_adapter("balance_after_step", model, adapter)
     policy = BalancePolicy(method, **{"check": False, **kwargs})  # validated once, here
     cache = PairCache()  # the model is walked once, not after every step
     count = {"steps": 0}
@@ -141,6 +138,14 @@ def balance_after_step(
     handle = optimizer.register_step_post_hook(hook)
     handle.last_summary = None  # else check=True would measure every pass and show it nowhere
     return handle
+
+
+def _check_adapter(who: str, model, adapter: str | None) -> None:
+    """Refuse an adapter name the model lacks before training: else it is refused only from inside the
+    first optimizer step, after that step has changed the weights."""
+    names = getattr(model, "peft_config", None)  # PeftModel: {adapter name: config}
+    if adapter is not None and isinstance(names, dict) and adapter not in names:
+        raise ValueError(f"{who}: the model has no adapter {adapter!r}; it has {', '.join(map(repr, names))}")
 
 
 def _scaler_skipped(optimizer) -> bool:

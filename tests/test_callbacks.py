@@ -341,3 +341,18 @@ def test_balance_after_step_skips_the_steps_a_grad_scaler_skips_in_a_fused_optim
         assert len(passes) == real_steps // 2, f"micro-batch {i}: {len(passes)} passes after {real_steps} steps"
         if i in (1, 2):
             assert all(torch.equal(b, p) for b, p in zip(before, params)), "a skipped step changed the factors"
+
+
+def test_balance_after_step_refuses_an_adapter_name_the_model_lacks_before_training(make_tiny_net, tiny_net_targets,
+                                                                                     tiny_net_inputs):
+    """balance_after_step(..., adapter="nope") was refused only from inside the first optimizer.step(), after the
+    step had changed the weights; the callback refuses it at train begin, the hook now when it is registered."""
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets, init_lora_weights=False))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(ValueError, match="balance_after_step: the model has no adapter 'nope'; it has 'default'"):
+        balance_after_step(opt, model, adapter="nope")
+    assert not opt._optimizer_step_post_hooks, "a refused hook must not stay registered"
+    handle = balance_after_step(opt, model, adapter="default")
+    model(*tiny_net_inputs).square().mean().backward()
+    opt.step()
+    assert handle.last_summary.balanced == len(tiny_net_targets)
