@@ -16,7 +16,8 @@ untouched), only where the values live: the parameters of one block now share on
 tensor taken from a parameter's `.data` (or `.detach()`) before the first pass no longer aliases
 it afterwards; take such views after balancing has started, or from the Parameter itself.
 PEFT's `save_pretrained` and safetensors (slices that do not overlap) save them as before, and
-`torch.save` of a state dict writes each stack once; a single parameter saved alone with
+`torch.save` of a state dict writes each stack once (a stack holds one adapter's parameters, so
+saving one adapter writes no other's); a single parameter saved alone with
 `torch.save` carries its whole stack (torch saves storages, not views). Re-homing is refused,
 and the pass copies as before, when the parameters are not plain tensors (DTensor shards,
 quantized weights), when one already shares its storage with another tensor (a view, a tied

@@ -55,6 +55,7 @@ class Block:
     factors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # unstacked: (A, B) per member
     homes: tuple[torch.Tensor, torch.Tensor] | None = None  # (G, r, in), (G, out, r): the parameters' own stacks
     whole: bool = False  # written stack by stack at write time (write_all), not member by member
+    adapter: str = ""  # the members' adapter name (stack_blocks): blocks of one shape differ by it
 
     @property
     def stacked(self) -> bool:
@@ -85,7 +86,7 @@ class Block:
     @property
     def key(self) -> tuple:
         """What tells this block from any other of the pass (for its workspace buffers)."""
-        return _block_key(len(self.members), self.shape_A, self.shape_B, self.A_dtype, self.B_dtype)
+        return _block_key(len(self.members), self.shape_A, self.shape_B, self.A_dtype, self.B_dtype, self.adapter)
 
     def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """G_A = A A^T and G_B = B^T B of every member, (G, r, r) each."""
@@ -121,8 +122,8 @@ class Block:
         return self.Y[g] @ self.A[g], self.B[g] @ self.X[g]
 
 
-def _block_key(n: int, shape_A, shape_B, A_dtype: torch.dtype, B_dtype: torch.dtype) -> tuple:
-    return n, tuple(shape_A), tuple(shape_B), A_dtype, B_dtype
+def _block_key(n: int, shape_A, shape_B, A_dtype: torch.dtype, B_dtype: torch.dtype, adapter: str = "") -> tuple:
+    return n, tuple(shape_A), tuple(shape_B), A_dtype, B_dtype, adapter
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -152,14 +153,15 @@ def stack_blocks(pairs: list[FactorPair], stack: bool | None = None, rehome_para
     the parameters' own stacks (balora.param_stacks), re-homing them there on the first pass."""
     blocks = []
     shared: set[int] | None = None  # found when a block is first re-homed
-    for members in group_by_shape(pairs).values():
+    for members in _by_adapter(pairs, group_by_shape(pairs).values()):
         first = pairs[members[0]]
         dtype = compute_dtype(first.A.dtype, first.B.dtype)
         if not use_stacks(first.A.device, first.A.dtype, first.B.dtype, stack):
             factors = [(as_dtype(pairs[k].A, dtype), as_dtype(pairs[k].B, dtype)) for k in members]  # upcast once
-            blocks.append(Block(members, None, None, first.A.dtype, first.B.dtype, factors=factors))
+            blocks.append(Block(members, None, None, first.A.dtype, first.B.dtype, factors=factors,
+                                adapter=first.adapter))
             continue
-        role = _block_key(len(members), first.A.shape, first.B.shape, first.A.dtype, first.B.dtype)
+        role = _block_key(len(members), first.A.shape, first.B.shape, first.A.dtype, first.B.dtype, first.adapter)
         params = _params(pairs, members) if rehome_params else None
         homes = None if params is None else _homes(params, first, len(members))
         if params is not None and homes is None:
@@ -171,8 +173,21 @@ def stack_blocks(pairs: list[FactorPair], stack: bool | None = None, rehome_para
         else:  # bf16 parameters: one upcast copy of each stack
             A, B = (h if h.dtype == dtype else _buffer((name, role), tuple(h.shape), dtype, h.device, True).copy_(h)
                     for name, h in (("A", homes[0]), ("B", homes[1])))
-        blocks.append(Block(members, A, B, first.A.dtype, first.B.dtype, homes=homes))
+        blocks.append(Block(members, A, B, first.A.dtype, first.B.dtype, homes=homes, adapter=first.adapter))
     return blocks
+
+
+def _by_adapter(pairs: list[FactorPair], groups) -> list[list[int]]:
+    """Each group of indices split by adapter, so that a re-homed stack holds one adapter's parameters:
+    torch.save writes a view's whole storage, and saving one adapter (PEFT's save_pretrained with
+    safe_serialization=False, torch.save of its state dict) wrote the other adapters' factors too."""
+    out = []
+    for members in groups:
+        split: dict[str, list[int]] = {}
+        for k in members:
+            split.setdefault(pairs[k].adapter, []).append(k)
+        out += split.values()
+    return out
 
 
 def _shared_storage(pairs: list[FactorPair]) -> set[int]:

@@ -200,6 +200,27 @@ def test_save_reload_and_move_after_rehoming(make_llama, peft_deltas, assert_del
     assert all(p.dtype == torch.float64 and not _owns_storage(p) for p in lora)
 
 
+def test_saving_one_adapter_with_torch_save_writes_none_of_another(make_llama, tmp_path):
+    """torch.save writes a view's whole storage. With two adapters of one shape re-homed into one stack,
+    `save_pretrained(selected_adapters=["default"], safe_serialization=False)` (or torch.save of
+    get_peft_model_state_dict for one adapter) wrote the other adapter's factors into the file as well."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(make_llama(n_layer=2, seed=1), config)
+    model.add_adapter("other", config)
+    balance_and_write(model_pairs(model), "nearest", check=False, stack=True)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert not any(_owns_storage(p) for p in lora.values())  # re-homed
+    model.save_pretrained(tmp_path, selected_adapters=["default"], safe_serialization=False)
+    state = torch.load(tmp_path / "adapter_model.bin")
+    saved = sum(v.numel() for v in state.values())
+    stored = sum(s.nbytes() for s in {v.untyped_storage().data_ptr(): v.untyped_storage() for v in state.values()}.values())
+    assert stored == saved * 4, "the file holds more than the adapter's own factors (fp32)"
+    own = sum(p.numel() for n, p in lora.items() if ".default." in n)
+    assert saved == own
+
+
 def test_the_pair_cache_stays_valid_across_rehoming(make_llama):
     """Re-homing points the cached pairs at the new storage, so BalanceCallback never re-walks."""
     from peft import LoraConfig, get_peft_model
