@@ -102,7 +102,8 @@ class BalanceCallback(TrainerCallback):
 
 
 def balance_after_step(
-    optimizer: torch.optim.Optimizer, model: nn.Module, method: str = "nearest", every: int = 1, **kwargs
+    optimizer: torch.optim.Optimizer, model: nn.Module, method: str = "nearest", every: int = 1,
+    steps_taken: int = 0, **kwargs
 ):
     """Hand-written loops: balance `model` after every `every`-th `optimizer.step()`.
 
@@ -116,8 +117,15 @@ def balance_after_step(
     A wrapper that keeps the real optimizer in `.optimizer` (accelerate's AcceleratedOptimizer) is
     hooked through it: the hook then runs only when that optimizer steps (with gradient
     accumulation, on sync steps; with a GradScaler, not on the steps it skips, a fused optimizer's included).
+    steps_taken: optimizer steps run before this call, when a loop resumes: with every=k the passes
+    stay after steps k, 2k, ... of the whole run (counted from 0, step 4 resumed with every=3 would
+    balance after 7, 10, ...). With several optimizers, hook the one stepped last: hooked earlier,
+    the pass runs between the steps, and the later optimizers apply gradients of the factors as they
+    were before it.
     """
     _check_every("balance_after_step", every)
+    if isinstance(steps_taken, bool) or not isinstance(steps_taken, numbers.Integral) or steps_taken < 0:
+        raise ValueError(f"balance_after_step: steps_taken must be a whole number >= 0; got {steps_taken!r}")
     optimizer = _hookable(optimizer)
     unknown = set(kwargs) - {"adapter", "on_rank_deficient", "on_nonfinite", "check"}
     if unknown:
@@ -126,7 +134,7 @@ def balance_after_step(
     _check_adapter("balance_after_step", model, adapter)
     policy = BalancePolicy(method, **{"check": False, **kwargs})  # validated once, here
     cache = PairCache()  # the model is walked once, not after every step
-    count = {"steps": 0}
+    count = {"steps": int(steps_taken)}
 
     def hook(opt, args, kw):
         if _scaler_skipped(opt):

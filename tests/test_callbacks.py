@@ -183,9 +183,16 @@ def test_balance_after_step_in_a_hand_written_loop(make_tiny_net, tiny_net_targe
     handle = balance_after_step(opt, model, every=2, method="svd")
     assert [step() < 1e-5 for _ in range(4)] == [False, True, False, True]
     handle.remove()
+    # A loop resumed after 4 steps with every=3: balanced after steps 6 and 9 of the run, not 7 and 10.
+    handle = balance_after_step(opt, model, every=3, steps_taken=4)
+    assert [step() < 1e-5 for _ in range(5)] == [False, True, False, False, True]
+    handle.remove()
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="every must be >= 1"):
             balance_after_step(opt, model, every=bad)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="steps_taken must be a whole number"):
+            balance_after_step(opt, model, every=2, steps_taken=bad)
 
 
 def test_balance_after_step_with_check_shows_the_pass_it_measured(make_tiny_net, tiny_net_targets, tiny_net_inputs,
