@@ -27,6 +27,9 @@ class BalanceCallback(TrainerCallback):
     method: "nearest" (default; keeps Adam's moments pointing the same way) or "svd" (the paper's).
     balance: False to only log diagnostics (plain LoRA with balora's measurements).
     log_layers: also log per-layer rel_imbalance as balora/rel_imbalance/<module>.
+    skip_frozen: leave alone every pair with a factor whose requires_grad is False (LoRA-FA's
+    fixed A, an adapter loaded with is_trainable=False or inactive), listed in last_summary.skipped
+    and warned about once; False balances them too, as balance_ does.
     Diagnostics are added to the Trainer's logs on every logging step, so `report_to`
     integrations (TensorBoard, W&B) show them when this callback runs before them:
     use `BalanceCallback(...).attach(trainer)` to put it first.
@@ -44,6 +47,7 @@ class BalanceCallback(TrainerCallback):
         on_nonfinite: str = "raise",
         log_diagnostics: bool = True,
         log_layers: bool = False,
+        skip_frozen: bool = True,
     ):
         _check_every("BalanceCallback", every)
         self.every, self.start_step, self.method, self.adapter = every, start_step, method, adapter
@@ -53,7 +57,7 @@ class BalanceCallback(TrainerCallback):
         self.log_diagnostics, self.log_layers = log_diagnostics, log_layers
         self.balance_seconds = 0.0  # total time spent balancing, for the logs
         self.last_summary: BalanceSummary | None = None
-        self._pairs = PairCache()  # the model is walked once, not after every step
+        self._pairs = PairCache(skip_frozen)  # the model is walked once, not after every step
 
     def attach(self, trainer) -> "BalanceCallback":
         """Register this callback ahead of the Trainer's reporting integrations (moved there when the
@@ -111,7 +115,9 @@ def balance_after_step(
         ...
         handle.remove()                                        # to stop balancing
 
-    Keyword arguments as for balance_ (adapter, on_rank_deficient, on_nonfinite, check). The returned
+    Keyword arguments as for balance_ (adapter, on_rank_deficient, on_nonfinite, check), and
+    skip_frozen (default True): pairs with a factor whose requires_grad is False are left alone, as
+    BalanceCallback does (listed in last_summary.skipped, warned about once). The returned
     handle's `last_summary` is the latest pass's BalanceSummary (None before the first), as on
     BalanceCallback: with check=True, its max_rel_error and max_rel_imbalance are that pass's.
     A wrapper that keeps the real optimizer in `.optimizer` (accelerate's AcceleratedOptimizer) is
@@ -127,13 +133,13 @@ def balance_after_step(
     if isinstance(steps_taken, bool) or not isinstance(steps_taken, numbers.Integral) or steps_taken < 0:
         raise ValueError(f"balance_after_step: steps_taken must be a whole number >= 0; got {steps_taken!r}")
     optimizer = _hookable(optimizer)
-    unknown = set(kwargs) - {"adapter", "on_rank_deficient", "on_nonfinite", "check"}
+    unknown = set(kwargs) - {"adapter", "on_rank_deficient", "on_nonfinite", "check", "skip_frozen"}
     if unknown:
         raise TypeError(f"balance_after_step: unknown option(s) {', '.join(sorted(unknown))}")
-    adapter = kwargs.pop("adapter", None)
+    adapter, skip_frozen = kwargs.pop("adapter", None), kwargs.pop("skip_frozen", True)
     _check_adapter("balance_after_step", model, adapter)
     policy = BalancePolicy(method, **{"check": False, **kwargs})  # validated once, here
-    cache = PairCache()  # the model is walked once, not after every step
+    cache = PairCache(skip_frozen)  # the model is walked once, not after every step
     count = {"steps": int(steps_taken)}
 
     def hook(opt, args, kw):

@@ -84,7 +84,7 @@ def _balance_step(pairs: list[FactorPair], policy):
     local = list(layouts)
     meshes = {id(pairs[i].extra["params"][0].device_mesh) for i in local}
     if policy.check or not local or len(meshes) > 1:  # the check measures whole products; one mesh, one collective
-        return balance_and_write(gather_pairs(pairs), policy)
+        return balance_and_write(_gather_unskipped(pairs), policy)
     t0 = time.perf_counter()
     blocks = _shard_blocks([pairs[i] for i in local], [layouts[i] for i in local])
     stats = CommStats()
@@ -93,7 +93,7 @@ def _balance_step(pairs: list[FactorPair], policy):
     mesh, mesh_dim = first.device_mesh, fsdp_placement(first)[0]  # the dim whose ranks hold one factor's pieces
     gram_maps(blocks, policy.method, reduce=lambda grams: _sum_over_ranks(grams, blocks, mesh, mesh_dim, stats))
     done = {local[b.members[g]] for b in blocks for g, ok in enumerate(b.accurate) if ok}
-    rest = gather_pairs([p for i, p in enumerate(pairs) if i not in done])
+    rest = _gather_unskipped([p for i, p in enumerate(pairs) if i not in done])
     record_comm(stats + last_comm())  # the pass's collectives together
     # Raises per the policies before anything is written; the Gram-path pairs are written after it.
     summary = balance_and_write(rest, policy)
@@ -101,6 +101,16 @@ def _balance_step(pairs: list[FactorPair], policy):
     summary.balanced += len(done)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _gather_unskipped(pairs: list[FactorPair]) -> list[FactorPair]:
+    """gather_pairs for the pairs to balance; skipped ones (unsupported, or frozen under a training
+    hook) are only listed in the summary, so their factors are not gathered on every pass."""
+    todo = [i for i, p in enumerate(pairs) if not p.skip_reason]
+    out = list(pairs)
+    for i, p in zip(todo, gather_pairs([pairs[i] for i in todo])):
+        out[i] = p
+    return out
 
 
 def _layout(p: FactorPair) -> str | None:

@@ -11,6 +11,7 @@ back with a BitsAndBytesConfig: transformers' own quantizing load, nothing downl
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,34 @@ def test_balance_callback_in_a_trainer(saved_llama, quant, setup, tmp_path):
         assert _rel_imbalance_np(A, B) < 1e-5
     logged = [h for h in trainer.state.log_history if "balora/rel_imbalance_max" in h]
     assert logged and logged[-1]["balora/rel_imbalance_max"] < 1e-5
+
+
+def test_balance_after_step_leaves_a_frozen_lora_A_of_a_quantized_model_alone(saved_llama, quant):
+    """LoRA-FA over a quantized base: lora_A frozen, only lora_B trained. The hook must not rewrite A:
+    the hooked run is bit-identical to the same run without it."""
+    runs = []
+    for hooked in (True, False):
+        model = _quantized_lora(saved_llama, quant, prepare=True)
+        for m in _lora_layers(model).values():
+            m.lora_A["default"].weight.requires_grad_(False)
+        A0 = {n: m.lora_A["default"].weight.detach().clone() for n, m in _lora_layers(model).items()}
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        handle = balora.balance_after_step(opt, model) if hooked else None
+        ids = torch.arange(2 * SEQ).reshape(2, SEQ) % VOCAB
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        for n, m in _lora_layers(model).items():
+            assert torch.equal(m.lora_A["default"].weight, A0[n]), f"{n}: the frozen lora_A was rewritten"
+        runs.append({n: m.lora_B["default"].weight.detach().clone() for n, m in _lora_layers(model).items()})
+        if hooked:
+            summary = handle.last_summary
+            assert len([w for w in caught if f"{N_PAIRS} LoRA pair(s) have a frozen factor" in str(w.message)]) == 1
+    assert summary.balanced == 0 and len(summary.skipped) == N_PAIRS
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0]), "the hooked run's B differs from the plain run's"
 
 
 # FSDP-QLoRA: FSDP2 shards a 4-bit base model (its packed weights stored as bf16) and the LoRA

@@ -372,3 +372,30 @@ def test_collective_buffers_go_to_the_mesh_device():
     assert on_mesh_device(t, SimpleNamespace(device_type="cpu")) is t
     moved = on_mesh_device(t, SimpleNamespace(device_type="meta"))
     assert moved.device.type == "meta" and moved.shape == t.shape and moved.dtype == t.dtype
+
+
+def test_training_hooks_leave_frozen_dtensor_factors_alone_and_do_not_gather_them(model, mesh, np_rel_imbalance):
+    """FSDP2: requires_grad is on the DTensor parameter. A frozen lora_A (a Gram-path pair) and a frozen
+    conv pair (gathered whole when balanced) stay bit-identical under BalanceCallback, and the pass
+    gathers only the trained pair's A."""
+    from transformers import TrainerControl, TrainerState
+
+    from balora.distributed import last_comm
+
+    for name, p in model.named_parameters():
+        if "lin.lora_A" in name or "conv.lora_" in name:
+            p.requires_grad_(False)
+    sharded = _fully_shard(model, mesh)
+    frozen = {n for n, p in sharded.named_parameters() if "lora_" in n and not p.requires_grad}
+    assert len(frozen) == 3, "fully_shard keeps requires_grad on the DTensor parameters"
+    before = _whole(sharded)
+    cb = balora.BalanceCallback()
+    with pytest.warns(UserWarning, match="2 LoRA pair"):
+        cb.on_optimizer_step(None, TrainerState(global_step=0), TrainerControl(), model=sharded)
+    assert set(cb.last_summary.skipped) == {"lin[default]", "conv[default]"} and cb.last_summary.balanced == 1
+    after = _whole(sharded)
+    for n in frozen | {"base_model.model.lin.lora_B.default.weight"}:
+        assert torch.equal(after[n], before[n]), f"{n} was rewritten"
+    A, B = after["base_model.model.emb.lora_embedding_A.default"], after["base_model.model.emb.lora_embedding_B.default"]
+    assert np_rel_imbalance(A, B) < 1e-5
+    assert last_comm().bytes_sent == R * 20 * 4, "only emb's A (r, 20) is gathered, none of the frozen factors"

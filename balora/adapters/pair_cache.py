@@ -18,6 +18,11 @@ What it cannot see: a LoRA layer added under an existing adapter name without go
 `peft_config` (PEFT's own `add_adapter` and `load_adapter` do); after such surgery, call `clear()`
 (or `forget(model)` for the cache balance_ keeps). Scalings are not checked: balancing does not
 read them (the cached pairs' `scaling` may be out of date; reports walk afresh).
+A training hook's cache (`skip_frozen=True`) marks every pair with a factor whose `requires_grad` is
+False as skipped (LoRA-FA's fixed A, an adapter loaded with `is_trainable=False` or left inactive
+by PEFT's `set_adapter`): balancing would rewrite weights the user chose not to train. The flags
+are read once per walk, and a flag that changed since (`requires_grad_`, `set_adapter`) makes the
+pairs stale, like a replaced parameter.
 The links are kept as weak references, so a cache never keeps a model alive; its pairs do hold
 views of the factors, so after `model.to(...)` the old factors' memory is freed at the next `get`
 (or by `clear()` / `forget(model)`).
@@ -25,6 +30,7 @@ views of the factors, so after `model.to(...)` the old factors' memory is freed 
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 from torch import nn
@@ -37,7 +43,9 @@ from balora.pairs import FactorPair
 class PairCache:
     """The pairs of one model, walked once (BalanceCallback, balance_after_step, balance_)."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip_frozen: bool = False) -> None:
+        self.skip_frozen = skip_frozen  # the training hooks: leave pairs with a frozen factor alone
+        self._warned_frozen = 0  # how many frozen pairs the last warning named: warned once, not every walk
         self.clear()
 
     def clear(self) -> None:
@@ -47,6 +55,7 @@ class PairCache:
         self._pairs: list[FactorPair] = []
         self._modules: list[tuple[weakref.ref, str, weakref.ref]] = []  # (parent, attribute, child)
         self._params: list[tuple[weakref.ref, str, nn.Parameter]] = []  # (holder, attribute, parameter)
+        self._trainable: list[bool] = []  # requires_grad of each parameter in _params at the walk (skip_frozen)
 
     def get(self, model: nn.Module, adapter: str | None = None, gather: bool = True) -> list[FactorPair]:
         """The pairs; gather=False hands FSDP2 pairs back as last gathered, for balora.sharded_step.balance_step,
@@ -70,6 +79,8 @@ class PairCache:
             h = holder()
             if h is None or h._parameters.get(attr) is not param:
                 return False
+        if self.skip_frozen and self._trainable != [param.requires_grad for _, _, param in self._params]:
+            return False  # a factor frozen or unfrozen since the walk: which pairs to skip changed
         return all(_still_viewing(p) for p in self._pairs)
 
     def _fill(self, model: nn.Module, adapter: str | None) -> None:
@@ -94,11 +105,38 @@ class PairCache:
                     params.append((weakref.ref(parent), attr, child))
         self._modules = [(weakref.ref(p), attr, weakref.ref(c)) for p, attr, c in modules.values()]
         self._params = params
+        if self.skip_frozen:
+            self._trainable = [param.requires_grad for _, _, param in params]
+            self._skip_frozen(pairs)
         self._model, self._key, self._pairs = weakref.ref(model), _key(model, adapter), pairs
+
+    def _skip_frozen(self, pairs: list[FactorPair]) -> None:
+        """Mark the pairs with a frozen factor as skipped, and warn once when there are any."""
+        frozen = [p for p in pairs if p.skip_reason is None and _mark_frozen(p)]
+        if frozen and len(frozen) != self._warned_frozen:
+            self._warned_frozen = len(frozen)
+            warnings.warn(f"balora: {len(frozen)} LoRA pair(s) have a frozen factor (requires_grad=False), e.g. "
+                          f"{frozen[0].name}: the training hooks leave them as they are and list them in each "
+                          "pass's summary.skipped (balance_(model) balances every pair)", stacklevel=4)
 
 
 def _key(model: nn.Module, adapter: str | None) -> tuple:
     return adapter, tuple(getattr(model, "peft_config", None) or ())
+
+
+def _mark_frozen(pair: FactorPair) -> bool:
+    """Set pair.skip_reason when a factor's parameter (for FSDP2, the DTensor parameter) does not require grad."""
+    params = pair.extra.get("params", ())
+    frozen = [name for name, t in zip(_factor_names(pair), params) if not t.requires_grad]
+    if not frozen:
+        return False
+    pair.skip_reason = (f"frozen {' and '.join(frozen)} (requires_grad=False): the training hooks leave "
+                        "pairs with a frozen factor as they are")
+    return True
+
+
+def _factor_names(pair: FactorPair) -> tuple[str, str]:
+    return ("lora_embedding_A", "lora_embedding_B") if pair.kind == "embedding" else ("lora_A", "lora_B")
 
 
 def _still_viewing(pair: FactorPair) -> bool:
