@@ -363,3 +363,24 @@ def test_balance_after_step_refuses_an_adapter_name_the_model_lacks_before_train
     model(*tiny_net_inputs).square().mean().backward()
     opt.step()
     assert handle.last_summary.balanced == len(tiny_net_targets)
+
+
+def test_an_adapter_name_a_wrapped_model_lacks_is_refused_when_the_hook_is_registered(make_tiny_net, tiny_net_targets,
+                                                                                      tiny_net_inputs):
+    """A hand-written DDP loop (or accelerate's prepare on several processes) hands the hook
+    DistributedDataParallel(peft_model), whose peft_config sits on .module (DataParallel here, the same
+    wrapping in one process): the misspelt adapter was refused only from inside the first optimizer.step(),
+    after that step had changed the weights."""
+    model = torch.nn.DataParallel(get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets,
+                                                                             init_lora_weights=False)))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(ValueError, match="balance_after_step: the model has no adapter 'nope'; it has 'default'"):
+        balance_after_step(opt, model, adapter="nope")
+    assert not opt._optimizer_step_post_hooks, "a refused hook must not stay registered"
+    cb = BalanceCallback(adapter="nope")
+    with pytest.raises(ValueError, match="BalanceCallback: the model has no adapter 'nope'"):
+        cb.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
+    handle = balance_after_step(opt, model, adapter="default")
+    model(*tiny_net_inputs).square().mean().backward()
+    opt.step()
+    assert handle.last_summary.balanced == len(tiny_net_targets)
