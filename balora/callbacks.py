@@ -97,6 +97,10 @@ class BalanceCallback(TrainerCallback):
         report = layer_report(model, self.adapter, precision=False)  # logs use none of the fp16/bf16 columns
         extra = summarize(report)
         extra["balora/balance_seconds"] = self.balance_seconds
+        if self.balance and self._pairs.skip_frozen:  # the aggregates cover them too: say how many there are
+            self._pairs.get(model, self.adapter, gather=False)  # walked afresh if the model changed
+            if self._pairs.frozen:
+                extra["balora/frozen_pairs"] = self._pairs.frozen
         if self.log_layers:
             for module, adapter, value in zip(report["module"], report["adapter"], report["rel_imbalance"]):
                 extra[f"balora/rel_imbalance/{module}[{adapter}]"] = float(value)

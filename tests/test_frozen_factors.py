@@ -122,11 +122,15 @@ def test_trainer_leaves_a_frozen_second_adapter_alone(lora_llama, lm_batch, tmp_
     data = [{"input_ids": ids, "labels": ids} for ids in torch.cat([lm_batch, lm_batch.flip(1)])]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
                              lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no",
-                             disable_tqdm=True, seed=0, data_seed=0)
+                             disable_tqdm=True, seed=0, data_seed=0, logging_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder, balancer, checker]).train()
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder, balancer, checker])
+        trainer.train()
     assert checker.steps == 3
+    # The logged aggregates cover the frozen pairs too; the logs say how many there are.
+    logged = [h for h in trainer.state.log_history if "balora/rel_imbalance_max" in h]
+    assert logged and all(h["balora/frozen_pairs"] == len(_pair_names(model, "other")) for h in logged)
     summary = balancer.last_summary
     assert set(summary.skipped) == _pair_names(model, "other")
     assert summary.balanced == len(_pair_names(model, "default"))

@@ -46,6 +46,7 @@ class PairCache:
     def __init__(self, skip_frozen: bool = False) -> None:
         self.skip_frozen = skip_frozen  # the training hooks: leave pairs with a frozen factor alone
         self._warned_frozen = 0  # how many frozen pairs the last warning named: warned once, not every walk
+        self.frozen = 0  # pairs the last walk skipped for a frozen factor (skip_frozen)
         self.clear()
 
     def clear(self) -> None:
@@ -113,6 +114,7 @@ class PairCache:
     def _skip_frozen(self, pairs: list[FactorPair]) -> None:
         """Mark the pairs with a frozen factor as skipped, and warn once when there are any."""
         frozen = [p for p in pairs if p.skip_reason is None and _mark_frozen(p)]
+        self.frozen = len(frozen)
         if frozen and len(frozen) != self._warned_frozen:
             self._warned_frozen = len(frozen)
             warnings.warn(f"balora: {len(frozen)} LoRA pair(s) have a frozen factor (requires_grad=False), e.g. "
