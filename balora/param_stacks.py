@@ -29,29 +29,39 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-# A stack's first parameter -> (the stack, ids of all its parameters, their data_ptrs when
-# re-homed): one lookup and two tuple compares find a block's stack again. Weak keys, by identity
-# (a tensor's == is elementwise): a stack lives as long as its parameters, no longer.
+# A stack's storage -> (ids of its parameters, their data_ptrs when re-homed, the stack's shape and
+# strides): one lookup and two tuple compares find a block's stack again, and one view op rebuilds
+# it. Weak keys, by identity (a storage's Python object lives as long as its memory): an entry lives
+# as long as the stack's memory, no longer. Nothing here refers to a parameter: model.to() and
+# load_state_dict under torch.__future__.set_swap_module_params_on_conversion(True) swap parameters
+# with torch.utils.swap_tensors, which refuses a tensor that has weak references. Nothing holds a
+# stack either: after model.to(...) gives the parameters new storage, the old stacks' memory goes.
 _STACKS = WeakIdKeyDictionary()
-# parameter -> data_ptr of its slice: the parameters whose storage is one of our stacks.
-_HOMED = WeakIdKeyDictionary()
 
 
 def stack_of(params: list[torch.Tensor]) -> torch.Tensor | None:
     """The stack (G, *shape) whose slices 0..G-1 are `params`, in this order, if they still are;
-    else None. No op is dispatched: Python-side checks of identities and pointers only."""
-    entry = _STACKS.get(params[0])
+    else None. Python-side checks of identities and pointers, then one view of the storage."""
+    entry = _entry(params[0])
     if entry is None:
         return None
-    stack, ids, ptrs = entry
+    ids, ptrs, shape, strides = entry
     if ids != tuple(map(id, params)) or ptrs != tuple(p.data_ptr() for p in params):
         return None
-    return stack
+    return params[0].data.as_strided(shape, strides, 0)  # .data: no op, and (as the stack had) its own version counter
 
 
 def is_rehomed(param: torch.Tensor) -> bool:
     """Whether `param`'s data is (still) its slice of one of balora's stacks."""
-    return _HOMED.get(param) == param.data_ptr()
+    entry = _entry(param)
+    return entry is not None and (id(param), param.data_ptr()) in zip(entry[0], entry[1])
+
+
+def _entry(param: torch.Tensor) -> tuple | None:
+    """The registry's entry for `param`'s storage (plain tensors only: subclasses are never re-homed)."""
+    if type(param) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    return _STACKS.get(param.untyped_storage())
 
 
 def can_rehome(params: list[torch.Tensor], shared: set[int]) -> bool:
@@ -83,6 +93,6 @@ def rehome(params: list[torch.Tensor]) -> torch.Tensor:
         stack = torch.stack([p.detach() for p in params])
         for g, p in enumerate(params):
             p.data = stack[g]  # a view: (shape) at offset g * numel of the stack's storage
-            _HOMED[p] = p.data_ptr()
-    _STACKS[params[0]] = (stack, tuple(map(id, params)), tuple(p.data_ptr() for p in params))
+    _STACKS[stack.untyped_storage()] = (tuple(map(id, params)), tuple(p.data_ptr() for p in params),
+                                        tuple(stack.shape), stack.stride())
     return stack

@@ -221,6 +221,52 @@ def test_saving_one_adapter_with_torch_save_writes_none_of_another(make_llama, t
     assert saved == own
 
 
+def _rehomed_llama(make_llama):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_llama(n_layer=2, seed=1), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False))
+    for _ in range(2):  # re-homed, then a pass on the stacks
+        balance_and_write(model_pairs(model), "nearest", check=False, stack=True)
+    assert all(is_rehomed(p) for n, p in model.named_parameters() if "lora_" in n)
+    return model
+
+
+def test_moving_a_rehomed_model_under_swap_tensors(make_llama, peft_deltas, assert_deltas_close):
+    """With torch.__future__.set_swap_module_params_on_conversion(True), model.to() and load_state_dict
+    swap each parameter's contents (torch.utils.swap_tensors), which refuses a tensor that has weak
+    references: re-homing kept one to every LoRA parameter, so after balancing both raised
+    "_apply(): Couldn't swap Linear.weight" where the same model never balanced moved fine."""
+    model = _rehomed_llama(make_llama)
+    deltas = peft_deltas(model)
+    state = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(torch.float64)
+        model.load_state_dict(state)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert_deltas_close(deltas, peft_deltas(model), rtol=1e-7)
+    balance_and_write(model_pairs(model), "nearest", check=False, stack=True)  # re-homed in float64
+    assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
+    assert all(p.dtype == torch.float64 and is_rehomed(p) for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_moving_a_rehomed_model_frees_its_old_stacks(make_llama):
+    """model.to(dtype or device) gives every parameter new storage; the old stacks (an adapter's worth
+    of memory: on a GPU after model.cpu()) must go with them, not stay alive as long as the model."""
+    import gc
+    import weakref
+
+    model = _rehomed_llama(make_llama)
+    old = {_storage(p): weakref.ref(p.untyped_storage()) for n, p in model.named_parameters() if "lora_" in n}
+    assert len(old) == 4  # one stack per factor and shape (q_proj 32 -> 32, v_proj 32 -> 16), two layers each
+    model.to(torch.float64)
+    gc.collect()
+    assert not [ptr for ptr, ref in old.items() if ref() is not None], "the old stacks are still alive"
+
+
 def test_the_pair_cache_stays_valid_across_rehoming(make_llama):
     """Re-homing points the cached pairs at the new storage, so BalanceCallback never re-walks."""
     from peft import LoraConfig, get_peft_model
