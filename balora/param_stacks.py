@@ -67,12 +67,12 @@ def _entry(param: torch.Tensor) -> tuple | None:
 def can_rehome(params: list[torch.Tensor], shared: set[int]) -> bool:
     """Whether `params` (one block's A or B parameters, same shape, dtype and device) may become
     slices of one stack: plain contiguous tensors that own their whole storage (or a slice of one
-    of our stacks), none twice, none in `shared` (data_ptrs used by more than one parameter of the
-    pass: tied weights stay tied). Never under torch.inference_mode(): the stack would be an
+    of our stacks whose parameters all move), none twice, none in `shared` (data_ptrs used by more
+    than one parameter of the pass: tied weights stay tied). Never under torch.inference_mode(): the stack would be an
     inference tensor, which training could not use afterwards."""
     if torch.is_inference_mode_enabled():
         return False
-    seen = set()
+    seen, ids = set(), set(map(id, params))
     for p in params:
         if type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_contiguous():
             return False
@@ -80,10 +80,20 @@ def can_rehome(params: list[torch.Tensor], shared: set[int]) -> bool:
         if ptr in seen or ptr in shared:
             return False
         owns = p.untyped_storage().nbytes() == p.numel() * p.element_size()
-        if not owns and not is_rehomed(p):
+        if not owns and not _whole_stack_moves(p, ids):
             return False
         seen.add(ptr)
     return True
+
+
+def _whole_stack_moves(param: torch.Tensor, ids: set[int]) -> bool:
+    """Whether `param` is re-homed and every parameter of its stack is among `ids` (moving with it).
+    A stack left with some of its parameters keeps its whole memory for them, stale copies of the
+    ones that moved included (torch.save writes them too): freezing layers one by one mid-training
+    (the hooks skip frozen pairs, so each pass's block shrinks) piled up a stack per frozen layer.
+    Such a block is copied as before, and the stack is found whole again when the layer is unfrozen."""
+    entry = _entry(param)
+    return entry is not None and (id(param), param.data_ptr()) in zip(entry[0], entry[1]) and ids.issuperset(entry[0])
 
 
 def rehome(params: list[torch.Tensor]) -> torch.Tensor:

@@ -267,6 +267,42 @@ def test_moving_a_rehomed_model_frees_its_old_stacks(make_llama):
     assert not [ptr for ptr, ref in old.items() if ref() is not None], "the old stacks are still alive"
 
 
+def test_freezing_layers_one_by_one_leaves_no_stale_stacks(make_llama, lm_batch, np_rel_imbalance):
+    """The training hooks skip frozen pairs, so freezing a layer mid-training hands the next pass a block
+    without it. Re-homing the rest into a new stack left the old one alive for the frozen layer alone,
+    with stale copies of every other layer: freezing 7 of 8 layers one by one held 4.5x the adapter's
+    memory, and torch.save of the adapter's state dict wrote all of it. A stack is now left only whole."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    model = get_peft_model(make_llama(n_layer=8, seed=4), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the hooks stack (and re-home) on a CPU with more than one thread
+    try:
+        handle = balora.balance_after_step(opt, model)
+        for layer in range(-1, 7):  # a step, then freeze layer 0, a step, then layer 1, ...
+            if layer >= 0:
+                for name, p in model.base_model.model.model.layers[layer].named_parameters():
+                    if "lora_" in name:
+                        p.requires_grad_(False)
+            model(input_ids=lm_batch, labels=lm_batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert handle.last_summary.balanced == 2 and len(handle.last_summary.skipped) == 14
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert any(is_rehomed(p) for p in lora.values())
+    held = {_storage(p): p.untyped_storage().nbytes() for p in lora.values()}
+    assert sum(held.values()) == sum(p.numel() * p.element_size() for p in lora.values()), "stale stacks held"
+    state = get_peft_model_state_dict(model)
+    saved = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in state.values()}
+    assert sum(saved.values()) == sum(v.numel() * v.element_size() for v in state.values())
+    last = model.base_model.model.model.layers[7].self_attn.q_proj
+    assert np_rel_imbalance(last.lora_A["default"].weight, last.lora_B["default"].weight) < 1e-5
+
+
 def test_the_pair_cache_stays_valid_across_rehoming(make_llama):
     """Re-homing points the cached pairs at the new storage, so BalanceCallback never re-walks."""
     from peft import LoraConfig, get_peft_model
