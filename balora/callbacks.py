@@ -50,6 +50,7 @@ class BalanceCallback(TrainerCallback):
         skip_frozen: bool = True,
     ):
         _check_every("BalanceCallback", every)
+        _check_every("BalanceCallback", start_step, "start_step")  # 1.5 never balanced; "2" raised mid-step
         self.every, self.start_step, self.method, self.adapter = every, start_step, method, adapter
         self.balance, self.on_rank_deficient, self.on_nonfinite = balance, on_rank_deficient, on_nonfinite
         # Validated here, once; every step then reuses it (balora.policy.PolicyError if bad).
@@ -176,10 +177,10 @@ def _scaler_skipped(optimizer) -> bool:
     return isinstance(found_inf, torch.Tensor) and bool(found_inf.item())
 
 
-def _check_every(who: str, every) -> None:
+def _check_every(who: str, every, name: str = "every") -> None:
     # 1.5 was taken as it came: balanced at steps 1, 4, 7, ... (step % 1.5 == 0), no step count a user means
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-        raise ValueError(f"{who}: every must be >= 1, a whole number of optimizer steps; got {every!r}")
+        raise ValueError(f"{who}: {name} must be >= 1, a whole number of optimizer steps; got {every!r}")
 
 
 def _hookable(optimizer):

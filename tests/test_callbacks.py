@@ -4,6 +4,7 @@ diagnostics reach the Trainer's logs; balance=False and handle.remove() really s
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -155,6 +156,18 @@ def test_every_and_start_step(lora_gpt2):
         with pytest.raises(ValueError, match="every must be >= 1, a whole number of optimizer steps"):
             BalanceCallback(every=bad)
 
+
+
+def test_start_step_that_is_no_step_number_is_refused_up_front(lora_gpt2):
+    """start_step=1.5 never balanced (no step is 1.5 past an integer), silently; "2" or None raised
+    a TypeError from inside the first optimizer step, after it had changed the weights."""
+    for bad in (1.5, True, "2", None, 0, -1):
+        with pytest.raises(ValueError, match="start_step must be >= 1, a whole number of optimizer steps"):
+            BalanceCallback(start_step=bad)
+    model = lora_gpt2()  # a whole number of another integer type is a step number like any other
+    cb = BalanceCallback(start_step=np.int64(2))
+    cb.on_optimizer_step(None, TrainerState(global_step=1), TrainerControl(), model=model)
+    assert float(layer_report(model)["rel_imbalance"].max()) < 1e-5
 
 def test_balance_after_step_in_a_hand_written_loop(make_tiny_net, tiny_net_targets, tiny_net_inputs, peft_deltas,
                                                     assert_deltas_close):
