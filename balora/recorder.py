@@ -159,7 +159,10 @@ class RunRecorder(TrainerCallback):
         self._step_s[step] = synced_clock(model_device(model)) - self._step_t0
         self._train_s += self._step_s[step]
         self._time_at[step] = self._train_s
-        layers, spectra = records.due(step, self.layers_every), records.due(step, self.spectra_every)
+        # The last step is recorded here, not in on_train_end: by then load_best_model_at_end has put an
+        # earlier checkpoint's factors back, and they were recorded as the last step's.
+        last = state.max_steps
+        layers, spectra = records.due(step, self.layers_every, last), records.due(step, self.spectra_every, last)
         if model is not None and (self.writer is not None or not self._writes) and (layers or spectra):
             self._diagnostics(model, step, layers, spectra)
         if self.writer is not None:
@@ -184,10 +187,13 @@ class RunRecorder(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._writes and (self.writer is None or self.writer.finished):
             return
-        if model is not None:  # the last step, unless on_step_end already recorded it
-            step = state.global_step
-            self._diagnostics(model, step, layers=self.layers_every > 0 and not records.due(step, self.layers_every),
-                              spectra=self.spectra_every > 0 and not records.due(step, self.spectra_every))
+        # A run stopped before max_steps (a callback, early stopping): its last step, unless on_step_end
+        # recorded it, or the Trainer has reloaded the best checkpoint (its factors are not that step's).
+        if model is not None and not (args.load_best_model_at_end and state.best_model_checkpoint):
+            step, last = state.global_step, state.max_steps
+            layers = self.layers_every > 0 and not records.due(step, self.layers_every, last)
+            spectra = self.spectra_every > 0 and not records.due(step, self.spectra_every, last)
+            self._diagnostics(model, step, layers=layers, spectra=spectra)
         if self._writes:
             self.close("completed")
 

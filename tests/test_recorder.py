@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from balora import BalanceCallback  # noqa: E402
 from balora.errors import InputError  # noqa: E402
@@ -211,3 +211,46 @@ def test_config_says_how_often_the_trainer_evaluated(tmp_path, strategy, eval_st
         assert recorded is None
     else:
         assert recorded == evals[0] and set(np.diff(evals)) <= {recorded}
+
+
+class _LastFactors(TrainerCallback):
+    """The LoRA factors at the end of every step, as float64 numpy (module -> (A, B))."""
+
+    def __init__(self):
+        self.at = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.at[state.global_step] = {
+            name.removeprefix("base_model.model."): (m.lora_A["default"].weight.detach().double().numpy(),
+                                                     m.lora_B["default"].weight.detach().double().numpy())
+            for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
+def test_the_last_step_is_recorded_before_the_trainer_reloads_the_best_checkpoint(tmp_path):
+    """load_best_model_at_end puts an earlier checkpoint's factors back before on_train_end, where the
+    last step's layer report was taken: the run showed that checkpoint's imbalance and norms as the
+    last step's, and its summary's final_rel_imbalance_max was that checkpoint's."""
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-2,
+        logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,  # an early one
+        report_to=[], use_cpu=True, seed=3, disable_tqdm=True)
+    factors, recorder = _LastFactors(), RunRecorder(tmp_path / "run", layers_every=4)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(24, 8, 32, 0),
+                      eval_dataset=TokenData(8, 8, 32, 1), callbacks=[factors, recorder])
+    trainer.train()
+    assert not trainer.state.best_model_checkpoint.endswith("checkpoint-6")  # the reload changed the factors
+
+    run = load_run(tmp_path / "run")
+    assert sorted(run.layers["step"].unique()) == [0, 4, 6]
+    last = run.layers[run.layers["step"] == 6].set_index("module")
+    assert sorted(last.index) == sorted(factors.at[6])
+    for module, (A, B) in factors.at[6].items():
+        grams = A @ A.T, B.T @ B
+        rel = np.linalg.norm(grams[1] - grams[0]) / (np.linalg.norm(grams[0]) + np.linalg.norm(grams[1]))
+        assert last.loc[module, "rel_imbalance"] == pytest.approx(rel, rel=1e-5), module
+        assert last.loc[module, "norm_B"] == pytest.approx(np.linalg.norm(B), rel=1e-5), module
+    assert run.summary.loc[0, "final_rel_imbalance_max"] == pytest.approx(last["rel_imbalance"].max())
