@@ -56,7 +56,7 @@ class BalanceCallback(TrainerCallback):
         # Validated here, once; every step then reuses it (balora.policy.PolicyError if bad).
         self.policy = BalancePolicy(method, on_rank_deficient, on_nonfinite, check=False)
         self.log_diagnostics, self.log_layers = log_diagnostics, log_layers
-        self.balance_seconds = 0.0  # total time spent balancing, for the logs
+        self.balance_seconds = 0.0  # time spent balancing in this train() call, for the logs
         self.last_summary: BalanceSummary | None = None
         self._pairs = PairCache(skip_frozen)  # the model is walked once, not after every step
 
@@ -68,6 +68,9 @@ class BalanceCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # A callback given to a second Trainer (a sweep) or trained again starts its count anew: it went
+        # on from the earlier run's total, in the logs and in a resumed RunRecorder's summary (counted twice).
+        self.balance_seconds = 0.0
         # args.deepspeed (a config given to the Trainer), or args.deepspeed_plugin, which TrainingArguments
         # sets instead under `accelerate launch` with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED).
         if self.balance and (getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None)):

@@ -69,7 +69,7 @@ class RunRecorder(TrainerCallback):
         self._nonfinite_factors_at: int | None = None  # first step after the last diagnostics with finite factors
         self._last_finite_diag = 0  # the last step whose diagnostics found every factor finite
         self._nonfinite_grad_at: int | None = None  # first logged non-finite grad_norm
-        self._balance_s0 = 0.0  # balancing time of the run before a resume (the callback counts this process's)
+        self._balance_s0 = 0.0  # balancing time of the run before a resume (the callback counts this train() call's)
         self._writes = True  # rank 0 (or one process) writes; set per run in on_train_begin
 
     # -------------------------------------------------------------- Trainer events

@@ -122,6 +122,30 @@ def test_attach_of_a_callback_already_given_to_the_trainer_moves_it(lora_gpt2, t
     assert len(passes) == trainer.state.global_step == 2
 
 
+
+class _PassSeconds(TrainerCallback):
+    """Registered after BalanceCallback: the seconds of each step's pass, as its last_summary says."""
+
+    def __init__(self, balance):
+        self.balance, self.seconds = balance, []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.seconds.append(self.balance.last_summary.seconds)
+
+
+def test_logged_balance_seconds_are_this_runs_when_the_callback_trains_again(lora_gpt2, train_data, tmp_path):
+    """One BalanceCallback given to a second Trainer (a sweep) or trained again: the second run's logged
+    balora/balance_seconds started from the first run's total (and a RunRecorder resumed in the same
+    process added the time before the checkpoint twice to its summary)."""
+    cb = BalanceCallback()
+    _trainer(lora_gpt2(), train_data, tmp_path / "first", [cb], steps=3).train()
+    assert cb.balance_seconds > 0
+    passes = _PassSeconds(cb)
+    second = _trainer(lora_gpt2(seed=1), train_data, tmp_path / "second", [cb, passes], steps=3)
+    second.train()
+    logged = [h["balora/balance_seconds"] for h in second.state.log_history if "loss" in h]
+    assert logged == pytest.approx(np.cumsum(passes.seconds).tolist(), rel=1e-9)
+
 def test_balance_false_only_logs(lora_gpt2, train_data, tmp_path):
     plain = _trainer(lora_gpt2(), train_data, tmp_path / "plain", steps=2)
     plain.train()
