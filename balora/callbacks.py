@@ -32,7 +32,8 @@ class BalanceCallback(TrainerCallback):
     and warned about once; False balances them too, as balance_ does.
     Diagnostics are added to the Trainer's logs on every logging step, so `report_to`
     integrations (TensorBoard, W&B) show them when this callback runs before them:
-    use `BalanceCallback(...).attach(trainer)` to put it first.
+    use `BalanceCallback(...).attach(trainer)` to put it first. The metrics `trainer.evaluate()` returns
+    are left without them (hyperparameter_search's default objective sums those metrics).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class BalanceCallback(TrainerCallback):
         self.balance_seconds = 0.0  # time spent balancing in this train() call, for the logs
         self.last_summary: BalanceSummary | None = None
         self._pairs = PairCache(skip_frozen)  # the model is walked once, not after every step
+        self._logged: tuple[dict, tuple[str, ...]] | None = None  # the last logs dict and the keys added to it
 
     def attach(self, trainer) -> "BalanceCallback":
         """Register this callback ahead of the Trainer's reporting integrations (moved there when the
@@ -109,8 +111,18 @@ class BalanceCallback(TrainerCallback):
             for module, adapter, value in zip(report["module"], report["adapter"], report["rel_imbalance"]):
                 extra[f"balora/rel_imbalance/{module}[{adapter}]"] = float(value)
         logs.update(extra)
+        self._logged = (logs, tuple(extra))
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # evaluate() logs its metrics dict, then returns it: the diagnostics added for the integrations came
+        # back with it, and hyperparameter_search's default objective (the sum of the metrics other than
+        # eval_loss, when there are any) summed them. Every on_log has run by now; log_history has its copy.
+        logged, self._logged = self._logged, None
+        if logged is not None and logged[0] is metrics:
+            for key in logged[1]:
+                metrics.pop(key, None)
 
 
 def balance_after_step(

@@ -146,6 +146,25 @@ def test_logged_balance_seconds_are_this_runs_when_the_callback_trains_again(lor
     logged = [h["balora/balance_seconds"] for h in second.state.log_history if "loss" in h]
     assert logged == pytest.approx(np.cumsum(passes.seconds).tolist(), rel=1e-9)
 
+
+def test_evaluate_returns_its_metrics_without_the_diagnostics(lora_gpt2, train_data, tmp_path):
+    """evaluate() logs its metrics dict and returns it: the diagnostics added to it for the integrations
+    came back in the metrics, and hyperparameter_search's default objective (eval_loss unless there are
+    other metrics, then their sum) became the sum of the diagnostics (6.2 for an eval_loss of 4.2)."""
+    from transformers.trainer_utils import default_compute_objective
+
+    spy = _LogSpy()
+    trainer = _trainer(lora_gpt2(), train_data, tmp_path, [spy], steps=2)
+    trainer.eval_dataset = train_data[:4]
+    BalanceCallback().attach(trainer)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert not any(key.startswith("balora/") for key in metrics)
+    assert default_compute_objective(metrics) == metrics["eval_loss"]
+    # ...while the integrations and the log history still get them with the eval loss
+    assert DIAGNOSTIC_KEYS <= spy.keys[-1] and "eval_loss" in spy.keys[-1]
+    assert DIAGNOSTIC_KEYS <= set(trainer.state.log_history[-1]) and "eval_loss" in trainer.state.log_history[-1]
+
 def test_balance_false_only_logs(lora_gpt2, train_data, tmp_path):
     plain = _trainer(lora_gpt2(), train_data, tmp_path / "plain", steps=2)
     plain.train()
