@@ -70,6 +70,7 @@ class RunRecorder(TrainerCallback):
         self._last_finite_diag = 0  # the last step whose diagnostics found every factor finite
         self._nonfinite_grad_at: int | None = None  # first logged non-finite grad_norm
         self._balance_s0 = 0.0  # balancing time of the run before a resume (the callback counts this train() call's)
+        self._final_at: int | None = None  # the step whose factors _record_final took (the run's last)
         self._writes = True  # rank 0 (or one process) writes; set per run in on_train_begin
 
     # -------------------------------------------------------------- Trainer events
@@ -79,6 +80,7 @@ class RunRecorder(TrainerCallback):
         # take their part in the diagnostics' collectives (FSDP2 gathers the factors). Each rank writing
         # made the second one refuse the folder and stop training on every rank.
         self._writes = bool(getattr(state, "is_world_process_zero", True))
+        self._final_at = None  # a recorder trained again (resumed in the same process) records its new end
         if self._writes:
             self._open(args, state, model)
         if model is not None and state.global_step == 0:  # later: the factors are a checkpoint's, not step 0's
@@ -184,18 +186,33 @@ class RunRecorder(TrainerCallback):
             self._eval.append((step, float(logs["eval_loss"]), self._train_s))
         self._flush(before=step)
 
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        # The Trainer leaves its epoch loop here when it stops (max_steps, early stopping, a callback), before
+        # load_best_model_at_end puts an earlier checkpoint back: the last factors are still the run's own.
+        # (EarlyStoppingCallback needs load_best_model_at_end: on_train_end never saw its stop step's factors.)
+        if control.should_training_stop:
+            self._record_final(model, state)
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._writes and (self.writer is None or self.writer.finished):
             return
-        # A run stopped before max_steps (a callback, early stopping): its last step, unless on_step_end
-        # recorded it, or the Trainer has reloaded the best checkpoint (its factors are not that step's).
-        if model is not None and not (args.load_best_model_at_end and state.best_model_checkpoint):
-            step, last = state.global_step, state.max_steps
-            layers = self.layers_every > 0 and not records.due(step, self.layers_every, last)
-            spectra = self.spectra_every > 0 and not records.due(step, self.spectra_every, last)
-            self._diagnostics(model, step, layers=layers, spectra=spectra)
+        # A run that ended without on_epoch_end seeing the stop: its last step, unless the Trainer has
+        # reloaded the best checkpoint (its factors are not that step's).
+        if not (args.load_best_model_at_end and state.best_model_checkpoint):
+            self._record_final(model, state)
         if self._writes:
             self.close("completed")
+
+    def _record_final(self, model, state) -> None:
+        """The last step's layers and spectra, where on_step_end did not take them (not due), and the
+        summary's final imbalance (also with layers_every=0), once."""
+        step, last = state.global_step, state.max_steps
+        if model is None or self._final_at == step or (self._writes and (self.writer is None or self.writer.finished)):
+            return
+        layers = self.layers_every > 0 and not records.due(step, self.layers_every, last)
+        spectra = self.spectra_every > 0 and not records.due(step, self.spectra_every, last)
+        self._diagnostics(model, step, layers=layers, spectra=spectra)
+        self._final_at = step
 
     # -------------------------------------------------------------- writing
 

@@ -254,3 +254,37 @@ def test_the_last_step_is_recorded_before_the_trainer_reloads_the_best_checkpoin
         assert last.loc[module, "rel_imbalance"] == pytest.approx(rel, rel=1e-5), module
         assert last.loc[module, "norm_B"] == pytest.approx(np.linalg.norm(B), rel=1e-5), module
     assert run.summary.loc[0, "final_rel_imbalance_max"] == pytest.approx(last["rel_imbalance"].max())
+
+
+@pytest.mark.parametrize("layers_every", [3, 0])
+def test_an_early_stopped_run_records_its_last_step_before_the_best_checkpoint_comes_back(tmp_path, layers_every):
+    """EarlyStoppingCallback needs load_best_model_at_end, which puts an earlier checkpoint's factors back
+    before on_train_end: the step the run stopped at was never recorded (layers at 0 and 3 for a stop at
+    4), and the summary's final_rel_imbalance_max was an earlier step's (step 0's 1.0 with layers_every=0)."""
+    from transformers import EarlyStoppingCallback
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=20, per_device_train_batch_size=4, learning_rate=5e-2,
+        logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,  # stops early
+        report_to=[], use_cpu=True, seed=3, disable_tqdm=True)
+    factors, recorder = _LastFactors(), RunRecorder(tmp_path / "run", layers_every=layers_every)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(24, 8, 32, 0), eval_dataset=TokenData(8, 8, 32, 1),
+                      callbacks=[factors, recorder, EarlyStoppingCallback(early_stopping_patience=1)])
+    trainer.train()
+    stop = trainer.state.global_step
+    assert stop < 20 and stop % 3 and not trainer.state.best_model_checkpoint.endswith(f"checkpoint-{stop}")
+
+    run = load_run(tmp_path / "run")
+    rels = []
+    for A, B in factors.at[stop].values():
+        grams = A @ A.T, B.T @ B
+        rels.append(np.linalg.norm(grams[1] - grams[0]) / (np.linalg.norm(grams[0]) + np.linalg.norm(grams[1])))
+    assert run.summary.loc[0, "final_rel_imbalance_max"] == pytest.approx(max(rels), rel=1e-5)
+    if layers_every:
+        assert sorted(run.layers["step"].unique()) == [0, 3, stop]
+        last = run.layers[run.layers["step"] == stop]
+        assert last["rel_imbalance"].max() == pytest.approx(max(rels), rel=1e-5)
