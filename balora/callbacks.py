@@ -26,7 +26,7 @@ class BalanceCallback(TrainerCallback):
     start_step: first optimizer step (1-based) after which balancing happens.
     method: "nearest" (default; keeps Adam's moments pointing the same way) or "svd" (the paper's).
     balance: False to only log diagnostics (plain LoRA with balora's measurements).
-    log_layers: also log per-layer rel_imbalance as balora/rel_imbalance/<module>.
+    log_layers: also log per-layer rel_imbalance as balora/rel_imbalance/<module>[<adapter>].
     skip_frozen: leave alone every pair with a factor whose requires_grad is False (LoRA-FA's
     fixed A, an adapter loaded with is_trainable=False or inactive), listed in last_summary.skipped
     and warned about once; False balances them too, as balance_ does.
