@@ -70,7 +70,7 @@ class RunRecorder(TrainerCallback):
         self._last_finite_diag = 0  # the last step whose diagnostics found every factor finite
         self._nonfinite_grad_at: int | None = None  # first logged non-finite grad_norm
         self._balance_s0 = 0.0  # balancing time of the run before a resume (the callback counts this train() call's)
-        self._final_at: int | None = None  # the step whose factors _record_final took (the run's last)
+        self._diag_at: int | None = None  # the step of the latest diagnostics (on every rank)
         self._writes = True  # rank 0 (or one process) writes; set per run in on_train_begin
 
     # -------------------------------------------------------------- Trainer events
@@ -80,7 +80,7 @@ class RunRecorder(TrainerCallback):
         # take their part in the diagnostics' collectives (FSDP2 gathers the factors). Each rank writing
         # made the second one refuse the folder and stop training on every rank.
         self._writes = bool(getattr(state, "is_world_process_zero", True))
-        self._final_at = None  # a recorder trained again (resumed in the same process) records its new end
+        self._diag_at = None  # a recorder trained again (resumed in the same process) records its new end
         if self._writes:
             self._open(args, state, model)
         if model is not None and state.global_step == 0:  # later: the factors are a checkpoint's, not step 0's
@@ -204,15 +204,12 @@ class RunRecorder(TrainerCallback):
             self.close("completed")
 
     def _record_final(self, model, state) -> None:
-        """The last step's layers and spectra, where on_step_end did not take them (not due), and the
-        summary's final imbalance (also with layers_every=0), once."""
-        step, last = state.global_step, state.max_steps
-        if model is None or self._final_at == step or (self._writes and (self.writer is None or self.writer.finished)):
+        """The last step's layers and spectra, and the summary's final imbalance (also with
+        layers_every=0), unless on_step_end took this step's diagnostics (the last step is due there)."""
+        step = state.global_step
+        if model is None or self._diag_at == step or (self._writes and (self.writer is None or self.writer.finished)):
             return
-        layers = self.layers_every > 0 and not records.due(step, self.layers_every, last)
-        spectra = self.spectra_every > 0 and not records.due(step, self.spectra_every, last)
-        self._diagnostics(model, step, layers=layers, spectra=spectra)
-        self._final_at = step
+        self._diagnostics(model, step, layers=self.layers_every > 0, spectra=self.spectra_every > 0)
 
     # -------------------------------------------------------------- writing
 
@@ -244,6 +241,7 @@ class RunRecorder(TrainerCallback):
 
     def _diagnostics(self, model, step: int, layers: bool = True, spectra: bool = True) -> None:
         """Layer report rows of the model now -> layers and/or spectra rows (dW includes the scaling)."""
+        self._diag_at = step
         t = synced_clock(model_device(model))  # the training kernels still queued are not the diagnostics'
         pairs = [p for p in iter_lora_pairs(model, self.adapter) if p.skip_reason is None]
         if self.writer is None:  # a rank other than 0: its part in the collectives (the walk) is done
