@@ -53,8 +53,13 @@ def stack_of(params: list[torch.Tensor]) -> torch.Tensor | None:
 
 def is_rehomed(param: torch.Tensor) -> bool:
     """Whether `param`'s data is (still) its slice of one of balora's stacks."""
+    return _home(param) is not None
+
+
+def _home(param: torch.Tensor) -> tuple | None:
+    """The registry's entry for the stack whose slice `param`'s data (still) is, else None."""
     entry = _entry(param)
-    return entry is not None and (id(param), param.data_ptr()) in zip(entry[0], entry[1])
+    return entry if entry is not None and (id(param), param.data_ptr()) in zip(entry[0], entry[1]) else None
 
 
 def _entry(param: torch.Tensor) -> tuple | None:
@@ -92,8 +97,8 @@ def _whole_stack_moves(param: torch.Tensor, ids: set[int]) -> bool:
     ones that moved included (torch.save writes them too): freezing layers one by one mid-training
     (the hooks skip frozen pairs, so each pass's block shrinks) piled up a stack per frozen layer.
     Such a block is copied as before, and the stack is found whole again when the layer is unfrozen."""
-    entry = _entry(param)
-    return entry is not None and (id(param), param.data_ptr()) in zip(entry[0], entry[1]) and ids.issuperset(entry[0])
+    entry = _home(param)
+    return entry is not None and ids.issuperset(entry[0])
 
 
 def rehome(params: list[torch.Tensor]) -> torch.Tensor:
