@@ -149,6 +149,21 @@ def _lora_layers(model):
 
 
 @pytest.fixture
+def dw_after_optimizer(peft_deltas):
+    """A Trainer callback whose .deltas is PEFT's dW (peft_deltas) right after optimizer.step():
+    registered before BalanceCallback, it holds the dW balancing must keep."""
+    from transformers import TrainerCallback
+
+    class RecordAfterOptimizer(TrainerCallback):
+        deltas = None
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.deltas = peft_deltas(model)
+
+    return RecordAfterOptimizer()
+
+
+@pytest.fixture
 def peft_deltas():
     """peft_deltas(model) -> {(module name, adapter): PEFT's own get_delta_weight, float64 copy}.
     The reference for "dW unchanged": computed by PEFT, not by balora."""

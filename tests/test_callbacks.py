@@ -42,16 +42,6 @@ def _trainer(model, data, tmp_path, callbacks=(), steps=3):
     return Trainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
 
 
-class _RecordAfterOptimizer(TrainerCallback):
-    """Registered before BalanceCallback: PEFT's dW right after optimizer.step(), before balancing."""
-
-    def __init__(self, peft_deltas):
-        self.peft_deltas, self.deltas = peft_deltas, None
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.deltas = self.peft_deltas(model)
-
-
 class _CheckAtStepEnd(TrainerCallback):
     """Registered after BalanceCallback: at each step end, every layer balanced, dW as the optimizer left it."""
 
@@ -75,10 +65,11 @@ class _LogSpy(TrainerCallback):
         self.keys.append(set(logs))
 
 
-def test_trainer_balances_after_every_step(lora_gpt2, train_data, tmp_path, peft_deltas, assert_deltas_close):
+def test_trainer_balances_after_every_step(lora_gpt2, train_data, tmp_path, peft_deltas, assert_deltas_close,
+                                          dw_after_optimizer):
     model = lora_gpt2()
     assert float(layer_report(model)["rel_imbalance"].min()) > 0.05
-    recorder = _RecordAfterOptimizer(peft_deltas)
+    recorder = dw_after_optimizer
     checker = _CheckAtStepEnd(recorder, peft_deltas, assert_deltas_close)
     balancer = BalanceCallback(log_layers=True)
     trainer = _trainer(model, train_data, tmp_path, [recorder, balancer, checker])

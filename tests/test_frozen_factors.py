@@ -84,16 +84,6 @@ def test_balance_after_step_leaves_lora_fa_s_fixed_A_alone(lora_llama, lm_batch)
     assert len(_frozen_warnings(caught)) == 1, "warned once, not after every step"
 
 
-class _RecordAfterOptimizer(TrainerCallback):
-    """Registered before BalanceCallback: PEFT's dW right after optimizer.step(), before balancing."""
-
-    def __init__(self, peft_deltas):
-        self.peft_deltas, self.deltas = peft_deltas, None
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.deltas = self.peft_deltas(model)
-
-
 class _CheckAtStepEnd(TrainerCallback):
     """Registered after BalanceCallback: the frozen adapter untouched, the trained one balanced (float64
     numpy) with the dW the optimizer made (PEFT's own delta weights)."""
@@ -111,12 +101,13 @@ class _CheckAtStepEnd(TrainerCallback):
 
 
 def test_trainer_leaves_a_frozen_second_adapter_alone(lora_llama, lm_batch, tmp_path, peft_deltas,
-                                                      assert_deltas_close, lora_factors, np_rel_imbalance):
+                                                      assert_deltas_close, lora_factors, np_rel_imbalance,
+                                                      dw_after_optimizer):
     model = lora_llama()
     model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     frozen = _freeze(model, ".other.")  # as is_trainable=False loads it (PEFT also leaves inactive adapters so)
     assert max(np_rel_imbalance(A, B) for A, B in lora_factors(model).values()) > 0.05
-    recorder = _RecordAfterOptimizer(peft_deltas)
+    recorder = dw_after_optimizer
     checker = _CheckAtStepEnd(recorder, frozen, (peft_deltas, assert_deltas_close, lora_factors, np_rel_imbalance))
     balancer = BalanceCallback()
     data = [{"input_ids": ids, "labels": ids} for ids in torch.cat([lm_batch, lm_batch.flip(1)])]
