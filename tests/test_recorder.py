@@ -226,29 +226,37 @@ class _LastFactors(TrainerCallback):
             for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
 
-def test_the_last_step_is_recorded_before_the_trainer_reloads_the_best_checkpoint(tmp_path):
-    """load_best_model_at_end puts an earlier checkpoint's factors back before on_train_end, where the
-    last step's layer report was taken: the run showed that checkpoint's imbalance and norms as the
-    last step's, and its summary's final_rel_imbalance_max was that checkpoint's."""
+def _train_to_best_checkpoint(tmp_path, max_steps, layers_every, *callbacks):
+    """A tiny GPT-2 LoRA Trainer that evaluates and saves every 2 steps with load_best_model_at_end (the
+    best being an early checkpoint: greater_is_better on eval_loss), recorded by a RunRecorder; trained.
+    Returns the trainer and the factors at the end of every step (_LastFactors.at)."""
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
     args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-2,
+        output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-2,
         logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,  # an early one
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
         report_to=[], use_cpu=True, seed=3, disable_tqdm=True)
-    factors, recorder = _LastFactors(), RunRecorder(tmp_path / "run", layers_every=4)
+    factors, recorder = _LastFactors(), RunRecorder(tmp_path / "run", layers_every=layers_every)
     trainer = Trainer(model=model, args=args, train_dataset=TokenData(24, 8, 32, 0),
-                      eval_dataset=TokenData(8, 8, 32, 1), callbacks=[factors, recorder])
+                      eval_dataset=TokenData(8, 8, 32, 1), callbacks=[factors, recorder, *callbacks])
     trainer.train()
+    return trainer, factors.at
+
+
+def test_the_last_step_is_recorded_before_the_trainer_reloads_the_best_checkpoint(tmp_path):
+    """load_best_model_at_end puts an earlier checkpoint's factors back before on_train_end, where the
+    last step's layer report was taken: the run showed that checkpoint's imbalance and norms as the
+    last step's, and its summary's final_rel_imbalance_max was that checkpoint's."""
+    trainer, factors = _train_to_best_checkpoint(tmp_path, 6, 4)
     assert not trainer.state.best_model_checkpoint.endswith("checkpoint-6")  # the reload changed the factors
 
     run = load_run(tmp_path / "run")
     assert sorted(run.layers["step"].unique()) == [0, 4, 6]
     last = run.layers[run.layers["step"] == 6].set_index("module")
-    assert sorted(last.index) == sorted(factors.at[6])
-    for module, (A, B) in factors.at[6].items():
+    assert sorted(last.index) == sorted(factors[6])
+    for module, (A, B) in factors[6].items():
         grams = A @ A.T, B.T @ B
         rel = np.linalg.norm(grams[1] - grams[0]) / (np.linalg.norm(grams[0]) + np.linalg.norm(grams[1]))
         assert last.loc[module, "rel_imbalance"] == pytest.approx(rel, rel=1e-5), module
@@ -263,24 +271,14 @@ def test_an_early_stopped_run_records_its_last_step_before_the_best_checkpoint_c
     4), and the summary's final_rel_imbalance_max was an earlier step's (step 0's 1.0 with layers_every=0)."""
     from transformers import EarlyStoppingCallback
 
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), max_steps=20, per_device_train_batch_size=4, learning_rate=5e-2,
-        logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,  # stops early
-        report_to=[], use_cpu=True, seed=3, disable_tqdm=True)
-    factors, recorder = _LastFactors(), RunRecorder(tmp_path / "run", layers_every=layers_every)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenData(24, 8, 32, 0), eval_dataset=TokenData(8, 8, 32, 1),
-                      callbacks=[factors, recorder, EarlyStoppingCallback(early_stopping_patience=1)])
-    trainer.train()
+    trainer, factors = _train_to_best_checkpoint(tmp_path, 20, layers_every,
+                                                 EarlyStoppingCallback(early_stopping_patience=1))
     stop = trainer.state.global_step
     assert stop < 20 and stop % 3 and not trainer.state.best_model_checkpoint.endswith(f"checkpoint-{stop}")
 
     run = load_run(tmp_path / "run")
     rels = []
-    for A, B in factors.at[stop].values():
+    for A, B in factors[stop].values():
         grams = A @ A.T, B.T @ B
         rels.append(np.linalg.norm(grams[1] - grams[0]) / (np.linalg.norm(grams[0]) + np.linalg.norm(grams[1])))
     assert run.summary.loc[0, "final_rel_imbalance_max"] == pytest.approx(max(rels), rel=1e-5)
