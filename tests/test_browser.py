@@ -162,7 +162,10 @@ def test_every_page_in_a_real_browser(server, page, adapter):
     box = page.get_by_label("Path or Hub id", exact=True)
     box.fill(str(adapter))
     box.press("Enter")
+    # Both charts: the per-layer one can draw a moment after the across-checkpoint one (CI once read
+    # the labels in between).
     _wait_for(page, "across checkpoints")
+    _wait_for(page, "Condition numbers by layer")
     labels = _check(page, "inspect")
     # The per-layer table as the browser shows it: the numbers first, no file path column. Its grid
     # renders after the charts: wait for its (hidden, accessible) headers rather than read it at once.
