@@ -152,6 +152,42 @@ def test_balance_diffusers_file_keeps_keys_metadata_and_dw(diffusers_lora, tmp_p
         np.testing.assert_allclose((B.T @ B).numpy(), (A @ A.T).numpy(), atol=1e-5 * float((A @ A.T).norm()))
 
 
+
+def test_diffusers_file_with_alpha_keys_takes_its_scaling_from_them(tmp_path):
+    """Flux LoRAs such as TheLastBen/Jon_Snow_Flux_LoRA: PEFT names under `transformer.`, no metadata,
+    one `<module>.alpha` per pair. diffusers reads those as network_alphas: scaling alpha / r."""
+    pytest.importorskip("diffusers", reason="diffusers not installed (pip install -e '.[wild]')")
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for j, (r, alpha) in enumerate([(4, 4.0), (4, 8.0), (8, 2.0)]):
+        for part in ("to_q", "to_k"):
+            m = f"transformer.single_transformer_blocks.{j}.attn.{part}"
+            tensors[f"{m}.lora_A.weight"] = torch.randn(r, 16, generator=g)
+            tensors[f"{m}.lora_B.weight"] = torch.randn(16, r, generator=g)
+            tensors[f"{m}.alpha"] = torch.tensor(alpha)
+    path = tmp_path / "flux_lora.safetensors"
+    save_file(tensors, path)
+
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=0, num_single_layers=3, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                  axes_dims_rope=[2, 2, 4])
+    state, alphas = FluxLoraLoaderMixin.lora_state_dict(str(path), return_alphas=True)
+    FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas, transformer=flux)
+    loaded = {f"transformer.{n}": float(next(iter(m.scaling.values()))) for n, m in flux.named_modules()
+              if isinstance(getattr(m, "scaling", None), dict) and m.scaling}
+
+    df = balora.inspect(path).set_index("module")
+    assert set(df.index) == set(loaded)
+    for module, s in loaded.items():
+        assert df.loc[module, "scaling"] == pytest.approx(s, rel=1e-12), module
+        ref = _sigma_ref(tensors, f"{module}.lora_A.weight", f"{module}.lora_B.weight", s)
+        np.testing.assert_allclose(df.loc[module, "sigma"], ref, rtol=1e-5)
+    assert "scaling unknown" not in " ".join(balora.inspect(path).attrs["sources"][0]["notes"])
+
+
 # ---------------------------------------------------------------------------- LyCORIS
 @pytest.fixture(scope="module")
 def lycoris_files(tmp_path_factory):

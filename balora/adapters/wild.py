@@ -4,7 +4,8 @@ diffusers  `pytorch_lora_weights.safetensors` (or its folder) as diffusers' `sav
            writes it: PEFT key names under a pipeline component prefix (`unet.`, `transformer.`,
            `text_encoder.`, ...), and, from diffusers 0.35 on, each component's LoraConfig in the
            safetensors metadata `lora_adapter_metadata` as `"<prefix>.<field>"`. Scaling comes
-           from there; without it the scaling is unknown (NaN), as for any bare file. The older
+           from there, else from `<module>.alpha` keys (Flux LoRAs: diffusers' network_alphas);
+           without either the scaling is unknown (NaN), as for any bare file. The older
            `lora.down` / `lora.up` naming is kohya's reader's (same roles, `alpha` keys).
 lycoris    LyCORIS files: LoCon modules (`lora_down` / `lora_up`, convs included) are kohya
            pairs and are read and balanced as such; LoHa, LoKr, OFT/BOFT and full-difference
@@ -106,11 +107,17 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
     configs = metadata_configs(metadata, weights, {k.partition(".")[0] for k in tf.keys()})
     tables = {p: rank_scaling_tables(cfg, f"{weights} ({DIFFUSERS_METADATA})") for p, cfg in configs.items()}
     unknown = set()
+    # pairs no metadata config covers (an unprefixed one covers all): their `.alpha` keys, if any, give the scaling
+    bare = [] if None in configs else [e for e in entries if e.module.partition(".")[0] not in configs]
+    alphas = _alpha_scalings(tf, bare, weights)
     for e in entries:
         prefix, _, rest = e.module.partition(".")
         key = prefix if prefix in configs else None
         if key not in configs:
-            unknown.add(prefix)
+            if e.name in alphas:
+                e.scaling = alphas[e.name]
+            else:
+                unknown.add(prefix)
             continue
         cfg = configs[key]
         r_cfg, e.scaling = config_rank_scaling(cfg, rest if key else e.module, tables[key])
@@ -126,6 +133,23 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
         notes.append(f"no {DIFFUSERS_METADATA} entry for {', '.join(sorted(unknown))}: {UNKNOWN_SCALING}")
     notes += [f"{len(other)} other tensor(s) are not LoRA factors"] if other else []
     return [AdapterSource("diffusers", "diffusers", weights, tf, "default", entries, other, notes=notes)]
+
+
+def _alpha_scalings(tf: TensorFile, entries: list[PairEntry], where) -> dict[str, float]:
+    """{pair name: alpha / r} of the pairs stored with a `<module>.alpha` beside lora_A / lora_B (Flux
+    LoRAs such as TheLastBen/Jon_Snow_Flux_LoRA): diffusers loads those alphas as network_alphas when the
+    file has no lora_adapter_metadata, so without them the scaling is not unknown but this."""
+    found = [(e, e.key_A[: e.key_A.rindex(".lora_A")] + ".alpha") for e in entries if ".lora_A" in e.key_A]
+    found = [(e, k) for e, k in found if k in tf.shapes]
+    values = tf.get([k for _, k in found]) if found else {}
+    out = {}
+    for e, k in found:
+        a = values[k]
+        if a.numel() != 1 or not a.is_floating_point() or not bool(a.float().isfinite().all()):
+            raise InputError(f"{where}: {k} should be one finite floating-point number (the pair's alpha), "
+                             f"got {a.dtype} of shape {list(a.shape)}")
+        out[e.name] = float(a.float()) / e.r
+    return out
 
 
 # ---- LyCORIS ------------------------------------------------------------------------------------
