@@ -129,6 +129,52 @@ def test_older_diffusers_naming_lora_down_up(tmp_path):
                                                      f"{row.module}.lora.up.weight", 0.5), rtol=1e-5)
 
 
+
+def test_first_diffusers_naming_attention_processors(tmp_path):
+    """diffusers' first LoRA files (train_text_to_image_lora.py, 2023): the UNet's attention processors
+    as `<attn>.processor.to_q_lora.down.weight`, the text encoder's as `<proj>.lora_linear_layer.down.weight`,
+    no alphas. diffusers still loads them (state_dict_utils: DIFFUSERS_OLD), each pair at scaling 1."""
+    loaders = pytest.importorskip("diffusers.loaders", reason="diffusers not installed (pip install -e '.[wild]')")
+    from diffusers import UNet2DConditionModel
+
+    g = torch.Generator().manual_seed(2)
+    pairs = {}
+    for p in ("to_q", "to_k", "to_v", "to_out"):
+        pairs[f"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.{p}_lora"] = (4, 8, 8)
+    pairs["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer"] = (2, 8, 8)
+    tensors = {}
+    for stem, (r, n_in, n_out) in pairs.items():
+        tensors[f"{stem}.down.weight"] = torch.randn(r, n_in, generator=g)
+        tensors[f"{stem}.up.weight"] = torch.randn(n_out, r, generator=g)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(tensors, path)
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2,
+    )
+    state, alphas = loaders.StableDiffusionLoraLoaderMixin.lora_state_dict(str(path))
+    loaders.StableDiffusionLoraLoaderMixin.load_lora_into_unet(
+        {k: v for k, v in state.items() if k.startswith("unet.")}, network_alphas=alphas, unet=unet)
+    loaded = [float(m.scaling["default_0"]) for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict)
+              and m.scaling]
+    assert loaded == [1.0] * 4  # what diffusers does with these files
+
+    df = balora.inspect(path)
+    assert len(df) == len(pairs) and np.allclose(df.scaling, 1.0)
+    for row, stem in zip(df.itertuples(), sorted(pairs)):
+        np.testing.assert_allclose(row.sigma, _sigma_ref(tensors, f"{stem}.down.weight", f"{stem}.up.weight", 1.0),
+                                   rtol=1e-5)
+    out = tmp_path / "balanced.safetensors"
+    assert balora.balance_file(path, out).balanced == len(pairs)
+    after = load_file(out)
+    assert after.keys() == tensors.keys()
+    for stem in pairs:
+        ref = _dw64(tensors, f"{stem}.down.weight", f"{stem}.up.weight", 1.0)
+        np.testing.assert_allclose(_dw64(after, f"{stem}.down.weight", f"{stem}.up.weight", 1.0), ref,
+                                   atol=1e-5 * np.abs(ref).max())
+
 def test_diffusers_folder_with_a_folder_named_like_its_weights(tmp_path):
     (tmp_path / "pytorch_lora_weights.safetensors").mkdir()
     with pytest.raises(InputError, match="is a directory"):

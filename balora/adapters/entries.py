@@ -1,7 +1,9 @@
 """Tensor names and header shapes of a weights file -> LoRA pairs (`PairEntry`), no tensor loaded.
 
 PEFT names: <module>.lora_A[.<adapter>].weight / lora_B, lora_embedding_A/B, lora_magnitude_vector.
-kohya names: <module>.lora_down.weight / lora_up / alpha / dora_scale / lora_mid.
+kohya names: <module>.lora_down.weight / lora_up / alpha / dora_scale / lora_mid; diffusers' older
+<module>.lora.down / .lora.up, <attn>.processor.to_q_lora.down / .up and <proj>.lora_linear_layer.down / .up
+are read the same way (same roles, no alpha: scaling 1, as diffusers loads them).
 Module names drop PEFT's "base_model.model." prefix; two keys that then name the same factor
 of the same module are an error, never a silent merge.
 """
@@ -50,6 +52,9 @@ KOHYA_KEYS = [
     (re.compile(r"^(?P<module>.+)\.lora_up\.weight$"), "B"),
     (re.compile(r"^(?P<module>.+)\.lora\.down\.weight$"), "A"),  # older diffusers naming
     (re.compile(r"^(?P<module>.+)\.lora\.up\.weight$"), "B"),
+    # diffusers' first files (still loaded by diffusers): attention processors' to_q_lora, text encoders' lora_linear_layer
+    (re.compile(r"^(?P<module>.+)(?:_lora|\.lora_linear_layer)\.down\.weight$"), "A"),
+    (re.compile(r"^(?P<module>.+)(?:_lora|\.lora_linear_layer)\.up\.weight$"), "B"),
     (re.compile(r"^(?P<module>.+)\.alpha$"), "alpha"),
     (re.compile(r"^(?P<module>.+)\.dora_scale$"), "magnitude"),
     (re.compile(r"^(?P<module>.+)\.lora_mid\.weight$"), "mid"),

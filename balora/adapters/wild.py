@@ -6,7 +6,8 @@ diffusers  `pytorch_lora_weights.safetensors` (or its folder) as diffusers' `sav
            safetensors metadata `lora_adapter_metadata` as `"<prefix>.<field>"`. Scaling comes
            from there, else from `<module>.alpha` keys (Flux LoRAs: diffusers' network_alphas);
            without either the scaling is unknown (NaN), as for any bare file. The older
-           `lora.down` / `lora.up` naming is kohya's reader's (same roles, `alpha` keys).
+           `lora.down` / `lora.up` naming, and the first `to_q_lora.down` / `lora_linear_layer.down`
+           one, are kohya's reader's (same roles, `alpha` keys).
 lycoris    LyCORIS files: LoCon modules (`lora_down` / `lora_up`, convs included) are kohya
            pairs and are read and balanced as such; LoHa, LoKr, OFT/BOFT and full-difference
            modules are not `B @ A` and are listed as skipped with the reason, never misread.
