@@ -187,6 +187,38 @@ def test_grouped_conv_is_skipped():
     assert pair.kind == "conv2d" and "grouped conv" in pair.skip_reason
 
 
+def test_an_embedding_with_max_norm_is_skipped_and_its_output_kept(snapshot, assert_bit_identical):
+    """PEFT's LoRA Embedding looks A's columns up with the base layer's max_norm, which renormalises
+    the ones longer than it (in place): the output is not x -> s B A[:, x], and balancing, which
+    lengthens the short factor's columns, changed it by 27% while dW stayed. Such a pair is skipped."""
+
+    class MaxNormEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8, max_norm=1.0)
+
+        def forward(self, ids):
+            return self.emb(ids)
+
+    torch.manual_seed(0)
+    model = get_peft_model(MaxNormEmbedding(), LoraConfig(r=3, lora_alpha=3, target_modules=["emb"],
+                                                          init_lora_weights=False))
+    layer = model.base_model.model.emb
+    with torch.no_grad():  # A's columns well inside max_norm, B large: imbalanced, as after a few steps
+        layer.lora_embedding_A["default"].mul_(0.2)
+        layer.lora_embedding_B["default"].mul_(5)
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        before_out = model(ids).double()
+    before = snapshot(model)
+    summary = balance_(model)
+    (pair,) = iter_lora_pairs(model)
+    assert summary.balanced == 0 and "max_norm" in pair.skip_reason
+    assert_bit_identical(before, snapshot(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).double(), before_out, rtol=0, atol=0)
+
+
 def test_unknown_variant_is_skipped(make_tiny_net):
     model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
     layer = model.base_model.model.lin

@@ -191,8 +191,13 @@ def _pair_for(layer: nn.Module, module: str, adp: str) -> FactorPair:
         _check_not_sharded(label, B_p, (layer.out_features, layer.r[adp]))
         slots = ((layer, "lora_embedding_A", dict_A), (dict_A, adp, A_p),
                  (layer, "lora_embedding_B", dict_B), (dict_B, adp, B_p))
-        return FactorPair(module, adp, "embedding", A_p.detach(), B_p.detach(), scaling, dora,
+        pair = FactorPair(module, adp, "embedding", A_p.detach(), B_p.detach(), scaling, dora,
                           write=_writer(A_p, B_p), extra={"params": (A_p, B_p), "slots": slots})
+        if getattr(layer.get_base_layer(), "max_norm", None) is not None:
+            # PEFT looks A's columns up with the base's max_norm, which renormalises (in place) the ones
+            # longer than it: the output is not s B A, and lengthening A's columns would change it.
+            pair.skip_reason = "Embedding with max_norm: PEFT renormalises A's columns, so dW is not B @ A"
+        return pair
 
     # AdaLoRA stores bare nn.Parameters here, not modules: only read .weight once the type is known.
     lora_A, lora_B = layer.lora_A[adp], layer.lora_B[adp]
