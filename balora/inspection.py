@@ -168,9 +168,9 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
 
     method: "nearest" (the balanced pair closest to the stored one) or "svd" (the paper's gauge).
     on_rank_deficient: "skip" (copy such pairs unchanged), "balance" or "raise".
-    dtype: "float16" or "bfloat16" writes every floating tensor in that dtype (balanced first, so
-        small factors survive the cast); each pair's dW_rel_change is then that of the written file
-        against the original, the cast included, and a cast that overflows is refused.
+    dtype: "float16" or "bfloat16": every floating tensor but kohya/LyCORIS `.alpha` scales (kept) in
+        that dtype, balanced first so small factors survive the cast; each pair's dW_rel_change is the
+        written file's against the original, the cast included; a cast that overflows is refused.
     """
     t0 = time.perf_counter()
     src, dst, dst_text = local_path(src), Path(dst), str(dst)
