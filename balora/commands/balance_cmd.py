@@ -15,7 +15,7 @@ def add_parser(sub):
         help=COMMANDS["balance"][1],
         description="Balance every LoRA pair of the adapter at IN onto B^T B = A A^T without changing "
         "dW = s B A, and write the result to OUT in the input's format (PEFT folder, kohya or bare "
-        ".safetensors, .bin): same keys, dtypes, config and metadata. Nothing is written unless the "
+        ".safetensors, .bin): same keys, dtypes (unless --dtype), config and metadata. Nothing is written unless the "
         "whole copy checks out. For a Trainer output folder, balance one checkpoint-N folder.",
     )
     p.add_argument("input", metavar="IN", help="PEFT adapter folder, diffusers/kohya/LyCORIS .safetensors, .safetensors/.bin with PEFT keys, "
@@ -29,7 +29,8 @@ def add_parser(sub):
                    help="write every floating tensor in this dtype but the .alpha scales of kohya/LyCORIS files (kept as "
                         "stored, so the scaling stays exact), balanced first, so small factors survive the cast; "
                         "reports each pair's dW change against the original, the cast included")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT if it is a file, an empty folder or an adapter folder "
+                   "(a folder of other things is never replaced)")
     p.set_defaults(run=run)
 
 

@@ -24,7 +24,10 @@ def app_path() -> Path:
 
 
 def add_parser(sub):
-    p = sub.add_parser("dashboard", help=COMMANDS["dashboard"][1])
+    p = sub.add_parser(
+        "dashboard", help=COMMANDS["dashboard"][1],
+        description="Serve the Streamlit dashboard (Compare, Inspect, Launch, Learn) over your runs folder and the "
+        "bundled sample runs, at http://HOST:PORT (this machine only by default).")
     p.add_argument("--runs", default=None, help="your runs folder, listed with the bundled samples and the only place Launch writes (default: $BALORA_RUNS, else ./runs, where `balora compare` writes)")
     p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
