@@ -154,3 +154,34 @@ def test_velora_trains_with_balancing_after_each_step():
             assert layer_report(model)["rel_imbalance"].max() < 1e-4
     handle.remove()
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def _combined_delta(balance_inputs: bool, combination_type: str) -> torch.Tensor:
+    """PEFT's add_weighted_adapter of two random r=4 adapters on the MLP, weights 0.5 / 0.5, with or
+    without balancing the inputs first: lin0's combined dW in float64."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["lin0"], init_lora_weights=False)
+    model = _model(cfg)
+    model.add_adapter("other", cfg)
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_" in name:  # imbalanced on purpose: B large, A small
+            p.data = torch.randn(p.shape, generator=g) * (3.0 if "lora_B" in name else 0.3)
+    if balance_inputs:
+        for adapter in ("default", "other"):
+            balance_(model, adapter=adapter)
+    kw = {"svd_rank": 4} if combination_type == "svd" else {}
+    model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "both", combination_type=combination_type, **kw)
+    return model.base_model.model.lin0.get_delta_weight("both").double()
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "svd"])
+def test_combining_balanced_adapters_by_their_products_gives_the_same_dw(combination_type):
+    # "cat" and "svd" combine the products s B A, which balancing keeps: the README tells users to prefer them.
+    before, after = _combined_delta(False, combination_type), _combined_delta(True, combination_type)
+    assert torch.linalg.norm(after - before) <= 1e-5 * torch.linalg.norm(before)
+
+
+def test_combining_adapters_linearly_depends_on_the_gauge():
+    # "linear" adds the factors themselves: the README warns that balancing the inputs changes the result.
+    before, after = _combined_delta(False, "linear"), _combined_delta(True, "linear")
+    assert torch.linalg.norm(after - before) > 1e-2 * torch.linalg.norm(before)
