@@ -30,6 +30,7 @@ class BalanceCallback(TrainerCallback):
     skip_frozen: leave alone every pair with a factor whose requires_grad is False (LoRA-FA's
     fixed A, an adapter loaded with is_trainable=False or inactive), listed in last_summary.skipped
     and warned about once; False balances them too, as balance_ does.
+    A step that the Trainer's GradScaler skips (fp16, inf/NaN gradients) changed no factor and gets no pass.
     Diagnostics are added to the Trainer's logs on every logging step, so `report_to`
     integrations (TensorBoard, W&B) show them when this callback runs before them:
     use `BalanceCallback(...).attach(trainer)` to put it first. The metrics `trainer.evaluate()` returns
@@ -61,6 +62,7 @@ class BalanceCallback(TrainerCallback):
         self.last_summary: BalanceSummary | None = None
         self._pairs = PairCache(skip_frozen)  # the model is walked once, not after every step
         self._logged: tuple[dict, tuple[str, ...]] | None = None  # the last logs dict and the keys added to it
+        self._scale_before: float | None = None  # a GradScaler's scale before a step due to balance
 
     def attach(self, trainer) -> "BalanceCallback":
         """Register this callback ahead of the Trainer's reporting integrations (moved there when the
@@ -86,10 +88,22 @@ class BalanceCallback(TrainerCallback):
             )
         _check_adapter("BalanceCallback", kwargs.get("model"), self.adapter)
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        step = state.global_step + 1  # global_step is incremented after this event
-        if not self.balance or model is None or step < self.start_step or (step - self.start_step) % self.every:
+    def _due(self, state) -> bool:
+        step = state.global_step + 1  # global_step is incremented after on_optimizer_step
+        return self.balance and step >= self.start_step and (step - self.start_step) % self.every == 0
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # fp16 on a GPU: accelerate's GradScaler skips steps with inf/NaN gradients, and the Trainer still calls
+        # on_optimizer_step. Its update() lowers the scale exactly on those steps: remember the scale before.
+        scaler = getattr(optimizer, "scaler", None)
+        self._scale_before = scaler.get_scale() if scaler is not None and self._due(state) else None
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or not self._due(state):
             return
+        before, self._scale_before = self._scale_before, None
+        if before is not None and optimizer.scaler.get_scale() < before:
+            return  # the scaler skipped this step (a fused optimizer's too): the factors did not change
         device = model_device(model)
         t0 = synced_clock(device)  # on a GPU, after the optimizer step's kernels: theirs are not balancing's
         pairs = self._pairs.get(model, self.adapter, gather=False)  # FSDP2: balance_step gathers what it needs

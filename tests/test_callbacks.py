@@ -397,6 +397,43 @@ def test_balance_after_step_skips_the_steps_a_grad_scaler_skips_in_a_fused_optim
             assert all(torch.equal(b, p) for b, p in zip(before, params)), "a skipped step changed the factors"
 
 
+class _OverflowAt(TrainerCallback):
+    """Registered before BalanceCallback: makes the gradients of the given optimizer steps (1-based) overflow,
+    as fp16 training on a GPU does now and then, and records whether each step changed the factors."""
+
+    def __init__(self, steps):
+        self.steps, self.changed, self._before = set(steps), {}, None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        params = [p for p in model.parameters() if p.requires_grad]
+        if state.global_step + 1 in self.steps:
+            params[0].grad.view(-1)[0] = float("inf")
+        self._before = [p.detach().clone() for p in params]
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.changed[state.global_step + 1] = not all(torch.equal(b, p) for b, p in zip(self._before, params))
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_trainer_steps_a_grad_scaler_skips_are_not_balanced(optim, lora_gpt2, train_data, tmp_path, monkeypatch):
+    """fp16 on a GPU: accelerate's GradScaler skips steps with inf/NaN gradients (a fused optimizer skips them
+    itself), and the Trainer still calls on_optimizer_step. Those steps left the factors as they were, so no pass
+    runs for them. CPU has no fp16 scaler in accelerate: the test gives the Trainer's accelerator one."""
+    import balora.callbacks
+
+    passes = []
+    real_step = balora.callbacks.balance_step
+    monkeypatch.setattr(balora.callbacks, "balance_step", lambda *a: passes.append(1) or real_step(*a))
+    overflow = _OverflowAt({2, 3})
+    trainer = _trainer(lora_gpt2(), train_data, tmp_path, callbacks=[overflow, BalanceCallback()], steps=5)
+    trainer.args.optim, trainer.args.max_grad_norm = optim, 0.0  # (clipping would see scaled gradients)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    trainer.train()
+    assert overflow.changed == {1: True, 2: False, 3: False, 4: True, 5: True}  # the scaler did skip 2 and 3
+    assert len(passes) == 3
+
+
 def test_balance_after_step_refuses_an_adapter_name_the_model_lacks_before_training(make_tiny_net, tiny_net_targets,
                                                                                      tiny_net_inputs):
     """balance_after_step(..., adapter="nope") was refused only from inside the first optimizer.step(), after the
