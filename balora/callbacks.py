@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from balora.adapters.live import peft_configs
 from balora.adapters.pair_cache import PairCache
 from balora.balance import BalanceSummary
 from balora.distributed import DEEPSPEED_OPTIMIZERS, DEEPSPEED_WHY, FSDP2_HINT
@@ -191,10 +192,8 @@ def balance_after_step(
 def _check_adapter(who: str, model, adapter: str | None) -> None:
     """Refuse an adapter name the model lacks before training: else it is refused only from inside the
     first optimizer step, after that step has changed the weights."""
-    while model is not None and not hasattr(model, "peft_config") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module  # (Distributed)DataParallel(peft_model), as a DDP loop or accelerate's prepare hands it
-    names = getattr(model, "peft_config", None)  # PeftModel: {adapter name: config}
-    if adapter is not None and isinstance(names, dict) and adapter not in names:
+    names = peft_configs(model) if model is not None else {}  # also under (Distributed)DataParallel
+    if adapter is not None and names and adapter not in names:
         raise ValueError(f"{who}: the model has no adapter {adapter!r}; it has {', '.join(map(repr, names))}")
 
 

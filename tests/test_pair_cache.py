@@ -85,6 +85,23 @@ def test_walks_again_for_a_new_adapter_or_another_model(lora_tiny, counted_walks
         cache.get(model, "missing")
 
 
+def test_balance_of_a_wrapped_model_sees_an_adapter_added_since(np_rel_imbalance, lora_tiny, tiny_net_targets,
+                                                                lora_factors, peft_deltas, assert_deltas_close):
+    # DataParallel (as DDP) holds the PeftModel in .module: its peft_config was not read through the
+    # wrapper, so balance_ kept its first walk and left the new adapter's pairs out.
+    model = lora_tiny()
+    wrapped = nn.DataParallel(model)
+    balance_(wrapped)
+    model.add_adapter("second", LoraConfig(r=3, target_modules=tiny_net_targets, init_lora_weights=False))
+    _unbalance(model)
+    before = peft_deltas(model)
+    assert max(np_rel_imbalance(A, B) for A, B in lora_factors(model).values()) > 1e-2
+    balance_(wrapped)
+    assert {adapter for _, adapter in lora_factors(model)} == {"default", "second"}
+    assert all(np_rel_imbalance(A, B) < 1e-5 for A, B in lora_factors(model).values())
+    assert_deltas_close(peft_deltas(model), before, rtol=1e-5)
+
+
 def test_walks_again_when_parameters_are_replaced_and_balances_the_new_ones(np_rel_imbalance, lora_tiny,
                                                                              counted_walks, lora_factors):
     # load_state_dict(assign=True) puts new Parameter objects in the layers (as fully_shard does):

@@ -164,6 +164,15 @@ def _unread_pair(layer: nn.Module, module: str, adp: str, reason: str) -> Factor
                       skip_reason=reason)
 
 
+def peft_configs(model: nn.Module) -> dict:
+    """The PeftModel's {adapter name: config}, looked up through wrappers that hold it in `.module`
+    (DistributedDataParallel, DataParallel, accelerate's prepare); {} for a model without one."""
+    while not hasattr(model, "peft_config") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    configs = getattr(model, "peft_config", None)
+    return configs if isinstance(configs, dict) else {}
+
+
 def model_pairs(model: nn.Module, adapter: str | None = None, *, parents: dict | None = None) -> list[FactorPair]:
     """iter_lora_pairs, refusing an adapter name the model does not have; parents: as in _lora_layers."""
     pairs = gather_pairs(_walk_pairs(model, adapter, parents))

@@ -35,7 +35,7 @@ import weakref
 
 from torch import nn
 
-from balora.adapters.live import model_pairs
+from balora.adapters.live import model_pairs, peft_configs
 from balora.distributed import gather_pairs, is_dtensor, local_storage
 from balora.pairs import FactorPair
 
@@ -123,7 +123,7 @@ class PairCache:
 
 
 def _key(model: nn.Module, adapter: str | None) -> tuple:
-    return adapter, tuple(getattr(model, "peft_config", None) or ())
+    return adapter, tuple(peft_configs(model))  # a wrapped model's too: else add_adapter under DDP went unseen
 
 
 def _mark_frozen(pair: FactorPair) -> bool:
