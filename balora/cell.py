@@ -8,7 +8,8 @@ status says how it ended: "completed", "diverged" (its numbers blew up: the grid
 failed (torch.linalg.LinAlgError, BalanceError), a floating-point error, or any error raised
 while the cell's LoRA factors or last loss are no longer finite. A diverging cell's factors
 reach every later computation (balancing, the layer report's SVDs, evaluation) before its
-next loss does, so each of those places must end the cell, not the grid.
+next loss does, so each of those places must end the cell, not the grid. A non-finite eval loss
+ends it too, and so do factors left non-finite by the last update, which no loss follows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from balora import records
 from balora.adapters.live import iter_lora_pairs
-from balora.arms import Arm
+from balora.arms import Arm, trainable_parameters
 from balora.balance import BalanceError, balance_and_write
 from balora.errors import InputError
 from balora.pairs import FactorPair
@@ -173,6 +174,7 @@ class Cell:
                 bar.update(1)
                 shown += 1
                 self.log.maybe_flush()
+            self._check_last_update(step)
             self.status = "completed"
         except _Diverged as e:
             self.status, self.reason = "diverged", str(e)
@@ -186,6 +188,13 @@ class Cell:
             with signals_deferred():
                 self.log.flush()
                 self.summary = self._summary()
+
+    def _check_last_update(self, step: int) -> None:
+        """No training loss follows the last update, so factors it made non-finite are caught here: else the
+        cell read "completed", ranked by its last finite loss, while a balanced arm met them in balancing."""
+        with torch.no_grad():
+            if not all(bool(torch.isfinite(p).all()) for p in trainable_parameters(self.model)):
+                raise _Diverged(f"non-finite factors after the update of step {step}, the last")
 
     def _classify(self, error: Exception, step: int) -> None:
         """Diverged (the grid goes on) when the error comes from the cell's numbers; else failed, re-raised."""
@@ -231,7 +240,8 @@ class Cell:
             self.log.diagnostics(self.pairs, step, layers_due, spectra_due)
         t3 = synced_clock(device)
         eval_value = math.nan
-        if self.target_on == "eval_loss" and records.due(step, run.eval_every, run.steps):
+        evaluated = self.target_on == "eval_loss" and records.due(step, run.eval_every, run.steps)
+        if evaluated:
             self.phase = "evaluation"
             self.model.eval()
             with torch.no_grad():
@@ -251,6 +261,8 @@ class Cell:
         reached = value if self.target_on == "loss" else eval_value
         if self.target is not None and "steps" not in self.hit and reached <= self.target:
             self.hit.update(steps=step, seconds=time_s)
+        if evaluated and not math.isfinite(eval_value):  # the model blew up: at the last step no loss would say so
+            raise _Diverged(f"non-finite eval loss ({eval_value}) at step {step}")
 
     def _summary(self) -> dict:
         return records.summary_row(

@@ -98,6 +98,11 @@ def _fake_build(cfg, seed, alpha, device):
     X, Y = torch.randn(3, 8, 4, generator=g), torch.randn(3, 8, 3, generator=g)  # 3 batches: an epoch of 3 steps
     calls = cfg["calls"]
 
+    def eval_loss(m):
+        if cfg["nan_eval_at"] and len(calls) >= cfg["nan_eval_at"]:
+            return math.nan
+        return float(((m(X[0]) - Y[0]) ** 2).mean())
+
     def loss(m, batch):
         if cfg["fail_at"] and len(calls) >= cfg["fail_at"]:
             raise RuntimeError("task exploded")
@@ -108,7 +113,7 @@ def _fake_build(cfg, seed, alpha, device):
         return ((m(x) - y) ** 2).mean()
 
     return Problem(model=model, batches=lambda: iter(zip(X, Y)), loss=loss,
-                   eval_loss=lambda m: float(((m(X[0]) - Y[0]) ** 2).mean()), target_loss=1e9, info={"fake": True})
+                   eval_loss=eval_loss, target_loss=1e9, info={"fake": True})
 
 
 @pytest.fixture
@@ -116,7 +121,7 @@ def fake_task(monkeypatch):
     module = types.ModuleType("balora_fake_task")
     module.TASK = TaskSpec("fake", _fake_build, {"arms": "lora,balora", "steps": 7, "seeds": 1, "optimizer": "sgd",
                                                  "lr": 0.1, "alpha": 2, "rank": 2, "eval_every": 3,
-                                                 "layers_every": 0, "spectra_every": 0, "fail_at": 0, "sigterm_at": 0,
+                                                 "layers_every": 0, "spectra_every": 0, "fail_at": 0, "sigterm_at": 0, "nan_eval_at": 0,
                                                  "calls": []})
     monkeypatch.setitem(sys.modules, "balora_fake_task", module)
     monkeypatch.setitem(TASKS, "fake", "balora_fake_task")
@@ -255,6 +260,36 @@ def test_a_grid_diverging_in_balancing_completes(tmp_path):
         assert s.loc[(arm, 3e38), "status"] == "diverged"
         assert "during balancing" in s.loc[(arm, 3e38), "reason"] and "non-finite" in s.loc[(arm, 3e38), "reason"]
     assert s.loc[("lora", 3e38), "status"] == "diverged"
+
+
+def test_a_cell_that_blows_up_in_its_last_step_is_diverged_not_completed(tmp_path, fake_task):
+    """No training loss follows a cell's last update, so factors it made non-finite (or an eval loss that came
+    out NaN at the last step) left the cell "completed": ranked by its last finite loss, counted in "ok", while
+    the balanced arm, meeting the same factors in balancing, was "diverged"."""
+    from balora.tasks.synthetic import build
+
+    opts = dict(steps=1, seeds=1, optimizer="sgd", lr=3e38, rank=2, device="cpu", quiet=True, layers_every=1,
+                spectra_every=0, std=100.0, **TINY)
+    run = compare("synthetic", arms="lora,balora", out=tmp_path / "syn", **opts)
+    # the same step by hand: plain SGD on the task's model overflows the factors
+    cfg = {**load_run(tmp_path / "syn").config["task_options"], "rank": 2, "dtype": "float32"}
+    problem = build(cfg, 0, 2.0, torch.device("cpu"))
+    params = [p for p in problem.model.parameters() if p.requires_grad]
+    problem.loss(problem.model, next(iter(problem.batches()))).backward()
+    torch.optim.SGD(params, lr=3e38).step()
+    assert not all(torch.isfinite(p).all() for p in params)
+    s = run.summary.set_index("arm")
+    assert (s["status"] == "diverged").all(), s[["status", "reason"]]
+    assert "non-finite factors" in s.loc["lora", "reason"]
+    assert arm_summary(run.summary).set_index("arm").loc["lora", "diverged"] == 1
+
+    # an eval loss that is NaN at the last step (7 steps, 7 loss calls for the first arm)
+    run = compare("fake", out=tmp_path / "fake", quiet=True, device="cpu", calls=[], nan_eval_at=7)
+    s = run.summary.set_index("arm")
+    assert s.loc["lora", "status"] == "diverged" and "non-finite eval loss" in s.loc["lora", "reason"]
+    assert s.loc["balora", "status"] == "diverged"  # its first eval (step 3) already came out NaN
+    lora = run.steps[run.steps["arm"] == "lora"].sort_values("step")
+    assert list(lora["step"]) == list(range(1, 8)) and math.isnan(lora["eval_loss"].iloc[-1])
 
 
 def test_a_grid_diverging_in_the_diagnostics_completes(tmp_path, monkeypatch):
