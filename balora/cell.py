@@ -154,6 +154,7 @@ class Cell:
         self.losses: list[float] = []
         self.final_eval = math.nan
         self.phase = "setup"  # where the cell is within a step, named in a diverged cell's reason
+        self.unrecorded: tuple[int, float] | None = None  # (step, loss) of a step whose row is not written yet
         self.status, self.reason = "interrupted", None
         self.summary: dict | None = None  # set when train() ends, however it ends
 
@@ -205,6 +206,14 @@ class Cell:
             self.status, self.reason = "failed", f"{message} (step {step}, {self.phase})"
             raise error
         self.status, self.reason = "diverged", f"{cause} at step {step} during {self.phase}: {message}"
+        if self.unrecorded is not None:  # the step's loss was measured before its numbers blew up: keep it
+            self._record_loss(*self.unrecorded)
+
+    def _record_loss(self, step: int, value: float) -> None:
+        """A steps row holding only the loss of a step that did not finish (its timings are unknown)."""
+        self.losses.append(value)
+        self.log.steps.append({**self.key, "step": step, "loss": value,
+                               "time_s": self.total["train"] + self.total["balance"]})
 
     def _diagnostics(self, step: int, layers: bool, spectra: bool) -> None:
         if layers or spectra:
@@ -220,10 +229,9 @@ class Cell:
         loss = self.problem.loss(self.model, batch)
         value = float(loss.detach())
         if not math.isfinite(value):
-            self.losses.append(value)
-            self.log.steps.append({**self.key, "step": step, "loss": value,
-                                   "time_s": self.total["train"] + self.total["balance"]})
+            self._record_loss(step, value)
             raise _Diverged(f"non-finite loss ({value}) at step {step}")
+        self.unrecorded = (step, value)
         self.phase = "the optimizer step"
         loss.backward()
         self.optimizer.step()
@@ -258,6 +266,7 @@ class Cell:
                                "excess_loss": value - best if best is not None else math.nan, "time_s": time_s,
                                "step_time_s": t1 - t0, "balance_time_s": t2 - t1, "diag_time_s": t3 - t2,
                                "eval_time_s": t4 - t3})
+        self.unrecorded = None
         reached = value if self.target_on == "loss" else eval_value
         if self.target is not None and "steps" not in self.hit and reached <= self.target:
             self.hit.update(steps=step, seconds=time_s)

@@ -292,6 +292,25 @@ def test_a_cell_that_blows_up_in_its_last_step_is_diverged_not_completed(tmp_pat
     assert list(lora["step"]) == list(range(1, 8)) and math.isnan(lora["eval_loss"].iloc[-1])
 
 
+def test_a_cell_that_diverges_after_its_loss_keeps_that_loss(tmp_path):
+    """A balanced arm whose factors overflow in step 1's update diverges in balancing, after step 1's loss was
+    measured: that loss was dropped (no steps row, final_loss NaN, steps_done 0), while plain LoRA, diverging
+    at the same update, kept it. Step 1's loss (B = 0) is 1/2 ||W0 - T||^2 for every arm."""
+    from balora.tasks.synthetic import problem_tensors
+
+    run = compare("synthetic", arms="lora,balora,balora-svd", steps=3, seeds=1, optimizer="sgd", lr=3e38, rank=2,
+                  device="cpu", out=tmp_path / "run", quiet=True, layers_every=0, spectra_every=0, std=100.0, **TINY)
+    (W0,), T = problem_tensors({**run.config["task_options"], "rank": 2}, 0)
+    first = float(0.5 * ((W0.float().double() - T) ** 2).sum())
+    s = run.summary.set_index("arm")
+    assert (s["status"] == "diverged").all()
+    for arm in ("lora", "balora", "balora-svd"):
+        cell = run.steps[(run.steps["arm"] == arm) & run.steps["loss"].notna() & (run.steps["step"] == 1)]
+        assert len(cell) == 1, arm
+        assert cell["loss"].iloc[0] == pytest.approx(first, rel=1e-5)
+        assert s.loc[arm, "final_loss"] == cell["loss"].iloc[0] and s.loc[arm, "steps_done"] == 1
+
+
 def test_a_grid_diverging_in_the_diagnostics_completes(tmp_path, monkeypatch):
     """The issue's grid: SGD on large factors; at lr 0.0857 the factors grow so large after a finite loss that
     the layer report's float32 products overflow and its SVD fails (torch.linalg.svdvals raised _LinAlgError).
