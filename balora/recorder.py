@@ -36,6 +36,7 @@ class RunRecorder(TrainerCallback):
         this recorder wrote there for the same arm and seed: what it recorded after the checkpoint's
         step, and its summary, are dropped and recorded again (force is not needed, and not used).
     arm: the arm name the run is shown under ("trainer"; e.g. "balora" when you also use BalanceCallback).
+        The cell's alpha is the adapter's lora_alpha (0 for a model without LoRA: a full fine-tune baseline).
     layers_every / spectra_every: per-layer report / singular values every N optimizer steps (0: never;
         spectra_every None: same as layers_every). Also recorded before the first and after the last step.
     seed: the cell's seed (default: TrainingArguments.seed).
@@ -90,7 +91,7 @@ class RunRecorder(TrainerCallback):
         """Start the run in out_dir, or take up the one a resumed training continues."""
         lora = _lora_config(model, self.adapter)
         self.key = {"arm": self.arm, "seed": int(args.seed if self.seed is None else self.seed),
-                    "lr": float(args.learning_rate), "alpha": float(lora.get("lora_alpha", math.nan))}
+                    "lr": float(args.learning_rate), "alpha": _alpha(lora)}
         device = str(getattr(args, "device", "cpu"))
         config = {
             "task": "trainer", "source": "RunRecorder", "arms": [self.arm], "seeds": [self.key["seed"]],
@@ -295,6 +296,13 @@ def _eval_every(args, state) -> int | None:
     if strategy != "steps":
         return 0 if strategy == "no" else None
     return int(getattr(state, "eval_steps", None) or args.eval_steps or args.logging_steps or 0)
+
+
+def _alpha(lora: dict) -> float:
+    """The cell's alpha: the adapter's lora_alpha, 0 for a model without a LoRA adapter (a full fine-tune,
+    another PEFT method). Not NaN: config.json holds numbers only, and the tables are grouped by it."""
+    alpha = lora.get("lora_alpha")
+    return float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else 0.0
 
 
 def _lora_config(model, adapter: str | None) -> dict:

@@ -286,3 +286,33 @@ def test_an_early_stopped_run_records_its_last_step_before_the_best_checkpoint_c
         assert sorted(run.layers["step"].unique()) == [0, 3, stop]
         last = run.layers[run.layers["step"] == stop]
         assert last["rel_imbalance"].max() == pytest.approx(max(rels), rel=1e-5)
+
+
+@pytest.mark.parametrize("adapter", ["none", "ia3"])
+def test_a_trainer_run_without_a_lora_adapter_is_recorded(tmp_path, adapter):
+    """A full fine-tune recorded as a baseline (or another PEFT method) had no lora_alpha: the run's config
+    held "alphas": [null], which load_run refused as damaged (listed so by the dashboard), and an IA3 model
+    stopped the Trainer with a TypeError before its first step."""
+    from peft import IA3Config
+
+    from balora.records import arm_summary
+    from balora.store import list_runs
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    if adapter == "ia3":
+        model = get_peft_model(model, IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"]))
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(16, 8, 32, 0),
+                      callbacks=[RunRecorder(tmp_path / "run", arm="baseline", layers_every=2)])
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    assert run.status == "completed" and not run.warnings
+    assert list_runs(tmp_path).set_index("name").loc["run", "status"] == "completed"
+    logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert run.steps.set_index("step")["loss"].to_dict() == logged
+    assert len(run.layers) == 0  # no LoRA pair to report
+    (row,) = arm_summary(run.summary).to_dict("records")
+    assert row["arm"] == "baseline" and row["completed"] == 1 and row["best"] == logged[4]
