@@ -95,7 +95,7 @@ class RunRecorder(TrainerCallback):
         device = str(getattr(args, "device", "cpu"))
         config = {
             "task": "trainer", "source": "RunRecorder", "arms": [self.arm], "seeds": [self.key["seed"]],
-            "steps": int(state.max_steps), "optimizer": str(getattr(args, "optim", "")), "lrs": [self.key["lr"]],
+            "steps": int(state.max_steps), "optimizer": _optim_name(args), "lrs": [self.key["lr"]],
             "alphas": [self.key["alpha"]], "rank": lora.get("r"), "weight_decay": float(args.weight_decay),
             "device": device, "layers_every": self.layers_every, "spectra_every": self.spectra_every,
             "eval_every": _eval_every(args, state),
@@ -296,6 +296,12 @@ def _eval_every(args, state) -> int | None:
     if strategy != "steps":
         return 0 if strategy == "no" else None
     return int(getattr(state, "eval_steps", None) or args.eval_steps or args.logging_steps or 0)
+
+
+def _optim_name(args) -> str:
+    """TrainingArguments.optim as its name ("adamw_torch_fused"): transformers 5's str() of the enum gave its repr."""
+    optim = getattr(args, "optim", "")
+    return str(getattr(optim, "value", optim))
 
 
 def _alpha(lora: dict) -> float:

@@ -51,6 +51,7 @@ def test_trainer_run_is_recorded(tmp_path):
     run = load_run(out)
     assert run.status == "completed" and not run.warnings
     assert run.config["source"] == "RunRecorder" and run.config["lrs"] == [5e-2] and run.config["alphas"] == [4.0]
+    assert run.config["optimizer"] == trainer.args.optim.value  # its name ("adamw_torch_fused"), not the enum's repr
 
     history = trainer.state.log_history
     logged = {h["step"]: h["loss"] for h in history if "loss" in h}
