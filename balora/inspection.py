@@ -168,9 +168,9 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
 
     method: "nearest" (the balanced pair closest to the stored one) or "svd" (the paper's gauge).
     on_rank_deficient: "skip" (copy such pairs unchanged), "balance" or "raise".
-    dtype: "float16" or "bfloat16": every floating tensor but kohya/LyCORIS `.alpha` scales (kept) in
-        that dtype, balanced first so small factors survive the cast; each pair's dW_rel_change is the
-        written file's against the original, the cast included; a cast that overflows is refused.
+    dtype: "float16" or "bfloat16": every floating tensor but `.alpha` scales (kohya, LyCORIS, Flux-style
+        diffusers; kept) in that dtype, balanced first so small factors survive the cast; each pair's
+        dW_rel_change is the written file's against the original, cast included; an overflowing cast is refused.
     """
     t0 = time.perf_counter()
     src, dst, dst_text = local_path(src), Path(dst), str(dst)
@@ -375,7 +375,7 @@ def _listed(names: list[str], most: int) -> str:
 
 
 def _cast_dtype(key: str, dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
-    """`target` for floating tensors but kohya/LyCORIS `.alpha` scales, which set dW's scale (in fp16 0.1 moves it)."""
+    """`target` for floating tensors but `.alpha` scales (any format's), which set dW's scale (in fp16 0.1 moves it)."""
     return target if target is not None and dtype.is_floating_point and not key.endswith(".alpha") else dtype
 
 

@@ -26,8 +26,9 @@ def add_parser(sub):
     p.add_argument("--on-rank-deficient", choices=[p for p in RANK_DEFICIENT_POLICIES if p != "raise"], default="skip",
                    help="pairs whose product has rank < r: skip (copy unchanged, default) or balance anyway")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None,
-                   help="write every floating tensor in this dtype but the .alpha scales of kohya/LyCORIS files (kept as "
-                        "stored, so the scaling stays exact), balanced first, so small factors survive the cast; "
+                   help="write every floating tensor in this dtype but the .alpha scales of kohya, LyCORIS and "
+                        "Flux-style diffusers files (kept as stored, so the scaling stays exact), balanced first, so "
+                        "small factors survive the cast; "
                         "reports each pair's dW change against the original, the cast included")
     p.add_argument("--force", action="store_true", help="replace an existing OUT if it is a file, an empty folder or an adapter folder "
                    "(a folder of other things is never replaced)")
