@@ -169,19 +169,23 @@ def _combined_delta(balance_inputs: bool, combination_type: str) -> torch.Tensor
     if balance_inputs:
         for adapter in ("default", "other"):
             balance_(model, adapter=adapter)
-    kw = {"svd_rank": 4} if combination_type == "svd" else {}
+    kw = {"svd_rank": 4} if combination_type.endswith("svd") else {}
+    if combination_type not in ("linear", "cat", "svd"):
+        kw["density"] = 0.5  # ties, dare_*, magnitude_prune: keep half the entries
+    torch.manual_seed(5)  # dare_* drop entries at random: the same draws with and without balancing
     model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "both", combination_type=combination_type, **kw)
     return model.base_model.model.lin0.get_delta_weight("both").double()
 
 
-@pytest.mark.parametrize("combination_type", ["cat", "svd"])
+@pytest.mark.parametrize("combination_type", ["cat", "svd", "ties_svd", "dare_linear_svd", "magnitude_prune_svd"])
 def test_combining_balanced_adapters_by_their_products_gives_the_same_dw(combination_type):
-    # "cat" and "svd" combine the products s B A, which balancing keeps: the README tells users to prefer them.
+    # "cat" and the *_svd types combine the products s B A, which balancing keeps: the README tells users to prefer them.
     before, after = _combined_delta(False, combination_type), _combined_delta(True, combination_type)
     assert torch.linalg.norm(after - before) <= 1e-5 * torch.linalg.norm(before)
 
 
-def test_combining_adapters_linearly_depends_on_the_gauge():
-    # "linear" adds the factors themselves: the README warns that balancing the inputs changes the result.
-    before, after = _combined_delta(False, "linear"), _combined_delta(True, "linear")
+@pytest.mark.parametrize("combination_type", ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+def test_combining_adapters_factor_by_factor_depends_on_the_gauge(combination_type):
+    # These combine A with A and B with B: the README warns that balancing the inputs changes the result.
+    before, after = _combined_delta(False, combination_type), _combined_delta(True, combination_type)
     assert torch.linalg.norm(after - before) > 1e-2 * torch.linalg.norm(before)
