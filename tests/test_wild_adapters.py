@@ -234,6 +234,25 @@ def test_diffusers_file_with_alpha_keys_takes_its_scaling_from_them(tmp_path):
     assert "scaling unknown" not in " ".join(balora.inspect(path).attrs["sources"][0]["notes"])
 
 
+def test_diffusers_alpha_keys_read_as_scaling_are_not_listed_as_other_tensors(tmp_path):
+    """The `.alpha` keys that give a Flux-style file its scaling were counted in the note "N other tensor(s)
+    are not LoRA factors", as if they were left unread; kohya's alphas never are. A tensor read as nothing is."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"transformer.proj_out.bias": torch.randn(16, generator=g)}  # not part of any pair
+    for j in range(3):
+        m = f"transformer.single_transformer_blocks.{j}.attn.to_q"
+        tensors[f"{m}.lora_A.weight"] = torch.randn(4, 16, generator=g)
+        tensors[f"{m}.lora_B.weight"] = torch.randn(16, 4, generator=g)
+        tensors[f"{m}.alpha"] = torch.tensor(2.0 * (j + 1))
+    path = tmp_path / "flux_lora.safetensors"
+    save_file(tensors, path)
+    df = balora.inspect(path)
+    assert sorted(df.scaling) == [2.0 * (j + 1) / 4 for j in range(3)]
+    (source,) = df.attrs["sources"]
+    assert source["other_tensors"] == 1
+    assert "1 other tensor(s) are not LoRA factors" in source["notes"]
+
+
 # ---------------------------------------------------------------------------- LyCORIS
 @pytest.fixture(scope="module")
 def lycoris_files(tmp_path_factory):

@@ -111,12 +111,13 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
     # pairs no metadata config covers (an unprefixed one covers all): their `.alpha` keys, if any, give the scaling
     bare = [] if None in configs else [e for e in entries if e.module.partition(".")[0] not in configs]
     alphas = _alpha_scalings(tf, bare, weights)
+    other = [k for k in other if k not in {key for key, _ in alphas.values()}]  # read, as kohya's alphas are
     for e in entries:
         prefix, _, rest = e.module.partition(".")
         key = prefix if prefix in configs else None
         if key not in configs:
             if e.name in alphas:
-                e.scaling = alphas[e.name]
+                e.scaling = alphas[e.name][1]
             else:
                 unknown.add(prefix)
             continue
@@ -136,8 +137,8 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
     return [AdapterSource("diffusers", "diffusers", weights, tf, "default", entries, other, notes=notes)]
 
 
-def _alpha_scalings(tf: TensorFile, entries: list[PairEntry], where) -> dict[str, float]:
-    """{pair name: alpha / r} of the pairs stored with a `<module>.alpha` beside lora_A / lora_B (Flux
+def _alpha_scalings(tf: TensorFile, entries: list[PairEntry], where) -> dict[str, tuple[str, float]]:
+    """{pair name: (alpha key, alpha / r)} of the pairs stored with a `<module>.alpha` beside lora_A / lora_B (Flux
     LoRAs such as TheLastBen/Jon_Snow_Flux_LoRA): diffusers loads those alphas as network_alphas when the
     file has no lora_adapter_metadata, so without them the scaling is not unknown but this."""
     found = [(e, e.key_A[: e.key_A.rindex(".lora_A")] + ".alpha") for e in entries if ".lora_A" in e.key_A]
@@ -149,7 +150,7 @@ def _alpha_scalings(tf: TensorFile, entries: list[PairEntry], where) -> dict[str
         if a.numel() != 1 or not a.is_floating_point() or not bool(a.float().isfinite().all()):
             raise InputError(f"{where}: {k} should be one finite floating-point number (the pair's alpha), "
                              f"got {a.dtype} of shape {list(a.shape)}")
-        out[e.name] = float(a.float()) / e.r
+        out[e.name] = k, float(a.float()) / e.r
     return out
 
 
