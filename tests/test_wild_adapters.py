@@ -129,7 +129,6 @@ def test_older_diffusers_naming_lora_down_up(tmp_path):
                                                      f"{row.module}.lora.up.weight", 0.5), rtol=1e-5)
 
 
-
 def test_first_diffusers_naming_attention_processors(tmp_path):
     """diffusers' first LoRA files (train_text_to_image_lora.py, 2023): the UNet's attention processors
     as `<attn>.processor.to_q_lora.down.weight`, the text encoder's as `<proj>.lora_linear_layer.down.weight`,
@@ -175,6 +174,7 @@ def test_first_diffusers_naming_attention_processors(tmp_path):
         np.testing.assert_allclose(_dw64(after, f"{stem}.down.weight", f"{stem}.up.weight", 1.0), ref,
                                    atol=1e-5 * np.abs(ref).max())
 
+
 def test_diffusers_folder_with_a_folder_named_like_its_weights(tmp_path):
     (tmp_path / "pytorch_lora_weights.safetensors").mkdir()
     with pytest.raises(InputError, match="is a directory"):
@@ -196,7 +196,6 @@ def test_balance_diffusers_file_keeps_keys_metadata_and_dw(diffusers_lora, tmp_p
         np.testing.assert_allclose(_dw64(after, key, kB, 1.0), ref, atol=1e-5 * np.abs(ref).max())
         A, B = after[key].double(), after[kB].double()
         np.testing.assert_allclose((B.T @ B).numpy(), (A @ A.T).numpy(), atol=1e-5 * float((A @ A.T).norm()))
-
 
 
 def test_diffusers_file_with_alpha_keys_takes_its_scaling_from_them(tmp_path):
