@@ -241,9 +241,11 @@ def _recording(steps: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: str = "arm",
-                    reference: str = "lora") -> pd.DataFrame:
+                    reference: str = "lora", same_cell: bool = True) -> pd.DataFrame:
     """Steps and seconds each `by` group needs to first reach `metric <= target` (median, min, max over
-    its cells) and its speed-up over the `reference` arm's cell of the same run, seed, lr and alpha.
+    its cells) and its speed-up over the `reference` arm's cell of the same run, seed, lr and alpha
+    (same_cell=False: of the same run and seed, for `steps` holding one cell per arm and seed, each
+    arm at its own best cell, as arm_summary's speedup_vs_lora compares them).
 
     The run summary holds the same numbers for the run's own target loss; this recomputes them from the
     steps table for any target. Speed-up = reference steps / arm steps (> 1: faster). As in arm_summary,
@@ -260,7 +262,7 @@ def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss",
         return pd.DataFrame(columns=cols)
     hits = data[data[metric] <= target].groupby(keys, sort=False).first()[["step", "time_s"]]
     cells = data.groupby(keys, sort=False).size().rename("n").to_frame().join(hits).reset_index()
-    pair = [k for k in keys if k not in (by, "arm")]
+    pair = [k for k in keys if k not in (by, "arm") and (same_cell or k not in ("lr", "alpha"))]
     ref = cells[cells["arm"].astype(str) == reference][pair + ["step", "time_s", "n"]]
     cells = cells.merge(ref.rename(columns={"step": "ref_step", "time_s": "ref_time", "n": "ref_n"}), on=pair, how="left")
     has_ref = cells["ref_n"].notna()  # a reference cell to compare with (it may never have reached the target)

@@ -311,6 +311,29 @@ def test_speedups_match_an_independent_count(grid_run):
     assert never["reached"].eq(0).all() and (never["steps_median"] == np.inf).all()  # never: +inf, as in arm_summary
 
 
+def test_speedups_of_each_arm_at_its_own_best_cell_are_against_lora_at_its_own(grid_run):
+    # The Speed-up view opens on each arm's own best cell. When lora's best cell is not balora's,
+    # the ratios were left blank (no lora row in balora's cell), though that view is the one the
+    # paper compares (arm_summary's speedup_vs_lora: lora at its best over the arm at its best, per seed).
+    t = _by_series(grid_run)
+    steps = t["steps"]
+    steps = steps[~((steps["arm"] == "lora") & (steps["lr"] == 1e-2) & (steps["alpha"] == 32.0))]  # lora's best elsewhere
+    summary = t["summary"][~((t["summary"]["arm"] == "lora") & (t["summary"]["lr"] == 1e-2) & (t["summary"]["alpha"] == 32.0))]
+    best = frames.best_cells(summary, steps).set_index("series")
+    assert tuple(best.loc["lora", ["lr", "alpha"]]) != tuple(best.loc["balora", ["lr", "alpha"]])  # the case
+    target = 0.3
+    speed = frames.speedups(frames.select_cells(steps, best.reset_index()), target).set_index("series")
+
+    def first_step(arm, seed):
+        lr, alpha = best.loc[arm, ["lr", "alpha"]]
+        c = steps[(steps["arm"] == arm) & (steps["seed"] == seed) & (steps["lr"] == lr) & (steps["alpha"] == alpha)]
+        return c.sort_values("step").loc[c["loss"] <= target, "step"].iloc[0]
+
+    want = np.median([first_step("lora", s) / first_step("balora", s) for s in (0, 1)])
+    assert speed.loc["balora", "speedup_steps"] == pytest.approx(want)
+    assert speed.loc["lora", "speedup_steps"] == pytest.approx(1.0)
+
+
 def test_speed_up_defaults_to_excess_loss_and_a_target_every_reference_seed_reaches(grid_run):
     t = _by_series(grid_run)
     cell = frames.select_cell(t["steps"], 1e-3, 32.0)

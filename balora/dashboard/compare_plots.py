@@ -228,7 +228,7 @@ def speedup_bars(speed: pd.DataFrame, *, target: float, metric: str = "loss", by
         fig.update_xaxes(title_text="arm", row=1, col=col)
     fig.update_yaxes(title_text="optimizer steps", row=1, col=1)
     fig.update_yaxes(title_text="seconds (wall clock)", row=1, col=2)
-    sub = f"median over seeds (error bars: min–max); ×k = k times faster than {reference}, same seed and cell"
+    sub = f"median over seeds (error bars: min–max); ×k = k times faster than {reference} in the same seed, each in the cell shown"
     fig.update_layout(title=_title(title, sub), height=460, margin=dict(t=110))
     return fig
 

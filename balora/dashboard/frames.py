@@ -276,9 +276,12 @@ def grid_cells(summary: pd.DataFrame, *, value: str = "final_loss", by: str = "s
 
 def speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: str = "series", reference: str = "lora") -> pd.DataFrame:
     """Steps and seconds each series needs to first reach `metric <= target`, median over
-    seeds, and its speed-up over the `reference` arm of the same run, seed, lr and alpha
-    (balora.records.target_speedups, grouped by the page's series)."""
-    return records.target_speedups(steps, target, metric=metric, by=by, reference=reference)
+    seeds, and its speed-up over the `reference` arm of the same run and seed
+    (balora.records.target_speedups, grouped by the page's series). When `steps` holds one
+    cell per series and seed (the page's chosen cells, e.g. each arm at its own best), the
+    reference is taken at its own cell, as arm_summary does; across a whole grid, cell by cell."""
+    one_cell = steps.empty or not steps.groupby([by, "seed"])[["lr", "alpha"]].nunique().gt(1).any(axis=None)
+    return records.target_speedups(steps, target, metric=metric, by=by, reference=reference, same_cell=not one_cell)
 
 
 def layer_names(layers: pd.DataFrame) -> list[str]:
