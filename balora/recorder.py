@@ -175,13 +175,16 @@ class RunRecorder(TrainerCallback):
         if not logs or self.writer is None:
             return
         step = state.global_step
-        if "loss" in logs:
-            self._row(step)["loss"] = float(logs["loss"])
-            self._losses.append((step, float(logs["loss"]), self._train_s))
         grad_norm = logs.get("grad_norm")
         if (self._nonfinite_grad_at is None and isinstance(grad_norm, (int, float))
                 and not math.isfinite(grad_norm)):  # logged as it is, where the loss may be a stand-in
             self._nonfinite_grad_at = step
+        if "loss" in logs:
+            # From the first sign of divergence on, the Trainer's logged loss is a stand-in (0.0 once all are
+            # NaN): the steps table gets no value there, as the summary keeps none (a curve falling to 0).
+            diverged = self._diverged_at() is not None and self._diverged_at() <= step
+            self._row(step)["loss"] = math.nan if diverged else float(logs["loss"])
+            self._losses.append((step, float(logs["loss"]), self._train_s))
         if "eval_loss" in logs:
             self._row(step)["eval_loss"] = float(logs["eval_loss"])
             self._eval.append((step, float(logs["eval_loss"]), self._train_s))
@@ -259,6 +262,11 @@ class RunRecorder(TrainerCallback):
         self.writer.append("layers", layer_rows)
         self.writer.append("spectra", spectra_rows)
         self._diag_s += time.perf_counter() - t
+
+    def _diverged_at(self) -> int | None:
+        """The first step with a sign of divergence seen so far (non-finite gradient norm or factors)."""
+        signs = [s for s in (self._nonfinite_grad_at, self._nonfinite_factors_at) if s is not None]
+        return min(signs, default=None)
 
     def _summary(self, status: str) -> dict:
         # Divergence shows in the logged loss, an eval loss or the factors. The Trainer's default

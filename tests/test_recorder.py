@@ -96,6 +96,23 @@ def test_a_run_that_went_to_nan_is_diverged_not_a_zero_loss(tmp_path, layers_eve
     assert not summary["final_loss"] == 0.0 and math.isnan(summary["steps_to_target"])  # no target "reached" at 0.0
 
 
+def test_a_diverged_run_keeps_no_stand_in_losses_in_its_steps(tmp_path):
+    # The summary left the Trainer's stand-ins (0.0 once every loss is NaN) out, but the steps table kept
+    # them: the dashboard drew the diverged run's loss falling to 0 and its Speed-up view had it reach any
+    # target first. A loss logged with or after a non-finite gradient norm is no measurement.
+    out = tmp_path / "run"
+    trainer, _ = _train(tmp_path, out, lambda o: [RunRecorder(o, layers_every=10)], lr=1e30, evaluate=False)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    first_bad = min(h["step"] for h in logged if not math.isfinite(h["grad_norm"]))
+    assert any(h["loss"] == 0.0 and h["step"] >= first_bad for h in logged)  # the case: stand-ins handed over
+    steps = load_run(out).steps
+    assert steps.loc[steps["step"] >= first_bad, "loss"].isna().all()
+    from balora.dashboard import frames
+
+    speed = frames.speedups(frames.combine({"r": steps}), 1.0, reference="trainer")
+    assert speed["reached"].eq(0).all()
+
+
 def test_recorder_with_balancing_shows_balanced_layers(tmp_path):
     out = tmp_path / "run"
 
