@@ -231,6 +231,26 @@ def test_compare_says_which_runs_the_chosen_metric_leaves_out(app):
     assert "samples/lm-toy" in texts(at.caption) and "excess loss" in texts(at.caption)
 
 
+def test_compare_does_not_call_a_run_without_evaluation_another_task(tmp_path, monkeypatch):
+    # Two Trainer runs of one task, one evaluated and one not (no eval set): the page said the second
+    # recorded no evaluation loss because it was "(another task)".
+    import pandas as pd
+
+    write_run(tmp_path / "evaluated", task="trainer")
+    plain = write_run(tmp_path / "not-evaluated", task="trainer")
+    for table, column in (("steps", "eval_loss"), ("summary", "final_eval_loss")):
+        for part in (plain / table).glob("part-*.parquet"):
+            pd.read_parquet(part).assign(**{column: np.nan}).to_parquet(part)
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.multiselect(key="compare_runs").set_value(["evaluated", "not-evaluated"]).run()
+    at.selectbox(key="loss_metric").set_value("eval_loss").run()
+    no_exception(at)
+    said = texts(at.caption)
+    assert "Not drawn: `not-evaluated`" in said and "evaluation loss" in said  # the case
+    assert "another task" not in said and "no evaluation" in said
+
+
 def test_compare_best_cell_per_seed(app, real_run):
     """'each seed's own best cell' (the paper's protocol) draws each seed at records.best_cells(select='seed')."""
     from balora.records import arm_summary, best_cells

@@ -199,6 +199,12 @@ def cell_table(table: str):
     return in_cells(frames.filter_arms_seeds(frames.combine({n: getattr(r, table) for n, r in runs.items()}), arms, seeds))
 
 
+def why_absent(column: str, absent: list[str]) -> str:
+    """Why the `absent` runs recorded no `column`: their task (config.json) against the drawn runs'."""
+    task = {n: r.config.get("task") for n, r in runs.items()}
+    return frames.why_unrecorded(column, [task[n] for n in absent], [t for n, t in task.items() if n not in absent])
+
+
 def loss_view() -> None:
     """Loss against step or time, final losses per arm, and the per-arm and per-seed tables."""
     metrics = frames.recorded(steps, frames.LOSS_METRICS)
@@ -210,9 +216,9 @@ def loss_view() -> None:
     curves = frames.seed_curves(cell_steps, x=x, metric=metric, band=band)
     st.plotly_chart(compare_plots.loss_curves(curves, x=x, metric=metric, log_y=log_y, loss_unit=unit, band=band), key="fig_loss")
     absent = frames.runs_without(cell_steps, metric, list(runs))
-    if absent and len(absent) < len(runs):  # runs of another task: said, not silently left out
+    if absent and len(absent) < len(runs):  # runs of another task or not evaluated: said, not silently left out
         st.caption(f"Not drawn: {', '.join(md.code(r) for r in absent)}, which recorded no {plots.METRIC_NAMES[metric]} "
-                   "(another task); choose another metric above to compare them.")
+                   f"({why_absent(metric, absent)}); choose another metric above to compare them.")
     if not cell_summary.empty:
         per_seed = is_grid and cell == "best per seed"
         per_arm = frames.arm_summaries(summary, select="seed" if per_seed else "arm")
@@ -221,7 +227,7 @@ def loss_view() -> None:
         absent = frames.runs_without(cell_summary, headline, list(runs))
         if absent and len(absent) < len(runs):
             st.caption(f"Not drawn: {', '.join(md.code(r) for r in absent)}, which recorded no {plots.METRIC_NAMES[headline]} "
-                           "(another task).")
+                           f"({why_absent(headline, absent)}).")
         st.markdown("**Each arm at its own best cell" + (", each seed at its own (the paper's protocol; lr, alpha: medians)" if per_seed else "")
                     + "** (median over seeds; `within_2x`: share of the grid within 2× of the best)")
         st.dataframe(frames.tidy(per_arm), hide_index=True, placeholder=frames.NA_TEXT, key="arm_summary")
