@@ -240,12 +240,26 @@ def _recording(steps: pd.DataFrame, metric: str) -> pd.DataFrame:
     return steps if recorded.any() else steps.iloc[0:0]
 
 
+def _with_reference(cells: pd.DataFrame, ref: pd.DataFrame, pair: list[str]) -> pd.DataFrame:
+    """`cells` with their reference cell's ref_step, ref_time, ref_n, matched on `pair`. A run without the
+    reference arm (RunRecorder writes one arm per run) takes it from the one other run that has it for the
+    same seed (and cell); none where two runs have it (which one is meant is unclear)."""
+    if "run" not in pair:
+        return cells.merge(ref, on=pair, how="left")
+    alone = ~cells["run"].isin(set(ref["run"]))
+    across = [k for k in pair if k != "run"]
+    other = ref.drop(columns="run").drop_duplicates(across, keep=False)
+    return pd.concat([cells[~alone].merge(ref, on=pair, how="left"), cells[alone].merge(other, on=across, how="left")],
+                     ignore_index=True)
+
+
 def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: str = "arm",
                     reference: str = "lora", same_cell: bool = True) -> pd.DataFrame:
     """Steps and seconds each `by` group needs to first reach `metric <= target` (median, min, max over
-    its cells) and its speed-up over the `reference` arm's cell of the same run, seed, lr and alpha
-    (same_cell=False: of the same run and seed, for `steps` holding one cell per arm and seed, each
-    arm at its own best cell, as arm_summary's speedup_vs_lora compares them).
+    its cells) and its speed-up over the `reference` arm's cell of the same run (for a run without that
+    arm: of the one run that has it), seed, lr and alpha (same_cell=False: of the same run and seed, for
+    `steps` holding one cell per arm and seed, each arm at its own best cell, as arm_summary's
+    speedup_vs_lora compares them).
 
     The run summary holds the same numbers for the run's own target loss; this recomputes them from the
     steps table for any target. Speed-up = reference steps / arm steps (> 1: faster). As in arm_summary,
@@ -264,7 +278,7 @@ def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss",
     cells = data.groupby(keys, sort=False).size().rename("n").to_frame().join(hits).reset_index()
     pair = [k for k in keys if k not in (by, "arm") and (same_cell or k not in ("lr", "alpha"))]
     ref = cells[cells["arm"].astype(str) == reference][pair + ["step", "time_s", "n"]]
-    cells = cells.merge(ref.rename(columns={"step": "ref_step", "time_s": "ref_time", "n": "ref_n"}), on=pair, how="left")
+    cells = _with_reference(cells, ref.rename(columns={"step": "ref_step", "time_s": "ref_time", "n": "ref_n"}), pair)
     has_ref = cells["ref_n"].notna()  # a reference cell to compare with (it may never have reached the target)
     cells["step_never"], cells["time_never"] = cells["step"].fillna(math.inf), cells["time_s"].fillna(math.inf)
     cells["speedup_steps"] = (cells["ref_step"].fillna(math.inf) / cells["step_never"]).where(has_ref)

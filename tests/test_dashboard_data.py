@@ -334,6 +334,28 @@ def test_speedups_of_each_arm_at_its_own_best_cell_are_against_lora_at_its_own(g
     assert speed.loc["lora", "speedup_steps"] == pytest.approx(1.0)
 
 
+def test_speedups_of_runs_of_one_arm_each_are_against_the_run_of_the_reference_arm(tmp_path):
+    # Two Trainer runs (RunRecorder writes one arm per run): RunRecorder(arm="lora") and, with
+    # BalanceCallback, RunRecorder(arm="balora"). The reference was only looked up in the arm's own
+    # run, so the Speed-up view never had a ratio for them.
+    runs = {n: load_run(write_run(tmp_path / n, arms=(n,))) for n in ("lora", "balora")}
+    steps = frames.combine({n: r.steps for n, r in runs.items()})
+    target = 0.5
+    speed = frames.speedups(steps, target, reference="lora").set_index("series")
+
+    def first_step(arm, seed):
+        c = runs[arm].steps[runs[arm].steps["seed"] == seed].sort_values("step")
+        return c.loc[c["loss"] <= target, "step"].iloc[0]
+
+    want = np.median([first_step("lora", s) / first_step("balora", s) for s in (0, 1)])
+    assert speed.loc["balora: balora", "speedup_steps"] == pytest.approx(want)
+    # A run that has the reference arm itself still compares within itself.
+    both = load_run(write_run(tmp_path / "both", arms=("lora", "balora")))
+    mixed = frames.speedups(frames.combine({**{n: r.steps for n, r in runs.items()}, "both": both.steps}), target)
+    assert mixed.set_index("series").loc["both: balora", "speedup_steps"] == pytest.approx(want)
+    assert mixed.set_index("series").loc["balora: balora"].isna()["speedup_steps"]  # two lora runs: which one is unclear
+
+
 def test_speed_up_defaults_to_excess_loss_and_a_target_every_reference_seed_reaches(grid_run):
     t = _by_series(grid_run)
     cell = frames.select_cell(t["steps"], 1e-3, 32.0)
