@@ -259,6 +259,34 @@ def test_best_cells_per_seed_follow_records(grid_run):
     assert set(from_steps["source"]) == {"latest loss"} and len(from_steps) == len(got)
 
 
+def test_seed_curves_count_a_diverged_seed_as_inf_not_as_gone(tmp_path):
+    # SGD at lr 0.45: 5 of 6 seeds diverge (their rows stop). The curve went on after that as the
+    # "median over 6 seeds" of the one seed left, while the Grid view (balora.records) calls the cell
+    # diverged: its median counts a diverged seed as +inf from then on.
+    import balora.runner
+
+    run = balora.runner.compare(task="synthetic", arms="lora", steps=60, seeds=6, optimizer="sgd", lr=[0.45],
+                                layers_every=0, out=tmp_path / "div", quiet=True)
+    assert (run.summary["status"] == "diverged").sum() > 3  # the case: most seeds diverged
+    steps, summary = frames.combine({"r": run.steps}), frames.combine({"r": run.summary})
+    curves = frames.seed_curves(steps, metric="loss", summary=summary).set_index("step")
+    stopped = set(run.summary.loc[run.summary["status"] == "diverged", "seed"])
+    last = run.steps.groupby("seed")["step"].max()
+    for step in range(1, 61):
+        values = []
+        for seed, rows in run.steps.groupby("seed"):
+            at = rows.loc[rows["step"] == step, "loss"]
+            if len(at):
+                values.append(float(at.iloc[0]) if np.isfinite(at.iloc[0]) else np.inf)
+            elif seed in stopped and step > last[seed]:
+                values.append(np.inf)
+        want = np.median(values)
+        if np.isfinite(want):
+            assert curves.loc[step, "median"] == pytest.approx(want), step
+        else:
+            assert step not in curves.index, step  # not drawn
+
+
 def test_grid_cells_median_and_diverged_as_nan(grid_run):
     t = _by_series(grid_run)
     summary = t["summary"].copy()

@@ -225,11 +225,14 @@ def thin_steps(df: pd.DataFrame, max_steps: int = MAX_PLOT_STEPS) -> pd.DataFram
     return df[df["step"].isin(keep)]
 
 
-def seed_curves(steps: pd.DataFrame, *, x: str = "step", metric: str = "loss", by: str = "series", band: str = "min–max") -> pd.DataFrame:
+def seed_curves(steps: pd.DataFrame, *, x: str = "step", metric: str = "loss", by: str = "series", band: str = "min–max",
+                summary: pd.DataFrame | None = None) -> pd.DataFrame:
     """Median and spread of `metric` across seeds at each step, per series.
 
     Seeds share steps, not times: with x = "time_s" the curve is drawn at the median
-    wall-clock time of each step.
+    wall-clock time of each step. A seed whose cell `summary` marks diverged counts as +inf in
+    the median after its last row (as balora.records ranks it), so a curve ends where most of its
+    seeds diverged instead of going on as the median of the few left; the spread is of finite values.
     """
     cols = [by, x, *CURVE_COLUMNS]
     if steps.empty or metric not in steps:
@@ -240,19 +243,39 @@ def seed_curves(steps: pd.DataFrame, *, x: str = "step", metric: str = "loss", b
         return pd.DataFrame(columns=cols)
     q_lo, q_hi = BANDS[band]
     g = data.groupby([by, "step"], sort=False)
+    gone = _diverged_rows(steps, summary, metric, by)
+    if len(gone):  # from its last row on (a non-finite loss there is no finite row): not twice at one step
+        have = data[[by, "lr", "alpha", "seed", "step"]].drop_duplicates()
+        gone = gone.merge(have, how="left", indicator=True).query("_merge == 'left_only'").drop(columns="_merge")
+    whole = pd.concat([data, gone]).groupby([by, "step"], sort=False) if len(gone) else g
     out = pd.DataFrame(
         {
-            "median": g[metric].median(),
+            "median": whole[metric].median(),
             "lo": g[metric].quantile(q_lo),
             "hi": g[metric].quantile(q_hi),
-            "n_seeds": g["seed"].nunique(),
+            "n_seeds": whole["seed"].nunique(),
         }
     )
     if x == "time_s":
         out["time_s"] = g["time_s"].median()
-    out = thin_steps(out.reset_index())
+    out = thin_steps(out[np.isfinite(out["median"])].reset_index())
     # Sorted by x only (stable): series keep the run's arm order, so lora stays first in legends.
     return out[cols].sort_values([x], kind="stable").reset_index(drop=True)
+
+
+def _diverged_rows(steps: pd.DataFrame, summary: pd.DataFrame | None, metric: str, by: str) -> pd.DataFrame:
+    """+inf rows of `metric` for each seed `summary` marks diverged, at the steps of its cell from its
+    last row on (a diverged cell writes its non-finite loss, then stops writing rows)."""
+    if summary is None or summary.empty or "status" not in summary:
+        return steps.iloc[0:0]
+    cell = [by, "lr", "alpha"]
+    bad = summary.loc[summary["status"].astype(str) == "diverged", [*cell, "seed"]]
+    last = steps.merge(bad, on=[*cell, "seed"])[[*cell, "seed", "step"]].groupby([*cell, "seed"])["step"].max()
+    rows = []
+    for key, end in last.items():
+        later = steps.loc[(steps[cell] == pd.Series(key[:3], index=cell)).all(axis=1) & (steps["step"] >= end), "step"].unique()
+        rows += [{**dict(zip([*cell, "seed"], key)), "step": s, metric: np.inf} for s in later]
+    return pd.DataFrame(rows, columns=[*cell, "seed", "step", metric])
 
 
 def metric_range(steps: pd.DataFrame, metric: str = "loss") -> tuple[float, float] | None:

@@ -213,7 +213,7 @@ def loss_view() -> None:
     x = b.radio("Against", ["step", "time_s"], format_func=lambda v: plots.X_LABELS[v], key="loss_x", horizontal=True)
     band = c.radio("Spread across seeds", list(frames.BANDS), key="loss_band", horizontal=True)
     log_y = d.toggle("Log scale", value=True, key="loss_log")
-    curves = frames.seed_curves(cell_steps, x=x, metric=metric, band=band)
+    curves = frames.seed_curves(cell_steps, x=x, metric=metric, band=band, summary=cell_summary)
     st.plotly_chart(compare_plots.loss_curves(curves, x=x, metric=metric, log_y=log_y, loss_unit=unit, band=band), key="fig_loss")
     absent = frames.runs_without(cell_steps, metric, list(runs))
     if absent and len(absent) < len(runs):  # runs of another task or not evaluated: said, not silently left out
