@@ -113,6 +113,24 @@ def bf16_pass(mesh) -> dict:
     return {"balanced": summary.balanced, "qr_path": summary.qr_path, "dtypes": sorted(dtypes), "worst": worst}
 
 
+def report_after_forward(out_dir: str, rank: int, mesh) -> None:
+    """layer_report after a forward that left FSDP2's parameters unsharded (reshard_after_forward=False,
+    bf16 MixedPrecisionPolicy: the registered parameters are then FSDP2's temporary bf16 copies).
+    Writes the fp32 factors as the optimizer holds them (gathered before the forward) and the report."""
+    model = make_model()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.base_model.model.model.layers:
+        fully_shard(block, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    balance_(model, check=False)
+    save_file(lora_state(model), os.path.join(out_dir, f"after_forward_rank{rank}.safetensors"))
+    with torch.no_grad():
+        model(input_ids=batch(1)[0])
+    report = layer_report(model)
+    with open(os.path.join(out_dir, f"after_forward_rank{rank}.json"), "w") as f:
+        json.dump(report[["module", "dtype", "norm_A", "norm_B", "rel_imbalance"]].to_dict("list"), f)
+
+
 def ops_per_pass(mesh, layers: int) -> int:
     """Ops one balance_(model, check=False) dispatches on a sharded model of `layers` blocks (both
     layouts), after a first pass that walked the model, with two threads per rank (stacked, as on a
@@ -225,6 +243,7 @@ def main(out_dir: str, hsdp: bool = False) -> None:
     if not hsdp:
         with open(os.path.join(out_dir, f"bf16_rank{rank}.json"), "w") as f:
             json.dump(bf16_pass(mesh), f)
+        report_after_forward(out_dir, rank, mesh)
         ops = {layers: ops_per_pass(mesh, layers) for layers in (2, 6)}
         with open(os.path.join(out_dir, f"ops_rank{rank}.json"), "w") as f:
             json.dump(ops, f)

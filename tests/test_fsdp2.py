@@ -103,6 +103,24 @@ def test_layer_report_matches_the_single_process_model(fsdp2_run):
         assert all(math.isclose(g, w, rel_tol=1e-4) for g, w in zip(got, want))
 
 
+def test_layer_report_after_a_forward_that_kept_the_parameters_unsharded(fsdp2_run):
+    """reshard_after_forward=False under bf16 mixed precision: after a forward the modules hold FSDP2's
+    temporary bf16 copies. The report must describe the fp32 factors the optimizer steps (float64
+    from the factors gathered before the forward), not those copies."""
+    for rank in (0, 1):
+        factors = load_file(fsdp2_run / f"after_forward_rank{rank}.safetensors")
+        report = json.loads((fsdp2_run / f"after_forward_rank{rank}.json").read_text())
+        assert set(report["dtype"]) == {"float32"}, report["dtype"]
+        names = {n.split("base_model.model.")[1].rsplit(".lora_", 1)[0]: n for n in factors if "_A." in n}
+        for i, module in enumerate(report["module"]):
+            A = factors[names[module]].double()
+            B = factors[names[module].replace("_A.", "_B.")].double()
+            assert math.isclose(report["norm_A"][i], float(A.norm()), rel_tol=1e-6), module
+            assert math.isclose(report["norm_B"][i], float(B.norm()), rel_tol=1e-6), module
+            want = float(rel_imbalance(A[None], B[None])[0])
+            assert abs(report["rel_imbalance"][i] - want) <= 1e-6, (module, report["rel_imbalance"][i], want)
+
+
 def _gathered_bytes(t: torch.Tensor, world: int, by_columns: bool) -> int:
     """What one rank receives when t is gathered: its rows (columns, when sharded by columns)
     padded to ceil(n / world) in one all_gather."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from balora.adapters import PEFT_PREFIX
-from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, refuse_unsupported
+from balora.distributed import FSDP2_HINT, gather_pairs, is_dtensor, refuse_unsupported, reshard_fsdp2
 from balora.pairs import FactorPair
 from balora.stack_writes import ParamWriter
 
@@ -79,7 +79,15 @@ def iter_lora_pairs(model: nn.Module, adapter: str | None = None) -> list[Factor
     Under FSDP2 the factors are gathered whole (a collective: call on every rank) and
     `write` stores this rank's shard (balora.distributed).
     """
-    return gather_pairs(_walk_pairs(model, adapter))
+    return _gathered_pairs(model, adapter)
+
+
+def _gathered_pairs(model: nn.Module, adapter: str | None, parents: dict | None = None) -> list[FactorPair]:
+    """The walk's pairs, FSDP2 factors gathered whole. FSDP2 modules are resharded first: after a forward
+    that kept them unsharded (reshard_after_forward=False), the registered parameters are FSDP2's
+    temporary copies (bf16 under a mixed-precision policy), not the factors the optimizer steps."""
+    reshard_fsdp2(model)
+    return gather_pairs(_walk_pairs(model, adapter, parents))
 
 
 def _walk_pairs(model: nn.Module, adapter: str | None, parents: dict | None = None) -> list[FactorPair]:
@@ -175,7 +183,7 @@ def peft_configs(model: nn.Module) -> dict:
 
 def model_pairs(model: nn.Module, adapter: str | None = None, *, parents: dict | None = None) -> list[FactorPair]:
     """iter_lora_pairs, refusing an adapter name the model does not have; parents: as in _lora_layers."""
-    pairs = gather_pairs(_walk_pairs(model, adapter, parents))
+    pairs = _gathered_pairs(model, adapter, parents)
     if adapter is not None and not pairs:
         raise ValueError(f"no LoRA layers with adapter {adapter!r} in {type(model).__name__}")
     if not pairs:  # balance_ or a training callback would silently do nothing
