@@ -160,7 +160,8 @@ def gather_full(params: list[torch.Tensor]) -> list[torch.Tensor]:
     for i, t in enumerate(params):
         along = _gathered_along(t)
         if along is not None:
-            batches.setdefault((id(t.device_mesh), t.dtype, along), []).append(i)
+            # the mesh by equality: fully_shard without mesh= gives every call its own, equal DeviceMesh
+            batches.setdefault((t.device_mesh, t.dtype, along), []).append(i)
         else:
             result[i] = t.detach().full_tensor()
             local = local_storage(t).numel() * t.element_size()

@@ -82,7 +82,8 @@ def _balance_step(pairs: list[FactorPair], policy):
         return balance_and_write(pairs, policy)
     layouts = {i: layout for i, p in enumerate(pairs) if (layout := _layout(p)) is not None}
     local = list(layouts)
-    meshes = {id(pairs[i].extra["params"][0].device_mesh) for i in local}
+    # By equality, not identity: fully_shard without mesh= makes a new, equal DeviceMesh for every call.
+    meshes = {pairs[i].extra["params"][0].device_mesh for i in local}
     if policy.check or not local or len(meshes) > 1:  # the check measures whole products; one mesh, one collective
         return balance_and_write(_gather_unskipped(pairs), policy)
     t0 = time.perf_counter()

@@ -131,6 +131,17 @@ def report_after_forward(out_dir: str, rank: int, mesh) -> None:
         json.dump(report[["module", "dtype", "norm_A", "norm_B", "rel_imbalance"]].to_dict("list"), f)
 
 
+def comm_without_mesh() -> dict:
+    """What one balance_(model, check=False) pass communicates when fully_shard and lora_shard_placement
+    are given no mesh (each fully_shard call then makes its own DeviceMesh over the default group)."""
+    model = make_model()
+    shard(model, None)
+    balance_(model, check=False)  # the first pass walks the model
+    balance_(model, check=False)
+    comm = last_comm()
+    return {"collectives": comm.collectives, "bytes_received": comm.bytes_received, "bytes_reduced": comm.bytes_reduced}
+
+
 def ops_per_pass(mesh, layers: int) -> int:
     """Ops one balance_(model, check=False) dispatches on a sharded model of `layers` blocks (both
     layouts), after a first pass that walked the model, with two threads per rank (stacked, as on a
@@ -229,6 +240,9 @@ def main(out_dir: str, hsdp: bool = False) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp
             else init_device_mesh("cpu", (world,)))
+    if not hsdp:  # first: later in this process fully_shard's default meshes came out as one object
+        with open(os.path.join(out_dir, f"no_mesh_rank{rank}.json"), "w") as f:
+            json.dump(comm_without_mesh(), f)
     ids = batch(world)
     local = ids[:, rank * PER_RANK : (rank + 1) * PER_RANK]  # this rank's part of every global batch
     for run in ("hook", "stacked") if hsdp else ("hook", "callback", "balance_", "stacked", "mixed"):

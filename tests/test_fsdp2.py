@@ -169,6 +169,16 @@ def test_bytes_communicated_per_pass(fsdp2_run, run):
         assert info["report_comm"] == {"collectives": 2, "bytes_received": report_gathered}
 
 
+def test_fully_shard_without_a_mesh_communicates_like_with_one(fsdp2_run):
+    """fully_shard(block) and lora_shard_placement(model) without mesh= (the default group): every
+    fully_shard call makes its own DeviceMesh object, all equal. The pass must still take the Gram
+    path, communicating what it does with one mesh passed to every call."""
+    ref, _ = _load(fsdp2_run, "reference")
+    for rank in (0, 1):
+        comm = json.loads((fsdp2_run / f"no_mesh_rank{rank}.json").read_text())
+        assert comm == _step_comm(ref, shards=2), f"rank {rank}: {comm}"
+
+
 def test_bf16_factors_are_balanced_on_their_shards_like_the_unsharded_model(fsdp2_run):
     """bf16 LoRA factors, both layouts, uneven shards (r=3 rows, 65 rows of up_proj's B): one pass
     writes bf16 shards that agree with the unsharded model's pass (to bf16's rounding)."""
