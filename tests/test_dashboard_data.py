@@ -432,6 +432,9 @@ def test_layer_and_spectra_selection(grid_run):
     assert len(evo) == 2 * len(steps) * 4
     med = frames.median_over_layers(cell, ["cond_A"])
     assert med["cond_A"].iloc[0] == pytest.approx(4.0)  # cond_A is 3, 4, 5 over the three layers
+    # Two of the three layers rank-deficient (cond inf): the median is inf (drawn as a gap), not the third's 3.
+    deficient = cell.assign(cond_A=np.where(cell["module"].isin(MODULES[1:]), np.inf, cell["cond_A"]))
+    assert np.isposinf(frames.median_over_layers(deficient, ["cond_A"])["cond_A"]).all()
 
 
 # --------------------------------------------------------------------------- inspect helpers

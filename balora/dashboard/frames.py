@@ -332,11 +332,13 @@ def layer_steps(layers: pd.DataFrame, values: list[str], *, by: str = "series", 
 
 
 def median_over_layers(layers: pd.DataFrame, values: list[str], *, by: str = "series") -> pd.DataFrame:
-    """Median across layers and seeds of `values` per (series, step): a whole-model summary."""
+    """Median across layers and seeds of `values` per (series, step): a whole-model summary. An infinite
+    value (cond of a rank-deficient product) counts as the largest, not as missing: dropped, a model of
+    mostly rank-deficient layers would show the median of its few well-conditioned ones."""
     cols = [by, "step", *values]
     if layers.empty:
         return pd.DataFrame(columns=cols)
-    data = layers[[by, "step", *values]].replace([np.inf, -np.inf], np.nan)
+    data = layers[[by, "step", *values]]
     return thin_steps(data.groupby([by, "step"], sort=False)[values].median().reset_index()[cols])
 
 
