@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from balora.imbalance import RANK_RTOL, check_pair_shapes
-from balora.linalg import all_finite, polar_orthogonal, thin_qr_factored, triu_inverse
+from balora.linalg import all_finite, compute_dtype, polar_orthogonal, thin_qr_factored, triu_inverse
 from balora.policy import METHODS, check_method  # noqa: F401 (METHODS re-exported: the gauges' names)
 
 
@@ -52,7 +52,8 @@ def balanced_factors(
 ) -> Projection:
     """Balanced pairs with the same products. A (G, r, in), B (G, out, r), r <= min(in, out).
 
-    Computes in fp32 at least (bf16/fp16 upcast: QR and SVD need it); the caller casts back.
+    Computes in the wider of the two dtypes, fp32 at least (bf16/fp16 upcast: QR and SVD need it);
+    the caller casts back.
     Pairs whose product is zero or non-finite come back unchanged and flagged.
     """
     check_method(method)
@@ -60,7 +61,7 @@ def balanced_factors(
     r, n_in, n_out = A.shape[-2], A.shape[-1], B.shape[-2]
     if r > min(n_in, n_out):
         raise ValueError(f"rank r={r} exceeds min(in={n_in}, out={n_out}): the product is rank-deficient by shape")
-    dtype = torch.promote_types(A.dtype, torch.float32)
+    dtype = compute_dtype(A.dtype, B.dtype)  # both: fp32 A with float64 B must not round B to fp32
     A0, B0 = A.to(dtype), B.to(dtype)
 
     finite_in = all_finite(A0) & all_finite(B0)  # (G,)

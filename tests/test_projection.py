@@ -225,3 +225,16 @@ def test_factors_of_the_wrong_shape_are_refused_naming_the_argument(make_factors
     for fn in (rel_imbalance, balanced_factors):  # numpy arrays failed with "'numpy.ndarray' has no attribute"
         with pytest.raises(TypeError, match="A and B must be torch tensors; got ndarray and ndarray"):
             fn(A.numpy(), B.numpy())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_dtypes_are_computed_in_the_wider_one(np_product_error, np_rel_imbalance, method, make_factors):
+    """A in fp32 and B in float64 were balanced in fp32 (A's dtype alone chose the compute dtype), B's
+    float64 values rounded to fp32 first, while the same pair with the dtypes swapped got float64."""
+    A, B = make_factors(2, r=4, n_in=30, n_out=20, dtype=torch.float64, seed=41)
+    for A_in, B_in in ((A.float(), B), (A, B.float())):
+        proj = balanced_factors(A_in, B_in, method)
+        assert proj.A.dtype == proj.B.dtype == torch.float64
+        for g in range(2):
+            assert np_product_error(A_in[g], B_in[g], proj.A[g], proj.B[g]) < TOL[torch.float64]
+            assert np_rel_imbalance(proj.A[g], proj.B[g]) < TOL[torch.float64]
