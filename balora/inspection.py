@@ -259,8 +259,8 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
     rows: dict[str, dict] = {}
     nonfinite: list[str] = []
     for chunk in iter_pair_chunks(s, todo, tensors=tensors):
-        A = torch.stack([p.A for p in chunk]).float()  # (G, r, in)
-        B = torch.stack([p.B for p in chunk]).float()  # (G, out, r)
+        A = torch.stack([p.A for p in chunk])  # (G, r, in), own dtype: float64 beyond fp32's range stays finite
+        B = torch.stack([p.B for p in chunk])  # (G, out, r)
         finite = all_finite(A) & all_finite(B)  # (G,)
         nonfinite += [p.name for p, ok in zip(chunk, finite.tolist()) if not ok]
         before = rel_imbalance(torch.nan_to_num(A), torch.nan_to_num(B)).tolist()
@@ -341,7 +341,7 @@ def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: d
         A1 = torch.stack([p.A for p in new_chunk])
         B1 = torch.stack([p.B for p in new_chunk])
         err = product_rel_error(A0, B0, A1, B1).tolist()
-        after = rel_imbalance(A1.float(), B1.float()).tolist()
+        after = rel_imbalance(A1, B1).tolist()  # float64 Grams of the factors as written (any dtype)
         for p, e_, a in zip(old_chunk, err, after):
             e = p.extra["entry"]
             rows[e.name].update(dW_rel_change=e_, rel_imbalance_after=a)

@@ -631,6 +631,33 @@ def test_half_precision_inspect_and_balance(tmp_path, dtype):
     assert (balora.inspect(out)["rel_imbalance"] < 4 * eps).all()
 
 
+@pytest.mark.parametrize("scale", [1e45, 1e-45])
+def test_float64_factors_outside_fp32_range_balance_and_report_in_float64(tmp_path, scale):
+    """A float64 adapter was read into fp32 to judge it: entries of 1e45 became inf and the copy was
+    refused as "non-finite values (NaN/Inf)" (which balora.inspect of the same file does not say), and
+    entries of 1e-45 flushed to zero, so rel_imbalance_after said 0 whatever the written pair was."""
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for i in range(2):
+        sd[f"base_model.model.layers.{i}.proj.lora_A.weight"] = torch.randn(4, 24, generator=g, dtype=torch.float64) * scale
+        sd[f"base_model.model.layers.{i}.proj.lora_B.weight"] = torch.randn(16, 4, generator=g, dtype=torch.float64) * scale
+    path, out = tmp_path / "wide.safetensors", tmp_path / "out.safetensors"
+    save_file(sd, str(path))
+    A0 = {k: (v / scale).numpy() for k, v in sd.items()}  # the reference at scale 1: the ratios do not depend on it
+    assert (balora.inspect(path)["status"] == "ok").all()
+    summary = balance_file(path, out)
+    assert summary.balanced == 2
+    written = {k: (v / scale).numpy() for k, v in load_file(str(out)).items()}
+    changes = summary.changes.set_index("module")
+    for i in range(2):
+        key = f"base_model.model.layers.{i}.proj.lora_"
+        A, B, A1, B1 = A0[key + "A.weight"], A0[key + "B.weight"], written[key + "A.weight"], written[key + "B.weight"]
+        rel = np.linalg.norm(B1.T @ B1 - A1 @ A1.T) / (np.linalg.norm(B1.T @ B1) + np.linalg.norm(A1 @ A1.T))
+        assert np.linalg.norm(B1 @ A1 - B @ A) / np.linalg.norm(B @ A) < 1e-12
+        assert rel < 1e-12
+        assert changes.loc[f"layers.{i}.proj", "rel_imbalance_after"] == pytest.approx(rel, abs=1e-12)
+
+
 def test_nonfinite_module_reported_not_fatal_for_inspect(tmp_path):
     g = torch.Generator().manual_seed(2)
     sd = {}
