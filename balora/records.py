@@ -243,7 +243,8 @@ def _recording(steps: pd.DataFrame, metric: str) -> pd.DataFrame:
 def _with_reference(cells: pd.DataFrame, ref: pd.DataFrame, pair: list[str]) -> pd.DataFrame:
     """`cells` with their reference cell's ref_step, ref_time, ref_n, matched on `pair`. A run without the
     reference arm (RunRecorder writes one arm per run) takes it from the one other run that has it for the
-    same seed (and cell); none where two runs have it (which one is meant is unclear)."""
+    same seed (and cell), and task when `pair` has one; none where two runs have it (which one is meant
+    is unclear)."""
     if "run" not in pair:
         return cells.merge(ref, on=pair, how="left")
     alone = ~cells["run"].isin(set(ref["run"]))
@@ -257,9 +258,9 @@ def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss",
                     reference: str = "lora", same_cell: bool = True) -> pd.DataFrame:
     """Steps and seconds each `by` group needs to first reach `metric <= target` (median, min, max over
     its cells) and its speed-up over the `reference` arm's cell of the same run (for a run without that
-    arm: of the one run that has it), seed, lr and alpha (same_cell=False: of the same run and seed, for
-    `steps` holding one cell per arm and seed, each arm at its own best cell, as arm_summary's
-    speedup_vs_lora compares them).
+    arm: of the one run that has it, of the same `task` when `steps` has that column), seed, lr and
+    alpha (same_cell=False: of the same run and seed, for `steps` holding one cell per arm and seed,
+    each arm at its own best cell, as arm_summary's speedup_vs_lora compares them).
 
     The run summary holds the same numbers for the run's own target loss; this recomputes them from the
     steps table for any target. Speed-up = reference steps / arm steps (> 1: faster). As in arm_summary,
@@ -270,7 +271,8 @@ def target_speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss",
             "reached", "n_seeds", "speedup_steps", "speedup_seconds"]
     if steps.empty or metric not in steps:
         return pd.DataFrame(columns=cols)
-    keys = list(dict.fromkeys([*(["run"] if "run" in steps else []), by, *KEY]))
+    # task: a key of the pairing, so a run borrows a reference only from a run of its own task
+    keys = list(dict.fromkeys([*(["run"] if "run" in steps else []), *(["task"] if "task" in steps else []), by, *KEY]))
     data = _recording(steps.sort_values("step", kind="stable"), metric)
     if data.empty:
         return pd.DataFrame(columns=cols)

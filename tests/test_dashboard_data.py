@@ -384,6 +384,24 @@ def test_speedups_of_runs_of_one_arm_each_are_against_the_run_of_the_reference_a
     assert mixed.set_index("series").loc["balora: balora"].isna()["speedup_steps"]  # two lora runs: which one is unclear
 
 
+def test_a_one_arm_run_takes_no_reference_from_a_run_of_another_task(tmp_path):
+    # A run of one arm (balora compare --arms balora) shown next to a run of another task that has
+    # lora, for the same seeds: its speed-up was taken against that task's lora, though steps to a
+    # loss of one task say nothing of another's. Only a run of its own task can lend the reference.
+    lm = load_run(write_run(tmp_path / "lm", arms=("balora",), task="lm"))
+    other = load_run(write_run(tmp_path / "syn", arms=("lora", "balora"), task="synthetic"))
+    steps = frames.combine({"lm": lm.steps, "syn": other.steps})
+    tasks = {"lm": "lm", "syn": "synthetic"}
+    speed = frames.speedups(steps, 0.5, tasks=tasks).set_index("series")
+    assert np.isnan(speed.loc["lm: balora", "speedup_steps"]) and np.isnan(speed.loc["lm: balora", "speedup_seconds"])
+    assert speed.loc["syn: balora", "speedup_steps"] > 0  # the other run still compares within itself
+    # The same two runs as one task: the one-arm run borrows the other's lora (as without tasks).
+    same = frames.speedups(steps, 0.5, tasks={"lm": "synthetic", "syn": "synthetic"}).set_index("series")
+    assert same.loc["lm: balora", "speedup_steps"] == pytest.approx(
+        frames.speedups(steps, 0.5).set_index("series").loc["lm: balora", "speedup_steps"])
+    assert same.loc["lm: balora", "speedup_steps"] > 0
+
+
 def test_speed_up_defaults_to_excess_loss_and_a_target_every_reference_seed_reaches(grid_run):
     t = _by_series(grid_run)
     cell = frames.select_cell(t["steps"], 1e-3, 32.0)

@@ -305,12 +305,17 @@ def grid_cells(summary: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     return out.reset_index()[cols]
 
 
-def speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: str = "series", reference: str = "lora") -> pd.DataFrame:
+def speedups(steps: pd.DataFrame, target: float, *, metric: str = "loss", by: str = "series", reference: str = "lora",
+             tasks: dict | None = None) -> pd.DataFrame:
     """Steps and seconds each series needs to first reach `metric <= target`, median over
     seeds, and its speed-up over the `reference` arm of the same run and seed
     (balora.records.target_speedups, grouped by the page's series). When `steps` holds one
     cell per series and seed (the page's chosen cells, e.g. each arm at its own best), the
-    reference is taken at its own cell, as arm_summary does; across a whole grid, cell by cell."""
+    reference is taken at its own cell, as arm_summary does; across a whole grid, cell by cell.
+    tasks: run -> task (config.json): a run without the reference arm borrows it only from a run of
+    its own task (steps to another task's loss are no yardstick)."""
+    if tasks is not None and "run" in steps:
+        steps = steps.assign(task=steps["run"].map(lambda r: str(tasks.get(r))))
     one_cell = steps.empty or not steps.groupby([by, "seed"])[["lr", "alpha"]].nunique().gt(1).any(axis=None)
     return records.target_speedups(steps, target, metric=metric, by=by, reference=reference, same_cell=not one_cell)
 

@@ -268,7 +268,8 @@ def speedup_view() -> None:
             st.session_state["speed_target"] = default  # another metric or selection: its own default
         st.session_state["speed_target_for"] = metric
         target = b.number_input(f"Target {plots.METRIC_NAMES[metric]}", min_value=rng[0], max_value=rng[1], format="%.4g", key="speed_target")
-        speed = frames.speedups(cell_steps, target, metric=metric, reference=reference)
+        speed = frames.speedups(cell_steps, target, metric=metric, reference=reference,
+                                tasks={n: r.config.get("task") for n, r in runs.items()})
         st.plotly_chart(compare_plots.speedup_bars(speed, target=target, metric=metric, loss_unit=unit, reference=reference), key="fig_speed")
         st.caption("Seconds are training wall-clock (optimizer step + balancing), without diagnostics or evaluation. "
                    "A seed in which an arm never reaches the target counts as never (inf steps, speed-up 0) in "
