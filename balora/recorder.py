@@ -171,7 +171,7 @@ class RunRecorder(TrainerCallback):
         if self.writer is not None:
             self.writer.heartbeat({"steps_done": step})
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or self.writer is None:
             return
         step = state.global_step
@@ -179,6 +179,11 @@ class RunRecorder(TrainerCallback):
         if (self._nonfinite_grad_at is None and isinstance(grad_norm, (int, float))
                 and not math.isfinite(grad_norm)):  # logged as it is, where the loss may be a stand-in
             self._nonfinite_grad_at = step
+        if ("loss" in logs and grad_norm is None and self._diverged_at() is None and model is not None
+                and not _trained_factors_finite(model)):
+            # No gradient norm logged (transformers 4.x logs it only when clipping, max_grad_norm > 0): the
+            # factors tell instead, else stand-ins went into the steps table until the next diagnostics.
+            self._nonfinite_factors_at = self._last_finite_diag + 1
         if "loss" in logs:
             # From the first sign of divergence on, the Trainer's logged loss is a stand-in (0.0 once all are
             # NaN): the steps table gets no value there, as the summary keeps none (a curve falling to 0).
@@ -295,6 +300,15 @@ class RunRecorder(TrainerCallback):
             target=self.target_loss, target_on="eval_loss" if on_eval else "loss",
             reached=records.first_reached(evals if on_eval else losses, self.target_loss),
             total_seconds=self._train_s, balance_seconds=balance_s, diag_seconds=self._diag_s)
+
+
+def _trained_factors_finite(model) -> bool:
+    """Whether every trained LoRA factor this process holds is finite: local (an FSDP2 shard is read where
+    it is), so it needs no collective in on_log, which rank 0 alone acts on."""
+    from balora.distributed import local_storage
+
+    return all(bool(torch.isfinite(local_storage(p.detach())).all()) for n, p in model.named_parameters()
+               if p.requires_grad and ".lora_" in n)
 
 
 def _eval_every(args, state) -> int | None:

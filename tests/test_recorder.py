@@ -113,6 +113,27 @@ def test_a_diverged_run_keeps_no_stand_in_losses_in_its_steps(tmp_path):
     assert speed["reached"].eq(0).all()
 
 
+class _NoGradNorm(TrainerCallback):
+    """Hands the callbacks after it logs without grad_norm, as transformers 4.x does with max_grad_norm=0
+    (it logged the norm only when it clipped); the Trainer's log_history keeps it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs.pop("grad_norm", None)
+
+
+def test_a_diverged_run_without_a_logged_gradient_norm_keeps_no_stand_in_losses(tmp_path):
+    # Without a gradient norm in the logs the recorder saw no sign of divergence before its next
+    # diagnostics (layers_every: 50 by default), and the steps table kept the stand-ins (0.0) up to there.
+    out = tmp_path / "run"
+    trainer, _ = _train(tmp_path, out, lambda o: [_NoGradNorm(), RunRecorder(o)], max_steps=12, lr=1e30, evaluate=False)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    first_bad = min(h["step"] for h in logged if not math.isfinite(h["grad_norm"]))
+    assert any(h["loss"] == 0.0 for h in logged)  # the case: stand-ins handed over
+    run = load_run(out)
+    assert run.steps.loc[run.steps["step"] >= first_bad, "loss"].isna().all()
+    assert run.summary["status"].tolist() == ["diverged"]
+
+
 def test_recorder_with_balancing_shows_balanced_layers(tmp_path):
     out = tmp_path / "run"
 
