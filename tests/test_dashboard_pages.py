@@ -362,6 +362,32 @@ def test_compare_view_control_never_blank_and_tables_without_none(app):
     no_none_cells(at.dataframe[0])
 
 
+def _loaded_runs(path) -> int:
+    """How many Run objects of the run at `path` are alive (each page run unpickles its own copy)."""
+    import gc
+
+    from balora.store import Run
+
+    gc.collect()
+    return sum(isinstance(o, Run) and Path(o.path).name == Path(path).name for o in gc.get_objects())
+
+
+def test_compare_keeps_no_earlier_copy_of_a_run_alive(app, runs_root):
+    # Streamlit never forgets a widget's metadata, format_func included; a lambda defined in the page
+    # holds the page's globals (every loaded run and frame). Each view's widgets kept the run as it
+    # was when the view was last drawn: a session held one whole copy of a big run per view visited,
+    # and kept a run it no longer showed.
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["grid"]).run()
+    for section in ("Grid", "Speed-up", "Imbalance", "Spectra", "Loss"):
+        at.segmented_control(key="compare_section").set_value(section).run()
+        no_exception(at)
+    assert _loaded_runs(runs_root / "grid") == 1  # the copy the page shows now
+    at.multiselect(key="compare_runs").set_value(["single"]).run()
+    no_exception(at)
+    assert _loaded_runs(runs_root / "grid") == 0
+
+
 def test_compare_lists_a_damaged_run_and_loads_the_others(tmp_path, monkeypatch):
     write_run(tmp_path / "good")
     bad = tmp_path / "bad"

@@ -72,9 +72,12 @@ if "compare_runs" not in st.session_state:
 else:
     st.session_state["compare_runs"] = [n for n in st.session_state["compare_runs"] if n in names]
 
+# Widget labels come from dicts (their bound __getitem__), never from a function defined on this page: Streamlit
+# keeps every widget's metadata, format_func included, for the rest of the session, and such a function holds
+# this page's globals (every loaded run and frame): each view kept a whole copy of the runs it last showed.
+run_labels = {n: f"{n} ({'sample, read-only, ' if sample_of.get(n) else ''}{status_of.get(n, '?')})" for n in names}
 selected = st.multiselect(
-    "Runs", names, key="compare_runs", persist_state="session",
-    format_func=lambda n: f"{n} ({'sample, read-only, ' if sample_of.get(n) else ''}{status_of.get(n, '?')})",
+    "Runs", names, key="compare_runs", persist_state="session", format_func=run_labels.__getitem__,
     help=f"your runs in {RUNS_DIR}" + (f", then the bundled samples (samples/..., read-only) from {SAMPLES_DIR}"
                                        if SAMPLES_DIR is not None else ""),
 )
@@ -168,9 +171,9 @@ if is_grid:
     cell = c3.selectbox(
         "Learning rate × alpha cell shown in the curves", cell_options, key="compare_cell", persist_state="session",
         index=1 if per_seed_runs else 0,
-        format_func=lambda c: {"best": "each arm's own best cell (lowest median final loss)",
-                               "best per seed": "each seed's own best cell (the paper's protocol)"}.get(c)
-        or f"lr {c[0]:g}, alpha {c[1]:g}",
+        format_func={"best": "each arm's own best cell (lowest median final loss)",
+                     "best per seed": "each seed's own best cell (the paper's protocol)",
+                     **{c: f"lr {c[0]:g}, alpha {c[1]:g}" for c in cell_options[2:]}}.__getitem__,
     )
     if cell == "best per seed":
         cells = frames.best_cells(summary, steps, select="seed")
@@ -209,8 +212,8 @@ def loss_view() -> None:
     """Loss against step or time, final losses per arm, and the per-arm and per-seed tables."""
     metrics = frames.recorded(steps, frames.LOSS_METRICS)
     a, b, c, d = st.columns(4)
-    metric = a.selectbox("Metric", metrics or ["loss"], format_func=lambda m: plots.METRIC_NAMES[m], key="loss_metric")
-    x = b.radio("Against", ["step", "time_s"], format_func=lambda v: plots.X_LABELS[v], key="loss_x", horizontal=True)
+    metric = a.selectbox("Metric", metrics or ["loss"], format_func=plots.METRIC_NAMES.__getitem__, key="loss_metric")
+    x = b.radio("Against", ["step", "time_s"], format_func=plots.X_LABELS.__getitem__, key="loss_x", horizontal=True)
     band = c.radio("Spread across seeds", list(frames.BANDS), key="loss_band", horizontal=True)
     log_y = d.toggle("Log scale", value=True, key="loss_log")
     curves = frames.seed_curves(cell_steps, x=x, metric=metric, band=band, summary=cell_summary)
@@ -242,7 +245,7 @@ def grid_view() -> None:
     else:
         values = frames.recorded(summary, frames.GRID_VALUES)
         a, b = st.columns(2)
-        value = a.selectbox("Value", values or ["final_loss"], format_func=lambda v: plots.METRIC_NAMES[v], key="grid_value")
+        value = a.selectbox("Value", values or ["final_loss"], format_func=plots.METRIC_NAMES.__getitem__, key="grid_value")
         log_c = b.toggle("Log colour scale", value=True, key="grid_log")
         grid = frames.grid_cells(summary, value=value)
         st.plotly_chart(compare_plots.grid_heatmaps(grid, value=value, log_color=log_c, loss_unit=unit), key="fig_grid")
@@ -253,7 +256,7 @@ def speedup_view() -> None:
     """Steps and seconds to a target, relative to a reference arm."""
     metrics = frames.speed_metrics(cell_steps, cell_summary)
     a, b, c = st.columns(3)
-    metric = a.selectbox("Metric", metrics or ["loss"], format_func=lambda m: plots.METRIC_NAMES[m], key="speed_metric",
+    metric = a.selectbox("Metric", metrics or ["loss"], format_func=plots.METRIC_NAMES.__getitem__, key="speed_metric",
                          help="Excess loss (loss minus the best a rank-r update can reach) when the task records it: "
                               "every seed then aims at the same distance from its own optimum.")
     refs = sorted(set(cell_steps["arm"].astype(str)))
@@ -286,7 +289,8 @@ def imbalance_view() -> None:
                 "optimizer steps of `balora compare`; 0 turns them off).")
     else:
         a, b = st.columns([1, 3])
-        value = a.selectbox("Quantity", ["rel_imbalance", "imbalance"], format_func=lambda v: plots.VALUE_LABELS[v].split(" (")[0], key="imb_value")
+        quantities = {v: plots.VALUE_LABELS[v].split(" (")[0] for v in ("rel_imbalance", "imbalance")}
+        value = a.selectbox("Quantity", list(quantities), format_func=quantities.__getitem__, key="imb_value")
         remembered_layers("imb_layers", modules, modules[:2])
         chosen = b.multiselect("Layers for the line chart", modules, key="imb_layers")
         st.plotly_chart(compare_plots.imbalance_heatmaps(frames.layer_steps(cell_layers, [value]), value=value), key="fig_imb_heat")
@@ -309,7 +313,7 @@ def spectra_view() -> None:
             step = b.select_slider("Step", steps_avail, value=steps_avail[-1], key="spec_step") if len(steps_avail) > 1 else steps_avail[0]
             sv = frames.spectra_at(cell_spectra, module, step)
             st.plotly_chart(plots.singular_values(sv, title=f"Singular values of {md.plot_label(module)} at step {step}", log_y=log_y), key="fig_spec_at")
-            which = st.radio("Evolution of", ["dW", "B", "A"], format_func=lambda w: plots.WHICH_TITLES[w], horizontal=True, key="spec_which")
+            which = st.radio("Evolution of", ["dW", "B", "A"], format_func=plots.WHICH_TITLES.__getitem__, horizontal=True, key="spec_which")
             st.plotly_chart(compare_plots.spectrum_evolution(frames.spectra_over_steps(cell_spectra, module, which), which=which, log_y=log_y), key="fig_spec_evo")
         else:
             st.info(f"No spectra recorded for {md.text(module)}.")

@@ -107,7 +107,7 @@ trainer = len(ck) > 1
 if trainer:
     st.subheader(f"Across {len(ck)} checkpoints")
     a, b = st.columns([3, 1])
-    value = a.selectbox("Quantity", ["rel_imbalance", "cond_dW", "sigma_max", "eff_rank", "norm_B", "norm_A"], format_func=lambda v: plots.VALUE_LABELS[v], key="insp_ck_value")
+    value = a.selectbox("Quantity", ["rel_imbalance", "cond_dW", "sigma_max", "eff_rank", "norm_B", "norm_A"], format_func=plots.VALUE_LABELS.__getitem__, key="insp_ck_value")
     log_y = b.toggle("Log scale", value=value.startswith("cond"), key="insp_ck_log")
     st.plotly_chart(inspect_plots.across_checkpoints(df, value=value, log_y=log_y), key="fig_insp_ck")
     names = ck["checkpoint"].astype(str).tolist()
@@ -143,10 +143,12 @@ if notes:
 ok = report_frames.measured(report)
 st.subheader("By layer")
 a, b, c = st.columns([3, 2, 1])
-value = a.selectbox("Quantity", ["rel_imbalance", "imbalance", "eff_rank", "sigma_max", "norm_A", "norm_B"], format_func=lambda v: plots.VALUE_LABELS[v], key="insp_value")
+value = a.selectbox("Quantity", ["rel_imbalance", "imbalance", "eff_rank", "sigma_max", "norm_A", "norm_B"], format_func=plots.VALUE_LABELS.__getitem__, key="insp_value")
 shown_n = [n for n in report_frames.TOP_N if n < len(ok)]
-top = b.selectbox("Layers", [None, *shown_n], key="insp_top",
-                  format_func=lambda n: f"all {len(ok)}, in file order" if n is None else f"the {n} largest")
+# Labels from dicts, never a function defined on this page: Streamlit keeps a widget's format_func for the
+# session, and such a function holds the page's globals (the report, a balanced copy's bytes) after a page switch.
+top_labels = {None: f"all {len(ok)}, in file order", **{n: f"the {n} largest" for n in shown_n}}
+top = b.selectbox("Layers", list(top_labels), key="insp_top", format_func=top_labels.__getitem__)
 log_x = c.toggle("Log scale", value=False, key="insp_log")
 sub = f"the {top} layers with the largest value of {len(ok)}" if top else None
 st.plotly_chart(inspect_plots.layer_bars(report_frames.worst_layers(ok, value, top), value=value, log_x=log_x, subtitle=sub), key="fig_insp_layers")
@@ -174,7 +176,7 @@ st.caption(
 a, b = st.columns([2, 1])
 method = a.radio(
     "Gauge", ["nearest", "svd"], horizontal=True, key="insp_method",
-    format_func=lambda m: {"nearest": "nearest (closest balanced pair; keeps Adam's moments meaningful)", "svd": "svd (the paper's)"}[m],
+    format_func={"nearest": "nearest (closest balanced pair; keeps Adam's moments meaningful)", "svd": "svd (the paper's)"}.__getitem__,
 )
 if b.button("Balance", type="primary", key="insp_balance"):
     st.session_state["insp_balance_req"] = (str(src), method)

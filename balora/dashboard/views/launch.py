@@ -105,7 +105,7 @@ with st.form("launch_form"):
     seeds = b.slider("Seeds", 1, settings.LAUNCH_MAX_SEEDS, 2 if task == "synthetic" else 1)
     c, d = st.columns(2)
     steps = c.number_input("Steps per cell", min_value=1, max_value=max_steps, value=min(100, max_steps), step=10)
-    optimizer = d.selectbox("Optimizer", OPTIMIZERS, format_func=lambda o: o or "task default")
+    optimizer = d.selectbox("Optimizer", OPTIMIZERS, format_func={o: o or "task default" for o in OPTIMIZERS}.__getitem__)  # not a page function: kept for the session
     e, f = st.columns(2)
     lrs = e.text_input("Learning rates (comma-separated, empty: task default)", placeholder="1e-3,1e-2", help=f"at most {settings.LAUNCH_MAX_GRID}")
     alphas = f.text_input("Alphas (comma-separated, empty: task default)", placeholder="8,32", help=f"at most {settings.LAUNCH_MAX_GRID}")
