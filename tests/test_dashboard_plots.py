@@ -152,6 +152,23 @@ def test_singular_values_and_evolution():
     assert len(evo.data) == 2 * 3 and {t.name for t in evo.data} == {"σ1", "σ2", "σ3"}
 
 
+@pytest.mark.parametrize("n", [27, 40])
+def test_per_series_panels_for_many_runs_and_arms(n):
+    # Compare with ~10 runs of 3 arms: one panel per run and arm. A fixed gap between panels (0.03-0.04 of
+    # the width) is more than plotly allows past 26-34 panels: the Grid, Imbalance and Spectra views raised.
+    series = [f"run{k // 3} / {('lora', 'balora', 'balora-svd')[k % 3]}" for k in range(n)]
+    grid = pd.DataFrame([{"series": s, "lr": lr, "alpha": 8.0, "final_loss": 1.0 + i} for i, s in enumerate(series)
+                         for lr in (1e-3, 1e-2)])
+    figs = [compare_plots.grid_heatmaps(grid, value="final_loss"),
+            compare_plots.imbalance_heatmaps(_layers(series=series)),
+            compare_plots.spectrum_evolution(_spectra(series=series).query("which == 'dW'").drop(columns="which"))]
+    for fig in figs:
+        domains = [getattr(fig.layout, n).domain for n in dir(fig.layout) if n.startswith("xaxis")]
+        assert len(domains) == n
+        assert all(d[1] > d[0] for d in domains)  # every panel has a width
+    assert len([t for t in figs[0].data if isinstance(t, go.Heatmap)]) == n
+
+
 def test_condition_lines_show_infinite_as_gaps():
     fig = compare_plots.condition_lines(_layers().groupby(["series", "step"], as_index=False)[["cond_dW", "cond_A", "cond_B"]].max())
     assert_labelled(fig, "optimizer step", "condition number")

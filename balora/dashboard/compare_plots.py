@@ -106,6 +106,12 @@ def _off_log(values: pd.DataFrame, log_y: bool) -> str:
     return f"; {n} value{'s' if n > 1 else ''} <= 0 left off the log scale (turn log off to see them)" if n else ""
 
 
+def _gap(panels: int, gap: float) -> float:
+    """`gap` between side-by-side panels (one per run and arm), narrowed so the gaps take at most a third of the
+    width: plotly refuses a gap over 1 / (panels - 1), and ~10 runs of 3 arms raised in the Grid, Imbalance and Spectra views."""
+    return min(gap, 1 / (3 * max(panels - 1, 1)))
+
+
 def _fmt_lr(v: float, digits: int = 1) -> str:
     return f"{v:.{digits - 1}e}".replace("e-0", "e-").replace("e+0", "e")
 
@@ -145,7 +151,7 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     zmin, zmax = (np.log10(finite.min()), np.log10(finite.max())) if use_log else (finite.min(), finite.max())
     if zmin == zmax:
         zmax = zmin + 1e-12
-    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[plot_label(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.04)
+    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[plot_label(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=_gap(len(labels), 0.04))
     unit = f" ({loss_unit})" if loss_unit else ""
     for col, label in enumerate(labels, start=1):
         sub = grid[grid[by] == label]
@@ -251,7 +257,7 @@ def imbalance_heatmaps(heat: pd.DataFrame, *, value: str = "rel_imbalance", by: 
     zmin, zmax = np.log10(floor), np.log10(pos.max()) if pos.size else 0.0
     if zmin == zmax:
         zmin -= 1
-    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[plot_label(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.03)
+    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[plot_label(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=_gap(len(labels), 0.03))
     for col, label in enumerate(labels, start=1):
         p = heat[heat[by] == label].pivot_table(index="module", columns="step", values=value, aggfunc="median").reindex(modules)
         z = p.to_numpy(dtype=float)
@@ -305,7 +311,7 @@ def spectrum_evolution(sv: pd.DataFrame, *, which: str = "dW", by: str = "series
     if sv.empty:
         return empty_figure(title, "optimizer step", SIGMA_LABEL, "no spectra recorded for this selection")
     labels = list(dict.fromkeys(sv[by]))
-    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[plot_label(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=0.03)
+    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[plot_label(lab) for lab in labels], shared_yaxes=True, horizontal_spacing=_gap(len(labels), 0.03))
     indices = sorted(sv["index"].unique())
     for col, label in enumerate(labels, start=1):
         g = sv[sv[by] == label]
