@@ -65,9 +65,19 @@ def _load_run(path: str, version: tuple):
     return store.load_run(path)
 
 
+_LOADED: dict[str, tuple] = {}  # run path -> the version load_run last served
+
+
 def load_run(path: str | Path):
-    """balora.load_run(path), re-read only when its files change."""
-    return _load_run(str(path), run_version(path))
+    """balora.load_run(path), re-read only when its files change. Only the latest version of a run is
+    kept: a run being written is a new version at every part file, and the cache kept the last 32 whole
+    copies of it (hundreds of MB while watching a long sweep)."""
+    path, version = str(path), run_version(path)
+    old = _LOADED.get(path)
+    if old is not None and old != version:
+        _load_run.clear(path, old)
+    _LOADED[path] = version
+    return _load_run(path, version)
 
 
 def status_labels(runs: pd.DataFrame) -> list[str]:
