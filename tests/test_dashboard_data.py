@@ -117,12 +117,19 @@ def test_runs_dir_precedence(tmp_path):
 # --------------------------------------------------------------------------- run loading and status
 
 
-def test_load_run_is_cached_until_files_change(tmp_path, monkeypatch):
+@pytest.fixture
+def store_loads(monkeypatch) -> list:
+    """The paths balora.store.load_run reads (what the dashboard's cache did not serve)."""
     import balora.store
 
     calls = []
     real = balora.store.load_run
     monkeypatch.setattr(balora.store, "load_run", lambda p: calls.append(p) or real(p))
+    return calls
+
+
+def test_load_run_is_cached_until_files_change(tmp_path, store_loads):
+    calls = store_loads
     path = write_run(tmp_path / "live", status=None)
     first = loaders.load_run(path)
     assert first.status == "running" and len(loaders.load_run(path).steps) == len(first.steps)
@@ -134,15 +141,12 @@ def test_load_run_is_cached_until_files_change(tmp_path, monkeypatch):
     assert len(calls) == 2 and len(again.steps) == len(first.steps) + 4  # 2 arms x 2 seeds
 
 
-def test_load_run_keeps_only_the_latest_version_of_a_run_being_written(tmp_path, monkeypatch):
+def test_load_run_keeps_only_the_latest_version_of_a_run_being_written(tmp_path, store_loads):
     # Each version of a live run was a cache entry of its own (32 kept): watching a long sweep, the
     # dashboard held the last 32 versions of the run, 387 MiB for a 60 MB run after 12 refreshes.
-    import balora.store
     from balora.store import run_version
 
-    calls = []
-    real = balora.store.load_run
-    monkeypatch.setattr(balora.store, "load_run", lambda p: calls.append(p) or real(p))
+    calls = store_loads
     path = write_run(tmp_path / "live", status=None)
     first = loaders.load_run(path)
     old = run_version(path)
