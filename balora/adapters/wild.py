@@ -111,7 +111,8 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
     # pairs no metadata config covers (an unprefixed one covers all): their `.alpha` keys, if any, give the scaling
     bare = [] if None in configs else [e for e in entries if e.module.partition(".")[0] not in configs]
     alphas = _alpha_scalings(tf, bare, weights)
-    other = [k for k in other if k not in {key for key, _ in alphas.values()}]  # read, as kohya's alphas are
+    read = {key for key, _ in alphas.values()}
+    other = [k for k in other if k not in read]  # read, as kohya's alphas are
     for e in entries:
         prefix, _, rest = e.module.partition(".")
         key = prefix if prefix in configs else None
