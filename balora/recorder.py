@@ -179,15 +179,15 @@ class RunRecorder(TrainerCallback):
         if (self._nonfinite_grad_at is None and isinstance(grad_norm, (int, float))
                 and not math.isfinite(grad_norm)):  # logged as it is, where the loss may be a stand-in
             self._nonfinite_grad_at = step
-        if ("loss" in logs and grad_norm is None and self._diverged_at() is None and model is not None
-                and not _trained_factors_finite(model)):
-            # No gradient norm logged (transformers 4.x logs it only when clipping, max_grad_norm > 0): the
-            # factors tell instead, else stand-ins went into the steps table until the next diagnostics.
-            self._nonfinite_factors_at = self._last_finite_diag + 1
         if "loss" in logs:
+            diverged_at = self._diverged_at()
+            if diverged_at is None and grad_norm is None and model is not None and not _trained_factors_finite(model):
+                # No gradient norm logged (transformers 4.x logs it only when clipping, max_grad_norm > 0): the
+                # factors tell instead, else stand-ins went into the steps table until the next diagnostics.
+                self._nonfinite_factors_at = diverged_at = self._last_finite_diag + 1
             # From the first sign of divergence on, the Trainer's logged loss is a stand-in (0.0 once all are
             # NaN): the steps table gets no value there, as the summary keeps none (a curve falling to 0).
-            diverged = self._diverged_at() is not None and self._diverged_at() <= step
+            diverged = diverged_at is not None and diverged_at <= step
             self._row(step)["loss"] = math.nan if diverged else float(logs["loss"])
             self._losses.append((step, float(logs["loss"]), self._train_s))
         if "eval_loss" in logs:
