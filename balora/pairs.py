@@ -73,11 +73,12 @@ class FactorPair(PairShape):
         return self.B.shape  # torch.Size is a tuple
 
 
-def group_by_shape(pairs: list[FactorPair]) -> dict[tuple, list[int]]:
-    """Indices of pairs that can share one batched call: same factor shapes, dtype, device."""
+def group_by_shape(pairs: list[FactorPair], *, by_adapter: bool = False) -> dict[tuple, list[int]]:
+    """Indices of pairs that can share one batched call: same factor shapes, dtype, device (and
+    adapter name with by_adapter)."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(pairs):
-        key = (tuple(p.A.shape), tuple(p.B.shape), p.A.dtype, p.B.dtype, p.A.device)
+        key = (tuple(p.A.shape), tuple(p.B.shape), p.A.dtype, p.B.dtype, p.A.device, p.adapter if by_adapter else None)
         groups.setdefault(key, []).append(i)
     return groups
 

@@ -153,7 +153,10 @@ def stack_blocks(pairs: list[FactorPair], stack: bool | None = None, rehome_para
     the parameters' own stacks (balora.param_stacks), re-homing them there on the first pass."""
     blocks = []
     shared: set[int] | None = None  # found when a block is first re-homed
-    for members in _by_adapter(pairs, group_by_shape(pairs).values()):
+    # By adapter too, so that a re-homed stack holds one adapter's parameters: torch.save writes a view's
+    # whole storage, and saving one adapter (PEFT's save_pretrained with safe_serialization=False, torch.save
+    # of its state dict) wrote the other adapters' factors too.
+    for members in group_by_shape(pairs, by_adapter=True).values():
         first = pairs[members[0]]
         dtype = compute_dtype(first.A.dtype, first.B.dtype)
         if not use_stacks(first.A.device, first.A.dtype, first.B.dtype, stack):
@@ -175,19 +178,6 @@ def stack_blocks(pairs: list[FactorPair], stack: bool | None = None, rehome_para
                     for name, h in (("A", homes[0]), ("B", homes[1])))
         blocks.append(Block(members, A, B, first.A.dtype, first.B.dtype, homes=homes, adapter=first.adapter))
     return blocks
-
-
-def _by_adapter(pairs: list[FactorPair], groups) -> list[list[int]]:
-    """Each group of indices split by adapter, so that a re-homed stack holds one adapter's parameters:
-    torch.save writes a view's whole storage, and saving one adapter (PEFT's save_pretrained with
-    safe_serialization=False, torch.save of its state dict) wrote the other adapters' factors too."""
-    out = []
-    for members in groups:
-        split: dict[str, list[int]] = {}
-        for k in members:
-            split.setdefault(pairs[k].adapter, []).append(k)
-        out += split.values()
-    return out
 
 
 def _shared_storage(pairs: list[FactorPair]) -> set[int]:
