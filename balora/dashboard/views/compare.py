@@ -93,6 +93,7 @@ for name in selected:
         st.error(f"Could not read run {md.code(name)} ({md.text(paths[name])}): {md.text(e)}")
 if not runs:
     st.stop()
+tasks = {n: r.config.get("task") for n, r in runs.items()}  # run -> its task (config.json)
 
 live = []
 for name, run in runs.items():
@@ -204,8 +205,7 @@ def cell_table(table: str):
 
 def why_absent(column: str, absent: list[str]) -> str:
     """Why the `absent` runs recorded no `column`: their task (config.json) against the drawn runs'."""
-    task = {n: r.config.get("task") for n, r in runs.items()}
-    return frames.why_unrecorded(column, [task[n] for n in absent], [t for n, t in task.items() if n not in absent])
+    return frames.why_unrecorded(column, [tasks[n] for n in absent], [t for n, t in tasks.items() if n not in absent])
 
 
 def loss_view() -> None:
@@ -271,8 +271,7 @@ def speedup_view() -> None:
             st.session_state["speed_target"] = default  # another metric or selection: its own default
         st.session_state["speed_target_for"] = metric
         target = b.number_input(f"Target {plots.METRIC_NAMES[metric]}", min_value=rng[0], max_value=rng[1], format="%.4g", key="speed_target")
-        speed = frames.speedups(cell_steps, target, metric=metric, reference=reference,
-                                tasks={n: r.config.get("task") for n, r in runs.items()})
+        speed = frames.speedups(cell_steps, target, metric=metric, reference=reference, tasks=tasks)
         st.plotly_chart(compare_plots.speedup_bars(speed, target=target, metric=metric, loss_unit=unit, reference=reference), key="fig_speed")
         st.caption("Seconds are training wall-clock (optimizer step + balancing), without diagnostics or evaluation. "
                    "A seed in which an arm never reaches the target counts as never (inf steps, speed-up 0) in "
