@@ -156,7 +156,8 @@ def runs_without(df: pd.DataFrame, column: str, runs: list[str]) -> list[str]:
 def why_unrecorded(column: str, absent_tasks: list, drawn_tasks: list) -> str:
     """Why runs of `absent_tasks` lack `column` while runs of `drawn_tasks` have it (the page's "Not
     drawn" note): another task, or, in a run of a drawn task, no evaluation (no eval set, --eval-every 0)."""
-    other = [t not in set(drawn_tasks) for t in absent_tasks]
+    drawn = set(drawn_tasks)
+    other = [t not in drawn for t in absent_tasks]
     unrecorded = "no evaluation, or it diverged first" if "eval" in column else "not recorded"
     return "another task" if all(other) else unrecorded if not any(other) else f"another task, or {unrecorded}"
 
