@@ -361,3 +361,61 @@ def test_lycoris_full_difference_modules_are_listed_as_skipped(tmp_path):
     ref = _dw64(tensors, "lycoris_b.lora_down.weight", "lycoris_b.lora_up.weight", 1.0)
     np.testing.assert_allclose(_dw64(after, "lycoris_b.lora_down.weight", "lycoris_b.lora_up.weight", 1.0), ref,
                                atol=1e-5 * np.abs(ref).max())
+
+
+def test_diffusers_file_with_alpha_keys_for_some_pairs_scales_the_others_as_diffusers_does(tmp_path):
+    """A Flux-style file whose `.alpha` keys cover only some pairs: diffusers gives the pairs without one
+    the most common alpha of the file's alphas (get_peft_kwargs' lora_alpha), so their scaling is
+    that alpha over their own rank, not unknown."""
+    pytest.importorskip("diffusers", reason="diffusers not installed (pip install -e '.[wild]')")
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    # (rank, alpha or None): alpha 8 is the most common; two pairs have none, at ranks 4 and 8
+    spec = [(4, 8.0, "to_q"), (4, 8.0, "to_k"), (8, 2.0, "to_v"), (4, None, "to_q"), (8, None, "to_k"), (4, 8.0, "to_v")]
+    for j, (r, alpha, part) in enumerate(spec):
+        m = f"transformer.single_transformer_blocks.{j // 3}.attn.{part}"
+        tensors[f"{m}.lora_A.weight"] = torch.randn(r, 16, generator=g)
+        tensors[f"{m}.lora_B.weight"] = torch.randn(16, r, generator=g)
+        if alpha is not None:
+            tensors[f"{m}.alpha"] = torch.tensor(alpha)
+    path = tmp_path / "flux_lora.safetensors"
+    save_file(tensors, path)
+
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=0, num_single_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                  axes_dims_rope=[2, 2, 4])
+    state, alphas = FluxLoraLoaderMixin.lora_state_dict(str(path), return_alphas=True)
+    FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas, transformer=flux)
+    loaded = {f"transformer.{n}": float(next(iter(m.scaling.values()))) for n, m in flux.named_modules()
+              if isinstance(getattr(m, "scaling", None), dict) and m.scaling}
+
+    df = balora.inspect(path).set_index("module")
+    assert set(df.index) == set(loaded)
+    for module, s in loaded.items():
+        assert df.loc[module, "scaling"] == pytest.approx(s, rel=1e-12), module
+    assert "scaling unknown" not in " ".join(balora.inspect(path).attrs["sources"][0]["notes"])
+
+
+def test_diffusers_file_whose_alphas_tie_leaves_the_others_unknown(tmp_path):
+    """Two alphas equally common: diffusers' choice for the pairs without one follows the order it read
+    the keys in, so balora does not guess: those pairs' scaling is unknown, and the note says so."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for j, alpha in enumerate([2.0, 8.0, None]):
+        m = f"transformer.single_transformer_blocks.{j}.attn.to_q"
+        tensors[f"{m}.lora_A.weight"] = torch.randn(4, 16, generator=g)
+        tensors[f"{m}.lora_B.weight"] = torch.randn(16, 4, generator=g)
+        if alpha is not None:
+            tensors[f"{m}.alpha"] = torch.tensor(alpha)
+    path = tmp_path / "flux_lora.safetensors"
+    save_file(tensors, path)
+    df = balora.inspect(path).set_index("module")
+    assert df.scaling.to_dict() == pytest.approx({"transformer.single_transformer_blocks.0.attn.to_q": 0.5,
+                                                  "transformer.single_transformer_blocks.1.attn.to_q": 2.0,
+                                                  "transformer.single_transformer_blocks.2.attn.to_q": float("nan")},
+                                                 nan_ok=True)
+    notes = " ".join(balora.inspect(path).attrs["sources"][0]["notes"])
+    assert "two alphas are equally common" in notes and "no lora_adapter_metadata" not in notes

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 
 from balora.adapters.entries import PEFT_KEYS, PairEntry, find_entries, has_kohya_factors, natural_key
 from balora.adapters.peft_config import check_config, config_rank_scaling, rank_scaling_tables, variant_skip
@@ -111,6 +112,7 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
     # pairs no metadata config covers (an unprefixed one covers all): their `.alpha` keys, if any, give the scaling
     bare = [] if None in configs else [e for e in entries if e.module.partition(".")[0] not in configs]
     alphas = _alpha_scalings(tf, bare, weights)
+    common = _common_alphas(alphas, bare)
     read = {key for key, _ in alphas.values()}
     other = [k for k in other if k not in read]  # read, as kohya's alphas are
     for e in entries:
@@ -118,7 +120,9 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
         key = prefix if prefix in configs else None
         if key not in configs:
             if e.name in alphas:
-                e.scaling = alphas[e.name][1]
+                e.scaling = alphas[e.name][1] / e.r
+            elif common.get(prefix) is not None:  # as diffusers: the file's most common alpha over this rank
+                e.scaling = common[prefix] / e.r
             else:
                 unknown.add(prefix)
             continue
@@ -130,6 +134,11 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
         e.dora = e.dora or bool(cfg.get("use_dora"))
         e.skip_reason = e.skip_reason or variant_skip(cfg)
     notes = []
+    tied = sorted(p for p in unknown if p in common)  # alphas for some pairs, none most common
+    if tied:
+        notes.append(f"{', '.join(tied)}: diffusers gives pairs without a `.alpha` key the most common alpha of the "
+                     f"others, and two alphas are equally common here: for those pairs, {UNKNOWN_SCALING}")
+        unknown -= set(tied)
     if unknown and not configs:
         notes.append(f"no {DIFFUSERS_METADATA} in the file: {UNKNOWN_SCALING}")
     elif unknown:
@@ -139,9 +148,9 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
 
 
 def _alpha_scalings(tf: TensorFile, entries: list[PairEntry], where) -> dict[str, tuple[str, float]]:
-    """{pair name: (alpha key, alpha / r)} of the pairs stored with a `<module>.alpha` beside lora_A / lora_B (Flux
+    """{pair name: (alpha key, alpha)} of the pairs stored with a `<module>.alpha` beside lora_A / lora_B (Flux
     LoRAs such as TheLastBen/Jon_Snow_Flux_LoRA): diffusers loads those alphas as network_alphas when the
-    file has no lora_adapter_metadata, so without them the scaling is not unknown but this."""
+    file has no lora_adapter_metadata, so the scaling is not unknown but alpha / r."""
     found = [(e, e.key_A[: e.key_A.rindex(".lora_A")] + ".alpha") for e in entries if ".lora_A" in e.key_A]
     found = [(e, k) for e, k in found if k in tf.shapes]
     values = tf.get([k for _, k in found]) if found else {}
@@ -151,7 +160,23 @@ def _alpha_scalings(tf: TensorFile, entries: list[PairEntry], where) -> dict[str
         if a.numel() != 1 or not a.is_floating_point() or not bool(a.float().isfinite().all()):
             raise InputError(f"{where}: {k} should be one finite floating-point number (the pair's alpha), "
                              f"got {a.dtype} of shape {list(a.shape)}")
-        out[e.name] = k, float(a.float()) / e.r
+        out[e.name] = k, float(a.float())
+    return out
+
+
+def _common_alphas(alphas: dict[str, tuple[str, float]], entries: list[PairEntry]) -> dict[str, float | None]:
+    """{model prefix (`transformer`, `text_encoder`): the alpha diffusers gives that model's pairs stored
+    without one}: diffusers hands each model the network_alphas under its prefix and makes the most common
+    of them the config's lora_alpha (get_peft_kwargs). None where two values tie: diffusers' pick then
+    follows the order it read the keys in, so the scaling of those pairs stays unknown."""
+    by_prefix: dict[str, Counter] = {}
+    for e in entries:
+        if e.name in alphas:
+            by_prefix.setdefault(e.module.partition(".")[0], Counter())[alphas[e.name][1]] += 1
+    out = {}
+    for prefix, counts in by_prefix.items():
+        (top, n), *rest = counts.most_common()
+        out[prefix] = None if rest and rest[0][1] == n else top
     return out
 
 
