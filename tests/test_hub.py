@@ -303,3 +303,51 @@ def test_balancing_a_one_file_repository_into_the_other_formats_name_is_refused(
         balora.balance_file("user/style-lora", out)
     msg = str(err.value)
     assert "\n" not in msg and "style_balanced.safetensors" in msg and not out.exists()
+
+
+def _diffusers_lora_bytes(seed: int, tmp_path: Path) -> bytes:
+    """pytorch_lora_weights.safetensors as diffusers' save_lora_weights writes it (r=4, lora_alpha=8)."""
+    import torch
+
+    loaders = pytest.importorskip("diffusers.loaders", reason="diffusers not installed (pip install -e '.[wild]')")
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name in ("down.attn.to_q", "down.attn.to_v"):
+        layers[f"{name}.lora_A.weight"] = torch.randn(4, 6, generator=g)
+        layers[f"{name}.lora_B.weight"] = torch.randn(5, 4, generator=g)
+    folder = tmp_path / f"diffusers-{seed}"
+    loaders.StableDiffusionLoraLoaderMixin.save_lora_weights(
+        folder, unet_lora_layers=layers, unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8})
+    return (folder / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def test_a_diffusers_training_repository_with_checkpoint_folders_reads_its_final_lora(offline_cache, tmp_path):
+    # diffusers' train_*_lora.py scripts push their whole output folder: the final
+    # pytorch_lora_weights.safetensors beside checkpoint-N/ folders (accelerate's state, with the LoRA
+    # file of that step). balora took the folder for a PEFT Trainer output and refused it ("Trainer
+    # output folder whose checkpoints hold no LoRA adapter"); diffusers' load_lora_weights reads the
+    # top file, and so must inspect and balance.
+    import balora
+    from safetensors.torch import load, load_file
+
+    final, step = _diffusers_lora_bytes(0, tmp_path), _diffusers_lora_bytes(1, tmp_path)
+    make_cache(offline_cache, "user/dreambooth-lora", {
+        "pytorch_lora_weights.safetensors": final, "README.md": b"# lora", "image_0.png": b"\x89PNG",
+        "checkpoint-500/pytorch_lora_weights.safetensors": step, "checkpoint-500/optimizer.bin": b"state",
+    })
+    df = balora.inspect("user/dreambooth-lora")
+    tensors = load(final)
+    assert len(df) == 2 and (df.status == "ok").all()
+    for row in df.itertuples():
+        A = tensors[f"{row.module}.lora_A.weight"].double().numpy()
+        B = tensors[f"{row.module}.lora_B.weight"].double().numpy()
+        assert row.scaling == pytest.approx(8 / 4)
+        np.testing.assert_allclose(row.sigma, np.linalg.svd(2.0 * B @ A, compute_uv=False)[:4], rtol=1e-5)
+    out = tmp_path / "balanced"
+    summary = balora.balance_file("user/dreambooth-lora", out)
+    assert summary.balanced == 2 and not (out / "checkpoint-500").exists()
+    after = load_file(out / "pytorch_lora_weights.safetensors")
+    for m in df.module:
+        A0, B0 = tensors[f"{m}.lora_A.weight"].double(), tensors[f"{m}.lora_B.weight"].double()
+        A1, B1 = after[f"{m}.lora_A.weight"].double(), after[f"{m}.lora_B.weight"].double()
+        np.testing.assert_allclose((B1 @ A1).numpy(), (B0 @ A0).numpy(), atol=1e-5 * float((B0 @ A0).abs().max()))

@@ -76,11 +76,9 @@ class AdapterSource:
 
     def describe(self) -> dict:
         """Plain-data summary for DataFrame.attrs and reports."""
-        return {
-            "path": str(self.weights), "reader": self.reader, "format": self.format, "adapter": self.adapter,
-            "checkpoint": self.checkpoint, "step": self.step, "modules": len(self.entries),
-            "other_tensors": len(self.other_keys), "metadata": self.metadata, "notes": list(self.notes),
-        }
+        return {"path": str(self.weights), "reader": self.reader, "format": self.format, "adapter": self.adapter,
+                "checkpoint": self.checkpoint, "step": self.step, "modules": len(self.entries),
+                "other_tensors": len(self.other_keys), "metadata": self.metadata, "notes": list(self.notes)}
 
 
 def adapter_root(path: Path) -> Path:
@@ -236,6 +234,8 @@ def read_trainer_folder(c: Candidate) -> list[AdapterSource] | None:
         for src in found:
             src.reader, src.checkpoint, src.step = "trainer", d.name, n
         sources += found
+    if not sources and any(p.suffix == ".safetensors" for p in path.iterdir()):
+        return None  # diffusers' scripts keep checkpoint-N beside their final LoRA file: the readers below read it
     if not sources:
         hint = sharded_checkpoint_hint(path, MAX_TREE_DEPTH)
         raise InputError(f"{path}: Trainer output folder whose checkpoints hold no LoRA adapter ({ADAPTER_CONFIG})"
