@@ -351,3 +351,24 @@ def test_a_diffusers_training_repository_with_checkpoint_folders_reads_its_final
         A0, B0 = tensors[f"{m}.lora_A.weight"].double(), tensors[f"{m}.lora_B.weight"].double()
         A1, B1 = after[f"{m}.lora_A.weight"].double(), after[f"{m}.lora_B.weight"].double()
         np.testing.assert_allclose((B1 @ A1).numpy(), (B0 @ A0).numpy(), atol=1e-5 * float((B0 @ A0).abs().max()))
+
+
+def test_a_partly_downloaded_repository_offline_is_not_called_absent(offline_cache):
+    # An interrupted download leaves the snapshot without some of the files that huggingface_hub's
+    # cached tree listing (trees/<commit>.json, written by snapshot_download) names; offline,
+    # snapshot_download then raises IncompleteSnapshotError, a LocalEntryNotFoundError. balora said
+    # "not in the Hugging Face cache", while the user can see models--user--half in it.
+    import json
+
+    errors = pytest.importorskip("huggingface_hub.errors")
+    if not hasattr(errors, "IncompleteSnapshotError"):
+        pytest.skip("this huggingface_hub has no cached tree listings (IncompleteSnapshotError)")
+    snap = make_cache(offline_cache, "user/half", {"adapter_config.json": b"{}"})
+    listing = {name: {"size": 2, "blob_id": "0" * 40} for name in ("adapter_config.json", "adapter_model.safetensors")}
+    (snap.parent.parent / "trees").mkdir()
+    (snap.parent.parent / "trees" / f"{COMMIT}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
+    with pytest.raises(InputError) as err:
+        hub.resolve_source("user/half")
+    msg = str(err.value)
+    assert "\n" not in msg and "user/half" in msg and str(snap) in msg
+    assert "not in the Hugging Face cache" not in msg and "HF_HUB_OFFLINE" in msg

@@ -83,8 +83,13 @@ def download_adapter(repo_id: str, revision: str | None = None) -> HubSource:
             repo_id, revision=revision, allow_patterns=ADAPTER_PATTERNS, ignore_patterns=MODEL_PATTERNS,
             local_files_only=bool(constants.HF_HUB_OFFLINE), etag_timeout=10,
         ))
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
         how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        if getattr(e, "snapshot_path", None):  # IncompleteSnapshotError: files of its cached tree listing are missing
+            raise InputError(
+                f"{name}: only part of it is in the Hugging Face cache (files are missing from {e.snapshot_path}: "
+                f"an interrupted download?) while {how}; download it again where there is network access"
+            ) from None
         raise InputError(
             f"{name}: not a local path, and not in the Hugging Face cache ({cache}) while {how}; "
             "download it where there is network access, or give a local path"
