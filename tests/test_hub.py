@@ -372,3 +372,83 @@ def test_a_partly_downloaded_repository_offline_is_not_called_absent(offline_cac
     msg = str(err.value)
     assert "\n" not in msg and "user/half" in msg and str(snap) in msg
     assert "not in the Hugging Face cache" not in msg and "HF_HUB_OFFLINE" in msg
+
+
+# ---------------------------------------------------------------- online: the download is sized first
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """Online, with the Hub's answers replaced: model_info lists `files` {name: size}, snapshot_download
+    records its calls and returns a snapshot holding a small adapter-like file."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.hf_api import RepoSibling
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv(hub.MAX_DOWNLOAD_ENV, raising=False)
+    state = {"files": {}, "downloads": [], "info_error": None}
+
+    def model_info(self, repo_id, revision=None, files_metadata=False, timeout=None, **kw):
+        if state["info_error"] is not None:
+            raise state["info_error"]
+        assert files_metadata  # without it the Hub gives no sizes
+        return type("Info", (), {"siblings": [RepoSibling(rfilename=n, size=s) for n, s in state["files"].items()]})()
+
+    def snapshot_download(repo_id, **kw):
+        state["downloads"].append(repo_id)
+        snap = tmp_path / "snap"
+        snap.mkdir(exist_ok=True)
+        (snap / "lora.safetensors").write_bytes(b"x")
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return state
+
+
+def test_a_base_models_single_file_checkpoint_is_refused_before_downloading(fake_hub):
+    """A base model's id typed by mistake (or into a shared dashboard): its single-file checkpoint matches
+    "*.safetensors" and would have been downloaded whole, 6.9 GB for SDXL."""
+    fake_hub["files"] = {"sd_xl_base_1.0.safetensors": 6_938_078_334, "text_encoder/model.fp16.safetensors": 246_144_152,
+                         "unet/diffusion_pytorch_model.safetensors": 10_270_077_736, "README.md": 100}
+    with pytest.raises(InputError) as e:
+        hub.download_adapter("stabilityai/stable-diffusion-xl-base-1.0")
+    msg = str(e.value)
+    assert "\n" not in msg and "sd_xl_base_1.0.safetensors (6.9 GB)" in msg and hub.MAX_DOWNLOAD_ENV in msg
+    assert "7.2 GB" in msg  # the files it would fetch: the UNet's weights are ignored anyway
+    assert fake_hub["downloads"] == []
+
+
+def test_an_adapter_beside_sharded_base_weights_downloads(fake_hub):
+    fake_hub["files"] = {"model-00001-of-00002.safetensors": 9_000_000_000, "model-00002-of-00002.safetensors": 5e9,
+                         "adapter_model.safetensors": 50_000_000, "adapter_config.json": 800}
+    hub.download_adapter("user/lora")
+    assert fake_hub["downloads"] == ["user/lora"]
+
+
+def test_the_download_limit_can_be_raised(fake_hub, monkeypatch):
+    fake_hub["files"] = {"big_lora.safetensors": 7e9}
+    with pytest.raises(InputError, match="7.0 GB"):
+        hub.download_adapter("user/big")
+    monkeypatch.setenv(hub.MAX_DOWNLOAD_ENV, "8")
+    hub.download_adapter("user/big")
+    assert fake_hub["downloads"] == ["user/big"]
+    monkeypatch.setenv(hub.MAX_DOWNLOAD_ENV, "lots")
+    with pytest.raises(InputError, match=f"{hub.MAX_DOWNLOAD_ENV}='lots'"):
+        hub.download_adapter("user/big")
+
+
+def test_no_answer_from_the_hub_leaves_the_download_to_the_cache(fake_hub):
+    """Sizing needs the Hub; when it cannot be reached, snapshot_download decides (it falls back to the cache)."""
+    connect_error = type("ConnectError", (Exception,), {})  # as httpx's: not an OSError
+    fake_hub["info_error"] = connect_error("no route to host")
+    hub.download_adapter("user/lora")
+    assert fake_hub["downloads"] == ["user/lora"]
+
+
+def test_offline_nothing_is_sized(fake_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fake_hub["info_error"] = AssertionError("model_info called offline")
+    hub.download_adapter("user/lora")
+    assert fake_hub["downloads"] == ["user/lora"]

@@ -7,6 +7,7 @@ they do for transformers. A string naming an existing local path always means th
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,13 @@ MODEL_PATTERNS = [
     "*model-*-of-*.safetensors", "model.safetensors", "*/model.safetensors",
     "*diffusion_pytorch_model*.safetensors", "*consolidated*.safetensors",
 ]
+
+# A LoRA adapter is megabytes, rarely a few GB; a base model's single-file checkpoint matches "*.safetensors"
+# too (sd_xl_base_1.0.safetensors is 6.9 GB, flux1-dev.safetensors 24 GB). Online, the files a download
+# would fetch are sized first (one Hub API call) and a total above this is refused, naming the largest:
+# a base model's id typed by mistake, or typed into a shared dashboard, must not fill the disk.
+MAX_DOWNLOAD_ENV = "BALORA_HUB_MAX_GB"
+MAX_DOWNLOAD_GB = 5.0
 
 # user/name with Hub's allowed characters, then an optional @revision (branch, tag or commit).
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[\w./-]{1,255}))?$")
@@ -79,6 +87,8 @@ def download_adapter(repo_id: str, revision: str | None = None) -> HubSource:
     name = f"{repo_id}@{revision}" if revision else repo_id
     cache = Path(constants.HF_HUB_CACHE)
     try:
+        if not constants.HF_HUB_OFFLINE:
+            _check_download_size(repo_id, revision, name)
         snapshot = Path(snapshot_download(
             repo_id, revision=revision, allow_patterns=ADAPTER_PATTERNS, ignore_patterns=MODEL_PATTERNS,
             local_files_only=bool(constants.HF_HUB_OFFLINE), etag_timeout=10,
@@ -109,3 +119,45 @@ def download_adapter(repo_id: str, revision: str | None = None) -> HubSource:
         )
     # <cache>/models--user--name/snapshots/<commit>: its files link into <cache>/models--user--name/blobs.
     return HubSource(repo_id=repo_id, revision=revision, path=snapshot, root=snapshot.parent.parent)
+
+
+def max_download_bytes() -> float:
+    """The most a Hub id may download: $BALORA_HUB_MAX_GB gigabytes, else MAX_DOWNLOAD_GB."""
+    text = os.environ.get(MAX_DOWNLOAD_ENV, "").strip()
+    if not text:
+        return MAX_DOWNLOAD_GB * 1e9
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = float("nan")
+    if not gb > 0:  # also NaN
+        raise InputError(f"{MAX_DOWNLOAD_ENV}={text!r}: give a number of gigabytes > 0 (default {MAX_DOWNLOAD_GB:g})")
+    return gb * 1e9
+
+
+def _check_download_size(repo_id: str, revision: str | None, name: str) -> None:
+    """Refuse before downloading when the files snapshot_download would fetch exceed max_download_bytes().
+    Raises what model_info raises for a missing repository or revision (the caller words those); when
+    the Hub cannot be reached, checks nothing: snapshot_download then reads the cache or says it cannot."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    limit = max_download_bytes()
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, timeout=10)
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
+        raise
+    except Exception:  # no network, a proxy, a timeout (httpx and requests errors are not OSErrors)
+        return
+    files = list(filter_repo_objects(info.siblings or [], allow_patterns=ADAPTER_PATTERNS,
+                                     ignore_patterns=MODEL_PATTERNS, key=lambda f: f.rfilename))
+    total = sum(f.size or 0 for f in files)
+    if total > limit:
+        largest = sorted(files, key=lambda f: -(f.size or 0))[:3]
+        listed = ", ".join(f"{f.rfilename} ({(f.size or 0) / 1e9:.1f} GB)" for f in largest)
+        raise InputError(
+            f"{name}: its files that could hold an adapter come to {total / 1e9:.1f} GB ({listed}), more than "
+            f"{limit / 1e9:g} GB: is it a base model rather than an adapter? Give a LoRA repository, or set "
+            f"{MAX_DOWNLOAD_ENV} to a larger number of gigabytes to download it anyway"
+        )
