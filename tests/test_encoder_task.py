@@ -231,3 +231,15 @@ def test_packaged_minilm_trains_offline(monkeypatch):
     assert math.isfinite(float(loss.detach()))
     # The pretrained encoder already beats chance (ln 8) at matching words to digits.
     assert problem.info["initial_eval_loss"] < math.log(8)
+
+
+def test_max_length_beyond_the_models_positions_is_an_input_error(tiny_bert, tmp_path):
+    # Texts longer than the tiny BERT's 64 positions: --set max_length=100 let them through whole and
+    # the embedding layer failed with "The expanded size of the tensor (100) must match ... (64)".
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps({"anchor": " ".join(["one two three"] * 40), "positive": str(n)})
+                              for n in range(40)))
+    with pytest.raises(InputError, match="--set max_length=100: .* at most 64"):
+        encoder.build(make_cfg(tiny_bert, data=str(path), max_length=100), 0, 8.0, CPU)
+    problem = encoder.build(make_cfg(tiny_bert, data=str(path), max_length=64), 0, 8.0, CPU)  # the limit itself
+    assert max(len(ids) for ids in next(problem.batches())["anchor"]["input_ids"]) == 64

