@@ -243,3 +243,11 @@ def test_max_length_beyond_the_models_positions_is_an_input_error(tiny_bert, tmp
         encoder.build(make_cfg(tiny_bert, data=str(path), max_length=100), 0, 8.0, CPU)
     problem = encoder.build(make_cfg(tiny_bert, data=str(path), max_length=64), 0, 8.0, CPU)  # the limit itself
     assert max(len(ids) for ids in next(problem.batches())["anchor"]["input_ids"]) == 64
+
+
+def test_eval_size_beyond_the_generated_numbers_is_an_input_error(tiny_bert):
+    # Once "ValueError: NumberPairs: eval_size must be in (0, 10000)" with "rerun with --debug for the traceback".
+    n = NumberPairs().max_value
+    for size in (n, n + 1):
+        with pytest.raises(InputError, match=f"--set eval_size={size}: .*{n}"):
+            encoder.build(make_cfg(tiny_bert, eval_size=size), 0, 8.0, CPU)

@@ -187,7 +187,11 @@ def _load_model(cfg: dict, dtype: torch.dtype):
 def _load_pairs(cfg: dict):
     source, eval_size = str(cfg["data"]), int(cfg["eval_size"])
     if source == "numbers":
-        train, held_out = NumberPairs(eval_size=eval_size).split()
+        numbers = NumberPairs(eval_size=eval_size)
+        if eval_size >= numbers.max_value:  # NumberPairs' own check is a bare ValueError
+            raise InputError(f"--set eval_size={eval_size}: the generated data has {numbers.max_value} numbers; "
+                             "hold out fewer, leaving some to train on")
+        train, held_out = numbers.split()
         return train, held_out, {"data": f"generated number words -> digits, e.g. {train[0]!r}: "
                                          f"{len(train)} train + {len(held_out)} held-out numbers"}
     pairs = read_pairs(source, (str(cfg["anchor_field"]), str(cfg["positive_field"])))
