@@ -251,3 +251,35 @@ def test_eval_size_beyond_the_generated_numbers_is_an_input_error(tiny_bert):
     for size in (n, n + 1):
         with pytest.raises(InputError, match=f"--set eval_size={size}: .*{n}"):
             encoder.build(make_cfg(tiny_bert, eval_size=size), 0, 8.0, CPU)
+
+
+def test_a_t5_encoder_embeds_with_its_encoder(tiny_bert, tmp_path):
+    # sentence-t5 style: a T5EncoderModel checkpoint. AutoModel made it a full T5Model, whose forward asked for
+    # decoder inputs: "ValueError: You must specify exactly one of input_ids or inputs_embeds".
+    from transformers import BertTokenizerFast, T5Config, T5EncoderModel
+
+    folder = tmp_path / "t5"
+    BertTokenizerFast.from_pretrained(tiny_bert).save_pretrained(folder)  # any tokenizer with the number words
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=BertTokenizerFast.from_pretrained(folder).vocab_size, d_model=32, d_kv=16, d_ff=64,
+                      num_layers=2, num_heads=2)
+    T5EncoderModel(config).save_pretrained(folder)
+    problem = encoder.build(make_cfg(folder), 0, 8.0, CPU)
+    assert iter_lora_pairs(problem.model) and all(torch.count_nonzero(p.B) == 0 for p in iter_lora_pairs(problem.model))
+
+    # Initial eval loss = the saved encoder's own, mean-pooled by hand over the same held-out batches.
+    base = T5EncoderModel.from_pretrained(folder).eval()
+    tokenizer = BertTokenizerFast.from_pretrained(folder)
+    held_out = NumberPairs(eval_size=24).split()[1]
+    losses = []
+    for i in range(0, 24, 8):
+        sides = []
+        for texts in zip(*held_out[i : i + 8]):
+            enc = tokenizer(list(texts), padding=True, return_tensors="pt")
+            with torch.no_grad():
+                h = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.double()
+            m = enc["attention_mask"].double()[..., None]
+            e = (h * m).sum(1) / m.sum(1)
+            sides.append(e / e.norm(dim=-1, keepdim=True))
+        losses.append(float(torch.nn.functional.cross_entropy(20.0 * sides[0] @ sides[1].T, torch.arange(8))))
+    assert problem.info["initial_eval_loss"] == pytest.approx(np.mean(losses), rel=1e-4)

@@ -164,18 +164,29 @@ def check_max_length(max_length: int, model: nn.Module, tokenizer, name: str) ->
                          f"use --set max_length={min(limits)} or less")
 
 
+def _encoder_class(source: str):
+    """transformers' text-encoder class where it names one for the architecture, else AutoModel's base model.
+    They differ for encoder-decoders: AutoModel made a T5 encoder (sentence-t5) a whole T5Model, whose forward
+    asked for decoder inputs; AutoModelForTextEncoding loads T5EncoderModel. Same class for BERT and the like."""
+    from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding
+
+    config = AutoConfig.from_pretrained(source)
+    return AutoModelForTextEncoding if type(config) in AutoModelForTextEncoding._model_mapping else AutoModel
+
+
 def _load_model(cfg: dict, dtype: torch.dtype):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     name = str(cfg["model"])
     source = model_source(str(packaged_model_path()) if name == PACKAGED_MODEL else name, "encoder", hub=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        auto = _encoder_class(source)
         # The pooler is unused by mean pooling; leaving it out keeps LoRA off a layer with no gradient.
         try:
-            model = AutoModel.from_pretrained(source, **dtype_kwarg(dtype), add_pooling_layer=False)
+            model = auto.from_pretrained(source, **dtype_kwarg(dtype), add_pooling_layer=False)
         except TypeError:  # architectures without a pooler do not take the argument
-            model = AutoModel.from_pretrained(source, **dtype_kwarg(dtype))
+            model = auto.from_pretrained(source, **dtype_kwarg(dtype))
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"encoder: could not load model {name!r} ({first_line}); pass a local model folder") from e
