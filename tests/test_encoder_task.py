@@ -283,3 +283,20 @@ def test_a_t5_encoder_embeds_with_its_encoder(tiny_bert, tmp_path):
             sides.append(e / e.norm(dim=-1, keepdim=True))
         losses.append(float(torch.nn.functional.cross_entropy(20.0 * sides[0] @ sides[1].T, torch.arange(8))))
     assert problem.info["initial_eval_loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+
+
+def test_a_rank_above_a_layers_width_is_refused_before_the_run_is_written(tiny_bert, tmp_path):
+    """--rank 40 on a 32-wide model: every pair's B A has rank <= 32 < r, balancing skips rank-deficient
+    pairs, so the BaLoRA arms trained as plain LoRA and only the layers table hinted at it."""
+    from balora.adapters.live import model_pairs
+    from balora.runner import compare
+
+    problem = encoder.build(make_cfg(tiny_bert, rank=32), 0, 8.0, CPU)  # r = min(in, out): full rank is possible
+    widths = [min(p.in_features, p.out_features) for p in model_pairs(problem.model)]
+    assert min(widths) == 32
+    with pytest.raises(InputError, match=r"--rank 40: .* rank below 40 .*--rank 32 or less"):
+        encoder.build(make_cfg(tiny_bert, rank=40), 0, 8.0, CPU)
+    with pytest.raises(InputError, match="--rank 40"):
+        compare("encoder", arms="lora,balora", steps=2, out=tmp_path / "run", quiet=True, rank=40,
+                model=str(tiny_bert), batch_size=8, eval_size=24)
+    assert not (tmp_path / "run").exists()

@@ -93,9 +93,28 @@ def add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int, *, task: str,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         try:
-            return get_peft_model(model, lora)
+            peft_model = get_peft_model(model, lora)
         except ValueError as e:  # PEFT cannot guess targets for this architecture, or none matched
             raise InputError(
                 f"{task}: LoRA could not be added to {cfg['model']!r} ({str(e).splitlines()[0]}); "
                 "name the layers with --set target_modules=a,b"
             ) from e
+    _check_rank_fits(peft_model, int(cfg["rank"]))
+    return peft_model
+
+
+def _check_rank_fits(model: nn.Module, r: int) -> None:
+    """An InputError when r exceeds min(in, out) of a LoRA layer: there B A has rank below r, so every
+    balancing pass leaves the pair alone as rank-deficient and the BaLoRA arms silently train it as plain
+    LoRA (the synthetic task refuses such ranks too). Checked in the first build, before the run is written."""
+    from balora.adapters.live import model_pairs
+
+    narrow = [p for p in model_pairs(model) if p.r > min(p.in_features, p.out_features)]
+    if narrow:
+        widest = min(min(p.in_features, p.out_features) for p in narrow)
+        p = narrow[0]
+        raise InputError(
+            f"--rank {r}: {p.name} is {p.in_features} -> {p.out_features} wide, so its B A has rank below {r} "
+            f"({len(narrow)} such layer(s)): balancing leaves those pairs alone and the BaLoRA arms would train "
+            f"them as plain LoRA; use --rank {widest} or less, or other layers with --set target_modules=a,b"
+        )
