@@ -181,13 +181,14 @@ def stack_blocks(pairs: list[FactorPair], stack: bool | None = None, rehome_para
 
 
 def _shared_storage(pairs: list[FactorPair]) -> set[int]:
-    """data_ptrs of parameters that appear in more than one place of the pass (tied weights)."""
+    """data_ptrs of parameters that appear in more than one place of the pass, or are tied to a pair the
+    pass skips for it (extra["tied"], balora.adapters.pair_cache): tied weights."""
     seen, shared = set(), set()
     for p in pairs:
         if isinstance(p.write, ParamWriter):
             for t in p.write.params:
                 ptr = t.data_ptr()
-                (shared if ptr in seen else seen).add(ptr)
+                (shared if ptr in seen or p.extra.get("tied") else seen).add(ptr)
     return shared
 
 

@@ -468,3 +468,36 @@ def test_an_adapter_name_a_wrapped_model_lacks_is_refused_when_the_hook_is_regis
     model(*tiny_net_inputs).square().mean().backward()
     opt.step()
     assert handle.last_summary.balanced == len(tiny_net_targets)
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_trainer_balances_the_tied_lm_head_pair_of_ensure_weight_tying(stack, train_data, tmp_path, peft_deltas,
+                                                                        assert_deltas_close, dw_after_optimizer,
+                                                                        monkeypatch):
+    """PEFT's ensure_weight_tying gives a tied lm_head the embedding's LoRA factors (its A is the embedding's B^T,
+    its B the embedding's A^T). Pair by pair (a one-thread CPU) the pass wrote the second pair's transform on
+    top of the first's, (Y^2 A, B X^2): dW kept, but the pair was never balanced (rel_imbalance 0.9 after every
+    step), while the summary counted it balanced."""
+    import balora.stacked
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    real = balora.stacked.use_stacks
+    monkeypatch.setattr(balora.stacked, "use_stacks", lambda device, a, b, _: real(device, a, b, stack))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=16, tie_word_embeddings=True)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                             target_modules=["embed_tokens", "lm_head", "q_proj"],
+                                                             ensure_weight_tying=True))
+    emb, head = model.base_model.model.model.embed_tokens, model.base_model.model.lm_head
+    assert head.lora_A["default"].weight.data_ptr() == emb.lora_embedding_B["default"].data_ptr()  # PEFT's tie
+    checker = _CheckAtStepEnd(dw_after_optimizer, peft_deltas, assert_deltas_close)
+    balancer = BalanceCallback()
+    _trainer(model, train_data, tmp_path, [dw_after_optimizer, balancer, checker]).train()
+
+    assert len(checker.max_rel_imbalance) == 3 and max(checker.max_rel_imbalance) < 1e-5
+    report = layer_report(model)
+    assert set(report["module"]) == {"model.embed_tokens", "lm_head", "model.layers.0.self_attn.q_proj"}
+    assert head.lora_A["default"].weight.data_ptr() == emb.lora_embedding_B["default"].data_ptr()  # still tied
+    # Balanced once, through the embedding: the summary does not count the lm_head pair as a second one.
+    assert balancer.last_summary.balanced == 2 and "lm_head[default]" in balancer.last_summary.skipped

@@ -33,6 +33,7 @@ from __future__ import annotations
 import warnings
 import weakref
 
+import torch
 from torch import nn
 
 from balora.adapters.live import model_pairs, peft_configs
@@ -106,6 +107,7 @@ class PairCache:
                     params.append((weakref.ref(parent), attr, child))
         self._modules = [(weakref.ref(p), attr, weakref.ref(c)) for p, attr, c in modules.values()]
         self._params = params
+        _skip_tied(pairs)
         if self.skip_frozen:
             self._trainable = [param.requires_grad for _, _, param in params]
             self._skip_frozen(pairs)
@@ -120,6 +122,27 @@ class PairCache:
             warnings.warn(f"balora: {len(frozen)} LoRA pair(s) have a frozen factor (requires_grad=False), e.g. "
                           f"{frozen[0].name}: the training hooks leave them as they are and list them in each "
                           "pass's summary.skipped (balance_(model) balances every pair)", stacklevel=4)
+
+
+def _skip_tied(pairs: list[FactorPair]) -> None:
+    """Mark as skipped each pair whose factors are an earlier pair's: PEFT's ensure_weight_tying gives a tied
+    lm_head the embedding's factors, transposed (its A is the embedding's B^T, its B the embedding's A^T), one
+    pair met twice. Balanced twice in one pass, the second write landed on the first's: pair by pair the
+    transform was applied twice, (Y^2 A, B X^2), which keeps dW and never balances. Balancing the first
+    balances both."""
+    owners: dict[int, FactorPair] = {}  # data_ptr of a factor -> the pair that balances it
+    for pair in pairs:
+        params = pair.extra.get("params", ())
+        if pair.skip_reason is not None or not params or any(type(t) not in (torch.Tensor, nn.Parameter)
+                                                              or t.device.type == "meta" for t in params):
+            continue  # a DTensor shard's or a meta tensor's data_ptr says nothing about sharing
+        tied = [owners[t.data_ptr()] for t in params if t.data_ptr() in owners]
+        if tied:
+            pair.skip_reason = (f"its factors are {tied[0].name}'s (tied weights, e.g. PEFT's ensure_weight_tying): "
+                                "balanced with that pair")
+            tied[0].extra["tied"] = True  # never re-homed (balora.stacked): its new storage would untie them
+        else:
+            owners.update((t.data_ptr(), pair) for t in params)
 
 
 def _key(model: nn.Module, adapter: str | None) -> tuple:
