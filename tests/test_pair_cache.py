@@ -191,3 +191,43 @@ def test_balance_after_step_rejects_unknown_options(lora_tiny):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with pytest.raises(TypeError, match="on_nan"):
         balance_after_step(opt, model, on_nan="skip")
+
+
+def test_a_tied_pair_whose_owner_is_skipped_is_left_alone_too():
+    """ensure_weight_tying with an embedding that has max_norm: the embedding pair is skipped (PEFT renormalises
+    A's columns in its forward), and the tied lm_head pair, whose factors are the same tensors, was balanced,
+    rewriting the skipped embedding's factors after all and changing the model's output."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=16, tie_word_embeddings=True)
+    base = LlamaForCausalLM(cfg)
+    base.model.embed_tokens.max_norm = 1.0
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["embed_tokens", "lm_head"], ensure_weight_tying=True))
+    emb, head = model.base_model.model.model.embed_tokens, model.base_model.model.lm_head
+    assert head.lora_A["default"].weight.data_ptr() == emb.lora_embedding_B["default"].data_ptr()  # PEFT's tie
+    before = [p.detach().clone() for n, p in model.named_parameters() if "lora_" in n]
+    summary = balance_(model)
+    assert summary.balanced == 0
+    assert "max_norm" in summary.skipped["model.embed_tokens[default]"]
+    assert "left alone" in summary.skipped["lm_head[default]"]
+    after = [p.detach() for n, p in model.named_parameters() if "lora_" in n]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_tied_pairs_are_all_left_alone_when_a_later_one_is_skipped():
+    """The walk meets tied pairs in module order; the skipped one may come second (a head before its embedding)."""
+    from balora.adapters.pair_cache import _skip_tied
+    from balora.pairs import FactorPair
+
+    A, B = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(8, 4))
+    head = FactorPair("head", "default", "linear", B.detach().T, A.detach().T, 1.0, extra={"params": (B, A)})
+    emb = FactorPair("emb", "default", "embedding", A.detach(), B.detach(), 1.0, skip_reason="Embedding with max_norm",
+                     extra={"params": (A, B)})
+    other = FactorPair("q", "default", "linear", torch.randn(4, 8), torch.randn(8, 4), 1.0,
+                       extra={"params": (nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(8, 4)))})
+    _skip_tied([head, emb, other])
+    assert "left alone" in head.skip_reason and "emb" in head.skip_reason
+    assert emb.skip_reason == "Embedding with max_norm" and other.skip_reason is None

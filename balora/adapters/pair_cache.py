@@ -129,20 +129,29 @@ def _skip_tied(pairs: list[FactorPair]) -> None:
     lm_head the embedding's factors, transposed (its A is the embedding's B^T, its B the embedding's A^T), one
     pair met twice. Balanced twice in one pass, the second write landed on the first's: pair by pair the
     transform was applied twice, (Y^2 A, B X^2), which keeps dW and never balances. Balancing the first
-    balances both."""
-    owners: dict[int, FactorPair] = {}  # data_ptr of a factor -> the pair that balances it
+    balances both; when any of them is skipped for its own reason, all are left alone."""
+    owners: dict[int, FactorPair] = {}  # data_ptr of a factor -> the first pair holding it
+    groups: dict[int, list[FactorPair]] = {}  # id of that first pair -> the pairs sharing its factors
     for pair in pairs:
         params = pair.extra.get("params", ())
-        if pair.skip_reason is not None or not params or any(type(t) not in (torch.Tensor, nn.Parameter)
-                                                              or t.device.type == "meta" for t in params):
+        if not params or any(type(t) not in (torch.Tensor, nn.Parameter) or t.device.type == "meta" for t in params):
             continue  # a DTensor shard's or a meta tensor's data_ptr says nothing about sharing
         tied = [owners[t.data_ptr()] for t in params if t.data_ptr() in owners]
         if tied:
-            pair.skip_reason = (f"its factors are {tied[0].name}'s (tied weights, e.g. PEFT's ensure_weight_tying): "
-                                "balanced with that pair")
-            tied[0].extra["tied"] = True  # never re-homed (balora.stacked): its new storage would untie them
+            groups[id(tied[0])].append(pair)
         else:
             owners.update((t.data_ptr(), pair) for t in params)
+            groups[id(pair)] = [pair]
+    for first, *others in (g for g in groups.values() if len(g) > 1):
+        # One member left alone (an Embedding with max_norm, an unsupported variant) leaves them all alone:
+        # balancing another would rewrite its factors, which were skipped for a reason.
+        left = next((p for p in (first, *others) if p.skip_reason is not None), None)
+        for pair in [first, *others] if left is not None else others:
+            if pair.skip_reason is None:
+                pair.skip_reason = (f"its factors are {(left or first).name}'s (tied weights, e.g. PEFT's "
+                                    "ensure_weight_tying): " + ("balanced with that pair" if left is None else
+                                                                "left alone with that pair, which is skipped"))
+        first.extra["tied"] = True  # never re-homed (balora.stacked): its new storage would untie them
 
 
 def _key(model: nn.Module, adapter: str | None) -> tuple:
