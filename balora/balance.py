@@ -348,7 +348,19 @@ def balance_(
     policy = as_policy(method, on_rank_deficient, on_nonfinite, check)  # before walking the model
     reshard_fsdp2(model)  # FSDP2 after an eval forward: balance the shards the optimizer steps, not temporary copies
     # FSDP2: balance_step gathers what it needs (everything when checking); else balance_and_write
-    return balance_step(cached_model_pairs(model, adapter, gather=False), policy)
+    pairs = cached_model_pairs(model, adapter, gather=False)
+    with torch.inference_mode(_inference_params(pairs)):
+        return balance_step(pairs, policy)
+
+
+def _inference_params(pairs: list[FactorPair]) -> bool:
+    """Whether the pass must run under torch.inference_mode(): already in it, or some factor is an
+    inference tensor (a model built or loaded inside that mode). Outside the mode torch writes such a
+    tensor in place and only then raises, at the version bump: the first pair's A was rewritten and
+    its B not. Such a model cannot train; inside the mode its writes are allowed (and nothing is
+    re-homed, balora.param_stacks)."""
+    return torch.is_inference_mode_enabled() or any(
+        t.is_inference() for p in pairs for t in p.extra.get("params", ()))
 
 
 def balance_and_write(

@@ -446,3 +446,18 @@ def test_llama_trained_with_adamw_then_balanced(make_llama, peft_deltas, assert_
     assert_deltas_close(deltas, peft_deltas(model), rtol=1e-5)
     with torch.no_grad():
         assert (model(input_ids=ids).logits.double() - logits).norm() <= 1e-5 * logits.norm()
+
+
+def test_a_model_made_under_inference_mode_is_balanced_whole(np_rel_imbalance, make_tiny_net, tiny_net_targets,
+                                                              peft_deltas, assert_deltas_close, lora_factors):
+    # Built (or loaded) inside `with torch.inference_mode():`, then balanced outside it: torch writes an
+    # inference tensor in place and only then refuses the version bump, so the first pair's A was
+    # rewritten, its B not (dW moved by ~90%), and the error was torch's own.
+    with torch.inference_mode():
+        model = get_peft_model(make_tiny_net(), LoraConfig(r=2, lora_alpha=4, target_modules=tiny_net_targets,
+                                                           init_lora_weights=False))
+    before = peft_deltas(model)
+    summary = balance_(model)
+    assert summary.balanced == 5
+    assert_deltas_close(before, peft_deltas(model))
+    assert max(np_rel_imbalance(A, B) for A, B in lora_factors(model).values()) < 1e-5
