@@ -341,10 +341,12 @@ def balance_(
     Under FSDP2 call it on every rank (it runs collectives): unchecked, it balances the shards in
     place from r x r Grams (balora.sharded_step); checked, it gathers every factor whole.
     """
+    from balora.adapters.live import require_model
     from balora.adapters.pair_cache import cached_model_pairs
     from balora.distributed import reshard_fsdp2
     from balora.sharded_step import balance_step
 
+    require_model("balance_", model)
     policy = as_policy(method, on_rank_deficient, on_nonfinite, check)  # before walking the model
     reshard_fsdp2(model)  # FSDP2 after an eval forward: balance the shards the optimizer steps, not temporary copies
     # FSDP2: balance_step gathers what it needs (everything when checking); else balance_and_write

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from balora.adapters.live import peft_configs
+from balora.adapters.live import peft_configs, require_model
 from balora.adapters.pair_cache import PairCache
 from balora.balance import BalanceSummary
 from balora.distributed import DEEPSPEED_OPTIMIZERS, DEEPSPEED_WHY, FSDP2_HINT
@@ -168,6 +168,7 @@ def balance_after_step(
     if isinstance(steps_taken, bool) or not isinstance(steps_taken, numbers.Integral) or steps_taken < 0:
         raise ValueError(f"balance_after_step: steps_taken must be a whole number >= 0; got {steps_taken!r}")
     optimizer = _hookable(optimizer)
+    require_model("balance_after_step", model)
     unknown = set(kwargs) - {"adapter", "on_rank_deficient", "on_nonfinite", "check", "skip_frozen"}
     if unknown:
         raise TypeError(f"balance_after_step: unknown option(s) {', '.join(sorted(unknown))}")

@@ -170,8 +170,9 @@ def layer_report(model: nn.Module, adapter: str | None = None, precision: bool =
     precision: measure the fp16/bf16 storage columns (see pair_rows); False leaves them NaN,
     for reports made during training (BalanceCallback's logs).
     """
-    from balora.adapters.live import model_pairs
+    from balora.adapters.live import model_pairs, require_model
 
+    require_model("layer_report", model)
     # As balance_: an unknown adapter name is refused (a typo must not read as "no layers"), and a model
     # without LoRA layers (a plain module, one after merge_and_unload) warns instead of an empty frame alone.
     pairs = [p for p in model_pairs(model, adapter) if p.skip_reason is None]

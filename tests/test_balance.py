@@ -461,3 +461,17 @@ def test_a_model_made_under_inference_mode_is_balanced_whole(np_rel_imbalance, m
     assert summary.balanced == 5
     assert_deltas_close(before, peft_deltas(model))
     assert max(np_rel_imbalance(A, B) for A, B in lora_factors(model).values()) < 1e-5
+
+
+@pytest.mark.parametrize("given, hint", [("path/to/adapter", "balora.balance_file"), ({}, "a state dict")])
+def test_something_other_than_a_model_is_refused_in_one_line(make_tiny_net, tiny_net_targets, given, hint):
+    # A path (an adapter on disk) or model.state_dict() failed deep inside: "cannot create weak reference
+    # to 'str' object", "unhashable type: 'dict'", "'str' object has no attribute '_modules'".
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets))
+    optimizer = torch.optim.Adam(model.parameters())
+    calls = {"balance_": lambda: balance_(given), "layer_report": lambda: layer_report(given),
+             "balance_after_step": lambda: balora.balance_after_step(optimizer, given)}
+    for who, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{who}: expects a PEFT model \(torch.nn.Module\); got "
+                                            rf"{type(given).__name__}\b.*{re.escape(hint)}"):
+            call()

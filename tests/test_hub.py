@@ -452,3 +452,16 @@ def test_offline_nothing_is_sized(fake_hub, monkeypatch):
     fake_hub["info_error"] = AssertionError("model_info called offline")
     hub.download_adapter("user/lora")
     assert fake_hub["downloads"] == ["user/lora"]
+
+
+def test_a_live_model_given_for_an_adapter_path_is_one_line(tmp_path):
+    # balora.inspect(peft_model) stringified the model's repr into a path: "[Errno 36] File name too long".
+    import balora
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    for call in (lambda: balora.inspect(model), lambda: balora.balance_file(model, tmp_path / "out")):
+        with pytest.raises(TypeError, match=r"^an adapter is read from a folder, a weights file or a Hub id.*got a "
+                                            r"Sequential.*balora\.layer_report\(model\)"):
+            call()
+    assert not (tmp_path / "out").exists()

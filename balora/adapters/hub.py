@@ -60,6 +60,10 @@ def resolve_source(source) -> Path | HubSource:
     """
     if isinstance(source, Path):
         return source
+    if not isinstance(source, (str, os.PathLike)):  # str() of a live model is its repr: "File name too long"
+        live = " (a live model: balora.layer_report(model) reports it, balora.balance_(model) balances it)"
+        raise TypeError(f"an adapter is read from a folder, a weights file or a Hub id user/name; got a "
+                        f"{type(source).__name__}" + (live if hasattr(source, "named_modules") else ""))
     text = str(source)
     if not text.strip():  # Path("") is the current folder: an unset shell variable would read it, and below
         raise InputError("an empty path: give an adapter folder, a weights file or a Hub id user/name")

@@ -6,8 +6,10 @@ so any adapter name, any number of adapters and any target naming scheme work.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -170,6 +172,20 @@ def _unread_pair(layer: nn.Module, module: str, adp: str, reason: str) -> Factor
     dora = bool(getattr(layer, "use_dora", {}).get(adp, False))
     return FactorPair(module, adp, "linear", placeholder, placeholder, float(layer.scaling[adp]), dora,
                       skip_reason=reason)
+
+
+def require_model(who: str, model) -> None:
+    """TypeError in one line unless `model` is a torch module: a path or a state dict failed deep inside
+    (weak references, `_modules`), in words that named neither the argument nor what to pass."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, (str, os.PathLike)):
+        hint = "for an adapter on disk or on the Hub use balora.inspect(path) or balora.balance_file(path, out)"
+    elif isinstance(model, Mapping):
+        hint = "a state dict holds no LoRA layers: load it into the PEFT model first, or save it and use balora.inspect"
+    else:
+        hint = "pass the model (a PeftModel, or any module with PEFT LoRA layers)"
+    raise TypeError(f"{who}: expects a PEFT model (torch.nn.Module); got {type(model).__name__} ({hint})")
 
 
 def peft_configs(model: nn.Module) -> dict:
