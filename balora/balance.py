@@ -351,8 +351,10 @@ def balance_(
     reshard_fsdp2(model)  # FSDP2 after an eval forward: balance the shards the optimizer steps, not temporary copies
     # FSDP2: balance_step gathers what it needs (everything when checking); else balance_and_write
     pairs = cached_model_pairs(model, adapter, gather=False)
-    with torch.inference_mode(_inference_params(pairs)):
-        return balance_step(pairs, policy)
+    if _inference_params(pairs):  # (inference_mode(False) is not a no-op: it turns grad mode on)
+        with torch.inference_mode():
+            return balance_step(pairs, policy)
+    return balance_step(pairs, policy)
 
 
 def _inference_params(pairs: list[FactorPair]) -> bool:
