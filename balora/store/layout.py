@@ -87,12 +87,52 @@ UNIQUE: dict[str, list[str]] = {
 # temporary names while being written). Nothing else in a run folder is balora's.
 RUN_FILES = (CONFIG, ENV, STATUS)
 PART_GLOB = "part-*.parquet"
-_PART_RE = re.compile(r"^part-\d{5,}\.parquet$|^\.part-\d{5,}\.parquet\.tmp$")
+_PART_RE = re.compile(r"^part-\d{5,}(-\d{5,})?\.parquet$|^\.part-\d{5,}(-\d{5,})?\.parquet\.tmp$")
+_RANGE_RE = re.compile(r"^part-(\d+)(?:-(\d+))?\.parquet$")
 _JSON_TMP_RE = re.compile(r"^\.(config|env|status)\.json\.\d+\.tmp$")
 
 
-def part_name(number: int) -> str:
-    return f"part-{number:05d}.parquet"
+def part_name(first: int, last: int | None = None) -> str:
+    """Part `first` of a table: the rows of one append. A merged part names the range of part numbers whose
+    rows it holds, `part-FIRST-LAST.parquet`: it replaces them, so a reader that still lists them skips them."""
+    if last is None or last == first:
+        return f"part-{first:05d}.parquet"
+    return f"part-{first:05d}-{last:05d}.parquet"
+
+
+def part_range(name: str) -> tuple[int, int] | None:
+    """(first, last) part number a part file's name covers; None for any other name."""
+    m = _RANGE_RE.match(name)
+    if m is None:
+        return None
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) else first
+    return (first, last) if first <= last else None
+
+
+def table_parts(folder: Path) -> tuple[list[tuple[int, int, Path]], list[tuple[int, int, Path]]]:
+    """(the parts to read, the parts a merged part covers), each (first, last, path), ordered by number.
+
+    A merge writes its part (atomically) before it deletes the parts it replaces: a listing taken in
+    between holds both, and the covered ones are skipped, so every row is read once. Runs written before
+    merged parts named their range (one plain `part-N` after a finished run's merge) read as before."""
+    try:
+        with os.scandir(folder) as it:
+            found = [(*r, Path(e.path)) for e in it if (r := part_range(e.name)) is not None]
+    except OSError:  # no table folder (yet), or an unreadable one
+        return [], []
+    found.sort(key=lambda p: (p[0], -p[1]))  # a covering part comes before the parts inside its range
+    live: list[tuple[int, int, Path]] = []
+    covered: list[tuple[int, int, Path]] = []
+    for p in found:
+        (covered if live and p[1] <= live[-1][1] else live).append(p)
+    return live, covered
+
+
+def parts_contiguous(live: list[tuple[int, int, Path]]) -> bool:
+    """Whether the listed parts' numbers follow on without a gap (balora numbers the parts of a table
+    one after the other; a gap means the listing raced a merge, or a part was removed by hand)."""
+    return all(b[0] == a[1] + 1 for a, b in zip(live, live[1:]))
 
 
 def is_part_file(name: str) -> bool:

@@ -13,7 +13,8 @@ import pandas as pd
 from balora.errors import InputError
 from balora.safe_io import regular_file_size
 from balora.store.json_files import RunError, read_config, read_env, read_status
-from balora.store.layout import CONFIG, PART_GLOB, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_run_dir, to_table
+from balora.store.layout import (CONFIG, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_run_dir, parts_contiguous,
+                                 table_parts, to_table)
 
 
 @dataclass
@@ -46,21 +47,37 @@ class Run:
 
 
 def _read_parts(run: Path, table: str, warnings: list[str]) -> list[pd.DataFrame]:
-    """The table's part files, read. A part gone since the listing was merged into a new one by the
-    writer finishing the run: the parts are listed and read again (the merged part holds its rows)."""
-    for _ in range(3):
-        frames, problems, vanished = [], [], False
-        for part in sorted((run / table).glob(PART_GLOB)):
+    """The table's part files, read, skipping parts that a merged part covers (layout.table_parts).
+
+    The writer merges parts while the run is live (and all of them when it finishes): a part gone since
+    the listing was merged into a new one, so the folder is listed again and only the parts not read yet
+    are read (the merged part holds the rows of those that vanished). A listing with a gap in the part
+    numbers may have raced a merge (the merged part written during the listing, its parts deleted before
+    it reached them): listed again too."""
+    read: dict[Path, pd.DataFrame] = {}
+    problems: dict[Path, str] = {}
+    for _ in range(5):
+        live, _covered = table_parts(run / table)
+        vanished = False
+        for *_range, part in live:
+            if part in read or part in problems:
+                continue
             try:
                 regular_file_size(part, "part file")  # a FIFO would block the reader, a device never end
-                frames.append(pd.read_parquet(part))
+                read[part] = pd.read_parquet(part)
             except Exception as e:  # truncated or corrupted: skip it, say so, never crash
-                vanished = vanished or not os.path.lexists(part)
-                problems.append(f"{table}/{part.name}: unreadable, skipped ({type(e).__name__}: {e})")
-        if not vanished:
+                if not os.path.lexists(part):
+                    vanished = True
+                else:
+                    problems[part] = f"{table}/{part.name}: unreadable, skipped ({type(e).__name__}: {e})"
+        if not vanished and parts_contiguous(live):
             break
-    warnings += problems
-    return frames
+    for *_range, p in live:
+        if p in problems:
+            warnings.append(problems[p])
+        elif p not in read:  # the writer merged parts under this reader at every listing
+            warnings.append(f"{table}/{p.name}: merged away while it was read, its rows not read; load again")
+    return [read[p] for *_range, p in live if p in read]
 
 
 def _read_table(run: Path, table: str, warnings: list[str]) -> pd.DataFrame:
