@@ -17,8 +17,9 @@ import pandas as pd
 
 from balora.errors import InputError
 from balora.store.json_files import RunError, read_config, read_status
-from balora.store.layout import (CONFIG, ENV, HEARTBEAT_S, MARKER, PART_GLOB, RUN_FILES, STATUS, STATUSES, TABLES,
-                                 is_json_tmp, is_marked, is_part_file, is_run_dir, marker_text, part_name, to_table)
+from balora.store.layout import (CONFIG, ENV, HEARTBEAT_S, MARKER, RUN_FILES, STATUS, STATUSES, TABLES,
+                                 is_json_tmp, is_marked, is_part_file, is_run_dir, marker_text, part_name, table_parts,
+                                 to_table)
 
 
 def now_iso() -> str:
@@ -140,6 +141,11 @@ def clear_run(path: str | Path, flag: str = "--out") -> list[str]:
 # ------------------------------------------------------------------ the writer
 
 
+# Parts of one size class merged into one while a run is live (RunWriter._roll); measured with
+# benchmarks/bench_live_load.py (see docs/BENCHMARKS.md).
+MERGE_EVERY = 8
+
+
 class RunFolderTaken(InputError):
     """The run folder holds something already, or another writer claimed it first (balora.runner then
     moves a default folder name on to the next one)."""
@@ -167,7 +173,12 @@ class RunWriter:
 
     force: replace an earlier run at `path`, deleting only the files that run wrote (clear_run); `kept`
     lists what else was in the folder and stays there. A folder that is not a balora run is never touched.
+
+    merge_every: while the run is live, every merge_every parts of a table of one size class are merged
+    into one (_roll); 0: parts are only merged when the run finishes (what balora did before).
     """
+
+    merge_every = MERGE_EVERY
 
     def __init__(self, path: str | Path, config: dict, env: dict | None = None, *, force: bool = False,
                  flag: str = "--out"):
@@ -195,6 +206,7 @@ class RunWriter:
             (self.path / table).mkdir(exist_ok=True)
         self.config = dict(config)
         self._parts = {table: 0 for table in TABLES}
+        self._roll_failed: dict[str, str] = {}
         self._last_beat = 0.0
         self.status: dict[str, Any] = {
             "status": "running",
@@ -225,6 +237,7 @@ class RunWriter:
         self.status = {**read_status(path, missing_ok=False), "status": "running", "finished": None,
                        "message": None, "updated": now_iso(), "pid": os.getpid(), "host": socket.gethostname()}
         self._parts = {table: 0 for table in TABLES}
+        self._roll_failed = {}
         for table in TABLES:
             (path / table).mkdir(exist_ok=True)
             self._rewrite(table, lambda df, table=table: df.iloc[0:0] if table == "summary"
@@ -241,16 +254,47 @@ class RunWriter:
         write_json_atomic(self.path / CONFIG, self.config)
 
     def append(self, table: str, rows: list[dict] | pd.DataFrame) -> Path | None:
-        """Write rows as the next part file of `table` (temp name, then rename). No rows: no file."""
+        """Write rows as the next part file of `table` (temp name, then rename). No rows: no file.
+        Returns the part written (a rolling merge may have folded it into a merged part already)."""
         df = to_table(table, rows)
         if df.empty:
             return None
         self._parts[table] += 1
-        part = self.path / table / part_name(self._parts[table])
+        part = self._write_part(table, df, self._parts[table])
+        self._roll(table)
+        return part
+
+    def _write_part(self, table: str, df: pd.DataFrame, first: int, last: int | None = None) -> Path:
+        part = self.path / table / part_name(first, last)
         tmp = part.with_name(f".{part.name}.tmp")
-        df.to_parquet(tmp, index=False)
+        try:
+            df.to_parquet(tmp, index=False)
+        except BaseException:  # a full disk, Ctrl-C: no half-written temporary file left behind
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, part)
         return part
+
+    def _roll(self, table: str) -> None:
+        """Rolling merge while the run is live, so that a reload (the dashboard's, every refresh) reads a
+        few parts instead of one per cell: the newest merge_every parts of `table`, when they are of one
+        size class (_size_class), become one part of the next class. Each row is rewritten once per
+        class (about log(parts) / log(merge_every) times over a run), never all of them at every append;
+        a table holds at most merge_every - 1 parts per class. A merge that fails leaves its parts as
+        they were (all loadable); the table is not merged again until the run finishes."""
+        k = self.merge_every
+        if k < 2 or table in self._roll_failed:
+            return
+        while True:
+            live, _ = table_parts(self.path / table)
+            tail = live[-k:]
+            if len(tail) < k or len({_size_class(first, last, k) for first, last, _ in tail}) != 1:
+                return
+            try:
+                self._merge(table, tail)
+            except Exception as e:
+                self._roll_failed[table] = f"{type(e).__name__}: {e}"
+                return
 
     def heartbeat(self, progress: dict | None = None, *, force: bool = False) -> None:
         """Refresh `updated` (and progress) in status.json; at most every HEARTBEAT_S unless forced."""
@@ -284,17 +328,35 @@ class RunWriter:
 
     def _rewrite(self, table: str, keep: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
                  min_parts: int = 1) -> None:
-        """Replace `table`'s part files (at least min_parts of them) by one part numbered after them,
-        holding their rows, or those `keep` returns (none: no part at all)."""
-        parts = sorted((self.path / table).glob(PART_GLOB))
-        if len(parts) < min_parts:
+        """Replace `table`'s part files (at least min_parts of them) by one part named after the range
+        they cover, holding their rows, or those `keep` returns (none: no part at all). Parts a merged
+        part covers (left by a merge cut short) are deleted, never read."""
+        live, covered = table_parts(self.path / table)
+        if live:
+            self._parts[table] = max(self._parts[table], max(last for _, last, _ in live))
+        if len(live) < min_parts:
+            for *_, p in covered:
+                p.unlink(missing_ok=True)
             return
-        rows = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-        self._parts[table] = max(self._parts[table], max(map(_part_number, parts)))
-        merged = self.append(table, rows if keep is None else keep(rows))
-        for p in parts:
+        self._merge(table, live, keep)
+
+    def _merge(self, table: str, parts: list[tuple[int, int, Path]],
+               keep: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> None:
+        """One part for `parts` (consecutive entries of table_parts), named after the range it covers.
+
+        The order makes a merge safe to read at any moment and to cut short at any step: the merged part
+        is written under a temporary name and renamed into place (a reader lists the old parts, or the
+        merged one and the old ones it covers, which it skips), and only then are the old parts deleted
+        (a reader that lost one lists again). A crash before the deletes leaves covered parts, skipped."""
+        rows = pd.concat([pd.read_parquet(p) for *_, p in parts], ignore_index=True)
+        if keep is not None:
+            rows = keep(rows)
+        first, last = parts[0][0], max(p[1] for p in parts)
+        merged = self._write_part(table, to_table(table, rows), first, last) if len(rows) else None
+        _, covered = table_parts(self.path / table)
+        for *_, p in [*parts, *(c for c in covered if first <= c[0] and c[1] <= last)]:
             if p != merged:
-                p.unlink()
+                p.unlink(missing_ok=True)
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -311,8 +373,10 @@ class RunWriter:
         return False
 
 
-def _part_number(path: Path) -> int:
-    try:
-        return int(path.stem.split("-")[1])
-    except (IndexError, ValueError):
-        return 0
+def _size_class(first: int, last: int, k: int) -> int:
+    """floor(log_k(number of parts covered)): 0 for a part of one append, 1 for a merge of k of them, ..."""
+    size, level = last - first + 1, 0
+    while size >= k:
+        size //= k
+        level += 1
+    return level

@@ -1,0 +1,230 @@
+"""Rolling merges of a live run's parts: every row read once by a reader at any moment, a crash at any
+step of a merge leaves a loadable run, few parts per table while the run is live."""
+
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from balora.store import RunWriter, load_run
+from balora.store.layout import table_parts
+
+
+def writer(path, k=4):
+    w = RunWriter(path, {"task": "synthetic", "arms": ["lora"], "seeds": [0], "n_cells": 1}, {"python": "x"})
+    w.merge_every = k
+    return w
+
+
+def cell_rows(cell, n_steps):
+    """One cell's steps rows: the cell is told apart by its seed, its rows by step; loss is arbitrary data."""
+    rng = np.random.default_rng(cell)
+    return pd.DataFrame({"arm": "lora", "seed": cell, "lr": 0.1, "alpha": 4.0, "step": np.arange(1, n_steps + 1),
+                         "loss": rng.standard_normal(n_steps)})
+
+
+def same_rows(got: pd.DataFrame, written: list[pd.DataFrame]) -> bool:
+    """The loaded steps hold exactly the rows written (each once), whatever their order."""
+    want = pd.concat(written, ignore_index=True) if written else cell_rows(0, 0)
+    cols = ["seed", "step", "loss"]
+    a = got[cols].sort_values(["seed", "step"]).to_numpy(dtype=float)
+    b = want[cols].sort_values(["seed", "step"]).to_numpy(dtype=float)
+    return a.shape == b.shape and np.array_equal(a, b)
+
+
+def part_files(path, table="steps"):
+    return sorted(p.name for p in (Path(path) / table).iterdir())
+
+
+def test_a_live_run_keeps_few_parts_and_every_row(tmp_path, monkeypatch):
+    k, n = 3, 40
+    w = writer(tmp_path / "run", k)
+    rewritten, write_part = [], w._write_part
+
+    def count_merged_rows(table, df, first, last=None):
+        if last not in (None, first):
+            rewritten.append(len(df))
+        return write_part(table, df, first, last)
+
+    monkeypatch.setattr(w, "_write_part", count_merged_rows)
+    written = []
+    for cell in range(n):
+        written.append(cell_rows(cell, 1 + cell % 5))
+        w.append("steps", written[-1])
+        live, covered = table_parts(w.path / "steps")
+        levels = math.floor(math.log(cell + 1, k)) + 1
+        assert len(live) <= (k - 1) * levels and not covered, (cell, part_files(w.path))
+        run = load_run(w.path)
+        assert same_rows(run.steps, written) and not run.warnings, cell
+    rows = sum(map(len, written))
+    assert 0 < sum(rewritten) <= rows * math.ceil(math.log(n, k))  # each row rewritten once per size class
+    w.finish("completed")
+    assert len(part_files(w.path)) == 1
+    run = load_run(w.path)
+    assert same_rows(run.steps, written) and not run.warnings
+
+
+def test_a_reader_in_a_loop_while_the_writer_merges(tmp_path):
+    """A writer appending (and merging every 2 parts) in a thread; load_run in a loop meanwhile: each load
+    holds the first m cells written, each row once, and no warning."""
+    w = writer(tmp_path / "run", 2)
+    written, done, stop = [], threading.Event(), threading.Event()
+
+    def write():
+        try:
+            for cell in range(300):
+                if stop.is_set():  # the test failed: no writing on under the next test's patches
+                    return
+                written.append(cell_rows(cell, 3))  # first: a load may see the part before append returns
+                w.append("steps", written[-1])
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    loads, merged_seen = 0, 0
+    try:
+        while not done.is_set() or loads == 0:
+            run = load_run(w.path)
+            m = run.steps["seed"].nunique()
+            assert not run.warnings, run.warnings
+            assert same_rows(run.steps, written[:m]) and set(run.steps["seed"]) == set(range(m)), m
+            loads += 1
+            merged_seen += any("-" in p.name[5:] for *_, p in table_parts(w.path / "steps")[0])
+    finally:
+        stop.set()
+        thread.join()
+    assert loads > 1 and merged_seen
+    assert same_rows(load_run(w.path).steps, written)
+
+
+@pytest.mark.parametrize("where", ["parts listed, then merged", "merged part written", "one part deleted"])
+def test_a_load_at_each_step_of_a_merge_reads_every_row_once(tmp_path, monkeypatch, where):
+    w = writer(tmp_path / "run", 4)
+    written = [cell_rows(c, 2) for c in range(4)]
+    for rows in written[:3]:
+        w.append("steps", rows)
+    seen = []
+    if where == "parts listed, then merged":  # the reader lists 3 parts; the 4th append merges all 4 away
+        read = pd.read_parquet
+
+        def merge_first(path, *a, **kw):
+            if not seen:
+                seen.append(True)
+                w.append("steps", written[3])
+            return read(path, *a, **kw)
+
+        monkeypatch.setattr(pd, "read_parquet", merge_first)
+        run = load_run(w.path)
+        assert seen and same_rows(run.steps, written) and not run.warnings
+        assert part_files(w.path) == ["part-00001-00004.parquet"]
+        return
+    real_replace, real_unlink = os.replace, Path.unlink
+
+    def replace_then_load(src, dst):
+        real_replace(src, dst)
+        if "part-00001-00004" in str(dst) and where == "merged part written":
+            seen.append(load_run(w.path))
+
+    def unlink_then_load(self, *a, **kw):
+        real_unlink(self, *a, **kw)
+        if where == "one part deleted" and not seen:
+            seen.append(load_run(w.path))
+
+    monkeypatch.setattr(os, "replace", replace_then_load)
+    monkeypatch.setattr(Path, "unlink", unlink_then_load)
+    w.append("steps", written[3])
+    assert len(seen) == 1 and same_rows(seen[0].steps, written) and not seen[0].warnings
+
+
+class Killed(BaseException):
+    """The writing process killed at this point (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("step", ["temporary file written", "merged part renamed", "one part deleted"])
+def test_a_crash_at_each_step_of_a_merge_leaves_a_loadable_run(tmp_path, monkeypatch, step):
+    w = writer(tmp_path / "run", 4)
+    written = [cell_rows(c, 1 + c) for c in range(4)]
+    for rows in written[:3]:
+        w.append("steps", rows)
+    real_replace, real_unlink = os.replace, Path.unlink
+
+    def replace(src, dst):
+        if "part-00001-00004" in str(dst):
+            if step == "temporary file written":
+                raise Killed
+            real_replace(src, dst)
+            if step == "merged part renamed":
+                raise Killed
+        else:
+            real_replace(src, dst)
+
+    def unlink(self, *a, **kw):
+        real_unlink(self, *a, **kw)
+        if step == "one part deleted":
+            raise Killed
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(Killed):
+        w.append("steps", written[3])
+    monkeypatch.undo()
+    run = load_run(w.path)
+    assert same_rows(run.steps, written) and not run.warnings, part_files(w.path)
+    # a resumed writer (RunRecorder.reopen) merges what is there and removes what the merge left
+    resumed = RunWriter.reopen(w.path, keep_through=10**6)
+    more = cell_rows(4, 2)
+    resumed.append("steps", more)
+    resumed.finish("completed")
+    run = load_run(w.path)
+    assert same_rows(run.steps, [*written, more]) and not run.warnings
+    assert len(part_files(w.path)) == 1
+
+
+def test_a_load_while_the_finished_run_is_merged_warns_of_nothing(tmp_path, monkeypatch):
+    # The merge at finish() wrote the merged part, then deleted the others: a reload in between read
+    # both, dropped the copies and warned "duplicate row(s) dropped (an interrupted merge of parts)".
+    w = writer(tmp_path / "run", 0)  # no rolling merges: the finish merges all three parts
+    written = [cell_rows(c, 2) for c in range(3)]
+    for rows in written:
+        w.append("steps", rows)
+    seen = []
+    real_replace = os.replace
+
+    def replace_then_load(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".parquet") and "steps" in str(dst):
+            seen.append(load_run(w.path))
+
+    monkeypatch.setattr(os, "replace", replace_then_load)
+    w.finish("completed")
+    assert len(seen) == 1 and same_rows(seen[0].steps, written) and not seen[0].warnings
+
+
+def test_a_failing_rolling_merge_keeps_the_parts_and_the_run_going(tmp_path, monkeypatch):
+    w = writer(tmp_path / "run", 2)
+    monkeypatch.setattr(pd, "read_parquet", lambda *a, **kw: (_ for _ in ()).throw(OSError("disk gone")))
+    written = [cell_rows(c, 2) for c in range(3)]
+    for rows in written:
+        w.append("steps", rows)  # the merge fails: the appends go on
+    monkeypatch.undo()
+    assert len(part_files(w.path)) == 3 and "disk gone" in w._roll_failed["steps"]
+    assert same_rows(load_run(w.path).steps, written)
+    w.finish("completed")
+    assert same_rows(load_run(w.path).steps, written) and len(part_files(w.path)) == 1
+
+
+def test_old_plain_part_names_load_as_before(tmp_path):
+    """A run written before merged parts named their range: its parts (and a finish merge cut short, the
+    merged copy numbered after them) load as they did, duplicates dropped with the warning."""
+    w = writer(tmp_path / "run", 0)
+    written = [cell_rows(c, 2) for c in range(3)]
+    for rows in written:
+        w.append("steps", rows)
+    pd.concat(written).to_parquet(w.path / "steps" / "part-00004.parquet", index=False)
+    run = load_run(w.path)
+    assert same_rows(run.steps, written) and any("duplicate" in m for m in run.warnings)
