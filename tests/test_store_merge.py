@@ -228,3 +228,20 @@ def test_old_plain_part_names_load_as_before(tmp_path):
     pd.concat(written).to_parquet(w.path / "steps" / "part-00004.parquet", index=False)
     run = load_run(w.path)
     assert same_rows(run.steps, written) and any("duplicate" in m for m in run.warnings)
+
+
+def test_parts_over_the_size_cap_wait_for_the_finish(tmp_path):
+    """merge_max_bytes bounds what one rolling merge rewrites (the training loop waits for it)."""
+    w = writer(tmp_path / "run", 2)
+    written = [cell_rows(c, 2000) for c in range(8)]  # rows enough that data, not the footer, sets the size
+    w.merge_max_bytes = 0
+    w.append("steps", written[0])
+    # two parts of one append fit under the cap and merge; two merged ones (twice the data) do not
+    w.merge_max_bytes = 2.5 * (w.path / "steps" / "part-00001.parquet").stat().st_size
+    for rows in written[1:]:
+        w.append("steps", rows)
+    assert part_files(w.path) == ["part-00001-00002.parquet", "part-00003-00004.parquet",
+                                  "part-00005-00006.parquet", "part-00007-00008.parquet"]
+    assert same_rows(load_run(w.path).steps, written)
+    w.finish("completed")
+    assert part_files(w.path) == ["part-00001-00008.parquet"] and same_rows(load_run(w.path).steps, written)

@@ -141,9 +141,11 @@ def clear_run(path: str | Path, flag: str = "--out") -> list[str]:
 # ------------------------------------------------------------------ the writer
 
 
-# Parts of one size class merged into one while a run is live (RunWriter._roll); measured with
-# benchmarks/bench_live_load.py (see docs/BENCHMARKS.md).
+# Parts of one size class merged into one while a run is live (RunWriter._roll), unless together they
+# exceed MERGE_MAX_BYTES (a merge that large would stall training for seconds; the finish merges them).
+# Measured with benchmarks/bench_live_load.py (see docs/BENCHMARKS.md).
 MERGE_EVERY = 8
+MERGE_MAX_BYTES = 16 * 2**20
 
 
 class RunFolderTaken(InputError):
@@ -178,7 +180,7 @@ class RunWriter:
     into one (_roll); 0: parts are only merged when the run finishes (what balora did before).
     """
 
-    merge_every = MERGE_EVERY
+    merge_every, merge_max_bytes = MERGE_EVERY, MERGE_MAX_BYTES
 
     def __init__(self, path: str | Path, config: dict, env: dict | None = None, *, force: bool = False,
                  flag: str = "--out"):
@@ -280,7 +282,8 @@ class RunWriter:
         few parts instead of one per cell: the newest merge_every parts of `table`, when they are of one
         size class (_size_class), become one part of the next class. Each row is rewritten once per
         class (about log(parts) / log(merge_every) times over a run), never all of them at every append;
-        a table holds at most merge_every - 1 parts per class. A merge that fails leaves its parts as
+        a table holds at most merge_every - 1 parts per class below merge_max_bytes / merge_every bytes
+        (larger ones are not merged until the run finishes). A merge that fails leaves its parts as
         they were (all loadable); the table is not merged again until the run finishes."""
         k = self.merge_every
         if k < 2 or table in self._roll_failed:
@@ -290,6 +293,8 @@ class RunWriter:
             tail = live[-k:]
             if len(tail) < k or len({_size_class(first, last, k) for first, last, _ in tail}) != 1:
                 return
+            if sum(p.stat().st_size for *_, p in tail) > self.merge_max_bytes:
+                return  # parts this big are few and read fast; they wait for the finish
             try:
                 self._merge(table, tail)
             except Exception as e:
