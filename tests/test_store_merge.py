@@ -245,3 +245,13 @@ def test_parts_over_the_size_cap_wait_for_the_finish(tmp_path):
     assert same_rows(load_run(w.path).steps, written)
     w.finish("completed")
     assert part_files(w.path) == ["part-00001-00008.parquet"] and same_rows(load_run(w.path).steps, written)
+
+
+def test_force_clears_merged_parts_and_their_temporary_names(tmp_path):
+    w = writer(tmp_path / "run", 2)
+    for c in range(3):
+        w.append("steps", cell_rows(c, 2))
+    (w.path / "steps" / ".part-00003-00004.parquet.tmp").write_bytes(b"a merge cut short")
+    assert part_files(w.path) == [".part-00003-00004.parquet.tmp", "part-00001-00002.parquet", "part-00003.parquet"]
+    again = RunWriter(w.path, {"task": "synthetic"}, {}, force=True)
+    assert again.kept == [] and part_files(w.path) == []
