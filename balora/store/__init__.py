@@ -33,8 +33,12 @@ Atomicity: each part file and each JSON file is written under a temporary name i
 and renamed into place, so a reader never sees half a file. A killed writer leaves complete parts
 and a status that load_run reports as "running" with status_info["stale"] = True (the writing
 process is gone, or `updated` is older than STALE_AFTER_S); Ctrl-C, SIGTERM and exceptions are
-recorded as "interrupted" / "failed" by RunWriter's context manager. When a run finishes, each
-table's parts are merged into one (rows are de-duplicated on load in case that merge was cut short).
+recorded as "interrupted" / "failed" by RunWriter's context manager. While a run is live, the writer
+merges a table's newest parts of one size class into one (part-FIRST-LAST.parquet, named after the
+parts it replaces, which are deleted after it is renamed into place; load_run skips parts a merged
+part covers), so a live run is a few parts per table; when it finishes, each table's parts are merged
+into one. Runs from versions before this (plain part names only) load as before, rows de-duplicated
+in case their finish merge was cut short.
 
 Damaged runs: status.json and config.json are read with balora.safe_io (regular files only, size cap)
 and checked; odd contents raise RunError naming the file, and list_runs lists such a run as "damaged".

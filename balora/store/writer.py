@@ -312,8 +312,8 @@ class RunWriter:
             write_json_atomic(self.path / STATUS, self.status)
 
     def finish(self, status: str, message: str | None = None) -> None:
-        """Mark the run finished, then merge each table's parts into one (best effort: parts left by a
-        merge cut short load as they are, their rows de-duplicated)."""
+        """Mark the run finished, then merge each table's parts into one (best effort: a merge cut short
+        leaves parts that load as they are, those its merged part covers skipped)."""
         if status not in STATUSES[1:]:
             raise ValueError(f"finish: status must be one of {STATUSES[1:]}, got {status!r}")
         # The status first: merging a long run's thousands of parts takes seconds, and a Ctrl-C then
