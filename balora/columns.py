@@ -26,7 +26,7 @@ REPORT_COLUMNS: dict[str, str] = {
     "rel_imbalance": "float64",  # imbalance / (||B^T B||_F + ||A A^T||_F), in [0, 1]
     "cond_A": "float64",
     "cond_B": "float64",
-    "cond_dW": "float64",  # sigma_1 / sigma_r of dW; inf when rank < r, NaN when dW = 0
+    "cond_dW": "float64",  # sigma_1 / sigma_r of dW; inf when sigma_r = 0 exactly (~1e16 if rank < r up to rounding); NaN if dW = 0
     "eff_rank": "float64",  # entropy effective rank of dW
     "rank": "int64",  # numerical rank of dW
     "sigma_max": "float64",
