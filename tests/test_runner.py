@@ -167,6 +167,9 @@ def test_bad_options_name_the_flag(tmp_path, fake_task):
         compare("fake", out=tmp_path / "a", quiet=True, nope=1)
     with pytest.raises(InputError, match="--task: unknown task 'nope'.*synthetic"):
         compare("nope", out=tmp_path / "b", quiet=True)
+    with pytest.raises(InputError, match=r"^--task: a task name \(synthetic.*got a Linear; .*--set model=") as e:
+        compare(torch.nn.Linear(300, 300), out=tmp_path / "b", quiet=True)  # its repr is not the message
+    assert len(str(e.value)) < 200
     with pytest.raises(InputError, match="--lr"):
         compare("fake", lr="0.1,-1", out=tmp_path / "c", quiet=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # nothing written for bad input

@@ -63,6 +63,9 @@ def target_fraction(cfg: dict) -> float:
 
 def get_task(name: str) -> TaskSpec:
     """The TaskSpec registered as `name`; InputError listing the available tasks otherwise."""
+    if not isinstance(name, str):  # balora.compare(model): the repr of a model filled the message
+        raise InputError(f"--task: a task name ({', '.join(TASKS)}), got a {type(name).__name__}; a model of your own "
+                         "goes in --set model=FOLDER (lm, encoder)")
     if name not in TASKS:
         raise InputError(f"--task: unknown task {name!r}; available: {', '.join(TASKS)}")
     try:
