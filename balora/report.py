@@ -169,6 +169,8 @@ def layer_report(model: nn.Module, adapter: str | None = None, precision: bool =
     Pairs balora cannot treat are omitted (balance_ lists them with the reason).
     precision: measure the fp16/bf16 storage columns (see pair_rows); False leaves them NaN,
     for reports made during training (BalanceCallback's logs).
+    Under FSDP2 call it on every rank: it gathers the factors, and called on one rank only it blocks
+    until the process group's timeout (report on every rank, print on one).
     """
     from balora.adapters.live import model_pairs, require_model
 
