@@ -195,6 +195,13 @@ class RunRecorder(TrainerCallback):
             self._eval.append((step, float(logs["eval_loss"]), self._train_s))
         self._flush(before=step)
 
+    def on_save(self, args, state, control, **kwargs):
+        # A checkpoint is saved after its step's logs and evaluation: write that step's buffered row now.
+        # Held until the next log, a process killed before then (kill -9, the OOM killer) left the run
+        # without the checkpoint's step, and a resume from that checkpoint was refused.
+        if self.writer is not None and not self.writer.finished:
+            self._flush(before=None)
+
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         # The Trainer leaves its epoch loop here when it stops (max_steps, early stopping, a callback), before
         # load_best_model_at_end puts an earlier checkpoint back: the last factors are still the run's own.

@@ -1,5 +1,6 @@
 """RunRecorder: a tiny Trainer run is written in the run-store format and load_run reads it back."""
 
+import atexit
 import math
 
 import numpy as np
@@ -228,6 +229,56 @@ def test_resuming_from_an_earlier_checkpoint_or_another_cell(tmp_path):
     assert row["steps_done"] == 6 and math.isnan(row["balance_seconds"]) and math.isnan(row["diag_seconds"])
     with pytest.raises(InputError, match="directory exists and is not empty"):
         _train_saving(tmp_path, tmp_path / "run", 6, resume=str(tmp_path / "trainer" / "checkpoint-3"), lr=1e-2)
+
+
+class Killed(BaseException):
+    """The training process killed (kill -9, the OOM killer): no callback, no atexit runs after it."""
+
+
+def _train_killed_and_resumed(tmp_path, out, max_steps, kill_after=None, resume=False):
+    """logging_steps = save_steps (as the Trainer's defaults, 500 and 500): every checkpoint is taken at a
+    log step. kill_after: the process dies at the end of that step (after the checkpoint before it)."""
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-2,
+        lr_scheduler_type="constant", logging_steps=2, eval_strategy="no", report_to=[], save_strategy="steps",
+        save_steps=2, use_cpu=True, seed=3, disable_tqdm=True,
+    )
+    recorder = RunRecorder(out, layers_every=2)
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == kill_after:
+                atexit.unregister(recorder._at_exit)  # a killed process writes nothing more
+                raise Killed
+
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(24, 8, 32, 0), callbacks=[recorder, Kill()])
+    try:
+        trainer.train(resume_from_checkpoint=resume or None)
+    except Killed:
+        return None
+    return trainer
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_from_it(tmp_path):
+    """Killed one step after checkpoint-4 (its step logged, its row not written yet: the recorder writes a
+    step's row when the next log comes), then resumed: the run goes on from the checkpoint, each logged
+    step once with the Trainer's loss. It was refused ("directory exists and is not empty") whenever the
+    kill came before the next log, so always with logging_steps = save_steps."""
+    whole = _train_killed_and_resumed(tmp_path / "a", tmp_path / "a" / "run", 8)
+    assert _train_killed_and_resumed(tmp_path / "b", tmp_path / "b" / "run", 8, kill_after=5) is None
+    resumed = _train_killed_and_resumed(tmp_path / "b", tmp_path / "b" / "run", 8, resume=True)
+    run = load_run(tmp_path / "b" / "run")
+    assert run.status == "completed" and not run.warnings
+    logged = {h["step"]: h["loss"] for h in whole.state.log_history if "loss" in h}
+    assert {h["step"] for h in resumed.state.log_history if "loss" in h} == set(logged) == {2, 4, 6, 8}
+    steps = run.steps.set_index("step").sort_index()
+    assert list(steps.index) == sorted(logged)
+    assert np.allclose(steps["loss"], [logged[s] for s in steps.index], rtol=1e-4)
+    assert sorted(set(run.layers["step"])) == [0, 2, 4, 6, 8] and len(run.summary) == 1
 
 
 @pytest.mark.parametrize("strategy,eval_steps", [("epoch", None), ("steps", 0.25), ("steps", 3)])
