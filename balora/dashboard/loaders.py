@@ -80,6 +80,14 @@ def load_run(path: str | Path):
     return _load_run(path, version)
 
 
+def loaded_version(path: str | Path) -> tuple:
+    """The version of the run's files that load_run(path) served (taken before it read them). A page
+    watching a live run compares with this one: a version taken after the read, from files the writer
+    changed meanwhile (a run that finished while it was read), never differed again, so the page kept
+    showing what it had read."""
+    return _LOADED.get(str(path)) or run_version(path)
+
+
 def status_labels(runs: pd.DataFrame) -> list[str]:
     """list_runs' status, with a "running" run whose writer is gone shown as stalled."""
     stale = runs["stale"] if "stale" in runs else pd.Series(False, index=runs.index)

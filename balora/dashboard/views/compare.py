@@ -100,7 +100,7 @@ for name, run in runs.items():
     state = loaders.run_state(run.status, run.status_info)
     KIND[state.kind](f"**{md.text(name)}** — {state.label}. {md.text(state.text)}")
     if state.live:
-        live.append(run.path)
+        live.append(paths[name])  # as loaders.load_run was given it (its loaded_version)
     for w in run.warnings:
         st.warning(f"{md.text(name)}: {md.text(w)}")
 
@@ -112,8 +112,8 @@ with st.expander("Configuration and command of the selected runs"):
         st.json(json.dumps(run.config, default=str), expanded=False)
 
 if live:
-    # Re-run the page whenever a run being written adds a part file or rewrites its status.
-    versions = [loaders.run_version(p) for p in live]
+    # Re-run the page whenever a run being written adds a part file or rewrites its status since it was read.
+    versions = [loaders.loaded_version(p) for p in live]
 
     @st.fragment(run_every=settings.REFRESH_S)
     def _watch():
