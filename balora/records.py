@@ -136,7 +136,9 @@ def _best_per_arm(s: pd.DataFrame) -> pd.DataFrame:
     for _, g in s.groupby("arm", sort=False):
         if (g["status"] == "skipped").all():
             continue
-        lr, alpha = g.groupby(["lr", "alpha"])["value"].median().idxmin()
+        # A completed cell without the metric (a Trainer run that logged no loss) ranks last, as in
+        # _best_per_seed: an arm of such cells only made idxmin raise "Encountered all NA values".
+        lr, alpha = g["value"].fillna(math.inf).groupby([g["lr"], g["alpha"]]).median().idxmin()
         picked.append(g[(g["lr"] == lr) & (g["alpha"] == alpha)])
     return pd.concat(picked) if picked else s.iloc[0:0]
 

@@ -102,6 +102,24 @@ def test_best_cells_per_arm_is_the_lowest_median_cell():
     assert records.best_cells(summary.iloc[0:0]).empty
 
 
+
+def test_best_cells_per_arm_of_completed_cells_without_the_metric():
+    """A Trainer run recorded by RunRecorder that never logged a loss (max_steps below logging_steps, 500 by
+    default; no evaluation): its cell completed without any metric. Selecting per arm raised "Encountered
+    all NA values" (the Compare page failed on such a run); the cell ranks last, as in select="seed"."""
+    nan = math.nan
+    table = {("trainer", 0.01): [nan], ("lora", 0.01): [nan, 1.0], ("lora", 0.1): [3.0, 2.0]}
+    summary = _grid(table).assign(status="completed", final_loss=nan)
+    assert records.headline_metric(summary) == "final_excess_loss"
+    for select in ("arm", "seed"):
+        best = records.best_cells(summary, select=select)
+        assert set(best.loc[best["arm"] == "trainer", "lr"]) == {0.01}  # the arm keeps its one cell
+        # independent: per arm, the lr whose median over seeds (a missing value +inf) is smallest
+        if select == "arm":
+            meds = {lr: np.median([math.inf if math.isnan(v) else v for v in vals])
+                    for (a, lr), vals in table.items() if a == "lora"}
+            assert set(best.loc[best["arm"] == "lora", "lr"]) == {min(meds, key=meds.get)}
+
 def test_headline_metric_falls_back():
     s = _grid({("lora", 0.1): [1.0]})
     assert records.headline_metric(s) == "final_excess_loss"
