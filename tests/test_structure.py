@@ -99,3 +99,33 @@ def test_wheel_ships_the_dashboard_inside_the_package(tmp_path):
     if tracked.returncode == 0:
         missing = sorted(set(tracked.stdout.split("\0")) - {""} - set(names))
         assert not missing, f"tracked but not in the wheel (add them to package-data): {missing}"
+
+
+def _documented_modules() -> list[str]:
+    """The paths docs/ARCHITECTURE.md's module table names: each row's first cell, where a bare name
+    (`entries.py`) lies in the folder of the path before it and `dir/` or `dir/*.py` names a folder."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    table = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
+    named = []
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        folder = ""
+        for token in line.split("|")[1].split("`")[1::2]:
+            if "/" in token:
+                folder = token if token.endswith("/") else token.rsplit("/", 1)[0] + "/"
+                named.append(token)
+            else:
+                named.append(folder + token)
+    return named
+
+
+def test_architecture_module_table_names_every_module():
+    # A module missing from the table is a module whose job a newcomer cannot look up.
+    import fnmatch
+
+    named = _documented_modules()
+    modules = [str(p.relative_to(ROOT)) for p in _modules() if p.name != "__init__.py"]
+    missing = [m for m in modules
+               if not any(m == n or (n.endswith("/") and m.startswith(n)) or fnmatch.fnmatch(m, n) for n in named)]
+    assert not missing, f"add these modules to docs/ARCHITECTURE.md's module table: {missing}"
