@@ -13,7 +13,8 @@ from balora.errors import InputError
 st.title("Inspect an adapter")
 st.caption(
     "Reads LoRA factors from files alone (no base model): a PEFT adapter folder, a Trainer output "
-    "folder with checkpoint-N subfolders, a kohya LoRA .safetensors, or bare PEFT weights. "
+    "folder with checkpoint-N subfolders, diffusers, kohya and LyCORIS LoRA files, bare PEFT weights, "
+    "or a Hugging Face Hub id user/name[@revision]. "
     "Nothing is written next to them: a balanced copy is offered as a download."
 )
 
@@ -123,7 +124,7 @@ m1, m2, m3, m4 = st.columns(4)
 m1.metric("LoRA layers", f"{nums['layers']}", help=f"{nums['layers'] - nums['measured']} could not be measured" if nums["measured"] < nums["layers"] else None)
 m2.metric("Median relative imbalance", fmt(nums["median_rel_imbalance"]), help="0 = balanced, 1 = worst (PEFT's init)")
 m3.metric("Worst relative imbalance", fmt(nums["worst_rel_imbalance"]))
-m4.metric("Median cond(dW)", fmt(nums["median_cond_dW"]), help="σ₁/σ_r of dW; inf when rank-deficient")
+m4.metric("Median cond(dW)", fmt(nums["median_cond_dW"]), help="σ₁/σ_r of dW; inf when σ_r is exactly 0, about 1e16 when dW is rank-deficient up to rounding")
 
 st.subheader("Per-layer table")
 table = report_frames.report_table(report)
