@@ -621,6 +621,39 @@ def test_job_manager_runs_one_job_at_a_time(tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists()
 
 
+def test_a_killed_job_is_reaped_and_its_run_reads_stale_without_the_launch_page(tmp_path, monkeypatch):
+    # A job killed with SIGKILL (the OOM killer, kill -9) stayed a zombie until the Launch page polled it:
+    # its pid still answered os.kill(pid, 0), so Compare showed the run "running" for up to 10 minutes.
+    import os
+    import signal
+
+    script = (
+        "import sys, time; from balora.store import RunWriter; out = sys.argv[sys.argv.index('--out') + 1];"
+        "w = RunWriter(out, {'task': 'synthetic', 'arms': ['lora'], 'seeds': [0], 'steps': 5}, {});"
+        "w.heartbeat({'done': 0, 'total': 1}, force=True); print('written', flush=True); time.sleep(60)"
+    )
+    monkeypatch.setattr(jobs, "build_command", lambda spec, out: [jobs.sys.executable, "-c", script, "--out", str(out)])
+    m = jobs.JobManager(tmp_path)
+    monkeypatch.setitem(jobs._MANAGERS, tmp_path.resolve(), m)
+    job = m.start(jobs.LaunchSpec(arms=["lora"], seeds=1, steps=5, name="killed"))
+    try:
+        for _ in range(600):  # the manager's reader thread collects the output; nobody polls the job here
+            if job.output:
+                break
+            time.sleep(0.05)
+        assert job.output and load_run(job.run_dir).status == "running" and not load_run(job.run_dir).stale
+        os.kill(job.proc.pid, signal.SIGKILL)
+        for _ in range(200):
+            if load_run(job.run_dir).stale:
+                break
+            time.sleep(0.05)
+        run = load_run(job.run_dir)
+        assert run.stale and "is gone" in run.status_info["stale_reason"]
+    finally:
+        m.cancel()
+    assert m.wait(10) == -signal.SIGKILL and job.state() == "failed"
+
+
 # --------------------------------------------------------------------------- serving defaults
 
 

@@ -232,6 +232,9 @@ def _pump(proc: subprocess.Popen, sink: deque) -> None:
     for line in proc.stdout:
         sink.append(line.rstrip("\n"))
     proc.stdout.close()
+    # Reap the child as soon as it ends, whether or not a page is open to poll it: a killed job left
+    # as a zombie still answers os.kill(pid, 0), so its run would read "running" instead of stale.
+    proc.wait()
 
 
 _MANAGERS: dict[Path, JobManager] = {}
