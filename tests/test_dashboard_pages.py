@@ -892,6 +892,31 @@ def test_launch_cancelled_before_writing_says_nothing_was_kept(app, runs_root, m
     assert "cancelled" in said and "marked interrupted" not in said and "before it wrote anything" in said
 
 
+def test_launch_refuses_a_grid_the_command_line_refuses_and_starts_nothing(app, runs_root, monkeypatch):
+    # "8 32" typed for two alphas: the page dropped the space and started a job with one alpha, 832;
+    # `balora compare --alpha "8 32"` refuses it. The form must refuse it too, and start no job.
+    from balora.compare_config import parse_floats
+    from balora.errors import InputError
+
+    started = []
+    monkeypatch.setattr(jobs.JobManager, "start", lambda self, spec: started.append(spec))
+    at = app.run()
+    at.switch_page(PAGE["launch"]).run()
+    at.text_input(key="launch_name").set_value("spaced-grid")
+    for field, typed in ((1, "8 32"), (0, "1e-3 1e-2"), (1, "1 6")):
+        with pytest.raises(InputError, match="is not a number"):
+            parse_floats(typed, "--alpha")
+        at.text_input[field].set_value(typed)
+        start_button(at).click().run()
+        no_exception(at)
+        assert "give numbers separated by commas" in texts(at.error) and not started, started
+        at.text_input[field].set_value("")
+    at.text_input[1].set_value(" 8 , 32 ")  # spaces around the commas are fine, as on the command line
+    start_button(at).click().run()
+    assert [spec.alphas for spec in started] == [parse_floats(" 8 , 32 ", "--alpha")]
+    assert not (runs_root / "spaced-grid").exists()
+
+
 def test_inspect_metrics_of_a_fresh_peft_adapter_say_n_a_not_nan(app, tmp_path):
     # PEFT's init (B = 0): dW = 0 has no condition number; the metric says n/a, as for no layers.
     fresh = _write_adapter(tmp_path / "fresh", seed=0)

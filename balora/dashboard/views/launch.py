@@ -19,8 +19,9 @@ TASK_HELP = {
 
 
 def _floats(text: str, what: str) -> list[float]:
+    # Split on commas only: removing every space first read "8 32" as 832, which `balora compare` refuses.
     try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
+        return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise jobs.JobError(f"{what}: give numbers separated by commas, e.g. 1e-3,1e-2") from None
 
