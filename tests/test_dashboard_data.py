@@ -587,6 +587,40 @@ def test_launch_passes_the_typed_values_to_the_job_exactly(tmp_path):
     assert float(cmd[cmd.index("--set") + 1].split("=")[1]) == spec.init_scale
 
 
+def _job_steps(spec: jobs.LaunchSpec, out: Path) -> int:
+    """Training steps of the job Launch would start, as `balora compare` itself resolves its command line."""
+    from balora.cli import build_parser
+    from balora.commands.compare import config_from_args
+    from balora.compare_config import resolve
+
+    run = resolve(config_from_args(build_parser().parse_args(jobs.build_command(spec, out)[3:]))).run
+    return run.n_cells * run.steps
+
+
+def test_launch_bounds_keep_a_job_to_minutes(tmp_path):
+    # The page promises "sizes are bounded so that a job takes minutes on a laptop CPU", but every bound was
+    # per field: 5 arms x 4 seeds x 4 lrs x 4 alphas x 300 steps of the lm task is 96,000 steps, hours at the
+    # lm task's own rate (balora/tasks/lm.py: 200 steps in 40-55 s per arm on 2 busy cores). On a shared
+    # dashboard that holds the one job slot all afternoon.
+    lm_step_s = 55 / 200
+    arms = list(jobs.available_arms())
+    for task in settings.LAUNCH_TASKS:
+        biggest = jobs.LaunchSpec(task=task, arms=arms, seeds=settings.LAUNCH_MAX_SEEDS,
+                                  steps=settings.LAUNCH_MAX_STEPS[task], lrs=[1e-3, 2e-3, 3e-3, 4e-3][:settings.LAUNCH_MAX_GRID],
+                                  alphas=[4.0, 8.0, 16.0, 32.0][:settings.LAUNCH_MAX_GRID], name="big")
+        total = _job_steps(biggest, tmp_path / "big")
+        errors = " ".join(jobs.validate(biggest, tmp_path))
+        assert (total <= settings.LAUNCH_MAX_TRAIN_STEPS[task]) == (errors == ""), (task, total, errors)
+        if errors:
+            assert f"{total:,} training steps" in errors
+    assert settings.LAUNCH_MAX_TRAIN_STEPS["lm"] * lm_step_s <= 15 * 60
+    # The lm form's defaults (two arms, one seed, 100 steps) and a small grid still run.
+    for spec in (jobs.LaunchSpec(task="lm", arms=["lora", "balora"], seeds=1, steps=100, name="x"),
+                 jobs.LaunchSpec(task="lm", arms=["lora", "balora"], seeds=1, steps=300, lrs=[1e-3, 3e-3], name="x")):
+        assert _job_steps(spec, tmp_path / "x") <= settings.LAUNCH_MAX_TRAIN_STEPS["lm"]
+        assert jobs.validate(spec, tmp_path) == []
+
+
 def test_job_manager_runs_one_job_at_a_time(tmp_path, monkeypatch):
     # A stand-in for `balora compare` that writes a status.json and waits: the manager's
     # bookkeeping (one job, progress, cancel) does not depend on what the child computes.

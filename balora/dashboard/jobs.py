@@ -82,11 +82,24 @@ def validate(spec: LaunchSpec, runs_dir: Path) -> list[str]:
             errors.append("the initial scale of A is an option of the synthetic task only")
         elif not 0 < spec.init_scale <= settings.LAUNCH_MAX_INIT_SCALE:
             errors.append(f"initial scale of A must be above 0 and at most {settings.LAUNCH_MAX_INIT_SCALE:g}")
+    errors += _budget_errors(spec)
     if not NAME_RE.match(spec.name or ""):
         errors.append("run name: letters, digits, '.', '_' or '-' only, starting with a letter or digit (at most 64)")
     elif (runs_dir / spec.name).exists():
         errors.append(f"a run named {spec.name!r} already exists in {runs_dir}")
     return errors
+
+
+def _budget_errors(spec: LaunchSpec) -> list[str]:
+    """The job's cells x steps against its task's budget: each field within its bound still multiplied
+    to hours (5 arms x 4 seeds x 4 lrs x 4 alphas x 300 lm steps)."""
+    budget = settings.LAUNCH_MAX_TRAIN_STEPS.get(spec.task)
+    # An empty grid is the task's default: one value for the tasks Launch offers.
+    cells = len(spec.arms) * spec.seeds * max(1, len(spec.lrs)) * max(1, len(spec.alphas))
+    if budget is None or cells * spec.steps <= budget:
+        return []
+    return [f"{cells} cells x {spec.steps} steps = {cells * spec.steps:,} training steps; at most {budget:,} for the "
+            f"{spec.task} task, so that a job takes minutes: fewer arms, seeds, learning rates, alphas or steps"]
 
 
 def _num(v: float) -> str:

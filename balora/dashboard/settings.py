@@ -34,6 +34,9 @@ LAUNCH_MAX_STEPS = {"synthetic": 1000, "lm": 300}
 LAUNCH_MAX_SEEDS = 4
 LAUNCH_MAX_GRID = 4  # learning rates (and alphas) per launched grid
 LAUNCH_MAX_INIT_SCALE = 100.0  # synthetic task: multiple of PEFT's A init
+# The bounds above are per field; their product is what takes time. Cells x steps per job: a synthetic
+# step takes about 1 ms (320,000: ~5 min), an lm step 0.1-0.3 s on a laptop CPU (3,000: 5-14 min).
+LAUNCH_MAX_TRAIN_STEPS = {"synthetic": 320_000, "lm": 3_000}
 
 # How often a page showing a run in progress re-reads it.
 REFRESH_S = 5
