@@ -688,6 +688,47 @@ def test_a_killed_job_is_reaped_and_its_run_reads_stale_without_the_launch_page(
     assert m.wait(10) == -signal.SIGKILL and job.state() == "failed"
 
 
+def test_a_job_is_interrupted_when_the_dashboard_stops(tmp_path):
+    # Stopping the dashboard with Ctrl-C interrupts its job (the terminal signals both), but stopping it with
+    # SIGTERM (kill PID, a service manager), which streamlit turns into a clean exit, left the job running on
+    # its own: the restarted dashboard no longer knew it, could not cancel it, and let a second job start.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    parent = (  # the dashboard's process: streamlit exits cleanly on SIGTERM
+        "import signal, sys, time; from pathlib import Path; from balora.dashboard import jobs;"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0));"
+        f"m = jobs.get_manager(Path({str(tmp_path)!r}));"
+        "job = m.start(jobs.LaunchSpec(arms=['lora'], seeds=4, steps=1000, lrs=[1e-3, 2e-3, 3e-3, 4e-3],"
+        " alphas=[2.0, 4.0, 8.0, 16.0], name='long'));"
+        "[time.sleep(0.1) for _ in range(1200) if not job.progress()];"
+        "print(job.proc.pid, flush=True); time.sleep(300)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    dashboard = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, env=env)
+    child = None
+    try:
+        child = int(dashboard.stdout.readline())
+        assert load_run(tmp_path / "long").status == "running"
+        dashboard.send_signal(signal.SIGTERM)
+        dashboard.wait(60)
+        for _ in range(300):
+            if load_run(tmp_path / "long").status != "running":
+                break
+            time.sleep(0.1)
+        run = load_run(tmp_path / "long")
+        assert run.status == "interrupted" and "SIGTERM" in run.status_info["message"], run.status_info
+    finally:
+        dashboard.kill()
+        dashboard.wait()
+        dashboard.stdout.close()
+        if child is not None:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- serving defaults
 
 

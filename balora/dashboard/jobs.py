@@ -7,6 +7,7 @@ only thing a job writes is its run directory; progress comes from that run's sta
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import os
@@ -261,6 +262,17 @@ def get_manager(runs_dir: Path) -> JobManager:
         if key not in _MANAGERS:
             _MANAGERS[key] = JobManager(key)
         return _MANAGERS[key]
+
+
+@atexit.register
+def _stop_jobs_on_exit() -> None:
+    # The dashboard is stopping (streamlit exits cleanly on SIGTERM): interrupt its job as Ctrl-C in its terminal
+    # does, rather than leave it running where no page can see or cancel it, beside a restarted dashboard's job.
+    with _MANAGERS_LOCK:
+        managers = list(_MANAGERS.values())
+    for m in managers:
+        m.cancel()
+        m.wait(10)  # the run records itself as interrupted in well under that
 
 
 def any_running() -> Job | None:
