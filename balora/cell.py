@@ -42,25 +42,35 @@ NUMERIC_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so the run is marked interrupted like Ctrl-C."""
+    """SIGTERM or SIGHUP, turned into an exception so the run is marked interrupted like Ctrl-C."""
+
+
+# Signals that end a run as Ctrl-C does: SIGTERM (kill PID, a scheduler, the dashboard stopping its job) and
+# SIGHUP (the terminal or ssh session that ran `balora compare` closed), which left the run "stalled".
+TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def terminated(signum: int) -> Terminated:
+    return Terminated(f"terminated ({signal.Signals(signum).name})")
 
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Ctrl-C / SIGTERM wait until the block has run, so a cell's rows and summary are written together."""
+    """Ctrl-C / SIGTERM / SIGHUP wait until the block has run, so a cell's rows and summary are written together."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in (signal.SIGINT, *TERMINATING)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if signal.SIGTERM in pending:
-        raise Terminated("terminated (SIGTERM)")
+    ended = [sig for sig in pending if sig in TERMINATING]
+    if ended:
+        raise terminated(ended[0])
     if pending:
         raise KeyboardInterrupt
 

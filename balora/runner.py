@@ -25,7 +25,7 @@ import torch
 
 from balora import records, runs_folder
 from balora.arms import Arm
-from balora.cell import Cell, Terminated, signals_deferred
+from balora.cell import TERMINATING, Cell, signals_deferred, terminated
 from balora.compare_config import CompareConfig, RunConfig, command_line, resolve
 from balora.store import RunFolderTaken, RunWriter, environment_info, load_run
 from balora.tasks import Problem, TaskSpec
@@ -52,13 +52,14 @@ def _sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise Terminated("terminated (SIGTERM)")
+        raise terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in TERMINATING}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def run_compare(cfg: CompareConfig) -> Path:

@@ -107,7 +107,7 @@ def _fake_build(cfg, seed, alpha, device):
         if cfg["fail_at"] and len(calls) >= cfg["fail_at"]:
             raise RuntimeError("task exploded")
         if cfg["sigterm_at"] and len(calls) == cfg["sigterm_at"]:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, cfg["signal"]))
         calls.append(1)
         x, y = batch
         return ((m(x) - y) ** 2).mean()
@@ -121,7 +121,7 @@ def fake_task(monkeypatch):
     module = types.ModuleType("balora_fake_task")
     module.TASK = TaskSpec("fake", _fake_build, {"arms": "lora,balora", "steps": 7, "seeds": 1, "optimizer": "sgd",
                                                  "lr": 0.1, "alpha": 2, "rank": 2, "eval_every": 3,
-                                                 "layers_every": 0, "spectra_every": 0, "fail_at": 0, "sigterm_at": 0, "nan_eval_at": 0,
+                                                 "layers_every": 0, "spectra_every": 0, "fail_at": 0, "sigterm_at": 0, "signal": "SIGTERM", "nan_eval_at": 0,
                                                  "calls": []})
     monkeypatch.setitem(sys.modules, "balora_fake_task", module)
     monkeypatch.setitem(TASKS, "fake", "balora_fake_task")
@@ -150,13 +150,17 @@ def test_an_error_in_a_cell_fails_the_run_and_keeps_what_was_done(tmp_path, fake
     assert len(run.steps[run.steps["arm"] == "balora"]) == 3
 
 
-def test_sigterm_marks_the_run_interrupted_and_restores_the_handler(tmp_path, fake_task):
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        compare("fake", out=tmp_path / "run", quiet=True, device="cpu", calls=[], sigterm_at=9)
-    assert signal.getsignal(signal.SIGTERM) is before
+@pytest.mark.parametrize("name", [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)])
+def test_sigterm_marks_the_run_interrupted_and_restores_the_handler(tmp_path, fake_task, name):
+    """SIGTERM (kill PID, a scheduler) and SIGHUP (the ssh session or terminal closed: the run was left
+    'running' until it read as stalled) end a run as Ctrl-C does."""
+    sig = getattr(signal, name)
+    before = signal.getsignal(sig)
+    with pytest.raises(KeyboardInterrupt, match=name):
+        compare("fake", out=tmp_path / "run", quiet=True, device="cpu", calls=[], sigterm_at=9, signal=name)
+    assert signal.getsignal(sig) is before
     run = load_run(tmp_path / "run")
-    assert run.status == "interrupted" and "terminated (SIGTERM) during arm=balora" in run.status_info["message"]
+    assert run.status == "interrupted" and f"terminated ({name}) during arm=balora" in run.status_info["message"]
     s = run.summary.set_index("arm")
     assert s.loc["lora", "status"] == "completed" and s.loc["balora", "status"] == "interrupted"
     assert s.loc["balora", "reason"].startswith("interrupted at step")
