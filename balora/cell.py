@@ -54,6 +54,12 @@ def terminated(signum: int) -> Terminated:
     return Terminated(f"terminated ({signal.Signals(signum).name})")
 
 
+def handled_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
+    """`signals` less those the process ignores: `nohup balora compare ...` ignores SIGHUP so that the run
+    outlives its terminal, and a handler of ours must not undo that."""
+    return tuple(sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def signals_deferred():
     """Ctrl-C / SIGTERM / SIGHUP wait until the block has run, so a cell's rows and summary are written together."""
@@ -62,7 +68,7 @@ def signals_deferred():
         return
     pending: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-                for sig in (signal.SIGINT, *TERMINATING)}
+                for sig in handled_signals((signal.SIGINT, *TERMINATING))}
     try:
         yield
     finally:

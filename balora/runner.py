@@ -25,7 +25,7 @@ import torch
 
 from balora import records, runs_folder
 from balora.arms import Arm
-from balora.cell import TERMINATING, Cell, signals_deferred, terminated
+from balora.cell import TERMINATING, Cell, handled_signals, signals_deferred, terminated
 from balora.compare_config import CompareConfig, RunConfig, command_line, resolve
 from balora.store import RunFolderTaken, RunWriter, environment_info, load_run
 from balora.tasks import Problem, TaskSpec
@@ -54,7 +54,7 @@ def _sigterm_as_interrupt():
     def handler(signum, frame):
         raise terminated(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in TERMINATING}
+    previous = {sig: signal.signal(sig, handler) for sig in handled_signals(TERMINATING)}
     try:
         yield
     finally:

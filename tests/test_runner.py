@@ -424,3 +424,16 @@ def test_the_python_api_takes_every_option_of_the_command(tmp_path):
                   quiet=True, threads=1, **TINY)
     assert run.status == "completed" and run.config["threads"] == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_a_run_started_with_nohup_outlives_its_terminal(tmp_path, fake_task):
+    """`nohup balora compare ...` ignores SIGHUP so that the run survives a closed terminal: the run's own
+    handler must leave that as it is, not turn the hang-up into an interrupt."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        run = compare("fake", out=tmp_path / "run", quiet=True, device="cpu", calls=[], sigterm_at=9, signal="SIGHUP")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert run.status == "completed" and (run.summary["status"] == "completed").all()
