@@ -59,6 +59,13 @@ class RunRecorder(TrainerCallback):
         self.seed, self.target_loss, self.adapter = seed, target_loss, adapter
         self.balance_callback, self.extra_config = balance_callback, dict(config or {})
         self.writer: RunWriter | None = None
+        self._writes = True  # rank 0 (or one process) writes; set per run in on_train_begin
+        self._start()
+
+    def _start(self) -> None:
+        """What one train() call records, from nothing: a training resumed in the same process (a notebook,
+        after Ctrl-C) takes it up from the run on disk, not from what the interrupted call left here (its
+        held row, its losses past the checkpoint, its signs of divergence: the resumed run read diverged)."""
         self._rows: dict[int, dict] = {}  # step -> steps row, written once the Trainer has moved past the step
         self._train_s = self._diag_s = 0.0
         self._step_t0 = 0.0
@@ -72,7 +79,6 @@ class RunRecorder(TrainerCallback):
         self._nonfinite_grad_at: int | None = None  # first logged non-finite grad_norm
         self._balance_s0 = 0.0  # balancing time of the run before a resume (the callback counts this train() call's)
         self._diag_at: int | None = None  # the step of the latest diagnostics (on every rank)
-        self._writes = True  # rank 0 (or one process) writes; set per run in on_train_begin
 
     # -------------------------------------------------------------- Trainer events
 
@@ -80,8 +86,8 @@ class RunRecorder(TrainerCallback):
         # Distributed (DDP, FSDP2): every rank runs the callbacks. Rank 0 writes the run; the others only
         # take their part in the diagnostics' collectives (FSDP2 gathers the factors). Each rank writing
         # made the second one refuse the folder and stop training on every rank.
+        self._start()  # a recorder trained again (resumed in the same process) starts from the run on disk
         self._writes = bool(getattr(state, "is_world_process_zero", True))
-        self._diag_at = None  # a recorder trained again (resumed in the same process) records its new end
         if self._writes:
             self._open(args, state, model)
         if model is not None and state.global_step == 0:  # later: the factors are a checkpoint's, not step 0's

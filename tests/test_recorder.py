@@ -406,3 +406,52 @@ def test_a_trainer_run_without_a_lora_adapter_is_recorded(tmp_path, adapter):
     assert len(run.layers) == 0  # no LoRA pair to report
     (row,) = arm_summary(run.summary).to_dict("records")
     assert row["arm"] == "baseline" and row["completed"] == 1 and row["best"] == logged[4]
+
+
+def test_a_run_resumed_in_the_same_process_forgets_the_interrupted_training(tmp_path):
+    """In a notebook: training blows up after checkpoint-6, the user stops it (Ctrl-C) and resumes from that
+    checkpoint with the same Trainer and RunRecorder. The recorder kept the interrupted training's state (its
+    losses, its held row, its signs of divergence), so the resumed run, finite throughout, was summarised
+    as diverged."""
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=8, per_device_train_batch_size=4, learning_rate=5e-2,
+        lr_scheduler_type="constant", logging_steps=1, eval_strategy="no", report_to=[], save_strategy="steps",
+        save_steps=6, use_cpu=True, seed=3, disable_tqdm=True,
+    )
+    recorder = RunRecorder(tmp_path / "run", layers_every=1)
+
+    class BlowUp(TrainerCallback):  # before the recorder: its diagnostics see the factors go non-finite
+        armed = True
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if self.armed and state.global_step == 7:  # after checkpoint-6
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(math.nan)
+                self.armed = False
+
+    class Stop(TrainerCallback):  # after the recorder has logged step 7: Ctrl-C
+        armed = True
+
+        def on_log(self, args, state, control, **kwargs):
+            if self.armed and state.global_step == 7:
+                self.armed = False
+                raise KeyboardInterrupt
+
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(40, 8, 32, 0),
+                      callbacks=[BlowUp(), recorder, Stop()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.train(resume_from_checkpoint=True)
+    run = load_run(tmp_path / "run")
+    assert run.status == "completed" and not run.warnings
+    (summary,) = run.summary.itertuples()
+    assert summary.status == "completed", summary.reason
+    logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    steps = run.steps.set_index("step").sort_index()
+    assert list(steps.index) == list(range(1, 9)) and steps["loss"].notna().all()
+    assert np.allclose(steps.loc[7:, "loss"], [logged[s] for s in (7, 8)], rtol=1e-4)
+    assert math.isfinite(summary.final_loss)
