@@ -686,6 +686,9 @@ def test_a_killed_job_is_reaped_and_its_run_reads_stale_without_the_launch_page(
     finally:
         m.cancel()
     assert m.wait(10) == -signal.SIGKILL and job.state() == "failed"
+    # what the page says of it: "exit code -9" told a workshop nothing
+    assert jobs.how_it_ended(job.proc.returncode) == "killed by SIGKILL: out of memory (the kernel's OOM killer), or by hand"
+    assert jobs.how_it_ended(2) == "exit code 2" and jobs.how_it_ended(-signal.SIGTERM) == "killed by SIGTERM"
 
 
 def test_a_job_is_interrupted_when_the_dashboard_stops(tmp_path):

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -238,6 +239,18 @@ class JobManager:
             return self.job.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+
+def how_it_ended(returncode: int | None) -> str:
+    """A job's end in words for the page: a negative code is the signal that killed it ("exit code -9"
+    told a workshop nothing; the kernel's OOM killer sends SIGKILL)."""
+    if returncode is None or returncode >= 0:
+        return f"exit code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}" + (": out of memory (the kernel's OOM killer), or by hand" if name == "SIGKILL" else "")
 
 
 def _pump(proc: subprocess.Popen, sink: deque) -> None:

@@ -64,7 +64,7 @@ def job_panel() -> None:
         st.warning(f"Run **{name}** was cancelled; what it wrote is kept and marked interrupted." if j.run_dir.exists()
                    else f"Run **{name}** was cancelled before it wrote anything: there is no run to open.")
     else:
-        st.error(f"Run **{name}** failed (exit code {j.returncode}). Its last output is below.")
+        st.error(f"Run **{name}** failed ({jobs.how_it_ended(j.returncode)}). Its last output is below.")
     if j.output:
         with st.expander("Output", expanded=state == "failed"):
             st.code(j.tail(30), language="text")
