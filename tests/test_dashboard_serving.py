@@ -204,3 +204,51 @@ def test_packaged_app_started_from_another_folder_refuses_every_page(tmp_path, s
         texts = {name: _page_text(port, page_name=name) for name in ("launch", "inspect", "")}
     for name, text in texts.items():
         assert "refuses to serve" in text and "Launch a comparison" not in text and "Inspect" not in text, name
+
+
+# ------------------------------------------------------------------------------------- reloads
+
+
+def _dashboard_flags(argv: list[str]) -> dict[str, str]:
+    """The streamlit config options `balora dashboard ARGV` passes on its command line."""
+    import argparse
+
+    from balora.commands import dashboard
+
+    parser = argparse.ArgumentParser()
+    dashboard.add_parser(parser.add_subparsers())
+    cmd = dashboard.build_command(parser.parse_args(["dashboard", *argv]))
+    flags = cmd[cmd.index("run") + 2 : cmd.index("--") if "--" in cmd else len(cmd)]
+    return {name.removeprefix("--"): value for name, value in zip(flags[::2], flags[1::2])}
+
+
+def test_balora_dashboard_keeps_its_job_registry_when_a_dashboard_file_changes(monkeypatch):
+    """Streamlit watches every module under its main script's folder, which for `balora dashboard` is
+    balora/dashboard/ itself. A saved change there (an editable install, a `git pull` while it serves)
+    dropped every balora module from sys.modules at the next rerun of an open page: balora.dashboard.jobs
+    was imported again with no job in its registry, so Launch showed no running job, could not cancel it,
+    and started a second one beside it. Checked with streamlit's own watcher, configured as the command
+    configures the server, and the change delivered as its file-watching thread delivers it."""
+    from streamlit import config
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.watcher import local_sources_watcher
+
+    from balora.commands.dashboard import app_path
+    from balora.dashboard import jobs
+
+    saved = dict(sys.modules)
+    try:
+        config.get_config_options(force_reparse=True, options_from_flags=_dashboard_flags([]))
+        monkeypatch.setattr(local_sources_watcher, "PathWatcher", None)  # chosen from the config on first use
+        watcher = local_sources_watcher.LocalSourcesWatcher(PagesManager(str(app_path())))
+        try:
+            watcher.update_watched_modules()  # what the server does after a page ran
+            watcher.on_path_changed(settings.__file__)  # a save of balora/dashboard/settings.py
+            watcher.flush_pending_evictions()  # what the session's next rerun does first
+        finally:
+            watcher.close()
+        kept = sys.modules.get("balora.dashboard.jobs") is jobs
+        assert kept, "balora.dashboard.jobs would be imported afresh, its job registry empty"
+    finally:
+        sys.modules.update(saved)  # whatever was dropped, for the tests that follow
+        config.get_config_options(force_reparse=True)

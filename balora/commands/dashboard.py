@@ -51,6 +51,11 @@ def build_command(args) -> list[str]:
         "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "minimal",
         "--theme.base", "light",
+        # No reloads: streamlit watches the folder of its main script, here balora/dashboard/ itself. A saved
+        # change there (an editable install, a `git pull`) made the next rerun import balora.dashboard.jobs
+        # afresh: its registry empty, Launch lost the running job and started a second one beside it.
+        # (`streamlit run dashboard/app.py` keeps reloads for developers.)
+        "--server.fileWatcherType", "none",
     ]
     if args.runs is not None:
         runs = Path(args.runs).expanduser().resolve()
