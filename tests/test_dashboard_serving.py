@@ -252,3 +252,39 @@ def test_balora_dashboard_keeps_its_job_registry_when_a_dashboard_file_changes(m
     finally:
         sys.modules.update(saved)  # whatever was dropped, for the tests that follow
         config.get_config_options(force_reparse=True)
+
+
+# ------------------------------------------------------------------------------------- start-up refusals
+
+
+def _dashboard(tmp_path, *argv: str):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    env.update(HOME=str(tmp_path), BALORA_RUNS=str(tmp_path / "runs"))
+    # A server that did start is stopped by the timeout: the test then fails on what it printed.
+    return subprocess.run([sys.executable, "-m", "balora.cli", "dashboard", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_a_port_in_use_is_refused_in_one_line(tmp_path):
+    """The port was checked by streamlit only after `balora dashboard` had said it was serving there:
+    "serving on http://127.0.0.1:8501" then "Port 8501 is not available" and exit code 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _dashboard(tmp_path, "--port", str(port))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(port) in lines[0] and "--port" in lines[0] and "serving" not in lines[0], lines
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])  # 192.0.2.0/24: documentation only
+def test_a_host_that_is_not_this_machine_is_refused_in_one_line(tmp_path, host):
+    """An address of another machine (a typo, a laptop's address from yesterday) or a name that does not
+    resolve ended in a traceback from streamlit's server, after "serving on http://HOST:PORT"."""
+    done = _dashboard(tmp_path, "--host", host, "--port", str(_free_port()))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and host in lines[0] and "--host" in lines[0] and "Traceback" not in done.stderr, lines

@@ -6,8 +6,10 @@ machine's disk and launches training jobs, so exposing it is a deliberate choice
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +67,34 @@ def build_command(args) -> list[str]:
     return cmd
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Refuse in one line an address or port the server could not listen on. Streamlit found out only
+    after the "serving on" line: a bare "Port N is not available" (exit 1), or a traceback for an
+    address of another machine or a name that does not resolve. Bound the way streamlit binds."""
+    if host.startswith("unix://"):
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        if os.name != "nt":  # as streamlit: a port left in TIME_WAIT by a stopped dashboard is free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror:
+            raise InputError(f"--host {host}: not an address, nor a name this machine resolves "
+                             "(127.0.0.1: this machine only; 0.0.0.0: every interface)") from None
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise InputError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}): another program "
+                                 "(another dashboard?) holds it or it is reserved; choose another --port") from None
+            raise InputError(f"--host {host}: cannot listen on it ({e.strerror}): not an address of this machine "
+                             "(127.0.0.1: this machine only; 0.0.0.0: every interface)") from None
+
+
 def run(args) -> int:
     cmd = build_command(args)
     if args.print_command:
         print(shlex.join(cmd))  # quoted: a runs folder with a space must come back as one argument
         return 0
+    check_bindable(args.host, args.port)
     print(f"balora dashboard: serving on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
     if os.name == "posix":  # become the server: a SIGTERM to this process (a service manager, CI) stops it,
         sys.stdout.flush()  # where a child started by subprocess.call kept serving after its parent was killed
