@@ -294,3 +294,11 @@ def test_a_host_that_is_not_this_machine_is_refused_in_one_line(tmp_path, host):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and host in lines[0] and "--host" in lines[0] and "Traceback" not in done.stderr, lines
+
+
+def test_an_empty_runs_folder_name_is_refused(tmp_path):
+    """`balora dashboard --runs "$RUNS"` with RUNS unset: the empty name resolved to the current folder,
+    which the dashboard then listed as the runs folder and Launch wrote new runs into (the app itself,
+    given `-- --runs ""`, falls back to $BALORA_RUNS or ./runs)."""
+    done = _dashboard(tmp_path, "--runs", "", "--print-command")
+    assert done.returncode == 2 and "--runs" in done.stderr and not done.stdout, (done.stdout, done.stderr)

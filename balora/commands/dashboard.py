@@ -60,6 +60,8 @@ def build_command(args) -> list[str]:
         "--server.fileWatcherType", "none",
     ]
     if args.runs is not None:
+        if not args.runs.strip():  # `--runs "$RUNS"` with RUNS unset: it resolved to the current folder
+            raise InputError("--runs is empty: name a folder, or leave --runs out for $BALORA_RUNS or ./runs")
         runs = Path(args.runs).expanduser().resolve()
         if runs.exists() and not runs.is_dir():
             raise InputError(f"--runs {args.runs}: not a folder")
