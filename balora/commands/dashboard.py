@@ -56,7 +56,7 @@ def build_command(args) -> list[str]:
         # No reloads: streamlit watches the folder of its main script, here balora/dashboard/ itself. A saved
         # change there (an editable install, a `git pull`) made the next rerun import balora.dashboard.jobs
         # afresh: its registry empty, Launch lost the running job and started a second one beside it.
-        # (`streamlit run dashboard/app.py` keeps reloads for developers.)
+        # (`streamlit run dashboard/app.py` keeps streamlit's default: its folder, dashboard/, holds no balora module.)
         "--server.fileWatcherType", "none",
     ]
     if args.runs is not None:
