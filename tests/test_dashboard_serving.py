@@ -61,6 +61,17 @@ def test_an_address_someone_set_is_served_with_a_warning(where):
     assert chosen.allowed and chosen.address == "0.0.0.0" and where in chosen.message
 
 
+@pytest.mark.parametrize("host", [None, "", "localhost:8501", "LOCALHOST", "127.0.0.1:8501", "127.0.1.1", "[::1]:8501", "x.localhost:8501"])
+def test_this_machines_names_are_served(host):
+    assert exposure.foreign_host(host, {}) is None
+
+
+@pytest.mark.parametrize("host", ["evil.example:8501", "192.168.1.5:8501", "127.0.0.1.evil.example", "localhost.evil.example", "[::1"])
+def test_other_names_are_foreign_unless_opted_in(host):
+    assert exposure.foreign_host(host, {}) == host
+    assert exposure.foreign_host(host, {exposure.ALLOW_ENV: "1"}) is None
+
+
 # ------------------------------------------------------------------------------------- AppTest
 
 
@@ -133,10 +144,11 @@ def _server(cmd: list[str], cwd: Path, port: int, streamlit_server):
     return streamlit_server(cmd, cwd, env, port, cwd / f"server-{port}.log", START_TIMEOUT_S)
 
 
-def _page_text(port: int, timeout_s: float = 60, page_name: str = "") -> str:
+def _page_text(port: int, timeout_s: float = 60, page_name: str = "", host: str = "") -> str:
     """Run the app's script once in a new session, as a browser would (on the page at /`page_name`,
     "" for the default one), and return the text of every message the server sent back (until the
-    script finished)."""
+    script finished). `host`: the name the browser's address bar had, sent as Host and Origin as a
+    browser sends them (the connection still goes to 127.0.0.1)."""
     websockets = pytest.importorskip("websockets")  # a dependency of streamlit itself
     from streamlit.proto.BackMsg_pb2 import BackMsg
     from streamlit.proto.ClientState_pb2 import ClientState
@@ -144,8 +156,9 @@ def _page_text(port: int, timeout_s: float = 60, page_name: str = "") -> str:
 
     async def talk() -> str:
         texts = []
-        async with websockets.connect(f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"],
-                                      max_size=None, open_timeout=timeout_s) as ws:
+        named = {"origin": f"http://{host}:{port}", "host": "127.0.0.1", "port": port} if host else {}
+        async with websockets.connect(f"ws://{host or '127.0.0.1'}:{port}/_stcore/stream", subprotocols=["streamlit"],
+                                      max_size=None, open_timeout=timeout_s, **named) as ws:
             await ws.send(BackMsg(rerun_script=ClientState(query_string="", page_script_hash="", page_name=page_name)).SerializeToString())
             while True:
                 msg = ForwardMsg()
@@ -186,6 +199,19 @@ def test_balora_dashboard_from_another_folder_serves_localhost_only(tmp_path, st
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
     assert "Compare runs" in text and "refuses to serve" not in text
+
+
+def test_a_page_asked_for_under_a_name_of_another_site_is_refused(tmp_path, streamlit_server):
+    """DNS rebinding: a web page at http://evil.example:8501 makes its name resolve to 127.0.0.1, and the
+    browser, seeing one origin, lets its script talk to the dashboard listening on this machine only
+    (streamlit refuses other origins, not its own one). The Launch page ran for it: it could start jobs
+    and read adapter files by path on Inspect. Reached as localhost or 127.0.0.1 (an SSH tunnel too), it serves."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "balora.cli", "dashboard", "--port", str(port)]
+    with _server(cmd, tmp_path, port, streamlit_server):
+        texts = {host: _page_text(port, page_name="launch", host=host) for host in ("evil.example", "localhost", "127.0.0.1")}
+    assert "evil.example" in texts["evil.example"] and "Launch a comparison" not in texts["evil.example"]
+    assert "Launch a comparison" in texts["localhost"] and "Launch a comparison" in texts["127.0.0.1"]
 
 
 def test_packaged_app_started_from_another_folder_refuses_every_page(tmp_path, streamlit_server):

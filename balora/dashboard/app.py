@@ -44,7 +44,7 @@ def _say_once(message: str) -> None:
 def main() -> None:
     import streamlit as st
 
-    from balora.dashboard import exposure, settings, warmup
+    from balora.dashboard import exposure, md, settings, warmup
 
     st.set_page_config(page_title="balora", page_icon=":material/balance:", layout="wide")
     # Served beyond this machine without anyone choosing it: show only how to restart it.
@@ -52,6 +52,10 @@ def main() -> None:
     if exposed is not None and not exposed.allowed:
         _say_once(exposed.message)
         st.error(exposed.message, icon=":material/gpp_bad:")
+        st.stop()
+    foreign = exposure.foreign_host(st.context.headers.get("Host")) if exposed is None else None
+    if foreign is not None:  # listening on this machine only, asked for under another site's name
+        st.error(exposure.foreign_host_message(md.text(foreign)), icon=":material/gpp_bad:")
         st.stop()
     pages = [
         st.Page(page_path(f), title=t, icon=i, url_path=u, default=k == 0)

@@ -18,6 +18,7 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ALLOW_ENV = "BALORA_ALLOW_REMOTE"
 UNIX_SOCKET_PREFIX = "unix://"  # a Unix socket is reached through the file system: local only
@@ -80,6 +81,29 @@ def exposure(address: str | None, where_defined: str, environ: dict[str, str] | 
         "server.address (the project's .streamlit/config.toml is only read when streamlit starts in the "
         f"repository's root folder). It refuses to serve pages from this address. {RESTART_HINT}"
     ))
+
+
+def foreign_host(host_header: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """For a dashboard listening on this machine only: the name in a page request's Host header when it
+    is not this machine's, else None. DNS rebinding: a web site makes its own name resolve to 127.0.0.1,
+    and the browser, seeing one origin, lets the site's script use the dashboard (streamlit refuses other
+    origins only). A browser always sends Host, and the name in the address bar is what it sends: an SSH
+    tunnel's `localhost` passes. $BALORA_ALLOW_REMOTE=1 accepts any (a reverse proxy forwarding its name)."""
+    environ = os.environ if environ is None else environ
+    if not host_header or environ.get(ALLOW_ENV) == "1":
+        return None  # no Host: not a browser
+    try:
+        name = urlsplit(f"//{host_header}").hostname or ""
+    except ValueError:  # not even a host name
+        name = ""
+    return None if is_local(name) or name.endswith(".localhost") else host_header  # *.localhost: loopback by RFC 6761
+
+
+def foreign_host_message(host_header: str) -> str:
+    return (f"This dashboard listens on this machine only, and this page was asked for as {host_header}, a name that "
+            "is not this machine's (a web site can make its name lead here): it refuses to serve it. Open "
+            "http://localhost:PORT or http://127.0.0.1:PORT instead. Behind a reverse proxy that forwards its "
+            f"own name, set {ALLOW_ENV}=1.")
 
 
 def current(environ: dict[str, str] | None = None) -> Exposure | None:
