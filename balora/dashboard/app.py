@@ -4,7 +4,8 @@ Both entry points call `main()`: the repository's `dashboard/app.py` (a few line
 module's own `__main__` (what `balora dashboard` runs from an installed package). Pages are
 addressed by absolute path, so the app works whichever script streamlit was started on.
 Before any page runs, `main()` checks where the server listens (balora.dashboard.exposure): on
-an address nobody chose (streamlit's every-interface default) it only says how to restart.
+an address nobody chose (streamlit's every-interface default) it only says how to restart, and
+on this machine only it refuses a page asked for under another site's name (DNS rebinding).
 """
 
 from __future__ import annotations
