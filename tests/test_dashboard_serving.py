@@ -63,13 +63,14 @@ def test_an_address_someone_set_is_served_with_a_warning(where):
 
 @pytest.mark.parametrize("host", [None, "", "localhost:8501", "LOCALHOST", "127.0.0.1:8501", "127.0.1.1", "[::1]:8501", "x.localhost:8501"])
 def test_this_machines_names_are_served(host):
-    assert exposure.foreign_host(host, {}) is None
+    assert exposure.foreign_host(host, "127.0.0.1", {}) is None
 
 
 @pytest.mark.parametrize("host", ["evil.example:8501", "192.168.1.5:8501", "127.0.0.1.evil.example", "localhost.evil.example", "[::1"])
 def test_other_names_are_foreign_unless_opted_in(host):
-    assert exposure.foreign_host(host, {}) == host
-    assert exposure.foreign_host(host, {exposure.ALLOW_ENV: "1"}) is None
+    assert exposure.foreign_host(host, "127.0.0.1", {}) == host
+    assert exposure.foreign_host(host, "127.0.0.1", {exposure.ALLOW_ENV: "1"}) is None
+    assert exposure.foreign_host(host, "unix:///run/balora.sock", {}) is None  # reached through a proxy only
 
 
 # ------------------------------------------------------------------------------------- AppTest

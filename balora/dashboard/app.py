@@ -54,7 +54,7 @@ def main() -> None:
         _say_once(exposed.message)
         st.error(exposed.message, icon=":material/gpp_bad:")
         st.stop()
-    foreign = exposure.foreign_host(st.context.headers.get("Host")) if exposed is None else None
+    foreign = exposure.foreign_host(st.context.headers.get("Host"), exposure.served_address()[0]) if exposed is None else None
     if foreign is not None:  # listening on this machine only, asked for under another site's name
         st.error(exposure.foreign_host_message(md.text(foreign)), icon=":material/gpp_bad:")
         st.stop()

@@ -83,15 +83,15 @@ def exposure(address: str | None, where_defined: str, environ: dict[str, str] | 
     ))
 
 
-def foreign_host(host_header: str | None, environ: dict[str, str] | None = None) -> str | None:
-    """For a dashboard listening on this machine only: the name in a page request's Host header when it
-    is not this machine's, else None. DNS rebinding: a web site makes its own name resolve to 127.0.0.1,
+def foreign_host(host_header: str | None, address: str, environ: dict[str, str] | None = None) -> str | None:
+    """For a dashboard listening on this machine only (at `address`): the name in a page request's Host
+    header when it is not this machine's, else None. DNS rebinding: a web site makes its own name resolve to 127.0.0.1,
     and the browser, seeing one origin, lets the site's script use the dashboard (streamlit refuses other
     origins only). A browser always sends Host, and the name in the address bar is what it sends: an SSH
     tunnel's `localhost` passes. $BALORA_ALLOW_REMOTE=1 accepts any (a reverse proxy forwarding its name)."""
     environ = os.environ if environ is None else environ
-    if not host_header or environ.get(ALLOW_ENV) == "1":
-        return None  # no Host: not a browser
+    if not host_header or environ.get(ALLOW_ENV) == "1" or address.startswith(UNIX_SOCKET_PREFIX):
+        return None  # no Host: not a browser; a Unix socket: no browser reaches it but through a proxy
     try:
         name = urlsplit(f"//{host_header}").hostname or ""
     except ValueError:  # not even a host name
