@@ -329,3 +329,14 @@ def test_an_empty_runs_folder_name_is_refused(tmp_path):
     given `-- --runs ""`, falls back to $BALORA_RUNS or ./runs)."""
     done = _dashboard(tmp_path, "--runs", "", "--print-command")
     assert done.returncode == 2 and "--runs" in done.stderr and not done.stdout, (done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "::"])
+def test_the_url_it_prints_opens_the_address_it_serves(host):
+    """`balora dashboard --host ::1` said "serving on http://::1:8501", which no browser opens."""
+    from urllib.parse import urlsplit
+
+    from balora.commands.dashboard import url
+
+    parts = urlsplit(url(host, 8501))
+    assert (parts.scheme, parts.hostname, parts.port) == ("http", host, 8501)

@@ -91,13 +91,20 @@ def check_bindable(host: str, port: int) -> None:
                              "(127.0.0.1: this machine only; 0.0.0.0: every interface)") from None
 
 
+def url(host: str, port: int) -> str:
+    """Where a browser finds the server: an IPv6 address goes in brackets (http://::1:8501 opens nothing)."""
+    if host.startswith("unix://"):
+        return f"the Unix socket {host.removeprefix('unix://')}"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def run(args) -> int:
     cmd = build_command(args)
     if args.print_command:
         print(shlex.join(cmd))  # quoted: a runs folder with a space must come back as one argument
         return 0
     check_bindable(args.host, args.port)
-    print(f"balora dashboard: serving on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
+    print(f"balora dashboard: serving on {url(args.host, args.port)} (Ctrl+C to stop)", file=sys.stderr)
     if os.name == "posix":  # become the server: a SIGTERM to this process (a service manager, CI) stops it,
         sys.stdout.flush()  # where a child started by subprocess.call kept serving after its parent was killed
         sys.stderr.flush()
