@@ -248,6 +248,21 @@ def test_jsonl_reads_the_named_field(tmp_path):
         read_texts(str(path))
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    # Notepad and Excel write UTF-8 files with a BOM: a .jsonl was refused ("line 1 is not JSON"),
+    # and in a .txt the BOM became the first token of the training text.
+    from balora.tasks.text_data import read_pairs
+
+    docs = [f"doc {i}" for i in range(4)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n", encoding="utf-8-sig")
+    (tmp_path / "doc.txt").write_text("\n".join(docs), encoding="utf-8-sig")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"a": d, "b": d.upper()}) + "\n" for d in docs),
+                                          encoding="utf-8-sig")
+    assert read_texts(str(tmp_path / "docs.jsonl")) == docs
+    assert read_texts(str(tmp_path / "doc.txt")) == ["\n".join(docs)]
+    assert read_pairs(str(tmp_path / "pairs.jsonl"), ("a", "b")) == [(d, d.upper()) for d in docs]
+
+
 def test_to_blocks_joins_documents_and_caps_eval():
     tok = CharTokenizer()
     blocks = to_blocks(["abcd", "efgh"], tok.encode, block_size=3, eval_fraction=0.5, max_eval_blocks=1,

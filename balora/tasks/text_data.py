@@ -17,6 +17,9 @@ import torch
 from balora.errors import InputError
 
 SUFFIXES = (".txt", ".jsonl")
+# UTF-8 without the byte order mark that Notepad and Excel write: with plain "utf-8" a BOM .jsonl failed
+# as "line 1 is not JSON", and in a .txt the BOM became the first token of the training text.
+ENCODING = "utf-8-sig"
 
 
 @dataclass
@@ -31,7 +34,7 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".txt":
-            texts = [path.read_text(encoding="utf-8", errors="replace")]
+            texts = [path.read_text(encoding=ENCODING, errors="replace")]
         elif path.suffix == ".jsonl":
             texts = _read_jsonl(path, text_field)
         else:
@@ -81,7 +84,7 @@ def to_blocks(
 def _jsonl_records(path: Path, task: str):
     """(line number, parsed record) for each non-blank line of a .jsonl file; a line that is not
     JSON is an InputError naming the file, the line and the task."""
-    with path.open(encoding="utf-8", errors="replace") as f:
+    with path.open(encoding=ENCODING, errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
