@@ -359,6 +359,23 @@ def test_local_transformers_model_folder(tmp_path, arch):
         assert math.isfinite(problem.eval_loss(problem.model))
 
 
+def test_a_model_folder_without_its_tokenizer_is_refused(tmp_path):
+    # model.save_pretrained alone: transformers then builds an empty GPT-2 tokenizer that turns any text into
+    # no tokens. A .txt was blamed ("has 0 tokens ... give more text"); a .jsonl trained on the end-of-text
+    # separators between its documents alone, and the run completed.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(folder)
+    lines = [f"{i} apples and {i + 1} pears" for i in range(300)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    (tmp_path / "fruit.txt").write_text("\n".join(lines))
+    for data in (tmp_path / "docs.jsonl", tmp_path / "fruit.txt"):
+        with pytest.raises(InputError, match="tokenizer") as e:
+            lm.build(make_cfg(model=str(folder), data=str(data), block_size=16), 0, 8.0, CPU)
+        assert data.name in str(e.value) and "\n" not in str(e.value)
+
+
 def test_user_target_modules_are_used(tmp_path):
     problem = lm.build(make_cfg(target_modules="c_fc"), 0, 8.0, CPU)
     assert {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)} == {"c_fc"}

@@ -64,10 +64,18 @@ def to_blocks(
     if not 0 < eval_fraction < 1:
         raise InputError(f"lm: eval_fraction must be between 0 and 1, got {eval_fraction}")
     ids: list[int] = []
+    text_tokens = 0
     for i, text in enumerate(texts):
         if i:
             ids.extend(separator)
-        ids.extend(encode(text))
+        encoded = encode(text)
+        ids.extend(encoded)
+        text_tokens += len(encoded)
+    if not text_tokens:  # texts are non-blank: a tokenizer without a vocabulary (left out of a model folder)
+        raise InputError(
+            f"lm: the model's tokenizer turned all the text of {source} into no tokens (only separators would "
+            "be trained on); save the tokenizer into the model folder too (tokenizer.save_pretrained(folder))"
+        )
     n_blocks = len(ids) // block_size
     if n_blocks < 2:
         raise InputError(
