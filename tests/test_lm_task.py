@@ -376,6 +376,22 @@ def test_a_model_folder_without_its_tokenizer_is_refused(tmp_path):
         assert data.name in str(e.value) and "\n" not in str(e.value)
 
 
+def test_token_ids_beyond_the_model_embedding_are_refused(tmp_path):
+    # A tokenizer saved with the model but not its own (or grown by add_tokens without resize_token_embeddings):
+    # the first forward failed as "IndexError: index out of range in self" (on CUDA, a device-side assert).
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text = "".join(f"{i} apples and {i + 1} pears\n" for i in range(60))
+    folder = tmp_path / "llama"
+    vocab = _char_tokenizer_folder(folder, text)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab - 3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    (tmp_path / "fruit.txt").write_text(text)
+    with pytest.raises(InputError, match=f"token id {vocab - 1}.* {vocab - 3} ") as e:
+        lm.build(make_cfg(model=str(folder), data=str(tmp_path / "fruit.txt"), block_size=32), 0, 8.0, CPU)
+    assert "\n" not in str(e.value)
+
+
 def test_user_target_modules_are_used(tmp_path):
     problem = lm.build(make_cfg(target_modules="c_fc"), 0, 8.0, CPU)
     assert {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)} == {"c_fc"}

@@ -72,6 +72,7 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     texts = None if str(cfg["data"]) == "toy" else read_texts(str(cfg["data"]), str(cfg["text_field"]))
     model, tokenizer, info = _load_model(cfg, dtype)
     data, floor = _load_data(cfg, tokenizer, _max_positions(model), texts)
+    _check_token_ids(data, model, str(cfg["model"]))
     lora_model = add_lora(model, cfg, alpha, seed, task="lm", task_type="CAUSAL_LM",
                    default_targets={"gpt2": GPT2_TARGETS}).to(device)
     batch_size = min(int(cfg["batch_size"]), len(data.train))
@@ -159,6 +160,18 @@ class _HFEncoder:
 def _max_positions(model: nn.Module) -> int | None:
     config = model.config
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def _check_token_ids(data: TokenBlocks, model: nn.Module, name: str) -> None:
+    """An InputError when a token id has no row in the model's embedding: the first forward failed as a bare
+    "IndexError: index out of range in self" (on CUDA a device-side assert), after the run folder was written."""
+    rows = model.get_input_embeddings().num_embeddings
+    top = max(int(data.train.max()), int(data.eval.max()))
+    if top >= rows:
+        raise InputError(
+            f"lm: the tokenizer of {name!r} gives token id {top}, but the model embeds only {rows} tokens; "
+            "save the model's own tokenizer with it (or resize_token_embeddings(len(tokenizer)) after adding tokens)"
+        )
 
 
 def _load_data(cfg: dict, tokenizer, max_positions: int | None,
