@@ -309,7 +309,8 @@ def test_bad_options_are_input_errors(tmp_path):
     # once a bare ValueError / ZeroDivisionError, some only in the first cell, after the run folder was written
     for key, value in [("batch_size", 0), ("batch_size", "abc"), ("train_blocks", 0), ("eval_blocks", 0),
                        ("block_size", 2.5), ("lora_dropout", "abc"), ("lora_dropout", 1.0),
-                       ("pretrain_steps", "abc"), ("pretrain_steps", -3)]:
+                       ("pretrain_steps", "abc"), ("pretrain_steps", -3),
+                       ("eval_fraction", "abc"), ("eval_fraction", 1), ("eval_fraction", 0), ("eval_fraction", True)]:
         with pytest.raises(InputError, match=f"--set {key}="):
             lm.build(make_cfg(**{key: value}), 0, 8.0, CPU)
 

@@ -51,17 +51,20 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 
 def check_options(cfg: dict, minimums: dict[str, int]) -> None:
     """Each cfg[key] of `minimums` an integer >= its minimum, cfg["lora_dropout"] in [0, 1) and, where present,
-    cfg["scale"] a positive number; else an InputError naming the option. Checked before the model loads:
-    int() cut 2.5 to 2 and raised a bare ValueError on text, and 0 blocks or 0 rows per batch failed inside
+    cfg["scale"] a positive number and cfg["eval_fraction"] in (0, 1); else an InputError naming the option.
+    Checked before the model loads: int() cut 2.5 to 2 and raised a bare ValueError on text, and 0 blocks or 0 rows per batch failed inside
     the first cell, after the run folder was written."""
     for key, minimum in minimums.items():
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
             raise InputError(f"--set {key}={v}: must be an integer >= {minimum}")
-    checks = {"lora_dropout": (lambda x: 0 <= x < 1, "a number from 0 (no dropout) up to, not including, 1"),
-              "scale": (lambda x: math.isfinite(x) and x > 0, "a positive finite number")}
-    for key, (ok, what) in checks.items():
-        v = cfg.get(key, 1.0 if key == "scale" else 0.0)
+    # key: (a valid value for a task without the key, the check, what it must be); an eval_fraction of "abc"
+    # was a bare ValueError, and 1 was refused only after the model had loaded (maybe a download)
+    checks = {"lora_dropout": (0.0, lambda x: 0 <= x < 1, "a number from 0 (no dropout) up to, not including, 1"),
+              "scale": (1.0, lambda x: math.isfinite(x) and x > 0, "a positive finite number"),
+              "eval_fraction": (0.1, lambda x: 0 < x < 1, "a number between 0 and 1, not including either")}
+    for key, (default, ok, what) in checks.items():
+        v = cfg.get(key, default)
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
             raise InputError(f"--set {key}={v}: must be {what}")
 
