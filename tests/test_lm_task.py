@@ -263,6 +263,15 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     assert read_pairs(str(tmp_path / "pairs.jsonl"), ("a", "b")) == [(d, d.upper()) for d in docs]
 
 
+def test_a_text_field_that_is_not_text_says_what_to_do(tmp_path):
+    # A chat file ({"messages": [...]}) named with text_field=messages: the message said only "is not a string".
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}) + "\n")
+    with pytest.raises(InputError, match=r"chat.jsonl line 1: field 'messages' is a JSON list.*--set text_field=") as e:
+        read_texts(str(path), "messages")
+    assert "\n" not in str(e.value)
+
+
 def test_to_blocks_joins_documents_and_caps_eval():
     tok = CharTokenizer()
     blocks = to_blocks(["abcd", "efgh"], tok.encode, block_size=3, eval_fraction=0.5, max_eval_blocks=1,
@@ -277,7 +286,7 @@ def test_to_blocks_joins_documents_and_caps_eval():
     ("  \n\n", "blank.txt", "holds no text"),
     ("some text", "data.csv", "use a .txt or .jsonl"),
     ("{not json\n", "bad.jsonl", "line 1 is not JSON"),
-    ('{"text": 3}\n', "num.jsonl", "is not a string"),
+    ('{"text": 3}\n', "num.jsonl", "is a JSON number, not text"),
     ("short", "short.txt", "fewer than 2 blocks"),
 ])
 def test_bad_data_is_an_input_error_naming_the_file(tmp_path, content, name, message):

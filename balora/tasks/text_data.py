@@ -110,10 +110,22 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                 f"lm: {path} line {lineno} has no {text_field!r} field; "
                 "name the text field with --set text_field=..."
             )
-        if not isinstance(record[text_field], str):
-            raise InputError(f"lm: {path} line {lineno}: field {text_field!r} is not a string")
+        value = record[text_field]
+        if not isinstance(value, str):  # e.g. a chat file's "messages" list: say what to do, not only what is wrong
+            strings = [k for k, v in record.items() if isinstance(v, str)]
+            raise InputError(
+                f"lm: {path} line {lineno}: field {text_field!r} is a JSON {_json_type(value)}, not text; name a "
+                f"field that holds the text with --set text_field=... ({', '.join(map(repr, strings)) or 'none'} "
+                "on this line), or write the text of each record into one field first"
+            )
         texts.append(record[text_field])
     return texts
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type (list, not Python's 'list'; null, not 'NoneType')."""
+    names = {list: "list", dict: "object", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _read_dataset(name: str, text_field: str) -> list[str]:
