@@ -272,6 +272,14 @@ def test_a_text_field_that_is_not_text_says_what_to_do(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_upper_case_suffixes_are_the_same_files(tmp_path):
+    # NOTES.TXT (Windows, old tools) was refused: "has suffix '.TXT'; use a .txt or .jsonl file".
+    (tmp_path / "NOTES.TXT").write_text("some notes")
+    (tmp_path / "DOCS.JSONL").write_text(json.dumps({"text": "a doc"}) + "\n")
+    assert read_texts(str(tmp_path / "NOTES.TXT")) == ["some notes"]
+    assert read_texts(str(tmp_path / "DOCS.JSONL")) == ["a doc"]
+
+
 def test_to_blocks_joins_documents_and_caps_eval():
     tok = CharTokenizer()
     blocks = to_blocks(["abcd", "efgh"], tok.encode, block_size=3, eval_fraction=0.5, max_eval_blocks=1,

@@ -32,14 +32,15 @@ class TokenBlocks:
 def read_texts(source: str, text_field: str = "text") -> list[str]:
     """Documents of a .txt file (one), a .jsonl file (one per line) or a `datasets` name."""
     path = Path(source).expanduser()
+    suffix = path.suffix.lower()  # NOTES.TXT is a text file too
     if path.is_file():
-        if path.suffix == ".txt":
+        if suffix == ".txt":
             texts = [path.read_text(encoding=ENCODING, errors="replace")]
-        elif path.suffix == ".jsonl":
+        elif suffix == ".jsonl":
             texts = _read_jsonl(path, text_field)
         else:
             raise InputError(f"lm: data file {path} has suffix {path.suffix!r}; use a .txt or .jsonl file")
-    elif path.suffix in SUFFIXES or path.exists():
+    elif suffix in SUFFIXES or path.exists():
         raise InputError(f"lm: data file {path} not found (or not a file); pass an existing .txt or .jsonl file")
     else:
         texts = _read_dataset(source, text_field)
