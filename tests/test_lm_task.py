@@ -410,6 +410,27 @@ def test_token_ids_beyond_the_model_embedding_are_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_a_peft_adapter_folder_is_refused_not_silently_dropped(tmp_path):
+    # A PEFT output folder (adapter_config.json) as model: transformers loads the base model with the adapter,
+    # and the task's own LoRA, also named "default", replaced it: the run trained the base model instead.
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text = "".join(f"{i} apples and {i + 1} pears\n" for i in range(60))
+    base, adapter = tmp_path / "llama", tmp_path / "adapter"
+    _char_tokenizer_folder(base, text)
+    _char_tokenizer_folder(adapter, text)
+    LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(base)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
+                                LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(adapter)
+    (tmp_path / "fruit.txt").write_text(text)
+    with pytest.raises(InputError, match="adapter.*merge_and_unload") as e:
+        lm.build(make_cfg(model=str(adapter), data=str(tmp_path / "fruit.txt"), block_size=32), 0, 8.0, CPU)
+    assert "adapter" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_user_target_modules_are_used(tmp_path):
     problem = lm.build(make_cfg(target_modules="c_fc"), 0, 8.0, CPU)
     assert {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)} == {"c_fc"}
