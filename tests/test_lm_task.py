@@ -280,6 +280,17 @@ def test_upper_case_suffixes_are_the_same_files(tmp_path):
     assert read_texts(str(tmp_path / "DOCS.JSONL")) == ["a doc"]
 
 
+def test_text_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path):
+    # A Latin-1 / cp1252 file: each undecodable byte silently became U+FFFD in the training text.
+    (tmp_path / "notes.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (tmp_path / "docs.jsonl").write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(InputError, match=r"notes.txt is not UTF-8 .*byte 3.*UTF-8") as e:
+        read_texts(str(tmp_path / "notes.txt"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match=r"docs.jsonl line 2 is not UTF-8 .*UTF-8"):
+        read_texts(str(tmp_path / "docs.jsonl"))
+
+
 def test_to_blocks_joins_documents_and_caps_eval():
     tok = CharTokenizer()
     blocks = to_blocks(["abcd", "efgh"], tok.encode, block_size=3, eval_fraction=0.5, max_eval_blocks=1,

@@ -8,6 +8,7 @@ overlaps training text.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,7 +36,8 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
     suffix = path.suffix.lower()  # NOTES.TXT is a text file too
     if path.is_file():
         if suffix == ".txt":
-            texts = [path.read_text(encoding=ENCODING, errors="replace")]
+            with _utf8(f"lm: {path}"):
+                texts = [path.read_text(encoding=ENCODING)]
         elif suffix == ".jsonl":
             texts = _read_jsonl(path, text_field)
         else:
@@ -90,11 +92,23 @@ def to_blocks(
     return TokenBlocks(train=blocks[:n_train], eval=blocks[n_blocks - n_eval :], description=description)
 
 
+@contextmanager
+def _utf8(what: str):
+    """A UnicodeDecodeError inside as a one-line InputError: `what` is not UTF-8. Decoding with
+    errors="replace" made each undecodable byte of a Latin-1 / cp1252 file a U+FFFD in the training text."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} is not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+
+
 def _jsonl_records(path: Path, task: str):
     """(line number, parsed record) for each non-blank line of a .jsonl file; a line that is not
     JSON is an InputError naming the file, the line and the task."""
-    with path.open(encoding=ENCODING, errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:  # bytes, so that a line that is not UTF-8 can be named
+        for lineno, raw in enumerate(f, 1):
+            with _utf8(f"{task}: {path} line {lineno}"):
+                line = raw.decode(ENCODING)
             if not line.strip():
                 continue
             try:
