@@ -449,6 +449,17 @@ def test_user_target_modules_are_used(tmp_path):
         lm.build(make_cfg(target_modules="no_such_layer"), 0, 8.0, CPU)
 
 
+def test_target_modules_all_linear_is_peft_s_shorthand():
+    # PEFT's target_modules="all-linear" (every linear layer but the output head) was split into the layer
+    # name ["all-linear"] and refused: "Target modules {'all-linear'} not found in the base model".
+    from transformers.pytorch_utils import Conv1D
+
+    problem = lm.build(make_cfg(target_modules="all-linear"), 0, 8.0, CPU)
+    base = lm._load_model(make_cfg(), torch.float32)[0]  # a fresh copy of the toy model, without LoRA
+    linear = {n for n, m in base.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and n != "lm_head"}
+    assert {p.module.removeprefix("base_model.model.") for p in iter_lora_pairs(problem.model)} == linear
+
+
 @pytest.mark.parametrize("version, keyword", [("4.45.0", "torch_dtype"), ("4.55.4", "torch_dtype"),
                                               ("4.56.0", "dtype"), ("5.0.0", "dtype")])
 def test_a_local_folder_loads_with_the_dtype_keyword_its_transformers_takes(tmp_path, monkeypatch, version, keyword):

@@ -73,7 +73,7 @@ def add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int, *, task: str,
              default_targets: dict[str, list[str]]) -> nn.Module:
     """PEFT LoRA on `model` with r = cfg["rank"], the given alpha and cfg["lora_dropout"].
 
-    Targets: cfg["target_modules"] (a list or "a,b"), else default_targets[model_type] when the
+    Targets: cfg["target_modules"] (a list, "a,b" or PEFT's "all-linear"), else default_targets[model_type] when the
     architecture is listed, else PEFT's own defaults. The LoRA init (A random, B = 0) comes from
     the global RNG: it is seeded here and the caller's RNG is left as it was.
     """
@@ -81,7 +81,9 @@ def add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int, *, task: str,
 
     model_type = getattr(model.config, "model_type", None)
     targets = cfg.get("target_modules")
-    if isinstance(targets, str):
+    if isinstance(targets, str) and targets.strip().lower() == "all-linear":
+        targets = "all-linear"  # PEFT's shorthand (every linear layer but the output head), not a layer name
+    elif isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     elif targets is None:
         targets = default_targets.get(model_type)
