@@ -405,6 +405,20 @@ def test_a_model_folder_without_its_tokenizer_is_refused(tmp_path):
         assert data.name in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_llama_folder_without_its_tokenizer_says_so(tmp_path):
+    # It failed as "could not load model ... (Couldn't instantiate the backend tokenizer from one of: )":
+    # the model itself was fine, and nothing said that the folder lacked the tokenizer's files.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    (tmp_path / "fruit.txt").write_text("apples and pears\n" * 100)
+    with pytest.raises(InputError, match=r"tokenizer.*tokenizer\.save_pretrained") as e:
+        lm.build(make_cfg(model=str(folder), data=str(tmp_path / "fruit.txt"), block_size=16), 0, 8.0, CPU)
+    assert "\n" not in str(e.value)
+
+
 def test_token_ids_beyond_the_model_embedding_are_refused(tmp_path):
     # A tokenizer saved with the model but not its own (or grown by add_tokens without resize_token_embeddings):
     # the first forward failed as "IndexError: index out of range in self" (on CUDA, a device-side assert).

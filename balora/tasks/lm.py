@@ -130,13 +130,18 @@ def _load_model(cfg: dict, dtype: torch.dtype):
 
     name = model_source(name, "lm", hub=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, **dtype_kwarg(dtype))
     except (OSError, ValueError) as e:  # not found, no network, not a causal LM
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
-            f"lm: could not load model {name!r} ({first_line}); pass a local model folder "
+            f"lm: could not load model {name!r} ({_first_line(e)}); pass a local model folder "
             "or a hub id reachable from this machine, or --set model=toy"
+        ) from e
+    try:  # after the model: a folder saved without its tokenizer is then named as such
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"lm: could not load the tokenizer of {name!r} ({_first_line(e)}); save the tokenizer into "
+            "the model folder too (tokenizer.save_pretrained(folder))"
         ) from e
     if getattr(model, "peft_config", None):
         # transformers loaded a PEFT adapter folder's base model with the adapter in it; add_lora's own adapter,
@@ -147,6 +152,10 @@ def _load_model(cfg: dict, dtype: torch.dtype):
         )
     tokenizer.model_max_length = sys.maxsize  # we cut blocks ourselves; silences the long-input warning
     return model, _HFEncoder(tokenizer), {"model": name}
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 class _HFEncoder:
