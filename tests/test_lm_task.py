@@ -291,6 +291,16 @@ def test_text_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path):
         read_texts(str(tmp_path / "docs.jsonl"))
 
 
+def test_a_jsonl_line_that_is_not_an_object_says_so(tmp_path):
+    # A .jsonl of bare strings ("some text" per line) was told "has no 'text' field; name the text field
+    # with --set text_field=...", which no field name can fix.
+    path = tmp_path / "strings.jsonl"
+    path.write_text(json.dumps("some text") + "\n")
+    with pytest.raises(InputError, match=r"strings.jsonl line 1 is a JSON string, not an object") as e:
+        read_texts(str(path))
+    assert "\n" not in str(e.value)
+
+
 def test_to_blocks_joins_documents_and_caps_eval():
     tok = CharTokenizer()
     blocks = to_blocks(["abcd", "efgh"], tok.encode, block_size=3, eval_fraction=0.5, max_eval_blocks=1,

@@ -120,7 +120,12 @@ def _jsonl_records(path: Path, task: str):
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     texts = []
     for lineno, record in _jsonl_records(path, "lm"):
-        if not isinstance(record, dict) or text_field not in record:
+        if not isinstance(record, dict):  # no --set text_field can fix a line of bare text
+            raise InputError(
+                f"lm: {path} line {lineno} is a JSON {_json_type(record)}, not an object; "
+                f'write each line as an object with the text in a field, like {{"text": "..."}}'
+            )
+        if text_field not in record:
             raise InputError(
                 f"lm: {path} line {lineno} has no {text_field!r} field; "
                 "name the text field with --set text_field=..."
@@ -139,7 +144,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
 
 def _json_type(value) -> str:
     """The JSON name of a parsed value's type (list, not Python's 'list'; null, not 'NoneType')."""
-    names = {list: "list", dict: "object", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    names = {str: "string", list: "list", dict: "object", bool: "boolean", int: "number", float: "number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 
