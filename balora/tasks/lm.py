@@ -147,8 +147,9 @@ def _load_model(cfg: dict, dtype: torch.dtype):
         # transformers loaded a PEFT adapter folder's base model with the adapter in it; add_lora's own adapter,
         # also named "default", replaced it, so the run silently fine-tuned the bare base model
         raise InputError(
-            f"lm: {name!r} is a PEFT adapter (adapter_config.json), and balora adds a LoRA of its own; merge the "
-            "adapter into its base model first (PeftModel.merge_and_unload(), then save_pretrained) or pass the base model"
+            f"lm: {name!r} is a PEFT adapter (adapter_config.json), and balora adds a LoRA of its own; merge "
+            "the adapter into its base model first (PeftModel.merge_and_unload(), then save_pretrained) "
+            "or pass the base model"
         )
     tokenizer.model_max_length = sys.maxsize  # we cut blocks ourselves; silences the long-input warning
     return model, _HFEncoder(tokenizer), {"model": name}

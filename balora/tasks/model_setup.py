@@ -52,8 +52,8 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 def check_options(cfg: dict, minimums: dict[str, int]) -> None:
     """Each cfg[key] of `minimums` an integer >= its minimum, cfg["lora_dropout"] in [0, 1) and, where present,
     cfg["scale"] a positive number and cfg["eval_fraction"] in (0, 1); else an InputError naming the option.
-    Checked before the model loads: int() cut 2.5 to 2 and raised a bare ValueError on text, and 0 blocks or 0 rows per batch failed inside
-    the first cell, after the run folder was written."""
+    Checked before the model loads: int() cut 2.5 to 2 and raised a bare ValueError on text, and 0 blocks or
+    0 rows per batch failed inside the first cell, after the run folder was written."""
     for key, minimum in minimums.items():
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:

@@ -144,7 +144,8 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
 
 def _json_type(value) -> str:
     """The JSON name of a parsed value's type (list, not Python's 'list'; null, not 'NoneType')."""
-    names = {str: "string", list: "list", dict: "object", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    names = {str: "string", list: "list", dict: "object", bool: "boolean", int: "number", float: "number",
+             type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 
