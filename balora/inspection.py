@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +25,7 @@ from balora.adapters.writing import (WEIGHT_SUFFIXES, check_destination, check_w
 from balora.balance import BalanceError, balance_pairs
 from balora.errors import InputError
 from balora.imbalance import rel_imbalance
-from balora.linalg import all_finite
+from balora.linalg import all_finite, compute_dtype
 from balora.policy import BalancePolicy
 from balora.precision import storage_dtype
 from balora.projection import product_rel_error
@@ -264,6 +264,8 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
         finite = all_finite(A) & all_finite(B)  # (G,)
         nonfinite += [p.name for p, ok in zip(chunk, finite.tolist()) if not ok]
         before = rel_imbalance(torch.nan_to_num(A), torch.nan_to_num(B)).tolist()
+        if target is not None and A.dtype != target:  # balanced in fp32+, rounded once to target (via bf16, fp16 lost 8x)
+            chunk = [replace(p, A=p.A.to(ct), B=p.B.to(ct)) for ct in [compute_dtype(A.dtype, B.dtype)] for p in chunk]
         try:
             new, part = balance_pairs(chunk, method, on_rank_deficient, on_nonfinite="skip", check=False)
         except BalanceError as e:
@@ -275,9 +277,9 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
             rows[e.name] = _change_row(s, e, before[i], i in new, part.skipped.get(p.name, ""))
             if i in new:
                 A_new, B_new = new[i]
-                # clone: views into one batch share storage, which safetensors refuses to save
-                tensors[e.key_A] = A_new.reshape(e.shape_A).clone()
-                tensors[e.key_B] = B_new.reshape(e.shape_B).clone()
+                # copy: views into one batch share storage, which safetensors refuses to save
+                tensors[e.key_A] = A_new.reshape(e.shape_A).to(target or e.dtype, copy=True)
+                tensors[e.key_B] = B_new.reshape(e.shape_B).to(target or e.dtype, copy=True)
                 # DoRA's magnitude vector is kept as is: it normalises W0 + dW, and dW is unchanged.
     if nonfinite:
         raise InputError(f"{s.weights}: non-finite values (NaN/Inf) in {_listed(nonfinite, 5)}; nothing was written")
@@ -304,12 +306,10 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
 
 
 def _change_row(s: AdapterSource, e: PairEntry, before: float, balanced: bool, reason: str) -> dict:
-    return {
-        "source": str(s.weights), "module": e.module, "adapter": e.adapter,
-        "action": "balanced" if balanced else "unchanged", "reason": "" if balanced else reason,
-        "rel_imbalance_before": before, "rel_imbalance_after": float("nan") if balanced else before,
-        "dW_rel_change": float("nan") if balanced else 0.0,
-    }
+    return {"source": str(s.weights), "module": e.module, "adapter": e.adapter,
+            "action": "balanced" if balanced else "unchanged", "reason": "" if balanced else reason,
+            "rel_imbalance_before": before, "rel_imbalance_after": float("nan") if balanced else before,
+            "dW_rel_change": float("nan") if balanced else 0.0}
 
 
 def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: dict[str, dict],

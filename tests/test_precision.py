@@ -244,3 +244,33 @@ def test_balance_in_half_precision_keeps_kohya_alpha_exact(tmp_path):
 
         err = np.linalg.norm(dW(out) - dW(sd)) / np.linalg.norm(dW(sd))
         assert np.isfinite(err) and changes.loc[name, "dW_rel_change"] == pytest.approx(err, rel=1e-3), name
+
+
+def test_balance_bf16_file_to_float16_rounds_once(tmp_path):
+    """A bf16 adapter written in fp16 (`--dtype float16`): the balanced factors were rounded to bf16 (the
+    stored dtype) and then cast to fp16, so dW moved by bf16's rounding (2.4e-3 on an 8B-shaped
+    adapter) where fp16 keeps 8x less, and where the plain cast of the unbalanced bf16 pair is exact.
+    Bound: the SVD-balanced pair formed in float64 numpy and rounded once to fp16 by numpy."""
+    from safetensors.torch import load_file, save_file
+
+    from balora import balance_file
+
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for i in range(3):
+        sd[f"base_model.model.layers.{i}.proj.lora_A.weight"] = (torch.randn(8, 96, generator=g) / 10).bfloat16()
+        sd[f"base_model.model.layers.{i}.proj.lora_B.weight"] = (torch.randn(64, 8, generator=g) / 300).bfloat16()
+    save_file(sd, str(tmp_path / "bf16.safetensors"))
+    balance_file(tmp_path / "bf16.safetensors", tmp_path / "f16.safetensors", dtype="float16")
+    out = load_file(str(tmp_path / "f16.safetensors"))
+    for i in range(3):
+        a, b = (sd[f"base_model.model.layers.{i}.proj.lora_{f}.weight"].double().numpy() for f in "AB")
+        a1, b1 = (out[f"base_model.model.layers.{i}.proj.lora_{f}.weight"].double().numpy() for f in "AB")
+        dW = b @ a
+        U, S, Vt = np.linalg.svd(dW, full_matrices=False)
+        b_ref, a_ref = U[:, :8] * np.sqrt(S[:8]), np.sqrt(S[:8])[:, None] * Vt[:8]  # balanced: B'^T B' = A' A'^T
+        once = b_ref.astype(np.float16).astype(np.float64) @ a_ref.astype(np.float16).astype(np.float64)
+        ref = np.linalg.norm(once - dW) / np.linalg.norm(dW)
+        err = np.linalg.norm(b1 @ a1 - dW) / np.linalg.norm(dW)
+        assert out[f"base_model.model.layers.{i}.proj.lora_A.weight"].dtype == torch.float16
+        assert err < 3 * ref, (i, err, ref)
