@@ -189,6 +189,10 @@ def test_jsonl_pairs_and_errors(tiny_bert, tmp_path):
     path.write_text("\n".join(json.dumps({"q": number_words(n), "a": str(n)}) for n in range(40)))
     problem = encoder.build(make_cfg(tiny_bert, data=str(path), anchor_field="q", positive_field="a"), 0, 8.0, CPU)
     assert "36 train + 4 eval pairs" in problem.info["data"]
+    upper = tmp_path / "PAIRS.JSONL"  # refused as "must be a .jsonl file" once
+    upper.write_bytes(path.read_bytes())
+    problem = encoder.build(make_cfg(tiny_bert, data=str(upper), anchor_field="q", positive_field="a"), 0, 8.0, CPU)
+    assert "36 train + 4 eval pairs" in problem.info["data"]
     with pytest.raises(InputError, match="no text field 'anchor'"):
         encoder.build(make_cfg(tiny_bert, data=str(path)), 0, 8.0, CPU)
     with pytest.raises(InputError, match="not found"):

@@ -174,7 +174,7 @@ def _read_dataset(name: str, text_field: str) -> list[str]:
 def read_pairs(path_text: str, fields: tuple[str, str]) -> list[tuple[str, str]]:
     """(anchor, positive) string pairs from a .jsonl file with the two named fields."""
     path = Path(path_text).expanduser()
-    if path.suffix != ".jsonl":
+    if path.suffix.lower() != ".jsonl":  # PAIRS.JSONL too, as the lm task reads NOTES.TXT
         raise InputError(f"encoder: data file {path} must be a .jsonl file with {fields[0]!r} and {fields[1]!r} fields")
     if not path.is_file():
         raise InputError(f"encoder: data file {path} not found; pass an existing .jsonl file")
