@@ -198,13 +198,24 @@ def test_balance_diffusers_file_keeps_keys_metadata_and_dw(diffusers_lora, tmp_p
         np.testing.assert_allclose((B.T @ B).numpy(), (A @ A.T).numpy(), atol=1e-5 * float((A @ A.T).norm()))
 
 
+def _flux_loaded_scalings(path, single_layers: int) -> dict[str, float]:
+    """{module: scaling} of a Flux-style LoRA file as diffusers' own loader sets them on a tiny Flux transformer."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=0, num_single_layers=single_layers,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
+    state, alphas = FluxLoraLoaderMixin.lora_state_dict(str(path), return_alphas=True)
+    FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas, transformer=flux)
+    return {f"transformer.{n}": float(next(iter(m.scaling.values()))) for n, m in flux.named_modules()
+            if isinstance(getattr(m, "scaling", None), dict) and m.scaling}
+
+
 def test_diffusers_file_with_alpha_keys_takes_its_scaling_from_them(tmp_path):
     """Flux LoRAs such as TheLastBen/Jon_Snow_Flux_LoRA: PEFT names under `transformer.`, no metadata,
     one `<module>.alpha` per pair. diffusers reads those as network_alphas: scaling alpha / r."""
     pytest.importorskip("diffusers", reason="diffusers not installed (pip install -e '.[wild]')")
-    from diffusers import FluxTransformer2DModel
-    from diffusers.loaders import FluxLoraLoaderMixin
-
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for j, (r, alpha) in enumerate([(4, 4.0), (4, 8.0), (8, 2.0)]):
@@ -215,14 +226,7 @@ def test_diffusers_file_with_alpha_keys_takes_its_scaling_from_them(tmp_path):
             tensors[f"{m}.alpha"] = torch.tensor(alpha)
     path = tmp_path / "flux_lora.safetensors"
     save_file(tensors, path)
-
-    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=0, num_single_layers=3, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
-                                  axes_dims_rope=[2, 2, 4])
-    state, alphas = FluxLoraLoaderMixin.lora_state_dict(str(path), return_alphas=True)
-    FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas, transformer=flux)
-    loaded = {f"transformer.{n}": float(next(iter(m.scaling.values()))) for n, m in flux.named_modules()
-              if isinstance(getattr(m, "scaling", None), dict) and m.scaling}
+    loaded = _flux_loaded_scalings(path, single_layers=3)
 
     df = balora.inspect(path).set_index("module")
     assert set(df.index) == set(loaded)
@@ -368,9 +372,6 @@ def test_diffusers_file_with_alpha_keys_for_some_pairs_scales_the_others_as_diff
     the most common alpha of the file's alphas (get_peft_kwargs' lora_alpha), so their scaling is
     that alpha over their own rank, not unknown."""
     pytest.importorskip("diffusers", reason="diffusers not installed (pip install -e '.[wild]')")
-    from diffusers import FluxTransformer2DModel
-    from diffusers.loaders import FluxLoraLoaderMixin
-
     g = torch.Generator().manual_seed(0)
     tensors = {}
     # (rank, alpha or None): alpha 8 is the most common; two pairs have none, at ranks 4 and 8
@@ -383,14 +384,7 @@ def test_diffusers_file_with_alpha_keys_for_some_pairs_scales_the_others_as_diff
             tensors[f"{m}.alpha"] = torch.tensor(alpha)
     path = tmp_path / "flux_lora.safetensors"
     save_file(tensors, path)
-
-    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=0, num_single_layers=2, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
-                                  axes_dims_rope=[2, 2, 4])
-    state, alphas = FluxLoraLoaderMixin.lora_state_dict(str(path), return_alphas=True)
-    FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas, transformer=flux)
-    loaded = {f"transformer.{n}": float(next(iter(m.scaling.values()))) for n, m in flux.named_modules()
-              if isinstance(getattr(m, "scaling", None), dict) and m.scaling}
+    loaded = _flux_loaded_scalings(path, single_layers=2)
 
     df = balora.inspect(path).set_index("module")
     assert set(df.index) == set(loaded)
