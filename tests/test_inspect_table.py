@@ -86,6 +86,25 @@ def test_top_and_json_unchanged(adapter, capsys):
     assert rc == 0 and len(records) == 7 and records[0]["module"].startswith("model.layers.12.")  # full names
 
 
+def test_a_terminal_narrower_than_the_table_gets_every_module_and_whole_numbers(adapter, capsys, monkeypatch):
+    """In a 60-column terminal rich squeezed the table: the module column vanished and numbers were cut
+    ("0.5…" for 0.596). The table is laid out for 100 columns there too (the terminal wraps the lines)."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "60")
+    monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal, as rich sees it
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in table(capsys, "inspect", adapter)]
+    assert not any("…" in line for line in lines)
+    df = balora.inspect(adapter)
+    for row in df.itertuples(index=False):
+        short = "layers.12." + row.module.rsplit(".", 1)[-1]
+        rows = [line for line in lines if line.split()[:1] == [short]]
+        assert len(rows) == 1, short
+        want = [short, str(row.r), num(row.scaling), num(row.norm_A), num(row.norm_B), num(row.rel_imbalance),
+                num(row.cond_dW), num(row.sigma[0])]
+        assert rows[0].split() == want
+
+
 def test_short_module_names_stay_unique():
     llama = [f"model.layers.{i}.{m}" for i in (0, 10) for m in LLAMA_LAYER]
     short = short_module_names(llama)

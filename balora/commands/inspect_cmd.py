@@ -153,7 +153,10 @@ def print_report(df: pd.DataFrame, top: int | None = None, console=None, wide: b
     df = printable_frame(df)
     if console is None:
         console = Console()
-        if not console.is_terminal:  # pipes get 80 columns by default: too narrow for the table
+        # Pipes get 80 columns by default, too narrow for the table; squeezed into a terminal narrower
+        # than 100 columns, rich cut numbers ("0.5…" for 0.596) and dropped the module column. Laid out
+        # for 100 columns, a narrow terminal wraps the lines, which loses nothing.
+        if not console.is_terminal or console.width < _DEFAULT_WIDTH:
             console = Console(width=_WIDE_WIDTH if wide else _DEFAULT_WIDTH)
     sources = df.attrs.get("sources", [])
     checkpoints = list(dict.fromkeys(c for c in df["checkpoint"] if c))
