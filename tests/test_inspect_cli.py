@@ -240,7 +240,7 @@ def test_an_fsdp_sharded_checkpoint_gets_a_one_line_error_saying_what_to_save(fs
             assert str(ckpt / "pytorch_model_fsdp_0") in message and "optimizer_0" not in message
 
 
-@pytest.mark.parametrize("fmt", ["json", "csv"])
+@pytest.mark.parametrize("fmt", ["json", "csv", "table"])
 def test_reader_closing_the_pipe_is_not_an_error(trained, fmt):
     """`balora inspect ADAPTER --format csv | head -1`: the reader closing the pipe early is the user's choice,
     not a failure. It printed "error: BrokenPipeError ... rerun with --debug" and exited 1, the code kept for
