@@ -255,3 +255,25 @@ def test_force_clears_merged_parts_and_their_temporary_names(tmp_path):
     assert part_files(w.path) == [".part-00003-00004.parquet.tmp", "part-00001-00002.parquet", "part-00003.parquet"]
     again = RunWriter(w.path, {"task": "synthetic"}, {}, force=True)
     assert again.kept == [] and part_files(w.path) == []
+
+
+def test_files_force_leaves_are_not_read_or_merged_by_the_next_run(tmp_path):
+    """`part-1.parquet` (not a name balora writes) beside `part-00001.parquet` is another tool's file:
+    --force leaves it, so the new run written there must neither read its rows nor merge it away."""
+    w = writer(tmp_path / "run", 0)
+    w.append("steps", cell_rows(9, 2))
+    w.finish("completed")
+    foreign = {"part-0.parquet": cell_rows(7, 1), "part-1.parquet": cell_rows(8, 1),
+               "part-\u0661.parquet": cell_rows(6, 1), "part-00002.parquet\n": cell_rows(5, 1)}
+    for name, rows in foreign.items():
+        rows.to_parquet(w.path / "steps" / name, index=False)
+    again = RunWriter(w.path, {"task": "synthetic"}, {}, force=True)
+    assert sorted(again.kept) == sorted(f"steps/{n}" for n in foreign)
+    written = [cell_rows(c, 3) for c in range(2)]
+    for rows in written:
+        again.append("steps", rows)
+    run = load_run(again.path)
+    assert same_rows(run.steps, written) and run.warnings == []
+    again.finish("completed")
+    assert same_rows(load_run(again.path).steps, written)
+    assert set(foreign) <= set(part_files(again.path))  # still there, untouched

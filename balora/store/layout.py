@@ -87,8 +87,9 @@ UNIQUE: dict[str, list[str]] = {
 # temporary names while being written). Nothing else in a run folder is balora's.
 RUN_FILES = (CONFIG, ENV, STATUS)
 PART_GLOB = "part-*.parquet"
-_PART_RE = re.compile(r"^part-\d{5,}(-\d{5,})?\.parquet$|^\.part-\d{5,}(-\d{5,})?\.parquet\.tmp$")
-_RANGE_RE = re.compile(r"^part-(\d+)(?:-(\d+))?\.parquet$")
+# ASCII digits only (\d also takes other scripts' digits, which int() reads); fullmatch (a "$" also
+# matches before a trailing newline).
+_RANGE_RE = re.compile(r"part-([0-9]+)(?:-([0-9]+))?\.parquet")
 _JSON_TMP_RE = re.compile(r"^\.(config|env|status)\.json\.\d+\.tmp$")
 
 
@@ -102,12 +103,15 @@ def part_name(first: int, last: int | None = None) -> str:
 
 def part_range(name: str) -> tuple[int, int] | None:
     """(first, last) part number a part file's name covers; None for any other name."""
-    m = _RANGE_RE.match(name)
+    m = _RANGE_RE.fullmatch(name)
     if m is None:
         return None
     first = int(m.group(1))
     last = int(m.group(2)) if m.group(2) else first
-    return (first, last) if first <= last else None
+    # Only the names part_name writes: `part-1.parquet` beside `part-00001.parquet` would be the same part
+    # (one of them skipped as covered), and --force leaves such a file as another tool's, so a new run
+    # written there must neither read it as its own rows nor merge it away.
+    return (first, last) if first <= last and part_name(first, last) == name else None
 
 
 def table_parts(folder: Path) -> tuple[list[tuple[int, int, Path]], list[tuple[int, int, Path]]]:
@@ -136,8 +140,10 @@ def parts_contiguous(live: list[tuple[int, int, Path]]) -> bool:
 
 
 def is_part_file(name: str) -> bool:
-    """A table part balora writes (or its temporary name while it is written)."""
-    return bool(_PART_RE.match(name))
+    """A table part balora writes (or its temporary name while it is written): the names table_parts reads."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4]
+    return part_range(name) is not None
 
 
 def is_json_tmp(name: str) -> bool:
