@@ -277,3 +277,20 @@ def test_files_force_leaves_are_not_read_or_merged_by_the_next_run(tmp_path):
     again.finish("completed")
     assert same_rows(load_run(again.path).steps, written)
     assert set(foreign) <= set(part_files(again.path))  # still there, untouched
+
+
+def test_a_part_linked_out_of_the_run_folder_is_not_read(tmp_path):
+    """A run folder someone else made: a part that links to a file elsewhere (another run's rows) is
+    skipped with a warning; a link inside the run folder is read."""
+    elsewhere = writer(tmp_path / "other", 0)
+    elsewhere.append("steps", cell_rows(7, 3))
+    w = writer(tmp_path / "run", 0)
+    written = [cell_rows(0, 2)]
+    w.append("steps", written[0])
+    (w.path / "steps" / "part-00002.parquet").symlink_to(elsewhere.path / "steps" / "part-00001.parquet")
+    run = load_run(w.path)
+    assert same_rows(run.steps, written)
+    assert [m for m in run.warnings if "part-00002" in m and "out of the run folder" in m]
+    os.replace(w.path / "steps" / "part-00001.parquet", w.path / "kept.parquet")
+    (w.path / "steps" / "part-00001.parquet").symlink_to(w.path / "kept.parquet")
+    assert same_rows(load_run(w.path).steps, written)

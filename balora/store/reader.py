@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from balora.errors import InputError
-from balora.safe_io import regular_file_size
+from balora.safe_io import is_inside, regular_file_size
 from balora.store.json_files import RunError, read_config, read_env, read_status
 from balora.store.layout import (CONFIG, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_run_dir, parts_contiguous,
                                  table_parts, to_table)
@@ -64,6 +64,9 @@ def _read_parts(run: Path, table: str, warnings: list[str]) -> list[pd.DataFrame
                 continue
             try:
                 regular_file_size(part, "part file")  # a FIFO would block the reader, a device never end
+                if not is_inside(part, run):  # another run's rows, or any parquet file this user can read
+                    raise InputError("a symbolic link out of the run folder, not followed (copy the real "
+                                     "file in if you trust it)")
                 read[part] = pd.read_parquet(part)
             except Exception as e:  # truncated or corrupted: skip it, say so, never crash
                 if not os.path.lexists(part):
