@@ -294,3 +294,16 @@ def test_a_part_linked_out_of_the_run_folder_is_not_read(tmp_path):
     os.replace(w.path / "steps" / "part-00001.parquet", w.path / "kept.parquet")
     (w.path / "steps" / "part-00001.parquet").symlink_to(w.path / "kept.parquet")
     assert same_rows(load_run(w.path).steps, written)
+
+
+def test_a_part_missing_from_the_numbering_is_warned_of(tmp_path):
+    """A gap that listing again does not close (a part removed by hand) is named, not passed over."""
+    w = writer(tmp_path / "run", 0)
+    written = [cell_rows(c, 2) for c in range(6)]
+    for rows in written:
+        w.append("steps", rows)
+    for n in (2, 4, 5):
+        (w.path / "steps" / f"part-0000{n}.parquet").unlink()
+    run = load_run(w.path)
+    assert same_rows(run.steps, [written[i] for i in (0, 2, 5)])
+    assert [m for m in run.warnings if m.startswith("steps:") and "2, 4-5 missing" in m]
