@@ -307,3 +307,31 @@ def test_a_part_missing_from_the_numbering_is_warned_of(tmp_path):
     run = load_run(w.path)
     assert same_rows(run.steps, [written[i] for i in (0, 2, 5)])
     assert [m for m in run.warnings if m.startswith("steps:") and "2, 4-5 missing" in m]
+
+
+@pytest.mark.parametrize("kind", ["directory", "link out"])
+def test_a_merge_leaves_what_is_named_like_a_part_but_is_not_one(tmp_path, kind):
+    """A crafted folder (what --force leaves as another's): a directory named like a part was read as a pandas
+    dataset by the finish merge, and a part linked out of the run had its target's rows merged in and the link
+    deleted. The merge now refuses to read or delete them; the run still loads, its own rows once."""
+    w = writer(tmp_path / "run", k=100)  # no rolling merge: the finish merges
+    written = []
+    for cell in range(2):
+        written.append(cell_rows(cell, 3))
+        w.append("steps", written[-1])
+    odd = tmp_path / "run" / "steps" / "part-00003.parquet"
+    if kind == "directory":
+        odd.mkdir()
+    else:
+        outside = tmp_path / "elsewhere.parquet"
+        cell_rows(7, 3).to_parquet(outside)
+        odd.symlink_to(outside)
+    w._parts["steps"] = 3  # the writer's next part comes after it
+    written.append(cell_rows(2, 3))
+    w.append("steps", written[-1])
+    w.finish("completed")
+    assert "not a regular file" in w.status["message"] and str(odd) in w.status["message"]
+    assert os.path.lexists(odd) and (kind == "directory" or (tmp_path / "elsewhere.parquet").is_file())
+    run = load_run(tmp_path / "run")
+    assert same_rows(run.steps, written)
+    assert any("part-00003.parquet" in m for m in run.warnings)

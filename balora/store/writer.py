@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -353,13 +354,18 @@ class RunWriter:
         is written under a temporary name and renamed into place (a reader lists the old parts, or the
         merged one and the old ones it covers, which it skips), and only then are the old parts deleted
         (a reader that lost one lists again). A crash before the deletes leaves covered parts, skipped."""
+        first, last = parts[0][0], max(p[1] for p in parts)
+        _, covered = table_parts(self.path / table)
+        gone = [*parts, *(c for c in covered if first <= c[0] and c[1] <= last)]
+        for *_, p in gone:  # a crafted folder: a directory, FIFO or link named like a part is not ours to read or delete
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                raise InputError(f"{p}: named like a part file but not a regular file; balora wrote no such thing "
+                                 "(remove it to let the run's parts be merged)")
         rows = pd.concat([pd.read_parquet(p) for *_, p in parts], ignore_index=True)
         if keep is not None:
             rows = keep(rows)
-        first, last = parts[0][0], max(p[1] for p in parts)
         merged = self._write_part(table, to_table(table, rows), first, last) if len(rows) else None
-        _, covered = table_parts(self.path / table)
-        for *_, p in [*parts, *(c for c in covered if first <= c[0] and c[1] <= last)]:
+        for *_, p in gone:
             if p != merged:
                 p.unlink(missing_ok=True)
 
