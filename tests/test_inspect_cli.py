@@ -252,3 +252,17 @@ def test_reader_closing_the_pipe_is_not_an_error(trained, fmt):
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141
     assert "error" not in err.lower() and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_balance_piped_to_a_reader_that_stops_is_not_an_error(trained, tmp_path):
+    """`balora balance IN OUT | head -1` exited 1, the code kept for bugs (rich's own broken-pipe handler),
+    although OUT was written whole before anything was printed."""
+    folder, _ = trained
+    out = tmp_path / "balanced"
+    proc = subprocess.Popen([sys.executable, "-m", "balora.cli", "balance", str(folder), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from balora.cli import COMMANDS
-from balora.commands.formatting import num, printable_frame
+from balora.commands.formatting import num, pipe_console, printable_frame
 from balora.policy import METHODS, RANK_DEFICIENT_POLICIES  # no torch: `balora balance --help` starts at once
 
 _SHOWN_ROWS = 20  # the per-module table lists the most imbalanced pairs first
@@ -36,16 +36,15 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from rich.console import Console
     from rich.markup import escape
 
     from balora.inspection import balance_file
 
     summary = balance_file(args.input, args.output, method=args.method,
                            on_rank_deficient=args.on_rank_deficient, force=args.force, dtype=args.dtype)
-    console = Console()
+    console = pipe_console()
     if not console.is_terminal:
-        console = Console(width=160)
+        console = pipe_console(width=160)
     console.print(escape(str(summary)))
     changes = summary.changes
     if len(changes):

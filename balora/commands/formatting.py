@@ -77,3 +77,16 @@ def _printable_value(value):
     if isinstance(value, list):
         return [_printable_value(v) for v in value]
     return value
+
+
+def pipe_console(**kwargs):
+    """A rich Console whose closed pipe (`balora inspect ... | head -1`) reaches balora.cli as
+    BrokenPipeError, which stops quietly with 141 as --format json/csv do: rich's own handler exits
+    with 1, the code kept for bugs."""
+    from rich.console import Console
+
+    class PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return PipeConsole(**kwargs)

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from balora.cli import COMMANDS
-from balora.commands.formatting import num, printable_frame, short_module_names
+from balora.commands.formatting import num, pipe_console, printable_frame, short_module_names
 from balora.errors import InputError
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `balora inspect --help` should start at once
@@ -150,12 +150,12 @@ def print_report(df: pd.DataFrame, top: int | None = None, console=None, wide: b
         top = 3 if wide else 1
     df = printable_frame(df)
     if console is None:
-        console = _console()
+        console = pipe_console()
         # Pipes get 80 columns by default, too narrow for the table; squeezed into a terminal narrower
         # than 100 columns, rich cut numbers ("0.5…" for 0.596) and dropped the module column. Laid out
         # for 100 columns, a narrow terminal wraps the lines, which loses nothing.
         if not console.is_terminal or console.width < _DEFAULT_WIDTH:
-            console = _console(width=_WIDE_WIDTH if wide else _DEFAULT_WIDTH)
+            console = pipe_console(width=_WIDE_WIDTH if wide else _DEFAULT_WIDTH)
     sources = df.attrs.get("sources", [])
     checkpoints = list(dict.fromkeys(c for c in df["checkpoint"] if c))
     _print_sources(console, sources, checkpoints)
@@ -167,7 +167,7 @@ def print_report(df: pd.DataFrame, top: int | None = None, console=None, wide: b
         from rich.measure import Measurement
 
         natural = Measurement.get(console, console.options.update(width=10_000), table).maximum
-        console = _console(file=console.file, width=max(console.width, natural), force_terminal=console.is_terminal)
+        console = pipe_console(file=console.file, width=max(console.width, natural), force_terminal=console.is_terminal)
     console.print(table)
     if len(layers) > len(shown):
         console.print(f"... and {len(layers) - len(shown)} more module(s): --format csv lists every one, "
@@ -175,18 +175,6 @@ def print_report(df: pd.DataFrame, top: int | None = None, console=None, wide: b
     if checkpoints:
         console.print(_checkpoint_table(df, checkpoints))
     _print_summary(console, layers)
-
-
-def _console(**kwargs):
-    """A rich Console whose closed pipe (`| head -1`) reaches balora.cli as BrokenPipeError, which stops
-    quietly with 141 as --format json/csv do: rich's own handler exits with 1, the code kept for bugs."""
-    from rich.console import Console
-
-    class PipeConsole(Console):
-        def on_broken_pipe(self) -> None:
-            raise BrokenPipeError
-
-    return PipeConsole(**kwargs)
 
 
 def _print_sources(console, sources: list[dict], checkpoints: list[str]) -> None:
