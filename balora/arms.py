@@ -59,8 +59,9 @@ def _loraplus(model: nn.Module, optimizer: str, lr: float, options: dict) -> Opt
         lr=lr,
         loraplus_lr_ratio=options["loraplus_lr_ratio"],
         loraplus_weight_decay=options["weight_decay"],
-        # PEFT's default for embedding adapters is a fixed 1e-6; use the arm's lr instead so the only
-        # difference from plain LoRA is the B learning-rate ratio.
+        # Embedding adapters (lora_embedding_A/B) are one group of their own in LoRA+'s code and PEFT's, at a
+        # fixed 1e-6 by default: LoRA+'s ratio is derived for linear layers, whose A sees dense inputs. Both
+        # embedding factors train at the arm's lr here, so on linear layers B's ratio is the only difference.
         loraplus_lr_embedding=lr,
     )
 
@@ -90,7 +91,7 @@ ARMS: dict[str, Arm] = {
     "balora": Arm("balora", "LoRA balanced after every step, nearest gauge (keeps Adam's moments aligned)",
                   _plain, method="nearest"),
     "balora-svd": Arm("balora-svd", "LoRA balanced after every step, the paper's SVD gauge", _plain, method="svd"),
-    "loraplus": Arm("loraplus", "LoRA+ (PEFT's create_loraplus_optimizer): lr of B = ratio x lr of A", _loraplus,
+    "loraplus": Arm("loraplus", "LoRA+ (PEFT's create_loraplus_optimizer): lr of B = ratio x lr of A (embedding adapters: lr for both)", _loraplus,
                     defaults={"loraplus_lr_ratio": 16.0}),  # 2^4, the LoRA+ paper's and PEFT docs' example
     "riemannian": Arm("riemannian", "PEFT's Riemannian-preconditioned optimizer (r x r preconditioners)",
                       _riemannian, defaults={"riemannian_reg": 1e-2},  # PEFT's default damping

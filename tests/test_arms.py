@@ -54,6 +54,28 @@ def test_loraplus_groups_have_the_b_learning_rate_ratio():
     assert isinstance(sign, SignDescent)
 
 
+def test_loraplus_trains_embedding_adapters_at_the_arms_lr():
+    """LoRA+'s ratio is for linear layers; its code (and PEFT's) gives embedding adapters a group of their
+    own, at 1e-6 by default. The arm trains both embedding factors at its lr, as its help says."""
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(10, 6), torch.nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.lin(self.emb(x))
+
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["emb", "lin"]))
+    opts = arm_options(["loraplus"], {"loraplus_lr_ratio": 8}, weight_decay=0.0)
+    opt = get_arm("loraplus").make_optimizer(model, "sgd", 0.01, opts)
+    lr = {n: g["lr"] for g in opt.param_groups for p in g["params"] for n, q in model.named_parameters() if q is p}
+    assert {n.split(".")[-2] if "embedding" in n else n.split(".")[-3]: v for n, v in lr.items()} == {
+        "lora_embedding_A": 0.01, "lora_embedding_B": 0.01, "lora_A": 0.01, "lora_B": 0.08}
+    assert "embedding adapters: lr for both" in get_arm("loraplus").help
+
+
 def test_riemannian_preconditions_gradients_like_its_definition():
     if get_arm("riemannian").unavailable():
         pytest.skip(get_arm("riemannian").unavailable())
