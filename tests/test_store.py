@@ -328,7 +328,7 @@ def test_special_files_named_status_or_config_never_hang(tmp_path):
     t.join(30)
     assert not t.is_alive(), "reading a FIFO or /dev/zero blocked"
     assert "FIFO" in result["fifo"] and "status.json" in result["fifo"]
-    assert "device" in result["zero"] and "config.json" in result["zero"]
+    assert "symbolic link out of the run folder" in result["zero"] and "config.json" in result["zero"]  # never opened
     listed = result["listed"].set_index("name")
     assert listed.loc["parts", "status"] == "running" and "FIFO" in listed.loc["fifo", "reason"]
     assert set(listed.drop(index="parts")["status"]) == {"damaged"}
@@ -461,3 +461,24 @@ def test_two_writers_that_both_found_the_folder_empty_do_not_both_write(tmp_path
     first.finish("completed")
     run = load_run(out)
     assert run.config["task"] == "first" and run.status == "completed" and len(run.steps) == 1
+
+
+def test_run_files_linked_out_of_the_run_folder_are_not_read(tmp_path):
+    """config.json or status.json linking to another run's (or any JSON file this user can read) was read as
+    the run's own: the run showed another's arms and status. Such a run is damaged; a link that stays in the
+    run folder is read."""
+    from balora.store import RunError
+
+    other = _run_folder(tmp_path / "other")
+    run = _run_folder(tmp_path / "runs" / "mine")
+    for name in ("config.json", "status.json"):
+        (run / name).unlink()
+        (run / name).symlink_to(other / name)
+        with pytest.raises(RunError, match=f"{name}: is a symbolic link out of the run folder"):
+            load_run(run)
+        listed = list_runs(tmp_path / "runs").set_index("name")
+        assert listed.loc["mine", "status"] == "damaged" and "symbolic link out" in listed.loc["mine", "reason"]
+        (run / name).unlink()
+        (run / f"real-{name}").write_bytes((other / name).read_bytes())
+        (run / name).symlink_to(run / f"real-{name}")  # inside the run folder: read
+        assert load_run(run).config == load_run(other).config

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from balora.errors import InputError
-from balora.safe_io import CONFIG_MAX_BYTES, read_json_capped
+from balora.safe_io import CONFIG_MAX_BYTES, is_inside, read_json_capped
 from balora.store.layout import CONFIG, ENV, STATUS, STATUSES
 
 INT_LIMIT = 2**63  # the store's integer columns are int64
@@ -62,6 +62,9 @@ def _is_number(v: Any) -> bool:
 
 
 def _read_object(path: Path, what: str) -> dict:
+    if os.path.islink(path) and os.path.exists(path) and not is_inside(path, path.parent):
+        # as for part files and adapter folders: another run's config, or any JSON this user can read
+        raise RunError(path, "is a symbolic link out of the run folder, not followed")
     try:
         data = read_json_capped(path, CONFIG_MAX_BYTES, what)
     except InputError as e:  # a FIFO, a device, too big, not UTF-8, not JSON: same error type for the caller
