@@ -133,10 +133,10 @@ def table_parts(folder: Path) -> tuple[list[tuple[int, int, Path]], list[tuple[i
     return live, covered
 
 
-def parts_contiguous(live: list[tuple[int, int, Path]]) -> bool:
-    """Whether the listed parts' numbers follow on without a gap (balora numbers the parts of a table
-    one after the other; a gap means the listing raced a merge, or a part was removed by hand)."""
-    return all(b[0] == a[1] + 1 for a, b in zip(live, live[1:]))
+def part_gaps(live: list[tuple[int, int, Path]]) -> list[tuple[int, int]]:
+    """(first, last) of each run of part numbers missing between the listed parts (balora numbers the
+    parts of a table one after the other; a gap means the listing raced a merge, or a part was removed)."""
+    return [(a[1] + 1, b[0] - 1) for a, b in zip(live, live[1:]) if b[0] > a[1] + 1]
 
 
 def is_part_file(name: str) -> bool:

@@ -13,7 +13,7 @@ import pandas as pd
 from balora.errors import InputError
 from balora.safe_io import is_inside, regular_file_size
 from balora.store.json_files import RunError, read_config, read_env, read_status
-from balora.store.layout import (CONFIG, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_run_dir, parts_contiguous,
+from balora.store.layout import (CONFIG, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_run_dir, part_gaps,
                                  table_parts, to_table)
 
 
@@ -73,15 +73,14 @@ def _read_parts(run: Path, table: str, warnings: list[str]) -> list[pd.DataFrame
                     vanished = True
                 else:
                     problems[part] = f"{table}/{part.name}: unreadable, skipped ({type(e).__name__}: {e})"
-        if not vanished and parts_contiguous(live):
+        if not vanished and not part_gaps(live):
             break
     for *_range, p in live:
         if p in problems:
             warnings.append(problems[p])
         elif p not in read:  # the writer merged parts under this reader at every listing
             warnings.append(f"{table}/{p.name}: merged away while it was read, its rows not read; load again")
-    gaps = [f"{a[1] + 1}" if b[0] == a[1] + 2 else f"{a[1] + 1}-{b[0] - 1}"
-            for a, b in zip(live, live[1:]) if b[0] > a[1] + 1]
+    gaps = [f"{first}" if first == last else f"{first}-{last}" for first, last in part_gaps(live)]
     if gaps:  # still there after listing again: not a merge under way; say so, or rows go missing unseen
         more = f" and {len(gaps) - 3} more gap(s)" if len(gaps) > 3 else ""
         warnings.append(f"{table}: part(s) {', '.join(gaps[:3])}{more} missing (removed, or a write that failed); "
