@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from balora import records
-from balora.adapters.live import iter_lora_pairs
+from balora.adapters.live import iter_lora_pairs, peft_configs
 from balora.errors import InputError
 from balora.report import pair_rows
 from balora.store import RunWriter, environment_info
@@ -348,7 +348,7 @@ def _alpha(lora: dict) -> float:
 
 def _lora_config(model, adapter: str | None) -> dict:
     """r, lora_alpha, target modules... of the PEFT adapter, as plain JSON values ({} if not a PEFT model)."""
-    configs = getattr(model, "peft_config", None) or {}
+    configs = peft_configs(model)
     cfg = configs.get(adapter or "default") or next(iter(configs.values()), None)
     if cfg is None:
         return {}
