@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -54,8 +55,12 @@ def served_locally(monkeypatch):
 
 
 @pytest.fixture
-def app(runs_root, monkeypatch):
+def app(runs_root, monkeypatch, tmp_path):
     monkeypatch.setenv(settings.ENV_VAR, str(runs_root))
+    # An upload stays in its balora-upload-* folder while the session looks at it (a closed tab's is
+    # pruned after 12 h): keep the ones these sessions leave in the test's own folder, not /tmp.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     return AppTest.from_file(APP, default_timeout=TIMEOUT)
 
 
