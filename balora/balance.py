@@ -76,6 +76,9 @@ def balance_pairs(
     on GPUs and multi-threaded CPUs, pair by pair on a one-thread CPU, where that is faster:
     balora.stacked.use_stacks), True or False to choose.
     """
+    if isinstance(pairs, (nn.Module, torch.Tensor)) or not hasattr(pairs, "__iter__"):
+        live = " (a model is balanced in place by balora.balance_(model))" if isinstance(pairs, nn.Module) else ""
+        raise TypeError(f"balance_pairs: expects a list of FactorPair; got {type(pairs).__name__}{live}")
     with full_fp32_matmuls():
         new, summary, _ = _balance(pairs, as_policy(method, on_rank_deficient, on_nonfinite, check), False, stack)
         return {i: f() if callable(f) else f for i, f in new.items()}, summary

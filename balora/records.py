@@ -179,6 +179,21 @@ ARM_SUMMARY_COLUMNS = ["arm", "cells", "completed", "diverged", "best_lr", "best
                        "within_2x", "within_5pct", "steps_to_target", "reached", "speedup_vs_lora"]
 
 
+def _summary_table(summary, who: str) -> pd.DataFrame:
+    """A run's summary table: the DataFrame given, or a Run's (balora.load_run) `.summary`."""
+    if not isinstance(summary, pd.DataFrame) and isinstance(getattr(summary, "summary", None), pd.DataFrame):
+        summary = summary.summary
+    if not isinstance(summary, pd.DataFrame):
+        raise TypeError(f"{who}: expects a run's summary table (balora.load_run(path).summary, or the Run itself); "
+                        f"got {type(summary).__name__}")
+    missing = [c for c in (*KEY, "status") if c not in summary]
+    if missing and len(summary.columns):  # a table with no columns at all is an empty summary
+        raise InputError(f"{who}: the table has no {', '.join(missing)} column(s), so it is not a run's summary "
+                         "(balora.load_run(path).summary); a layer report (layer_report, inspect) has a row per "
+                         "LoRA layer, not per training cell")
+    return summary
+
+
 def arm_summary(summary: pd.DataFrame, *, select: str = "arm", reference: str = "lora") -> pd.DataFrame:
     """One row per arm, each at its own best (lr, alpha) cell (best_cells), plus how flat its grid is.
 
@@ -191,6 +206,7 @@ def arm_summary(summary: pd.DataFrame, *, select: str = "arm", reference: str = 
     speedup_vs_lora (median over seeds of reference-at-its-best / arm-at-its-best steps to target: 0
     where only the reference reached it, inf where only the arm did, left out where neither did).
     """
+    summary = _summary_table(summary, "arm_summary")
     if summary.empty:
         return pd.DataFrame(columns=ARM_SUMMARY_COLUMNS)
     metric = headline_metric(summary)

@@ -199,6 +199,9 @@ def summarize(report: pd.DataFrame) -> dict[str, float]:
 def precision_summary(report: pd.DataFrame, loss: float = PRECISION_LOSS) -> str:
     """One line for `balora inspect`: the layers that lose more than `loss` of dW when their factors
     are stored in fp16, and whether balancing first fixes them ("" for a report without rows)."""
+    if not isinstance(report, pd.DataFrame):
+        raise TypeError("precision_summary: expects a layer report (balora.inspect(path) or balora.layer_report(model)); "
+                        f"got {type(report).__name__}")
     measured = report.dropna(subset=["fp16_dW_error"]) if "fp16_dW_error" in report else report.iloc[0:0]
     if measured.empty:
         return ""

@@ -475,3 +475,12 @@ def test_something_other_than_a_model_is_refused_in_one_line(make_tiny_net, tiny
         with pytest.raises(TypeError, match=rf"^{who}: expects a PEFT model \(torch.nn.Module\); got "
                                             rf"{type(given).__name__}\b.*{re.escape(hint)}"):
             call()
+
+
+def test_balance_pairs_of_a_model_is_refused_in_one_line(make_tiny_net, tiny_net_targets):
+    # balance_pairs(model) raised "'PeftModel' object is not iterable": it takes the pairs, balance_ the model.
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=2, target_modules=tiny_net_targets))
+    with pytest.raises(TypeError, match=r"^balance_pairs: expects a list of FactorPair.*got PeftModel.*balora.balance_\(model\)"):
+        balora.balance_pairs(model)
+    with pytest.raises(TypeError, match=r"^balance_pairs: expects a list of FactorPair.*got Tensor"):
+        balora.balance_pairs(torch.zeros(2, 2))

@@ -274,3 +274,11 @@ def test_balance_bf16_file_to_float16_rounds_once(tmp_path):
         err = np.linalg.norm(b1 @ a1 - dW) / np.linalg.norm(dW)
         assert out[f"base_model.model.layers.{i}.proj.lora_A.weight"].dtype == torch.float16
         assert err < 3 * ref, (i, err, ref)
+
+
+@pytest.mark.parametrize("given", ["adapter/folder", torch.nn.Linear(2, 2)])
+def test_precision_summary_of_something_other_than_a_report_is_one_line(given):
+    # precision_summary(model) raised "argument of type 'Linear' is not iterable", of a path
+    # "'str' object has no attribute 'iloc'".
+    with pytest.raises(TypeError, match=rf"^precision_summary: expects a layer report .*got {type(given).__name__}"):
+        precision_summary(given)

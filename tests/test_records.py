@@ -255,3 +255,22 @@ def test_max_rel_imbalance_does_not_depend_on_the_order_of_the_layers():
     for order in itertools.permutations(rows):
         assert records.max_rel_imbalance(list(order)) == pytest.approx(max(finite), rel=1e-5)
     assert math.isnan(records.max_rel_imbalance([rows[1]])) and math.isnan(records.max_rel_imbalance([]))
+
+
+def test_arm_summary_takes_a_run_and_refuses_other_tables_in_one_line():
+    # balora.arm_summary(balora.load_run(path)) raised "'Run' object has no attribute 'empty'", and a
+    # layer report (one row per LoRA layer) a KeyError naming one column.
+    summary = _grid({("lora", 0.1): [1.0, 2.0], ("balora", 0.1): [0.5, 0.7]})
+
+    class Run:  # what balora.load_run returns, as far as arm_summary needs
+        def __init__(self, summary):
+            self.summary = summary
+
+    pd.testing.assert_frame_equal(records.arm_summary(Run(summary)), records.arm_summary(summary))
+    with pytest.raises(TypeError, match=r"^arm_summary: expects a run's summary table .*got str$"):
+        records.arm_summary("runs/x")
+    report = pd.DataFrame({"module": ["q_proj"], "adapter": ["default"], "rel_imbalance": [0.1], "summary": [1]})
+    with pytest.raises(InputError, match=r"^arm_summary: .*no arm, seed, lr, alpha, status column.*layer report"):
+        records.arm_summary(report)
+    with pytest.raises(InputError, match=r"^arm_summary: .*no status column"):
+        records.arm_summary(summary.drop(columns="status"))
