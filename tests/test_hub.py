@@ -20,7 +20,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 def make_cache(cache, repo_id: str, files: dict[str, bytes], commit: str = COMMIT, ref: str = "main"):
     """A cache entry for `repo_id` at `commit`, with `refs/<ref>` pointing at it."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)  # a branch feature/x is refs/feature/x
     (repo / "refs" / ref).write_text(commit)
     snap = repo / "snapshots" / commit
     for name, data in files.items():
@@ -51,13 +51,13 @@ def offline_cache(tmp_path, monkeypatch):
     ("user/name@refs/pr/3", ("user/name", "refs/pr/3")),
     ("./user/name", None),
     ("/abs/path", None),
-    ("a/b/c", None),
     ("name", None),
     ("user/../etc", None),
     ("user/name@", None),
 ])
 def test_parse_hub_id(text, expected):
-    assert hub.parse_hub_id(text) == expected
+    ref = hub.parse_hub_ref(text)
+    assert (None if ref is None else (ref.repo_id, ref.revision)) == expected and (ref is None or ref.path == "")
 
 
 def test_cached_id_resolves_offline_to_the_snapshot(offline_cache):

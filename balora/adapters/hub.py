@@ -1,17 +1,19 @@
-"""Hugging Face Hub ids as adapter sources: `user/name` or `user/name@revision`.
+"""Hugging Face Hub sources of adapters: `user/name[@revision]`, a folder or one weights file in it
+(`user/name[@revision]/path/in/repo.safetensors`, `hf://...`, a copied https://huggingface.co/... address:
+the forms are hub_names').
 
 Only the adapter's own files are fetched (configs and LoRA weights, never a base model's
-shards), through huggingface_hub's cache, so HF_HUB_OFFLINE, HF_HOME and HF_HUB_CACHE work as
-they do for transformers. A string naming an existing local path always means that path.
+shards; for a named file, that file), through huggingface_hub's cache, so HF_HUB_OFFLINE, HF_HOME and
+HF_HUB_CACHE work as they do for transformers. A string naming an existing local path always means that path.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from balora.adapters.hub_names import HUB_FILE_SUFFIXES, HubRef, parse_hub_ref
 from balora.errors import InputError
 
 # What an adapter repository holds: PEFT folders (also one level down, e.g. checkpoint-N/),
@@ -32,30 +34,22 @@ MODEL_PATTERNS = [
 MAX_DOWNLOAD_ENV = "BALORA_HUB_MAX_GB"
 MAX_DOWNLOAD_GB = 5.0
 
-# user/name with Hub's allowed characters, then an optional @revision (branch, tag or commit).
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[\w./-]{1,255}))?$")
+# A PEFT weights file named by itself: its adapter_config.json (r, lora_alpha) is fetched with it.
+PEFT_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass(frozen=True)
 class HubSource:
     repo_id: str
     revision: str | None
-    path: Path  # the snapshot folder in the cache
+    path: Path  # the snapshot folder in the cache, or the folder or file named inside it
     root: Path  # the repository's cache folder: snapshot files are symlinks into its blobs/
 
 
-def parse_hub_id(text: str) -> tuple[str, str | None] | None:
-    """(repo_id, revision) when `text` has the shape of a Hub id, else None."""
-    m = _HUB_ID.match(text)
-    if m is None or ".." in text:  # the pattern's first character already rules out /, ~ and ./
-        return None
-    return m.group("repo"), m.group("revision")
-
-
 def resolve_source(source) -> Path | HubSource:
-    """A local path (existing, or not shaped like a Hub id) as a Path; a Hub id as a HubSource.
+    """A local path (existing, or not shaped like a Hub source) as a Path; a Hub source as a HubSource.
 
-    Paths win: `user/name` that exists on disk is read from disk. A Hub id is downloaded into
+    Paths win: `user/name` that exists on disk is read from disk. A Hub source is downloaded into
     (or found in) the Hugging Face cache; offline and not cached is a one-line InputError.
     """
     if isinstance(source, Path):
@@ -70,59 +64,127 @@ def resolve_source(source) -> Path | HubSource:
     path = Path(text).expanduser()
     if path.exists() or path.is_symlink():
         return path
-    parsed = parse_hub_id(text)
-    if parsed is None:
+    ref = parse_hub_ref(text)
+    if ref is None:
         return path  # the readers give their own "no such file" message
-    return download_adapter(*parsed)
+    return download_ref(ref)
 
 
 def download_adapter(repo_id: str, revision: str | None = None) -> HubSource:
     """The snapshot folder holding `repo_id`'s adapter files, fetched through the Hub cache."""
+    return download_ref(HubRef(repo_id, revision))
+
+
+def download_ref(ref: HubRef) -> HubSource:
+    """What `ref` names, fetched through the Hub cache: one weights file (and, for a PEFT weights file, the
+    adapter_config.json beside it), or the adapter files of the repository or of one folder in it."""
     try:
-        from huggingface_hub import constants, snapshot_download
-        from huggingface_hub.errors import (
-            HFValidationError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+        from huggingface_hub import constants
+        from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
-        raise InputError(f"{repo_id}: reading Hub ids needs huggingface_hub (pip install huggingface_hub)") from None
-    name = f"{repo_id}@{revision}" if revision else repo_id
-    cache = Path(constants.HF_HUB_CACHE)
+        raise InputError(f"{ref.name}: reading Hub ids needs huggingface_hub (pip install huggingface_hub)") from None
+    offline = bool(constants.HF_HUB_OFFLINE)
     try:
-        if not constants.HF_HUB_OFFLINE:
-            _check_download_size(repo_id, revision, name)
+        return _fetch(ref, offline)
+    # Offline, the cache's refs/feature is the folder of the branch feature/x: reading it as a ref fails so.
+    except (RevisionNotFoundError, LocalEntryNotFoundError, IsADirectoryError) as first:
+        if ref.fallback is None:
+            raise _hub_error(ref, first) from None
+        try:  # user/name@feature/x: no revision "feature" (or not cached); the branch "feature/x" as before
+            return _fetch(ref.fallback, offline)
+        except Exception:
+            raise _hub_error(ref, first) from None
+    except Exception as e:
+        raise _hub_error(ref, e) from None
+
+
+def _fetch(ref: HubRef, offline: bool) -> HubSource:
+    """download_ref without the wording of errors: raises what huggingface_hub raises."""
+    from huggingface_hub import snapshot_download
+
+    if not offline:
+        _check_download_size(ref)
+    if ref.is_file:
+        found = _download_file(ref, offline)
+        snapshot = found.parents[ref.path.count("/")]
+    else:
         snapshot = Path(snapshot_download(
-            repo_id, revision=revision, allow_patterns=ADAPTER_PATTERNS, ignore_patterns=MODEL_PATTERNS,
-            local_files_only=bool(constants.HF_HUB_OFFLINE), etag_timeout=10,
+            ref.repo_id, revision=ref.revision, allow_patterns=_patterns(ref), ignore_patterns=MODEL_PATTERNS,
+            local_files_only=offline, etag_timeout=10,
         ))
-    except LocalEntryNotFoundError as e:
+        found = snapshot / ref.path if ref.path else snapshot
+        if not found.is_dir() or not any(p.is_file() for p in found.rglob("*")):
+            where = f" has no folder {ref.path}, or it" if ref.path else ""
+            raise InputError(
+                f"{ref.name}: the Hub repository{where} holds no adapter files (looked for adapter_config.json, "
+                "adapter_model.safetensors/.bin and LoRA .safetensors files)"
+            )
+    # <cache>/models--user--name/snapshots/<commit>: its files link into <cache>/models--user--name/blobs.
+    return HubSource(repo_id=ref.repo_id, revision=ref.revision, path=found, root=snapshot.parent.parent)
+
+
+def _patterns(ref: HubRef) -> list[str]:
+    """ADAPTER_PATTERNS, under the folder `ref` names (fnmatch's `*` crosses `/`: at any depth below it)."""
+    return [f"{ref.path}/{p}" for p in ADAPTER_PATTERNS] if ref.path else ADAPTER_PATTERNS
+
+
+def _download_file(ref: HubRef, offline: bool) -> Path:
+    """One file of the repository, through the cache; a PEFT weights file brings its adapter_config.json
+    (a few hundred bytes that hold its scaling), when the repository has one beside it."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    found = Path(hf_hub_download(ref.repo_id, ref.path, revision=ref.revision, local_files_only=offline, etag_timeout=10))
+    folder, name = ref.path.rpartition("/")[0], ref.path.rpartition("/")[2]
+    if name in PEFT_WEIGHT_NAMES:
+        config = f"{folder}/adapter_config.json" if folder else "adapter_config.json"
+        try:
+            hf_hub_download(ref.repo_id, config, revision=ref.revision, local_files_only=offline, etag_timeout=10)
+        except (EntryNotFoundError, _remote_entry_error()):  # no config: read as bare PEFT weights, scaling unknown
+            pass
+    return found
+
+
+def _remote_entry_error() -> type[Exception]:
+    """huggingface_hub >= 1.0 raises RemoteEntryNotFoundError for a file the Hub does not have (before: EntryNotFoundError)."""
+    from huggingface_hub import errors
+
+    return getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
+
+
+def _hub_error(ref: HubRef, e: Exception) -> Exception:
+    """The one-line InputError for what huggingface_hub raised while fetching `ref`."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    name, cache = ref.name, Path(constants.HF_HUB_CACHE)
+    if isinstance(e, InputError):
+        return e
+    if isinstance(e, (LocalEntryNotFoundError, IsADirectoryError)):  # the latter: refs/feature, a folder of refs
         how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
         if getattr(e, "snapshot_path", None):  # IncompleteSnapshotError: files of its cached tree listing are missing
-            raise InputError(
+            return InputError(
                 f"{name}: only part of it is in the Hugging Face cache (files are missing from {e.snapshot_path}: "
                 f"an interrupted download?) while {how}; download it again where there is network access"
-            ) from None
-        raise InputError(
+            )
+        return InputError(
             f"{name}: not a local path, and not in the Hugging Face cache ({cache}) while {how}; "
             "download it where there is network access, or give a local path"
-        ) from None
-    except RevisionNotFoundError:
-        raise InputError(f"{name}: the Hub repository has no revision {revision!r}") from None
-    except RepositoryNotFoundError:
-        raise InputError(f"{name}: no such model repository on the Hub (or it is private: log in with `hf auth login`)") from None
-    except HFValidationError as e:
-        raise InputError(f"{name}: not a valid Hub id ({str(e).splitlines()[0]})") from None
-    except OSError as e:  # network failures that huggingface_hub does not wrap
-        raise InputError(f"{name}: could not fetch from the Hub ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not any(p.is_file() for p in snapshot.rglob("*")):
-        raise InputError(
-            f"{name}: the Hub repository holds no adapter files (looked for adapter_config.json, "
-            "adapter_model.safetensors/.bin and LoRA .safetensors files)"
         )
-    # <cache>/models--user--name/snapshots/<commit>: its files link into <cache>/models--user--name/blobs.
-    return HubSource(repo_id=repo_id, revision=revision, path=snapshot, root=snapshot.parent.parent)
+    if isinstance(e, RevisionNotFoundError):
+        hint = f" (a branch with / in its name is written with %2F: {ref.repo_id}@a%2Fb)" if ref.fallback else ""
+        return InputError(f"{name}: the Hub repository has no revision {ref.revision!r}{hint}")
+    if isinstance(e, RepositoryNotFoundError):
+        return InputError(f"{name}: not a local path, and no such model repository on the Hub (or it is private: "
+                          "log in with `hf auth login`)")
+    if isinstance(e, (EntryNotFoundError, _remote_entry_error())):
+        return InputError(f"{name}: the Hub repository {ref.repo_id} has no file {ref.path}")
+    if isinstance(e, HFValidationError):
+        return InputError(f"{name}: not a valid Hub id ({str(e).splitlines()[0]})")
+    if isinstance(e, OSError):  # network failures that huggingface_hub does not wrap
+        return InputError(f"{name}: could not fetch from the Hub ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    return e
 
 
 def max_download_bytes() -> float:
@@ -139,29 +201,45 @@ def max_download_bytes() -> float:
     return gb * 1e9
 
 
-def _check_download_size(repo_id: str, revision: str | None, name: str) -> None:
-    """Refuse before downloading when the files snapshot_download would fetch exceed max_download_bytes().
-    Raises what model_info raises for a missing repository or revision (the caller words those); when
-    the Hub cannot be reached, checks nothing: snapshot_download then reads the cache or says it cannot."""
+def _check_download_size(ref: HubRef) -> None:
+    """Refuse before downloading when the files a download of `ref` would fetch exceed max_download_bytes(),
+    or when the file it names is not in the repository. Raises what model_info raises for a missing repository
+    or revision (the caller words those); when the Hub cannot be reached, checks nothing: the download then
+    reads the cache or says it cannot."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.utils import filter_repo_objects
 
     limit = max_download_bytes()
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, timeout=10)
+        info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True, timeout=10)
     except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
         raise
     except Exception:  # no network, a proxy, a timeout (httpx and requests errors are not OSErrors)
         return
-    files = list(filter_repo_objects(info.siblings or [], allow_patterns=ADAPTER_PATTERNS,
-                                     ignore_patterns=MODEL_PATTERNS, key=lambda f: f.rfilename))
+    files = _fetched(ref, info.siblings or [])
     total = sum(f.size or 0 for f in files)
     if total > limit:
         largest = sorted(files, key=lambda f: -(f.size or 0))[:3]
         listed = ", ".join(f"{f.rfilename} ({(f.size or 0) / 1e9:.1f} GB)" for f in largest)
         raise InputError(
-            f"{name}: its files that could hold an adapter come to {total / 1e9:.1f} GB ({listed}), more than "
+            f"{ref.name}: its files that could hold an adapter come to {total / 1e9:.1f} GB ({listed}), more than "
             f"{limit / 1e9:g} GB: is it a base model rather than an adapter? Give a LoRA repository, or set "
             f"{MAX_DOWNLOAD_ENV} to a larger number of gigabytes to download it anyway"
         )
+
+
+def _fetched(ref: HubRef, siblings: list) -> list:
+    """The repository files (RepoSibling) that fetching `ref` downloads; a named file missing is an InputError
+    that lists the weights files the repository does have."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    if not ref.is_file:
+        return list(filter_repo_objects(siblings, allow_patterns=_patterns(ref), ignore_patterns=MODEL_PATTERNS,
+                                        key=lambda f: f.rfilename))
+    files = [f for f in siblings if f.rfilename == ref.path]
+    if not files:
+        weights = [f.rfilename for f in siblings if f.rfilename.endswith(HUB_FILE_SUFFIXES)]
+        listed = ", ".join(weights[:5]) + (f" and {len(weights) - 5} more" if len(weights) > 5 else "")
+        raise InputError(f"{ref.name}: the Hub repository {ref.repo_id} has no file {ref.path}"
+                         + (f"; its weights files: {listed}" if weights else "; it holds no weights files"))
+    return files

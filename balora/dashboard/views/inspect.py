@@ -14,7 +14,8 @@ st.title("Inspect an adapter")
 st.caption(
     "Reads LoRA factors from files alone (no base model): a PEFT adapter folder, a Trainer output "
     "folder with checkpoint-N subfolders, diffusers, kohya and LyCORIS LoRA files, bare PEFT weights, "
-    "or a Hugging Face Hub id user/name[@revision]. "
+    "or a Hugging Face Hub id user/name[@revision], a file or folder in it (user/name/file.safetensors) or its "
+    "https://huggingface.co/... address. "
     "Nothing is written next to them: a balanced copy is offered as a download."
 )
 
@@ -32,22 +33,25 @@ if source == "A path on this machine":
         uploads.remove_tree(Path(saved[1]))
     text = st.text_input(
         "Path or Hub id", key="insp_path", persist_state="session",
-        placeholder="/path/to/adapter  or  /path/to/trainer-output  or  /path/to/lora.safetensors  or  user/name[@revision]",
+        placeholder="/path/to/adapter  or  /path/to/lora.safetensors  or  user/name[@revision][/file.safetensors]",
     ).strip()
     if not text:
         st.info("Enter the path of an adapter folder, a Trainer output folder or a .safetensors file, or a Hugging "
-                "Face Hub id (user/name or user/name@revision), then press Enter.")
+                "Face Hub id (user/name or user/name@revision; user/name/file.safetensors for one file of it), "
+                "then press Enter.")
         st.stop()
     target = Path(text).expanduser()
-    if not target.exists() and hub.parse_hub_id(text) is not None:
-        try:  # a Hugging Face Hub id: its adapter files, through the Hub cache
+    try:  # a Hugging Face Hub id (or a file or folder in a Hub repository): through the Hub cache
+        ref = None if target.exists() else hub.parse_hub_ref(text)
+        if ref is not None:
             with st.spinner(f"Fetching the adapter files of {text} (Hub cache)..."):
                 target = loaders.hub_snapshot(text)
-            hub_name = hub.parse_hub_id(text)[0].split("/")[-1]
-        except InputError as e:
-            st.error(md.text(e))
-            st.stop()
-    elif not target.exists():
+            # A whole repository's snapshot folder is a commit hash; a file or folder in it has its own name.
+            hub_name = None if ref.path else ref.repo_id.split("/")[-1]
+    except InputError as e:
+        st.error(md.text(e))
+        st.stop()
+    if not target.exists():
         st.error(f"{md.code(target)}: no such file or folder on this machine (nor a Hub id `user/name`).")
         st.stop()
 else:

@@ -1,0 +1,250 @@
+"""One file (or folder) of a Hub repository as an adapter source: user/name[@revision]/path, hf://...,
+and a copied https://huggingface.co/... address. Offline with a hand-built Hugging Face cache (as
+test_hub.py builds it), and online with huggingface_hub's functions replaced: never the network."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_hub import COMMIT, _kohya_bytes, make_cache  # noqa: E402
+
+from balora.adapters import hub  # noqa: E402
+from balora.adapters.hub_names import HubRef  # noqa: E402
+from balora.errors import InputError  # noqa: E402
+
+EPOCHS = ("style-000005.safetensors", "style.safetensors")  # kohya's epoch snapshot beside the final file
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache of this test's own, read offline (test_hub.py's fixture)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("user/name/style.safetensors", HubRef("user/name", None, "style.safetensors", True)),
+    ("user/name@v2/sub/x.bin", HubRef("user/name", "v2", "sub/x.bin", True)),
+    (f"user/name@{COMMIT}/x.safetensors", HubRef("user/name", COMMIT, "x.safetensors", True)),
+    ("user/name@refs/pr/3/x.safetensors", HubRef("user/name", "refs/pr/3", "x.safetensors", True)),
+    ("user/name@feature%2Fx/x.safetensors", HubRef("user/name", "feature/x", "x.safetensors", True)),
+    ("hf://user/name@main/x.safetensors", HubRef("user/name", "main", "x.safetensors", True)),
+    ("hf://models/user/name", HubRef("user/name")),
+    ("https://huggingface.co/user/name/blob/main/d/x.safetensors", HubRef("user/name", "main", "d/x.safetensors", True)),
+    ("https://huggingface.co/user/name/resolve/v2/x.safetensors?download=true", HubRef("user/name", "v2", "x.safetensors", True)),
+    ("https://hf.co/user/name/tree/feature%2Fx/checkpoint-500", HubRef("user/name", "feature/x", "checkpoint-500")),
+    ("https://huggingface.co/user/name", HubRef("user/name")),
+    ("user/name/checkpoint-500", HubRef("user/name", None, "checkpoint-500")),
+    ("user/name/v1.5", HubRef("user/name", None, "v1.5")),  # .5 is no file suffix: a folder
+    ("user/name/sd.v1/", HubRef("user/name", None, "sd.v1")),  # a trailing / says folder
+    ("https://example.com/user/name/x.safetensors", None),
+    ("user/name/a//b.safetensors", None),
+    ("user/name/../x.safetensors", None),
+])
+def test_parse_a_path_in_a_hub_repository(text, expected):
+    ref = hub.parse_hub_ref(text)
+    assert (ref if ref is None else HubRef(ref.repo_id, ref.revision, ref.path, ref.is_file)) == expected
+
+
+def test_a_slash_branch_written_as_before_is_the_fallback():
+    # Before paths, user/name@feature/x meant the branch feature/x; it is tried when "feature" is not one.
+    ref = hub.parse_hub_ref("user/name@feature/x")
+    assert (ref.revision, ref.path, ref.fallback) == ("feature", "x", HubRef("user/name", "feature/x"))
+    assert hub.parse_hub_ref("user/name@feature/x.safetensors").fallback is None
+    assert hub.parse_hub_ref("https://huggingface.co/user/name/tree/main/x").fallback is None  # a URL is exact
+
+
+@pytest.mark.parametrize("text, words", [
+    ("user/name/README.md", "README.md"),
+    ("user/name@main/sub/model.ckpt", ".safetensors or .bin"),
+    ("hf://datasets/user/name/x.safetensors", "dataset repository"),
+    ("https://huggingface.co/spaces/user/name", "space repository"),
+    ("https://huggingface.co/user/name/discussions/3", "names no file or folder"),
+    ("hf://user", "not a Hub model repository"),
+])
+def test_what_cannot_be_read_from_the_hub_is_one_line(text, words, offline_cache):
+    with pytest.raises(InputError) as err:
+        hub.resolve_source(text)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(text) and words in msg
+
+
+def _factors(data: bytes, module: str):
+    from safetensors.torch import load
+
+    t = load(data)
+    return t[f"{module}.lora_down.weight"].double().numpy(), t[f"{module}.lora_up.weight"].double().numpy()
+
+
+def _check_kohya_report(df, data: bytes):
+    """inspect's rows against float64 numpy on the file's own factors (alpha 2, r 4: scaling 0.5)."""
+    assert set(df.module) == {"lora_unet_a_to_q", "lora_te1_b_q_proj"} and (df.status == "ok").all()
+    for row in df.itertuples():
+        A, B = _factors(data, row.module)
+        assert row.scaling == pytest.approx(0.5)
+        np.testing.assert_allclose(row.sigma, np.linalg.svd(0.5 * B @ A, compute_uv=False)[: len(row.sigma)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", [
+    "user/pack/{f}", "user/pack@main/{f}", f"user/pack@{COMMIT}/{{f}}", "hf://user/pack/{f}",
+    "https://huggingface.co/user/pack/blob/main/{f}", "https://huggingface.co/user/pack/resolve/main/{f}?download=true",
+])
+def test_one_file_of_a_repository_of_several_reads_that_file(offline_cache, form):
+    import balora
+
+    files = {name: _kohya_bytes(i) for i, name in enumerate(EPOCHS)}
+    make_cache(offline_cache, "user/pack", {**files, "README.md": b"# style"})
+    df = balora.inspect(form.format(f=EPOCHS[0]))
+    _check_kohya_report(df, files[EPOCHS[0]])
+    assert {Path(s).name for s in df.source} == {EPOCHS[0]}
+
+
+def test_balancing_one_file_of_a_repository_writes_that_file(offline_cache, tmp_path, capsys):
+    import balora
+    from balora.cli import main
+    from safetensors.torch import load_file
+
+    files = {name: _kohya_bytes(i) for i, name in enumerate(EPOCHS)}
+    snap = make_cache(offline_cache, "user/pack", files)
+    out = tmp_path / "balanced.safetensors"
+    assert main(["balance", f"user/pack/{EPOCHS[0]}", str(out)]) == 0, capsys.readouterr().err
+    assert out.is_file() and not out.is_symlink()
+    after = load_file(out)
+    assert after.keys() == load_file(snap / EPOCHS[0]).keys()
+    for m in ("lora_unet_a_to_q", "lora_te1_b_q_proj"):
+        A0, B0 = _factors(files[EPOCHS[0]], m)
+        A1, B1 = after[f"{m}.lora_down.weight"].double().numpy(), after[f"{m}.lora_up.weight"].double().numpy()
+        np.testing.assert_allclose(B1 @ A1, B0 @ A0, atol=1e-5 * np.abs(B0 @ A0).max())
+        np.testing.assert_allclose(B1.T @ B1, A1 @ A1.T, atol=1e-5 * np.abs(A1 @ A1.T).max())
+    assert (snap / EPOCHS[0]).read_bytes() == files[EPOCHS[0]]  # the cache is untouched
+    # Into a folder name, as for the local file: refused, naming the file to give.
+    with pytest.raises(InputError, match=f"name the output file, e.g. {tmp_path / 'dir' / EPOCHS[0]}"):
+        balora.balance_file(f"user/pack/{EPOCHS[0]}", str(tmp_path / "dir") + "/")
+
+
+def test_a_peft_checkpoint_folder_and_its_weights_file_in_a_repository(offline_cache, tmp_path, make_tiny_net):
+    import balora
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_net(), LoraConfig(r=4, lora_alpha=8, target_modules=["lin"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "saved")
+    files = {f"checkpoint-500/{p.name}": p.read_bytes() for p in (tmp_path / "saved").iterdir() if p.is_file()}
+    make_cache(offline_cache, "user/run", {**files, **{n: _kohya_bytes(i) for i, n in enumerate(EPOCHS)}})
+    local = balora.inspect(tmp_path / "saved")
+    for text in ("user/run/checkpoint-500", "user/run/checkpoint-500/adapter_model.safetensors"):
+        df = balora.inspect(text)
+        assert len(df) == len(local) > 0 and (df.scaling == 2.0).all(), text  # the config beside the file was read
+        np.testing.assert_allclose(df.imbalance, local.imbalance, rtol=1e-12)
+    with pytest.raises(InputError, match="has no folder checkpoint-9"):
+        balora.inspect("user/run/checkpoint-9")
+
+
+def test_a_file_not_in_the_cache_offline_is_one_line(offline_cache):
+    make_cache(offline_cache, "user/pack", {EPOCHS[1]: _kohya_bytes(0)})
+    with pytest.raises(InputError) as err:
+        hub.resolve_source("user/pack/other.safetensors")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("user/pack/other.safetensors: ") and "HF_HUB_OFFLINE" in msg
+
+
+def test_a_slash_branch_as_typed_before_still_reads(offline_cache):
+    snap = make_cache(offline_cache, "user/pack", {EPOCHS[1]: _kohya_bytes(0)}, ref="feature/x")
+    assert hub.resolve_source("user/pack@feature/x").path == snap
+    assert hub.resolve_source("user/pack@feature%2Fx").path == snap
+    assert hub.resolve_source(f"user/pack@feature%2Fx/{EPOCHS[1]}").path == snap / EPOCHS[1]
+
+
+def test_a_local_file_wins_over_the_hub_path(offline_cache, tmp_path, monkeypatch):
+    make_cache(offline_cache, "user/pack", {EPOCHS[1]: _kohya_bytes(0)})
+    local = tmp_path / "user" / "pack" / EPOCHS[1]
+    local.parent.mkdir(parents=True)
+    local.write_bytes(_kohya_bytes(1))
+    monkeypatch.chdir(tmp_path)
+    assert hub.resolve_source(f"user/pack/{EPOCHS[1]}") == Path("user/pack") / EPOCHS[1]
+
+
+# ---------------------------------------------------------------- online: huggingface_hub replaced
+@pytest.fixture
+def online_hub(tmp_path, monkeypatch):
+    """model_info lists `files` {name: size}; hf_hub_download and snapshot_download record their calls."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.hf_api import RepoSibling
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv(hub.MAX_DOWNLOAD_ENV, raising=False)
+    state = {"files": {}, "file_calls": [], "snapshot_calls": []}
+    snap = tmp_path / "models--user--pack" / "snapshots" / COMMIT
+
+    def model_info(self, repo_id, revision=None, files_metadata=False, timeout=None, **kw):
+        assert files_metadata
+        return type("Info", (), {"siblings": [RepoSibling(rfilename=n, size=s) for n, s in state["files"].items()]})()
+
+    def hf_hub_download(repo_id, filename, revision=None, local_files_only=False, **kw):
+        state["file_calls"].append((repo_id, filename, revision))
+        if filename not in state["files"]:
+            raise EntryNotFoundError(f"{filename} not found")
+        (snap / filename).parent.mkdir(parents=True, exist_ok=True)
+        (snap / filename).write_bytes(_kohya_bytes(0))
+        return str(snap / filename)
+
+    def snapshot_download(repo_id, **kw):
+        state["snapshot_calls"].append(repo_id)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return state
+
+
+def test_online_only_the_named_file_is_fetched(online_hub):
+    online_hub["files"] = {"style-000005.safetensors": 150e6, "style.safetensors": 150e6, "sd_xl_base.safetensors": 6.9e9}
+    src = hub.resolve_source("user/pack@v2/style-000005.safetensors")
+    assert src.path.name == "style-000005.safetensors" and src.path.is_file()
+    assert online_hub["file_calls"] == [("user/pack", "style-000005.safetensors", "v2")]
+    assert online_hub["snapshot_calls"] == []  # the 6.9 GB file beside it is neither counted nor fetched
+
+
+def test_online_the_size_limit_applies_to_the_named_file(online_hub, monkeypatch):
+    online_hub["files"] = {"sd_xl_base_1.0.safetensors": 6_938_078_334, "lora.safetensors": 1e6}
+    with pytest.raises(InputError) as err:
+        hub.resolve_source("https://huggingface.co/user/pack/blob/main/sd_xl_base_1.0.safetensors")
+    msg = str(err.value)
+    assert "\n" not in msg and "sd_xl_base_1.0.safetensors (6.9 GB)" in msg and hub.MAX_DOWNLOAD_ENV in msg
+    assert online_hub["file_calls"] == []
+    monkeypatch.setenv(hub.MAX_DOWNLOAD_ENV, "8")
+    assert hub.resolve_source("user/pack/sd_xl_base_1.0.safetensors").path.name == "sd_xl_base_1.0.safetensors"
+
+
+def test_online_a_missing_file_lists_the_weights_files_there(online_hub):
+    online_hub["files"] = {n: 1e6 for n in EPOCHS} | {"README.md": 10}
+    with pytest.raises(InputError) as err:
+        hub.resolve_source("user/pack/styel.safetensors")
+    msg = str(err.value)
+    assert "\n" not in msg and "has no file styel.safetensors" in msg and all(n in msg for n in EPOCHS)
+    assert online_hub["file_calls"] == []
+
+
+def test_online_a_peft_weights_file_brings_its_config(online_hub):
+    online_hub["files"] = {"ck/adapter_model.safetensors": 1e6, "ck/adapter_config.json": 500}
+    hub.resolve_source("user/pack/ck/adapter_model.safetensors")
+    assert [c[1] for c in online_hub["file_calls"]] == ["ck/adapter_model.safetensors", "ck/adapter_config.json"]
+    online_hub["files"] = {"adapter_model.safetensors": 1e6}  # no config there: the weights still read (bare)
+    hub.resolve_source("user/pack/adapter_model.safetensors")
