@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_hub import COMMIT, _kohya_bytes, make_cache  # noqa: E402
 
 from balora.adapters import hub  # noqa: E402
-from balora.adapters.hub_names import HubRef  # noqa: E402
+from balora.adapters.hub_names import HubRef, cache_name  # noqa: E402
 from balora.errors import InputError  # noqa: E402
 
 EPOCHS = ("style-000005.safetensors", "style.safetensors")  # kohya's epoch snapshot beside the final file
@@ -107,6 +107,31 @@ def test_one_file_of_a_repository_of_several_reads_that_file(offline_cache, form
     df = balora.inspect(form.format(f=EPOCHS[0]))
     _check_kohya_report(df, files[EPOCHS[0]])
     assert {Path(s).name for s in df.source} == {EPOCHS[0]}
+
+
+def test_several_files_refused_with_the_syntax_that_picks_one(offline_cache):
+    import balora
+
+    files = {name: _kohya_bytes(i) for i, name in enumerate(EPOCHS)}
+    make_cache(offline_cache, "user/pack", files)
+    with pytest.raises(InputError) as err:
+        balora.inspect("user/pack")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("user/pack: ") and f"e.g. user/pack/{EPOCHS[0]}" in msg
+    assert str(offline_cache) not in msg  # the cache's path is not what the user typed
+    _check_kohya_report(balora.inspect(f"user/pack/{EPOCHS[0]}"), files[EPOCHS[0]])  # the offered form reads
+
+
+def test_the_refusal_keeps_a_revision_other_than_main(offline_cache):
+    import balora
+
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    make_cache(offline_cache, "user/pack", {"a.safetensors": _kohya_bytes(0)})  # main: one file
+    snap = make_cache(offline_cache, "user/pack", {n: _kohya_bytes(i) for i, n in enumerate(EPOCHS)}, commit=other, ref="v2")
+    assert cache_name(snap / EPOCHS[0]) == f"user/pack@v2/{EPOCHS[0]}"
+    with pytest.raises(InputError, match=f"e.g. user/pack@v2/{EPOCHS[0]}"):
+        balora.inspect("user/pack@v2")
+    assert cache_name(snap.parent.parent) is None and cache_name(Path("/tmp")) is None
 
 
 def test_balancing_one_file_of_a_repository_writes_that_file(offline_cache, tmp_path, capsys):

@@ -26,6 +26,7 @@ import re
 from collections import Counter
 
 from balora.adapters.entries import PEFT_KEYS, PairEntry, find_entries, has_kohya_factors, natural_key
+from balora.adapters.hub_names import cache_name
 from balora.adapters.peft_config import check_config, config_rank_scaling, rank_scaling_tables, variant_skip
 from balora.adapters.reading import (
     READERS,
@@ -298,8 +299,10 @@ def read_folder_of_one_file(c: Candidate) -> list[AdapterSource] | None:
                    if p.suffix == ".safetensors" and not p.name.startswith(".") and not p.is_dir())
     if len(files) > 1:
         names = ", ".join(p.name for p in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        raise InputError(f"{c.path}: no adapter_config.json and {len(files)} .safetensors files ({names}); "
-                         f"pass the one to read, e.g. {files[0]}")
+        # A Hub snapshot's own path is the cache's; the user names a file on the Hub as user/name/FILE.
+        where, example = cache_name(c.path), cache_name(files[0])
+        raise InputError(f"{where or c.path}: no adapter_config.json and {len(files)} .safetensors files ({names}); "
+                         f"pass the one to read, e.g. {example or files[0]}")
     if not files:
         return None
     check_inside(files[0], c.root, "the LoRA weights")
