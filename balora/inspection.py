@@ -53,8 +53,8 @@ CHANGE_COLUMNS: dict[str, str] = {
 
 
 def local_path(source) -> Path:
-    """`source` as a path on this machine: itself, or for a Hugging Face Hub id (`user/name`,
-    `user/name@revision`; an existing local path always wins) its snapshot in the Hub cache."""
+    """`source` as a path on this machine: itself, or for a Hugging Face Hub id (`user/name[@revision]`, or
+    `/path/in/repo` after it; an existing local path always wins) its snapshot in the Hub cache, or that path."""
     found = resolve_source(source)
     return found.path if isinstance(found, HubSource) else found
 
@@ -63,7 +63,7 @@ def inspect(path, adapter: str | None = None) -> pd.DataFrame:
     """Per-layer report of the adapter(s) at `path`, read from files alone.
 
     path: a Hugging Face Hub id (`user/name[@revision]`, adapter files only, through the Hub
-        cache; HF_HUB_OFFLINE honoured), a PEFT adapter folder (several adapters in its tree are all read), a Trainer output
+        cache; HF_HUB_OFFLINE honoured; `user/name[@revision]/path/in/repo` one file or folder), a PEFT adapter folder (several adapters in its tree are all read), a Trainer output
         folder (every checkpoint-N, ordered by N), a kohya LoRA .safetensors, or a .safetensors/.bin
         with PEFT key names (scaling then unknown: NaN, and sigma is of the unscaled B A).
     Returns INSPECT_COLUMNS: source, checkpoint, step, then balora.REPORT_COLUMNS with the same

@@ -273,3 +273,24 @@ def test_online_a_peft_weights_file_brings_its_config(online_hub):
     assert [c[1] for c in online_hub["file_calls"]] == ["ck/adapter_model.safetensors", "ck/adapter_config.json"]
     online_hub["files"] = {"adapter_model.safetensors": 1e6}  # no config there: the weights still read (bare)
     hub.resolve_source("user/pack/adapter_model.safetensors")
+
+
+def test_dashboard_inspects_and_balances_one_file_of_a_repository(offline_cache, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from balora.dashboard import exposure, settings
+    from balora.dashboard.app import page_path
+
+    make_cache(offline_cache, "user/pack", {n: _kohya_bytes(i) for i, n in enumerate(EPOCHS)})
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path / "runs"))
+    monkeypatch.setattr(exposure, "served_address", lambda: ("127.0.0.1", "test"))
+    at = AppTest.from_file(str(page_path("inspect.py")), default_timeout=120).run()
+    at.text_input(key="insp_path").set_value("user/pack/README.md").run()
+    assert not at.exception and any("README.md" in e.value and ".safetensors" in e.value for e in at.error)
+    at.text_input(key="insp_path").set_value("user/pack").run()
+    assert not at.exception and any("user/pack/style-000005.safetensors" in e.value for e in at.error)
+    at.text_input(key="insp_path").set_value(f"https://huggingface.co/user/pack/blob/main/{EPOCHS[0]}").run()
+    assert not at.exception and not at.error and at.metric[0].value == "2"
+    at.button(key="insp_balance").click().run()
+    assert not at.exception and not at.error
+    assert [b.proto.label for b in at.get("download_button")][-1] == "Download style-000005-balanced.safetensors"

@@ -19,7 +19,7 @@ def add_parser(sub):
         "whole copy checks out. For a Trainer output folder, balance one checkpoint-N folder.",
     )
     p.add_argument("input", metavar="IN", help="PEFT adapter folder, diffusers/kohya/LyCORIS .safetensors, .safetensors/.bin with PEFT keys, "
-                        "or Hub id user/name[@revision]")
+                        "or Hub id user/name[@revision][/path/in/repo] (one file or folder of the repository)")
     p.add_argument("output", metavar="OUT", help="where to write the balanced copy (not inside IN)")
     p.add_argument("--method", choices=METHODS, default="nearest",
                    help="nearest: the balanced pair closest to the stored one (default); svd: the paper's gauge")

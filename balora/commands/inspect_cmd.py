@@ -26,11 +26,14 @@ def add_parser(sub):
         description="Read LoRA adapters from files alone (PEFT folder, Trainer output folder with checkpoint-N, "
         "diffusers pytorch_lora_weights.safetensors, kohya or LyCORIS .safetensors, bare .safetensors with PEFT "
         "keys, or a Hugging Face Hub id user/name[@revision], fetched through the Hub cache: adapter files only, "
-        "HF_HUB_OFFLINE honoured; an existing local path always wins) and report per layer: r, scaling, norms, "
+        "HF_HUB_OFFLINE honoured; user/name[@revision]/path/in/repo.safetensors, hf://... or a copied "
+        "https://huggingface.co/user/name/blob/REV/PATH address fetches that one file, user/name/FOLDER that folder; "
+        "an existing local path always wins) and report per layer: r, scaling, norms, "
         "imbalance ||B^T B - A A^T||_F, rel_imbalance, condition numbers, effective rank and the top "
         "singular values of the scaled dW = s B A.",
     )
-    p.add_argument("path", help="adapter folder, Trainer output folder, .safetensors/.bin file, or Hub id user/name[@revision]")
+    p.add_argument("path", help="adapter folder, Trainer output folder, .safetensors/.bin file, or Hub id "
+                                   "user/name[@revision][/path/in/repo]")
     p.add_argument("--format", choices=FORMATS, default="table",
                    help="table for people; json (a list of records) or csv (one row per module and checkpoint)")
     p.add_argument("--adapter", metavar="NAME", help="only this adapter (default: all)")

@@ -190,7 +190,8 @@ def _inspect(path: str, version: tuple) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False, max_entries=16, ttl=600)
 def hub_snapshot(hub_id: str) -> Path:
-    """The Hub cache snapshot holding `hub_id`'s adapter files (fetched once per 10 minutes at most)."""
+    """The Hub cache snapshot holding `hub_id`'s adapter files, or the folder or file it names in the repository
+    (fetched once per 10 minutes at most)."""
     from balora.inspection import local_path
 
     return local_path(hub_id)
