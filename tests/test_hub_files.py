@@ -231,6 +231,8 @@ def online_hub(tmp_path, monkeypatch):
 
     def snapshot_download(repo_id, **kw):
         state["snapshot_calls"].append(repo_id)
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / "lora.safetensors").write_bytes(_kohya_bytes(0))
         return str(snap)
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
@@ -265,6 +267,30 @@ def test_online_a_missing_file_lists_the_weights_files_there(online_hub):
     msg = str(err.value)
     assert "\n" not in msg and "has no file styel.safetensors" in msg and all(n in msg for n in EPOCHS)
     assert online_hub["file_calls"] == []
+
+
+def test_online_a_slash_branch_as_typed_before_still_reads(online_hub, monkeypatch):
+    # No revision "feature" on the Hub: user/name@feature/x is the branch feature/x, as before paths.
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    asked, info = [], huggingface_hub.HfApi.model_info
+
+    def model_info(self, repo_id, revision=None, **kw):
+        asked.append(revision)
+        if revision == "feature":
+            response = SimpleNamespace(headers={}, status_code=404, url="", request=SimpleNamespace(url="", method="GET"))
+            raise RevisionNotFoundError("404: no revision feature", response=response)
+        return info(self, repo_id, revision=revision, **kw)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    online_hub["files"] = {"lora.safetensors": 1e6}
+    hub.resolve_source("user/pack@feature/x")
+    assert asked == ["feature", "feature/x"] and online_hub["snapshot_calls"] == ["user/pack"]
+    with pytest.raises(InputError, match=r"^user/pack@feature/x\.safetensors: the Hub repository has no revision 'feature'$"):
+        hub.resolve_source("user/pack@feature/x.safetensors")  # a file: no fallback to guess
 
 
 def test_online_a_peft_weights_file_brings_its_config(online_hub):

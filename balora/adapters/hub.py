@@ -92,8 +92,10 @@ def download_ref(ref: HubRef) -> HubSource:
             raise _hub_error(ref, first) from None
         try:  # user/name@feature/x: no revision "feature" (or not cached); the branch "feature/x" as before
             return _fetch(ref.fallback, offline)
-        except Exception:
+        except (RevisionNotFoundError, LocalEntryNotFoundError, IsADirectoryError):
             raise _hub_error(ref, first) from None
+        except Exception as e:  # the branch exists: what is wrong with it
+            raise _hub_error(ref.fallback, e) from None
     except Exception as e:
         raise _hub_error(ref, e) from None
 
@@ -173,7 +175,7 @@ def _hub_error(ref: HubRef, e: Exception) -> Exception:
             "download it where there is network access, or give a local path"
         )
     if isinstance(e, RevisionNotFoundError):
-        hint = f" (a branch with / in its name is written with %2F: {ref.repo_id}@a%2Fb)" if ref.fallback else ""
+        hint = f" (nor {ref.fallback.revision!r}; a branch with / in its name is written {ref.fallback.name})" if ref.fallback else ""
         return InputError(f"{name}: the Hub repository has no revision {ref.revision!r}{hint}")
     if isinstance(e, RepositoryNotFoundError):
         return InputError(f"{name}: not a local path, and no such model repository on the Hub (or it is private: "
