@@ -75,7 +75,9 @@ def arr(v) -> list:
 
         import numpy as np
 
-        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).reshape(v.get("shape", -1)).tolist()
+        shape = v.get("shape", -1)  # a 2-D array's shape comes as the text "rows, cols"
+        shape = tuple(int(n) for n in shape.split(",")) if isinstance(shape, str) else shape
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).reshape(shape).tolist()
     return list(v)
 
 
@@ -185,6 +187,28 @@ def test_compare_on_a_real_run_every_section(app, real_run):
         for arm, g in cell.groupby("arm"):
             # a seed that never reached the target counts as +inf in both
             assert speed.loc[arm, "steps_median"] == pytest.approx(g["steps_to_target"].fillna(np.inf).median())
+
+
+def test_compare_grid_lowest_training_loss_is_each_cells_own(app, real_run):
+    # The Grid view's "best/lowest training loss" is the lowest loss each cell's training reached, from
+    # its steps; the summary's best_loss is the task's floor (the best rank-r loss), the same in every cell.
+    from balora.dashboard.plots import METRIC_NAMES
+
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["real"]).run()
+    at.segmented_control(key="compare_section").set_value("Grid").run()
+    options = at.selectbox(key="grid_value").options
+    label = next(o for o in options if "training loss" in o and not o.startswith("final"))
+    value = next(k for k, v in METRIC_NAMES.items() if v == label)
+    at.selectbox(key="grid_value").set_value(value).run()
+    no_exception(at)
+    steps = real_run.steps
+    lowest = steps.groupby(["arm", "lr", "alpha", "seed"])["loss"].min().groupby(["arm", "lr", "alpha"]).median()
+    heat = [t for t in charts(at)[0]["data"] if t["type"] == "heatmap"]
+    for arm, t in zip(["lora", "balora"], heat):
+        alphas, lrs = sorted(steps["alpha"].unique()), sorted(steps["lr"].unique())
+        expected = [[lowest[(arm, lr, a)] for lr in lrs] for a in alphas]
+        assert np.allclose(np.asarray(arr(t["customdata"]), dtype=float), expected, rtol=1e-6), (label, arm)
 
 
 def test_compare_layer_lines_follow_a_switch_to_a_run_with_other_layers(app, real_run):

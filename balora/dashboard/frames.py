@@ -21,7 +21,9 @@ LOSS_UNITS = {"lm": "nats/token", "synthetic": "squared error"}
 # Metric choices, best first: excess loss where the task knows its floor (each seed has its
 # own, so every seed can reach the same target), as balora.records ranks arms.
 LOSS_METRICS = ("excess_loss", "eval_loss", "loss")
-GRID_VALUES = ("final_excess_loss", "final_eval_loss", "final_loss", "best_loss")
+# min_loss, not best_loss: the summary's best_loss is the task's floor (the best rank-r loss), one value
+# for every cell of a seed, where the Grid view shows what each cell's training reached.
+GRID_VALUES = ("final_excess_loss", "final_eval_loss", "final_loss", "min_loss")
 # What a table cell without a value shows (st.dataframe(..., placeholder=NA_TEXT)), never "None".
 NA_TEXT = "—"
 SEED_COLUMNS = ("series", "seed", "lr", "alpha", "status", "final_loss", "best_loss", "final_eval_loss",

@@ -41,7 +41,8 @@ METRIC_NAMES = {
     "eval_loss": "evaluation loss",
     "excess_loss": "excess loss",
     "final_loss": "final training loss",
-    "best_loss": "best training loss",
+    "min_loss": "lowest training loss",
+    "best_loss": "best loss of any rank-r update",
     "final_eval_loss": "final evaluation loss",
     "final_excess_loss": "final excess loss",
 }
