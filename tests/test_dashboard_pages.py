@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -209,6 +210,25 @@ def test_compare_grid_lowest_training_loss_is_each_cells_own(app, real_run):
         alphas, lrs = sorted(steps["alpha"].unique()), sorted(steps["lr"].unique())
         expected = [[lowest[(arm, lr, a)] for lr in lrs] for a in alphas]
         assert np.allclose(np.asarray(arr(t["customdata"]), dtype=float), expected, rtol=1e-6), (label, arm)
+
+
+def test_compare_best_cell_choice_names_the_metric_it_ranks_by(app):
+    # The cell choice "each arm's own best cell (lowest median ...)" names a metric: each arm's lowest median of
+    # that metric over seeds, from the run's own summary, is the cell the per-arm table reports. In the shipped
+    # grid sample, balora's lowest median final training loss (alpha 8) is not its best excess loss cell (alpha 2).
+    from balora.dashboard.plots import METRIC_NAMES
+
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["samples/synthetic-adam-grid"]).run()
+    no_exception(at)
+    label = at.selectbox(key="compare_cell").options[0]
+    named = [k for k, v in METRIC_NAMES.items() if k.startswith("final_") and v in label]
+    metric = named[0] if named else "final_loss"  # "final loss" as a user reads it: the final training loss
+    summary = pd.read_parquet(Path(settings.sample_runs_dir()) / "synthetic-adam-grid" / "summary")
+    per_arm = at.dataframe[0].value.set_index("arm")
+    for arm, g in summary.groupby("arm"):
+        lr, alpha = g.groupby(["lr", "alpha"])[metric].median().idxmin()
+        assert (per_arm.loc[arm, "best_lr"], per_arm.loc[arm, "best_alpha"]) == (lr, alpha), (label, arm)
 
 
 def test_compare_layer_lines_follow_a_switch_to_a_run_with_other_layers(app, real_run):

@@ -196,6 +196,15 @@ def headline_metric(summary: pd.DataFrame) -> str:
     return records.headline_metric(summary)
 
 
+def ranking_metrics(summary: pd.DataFrame) -> list[str]:
+    """The metric each run's best cells are ranked by (best_cells goes run by run), each once in run order:
+    the final excess loss of a synthetic run, the final eval loss of an lm run, not always the final loss."""
+    if summary.empty:
+        return []
+    groups = summary.groupby("run", sort=False) if "run" in summary else [(None, summary)]
+    return list(dict.fromkeys(records.headline_metric(g) for _, g in groups))
+
+
 def tidy(table: pd.DataFrame) -> pd.DataFrame:
     """A table as a page shows it: columns without any value left out (the page shows NA_TEXT,
     not "None", where one row has no value: st.dataframe's placeholder)."""

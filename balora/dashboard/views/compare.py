@@ -169,10 +169,12 @@ if is_grid:
     # protocol, preselected when every chosen run was recorded with --select seed.
     cell_options = ["best", "best per seed"] + [(lr, a) for lr in lrs for a in alphas]
     per_seed_runs = all(r.config.get("select") == "seed" for r in runs.values())
+    # named, since the ranking is by each run's headline metric (excess or eval loss), not its final training loss
+    ranked_by = " / ".join(plots.METRIC_NAMES.get(m, m) for m in frames.ranking_metrics(summary)) or "final loss"
     cell = c3.selectbox(
         "Learning rate × alpha cell shown in the curves", cell_options, key="compare_cell", persist_state="session",
         index=1 if per_seed_runs else 0,
-        format_func={"best": "each arm's own best cell (lowest median final loss)",
+        format_func={"best": f"each arm's own best cell (lowest median {ranked_by})",
                      "best per seed": "each seed's own best cell (the paper's protocol)",
                      **{c: f"lr {c[0]:g}, alpha {c[1]:g}" for c in cell_options[2:]}}.__getitem__,
     )
