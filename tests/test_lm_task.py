@@ -509,3 +509,44 @@ def test_a_local_folder_loads_with_the_dtype_keyword_its_transformers_takes(tmp_
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
     problem = lm.build(make_cfg(model=str(folder), data=str(tmp_path / "fruit.txt"), block_size=32), 0, 8.0, CPU)
     assert seen == [[keyword]] and next(problem.model.parameters()).dtype == torch.float32
+
+
+def test_a_4bit_model_still_trains_after_the_eval(tmp_path):
+    # A bitsandbytes 4-bit checkpoint (like the Hub's *-bnb-4bit models). On a CPU with AVX512-BF16,
+    # bitsandbytes' Linear4bit repacks its weight in place for inference the first time it runs in eval mode
+    # without grad, into a layout whose kernel has no backward: after the task's first eval (or the initial one
+    # of toy data) no LoRA factor below the last 4-bit layer got a gradient, in that cell and every later one,
+    # so only the cells before it trained and the comparison between arms was void.
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install -e '.[qlora]'")
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    text = "".join(f"{i} apples and {i + 1} pears\n" for i in range(120))
+    source, folder = tmp_path / "llama", tmp_path / "llama-bnb-4bit"
+    vocab = _char_tokenizer_folder(folder, text)
+    torch.manual_seed(0)
+    # 64 wide: bitsandbytes' 4-bit blocks are 64 values long
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(source)
+    LlamaForCausalLM.from_pretrained(source, quantization_config=BitsAndBytesConfig(load_in_4bit=True),
+                                     device_map="cpu").save_pretrained(folder)
+    data = tmp_path / "fruit.txt"
+    data.write_text(text)
+    problem = lm.build(make_cfg(model=str(folder), data=str(data), block_size=32), 0, 8.0, CPU)
+    batch = next(problem.batches())
+
+    def grads() -> dict:
+        problem.model.zero_grad()
+        problem.loss(problem.model, batch).backward()
+        return {n: p.grad for n, p in problem.model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    problem.model.eval()  # as balora.cell runs the eval, between training steps
+    with torch.no_grad():
+        problem.eval_loss(problem.model)
+    problem.model.train()
+    after = grads()
+    assert all(g is not None for g in before.values())
+    missing = [n for n, g in after.items() if g is None]
+    assert not missing, f"{len(missing)} of {len(after)} LoRA factors got no gradient after the eval, e.g. {missing[0]}"
+    for name, g in after.items():
+        torch.testing.assert_close(g, before[name], msg=name)  # the same weights and batch: the same gradient

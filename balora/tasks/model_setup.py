@@ -100,6 +100,7 @@ def add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int, *, task: str,
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 uses transformers' Conv1D, weights (in, out)
         task_type=task_type,
     )
+    keep_4bit_trainable(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         try:
@@ -111,6 +112,16 @@ def add_lora(model: nn.Module, cfg: dict, alpha: float, seed: int, *, task: str,
             ) from e
     _check_rank_fits(peft_model, int(cfg["rank"]))
     return peft_model
+
+
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """Keep every bitsandbytes 4-bit layer of `model` in its training layout. On a CPU with AVX512-BF16,
+    bitsandbytes' Linear4bit repacks its weight in place for inference the first time it runs in eval mode
+    without grad, and the repacked kernel has no backward: after the task's first eval (between training
+    steps) no LoRA factor below the last 4-bit layer got a gradient, in that cell and every later one."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):  # only bitsandbytes' Linear4bit has it
+            module.support_avx512bf16_for_cpu = False
 
 
 def _check_rank_fits(model: nn.Module, r: int) -> None:
