@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -16,6 +17,16 @@ from balora.policy import BalancePolicy
 from balora.report import layer_report, summarize
 from balora.sharded_step import balance_step
 from balora.timing import model_device, synced_clock
+
+
+def _warn_4bit_repacking(model) -> None:
+    """Warn when an eval would stop training: on a CPU with AVX512-BF16, bitsandbytes' Linear4bit repacks its
+    weight for inference at its first eval-mode, no-grad forward, into a kernel with no backward; after
+    that no LoRA factor below it gets a gradient, and balancing factors that no longer train hides nothing."""
+    if isinstance(model, nn.Module) and any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules()):
+        warnings.warn("balora: this model's bitsandbytes 4-bit layers stop training after the first evaluation on "
+                      "this CPU (bitsandbytes repacks them for inference, with no backward); call "
+                      "balora.tasks.model_setup.keep_4bit_trainable(model) before training", stacklevel=2)
 
 
 class BalanceCallback(TrainerCallback):
@@ -88,6 +99,8 @@ class BalanceCallback(TrainerCallback):
                 "balance=False for diagnostics only."
             )
         _check_adapter("BalanceCallback", kwargs.get("model"), self.adapter)
+        if str(getattr(args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
+            _warn_4bit_repacking(kwargs.get("model"))
 
     def _due(self, state) -> bool:
         step = state.global_step + 1  # global_step is incremented after on_optimizer_step

@@ -316,3 +316,28 @@ def test_fsdp_qlora_in_the_trainer_balances_and_follows_ddp(trainer_qlora_runs):
     for name in ddp:
         rel = float((fsdp2[name].double() - ddp[name].double()).norm() / ddp[name].double().norm())
         assert rel <= 1e-3, f"{name}: {rel:.1e}"
+
+
+def test_the_callback_warns_of_bitsandbytes_cpu_repacking_when_the_trainer_evaluates(saved_llama, tmp_path):
+    # On a CPU with AVX512-BF16 a Linear4bit's first eval-mode no-grad forward repacks it into a kernel with
+    # no backward: a Trainer that evaluates between steps then trained nothing more, without a word.
+    from balora.tasks.model_setup import keep_4bit_trainable
+
+    model = _quantized_lora(saved_llama, "nf4", random_B=False)
+    for m in model.modules():  # as bitsandbytes sets it on such a CPU, whatever this one is
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = True
+    callback = balora.BalanceCallback()
+
+    def begin(eval_strategy):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", eval_strategy=eval_strategy,
+                                 eval_steps=1)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            callback.on_train_begin(args, None, None, model=model)
+        return [str(w.message) for w in seen if "balora" in str(w.message)]
+
+    assert any("keep_4bit_trainable" in w for w in begin("steps"))
+    assert not begin("no"), "no eval, no repacking"
+    keep_4bit_trainable(model)
+    assert not begin("steps")
