@@ -474,6 +474,23 @@ def test_stale_temporaries_only_of_dead_processes_of_this_machine(tmp_path):
     assert folders["other"].is_dir() and user_folder.is_dir()
 
 
+def test_a_running_balance_to_a_longer_name_keeps_its_temporary_folder(tmp_path):
+    """A balance to OUT.N (OUT.1000, a step number) stages in `.OUT.N.<pid>.<random>.balora-tmp`; one to OUT
+    read that N as the pid of a dead process and deleted the running copy's folder under it."""
+    from balora.adapters.writing import remove_stale_temporaries, staged_output
+
+    src = write_peft(tmp_path / "in")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a number no process has
+    dead.wait()
+    with staged_output(tmp_path / f"out.{dead.pid}") as staged:  # this process: alive
+        staged.mkdir()
+        assert remove_stale_temporaries(tmp_path / "out") == []
+        balora.balance_file(src, tmp_path / "out")
+        assert staged.is_dir()
+        (staged / "x").write_text("x")
+    assert (tmp_path / f"out.{dead.pid}" / "x").is_file()
+
+
 def test_pickled_tensors_claiming_more_values_than_the_file_stores_are_refused(tmp_path, capsys):
     # torch.load rebuilds a tensor from (storage, offset, shape, stride): a stride-0 tensor, or many
     # views of one storage, declares any number of values from a few stored bytes. Measuring or

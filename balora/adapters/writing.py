@@ -242,7 +242,9 @@ def remove_stale_temporaries(dst: Path) -> list[Path]:
     """Remove the temporary folders next to dst left by balora processes that no longer run on
     this machine (their pid is in the name and in OWNER_FILE). Returns what was removed."""
     dst = Path(dst)
-    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(\d{{1,10}})\.[^/]*{re.escape(TMP_SUFFIX)}")
+    # mkdtemp's random part has no dots: with `[^/]*`, `.OUT.1000.<pid>.<random>` (a balance to OUT.1000)
+    # matched here with 1000 read as the pid, and a running copy's folder was deleted.
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(\d{{1,10}})\.[^./]*{re.escape(TMP_SUFFIX)}")
     removed = []
     try:
         names = os.listdir(dst.parent)
