@@ -27,7 +27,7 @@ from balora.errors import InputError
 from balora.imbalance import rel_imbalance
 from balora.linalg import all_finite, compute_dtype
 from balora.policy import BalancePolicy
-from balora.precision import storage_dtype
+from balora.precision import cast_overflow, storage_dtype
 from balora.projection import product_rel_error
 from balora.report import PRECISION_LOSS, REPORT_COLUMNS, pair_rows, to_frame
 from balora.safe_io import printable
@@ -326,15 +326,16 @@ def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: d
         raise BalanceError(f"{where}: safetensors metadata differs from the input; nothing was written")
 
     changed = {k for e in balanced for k in (e.key_A, e.key_B)}
+    bad, overflow = [], []
     for keys in _key_batches(s.tensors, [k for k in s.tensors.keys() if k not in changed]):
         old, new = s.tensors.get(keys), written.get(keys)
-        if target is not None:
+        if target is not None:  # not factors measured below (DoRA magnitudes, modules_to_save): inf once cast?
+            overflow += cast_overflow(old, new)
             old = _cast(old, target)
         for k in keys:
             if not torch.equal(_raw_bytes(old[k]), _raw_bytes(new[k])):
                 raise BalanceError(f"{where}: {k} should be copied unchanged but differs; nothing was written")
 
-    bad, overflow = [], []
     for old_chunk, new_chunk in zip(iter_pair_chunks(s, balanced), iter_pair_chunks(s, balanced, tensors=written)):
         A0 = torch.stack([p.A for p in old_chunk])  # (G, r, in)
         B0 = torch.stack([p.B for p in old_chunk])  # (G, out, r)
@@ -350,9 +351,8 @@ def _verify(s: AdapterSource, out_path: Path, balanced: list[PairEntry], rows: d
             elif target is None and not e_ <= _tolerance(e.dtype, e.r):
                 bad.append(f"{e.name} (relative change {e_:.2e})")
     if overflow:  # the data, not balora: a one-line input error
-        name = str(target).removeprefix("torch.")
-        raise InputError(f"{where}: factors of {', '.join(overflow[:5])} overflow {name} even balanced; "
-                         f"write float32 (no --dtype) or bfloat16; nothing was written")
+        raise InputError(f"{where}: {', '.join(overflow[:5])} overflow {str(target).removeprefix('torch.')} (LoRA "
+                         "factors: even balanced); write float32 (no --dtype) or bfloat16; nothing was written")
     if bad:
         raise BalanceError(f"{where}: dW would change in {', '.join(bad[:5])}; nothing was written")
 

@@ -29,6 +29,12 @@ def storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise ValueError(f"unknown storage dtype {dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
 
 
+def cast_overflow(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of `after`, a cast of `before`, with an infinity where `before` was finite: values beyond
+    the new dtype's range (fp16: 65504), such as a large modules_to_save weight cast by --dtype."""
+    return [k for k, t in after.items() if t.is_floating_point() and bool((before[k].isfinite() & ~t.isfinite()).any())]
+
+
 @dataclass
 class CastRisk:
     """What casting G pairs to one dtype does; every field is (G,) float64."""

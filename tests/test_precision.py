@@ -201,6 +201,28 @@ def test_balance_cli_dtype_and_overflow_is_refused(tmp_path, capsys):
     assert main(["balance", str(tmp_path / "huge.safetensors"), str(tmp_path / "hb.safetensors"), "--dtype", "bfloat16"]) == 0
 
 
+def test_balance_dtype_refuses_other_tensors_that_overflow(tmp_path, capsys):
+    """--dtype float16 casts every floating tensor; one beyond fp16's range that is not a factor (DoRA's
+    magnitude, a modules_to_save weight) was written as inf, though a copy that would overflow is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from balora.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    src = {"base_model.model.m.lora_A.weight": torch.randn(4, 16, generator=g),
+           "base_model.model.m.lora_B.weight": torch.randn(12, 4, generator=g) * 1e-2,
+           "base_model.model.head.modules_to_save.default.weight": torch.randn(3, 4, generator=g) * 1e5}
+    save_file(src, str(tmp_path / "in.safetensors"))
+    big = float(src["base_model.model.head.modules_to_save.default.weight"].abs().max())
+    assert big > torch.finfo(torch.float16).max  # the cast makes it inf
+    assert main(["balance", str(tmp_path / "in.safetensors"), str(tmp_path / "h16.safetensors"), "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "modules_to_save.default.weight" in err and "overflow float16" in err
+    assert not (tmp_path / "h16.safetensors").exists()
+    assert main(["balance", str(tmp_path / "in.safetensors"), str(tmp_path / "hb.safetensors"), "--dtype", "bfloat16"]) == 0
+    assert all(t.isfinite().all() for t in load_file(str(tmp_path / "hb.safetensors")).values())
+
+
 def test_balanced_for_storage_of_factors_whose_fp32_grams_are_subnormal(np_product_error, np_rel_imbalance):
     """What `balora balance` writes, for A of ~1e-21 with B of ~1e-3 (neither rescaled: the larger
     factor is in range). Their fp32 Grams are in fp32's subnormal range; upcast to float64 before
