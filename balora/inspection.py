@@ -226,11 +226,11 @@ def _refuse_trainer_folder(src: Path, sources: list[AdapterSource]) -> None:
     if any(s.reader == "trainer" for s in sources):
         last = next(s for s in reversed(sources) if s.checkpoint.startswith("checkpoint-"))
         n = len({s.checkpoint for s in sources if s.checkpoint.startswith("checkpoint-")})
-        final = any(s.checkpoint == "final" for s in sources)
-        raise InputError(
+        final = next((s.weights for s in sources if s.checkpoint == "final"), None)  # .safetensors or .bin, as saved
+        raise InputError(  # the file's own suffix on OUT: without one balora, PEFT and diffusers cannot read it
             f"{src}: a Trainer output folder with {n} checkpoint(s){' and a final adapter' if final else ''}; "
             f"balance one at a time, e.g. balora balance {src / last.checkpoint} OUT"
-            + (f" (the final adapter: balora balance {src / 'adapter_model.safetensors'} OUT)" if final else "")
+            + (f" (the final adapter's weights: balora balance {final} OUT{final.suffix})" if final else "")
         )
 
 

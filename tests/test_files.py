@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -381,6 +382,28 @@ def test_trainer_folders_final_adapter_keeps_every_adapter(trainer_run, tmp_path
     assert len(balora.inspect(run, adapter="other").query("checkpoint == 'final'")) == 2
     with pytest.raises(InputError, match=r"with 1 checkpoint\(s\) and a final adapter; .*adapter_model\.safetensors OUT"):
         balance_file(run, tmp_path / "out")  # the final adapter counted apart, and how to balance it
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_trainer_folders_final_adapter_hint_writes_a_file_that_reads_back(trainer_run, tmp_path, safe):
+    """The refusal's hint for the final adapter named adapter_model.safetensors (absent when the Trainer saved
+    .bin) and an OUT without a suffix: followed, it wrote a weights file neither balora nor PEFT could read."""
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path / "run"
+    shutil.copytree(trainer_run / "checkpoint-2", run / "checkpoint-2")
+    model = get_peft_model(make_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_() if "lora_B" in name else None  # a trained-looking B: the pairs get balanced
+    model.save_pretrained(run, safe_serialization=safe)
+    with pytest.raises(InputError) as e:
+        balance_file(run, tmp_path / "out")
+    src, out = re.search(r"the final adapter[^:]*: balora balance (\S+) OUT(\S*)\)", str(e.value)).groups()
+    assert Path(src) == run / ("adapter_model.safetensors" if safe else "adapter_model.bin")
+    summary = balance_file(src, tmp_path / f"balanced{out}")
+    after = balora.inspect(tmp_path / f"balanced{out}")  # read back as the weights file it is
+    assert summary.balanced == len(after) == 2
 
 
 def test_balance_refuses_trainer_folder(trainer_run, tmp_path):
