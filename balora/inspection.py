@@ -180,11 +180,11 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
     except ValueError as e:
         raise InputError(str(e)) from e
     sources = read_adapters(src)
-    src = _file_for_file_name(src, sources, dst_text)
+    given, src = src, _file_for_file_name(src, sources, dst_text)
     _refuse_trainer_folder(src, sources)
     _refuse_file_for_folder(src, dst_text)
     check_weights_suffix(src, dst)
-    check_destination(src, dst, force, [s.weights for s in sources])
+    check_destination(src, dst, force, [s.weights for s in sources], given)
 
     summary = FileBalanceSummary(str(src), str(dst), sources[0].format, method,
                                  dtype=str(target).removeprefix("torch.") if target else "")

@@ -805,6 +805,22 @@ def test_a_file_is_never_written_where_a_folder_was_named(trained, tmp_path):
     assert (tmp_path / "copy" / "adapter_model.safetensors").is_file()
 
 
+def test_a_folder_of_one_lora_file_is_not_written_into(tmp_path):
+    """A folder (a Hub repository) of one kohya file balanced to a file name is balanced as that file; a name
+    inside the folder was accepted, though OUT may not be inside IN: the folder then held two .safetensors
+    files and no longer read as an adapter."""
+    folder = tmp_path / "style-lora"
+    folder.mkdir()
+    write_kohya(folder / "style.safetensors")
+    before = sorted(os.listdir(folder))
+    with pytest.raises(InputError, match="inside the input"):
+        balance_file(folder, folder / "balanced.safetensors")
+    assert sorted(os.listdir(folder)) == before
+    assert len(balora.inspect(folder)) == len(KOHYA_MODULES)
+    balance_file(folder, tmp_path / "balanced.safetensors")  # beside it, as before
+    assert len(balora.inspect(tmp_path / "balanced.safetensors")) == len(KOHYA_MODULES)
+
+
 @pytest.mark.parametrize("given, other", [(".safetensors", ".bin"), (".safetensors", ".pt"), (".bin", ".safetensors")])
 def test_a_copy_is_never_named_for_the_other_weights_format(trained, tmp_path, given, other):
     """`balora balance lora.safetensors out.bin` wrote safetensors bytes under a .bin name, which torch.load,

@@ -147,13 +147,17 @@ def _copy_regular(src: Path, dst: Path) -> str | None:
     return None
 
 
-def check_destination(src: Path, dst: Path, force: bool, weights: list[Path]) -> None:
+def check_destination(src: Path, dst: Path, force: bool, weights: list[Path], given: Path | None = None) -> None:
     """Refuse, before any work, a balanced copy of `src` (whose weights files are `weights`) at `dst`
     that would land inside src, contain it, follow a link, replace something without force, or,
-    even with force, replace what is not a regular file, an empty folder or an adapter folder."""
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents:
-        raise InputError(f"{dst}: is inside the input {src}; write the balanced copy somewhere else")
+    even with force, replace what is not a regular file, an empty folder or an adapter folder.
+    given: the folder named as the input when src is the one weights file in it (a Hub repository):
+    dst may not land inside that either (a second LoRA file there and the folder no longer reads)."""
+    for inside in (given or src, src):
+        s, d = inside.resolve(), dst.resolve()
+        if d == s or s in d.parents:
+            raise InputError(f"{dst}: is inside the input {inside}; write the balanced copy somewhere else")
+    s = src.resolve()
     if d in s.parents:
         raise InputError(f"{dst}: contains the input {src}; replacing it would delete the input")
     if not d.parent.is_dir():
