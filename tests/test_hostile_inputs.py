@@ -454,6 +454,17 @@ def test_force_replaces_only_an_adapter_folder(tmp_path, capsys):
     assert (out / "adapter_config.json").is_file() and not (out / "extra.txt").exists()
 
 
+def test_force_never_replaces_a_trainer_output_folder(tmp_path, capsys):
+    # A Trainer's output holds its final adapter (adapter_config.json at the top, so "an adapter folder")
+    # and its checkpoint-N folders: `balance x run --force`, run named by mistake, deleted every checkpoint.
+    src = write_peft(tmp_path / "in")
+    run = write_peft(tmp_path / "run")
+    write_peft(run / "checkpoint-500")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert_input_error(capsys, "holds Trainer checkpoints (checkpoint-500)", "balance", src, run, "--force")
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
 def test_stale_temporaries_only_of_dead_processes_of_this_machine(tmp_path):
     from balora.adapters.writing import OWNER_FILE, remove_stale_temporaries
 

@@ -173,6 +173,10 @@ def check_destination(src: Path, dst: Path, force: bool, weights: list[Path], gi
             raise InputError(f"{dst}: exists but is not a {want} like {src}; remove it or choose another name")
         if not dst.is_dir() and not dst.is_file():
             raise InputError(f"{dst}: is not a regular file (a device, FIFO or socket); choose another path")
+        checkpoints = sorted(c.name for c in dst.glob("checkpoint-*") if c.is_dir()) if dst.is_dir() else []
+        if checkpoints:  # a Trainer's output: its final adapter makes it "an adapter folder" too
+            raise InputError(f"{dst}: holds Trainer checkpoints ({', '.join(checkpoints[:3])}), so --force will not "
+                             "replace it; choose another path")
         if dst.is_dir() and not _replaceable_folder(dst, [w.relative_to(src) for w in weights]):
             raise InputError(f"{dst}: not empty and not an adapter folder, so --force will not delete anything "
                              "in it; choose another path")
