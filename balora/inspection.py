@@ -173,12 +173,12 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
         dW_rel_change is the written file's against the original, cast included; an overflowing cast is refused.
     """
     t0 = time.perf_counter()
-    src, dst, dst_text = local_path(src), Path(dst), str(dst)
     BalancePolicy(method, on_rank_deficient)  # the one check (PolicyError) before anything is read or written
     try:
         target = storage_dtype(dtype)
     except ValueError as e:
         raise InputError(str(e)) from e
+    src, dst, dst_text = local_path(src), Path(dst), str(dst)  # a Hub source is fetched only for valid options
     sources = read_adapters(src)
     given, src = src, _file_for_file_name(src, sources, dst_text)
     _refuse_trainer_folder(src, sources)
