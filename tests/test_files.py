@@ -837,3 +837,19 @@ def test_a_copy_is_never_named_for_the_other_weights_format(trained, tmp_path, g
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # nothing written
     balance_file(src, tmp_path / f"out{given}")  # the name the message offers works and reads back
     assert len(balora.inspect(tmp_path / f"out{given}")) == len(balora.inspect(src))
+
+
+@pytest.mark.parametrize("given", [".safetensors", ".bin"])
+@pytest.mark.parametrize("name", ["balanced", "out.lora"])
+def test_a_copy_of_a_file_without_a_weights_suffix_is_refused(trained, tmp_path, given, name):
+    """`balora balance lora.safetensors balanced` wrote a file that balora inspect ("not a LoRA adapter"),
+    PEFT and diffusers do not open: they choose the parser by the suffix. Refused, naming one that reads."""
+    folder, _ = trained
+    src = tmp_path / f"adapter{given}"
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    save_file(tensors, str(src)) if given == ".safetensors" else torch.save(tensors, src)
+    with pytest.raises(InputError, match=rf"has no weights file suffix.*name it .*{re.escape(name + given)}$"):
+        balance_file(src, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # nothing written
+    balance_file(src, tmp_path / (name + given))
+    assert len(balora.inspect(tmp_path / (name + given))) == len(balora.inspect(src))

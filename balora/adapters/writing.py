@@ -186,8 +186,11 @@ def check_weights_suffix(src: Path, dst: Path) -> None:
     """Refuse a copy of the weights file `src` named for the other format (out.bin for a .safetensors,
     out.safetensors for a .bin): it is written in src's format, and tools (torch.load, diffusers,
     kohya's loaders, balora itself) choose the parser by the suffix, so such a file reads as corrupt."""
-    if src.is_dir() or WEIGHT_SUFFIXES.get(dst.suffix, "") in ("", WEIGHT_SUFFIXES.get(src.suffix)):
+    if src.is_dir() or WEIGHT_SUFFIXES.get(dst.suffix, "") == WEIGHT_SUFFIXES.get(src.suffix):
         return
+    if dst.suffix not in WEIGHT_SUFFIXES:  # `balanced`, `out.lora`: a file no reader would open as weights
+        raise InputError(f"{dst}: has no weights file suffix, and tools (balora, PEFT, diffusers) choose the parser "
+                         f"by it; name it {dst.with_name(dst.name + src.suffix)}")
     raise InputError(f"{dst}: ends in {dst.suffix} but {src.name} is a {WEIGHT_SUFFIXES.get(src.suffix, 'torch')} "
                      f"file, and the balanced copy keeps its format; name it {dst.with_suffix(src.suffix or '.bin')}")
 
