@@ -307,7 +307,8 @@ def test_paper_options_are_recorded_in_the_run(tmp_path):
     assert (s["final_excess_loss"] > 0).all()
 
 
-@pytest.mark.parametrize("key,bad", [("init", "kaiming"), ("shared_problem", "sometimes"), ("problem_seed", -1)])
+@pytest.mark.parametrize("key,bad", [("init", "kaiming"), ("shared_problem", "sometimes"), ("problem_seed", -1),
+                                     ("problem_seed", 2**64)])  # past what torch's generator takes
 def test_paper_options_are_checked(key, bad):
     with pytest.raises(InputError, match=f"--set {key}"):
         get_task("synthetic").build(cfg(**{key: bad}), 0, 2.0, torch.device("cpu"))

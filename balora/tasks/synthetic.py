@@ -32,6 +32,7 @@ import numbers
 import torch
 from torch import nn
 
+from balora.compare_config import MAX_SEED
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec, target_fraction
 
@@ -160,8 +161,9 @@ def _check(cfg: dict) -> None:
     if cfg.get("shared_problem", False) not in ("auto", True, False):
         raise InputError(f"--set shared_problem={cfg['shared_problem']}: use true, false or auto")
     problem_seed = cfg.get("problem_seed", 0)
-    if isinstance(problem_seed, bool) or not isinstance(problem_seed, int) or problem_seed < 0:
-        raise InputError(f"--set problem_seed={problem_seed}: must be a non-negative integer")
+    # Bounded as --seeds are: past 2^64 torch's generator raised a bare "Overflow when unpacking long long".
+    if isinstance(problem_seed, bool) or not isinstance(problem_seed, int) or not 0 <= problem_seed <= MAX_SEED:
+        raise InputError(f"--set problem_seed={problem_seed}: must be an integer from 0 to {MAX_SEED}")
     for key in ("init_scale", "std"):
         v = cfg.get(key, 1.0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
