@@ -41,6 +41,16 @@ def test_build_is_deterministic_and_trains_only_lora():
     assert not np.allclose(W1[0], W3[0])
 
 
+def test_build_leaves_the_callers_rng_as_it_was():
+    """The task's random draws (the frozen layers' own init, PEFT's A) come from forked or private generators:
+    a user's torch.manual_seed before balora.compare still decides what they draw after it."""
+    torch.manual_seed(123)
+    expected = torch.rand(5)  # the caller's next draws, without the build in between
+    torch.manual_seed(123)
+    get_task("synthetic").build(cfg(depth=2), 0, 2.0, torch.device("cpu"))
+    assert torch.equal(torch.rand(5), expected)
+
+
 def test_initial_and_best_loss_match_numpy():
     c = cfg()
     problem = get_task("synthetic").build(c, 1, 2.0, torch.device("cpu"))

@@ -202,10 +202,11 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     # The problem is the one trained: in bf16 its frozen weights are rounded, and the reference and
     # initial losses below are of those (else the "best" loss was of another problem, and beaten).
     W0s = [W.to(dtype).to(torch.float64) for W in W0s]
-    base = FrozenStack([W.to(dtype) for W in W0s])
     lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=[f"layers.{i}" for i in range(len(W0s))])
     # PEFT's LoRA init (A random, B = 0) is drawn from the global RNG: seed it, and leave the caller's RNG as it was.
+    # The frozen layers are made in the fork too: nn.Linear draws an init (overwritten) from the global RNG.
     with torch.random.fork_rng(devices=[]):
+        base = FrozenStack([W.to(dtype) for W in W0s])
         torch.manual_seed(int(seed))
         model = get_peft_model(base, lora)
     init_lora(model, cfg, seed)
