@@ -301,6 +301,18 @@ def test_online_a_peft_weights_file_brings_its_config(online_hub):
     hub.resolve_source("user/pack/adapter_model.safetensors")
 
 
+def test_online_the_config_fetched_beside_a_peft_weights_file_counts_toward_the_limit(online_hub):
+    # The adapter_config.json fetched with a named adapter_model.* is the repository author's file too:
+    # a 6 GB one must be refused before anything is downloaded, as it is in the folder form.
+    online_hub["files"] = {"ck/adapter_model.safetensors": 1e6, "ck/adapter_config.json": 6e9}
+    for text in ("user/pack/ck/adapter_model.safetensors", "user/pack/ck"):
+        with pytest.raises(InputError) as err:
+            hub.resolve_source(text)
+        msg = str(err.value)
+        assert "\n" not in msg and "ck/adapter_config.json (6.0 GB)" in msg and hub.MAX_DOWNLOAD_ENV in msg, text
+    assert online_hub["file_calls"] == [] and online_hub["snapshot_calls"] == []
+
+
 def test_dashboard_inspects_and_balances_one_file_of_a_repository(offline_cache, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 

@@ -137,14 +137,21 @@ def _download_file(ref: HubRef, offline: bool) -> Path:
     from huggingface_hub.errors import EntryNotFoundError
 
     found = Path(hf_hub_download(ref.repo_id, ref.path, revision=ref.revision, local_files_only=offline, etag_timeout=10))
-    folder, name = ref.path.rpartition("/")[0], ref.path.rpartition("/")[2]
-    if name in PEFT_WEIGHT_NAMES:
-        config = f"{folder}/adapter_config.json" if folder else "adapter_config.json"
+    config = _config_beside(ref.path)
+    if config is not None:
         try:
             hf_hub_download(ref.repo_id, config, revision=ref.revision, local_files_only=offline, etag_timeout=10)
         except (EntryNotFoundError, _remote_entry_error()):  # no config: read as bare PEFT weights, scaling unknown
             pass
     return found
+
+
+def _config_beside(path: str) -> str | None:
+    """The adapter_config.json fetched with the repository file `path` when it is a PEFT weights file, else None."""
+    folder, _, name = path.rpartition("/")
+    if name not in PEFT_WEIGHT_NAMES:
+        return None
+    return f"{folder}/adapter_config.json" if folder else "adapter_config.json"
 
 
 def _remote_entry_error() -> type[Exception]:
@@ -239,7 +246,9 @@ def _fetched(ref: HubRef, siblings: list) -> list:
         return list(filter_repo_objects(siblings, allow_patterns=_patterns(ref), ignore_patterns=MODEL_PATTERNS,
                                         key=lambda f: f.rfilename))
     files = [f for f in siblings if f.rfilename == ref.path]
-    if not files:
+    if files:  # the config fetched beside a PEFT weights file is the author's file too: it counts
+        files += [f for f in siblings if f.rfilename == _config_beside(ref.path)]
+    else:
         weights = [f.rfilename for f in siblings if f.rfilename.endswith(HUB_FILE_SUFFIXES)]
         listed = ", ".join(weights[:5]) + (f" and {len(weights) - 5} more" if len(weights) > 5 else "")
         raise InputError(f"{ref.name}: the Hub repository {ref.repo_id} has no file {ref.path}"
