@@ -150,6 +150,40 @@ def test_inspect_and_balance_a_cached_hub_id(cached_peft_adapter, tmp_path):
     assert (again.rel_imbalance < 1e-5).all()
 
 
+def share_blobs(cache, snapshot_files: list[Path]):
+    """Move each file's blob into the cache-wide shared store, as huggingface_hub >= 2.4 does for Xet
+    downloads (publish_blob_to_shared_store): <cache>/blobs/<2 hex>/<hash>, marked by a
+    .huggingface-shared-blobs file, and the repository's blobs/<etag> a relative link to it."""
+    store = cache / "blobs"
+    store.mkdir(exist_ok=True)
+    (store / ".huggingface-shared-blobs").write_text("1\n")
+    for link in snapshot_files:
+        blob = link.resolve()
+        xet_hash = hashlib.sha256(b"xet" + blob.read_bytes()).hexdigest()
+        shared = store / xet_hash[:2] / xet_hash
+        shared.parent.mkdir(exist_ok=True)
+        os.replace(blob, shared)
+        blob.symlink_to(os.path.relpath(shared, blob.parent))
+
+
+def test_a_cached_hub_id_whose_blobs_are_in_the_shared_store(cached_peft_adapter, offline_cache, tmp_path):
+    # Xet downloads live in the cache's shared blob store, outside models--user--name: still the cache's own files.
+    import balora
+
+    snap = offline_cache / "models--user--tiny-lora" / "snapshots" / COMMIT
+    share_blobs(offline_cache, [snap / "adapter_model.safetensors", snap / "README.md"])
+    assert not (snap / "adapter_model.safetensors").resolve().is_relative_to(snap.parent.parent)
+    local = balora.inspect(cached_peft_adapter)
+    for text in ("user/tiny-lora", "user/tiny-lora/adapter_model.safetensors"):
+        from_hub = balora.inspect(text)
+        assert len(from_hub) == len(local) > 0 and (from_hub.scaling == 2.0).all(), text
+        np.testing.assert_allclose(from_hub.imbalance, local.imbalance, rtol=1e-12)
+    out = tmp_path / "balanced"
+    summary = balora.balance_file("user/tiny-lora", out)
+    assert summary.balanced == len(local) and (out / "README.md").read_bytes() == (cached_peft_adapter / "README.md").read_bytes()
+    assert (balora.inspect(out).rel_imbalance < 1e-5).all()
+
+
 def test_cli_inspect_hub_id_and_missing_id(cached_peft_adapter, capsys):
     from balora.cli import main
 

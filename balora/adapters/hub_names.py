@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from balora.errors import InputError
+from balora.safe_io import is_inside
 
 # A weights file named inside a repository: what hf_hub_download fetches for one file.
 HUB_FILE_SUFFIXES = (".safetensors", ".bin")
@@ -33,6 +34,9 @@ _SPECIAL_REF = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)(?=/|$)")
 _SPECIAL_REF_WHOLE = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)$")
 _FILE_SUFFIX = re.compile(r"^\.[A-Za-z][A-Za-z0-9]*$")  # .safetensors, .md; not the .5 of v1.5
 _OTHER_TYPES = ("datasets", "spaces", "buckets", "kernels")  # hf:// and URL prefixes of other repository kinds
+# huggingface_hub >= 2.4 keeps Xet downloads once per cache, in <cache>/blobs/<2 hex>/<hash> (this file marks
+# the folder), and links each repository's blobs/<etag> there: outside models--user--name, but the cache's own.
+SHARED_BLOBS_MARKER = ".huggingface-shared-blobs"
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,16 @@ def cache_name(path: Path) -> str | None:
     revision = None if "main" in pointing else (pointing[0] if pointing else snap.name)
     repo_id = repo_dir.name[len("models--"):].replace("--", "/", 1)
     return HubRef(repo_id, revision, path.relative_to(snap).as_posix() if path != snap else "").name
+
+
+def inside_root(path: Path, root: Path) -> bool:
+    """Whether `path`, links resolved, lies inside `root`; for a cache repository folder (models--user--name),
+    also inside the cache's shared blob store, which its blobs link into (SHARED_BLOBS_MARKER)."""
+    if is_inside(path, root):
+        return True
+    store = Path(root).parent / "blobs"
+    in_cache = Path(root).name.startswith(("models--", "datasets--"))
+    return in_cache and (store / SHARED_BLOBS_MARKER).is_file() and is_inside(path, store)
 
 
 def _read_ref(ref: Path) -> str:

@@ -33,11 +33,12 @@ import torch
 
 from balora.adapters.entries import KOHYA_KEYS, PEFT_KEYS, PairEntry, find_entries, has_kohya_factors
 from balora.adapters.peft_config import config_rank_scaling, rank_scaling_tables, read_config, variant_skip
+from balora.adapters.hub_names import inside_root
 from balora.adapters.sharded_checkpoint import sharded_checkpoint_hint
 from balora.adapters.tensor_file import TensorFile
 from balora.errors import InputError
 from balora.pairs import FactorPair
-from balora.safe_io import describe_kind, is_inside
+from balora.safe_io import describe_kind
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT prefers the first
@@ -96,9 +97,8 @@ def adapter_root(path: Path) -> Path:
 
 
 def check_inside(path: Path, root: Path, what: str) -> None:
-    """Refuse a `what` (e.g. "adapter_config.json") that is, or lies behind, a symbolic link leading
-    out of `root`, or a broken link."""
-    if is_inside(path, root):
+    """Refuse a `what` (e.g. "adapter_config.json") that is, or lies behind, a link out of `root`, or a broken link."""
+    if inside_root(path, root):
         return
     try:
         target = Path(path).resolve(strict=True)

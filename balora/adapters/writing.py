@@ -28,10 +28,11 @@ from typing import Iterator
 
 import torch
 
+from balora.adapters.hub_names import inside_root
 from balora.adapters.reading import adapter_root
 from balora.adapters.tensor_file import TensorFile
 from balora.errors import InputError
-from balora.safe_io import OPEN_NO_WAIT, describe_kind, is_inside
+from balora.safe_io import OPEN_NO_WAIT, describe_kind
 
 TMP_SUFFIX = ".balora-tmp"
 OWNER_FILE = ".balora-owner.json"  # in the temporary folder: who made it, so a later run can tell it is stale
@@ -117,7 +118,7 @@ def _why_not_copied(entry: os.DirEntry, root: Path, folders: list[Path]) -> str 
     if entry.is_dir(follow_symlinks=False):
         sub = Path(entry.path)
         return "" if any(sub == f or sub in f.parents for f in folders) else "a folder"
-    if entry.is_symlink() and not is_inside(entry.path, root):
+    if entry.is_symlink() and not inside_root(entry.path, root):
         return "a symbolic link leading out of the input folder"
     if not any(fnmatch.fnmatch(entry.name, p) for p in ADAPTER_FILES):
         return "not an adapter, tokenizer or checkpoint file"
