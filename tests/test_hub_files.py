@@ -4,6 +4,7 @@ test_hub.py builds it), and online with huggingface_hub's functions replaced: ne
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -177,6 +178,26 @@ def test_a_peft_checkpoint_folder_and_its_weights_file_in_a_repository(offline_c
         np.testing.assert_allclose(df.imbalance, local.imbalance, rtol=1e-12)
     with pytest.raises(InputError, match="has no folder checkpoint-9"):
         balora.inspect("user/run/checkpoint-9")
+
+
+def test_a_named_file_whose_cache_entry_links_out_of_the_cache_is_refused(offline_cache, tmp_path):
+    # The repository folder is the boundary of a cache snapshot (docs/SECURITY.md), for a folder of it
+    # and for one file of it alike: a snapshot entry planted as a link elsewhere is not read.
+    import balora
+
+    snap = make_cache(offline_cache, "user/pack", {EPOCHS[1]: _kohya_bytes(0)})
+    outside = tmp_path / "elsewhere" / "secret.safetensors"
+    outside.parent.mkdir()
+    outside.write_bytes(_kohya_bytes(1))
+    (snap / "sub").mkdir()
+    for link in (snap / EPOCHS[0], snap / "sub" / EPOCHS[0]):
+        link.symlink_to(os.path.relpath(outside, link.parent))
+    for text in (f"user/pack/{EPOCHS[0]}", f"user/pack/sub/{EPOCHS[0]}", "user/pack/sub"):
+        with pytest.raises(InputError) as err:
+            balora.inspect(text)
+        msg = str(err.value)
+        assert "\n" not in msg and f"symbolic link to {outside}" in msg and "outside the folder" in msg, text
+    _check_kohya_report(balora.inspect(f"user/pack/{EPOCHS[1]}"), _kohya_bytes(0))  # the cache's own file reads
 
 
 def test_a_file_not_in_the_cache_offline_is_one_line(offline_cache):

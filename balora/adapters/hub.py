@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from balora.adapters.hub_names import HUB_FILE_SUFFIXES, HubRef, parse_hub_ref
+from balora.adapters.reading import check_inside
 from balora.errors import InputError
 
 # What an adapter repository holds: PEFT folders (also one level down, e.g. checkpoint-N/),
@@ -109,6 +110,8 @@ def _fetch(ref: HubRef, offline: bool) -> HubSource:
     if ref.is_file:
         found = _download_file(ref, offline)
         snapshot = found.parents[ref.path.count("/")]
+        # Named here, but not by the user: the repository folder bounds it, as it bounds a folder of the snapshot.
+        check_inside(found, snapshot.parent.parent, "the Hub file")
     else:
         snapshot = Path(snapshot_download(
             ref.repo_id, revision=ref.revision, allow_patterns=_patterns(ref), ignore_patterns=MODEL_PATTERNS,
