@@ -57,6 +57,22 @@ def test_parse_a_path_in_a_hub_repository(text, expected):
     assert (ref if ref is None else HubRef(ref.repo_id, ref.revision, ref.path, ref.is_file)) == expected
 
 
+@pytest.mark.parametrize("text", [
+    "user/name@..", "user/name@.", "user/name@../x.safetensors", "user/name@..%2F..%2Fx/x.safetensors",
+    "https://huggingface.co/user/name/blob/%2e%2e/x.safetensors", "user/name@.hidden", "user/name@main.lock",
+    "user/name@main\n", "user/name@main\n/x.safetensors", "user/name\n", "hf://user/name@a%2F%2Fb",
+])
+def test_a_revision_git_refuses_is_no_hub_source(text):
+    # git refuses these ref names, so no Hub revision has them; `..` even reached the Hub as another
+    # address (/revision/.. is /api/models/user/name: main's files), and offline named folders above refs/.
+    try:
+        ref = hub.parse_hub_ref(text)
+    except InputError as e:  # a Hub address: refused in one line
+        assert "\n" not in str(e).replace(text, "")
+    else:
+        assert ref is None
+
+
 def test_a_slash_branch_written_as_before_is_the_fallback():
     # Before paths, user/name@feature/x meant the branch feature/x; it is tried when "feature" is not one.
     ref = hub.parse_hub_ref("user/name@feature/x")

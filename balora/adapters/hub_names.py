@@ -92,14 +92,21 @@ def _parse_body(body: str, typed: bool) -> HubRef | None:
         repo, revision, path = "/".join(parts[:2]), None, (parts[2] if len(parts) > 2 else "")
     path = path.rstrip("/")
     segments = path.split("/") if path else []
-    if (not _REPO.match(repo) or ".." in repo or "--" in repo or (revision is not None and not _REVISION.match(revision))
+    if (not _REPO.fullmatch(repo) or ".." in repo or "--" in repo or (revision is not None and not _is_revision(revision))
             or any(s in ("", ".", "..") or "\\" in s or not s.isprintable() for s in segments)):
         return None
     is_file = bool(segments) and not folder and bool(_FILE_SUFFIX.match(PurePosixPath(path).suffix))
     fallback = None
     if typed and at and path and not is_file and "%" not in rev_text and not _SPECIAL_REF.match(after):
-        fallback = HubRef(repo, after.rstrip("/")) if _REVISION.match(after.rstrip("/")) else None
+        fallback = HubRef(repo, after.rstrip("/")) if _is_revision(after.rstrip("/")) else None
     return HubRef(repo, revision, path, is_file, fallback)
+
+
+def _is_revision(text: str) -> bool:
+    """A ref name git accepts (git check-ref-format), or a commit: no `..`, no part empty or starting with `.`,
+    none ending in `.` or `.lock`. `..` would even reach the Hub as another address (/revision/.. is main's)."""
+    return (_REVISION.fullmatch(text) is not None and ".." not in text
+            and not any(p == "" or p.startswith(".") or p.endswith((".", ".lock")) for p in text.split("/")))
 
 
 def _without_type(body: str, text: str) -> str:
