@@ -306,6 +306,23 @@ def test_online_a_missing_file_lists_the_weights_files_there(online_hub):
     assert online_hub["file_calls"] == []
 
 
+def test_a_typo_under_a_local_folder_is_not_sent_to_the_hub(online_hub, tmp_path, monkeypatch):
+    # outputs/run1 is a folder here, checkpoint-50O a typo of checkpoint-500: a local path, whose own "no such file"
+    # message is due, not a Hub repository "outputs/run1" looked up online (nor "log in" advice).
+    import huggingface_hub
+
+    import balora
+
+    (tmp_path / "outputs" / "run1" / "checkpoint-500").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **kw: pytest.fail("asked the Hub"))
+    for text in ("outputs/run1/checkpoint-50O", "outputs/run1/adapter_model.safetensors"):
+        assert hub.resolve_source(text) == Path(text)
+        with pytest.raises(InputError, match=f"^{text}: no such file or directory$"):
+            balora.inspect(text)
+    assert online_hub["file_calls"] == [] and online_hub["snapshot_calls"] == []
+
+
 def test_online_a_slash_branch_as_typed_before_still_reads(online_hub, monkeypatch):
     # No revision "feature" on the Hub: user/name@feature/x is the branch feature/x, as before paths.
     from types import SimpleNamespace

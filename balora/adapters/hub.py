@@ -66,9 +66,15 @@ def resolve_source(source) -> Path | HubSource:
     if path.exists() or path.is_symlink():
         return path
     ref = parse_hub_ref(text)
-    if ref is None:
+    if ref is None or _under_local_folder(text, ref):
         return path  # the readers give their own "no such file" message
     return download_ref(ref)
+
+
+def _under_local_folder(text: str, ref: HubRef) -> bool:
+    """`outputs/run1/checkpoint-50O` where outputs/run1 is a folder here: a typo of a local path. Its "user/name"
+    must not be looked up on the Hub (nor the user told to log in): the folder here wins, as a whole path does."""
+    return bool(ref.path) and text.startswith(ref.repo_id + "/") and Path(ref.repo_id).is_dir()
 
 
 def download_adapter(repo_id: str, revision: str | None = None) -> HubSource:
