@@ -48,7 +48,6 @@ def offline_cache(tmp_path, monkeypatch):
     ("user/name/checkpoint-500", HubRef("user/name", None, "checkpoint-500")),
     ("user/name/v1.5", HubRef("user/name", None, "v1.5")),  # .5 is no file suffix: a folder
     ("user/name/sd.v1/", HubRef("user/name", None, "sd.v1")),  # a trailing / says folder
-    ("https://example.com/user/name/x.safetensors", None),
     ("user/name/a//b.safetensors", None),
     ("user/name/../x.safetensors", None),
 ])
@@ -88,6 +87,11 @@ def test_a_slash_branch_written_as_before_is_the_fallback():
     ("https://huggingface.co/spaces/user/name", "space repository"),
     ("https://huggingface.co/user/name/discussions/3", "names no file or folder"),
     ("hf://user", "not a Hub model repository"),
+    # Another site's address is no local path either ("https:/civitai.com/...: no such file" before): name its host.
+    ("https://civitai.com/models/12345", "(its host is civitai.com)"),
+    ("https://huggingface.co@evil.com/user/name/blob/main/x.safetensors", "(its host is evil.com)"),
+    ("HTTP://evil.com/huggingface.co/user/name", "download the file and give its path"),
+    ("https://[huggingface.co/user/name", "(its host is not readable)"),  # urlsplit: "Invalid IPv6 URL" (exit 1)
 ])
 def test_what_cannot_be_read_from_the_hub_is_one_line(text, words, offline_cache):
     with pytest.raises(InputError) as err:

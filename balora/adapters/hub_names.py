@@ -118,14 +118,19 @@ def _without_type(body: str, text: str) -> str:
 
 
 def _url_body(url: str) -> str | None:
-    """A Hub web address's `user/name[@revision][/path]`; None for other hosts (a local path then).
+    """A Hub web address's `user/name[@revision][/path]`; None for what is no web address (a local path then).
     The query (`?download=true`) and fragment are dropped; a page that names no file or folder is refused."""
     lowered = url.lower()
     if not lowered.startswith(("http://", "https://", *(h + "/" for h in URL_HOSTS))):
         return None
-    parts = urlsplit(url if "://" in url else "https://" + url)
-    if (parts.hostname or "").lower() not in URL_HOSTS:
-        return None
+    try:
+        parts = urlsplit(url if "://" in url else "https://" + url)
+        host = (parts.hostname or "").lower()
+    except ValueError:  # "Invalid IPv6 URL": a [ or ] in the host
+        host = "not readable"
+    if host not in URL_HOSTS:  # another site's address, never a local path ("https:/civitai.com/...: no such file")
+        raise InputError(f"{url}: not an address on the Hugging Face Hub (its host is {host or 'missing'}); balora fetches "
+                         "https://huggingface.co/user/name/... only: download the file and give its path")
     segments = [s for s in parts.path.split("/") if s]
     if segments and segments[0] == "models":
         segments = segments[1:]
