@@ -351,6 +351,28 @@ def test_online_a_slash_branch_as_typed_before_still_reads(online_hub, monkeypat
         hub.resolve_source("user/pack@feature/x.safetensors")  # a file: no fallback to guess
 
 
+@pytest.mark.parametrize("text", ["user/pack/style.safetensors", "user/pack"])
+def test_online_a_gated_repository_says_to_accept_its_conditions(online_hub, monkeypatch, text):
+    # Its metadata is public, its files need the conditions accepted: "no such model repository" was wrong.
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*a, **kw):
+        response = SimpleNamespace(headers={}, status_code=403, url="", request=SimpleNamespace(url="", method="GET"))
+        raise GatedRepoError("403 Client Error. Cannot access gated repo for url ...", response=response)
+
+    online_hub["files"] = {"style.safetensors": 1e6}
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    with pytest.raises(InputError) as err:
+        hub.resolve_source(text)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{text}: ") and "gated" in msg and "https://huggingface.co/user/pack" in msg
+    assert "no such model repository" not in msg
+
+
 def test_online_a_peft_weights_file_brings_its_config(online_hub):
     online_hub["files"] = {"ck/adapter_model.safetensors": 1e6, "ck/adapter_config.json": 500}
     hub.resolve_source("user/pack/ck/adapter_model.safetensors")

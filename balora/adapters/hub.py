@@ -173,7 +173,7 @@ def _remote_entry_error() -> type[Exception]:
 def _hub_error(ref: HubRef, e: Exception) -> Exception:
     """The one-line InputError for what huggingface_hub raised while fetching `ref`."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     name, cache = ref.name, Path(constants.HF_HUB_CACHE)
@@ -193,6 +193,9 @@ def _hub_error(ref: HubRef, e: Exception) -> Exception:
     if isinstance(e, RevisionNotFoundError):
         hint = f" (nor {ref.fallback.revision!r}; a branch with / in its name is written {ref.fallback.name})" if ref.fallback else ""
         return InputError(f"{name}: the Hub repository has no revision {ref.revision!r}{hint}")
+    if isinstance(e, GatedRepoError):  # a RepositoryNotFoundError too, but the repository is there
+        return InputError(f"{name}: a gated repository: accept its conditions at https://huggingface.co/{ref.repo_id} "
+                          "and log in here as that user (`hf auth login`)")
     if isinstance(e, RepositoryNotFoundError):
         return InputError(f"{name}: not a local path, and no such model repository on the Hub (or it is private: "
                           "log in with `hf auth login`)")
