@@ -235,6 +235,18 @@ def test_a_slash_branch_as_typed_before_still_reads(offline_cache):
     assert hub.resolve_source(f"user/pack@feature%2Fx/{EPOCHS[1]}").path == snap / EPOCHS[1]
 
 
+@pytest.mark.parametrize("text", ["données/run1/checkpoint-500", "données/modèle", "モデル/lora/x.safetensors"])
+def test_a_missing_local_path_with_letters_outside_ascii_is_no_hub_id(offline_cache, tmp_path, monkeypatch, text):
+    # Hub ids are ASCII (huggingface_hub's validate_repo_id), Python's \w is not: such a path that does not
+    # exist got "not a valid Hub id (Repo id must use alphanumeric chars ...)" instead of its own message.
+    import balora
+
+    monkeypatch.chdir(tmp_path)
+    assert hub.parse_hub_ref(text) is None
+    with pytest.raises(InputError, match=f"^{text}: no such file or directory$"):
+        balora.inspect(text)
+
+
 def test_a_local_file_wins_over_the_hub_path(offline_cache, tmp_path, monkeypatch):
     make_cache(offline_cache, "user/pack", {EPOCHS[1]: _kohya_bytes(0)})
     local = tmp_path / "user" / "pack" / EPOCHS[1]

@@ -27,8 +27,9 @@ HUB_FILE_SUFFIXES = (".safetensors", ".bin")
 PREFIX = "hf://"
 URL_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
 
-# user/name with the Hub's allowed characters (validate_repo_id's; `..` and `--` are refused too).
-_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+# user/name with the Hub's allowed characters (validate_repo_id's; `..` and `--` are refused too). ASCII:
+# Python's \w takes any letter, and données/run1 (a local path that is not there) would be a Hub id.
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$", re.ASCII)
 _REVISION = re.compile(r"^[\w./-]{1,255}$")  # branch, tag, commit, refs/pr/N
 _SPECIAL_REF = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)(?=/|$)")
 _SPECIAL_REF_WHOLE = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)$")
