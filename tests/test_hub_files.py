@@ -313,6 +313,22 @@ def test_online_the_size_limit_applies_to_the_named_file(online_hub, monkeypatch
     assert hub.resolve_source("user/pack/sd_xl_base_1.0.safetensors").path.name == "sd_xl_base_1.0.safetensors"
 
 
+def test_online_a_folder_named_with_glob_characters_is_that_folder(online_hub):
+    # The folder goes into fnmatch patterns: run[1] matched run1/ (and * every folder), never run[1]/ itself.
+    online_hub["files"] = {"run[1]/adapter_model.safetensors": 6e9, "run1/adapter_model.safetensors": 1e6}
+    with pytest.raises(InputError, match=r"run\[1\]/adapter_model\.safetensors \(6\.0 GB\)"):
+        hub.resolve_source("user/pack/run[1]")
+    ref = hub.parse_hub_ref("user/pack/*")
+    assert hub._fetched(ref, [hub_sibling(n) for n in ("a/x.safetensors", "*/x.safetensors")]) == [hub_sibling("*/x.safetensors")]
+    assert online_hub["snapshot_calls"] == []
+
+
+def hub_sibling(name: str):
+    from huggingface_hub.hf_api import RepoSibling
+
+    return RepoSibling(rfilename=name, size=1)
+
+
 def test_online_a_missing_file_lists_the_weights_files_there(online_hub):
     online_hub["files"] = {n: 1e6 for n in EPOCHS} | {"README.md": 10}
     with pytest.raises(InputError) as err:

@@ -9,6 +9,7 @@ HF_HUB_CACHE work as they do for transformers. A string naming an existing local
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +136,9 @@ def _fetch(ref: HubRef, offline: bool) -> HubSource:
 
 
 def _patterns(ref: HubRef) -> list[str]:
-    """ADAPTER_PATTERNS, under the folder `ref` names (fnmatch's `*` crosses `/`: at any depth below it)."""
-    return [f"{ref.path}/{p}" for p in ADAPTER_PATTERNS] if ref.path else ADAPTER_PATTERNS
+    """ADAPTER_PATTERNS, under the folder `ref` names (fnmatch's `*` crosses `/`: at any depth below it). The folder's
+    own name is escaped: run[1] would match run1/, and * every folder."""
+    return [f"{glob.escape(ref.path)}/{p}" for p in ADAPTER_PATTERNS] if ref.path else ADAPTER_PATTERNS
 
 
 def _download_file(ref: HubRef, offline: bool) -> Path:
