@@ -153,6 +153,17 @@ def _human(n: int) -> str:
         n /= 1024
 
 
+def user_path(text: str) -> Path:
+    """`text` as a path, a leading ~ or ~user expanded (no shell did it: the dashboard, a Python call);
+    ~user of no user on this machine (~.cache/x typed for ~/.cache/x) is a one-line InputError."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        user = text[1:].split("/", 1)[0].split(os.sep, 1)[0]
+        raise InputError(f"{text}: there is no user {user!r} on this machine for ~{user}; write ~/ for your home "
+                         "folder, or give the whole path") from None
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none)."""
     return (str(e).splitlines() or [type(e).__name__])[0]

@@ -247,6 +247,27 @@ def test_a_missing_local_path_with_letters_outside_ascii_is_no_hub_id(offline_ca
         balora.inspect(text)
 
 
+@pytest.mark.parametrize("text", ["~.cache/adapter", "~no-such-user-h92/lora.safetensors"])
+def test_a_tilde_naming_no_user_is_one_line(offline_cache, tmp_path, monkeypatch, capsys, text):
+    # ~.cache/x (for ~/.cache/x) asks for the home of a user ".cache": "RuntimeError: Could not determine home
+    # directory" (exit 1), and a traceback on the Inspect page.
+    from streamlit.testing.v1 import AppTest
+
+    from balora.cli import main
+    from balora.dashboard import exposure, settings
+    from balora.dashboard.app import page_path
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", text]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and text in err and "~/" in err
+    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path / "runs"))
+    monkeypatch.setattr(exposure, "served_address", lambda: ("127.0.0.1", "test"))
+    at = AppTest.from_file(str(page_path("inspect.py")), default_timeout=120).run()
+    at.text_input(key="insp_path").set_value(text).run()
+    assert not at.exception and any("~/" in e.value for e in at.error)
+
+
 def test_a_local_file_wins_over_the_hub_path(offline_cache, tmp_path, monkeypatch):
     make_cache(offline_cache, "user/pack", {EPOCHS[1]: _kohya_bytes(0)})
     local = tmp_path / "user" / "pack" / EPOCHS[1]

@@ -17,6 +17,7 @@ from pathlib import Path
 from balora.adapters.hub_names import HUB_FILE_SUFFIXES, HubRef, parse_hub_ref
 from balora.adapters.reading import check_inside
 from balora.errors import InputError
+from balora.safe_io import user_path
 
 # What an adapter repository holds: PEFT folders (also one level down, e.g. checkpoint-N/),
 # diffusers' pytorch_lora_weights.safetensors and kohya/LyCORIS single files (a snapshot with one
@@ -63,7 +64,7 @@ def resolve_source(source) -> Path | HubSource:
     text = str(source)
     if not text.strip():  # Path("") is the current folder: an unset shell variable would read it, and below
         raise InputError("an empty path: give an adapter folder, a weights file or a Hub id user/name")
-    path = Path(text).expanduser()
+    path = user_path(text)
     if path.exists() or path.is_symlink():
         return path
     ref = parse_hub_ref(text)

@@ -8,6 +8,7 @@ import streamlit as st
 
 from balora.adapters import hub
 from balora.dashboard import frames, inspect_plots, loaders, md, plots, report_frames, settings, uploads
+from balora import safe_io
 from balora.errors import InputError
 
 st.title("Inspect an adapter")
@@ -40,8 +41,8 @@ if source == "A path on this machine":
                 "Face Hub id (user/name or user/name@revision; user/name/file.safetensors for one file of it), "
                 "then press Enter.")
         st.stop()
-    target = Path(text).expanduser()
     try:  # a Hugging Face Hub id (or a file or folder in a Hub repository): through the Hub cache
+        target = safe_io.user_path(text)
         ref = None if target.exists() else hub.parse_hub_ref(text)
         if ref is not None:
             with st.spinner(f"Fetching the adapter files of {text} (Hub cache)..."):
