@@ -235,8 +235,10 @@ def test_a_slash_branch_as_typed_before_still_reads(offline_cache):
     assert hub.resolve_source(f"user/pack@feature%2Fx/{EPOCHS[1]}").path == snap / EPOCHS[1]
 
 
-@pytest.mark.parametrize("text", ["données/run1/checkpoint-500", "données/modèle", "モデル/lora/x.safetensors"])
-def test_a_missing_local_path_with_letters_outside_ascii_is_no_hub_id(offline_cache, tmp_path, monkeypatch, text):
+@pytest.mark.parametrize("text", ["données/run1/checkpoint-500", "données/modèle", "モデル/lora/x.safetensors",
+                                  # validate_repo_id's other rules: a name neither starts nor ends with . or -, nor ends .git
+                                  "outputs/.cache/adapter", "runs/run-/checkpoint-500", "user/name.git", "a./b"])
+def test_a_missing_local_path_that_no_hub_id_can_be_is_no_hub_id(offline_cache, tmp_path, monkeypatch, text):
     # Hub ids are ASCII (huggingface_hub's validate_repo_id), Python's \w is not: such a path that does not
     # exist got "not a valid Hub id (Repo id must use alphanumeric chars ...)" instead of its own message.
     import balora

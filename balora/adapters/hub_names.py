@@ -27,9 +27,10 @@ HUB_FILE_SUFFIXES = (".safetensors", ".bin")
 PREFIX = "hf://"
 URL_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
 
-# user/name with the Hub's allowed characters (validate_repo_id's; `..` and `--` are refused too). ASCII:
-# Python's \w takes any letter, and données/run1 (a local path that is not there) would be a Hub id.
-_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$", re.ASCII)
+# user/name as huggingface_hub's validate_repo_id takes it: each part begins and ends with a letter, digit or _,
+# the name not with .git (`..` and `--` are refused below). ASCII: Python's \w takes any letter. What no Hub id
+# can be is a local path (données/run1/x, outputs/.cache/x that are not there), never "not a valid Hub id".
+_REPO = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94}\w)?/\w(?:[\w.-]{0,94}\w)?$(?<!\.git)", re.ASCII)
 _REVISION = re.compile(r"^[\w./-]{1,255}$")  # branch, tag, commit, refs/pr/N
 _SPECIAL_REF = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)(?=/|$)")
 _SPECIAL_REF_WHOLE = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)$")
