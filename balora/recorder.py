@@ -24,6 +24,7 @@ from balora import records
 from balora.adapters.live import iter_lora_pairs, peft_configs
 from balora.errors import InputError
 from balora.report import pair_rows
+from balora.safe_io import user_path
 from balora.store import RunWriter, environment_info
 from balora.timing import model_device, synced_clock
 
@@ -53,7 +54,7 @@ class RunRecorder(TrainerCallback):
                  force: bool = False):
         if layers_every < 0 or (spectra_every is not None and spectra_every < 0):
             raise ValueError("RunRecorder: layers_every and spectra_every must be >= 0")
-        self.out_dir, self.arm, self.force = Path(out_dir).expanduser(), arm, force
+        self.out_dir, self.arm, self.force = user_path(out_dir), arm, force
         self.layers_every = layers_every
         self.spectra_every = layers_every if spectra_every is None else spectra_every
         self.seed, self.target_loss, self.adapter = seed, target_loss, adapter

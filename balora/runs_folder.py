@@ -15,6 +15,8 @@ import shlex
 import time
 from pathlib import Path
 
+from balora.safe_io import user_path
+
 ENV_VAR = "BALORA_RUNS"
 DEFAULT = "runs"  # relative to the current folder, like any command-line path
 # Shipped as package data (pyproject's package-data), so a non-editable install has them too.
@@ -25,7 +27,7 @@ def runs_folder(environ: dict[str, str] | None = None) -> Path:
     """The user's runs folder: $BALORA_RUNS, else ./runs (absolute; it may not exist yet)."""
     environ = os.environ if environ is None else environ
     value = environ.get(ENV_VAR) or DEFAULT
-    return Path(value).expanduser().resolve()
+    return user_path(value).resolve()
 
 
 def new_run_dir(task: str, environ: dict[str, str] | None = None) -> str:

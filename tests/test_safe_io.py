@@ -115,3 +115,35 @@ def test_printable_escapes_controls_and_keeps_text():
     assert printable("model.layers.10.mlp.down_proj é ü 漢") == "model.layers.10.mlp.down_proj é ü 漢"
     assert printable("\udcffname") == "\\udcffname"  # a non-UTF-8 file name: printable on a UTF-8 terminal
     printable("\udcff").encode("utf-8")
+
+
+NO_USER = "~no_such_user_balora/x"  # ~.cache/x typed for ~/.cache/x: the home of a user who is not here
+
+
+def test_a_tilde_of_no_user_is_one_line_wherever_a_path_is_taken(tmp_path, monkeypatch, capsys):
+    # pathlib's expanduser raises "RuntimeError: Could not determine home directory." for it: load_run,
+    # RunRecorder, `compare --set data=`, `--out`, `dashboard --runs`, BALORA_RUNS and BALORA_CACHE crashed with it.
+    import balora
+    from balora import runs_folder
+    from balora.cli import main
+    from balora.tasks import text_data, toy_model
+
+    calls = {
+        "load_run": lambda: balora.load_run(NO_USER),
+        "RunRecorder": lambda: balora.RunRecorder(NO_USER),
+        "text file": lambda: text_data.read_texts(NO_USER),
+        "pairs file": lambda: text_data.read_pairs(NO_USER, ("a", "b")),
+    }
+    monkeypatch.setenv(runs_folder.ENV_VAR, NO_USER)
+    calls["BALORA_RUNS"] = runs_folder.runs_folder
+    monkeypatch.setenv("BALORA_CACHE", NO_USER)
+    calls["BALORA_CACHE"] = toy_model.cache_root
+    for who, call in calls.items():
+        with pytest.raises(InputError, match=r"no user 'no_such_user_balora'.*~/") as err:
+            call()
+        assert "\n" not in str(err.value), who
+    for argv in (["dashboard", "--runs", NO_USER, "--print-command"],
+                 ["compare", "--task", "lm", "--set", f"data={NO_USER}", "--steps", "1", "--out", str(tmp_path / "r")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no_such_user_balora" in err and "~/" in err, err

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from balora.cli import COMMANDS
 from balora.errors import InputError
+from balora.safe_io import user_path
 
 
 def app_path() -> Path:
@@ -62,7 +63,7 @@ def build_command(args) -> list[str]:
     if args.runs is not None:
         if not args.runs.strip():  # `--runs "$RUNS"` with RUNS unset: it resolved to the current folder
             raise InputError("--runs is empty: name a folder, or leave --runs out for $BALORA_RUNS or ./runs")
-        runs = Path(args.runs).expanduser().resolve()
+        runs = user_path(args.runs).resolve()
         if runs.exists() and not runs.is_dir():
             raise InputError(f"--runs {args.runs}: not a folder")
         cmd += ["--", "--runs", str(runs)]

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from balora import runs_folder as _runs_folder
+from balora.safe_io import user_path
 
 # balora/dashboard/settings.py -> the checkout's root, when running from one (.streamlit/ lives there).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +70,7 @@ def runs_dir(argv: list[str] | None = None, environ: dict[str, str] | None = Non
     argv = sys.argv[1:] if argv is None else argv
     value = parse_runs_arg(argv)
     if value:
-        return Path(value).expanduser().resolve()
+        return user_path(value).resolve()
     return _runs_folder.runs_folder(os.environ if environ is None else environ)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from balora.errors import InputError
-from balora.safe_io import is_inside, regular_file_size
+from balora.safe_io import is_inside, regular_file_size, user_path
 from balora.store.json_files import RunError, read_config, read_env, read_status
 from balora.store.layout import (CONFIG, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_run_dir, part_gaps,
                                  table_parts, to_table)
@@ -137,7 +137,7 @@ def load_run(path: str | Path, *, stale_after_s: float = STALE_AFTER_S) -> Run:
     be used (not a regular file, not a JSON object, fields of the wrong type) raises RunError (an
     InputError) naming the file.
     """
-    run = Path(path).expanduser()  # as pandas does for the part files
+    run = user_path(path)  # as pandas does for the part files
     if not run.is_dir():
         raise InputError(f"{run}: no such run directory; pass a folder written by `balora compare` or RunRecorder")
     if not os.path.lexists(run / CONFIG) and not os.path.lexists(run / STATUS):

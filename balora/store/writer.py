@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from balora.errors import InputError
+from balora.safe_io import user_path
 from balora.store.json_files import RunError, read_config, read_status
 from balora.store.layout import (CONFIG, ENV, HEARTBEAT_S, MARKER, RUN_FILES, STATUS, STATUSES, TABLES,
                                  is_json_tmp, is_marked, is_part_file, is_run_dir, marker_text, part_name, table_parts,
@@ -185,7 +186,7 @@ class RunWriter:
 
     def __init__(self, path: str | Path, config: dict, env: dict | None = None, *, force: bool = False,
                  flag: str = "--out"):
-        self.path = Path(path).expanduser()  # as pandas does for the part files: never a folder named ~
+        self.path = user_path(path)  # as pandas does for the part files: never a folder named ~
         self.kept: list[str] = []
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderTaken(f"{flag} {self.path}: exists and is not a directory; choose another path")

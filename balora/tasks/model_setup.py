@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from balora.errors import InputError
+from balora.safe_io import user_path
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -22,7 +22,7 @@ def model_source(name: str, task: str, *, hub: bool) -> str:
     as is. hub: whether the task also accepts hub ids (named in the message)."""
     if not name.startswith((".", "/", "~")):
         return name
-    local = Path(name).expanduser()
+    local = user_path(name)
     if not local.is_dir():
         raise InputError(f"{task}: model folder {local} not found; pass a folder written by save_pretrained"
                          + (" or a hub id" if hub else ""))

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from balora.errors import InputError
+from balora.safe_io import user_path
 
 SUFFIXES = (".txt", ".jsonl")
 # UTF-8 without the byte order mark that Notepad and Excel write: with plain "utf-8" a BOM .jsonl failed
@@ -32,7 +33,7 @@ class TokenBlocks:
 
 def read_texts(source: str, text_field: str = "text") -> list[str]:
     """Documents of a .txt file (one), a .jsonl file (one per line) or a `datasets` name."""
-    path = Path(source).expanduser()
+    path = user_path(source)
     suffix = path.suffix.lower()  # NOTES.TXT is a text file too
     if path.is_file():
         if suffix == ".txt":
@@ -173,7 +174,7 @@ def _read_dataset(name: str, text_field: str) -> list[str]:
 
 def read_pairs(path_text: str, fields: tuple[str, str]) -> list[tuple[str, str]]:
     """(anchor, positive) string pairs from a .jsonl file with the two named fields."""
-    path = Path(path_text).expanduser()
+    path = user_path(path_text)
     if path.suffix.lower() != ".jsonl":  # PAIRS.JSONL too, as the lm task reads NOTES.TXT
         raise InputError(f"encoder: data file {path} must be a .jsonl file with {fields[0]!r} and {fields[1]!r} fields")
     if not path.is_file():

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from balora.errors import InputError
+from balora.safe_io import user_path
 from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
 
 # Bump when the pretraining recipe changes in a way the config below does not capture.
@@ -77,7 +78,7 @@ def toy_config(size: str = "small", **overrides) -> ToyModelConfig:
 def cache_root() -> Path:
     """$BALORA_CACHE, else ~/.cache/balora."""
     env = os.environ.get("BALORA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "balora"
+    return user_path(env) if env else Path.home() / ".cache" / "balora"
 
 
 def toy_model_dir(cfg: ToyModelConfig) -> Path:
