@@ -126,10 +126,12 @@ def refuse_unsupported(name: str, module: nn.Module) -> None:
 def gather_pairs(pairs: list[FactorPair]) -> list[FactorPair]:
     """Pairs whose A/B are whole (gathered) 2-D factors and whose `write` stores this rank's shard.
 
-    Pairs with no sharded factor are returned as they are. Every rank must call this with the
-    same pairs in the same order (it runs collectives), which a walk of the same model gives.
+    Pairs with no sharded factor are returned as they are, and so are skipped ones: nothing reads
+    their factors, and those of a model built on the meta device (skipped until loaded) hold no data
+    to gather. Every rank must call this with the same pairs in the same order (it runs
+    collectives), which a walk of the same model gives.
     """
-    sharded = [i for i, p in enumerate(pairs) if _sharded_params(p)]
+    sharded = [i for i, p in enumerate(pairs) if _sharded_params(p) and not p.skip_reason]
     if not sharded:
         record_comm(CommStats())  # a gather of nothing moves nothing
         return pairs

@@ -399,3 +399,38 @@ def test_training_hooks_leave_frozen_dtensor_factors_alone_and_do_not_gather_the
     A, B = after["base_model.model.emb.lora_embedding_A.default"], after["base_model.model.emb.lora_embedding_B.default"]
     assert np_rel_imbalance(A, B) < 1e-5
     assert last_comm().bytes_sent == R * 20 * 4, "only emb's A (r, 20) is gathered, none of the frozen factors"
+
+
+def test_a_model_built_on_the_meta_device_is_sharded_block_by_block_and_balanced_once_loaded(mesh):
+    """FSDP2's recipe for large models: build on the meta device, fully_shard module by module with
+    lora_shard_placement called inline (the README's form, so each call walks a model that already
+    holds meta shards), then to_empty and load. The meta factors hold no data: walking them must not
+    gather them (it raised 'Cannot copy out of meta tensor'), and balance_ before loading must skip
+    every pair with the reason it gives for an unsharded meta model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    def build():
+        torch.manual_seed(0)
+        return get_peft_model(Tiny(), LoraConfig(r=R, lora_alpha=4, target_modules=["emb", "lin", "conv"],
+                                                 init_lora_weights=False))
+
+    with torch.device("meta"):
+        unsharded, model = build(), build()
+    fully_shard(_layer(model, "lin"), mesh=mesh, shard_placement_fn=balora.lora_shard_placement(model, mesh))
+    fully_shard(model, mesh=mesh, shard_placement_fn=balora.lora_shard_placement(model, mesh))
+    assert tuple(_layer(model, "lin").lora_A["default"].weight.placements) == (Shard(1),)
+    assert tuple(_layer(model, "emb").lora_embedding_A["default"].placements) == (Shard(1),)
+    summary, want = balora.balance_(model), balora.balance_(unsharded)
+    assert summary.balanced == 0 and summary.skipped == want.skipped and len(want.skipped) == 3
+    assert balora.layer_report(model).empty
+
+    plain = build()
+    model.to_empty(device="cpu")
+    set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+    assert balora.balance_(model).balanced == 3
+    balora.balance_(plain)
+    expected = _lora_state(plain)
+    for n, t in _whole(model).items():
+        torch.testing.assert_close(t, expected[n], rtol=1e-5, atol=1e-6, msg=n)
