@@ -434,3 +434,26 @@ def test_a_model_built_on_the_meta_device_is_sharded_block_by_block_and_balanced
     expected = _lora_state(plain)
     for n, t in _whole(model).items():
         torch.testing.assert_close(t, expected[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_torch_save_of_a_sharded_state_dict_gets_a_one_line_error_saying_what_to_save(model, mesh, tmp_path, capsys):
+    """torch.save(model.state_dict()) under FSDP2 writes this rank's DTensor shards. `balora inspect` said
+    torch's 'Weights only load failed ... Re-running torch.load with weights_only set to False will likely
+    succeed': neither possible from the command line nor what the file needs (it is one rank's part of the
+    adapter). It must say what it is and what to save instead, as for a .distcp checkpoint."""
+    from balora.cli import main
+
+    import subprocess
+    import sys
+
+    path = tmp_path / "rank0.pt"
+    torch.save(_fully_shard(model, mesh).state_dict(), path)
+    rc = main(["inspect", str(path)])  # here torch.distributed.tensor is imported: torch.load rebuilds the DTensors
+    in_process = (rc, capsys.readouterr().err)
+    # A fresh `balora inspect` has not imported it: torch.load(weights_only=True) refuses the DTensors.
+    proc = subprocess.run([sys.executable, "-m", "balora.cli", "inspect", str(path)], capture_output=True, text=True)
+    for rc, err in (in_process, (proc.returncode, proc.stderr)):
+        assert rc == 2 and "Traceback" not in err, err
+        message = err.strip().splitlines()[-1].removeprefix("balora inspect: error: ")
+        assert message.startswith(f"{path}: ") and "DTensor" in message and "full_state_dict=True" in message, message
+        assert "weights_only" not in message, message

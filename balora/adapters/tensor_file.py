@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from balora.distributed import is_dtensor
 from balora.errors import InputError
 from balora.safe_io import regular_file_size
 
@@ -120,7 +121,15 @@ def _refuse_compressed_records(path: Path) -> None:
         )
 
 
+# torch.save(model.state_dict()) under FSDP2 pickles this rank's DTensor shards: never the whole adapter.
+_DTENSOR_SHARDS = ("one rank's shards of an FSDP2 model (DTensors: torch.save of its state_dict), which balora does "
+                   "not read; save the whole adapter instead: get_model_state_dict(model, options=StateDictOptions("
+                   "full_state_dict=True)) on every rank, then save that from rank 0")
+
+
 def _torch_load_error(path: Path, e: BaseException) -> InputError:
+    if "to load DTensors" in str(e):  # torch's advice (weights_only=False) is neither possible here nor the fix
+        return InputError(f"{path}: {_DTENSOR_SHARDS}")
     if isinstance(e, RecursionError):
         return InputError(f"{path}: not a readable PyTorch weights file (nested too deeply)")
     m = re.search(r"WeightsUnpickler error: (Unsupported global: GLOBAL \S+)", str(e))
@@ -154,6 +163,8 @@ def _flat_tensor_dict(path: Path, state) -> dict[str, torch.Tensor]:
             raise InputError(
                 f"{path}: expected a flat dict of tensor names to tensors, but {k!r:.80} holds {what} instead"
             )
+        if is_dtensor(v):  # loadable once torch.distributed.tensor is imported (a training script, the dashboard)
+            raise InputError(f"{path}: {k!r:.80} is a DTensor, {_DTENSOR_SHARDS}")
         if v.layout != torch.strided or v.is_meta or v.is_quantized:
             kind = "a meta tensor (no data)" if v.is_meta else "a quantized tensor" if v.is_quantized else (
                 f"a {str(v.layout).removeprefix('torch.')} tensor")
