@@ -53,13 +53,15 @@ def lora_shard_placement(model: nn.Module, mesh=None) -> Callable[[nn.Parameter]
     """
     from torch.distributed.tensor import Shard
 
-    from balora.adapters.live import iter_lora_pairs
+    from balora.adapters.live import _walk_pairs
 
     if mesh is not None:
         shards = mesh.size(mesh.ndim - 1)
     else:
         shards = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    by_columns = {id(p.extra["params"][0]) for p in iter_lora_pairs(model)
+    # The walk without gathering: called once per block, a gathering walk fetched every factor already sharded
+    # (setup traffic quadratic in the blocks); a DTensor's shape is the global one.
+    by_columns = {id(p.extra["params"][0]) for p in _walk_pairs(model, None)
                   if "params" in p.extra and p.extra["params"][0].ndim == 2 and p.extra["params"][0].shape[1] % shards == 0}
     return lambda param: Shard(1) if id(param) in by_columns else None
 
