@@ -252,12 +252,18 @@ class Balanced:
     summary: object  # balora.inspect.FileBalanceSummary: .changes has dW_rel_change per layer
 
 
+# Tensor files are stored in the download zip as they are: deflate shrinks float weights by 7% (fp32) to 20%
+# (bf16) at 6-20 MB/s on this machine, so a Llama-3-8B r=64 copy took 46 s to zip after 10 s of balancing.
+_STORED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
 def _zip_folder(folder: Path) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for p in sorted(folder.rglob("*")):
             if p.is_file() and not p.is_symlink():
-                zf.write(p, Path(folder.name) / p.relative_to(folder))
+                how = zipfile.ZIP_STORED if p.suffix in _STORED_SUFFIXES else zipfile.ZIP_DEFLATED  # configs, tokenizers
+                zf.write(p, Path(folder.name) / p.relative_to(folder), compress_type=how)
     return buf.getvalue()
 
 
