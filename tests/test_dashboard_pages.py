@@ -584,6 +584,37 @@ def test_inspect_path_table_figures_and_balance(app, adapters):
     assert not list(adapters["peft"].parent.glob("*balanced*"))  # nothing written next to the input
 
 
+def test_inspect_reruns_after_a_balance_reuse_the_copy_without_copying_it(app, adapters, monkeypatch):
+    # The balanced copy is as large as the adapter (640 MB for a Llama-3-8B r=64 fp32 one). Every widget after
+    # the Balance button reruns the page: each rerun must hand the download the copy already made, not a new
+    # one (st.cache_data unpickled the whole copy on every rerun, 1-5 s and +600 MB each at that size), and
+    # offer it without hashing it (bytes given to st.download_button are md5-hashed on every rerun).
+    import streamlit
+
+    offered = []
+    original = streamlit.download_button
+
+    def recording(label, data, *args, **kwargs):
+        if kwargs.get("key") == "insp_download":
+            offered.append(data)
+        return original(label, data, *args, **kwargs)
+
+    monkeypatch.setattr(streamlit, "download_button", recording)
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(adapters["peft"])).run()
+    at.button(key="insp_balance").click().run()
+    at.selectbox(key="insp_value").set_value("sigma_max").run()
+    at.toggle(key="insp_log").set_value(True).run()
+    no_exception(at)
+    assert "Balanced 2 LoRA pair(s)" in texts(at.success) and len(offered) == 3
+    assert all(callable(d) for d in offered)  # produced when the user downloads it
+    copies = [d() for d in offered]
+    assert all(c is copies[0] for c in copies)  # one copy, the same object on every rerun
+    with zipfile.ZipFile(io.BytesIO(copies[0])) as zf:
+        assert sorted(Path(n).name for n in zf.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_inspect_balance_that_changes_nothing_says_so_and_offers_no_download(app, adapters):
     at = app.run()
     at.switch_page(PAGE["inspect"]).run()
