@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from balora.cli import COMMANDS
 from balora.commands.formatting import num, pipe_console, printable_frame
+from balora.errors import InputError
 from balora.policy import METHODS, RANK_DEFICIENT_POLICIES  # no torch: `balora balance --help` starts at once
 
 _SHOWN_ROWS = 20  # the per-module table lists the most imbalanced pairs first
@@ -30,6 +31,9 @@ def add_parser(sub):
                         "Flux-style diffusers files (kept as stored, so the scaling stays exact), balanced first, so "
                         "small factors survive the cast; "
                         "reports each pair's dW change against the original, the cast included")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads (default 1, as inspect: the work is on (n, r) and r x r matrices, where "
+                        "more threads mostly wait on each other; 4-6x slower with 2 on a busy 2-core machine)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT if it is a file, an empty folder or an adapter folder "
                    "(a folder of other things is never replaced)")
     p.set_defaults(run=run)
@@ -38,8 +42,13 @@ def add_parser(sub):
 def run(args) -> int:
     from rich.markup import escape
 
+    if args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
     from balora.inspection import balance_file
 
+    torch.set_num_threads(args.threads)
     summary = balance_file(args.input, args.output, method=args.method,
                            on_rank_deficient=args.on_rank_deficient, force=args.force, dtype=args.dtype)
     console = pipe_console()
