@@ -184,8 +184,12 @@ def path_version(path: Path) -> tuple:
 @st.cache_data(show_spinner=False, max_entries=16)
 def _inspect(path: str, version: tuple) -> pd.DataFrame:
     import balora
+    from balora.teaching.threads import one_thread
 
-    return balora.inspect(path)
+    # One torch thread, as `balora inspect` uses: on a busy machine two wait on each other (a Llama-3-8B
+    # r=16 adapter: 17-18 s to show with torch's default two threads on 2 shared cores, 3.9 s with one).
+    with one_thread():
+        return balora.inspect(path)
 
 
 @st.cache_data(show_spinner=False, max_entries=16, ttl=600)

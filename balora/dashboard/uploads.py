@@ -278,6 +278,7 @@ def _zip_folder(folder: Path) -> bytes:
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _balance(src: str, version: tuple, method: str, name: str | None = None) -> Balanced:
     import balora
+    from balora.teaching.threads import one_thread
 
     # Built in a temporary folder that is deleted before returning: the dashboard writes
     # nothing outside the runs folder; the result only leaves as a download.
@@ -285,7 +286,8 @@ def _balance(src: str, version: tuple, method: str, name: str | None = None) -> 
         srcp = Path(src)
         stem = name or (srcp.stem if srcp.is_file() else srcp.name)
         dst = Path(tmp) / (f"{stem}-balanced{srcp.suffix}" if srcp.is_file() else f"{stem}-balanced")
-        summary = balora.balance_file(srcp, dst, method=method)
+        with one_thread():  # as `balora balance` (see loaders._inspect)
+            summary = balora.balance_file(srcp, dst, method=method)
         if dst.is_file():
             return Balanced(dst.read_bytes(), dst.name, "application/octet-stream", summary)
         return Balanced(_zip_folder(dst), f"{dst.name}.zip", "application/zip", summary)

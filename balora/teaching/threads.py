@@ -1,4 +1,4 @@
-"""Torch on one thread for the tiny problems of the Learn page; divergence bound."""
+"""Torch on one thread for the dashboard's maths (the Learn page's tiny problems, Inspect's per-layer maths); divergence bound."""
 
 from __future__ import annotations
 
