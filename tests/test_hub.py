@@ -33,17 +33,6 @@ def make_cache(cache, repo_id: str, files: dict[str, bytes], commit: str = COMMI
     return snap
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 @pytest.mark.parametrize("text, expected", [
     ("user/name", ("user/name", None)),
     ("user/name@main", ("user/name", "main")),

@@ -21,18 +21,6 @@ from balora.errors import InputError  # noqa: E402
 EPOCHS = ("style-000005.safetensors", "style.safetensors")  # kohya's epoch snapshot beside the final file
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache of this test's own, read offline (test_hub.py's fixture)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 @pytest.mark.parametrize("text, expected", [
     ("user/name/style.safetensors", HubRef("user/name", None, "style.safetensors", True)),
     ("user/name@v2/sub/x.bin", HubRef("user/name", "v2", "sub/x.bin", True)),
