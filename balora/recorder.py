@@ -35,7 +35,8 @@ class RunRecorder(TrainerCallback):
     out_dir: the run directory (refused if it exists and is not empty, unless force=True and it is a run).
         A Trainer resumed from a checkpoint (`train(resume_from_checkpoint=...)`) goes on writing the run
         this recorder wrote there for the same arm and seed: what it recorded after the checkpoint's
-        step, and its summary, are dropped and recorded again (force is not needed, and not used).
+        step, and its summary, are dropped and recorded again (force is not needed, and not used); refused
+        while the process that wrote it still runs on this machine (both would write the same part files).
     arm: the arm name the run is shown under ("trainer"; e.g. "balora" when you also use BalanceCallback).
         The cell's alpha is the adapter's lora_alpha (0 for a model without LoRA: a full fine-tune baseline).
     layers_every / spectra_every: per-layer report / singular values every N optimizer steps (0: never;

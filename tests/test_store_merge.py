@@ -3,6 +3,8 @@ step of a merge leaves a loadable run, few parts per table while the run is live
 
 import math
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from balora.errors import InputError
 from balora.store import RunWriter, load_run
 from balora.store.layout import table_parts
 
@@ -335,3 +338,27 @@ def test_a_merge_leaves_what_is_named_like_a_part_but_is_not_one(tmp_path, kind)
     run = load_run(tmp_path / "run")
     assert same_rows(run.steps, written)
     assert any("part-00003.parquet" in m for m in run.warnings)
+
+
+def test_a_run_still_written_by_another_process_is_not_reopened(tmp_path):
+    """A training resumed (RunRecorder -> RunWriter.reopen) while the first process still writes the run:
+    both numbered their parts from the same count and replaced and merged away each other's, so the
+    loaded run silently lacked cells of both. Refused while that process lives; resumed once it is gone."""
+    path = tmp_path / "run"
+    script = ("import sys; from balora.store import RunWriter; "
+              f"w = RunWriter({str(path)!r}, {{'task': 'synthetic'}}, {{}}); "
+              "print('open', flush=True); sys.stdin.readline()")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert first.stdout.readline().strip() == "open"
+        with pytest.raises(InputError, match=f"process {first.pid} on this machine is still writing"):
+            RunWriter.reopen(path, keep_through=10**6)
+    finally:
+        first.kill()
+        first.wait()
+    resumed = RunWriter.reopen(path, keep_through=10**6)  # its writer is gone: taken up
+    resumed.append("steps", cell_rows(1, 3))
+    resumed.finish("completed")
+    assert same_rows(load_run(path).steps, [cell_rows(1, 3)])

@@ -130,6 +130,16 @@ def _stale(status: dict, stale_after_s: float) -> tuple[bool, str | None]:
     return False, None
 
 
+def writer_elsewhere(status: dict) -> int | None:
+    """The pid of another live process on this machine that is still writing the run (status.json running,
+    its pid alive, not stale); None when there is none, or none this machine can tell of (another host)."""
+    pid = status.get("pid")
+    if (status.get("status") != "running" or status.get("host") != socket.gethostname()
+            or not isinstance(pid, int) or pid == os.getpid()):
+        return None
+    return None if _stale(status, STALE_AFTER_S)[0] else pid
+
+
 def load_run(path: str | Path, *, stale_after_s: float = STALE_AFTER_S) -> Run:
     """Read a run directory (complete, partial, or from a crashed writer) into a Run.
 
