@@ -340,25 +340,51 @@ def test_a_merge_leaves_what_is_named_like_a_part_but_is_not_one(tmp_path, kind)
     assert any("part-00003.parquet" in m for m in run.warnings)
 
 
-def test_a_run_still_written_by_another_process_is_not_reopened(tmp_path):
-    """A training resumed (RunRecorder -> RunWriter.reopen) while the first process still writes the run:
-    both numbered their parts from the same count and replaced and merged away each other's, so the
-    loaded run silently lacked cells of both. Refused while that process lives; resumed once it is gone."""
+
+@pytest.fixture
+def live_writer(tmp_path):
+    """Another process writing a run at tmp_path / "run" (one part appended), alive until the test ends."""
     path = tmp_path / "run"
     script = ("import sys; from balora.store import RunWriter; "
               f"w = RunWriter({str(path)!r}, {{'task': 'synthetic'}}, {{}}); "
+              "w.append('steps', [dict(arm='lora', seed=0, lr=0.1, alpha=1.0, step=1, loss=2.0)]); "
               "print('open', flush=True); sys.stdin.readline()")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    first = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
     try:
-        assert first.stdout.readline().strip() == "open"
-        with pytest.raises(InputError, match=f"process {first.pid} on this machine is still writing"):
-            RunWriter.reopen(path, keep_through=10**6)
+        assert proc.stdout.readline().strip() == "open"
+        yield path, proc
     finally:
-        first.kill()
-        first.wait()
+        proc.kill()
+        proc.wait()
+
+
+def test_a_run_still_written_by_another_process_is_not_reopened(live_writer):
+    """A training resumed (RunRecorder -> RunWriter.reopen) while the first process still writes the run:
+    both numbered their parts from the same count and replaced and merged away each other's, so the
+    loaded run silently lacked cells of both. Refused while that process lives; resumed once it is gone."""
+    path, first = live_writer
+    with pytest.raises(InputError, match=f"process {first.pid} on this machine is still writing"):
+        RunWriter.reopen(path, keep_through=10**6)
+    first.kill()
+    first.wait()
     resumed = RunWriter.reopen(path, keep_through=10**6)  # its writer is gone: taken up
     resumed.append("steps", cell_rows(1, 3))
     resumed.finish("completed")
-    assert same_rows(load_run(path).steps, [cell_rows(1, 3)])
+    assert list(load_run(path).steps["seed"]) == [0, 1, 1, 1]
+
+
+def test_force_over_a_run_another_process_still_writes_is_refused(live_writer):
+    """`balora compare --out X --force` while an earlier compare still wrote X deleted its files and both wrote
+    on: the new run loaded "completed" with the old run's arms and seeds mixed into its rows. Refused, nothing
+    deleted; replaced once that process is gone."""
+    path, first = live_writer
+    before = part_files(path)
+    with pytest.raises(InputError, match=f"process {first.pid} on this machine is still writing"):
+        RunWriter(path, {"task": "synthetic"}, {}, force=True)
+    assert part_files(path) == before and load_run(path).status == "running"
+    first.kill()
+    first.wait()
+    RunWriter(path, {"task": "synthetic"}, {}, force=True).finish("completed")
+    assert load_run(path).steps.empty

@@ -22,7 +22,7 @@ from balora.store.json_files import RunError, read_config, read_status
 from balora.store.layout import (CONFIG, ENV, HEARTBEAT_S, MARKER, RUN_FILES, STATUS, STATUSES, TABLES,
                                  is_json_tmp, is_marked, is_part_file, is_run_dir, marker_text, part_name, table_parts,
                                  to_table)
-from balora.store.reader import writer_elsewhere
+from balora.store.reader import refuse_live_writer
 
 
 def now_iso() -> str:
@@ -128,6 +128,7 @@ def clear_run(path: str | Path, flag: str = "--out") -> list[str]:
     if not is_marked(path) and not (is_run_dir(path) and _looks_like_old_run(path)):
         raise InputError(f"{flag} {path}: not empty and not a balora run, so --force will not delete anything "
                          "in it; choose another path")
+    refuse_live_writer(path, flag, "replacing")
     ours, foreign = _split_entries(path)
     marker = path / MARKER
     for p in ours:
@@ -238,11 +239,9 @@ class RunWriter:
             raise InputError(f"{flag} {path}: not a run balora wrote, so it cannot be resumed; choose another path")
         self = cls.__new__(cls)
         self.path, self.kept, self._last_beat = path, [], 0.0
-        self.config, before = read_config(path, missing_ok=False), read_status(path, missing_ok=False)
-        if (pid := writer_elsewhere(before)) is not None:  # both would write the same part numbers: rows lost
-            raise InputError(f"{flag} {path}: process {pid} on this machine is still writing this run; stop it "
-                             "or let it finish before resuming it, or choose another path")
-        self.status = {**before, "status": "running", "finished": None,
+        refuse_live_writer(path, flag, "resuming")
+        self.config = read_config(path, missing_ok=False)
+        self.status = {**read_status(path, missing_ok=False), "status": "running", "finished": None,
                        "message": None, "updated": now_iso(), "pid": os.getpid(), "host": socket.gethostname()}
         self._parts = {table: 0 for table in TABLES}
         self._roll_failed = {}
