@@ -68,24 +68,22 @@ def _load_run(path: str, version: tuple):
 _LOADED: dict[str, tuple] = {}  # run path -> the version load_run last served
 
 
-def load_run(path: str | Path):
+def load_run(path: str | Path, read: dict | None = None):
     """balora.load_run(path), re-read only when its files change. Only the latest version of a run is
     kept: a run being written is a new version at every part file, and the cache kept the last 32 whole
-    copies of it (hundreds of MB while watching a long sweep)."""
+    copies of it (hundreds of MB while watching a long sweep).
+
+    read: the page's own dict, given path -> the version of the files this call served (taken before it read
+    them). A page watching a live run compares with it: one taken after the read missed a run that finished
+    meanwhile, and _LOADED is the whole server's, so another browser tab's newer load stood in for this one's."""
     path, version = str(path), run_version(path)
     old = _LOADED.get(path)
     if old is not None and old != version:
         _load_run.clear(path, old)
     _LOADED[path] = version
+    if read is not None:
+        read[path] = version
     return _load_run(path, version)
-
-
-def loaded_version(path: str | Path) -> tuple:
-    """The version of the run's files that load_run(path) served (taken before it read them). A page
-    watching a live run compares with this one: a version taken after the read, from files the writer
-    changed meanwhile (a run that finished while it was read), never differed again, so the page kept
-    showing what it had read."""
-    return _LOADED.get(str(path)) or run_version(path)
 
 
 def status_labels(runs: pd.DataFrame) -> list[str]:

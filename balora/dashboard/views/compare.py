@@ -85,10 +85,10 @@ if not selected:
     st.info("Choose at least one run.")
     st.stop()
 
-runs = {}
+runs, read = {}, {}  # read: path -> the version of its files loaded for this page (the watcher's baseline)
 for name in selected:
     try:
-        runs[name] = loaders.load_run(paths[name])
+        runs[name] = loaders.load_run(paths[name], read)
     except Exception as e:  # one unreadable run is a message; the others still load
         st.error(f"Could not read run {md.code(name)} ({md.text(paths[name])}): {md.text(e)}")
 if not runs:
@@ -100,7 +100,7 @@ for name, run in runs.items():
     state = loaders.run_state(run.status, run.status_info)
     KIND[state.kind](f"**{md.text(name)}** — {state.label}. {md.text(state.text)}")
     if state.live:
-        live.append(paths[name])  # as loaders.load_run was given it (its loaded_version)
+        live.append(paths[name])
     for w in run.warnings:
         st.warning(f"{md.text(name)}: {md.text(w)}")
 
@@ -113,7 +113,7 @@ with st.expander("Configuration and command of the selected runs"):
 
 if live:
     # Re-run the page whenever a run being written adds a part file or rewrites its status since it was read.
-    versions = [loaders.loaded_version(p) for p in live]
+    versions = [read[str(p)] for p in live]
 
     @st.fragment(run_every=settings.REFRESH_S)
     def _watch():
