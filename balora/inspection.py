@@ -30,7 +30,7 @@ from balora.policy import BalancePolicy
 from balora.precision import cast_overflow, storage_dtype
 from balora.projection import product_rel_error
 from balora.report import PRECISION_LOSS, REPORT_COLUMNS, pair_rows, to_frame
-from balora.safe_io import printable
+from balora.safe_io import printable, user_path
 
 # Where each row comes from, then the layer report columns.
 INSPECT_COLUMNS: dict[str, str] = {
@@ -178,7 +178,7 @@ def balance_file(src, dst, method: str = "nearest", on_rank_deficient: str = "sk
         target = storage_dtype(dtype)
     except ValueError as e:
         raise InputError(str(e)) from e
-    src, dst, dst_text = local_path(src), Path(dst), str(dst)  # a Hub source is fetched only for valid options
+    src, dst, dst_text = local_path(src), user_path(dst), str(dst)  # OUT's ~ as IN's; Hub fetched only for valid options
     sources = read_adapters(src)
     given, src = src, _file_for_file_name(src, sources, dst_text)
     _refuse_trainer_folder(src, sources)

@@ -473,6 +473,23 @@ def test_kohya_balance_keeps_format(tmp_path):
     assert (balora.inspect(out)["rel_imbalance"] < 5e-3).all()
 
 
+def test_balance_expands_a_tilde_in_out_as_in_in(tmp_path, monkeypatch):
+    # balance_file("~/lora.safetensors", "~/balanced.safetensors") (a Python call, the dashboard: no shell
+    # expands ~) read IN from the home folder but refused OUT: "its folder ~ does not exist".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    write_kohya(tmp_path / "tiny_lora.safetensors", dtype=torch.float32)
+    balance_file("~/tiny_lora.safetensors", "~/balanced.safetensors")
+    assert not (tmp_path / "~").exists()
+    a, b = load_file(str(tmp_path / "tiny_lora.safetensors")), load_file(str(tmp_path / "balanced.safetensors"))
+    for name, (down, up, _) in KOHYA_MODULES.items():
+        dW0, dW1 = (t[f"{name}.lora_up.weight"].double().reshape(up[0], -1)
+                    @ t[f"{name}.lora_down.weight"].double().reshape(down[0], -1) for t in (a, b))
+        assert (dW1 - dW0).norm() <= 1e-5 * dW0.norm(), name
+    with pytest.raises(InputError, match=r"no user 'no_such_user_balora'.*~/"):
+        balance_file("~/tiny_lora.safetensors", "~no_such_user_balora/balanced.safetensors")
+
+
 def test_a_balanced_copy_drops_the_hashes_of_the_original_tensors(tmp_path):
     # kohya's sd-scripts write sha256 hashes of the tensors into the metadata; tools identify files by
     # them, so a copy with other tensors must not carry the original's. Everything else is kept.
