@@ -35,7 +35,7 @@ def add_parser(sub):
                    help="torch CPU threads (default 1, as inspect: the work is on (n, r) and r x r matrices, where "
                         "more threads mostly wait on each other; 4-6x slower with 2 on a busy 2-core machine)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT if it is a file, an empty folder or an adapter folder "
-                   "(a folder of other things is never replaced)")
+                   "(a folder of other things, or a Trainer output folder with checkpoint-N folders, is never replaced)")
     p.set_defaults(run=run)
 
 
