@@ -76,7 +76,8 @@ def balance_pairs(
     on GPUs and multi-threaded CPUs, pair by pair on a one-thread CPU, where that is faster:
     balora.stacked.use_stacks), True or False to choose.
     """
-    if isinstance(pairs, (nn.Module, torch.Tensor)) or not hasattr(pairs, "__iter__"):
+    # a path or a state dict iterates into strings: "'str' object has no attribute 'skip_reason'" from inside
+    if isinstance(pairs, (nn.Module, torch.Tensor, str, bytes, dict)) or not hasattr(pairs, "__iter__"):
         live = " (a model is balanced in place by balora.balance_(model))" if isinstance(pairs, nn.Module) else ""
         raise TypeError(f"balance_pairs: expects a list of FactorPair; got {type(pairs).__name__}{live}")
     with full_fp32_matmuls():

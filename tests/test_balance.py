@@ -484,3 +484,7 @@ def test_balance_pairs_of_a_model_is_refused_in_one_line(make_tiny_net, tiny_net
         balora.balance_pairs(model)
     with pytest.raises(TypeError, match=r"^balance_pairs: expects a list of FactorPair.*got Tensor"):
         balora.balance_pairs(torch.zeros(2, 2))
+    # A path as text or a state dict iterated into strings: "'str' object has no attribute 'skip_reason'".
+    for given in ("adapter_model.safetensors", model.state_dict()):
+        with pytest.raises(TypeError, match=rf"^balance_pairs: expects a list of FactorPair.*got {type(given).__name__}"):
+            balora.balance_pairs(given)
