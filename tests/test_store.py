@@ -216,6 +216,15 @@ def test_list_runs(tmp_path):
     assert list(list_runs(tmp_path / "not-a-run").columns) == list(df.columns)
 
 
+def test_list_runs_expands_a_tilde_as_load_run_does(tmp_path, monkeypatch):
+    # balora.list_runs("~/runs") in a notebook said "~/runs: no such directory" while load_run("~/runs/a") read it.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    writer(tmp_path / "runs" / "a").finish("completed")
+    assert list(list_runs("~/runs")["name"]) == ["a"] and load_run("~/runs/a").status == "completed"
+    with pytest.raises(InputError, match=r"no user 'no_such_user_balora'.*~/"):
+        list_runs("~no_such_user_balora/runs")
+
+
 def test_to_table_rejects_nothing_silently():
     df = to_table("steps", steps_rows("lora", 0, [1]))
     assert list(df.columns) == list(TABLES["steps"])

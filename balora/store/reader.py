@@ -202,7 +202,7 @@ def list_runs(root: str | Path, max_depth: int = 3) -> pd.DataFrame:
     """One row per run directory at or below `root` (config and status only: cheap). Columns: path, name,
     task, status, stale, started, finished, arms, seeds, n_cells, done, reason. A damaged run (see
     load_run) is listed with status "damaged" and why in `reason`; the other runs are listed as usual."""
-    root = Path(root)
+    root = user_path(root)  # as load_run: "~/runs" from a notebook, where no shell expanded it
     if not root.is_dir():
         raise InputError(f"{root}: no such directory; pass the folder that holds your runs")
     rows = [_list_row(run) for run in _find_runs(root, max_depth)]
