@@ -131,6 +131,23 @@ def test_several_files_refused_with_the_syntax_that_picks_one(offline_cache):
     _check_kohya_report(balora.inspect(f"user/pack/{EPOCHS[0]}"), files[EPOCHS[0]])  # the offered form reads
 
 
+@pytest.mark.parametrize("files", [("loras/a.safetensors",), ("loras/a.safetensors", "v2/b.safetensors")])
+def test_lora_files_only_in_folders_of_the_repository_are_named(offline_cache, files):
+    # A repository keeping its LoRA files in a folder (loras/x.safetensors) was fetched, then refused as
+    # "<cache snapshot path>: not a LoRA adapter: expected a PEFT adapter folder ...": neither the name the user
+    # typed nor the form that reads a file of it.
+    import balora
+
+    data = {name: _kohya_bytes(i) for i, name in enumerate(files)}
+    make_cache(offline_cache, "user/nested", data)
+    with pytest.raises(InputError) as err:
+        balora.inspect("user/nested")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("user/nested: ") and str(offline_cache) not in msg
+    assert all(n in msg for n in files) and f"e.g. user/nested/{files[0]}" in msg
+    _check_kohya_report(balora.inspect(f"user/nested/{files[0]}"), data[files[0]])  # the offered form reads
+
+
 def test_the_refusal_keeps_a_revision_other_than_main(offline_cache):
     import balora
 

@@ -24,6 +24,7 @@ import json
 import os
 import re
 from collections import Counter
+from pathlib import Path
 
 from balora.adapters.entries import PEFT_KEYS, PairEntry, find_entries, has_kohya_factors, natural_key
 from balora.adapters.hub_names import cache_name
@@ -304,6 +305,7 @@ def read_folder_of_one_file(c: Candidate) -> list[AdapterSource] | None:
         raise InputError(f"{where or c.path}: no adapter_config.json and {len(files)} .safetensors files ({names}); "
                          f"pass the one to read, e.g. {example or files[0]}")
     if not files:
+        _refuse_hub_files_below(c.path)
         return None
     check_inside(files[0], c.root, "the LoRA weights")
     regular_file_size(files[0], "weights file")
@@ -313,3 +315,18 @@ def read_folder_of_one_file(c: Candidate) -> list[AdapterSource] | None:
         if sources is not None:
             return sources
     return None
+
+
+def _refuse_hub_files_below(folder: Path) -> None:
+    """A Hub repository (or a folder of it) whose LoRA files all lie in folders below (loras/x.safetensors):
+    name them in the form that reads one, not "<cache snapshot path>: not a LoRA adapter". Only a cache
+    snapshot: the download took adapter files only, so its tree is small."""
+    where = cache_name(folder)
+    if where is None:
+        return
+    below = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if below:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in below[:5])
+        names += f" and {len(below) - 5} more" if len(below) > 5 else ""
+        raise InputError(f"{where}: no adapter_config.json and no LoRA file at its top level; its weights files: "
+                         f"{names}; pass the one to read, e.g. {cache_name(below[0])}")
