@@ -551,6 +551,20 @@ def test_compare_empty_and_missing_runs_folder(tmp_path, monkeypatch):
     assert "afile` is not a folder: point $BALORA_RUNS" in texts(at.info)
 
 
+@pytest.mark.parametrize("where", ["env", "flag"])
+def test_a_runs_folder_of_no_user_is_a_message_not_a_traceback(monkeypatch, where):
+    # export BALORA_RUNS=~.balora/runs (for ~/.balora/runs: the shell leaves ~.balora as it is) or
+    # `streamlit run dashboard/app.py -- --runs ~x/runs`: every page showed the InputError as an exception.
+    text = "~no_such_user_balora/runs"
+    if where == "env":
+        monkeypatch.setenv(settings.ENV_VAR, text)
+    else:
+        monkeypatch.setattr(sys, "argv", ["app.py", "--runs", text])
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    no_exception(at)
+    assert "no user 'no_such_user_balora'" in texts(at.error) and "~/" in texts(at.error)
+
+
 def test_compare_empty_runs_folder_given_by_flag_suggests_a_command_that_writes_there(tmp_path, monkeypatch):
     # `balora dashboard --runs DIR`: a plain `balora compare` writes to ./runs, never listed here;
     # the command the page suggests must write its run into DIR.

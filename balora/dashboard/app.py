@@ -46,6 +46,7 @@ def main() -> None:
     import streamlit as st
 
     from balora.dashboard import exposure, md, settings, warmup
+    from balora.errors import InputError
 
     st.set_page_config(page_title="balora", page_icon=":material/balance:", layout="wide")
     # Served beyond this machine without anyone choosing it: show only how to restart it.
@@ -58,13 +59,18 @@ def main() -> None:
     if foreign is not None:  # listening on this machine only, asked for under another site's name
         st.error(exposure.foreign_host_message(md.text(foreign)), icon=":material/gpp_bad:")
         st.stop()
+    try:  # every page lists or writes runs there: one message, not the same traceback on each page
+        runs = settings.runs_dir()
+    except InputError as e:  # ~user of no user in --runs or $BALORA_RUNS (~.balora/runs, typed for ~/.balora/runs)
+        st.error(md.text(e), icon=":material/folder_off:")
+        st.stop()
     pages = [
         st.Page(page_path(f), title=t, icon=i, url_path=u, default=k == 0)
         for k, (f, t, i, u) in enumerate(PAGES)
     ]
     nav = st.navigation(pages)
     with st.sidebar:
-        st.caption(f"Runs folder: `{settings.runs_dir()}` (yours; the bundled sample runs are listed after yours, "
+        st.caption(f"Runs folder: `{runs}` (yours; the bundled sample runs are listed after yours, "
                    "read-only)")
         st.caption("BaLoRA: balanced LoRA factors, B^T B = A A^T, same dW (arXiv 2605.31484).")
         if exposed is not None:
