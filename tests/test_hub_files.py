@@ -148,6 +148,21 @@ def test_lora_files_only_in_folders_of_the_repository_are_named(offline_cache, f
     _check_kohya_report(balora.inspect(f"user/nested/{files[0]}"), data[files[0]])  # the offered form reads
 
 
+def test_offline_a_file_the_cached_repository_lacks_lists_its_cached_files(offline_cache):
+    # user/pack/styel.safetensors (a typo) with user/pack cached said "not a local path, and not in the Hugging Face
+    # cache ...; download it where there is network access", as if the repository were missing; online the
+    # message lists the repository's weights files.
+    import balora
+
+    make_cache(offline_cache, "user/pack", {n: _kohya_bytes(i) for i, n in enumerate(EPOCHS)})
+    with pytest.raises(InputError) as err:
+        balora.inspect("user/pack/styel.safetensors")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("user/pack/styel.safetensors: ") and all(n in msg for n in EPOCHS)
+    with pytest.raises(InputError, match="not in the Hugging Face cache"):  # nothing of it cached: as before
+        balora.inspect("user/other/styel.safetensors")
+
+
 def test_the_refusal_keeps_a_revision_other_than_main(offline_cache):
     import balora
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +190,10 @@ def _hub_error(ref: HubRef, e: Exception) -> Exception:
                 f"{name}: only part of it is in the Hugging Face cache (files are missing from {e.snapshot_path}: "
                 f"an interrupted download?) while {how}; download it again where there is network access"
             )
+        cached = _cached_weights(ref, cache) if ref.is_file else ""
+        if cached:  # the repository is cached, this file of it not (a typo, or another epoch's file): say what is
+            return InputError(f"{name}: {ref.path} is not among the files of {ref.repo_id} in the Hugging Face cache "
+                              f"while {how}; its cached weights files: {cached}")
         return InputError(
             f"{name}: not a local path, and not in the Hugging Face cache ({cache}) while {how}; "
             "download it where there is network access, or give a local path"
@@ -209,6 +214,18 @@ def _hub_error(ref: HubRef, e: Exception) -> Exception:
     if isinstance(e, OSError):  # network failures that huggingface_hub does not wrap
         return InputError(f"{name}: could not fetch from the Hub ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     return e
+
+
+def _cached_weights(ref: HubRef, cache: Path) -> str:
+    """The weights files the cache holds for `ref`'s repository at its revision, listed for a message ("" if none)."""
+    repo = cache / ("models--" + ref.repo_id.replace("/", "--"))
+    ref_file = repo / "refs" / (ref.revision or "main")
+    commit = ref_file.read_text(errors="replace").strip()[:64] if ref_file.is_file() else (ref.revision or "")
+    snapshot = repo / "snapshots" / commit
+    if not re.fullmatch(r"[0-9a-f]{40}", commit) or not snapshot.is_dir():
+        return ""
+    files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.suffix in HUB_FILE_SUFFIXES)
+    return ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
 
 
 def max_download_bytes() -> float:
