@@ -194,8 +194,11 @@ def _summary_table(summary, who: str) -> pd.DataFrame:
     return summary
 
 
-def arm_summary(summary: pd.DataFrame, *, select: str = "arm", reference: str = "lora") -> pd.DataFrame:
+def arm_summary(summary: pd.DataFrame, *, select: str | None = None, reference: str = "lora") -> pd.DataFrame:
     """One row per arm, each at its own best (lr, alpha) cell (best_cells), plus how flat its grid is.
+
+    summary: a run's summary table, or the Run (load_run) itself. select: the best-cell rule (SELECTIONS);
+    None: the Run's own (`--select` when it was recorded, as `balora compare` prints it), else "arm".
 
     metric: headline_metric; a grid cell's value is the median over seeds, diverged seeds counting as
     +inf. Columns: arm, cells, completed, diverged, best_lr, best_alpha, metric, best (median over seeds
@@ -206,6 +209,9 @@ def arm_summary(summary: pd.DataFrame, *, select: str = "arm", reference: str = 
     speedup_vs_lora (median over seeds of reference-at-its-best / arm-at-its-best steps to target: 0
     where only the reference reached it, inf where only the arm did, left out where neither did).
     """
+    if select is None:
+        config = getattr(summary, "config", None)
+        select = config.get("select", "arm") if isinstance(config, dict) and not isinstance(summary, pd.DataFrame) else "arm"
     summary = _summary_table(summary, "arm_summary")
     if summary.empty:
         return pd.DataFrame(columns=ARM_SUMMARY_COLUMNS)

@@ -263,10 +263,16 @@ def test_arm_summary_takes_a_run_and_refuses_other_tables_in_one_line():
     summary = _grid({("lora", 0.1): [1.0, 2.0], ("balora", 0.1): [0.5, 0.7]})
 
     class Run:  # what balora.load_run returns, as far as arm_summary needs
-        def __init__(self, summary):
-            self.summary = summary
+        def __init__(self, summary, select=None):
+            self.summary, self.config = summary, ({"select": select} if select else {})
 
     pd.testing.assert_frame_equal(records.arm_summary(Run(summary)), records.arm_summary(summary))
+    # A run recorded with --select seed is ranked by its own rule, as `balora compare` prints it: here each
+    # seed's own best cell (1.0 and 0.5) against the arm's one best cell (lr 1.0, median 1.25).
+    grid = _grid({("lora", 0.1): [1.0, 3.0], ("lora", 1.0): [2.0, 0.5]})
+    by_seed = records.arm_summary(Run(grid, "seed"))
+    pd.testing.assert_frame_equal(by_seed, records.arm_summary(grid, select="seed"))
+    assert by_seed["best"].item() == 0.75 and records.arm_summary(Run(grid))["best"].item() == 1.25
     with pytest.raises(TypeError, match=r"^arm_summary: expects a run's summary table .*got str$"):
         records.arm_summary("runs/x")
     report = pd.DataFrame({"module": ["q_proj"], "adapter": ["default"], "rel_imbalance": [0.1], "summary": [1]})
