@@ -408,7 +408,7 @@ def fake_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv(hub.MAX_DOWNLOAD_ENV, raising=False)
-    state = {"files": {}, "downloads": [], "info_error": None}
+    state = {"files": {}, "downloads": [], "info_error": None, "cache_only": []}
 
     def model_info(self, repo_id, revision=None, files_metadata=False, timeout=None, **kw):
         if state["info_error"] is not None:
@@ -418,6 +418,7 @@ def fake_hub(tmp_path, monkeypatch):
 
     def snapshot_download(repo_id, **kw):
         state["downloads"].append(repo_id)
+        state["cache_only"].append(kw.get("local_files_only", False))
         snap = tmp_path / "snap"
         snap.mkdir(exist_ok=True)
         (snap / "lora.safetensors").write_bytes(b"x")
@@ -460,12 +461,17 @@ def test_the_download_limit_can_be_raised(fake_hub, monkeypatch):
         hub.download_adapter("user/big")
 
 
-def test_no_answer_from_the_hub_leaves_the_download_to_the_cache(fake_hub):
-    """Sizing needs the Hub; when it cannot be reached, snapshot_download decides (it falls back to the cache)."""
+def test_no_answer_from_the_hub_reads_the_cache_only(fake_hub):
+    """Sizing needs the Hub; when its API does not answer (no route, a 10 s timeout, a proxy), nothing unsized
+    is downloaded: only the cache is read. The download went ahead, past BALORA_HUB_MAX_GB, when only the API
+    call had timed out (docs/SECURITY.md: a base model typed into a shared dashboard cannot fill its disk)."""
     connect_error = type("ConnectError", (Exception,), {})  # as httpx's: not an OSError
     fake_hub["info_error"] = connect_error("no route to host")
     hub.download_adapter("user/lora")
-    assert fake_hub["downloads"] == ["user/lora"]
+    assert fake_hub["downloads"] == ["user/lora"] and fake_hub["cache_only"] == [True]
+    fake_hub["info_error"] = None
+    hub.download_adapter("user/lora")  # sized: downloaded
+    assert fake_hub["cache_only"] == [True, False]
 
 
 def test_offline_nothing_is_sized(fake_hub, monkeypatch):

@@ -114,17 +114,17 @@ def _fetch(ref: HubRef, offline: bool) -> HubSource:
     """download_ref without the wording of errors: raises what huggingface_hub raises."""
     from huggingface_hub import snapshot_download
 
-    if not offline:
-        _check_download_size(ref)
+    # Unsized (the Hub's API did not answer), nothing is downloaded: only what the cache holds is read.
+    cache_only = offline or not _check_download_size(ref)
     if ref.is_file:
-        found = _download_file(ref, offline)
+        found = _download_file(ref, cache_only)
         snapshot = found.parents[ref.path.count("/")]
         # Named here, but not by the user: the repository folder bounds it, as it bounds a folder of the snapshot.
         check_inside(found, snapshot.parent.parent, "the Hub file")
     else:
         snapshot = Path(snapshot_download(
             ref.repo_id, revision=ref.revision, allow_patterns=_patterns(ref), ignore_patterns=MODEL_PATTERNS,
-            local_files_only=offline, etag_timeout=10,
+            local_files_only=cache_only, etag_timeout=10,
         ))
         found = snapshot / ref.path if ref.path else snapshot
         if not found.is_dir() or not any(p.is_file() for p in found.rglob("*")):
@@ -242,11 +242,11 @@ def max_download_bytes() -> float:
     return gb * 1e9
 
 
-def _check_download_size(ref: HubRef) -> None:
+def _check_download_size(ref: HubRef) -> bool:
     """Refuse before downloading when the files a download of `ref` would fetch exceed max_download_bytes(),
     or when the file it names is not in the repository. Raises what model_info raises for a missing repository
-    or revision (the caller words those); when the Hub cannot be reached, checks nothing: the download then
-    reads the cache or says it cannot."""
+    or revision (the caller words those). False when the Hub's API cannot be reached (nothing sized: the caller
+    then reads the cache only, or says it cannot), True when sized within the limit."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -256,7 +256,7 @@ def _check_download_size(ref: HubRef) -> None:
     except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
         raise
     except Exception:  # no network, a proxy, a timeout (httpx and requests errors are not OSErrors)
-        return
+        return False
     files = _fetched(ref, info.siblings or [])
     total = sum(f.size or 0 for f in files)
     if total > limit:
@@ -267,6 +267,7 @@ def _check_download_size(ref: HubRef) -> None:
             f"{limit / 1e9:g} GB: is it a base model rather than an adapter? Give a LoRA repository, or set "
             f"{MAX_DOWNLOAD_ENV} to a larger number of gigabytes to download it anyway"
         )
+    return True
 
 
 def _fetched(ref: HubRef, siblings: list) -> list:
