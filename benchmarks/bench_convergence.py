@@ -289,7 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-lm", action="store_true", help="skip the language-model task")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--out", default="bench_runs", help="folder for the balora run directories")
-    ap.add_argument("--plots", default=None, help="folder to write synthetic.png and lm.png into (needs matplotlib)")
+    ap.add_argument("--plots", default=None,
+                    help="folder to write convergence_synthetic.png and convergence_lm.png into (needs matplotlib)")
     ap.add_argument("--select", default="arm", choices=("arm", "seed"),
                     help="best lr: arm = one per arm, lowest median over seeds; seed = each seed its own (the paper's)")
     ap.add_argument("--paper", action="store_true",

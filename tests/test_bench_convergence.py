@@ -57,3 +57,21 @@ def test_paper_docs_name_the_lr_grid_the_runs_used(tmp_path):
     assert "log:1e-5:6e-3:15" in text.split("```")[-1] and "linspace(1e-5, 0.3, 50)" not in text
     paper.write_docs(table, "python benchmarks/bench_convergence.py --paper", "header", doc)  # the paper's grid
     assert "linspace(1e-5, 0.3, 50)" in doc.read_text()
+
+
+def test_plots_help_names_the_files_plots_writes(monkeypatch, tmp_path, capsys):
+    """--plots' help names the PNG files main() writes (it named synthetic.png and lm.png, files never written)."""
+    written = []
+    monkeypatch.setattr(bench_convergence, "run_synthetic", lambda args, out: {(1.0, "adam"): object()})
+    monkeypatch.setattr(bench_convergence, "run_lm", lambda args, out: object())
+    monkeypatch.setattr(bench_convergence, "plot_synthetic", lambda runs, path, select="arm": written.append(path))
+    monkeypatch.setattr(bench_convergence, "plot_lm", lambda run, path: written.append(path))
+    assert bench_convergence.main(["--out", str(tmp_path / "runs"), "--plots", str(tmp_path / "img")]) == 0
+    assert {p.parent for p in written} == {tmp_path / "img"} and len(written) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        bench_convergence.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for path in written:
+        assert f" {path.name} " in help_text.replace(",", " "), (path.name, help_text)
+
