@@ -40,6 +40,7 @@ import torch
 
 import balora
 from balora import records
+from balora.errors import InputError
 from balora.runner import compare
 
 # Around the task's defaults (adam 3e-2, sgd 0.3, sign 1e-2), factor ~3 apart. A large init_scale
@@ -137,6 +138,15 @@ def parse_scales(text: str) -> list[float]:
     return scales
 
 
+def parse_optimizers(text: str) -> list[str]:
+    """Checked before the first run: an unknown name used to raise a KeyError only when its turn came,
+    after the runs before it had taken their minutes."""
+    opts = [x.strip() for x in text.split(",") if x.strip()]
+    if not opts or any(o not in SYNTH_GRIDS for o in opts):
+        raise SystemExit(f"--optimizers {text}: expected a comma list of {', '.join(SYNTH_GRIDS)}")
+    return opts
+
+
 def _scale_label(scale: float) -> str:
     return "init_scale 1 (PEFT's init)" if scale == 1 else f"init_scale {scale:g} (A init {scale:g}x PEFT's)"
 
@@ -144,8 +154,9 @@ def _scale_label(scale: float) -> str:
 def run_synthetic(args, out: Path) -> dict[tuple[float, str], object]:
     """(init_scale, optimizer) -> the loaded run; prints the tables as it goes."""
     runs = {}
-    for scale in parse_scales(args.init_scales):
-        for opt in args.optimizers.split(","):
+    scales, opts = parse_scales(args.init_scales), parse_optimizers(args.optimizers)
+    for scale in scales:
+        for opt in opts:
             grid = QUICK_GRIDS[opt] if args.quick else SYNTH_GRIDS[opt]
             name = f"synthetic-init{scale:g}-{opt}"
             t0 = time.perf_counter()
@@ -300,7 +311,13 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-lr", default="lin:1e-5:0.3:50", help="--paper's lr grid (the paper's by default)")
     ap.add_argument("--docs", default="docs", help="--paper: the docs folder to write the figure and table into")
     args = ap.parse_args(argv)
+    try:
+        return run_benchmark(args)
+    except InputError as e:  # balora's one-line message (e.g. --seeds 0), not a traceback
+        raise SystemExit(f"bench_convergence: error: {e}") from None
 
+
+def run_benchmark(args) -> int:
     out = Path(args.out)
     print(f"bench_convergence: python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, balora {balora.__version__}, "

@@ -75,3 +75,22 @@ def test_plots_help_names_the_files_plots_writes(monkeypatch, tmp_path, capsys):
     for path in written:
         assert f" {path.name} " in help_text.replace(",", " "), (path.name, help_text)
 
+
+def test_unknown_optimizer_stops_in_one_line_before_any_run(monkeypatch, tmp_path):
+    """--optimizers adam,adamw: a KeyError traceback came after the adam runs had taken their minutes."""
+    started = []
+    monkeypatch.setattr(bench_convergence, "compare", lambda task, **kwargs: started.append(kwargs))
+    with pytest.raises(SystemExit) as e:
+        bench_convergence.main(["--quick", "--no-lm", "--optimizers", "adam,adamw", "--out", str(tmp_path)])
+    message = str(e.value.code)
+    assert "adamw" in message and "\n" not in message, message
+    assert started == []
+
+
+def test_bad_seeds_stop_in_one_line(tmp_path):
+    """--seeds 0: balora's own one-line InputError escaped from the script as a traceback."""
+    with pytest.raises(SystemExit) as e:
+        bench_convergence.main(["--quick", "--no-lm", "--optimizers", "adam", "--init-scales", "1", "--seeds", "0",
+                                "--out", str(tmp_path)])
+    message = str(e.value.code)
+    assert "--seeds 0" in message and "\n" not in message, message
