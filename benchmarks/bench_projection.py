@@ -548,6 +548,29 @@ def print_summary(rows: list[dict], diag: dict | None, baseline: bool, whole: di
         print(f"   diagnostics from factors >= 20x faster than forming dW:  {x:.0f}x  {'MET' if x >= 20 else 'NOT MET'}")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _comma_list(flag: str, text: str, allowed) -> list[str]:
+    """A comma list of allowed names, or a one-line exit naming them (a typo used to end in a traceback)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or any(x not in allowed for x in items):
+        raise SystemExit(f"bench_projection: {flag} {text}: expected a comma list of {', '.join(allowed)}")
+    return items
+
+
+def _devices(flag: str | None) -> list[str]:
+    if flag is None:
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ["cpu", "cuda"] if flag == "both" else [flag]
+    for d in devices:
+        if d != "cpu" and not (d == "cuda" or d.startswith("cuda:")):
+            raise SystemExit(f"bench_projection: --device {flag}: expected cpu, cuda or both")
+        if d != "cpu" and not torch.cuda.is_available():
+            raise SystemExit(f"bench_projection: --device {flag}: no CUDA device here (torch {torch.__version__})")
+    return devices
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1B-like, r=16, fp32 only, fewer repetitions")
@@ -565,16 +588,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", action="store_true", help="only the ops-per-pass table (8, 16, 28 blocks) and exit")
     args = ap.parse_args(argv)
 
-    models = [MODELS[x] for x in args.models.split(",")]
-    ranks = [int(x) for x in args.ranks.split(",")]
-    dtypes = [getattr(torch, x) for x in args.dtypes.split(",")]
+    models = [MODELS[x] for x in _comma_list("--models", args.models, MODELS)]
+    ranks = [int(x) for x in args.ranks.split(",") if x.strip().isdigit() and int(x) > 0]
+    if len(ranks) != len(args.ranks.split(",")):
+        raise SystemExit(f"bench_projection: --ranks {args.ranks}: expected a comma list of positive ranks, e.g. 8,16,64")
+    dtypes = [getattr(torch, x) for x in _comma_list("--dtypes", args.dtypes, DTYPES)]
     reps = args.reps or 7
     if args.quick:
         models, ranks, dtypes, reps = [MODELS["1B"]], [16], [torch.float32], args.reps or 5
-    if args.device is None:
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    else:
-        devices = ["cpu", "cuda"] if args.device == "both" else [args.device]
+    devices = _devices(args.device)
 
     if args.threads:
         torch.set_num_threads(args.threads)
