@@ -340,9 +340,12 @@ def bench_diagnostics(m: ModelShape, r: int, device: str, reps: int, modules: tu
     for n, t in times.items():
         print(f"   {n:<28}{med[n] * 1e3:>11.1f}{_iqr(t) * 1e3:>9.1f}")
     ratio = paired(times, "SVD of formed dW (block)", "from factors (block)")
+    # Only the timed modules are extrapolated: the block holds some of a layer's modules (q, k with
+    # --quick), so this is not the whole model's cost from dW, which is larger.
     per_layer = med["SVD of formed dW (block)"] * m.layers
-    print(f"   forming dW / from factors, same block: {ratio:.0f}x; whole model from factors "
-          f"{med['from factors (all layers)'] * 1e3:.0f} ms vs ~{per_layer:.1f} s extrapolated from dW")
+    print(f"   forming dW / from factors, same block: {ratio:.0f}x; whole model ({len(ad.pairs)} modules) from "
+          f"factors {med['from factors (all layers)'] * 1e3:.0f} ms; forming dW of the {len(block)} modules above "
+          f"in all {m.layers} layers ~{per_layer:.1f} s (extrapolated)")
     return {"ratio": ratio, "med": med, "model": m.key}
 
 
