@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from balora.compare_config import CompareConfig, parse_set
+from balora.errors import InputError
 from balora.runner import run_compare
 from balora.store import load_run
 from balora.tasks import get_task
@@ -74,7 +75,17 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task option, repeatable")
     parser.add_argument("--profile", action="store_true", help="profile one extra default cell (cProfile)")
     args = parser.parse_args()
+    if args.repeats < 1 or args.steps < 1:  # default[0] below: --repeats 0 ended in an IndexError
+        parser.error("--steps and --repeats must be at least 1")
+    try:
+        plain, default = measure_all(args)
+    except InputError as e:  # balora's one-line message (--task, --set), not a traceback
+        parser.error(str(e))
+    print_figures(args, plain, default)
 
+
+def measure_all(args) -> tuple[list[dict], list[dict]]:
+    """The plain and default cells, alternating, after one warm-up cell."""
     plain, default = [], []
     with tempfile.TemporaryDirectory() as tmp:
         measure(args.task, "lora", False, args, Path(tmp) / "warmup")  # pretrain/caches/imports outside the figures
@@ -87,7 +98,10 @@ def main() -> None:
             stats = pstats.Stats(profiler)
             print("\nthe default arm under cProfile: balora's functions by cumulative time")
             stats.sort_stats("cumulative").print_stats("balora/", 25)
+    return plain, default
 
+
+def print_figures(args, plain: list[dict], default: list[dict]) -> None:
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
 
