@@ -78,6 +78,17 @@ def canonical(df: pd.DataFrame, table: str) -> pd.DataFrame:
     return df.sort_values(keys, ignore_index=True)
 
 
+def _layout_ok(k: str) -> bool:
+    """'finished', a merge_every (K >= 0) or K/MIB."""
+    if k == "finished":
+        return True
+    every, slash, mib = k.partition("/")
+    try:
+        return int(every) >= 0 and (not slash or float(mib) > 0)
+    except ValueError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=1200)
@@ -89,6 +100,11 @@ def main() -> None:
     args = parser.parse_args()
     cells, rounds = (120, 3) if args.quick else (args.cells, args.rounds)
     ks = args.k.split(",")
+    # cells come in pairs (the sample's two arms): an odd --cells wrote one cell fewer than it printed
+    if cells < 2 or cells % 2 or rounds < 1:
+        parser.error(f"--cells {cells} --rounds {rounds}: give an even number of cells (at least 2) and 1+ rounds")
+    if not all(_layout_ok(k) for k in ks):
+        parser.error(f"--k {args.k}: expected layouts like 0,8,8/1000,finished")
     sample = sample_cells()
     with tempfile.TemporaryDirectory() as tmp:
         paths, facts = {}, {}
