@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads for the measurement (default: torch's)")
     ap.add_argument("--measure", nargs=2, metavar=("FOLDER", "TINY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeats < 1:  # the child's t[0] failed, and its traceback was hidden behind CalledProcessError
+        ap.error("--repeats must be at least 1")
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), Path(args.measure[1]), args.repeats, args.balance,
                                  args.threads)))
@@ -124,8 +126,10 @@ def main() -> None:
         cmd += ["--balance"] if args.balance else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         load_before = os.getloadavg()
-        child = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        child = subprocess.run(cmd, capture_output=True, text=True)
         load_after = os.getloadavg()
+    if child.returncode != 0:  # say why: check=True showed only the command line, the child's error was lost
+        raise SystemExit(f"bench_inspect: the measuring process failed (exit {child.returncode}):\n{child.stderr[-2000:]}")
     res = json.loads(child.stdout.strip().splitlines()[-1])
     threads = res["threads"]
 
