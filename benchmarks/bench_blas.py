@@ -24,6 +24,7 @@ import statistics
 import torch
 
 from bench_projection import time_interleaved  # beside this file: rounds in rotating order, seconds per call
+from cli_args import positive_int  # beside this file
 
 
 def square(n: int, reps: int) -> None:
@@ -63,7 +64,7 @@ def pass_shapes(G: int, r: int, reps: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--reps", type=int, default=41)
+    ap.add_argument("--reps", type=positive_int, default=41)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

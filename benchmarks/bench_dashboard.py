@@ -32,6 +32,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from cli_args import positive_int  # beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
@@ -184,7 +185,7 @@ def learn_session(page, out: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=positive_int, default=5)
     parser.add_argument("--pages", default="compare,inspect,launch,learn")
     parser.add_argument("--app-root", type=Path, default=ROOT,
                         help="measure another checkout (e.g. `git archive REV | tar -x -C DIR`): its dashboard and "

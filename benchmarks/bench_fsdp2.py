@@ -40,6 +40,7 @@ from balora.distributed import gather_pairs, last_comm
 from balora.pairs import FactorPair
 from balora.policy import BalancePolicy
 from balora.sharded_step import balance_step
+from cli_args import positive_int  # beside this file
 
 
 def sharded_adapter(m: ModelShape, r: int, mesh, a_dim: int) -> tuple[list[nn.Parameter], list[FactorPair]]:
@@ -104,8 +105,8 @@ def base_params(m: ModelShape) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1B", choices=sorted(MODELS))
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--r", type=positive_int, default=16)
+    ap.add_argument("--reps", type=positive_int, default=5)
     ap.add_argument("--ops", action="store_true", help="only the ops-per-step table, then exit")
     args = ap.parse_args()
     torch.set_num_threads(1)  # ranks share the machine's cores

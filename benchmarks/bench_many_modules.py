@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from cli_args import positive_int  # beside this file
 
 
 def write_many(path: Path, pairs: int) -> None:
@@ -52,7 +53,7 @@ def run(cmd: list[str]) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=20_000)
+    parser.add_argument("--pairs", type=positive_int, default=20_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "many.safetensors"

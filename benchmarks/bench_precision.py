@@ -31,6 +31,7 @@ import torch
 from balora.balance import balance_pairs
 from balora.pairs import FactorPair
 from balora.precision import HALF_DTYPES, cast_dw_error, storage_risk
+from cli_args import positive_int  # beside this file
 
 SCALES = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
@@ -94,13 +95,13 @@ def report_cost(n: int, r: int, count: int, rounds: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=1024, help="in = out features")
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--pairs", type=int, default=4)
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--n", type=positive_int, default=1024, help="in = out features")
+    ap.add_argument("--r", type=positive_int, default=16)
+    ap.add_argument("--pairs", type=positive_int, default=4)
+    ap.add_argument("--seeds", type=positive_int, default=2)
     ap.add_argument("--check", action="store_true", help="also form dW in float64 and compare")
     ap.add_argument("--cost", action="store_true", help="time the report with and without the precision columns")
-    ap.add_argument("--rounds", type=int, default=9, help="--cost: rounds of back-to-back timings")
+    ap.add_argument("--rounds", type=positive_int, default=9, help="--cost: rounds of back-to-back timings")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a loaded machine)")
     args = ap.parse_args()
     if args.threads:

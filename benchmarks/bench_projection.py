@@ -53,6 +53,7 @@ from balora.imbalance import rel_imbalance
 from balora.stack_writes import ParamWriter
 from opcount import count_ops
 from balora.report import pair_rows
+from cli_args import positive_int  # beside this file
 
 
 @dataclass(frozen=True)
@@ -580,7 +581,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="1B,3B", help="comma list of 1B, 3B, tiny")
     ap.add_argument("--ranks", default="8,16,64")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 7; --quick 5)")
+    ap.add_argument("--reps", type=positive_int, default=None, help="timed repetitions per method (default 7; --quick 5)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the paper's per-module loop")
     ap.add_argument("--no-diagnostics", action="store_true")
     ap.add_argument("--device", default=None, help="cpu, cuda or both (default: both when CUDA is available)")

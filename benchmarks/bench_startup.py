@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from cli_args import positive_int  # beside this file
 
 HEAVY = ("torch", "pandas", "transformers", "peft", "streamlit", "plotly", "numpy", "safetensors")
 
@@ -72,7 +73,7 @@ def heavy_imports(args: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=positive_int, default=5)
     args = parser.parse_args()
     exe = balora_exe()
     with tempfile.TemporaryDirectory() as tmp:
