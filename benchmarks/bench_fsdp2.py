@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -109,6 +110,8 @@ def main() -> None:
     ap.add_argument("--reps", type=positive_int, default=5)
     ap.add_argument("--ops", action="store_true", help="only the ops-per-step table, then exit")
     args = ap.parse_args()
+    if "RANK" not in os.environ:  # plain `python bench_fsdp2.py`: init_process_group's env:// traceback said only "RANK"
+        ap.error("run it under torchrun: torchrun --nproc_per_node 2 benchmarks/bench_fsdp2.py")
     torch.set_num_threads(1)  # ranks share the machine's cores
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
