@@ -40,6 +40,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 120_000
+PAGES = ("compare", "inspect", "launch", "learn")
 COMPARE_VIEWS = {"Grid": "learning rate × alpha", "Speed-up": "Time to reach", "Imbalance": "of every layer",
                  "Spectra": "Singular values of", "Loss": "loss against optimizer step"}
 # (key of a Learn slider, key of the figure it redraws): one per section
@@ -186,7 +187,7 @@ def learn_session(page, out: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=positive_int, default=5)
-    parser.add_argument("--pages", default="compare,inspect,launch,learn")
+    parser.add_argument("--pages", default=",".join(PAGES))
     parser.add_argument("--app-root", type=Path, default=ROOT,
                         help="measure another checkout (e.g. `git archive REV | tar -x -C DIR`): its dashboard and "
                              "its balora package (default: this one)")
@@ -196,6 +197,8 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     pages = args.pages.split(",")
+    if not set(pages) <= set(PAGES):  # a typo used to measure nothing for that page, silently
+        parser.error(f"--pages {args.pages}: expected a comma list of {', '.join(PAGES)}")
     results: dict[str, list[float]] = {}
     loads = [load()]
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "server.log", "w") as log:
