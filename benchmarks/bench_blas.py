@@ -63,7 +63,7 @@ def pass_shapes(G: int, r: int, reps: int) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--reps", type=positive_int, default=41)
     args = ap.parse_args(argv)
     if args.threads:

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from cli_args import positive_int  # beside this file
 
 HIDDEN, INTERMEDIATE, LAYERS, R, ALPHA = 4096, 11008, 32, 16, 32
 MODULES = {  # name: (in_features, out_features)
@@ -105,7 +106,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=DTYPES, default="fp16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--balance", action="store_true", help="also time balance_file (writes a copy in the temp dir)")
-    ap.add_argument("--threads", type=int, help="torch threads for the measurement (default: torch's)")
+    ap.add_argument("--threads", type=positive_int, help="torch threads for the measurement (default: torch's)")
     ap.add_argument("--measure", nargs=2, metavar=("FOLDER", "TINY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.repeats < 1:  # the child's t[0] failed, and its traceback was hidden behind CalledProcessError

@@ -41,6 +41,7 @@ from balora.errors import InputError
 from balora.runner import run_compare
 from balora.store import load_run
 from balora.tasks import get_task
+from cli_args import positive_int  # beside this file
 
 
 def measure(task: str, arm: str, diagnostics: bool, args, out: Path) -> dict:
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--task", default="lm")
     parser.add_argument("--steps", type=int, default=100, help="steps per measured cell (default 100)")
     parser.add_argument("--repeats", type=int, default=3, help="plain/default pairs (default 3)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: the task's)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: the task's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task option, repeatable")
     parser.add_argument("--profile", action="store_true", help="profile one extra default cell (cProfile)")
     args = parser.parse_args()

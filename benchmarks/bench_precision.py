@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="also form dW in float64 and compare")
     ap.add_argument("--cost", action="store_true", help="time the report with and without the precision columns")
     ap.add_argument("--rounds", type=positive_int, default=9, help="--cost: rounds of back-to-back timings")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a loaded machine)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (1 on a loaded machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -588,7 +588,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-step", action="store_true",
                     help="also compare with a full training step on CPU (slow; on CUDA it always runs)")
     ap.add_argument("--profile", action="store_true", help="profile balance_pairs at 1B-like r=16 fp32 and exit")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--ops", action="store_true", help="only the ops-per-pass table (8, 16, 28 blocks) and exit")
     args = ap.parse_args(argv)
 
