@@ -309,7 +309,9 @@ def main(argv=None) -> int:
                          "gradient descent, 8 trajectories, per-seed best lr of linspace(1e-5, 0.3, 50)); writes "
                          "docs/img/paper_synthetic.png and its table into docs/BENCHMARKS.md")
     ap.add_argument("--paper-lr", default="lin:1e-5:0.3:50", help="--paper's lr grid (the paper's by default)")
-    ap.add_argument("--docs", default="docs", help="--paper: the docs folder to write the figure and table into")
+    # This checkout's docs, not ./docs: run from another folder, --paper wrote a stray docs/BENCHMARKS.md there.
+    ap.add_argument("--docs", default=str(Path(__file__).resolve().parents[1] / "docs"),
+                    help="--paper: the docs folder to write the figure and table into (default: this checkout's)")
     args = ap.parse_args(argv)
     try:
         return run_benchmark(args)

@@ -94,3 +94,12 @@ def test_bad_seeds_stop_in_one_line(tmp_path):
                                 "--out", str(tmp_path)])
     message = str(e.value.code)
     assert "--seeds 0" in message and "\n" not in message, message
+
+
+def test_paper_docs_default_is_this_checkouts_docs_whatever_the_cwd(monkeypatch, tmp_path):
+    """--paper run from another folder (e.g. benchmarks/) wrote a new docs/BENCHMARKS.md there, not the project's."""
+    seen = {}
+    monkeypatch.setattr(bench_convergence, "run_paper_experiment", lambda args, out: seen.setdefault("docs", args.docs) and 0)
+    monkeypatch.chdir(tmp_path)
+    bench_convergence.main(["--paper", "--out", str(tmp_path / "runs")])
+    assert Path(seen["docs"]).resolve() == Path(__file__).resolve().parents[1] / "docs"
