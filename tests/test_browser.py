@@ -215,3 +215,83 @@ def test_a_run_being_written_refreshes_on_its_own(server, page, runs):
     # No reload: the page's own timer notices the new part file and redraws.
     page.wait_for_function(f"() => ({MAX_STEP_JS})() >= 15", timeout=CHART_TIMEOUT_MS)
     _check(page, "compare-live-run")
+
+
+def _pairs64(tensors: dict) -> dict:
+    """{module: (A, B)} in float64 from PEFT-named tensors."""
+    out: dict = {}
+    for k, v in tensors.items():
+        for part, i in ((".lora_A.", 0), (".lora_B.", 1)):
+            if part in k:
+                out.setdefault(k.replace(part, "."), [None, None])[i] = v.double().numpy()
+    return out
+
+
+# Counts the script runs the page has seen end (the app's script state leaving "running").
+RUNS_JS = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  if (window.__balora_runs === undefined) {
+    window.__balora_runs = 0;
+    new MutationObserver(records => records.forEach(r => { if (r.oldValue === 'running') window.__balora_runs += 1; }))
+      .observe(app, {attributes: true, attributeOldValue: true, attributeFilter: ['data-test-script-state']});
+  }
+  return [window.__balora_runs, app.getAttribute('data-test-script-state')];
+}"""
+
+
+def _rerun(page, click) -> None:
+    """Click, then wait until the page's script run it starts has ended and the page is redrawn."""
+    before = page.evaluate(RUNS_JS)[0]
+    click()
+    page.wait_for_function(f"() => {{ const [n, s] = ({RUNS_JS})(); return n > {before} && s !== 'running'; }}",
+                           timeout=CHART_TIMEOUT_MS)
+    _settle(page)
+
+
+def test_inspect_download_is_the_balanced_adapter_and_does_not_rerun_the_page(server, page, tmp_path):
+    # The balanced copy is offered as deferred data: its id is re-made on every run of the page and the last
+    # one's is dropped. A Download click also asked for a run of the page, which, when a widget's run was still
+    # going, stopped it and dropped the id the click was fetching: nothing was downloaded and nothing said so
+    # (and for a large adapter each download re-ran the whole page for nothing).
+    import zipfile
+
+    import numpy as np
+    from safetensors.torch import load, load_file
+    from test_dashboard_pages import _write_adapter
+
+    folder = _write_adapter(tmp_path / "my-adapter", 3)
+    upload = tmp_path / "my-adapter.zip"
+    with zipfile.ZipFile(upload, "w") as zf:
+        for p in folder.iterdir():
+            zf.write(p, f"{folder.name}/{p.name}")
+    original = _pairs64(load_file(folder / "adapter_model.safetensors"))
+
+    page.goto(server + "/inspect", wait_until="domcontentloaded")
+    page.get_by_text("An uploaded file", exact=True).click()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(upload))
+    page.wait_for_selector("text=Per-layer table", timeout=CHART_TIMEOUT_MS)
+    _settle(page)
+    page.evaluate(RUNS_JS)  # start counting
+    _rerun(page, page.locator('[data-testid="stButton"] button', has_text="Balance").first.click)
+    download = page.locator('[data-testid="stDownloadButton"] button', has_text="my-adapter-balanced.zip")
+    toggle = page.locator('[data-testid="stCheckbox"]', has_text="Log scale").last
+    for _ in range(3):
+        _rerun(page, toggle.click)  # a widget changed after Balance: the page ran again
+        runs = page.evaluate(RUNS_JS)[0]
+        with page.expect_download(timeout=CHART_TIMEOUT_MS) as got:
+            download.click()
+        assert got.value.suggested_filename == "my-adapter-balanced.zip"
+        with zipfile.ZipFile(got.value.path()) as zf:
+            assert sorted(zf.namelist()) == ["my-adapter-balanced/adapter_config.json",
+                                             "my-adapter-balanced/adapter_model.safetensors"]
+            balanced = _pairs64(load(zf.read("my-adapter-balanced/adapter_model.safetensors")))
+        assert balanced.keys() == original.keys()
+        for module, (a, b) in original.items():
+            a2, b2 = balanced[module]
+            assert np.linalg.norm(b2 @ a2 - b @ a) <= 1e-5 * np.linalg.norm(b @ a)  # dW unchanged
+            gram = np.linalg.norm(b2.T @ b2) + np.linalg.norm(a2 @ a2.T)
+            assert np.linalg.norm(b2.T @ b2 - a2 @ a2.T) <= 1e-5 * gram  # B^T B = A A^T
+        # The next widget's run is the only one since the download: the click ran nothing.
+        _rerun(page, toggle.click)
+        assert page.evaluate(RUNS_JS)[0] == runs + 1, "the Download click ran the page again"
+    _check(page, "inspect-downloaded")

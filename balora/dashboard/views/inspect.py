@@ -220,4 +220,7 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
         st.dataframe(changes, hide_index=True, placeholder=frames.NA_TEXT, key="insp_changes")
         for note in s.notes:
             st.info(md.text(clean(note)))
-        st.download_button(f"Download {result.file_name}", result.download, file_name=result.file_name, mime=result.mime, type="primary", key="insp_download")
+        # on_click="ignore": a click that reruns the page registers a new deferred id and drops the one the click is
+        # fetching, so on a busy server the download failed ("Deferred file ... not found") after any widget change.
+        st.download_button(f"Download {result.file_name}", result.download, file_name=result.file_name, mime=result.mime,
+                           type="primary", key="insp_download", on_click="ignore")
