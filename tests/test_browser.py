@@ -295,3 +295,19 @@ def test_inspect_download_is_the_balanced_adapter_and_does_not_rerun_the_page(se
         _rerun(page, toggle.click)
         assert page.evaluate(RUNS_JS)[0] == runs + 1, "the Download click ran the page again"
     _check(page, "inspect-downloaded")
+
+
+def test_pages_ask_nothing_of_other_hosts(server, page):
+    # The dashboard runs offline (air-gapped machines, a laptop on a train): every page's files come from the
+    # server. A material-symbol page icon made the browser fetch the favicon from fonts.gstatic.com on every page
+    # load (a request to Google per visit, a console error where there is no network).
+    host = server.split("//", 1)[1]
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if r.url.split("//", 1)[-1].split("/", 1)[0] != host
+            and not r.url.startswith(("data:", "blob:")) else None)
+    for path, ready in (("/", ".main-svg"), ("/inspect", '[data-testid="stTextInput"]'), ("/launch", '[data-testid="stFormSubmitButton"]'),
+                        ("/learn", ".main-svg")):
+        page.goto(server + path, wait_until="domcontentloaded")
+        page.wait_for_selector(ready, timeout=CHART_TIMEOUT_MS)
+        _settle(page)
+    assert not outside, f"requests to other hosts: {sorted(set(outside))}"

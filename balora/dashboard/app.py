@@ -48,7 +48,9 @@ def main() -> None:
     from balora.dashboard import exposure, md, settings, warmup
     from balora.errors import InputError
 
-    st.set_page_config(page_title="balora", page_icon=":material/balance:", layout="wide")
+    # An emoji, not ":material/balance:": the browser drew that favicon from fonts.gstatic.com on every page load
+    # (a request to Google per visit, an error offline); an emoji favicon is made in the page itself.
+    st.set_page_config(page_title="balora", page_icon="⚖️", layout="wide")
     # Served beyond this machine without anyone choosing it: show only how to restart it.
     exposed = exposure.current()
     if exposed is not None and not exposed.allowed:
