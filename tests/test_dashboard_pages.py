@@ -21,7 +21,7 @@ from streamlit.testing.v1 import AppTest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dashboard_data import write_run  # noqa: E402
 
-from balora.dashboard import exposure, jobs, settings  # noqa: E402
+from balora.dashboard import exposure, jobs, settings, uploads  # noqa: E402
 from balora.dashboard.app import page_path  # noqa: E402
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -656,6 +656,7 @@ def test_inspect_reruns_after_a_balance_reuse_the_copy_without_copying_it(app, a
         return original(label, data, *args, **kwargs)
 
     monkeypatch.setattr(streamlit, "download_button", recording)
+    monkeypatch.setattr(uploads, "DEFERRED_FROM_BYTES", 0)  # this copy is small: as a large one is offered
     at = app.run()
     at.switch_page(PAGE["inspect"]).run()
     at.text_input(key="insp_path").set_value(str(adapters["peft"])).run()

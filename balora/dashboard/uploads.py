@@ -21,6 +21,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import streamlit as st
 
@@ -255,6 +256,17 @@ class Balanced:
         """The copy, for st.download_button's deferred `data`: streamlit md5-hashes bytes given to it on every
         rerun (a second per widget for a 640 MB copy), a callable only when the user downloads."""
         return self.data
+
+    def for_button(self) -> bytes | Callable[[], bytes]:
+        """What st.download_button gets: the bytes, or for a large copy the deferred `download`. Deferred data
+        gets a new id on every run of the page, and in a browser a click now and then still fetched the last
+        run's, dropped id (nothing downloaded, nothing said: 1 click in 8 in tests/test_browser.py); bytes are
+        hashed on every run instead, ~0.2 s at DEFERRED_FROM_BYTES."""
+        return self.download if len(self.data) >= DEFERRED_FROM_BYTES else self.data
+
+
+# Copies from this size are offered as deferred data (Balanced.for_button).
+DEFERRED_FROM_BYTES = 128 * 2**20
 
 
 # Tensor files are stored in the download zip as they are: deflate shrinks float weights by 7% (fp32) to 20%

@@ -222,5 +222,5 @@ if st.session_state.get("insp_balance_req") == (str(src), method):
             st.info(md.text(clean(note)))
         # on_click="ignore": a click that reruns the page registers a new deferred id and drops the one the click is
         # fetching, so on a busy server the download failed ("Deferred file ... not found") after any widget change.
-        st.download_button(f"Download {result.file_name}", result.download, file_name=result.file_name, mime=result.mime,
+        st.download_button(f"Download {result.file_name}", result.for_button(), file_name=result.file_name, mime=result.mime,
                            type="primary", key="insp_download", on_click="ignore")
