@@ -79,11 +79,12 @@ def adapter(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(runs, streamlit_server):
+def server(runs, streamlit_server, tmp_path_factory):
     port = _free_port()
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port), "--server.address", "127.0.0.1",
            "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--runs", str(runs)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # TMPDIR: the upload folders a session leaves (balora-upload-*, pruned after 12 h) stay in the test's own folder.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path_factory.mktemp("server-tmp"))}
     env.pop("BALORA_RUNS", None)
     SHOTS.mkdir(parents=True, exist_ok=True)
     with streamlit_server(cmd, ROOT, env, port, SHOTS.parent / "streamlit-server.log", START_TIMEOUT_S):
