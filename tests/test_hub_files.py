@@ -88,6 +88,20 @@ def test_what_cannot_be_read_from_the_hub_is_one_line(text, words, offline_cache
     assert "\n" not in msg and msg.startswith(text) and words in msg
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("https://alice:hf_secret123@huggingface.co/user/name/blob/main/x.safetensors",
+     "https://***@huggingface.co/user/name/blob/main/x.safetensors: a Hub address with credentials"),
+    ("https://hf_secret123@hf.co/user/name", "https://***@hf.co/user/name: a Hub address with credentials"),
+    ("https://alice:hf_secret123@evil.com/user/name", "https://alice:***@evil.com/user/name: not an address on the Hugging Face Hub"),
+])
+def test_credentials_in_a_hub_address_are_refused_and_never_shown(text, shown, offline_cache):
+    # https://user:token@huggingface.co/... was accepted, the token silently dropped, and echoed in every message.
+    with pytest.raises(InputError) as err:
+        hub.resolve_source(text)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(shown) and "hf_secret123" not in msg
+
+
 def _factors(data: bytes, module: str):
     from safetensors.torch import load
 

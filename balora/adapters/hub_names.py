@@ -131,8 +131,11 @@ def _url_body(url: str) -> str | None:
     except ValueError:  # "Invalid IPv6 URL": a [ or ] in the host
         host = "not readable"
     if host not in URL_HOSTS:  # another site's address, never a local path ("https:/civitai.com/...: no such file")
-        raise InputError(f"{url}: not an address on the Hugging Face Hub (its host is {host or 'missing'}); balora fetches "
-                         "https://huggingface.co/user/name/... only: download the file and give its path")
+        raise InputError(f"{_without_password(url)}: not an address on the Hugging Face Hub (its host is {host or 'missing'}); "
+                         "balora fetches https://huggingface.co/user/name/... only: download the file and give its path")
+    if "@" in parts.netloc:  # user:token@huggingface.co: never sent, and never shown back (a message may be shared)
+        raise InputError(f"{url.replace(parts.netloc, '***@' + host, 1)}: a Hub address with credentials in it, which "
+                         "balora neither sends nor shows; give it without them (a private repository: `hf auth login`)")
     segments = [s for s in parts.path.split("/") if s]
     if segments and segments[0] == "models":
         segments = segments[1:]
@@ -150,6 +153,16 @@ def _url_body(url: str) -> str | None:
     revision, path = unquote(rest[1]).replace("/", "%2F"), [unquote(s) for s in rest[2:]]
     folder = "/" if rest[0] == "tree" and path else ""
     return f"{repo}@{revision}" + "".join("/" + s for s in path) + folder
+
+
+def _without_password(url: str) -> str:
+    """`url` with the password of a user:password@ part shown as ***."""
+    head, sep, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0]
+    if not sep or "@" not in netloc or ":" not in netloc.rpartition("@")[0]:
+        return url
+    user = netloc.rpartition("@")[0].split(":", 1)[0]
+    return url.replace(netloc, f"{user}:***@{netloc.rpartition('@')[2]}", 1)
 
 
 def _quoted_revision(revision: str) -> str:
