@@ -346,10 +346,9 @@ def test_compare_marks_running_and_interrupted_runs(app):
 
 
 
-def test_compare_refreshes_a_run_that_changed_while_it_was_read(tmp_path, monkeypatch):
-    """The run finishes (its summary, its status) while the page reads it: the page showed it "in progress"
-    without a summary, and its watcher, comparing with the files as they were after the read, never
-    refreshed it. The watcher compares with the files as they were read."""
+def _watch_a_run_finishing_while_read(tmp_path, monkeypatch, also=lambda path: None):
+    """The Compare page on a live run that finishes (its summary, its status) while the page reads it; `also(path)`
+    runs then too. Returns whether the page's watcher, ticked once by hand, asked for a rerun."""
     import streamlit
 
     from balora import store
@@ -366,6 +365,7 @@ def test_compare_refreshes_a_run_that_changed_while_it_was_read(tmp_path, monkey
             w.append("summary", [{"arm": "lora", "seed": 0, "lr": 0.1, "alpha": 4.0, "status": "completed",
                                    "steps_done": 2, "final_loss": 0.5}])
             w.finish("completed")
+            also(path)
         return run
 
     monkeypatch.setattr(store, "load_run", read_then_finish)
@@ -382,7 +382,15 @@ def test_compare_refreshes_a_run_that_changed_while_it_was_read(tmp_path, monkey
     assert "in progress" in texts(at.info) and len(watchers) == 1
     monkeypatch.setattr(streamlit, "rerun", lambda *a, **kw: reruns.append(True))
     watchers[0]()  # the watcher's next tick
-    assert reruns, "the page would show the run in progress, without its summary, until the user clicks"
+    return bool(reruns)
+
+
+def test_compare_refreshes_a_run_that_changed_while_it_was_read(tmp_path, monkeypatch):
+    """The run finishes (its summary, its status) while the page reads it: the page showed it "in progress"
+    without a summary, and its watcher, comparing with the files as they were after the read, never
+    refreshed it. The watcher compares with the files as they were read."""
+    assert _watch_a_run_finishing_while_read(tmp_path, monkeypatch), \
+        "the page would show the run in progress, without its summary, until the user clicks"
 
 
 def test_compare_refreshes_a_run_that_another_tab_loaded_newer_while_this_one_read_it(tmp_path, monkeypatch):
@@ -390,41 +398,13 @@ def test_compare_refreshes_a_run_that_another_tab_loaded_newer_while_this_one_re
     tab loaded it after the writer finished. The page's watcher took the version of the files "load_run last
     served", process-wide: the other tab's, so it compared with files it never showed and never refreshed;
     the page stayed "in progress" without the summary. It compares with the version this page read."""
-    import streamlit
-
-    from balora import store
     from balora.dashboard import loaders
-    from balora.store import RunWriter
 
-    w = RunWriter(tmp_path / "live", {"task": "synthetic", "arms": ["lora"], "seeds": [0], "steps": 2}, {})
-    w.append("steps", [{"arm": "lora", "seed": 0, "lr": 0.1, "alpha": 4.0, "step": s, "loss": 1.0 / s} for s in (1, 2)])
-    w.heartbeat({"done": 0, "total": 1}, force=True)
-    read, watchers, reruns = store.load_run, [], []
+    def other_tab_loads(path):
+        assert loaders.load_run(path).status == "completed"  # the other session's load
 
-    def read_then_other_tab(path, **kw):
-        run = read(path, **kw)
-        if not w.finished:  # the writer ends, and the other tab loads the finished run, while this page draws
-            w.append("summary", [{"arm": "lora", "seed": 0, "lr": 0.1, "alpha": 4.0, "status": "completed",
-                                   "steps_done": 2, "final_loss": 0.5}])
-            w.finish("completed")
-            assert loaders.load_run(path).status == "completed"  # the other session's load
-        return run
-
-    monkeypatch.setattr(store, "load_run", read_then_other_tab)
-
-    def fragment(f=None, *, run_every=None, **kw):  # the timed one (the watcher) is kept, called by hand
-        return f if f is not None else lambda g: (lambda: None) if run_every and not watchers.append(g) else g
-
-    monkeypatch.setattr(streamlit, "fragment", fragment)
-    monkeypatch.setenv(settings.ENV_VAR, str(tmp_path))
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.query_params["run"] = "live"
-    at.run()
-    no_exception(at)
-    assert "in progress" in texts(at.info) and len(watchers) == 1
-    monkeypatch.setattr(streamlit, "rerun", lambda *a, **kw: reruns.append(True))
-    watchers[0]()  # the watcher's next tick
-    assert reruns, "the page would show the run in progress, without its summary, until the user clicks"
+    assert _watch_a_run_finishing_while_read(tmp_path, monkeypatch, other_tab_loads), \
+        "the page would show the run in progress, without its summary, until the user clicks"
 
 
 def test_compare_shows_run_names_messages_and_the_url_as_text_never_as_markdown(tmp_path, monkeypatch):
