@@ -435,7 +435,7 @@ def test_a_base_models_single_file_checkpoint_is_refused_before_downloading(fake
     fake_hub["files"] = {"sd_xl_base_1.0.safetensors": 6_938_078_334, "text_encoder/model.fp16.safetensors": 246_144_152,
                          "unet/diffusion_pytorch_model.safetensors": 10_270_077_736, "README.md": 100}
     with pytest.raises(InputError) as e:
-        hub.download_adapter("stabilityai/stable-diffusion-xl-base-1.0")
+        hub.resolve_source("stabilityai/stable-diffusion-xl-base-1.0")
     msg = str(e.value)
     assert "\n" not in msg and "sd_xl_base_1.0.safetensors (6.9 GB)" in msg and hub.MAX_DOWNLOAD_ENV in msg
     assert "7.2 GB" in msg  # the files it would fetch: the UNet's weights are ignored anyway
@@ -445,20 +445,20 @@ def test_a_base_models_single_file_checkpoint_is_refused_before_downloading(fake
 def test_an_adapter_beside_sharded_base_weights_downloads(fake_hub):
     fake_hub["files"] = {"model-00001-of-00002.safetensors": 9_000_000_000, "model-00002-of-00002.safetensors": 5e9,
                          "adapter_model.safetensors": 50_000_000, "adapter_config.json": 800}
-    hub.download_adapter("user/lora")
+    hub.resolve_source("user/lora")
     assert fake_hub["downloads"] == ["user/lora"]
 
 
 def test_the_download_limit_can_be_raised(fake_hub, monkeypatch):
     fake_hub["files"] = {"big_lora.safetensors": 7e9}
     with pytest.raises(InputError, match="7.0 GB"):
-        hub.download_adapter("user/big")
+        hub.resolve_source("user/big")
     monkeypatch.setenv(hub.MAX_DOWNLOAD_ENV, "8")
-    hub.download_adapter("user/big")
+    hub.resolve_source("user/big")
     assert fake_hub["downloads"] == ["user/big"]
     monkeypatch.setenv(hub.MAX_DOWNLOAD_ENV, "lots")
     with pytest.raises(InputError, match=f"{hub.MAX_DOWNLOAD_ENV}='lots'"):
-        hub.download_adapter("user/big")
+        hub.resolve_source("user/big")
 
 
 def test_no_answer_from_the_hub_reads_the_cache_only(fake_hub):
@@ -467,10 +467,10 @@ def test_no_answer_from_the_hub_reads_the_cache_only(fake_hub):
     call had timed out (docs/SECURITY.md: a base model typed into a shared dashboard cannot fill its disk)."""
     connect_error = type("ConnectError", (Exception,), {})  # as httpx's: not an OSError
     fake_hub["info_error"] = connect_error("no route to host")
-    hub.download_adapter("user/lora")
+    hub.resolve_source("user/lora")
     assert fake_hub["downloads"] == ["user/lora"] and fake_hub["cache_only"] == [True]
     fake_hub["info_error"] = None
-    hub.download_adapter("user/lora")  # sized: downloaded
+    hub.resolve_source("user/lora")  # sized: downloaded
     assert fake_hub["cache_only"] == [True, False]
 
 
@@ -479,7 +479,7 @@ def test_offline_nothing_is_sized(fake_hub, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     fake_hub["info_error"] = AssertionError("model_info called offline")
-    hub.download_adapter("user/lora")
+    hub.resolve_source("user/lora")
     assert fake_hub["downloads"] == ["user/lora"]
 
 

@@ -80,11 +80,6 @@ def _under_local_folder(text: str, ref: HubRef) -> bool:
     return bool(ref.path) and text.startswith(ref.repo_id + "/") and Path(ref.repo_id).is_dir()
 
 
-def download_adapter(repo_id: str, revision: str | None = None) -> HubSource:
-    """The snapshot folder holding `repo_id`'s adapter files, fetched through the Hub cache."""
-    return download_ref(HubRef(repo_id, revision))
-
-
 def download_ref(ref: HubRef) -> HubSource:
     """What `ref` names, fetched through the Hub cache: one weights file (and, for a PEFT weights file, the
     adapter_config.json beside it), or the adapter files of the repository or of one folder in it."""
@@ -143,17 +138,17 @@ def _patterns(ref: HubRef) -> list[str]:
     return [f"{glob.escape(ref.path)}/{p}" for p in ADAPTER_PATTERNS] if ref.path else ADAPTER_PATTERNS
 
 
-def _download_file(ref: HubRef, offline: bool) -> Path:
+def _download_file(ref: HubRef, cache_only: bool) -> Path:
     """One file of the repository, through the cache; a PEFT weights file brings its adapter_config.json
     (a few hundred bytes that hold its scaling), when the repository has one beside it."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    found = Path(hf_hub_download(ref.repo_id, ref.path, revision=ref.revision, local_files_only=offline, etag_timeout=10))
+    found = Path(hf_hub_download(ref.repo_id, ref.path, revision=ref.revision, local_files_only=cache_only, etag_timeout=10))
     config = _config_beside(ref.path)
     if config is not None:
         try:
-            hf_hub_download(ref.repo_id, config, revision=ref.revision, local_files_only=offline, etag_timeout=10)
+            hf_hub_download(ref.repo_id, config, revision=ref.revision, local_files_only=cache_only, etag_timeout=10)
         except (EntryNotFoundError, _remote_entry_error()):  # no config: read as bare PEFT weights, scaling unknown
             pass
     return found
