@@ -25,6 +25,7 @@ import torch
 
 from bench_projection import time_interleaved  # beside this file: rounds in rotating order, seconds per call
 from cli_args import positive_int  # beside this file
+from machine import cpu_line  # beside this file
 
 
 def square(n: int, reps: int) -> None:
@@ -70,8 +71,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9
         torch.backends.mkldnn.matmul.fp32_precision = "ieee"  # full fp32, as balora's pass sets it
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_line()}")
     square(2048, 11)
     pass_shapes(16, 16, args.reps)
     return 0

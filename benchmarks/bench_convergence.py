@@ -42,6 +42,7 @@ import balora
 from balora import records
 from balora.errors import InputError
 from balora.runner import compare
+from machine import cpu_line  # beside this file
 
 # Around the task's defaults (adam 3e-2, sgd 0.3, sign 1e-2), factor ~3 apart. A large init_scale
 # lowers plain LoRA's stable SGD rate (the curvature across the valley is ~||A0||^2): SGD's grid
@@ -324,6 +325,7 @@ def run_benchmark(args) -> int:
     print(f"bench_convergence: python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, balora {balora.__version__}, "
           f"{platform.machine()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M:%S')}; {_load()}")
+    print(cpu_line())
     if args.paper:
         return run_paper_experiment(args, out)
     runs, lm = {}, None

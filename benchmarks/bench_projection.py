@@ -54,6 +54,7 @@ from balora.stack_writes import ParamWriter
 from opcount import count_ops
 from balora.report import pair_rows
 from cli_args import positive_int  # beside this file
+from machine import cpu_line  # beside this file
 
 
 @dataclass(frozen=True)
@@ -608,6 +609,7 @@ def main(argv=None) -> int:
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA"))
+    print(cpu_line())
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {_load()}")
     torch.set_grad_enabled(False)
     if args.profile:
