@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from balora.arms import ARMS, Arm, arm_options, resolve_arms
+from balora.commands.arg_checks import MAX_THREADS
 from balora.errors import InputError
 from balora.optim import optimizer_class
 from balora.runs_folder import new_run_dir
@@ -229,6 +230,14 @@ def _positive_int(value: Any, flag: str, minimum: int = 1) -> int:
     return v
 
 
+def _thread_count(value: Any) -> int:
+    """--threads, bounded as inspect and balance bound it (MAX_THREADS): torch takes a C int."""
+    v = _positive_int(value, "--threads")
+    if v > MAX_THREADS:
+        raise InputError(f"--threads {value}: must be an integer from 1 to {MAX_THREADS}")
+    return v
+
+
 def _lr_for(lr: Any, optimizer: str, task: str) -> Any:
     """The lr option, or the task's default for `optimizer` when its default is a dict per optimizer."""
     if isinstance(lr, dict):
@@ -317,7 +326,7 @@ def resolve(cfg: CompareConfig) -> Resolved:
         rank=rank,
         weight_decay=weight_decay,
         device=str(device),
-        threads=None if pick("threads") is None else _positive_int(pick("threads"), "--threads"),
+        threads=None if pick("threads") is None else _thread_count(pick("threads")),
         dtype=dtype,
         eval_every=_positive_int(pick("eval_every", 0), "--eval-every", 0),
         layers_every=_positive_int(pick("layers_every", 10), "--layers-every", 0),

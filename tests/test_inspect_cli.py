@@ -189,10 +189,16 @@ def test_balance_runs_on_one_torch_thread_unless_told(trained, tmp_path, capsys,
         assert run_cli(capsys, "balance", folder, tmp_path / "one")[0] == 0
         assert run_cli(capsys, "balance", folder, tmp_path / "two", "--threads", "2")[0] == 0
         rc, _, err = run_cli(capsys, "balance", folder, tmp_path / "none", "--threads", "0")
+        # past a C int, torch.set_num_threads used to fail with "Overflow when unpacking long"
+        rc_big, _, err_big = run_cli(capsys, "balance", folder, tmp_path / "big", "--threads", "99999999999")
+        rc_inspect, out_inspect, err_inspect = run_cli(capsys, "inspect", folder, "--threads", "99999999999")
     finally:
         torch.set_num_threads(threads)
     assert seen == [1, 2]
     assert rc == 2 and err.count("\n") == 1 and "--threads must be >= 1" in err and not (tmp_path / "none").exists()
+    for rc, err in ((rc_big, err_big), (rc_inspect, err_inspect)):
+        assert rc == 2 and err.count("\n") == 1 and "--threads must be >= 1 and <= 1024, got 99999999999" in err
+    assert not (tmp_path / "big").exists() and out_inspect == ""
 
 
 def test_errors_one_line_exit_2_debug_shows_traceback(tmp_path, capsys):

@@ -426,6 +426,16 @@ def test_the_python_api_takes_every_option_of_the_command(tmp_path):
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize("threads", [0, 10**12])
+def test_a_thread_count_torch_cannot_take_is_refused_before_the_run_folder(tmp_path, threads):
+    """10**12 threads used to reach torch.set_num_threads inside the run and end in "ValueError: Overflow
+    when unpacking long", after the run folder was made."""
+    with pytest.raises(InputError, match=r"^--threads \d+: must be an integer"):
+        compare("synthetic", arms="lora", steps=2, seeds=1, rank=2, device="cpu", out=tmp_path / "run",
+                quiet=True, threads=threads, **TINY)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
 def test_a_run_started_with_nohup_outlives_its_terminal(tmp_path, fake_task):
     """`nohup balora compare ...` ignores SIGHUP so that the run survives a closed terminal: the run's own

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from balora.cli import COMMANDS
+from balora.commands.arg_checks import check_threads
 from balora.commands.formatting import num, pipe_console, printable_frame
-from balora.errors import InputError
 from balora.policy import METHODS, RANK_DEFICIENT_POLICIES  # no torch: `balora balance --help` starts at once
 
 _SHOWN_ROWS = 20  # the per-module table lists the most imbalanced pairs first
@@ -42,13 +42,11 @@ def add_parser(sub):
 def run(args) -> int:
     from rich.markup import escape
 
-    if args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
     import torch
 
     from balora.inspection import balance_file
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(check_threads(args.threads))
     summary = balance_file(args.input, args.output, method=args.method,
                            on_rank_deficient=args.on_rank_deficient, force=args.force, dtype=args.dtype)
     console = pipe_console()

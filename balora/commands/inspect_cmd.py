@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from balora.cli import COMMANDS
+from balora.commands.arg_checks import check_threads
 from balora.commands.formatting import num, pipe_console, printable_frame, short_module_names
 from balora.errors import InputError
 
@@ -58,11 +59,9 @@ def run(args) -> int:
     sortable = [c for c in INSPECT_COLUMNS if c not in _LIST_COLUMNS]
     if args.sort is not None and args.sort not in sortable:
         raise InputError(f"--sort: cannot sort by {args.sort!r}; use one of {', '.join(sortable)}")
-    if args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(check_threads(args.threads))
     df = inspect(args.path, adapter=args.adapter)
     if args.sort is not None:
         df = sort_rows(df, args.sort)
