@@ -26,6 +26,7 @@ each pair carries an error estimate and the caller falls back to `balanced_facto
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ class Projection:
     B: torch.Tensor  # (G, out, r)
     S: torch.Tensor  # (G, r) singular values of the unscaled product B A, descending
     rank: torch.Tensor  # (G,) numerical rank of B A
-    zero: torch.Tensor  # (G,) bool: B A == 0 (PEFT init); projecting would kill training
+    zero: torch.Tensor  # (G,) bool: B A == 0 to rounding (PEFT init); projecting would kill training
     finite: torch.Tensor  # (G,) bool: inputs and outputs all finite
 
 
@@ -82,7 +83,7 @@ def balanced_factors(
     B_new = Q1_B @ (T_B @ left)  # (G, out, r)
     A_new = (right @ T_A.mT) @ Q1_A.mT  # (G, r, in)
 
-    zero = S[:, 0] == 0
+    zero = _zero_products(S, R_B, R_A, n_in + n_out)
     rank = (S > rank_rtol * S[:, :1]).sum(-1)
     keep = zero | ~finite_in
     if bool(keep.any()):
@@ -91,6 +92,22 @@ def balanced_factors(
     # thin_qr_factored gives finite Q1, T for finite input, so checking the r x r factors is enough.
     finite = finite_in & all_finite(left) & all_finite(right)
     return Projection(A=A_new, B=B_new, S=S, rank=rank, zero=zero, finite=finite)
+
+
+def _zero_products(S: torch.Tensor, R_B: torch.Tensor, R_A: torch.Tensor, n: int) -> torch.Tensor:
+    """(G,) bool: B A is zero, or no larger than the rounding of computing it. PEFT's orthogonal init gives
+    nonzero A and B (rank r/2 each) whose product is 0 in real arithmetic and ~u |B| |A| in fp32: balancing
+    that noise shrank both factors to its square root (0.8 -> 3e-4), a saddle training hardly leaves.
+    R_B, R_A: the thin QRs' R factors (as large as B and A); n = in + out. On this path that noise was at
+    most 31 u max|R_B| max|R_A| (r = 2 to 256, n = 8 to 15,104, 40 draws of the small shapes);
+    4 u (8 + r + sqrt(n)) is 4x above it or more, and below the product one Adam step at lr 1e-5 makes
+    from such an init (~3e3 u); a smaller one is left alone as zero until steps make it larger."""
+    u = torch.finfo(S.dtype).eps / 2
+    tol = 4 * u * (8 + S.shape[-1] + math.sqrt(n))
+    big_B, big_A = R_B.abs().amax((-2, -1)), R_A.abs().amax((-2, -1))
+    # Divided, never multiplied: factors at any finite scale neither overflow nor underflow here (0/0 is
+    # NaN, False, and then S == 0 says it).
+    return (S[:, 0] == 0) | (S[:, 0] / big_B <= tol * big_A)
 
 
 def pad_to_rank(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

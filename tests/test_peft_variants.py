@@ -189,3 +189,34 @@ def test_combining_adapters_factor_by_factor_depends_on_the_gauge(combination_ty
     # These combine A with A and B with B: the README warns that balancing the inputs changes the result.
     before, after = _combined_delta(False, combination_type), _combined_delta(True, combination_type)
     assert torch.linalg.norm(after - before) > 1e-2 * torch.linalg.norm(before)
+
+
+def test_orthogonal_init_whose_product_is_zero_is_left_alone_then_balanced_after_a_step(
+        make_llama, snapshot, assert_bit_identical, lora_factors, np_rel_imbalance, np_product_error):
+    """PEFT's init_lora_weights="orthogonal" gives nonzero A and B (rank r/2 each) whose product is zero up
+    to fp32 rounding (B A = 0 exactly in real arithmetic). Balancing that rounding noise shrank both
+    factors ~2,500x (0.8 -> 3e-4, a saddle training hardly leaves) and was reported as a 41% change of dW.
+    Such a product is zero, left alone like PEFT's B = 0 init; once a step makes it real, it is balanced."""
+    model = get_peft_model(make_llama(n_layer=1), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights="orthogonal"))
+    factors = lora_factors(model)
+    for A, B in factors.values():  # the premise, in float64: nonzero factors, a product at fp32 rounding
+        assert np.linalg.norm(B @ A) < 1e-6 * np.linalg.norm(B) * np.linalg.norm(A) and np.linalg.norm(A) > 0.1
+    before = snapshot(model)
+    summary = balance_(model)
+    assert summary.balanced == 0 and len(summary.skipped) == 2
+    assert all("zero product" in why for why in summary.skipped.values())
+    assert_bit_identical(before, snapshot(model))
+
+    ids = torch.arange(12)[None] % 64
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    stepped = lora_factors(model)
+    summary = balance_(model)
+    assert summary.balanced == 2 and not summary.skipped
+    for key, (A, B) in lora_factors(model).items():
+        A0, B0 = stepped[key]
+        assert np_product_error(A0, B0, A, B) < 1e-5 and np_rel_imbalance(A, B) < 1e-5
+        # The product a step made is ~1e-3 of |B||A|: its balanced factors are not the collapsed 3e-4.
+        assert np.linalg.norm(A) > 0.01
