@@ -86,6 +86,25 @@ def test_grid_heatmaps_give_every_learning_rate_its_own_column():
     assert np.allclose([float(y) for y in heat.y], alphas, rtol=1e-9)
 
 
+def test_grid_heatmaps_of_values_at_or_below_zero_colour_every_cell_on_one_linear_scale():
+    # A final excess loss is 0 or a rounding below it where training reached the best rank-r loss: a log
+    # colour scale cannot show such cells. Every value <= 0 raised (the min of no positive value), and one
+    # negative value among positive ones was coloured as the smallest positive one.
+    grid = pd.DataFrame({"series": "lora", "lr": [1e-3, 1e-3, 1e-2, 1e-2], "alpha": [8.0, 16.0, 8.0, 16.0],
+                         "final_excess_loss": [0.0, -1e-9, 0.0, -3e-9]})
+    fig = compare_plots.grid_heatmaps(grid, value="final_excess_loss", log_color=True)
+    heat = [t for t in fig.data if isinstance(t, go.Heatmap)][0]
+    assert np.allclose(np.asarray(heat.z, dtype=float), [[0.0, 0.0], [-1e-9, -3e-9]])  # drawn as they are, not log10
+    assert heat.zmin == -3e-9 and heat.zmax >= 0.0
+    sub = fig.layout.title.subtitle.text
+    assert "colour on a log scale" not in sub and "values <= 0" in sub  # the log toggle is on: says why it is not
+    mixed = grid.assign(final_excess_loss=[-1e-3, 0.5, 0.1, 0.2])
+    heat = [t for t in compare_plots.grid_heatmaps(mixed, value="final_excess_loss").data if isinstance(t, go.Heatmap)][0]
+    z = np.asarray(heat.z, dtype=float)
+    assert heat.zmin == -1e-3 and heat.zmax == 0.5  # the colour range holds every cell: -0.001 is not coloured as 0.1
+    assert heat.zmin <= z.min() and z.max() <= heat.zmax
+
+
 def test_speedup_bars_annotate_ratio_and_unreached():
     speed = pd.DataFrame(
         [

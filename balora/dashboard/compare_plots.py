@@ -139,15 +139,17 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     """
     name = METRIC_NAMES.get(value, value)
     title = f"{_cap(name)} across learning rate × alpha"
-    if grid.empty or grid[value].notna().sum() == 0:
+    if grid.empty or not np.isfinite(grid[value].to_numpy(dtype=float)).any():
         return empty_figure(title, "learning rate", "lora_alpha", "no grid cells finished yet")
     labels = list(dict.fromkeys(grid[by]))
     lrs = sorted(grid["lr"].unique())
     alphas = sorted(grid["alpha"].unique())
     xs, ys = _distinct_labels(lrs, _fmt_lr), _distinct_labels(alphas, _fmt_alpha)
     z_all = grid[value].to_numpy(dtype=float)
-    finite = z_all[np.isfinite(z_all) & (z_all > 0 if log_color else True)]
-    use_log = log_color and finite.size > 0 and (z_all[np.isfinite(z_all)] > 0).all()
+    # The colour range holds every finite cell: log only when all are > 0 (an excess loss at the optimum is 0 or a
+    # rounding below), else linear over all of them (over the positive ones alone, the others raised or looked best).
+    finite = z_all[np.isfinite(z_all)]
+    use_log = log_color and bool((finite > 0).all())
     zmin, zmax = (np.log10(finite.min()), np.log10(finite.max())) if use_log else (finite.min(), finite.max())
     if zmin == zmax:
         zmax = zmin + 1e-12
@@ -184,7 +186,8 @@ def grid_heatmaps(grid: pd.DataFrame, *, value: str = "final_loss", by: str = "s
     fig.update_xaxes(range=[-0.5, len(lrs) - 0.5])
     fig.update_yaxes(type="category", range=[-0.5, len(alphas) - 0.5])
     fig.update_yaxes(title_text="lora_alpha", row=1, col=1)
-    sub = "median over seeds; ★ and frame: each arm's lowest" + ("; colour on a log scale" if use_log else "") + METRIC_NOTES.get(value, "")
+    scale = "; colour on a log scale" if use_log else "; colour linear: values <= 0 have no log" if log_color else ""
+    sub = "median over seeds; ★ and frame: each arm's lowest" + scale + METRIC_NOTES.get(value, "")
     fig.update_layout(title=_title(title, sub), height=360 + 12 * len(alphas))
     return fig
 
