@@ -280,6 +280,21 @@ def test_compare_says_which_runs_the_chosen_metric_leaves_out(app):
     assert "samples/lm-toy" in texts(at.caption) and "excess loss" in texts(at.caption)
 
 
+def test_compare_says_a_run_without_the_chosen_cell_trained_no_such_cell(app):
+    # A grid beside a single-cell run, one cell of the grid chosen: the single run has excess loss, only not in
+    # that cell. The page said it "recorded no excess loss (not recorded)" and to choose another metric.
+    at = app.run()
+    at.multiselect(key="compare_runs").set_value(["grid", "single"]).run()
+    at.selectbox(key="compare_cell").set_value((0.01, 8.0)).run()
+    no_exception(at)
+    drawn = {t["name"].split(": ")[0] for c in charts(at)[:2] for t in c["data"] if t.get("name")}
+    assert at.selectbox(key="loss_metric").value == "excess_loss" and drawn == {"grid"}  # the case
+    notes = [c.value for c in at.caption if c.value.startswith("Not drawn")]
+    assert len(notes) == 2 and all("`single`" in n for n in notes)
+    assert not any("recorded no" in n or "another metric" in n for n in notes), notes
+    assert all("lr 0.01, alpha 8" in n for n in notes), notes
+
+
 def test_compare_does_not_call_a_run_without_evaluation_another_task(tmp_path, monkeypatch):
     # Two Trainer runs of one task, one evaluated and one not (no eval set): the page said the second
     # recorded no evaluation loss because it was "(another task)".

@@ -164,6 +164,7 @@ steps, summary = (frames.filter_arms_seeds(df, arms, seeds) for df in (steps, su
 lrs, alphas = frames.grid_shape(summary, steps)
 is_grid = len(lrs) * len(alphas) > 1
 best = frames.best_cells(summary, steps)
+cell = None  # the cell chosen below: "best", "best per seed" or one (lr, alpha); None for a single cell
 if is_grid:
     # "best": one cell per arm (lowest median over seeds); "best per seed": each seed its own, the paper's
     # protocol, preselected when every chosen run was recorded with --select seed.
@@ -210,6 +211,23 @@ def why_absent(column: str, absent: list[str]) -> str:
     return frames.why_unrecorded(column, [tasks[n] for n in absent], [t for n, t in tasks.items() if n not in absent])
 
 
+def not_drawn(column: str, shown, every_cell, advice: str = "") -> str | None:
+    """The "Not drawn" caption for the runs with no `column` in `shown` (the chosen cells), None when none is
+    left out. A run that has `column` in `every_cell` (its rows in every cell) only trained no chosen cell (a
+    grid's lr x alpha cell chosen beside another run's grid): said so, never that it recorded no `column`."""
+    absent = frames.runs_without(shown, column, list(runs))
+    if not absent or len(absent) == len(runs):
+        return None
+    elsewhere = [r for r in absent if r not in frames.runs_without(every_cell, column, absent)]
+    unrecorded = [r for r in absent if r not in elsewhere]
+    name, codes = plots.METRIC_NAMES[column], lambda rs: ", ".join(md.code(r) for r in rs)  # noqa: E731
+    parts = [f"{codes(unrecorded)}, which recorded no {name} ({why_absent(column, unrecorded)}){advice}"] if unrecorded else []
+    if elsewhere:
+        which = f"lr {cell[0]:g}, alpha {cell[1]:g}" if isinstance(cell, tuple) else "of those shown"
+        parts.append(f"{codes(elsewhere)}, which trained no cell {which} (choose another cell above)")
+    return "Not drawn: " + "; ".join(parts) + "."
+
+
 def loss_view() -> None:
     """Loss against step or time, final losses per arm, and the per-arm and per-seed tables."""
     metrics = frames.recorded(steps, frames.LOSS_METRICS)
@@ -220,19 +238,18 @@ def loss_view() -> None:
     log_y = d.toggle("Log scale", value=True, key="loss_log")
     curves = frames.seed_curves(cell_steps, x=x, metric=metric, band=band, summary=cell_summary)
     st.plotly_chart(compare_plots.loss_curves(curves, x=x, metric=metric, log_y=log_y, loss_unit=unit, band=band), key="fig_loss")
-    absent = frames.runs_without(cell_steps, metric, list(runs))
-    if absent and len(absent) < len(runs):  # runs of another task or not evaluated: said, not silently left out
-        st.caption(f"Not drawn: {', '.join(md.code(r) for r in absent)}, which recorded no {plots.METRIC_NAMES[metric]} "
-                   f"({why_absent(metric, absent)}); choose another metric above to compare them.")
+    # runs of another task, not evaluated, or without the chosen cell: said, not silently left out
+    note = not_drawn(metric, cell_steps, steps, advice="; choose another metric above to compare them")
+    if note:
+        st.caption(note)
     if not cell_summary.empty:
         per_seed = is_grid and cell == "best per seed"
         per_arm = frames.arm_summaries(summary, select="seed" if per_seed else "arm")
         headline = frames.headline_metric(summary)
         st.plotly_chart(compare_plots.final_loss_by_arm(cell_summary, value=headline, loss_unit=unit, log_y=log_y), key="fig_final")
-        absent = frames.runs_without(cell_summary, headline, list(runs))
-        if absent and len(absent) < len(runs):
-            st.caption(f"Not drawn: {', '.join(md.code(r) for r in absent)}, which recorded no {plots.METRIC_NAMES[headline]} "
-                           f"({why_absent(headline, absent)}).")
+        note = not_drawn(headline, cell_summary, summary)
+        if note:
+            st.caption(note)
         st.markdown("**Each arm at its own best cell" + (", each seed at its own (the paper's protocol; lr, alpha: medians)" if per_seed else "")
                     + "** (median over seeds; `within_2x`: share of the grid within 2× of the best)")
         st.dataframe(frames.tidy(per_arm), hide_index=True, placeholder=frames.NA_TEXT, key="arm_summary")
