@@ -1087,6 +1087,23 @@ def test_inspect_metrics_of_a_fresh_peft_adapter_say_n_a_not_nan(app, tmp_path):
     assert not any(v.lower() == "nan" for v in shown.values())
 
 
+def test_inspect_spectra_of_a_fresh_peft_adapter_say_what_the_log_axis_leaves_off(app, tmp_path):
+    # B = 0: every singular value of B and dW is 0. The log axis drew two blank panels without a word, and
+    # the page had no way to see them; it says how many values it left off and a toggle draws them.
+    fresh = _write_adapter(tmp_path / "fresh", seed=0)
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(fresh)).run()
+    no_exception(at)
+    spectra = next(c for c in charts(at) if c["layout"]["title"]["text"].startswith("Singular values of"))
+    zeros = sum(1 for t in spectra["data"] for v in arr(t["y"]) if v <= 0)
+    assert zeros == 8  # r = 4 values of dW and of B, all 0
+    assert "8 values <= 0 left off the log scale" in spectra["layout"]["title"]["subtitle"]["text"]
+    at.toggle(key="insp_sv_log").set_value(False).run()
+    spectra = next(c for c in charts(at) if c["layout"]["title"]["text"].startswith("Singular values of"))
+    assert spectra["layout"]["yaxis"]["type"] == "linear" and "left off" not in spectra["layout"]["title"]["subtitle"]["text"]
+
+
 def test_warmup_never_leaves_pil_half_imported_for_plotly(tmp_path):
     # plotly's JSON encoder takes PIL.Image from sys.modules without importing it: while the warm-up
     # thread was half-way through importing it (torch pulls it in), a page drawing a chart showed

@@ -171,6 +171,23 @@ def test_singular_values_and_evolution():
     assert len(evo.data) == 2 * 3 and {t.name for t in evo.data} == {"σ1", "σ2", "σ3"}
 
 
+def test_spectra_say_how_many_zero_singular_values_a_log_axis_leaves_off():
+    # PEFT's init (B = 0) and step 0 of every run: B and dW are zero, all their singular values 0. On the log
+    # axis those panels were blank with no word why (the loss figures say it: the same clause here).
+    sv = _spectra(series=("lora",))
+    sv.loc[(sv["step"] == 0) & sv["which"].isin(["dW", "B"]), "value"] = 0.0
+    at0 = sv[sv["step"] == 0].drop(columns="step")
+    sub = plots.singular_values(at0, title="at step 0").layout.title.subtitle.text
+    assert "6 values <= 0 left off the log scale" in sub  # 3 of dW and 3 of B, counted independently:
+    assert int((at0["value"] <= 0).sum()) == 6
+    assert "left off" not in plots.singular_values(at0, title="at step 0", log_y=False).layout.title.subtitle.text
+    assert "left off" not in plots.singular_values(sv[sv["step"] == 10].drop(columns="step"), title="t").layout.title.subtitle.text
+    evo = compare_plots.spectrum_evolution(sv[sv["which"] == "B"].drop(columns="which"), which="B")
+    assert "3 values <= 0 left off the log scale" in evo.layout.title.subtitle.text
+    assert "left off" not in compare_plots.spectrum_evolution(
+        sv[sv["which"] == "A"].drop(columns="which"), which="A").layout.title.subtitle.text
+
+
 @pytest.mark.parametrize("n", [27, 40])
 def test_per_series_panels_for_many_runs_and_arms(n):
     # Compare with ~10 runs of 3 arms: one panel per run and arm. A fixed gap between panels (0.03-0.04 of

@@ -14,8 +14,8 @@ from plotly.subplots import make_subplots
 
 from balora.dashboard.md import plot_label  # run, arm and layer names come from run folders: text, never tags
 from balora.dashboard.plots import (
-    METRIC_NAMES, METRIC_NOTES, PALETTE, SIGMA_LABEL, VALUE_LABELS, WHICH_TITLES, X_LABELS, _cap, _log_ticks, _rgba,
-    _title, arm_colors, empty_figure, run_dashes,
+    METRIC_NAMES, METRIC_NOTES, PALETTE, SIGMA_LABEL, VALUE_LABELS, WHICH_TITLES, X_LABELS, _cap, _log_ticks, _off_log,
+    _rgba, _title, arm_colors, empty_figure, run_dashes,
 )
 
 def loss_curves(
@@ -97,13 +97,6 @@ def final_loss_by_arm(cells: pd.DataFrame, *, value: str = "final_loss", by: str
     if log_y and pos.size and np.log10(pos.max() / pos.min()) > 2:
         fig.update_yaxes(dtick=1)  # one label per decade: 2x/5x labels crowd a short axis
     return fig
-
-
-def _off_log(values: pd.DataFrame, log_y: bool) -> str:
-    """A subtitle clause for values a log axis cannot draw (an excess loss a rounding below 0), else ""."""
-    v = values.to_numpy(dtype=float)
-    n = int((v <= 0).sum()) if log_y else 0
-    return f"; {n} value{'s' if n > 1 else ''} <= 0 left off the log scale (turn log off to see them)" if n else ""
 
 
 def _gap(panels: int, gap: float) -> float:
@@ -330,7 +323,8 @@ def spectrum_evolution(sv: pd.DataFrame, *, which: str = "dW", by: str = "series
         fig.update_xaxes(title_text="optimizer step", row=1, col=col)
     fig.update_yaxes(type="log" if log_y else "linear")
     fig.update_yaxes(title_text=SIGMA_LABEL, row=1, col=1)
-    fig.update_layout(title=_title(title, "σ1 is the largest; median over seeds"), height=400, legend_title_text="index")
+    sub = "σ1 is the largest; median over seeds" + _off_log(sv[["value"]], log_y)  # a zero B (PEFT's init, step 0)
+    fig.update_layout(title=_title(title, sub), height=400, legend_title_text="index")
     return fig
 
 

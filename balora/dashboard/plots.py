@@ -120,6 +120,14 @@ def _title(text: str, subtitle: str | None = None) -> dict:
     return {"text": text, "subtitle": {"text": subtitle}} if subtitle else {"text": text}
 
 
+def _off_log(values: pd.DataFrame, log_y: bool) -> str:
+    """A subtitle clause for values a log axis cannot draw (an excess loss a rounding below 0, the singular
+    values of a zero B), else "": a figure never leaves them out without a word."""
+    v = values.to_numpy(dtype=float)
+    n = int((v <= 0).sum()) if log_y else 0
+    return f"; {n} value{'s' if n > 1 else ''} <= 0 left off the log scale (turn log off to see them)" if n else ""
+
+
 def _log_ticks(lo: float, hi: float) -> dict:
     """Colour-bar ticks at powers of ten (and 2x, 5x when the range is short) for log10 data."""
     lo_i, hi_i = math.floor(lo), math.ceil(hi)
@@ -152,5 +160,7 @@ def singular_values(sv: pd.DataFrame, *, by: str = "series", title: str = "Singu
         fig.update_xaxes(title_text="index i (1 = largest)", dtick=1 if sv["index"].max() < 16 else None, row=1, col=col)
         fig.update_yaxes(type="log" if log_y else "linear", row=1, col=col)
     fig.update_yaxes(title_text=SIGMA_LABEL, row=1, col=1)
-    fig.update_layout(title=_title(title, "balanced factors have equal spectra for A and B"), height=400, legend_title_text=legend)
+    # PEFT's init (B = 0) and step 0 of a run: every singular value of B and dW is 0, their panels blank on a log axis.
+    sub = "balanced factors have equal spectra for A and B" + _off_log(sv[["value"]], log_y)
+    fig.update_layout(title=_title(title, sub), height=400, legend_title_text=legend)
     return fig

@@ -163,11 +163,14 @@ st.plotly_chart(inspect_plots.conditioning_by_layer(report_frames.worst_layers(o
 
 modules = ok["module"].astype(str).drop_duplicates().tolist()
 if modules:
-    layer = st.selectbox("Layer for the spectra", modules, key="insp_layer")
+    a, b = st.columns([5, 1])
+    layer = a.selectbox("Layer for the spectra", modules, key="insp_layer")
+    # B = 0 (PEFT's init) has only zero singular values, which a log axis cannot draw: linear shows them.
+    sv_log = b.toggle("Log scale", value=True, key="insp_sv_log")
     sv = report_frames.report_spectra(ok, layer)
     # Legend entries (adapter names from the file) are escaped by plots.singular_values itself: escaped
     # here as well, an adapter "q&a" read "q&amp;a".
-    st.plotly_chart(plots.singular_values(sv, by="checkpoint", legend="checkpoint", title=md.plot_label(f"Singular values of {layer}" + (f" ({chosen})" if chosen else ""))), key="fig_insp_sv")
+    st.plotly_chart(plots.singular_values(sv, by="checkpoint", legend="checkpoint", log_y=sv_log, title=md.plot_label(f"Singular values of {layer}" + (f" ({chosen})" if chosen else ""))), key="fig_insp_sv")
 
 with st.expander("Files read"):
     st.json([{**s, "path": shown(s.get("path", "")), "notes": [clean(n) for n in s.get("notes") or []]} for s in sources], expanded=False)
