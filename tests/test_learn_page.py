@@ -85,3 +85,33 @@ def test_optimizer_choice_changes_the_gauge_comparison(app):
     keys = ("fig_gauge_loss", "fig_gauge_move")
     sign = "sign descent (the paper's synthetic Adam)"
     assert changed_after(app, lambda at: at.radio(key="gauge_optimizer").set_value(sign), keys) == set(keys)
+
+
+def test_loss_figures_draw_every_positive_loss_where_it_is():
+    # Gradient descent from the unbalanced start at the slider's smallest learning rate reaches losses of
+    # 1e-30 and below; the Learn figures drew every value under 1e-12 at 1e-12, a curve stalled flat there.
+    # Only an exact 0 (no log) is drawn at a floor, below every positive value of the figure.
+    import numpy as np
+
+    from balora import teaching
+    from balora.dashboard import learn_plots
+
+    a, b, losses = 0.5 / 6, 0.5 * 6, []
+    for _ in range(61):  # the page's path, in plain float64 numpy: a <- a - lr (ab - 1) b, b <- b - lr (ab - 1) a
+        losses.append(0.5 * (a * b - 1.0) ** 2)
+        a, b = a - 0.05 * (a * b - 1.0) * b, b - 0.05 * (a * b - 1.0) * a
+    losses = np.array(losses)
+    assert losses.min() < 1e-25  # the case
+    paths = {"balanced": teaching.scalar_gd(0.5, 0.5, 1.0, 0.5, 60), "unbalanced": teaching.scalar_gd(0.5 / 6, 3.0, 1.0, 0.05, 60)}
+    assert (paths["balanced"].loss == 0).any()  # an exact 0 in the same figure
+    fig = learn_plots.scalar_loss_figure(paths)
+    drawn = np.asarray(fig.data[1].y, dtype=float)
+    pos = losses > 0
+    assert np.allclose(drawn[pos], losses[pos], rtol=1e-6, atol=0)
+    zeros = np.asarray(fig.data[0].y, dtype=float)[paths["balanced"].loss == 0]
+    assert (zeros < drawn[pos].min()).all()  # exactly 0: below every positive value, not above some
+    assert fig.layout.yaxis.range[0] <= np.log10(zeros.min())  # and inside the axis
+    cons = {"gd": teaching.conservation_path("gd", "peft", 0.3)}
+    true = cons["gd"].loss
+    assert np.nanmin(true) < 1e-20
+    assert np.allclose(np.asarray(learn_plots.factor_loss_figure(cons).data[0].y, dtype=float), true, rtol=1e-9, atol=0)

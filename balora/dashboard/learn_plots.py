@@ -32,7 +32,9 @@ LABELS = {
     "svd": "BaLoRA, svd gauge",
     "nearest": "BaLoRA, nearest gauge",
 }
-# Log-scale axes cannot show 0; values below this are drawn at it.
+# Log-scale axes cannot show 0: an exact 0 (or less) is drawn at a floor, this or a decade below the smallest
+# positive value of its figure, whichever is lower. Positive values are drawn as they are (float64 gradient
+# descent reaches 1e-30: flattened at a fixed floor, a curve looked stalled there).
 LOG_FLOOR = 1e-12
 
 
@@ -41,10 +43,18 @@ def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
     return fig
 
 
-def _floor(x) -> np.ndarray:
-    """Positive copy for log axes; nan (diverged or not reached) stays nan so lines break there."""
+def _zero_floor(*arrays) -> float:
+    """Where a figure of `arrays` draws its values <= 0 on a log axis: below every positive value it draws."""
+    pos = [v[v > 0] for v in (np.asarray(a, dtype=float).ravel() for a in arrays)]
+    smallest = min((float(p.min()) for p in pos if p.size), default=LOG_FLOOR)
+    return min(LOG_FLOOR, smallest / 10)
+
+
+def _floor(x, floor: float = LOG_FLOOR) -> np.ndarray:
+    """Positive copy for log axes: values <= 0 at `floor`, the others as they are; nan (diverged or not
+    reached) stays nan so lines break there."""
     x = np.asarray(x, dtype=float)
-    return np.where(np.isnan(x), np.nan, np.maximum(x, LOG_FLOOR))
+    return np.where(np.isnan(x), np.nan, np.where(x > 0, x, floor))
 
 
 # --- 1. scalar case ----------------------------------------------------------------------
@@ -96,12 +106,13 @@ def scalar_landscape_figure(a, b, Z, paths: dict, y: float = 1.0) -> go.Figure:
 def scalar_loss_figure(paths: dict) -> go.Figure:
     """Loss per step of each gradient-descent path (log scale); a diverged path stops."""
     fig = go.Figure()
+    floor = _zero_floor(*(path.loss for path in paths.values()))
     lows = [LOG_FLOOR]
     for label, path in paths.items():
         steps = np.arange(len(path.loss))
         name = f"{label} start" + (" (diverged)" if path.diverged else "")
-        fig.add_trace(go.Scatter(x=steps, y=_floor(path.loss), mode="lines", name=name, line=dict(color=COLORS.get(label))))
-        lows.append(float(np.nanmin(_floor(path.loss))))
+        fig.add_trace(go.Scatter(x=steps, y=_floor(path.loss, floor), mode="lines", name=name, line=dict(color=COLORS.get(label))))
+        lows.append(float(np.nanmin(_floor(path.loss, floor))))
     fig.update_xaxes(title="step")
     # Cap the top: a diverging run would otherwise squash every other curve to the bottom.
     fig.update_yaxes(title="loss f(a, b)", type="log", range=[np.log10(min(lows)) - 0.5, 3])
@@ -170,10 +181,11 @@ def imbalance_figure(paths: dict, relative: bool = False) -> go.Figure:
 def factor_loss_figure(paths: dict) -> go.Figure:
     """Loss 1/2 ||B A - Y||^2 per step (log scale); paths: optimizer -> FactorPath."""
     fig = go.Figure()
+    floor = _zero_floor(*(path.loss for path in paths.values()))
     for name, path in paths.items():
         fig.add_trace(
             go.Scatter(
-                x=np.arange(len(path.loss)), y=_floor(path.loss), mode="lines", name=LABELS.get(name, name),
+                x=np.arange(len(path.loss)), y=_floor(path.loss, floor), mode="lines", name=LABELS.get(name, name),
                 line=dict(color=COLORS.get(name)),
             )
         )
@@ -213,7 +225,7 @@ def hessian_spectrum_figure(eigenvalues, r: int = 2) -> go.Figure:
     gauge = np.arange(len(mags)) < r * r
     fig = go.Figure()
     for mask, name, color in ((gauge, f"{r * r} gauge directions (≈ 0, ignored)", "#bbbbbb"), (~gauge, "kept directions", "#1f77b4")):
-        fig.add_trace(go.Bar(x=np.arange(len(mags))[mask], y=_floor(mags[mask]), name=name, marker_color=color))
+        fig.add_trace(go.Bar(x=np.arange(len(mags))[mask], y=_floor(mags[mask], _zero_floor(mags)), name=name, marker_color=color))
     fig.update_xaxes(title="eigenvalue index (sorted by magnitude)")
     fig.update_yaxes(title="|eigenvalue| of the Hessian", type="log")
     return _layout(fig, "Hessian spectrum at (B T, T⁻¹ A)", height=380)
