@@ -1104,6 +1104,31 @@ def test_inspect_spectra_of_a_fresh_peft_adapter_say_what_the_log_axis_leaves_of
     assert spectra["layout"]["yaxis"]["type"] == "linear" and "left off" not in spectra["layout"]["title"]["subtitle"]["text"]
 
 
+def test_inspect_balance_metrics_name_the_pairs_they_cover_when_some_were_left_unchanged(app, tmp_path):
+    # One trained pair and one at PEFT's init (B = 0, relative imbalance 1, left unchanged). The page's
+    # "Worst relative imbalance" said 1 above and "Worst relative imbalance (before: 0.5)" after Balance: the
+    # second covers the balanced pair only, and the copy's worst is still 1.
+    folder = tmp_path / "half"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(4, 16, generator=g), torch.randn(16, 4, generator=g)
+    save_file({"base_model.model.0.lora_A.weight": A, "base_model.model.0.lora_B.weight": B,
+               "base_model.model.2.lora_A.weight": torch.randn(4, 16, generator=g),
+               "base_model.model.2.lora_B.weight": torch.zeros(16, 4)}, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["0", "2"]}))
+    A64, B64 = A.double().numpy(), B.double().numpy()
+    rel = np.linalg.norm(B64.T @ B64 - A64 @ A64.T) / (np.linalg.norm(B64.T @ B64) + np.linalg.norm(A64 @ A64.T))
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.text_input(key="insp_path").set_value(str(folder)).run()
+    assert {m.label: m.value for m in at.metric}["Worst relative imbalance"] == "1"
+    at.button(key="insp_balance").click().run()
+    no_exception(at)
+    label = next(m.label for m in at.metric if "relative imbalance" in m.label and "before" in m.label)
+    assert f"before: {rel:.3g}" in label and rel < 0.9  # the balanced pair's own, recomputed here
+    assert "balanced pair" in label, label  # not the file's worst (1, left as it is)
+
+
 def test_warmup_never_leaves_pil_half_imported_for_plotly(tmp_path):
     # plotly's JSON encoder takes PIL.Image from sys.modules without importing it: while the warm-up
     # thread was half-way through importing it (torch pulls it in), a page drawing a chart showed
