@@ -466,6 +466,34 @@ def test_a_peft_adapter_folder_is_refused_not_silently_dropped(tmp_path):
     assert "adapter" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_an_encoder_loaded_as_a_causal_lm_is_refused(tmp_path, arch):
+    # transformers loads BERT-like folders as BertLMHeadModel & co. without is_decoder: attention stays
+    # bidirectional, every position sees the token it is trained to predict, and the run "completed".
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    text = "".join(f"{i} apples and {i + 1} pears\n" for i in range(60))
+    folder = tmp_path / arch
+    vocab = _char_tokenizer_folder(folder, text)
+    sizes = dict(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=70)
+    torch.manual_seed(0)
+    (BertModel(BertConfig(**sizes)) if arch == "bert" else RobertaModel(RobertaConfig(**sizes))).save_pretrained(folder)
+    (tmp_path / "fruit.txt").write_text(text)
+    # the leak, measured independently of balora: an earlier position's logits move with the last token
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.arange(3, 19).view(1, 16)
+    other = ids.clone()
+    other[0, -1] = 2
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits[:, :-1], model(input_ids=other).logits[:, :-1])
+    with pytest.raises(InputError, match=f"'{folder}' is not a causal language model.*--task encoder") as e:
+        lm.build(make_cfg(model=str(folder), data=str(tmp_path / "fruit.txt"), block_size=32), 0, 8.0, CPU)
+    assert "\n" not in str(e.value)
+
+
 def test_user_target_modules_are_used(tmp_path):
     problem = lm.build(make_cfg(target_modules="c_fc"), 0, 8.0, CPU)
     assert {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)} == {"c_fc"}

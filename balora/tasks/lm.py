@@ -75,6 +75,7 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     _check_token_ids(data, model, str(cfg["model"]))
     lora_model = add_lora(model, cfg, alpha, seed, task="lm", task_type="CAUSAL_LM",
                    default_targets={"gpt2": GPT2_TARGETS}).to(device)
+    _check_causal(lora_model, data.train[:1, :16].to(device), str(cfg["model"]))  # B = 0: the base model's logits
     batch_size = min(int(cfg["batch_size"]), len(data.train))
     eval_blocks = data.eval.to(device)
 
@@ -184,6 +185,29 @@ def _check_token_ids(data: TokenBlocks, model: nn.Module, name: str) -> None:
         raise InputError(
             f"lm: the tokenizer of {name!r} gives token id {top}, but the model embeds only {rows} tokens; "
             "save the model's own tokenizer with it (or resize_token_embeddings(len(tokenizer)) after adding tokens)"
+        )
+
+
+def _check_causal(model: nn.Module, ids: torch.Tensor, name: str) -> None:
+    """An InputError when a position's logits depend on later tokens. transformers loads an encoder folder
+    (BERT, RoBERTa...) as its *LMHeadModel / *ForCausalLM without is_decoder: attention stays bidirectional,
+    each position sees the token it is trained to predict, and the run "completed" on a leaked target.
+    ids (1, T): the last token is changed; beyond rounding in the model's dtype, no earlier logit may move."""
+    other = ids.clone()
+    other[0, -1] = ids[0, 0] if ids[0, 0] != ids[0, -1] else ids[0, -1] - 1 if ids[0, -1] > 0 else 1
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        a, b = (model(input_ids=x).logits for x in (ids, other))  # (1, T, V)
+    model.train(was_training)
+    eps = torch.finfo(a.dtype).eps
+    a, b = a.float(), b.float()
+    earlier, last = float((a[:, :-1] - b[:, :-1]).abs().max()), float((a[:, -1] - b[:, -1]).abs().max())
+    if earlier > 10 * eps * max(last, 1e-30):
+        raise InputError(
+            f"lm: {name!r} is not a causal language model: its prediction at a position changes with the tokens "
+            "after it (an encoder such as BERT loaded with a language-model head), so it would learn to copy the "
+            "token it should predict; use a decoder model (GPT-2, Llama...), or --task encoder for an encoder"
         )
 
 
