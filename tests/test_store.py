@@ -201,6 +201,25 @@ def test_not_a_run_and_out_dir_rules(tmp_path):
     assert load_run(tmp_path / "run").steps.empty
 
 
+def test_a_run_inside_another_run_is_refused(tmp_path):
+    # --out run/sub (or $BALORA_RUNS pointing at a run): the new run was written, but list_runs stops at the
+    # first run folder it meets and never looks inside, so neither the dashboard nor `balora dashboard --runs
+    # run` (the command compare printed) ever showed it.
+    outer = writer(tmp_path / "run")
+    outer.finish("completed")
+    for inner in (tmp_path / "run" / "sub", tmp_path / "run" / "steps" / "x" / "y"):
+        with pytest.raises(InputError, match=f"--out {inner}: inside the balora run {tmp_path / 'run'}.*outside") as e:
+            writer(inner)
+        assert "\n" not in str(e.value) and not inner.exists()
+    with pytest.raises(InputError, match=r"\$BALORA_RUNS .*inside the balora run"):
+        writer(tmp_path / "run" / "sub", flag="$BALORA_RUNS")
+    assert list(list_runs(tmp_path / "run")["name"]) == ["run"]  # where a run inside would not be listed
+    writer(tmp_path / "run", force=True)  # the run itself can still be replaced
+    writer(tmp_path / "runs" / "a")  # and runs side by side are fine
+    writer(tmp_path / "run" / ".." / "b")  # beside the run, spelled through it
+    assert sorted(list_runs(tmp_path)["name"]) == ["a", "b", "run"]
+
+
 def test_list_runs(tmp_path):
     for name in ("a", "nested/b"):
         w = writer(tmp_path / name)

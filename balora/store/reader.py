@@ -152,6 +152,16 @@ def refuse_live_writer(path: Path, flag: str, doing: str) -> None:
                          f"let it finish before {doing} it, or choose another path")
 
 
+def refuse_inside_run(path: Path, flag: str) -> None:
+    """InputError if a folder above `path` holds a run: list_runs (the dashboard's listing) stops at a run
+    folder and never looks inside it, so a run written there could not be found."""
+    # resolved: run/../x is beside the run, not inside it
+    outer = next((p for p in Path(path).resolve().parents if is_run_dir(p)), None)
+    if outer is not None:
+        raise InputError(f"{flag} {path}: inside the balora run {outer}, where the dashboard would never list it; "
+                         "choose a path outside that run")
+
+
 def load_run(path: str | Path, *, stale_after_s: float = STALE_AFTER_S) -> Run:
     """Read a run directory (complete, partial, or from a crashed writer) into a Run.
 

@@ -22,7 +22,7 @@ from balora.store.json_files import RunError, read_config, read_status
 from balora.store.layout import (CONFIG, ENV, HEARTBEAT_S, MARKER, RUN_FILES, STATUS, STATUSES, TABLES,
                                  is_json_tmp, is_marked, is_part_file, is_run_dir, marker_text, part_name, table_parts,
                                  to_table)
-from balora.store.reader import refuse_live_writer
+from balora.store.reader import refuse_inside_run, refuse_live_writer
 
 
 def now_iso() -> str:
@@ -192,6 +192,7 @@ class RunWriter:
         self.kept: list[str] = []
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderTaken(f"{flag} {self.path}: exists and is not a directory; choose another path")
+        refuse_inside_run(self.path, flag)  # not RunFolderTaken: the next default name would be inside it too
         if self.path.is_dir() and any(self.path.iterdir()):
             if not force:
                 raise RunFolderTaken(f"{flag} {self.path}: directory exists and is not empty; choose another path "
