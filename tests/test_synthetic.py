@@ -1,5 +1,7 @@
 """The synthetic task, and the losses of stored runs against an independent float64 numpy re-implementation."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,22 @@ def test_init_scale_1_is_bit_identical_to_the_default(tmp_path):
 def test_init_scale_must_be_positive(bad):
     with pytest.raises(InputError, match="init_scale"):
         get_task("synthetic").build(cfg(init_scale=bad), 0, 2.0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype,std", [("float32", 1e40), ("bfloat16", 1e40), ("float32", 1e-300),
+                                       ("float64", 1e-300), ("float64", 1e300)])
+def test_a_std_whose_problem_does_not_fit_the_dtype_is_refused(dtype, std):
+    # entries past the dtype's range became inf when the weights were rounded to it: the first build failed as
+    # "_LinAlgError: linalg.svd: ... non-finite values (rerun with --debug)"; entries below its smallest
+    # number (or losses that underflow float64) became 0: a problem of zeros, "completed" at loss 0 in one step
+    W0s, T = problem_tensors(cfg(std=std), 0)
+    rounded = W0s[0].to(getattr(torch, dtype)).double()
+    initial = 0.5 * float(((rounded - T) ** 2).sum())  # independent: what the trained problem starts at
+    assert not (rounded.isfinite().all() and np.isfinite(initial) and initial > 0)
+    with pytest.raises(InputError, match=re.escape(f"--set std={std}: the problem does not fit {dtype}")) as e:
+        get_task("synthetic").build(cfg(std=std, dtype=dtype), 0, 2.0, torch.device("cpu"))
+    assert "\n" not in str(e.value)
+    get_task("synthetic").build(cfg(std=1e10, dtype=dtype), 0, 2.0, torch.device("cpu"))  # a std that fits
 
 
 def test_sgd_conserves_the_large_initial_imbalance():

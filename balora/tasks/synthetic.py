@@ -222,6 +222,13 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
         return 0.5 * ((m(x).to(loss_dtype) - Y) ** 2).sum()
 
     initial = float(0.5 * ((product(W0s) - T) ** 2).sum())  # B = 0: dW = 0
+    with torch.no_grad():
+        trained = float(loss(model, X))  # the same loss as the cells will see it, in the run's dtype
+    # A std far from 1 overflows the dtype (the weights rounded to inf: "_LinAlgError" in the SVD below) or
+    # underflows it (a problem of zeros, "completed" at loss 0 in one step): refused before the run is written.
+    if not (math.isfinite(initial) and initial > 0 and math.isclose(trained, initial, rel_tol=0.1)):
+        raise InputError(f"--set std={cfg['std']}: the problem does not fit {cfg['dtype']} (initial loss {initial:g}, "
+                         f"{trained:g} in {cfg['dtype']}); use a std nearer 1")
     best = best_rank_r_loss(W0s, T, rank, cfg["target"])
     return Problem(
         model=model,
