@@ -99,6 +99,8 @@ class BalanceCallback(TrainerCallback):
                 "balance=False for diagnostics only."
             )
         _check_adapter("BalanceCallback", kwargs.get("model"), self.adapter)
+        if self.balance or self.log_diagnostics:
+            _refuse_unsupported(kwargs.get("model"), self.adapter)
         if str(getattr(args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
             _warn_4bit_repacking(kwargs.get("model"))
 
@@ -187,6 +189,7 @@ def balance_after_step(
         raise TypeError(f"balance_after_step: unknown option(s) {', '.join(sorted(unknown))}")
     adapter, skip_frozen = kwargs.pop("adapter", None), kwargs.pop("skip_frozen", True)
     _check_adapter("balance_after_step", model, adapter)
+    _refuse_unsupported(model, adapter)
     policy = BalancePolicy(method, **{"check": False, **kwargs})  # validated once, here
     cache = PairCache(skip_frozen)  # the model is walked once, not after every step
     count = {"steps": int(steps_taken)}
@@ -209,6 +212,16 @@ def _check_adapter(who: str, model, adapter: str | None) -> None:
     names = peft_configs(model) if model is not None else {}  # also under (Distributed)DataParallel
     if adapter is not None and names and adapter not in names:
         raise ValueError(f"{who}: the model has no adapter {adapter!r}; it has {', '.join(map(repr, names))}")
+
+
+def _refuse_unsupported(model, adapter: str | None) -> None:
+    """Refuse FSDP1, a DeepSpeed engine or ZeRO-3 parameters before training: the walk that finds them
+    (no communication, FSDP2's shards stay shards) ran only inside the first balancing step, after that
+    optimizer step, or after start_step - 1 steps of training. A model sharded later is refused then."""
+    from balora.adapters.live import _walk_pairs
+
+    if isinstance(model, nn.Module):
+        _walk_pairs(model, adapter)
 
 
 def _scaler_skipped(optimizer) -> bool:

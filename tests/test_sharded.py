@@ -478,3 +478,36 @@ def test_lora_shard_placement_called_per_block_gathers_nothing(model, mesh, monk
     assert placement(_layer(model, "lin").lora_A["default"].weight) == Shard(1)  # a sharded A is still found
     assert placement(_layer(model, "lin").lora_B["default"].weight) is None
     fully_shard(_layer(model, "conv"), mesh=mesh, shard_placement_fn=placement)
+
+
+@pytest.mark.parametrize("shard", ["wrapped-block", "flat-parameter"])
+def test_training_hooks_refuse_fsdp1_before_training_starts(model, shard):
+    """FSDP1 under a training hook: auto-wrapping puts FullyShardedDataParallel around blocks inside the
+    model the Trainer hands its callbacks; without a wrapper inside, the factors are flat views. Both were
+    refused only from inside the first balancing step: after that optimizer step had run, and with
+    start_step=1000 after 999 steps of training. They must be refused when the hook is registered and
+    when training begins, with nothing registered."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    class FullyShardedDataParallel(nn.Module):  # FSDP1's class name; the real one needs an accelerator
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    tiny = model.base_model.model
+    if shard == "wrapped-block":
+        tiny.lin = FullyShardedDataParallel(tiny.lin)
+    else:
+        sub = _layer(model, "lin").lora_A["default"]
+        sub.weight = nn.Parameter(sub.weight.detach().flatten())
+    words = "FSDP1" if shard == "wrapped-block" else "flattened or sharded"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(RuntimeError, match=words) as err:
+        balora.balance_after_step(opt, model)
+    assert "fully_shard" in str(err.value) and "\n" not in str(err.value)
+    assert not opt._optimizer_step_post_hooks, "nothing registered"
+    for callback in (balora.BalanceCallback(start_step=1000), balora.BalanceCallback(balance=False)):
+        with pytest.raises(RuntimeError, match=words):
+            callback.on_train_begin(SimpleNamespace(), TrainerState(), TrainerControl(), model=model)
