@@ -320,6 +320,57 @@ def test_balance_svd_gauge_and_bin_format(trained, tmp_path):
     assert (balora.inspect(out)["rel_imbalance"] < 1e-4).all()
 
 
+def test_tied_embedding_adapter_saved_as_bin_by_peft_is_read_and_balanced(tmp_path, peft_deltas):
+    """PEFT's ensure_weight_tying on a tied-embedding model gives lm_head the embedding's LoRA factors
+    transposed, and torch.save keeps them as transposed views of one storage: a file PEFT writes
+    (safe_serialization=False) and loads, which inspect and balance refused as repeating stored values."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    def tied_llama():
+        model = make_llama()
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        return model
+
+    model = get_peft_model(tied_llama(), LoraConfig(r=4, lora_alpha=8, ensure_weight_tying=True,
+                                                    target_modules=["q_proj", "embed_tokens", "lm_head"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(tmp_path / "in", safe_serialization=False)
+    sd = torch.load(tmp_path / "in" / "adapter_model.bin", weights_only=True)
+    lm_A, emb_B = sd["base_model.model.lm_head.lora_A.weight"], sd["base_model.model.model.embed_tokens.lora_embedding_B"]
+    assert lm_A.untyped_storage().data_ptr() == emb_B.untyped_storage().data_ptr()  # the case: one storage, two views
+
+    df = balora.inspect(tmp_path / "in")
+    deltas = {m.removeprefix("base_model.model."): d for (m, _), d in peft_deltas(model).items()}
+    assert set(df["module"]) == set(deltas) and (df["status"] == "ok").all()
+    factors = peft_file_factors(tmp_path / "in" / "adapter_model.bin")
+    for _, row in df.iterrows():  # dW = s B A against PEFT's own get_delta_weight, in float64
+        A, B = factors[row["module"]]
+        dW = row["scaling"] * B @ A
+        ref = deltas[row["module"]].numpy()
+        ref = ref.T if row["kind"] == "embedding" else ref
+        assert np.linalg.norm(dW - ref) <= 1e-6 * np.linalg.norm(ref), row["module"]
+
+    balance_file(tmp_path / "in", tmp_path / "out")
+    out = torch.load(tmp_path / "out" / "adapter_model.bin", weights_only=True)
+    assert out.keys() == sd.keys()
+    for k in sd:
+        if "lora_" not in k:
+            assert torch.equal(out[k], sd[k]), k
+    assert (balora.inspect(tmp_path / "out")["rel_imbalance"] < 1e-4).all()
+    ids = token_batch()
+    logits = []
+    for folder in ("in", "out"):
+        m = PeftModel.from_pretrained(tied_llama(), tmp_path / folder).eval()
+        with torch.no_grad():
+            logits.append(m(input_ids=ids).logits.double())
+    assert (logits[1] - logits[0]).abs().max() <= 1e-5 * logits[0].abs().max()
+
+
 # ---- Trainer output folder -------------------------------------------------------------------------
 
 

@@ -179,8 +179,10 @@ def _check_stored_values(path: Path, state: dict[str, torch.Tensor]) -> None:
     A pickle rebuilds each tensor from (storage, offset, shape, stride), so a stride-0 tensor or
     many views of one storage declare any number of values from a few stored bytes, and measuring
     or balancing them materialises every one (a 2 KB file, GBs of memory). A view is counted once
-    (tied weights: one tensor under two names), so ordinary files, whose distinct tensors never
-    overlap, always pass; safetensors files cannot overlap at all.
+    (tied weights: one tensor under two names), and so are a 2-D view and its transpose (PEFT's
+    ensure_weight_tying saves lm_head's lora_A / lora_B as transposed views of the embedding's
+    lora_embedding_B / _A: the same stored values, read twice at most), so ordinary files, whose
+    distinct tensors never overlap, always pass; safetensors files cannot overlap at all.
     """
     stored: dict[int, int] = {}
     views: set[tuple] = set()
@@ -188,7 +190,10 @@ def _check_stored_values(path: Path, state: dict[str, torch.Tensor]) -> None:
     for v in state.values():
         storage = v.untyped_storage()
         stored[storage.data_ptr()] = storage.nbytes()
-        view = (storage.data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        dims = tuple(zip(v.shape, v.stride()))
+        # Only 2-D views are keyed up to the order of their dims: a transpose reads exactly the values
+        # of its original, and a 2-D block has just two orders (in d dims one block could be claimed d! times).
+        view = (storage.data_ptr(), v.storage_offset(), tuple(sorted(dims)) if v.dim() == 2 else dims, v.dtype)
         if view not in views:
             views.add(view)
             claimed += v.numel() * v.element_size()
