@@ -220,3 +220,57 @@ def test_orthogonal_init_whose_product_is_zero_is_left_alone_then_balanced_after
         assert np_product_error(A0, B0, A, B) < 1e-5 and np_rel_imbalance(A, B) < 1e-5
         # The product a step made is ~1e-3 of |B||A|: its balanced factors are not the collapsed 3e-4.
         assert np.linalg.norm(A) > 0.01
+
+
+def _saved_and_balanced(model, tmp_path, dense):
+    """Save `model` (every LoRA factor drawn at random, imbalanced) with PEFT, inspect it, balance it to
+    tmp_path / "out". Returns (inspect's frame, {module: PEFT's get_delta_weight in float64} for the `dense` ones,
+    the original and balanced weights as read by safetensors, the two files loaded by PEFT)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    import balora
+
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (2.0 if "lora_B" in name else 0.2))
+    model.save_pretrained(tmp_path / "in")
+    df = balora.inspect(tmp_path / "in")
+    with torch.no_grad():
+        deltas = {m: model.base_model.model.get_submodule(m).get_delta_weight("default").double() for m in dense}
+    balora.balance_file(tmp_path / "in", tmp_path / "out")
+    files = [load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("in", "out")]
+    loaded = []
+    for d in ("in", "out"):
+        torch.manual_seed(0)  # the base weights _model's MLP has
+        loaded.append(PeftModel.from_pretrained(MLP(), tmp_path / d).eval())
+    return df, deltas, files, loaded
+
+
+def _file_dW(files, row):
+    sd = files[0]
+    A, B = (sd[f"base_model.model.{row['module']}.lora_{f}.weight"].double() for f in "AB")
+    return row["scaling"] * B @ A
+
+
+def test_velora_adapter_file_is_balanced_like_the_live_model(tmp_path):
+    """VeLoRA's forward is exactly x A^T B^T (README): live models balance it, but a saved VeLoRA adapter
+    had every pair skipped by inspect and balance ("LoRA variant (velora_config) is not a plain s B @ A")."""
+    VeloraConfig = getattr(bd_config, "VeloraConfig", None)
+    if VeloraConfig is None:
+        pytest.skip("this PEFT has no VeLoRA")
+    model = _model(LoraConfig(r=2, lora_alpha=6, target_modules=["lin0", "lin1"], velora_config=VeloraConfig(num_groups=2)))
+    df, deltas, files, loaded = _saved_and_balanced(model, tmp_path, ["lin0", "lin1"])
+    assert list(df["module"]) == ["lin0", "lin1"] and (df["status"] == "ok").all()
+    for _, row in df.iterrows():  # s B A from the file against PEFT's own dW
+        assert torch.linalg.norm(_file_dW(files, row) - deltas[row["module"]]) <= 1e-6 * torch.linalg.norm(
+            deltas[row["module"]])
+    assert any(not torch.equal(files[0][k], files[1][k]) for k in files[0] if "lora_B" in k)  # balanced
+    for k in files[0]:
+        if ".lora_A." not in k and ".lora_B." not in k:  # lora_velora_embed and the rest: the same bytes
+            assert torch.equal(files[0][k], files[1][k]), k
+    with torch.no_grad():
+        y0, y1 = (m(_x()).double() for m in loaded)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5 * y0.abs().max().item())

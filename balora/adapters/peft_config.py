@@ -19,8 +19,9 @@ from balora.errors import InputError
 from balora.safe_io import CONFIG_MAX_BYTES, read_json_capped
 
 # LoraConfig switches whose variants change what B and A mean (dW is not s B A).
-# DoRA and aLoRA keep dW = s B A and are read as plain pairs.
-NON_PRODUCT_VARIANTS = ("use_qalora", "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
+# DoRA, aLoRA and VeLoRA (it only compresses the activations kept for A's gradient) keep dW = s B A
+# and are read as plain pairs, as live.py balances them.
+NON_PRODUCT_VARIANTS = ("use_qalora", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
 
 # PEFT's keys are module names or short suffix patterns ("q_proj", "layers.0.mlp"): tens of
 # characters. A key of thousands is not such a pattern.
