@@ -274,3 +274,28 @@ def test_velora_adapter_file_is_balanced_like_the_live_model(tmp_path):
     with torch.no_grad():
         y0, y1 = (m(_x()).double() for m in loaded)
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5 * y0.abs().max().item())
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_bdlora_adapter_file_skips_block_diagonal_pairs_and_balances_dense_ones(which, tmp_path):
+    """A saved BD-LoRA adapter had every pair skipped (its dense pairs too, which live models balance), and one
+    with a block-diagonal lora_B, stored as (out, r / nblocks), was refused whole as "shapes do not chain"."""
+    BdLoraConfig = getattr(bd_config, "BdLoraConfig", None)
+    if BdLoraConfig is None:
+        pytest.skip("this PEFT has no BD-LoRA")
+    bd = BdLoraConfig(**{f"target_modules_bd_{which}": ["lin0"]}, nblocks=2, match_strict=False)
+    model = _model(LoraConfig(r=4, lora_alpha=6, target_modules=["lin0", "lin1"], use_bdlora=bd))
+    live = {p.module: p.skip_reason for p in iter_lora_pairs(model)}
+    df, deltas, files, loaded = _saved_and_balanced(model, tmp_path, ["lin1"])  # PEFT has no dW for a BD lora_B
+    status = dict(zip(df["module"], df["status"]))
+    assert status == {"lin0": f"skipped: {live['lin0']}", "lin1": "ok"}  # the live walker's words
+    assert f"lora_{which.upper()} is block-diagonal (2 blocks)" in status["lin0"]
+    row = df.set_index("module").loc["lin1"].to_dict() | {"module": "lin1"}
+    assert torch.linalg.norm(_file_dW(files, row) - deltas["lin1"]) <= 1e-6 * torch.linalg.norm(deltas["lin1"])
+    for k in files[0]:  # lin0's block-diagonal pair and every non-factor tensor: the same bytes
+        if ".lin1.lora_" not in k:
+            assert torch.equal(files[0][k], files[1][k]), k
+    assert not torch.equal(files[0]["base_model.model.lin1.lora_B.weight"], files[1]["base_model.model.lin1.lora_B.weight"])
+    with torch.no_grad():
+        y0, y1 = (m(_x()).double() for m in loaded)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5 * y0.abs().max().item())

@@ -94,8 +94,10 @@ def group_keys(path, keys, patterns, default_adapter: str) -> tuple[dict[tuple[s
     return groups, other
 
 
-def make_entry(tf: TensorFile, module: str, adapter: str, roles: dict[str, str], fmt: str) -> PairEntry:
-    """Validate one pair's keys and shapes (headers only) into a PairEntry."""
+def make_entry(tf: TensorFile, module: str, adapter: str, roles: dict[str, str], fmt: str,
+               preset: str | None = None) -> PairEntry:
+    """Validate one pair's keys and shapes (headers only) into a PairEntry. preset: why the config
+    skips this pair (BD-LoRA's block-diagonal factor), known before its shapes are read."""
     names = _ROLE_NAMES[fmt]
     emb = "emb_A" in roles or "emb_B" in roles
     ra, rb = ("emb_A", "emb_B") if emb else ("A", "B")
@@ -125,7 +127,7 @@ def make_entry(tf: TensorFile, module: str, adapter: str, roles: dict[str, str],
     if sB[1] != sA[0]:
         if kind.startswith("conv") and sA[0] % sB[1] == 0:
             skip = f"grouped conv (groups={sA[0] // sB[1]}): dW is not B @ A"
-        else:
+        elif preset is None:  # a block-diagonal factor is stored as its blocks side by side: (out, r / blocks)
             raise InputError(
                 f"{where}: shapes do not chain: {names[ra]} {list(sA)} has r={sA[0]} rows but {names[rb]} {list(sB)} "
                 f"has {sB[1]} columns"
@@ -133,13 +135,14 @@ def make_entry(tf: TensorFile, module: str, adapter: str, roles: dict[str, str],
     if "mid" in roles:
         skip = "LoCon Tucker factor (lora_mid): dW is not lora_up @ lora_down"
     return PairEntry(module, adapter, kind, kA, kB, sA, sB, tf.dtypes[kA], scaling=None,
-                     dora="magnitude" in roles, magnitude_key=roles.get("magnitude"), skip_reason=skip)
+                     dora="magnitude" in roles, magnitude_key=roles.get("magnitude"), skip_reason=skip or preset)
 
 
-def find_entries(tf: TensorFile, patterns, fmt: str, default_adapter: str) -> tuple[list[PairEntry], list[str], dict]:
+def find_entries(tf: TensorFile, patterns, fmt: str, default_adapter: str,
+                 preset_skip=None) -> tuple[list[PairEntry], list[str], dict]:
     """(pairs sorted by module name in natural order (layers.2 before layers.10: blocks come in the model's
     order; within a block, names sort alphabetically, where the live model lists q, k, v, o, ...),
-    keys that are not factors, {(module, adapter): roles})."""
+    keys that are not factors, {(module, adapter): roles}). preset_skip(module): make_entry's preset."""
     groups, other = group_keys(tf.path, tf.keys(), patterns, default_adapter)
     entries, extra = [], {}
     for (module, adapter), roles in groups.items():
@@ -147,7 +150,7 @@ def find_entries(tf: TensorFile, patterns, fmt: str, default_adapter: str) -> tu
         if not factor_roles:  # e.g. a stray alpha: not a pair, keep it as is
             other.extend(roles.values())
             continue
-        entries.append(make_entry(tf, module, adapter, roles, fmt))
+        entries.append(make_entry(tf, module, adapter, roles, fmt, preset_skip(module) if preset_skip else None))
         extra[(module, adapter)] = roles
     entries.sort(key=lambda e: (natural_key(e.module), e.adapter))
     return entries, other, extra

@@ -20,8 +20,8 @@ from balora.safe_io import CONFIG_MAX_BYTES, read_json_capped
 
 # LoraConfig switches whose variants change what B and A mean (dW is not s B A).
 # DoRA, aLoRA and VeLoRA (it only compresses the activations kept for A's gradient) keep dW = s B A
-# and are read as plain pairs, as live.py balances them.
-NON_PRODUCT_VARIANTS = ("use_qalora", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
+# and are read as plain pairs, as live.py balances them; BD-LoRA is decided per module (bdlora_skip).
+NON_PRODUCT_VARIANTS = ("use_qalora", "monteclora_config", "arrow_config", "kasa_config")
 
 # PEFT's keys are module names or short suffix patterns ("q_proj", "layers.0.mlp"): tens of
 # characters. A key of thousands is not such a pattern.
@@ -193,4 +193,22 @@ def variant_skip(cfg: dict) -> str | None:
     used = [k for k in NON_PRODUCT_VARIANTS if cfg.get(k)]
     if cfg.get("init_lora_weights") == "mica":
         used.append("init_lora_weights='mica'")
+    if cfg.get("use_bdlora") and not isinstance(cfg["use_bdlora"], dict):  # no lists to tell the modules by
+        used.append("use_bdlora")
     return f"LoRA variant ({', '.join(used)}) is not a plain s B @ A product" if used else None
+
+
+def bdlora_skip(cfg: dict, module: str) -> str | None:
+    """Why BD-LoRA (use_bdlora) leaves the pair of `module` alone, else None (a dense pair: dW = s B A).
+
+    PEFT makes lora_A (lora_B) block-diagonal in the modules whose name contains a string of
+    target_modules_bd_a (_bd_b), and saves it as its blocks side by side: (r, in / nblocks)
+    ((out, r / nblocks)). The words are live.py's for the same pair.
+    """
+    bd = cfg.get("use_bdlora")
+    for factor, key in (("lora_A", "target_modules_bd_a"), ("lora_B", "target_modules_bd_b")):
+        names = bd.get(key) if isinstance(bd, dict) else None
+        if isinstance(names, list) and any(isinstance(n, str) and n in module for n in names):
+            return (f"BD-LoRA: {factor} is block-diagonal ({bd.get('nblocks', '?')} blocks), not a dense B @ A pair; "
+                    "balancing would fill its zero blocks")
+    return None

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from balora.adapters.entries import KOHYA_KEYS, PEFT_KEYS, PairEntry, find_entries, has_kohya_factors
-from balora.adapters.peft_config import config_rank_scaling, rank_scaling_tables, read_config, variant_skip
+from balora.adapters.peft_config import bdlora_skip, config_rank_scaling, rank_scaling_tables, read_config, variant_skip
 from balora.adapters.hub_names import inside_root
 from balora.adapters.sharded_checkpoint import sharded_checkpoint_hint
 from balora.adapters.tensor_file import TensorFile
@@ -158,7 +158,7 @@ def _peft_source(folder: Path, adapter: str, root: Path, weights: Path | None = 
             raise InputError(f"{folder}: has {ADAPTER_CONFIG} but no {' or '.join(WEIGHT_NAMES)}")
         check_inside(weights, root, "the weights file")
     tf = tensors if tensors is not None else TensorFile(weights)
-    entries, other, _ = find_entries(tf, PEFT_KEYS, "peft", adapter)
+    entries, other, _ = find_entries(tf, PEFT_KEYS, "peft", adapter, lambda module: bdlora_skip(cfg, module))
     if not entries:
         raise InputError(f"{weights}: no lora_A/lora_B keys among its {len(tf.keys())} tensors")
     variant = variant_skip(cfg)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from balora.adapters.entries import PEFT_KEYS, PairEntry, find_entries, has_kohya_factors, natural_key
 from balora.adapters.hub_names import cache_name
-from balora.adapters.peft_config import check_config, config_rank_scaling, rank_scaling_tables, variant_skip
+from balora.adapters.peft_config import (bdlora_skip, check_config, config_rank_scaling, rank_scaling_tables,
+                                         variant_skip)
 from balora.adapters.reading import (
     READERS,
     AdapterSource,
@@ -134,7 +135,7 @@ def read_diffusers_file(c: Candidate) -> list[AdapterSource] | None:
             raise InputError(f"{weights}: {e.module}: lora_A has r={e.r} rows but the file's {DIFFUSERS_METADATA} "
                              f"gives r={r_cfg} for it: the metadata does not belong to these weights")
         e.dora = e.dora or bool(cfg.get("use_dora"))
-        e.skip_reason = e.skip_reason or variant_skip(cfg)
+        e.skip_reason = e.skip_reason or variant_skip(cfg) or bdlora_skip(cfg, rest if key else e.module)
     notes = []
     tied = sorted(p for p in unknown if p in common)  # alphas for some pairs, none most common
     if tied:
