@@ -264,6 +264,27 @@ class _TwoParamExperts(nn.Module):
         return torch.einsum("eoi,beo->bi", self.down, torch.einsum("eio,bi->beo", self.up, x))
 
 
+def test_stacked_experts_of_one_module_in_a_saved_adapter_share_their_expert_count(tmp_path):
+    """Two expert weights of one module, r 3 and 2 (rank_pattern), E = 3: lora_A rows 9 and 6. Both 3 and 2
+    divide 6, and the file was read as r 3 for 2 experts there (scaling alpha / 3, "2 stacked experts");
+    the other wrapper's 9 rows allow E = 3 only, and one module's wrappers share E."""
+    torch.manual_seed(0)
+    model = get_peft_model(_MoE(_TwoParamExperts()), LoraConfig(
+        r=2, lora_alpha=6, target_parameters=["experts.down", "experts.up"], target_modules=[],
+        rank_pattern={"down": 3}, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "moe")
+    df = balora.inspect(tmp_path / "moe").set_index("module")
+    live = {}
+    for name, layer in model.named_modules():
+        if hasattr(layer, "num_experts") and hasattr(layer, "scaling"):
+            live[name.removeprefix("base_model.model.")] = (layer.r["default"], layer.scaling["default"], layer.num_experts)
+    assert set(df.index) == set(live) and len(live) == 2
+    for module, (r, scaling, experts) in live.items():
+        assert experts == 3 and df.loc[module, "r"] == r * experts  # the file's rows
+        assert df.loc[module, "scaling"] == pytest.approx(scaling), module
+        assert f"LoRA on {experts} stacked experts" in df.loc[module, "status"], module
+
+
 def _lora_layer_names(model):
     from peft.tuners.lora import LoraLayer
 

@@ -148,13 +148,31 @@ def rank_scaling_tables(cfg: dict, where: str = "adapter config") -> tuple[Patte
             PatternTable(cfg.get("alpha_pattern") or {}, "alpha_pattern", where))
 
 
+def rank_scalings(cfg: dict, rows: dict[str, int], where: str) -> dict[str, tuple[int, float | None]]:
+    """config_rank_scaling for every layer of one adapter file ({module: lora_A's rows}), the patterns
+    matched once. A stacked-experts layer (target_parameters) holds r x E rows, and two of its
+    candidate r can both divide them (r 2 and 3 for 12 rows); the wrappers of one module share E,
+    so where exactly one E suits them all, it decides each one's r."""
+    tables = rank_scaling_tables(cfg, where)
+    allowed: dict[str, set[int]] = {}
+    for module, n in rows.items() if cfg.get("target_parameters") else ():
+        ranks = {tables[0].get(name, cfg.get("r", 8)) for name in pattern_targets(cfg, module)}
+        counts = {n // r for r in ranks if n % r == 0}
+        owner = module.replace(".base_layer", "")
+        allowed[owner] = allowed[owner] & counts if owner in allowed else counts
+    experts = {m: next(iter(allowed.get(m.replace(".base_layer", ""), ()))) for m in rows
+               if len(allowed.get(m.replace(".base_layer", ""), ())) == 1}
+    return {m: config_rank_scaling(cfg, m, tables, n, experts.get(m)) for m, n in rows.items()}
+
+
 def config_rank_scaling(cfg: dict, module: str, tables: tuple[PatternTable, PatternTable] | None = None,
-                        rows: int | None = None) -> tuple[int, float | None]:
+                        rows: int | None = None, experts: int | None = None) -> tuple[int, float | None]:
     """(r, s) PEFT gives `module`: rank_pattern / alpha_pattern override r / lora_alpha;
     s = alpha / r, or alpha / sqrt(r) with rsLoRA. `tables`: from rank_scaling_tables(cfg), to
     reuse its matches and time bound across the modules of one adapter. rows: lora_A's rows in
     the file, to tell which targeted parameter a layer wraps (target_parameters: see
-    pattern_targets); s is None when that stays ambiguous and the candidates' scalings differ."""
+    pattern_targets); s is None when that stays ambiguous and the candidates' scalings differ.
+    experts: the layer's expert count when known (rank_scalings): the r with r x experts = rows."""
     ranks, alphas = tables or rank_scaling_tables(cfg)
     options = {}
     for name in pattern_targets(cfg, module):
@@ -162,7 +180,8 @@ def config_rank_scaling(cfg: dict, module: str, tables: tuple[PatternTable, Patt
         options.setdefault(r, set()).add(alphas.get(name, cfg.get("lora_alpha", 8)) / (
             math.sqrt(r) if cfg.get("use_rslora") else r))
     # The rows are r, or r per expert for a stacked 3-D parameter.
-    r = next((r for r in options if r == rows), next((r for r in options if rows and rows % r == 0), next(iter(options))))
+    fits = [r for r in options if experts and r * experts == rows] + [r for r in options if r == rows]
+    r = next(iter(fits), next((r for r in options if rows and rows % r == 0), next(iter(options))))
     return r, next(iter(options[r])) if len(options[r]) == 1 else None
 
 

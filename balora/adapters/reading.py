@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from balora.adapters.entries import KOHYA_KEYS, PEFT_KEYS, PairEntry, find_entries, has_kohya_factors
-from balora.adapters.peft_config import bdlora_skip, config_rank_scaling, rank_scaling_tables, read_config, variant_skip
+from balora.adapters.peft_config import bdlora_skip, rank_scalings, read_config, variant_skip
 from balora.adapters.hub_names import inside_root
 from balora.adapters.sharded_checkpoint import sharded_checkpoint_hint
 from balora.adapters.tensor_file import TensorFile
@@ -162,9 +162,9 @@ def _peft_source(folder: Path, adapter: str, root: Path, weights: Path | None = 
     if not entries:
         raise InputError(f"{weights}: no lora_A/lora_B keys among its {len(tf.keys())} tensors")
     variant = variant_skip(cfg)
-    tables = rank_scaling_tables(cfg, str(cfg_path))
+    ranks = rank_scalings(cfg, {e.module: e.r for e in entries}, str(cfg_path))
     for e in entries:
-        r_cfg, e.scaling = config_rank_scaling(cfg, e.module, tables, e.r)
+        r_cfg, e.scaling = ranks[e.module]
         experts = e.r // r_cfg if r_cfg and e.r % r_cfg == 0 else 0
         if r_cfg != e.r and e.skip_reason is None and cfg.get("target_parameters") and experts > 1:
             # PEFT's LoRA on a 3-D expert parameter stacks one r-block per expert (r x E rows), as live.py reads it
