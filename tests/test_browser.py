@@ -298,6 +298,31 @@ def test_inspect_download_is_the_balanced_adapter_and_does_not_rerun_the_page(se
     _check(page, "inspect-downloaded")
 
 
+def test_inspect_shows_the_upload_again_after_another_page(server, page, tmp_path):
+    # Streamlit empties a file_uploader when its page is left: back on Inspect the upload was gone.
+    from test_dashboard_pages import _write_adapter
+
+    folder = _write_adapter(tmp_path / "kept", 1)
+    page.goto(server + "/inspect", wait_until="domcontentloaded")
+    page.get_by_text("An uploaded file", exact=True).click()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(folder / "adapter_model.safetensors"))
+    page.wait_for_selector("text=Per-layer table", timeout=CHART_TIMEOUT_MS)
+    _settle(page)
+    nav = page.locator('[data-testid="stSidebarNav"] a')
+    nav.filter(has_text="Learn").click()  # within the session: page.goto would start a new one
+    page.wait_for_selector("text=Per-layer table", state="detached", timeout=CHART_TIMEOUT_MS)
+    _settle(page)
+    nav.filter(has_text="Inspect").click()
+    page.wait_for_selector("text=uploaded earlier in this session", timeout=CHART_TIMEOUT_MS)
+    page.wait_for_selector("text=Per-layer table", timeout=CHART_TIMEOUT_MS)
+    _check(page, "inspect-upload-kept")
+    said = page.locator('[data-testid="stCaptionContainer"]', has_text="uploaded earlier").inner_text()
+    assert said.startswith("Showing adapter_model.safetensors") and str(tmp_path) not in said, said
+    page.locator('[data-testid="stButton"] button', has_text="Forget this upload").click()
+    page.wait_for_selector("text=Upload a file to inspect it.", timeout=CHART_TIMEOUT_MS)
+    assert page.get_by_text("Per-layer table").count() == 0
+
+
 def test_pages_ask_nothing_of_other_hosts(server, page):
     # The dashboard runs offline (air-gapped machines, a laptop on a train): every page's files come from the
     # server. A material-symbol page icon made the browser fetch the favicon from fonts.gstatic.com on every page

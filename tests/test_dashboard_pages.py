@@ -754,6 +754,47 @@ def test_inspect_upload_and_bad_uploads(app, adapters):
     assert "not a valid zip" in texts(at.error)
 
 
+def test_inspect_upload_survives_a_visit_to_another_page(app, adapters, tmp_path, monkeypatch):
+    # Streamlit drops a file_uploader's value when the page is left: back on Inspect, the upload was
+    # gone ("Upload a file to inspect it.") while its temporary copy stayed on disk, unused.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    at = app.run()
+    at.switch_page(PAGE["inspect"]).run()
+    at.radio(key="insp_source").set_value("An uploaded file").run()
+    data = (adapters["peft"] / "adapter_model.safetensors").read_bytes()
+    at.file_uploader(key="insp_upload").set_value(("weights.safetensors", data, "application/octet-stream")).run()
+    assert at.metric[0].value == "2"
+    for other in ("learn", "compare"):
+        at.switch_page(PAGE[other]).run()
+        at.switch_page(PAGE["inspect"]).run()
+        no_exception(at)
+        assert at.metric and at.metric[0].value == "2", texts(at.info)
+        assert "weights.safetensors" in texts(at.caption) and str(tmp_path) not in texts(at.caption)
+        assert len(list(tmp_path.glob("balora-upload-*"))) == 1
+    # A new upload replaces the remembered one (and its temporary folder).
+    first = next(tmp_path.glob("balora-upload-*"))
+    at.file_uploader(key="insp_upload").set_value(("other.safetensors", data, "application/octet-stream")).run()
+    no_exception(at)
+    assert at.file_uploader(key="insp_upload").value.name == "other.safetensors" and at.metric[0].value == "2"
+    assert "uploaded earlier" not in texts(at.caption)  # the uploader itself names it
+    at.switch_page(PAGE["learn"]).run()
+    at.switch_page(PAGE["inspect"]).run()
+    assert "other.safetensors" in texts(at.caption) and "weights.safetensors" not in texts(at.caption)
+    assert not first.exists() and len(list(tmp_path.glob("balora-upload-*"))) == 1
+    # Forget it: back to asking for a file, and its temporary folder is gone.
+    at.button(key="insp_upload_clear").click().run()
+    no_exception(at)
+    assert "Upload a file" in texts(at.info) and not at.metric
+    assert not list(tmp_path.glob("balora-upload-*"))
+    # Removing the file from the uploader itself forgets it too (it does not come back from memory).
+    at.file_uploader(key="insp_upload").set_value(("weights.safetensors", data, "application/octet-stream")).run()
+    assert at.metric[0].value == "2"
+    at.file_uploader(key="insp_upload").clear().run()
+    no_exception(at)
+    assert "Upload a file" in texts(at.info) and not at.metric
+    assert not list(tmp_path.glob("balora-upload-*"))
+
+
 def test_inspect_table_numbers_first_and_no_file_paths(app, adapters, tmp_path):
     from balora.dashboard.report_frames import TABLE_FIRST
 

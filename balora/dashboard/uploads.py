@@ -57,6 +57,21 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# st.session_state key of the upload the Inspect page shows: (file id, its temporary folder, the path
+# to inspect, the file's name). Kept outside the file_uploader widget, whose file streamlit drops when
+# the user opens another page, so the upload is shown again on coming back.
+SAVED_KEY = "insp_saved"
+
+
+def forget_upload() -> None:
+    """Forget the session's remembered upload and delete its temporary folder (the uploader's on_change,
+    the Forget button, a switch to a path). A module function: a callback defined on the page would keep
+    the page's globals alive for the session."""
+    saved = st.session_state.pop(SAVED_KEY, None)
+    if saved:
+        remove_tree(Path(saved[1]))
+
+
 def prune_stale_uploads(max_age_s: float = STALE_UPLOAD_S, now: float | None = None) -> None:
     """Remove `balora-upload-*` folders in the temporary directory untouched for `max_age_s`."""
     now = time.time() if now is None else now

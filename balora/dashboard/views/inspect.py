@@ -29,9 +29,7 @@ hub_name: str | None = None  # a Hub id's repository name: its snapshot folder i
 source = st.radio("Adapter", ["A path on this machine", "An uploaded file"], horizontal=True, key="insp_source",
                   persist_state="session")
 if source == "A path on this machine":
-    saved = st.session_state.pop("insp_saved", None)
-    if saved:  # the user moved on from an upload: delete its temporary copy now
-        uploads.remove_tree(Path(saved[1]))
+    uploads.forget_upload()  # the user moved on from an upload: delete its temporary copy now
     text = st.text_input(
         "Path or Hub id", key="insp_path", persist_state="session",
         placeholder="/path/to/adapter  or  /path/to/lora.safetensors  or  user/name[@revision][/file.safetensors]",
@@ -56,19 +54,27 @@ if source == "A path on this machine":
         st.error(f"{md.code(target)}: no such file or folder on this machine (nor a Hub id `user/name`).")
         st.stop()
 else:
+    # on_change: a new file or the uploader's own remove button forgets the remembered upload first.
     up = st.file_uploader(
         f"Adapter file: .safetensors, or a .zip of an adapter or Trainer output folder (at most {settings.MAX_UPLOAD_MB} MB)",
         type=uploads.UPLOAD_TYPES, max_upload_size=settings.MAX_UPLOAD_MB, key="insp_upload",
+        on_change=uploads.forget_upload,
     )
-    if up is None:
+    # One temporary folder per uploaded file, kept while the session looks at it. Streamlit empties the
+    # uploader when another page is shown: the upload remembered in session_state is shown again then.
+    saved = st.session_state.get(uploads.SAVED_KEY)
+    if saved and not Path(saved[2]).exists():  # pruned (a session idle for 12 h)
+        uploads.forget_upload()
+        saved = None
+    if up is None and saved:
+        a, b = st.columns([5, 1], vertical_alignment="center")
+        a.caption(f"Showing {md.code(saved[3])}, uploaded earlier in this session. Upload another file to replace it.")
+        b.button("Forget this upload", key="insp_upload_clear", on_click=uploads.forget_upload)
+    elif up is None:
         st.info("Upload a file to inspect it.")
         st.stop()
-    # One temporary folder per uploaded file, kept while the session looks at it.
-    saved = st.session_state.get("insp_saved")
-    if not saved or saved[0] != up.file_id or not Path(saved[2]).exists():
-        if saved:
-            uploads.remove_tree(Path(saved[1]))
-        st.session_state.pop("insp_saved", None)
+    elif not saved or saved[0] != up.file_id:
+        uploads.forget_upload()
         tmp = uploads.new_upload_dir()
         try:
             path = uploads.save_upload(up.name, up.getvalue(), tmp)
@@ -80,8 +86,8 @@ else:
             uploads.remove_tree(tmp)
             st.error(f"Could not read the upload: {type(e).__name__}: {md.text(uploads.redact(str(e), tmp, up.name))}")
             st.stop()
-        st.session_state["insp_saved"] = saved = (up.file_id, str(tmp), str(path))
-    target, upload_root, label = Path(saved[2]), Path(saved[1]), up.name
+        st.session_state[uploads.SAVED_KEY] = saved = (up.file_id, str(tmp), str(path), up.name)
+    target, upload_root, label = Path(saved[2]), Path(saved[1]), saved[3]
 
 
 def shown(path) -> str:
