@@ -317,3 +317,26 @@ def test_ctrl_c_before_the_run_writes_names_no_older_run(tmp_path, monkeypatch, 
     monkeypatch.setattr(balora.runner, "run_compare", interrupted_after_writing)
     assert main(["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--out", str(out), "--force"]) == 130
     assert f"partial run left in {out} (marked interrupted" in capsys.readouterr().err
+
+
+def test_an_out_holding_something_else_does_not_suggest_force(tmp_path, capsys):
+    """--out naming a non-empty folder that is not a balora run said "choose another path or pass --force to
+    replace a previous run there", and the suggested --force was then refused ("not a balora run, so --force
+    will not delete anything"). Only a folder holding a balora run is offered --force now."""
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    argv = ["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--quiet", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--force" not in err and "not a balora run" in err and "\n" not in err
+    assert main(argv + ["--force"]) == 2  # what the message no longer suggests is indeed refused
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
+
+    run = tmp_path / "run"
+    assert main(["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    again = ["compare", "--arms", "lora", "--steps", "3", "--seeds", "1", *TINY, "--quiet", "--out", str(run)]
+    assert main(again) == 2  # a balora run there: --force is offered, and works
+    assert "pass --force" in capsys.readouterr().err
+    assert main(again + ["--force"]) == 0 and load_run(run).config["steps"] == 3

@@ -194,9 +194,11 @@ class RunWriter:
             raise RunFolderTaken(f"{flag} {self.path}: exists and is not a directory; choose another path")
         refuse_inside_run(self.path, flag)  # not RunFolderTaken: the next default name would be inside it too
         if self.path.is_dir() and any(self.path.iterdir()):
-            if not force:
-                raise RunFolderTaken(f"{flag} {self.path}: directory exists and is not empty; choose another path "
-                                     "or pass --force to replace a previous run there")
+            if not force:  # offer --force only where clear_run would accept it (it refuses other folders)
+                ours = is_marked(self.path) or (is_run_dir(self.path) and _looks_like_old_run(self.path))
+                raise RunFolderTaken(f"{flag} {self.path}: directory exists and is not empty" + (
+                    "; choose another path or pass --force (force=True in Python) to replace the balora run there"
+                    if ours else " and is not a balora run; choose another path"))
             for table in TABLES:  # checked before anything is deleted: a refusal leaves the folder as it was
                 folder = self.path / table
                 if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
