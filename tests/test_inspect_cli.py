@@ -169,6 +169,31 @@ def test_balance_command(trained, tmp_path, capsys):
     assert changed
 
 
+def test_balance_suggests_force_only_where_force_would_replace(trained, checkpoints, tmp_path, capsys):
+    """An existing OUT was answered "already exists; pass --force" whatever it was, and for a folder of other
+    things, a Trainer output or a file where a folder goes, that --force was then refused in turn. Those
+    refusals come first now; "pass --force" is said only where --force then works."""
+    folder, _ = trained
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("old")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, why in [(other, "not an adapter folder"), (checkpoints, "holds Trainer checkpoints"),
+                     (a_file, "exists but is not a folder")]:
+        for force in ([], ["--force"]):
+            rc, _, err = run_cli(capsys, "balance", folder, out, *force)
+            assert rc == 2 and why in err and "pass --force" not in err and err.count("\n") == 1, err
+    assert (other / "keep.txt").read_text() == "old" and a_file.read_text() == "x"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+    earlier = tmp_path / "earlier"
+    assert run_cli(capsys, "balance", folder, earlier)[0] == 0
+    rc, _, err = run_cli(capsys, "balance", folder, earlier)
+    assert rc == 2 and f"{earlier}: already exists; pass --force" in err
+    assert run_cli(capsys, "balance", folder, earlier, "--force")[0] == 0  # the suggestion works
+
+
 def test_balance_runs_on_one_torch_thread_unless_told(trained, tmp_path, capsys, monkeypatch):
     # As inspect: on a busy 2-core machine torch's two OpenMP threads wait on each other, and balancing a
     # Llama-3-8B r=64 fp32 adapter took 41-89 s with them against 10-15 s with one.

@@ -167,8 +167,8 @@ def check_destination(src: Path, dst: Path, force: bool, weights: list[Path], gi
     if dst.is_symlink():  # replacing it would either follow it elsewhere or swap a link for a folder
         raise InputError(f"{dst}: is a symbolic link; write the balanced copy to a real path (or remove the link)")
     if dst.exists():
-        if not force:
-            raise InputError(f"{dst}: already exists; pass --force (force=True in Python) to replace it")
+        # What --force would refuse is said first, with or without it: suggesting --force there sent the user
+        # to a second refusal.
         if dst.is_dir() != src.is_dir():
             want = "folder" if src.is_dir() else "file"
             raise InputError(f"{dst}: exists but is not a {want} like {src}; remove it or choose another name")
@@ -181,6 +181,8 @@ def check_destination(src: Path, dst: Path, force: bool, weights: list[Path], gi
         if dst.is_dir() and not _replaceable_folder(dst, [w.relative_to(src) for w in weights]):
             raise InputError(f"{dst}: not empty and not an adapter folder, so --force will not delete anything "
                              "in it; choose another path")
+        if not force:
+            raise InputError(f"{dst}: already exists; pass --force (force=True in Python) to replace it")
 
 
 def check_weights_suffix(src: Path, dst: Path) -> None:
