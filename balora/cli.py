@@ -35,6 +35,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         if name in wanted:
             importlib.import_module(f"balora.commands.{module}").add_parser(sub)
+            # Also after the command: "rerun with --debug" reads as adding it at the end. SUPPRESS: when
+            # absent here, the value parsed before the command stays.
+            sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                           help="show full tracebacks on errors (as `balora --debug ...`)")
         else:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser

@@ -237,6 +237,29 @@ def test_errors_one_line_exit_2_debug_shows_traceback(tmp_path, capsys):
     assert rc == 2 and "Traceback" in err and "InputError" in err
 
 
+def test_debug_works_where_the_error_message_says_to_add_it(tmp_path, capsys, monkeypatch):
+    """An unexpected error ends "(rerun with --debug for the traceback)"; rerunning with --debug added at the
+    end, as people do, failed with "balora: error: unrecognized arguments: --debug". It is taken after the
+    command too now, as before it."""
+    import balora.inspection
+
+    rc, _, err = run_cli(capsys, "inspect", tmp_path / "nope", "--debug")  # bad input: traceback and the message
+    assert rc == 2 and "Traceback" in err and err.strip().endswith(f"{tmp_path / 'nope'}: no such file or directory")
+    rc, _, err = run_cli(capsys, "inspect", tmp_path / "nope")
+    assert rc == 2 and "Traceback" not in err  # without it, one line as before
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something unforeseen")
+
+    monkeypatch.setattr(balora.inspection, "inspect", broken)
+    rc, _, err = run_cli(capsys, "inspect", tmp_path)
+    assert rc == 1 and err.strip() == ("balora inspect: error: RuntimeError: something unforeseen "
+                                       "(rerun with --debug for the traceback)")
+    for argv in (["inspect", tmp_path, "--debug"], ["--debug", "inspect", tmp_path]):
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 1 and "Traceback" in err and "RuntimeError: something unforeseen" in err, argv
+
+
 @pytest.mark.parametrize("command", [["inspect", ""], ["balance", " ", "out"]])
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch, command):
     # Path("") is ".": `balora inspect "$UNSET"` read the current folder and its subfolders three deep.
