@@ -494,6 +494,37 @@ def test_an_encoder_loaded_as_a_causal_lm_is_refused(tmp_path, arch):
     assert "\n" not in str(e.value)
 
 
+def test_a_peft_adapter_whose_base_cannot_be_loaded_is_named_as_an_adapter(tmp_path, monkeypatch):
+    # The check above ran only once transformers had loaded the adapter's base model. An adapter whose base is a
+    # Hub id out of reach (offline, gated) or unset (null) said "could not load model 'FOLDER' (We couldn't
+    # connect to 'https://huggingface.co' ...); pass a local model folder or a hub id reachable from this
+    # machine": the user had passed a local folder, and the folder was the problem. It is named before loading.
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never ask the Hub for the base model
+    text = "".join(f"{i} apples and {i + 1} pears\n" for i in range(60))
+    adapter = tmp_path / "adapter"
+    _char_tokenizer_folder(adapter, text)
+    peft_model = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=32,
+                                                             num_hidden_layers=1, num_attention_heads=2,
+                                                             num_key_value_heads=2)),
+                                LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(adapter)
+    (tmp_path / "fruit.txt").write_text(text)
+    for base in ("someone/a-model-not-downloaded", None):
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        for model in (str(adapter), "adapter"):  # a path, and a folder name relative to the current one
+            monkeypatch.chdir(tmp_path)
+            with pytest.raises(InputError, match="PEFT adapter.*merge_and_unload") as e:
+                lm.build(make_cfg(model=model, data=str(tmp_path / "fruit.txt"), block_size=32), 0, 8.0, CPU)
+            assert "\n" not in str(e.value) and "huggingface.co" not in str(e.value), base
+
+
 def test_user_target_modules_are_used(tmp_path):
     problem = lm.build(make_cfg(target_modules="c_fc"), 0, 8.0, CPU)
     assert {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)} == {"c_fc"}

@@ -20,9 +20,16 @@ def model_source(name: str, task: str, *, hub: bool) -> str:
     """A model name as from_pretrained should get it: a path (starting with . / ~) must be an
     existing folder, said in one line rather than asked of the hub; anything else is returned
     as is. hub: whether the task also accepts hub ids (named in the message)."""
+    local = user_path(name)
+    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        # A PEFT adapter folder: from_pretrained would fetch its base model first, and a base out of reach (offline,
+        # gated, unset) read as "could not connect to huggingface.co" about a folder the user has on disk.
+        raise InputError(
+            f"{task}: {name!r} is a PEFT adapter (adapter_config.json), and balora adds a LoRA of its own; merge "
+            "the adapter into its base model first (PeftModel.merge_and_unload(), then save_pretrained) "
+            "or pass the base model")
     if not name.startswith((".", "/", "~")):
         return name
-    local = user_path(name)
     if not local.is_dir():
         raise InputError(f"{task}: model folder {local} not found; pass a folder written by save_pretrained"
                          + (" or a hub id" if hub else ""))
