@@ -340,3 +340,30 @@ def test_an_out_holding_something_else_does_not_suggest_force(tmp_path, capsys):
     assert main(again) == 2  # a balora run there: --force is offered, and works
     assert "pass --force" in capsys.readouterr().err
     assert main(again + ["--force"]) == 0 and load_run(run).config["steps"] == 3
+
+
+def test_ctrl_c_names_the_run_it_wrote_whatever_the_filesystem_clock(tmp_path, monkeypatch, capsys):
+    """Whether this run wrote --out's status.json was told by its mtime >= the time the command started. Linux
+    stamps files from a coarse clock, up to a tick (~4 ms) behind time.time(), so a status written just after
+    the start could read as older and 'partial run left in OUT' went unsaid (test above, flaky under load).
+    The status file is now compared with what --out held before the run."""
+    import os
+
+    import balora.runner
+    from balora.store import STATUS
+
+    out = tmp_path / "r"
+    assert main(["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    older = json.loads((out / STATUS).read_text())
+    old_mtime = os.stat(out / STATUS).st_mtime
+
+    def interrupted_after_writing(cfg):  # this run's status, stamped as a coarse clock may stamp it
+        (out / STATUS).write_text(json.dumps({**older, "status": "interrupted"}))
+        os.utime(out / STATUS, (old_mtime + 1e-3, old_mtime + 1e-3))  # before this command started
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(balora.runner, "run_compare", interrupted_after_writing)
+    argv = ["compare", "--arms", "lora", "--steps", "2", "--seeds", "1", *TINY, "--out", str(out), "--force"]
+    assert main(argv) == 130
+    assert f"partial run left in {out} (marked interrupted" in capsys.readouterr().err

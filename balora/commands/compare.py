@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import time
 
 from balora.cli import COMMANDS
 
@@ -83,6 +82,16 @@ def invoked_command() -> str | None:
     return shlex.join(prog + sys.argv[1:])
 
 
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    """(inode, mtime_ns, size) of a file, None if absent: status.json is rewritten by an atomic rename, so each
+    write gives it a new inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def run(args) -> int:
     from balora.runner import run_compare
     from balora.runs_folder import dashboard_command, dashboard_url
@@ -91,13 +100,16 @@ def run(args) -> int:
     if args.list:
         return _list()
     cfg = config_from_args(args)
-    started = time.time()
+    # --out's status.json before the run (a default folder is always a new one). Not its mtime against the start
+    # time: Linux stamps files from a coarse clock, up to a tick behind time.time(), so a status this run wrote at
+    # once could read as older.
+    before = _file_identity(os.path.join(cfg.out, STATUS)) if cfg.out else None
     try:
         path = run_compare(cfg)
     except KeyboardInterrupt:
         status = os.path.join(cfg.out or "", STATUS)
         # Only a status this run wrote: Ctrl-C while the task was still being built leaves --out's older run.
-        if cfg.out and os.path.isfile(status) and os.path.getmtime(status) >= started:
+        if cfg.out and os.path.isfile(status) and _file_identity(status) != before:
             # as marked: "completed" when Ctrl-C came while the finished run's parts were being merged
             marked = read_status(cfg.out).get("status", "unknown")
             what = "run" if marked == "completed" else "partial run"
