@@ -204,7 +204,7 @@ def _apply_policy(candidates: list[FactorPair], outcomes: list[_Outcome], policy
             nonfinite.append(p.name)
             summary.skipped[p.name] = "non-finite values in A or B"
         elif o.zero:
-            summary.skipped[p.name] = "zero product B A (e.g. PEFT's B = 0 init): left as is so training can start"
+            summary.skipped[p.name] = "zero product B A (e.g. PEFT's init: B = 0, or A = 0 for an Embedding): left as is so training can start"
         elif o.rank < p.r:
             summary.rank_deficient[p.name] = o.rank
             if policy.on_rank_deficient == "raise":
