@@ -1116,13 +1116,19 @@ def test_launch_refuses_a_grid_the_command_line_refuses_and_starts_nothing(app, 
     assert not (runs_root / "spaced-grid").exists()
 
 
-def test_inspect_metrics_of_a_fresh_peft_adapter_say_n_a_not_nan(app, tmp_path):
-    # PEFT's init (B = 0): dW = 0 has no condition number; the metric says n/a, as for no layers.
+def _inspect_fresh_adapter(app, tmp_path):
+    """The Inspect page on a freshly initialised PEFT adapter (B = 0) written under tmp_path."""
     fresh = _write_adapter(tmp_path / "fresh", seed=0)
     at = app.run()
     at.switch_page(PAGE["inspect"]).run()
     at.text_input(key="insp_path").set_value(str(fresh)).run()
     no_exception(at)
+    return at
+
+
+def test_inspect_metrics_of_a_fresh_peft_adapter_say_n_a_not_nan(app, tmp_path):
+    # PEFT's init (B = 0): dW = 0 has no condition number; the metric says n/a, as for no layers.
+    at = _inspect_fresh_adapter(app, tmp_path)
     shown = {m.label: m.value for m in at.metric}
     assert shown["LoRA layers"] == "2" and shown["Median cond(dW)"] == "n/a"
     assert not any(v.lower() == "nan" for v in shown.values())
@@ -1131,11 +1137,7 @@ def test_inspect_metrics_of_a_fresh_peft_adapter_say_n_a_not_nan(app, tmp_path):
 def test_inspect_spectra_of_a_fresh_peft_adapter_say_what_the_log_axis_leaves_off(app, tmp_path):
     # B = 0: every singular value of B and dW is 0. The log axis drew two blank panels without a word, and
     # the page had no way to see them; it says how many values it left off and a toggle draws them.
-    fresh = _write_adapter(tmp_path / "fresh", seed=0)
-    at = app.run()
-    at.switch_page(PAGE["inspect"]).run()
-    at.text_input(key="insp_path").set_value(str(fresh)).run()
-    no_exception(at)
+    at = _inspect_fresh_adapter(app, tmp_path)
     spectra = next(c for c in charts(at) if c["layout"]["title"]["text"].startswith("Singular values of"))
     zeros = sum(1 for t in spectra["data"] for v in arr(t["y"]) if v <= 0)
     assert zeros == 8  # r = 4 values of dW and of B, all 0
