@@ -184,9 +184,11 @@ def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[li
     """STEPS AdamW steps on ids (steps, batch, seq), balancing after each; the mean loss per step
     and what the last balancing pass communicated."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    callback, hook, walks_before = BalanceCallback(log_diagnostics=False), None, len(WALKS)
+    callback, hook, walks_at_start = BalanceCallback(log_diagnostics=False), None, len(WALKS)
     if balance == "hook":
         hook = balance_after_step(opt, model)
+    # registering the hook walks once (no communication) to refuse FSDP1 / DeepSpeed before any step
+    walks_before = len(WALKS)
     args, state, control = SimpleNamespace(), TrainerState(), TrainerControl()  # on_optimizer_step reads no args
     losses = []
     for step in range(STEPS):
@@ -218,7 +220,8 @@ def train(model, ids: torch.Tensor, balance: str, distributed: bool) -> tuple[li
     if hook is not None:
         hook.remove()
     return losses, {"collectives": step_comm.collectives, "bytes_received": step_comm.bytes_received,
-                    "bytes_reduced": step_comm.bytes_reduced, "walks": len(WALKS) - walks_before}
+                    "bytes_reduced": step_comm.bytes_reduced, "walks": len(WALKS) - walks_before,
+                    "setup_walks": walks_before - walks_at_start}
 
 
 def save(out_dir: str, tag: str, model, trained: tuple[list[float], dict]) -> None:
