@@ -525,6 +525,31 @@ def test_a_peft_adapter_whose_base_cannot_be_loaded_is_named_as_an_adapter(tmp_p
             assert "\n" not in str(e.value) and "huggingface.co" not in str(e.value), base
 
 
+def test_a_mixture_of_experts_decoder_is_not_refused_as_an_encoder(tmp_path):
+    # Mixtral is causal, but changing the last token changes which tokens each expert's matmul holds, so
+    # earlier logits moved by rounding (16 eps of the last position's change here, on this CPU; in bf16 a
+    # rerouted expert moved them by a third of it) and the logit comparison refused it as an encoder.
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    text = "".join(f"{i} apples and {i + 1} pears\n" for i in range(120))
+    folder = tmp_path / "mixtral"
+    vocab = _char_tokenizer_folder(folder, text)
+    torch.manual_seed(3)
+    MixtralForCausalLM(MixtralConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                                     num_experts_per_tok=2, max_position_embeddings=64)).save_pretrained(folder)
+    (tmp_path / "fruit.txt").write_text(text)
+    # causal, measured apart from balora: the first 15 positions' logits are those of the first 15 tokens alone
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[2 + sorted(set(text)).index(ch) for ch in text[:16]]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits[:, :15], model(input_ids=ids[:, :15]).logits,
+                                   rtol=1e-4, atol=1e-5)
+    problem = lm.build(make_cfg(model=str(folder), data=str(tmp_path / "fruit.txt"), block_size=32,
+                                target_modules="q_proj,v_proj"), 0, 8.0, CPU)
+    assert {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)} == {"q_proj", "v_proj"}
+
+
 def test_user_target_modules_are_used(tmp_path):
     problem = lm.build(make_cfg(target_modules="c_fc"), 0, 8.0, CPU)
     assert {p.module.rsplit(".", 1)[-1] for p in iter_lora_pairs(problem.model)} == {"c_fc"}

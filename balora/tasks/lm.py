@@ -192,18 +192,31 @@ def _check_causal(model: nn.Module, ids: torch.Tensor, name: str) -> None:
     """An InputError when a position's logits depend on later tokens. transformers loads an encoder folder
     (BERT, RoBERTa...) as its *LMHeadModel / *ForCausalLM without is_decoder: attention stays bidirectional,
     each position sees the token it is trained to predict, and the run "completed" on a leaked target.
-    ids (1, T): the last token is changed; beyond rounding in the model's dtype, no earlier logit may move."""
-    other = ids.clone()
-    other[0, -1] = ids[0, 0] if ids[0, 0] != ids[0, -1] else ids[0, -1] - 1 if ids[0, -1] > 0 else 1
+    ids (1, T): the gradient of the earlier positions' logits with respect to the last token's embedding is
+    exactly 0 in a causal model, in any dtype. Comparing logits with the last token changed was not: in a
+    mixture of experts the changed token joins other experts' batches, so earlier logits moved by rounding
+    (~20 eps in fp32) and, in bf16, by whole rerouted experts (a third of the last position's change)."""
+    try:
+        embeddings, leaves = model.get_input_embeddings(), []
+    except (AttributeError, NotImplementedError):  # no embedding module to take the gradient at: no check
+        return
+
+    def as_leaf(module, args, out):  # the embedding's output, as the leaf the gradient is taken to
+        leaves.append(out.detach().requires_grad_())
+        return leaves[-1].clone()  # a clone: later in-place ops act on it, not on the leaf
+
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        a, b = (model(input_ids=x).logits for x in (ids, other))  # (1, T, V)
-    model.train(was_training)
-    eps = torch.finfo(a.dtype).eps
-    a, b = a.float(), b.float()
-    earlier, last = float((a[:, :-1] - b[:, :-1]).abs().max()), float((a[:, -1] - b[:, -1]).abs().max())
-    if earlier > 10 * eps * max(last, 1e-30):
+    handle = embeddings.register_forward_hook(as_leaf)
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=ids).logits[:, :-1].float()  # (1, T - 1, V)
+            weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)).to(logits.device)
+            grads = torch.autograd.grad((logits * weights).sum(), leaves[:1], allow_unused=True)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if grads[0] is not None and float(grads[0][:, -1].abs().max()) > 0:
         raise InputError(
             f"lm: {name!r} is not a causal language model: its prediction at a position changes with the tokens "
             "after it (an encoder such as BERT loaded with a language-model head), so it would learn to copy the "
