@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -218,6 +219,21 @@ def test_a_run_inside_another_run_is_refused(tmp_path):
     writer(tmp_path / "runs" / "a")  # and runs side by side are fine
     writer(tmp_path / "run" / ".." / "b")  # beside the run, spelled through it
     assert sorted(list_runs(tmp_path)["name"]) == ["a", "b", "run"]
+
+
+def test_a_runs_folder_inside_a_run_folder_still_takes_runs(tmp_path, monkeypatch):
+    # $BALORA_RUNS (or ./runs) inside a folder that is a run: `balora dashboard` lists from the runs folder
+    # down, so a run written there is listed, and refusing it refused every run of that runs folder.
+    writer(tmp_path / "proj").finish("completed")
+    runs = tmp_path / "proj" / "runs"
+    monkeypatch.setenv("BALORA_RUNS", str(runs))
+    writer(runs / "a").finish("completed")
+    monkeypatch.delenv("BALORA_RUNS")
+    monkeypatch.chdir(tmp_path / "proj")  # the default ./runs, from inside that folder
+    writer(Path("runs") / "b").finish("completed")
+    assert sorted(list_runs(runs)["name"]) == ["a", "b"]  # what the dashboard lists: both
+    with pytest.raises(InputError, match="inside the balora run"):  # a run inside a run of the runs folder: still refused
+        writer(runs / "a" / "sub")
 
 
 def test_list_runs(tmp_path):

@@ -155,8 +155,16 @@ def refuse_live_writer(path: Path, flag: str, doing: str) -> None:
 def refuse_inside_run(path: Path, flag: str) -> None:
     """InputError if a folder above `path` holds a run: list_runs (the dashboard's listing) stops at a run
     folder and never looks inside it, so a run written there could not be found."""
-    # resolved: run/../x is beside the run, not inside it
-    outer = next((p for p in Path(path).resolve().parents if is_run_dir(p)), None)
+    from balora.runs_folder import runs_folder
+
+    # resolved: run/../x is beside the run, not inside it. The folders that hold the runs folder are never
+    # listed (`balora dashboard` lists from the runs folder down): ./runs in a folder that looks like a run
+    # is fine, the runs folder being a run is not.
+    try:
+        above_runs = set(runs_folder().parents)
+    except InputError:  # a $BALORA_RUNS of ~nouser: said where it is used, not here
+        above_runs = set()
+    outer = next((p for p in Path(path).resolve().parents if p not in above_runs and is_run_dir(p)), None)
     if outer is not None:
         raise InputError(f"{flag} {path}: inside the balora run {outer}, where the dashboard would never list it; "
                          "choose a path outside that run")
