@@ -105,9 +105,17 @@ def _zero_products(S: torch.Tensor, R_B: torch.Tensor, R_A: torch.Tensor, n: int
     u = torch.finfo(S.dtype).eps / 2
     tol = 4 * u * (8 + S.shape[-1] + math.sqrt(n))
     big_B, big_A = R_B.abs().amax((-2, -1)), R_A.abs().amax((-2, -1))
+    # B A = sum_j b_j a_j (R's columns: B's columns, A's rows); a rounding zero is those terms cancelling.
+    # |B| |A| alone is no scale for that: B's largest column can meet A's smallest row. An fp32 pair with
+    # B's columns (1e-6, 1e3) and A's rows (1, 1e-6) has an exact product of 1e-3, which 1e3 called zero,
+    # leaving its 1e6 imbalance unbalanced. So the scale is also at most 16 sum_j |b_j| |a_j| (the
+    # orthogonal init's noise stayed under 0.18 tol of it, r = 2 to 256, 40 draws of the small shapes).
+    col_B = torch.linalg.vector_norm(R_B / big_B[:, None, None], dim=-2)  # (G, r), scaled: no overflow
+    col_A = torch.linalg.vector_norm(R_A / big_A[:, None, None], dim=-2)
+    terms = (16 * (col_B * col_A).sum(-1)).clamp(max=1)  # (G,): that scale over |B| |A|
     # Divided, never multiplied: factors at any finite scale neither overflow nor underflow here (0/0 is
     # NaN, False, and then S == 0 says it).
-    return (S[:, 0] == 0) | (S[:, 0] / big_B <= tol * big_A)
+    return (S[:, 0] == 0) | (S[:, 0] / big_B <= tol * big_A * terms)
 
 
 def pad_to_rank(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

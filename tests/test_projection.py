@@ -238,3 +238,24 @@ def test_mixed_dtypes_are_computed_in_the_wider_one(np_product_error, np_rel_imb
         for g in range(2):
             assert np_product_error(A_in[g], B_in[g], proj.A[g], proj.B[g]) < TOL[torch.float64]
             assert np_rel_imbalance(proj.A[g], proj.B[g]) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_real_product_of_crossed_factors_is_balanced_not_taken_for_zero(dtype):
+    # B's large column meets A's small row and B's small column A's large row: |B| |A| = 1e3, yet the
+    # product is 1e-3 exactly, computed to 7 digits in fp32 (no cancellation). Against |B| |A| it looked
+    # like rounding, so the pair, imbalanced 1e6-fold, was left as a "zero product".
+    g = torch.Generator().manual_seed(0)
+    Q_out = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0][:, :2]
+    Q_in = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0][:, :2]
+    B = (Q_out * torch.tensor([1e-6, 1e3], dtype=torch.float64)).to(dtype)  # (8, 2)
+    A = (torch.tensor([[1.0], [1e-6]], dtype=torch.float64) * Q_in.T).to(dtype)  # (2, 8)
+    W = B.double() @ A.double()  # the stored factors' product, in float64 apart from balora
+    assert float(torch.linalg.matrix_norm(W, ord=2)) == pytest.approx(1e-3, rel=1e-2)
+    p = balanced_factors(A[None], B[None])
+    assert not bool(p.zero[0])
+    A2, B2 = p.A[0].double(), p.B[0].double()
+    assert float(torch.linalg.norm(B2 @ A2 - W) / torch.linalg.norm(W)) < 1e-5
+    # balanced: B^T B = A A^T, so both factors carry sqrt(1e-3) each, not 1e3 and 1
+    assert torch.allclose(B2.T @ B2, A2 @ A2.T, atol=1e-9)
+    assert float(torch.linalg.norm(B2)) == pytest.approx(1e-3 ** 0.5, rel=1e-2)
