@@ -355,3 +355,17 @@ def test_bfloat16_problem_is_the_rounded_one_and_its_loss_is_summed_in_fp32():
     assert p.best_loss == pytest.approx(0.5 * (sigma[3:] ** 2).sum(), rel=1e-12)
     initial = float(p.loss(p.model, next(p.batches())))
     assert initial == pytest.approx(0.5 * (R**2).sum(), rel=1e-6)
+
+
+def test_a_deep_stack_that_overflows_the_dtype_is_not_told_to_move_std_nearer_1():
+    # init=paper, 30 layers of 20 x 20 N(0, 1) entries: the product's entries are ~sqrt(20)^30 (1e19), its loss
+    # past float32's range, at the default std=1. The refusal said "use a std nearer 1" to a std of 1.
+    big = dict(init="paper", depth=30, in_features=20, out_features=20, rank=4)
+    W0s, T = problem_tensors(cfg(**big), 0)
+    W = torch.eye(20, dtype=torch.float64)
+    for w in W0s:
+        W = w @ W
+    assert 0.5 * float(((W - T) ** 2).sum()) > torch.finfo(torch.float32).max  # independent: fp32 cannot hold it
+    with pytest.raises(InputError, match=re.escape("--set std=1.0: the problem does not fit float32")) as e:
+        get_task("synthetic").build(cfg(**big, dtype="float32"), 0, 2.0, torch.device("cpu"))
+    assert "nearer 1" not in str(e.value) and "fewer layers (--set depth) or a std below 1" in str(e.value)

@@ -193,6 +193,17 @@ def init_lora(model: nn.Module, cfg: dict, seed: int) -> None:
         pair.write((A * scale).to(pair.A.dtype), pair.B)
 
 
+def _fit_advice(cfg: dict, initial: float, trained: float) -> str:
+    """What to change when the problem does not fit the dtype. With depth > 1 its scale is that of a product
+    of depth layers (std^depth, times sqrt(in)^depth under init=paper): at std=1, "a std nearer 1" was no help."""
+    big = not (math.isfinite(initial) and math.isfinite(trained)) or trained > initial
+    depth = int(cfg["depth"])
+    if depth == 1:
+        return "use a std nearer 1"
+    return (f"its {depth} layers multiply to {'overflow' if big else 'underflow'} it: use "
+            f"{'fewer layers (--set depth) or a std below 1' if big else 'fewer layers (--set depth) or a std above 1'}")
+
+
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     from peft import LoraConfig, get_peft_model
 
@@ -228,7 +239,7 @@ def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
     # underflows it (a problem of zeros, "completed" at loss 0 in one step): refused before the run is written.
     if not (math.isfinite(initial) and initial > 0 and math.isclose(trained, initial, rel_tol=0.1)):
         raise InputError(f"--set std={cfg['std']}: the problem does not fit {cfg['dtype']} (initial loss {initial:g}, "
-                         f"{trained:g} in {cfg['dtype']}); use a std nearer 1")
+                         f"{trained:g} in {cfg['dtype']}); {_fit_advice(cfg, initial, trained)}")
     best = best_rank_r_loss(W0s, T, rank, cfg["target"])
     return Problem(
         model=model,
