@@ -236,6 +236,21 @@ def test_a_runs_folder_inside_a_run_folder_still_takes_runs(tmp_path, monkeypatc
         writer(runs / "a" / "sub")
 
 
+def test_a_project_folder_that_merely_looks_like_a_run_refuses_only_what_it_would_hide(tmp_path, monkeypatch):
+    # A folder with a config.json and a status.json of its own (a web app, a data pipeline) is taken for a
+    # run by list_runs. Every --out anywhere below it was refused, though `balora dashboard --runs PARENT`,
+    # the command compare prints, lists from the run's parent down and finds it.
+    monkeypatch.setenv("BALORA_RUNS", str(tmp_path / "runs"))
+    project = tmp_path / "project"
+    (project / "experiments").mkdir(parents=True)
+    (project / "config.json").write_text("{}")
+    (project / "status.json").write_text("{}")
+    writer(project / "experiments" / "a").finish("completed")
+    assert list(list_runs(project / "experiments")["name"]) == ["a"]
+    with pytest.raises(InputError, match="inside the balora run"):  # its parent is what would be listed
+        writer(project / "b")
+
+
 def test_list_runs(tmp_path):
     for name in ("a", "nested/b"):
         w = writer(tmp_path / name)

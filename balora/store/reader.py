@@ -13,7 +13,7 @@ import pandas as pd
 from balora.errors import InputError
 from balora.safe_io import is_inside, regular_file_size, user_path
 from balora.store.json_files import RunError, read_config, read_env, read_status
-from balora.store.layout import (CONFIG, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_run_dir, part_gaps,
+from balora.store.layout import (CONFIG, STALE_AFTER_S, STATUS, TABLES, UNIQUE, is_marked, is_run_dir, part_gaps,
                                  table_parts, to_table)
 
 
@@ -157,16 +157,22 @@ def refuse_inside_run(path: Path, flag: str) -> None:
     folder and never looks inside it, so a run written there could not be found."""
     from balora.runs_folder import runs_folder
 
-    # resolved: run/../x is beside the run, not inside it. The folders that hold the runs folder are never
-    # listed (`balora dashboard` lists from the runs folder down): ./runs in a folder that looks like a run
-    # is fine, the runs folder being a run is not.
+    given, path = path, Path(path).resolve()  # run/../x is beside the run, not inside it
     try:
-        above_runs = set(runs_folder().parents)
+        runs = runs_folder()
     except InputError:  # a $BALORA_RUNS of ~nouser: said where it is used, not here
-        above_runs = set()
-    outer = next((p for p in Path(path).resolve().parents if p not in above_runs and is_run_dir(p)), None)
+        runs = None
+    # What `balora dashboard` lists from: the runs folder when `path` is in it, else `path`'s parent (the
+    # --runs that compare prints). A run-like folder from there down hides the run. Above the runs folder
+    # nothing is listed, so ./runs in a folder that looks like a run is fine. Above another root only a
+    # folder balora marked as a run counts: a project folder that merely holds a config.json and a
+    # status.json is not refused, but a path under a balora run's own folders (run/steps/x) is.
+    in_runs = runs is not None and runs in path.parents
+    scope = [p for p in path.parents if p == runs or runs in p.parents] if in_runs else [path.parent]
+    outer = next((p for p in path.parents if is_run_dir(p) and (p in scope or (not in_runs and is_marked(p)))),
+                 None)
     if outer is not None:
-        raise InputError(f"{flag} {path}: inside the balora run {outer}, where the dashboard would never list it; "
+        raise InputError(f"{flag} {given}: inside the balora run {outer}, where the dashboard would never list it; "
                          "choose a path outside that run")
 
 
