@@ -388,3 +388,20 @@ def test_force_over_a_run_another_process_still_writes_is_refused(live_writer):
     first.wait()
     RunWriter(path, {"task": "synthetic"}, {}, force=True).finish("completed")
     assert load_run(path).steps.empty
+
+
+def test_a_run_another_process_still_writes_is_not_offered_force(live_writer):
+    """Without --force, a run another live process still writes was answered "choose another path or pass
+    --force ... to replace the balora run there", and that --force was then refused ("process N ... is still
+    writing this run"). The live writer is named at once; the refusal stays RunFolderTaken, so a default
+    folder name taken by a compare started in the same second still moves on to the next name."""
+    from balora.store import RunFolderTaken
+
+    path, first = live_writer
+    with pytest.raises(RunFolderTaken, match=f"process {first.pid} on this machine is still writing") as e:
+        RunWriter(path, {"task": "synthetic"}, {})
+    assert "--force" not in str(e.value) and load_run(path).status == "running"
+    first.kill()
+    first.wait()
+    with pytest.raises(RunFolderTaken, match="pass --force"):  # its writer gone: --force is offered, and works
+        RunWriter(path, {"task": "synthetic"}, {})

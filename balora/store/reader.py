@@ -140,15 +140,15 @@ def writer_elsewhere(status: dict) -> int | None:
     return None if _stale(status, STALE_AFTER_S)[0] else pid
 
 
-def refuse_live_writer(path: Path, flag: str, doing: str) -> None:
-    """InputError if another live process still writes the run at `path`: a second writer (a resumed training,
+def refuse_live_writer(path: Path, flag: str, doing: str, error: type[InputError] = InputError) -> None:
+    """`error` if another live process still writes the run at `path`: a second writer (a resumed training,
     a --force over it) numbers its parts from the same count, and each replaces and merges away the other's."""
     try:
         pid = writer_elsewhere(read_status(path))
     except RunError:  # a damaged status.json: no writer can be told of
         return
     if pid is not None:
-        raise InputError(f"{flag} {path}: process {pid} on this machine is still writing this run; stop it or "
+        raise error(f"{flag} {path}: process {pid} on this machine is still writing this run; stop it or "
                          f"let it finish before {doing} it, or choose another path")
 
 

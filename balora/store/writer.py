@@ -19,9 +19,8 @@ import pandas as pd
 from balora.errors import InputError
 from balora.safe_io import user_path
 from balora.store.json_files import RunError, read_config, read_status
-from balora.store.layout import (CONFIG, ENV, HEARTBEAT_S, MARKER, RUN_FILES, STATUS, STATUSES, TABLES,
-                                 is_json_tmp, is_marked, is_part_file, is_run_dir, marker_text, part_name, table_parts,
-                                 to_table)
+from balora.store.layout import (CONFIG, ENV, HEARTBEAT_S, MARKER, RUN_FILES, STATUS, STATUSES, TABLES, is_json_tmp,
+                                 is_marked, is_part_file, is_run_dir, marker_text, part_name, table_parts, to_table)
 from balora.store.reader import refuse_inside_run, refuse_live_writer
 
 
@@ -194,8 +193,9 @@ class RunWriter:
             raise RunFolderTaken(f"{flag} {self.path}: exists and is not a directory; choose another path")
         refuse_inside_run(self.path, flag)  # not RunFolderTaken: the next default name would be inside it too
         if self.path.is_dir() and any(self.path.iterdir()):
-            if not force:  # offer --force only where clear_run would accept it (it refuses other folders)
-                ours = is_marked(self.path) or (is_run_dir(self.path) and _looks_like_old_run(self.path))
+            if not force:  # offer --force only where it works: a balora run that no other process still writes
+                if ours := is_marked(self.path) or (is_run_dir(self.path) and _looks_like_old_run(self.path)):
+                    refuse_live_writer(self.path, flag, "replacing", RunFolderTaken)  # a default name moves on
                 raise RunFolderTaken(f"{flag} {self.path}: directory exists and is not empty" + (
                     "; choose another path or pass --force (force=True in Python) to replace the balora run there"
                     if ours else " and is not a balora run; choose another path"))
