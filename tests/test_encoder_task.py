@@ -347,3 +347,21 @@ def test_a_rank_above_a_layers_width_is_refused_before_the_run_is_written(tiny_b
         compare("encoder", arms="lora,balora", steps=2, out=tmp_path / "run", quiet=True, rank=40,
                 model=str(tiny_bert), batch_size=8, eval_size=24)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_folder_holding_a_peft_adapter_is_refused_not_silently_dropped(tiny_bert, tmp_path):
+    """A model folder with a PEFT adapter saved into it (config.json and adapter_config.json side by side) was
+    exempt from the adapter check: transformers loaded the model with that adapter in it, and the encoder's own
+    LoRA, also named "default", replaced it, so the run trained the bare model and said nothing."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertModel
+
+    folder = tmp_path / "bert_with_adapter"
+    shutil.copytree(tiny_bert, folder)
+    get_peft_model(BertModel.from_pretrained(tiny_bert), LoraConfig(r=2, target_modules=["query"])).save_pretrained(folder)
+    assert (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file()
+    with pytest.raises(InputError, match="PEFT adapter.*merge_and_unload") as e:
+        encoder.build(make_cfg(folder), 0, 8.0, CPU)
+    assert "\n" not in str(e.value)

@@ -21,9 +21,11 @@ def model_source(name: str, task: str, *, hub: bool) -> str:
     existing folder, said in one line rather than asked of the hub; anything else is returned
     as is. hub: whether the task also accepts hub ids (named in the message)."""
     local = user_path(name)
-    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+    if (local / "adapter_config.json").is_file():
         # A PEFT adapter folder: from_pretrained would fetch its base model first, and a base out of reach (offline,
-        # gated, unset) read as "could not connect to huggingface.co" about a folder the user has on disk.
+        # gated, unset) read as "could not connect to huggingface.co" about a folder the user has on disk. With a
+        # config.json beside it too: transformers loads the model with the adapter in it, which the task's own
+        # LoRA (also "default") replaced, silently in the encoder task.
         raise InputError(
             f"{task}: {name!r} is a PEFT adapter (adapter_config.json), and balora adds a LoRA of its own; merge "
             "the adapter into its base model first (PeftModel.merge_and_unload(), then save_pretrained) "
