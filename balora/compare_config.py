@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from balora.arms import ARMS, Arm, arm_options, resolve_arms
-from balora.commands.arg_checks import MAX_THREADS
+from balora.commands.arg_checks import max_threads
 from balora.errors import InputError
 from balora.optim import optimizer_class
 from balora.runs_folder import new_run_dir
@@ -231,10 +231,10 @@ def _positive_int(value: Any, flag: str, minimum: int = 1) -> int:
 
 
 def _thread_count(value: Any) -> int:
-    """--threads, bounded as inspect and balance bound it (MAX_THREADS): torch takes a C int."""
+    """--threads, bounded as inspect and balance bound it (max_threads): torch takes a C int."""
     v = _positive_int(value, "--threads")
-    if v > MAX_THREADS:
-        raise InputError(f"--threads {value}: must be an integer from 1 to {MAX_THREADS}")
+    if v > max_threads():
+        raise InputError(f"--threads {value}: must be an integer from 1 to {max_threads()}")
     return v
 
 

@@ -447,3 +447,20 @@ def test_a_run_started_with_nohup_outlives_its_terminal(tmp_path, fake_task):
     finally:
         signal.signal(signal.SIGHUP, before)
     assert run.status == "completed" and (run.summary["status"] == "completed").all()
+
+
+def test_a_thread_count_up_to_the_machines_cpus_is_taken_on_a_large_machine(monkeypatch):
+    """MAX_THREADS (1024) bounds typos, not machines: on one with more CPUs (large SMP servers have 1,500-2,000)
+    `--threads $(nproc)` was refused though torch takes it. Past the CPU count the bound still holds."""
+    import os
+
+    from balora.commands.arg_checks import check_threads
+    from balora.compare_config import CompareConfig, resolve
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1536)
+    assert check_threads(1536) == 1536
+    assert resolve(CompareConfig(task="synthetic", arms="lora", threads=1536, device="cpu")).run.threads == 1536
+    with pytest.raises(InputError, match="1537"):
+        check_threads(1537)
+    with pytest.raises(InputError, match="1537"):
+        resolve(CompareConfig(task="synthetic", arms="lora", threads=1537, device="cpu"))
