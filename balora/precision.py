@@ -77,7 +77,10 @@ def _prepare(A: torch.Tensor, B: torch.Tensor) -> _Prepared:
         else:
             scaled.append((X, None))
     (An, sa), (Bn, sb) = scaled
-    G_A, G_B = (An @ An.mT).double(), (Bn.mT @ Bn).double()
+    # Grams in float64: ref2 = tr(G_B G_A) cancels where ||B A|| << ||B|| ||A||, and fp32 Grams'
+    # rounding (~1e-7 ||B||^2 ||A||^2) then swamped it (an inf or a 100x too small error).
+    A64, B64 = An.double(), Bn.double()
+    G_A, G_B = A64 @ A64.mT, B64.mT @ B64
     return _Prepared(A, B, An, Bn, sa, sb, G_B, (G_B * G_A.mT).sum((-2, -1)))
 
 
@@ -87,6 +90,7 @@ def _cast_error(p: _Prepared, A_c: torch.Tensor, B_c: torch.Tensor, finite: torc
     Accumulated in the compute dtype (fp32 for fp32/bf16/fp16 factors) and summed in float64:
     the terms are of the size of the error itself (no cancellation of large terms), so fp32
     resolves it far below the ~1e-4 a half-precision cast causes, at half float64's traffic.
+    The denominator ||B A||^2 is not: it comes from _prepare's float64 Grams.
     """
     dA = A_c.to(p.A.dtype) - p.A  # exact (Sterbenz) where the cast kept the value's binade
     dB = B_c.to(p.B.dtype) - p.B

@@ -304,3 +304,21 @@ def test_precision_summary_of_something_other_than_a_report_is_one_line(given):
     # "'str' object has no attribute 'iloc'".
     with pytest.raises(TypeError, match=rf"^precision_summary: expects a layer report .*got {type(given).__name__}"):
         precision_summary(given)
+
+
+@pytest.mark.parametrize("name", list(HALF_DTYPES))
+def test_dW_error_of_a_product_far_smaller_than_its_factors(name):
+    """B's two columns equal, A's rows a and -a + d c: B A = b (d c) is d times |B| |A|. ||B A||^2,
+    the error's denominator, was a trace of fp32 Grams whose rounding (~1e-7 |B|^2 |A|^2) swamped
+    it: the fp16 error read inf for d = 1e-4 and 1e-5 (numpy: 2.2 and 1.4), a value where one exists."""
+    dtype = HALF_DTYPES[name]
+    g = torch.Generator().manual_seed(6)
+    pairs = []
+    for d in (1e-2, 1e-3, 1e-4, 1e-5):
+        a, c = torch.randn(1, 40, generator=g, dtype=torch.float64), torch.randn(1, 40, generator=g, dtype=torch.float64)
+        b = torch.randn(50, 1, generator=g, dtype=torch.float64)
+        pairs.append((torch.cat([a, -a + d * c]).float(), torch.cat([b, b], 1).float()))
+    A, B = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    risk = storage_risk(A, B, (dtype,))[dtype]
+    for i, (a, b) in enumerate(pairs):
+        assert float(risk.dW_error[i]) == pytest.approx(_np_risk(a, b, dtype)[2], rel=1e-2), i
