@@ -214,8 +214,13 @@ def precision_summary(report: pd.DataFrame, loss: float = PRECISION_LOSS) -> str
     unfixed = {f"{m}[{a}]" for m, a, e in zip(bad["module"], bad["adapter"], bad["fp16_dW_error_balanced"])
                if not e <= loss}
     fixed = len(names) - len(unfixed)
+    # The balanced columns balance every pair, `balora balance` a rank-deficient one (rank < r, its
+    # test: projection's, at the same RANK_RTOL) only when told: the command said must fix them.
+    deficient = any(f"{m}[{a}]" not in unfixed and k < r
+                    for m, a, k, r in zip(bad["module"], bad["adapter"], bad["rank"], bad["r"]))
     if fixed == len(names):
-        verdict = "balancing fixes all of them (balora balance IN OUT --dtype float16)"
+        verdict = ("balancing fixes all of them (balora balance IN OUT --dtype float16"
+                   + (" --on-rank-deficient balance)" if deficient else ")"))
     elif fixed:
         verdict = f"balancing fixes {fixed} of the {len(names)}"
     else:
