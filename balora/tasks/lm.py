@@ -20,7 +20,8 @@ from torch import nn
 
 from balora.errors import InputError
 from balora.tasks import Problem, TaskSpec, target_fraction
-from balora.tasks.model_setup import add_lora, check_options, dtype_kwarg, first_line, model_dtype, model_source
+from balora.tasks.model_setup import (add_lora, adapter_refusal, check_options, dtype_kwarg, first_line, model_dtype,
+                                     model_source)
 from balora.tasks.text_data import TokenBlocks, read_texts, to_blocks
 from balora.tasks.toy_corpus import ArithmeticCorpus, CharTokenizer
 from balora.tasks.toy_model import load_toy_model, toy_config
@@ -145,13 +146,9 @@ def _load_model(cfg: dict, dtype: torch.dtype):
             "the model folder too (tokenizer.save_pretrained(folder))"
         ) from e
     if getattr(model, "peft_config", None):
-        # transformers loaded a PEFT adapter folder's base model with the adapter in it; add_lora's own adapter,
-        # also named "default", replaced it, so the run silently fine-tuned the bare base model
-        raise InputError(
-            f"lm: {name!r} is a PEFT adapter (adapter_config.json), and balora adds a LoRA of its own; merge "
-            "the adapter into its base model first (PeftModel.merge_and_unload(), then save_pretrained) "
-            "or pass the base model"
-        )
+        # transformers loaded a PEFT adapter's base model with the adapter in it (a Hub adapter id: model_source
+        # refuses local adapter folders); add_lora's own adapter, also named "default", would replace it
+        raise adapter_refusal(name, "lm")
     tokenizer.model_max_length = sys.maxsize  # we cut blocks ourselves; silences the long-input warning
     return model, _HFEncoder(tokenizer), {"model": name}
 

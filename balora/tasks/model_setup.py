@@ -16,6 +16,14 @@ from balora.safe_io import user_path
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def adapter_refusal(name: str, task: str) -> InputError:
+    """The one-line refusal of a PEFT adapter given where a model goes: balora adds a LoRA of its own."""
+    return InputError(
+        f"{task}: {name!r} is a PEFT adapter (adapter_config.json), and balora adds a LoRA of its own; merge "
+        "the adapter into its base model first (PeftModel.merge_and_unload(), then save_pretrained) "
+        "or pass the base model")
+
+
 def model_source(name: str, task: str, *, hub: bool) -> str:
     """A model name as from_pretrained should get it: a path (starting with . / ~) must be an
     existing folder, said in one line rather than asked of the hub; anything else is returned
@@ -26,10 +34,7 @@ def model_source(name: str, task: str, *, hub: bool) -> str:
         # gated, unset) read as "could not connect to huggingface.co" about a folder the user has on disk. With a
         # config.json beside it too: transformers loads the model with the adapter in it, which the task's own
         # LoRA (also "default") replaced, silently in the encoder task.
-        raise InputError(
-            f"{task}: {name!r} is a PEFT adapter (adapter_config.json), and balora adds a LoRA of its own; merge "
-            "the adapter into its base model first (PeftModel.merge_and_unload(), then save_pretrained) "
-            "or pass the base model")
+        raise adapter_refusal(name, task)
     if not name.startswith((".", "/", "~")):
         return name
     if not local.is_dir():

@@ -201,7 +201,7 @@ def _fit_advice(cfg: dict, initial: float, trained: float) -> str:
     if depth == 1:
         return "use a std nearer 1"
     return (f"its {depth} layers multiply to {'overflow' if big else 'underflow'} it: use "
-            f"{'fewer layers (--set depth) or a std below 1' if big else 'fewer layers (--set depth) or a std above 1'}")
+            f"fewer layers (--set depth) or a std {'below' if big else 'above'} 1")
 
 
 def build(cfg: dict, seed: int, alpha: float, device: torch.device) -> Problem:
