@@ -284,17 +284,17 @@ class Balanced:
 DEFERRED_FROM_BYTES = 128 * 2**20
 
 
-# Tensor files are stored in the download zip as they are: deflate shrinks float weights by 7% (fp32) to 20%
-# (bf16) at 6-20 MB/s on this machine, so a Llama-3-8B r=64 copy took 46 s to zip after 10 s of balancing.
-_STORED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
 def _zip_folder(folder: Path) -> bytes:
+    # Tensor files are stored in the download zip as they are: deflate shrinks float weights by 7% (fp32) to
+    # 20% (bf16) at 6-20 MB/s on this machine, so a Llama-3-8B r=64 copy took 46 s to zip after 10 s of
+    # balancing. (Imported here: the page imports this module without torch, which reading needs.)
+    from balora.adapters.reading import TENSOR_SUFFIXES
+
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for p in sorted(folder.rglob("*")):
             if p.is_file() and not p.is_symlink():
-                how = zipfile.ZIP_STORED if p.suffix in _STORED_SUFFIXES else zipfile.ZIP_DEFLATED  # configs, tokenizers
+                how = zipfile.ZIP_STORED if p.suffix in TENSOR_SUFFIXES else zipfile.ZIP_DEFLATED  # configs, tokenizers
                 zf.write(p, Path(folder.name) / p.relative_to(folder), compress_type=how)
     return buf.getvalue()
 
