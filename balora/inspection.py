@@ -30,7 +30,7 @@ from balora.policy import BalancePolicy
 from balora.precision import cast_overflow, storage_dtype
 from balora.projection import product_rel_error
 from balora.report import PRECISION_LOSS, REPORT_COLUMNS, pair_rows, to_frame
-from balora.safe_io import printable, user_path
+from balora.safe_io import listed, printable, user_path
 
 # Where each row comes from, then the layer report columns.
 INSPECT_COLUMNS: dict[str, str] = {
@@ -139,7 +139,7 @@ class FileBalanceSummary:
         for name, why in self.skipped.items():
             by_reason.setdefault(why, []).append(name)
         for why, names in by_reason.items():
-            lines.append(f"  unchanged: {_listed(names, 3)}: {why}")
+            lines.append(f"  unchanged: {listed(names, 3)}: {why}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(printable(line) for line in lines)
 
@@ -239,7 +239,7 @@ def _copy_adapter_folder(src: Path, staged: Path, sources: list[AdapterSource], 
     folders = [src] + [s.weights.parent for s in sources]
     left_out = copy_adapter_files(src, staged, folders, skip={s.weights for s in sources})
     if left_out:
-        summary.notes.append(f"left out of the copy: {_listed(left_out, 5)}")
+        summary.notes.append(f"left out of the copy: {listed(left_out, 5)}")
 
 
 def _tolerance(dtype: torch.dtype, r: int) -> float:
@@ -282,7 +282,7 @@ def _balance_source(s: AdapterSource, out_path: Path, method: str, on_rank_defic
                 tensors[e.key_B] = B_new.reshape(e.shape_B).to(target or e.dtype, copy=True)
                 # DoRA's magnitude vector is kept as is: it normalises W0 + dW, and dW is unchanged.
     if nonfinite:
-        raise InputError(f"{s.weights}: non-finite values (NaN/Inf) in {_listed(nonfinite, 5)}; nothing was written")
+        raise InputError(f"{s.weights}: non-finite values (NaN/Inf) in {listed(nonfinite, 5)}; nothing was written")
     for e in s.entries:
         if e.skip_reason is not None:
             summary.skipped[e.name] = e.skip_reason
@@ -364,14 +364,9 @@ def _cast_lines(summary: FileBalanceSummary) -> list[str]:
     lossy = summary.changes[summary.changes["dW_rel_change"] > PRECISION_LOSS]
     if len(lossy):
         names = [f"{m}[{a}]" for m, a in zip(lossy["module"], lossy["adapter"])]
-        lines.append(f"  dW changes by more than {PRECISION_LOSS:g} in {_listed(names, 3)} "
+        lines.append(f"  dW changes by more than {PRECISION_LOSS:g} in {listed(names, 3)} "
                      "(pairs left unbalanced keep their risk)")
     return lines
-
-
-def _listed(names: list[str], most: int) -> str:
-    """The first `most` names, comma-separated, then how many more there are."""
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _cast_dtype(key: str, dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:

@@ -16,6 +16,7 @@ from balora.imbalance import FactorStats, factor_stats
 from balora.linalg import all_finite
 from balora.pairs import FactorPair, group_by_shape
 from balora.precision import HALF_DTYPES, balanced_for_storage, storage_risk
+from balora.safe_io import listed
 
 PRECISION_COLUMNS = [c for c in REPORT_COLUMNS if c.startswith(tuple(HALF_DTYPES))]
 # A row whose fp16 dW error is above this is reported as losing its adapter to the cast.
@@ -209,7 +210,7 @@ def precision_summary(report: pd.DataFrame, loss: float = PRECISION_LOSS) -> str
     if bad.empty:
         return f"fp16: no layer loses more than {loss:g} of dW (largest change {measured['fp16_dW_error'].max():.1e})"
     names = list(dict.fromkeys(f"{m}[{a}]" for m, a in zip(bad["module"], bad["adapter"])))
-    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = listed(names, 3)
     # Counted per layer (a Trainer folder has a row per checkpoint): fixed if fixed in every row.
     unfixed = {f"{m}[{a}]" for m, a, e in zip(bad["module"], bad["adapter"], bad["fp16_dW_error_balanced"])
                if not e <= loss}
@@ -225,7 +226,7 @@ def precision_summary(report: pd.DataFrame, loss: float = PRECISION_LOSS) -> str
         verdict = f"balancing fixes {fixed} of the {len(names)}"
     else:
         verdict = "balancing does not fix them"
-    return f"fp16: {len(names)} layer(s) lose more than {loss:g} of dW ({listed}); {verdict}"
+    return f"fp16: {len(names)} layer(s) lose more than {loss:g} of dW ({shown}); {verdict}"
 
 
 def precision_warning(report: pd.DataFrame, loss: float = PRECISION_LOSS) -> str | None:

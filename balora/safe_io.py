@@ -164,6 +164,12 @@ def user_path(text: str) -> Path:
                          "folder, or give the whole path") from None
 
 
+def listed(names, most: int) -> str:
+    """The first `most` names, comma-separated, then how many more there are (for one-line messages)."""
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none)."""
     return (str(e).splitlines() or [type(e).__name__])[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 from balora.adapters.hub_names import HUB_FILE_SUFFIXES, HubRef, parse_hub_ref
 from balora.adapters.reading import check_inside
 from balora.errors import InputError
-from balora.safe_io import user_path
+from balora.safe_io import listed, user_path
 
 # What an adapter repository holds: PEFT folders (also one level down, e.g. checkpoint-N/),
 # diffusers' pytorch_lora_weights.safetensors and kohya/LyCORIS single files (a snapshot with one
@@ -220,7 +220,7 @@ def _cached_weights(ref: HubRef, cache: Path) -> str:
     if not re.fullmatch(r"[0-9a-f]{40}", commit) or not snapshot.is_dir():
         return ""
     files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.suffix in HUB_FILE_SUFFIXES)
-    return ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    return listed(files, 5)
 
 
 def max_download_bytes() -> float:
@@ -278,7 +278,6 @@ def _fetched(ref: HubRef, siblings: list) -> list:
         files += [f for f in siblings if f.rfilename == _config_beside(ref.path)]
     else:
         weights = [f.rfilename for f in siblings if f.rfilename.endswith(HUB_FILE_SUFFIXES)]
-        listed = ", ".join(weights[:5]) + (f" and {len(weights) - 5} more" if len(weights) > 5 else "")
         raise InputError(f"{ref.name}: the Hub repository {ref.repo_id} has no file {ref.path}"
-                         + (f"; its weights files: {listed}" if weights else "; it holds no weights files"))
+                         + (f"; its weights files: {listed(weights, 5)}" if weights else "; it holds no weights files"))
     return files

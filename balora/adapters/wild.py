@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 from balora.adapters.entries import PEFT_KEYS, PairEntry, find_entries, has_kohya_factors, natural_key
-from balora.adapters.hub_names import cache_name
+from balora.adapters.hub_names import HUB_FILE_SUFFIXES, cache_name
 from balora.adapters.peft_config import (bdlora_skip, check_config, config_rank_scaling, rank_scaling_tables,
                                          variant_skip)
 from balora.adapters.reading import (
@@ -40,7 +40,7 @@ from balora.adapters.reading import (
 )
 from balora.adapters.tensor_file import TensorFile
 from balora.errors import InputError
-from balora.safe_io import regular_file_size
+from balora.safe_io import listed, regular_file_size
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA = "lora_adapter_metadata"
@@ -300,7 +300,7 @@ def read_folder_of_one_file(c: Candidate) -> list[AdapterSource] | None:
     files = sorted(p for p in c.path.iterdir()  # a FIFO so named stays in, to be refused by name
                    if p.suffix == ".safetensors" and not p.name.startswith(".") and not p.is_dir())
     if len(files) > 1:
-        names = ", ".join(p.name for p in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        names = listed((p.name for p in files), 5)
         # A Hub snapshot's own path is the cache's; the user names a file on the Hub as user/name/FILE.
         where, example = cache_name(c.path), cache_name(files[0])
         raise InputError(f"{where or c.path}: no adapter_config.json and {len(files)} .safetensors files ({names}); "
@@ -325,9 +325,8 @@ def _refuse_hub_files_below(folder: Path) -> None:
     where = cache_name(folder)
     if where is None:
         return
-    below = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+    below = sorted(p for p in folder.rglob("*") if p.suffix in HUB_FILE_SUFFIXES and p.is_file())
     if below:
-        names = ", ".join(p.relative_to(folder).as_posix() for p in below[:5])
-        names += f" and {len(below) - 5} more" if len(below) > 5 else ""
+        names = listed((p.relative_to(folder).as_posix() for p in below), 5)
         raise InputError(f"{where}: no adapter_config.json and no LoRA file at its top level; its weights files: "
                          f"{names}; pass the one to read, e.g. {cache_name(below[0])}")

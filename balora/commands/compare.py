@@ -128,11 +128,12 @@ def run(args) -> int:
 
 def _say_kept(path) -> None:
     """--force deleted only what the earlier run wrote: name what else is in the folder, left as it was."""
+    from balora.safe_io import listed
     from balora.store import foreign_entries
 
     kept = foreign_entries(path)
     if kept:
-        shown = ", ".join(kept[:10]) + (f" and {len(kept) - 10} more" if len(kept) > 10 else "")
+        shown = listed(kept, 10)
         print(f"balora compare: --force left {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} in {path} that "
               f"balora did not write: {shown}", file=sys.stderr)
 
